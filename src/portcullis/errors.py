@@ -1,0 +1,71 @@
+"""The one exception hierarchy of Portcullis.
+
+Messages are written for the administrator who reads them: what went wrong and what
+to do. Answers to clients never carry these messages for security failures; they say
+only "denied" and the detail goes to the audit trail.
+"""
+
+from __future__ import annotations
+
+
+class PortcullisError(Exception):
+    """Base of every error Portcullis raises on purpose."""
+
+
+class ConfigError(PortcullisError):
+    """The configuration file is missing, unreadable or invalid."""
+
+    def __init__(self, message: str, *, key: str | None = None, line: int | None = None,
+                 path: str | None = None) -> None:
+        self.key = key
+        self.line = line
+        self.path = path
+        where = ""
+        if path:
+            where = path + (f":{line}" if line else "") + ": "
+        keypart = f"{key}: " if key else ""
+        super().__init__(f"{where}{keypart}{message}")
+
+
+class ProtocolError(PortcullisError):
+    """A peer sent bytes that break a protocol (mux frame, launch file, SOCKS...)."""
+
+
+class LaunchFileError(ProtocolError):
+    """A launch file cannot be read."""
+
+
+class StoreError(PortcullisError):
+    """A durable or ephemeral store failed or refused an operation."""
+
+
+class DuplicateError(StoreError):
+    """A record with that name already exists."""
+
+
+class NotFoundError(StoreError):
+    """No record with that name exists."""
+
+
+class PKIError(PortcullisError):
+    """Certificates or keys are missing, invalid or do not match."""
+
+
+class TicketError(PortcullisError):
+    """A ticket cannot be issued or redeemed. Clients are told only 'denied'."""
+
+
+class AuthError(PortcullisError):
+    """Authentication or authorisation failed. Clients are told only 'denied'."""
+
+
+class DialError(PortcullisError):
+    """An outbound connection could not be made; `reason` is a mux reason name."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class ClientError(PortcullisError):
+    """The command-line client cannot do what was asked; the message says why."""
