@@ -1,1 +1,1 @@
-"""gateway"""
+"""The gateway role: the edge listener, launch and (later) tunnel endpoints."""

@@ -1,1 +1,25 @@
-"""pki"""
+"""The deployment's private certificate authority and the role certificates it signs.
+
+Never writes a private key readable by others and never overwrites a certificate; see
+`portcullis.pki.ca`.
+"""
+
+from portcullis.pki.ca import (
+    IssuedCert,
+    certificate_fingerprint,
+    create_ca,
+    issue_certificate,
+    load_pair,
+    peer_common_name,
+    write_pair,
+)
+
+__all__ = [
+    "IssuedCert",
+    "certificate_fingerprint",
+    "create_ca",
+    "issue_certificate",
+    "load_pair",
+    "peer_common_name",
+    "write_pair",
+]

@@ -1,1 +1,21 @@
-"""store"""
+"""Where Portcullis keeps state: durable (users, groups) and ephemeral (tickets, counters).
+
+`DurableStore` is SQLAlchemy over SQLite or PostgreSQL; `EphemeralStore` has a memory and
+a Redis backend chosen by `open_ephemeral(url)`. Both raise only `StoreError` and its
+children; neither ever holds a password or a token in clear.
+"""
+
+from portcullis.store.durable import DurableStore, UserRecord
+from portcullis.store.ephemeral import EphemeralStore, MemoryStore, RedisStore, open_ephemeral
+from portcullis.store.migrations import LATEST_VERSION, MIGRATIONS
+
+__all__ = [
+    "LATEST_VERSION",
+    "MIGRATIONS",
+    "DurableStore",
+    "EphemeralStore",
+    "MemoryStore",
+    "RedisStore",
+    "UserRecord",
+    "open_ephemeral",
+]

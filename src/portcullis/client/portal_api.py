@@ -1,0 +1,92 @@
+"""The portal's JSON API from the client side: the login step loop, resources, launches."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from portcullis.errors import ClientError
+from portcullis.net.tls import describe_tls_failure
+from portcullis.proto.launchfile import LaunchFile, parse_launch_file
+
+# Asked for every prompt the flow shows: (prompt name, label, secret) -> answer.
+Answerer = Callable[[str, str, bool], str]
+
+
+@dataclass(frozen=True)
+class SignedIn:
+    token: str
+    user: str
+    groups: list[str]
+
+
+class PortalApi:
+    def __init__(self, url: str, tls: ssl.SSLContext, token: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, verify=tls, timeout=30.0, headers=headers)
+
+    def __enter__(self) -> PortalApi:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._http.close()
+
+    def login(self, answer: Answerer) -> SignedIn:
+        body = self._post_json("/api/v1/login", {})
+        for _ in range(10):  # a flow has a handful of steps; stop a runaway server
+            if body.get("status") == "authenticated":
+                return SignedIn(str(body["token"]), str(body["user"]), list(body["groups"]))
+            if body.get("status") != "continue":
+                raise ClientError("sign-in failed (wrong user name or password, "
+                                  "or the account is disabled)")
+            step = body["step"]
+            answers = {prompt["name"]: answer(prompt["name"], prompt["label"], prompt["secret"])
+                       for prompt in step["prompts"]}
+            body = self._post_json("/api/v1/login", {"handle": body["handle"],
+                                                     "answers": answers})
+        raise ClientError("the portal asked too many sign-in steps")
+
+    def resources(self) -> list[dict[str, Any]]:
+        response = self._request("GET", "/api/v1/resources")
+        self._check(response)
+        resources: list[dict[str, Any]] = response.json()["resources"]
+        return resources
+
+    def launch(self, name: str) -> LaunchFile:
+        response = self._request("POST", f"/api/v1/resources/{name}/launch")
+        if response.status_code == 404:
+            raise ClientError(f"there is no resource named {name!r} for you")
+        if response.status_code == 403:
+            raise ClientError(f"you may not launch {name!r}")
+        self._check(response)
+        return parse_launch_file(response.content)
+
+    def logout(self) -> None:
+        self._request("POST", "/api/v1/logout")
+
+    def _post_json(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        response = self._request("POST", path, json=payload)
+        if response.status_code not in (200, 401):
+            self._check(response)
+        result: dict[str, Any] = response.json()
+        return result
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            explained = describe_tls_failure(exc, self.url)
+            raise ClientError(explained or f"cannot reach {self.url}: {exc}") from None
+
+    @staticmethod
+    def _check(response: httpx.Response) -> None:
+        if response.status_code == 401:
+            raise ClientError("your session has ended: sign in again with 'portcullis login'")
+        if response.status_code >= 400:
+            raise ClientError(f"the portal answered {response.status_code}: "
+                              f"{response.text[:200]}")

@@ -1,0 +1,206 @@
+"""The typed configuration of a deployment: one TOML file, validated by pydantic.
+
+Every model forbids unknown keys, so a typo is an error that names the key rather
+than a setting silently ignored. Paths are kept as written; `Settings.resolve()` makes
+them absolute against the directory of the configuration file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_host_port(value: str, *, what: str = "address",
+                    any_port: bool = False) -> tuple[str, int]:
+    """Split "host:port" or "[v6]:port"; raise ValueError with a message a user can act on.
+
+    `any_port` admits port 0, "any free port", for listeners the OS may choose.
+    """
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\s\[\]]+):(\d{1,5})", value)
+    if not match:
+        raise ValueError(f"{what} must be HOST:PORT (IPv6 as [ADDR]:PORT), got {value!r}")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not (0 if any_port else 1) <= port < 65536:
+        raise ValueError(f"port must be 1-65535, got {port}")
+    return host, port
+
+
+def _listen(value: str) -> str:
+    parse_host_port(value, what="listen")
+    return value
+
+
+class GatewaySettings(Section):
+    public_url: str = "https://localhost:8443"
+    listen: str = "127.0.0.1:8443"
+    # Where the portal role answers when it does not run in the gateway's process.
+    portal_url: str | None = None
+    # How long a launched connection may stay idle is the application's business; the
+    # gateway only bounds how long a client may take to present its ticket.
+    ticket_wait_seconds: float = Field(default=10.0, gt=0, le=120)
+
+    _check_listen = field_validator("listen")(_listen)
+
+    @field_validator("public_url", "portal_url")
+    @classmethod
+    def _https_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https://[^/\s]+(/[^\s]*)?", value):
+            raise ValueError(f"must be an https:// URL, got {value!r}")
+        return value.rstrip("/") if value else value
+
+
+class PortalSettings(Section):
+    listen: str = "127.0.0.1:8444"
+    _check_listen = field_validator("listen")(_listen)
+
+
+class StaSettings(Section):
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9]{1,16}$")] = "STA01"
+    listen: str = "127.0.0.1:8445"
+    ticket_lifetime: float = Field(default=100.0, gt=0, le=3600)
+    bind_client_address: bool = False
+    # Every STA that portals and gateways may use, by id; tickets name their STA.
+    authorities: dict[str, str] = Field(default_factory=lambda: {"STA01": "https://127.0.0.1:8445"})
+
+    _check_listen = field_validator("listen")(_listen)
+
+    @field_validator("authorities")
+    @classmethod
+    def _authorities(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("at least one STA must be listed")
+        for sta_id, url in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9]{1,16}", sta_id):
+                raise ValueError(f"STA id {sta_id!r} must be 1-16 letters or digits")
+            if not url.startswith("https://"):
+                raise ValueError(f"STA {sta_id} URL must be https://, got {url!r}")
+        return {k: v.rstrip("/") for k, v in value.items()}
+
+
+class SessionSettings(Section):
+    idle_timeout: float = Field(default=900.0, gt=0)
+    absolute_timeout: float = Field(default=43200.0, gt=0)
+    login_step_timeout: float = Field(default=300.0, gt=0)
+
+
+class StoreSettings(Section):
+    durable: str = "sqlite:///portcullis.db"
+    ephemeral: str = "memory://"
+
+    @field_validator("durable")
+    @classmethod
+    def _durable(cls, value: str) -> str:
+        if not re.match(r"(sqlite|postgresql)(\+\w+)?://", value):
+            raise ValueError(f"must be a sqlite:/// or postgresql:// URL, got {value!r}")
+        return value
+
+    @field_validator("ephemeral")
+    @classmethod
+    def _ephemeral(cls, value: str) -> str:
+        if not re.match(r"(memory|redis|rediss)://", value):
+            raise ValueError(f"must be memory:// or a redis:// URL, got {value!r}")
+        return value
+
+
+class TlsSettings(Section):
+    ca_cert: str = "pki/ca.crt"
+    # Role certificates are pki/<role>.crt and pki/<role>.key unless given here.
+    directory: str = "pki"
+
+
+class LogSettings(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+    audit_file: str = "audit.jsonl"
+
+
+class LimitSettings(Section):
+    max_request_body: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_header_bytes: int = Field(default=16 * 1024, ge=4096, le=256 * 1024)
+
+
+class Resource(Section):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    title: str = Field(min_length=1, max_length=200)
+    address: str
+    groups: list[str] = Field(default_factory=list)
+    users: list[str] = Field(default_factory=list)
+    description: str = ""
+
+    @field_validator("title", "description")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        # Titles travel in launch files, where a line break could forge a field.
+        if any(ord(char) < 0x20 or ord(char) == 0x7F or char in "\u2028\u2029\x85"
+               for char in value):
+            raise ValueError("must not contain control characters or line breaks")
+        return value.strip()
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_host_port(value, what="address")
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_host_port(self.address)
+
+
+class Settings(Section):
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    portal: PortalSettings = Field(default_factory=PortalSettings)
+    sta: StaSettings = Field(default_factory=StaSettings)
+    session: SessionSettings = Field(default_factory=SessionSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    secrets_dir: str = "secrets"
+    resources: list[Resource] = Field(default_factory=list)
+
+    # Set by the loader: the directory relative paths are resolved against.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_resources(self) -> Settings:
+        seen: set[str] = set()
+        for resource in self.resources:
+            if resource.name in seen:
+                raise ValueError(f"resource name {resource.name!r} is used twice")
+            seen.add(resource.name)
+        return self
+
+    def path(self, relative: str) -> Path:
+        candidate = Path(relative)
+        return candidate if candidate.is_absolute() else self.base_dir / candidate
+
+    def role_cert(self, role: str) -> tuple[Path, Path]:
+        directory = self.path(self.tls.directory)
+        return directory / f"{role}.crt", directory / f"{role}.key"
+
+    @property
+    def ca_cert_path(self) -> Path:
+        return self.path(self.tls.ca_cert)
+
+    def durable_url(self) -> str:
+        """The durable store URL with a relative SQLite path made absolute."""
+        url = self.store.durable
+        match = re.match(r"(sqlite(?:\+\w+)?:///)(.*)", url)
+        if match and match.group(2) and not match.group(2).startswith("/"):
+            return match.group(1) + str(self.path(match.group(2)))
+        return url
+
+    def resource(self, name: str) -> Resource | None:
+        return next((r for r in self.resources if r.name == name), None)

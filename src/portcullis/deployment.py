@@ -1,0 +1,137 @@
+"""`portcullis init`: a working deployment in one directory, on embedded defaults.
+
+It writes a commented portcullis.toml, a CA with the role certificates, the token key,
+the SQLite database with an administrator account, and two example resources. It
+refuses to touch a directory that already holds anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from portcullis.config import config_path, load_settings
+from portcullis.errors import ConfigError
+from portcullis.identity.passwords import hash_password
+from portcullis.pki import create_ca, issue_certificate, write_pair
+from portcullis.store import DurableStore
+from portcullis.tokens import TokenHasher
+
+ROLE_CERTS = ("gateway", "portal", "sta")
+ADMIN_USER = "admin"
+
+CONFIG_TEMPLATE = """\
+# Portcullis deployment configuration. Reference: docs/configuration.md
+# Relative paths are relative to this file's directory.
+
+[gateway]
+# The address users and launch files use to reach the gateway.
+public_url = "https://{hostname}:{port}"
+# Where the gateway listens (the one TLS port at the edge).
+listen = "{listen_host}:{port}"
+# When the portal role runs in another process: its URL (mutual TLS).
+# portal_url = "https://portal.internal:{portal_port}"
+
+[portal]
+# Used only by 'portcullis serve portal' without the gateway role.
+listen = "127.0.0.1:{portal_port}"
+
+[sta]
+# This STA's id: tickets name the STA that issued them.
+id = "STA01"
+listen = "127.0.0.1:{sta_port}"
+ticket_lifetime = 100          # seconds a ticket stays redeemable
+bind_client_address = false    # true: only the address that asked for a ticket may use it
+
+# Every STA the portal and gateway may use, by id (mutual TLS).
+[sta.authorities]
+STA01 = "https://127.0.0.1:{sta_port}"
+
+[session]
+idle_timeout = 900             # seconds without a request before a session ends
+absolute_timeout = 43200       # seconds after sign-in a session ends regardless
+
+[store]
+durable = "sqlite:///portcullis.db"   # or postgresql://user@host/db
+ephemeral = "memory://"               # or redis://host:6379/0 for several nodes
+
+[tls]
+ca_cert = "pki/ca.crt"
+directory = "pki"              # role certificates: pki/<role>.crt and pki/<role>.key
+
+[log]
+level = "info"
+format = "text"                # or "json"
+audit_file = "audit.jsonl"     # the audit trail: one JSON object per security event
+
+[limits]
+max_request_body = 65536       # bytes; larger requests get 413
+max_header_bytes = 16384
+
+# Published resources. Users see and launch those whose groups (or users) include them.
+[[resources]]
+name = "intranet"
+title = "Intranet web server"
+description = "An example: a web server at 127.0.0.1:8080 behind the gateway."
+address = "127.0.0.1:8080"
+groups = ["staff"]
+
+[[resources]]
+name = "ssh"
+title = "Jump host (SSH)"
+description = "An example: the SSH server of this host."
+address = "127.0.0.1:22"
+groups = ["admins"]
+"""
+
+
+@dataclass(frozen=True)
+class InitResult:
+    directory: Path
+    admin_user: str
+    admin_password: str
+    portal_url: str
+
+
+def init_deployment(directory: Path, *, hostname: str = "localhost",
+                    port: int = 8443) -> InitResult:
+    if directory.exists() and any(directory.iterdir()):
+        raise ConfigError(f"{directory} already exists and is not empty; "
+                          "choose another --dir (init never overwrites a deployment)")
+    if not 0 < port < 65534:
+        raise ConfigError("port must be 1-65533 (the portal and STA use the next two)",
+                          key="--port")
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    listen_host = "127.0.0.1" if hostname in ("localhost", "127.0.0.1") else "0.0.0.0"
+    config_path(directory).write_text(CONFIG_TEMPLATE.format(
+        hostname=hostname, port=port, listen_host=listen_host, portal_port=port + 1,
+        sta_port=port + 2))
+
+    pki = directory / "pki"
+    pki.mkdir(mode=0o700)
+    ca = create_ca(f"Portcullis CA ({hostname})")
+    write_pair(pki, "ca", ca)
+    names = sorted({hostname, "localhost"})
+    for role in ROLE_CERTS:
+        cert = issue_certificate(ca, f"portcullis-{role}", dns_names=names,
+                                 ip_addresses=["127.0.0.1", "::1"])
+        write_pair(pki, role, cert)
+    # The CA key signs nothing at run time; keep it out of the running tree.
+    TokenHasher.create_key_file(directory / "secrets")
+
+    settings = load_settings(config_path(directory))
+    password = secrets.token_urlsafe(12)
+
+    async def create_admin() -> None:
+        store = await DurableStore.open(settings.durable_url())
+        try:
+            await store.add_user(ADMIN_USER, hash_password(password), ["admins", "staff"])
+        finally:
+            await store.close()
+
+    asyncio.run(create_admin())
+    return InitResult(directory, ADMIN_USER, password, settings.gateway.public_url)

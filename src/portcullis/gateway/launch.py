@@ -1,0 +1,139 @@
+"""The launch endpoint: a client presents a ticket; the gateway redeems it at the STA
+and relays every stream of that connection to the one server the ticket names.
+
+Streams carry no destination of their own (an OPEN with an empty host): they are all
+pinned to the ticket's address, and an OPEN naming any other host is refused. The
+client never learns the server's address. Never logs a full ticket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+
+from starlette.websockets import WebSocket
+
+from portcullis.audit import AuditTrail
+from portcullis.config.model import parse_host_port
+from portcullis.errors import DialError, TicketError
+from portcullis.gateway.channel import WebSocketChannel
+from portcullis.gateway.connections import ConnectionRegistry
+from portcullis.net.dialer import Dialer
+from portcullis.net.muxsession import MuxSession
+from portcullis.proto import mux
+from portcullis.proto.mux import MuxConnection, Reason
+from portcullis.sta.authority import TicketGrant
+from portcullis.sta.client import TicketIssuer
+from portcullis.store import DurableStore
+from portcullis.tokens import mask
+
+DIAL_REASONS = {
+    "refused": Reason.REFUSED,
+    "unreachable": Reason.UNREACHABLE,
+    "timed_out": Reason.TIMED_OUT,
+    "name_not_found": Reason.NAME_NOT_FOUND,
+}
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    ticket_wait: float
+
+
+class LaunchEndpoint:
+    def __init__(self, authorities: TicketIssuer, dialer: Dialer, durable: DurableStore,
+                 registry: ConnectionRegistry, audit: AuditTrail,
+                 settings: LaunchSettings) -> None:
+        self._authorities = authorities
+        self._dialer = dialer
+        self._durable = durable
+        self._registry = registry
+        self._audit = audit
+        self._settings = settings
+
+    async def __call__(self, websocket: WebSocket) -> None:
+        client = websocket.client.host if websocket.client else "unknown"
+        await websocket.accept()
+        grant_ready: asyncio.Future[TicketGrant] = asyncio.get_running_loop().create_future()
+
+        async def open_stream(session: MuxSession, event: mux.StreamOpened) -> None:
+            grant = await grant_ready
+            await self._open_pinned(session, event, grant)
+
+        session = MuxSession(MuxConnection("gateway"), WebSocketChannel(websocket),
+                             on_open=open_stream)
+        runner = session.start()
+        grant = await self._redeem(session, client)
+        if grant is None:
+            grant_ready.cancel()
+            await session.close(Reason.AUTH_FAILED, "denied")
+            await _finish(runner)
+            return
+        grant_ready.set_result(grant)
+        session.mux.send_hello({"version": 1, "resource": grant.resource})
+        session.flush_soon()
+        started = time.monotonic()
+        self._registry.add(grant.user, session)
+        try:
+            await runner
+        finally:
+            self._registry.remove(grant.user, session)
+            self._audit.record("launch.ended", user=grant.user, resource=grant.resource,
+                               client=client, bytes_to_server=session.totals.received,
+                               bytes_to_client=session.totals.sent,
+                               duration=round(time.monotonic() - started, 3),
+                               reason=session.goaway or session.protocol_error or "closed")
+
+    async def _redeem(self, session: MuxSession, client: str) -> TicketGrant | None:
+        try:
+            hello = await asyncio.wait_for(asyncio.shield(session.hello),
+                                           self._settings.ticket_wait)
+        except (TimeoutError, asyncio.CancelledError):
+            self._audit.record("launch.refused", client=client, reason="no ticket presented")
+            return None
+        ticket = hello.get("ticket")
+        if not isinstance(ticket, str):
+            self._audit.record("launch.refused", client=client, reason="hello without a ticket")
+            return None
+        try:
+            grant = await self._authorities.redeem(ticket, client)
+        except TicketError as exc:
+            self._audit.record("launch.refused", client=client, ticket=mask(ticket),
+                               reason=str(exc))
+            return None
+        user = await self._durable.get_user(grant.user)
+        if user is None or user.disabled:
+            self._audit.record("launch.refused", client=client, user=grant.user,
+                               reason="account disabled")
+            return None
+        self._audit.record("launch.started", client=client, user=grant.user,
+                           resource=grant.resource, ticket=mask(ticket))
+        return grant
+
+    async def _open_pinned(self, session: MuxSession, event: mux.StreamOpened,
+                           grant: TicketGrant) -> None:
+        connection = session.mux
+        if event.protocol != mux.Protocol.TCP or event.host:
+            connection.refuse_stream(event.stream_id, Reason.DENIED,
+                                     "a launched resource carries only its own TCP streams")
+            session.flush_soon()
+            return
+        host, port = parse_host_port(grant.address)
+        try:
+            await self._dialer.connect(
+                host, port, lambda: session.bridge(event.stream_id, accepted=True))
+        except DialError as exc:
+            connection.refuse_stream(event.stream_id, DIAL_REASONS[exc.reason],
+                                     "the resource's server is not available")
+            self._audit.record("launch.stream_failed", user=grant.user, resource=grant.resource,
+                               reason=str(exc))
+        else:
+            connection.accept_stream(event.stream_id)
+        session.flush_soon()
+
+
+async def _finish(runner: asyncio.Future[None]) -> None:
+    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+        await asyncio.wait_for(runner, 2.0)

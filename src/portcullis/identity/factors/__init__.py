@@ -1,0 +1,1 @@
+"""Authentication factors: each one verifies one step of a login flow."""

@@ -1,0 +1,93 @@
+"""Sessions: a bearer token for the client, a record keyed by the token's keyed hash.
+
+Idle expiry is the ephemeral store's TTL, refreshed on use; the absolute limit is
+checked against the creation time. A session is valid only while its user exists and
+is enabled in the durable store, so disabling a user from any process ends their
+sessions at once, whichever ephemeral backend is in use. Never logs a token.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from portcullis.config.model import SessionSettings
+from portcullis.identity.claims import Claims
+from portcullis.store import DurableStore, EphemeralStore
+from portcullis.tokens import TokenHasher, new_token
+
+NAMESPACE = "session"
+
+
+@dataclass(frozen=True)
+class Session:
+    handle: str          # the keyed hash: safe to show to administrators, useless as a token
+    claims: Claims
+    client_address: str
+    created_at: float
+
+    @property
+    def username(self) -> str:
+        return self.claims.username
+
+
+class SessionManager:
+    def __init__(self, ephemeral: EphemeralStore, durable: DurableStore, hasher: TokenHasher,
+                 settings: SessionSettings, *, clock: Callable[[], float] = time.time) -> None:
+        self._ephemeral = ephemeral
+        self._durable = durable
+        self._hasher = hasher
+        self._settings = settings
+        self._clock = clock
+
+    async def create(self, claims: Claims, client_address: str) -> tuple[str, Session]:
+        token = new_token()
+        handle = self._hasher.digest(NAMESPACE, token)
+        now = self._clock()
+        record = {"claims": claims.to_json(), "client_address": client_address, "created_at": now}
+        ttl = min(self._settings.idle_timeout, self._settings.absolute_timeout)
+        await self._ephemeral.put(f"session:{handle}", json.dumps(record).encode(), ttl)
+        await self._ephemeral.add_to_set(f"user-sessions:{claims.username}", handle,
+                                         self._settings.absolute_timeout)
+        return token, Session(handle, claims, client_address, now)
+
+    async def validate(self, token: str) -> Session | None:
+        if not token or len(token) > 256:
+            return None
+        handle = self._hasher.digest(NAMESPACE, token)
+        raw = await self._ephemeral.get(f"session:{handle}")
+        if raw is None:
+            return None
+        record = json.loads(raw)
+        session = Session(handle, Claims.from_json(record["claims"]), record["client_address"],
+                          record["created_at"])
+        remaining = session.created_at + self._settings.absolute_timeout - self._clock()
+        if remaining <= 0 or not await self._user_active(session.username):
+            await self._ephemeral.delete(f"session:{handle}")
+            return None
+        await self._ephemeral.touch(f"session:{handle}",
+                                    min(self._settings.idle_timeout, remaining))
+        return session
+
+    async def end(self, token: str) -> None:
+        handle = self._hasher.digest(NAMESPACE, token)
+        await self.end_handle(handle)
+
+    async def end_handle(self, handle: str) -> None:
+        raw = await self._ephemeral.take(f"session:{handle}")
+        if raw is not None:
+            username = json.loads(raw)["claims"]["username"]
+            await self._ephemeral.remove_from_set(f"user-sessions:{username}", handle)
+
+    async def end_all_for(self, username: str) -> int:
+        handles = await self._ephemeral.set_members(f"user-sessions:{username}")
+        for handle in handles:
+            await self._ephemeral.delete(f"session:{handle}")
+        await self._ephemeral.delete(f"user-sessions:{username}")
+        return len(handles)
+
+    async def _user_active(self, username: str) -> bool:
+        user = await self._durable.get_user(username)
+        return user is not None and not user.disabled

@@ -1,0 +1,302 @@
+"""The asyncio shell around the mux codec: one tunnel over a message channel
+(a WebSocket), its streams bridged to TCP transports.
+
+It maps codec events to transport calls and back, nothing more: no decisions (the
+owner's `on_open` callback decides what an incoming stream may reach), no per-chunk
+copies beyond the one join that makes a WebSocket message, no logging per frame.
+Back-pressure is the codec's credit: a stream whose peer has granted no credit stops
+reading its socket (`pause_reading`) until a WINDOW arrives, and a socket whose
+kernel buffer is full (`pause_writing`) stops returning credit to the peer. A slow
+stream therefore never stalls the others, and each stream's memory is bounded by
+its window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from portcullis.errors import ProtocolError
+from portcullis.proto import mux
+from portcullis.proto.mux import MuxConnection, Reason
+
+
+class MessageChannel(Protocol):
+    """A reliable, ordered channel of binary messages (a WebSocket)."""
+
+    async def send(self, message: bytes) -> None: ...
+
+    async def receive(self) -> bytes | None:
+        """The next message, or None once the channel has closed; ProtocolError for a
+        message that is not binary."""
+        ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+@dataclass
+class StreamCounters:
+    sent: int = 0       # bytes carried from our socket to the peer
+    received: int = 0   # bytes carried from the peer to our socket
+
+
+class StreamBridge(asyncio.Protocol):
+    """One mux stream joined to one TCP connection."""
+
+    def __init__(self, session: MuxSession, stream_id: int, *, accepted: bool) -> None:
+        self.session = session
+        self.stream_id = stream_id
+        self.transport: asyncio.Transport | None = None
+        self.counters = StreamCounters()
+        self._accepted = accepted
+        self._write_paused = False
+        self._unreturned_credit = 0
+        self._local_eof = False
+        self._remote_eof = False
+        self._done = False
+        self.refusal: tuple[Reason, str] | None = None
+
+    # -- socket side -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if not self._accepted:
+            transport.pause_reading()   # nothing may flow before the peer accepts
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        self.counters.sent += len(data)
+        session.mux.send_data(self.stream_id, data)
+        if session.mux.pending(self.stream_id):
+            assert self.transport is not None
+            self.transport.pause_reading()
+        session.flush_soon()
+
+    def eof_received(self) -> bool:
+        self._local_eof = True
+        if not self._done:
+            self.session.mux.send_fin(self.stream_id)
+            self.session.flush_soon()
+        self._close_if_finished()
+        return True   # keep our write side open: TCP half-close is carried end to end
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._done:
+            self._done = True
+            if not (self._local_eof and self._remote_eof):
+                self.session.reset(self.stream_id, Reason.CANCELLED,
+                                   "connection closed" if exc is None else str(exc))
+        self.session.forget(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._unreturned_credit:
+            self.session.mux.consumed(self.stream_id, self._unreturned_credit)
+            self._unreturned_credit = 0
+            self.session.flush_soon()
+
+    # -- tunnel side ----------------------------------------------------------------
+    def on_accepted(self) -> None:
+        self._accepted = True
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def on_data(self, data: bytes | memoryview) -> None:
+        assert self.transport is not None
+        size = len(data)
+        self.counters.received += size
+        self.transport.write(data)
+        # Credit goes back only once the kernel has taken the bytes; while the socket
+        # is backed up the peer's window closes and it stops sending on this stream.
+        if self._write_paused:
+            self._unreturned_credit += size
+        else:
+            self.session.mux.consumed(self.stream_id, size)
+
+    def on_credit(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def on_remote_eof(self) -> None:
+        self._remote_eof = True
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._close_if_finished()
+
+    def on_ended(self, refusal: tuple[Reason, str] | None = None) -> None:
+        """The peer refused or reset the stream: drop the socket without ceremony."""
+        self._done = True
+        self.refusal = refusal
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _close_if_finished(self) -> None:
+        if self._local_eof and self._remote_eof and self.transport is not None:
+            self._done = True
+            self.transport.close()
+
+
+StreamOpenHandler = Callable[["MuxSession", mux.StreamOpened], Awaitable[None]]
+
+
+class MuxSession:
+    """Runs one mux connection: reads messages, dispatches events, writes coalesced output."""
+
+    def __init__(self, connection: MuxConnection, channel: MessageChannel, *,
+                 on_open: StreamOpenHandler | None = None) -> None:
+        self.mux = connection
+        self.channel = channel
+        self._on_open = on_open
+        self._streams: dict[int, StreamBridge] = {}
+        self._wake = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.hello: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
+        self.goaway: tuple[Reason, str] | None = None
+        self.protocol_error: str | None = None
+        self.totals = StreamCounters()
+        self.closed = asyncio.Event()
+        self.runner: asyncio.Task[None] | None = None
+
+    # -- used by stream owners --------------------------------------------------------
+    def flush_soon(self) -> None:
+        self._wake.set()
+
+    def bridge(self, stream_id: int, *, accepted: bool) -> StreamBridge:
+        bridge = StreamBridge(self, stream_id, accepted=accepted)
+        self._streams[stream_id] = bridge
+        return bridge
+
+    def open_local(self, protocol: mux.Protocol, host: str, port: int) -> StreamBridge:
+        """Open a stream to the peer for a socket we accepted (client side)."""
+        stream_id = self.mux.open_stream(protocol, host, port)
+        self.flush_soon()
+        return self.bridge(stream_id, accepted=False)
+
+    def reset(self, stream_id: int, reason: Reason, message: str) -> None:
+        with contextlib.suppress(ProtocolError, ValueError, KeyError):
+            if stream_id in self.mux.stream_ids():
+                self.mux.reset_stream(stream_id, reason, message[:200])
+                self.flush_soon()
+
+    def forget(self, bridge: StreamBridge) -> None:
+        """Drop a finished stream, adding its byte counts to the session's (once)."""
+        if self._streams.get(bridge.stream_id) is bridge:
+            del self._streams[bridge.stream_id]
+            self.totals.sent += bridge.counters.sent
+            self.totals.received += bridge.counters.received
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def spawn(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the loops ------------------------------------------------------------------
+    def start(self) -> asyncio.Task[None]:
+        """Run in the background; the task ends when the session does."""
+        self.runner = asyncio.ensure_future(self.run())
+        return self.runner
+
+    async def run(self) -> None:
+        """Until the channel closes, the peer goes away or a protocol error ends it."""
+        writer = asyncio.ensure_future(self._write_loop())
+        try:
+            await self._read_loop()
+        finally:
+            await self._flush()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            self._shutdown()
+
+    async def close(self, reason: Reason, message: str) -> None:
+        """End the whole tunnel, telling the peer why."""
+        with contextlib.suppress(ProtocolError, ValueError):
+            self.mux.send_goaway(reason, message)
+        await self._flush()
+        await self.channel.close(1000, message[:120])
+
+    async def _read_loop(self) -> None:
+        channel, connection = self.channel, self.mux
+        while True:
+            try:
+                message = await channel.receive()
+                if message is None:
+                    return
+                connection.receive_data(message)
+            except ProtocolError as exc:
+                self.protocol_error = str(exc)
+                # The codec has queued a GOAWAY(PROTOCOL_ERROR); send it, then hang up.
+                await self._flush()
+                await channel.close(1002, "protocol error")
+                return
+            self._dispatch(connection.events_received())
+            if self.goaway is not None:
+                return
+            self.flush_soon()
+
+    def _dispatch(self, events: list[mux.Event]) -> None:
+        streams = self._streams
+        for event in events:
+            if isinstance(event, mux.DataReceived):
+                bridge = streams.get(event.stream_id)
+                if bridge is not None:
+                    bridge.on_data(event.data)
+                else:
+                    self.mux.consumed(event.stream_id, len(event.data))
+            elif isinstance(event, mux.CreditAvailable):
+                if (bridge := streams.get(event.stream_id)) is not None:
+                    bridge.on_credit()
+            elif isinstance(event, mux.StreamEnded):
+                if (bridge := streams.get(event.stream_id)) is not None:
+                    bridge.on_remote_eof()
+            elif isinstance(event, mux.StreamAccepted):
+                if (bridge := streams.get(event.stream_id)) is not None:
+                    bridge.on_accepted()
+            elif isinstance(event, mux.StreamRefused | mux.StreamReset):
+                if (bridge := streams.get(event.stream_id)) is not None:
+                    self.forget(bridge)
+                    bridge.on_ended((event.reason, event.message))
+            elif isinstance(event, mux.StreamOpened):
+                if self._on_open is None:
+                    self.mux.refuse_stream(event.stream_id, Reason.DENIED,
+                                           "this side accepts no streams")
+                else:
+                    self.spawn(self._on_open(self, event))
+            elif isinstance(event, mux.HelloReceived):
+                if not self.hello.done():
+                    self.hello.set_result(event.fields)
+            elif isinstance(event, mux.GoAwayReceived):
+                self.goaway = (event.reason, event.message)
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            chunks = self.mux.data_to_send()
+            if chunks:
+                await self.channel.send(b"".join(chunks))
+
+    def _shutdown(self) -> None:
+        for bridge in list(self._streams.values()):
+            self.forget(bridge)
+            bridge.on_ended((Reason.CANCELLED, "tunnel closed"))
+        for task in self._tasks:
+            task.cancel()
+        if not self.hello.done():
+            self.hello.cancel()
+        self.closed.set()

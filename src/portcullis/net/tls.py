@@ -1,0 +1,181 @@
+"""TLS contexts for every Portcullis listener and client, and readable TLS failures.
+
+All contexts follow Mozilla's "intermediate" profile: TLS 1.2 and 1.3 only, the profile's
+TLS 1.2 cipher list, no compression, no renegotiation, and the client's cipher order
+(the profile's "server preference: no"). TLS 1.3 suites are OpenSSL's defaults, which are
+the profile's.
+
+This module must never weaken verification on its own: a client context always checks the
+peer's chain, and only the caller may turn off the host name check. It must never import
+the project configuration; callers pass plain paths. `ssl` and `OSError` failures while
+loading files are mapped here to `PKIError` naming the file.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from portcullis.errors import PKIError
+
+MOZILLA_INTERMEDIATE_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+# OpenSSL X509_V_ERR_* codes for which --ca is the wrong advice.
+_X509_V_ERR_CERT_HAS_EXPIRED = 10
+_X509_V_ERR_CERT_NOT_YET_VALID = 9
+_X509_V_ERR_HOSTNAME_MISMATCH = 62
+_X509_V_ERR_IP_ADDRESS_MISMATCH = 64
+
+
+def server_context(
+    cert_file: Path,
+    key_file: Path,
+    *,
+    client_ca_file: Path | None = None,
+    require_client_cert: bool = False,
+) -> ssl.SSLContext:
+    """A server context presenting `cert_file`.
+
+    With `client_ca_file`, client certificates signed by that CA are verified: required
+    (mutual TLS) when `require_client_cert`, otherwise optional.
+    """
+    if require_client_cert and client_ca_file is None:
+        raise PKIError("requiring client certificates needs a client CA file to verify them")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _apply_profile(context)
+    # CPython turns server cipher preference on by default; Mozilla intermediate turns it
+    # off so that clients without AES hardware can pick ChaCha20.
+    context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    _load_chain(context, Path(cert_file), Path(key_file))
+    if client_ca_file is not None:
+        _load_ca(context, Path(client_ca_file))
+        context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    return context
+
+
+def client_context(
+    ca_file: Path | None,
+    *,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
+    check_hostname: bool = True,
+) -> ssl.SSLContext:
+    """A client context that verifies the server against `ca_file` (None: system store).
+
+    `cert_file` (and `key_file`, unless the key is in the same file) present a client
+    certificate for mutual TLS. The chain is always verified; `check_hostname=False`
+    only skips matching the server's name.
+    """
+    if key_file is not None and cert_file is None:
+        raise PKIError(f"a client key ({key_file}) was given without its certificate")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _apply_profile(context)
+    if ca_file is None:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    else:
+        _load_ca(context, Path(ca_file))
+    if cert_file is not None:
+        _load_chain(context, Path(cert_file), Path(key_file) if key_file is not None else None)
+    context.check_hostname = check_hostname
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def describe_tls_failure(
+    exc: BaseException, url: str, *, peer: str = "gateway"
+) -> str | None:
+    """An actionable sentence when `exc` (or an exception it wraps) is a failed
+    certificate verification while connecting to `url`; None for any other failure.
+
+    httpx, websockets and asyncio wrap the `ssl.SSLCertVerificationError`, so the
+    `__cause__` / `__context__` chain (and exception groups) are searched. `peer` names
+    the server in the sentence ("gateway", "portal"...).
+    """
+    error = _find_verification_error(exc)
+    if error is None:
+        return None
+    reason = str(error.verify_message or error.reason or error).rstrip(".")
+    code = error.verify_code
+    if code in (_X509_V_ERR_HOSTNAME_MISMATCH, _X509_V_ERR_IP_ADDRESS_MISMATCH):
+        return (
+            f"the {peer}'s certificate at {url} is not valid for that name ({reason}): "
+            "connect with a host name the certificate was issued for, or reissue the "
+            "certificate with this name"
+        )
+    if code in (_X509_V_ERR_CERT_HAS_EXPIRED, _X509_V_ERR_CERT_NOT_YET_VALID):
+        return (
+            f"the {peer}'s certificate at {url} is outside its validity period ({reason}): "
+            "check this machine's clock, or reissue the certificate"
+        )
+    return (
+        f"cannot verify the {peer}'s certificate at {url} ({reason}): pass --ca FILE with "
+        "the deployment's CA certificate (DIR/pki/ca.crt)"
+    )
+
+
+def _apply_profile(context: ssl.SSLContext) -> None:
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.maximum_version = ssl.TLSVersion.TLSv1_3
+    context.set_ciphers(MOZILLA_INTERMEDIATE_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+
+
+def _load_chain(context: ssl.SSLContext, cert_file: Path, key_file: Path | None) -> None:
+    for path, what in ((cert_file, "certificate"), (key_file, "private key")):
+        if path is not None and not path.is_file():
+            raise PKIError(f"{what} file {path} does not exist")
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as exc:
+        key_part = f" and key {key_file}" if key_file is not None else ""
+        raise PKIError(
+            f"cannot load certificate {cert_file}{key_part}: {exc.reason or exc} "
+            "(not PEM, encrypted, or the key does not match the certificate)"
+        ) from exc
+    except OSError as exc:
+        raise PKIError(f"cannot read certificate {cert_file} or key {key_file}: "
+                       f"{exc.strerror or exc}") from exc
+
+
+def _load_ca(context: ssl.SSLContext, ca_file: Path) -> None:
+    if not ca_file.is_file():
+        raise PKIError(f"CA certificate file {ca_file} does not exist")
+    try:
+        context.load_verify_locations(cafile=ca_file)
+    except ssl.SSLError as exc:
+        raise PKIError(f"CA certificate file {ca_file} holds no usable PEM certificate: "
+                       f"{exc.reason or exc}") from exc
+    except OSError as exc:
+        raise PKIError(f"cannot read CA certificate file {ca_file}: {exc.strerror or exc}") from exc
+
+
+def _find_verification_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    pending: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        linked = [current.__cause__, current.__context__]
+        if isinstance(current, BaseExceptionGroup):
+            linked.extend(current.exceptions)
+        # Some wrappers keep the original only as an argument (urllib's URLError.reason).
+        linked.extend(arg for arg in current.args if isinstance(arg, BaseException))
+        pending.extend(item for item in linked if item is not None)
+    return None

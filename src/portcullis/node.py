@@ -1,0 +1,214 @@
+"""One process of a deployment: the roles it runs, built from the settings and served.
+
+`portcullis up` is a node with every role; `portcullis serve ROLE…` a node with some.
+Roles in one process call each other directly (the in-process shortcut); roles in
+other processes are reached over HTTPS with mutual TLS, certificates from the
+deployment CA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.types import ASGIApp
+
+from portcullis.audit import AuditTrail
+from portcullis.config.model import Settings, parse_host_port
+from portcullis.errors import ConfigError
+from portcullis.gateway.connections import ConnectionRegistry
+from portcullis.gateway.launch import LaunchEndpoint, LaunchSettings
+from portcullis.gateway.proxy import PortalProxy
+from portcullis.identity.factors.local import LocalPasswordFactor
+from portcullis.identity.flow import LoginFlow, LoginService
+from portcullis.identity.sessions import SessionManager
+from portcullis.net.dialer import DirectDialer
+from portcullis.net.tls import client_context, server_context
+from portcullis.portal.app import PortalDeps, create_portal_app
+from portcullis.proto.mux import Limits
+from portcullis.sta.app import create_sta_app
+from portcullis.sta.authority import TicketAuthority
+from portcullis.sta.client import RemoteTicketAuthority, TicketAuthorities, TicketIssuer
+from portcullis.store import DurableStore, EphemeralStore, open_ephemeral
+from portcullis.tokens import TokenHasher
+from portcullis.web.security import SecurityMiddleware
+
+ROLES = ("gateway", "portal", "sta")
+
+
+@dataclass
+class Listener:
+    role: str
+    host: str
+    port: int
+    app: ASGIApp
+    tls: ssl.SSLContext
+    trust_forwarded: bool = False
+
+
+@dataclass
+class Node:
+    settings: Settings
+    roles: tuple[str, ...]
+    durable: DurableStore
+    ephemeral: EphemeralStore
+    audit: AuditTrail
+    listeners: list[Listener] = field(default_factory=list)
+    registry: ConnectionRegistry = field(default_factory=ConnectionRegistry)
+    _closers: list[Callable[[], Any]] = field(default_factory=list)
+
+    @classmethod
+    async def build(cls, settings: Settings, roles: Sequence[str]) -> Node:
+        unknown = [role for role in roles if role not in ROLES]
+        if unknown or not roles:
+            raise ConfigError(f"roles must be among {', '.join(ROLES)}; got {list(roles)}")
+        durable = await DurableStore.open(settings.durable_url())
+        ephemeral = open_ephemeral(settings.store.ephemeral)
+        audit = AuditTrail(settings.path(settings.log.audit_file))
+        node = cls(settings, tuple(dict.fromkeys(roles)), durable, ephemeral, audit)
+        node._wire()
+        return node
+
+    def role_tls_server(self, role: str, *, require_client_cert: bool) -> ssl.SSLContext:
+        cert, key = self.settings.role_cert(role)
+        return server_context(cert, key, client_ca_file=self.settings.ca_cert_path,
+                              require_client_cert=require_client_cert)
+
+    def role_tls_client(self, role: str) -> ssl.SSLContext:
+        cert, key = self.settings.role_cert(role)
+        return client_context(self.settings.ca_cert_path, cert_file=cert, key_file=key)
+
+    def _wire(self) -> None:
+        settings = self.settings
+        hasher = TokenHasher.from_directory(settings.path(settings.secrets_dir))
+        local_sta: TicketAuthority | None = None
+        if "sta" in self.roles:
+            local_sta = TicketAuthority(
+                settings.sta.id, self.ephemeral, hasher, self.audit,
+                lifetime=settings.sta.ticket_lifetime,
+                bind_client_address=settings.sta.bind_client_address)
+            host, port = parse_host_port(settings.sta.listen)
+            self.listeners.append(Listener(
+                "sta", host, port, self._secure(create_sta_app(local_sta)),
+                self.role_tls_server("sta", require_client_cert=True)))
+
+        needs_sta = {"gateway", "portal"} & set(self.roles)
+        authorities: TicketIssuer | None = None
+        if needs_sta:
+            client_role = "gateway" if "gateway" in self.roles else "portal"
+            by_id: dict[str, TicketIssuer] = {}
+            for sta_id, url in settings.sta.authorities.items():
+                if local_sta is not None and sta_id == local_sta.sta_id:
+                    by_id[sta_id] = local_sta
+                else:
+                    remote = RemoteTicketAuthority(url, self.role_tls_client(client_role))
+                    by_id[sta_id] = remote
+                    self._closers.append(remote.close)
+            issuing = settings.sta.id if settings.sta.id in by_id else next(iter(by_id))
+            authorities = TicketAuthorities(issuing, by_id)
+
+        portal_app: Starlette | None = None
+        if "portal" in self.roles:
+            assert authorities is not None
+            sessions = SessionManager(self.ephemeral, self.durable, hasher, settings.session)
+            flow = LoginFlow("default", [LocalPasswordFactor(self.durable)])
+            login = LoginService(flow, self.ephemeral, hasher, sessions, settings.session,
+                                 self.audit)
+            portal_app = create_portal_app(PortalDeps(
+                settings=settings, sessions=sessions, login=login, authorities=authorities,
+                hasher=hasher, durable=self.durable, ephemeral=self.ephemeral,
+                audit=self.audit))
+            if "gateway" not in self.roles:
+                host, port = parse_host_port(settings.portal.listen)
+                # Alone, the portal is reached only through gateways (mutual TLS), whose
+                # X-Forwarded-For it may therefore believe.
+                self.listeners.append(Listener(
+                    "portal", host, port, self._secure(portal_app),
+                    self.role_tls_server("portal", require_client_cert=True),
+                    trust_forwarded=True))
+
+        if "gateway" in self.roles:
+            assert authorities is not None
+            launch = LaunchEndpoint(
+                authorities, DirectDialer(), self.durable, self.registry, self.audit,
+                LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds))
+            routes: list[Any] = [WebSocketRoute("/api/v1/launch", launch)]
+            if portal_app is not None:
+                routes.append(Mount("/", app=portal_app))
+            else:
+                if not settings.gateway.portal_url:
+                    raise ConfigError("set gateway.portal_url when the portal runs elsewhere",
+                                      key="gateway.portal_url")
+                proxy = PortalProxy(settings.gateway.portal_url, self.role_tls_client("gateway"))
+                self._closers.append(proxy.close)
+                methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
+                routes.append(Route("/{path:path}", proxy, methods=methods))
+            host, port = parse_host_port(settings.gateway.listen)
+            self.listeners.append(Listener(
+                "gateway", host, port, self._secure(Starlette(routes=routes)),
+                self.role_tls_server("gateway", require_client_cert=False)))
+
+    def _secure(self, app: ASGIApp) -> ASGIApp:
+        return SecurityMiddleware(app, max_body=self.settings.limits.max_request_body)
+
+    def uvicorn_config(self, listener: Listener) -> uvicorn.Config:
+        limits = Limits()
+        return uvicorn.Config(
+            listener.app, host=listener.host, port=listener.port,
+            ssl_certfile="unused", ssl_context_factory=lambda config, default: listener.tls,
+            http="h11", ws="websockets-sansio", ws_per_message_deflate=False,
+            ws_max_size=limits.max_frame_payload * 4 + 4096,
+            h11_max_incomplete_event_size=self.settings.limits.max_header_bytes,
+            lifespan="off", log_config=None, server_header=False, access_log=False,
+            proxy_headers=listener.trust_forwarded,
+            forwarded_allow_ips="*" if listener.trust_forwarded else None,
+            timeout_graceful_shutdown=3)
+
+    async def serve(self, on_ready: Callable[[Node], None] | None = None) -> None:
+        """Serve every listener until SIGINT/SIGTERM; then close the stores."""
+        servers = [uvicorn.Server(self.uvicorn_config(listener)) for listener in self.listeners]
+        loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            for server in servers:
+                server.should_exit = True
+
+        watcher = asyncio.ensure_future(self.registry.watch_disabled(self.durable))
+        # _serve, not serve: serve() would install its own signal handlers per server,
+        # and one process runs several servers that must stop together.
+        tasks = [asyncio.ensure_future(server._serve()) for server in servers]
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop)
+        try:
+            while not all(server.started for server in servers):
+                if any(task.done() for task in tasks):
+                    break
+                await asyncio.sleep(0.02)
+            if all(server.started for server in servers) and on_ready is not None:
+                on_ready(self)
+            await asyncio.gather(*tasks)
+        finally:
+            stop()
+            watcher.cancel()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.close()
+        failed = [server for server in servers if not server.started]
+        if failed:
+            raise ConfigError("a listener could not start (is its port in use?)")
+
+    async def close(self) -> None:
+        for closer in self._closers:
+            with contextlib.suppress(Exception):
+                await closer()
+        await self.ephemeral.close()
+        await self.durable.close()
+        self.audit.close()

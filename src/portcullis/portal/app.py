@@ -1,0 +1,279 @@
+"""The portal: sign-in pages, the resource list, launches, and the JSON API behind them.
+
+Authorisation is checked inside each endpoint, against the route it was dispatched
+to, never by matching path prefixes. Sessions travel in a `__Host-` cookie (browsers)
+or an `Authorization: Bearer` header (the CLI). Form posts carry a CSRF token bound to
+the session (or, before login, to a double-submit cookie). Attackers are told "denied";
+the reason goes to the audit trail.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from portcullis.audit import AuditTrail
+from portcullis.config.model import Settings
+from portcullis.errors import StoreError, TicketError
+from portcullis.identity.flow import Authenticated, LoginService, NextStep
+from portcullis.identity.sessions import Session, SessionManager
+from portcullis.portal.broker import authorize_launch, visible_resources
+from portcullis.proto.launchfile import MIME_TYPE, LaunchFile, format_launch_file
+from portcullis.sta.authority import TicketRequest
+from portcullis.sta.client import TicketIssuer
+from portcullis.store import DurableStore, EphemeralStore
+from portcullis.tokens import TokenHasher
+
+SESSION_COOKIE = "__Host-portcullis-session"
+CSRF_COOKIE = "__Host-portcullis-csrf"
+HERE = Path(__file__).parent
+
+
+@dataclass(frozen=True)
+class PortalDeps:
+    settings: Settings
+    sessions: SessionManager
+    login: LoginService
+    authorities: TicketIssuer
+    hasher: TokenHasher
+    durable: DurableStore
+    ephemeral: EphemeralStore
+    audit: AuditTrail
+
+
+def safe_next(target: str | None) -> str:
+    """Only same-origin relative paths: '/x' yes; '//evil', '/\\evil', 'https://…' no."""
+    if (not target or not target.startswith("/") or target.startswith("//")
+            or "\\" in target or any(ord(c) < 0x20 for c in target)):
+        return "/"
+    return target
+
+
+def create_portal_app(deps: PortalDeps) -> Starlette:
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    settings = deps.settings
+    gateway_ws = settings.gateway.public_url.replace("https://", "wss://", 1) + "/api/v1/launch"
+
+    def client_of(request: Request) -> str:
+        return request.client.host if request.client else "unknown"
+
+    def token_of(request: Request) -> str | None:
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer "):
+            return header[7:].strip()
+        return request.cookies.get(SESSION_COOKIE)
+
+    async def current_session(request: Request) -> Session | None:
+        token = token_of(request)
+        return await deps.sessions.validate(token) if token else None
+
+    def csrf_for(token: str) -> str:
+        return deps.hasher.digest("csrf", token)[:32]
+
+    def csrf_ok(request: Request, form_value: object) -> bool:
+        token = request.cookies.get(SESSION_COOKIE)
+        if not token or not isinstance(form_value, str):
+            return False
+        return hmac.compare_digest(csrf_for(token), form_value)
+
+    def set_session_cookie(response: Response, token: str) -> None:
+        response.set_cookie(SESSION_COOKIE, token, secure=True, httponly=True,
+                            samesite="strict", path="/",
+                            max_age=int(settings.session.absolute_timeout))
+
+    async def launch_file_for(session: Session, name: str, client: str) -> Response:
+        decision = authorize_launch(settings.resources, session.claims, name)
+        if decision.resource is None:
+            return JSONResponse({"error": "no such resource"}, 404)
+        if not decision.allowed:
+            deps.audit.record("launch.denied", user=session.username, resource=name,
+                              reason=decision.reason, client=client)
+            return JSONResponse({"error": "denied"}, 403)
+        resource = decision.resource
+        try:
+            issued = await deps.authorities.issue(TicketRequest(
+                user=session.username, resource=resource.name, address=resource.address,
+                client_address=client))
+        except TicketError as exc:
+            deps.audit.record("launch.failed", user=session.username, resource=name,
+                              reason=str(exc))
+            return JSONResponse({"error": "the ticket authority is unavailable"}, 503)
+        text = format_launch_file(LaunchFile(
+            resource=resource.name, title=resource.title, gateway_url=gateway_ws,
+            ticket=issued.ticket, expires=datetime.fromtimestamp(issued.expires_at, UTC)))
+        return Response(text, media_type=MIME_TYPE, headers={
+            "content-disposition": f'attachment; filename="{resource.name}.portcullis"',
+            "cache-control": "no-store"})
+
+    # -- JSON API ------------------------------------------------------------------
+    async def api_login(request: Request) -> JSONResponse:
+        body = await _json_object(request)
+        if body is None:
+            return JSONResponse({"error": "expected a JSON object"}, 400)
+        handle = body.get("handle")
+        answers = body.get("answers")
+        if answers is None and handle is None:
+            step = await deps.login.begin()
+            return JSONResponse({"status": "continue", "handle": step.handle,
+                                 "step": step.step.to_json()})
+        if (not isinstance(answers, dict) or not all(isinstance(v, str) for v in answers.values())
+                or not (handle is None or isinstance(handle, str))):
+            return JSONResponse({"error": "answers must be an object of strings"}, 400)
+        result = await deps.login.submit(handle, answers, client_of(request))
+        if isinstance(result, NextStep):
+            return JSONResponse({"status": "continue", "handle": result.handle,
+                                 "step": result.step.to_json()})
+        if isinstance(result, Authenticated):
+            response = JSONResponse({"status": "authenticated", "token": result.token,
+                                     "user": result.session.username,
+                                     "groups": list(result.session.claims.groups)})
+            set_session_cookie(response, result.token)
+            return response
+        return JSONResponse({"status": "denied", "error": "denied"}, 401)
+
+    async def api_logout(request: Request) -> JSONResponse:
+        token = token_of(request)
+        if token:
+            await deps.sessions.end(token)
+        response = JSONResponse({"status": "signed out"})
+        response.delete_cookie(SESSION_COOKIE, secure=True, httponly=True, samesite="strict")
+        return response
+
+    async def api_session(request: Request) -> JSONResponse:
+        session = await current_session(request)
+        if session is None:
+            return JSONResponse({"error": "not signed in"}, 401)
+        return JSONResponse({"user": session.username, "claims": session.claims.to_json()})
+
+    async def api_resources(request: Request) -> JSONResponse:
+        session = await current_session(request)
+        if session is None:
+            return JSONResponse({"error": "not signed in"}, 401)
+        return JSONResponse({"resources": [
+            {"name": r.name, "title": r.title, "description": r.description,
+             "launch": f"/api/v1/resources/{r.name}/launch"}
+            for r in visible_resources(settings.resources, session.claims)]})
+
+    async def api_launch(request: Request) -> Response:
+        session = await current_session(request)
+        if session is None:
+            return JSONResponse({"error": "not signed in"}, 401)
+        return await launch_file_for(session, request.path_params["name"], client_of(request))
+
+    async def api_health(request: Request) -> JSONResponse:
+        checks: dict[str, str] = {}
+        for name, probe in (("durable", deps.durable.ping), ("ephemeral", deps.ephemeral.ping)):
+            try:
+                await probe()
+                checks[name] = "ok"
+            except StoreError as exc:
+                checks[name] = str(exc)
+        healthy = all(value == "ok" for value in checks.values())
+        return JSONResponse({"status": "ok" if healthy else "degraded", "checks": checks},
+                            200 if healthy else 503)
+
+    # -- pages -----------------------------------------------------------------------
+    def render(request: Request, template: str, status: int = 200, **context: Any) -> Response:
+        return templates.TemplateResponse(request, template, context, status_code=status)
+
+    async def login_page(request: Request) -> Response:
+        if await current_session(request) is not None:
+            return RedirectResponse(safe_next(request.query_params.get("next")), 303)
+        begun = await deps.login.begin()
+        return login_form(request, begun, error=None)
+
+    def login_form(request: Request, step: NextStep, error: str | None,
+                   status: int = 200) -> Response:
+        csrf = request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(24)
+        response = render(request, "login.html", status, step=step.step, handle=step.handle,
+                          csrf=csrf, error=error,
+                          next=safe_next(request.query_params.get("next")))
+        response.set_cookie(CSRF_COOKIE, csrf, secure=True, httponly=True, samesite="strict",
+                            path="/")
+        return response
+
+    async def login_submit(request: Request) -> Response:
+        form = await request.form()
+        cookie = request.cookies.get(CSRF_COOKIE)
+        posted = form.get("csrf")
+        if not cookie or not isinstance(posted, str) or not hmac.compare_digest(cookie, posted):
+            deps.audit.record("csrf.rejected", path="/login", client=client_of(request))
+            return Response("denied", 403, media_type="text/plain")
+        handle = form.get("handle")
+        answers = {key: value for key, value in form.items()
+                   if key not in ("csrf", "handle", "next") and isinstance(value, str)}
+        result = await deps.login.submit(handle if isinstance(handle, str) else None, answers,
+                                         client_of(request))
+        target = safe_next(str(form.get("next") or "/"))
+        if isinstance(result, Authenticated):
+            response = RedirectResponse(target, 303)
+            set_session_cookie(response, result.token)
+            return response
+        if isinstance(result, NextStep):
+            return login_form(request, result, error=None)
+        return login_form(request, await deps.login.begin(), error="Sign-in failed.", status=401)
+
+    async def home(request: Request) -> Response:
+        session = await current_session(request)
+        if session is None:
+            return RedirectResponse("/login", 303)
+        token = request.cookies.get(SESSION_COOKIE) or ""
+        return render(request, "resources.html", session=session, csrf=csrf_for(token),
+                      resources=visible_resources(settings.resources, session.claims))
+
+    async def launch_page(request: Request) -> Response:
+        session = await current_session(request)
+        if session is None:
+            return RedirectResponse("/login", 303)
+        form = await request.form()
+        if not csrf_ok(request, form.get("csrf")):
+            deps.audit.record("csrf.rejected", path="/launch", user=session.username,
+                              client=client_of(request))
+            return Response("denied", 403, media_type="text/plain")
+        return await launch_file_for(session, request.path_params["name"], client_of(request))
+
+    async def logout_page(request: Request) -> Response:
+        form = await request.form()
+        token = request.cookies.get(SESSION_COOKIE)
+        if token and csrf_ok(request, form.get("csrf")):
+            await deps.sessions.end(token)
+        response = RedirectResponse("/login", 303)
+        response.delete_cookie(SESSION_COOKIE, secure=True, httponly=True, samesite="strict")
+        return response
+
+    return Starlette(routes=[
+        Route("/api/v1/login", api_login, methods=["POST"]),
+        Route("/api/v1/logout", api_logout, methods=["POST"]),
+        Route("/api/v1/session", api_session, methods=["GET"]),
+        Route("/api/v1/resources", api_resources, methods=["GET"]),
+        Route("/api/v1/resources/{name}/launch", api_launch, methods=["POST"]),
+        Route("/api/v1/health", api_health, methods=["GET"]),
+        Route("/", home, methods=["GET"]),
+        Route("/login", login_page, methods=["GET"]),
+        Route("/login", login_submit, methods=["POST"]),
+        Route("/launch/{name}", launch_page, methods=["POST"]),
+        Route("/logout", logout_page, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+    ])
+
+
+async def _json_object(request: Request) -> dict[str, Any] | None:
+    if "application/json" not in request.headers.get("content-type", ""):
+        return None
+    try:
+        value = json.loads(await request.body() or b"{}")
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -1,0 +1,298 @@
+"""The durable store: local users, their password hashes and groups.
+
+One class, `DurableStore`, over SQLAlchemy Core with an async engine: SQLite by default
+(one file, WAL, foreign keys on), PostgreSQL when several gateways share state. The schema
+is brought up to date by `migrations.migrate()` each time a store is opened.
+
+It never stores or logs a password in clear: callers pass a hash (argon2) and get it back
+unchanged. It never lets a SQLAlchemy, asyncpg or sqlite3 exception escape: every failure
+leaves as a `StoreError` (or its children `DuplicateError`, `NotFoundError`) whose message
+tells an administrator what failed and where, with any password in the URL hidden.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Row, delete, event, insert, select, update
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from portcullis.errors import DuplicateError, NotFoundError, StoreError
+from portcullis.store import migrations
+from portcullis.store.migrations import user_groups, users
+
+# Plain URLs are rewritten to the async drivers this module is tested with.
+_ASYNC_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+}
+
+# Stays under SQLite's limit on bound parameters in one statement.
+_IN_CHUNK = 500
+
+# How long SQLite waits for another process's write lock before failing, in seconds.
+_SQLITE_BUSY_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """A local user as stored; `groups` is sorted, `created_at` is timezone-aware UTC."""
+
+    name: str
+    password_hash: str | None
+    groups: tuple[str, ...]
+    disabled: bool
+    created_at: datetime
+
+
+def async_database_url(url: str) -> URL:
+    """Parse `url` and point it at the async driver; StoreError if unsupported."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise StoreError(f"invalid database URL {url!r}: {exc}") from exc
+    driver = _ASYNC_DRIVERS.get(parsed.drivername)
+    if driver is None:
+        raise StoreError(
+            f"unsupported database URL scheme {parsed.drivername!r}: use sqlite:///path "
+            "or postgresql://user@host/database"
+        )
+    return parsed.set(drivername=driver)
+
+
+def _describe(url: URL) -> str:
+    """Where the database is, for messages: the URL without its password."""
+    if url.get_backend_name() == "sqlite":
+        return url.database or ":memory:"
+    return url.render_as_string(hide_password=True)
+
+
+def _as_utc(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes; we only ever write UTC.
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def _install_sqlite_hooks(engine: AsyncEngine) -> None:
+    """Pragmas on each connection, and transactions that begin when SQLAlchemy says so.
+
+    Python's sqlite3 module defers BEGIN until the first write, so a read-then-write
+    transaction can fail to upgrade its lock. We turn that off and emit BEGIN ourselves:
+    IMMEDIATE (take the write lock now) on connections that ask for it.
+    """
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(_SQLITE_BUSY_TIMEOUT * 1000)}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get("sqlite_immediate", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class DurableStore:
+    """Users and groups in SQLite or PostgreSQL. Open with `await DurableStore.open(url)`."""
+
+    def __init__(self, engine: AsyncEngine, where: str) -> None:
+        self._engine = engine
+        # Writes (and migrations) take SQLite's write lock at BEGIN; ignored by PostgreSQL.
+        self._writer = engine.execution_options(sqlite_immediate=True)
+        self._where = where
+
+    @classmethod
+    async def open(
+        cls, url: str, *, connect_args: Mapping[str, Any] | None = None
+    ) -> DurableStore:
+        """Connect, migrate the schema to the latest version, and return the store.
+
+        `connect_args` go to the driver unchanged (for example asyncpg's
+        `{"server_settings": {"search_path": "tenant"}}`).
+        """
+        parsed = async_database_url(url)
+        where = _describe(parsed)
+        args = dict(connect_args or {})
+        if parsed.get_backend_name() == "sqlite":
+            args.setdefault("timeout", _SQLITE_BUSY_TIMEOUT)
+        try:
+            engine = create_async_engine(parsed, connect_args=args)
+        except (SQLAlchemyError, ImportError, TypeError) as exc:
+            raise StoreError(f"cannot open database at {where}: {exc}") from exc
+        if parsed.get_backend_name() == "sqlite":
+            _install_sqlite_hooks(engine)
+        store = cls(engine, where)
+        try:
+            with store._mapped_errors("cannot open database"):
+                async with store._writer.begin() as conn:
+                    await conn.run_sync(migrations.migrate)
+        except BaseException:
+            await engine.dispose()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def schema_version(self) -> int:
+        """The schema version of the open database (`migrations.LATEST_VERSION` after open)."""
+        async with self._read() as conn:
+            return await conn.run_sync(migrations.current_version)
+
+    async def add_user(
+        self, name: str, password_hash: str | None, groups: Iterable[str] = ()
+    ) -> UserRecord:
+        """Create a user; DuplicateError if the name is taken."""
+        group_names = tuple(sorted(set(groups)))
+        created_at = datetime.now(UTC)
+        try:
+            async with self._write() as conn:
+                inserted = await conn.execute(
+                    insert(users)
+                    .values(
+                        name=name,
+                        password_hash=password_hash,
+                        disabled=False,
+                        created_at=created_at,
+                    )
+                    .returning(users.c.id)
+                )
+                user_id = inserted.scalar_one()
+                if group_names:
+                    await conn.execute(
+                        insert(user_groups),
+                        [{"user_id": user_id, "group_name": g} for g in group_names],
+                    )
+        except _Integrity as exc:
+            raise DuplicateError(f"user {name!r} already exists") from exc.__cause__
+        return UserRecord(name, password_hash, group_names, False, created_at)
+
+    async def get_user(self, name: str) -> UserRecord | None:
+        async with self._read() as conn:
+            row = (await conn.execute(select(users).where(users.c.name == name))).first()
+            if row is None:
+                return None
+            groups = await conn.execute(
+                select(user_groups.c.group_name)
+                .where(user_groups.c.user_id == row.id)
+                .order_by(user_groups.c.group_name)
+            )
+            return _record(row, tuple(groups.scalars()))
+
+    async def list_users(self) -> list[UserRecord]:
+        """Every user, sorted by name."""
+        async with self._read() as conn:
+            rows = (await conn.execute(select(users).order_by(users.c.name))).all()
+            memberships = await conn.execute(
+                select(user_groups.c.user_id, user_groups.c.group_name).order_by(
+                    user_groups.c.user_id, user_groups.c.group_name
+                )
+            )
+            groups_of: dict[int, list[str]] = {}
+            for user_id, group_name in memberships:
+                groups_of.setdefault(user_id, []).append(group_name)
+        return [_record(row, tuple(groups_of.get(row.id, ()))) for row in rows]
+
+    async def set_password(self, name: str, password_hash: str) -> None:
+        """Replace the password hash; NotFoundError if there is no such user."""
+        async with self._write() as conn:
+            await self._update_user(conn, name, password_hash=password_hash)
+
+    async def set_disabled(self, name: str, disabled: bool) -> None:
+        """Disable or re-enable a user; NotFoundError if there is no such user."""
+        async with self._write() as conn:
+            await self._update_user(conn, name, disabled=disabled)
+
+    async def set_groups(self, name: str, groups: Iterable[str]) -> None:
+        """Replace the user's groups with `groups`; NotFoundError if there is no such user."""
+        group_names = sorted(set(groups))
+        async with self._write() as conn:
+            user_id = await self._user_id(conn, name)
+            await conn.execute(delete(user_groups).where(user_groups.c.user_id == user_id))
+            if group_names:
+                await conn.execute(
+                    insert(user_groups),
+                    [{"user_id": user_id, "group_name": g} for g in group_names],
+                )
+
+    async def disabled_among(self, names: Iterable[str]) -> set[str]:
+        """Which of `names` are disabled or no longer exist: their sessions must end."""
+        wanted = sorted(set(names))
+        enabled: set[str] = set()
+        async with self._read() as conn:
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[start : start + _IN_CHUNK]
+                result = await conn.execute(
+                    select(users.c.name).where(users.c.name.in_(chunk), users.c.disabled.is_(False))
+                )
+                enabled.update(result.scalars())
+        return set(wanted) - enabled
+
+    async def _user_id(self, conn: AsyncConnection, name: str) -> int:
+        user_id = (
+            await conn.execute(select(users.c.id).where(users.c.name == name))
+        ).scalar_one_or_none()
+        if user_id is None:
+            raise NotFoundError(f"no user named {name!r}")
+        return int(user_id)
+
+    async def _update_user(self, conn: AsyncConnection, name: str, **values: Any) -> None:
+        result = await conn.execute(update(users).where(users.c.name == name).values(**values))
+        if result.rowcount == 0:
+            raise NotFoundError(f"no user named {name!r}")
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        with self._mapped_errors("database operation failed"):
+            async with self._engine.connect() as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        with self._mapped_errors("database operation failed"):
+            async with self._writer.begin() as conn:
+                yield conn
+
+    @contextmanager
+    def _mapped_errors(self, what: str) -> Iterator[None]:
+        """The one place where driver exceptions become ours."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except IntegrityError as exc:
+            # Callers that expect a constraint violation turn this into a precise error.
+            raise _Integrity(f"{what} at {self._where}: {exc.orig}") from exc
+        except SQLAlchemyError as exc:
+            detail = getattr(exc, "orig", None) or exc
+            raise StoreError(f"{what} at {self._where}: {detail}") from exc
+        except OSError as exc:
+            raise StoreError(f"{what} at {self._where}: {exc}") from exc
+
+
+class _Integrity(StoreError):
+    """A constraint was violated (duplicate name); `add_user` reports it as DuplicateError."""
+
+
+def _record(row: Row[Any], groups: tuple[str, ...]) -> UserRecord:
+    return UserRecord(
+        name=row.name,
+        password_hash=row.password_hash,
+        groups=groups,
+        disabled=bool(row.disabled),
+        created_at=_as_utc(row.created_at),
+    )

@@ -1,0 +1,131 @@
+"""Schema of the durable store and the ordered steps that build it.
+
+The tables are declared once, with SQLAlchemy Core, and `MIGRATIONS` is the ordered list of
+steps that bring an empty database to that schema. `migrate()` runs on every open: it
+records each applied step in `schema_version`, so opening a database twice applies nothing,
+and a database at version N gets only the steps after N.
+
+Two processes may open one database at once: the whole run is one transaction that first
+takes a lock (a PostgreSQL advisory lock; on SQLite the durable store begins this
+transaction IMMEDIATE, which takes the write lock). The second process then waits and finds
+nothing left to do.
+
+This module must never drop or rewrite data silently: a step changes the schema forward
+only, and a database newer than this code is refused rather than "fixed".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    func,
+    insert,
+    select,
+    text,
+)
+
+from portcullis.errors import StoreError
+
+metadata = MetaData()
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("description", String(200), nullable=False),
+    Column("applied_at", DateTime(timezone=True), nullable=False),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(255), nullable=False, unique=True),
+    Column("password_hash", String(512), nullable=True),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+user_groups = Table(
+    "user_groups",
+    metadata,
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("group_name", String(255), nullable=False),
+    UniqueConstraint("user_id", "group_name"),
+)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One forward step: `apply` runs inside the migration transaction."""
+
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+# The steps create the tables declared above. When a later step alters a table, the earlier
+# steps must keep creating the *old* shape (declare it inside the step), or a fresh database
+# and an upgraded one would differ.
+MIGRATIONS: Sequence[Migration] = (
+    Migration(1, "users", lambda conn: users.create(conn)),
+    Migration(2, "user groups", lambda conn: user_groups.create(conn)),
+)
+
+LATEST_VERSION = MIGRATIONS[-1].version
+
+# Any constant works; it only has to be the same in every Portcullis process.
+_ADVISORY_LOCK_KEY = 0x706F7274  # "port"
+
+
+def current_version(conn: Connection) -> int:
+    """The highest applied step, 0 for an empty database."""
+    if not conn.dialect.has_table(conn, schema_version.name):
+        return 0
+    version = conn.execute(select(func.max(schema_version.c.version))).scalar_one()
+    return int(version or 0)
+
+
+def migrate(conn: Connection, steps: Sequence[Migration] = MIGRATIONS) -> int:
+    """Apply the steps not yet applied, in order; return the resulting version.
+
+    `conn` must be inside a transaction that the caller commits: the steps and their
+    `schema_version` rows then land together or not at all.
+    """
+    if conn.dialect.name == "postgresql":
+        # Released at the end of the transaction; the second opener waits here.
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
+    schema_version.create(conn, checkfirst=True)
+    version = current_version(conn)
+    known = max((step.version for step in steps), default=0)
+    if version > known:
+        raise StoreError(
+            f"the database schema is at version {version}, newer than this Portcullis "
+            f"understands ({known}); upgrade Portcullis or point it at another database"
+        )
+    for step in steps:
+        if step.version <= version:
+            continue
+        step.apply(conn)
+        conn.execute(
+            insert(schema_version).values(
+                version=step.version,
+                description=step.description,
+                applied_at=datetime.now(UTC),
+            )
+        )
+        version = step.version
+    return version

@@ -1,0 +1,1 @@
+"""HTTP concerns shared by every role's web app: security headers, limits, sessions."""

@@ -1,0 +1,101 @@
+"""ASGI middleware applied to every HTTP answer and request of every role.
+
+Security headers on all responses; a hard cap on request bodies (enforced while
+reading, not trusted from Content-Length alone); requests whose path holds a dot
+segment are refused before routing, so no handler ever sees a path other than the
+one it is routed by.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+SECURITY_HEADERS = [
+    (b"strict-transport-security", b"max-age=63072000; includeSubDomains"),
+    (b"content-security-policy",
+     b"default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'; "
+     b"object-src 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+]
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class SecurityMiddleware:
+    def __init__(self, app: ASGIApp, *, max_body: int) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket" and _has_dot_segment(scope):
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await self.app(scope, receive, send)
+            return
+        if _has_dot_segment(scope):
+            await _plain(send, 400, b"bad request path")
+            return
+        length = _content_length(scope)
+        if length is not None and length > self.max_body:
+            await _plain(send, 413, b"request body too large")
+            return
+
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise BodyTooLarge
+            return message
+
+        async def secured_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = list(message.get("headers", []))
+                names = {name.lower() for name, _ in headers}
+                headers += [item for item in SECURITY_HEADERS if item[0] not in names]
+                if scope["path"].startswith("/api/") and b"cache-control" not in names:
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, secured_send)
+        except BodyTooLarge:
+            if not started:
+                await _plain(send, 413, b"request body too large")
+
+
+def _has_dot_segment(scope: Scope) -> bool:
+    raw = scope.get("raw_path") or scope["path"].encode()
+    path = raw.split(b"?", 1)[0].lower().replace(b"%2e", b".").replace(b"%2f", b"/")
+    path = path.replace(b"%5c", b"/").replace(b"\\", b"/")
+    return any(segment in (b".", b"..") for segment in path.split(b"/"))
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return None
+
+
+async def _plain(send: Send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode()), *SECURITY_HEADERS]})
+    await send({"type": "http.response.body", "body": body})
