@@ -140,7 +140,7 @@ class Node:
             launch = LaunchEndpoint(
                 authorities, DirectDialer(), self.durable, self.registry, self.audit,
                 LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds))
-            routes: list[Any] = [WebSocketRoute("/api/v1/launch", launch)]
+            routes: list[Any] = [WebSocketRoute("/api/v1/launch", launch.serve)]
             if portal_app is not None:
                 routes.append(Mount("/", app=portal_app))
             else:

@@ -241,9 +241,8 @@ def login(url: str, username: str, password_stdin: bool, ca_file: str | None) ->
             return username
         line = next(stdin_lines, None)
         if line is not None:
-            return line.rstrip("\r\n")
-        value: str = click.prompt(label, hide_input=secret)
-        return value
+            return str(line).rstrip("\r\n")
+        return str(click.prompt(label, hide_input=secret))
 
     with PortalApi(url, _client_tls(ca_file)) as api:
         signed_in = api.login(answer)

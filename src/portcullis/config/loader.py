@@ -76,12 +76,8 @@ def _line_of_key(text: str, loc: tuple[int | str, ...]) -> int | None:
     if not names:
         return None
     lines = text.splitlines()
-    start = 0
-    table = [item for item in loc[:-1]]
-    if table:
-        start = _find_table(lines, table)
-        if start is None:
-            start = 0
+    table = list(loc[:-1])
+    start = (_find_table(lines, table) or 0) if table else 0
     key = names[-1]
     pattern = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=")
     for number in range(start, len(lines)):

@@ -16,7 +16,10 @@ class WebSocketChannel:
         self._send = websocket.send
 
     async def send(self, message: bytes) -> None:
-        await self._send({"type": "websocket.send", "bytes": message})
+        # A peer that has gone is noticed by receive(), which then ends the session;
+        # what was still queued for it has nowhere to go.
+        with contextlib.suppress(Exception):
+            await self._send({"type": "websocket.send", "bytes": message})
 
     async def receive(self) -> bytes | None:
         message = await self._receive()

@@ -53,7 +53,7 @@ class LaunchEndpoint:
         self._audit = audit
         self._settings = settings
 
-    async def __call__(self, websocket: WebSocket) -> None:
+    async def serve(self, websocket: WebSocket) -> None:
         client = websocket.client.host if websocket.client else "unknown"
         await websocket.accept()
         grant_ready: asyncio.Future[TicketGrant] = asyncio.get_running_loop().create_future()

@@ -17,11 +17,16 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
+
+import structlog
 
 from portcullis.errors import ProtocolError
 from portcullis.proto import mux
 from portcullis.proto.mux import MuxConnection, Reason
+
+
+log = structlog.get_logger("portcullis.mux")
 
 
 class MessageChannel(Protocol):
@@ -58,15 +63,20 @@ class StreamBridge(asyncio.Protocol):
         self._remote_eof = False
         self._done = False
         self.refusal: tuple[Reason, str] | None = None
+        self._early: list[bytes] = []
 
     # -- socket side -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         if not self._accepted:
-            transport.pause_reading()   # nothing may flow before the peer accepts
+            self.transport.pause_reading()   # nothing may flow before the peer accepts
 
     def data_received(self, data: bytes) -> None:
+        if not self._accepted:
+            # A read already under way when we paused (uvloop) may still arrive: hold it.
+            self._early.append(data)
+            return
         session = self.session
         self.counters.sent += len(data)
         session.mux.send_data(self.stream_id, data)
@@ -104,7 +114,10 @@ class StreamBridge(asyncio.Protocol):
     # -- tunnel side ----------------------------------------------------------------
     def on_accepted(self) -> None:
         self._accepted = True
-        if self.transport is not None:
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
+        if self.transport is not None and not self.session.mux.pending(self.stream_id):
             self.transport.resume_reading()
 
     def on_data(self, data: bytes | memoryview) -> None:
@@ -199,12 +212,18 @@ class MuxSession:
     def spawn(self, coroutine: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("stream handler failed", exc_info=task.exception())
 
     # -- the loops ------------------------------------------------------------------
     def start(self) -> asyncio.Task[None]:
         """Run in the background; the task ends when the session does."""
         self.runner = asyncio.ensure_future(self.run())
+        self.flush_soon()  # whatever the owner queued before starting (its HELLO)
         return self.runner
 
     async def run(self) -> None:

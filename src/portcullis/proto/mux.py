@@ -995,7 +995,7 @@ class MuxConnection:
                 pending.popleft()
                 self._emit_data(stream, head, stream.fin_queued and not pending)
             else:
-                pending[0] = head[sendable:]
+                pending[0] = head[sendable + 1:]
                 self._emit_data(stream, head[:sendable], False)
             stream.pending_bytes -= sendable
         if not pending:

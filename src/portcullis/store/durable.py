@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, delete, event, insert, select, update
+from sqlalchemy import Connection, Row, delete, event, insert, select, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -147,6 +147,11 @@ class DurableStore:
 
     async def close(self) -> None:
         await self._engine.dispose()
+
+    async def ping(self) -> None:
+        """Raise StoreError unless the database answers (health checks)."""
+        async with self._read() as conn:
+            await conn.execute(text("SELECT 1"))
 
     async def schema_version(self) -> int:
         """The schema version of the open database (`migrations.LATEST_VERSION` after open)."""

@@ -1,0 +1,35 @@
+# The two commands of the README: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+DIR    ?= ./.portcullis
+BIN     = $(VENV)/bin
+
+.PHONY: run test lint peers bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+## Create ./.portcullis on first use and run every role in one process.
+run: $(BIN)/.installed
+	@test -f $(DIR)/portcullis.toml || $(BIN)/portcullis init --dir $(DIR)
+	$(BIN)/portcullis up --dir $(DIR)
+
+## Install the real peers the tests use (Debian packages, as root), lint, type-check, test.
+test: $(BIN)/.installed peers lint
+	$(BIN)/pytest
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+peers:
+	@scripts/install-peers
+
+bench: $(BIN)/.installed peers
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts

@@ -1,0 +1,203 @@
+"""Fixtures shared by the suites: deployments made by the real CLI, the gateway as a
+real subprocess, and real peers (HTTP server, echo server) on free ports."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from peers.servers import EchoServer, HttpServer  # noqa: E402
+
+PORTCULLIS = str(Path(sys.executable).parent / "portcullis")
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+
+
+def require_program(name: str) -> str:
+    """The path of a real peer program; under CI a missing one fails the test."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (run 'make peers' as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_port_run(count: int) -> int:
+    """A port P with P..P+count-1 all free (init uses three consecutive ports)."""
+    for _ in range(200):
+        base = free_port()
+        if base + count >= 65535:
+            continue
+        sockets = []
+        try:
+            for offset in range(count):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", base + offset))
+                sockets.append(sock)
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no run of free ports")
+
+
+def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PORTCULLIS, *args], input=input, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@dataclass
+class Deployment:
+    directory: Path
+    port: int
+    admin_password: str
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def ca(self) -> Path:
+        return self.directory / "pki" / "ca.crt"
+
+    @property
+    def config(self) -> Path:
+        return self.directory / "portcullis.toml"
+
+    def add_resource(self, name: str, address: str, groups: list[str], title: str = "") -> None:
+        with self.config.open("a") as handle:
+            handle.write(f'\n[[resources]]\nname = "{name}"\ntitle = "{title or name}"\n'
+                         f'address = "{address}"\ngroups = {groups!r}\n'.replace("'", '"'))
+
+    def set(self, section: str, key: str, value: str) -> None:
+        """Set `key = value` (TOML literal) in [section], replacing any existing line."""
+        text = self.config.read_text()
+        pattern = re.compile(rf"(\[{re.escape(section)}\]\n(?:(?!\[).*\n)*?)({key} = .*\n)?")
+        match = pattern.search(text)
+        assert match, section
+        if match.group(2):
+            text = text[:match.start(2)] + f"{key} = {value}\n" + text[match.end(2):]
+        else:
+            text = text[:match.end(1)] + f"{key} = {value}\n" + text[match.end(1):]
+        self.config.write_text(text)
+
+    def add_user(self, name: str, password: str, groups: list[str]) -> None:
+        args = ["user", "add", name, "--dir", str(self.directory), "--password-stdin"]
+        for group in groups:
+            args += ["--group", group]
+        result = run_cli(*args, input=password + "\n")
+        assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Deployment:
+    port = free_port_run(3)
+    directory = tmp_path / "deployment"
+    result = run_cli("init", "--dir", str(directory), "--port", str(port))
+    assert result.returncode == 0, result.stderr
+    password = re.search(r"password: (\S+)", result.stdout)
+    assert password, result.stdout
+    return Deployment(directory, port, password.group(1))
+
+
+class Process:
+    """A portcullis subprocess whose output is collected to a file."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        self._handle = log.open("wb")
+        self.popen = subprocess.Popen([PORTCULLIS, *args], stdout=self._handle,
+                                      stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.output())
+            if match:
+                return match
+            if self.popen.poll() is not None:
+                raise AssertionError(f"process exited {self.popen.returncode}:\n{self.output()}")
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {pattern!r}:\n{self.output()}")
+
+    def stop(self) -> int:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._handle.close()
+        return self.popen.returncode
+
+
+@pytest.fixture
+def start_process(tmp_path: Path) -> Iterator[object]:
+    started: list[Process] = []
+
+    def start(*args: str, name: str = "portcullis", env: dict[str, str] | None = None) -> Process:
+        process = Process(list(args), tmp_path / f"{name}-{len(started)}.log", env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def gateway(deployment: Deployment, start_process) -> Process:  # type: ignore[no-untyped-def]
+    """`portcullis up` on the deployment, once the portal answers."""
+    process = start_process("up", "--dir", str(deployment.directory), name="up")
+    process.wait_for(r"Portal: https://")
+    return process
+
+
+@pytest.fixture
+def client_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "client-home"
+    monkeypatch.setenv("PORTCULLIS_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def echo_server() -> Iterator[EchoServer]:
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def http_server(tmp_path: Path) -> Iterator[HttpServer]:
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "index.html").write_text("<h1>intranet home</h1>\n")
+    server = HttpServer(root, free_port())
+    yield server
+    server.close()

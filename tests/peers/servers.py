@@ -1,0 +1,61 @@
+"""Real servers for resources to point at: a TCP echo server and Python's own HTTP
+server (http.server, in a subprocess), each on a free port."""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                sock.shutdown(socket.SHUT_WR)
+                return
+            sock.sendall(data)
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class EchoServer:
+    def __init__(self) -> None:
+        self._server = _Server(("127.0.0.1", 0), _Echo)
+        self.port = self._server.server_address[1]
+        self.address = f"127.0.0.1:{self.port}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class HttpServer:
+    def __init__(self, root: Path, port: int) -> None:
+        self.port = port
+        self.address = f"127.0.0.1:{port}"
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+             "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("http.server did not start")
+
+    def close(self) -> None:
+        self._process.terminate()
+        self._process.wait(5)
