@@ -20,6 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from peers.servers import EchoServer, HttpServer  # noqa: E402
 
+# Real PostgreSQL / Redis backends for every store-backed test.
+pytest_plugins = ("peers.stores",)
+
 PORTCULLIS = str(Path(sys.executable).parent / "portcullis")
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 
@@ -92,16 +95,18 @@ class Deployment:
                          f'address = "{address}"\ngroups = {groups!r}\n'.replace("'", '"'))
 
     def set(self, section: str, key: str, value: str) -> None:
-        """Set `key = value` (TOML literal) in [section], replacing any existing line."""
-        text = self.config.read_text()
-        pattern = re.compile(rf"(\[{re.escape(section)}\]\n(?:(?!\[).*\n)*?)({key} = .*\n)?")
-        match = pattern.search(text)
-        assert match, section
-        if match.group(2):
-            text = text[:match.start(2)] + f"{key} = {value}\n" + text[match.end(2):]
+        """Set `key = value` (a TOML literal) in [section], replacing an existing line."""
+        lines = self.config.read_text().splitlines()
+        start = lines.index(f"[{section}]")
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")),
+                   len(lines))
+        for index in range(start + 1, end):
+            if re.match(rf"{re.escape(key)}\s*=", lines[index]):
+                lines[index] = f"{key} = {value}"
+                break
         else:
-            text = text[:match.end(1)] + f"{key} = {value}\n" + text[match.end(1):]
-        self.config.write_text(text)
+            lines.insert(start + 1, f"{key} = {value}")
+        self.config.write_text("\n".join(lines) + "\n")
 
     def add_user(self, name: str, password: str, groups: list[str]) -> None:
         args = ["user", "add", name, "--dir", str(self.directory), "--password-stdin"]

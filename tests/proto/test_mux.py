@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 from dataclasses import dataclass, field
@@ -51,7 +52,10 @@ def hello(fields: dict[str, object] | None = None) -> bytes:
 
 
 def open_frame(
-    stream_id: int, host: str = "db.internal", port: int = 5432, window: int = 65536,
+    stream_id: int,
+    host: str = "db.internal",
+    port: int = 5432,
+    window: int = 65536,
     protocol: int = Protocol.TCP,
 ) -> bytes:
     encoded = host.encode()
@@ -97,7 +101,10 @@ def pipe(sender: MuxConnection, receiver: MuxConnection) -> list[Event]:
     return receiver.events_received()
 
 
-def connected(limits: Limits = Limits()) -> tuple[MuxConnection, MuxConnection]:
+DEFAULT_LIMITS = Limits()
+
+
+def connected(limits: Limits = DEFAULT_LIMITS) -> tuple[MuxConnection, MuxConnection]:
     client = MuxConnection("client", limits)
     gateway = MuxConnection("gateway", limits)
     client.send_hello({"ticket": "t"})
@@ -141,9 +148,7 @@ def test_hello_is_a_json_object_with_version_1_on_stream_0() -> None:
 def test_open_carries_protocol_port_host_and_the_openers_window() -> None:
     client, _ = connected()
     assert client.open_stream(Protocol.TCP, "db.internal", 5432) == 1
-    assert output(client) == frame(
-        F.OPEN, 1, b"\x06\x15\x38\x0bdb.internal" + u32(MIB)
-    )
+    assert output(client) == frame(F.OPEN, 1, b"\x06\x15\x38\x0bdb.internal" + u32(MIB))
 
 
 def test_open_with_an_empty_host_means_the_pinned_destination() -> None:
@@ -229,7 +234,7 @@ def test_ping_is_answered_by_pong_with_the_same_payload() -> None:
 
 
 def test_config_is_a_json_object_from_the_gateway() -> None:
-    client, gateway = connected()
+    _, gateway = connected()
     gateway.send_config({"idle_timeout": 300})
     assert output(gateway) == frame(F.CONFIG, 0, b'{"idle_timeout":300}')
 
@@ -292,7 +297,7 @@ def test_a_received_accept_refuse_data_fin_and_reset_become_events() -> None:
 
 
 def test_a_received_config_pong_goaway_and_datagram_become_events() -> None:
-    client, gateway = connected()
+    client, _ = connected()
     stream_id = client.open_stream(Protocol.UDP, "dns", 53)
     client.receive_data(
         frame(F.ACCEPT, stream_id, u32(100))
@@ -390,7 +395,7 @@ def test_feeding_one_byte_at_a_time_gives_the_same_events_as_all_at_once() -> No
 @given(cuts=st.lists(st.integers(min_value=0, max_value=len(STREAM_AFTER_ACCEPT))))
 def test_any_split_of_the_byte_stream_gives_the_same_events(cuts: list[int]) -> None:
     bounds = [0, *sorted(cuts), len(STREAM_AFTER_ACCEPT)]
-    chunks = [STREAM_AFTER_ACCEPT[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    chunks = [STREAM_AFTER_ACCEPT[a:b] for a, b in itertools.pairwise(bounds)]
     assert events_for_chunks(chunks) == events_for_chunks([STREAM_AFTER_ACCEPT])
 
 
@@ -613,7 +618,9 @@ def test_frames_in_flight_on_a_stream_we_reset_are_ignored() -> None:
     gateway = gateway_with_streams()
     gateway.reset_stream(1, Reason.CANCELLED)
     gateway.receive_data(
-        frame(F.DATA, 1, b"late") + frame(F.WINDOW, 1, u32(5)) + frame(F.FIN, 1)
+        frame(F.DATA, 1, b"late")
+        + frame(F.WINDOW, 1, u32(5))
+        + frame(F.FIN, 1)
         + frame(F.RESET, 1, b"\x08")
     )
     assert gateway.events_received() == []
@@ -700,6 +707,23 @@ def test_bad_arguments_are_value_errors() -> None:
         MuxConnection("server")  # type: ignore[arg-type]
 
 
+def test_resetting_a_stream_that_already_ended_both_ways_does_nothing() -> None:
+    client, gateway = connected()
+    stream_id = accepted_stream(client, gateway)
+    client.send_fin(stream_id)
+    gateway.send_fin(stream_id)
+    pipe(gateway, client)
+    client.data_to_send()
+    client.reset_stream(stream_id, Reason.CANCELLED)
+    assert output(client) == b""
+
+
+def test_resetting_a_stream_that_was_never_opened_is_a_local_error() -> None:
+    client, _ = connected()
+    with pytest.raises(ProtocolError):
+        client.reset_stream(7, Reason.CANCELLED)
+
+
 def test_actions_after_goaway_are_refused_but_cleanup_calls_are_harmless() -> None:
     client, gateway = connected()
     stream_id = accepted_stream(client, gateway)
@@ -754,7 +778,7 @@ class Harness:
         data = output(self.sides[index].conn)
         bounds = [0, *sorted(c % (len(data) + 1) for c in cuts), len(data)]
         receiver = self.sides[1 - index]
-        for start, stop in zip(bounds, bounds[1:], strict=False):
+        for start, stop in itertools.pairwise(bounds):
             receiver.conn.receive_data(data[start:stop])
             self.absorb(1 - index, receiver.conn.events_received())
         return bool(data)
@@ -771,9 +795,7 @@ class Harness:
                 side.streams.pop(event.stream_id, None)
                 self.aborted.add(event.stream_id)
             elif isinstance(event, DataReceived):
-                self.received.setdefault((index, event.stream_id), bytearray()).extend(
-                    event.data
-                )
+                self.received.setdefault((index, event.stream_id), bytearray()).extend(event.data)
                 side.streams[event.stream_id].unconsumed += len(event.data)
             elif isinstance(event, StreamEnded):
                 self.ended.add((index, event.stream_id))
@@ -869,8 +891,21 @@ class Harness:
 
 actions = st.tuples(
     st.sampled_from(
-        ["open", "accept", "accept", "refuse", "send", "send", "send", "reset", "consume",
-         "ping", "deliver", "deliver", "deliver"]
+        [
+            "open",
+            "accept",
+            "accept",
+            "refuse",
+            "send",
+            "send",
+            "send",
+            "reset",
+            "consume",
+            "ping",
+            "deliver",
+            "deliver",
+            "deliver",
+        ]
     ),
     st.integers(min_value=0, max_value=50),
     st.one_of(st.integers(0, 100), st.integers(4000, 20_000)),  # within or beyond credit
@@ -878,9 +913,7 @@ actions = st.tuples(
 )
 
 
-@settings(
-    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(actions, min_size=5, max_size=40))
 def test_two_connections_piped_together_deliver_exactly_what_was_sent(
     script: list[tuple[str, int, int, bool]],
@@ -895,9 +928,7 @@ def test_two_connections_piped_together_deliver_exactly_what_was_sent(
             assert bytes(data).startswith(got)
         else:
             assert got == bytes(data)
-            assert ((1 - index, stream_id) in harness.ended) == (
-                (index, stream_id) in harness.fins
-            )
+            assert ((1 - index, stream_id) in harness.ended) == ((index, stream_id) in harness.fins)
     for side in harness.sides:
         assert side.pongs == side.pings
         assert not side.conn.closed

@@ -34,9 +34,7 @@ class SendCredit:
     def __init__(self, initial: int = 0) -> None:
         # The initial value comes from the peer (OPEN or ACCEPT): a bad one is its fault.
         if not 0 <= initial <= MAX_WINDOW:
-            raise ProtocolError(
-                f"initial window {initial} is outside 0..{MAX_WINDOW}"
-            )
+            raise ProtocolError(f"initial window {initial} is outside 0..{MAX_WINDOW}")
         self._available = initial
 
     @property

@@ -347,9 +347,7 @@ _LOCAL_WINDOW_STATES = _states_allowing(_LOCAL, _F.WINDOW)
 _LOCAL_FIN_STATES = _states_allowing(_LOCAL, _F.FIN)
 
 # Frames about the connection itself travel on stream 0; all others on a stream > 0.
-_CONNECTION_FRAMES = frozenset(
-    {_F.HELLO, _F.PING, _F.PONG, _F.CONFIG, _F.GOAWAY}
-)
+_CONNECTION_FRAMES = frozenset({_F.HELLO, _F.PING, _F.PONG, _F.CONFIG, _F.GOAWAY})
 
 
 class _Stream:
@@ -366,8 +364,12 @@ class _Stream:
     )
 
     def __init__(
-        self, stream_id: int, protocol: Protocol, opened_by_peer: bool,
-        send_credit: SendCredit, receive_credit: ReceiveCredit,
+        self,
+        stream_id: int,
+        protocol: Protocol,
+        opened_by_peer: bool,
+        send_credit: SendCredit,
+        receive_credit: ReceiveCredit,
     ) -> None:
         self.stream_id = stream_id
         self.protocol = protocol
@@ -438,9 +440,7 @@ def _frame(kind: FrameType, stream_id: int, payload: bytes = b"", flags: int = 0
 class MuxConnection:
     """One end of a mux connection: feed it bytes, take events and bytes to send."""
 
-    def __init__(
-        self, role: Literal["client", "gateway"], limits: Limits = Limits()
-    ) -> None:
+    def __init__(self, role: Literal["client", "gateway"], limits: Limits = Limits()) -> None:
         if role not in ("client", "gateway"):
             raise ValueError(f"role must be 'client' or 'gateway', not {role!r}")
         self.role: Literal["client", "gateway"] = role
@@ -613,13 +613,15 @@ class MuxConnection:
         stream = self._streams.get(stream_id)
         if stream is not None:
             return stream
-        if stream_id % 2 == self._peer_parity:
-            was_opened = stream_id <= self._highest_peer_id
-        else:
-            was_opened = stream_id < self._next_local_id
-        if was_opened:
+        if self._was_opened(stream_id):
             return None
         raise ProtocolError(f"{kind.name} on stream {stream_id}, which was never opened")
+
+    def _was_opened(self, stream_id: int) -> bool:
+        # Ids of each parity only grow, so any id up to the latest one was opened once.
+        if stream_id % 2 == self._peer_parity:
+            return 0 < stream_id <= self._highest_peer_id
+        return 0 < stream_id < self._next_local_id
 
     def _advance(self, stream: _Stream, side: _Side, kind: FrameType) -> None:
         next_state = _TRANSITIONS.get((stream.state, side, kind))
@@ -881,7 +883,8 @@ class MuxConnection:
             return
         stream = self._streams.get(stream_id)
         if stream is None:
-            self._local_stream(stream_id)  # raises for an id that was never opened
+            if not self._was_opened(stream_id):
+                raise ProtocolError(f"stream {stream_id} was never opened")
             return
         payload = bytes([Reason(reason)]) + _encode_message(message)
         self._advance(stream, _LOCAL, _F.RESET)
@@ -995,7 +998,7 @@ class MuxConnection:
                 pending.popleft()
                 self._emit_data(stream, head, stream.fin_queued and not pending)
             else:
-                pending[0] = head[sendable + 1:]
+                pending[0] = head[sendable:]
                 self._emit_data(stream, head[:sendable], False)
             stream.pending_bytes -= sendable
         if not pending:

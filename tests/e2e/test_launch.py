@@ -1,0 +1,247 @@
+"""Flow A end to end: `portcullis up` in a subprocess, the CLI and the JSON API as
+clients, real servers (http.server, a TCP echo server) behind the gateway, curl in front."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import socket
+import ssl
+import subprocess
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Deployment, Process, require_program, run_cli
+
+from portcullis.proto.launchfile import MIME_TYPE, parse_launch_file
+
+PASSWORD = "correct horse battery staple"
+
+
+def login(deployment: Deployment, user: str = "alice", password: str = PASSWORD) -> None:
+    result = run_cli("login", deployment.url, "--user", user, "--password-stdin",
+                     "--ca", str(deployment.ca), input=password + "\n")
+    assert result.returncode == 0, result.stderr
+
+
+def start_launch(start_process, *args: str) -> tuple[Process, str, int]:  # type: ignore[no-untyped-def]
+    process = start_process("launch", *args, "--listen", "127.0.0.1:0", name="launch")
+    match = process.wait_for(r"listening on ([\d.]+):(\d+)")
+    return process, match.group(1), int(match.group(2))
+
+
+def api(deployment: Deployment) -> httpx.Client:
+    tls = ssl.create_default_context(cafile=str(deployment.ca))
+    return httpx.Client(base_url=deployment.url, verify=tls, timeout=30)
+
+
+def api_login(client: httpx.Client, user: str, password: str) -> str:
+    first = client.post("/api/v1/login", json={})
+    assert first.status_code == 200
+    step = first.json()
+    assert step["status"] == "continue"
+    assert [p["name"] for p in step["step"]["prompts"]] == ["username", "password"]
+    answer = client.post("/api/v1/login", json={
+        "handle": step["handle"], "answers": {"username": user, "password": password}})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["status"] == "authenticated"
+    return str(body["token"])
+
+
+@pytest.fixture
+def staffed(deployment: Deployment, echo_server, http_server) -> Deployment:  # type: ignore[no-untyped-def]
+    deployment.add_resource("web", http_server.address, ["staff"], "Team web")
+    deployment.add_resource("echo", echo_server.address, ["staff"], "Echo")
+    deployment.add_resource("finance", echo_server.address, ["finance"], "Ledger")
+    deployment.add_user("alice", PASSWORD, ["staff"])
+    deployment.add_user("bob", PASSWORD, ["finance"])
+    return deployment
+
+
+@pytest.fixture
+def running(staffed: Deployment, gateway: Process) -> Deployment:
+    return staffed
+
+
+def test_cli_signs_in_lists_resources_and_curl_fetches_a_page_through_the_launch(
+        running: Deployment, client_home: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    curl = require_program("curl")
+    login(running)
+    listed = run_cli("resources")
+    assert listed.returncode == 0, listed.stderr
+    names = [line.split()[0] for line in listed.stdout.splitlines()]
+    assert names == ["intranet", "web", "echo"]
+    _, host, port = start_launch(start_process, "web")
+    fetched = subprocess.run([curl, "-sS", "--max-time", "20", f"http://{host}:{port}/"],
+                             capture_output=True, text=True, timeout=30)
+    assert fetched.returncode == 0, fetched.stderr
+    assert "intranet home" in fetched.stdout
+
+
+def test_one_launch_carries_several_connections(
+        running: Deployment, client_home: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    login(running)
+    _, host, port = start_launch(start_process, "echo")
+    sockets = [socket.create_connection((host, port), timeout=10) for _ in range(5)]
+    for index, sock in enumerate(sockets):
+        sock.sendall(f"hello {index}".encode())
+    for index, sock in enumerate(sockets):
+        assert sock.recv(100) == f"hello {index}".encode()
+        sock.close()
+
+
+def test_echo_resource_carries_100_mib_intact(
+        running: Deployment, client_home: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    login(running)
+    _, host, port = start_launch(start_process, "echo")
+    size = 100 * 1024 * 1024
+    block = random.Random(7).randbytes(1024 * 1024)
+    sent = hashlib.sha256()
+    received = hashlib.sha256()
+    count = 0
+    with socket.create_connection((host, port), timeout=60) as sock:
+        def reader() -> None:
+            nonlocal count
+            while count < size:
+                data = sock.recv(1 << 20)
+                if not data:
+                    return
+                received.update(data)
+                count += len(data)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        for index in range(size // len(block)):
+            chunk = bytes([index & 0xFF]) + block[1:]
+            sent.update(chunk)
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        thread.join(120)
+    assert count == size
+    assert received.hexdigest() == sent.hexdigest()
+
+
+def test_json_api_signs_in_lists_and_downloads_a_launch_file(running: Deployment) -> None:
+    with api(running) as client:
+        token = api_login(client, "alice", PASSWORD)
+        headers = {"authorization": f"Bearer {token}"}
+        listed = client.get("/api/v1/resources", headers=headers)
+        assert [r["name"] for r in listed.json()["resources"]] == ["intranet", "web", "echo"]
+        launched = client.post("/api/v1/resources/echo/launch", headers=headers)
+    assert launched.status_code == 200
+    assert launched.headers["content-type"].startswith(MIME_TYPE)
+    launch = parse_launch_file(launched.content)
+    assert launch.resource == "echo" and launch.title == "Echo"
+    assert launch.gateway_url.startswith("wss://")
+    # The server's address is never shown to the user.
+    echo_port = running.config.read_text().split('name = "echo"')[1].split('"')[5]
+    assert echo_port not in launched.text
+
+
+def test_user_outside_the_resource_groups_neither_sees_nor_launches_it(
+        running: Deployment) -> None:
+    with api(running) as client:
+        token = api_login(client, "alice", PASSWORD)
+        headers = {"authorization": f"Bearer {token}"}
+        listed = client.get("/api/v1/resources", headers=headers).json()["resources"]
+        assert "finance" not in [r["name"] for r in listed]
+        refused = client.post("/api/v1/resources/finance/launch", headers=headers)
+    assert refused.status_code == 403
+    assert refused.json() == {"error": "denied"}
+    audit = (running.directory / "audit.jsonl").read_text()
+    assert '"event":"launch.denied"' in audit
+
+
+def test_wrong_password_is_denied_without_a_reason(running: Deployment) -> None:
+    with api(running) as client:
+        wrong = client.post("/api/v1/login", json={
+            "answers": {"username": "alice", "password": "nope"}})
+        unknown = client.post("/api/v1/login", json={
+            "answers": {"username": "mallory", "password": "nope"}})
+    assert wrong.status_code == unknown.status_code == 401
+    assert wrong.json() == unknown.json() == {"status": "denied", "error": "denied"}
+    events = [json.loads(line) for line in
+              (running.directory / "audit.jsonl").read_text().splitlines()]
+    reasons = [e.get("reason") for e in events if e["event"] == "login.failed"]
+    assert reasons == ["wrong password", "unknown user"]
+
+
+def test_a_launch_file_works_once(running: Deployment, client_home: Path,
+                                  tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    with api(running) as client:
+        token = api_login(client, "alice", PASSWORD)
+        launched = client.post("/api/v1/resources/echo/launch",
+                               headers={"authorization": f"Bearer {token}"})
+    launch_file = tmp_path / "echo.portcullis"
+    launch_file.write_bytes(launched.content)
+    first, host, port = start_launch(start_process, "--file", str(launch_file),
+                                     "--ca", str(running.ca))
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"ping")
+        assert sock.recv(10) == b"ping"
+    second = run_cli("launch", "--file", str(launch_file), "--ca", str(running.ca))
+    assert second.returncode == 1
+    assert "ticket is expired, already used, or not valid" in second.stderr
+    assert "Traceback" not in second.stderr
+
+
+def test_malformed_launch_file_gets_a_clear_cli_error(tmp_path: Path, client_home: Path) -> None:
+    bad = tmp_path / "bad.portcullis"
+    bad.write_text("[Portcullis Launch]\nVersion=1\nResource=x\n")
+    result = run_cli("launch", "--file", str(bad))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "launch file" in result.stderr.lower() or "missing" in result.stderr.lower()
+
+
+def test_client_that_does_not_trust_the_gateway_ca_is_told_how_to(
+        running: Deployment, client_home: Path) -> None:
+    result = run_cli("login", running.url, "--user", "alice", "--password-stdin",
+                     input=PASSWORD + "\n")
+    assert result.returncode == 1
+    assert "cannot verify the gateway's certificate" in result.stderr
+    assert "--ca" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_disabling_a_user_ends_their_sessions_and_connections(
+        running: Deployment, client_home: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    login(running)
+    launch, host, port = start_launch(start_process, "echo")
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"before")
+        assert sock.recv(10) == b"before"
+        disabled = run_cli("user", "disable", "alice", "--dir", str(running.directory))
+        assert disabled.returncode == 0, disabled.stderr
+        # The connection is ended by the gateway: the socket reaches EOF or reset.
+        sock.settimeout(15)
+        try:
+            assert sock.recv(10) == b""
+        except ConnectionResetError:
+            pass
+    assert launch.popen.wait(15) == 1
+    assert "account disabled" in launch.output()
+    assert run_cli("resources").returncode == 1  # the session is gone too
+
+
+def test_roles_in_separate_processes_launch_over_mutual_tls(
+        staffed: Deployment, client_home: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    # The STA alone in one process; gateway + portal in another reach it over mTLS.
+    staffed.set("store", "ephemeral", '"memory://"')
+    sta = start_process("serve", "sta", "--dir", str(staffed.directory), name="sta")
+    sta.wait_for(r"sta listening on")
+    # The front process must not run an STA of its own: give it a different id.
+    staffed.set("sta", "id", '"FRONT"')
+    front = start_process("serve", "gateway", "portal", "--dir", str(staffed.directory),
+                          name="front")
+    front.wait_for(r"Portal: https://")
+    login(staffed)
+    _, host, port = start_launch(start_process, "echo")
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"across processes")
+        assert sock.recv(100) == b"across processes"
+    assert "ticket.issued" in sta.output() and "ticket.redeemed" in sta.output()
