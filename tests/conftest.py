@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from peers.servers import EchoServer, HttpServer  # noqa: E402
+from peers.servers import EchoServer, HttpServer
 
 # Real PostgreSQL / Redis backends for every store-backed test.
 pytest_plugins = ("peers.stores",)

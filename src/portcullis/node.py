@@ -157,7 +157,9 @@ class Node:
                 self.role_tls_server("gateway", require_client_cert=False)))
 
     def _secure(self, app: ASGIApp) -> ASGIApp:
-        return SecurityMiddleware(app, max_body=self.settings.limits.max_request_body)
+        limits = self.settings.limits
+        return SecurityMiddleware(app, max_body=limits.max_request_body,
+                                  max_header_bytes=limits.max_header_bytes)
 
     def uvicorn_config(self, listener: Listener) -> uvicorn.Config:
         limits = Limits()

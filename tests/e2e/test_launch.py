@@ -3,6 +3,7 @@ clients, real servers (http.server, a TCP echo server) behind the gateway, curl 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Deployment, Process, require_program, run_cli
 
+from conftest import Deployment, Process, require_program, run_cli
 from portcullis.proto.launchfile import MIME_TYPE, parse_launch_file
 
 PASSWORD = "correct horse battery staple"
@@ -178,7 +179,7 @@ def test_a_launch_file_works_once(running: Deployment, client_home: Path,
                                headers={"authorization": f"Bearer {token}"})
     launch_file = tmp_path / "echo.portcullis"
     launch_file.write_bytes(launched.content)
-    first, host, port = start_launch(start_process, "--file", str(launch_file),
+    _first, host, port = start_launch(start_process, "--file", str(launch_file),
                                      "--ca", str(running.ca))
     with socket.create_connection((host, port), timeout=10) as sock:
         sock.sendall(b"ping")
@@ -219,10 +220,8 @@ def test_disabling_a_user_ends_their_sessions_and_connections(
         assert disabled.returncode == 0, disabled.stderr
         # The connection is ended by the gateway: the socket reaches EOF or reset.
         sock.settimeout(15)
-        try:
+        with contextlib.suppress(ConnectionResetError):
             assert sock.recv(10) == b""
-        except ConnectionResetError:
-            pass
     assert launch.popen.wait(15) == 1
     assert "account disabled" in launch.output()
     assert run_cli("resources").returncode == 1  # the session is gone too

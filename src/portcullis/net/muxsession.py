@@ -25,7 +25,6 @@ from portcullis.errors import ProtocolError
 from portcullis.proto import mux
 from portcullis.proto.mux import MuxConnection, Reason
 
-
 log = structlog.get_logger("portcullis.mux")
 
 

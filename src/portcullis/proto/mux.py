@@ -18,12 +18,13 @@ asyncio shell around it does those. A malformed or forbidden frame from the peer
 A local misuse (data on a stream that is not open, a CONFIG from a client) raises
 ``ProtocolError`` (wrong state) or ``ValueError`` (bad argument) and changes nothing.
 
-Zero-copy contract: ``DataReceived.data`` is often a memoryview into the chunk given to
-``receive_data``, and ``send_data`` keeps memoryviews of the caller's objects until
-they are sent. So: do not keep ``DataReceived.data`` past handling the event (copy it
-with ``bytes()`` if needed), do not reuse a buffer passed to ``receive_data`` before
-handling the events, and do not mutate an object passed to ``send_data`` while
-``pending()`` is non-zero (pass ``bytes``).
+Zero-copy contract: ``DataReceived.data`` is a memoryview into the chunk given to
+``receive_data`` (or into an immutable copy, for a frame split across chunks), and
+``send_data`` keeps memoryviews of the caller's objects until they are sent. So: pass
+``bytes`` to both and every view stays valid for as long as anyone holds it (handing it
+to ``transport.write`` is fine). If you pass a ``bytearray`` or a view of a reused
+buffer instead, handle the events before reusing it, and do not mutate what you gave
+``send_data`` while ``pending()`` is non-zero.
 """
 
 from __future__ import annotations
@@ -192,8 +193,9 @@ class StreamRefused:
 
 @dataclass(frozen=True, slots=True)
 class DataReceived:
-    """Bytes from the peer. ``data`` may be a view into the received chunk: do not keep it
-    past handling this event. Call ``consumed(stream_id, len(data))`` once delivered."""
+    """Bytes from the peer. ``data`` may be a view into the chunk given to ``receive_data``:
+    valid as long as that chunk is not mutated (always, if it was ``bytes``). Call
+    ``consumed(stream_id, len(data))`` once the bytes are delivered onward."""
 
     stream_id: int
     data: bytes | memoryview

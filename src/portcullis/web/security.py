@@ -1,7 +1,7 @@
 """ASGI middleware applied to every HTTP answer and request of every role.
 
-Security headers on all responses; a hard cap on request bodies (enforced while
-reading, not trusted from Content-Length alone); requests whose path holds a dot
+Security headers on all responses; hard caps on request headers and bodies (a body
+is counted while reading, not trusted from Content-Length alone); requests whose path holds a dot
 segment are refused before routing, so no handler ever sees a path other than the
 one it is routed by.
 """
@@ -27,9 +27,10 @@ class BodyTooLarge(Exception):
 
 
 class SecurityMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body: int, max_header_bytes: int) -> None:
         self.app = app
         self.max_body = max_body
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -40,6 +41,11 @@ class SecurityMiddleware:
             return
         if _has_dot_segment(scope):
             await _plain(send, 400, b"bad request path")
+            return
+        # The HTTP parser bounds only headers that arrive in pieces; bound them all.
+        if sum(len(name) + len(value) + 4 for name, value in scope["headers"]) > \
+                self.max_header_bytes:
+            await _plain(send, 431, b"request headers too large")
             return
         length = _content_length(scope)
         if length is not None and length > self.max_body:
