@@ -75,14 +75,14 @@ max_header_bytes = 16384
 [[resources]]
 name = "intranet"
 title = "Intranet web server"
-description = "An example: a web server at 127.0.0.1:8080 behind the gateway."
+description = "An example: the intranet web site (edit address to point at yours)."
 address = "127.0.0.1:8080"
 groups = ["staff"]
 
 [[resources]]
 name = "ssh"
 title = "Jump host (SSH)"
-description = "An example: the SSH server of this host."
+description = "An example: SSH to the jump host."
 address = "127.0.0.1:22"
 groups = ["admins"]
 """

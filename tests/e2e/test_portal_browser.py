@@ -1,0 +1,69 @@
+"""The portal in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright):
+sign in, see the resources, download a launch file. Screenshots are kept in
+test-artifacts/ for people to look at."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ARTIFACTS, Deployment, Process, require_program
+
+from portcullis.proto.launchfile import parse_launch_file
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+@pytest.fixture
+def browser_page():  # type: ignore[no-untyped-def]
+    chromium = require_program("chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True,
+                                             args=CHROMIUM_ARGS)
+        # The deployment CA is private; the TLS checks themselves are tested elsewhere.
+        context = browser.new_context(ignore_https_errors=True, accept_downloads=True)
+        yield context.new_page()
+        browser.close()
+
+
+def test_portal_signs_in_lists_resources_and_downloads_a_launch_file(
+        deployment: Deployment, gateway: Process, browser_page, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser_page
+    page.goto(f"https://localhost:{deployment.port}/")
+    assert page.url.endswith("/login")
+    page.fill("input[name=username]", "admin")
+    page.fill("input[name=password]", deployment.admin_password)
+    page.screenshot(path=str(ARTIFACTS / "portal-sign-in.png"))
+    page.click("button[type=submit]")
+    page.wait_for_selector("text=Your resources")
+    assert page.locator("ul.resources li").count() == 2
+    page.screenshot(path=str(ARTIFACTS / "portal-resources.png"))
+
+    with page.expect_download() as download_info:
+        page.click("button[data-resource=intranet]")
+    download = download_info.value
+    assert download.suggested_filename == "intranet.portcullis"
+    saved = tmp_path / download.suggested_filename
+    download.save_as(saved)
+    launch = parse_launch_file(saved.read_bytes())
+    assert launch.resource == "intranet"
+    assert "127.0.0.1:8080" not in saved.read_text()  # never the server's address
+
+    page.click("text=Sign out")
+    page.wait_for_url("**/login")
+    page.goto(f"https://localhost:{deployment.port}/")
+    assert page.url.endswith("/login")
+
+
+def test_portal_says_sign_in_failed_for_a_wrong_password(
+        deployment: Deployment, gateway: Process, browser_page) -> None:  # type: ignore[no-untyped-def]
+    page = browser_page
+    page.goto(f"https://localhost:{deployment.port}/login")
+    page.fill("input[name=username]", "admin")
+    page.fill("input[name=password]", "wrong")
+    page.click("button[type=submit]")
+    page.wait_for_selector("text=Sign-in failed.")
+    page.screenshot(path=str(ARTIFACTS / "portal-sign-in-failed.png"))
