@@ -86,6 +86,8 @@ class StreamBridge(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._local_eof = True
+        if not self._accepted:
+            return True   # sent as FIN once the peer accepts (FIN, like data, needs ACCEPT)
         if not self._done:
             self.session.mux.send_fin(self.stream_id)
             self.session.flush_soon()
@@ -116,6 +118,9 @@ class StreamBridge(asyncio.Protocol):
         early, self._early = self._early, []
         for data in early:
             self.data_received(data)
+        if self._local_eof:
+            self._local_eof = False
+            self.eof_received()
         if self.transport is not None and not self.session.mux.pending(self.stream_id):
             self.transport.resume_reading()
 

@@ -1,0 +1,159 @@
+"""Login steps and sessions over the real stores (both ephemeral backends)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from portcullis.audit import AuditTrail
+from portcullis.config.model import SessionSettings
+from portcullis.errors import AuthError
+from portcullis.identity.claims import Claims
+from portcullis.identity.factors.local import LocalPasswordFactor
+from portcullis.identity.flow import Authenticated, Denied, LoginFlow, LoginService, NextStep
+from portcullis.identity.names import canonical_username
+from portcullis.identity.passwords import hash_password, verify_password
+from portcullis.identity.sessions import SessionManager
+from portcullis.store import DurableStore, EphemeralStore
+from portcullis.tokens import TokenHasher
+
+SETTINGS = SessionSettings(idle_timeout=60, absolute_timeout=600, login_step_timeout=30)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def durable(tmp_path: Path):  # type: ignore[no-untyped-def]
+    store = await DurableStore.open(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    await store.add_user("alice", hash_password("secret"), ["staff"])
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def wall() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def sessions(ephemeral_store: EphemeralStore, durable: DurableStore,
+             wall: Clock) -> SessionManager:
+    return SessionManager(ephemeral_store, durable, TokenHasher(b"s" * 32), SETTINGS,
+                          clock=wall)
+
+
+@pytest.fixture
+def login(ephemeral_store: EphemeralStore, durable: DurableStore, sessions: SessionManager,
+          tmp_path: Path) -> LoginService:
+    flow = LoginFlow("default", [LocalPasswordFactor(durable)])
+    return LoginService(flow, ephemeral_store, TokenHasher(b"s" * 32), sessions, SETTINGS,
+                        AuditTrail(tmp_path / "audit.jsonl"))
+
+
+@pytest.mark.parametrize("variant", ["Alice", " alice ", "ＡＬＩＣＥ", "ALICE\u00a0"])
+def test_user_name_variants_are_one_identity(variant: str) -> None:
+    assert canonical_username(variant) == "alice"
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "a/b", "a\\b", "a\x00b", "x" * 300])
+def test_malformed_user_names_are_refused(bad: str) -> None:
+    with pytest.raises(AuthError):
+        canonical_username(bad)
+
+
+def test_password_hashes_are_argon2id_and_verify() -> None:
+    stored = hash_password("pw")
+    assert stored.startswith("$argon2id$")
+    assert verify_password(stored, "pw") and not verify_password(stored, "pW")
+    assert not verify_password(None, "pw")
+
+
+async def test_login_begins_with_a_step_then_answers_yield_a_session(
+        login: LoginService, sessions: SessionManager) -> None:
+    begun = await login.begin()
+    assert begun.step.kind == "password"
+    result = await login.submit(begun.handle, {"username": " ALICE", "password": "secret"},
+                                "192.0.2.1")
+    assert isinstance(result, Authenticated)
+    session = await sessions.validate(result.token)
+    assert session is not None
+    assert session.claims.username == "alice" and session.claims.groups == ("staff",)
+    assert session.claims.amr == ("password",)
+
+
+async def test_a_login_handle_cannot_be_replayed_after_failure(login: LoginService) -> None:
+    begun = await login.begin()
+    failed = await login.submit(begun.handle, {"username": "alice", "password": "x"}, "c")
+    assert isinstance(failed, Denied)
+    again = await login.submit(begun.handle, {"username": "alice", "password": "secret"}, "c")
+    assert isinstance(again, Denied)
+
+
+async def test_disabled_user_cannot_sign_in(login: LoginService,
+                                            durable: DurableStore) -> None:
+    await durable.set_disabled("alice", True)
+    result = await login.submit(None, {"username": "alice", "password": "secret"}, "c")
+    assert isinstance(result, Denied)
+
+
+async def test_session_ends_after_idle_timeout(durable: DurableStore, wall: Clock) -> None:
+    # Idle expiry is the ephemeral store's TTL; the memory store's clock makes it testable
+    # without sleeping (Redis TTLs are covered by the store contract tests).
+    from portcullis.store import MemoryStore
+
+    idle_clock = Clock()
+    store = MemoryStore(clock=idle_clock)
+    sessions = SessionManager(store, durable, TokenHasher(b"s" * 32), SETTINGS, clock=wall)
+    token, _ = await sessions.create(Claims(sub="local:alice", username="alice"), "c")
+    idle_clock.now += 59
+    assert await sessions.validate(token) is not None   # use refreshes the idle TTL
+    idle_clock.now += 59
+    assert await sessions.validate(token) is not None
+    idle_clock.now += 61
+    assert await sessions.validate(token) is None
+
+
+async def test_session_ends_at_absolute_timeout_despite_use(
+        sessions: SessionManager, login: LoginService, wall: Clock) -> None:
+    result = await login.submit(None, {"username": "alice", "password": "secret"}, "c")
+    assert isinstance(result, Authenticated)
+    wall.now += 601
+    assert await sessions.validate(result.token) is None
+
+
+async def test_disabling_a_user_invalidates_their_sessions(
+        sessions: SessionManager, login: LoginService, durable: DurableStore) -> None:
+    result = await login.submit(None, {"username": "alice", "password": "secret"}, "c")
+    assert isinstance(result, Authenticated)
+    await durable.set_disabled("alice", True)
+    assert await sessions.validate(result.token) is None
+
+
+async def test_session_store_holds_no_usable_token(
+        sessions: SessionManager, login: LoginService, ephemeral_store) -> None:  # type: ignore[no-untyped-def]
+    result = await login.submit(None, {"username": "alice", "password": "secret"}, "c")
+    assert isinstance(result, Authenticated)
+    assert await ephemeral_store.get(f"session:{result.token}") is None
+    assert result.session.handle != result.token
+    assert len(result.token) >= 22  # >= 128 bits of base64url
+
+
+async def test_next_step_is_returned_while_factors_remain(
+        ephemeral_store, durable, sessions, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    factor = LocalPasswordFactor(durable)
+    flow = LoginFlow("twice", [factor, factor])
+    service = LoginService(flow, ephemeral_store, TokenHasher(b"s" * 32), sessions, SETTINGS,
+                           AuditTrail(tmp_path / "a.jsonl"))
+    first = await service.submit(None, {"username": "alice", "password": "secret"}, "c")
+    assert isinstance(first, NextStep)
+    second = await service.submit(first.handle, {"username": "alice", "password": "secret"},
+                                  "c")
+    assert isinstance(second, Authenticated)
+    assert second.session.claims.amr == ("password", "password")
