@@ -5,8 +5,8 @@ test-artifacts/ for people to look at."""
 from __future__ import annotations
 
 import pytest
-from conftest import ARTIFACTS, Deployment, Process, require_program
 
+from conftest import ARTIFACTS, Deployment, Process, require_program
 from portcullis.proto.launchfile import parse_launch_file
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -12,7 +12,7 @@ import asyncio
 import errno
 import socket
 from collections.abc import Callable
-from typing import Protocol, TypeVar, cast
+from typing import Protocol, TypeVar
 
 from portcullis.errors import DialError
 
@@ -45,5 +45,4 @@ class DirectDialer:
             reason = ("unreachable" if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)
                       else "refused")
             raise DialError(f"cannot connect to {where}: {exc.strerror}", reason) from None
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        return cast(asyncio.Transport, transport), protocol
+        return transport, protocol
