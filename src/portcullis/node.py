@@ -18,22 +18,25 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
 from portcullis.audit import AuditTrail
 from portcullis.config.model import Settings, parse_host_port
 from portcullis.errors import ConfigError
 from portcullis.gateway.connections import ConnectionRegistry
+from portcullis.gateway.launch import PATH as LAUNCH_PATH
 from portcullis.gateway.launch import LaunchEndpoint, LaunchSettings
 from portcullis.gateway.proxy import PortalProxy
+from portcullis.gateway.upgrade import websocket_protocol_class
 from portcullis.identity.factors.local import LocalPasswordFactor
 from portcullis.identity.flow import LoginFlow, LoginService
 from portcullis.identity.sessions import SessionManager
 from portcullis.net.dialer import DirectDialer
 from portcullis.net.tls import client_context, server_context
+from portcullis.net.websocket import MAX_WEBSOCKET_MESSAGE, Opened
 from portcullis.portal.app import PortalDeps, create_portal_app
-from portcullis.proto.mux import Limits
+from portcullis.proto.mux import Reason
 from portcullis.sta.app import create_sta_app
 from portcullis.sta.authority import TicketAuthority
 from portcullis.sta.client import RemoteTicketAuthority, TicketAuthorities, TicketIssuer
@@ -63,6 +66,7 @@ class Node:
     audit: AuditTrail
     listeners: list[Listener] = field(default_factory=list)
     registry: ConnectionRegistry = field(default_factory=ConnectionRegistry)
+    websocket_endpoints: dict[str, Opened] = field(default_factory=dict)
     _closers: list[Callable[[], Any]] = field(default_factory=list)
 
     @classmethod
@@ -140,7 +144,8 @@ class Node:
             launch = LaunchEndpoint(
                 authorities, DirectDialer(), self.durable, self.registry, self.audit,
                 LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds))
-            routes: list[Any] = [WebSocketRoute("/api/v1/launch", launch.serve)]
+            self.websocket_endpoints[LAUNCH_PATH] = launch.opened
+            routes: list[Any] = []
             if portal_app is not None:
                 routes.append(Mount("/", app=portal_app))
             else:
@@ -162,12 +167,14 @@ class Node:
                                   max_header_bytes=limits.max_header_bytes)
 
     def uvicorn_config(self, listener: Listener) -> uvicorn.Config:
-        limits = Limits()
+        # Only the gateway's listener takes WebSocket upgrades, straight to its endpoints.
+        websocket: Any = (websocket_protocol_class(self.websocket_endpoints)
+                          if listener.role == "gateway" else "none")
         return uvicorn.Config(
             listener.app, host=listener.host, port=listener.port,
             ssl_certfile="unused", ssl_context_factory=lambda config, default: listener.tls,
-            http="h11", ws="websockets-sansio", ws_per_message_deflate=False,
-            ws_max_size=limits.max_frame_payload * 4 + 4096,
+            http="h11", ws=websocket, ws_per_message_deflate=False,
+            ws_max_size=MAX_WEBSOCKET_MESSAGE,
             h11_max_incomplete_event_size=self.settings.limits.max_header_bytes,
             lifespan="off", log_config=None, server_header=False, access_log=False,
             proxy_headers=listener.trust_forwarded,
@@ -200,6 +207,7 @@ class Node:
         finally:
             stop()
             watcher.cancel()
+            self.registry.end_all(Reason.SHUTDOWN, "the gateway is shutting down")
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             await self.close()

@@ -39,11 +39,15 @@ class ConnectionRegistry:
     def count(self) -> int:
         return sum(len(sessions) for sessions in self._by_user.values())
 
-    async def end_user(self, user: str, reason: Reason, message: str) -> int:
+    def end_user(self, user: str, reason: Reason, message: str) -> int:
         sessions = list(self._by_user.get(user, ()))
         for session in sessions:
-            await session.close(reason, message)
+            session.close(reason, message)
         return len(sessions)
+
+    def end_all(self, reason: Reason, message: str) -> None:
+        for user in self.users():
+            self.end_user(user, reason, message)
 
     async def watch_disabled(self, durable: DurableStore, interval: float = 1.0) -> None:
         """Run forever: end the connections of users disabled or removed since."""
@@ -54,6 +58,6 @@ class ConnectionRegistry:
                 continue
             with contextlib.suppress(Exception):
                 for user in await durable.disabled_among(users):
-                    ended = await self.end_user(user, Reason.ADMIN_ENDED, "account disabled")
+                    ended = self.end_user(user, Reason.ADMIN_ENDED, "account disabled")
                     log.info("connections ended", user=user, count=ended,
                              reason="account disabled")

@@ -9,19 +9,18 @@ client never learns the server's address. Never logs a full ticket.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 
-from starlette.websockets import WebSocket
+from websockets.http11 import Request
 
 from portcullis.audit import AuditTrail
 from portcullis.config.model import parse_host_port
 from portcullis.errors import DialError, TicketError
-from portcullis.gateway.channel import WebSocketChannel
 from portcullis.gateway.connections import ConnectionRegistry
 from portcullis.net.dialer import Dialer
 from portcullis.net.muxsession import MuxSession
+from portcullis.net.websocket import WebSocketMux
 from portcullis.proto import mux
 from portcullis.proto.mux import MuxConnection, Reason
 from portcullis.sta.authority import TicketGrant
@@ -29,6 +28,7 @@ from portcullis.sta.client import TicketIssuer
 from portcullis.store import DurableStore
 from portcullis.tokens import mask
 
+PATH = "/api/v1/launch"
 DIAL_REASONS = {
     "refused": Reason.REFUSED,
     "unreachable": Reason.UNREACHABLE,
@@ -52,24 +52,29 @@ class LaunchEndpoint:
         self._registry = registry
         self._audit = audit
         self._settings = settings
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def serve(self, websocket: WebSocket) -> None:
-        client = websocket.client.host if websocket.client else "unknown"
-        await websocket.accept()
+    def opened(self, carrier: WebSocketMux, request: Request) -> None:
+        """A WebSocket to the launch path is open: serve it as one launch."""
+        peer = carrier.transport.get_extra_info("peername") if carrier.transport else None
+        client = str(peer[0]) if peer else "unknown"
         grant_ready: asyncio.Future[TicketGrant] = asyncio.get_running_loop().create_future()
 
         async def open_stream(session: MuxSession, event: mux.StreamOpened) -> None:
-            grant = await grant_ready
-            await self._open_pinned(session, event, grant)
+            await self._open_pinned(session, event, await grant_ready)
 
-        session = MuxSession(MuxConnection("gateway"), WebSocketChannel(websocket),
-                             on_open=open_stream)
-        runner = session.start()
+        session = MuxSession(MuxConnection("gateway"), on_open=open_stream)
+        carrier.attach(session)
+        task = asyncio.ensure_future(self._serve(session, client, grant_ready))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, session: MuxSession, client: str,
+                     grant_ready: asyncio.Future[TicketGrant]) -> None:
         grant = await self._redeem(session, client)
         if grant is None:
             grant_ready.cancel()
-            await session.close(Reason.AUTH_FAILED, "denied")
-            await _finish(runner)
+            session.close(Reason.AUTH_FAILED, "denied")
             return
         grant_ready.set_result(grant)
         session.mux.send_hello({"version": 1, "resource": grant.resource})
@@ -77,7 +82,7 @@ class LaunchEndpoint:
         started = time.monotonic()
         self._registry.add(grant.user, session)
         try:
-            await runner
+            await session.closed.wait()
         finally:
             self._registry.remove(grant.user, session)
             self._audit.record("launch.ended", user=grant.user, resource=grant.resource,
@@ -132,8 +137,3 @@ class LaunchEndpoint:
         else:
             connection.accept_stream(event.stream_id)
         session.flush_soon()
-
-
-async def _finish(runner: asyncio.Future[None]) -> None:
-    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-        await asyncio.wait_for(runner, 2.0)

@@ -1,21 +1,21 @@
-"""The asyncio shell around the mux codec: one tunnel over a message channel
-(a WebSocket), its streams bridged to TCP transports.
+"""The asyncio shell around the mux codec: one tunnel whose streams are bridged to
+TCP transports. Push-based, like the transports around it: the carrier (a WebSocket
+connection, see `net.websocket`) hands in whole messages and takes whole messages out.
 
 It maps codec events to transport calls and back, nothing more: no decisions (the
-owner's `on_open` callback decides what an incoming stream may reach), no per-chunk
-copies beyond the one join that makes a WebSocket message, no logging per frame.
+owner's `on_open` callback decides what an incoming stream may reach), no copies of
+payload (chunks go out as the codec made them), no logging per frame, no task per chunk.
 Back-pressure is the codec's credit: a stream whose peer has granted no credit stops
-reading its socket (`pause_reading`) until a WINDOW arrives, and a socket whose
-kernel buffer is full (`pause_writing`) stops returning credit to the peer. A slow
-stream therefore never stalls the others, and each stream's memory is bounded by
-its window.
+reading its socket (`pause_reading`) until a WINDOW arrives, and a socket whose kernel
+buffer is full (`pause_writing`) stops returning credit to the peer. A slow stream
+therefore never stalls the others, and each stream's memory is bounded by its window.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -27,18 +27,19 @@ from portcullis.proto.mux import MuxConnection, Reason
 
 log = structlog.get_logger("portcullis.mux")
 
+# The largest message we send (several frames coalesced); both ends accept this much
+# plus one frame (the WebSocket max_size on either side is set from it).
+DEFAULT_MAX_MESSAGE = 1024 * 1024
 
-class MessageChannel(Protocol):
-    """A reliable, ordered channel of binary messages (a WebSocket)."""
 
-    async def send(self, message: bytes) -> None: ...
+class MessageCarrier(Protocol):
+    """What carries the session's messages: a WebSocket connection."""
 
-    async def receive(self) -> bytes | None:
-        """The next message, or None once the channel has closed; ProtocolError for a
-        message that is not binary."""
+    def send_message(self, chunks: Sequence[bytes | memoryview]) -> None:
+        """Send the chunks, in order, as one message."""
         ...
 
-    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+    def close(self, code: int, reason: str) -> None: ...
 
 
 @dataclass
@@ -55,20 +56,20 @@ class StreamBridge(asyncio.Protocol):
         self.stream_id = stream_id
         self.transport: asyncio.Transport | None = None
         self.counters = StreamCounters()
+        self.refusal: tuple[Reason, str] | None = None
         self._accepted = accepted
+        self._early: list[bytes] = []
         self._write_paused = False
         self._unreturned_credit = 0
         self._local_eof = False
         self._remote_eof = False
         self._done = False
-        self.refusal: tuple[Reason, str] | None = None
-        self._early: list[bytes] = []
 
     # -- socket side -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        if not self._accepted:
+        if not self._accepted or self.session.sources_paused:
             self.transport.pause_reading()   # nothing may flow before the peer accepts
 
     def data_received(self, data: bytes) -> None:
@@ -121,8 +122,7 @@ class StreamBridge(asyncio.Protocol):
         if self._local_eof:
             self._local_eof = False
             self.eof_received()
-        if self.transport is not None and not self.session.mux.pending(self.stream_id):
-            self.transport.resume_reading()
+        self.on_credit()
 
     def on_data(self, data: bytes | memoryview) -> None:
         assert self.transport is not None
@@ -137,8 +137,11 @@ class StreamBridge(asyncio.Protocol):
             self.session.mux.consumed(self.stream_id, size)
 
     def on_credit(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        transport = self.transport
+        if (transport is not None and self._accepted and not transport.is_closing()
+                and not self.session.sources_paused
+                and not self.session.mux.pending(self.stream_id)):
+            transport.resume_reading()
 
     def on_remote_eof(self) -> None:
         self._remote_eof = True
@@ -147,7 +150,7 @@ class StreamBridge(asyncio.Protocol):
         self._close_if_finished()
 
     def on_ended(self, refusal: tuple[Reason, str] | None = None) -> None:
-        """The peer refused or reset the stream: drop the socket without ceremony."""
+        """The peer refused or reset the stream, or the tunnel ended: drop the socket."""
         self._done = True
         self.refusal = refusal
         if self.transport is not None:
@@ -163,27 +166,78 @@ StreamOpenHandler = Callable[["MuxSession", mux.StreamOpened], Awaitable[None]]
 
 
 class MuxSession:
-    """Runs one mux connection: reads messages, dispatches events, writes coalesced output."""
+    """One mux connection: dispatches events, coalesces output into messages."""
 
-    def __init__(self, connection: MuxConnection, channel: MessageChannel, *,
-                 on_open: StreamOpenHandler | None = None) -> None:
+    def __init__(self, connection: MuxConnection, *, on_open: StreamOpenHandler | None = None,
+                 max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         self.mux = connection
-        self.channel = channel
+        self.max_message = max_message
         self._on_open = on_open
+        self._carrier: MessageCarrier | None = None
         self._streams: dict[int, StreamBridge] = {}
-        self._wake = asyncio.Event()
-        self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.hello: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
+        self.hello: asyncio.Future[dict[str, object]] = self._loop.create_future()
         self.goaway: tuple[Reason, str] | None = None
         self.protocol_error: str | None = None
         self.totals = StreamCounters()
         self.closed = asyncio.Event()
-        self.runner: asyncio.Task[None] | None = None
+        self.sources_paused = False
 
-    # -- used by stream owners --------------------------------------------------------
-    def flush_soon(self) -> None:
-        self._wake.set()
+    # -- the carrier's side -------------------------------------------------------
+    def attach(self, carrier: MessageCarrier) -> None:
+        self._carrier = carrier
+        self.flush_soon()   # whatever the owner queued before (its HELLO)
+
+    def receive_message(self, message: bytes | bytearray | memoryview) -> None:
+        if self.closed.is_set():
+            return
+        try:
+            self.mux.receive_data(message)
+        except ProtocolError as exc:
+            self.protocol_error = str(exc)
+            # The codec has queued a GOAWAY(PROTOCOL_ERROR): send it, then hang up.
+            self._end(1002, "protocol error")
+            return
+        self._dispatch(self.mux.events_received())
+        if self.goaway is not None:
+            self._end(1000, "")
+            return
+        self.flush_soon()
+
+    def carrier_closed(self) -> None:
+        """The WebSocket is gone: every stream ends with it."""
+        if self.closed.is_set():
+            return
+        self._carrier = None
+        for bridge in list(self._streams.values()):
+            self.forget(bridge)
+            bridge.on_ended((Reason.CANCELLED, "tunnel closed"))
+        for task in self._tasks:
+            task.cancel()
+        if not self.hello.done():
+            self.hello.cancel()
+        self.closed.set()
+
+    def pause_sources(self) -> None:
+        """The carrier's send buffer is full: stop reading every stream's socket."""
+        self.sources_paused = True
+        for bridge in self._streams.values():
+            if bridge.transport is not None:
+                bridge.transport.pause_reading()
+
+    def resume_sources(self) -> None:
+        self.sources_paused = False
+        for bridge in list(self._streams.values()):
+            bridge.on_credit()
+
+    # -- the owner's side ---------------------------------------------------------
+    def close(self, reason: Reason, message: str) -> None:
+        """End the whole tunnel, telling the peer why."""
+        with contextlib.suppress(ProtocolError, ValueError):
+            self.mux.send_goaway(reason, message)
+        self._end(1000, message)
 
     def bridge(self, stream_id: int, *, accepted: bool) -> StreamBridge:
         bridge = StreamBridge(self, stream_id, accepted=accepted)
@@ -197,10 +251,9 @@ class MuxSession:
         return self.bridge(stream_id, accepted=False)
 
     def reset(self, stream_id: int, reason: Reason, message: str) -> None:
-        with contextlib.suppress(ProtocolError, ValueError, KeyError):
-            if stream_id in self.mux.stream_ids():
-                self.mux.reset_stream(stream_id, reason, message[:200])
-                self.flush_soon()
+        if stream_id in self.mux.stream_ids():
+            self.mux.reset_stream(stream_id, reason, message)
+            self.flush_soon()
 
     def forget(self, bridge: StreamBridge) -> None:
         """Drop a finished stream, adding its byte counts to the session's (once)."""
@@ -218,55 +271,18 @@ class MuxSession:
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
+    def flush_soon(self) -> None:
+        # Once per loop iteration: everything the streams produced in it goes out
+        # together, in as few messages as the size limit allows.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    # -- internals ---------------------------------------------------------------------
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("stream handler failed", exc_info=task.exception())
-
-    # -- the loops ------------------------------------------------------------------
-    def start(self) -> asyncio.Task[None]:
-        """Run in the background; the task ends when the session does."""
-        self.runner = asyncio.ensure_future(self.run())
-        self.flush_soon()  # whatever the owner queued before starting (its HELLO)
-        return self.runner
-
-    async def run(self) -> None:
-        """Until the channel closes, the peer goes away or a protocol error ends it."""
-        writer = asyncio.ensure_future(self._write_loop())
-        try:
-            await self._read_loop()
-        finally:
-            await self._flush()
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
-            self._shutdown()
-
-    async def close(self, reason: Reason, message: str) -> None:
-        """End the whole tunnel, telling the peer why."""
-        with contextlib.suppress(ProtocolError, ValueError):
-            self.mux.send_goaway(reason, message)
-        await self._flush()
-        await self.channel.close(1000, message[:120])
-
-    async def _read_loop(self) -> None:
-        channel, connection = self.channel, self.mux
-        while True:
-            try:
-                message = await channel.receive()
-                if message is None:
-                    return
-                connection.receive_data(message)
-            except ProtocolError as exc:
-                self.protocol_error = str(exc)
-                # The codec has queued a GOAWAY(PROTOCOL_ERROR); send it, then hang up.
-                await self._flush()
-                await channel.close(1002, "protocol error")
-                return
-            self._dispatch(connection.events_received())
-            if self.goaway is not None:
-                return
-            self.flush_soon()
 
     def _dispatch(self, events: list[mux.Event]) -> None:
         streams = self._streams
@@ -302,24 +318,25 @@ class MuxSession:
             elif isinstance(event, mux.GoAwayReceived):
                 self.goaway = (event.reason, event.message)
 
-    async def _write_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self._flush()
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        carrier = self._carrier
+        if carrier is None:
+            return
+        chunks = self.mux.data_to_send()
+        if not chunks:
+            return
+        start, size, limit = 0, 0, self.max_message
+        for index, chunk in enumerate(chunks):
+            if size + len(chunk) > limit and index > start:
+                carrier.send_message(chunks[start:index])
+                start, size = index, 0
+            size += len(chunk)
+        carrier.send_message(chunks[start:])
 
-    async def _flush(self) -> None:
-        async with self._send_lock:
-            chunks = self.mux.data_to_send()
-            if chunks:
-                await self.channel.send(b"".join(chunks))
-
-    def _shutdown(self) -> None:
-        for bridge in list(self._streams.values()):
-            self.forget(bridge)
-            bridge.on_ended((Reason.CANCELLED, "tunnel closed"))
-        for task in self._tasks:
-            task.cancel()
-        if not self.hello.done():
-            self.hello.cancel()
-        self.closed.set()
+    def _end(self, code: int, reason: str) -> None:
+        carrier = self._carrier
+        self._flush()
+        if carrier is not None:
+            carrier.close(code, reason[:120])
+        self.carrier_closed()

@@ -1,0 +1,98 @@
+"""`python -m bench [NAME ...]`: run the benchmarks (all, or those named), print a table
+per benchmark with its ratios and target, and write every number to
+bench/results/bench-<time>.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import idle_memory, launch_rate, throughput
+from bench.report import Report
+
+BENCHMARKS: dict[str, Callable[[], Report]] = {
+    "throughput": throughput.run,
+    "launch_rate": launch_rate.run,
+    "idle_memory": idle_memory.run,
+}
+RESULTS = Path(__file__).parent / "results"
+OPEN_FILES = 16384  # idle_memory holds ~3 sockets per connection in client + gateway
+
+
+def raise_open_file_limit() -> None:
+    """Before any subprocess starts, so `portcullis up` inherits the limit too."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def machine() -> dict[str, object]:
+    """Where the numbers come from, including which portcullis source was measured
+    (PYTHONPATH may point at a snapshot instead of the working tree)."""
+    import portcullis
+
+    repo = Path(__file__).parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=repo).stdout.strip()
+
+    source = Path(portcullis.__file__).parent
+    in_tree = source.is_relative_to(repo / "src")
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "git": git("rev-parse", "--short", "HEAD"),
+            "portcullis_source": str(source),
+            "src_modified": bool(git("status", "--porcelain", "src")) if in_tree else None}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
+    names = parser.parse_args().names or list(BENCHMARKS)
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(unknown)}; choose from "
+                     f"{', '.join(BENCHMARKS)}")
+    raise_open_file_limit()
+    benchmarks: dict[str, object] = {}
+    measured = machine()
+    results = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": measured,
+               "benchmarks": benchmarks}
+    print(f"measuring portcullis from {measured['portcullis_source']} "
+          f"(git {measured['git']}, src modified: {measured['src_modified']})")
+    failed = []
+    for name in names:
+        print(f"\n=== {name} ===", flush=True)
+        started = time.monotonic()
+        try:
+            report = BENCHMARKS[name]()
+        except Exception as exc:
+            traceback.print_exc()
+            failed.append(name)
+            benchmarks[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        print(report.render(), flush=True)
+        print(f"({time.monotonic() - started:.0f} s)", flush=True)
+        benchmarks[name] = {**report.data, "verdicts": report.verdicts}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"\nresults: {path}")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

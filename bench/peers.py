@@ -1,0 +1,67 @@
+"""The real programs the benchmarks measure against: an iperf3 server, the echo server
+process, and an stunnel client/server pair (the baseline the product must match).
+Each is started on a free port and stopped by the caller's ExitStack."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+from bench.deployment import Process, free_port, start_process, wait_for_listen
+
+
+def require(program: str, *alternatives: str) -> str:
+    for name in (program, *alternatives):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise RuntimeError(f"{program} is not installed (run 'make peers' as root)")
+
+
+def start_iperf3_server(stack: ExitStack, logs: Path) -> int:
+    port = free_port()
+    process = start_process(
+        stack, [require("iperf3"), "-s", "-p", str(port), "-B", "127.0.0.1", "--forceflush"],
+        logs / "iperf3-server.log", name="iperf3 -s")
+    wait_for_listen(port, process=process)
+    return port
+
+
+def start_echo_server(stack: ExitStack, logs: Path) -> tuple[Process, int]:
+    process = start_process(stack, [sys.executable, "-m", "bench.echo_server"],
+                            logs / "echo-server.log", name="echo server")
+    port = int(process.wait_for(r"echo listening on (\d+)").group(1))
+    return process, port
+
+
+def start_stunnel_server(stack: ExitStack, logs: Path, *, target_port: int,
+                         cert: Path, key: Path) -> tuple[Process, int]:
+    """TLS on a free port, forwarding plain TCP to 127.0.0.1:target_port."""
+    port = free_port()
+    config = logs / "stunnel-server.conf"
+    config.write_text(
+        "foreground = yes\npid =\ndebug = 4\n"
+        f"[server]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{target_port}\n"
+        f"cert = {cert}\nkey = {key}\n")
+    process = start_process(stack, [require("stunnel4", "stunnel"), str(config)],
+                            logs / "stunnel-server.log", name="stunnel server")
+    wait_for_listen(port, process=process)
+    return process, port
+
+
+def start_stunnel_client(stack: ExitStack, logs: Path, *, server_port: int,
+                         ca: Path) -> tuple[Process, int]:
+    """Plain TCP on a free port, carried with TLS (verified against `ca`) to server_port."""
+    port = free_port()
+    config = logs / "stunnel-client.conf"
+    config.write_text(
+        "foreground = yes\npid =\ndebug = 4\n"
+        f"[client]\nclient = yes\naccept = 127.0.0.1:{port}\n"
+        f"connect = 127.0.0.1:{server_port}\n"
+        f"CAfile = {ca}\nverifyChain = yes\ncheckHost = localhost\nsni = localhost\n")
+    process = start_process(stack, [require("stunnel4", "stunnel"), str(config)],
+                            logs / "stunnel-client.log", name="stunnel client")
+    wait_for_listen(port, process=process)
+    return process, port

@@ -1,0 +1,34 @@
+"""WebSocket upgrades on the gateway's port go straight to our mux endpoints.
+
+uvicorn parses the HTTP request and, on `Upgrade: websocket`, hands the connection to
+the class configured as its `ws` protocol. This is that class: it routes by exact path
+to an endpoint and runs the connection as a `WebSocketMux`, bypassing ASGI, whose
+per-message queue would cost the data path most of its throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from websockets.http11 import Request
+
+from portcullis.net.websocket import Opened, WebSocketMux, accept, reject, server_websocket
+
+
+def websocket_protocol_class(endpoints: Mapping[str, Opened]) -> type[asyncio.Protocol]:
+    def route(carrier: WebSocketMux, request: Request) -> None:
+        opened = endpoints.get(urlsplit(request.path).path)
+        if opened is None:
+            reject(carrier, 404, "no such endpoint\n")
+        else:
+            accept(carrier, request, opened)
+
+    class GatewayWebSocket(WebSocketMux):
+        def __init__(self, config: Any = None, server_state: Any = None,
+                     app_state: Any = None, _loop: Any = None) -> None:
+            super().__init__(server_websocket(), on_request=route)
+
+    return GatewayWebSocket

@@ -1,0 +1,234 @@
+"""WebSocket connections that carry one mux session, as asyncio Protocols.
+
+The framing and handshakes are the `websockets` library's sans-I/O protocol; this
+module only moves bytes between it, the transport and the `MuxSession`: no ASGI
+queue, no task per message, no per-message pause/resume. That is where a launched
+connection's throughput is won (see bench/throughput.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+import struct
+from collections.abc import Callable, Sequence
+from typing import cast
+from urllib.parse import urlsplit
+
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidStatus
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import Protocol as WebSocketProtocol
+from websockets.protocol import Side, State
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
+
+try:  # the C implementation; the library ships a pure-Python fallback
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover
+    from websockets.utils import apply_mask
+
+from portcullis.errors import ClientError
+from portcullis.net.muxsession import DEFAULT_MAX_MESSAGE, MuxSession
+from portcullis.net.tls import describe_tls_failure
+from portcullis.proto.mux import Limits
+
+# What either side accepts in one WebSocket message: our coalesced messages plus a frame.
+MAX_WEBSOCKET_MESSAGE = DEFAULT_MAX_MESSAGE + Limits().max_frame_payload + 64
+CLOSE_TIMEOUT = 2.0
+
+Message = bytes | bytearray | memoryview
+
+
+class WebSocketMux(asyncio.Protocol):
+    """One WebSocket connection carrying one mux session (client or server side)."""
+
+    def __init__(self, websocket: WebSocketProtocol, *,
+                 on_request: Callable[[WebSocketMux, Request], None] | None = None) -> None:
+        self.websocket = websocket
+        self._on_request = on_request
+        self.transport: asyncio.Transport | None = None
+        self.session: MuxSession | None = None
+        self.handshake: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._early: list[Message] = []
+        self._fragments: list[Message] = []
+
+    # -- MessageCarrier ----------------------------------------------------------------
+    def send_message(self, chunks: Sequence[Message]) -> None:
+        """Send the chunks as one binary message, without joining them.
+
+        Data frames are framed here rather than by `send_binary`, which would copy the
+        payload three times (join, mask, BytesIO); the library still does the handshake,
+        control frames, parsing and closing. A client masks each chunk with the mask
+        rotated to the chunk's offset, which is the one copy masking requires.
+        """
+        transport = self.transport
+        if self.websocket.state is not State.OPEN or transport is None:
+            return   # closing: nowhere to send, and the session is ending anyway
+        size = sum(map(len, chunks))
+        if self.websocket.side is Side.SERVER:
+            transport.writelines([_frame_header(size, b""), *chunks])
+            return
+        mask = os.urandom(4)
+        masked: list[Message] = [_frame_header(size, mask)]
+        offset = 0
+        for chunk in chunks:
+            turn = offset % 4
+            masked.append(apply_mask(chunk, mask[turn:] + mask[:turn]))
+            offset += len(chunk)
+        transport.writelines(masked)
+
+    def close(self, code: int, reason: str) -> None:
+        if self.websocket.state is State.OPEN:
+            self.websocket.send_close(code, reason)
+            self.write_pending()
+        if self.transport is not None:
+            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.transport.close)
+
+    def attach(self, session: MuxSession) -> None:
+        self.session = session
+        session.attach(self)
+        early, self._early = self._early, []
+        for message in early:
+            session.receive_message(message)
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        websocket = self.websocket
+        websocket.receive_data(data)
+        for event in websocket.events_received():
+            if isinstance(event, Frame):
+                self._on_frame(event)
+            elif isinstance(event, Request) and self._on_request is not None:
+                self._on_request(self, event)   # server: route, then accept or reject
+            elif isinstance(event, Response) and not self.handshake.done():
+                self.handshake.set_result(event)   # client: the handshake's answer
+        self.write_pending()
+        if websocket.state is State.CLOSED or (websocket.close_expected() and
+                                               websocket.state is not State.CONNECTING):
+            self._closed()
+
+    def eof_received(self) -> bool | None:
+        self.websocket.receive_eof()
+        self.write_pending()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.handshake.done():
+            self.handshake.set_exception(ConnectionError("closed during the handshake"))
+        self._closed()
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.pause_sources()
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.resume_sources()
+
+    # -- internals -------------------------------------------------------------------
+    def _on_frame(self, frame: Frame) -> None:
+        if frame.opcode is Opcode.BINARY or frame.opcode is Opcode.CONT:
+            if not frame.fin:   # a peer may fragment; websockets enforces max_size
+                self._fragments.append(frame.data)
+                return
+            message = frame.data
+            if self._fragments:
+                message = b"".join([*self._fragments, frame.data])
+                self._fragments = []
+            if self.session is None:
+                self._early.append(message)
+            else:
+                self.session.receive_message(message)
+        elif frame.opcode is Opcode.TEXT:
+            self.websocket.fail(1003, "binary messages only")
+
+    def write_pending(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        for data in self.websocket.data_to_send():
+            if data:
+                transport.write(data)
+            else:   # the library's signal that the closing handshake is done
+                transport.close()
+                return
+
+    def _closed(self) -> None:
+        if self.session is not None:
+            self.session.carrier_closed()
+
+
+def _frame_header(size: int, mask: bytes) -> bytes:
+    """RFC 6455 header of a final binary frame (FIN, opcode 2), masked if `mask`."""
+    mask_bit = 0x80 if mask else 0
+    if size < 126:
+        return struct.pack("!BB", 0x82, mask_bit | size) + mask
+    if size < 65536:
+        return struct.pack("!BBH", 0x82, mask_bit | 126, size) + mask
+    return struct.pack("!BBQ", 0x82, mask_bit | 127, size) + mask
+
+
+# -- client side ---------------------------------------------------------------------
+async def connect(url: str, tls: ssl.SSLContext, *, timeout: float = 15.0) -> WebSocketMux:
+    """Open a WebSocket to `url` (wss://) and complete the handshake."""
+    uri = parse_uri(url)
+    websocket = ClientProtocol(uri, max_size=MAX_WEBSOCKET_MESSAGE)
+    loop = asyncio.get_running_loop()
+    parts = urlsplit(url)
+    try:
+        async with asyncio.timeout(timeout):
+            _, carrier = await loop.create_connection(
+                lambda: WebSocketMux(websocket), uri.host, uri.port, ssl=tls,
+                server_hostname=parts.hostname)
+            websocket.send_request(websocket.connect())
+            carrier.write_pending()
+            await carrier.handshake
+    except TimeoutError:
+        raise ClientError(f"the gateway at {url} did not answer in time") from None
+    except (OSError, ssl.SSLError) as exc:
+        explained = describe_tls_failure(exc, url)
+        raise ClientError(explained or f"cannot connect to the gateway at {url}: {exc}") from None
+    if websocket.handshake_exc is not None:
+        status = (websocket.handshake_exc.response.status_code
+                  if isinstance(websocket.handshake_exc, InvalidStatus) else None)
+        with contextlib.suppress(Exception):
+            if carrier.transport is not None:
+                carrier.transport.close()
+        raise ClientError(f"the gateway at {url} refused the WebSocket"
+                          + (f" (HTTP {status})" if status else f": {websocket.handshake_exc}"))
+    return carrier
+
+
+# -- server side ---------------------------------------------------------------------
+Opened = Callable[[WebSocketMux, Request], None]
+
+
+def server_websocket() -> ServerProtocol:
+    return ServerProtocol(max_size=MAX_WEBSOCKET_MESSAGE)
+
+
+def accept(carrier: WebSocketMux, request: Request, opened: Opened) -> None:
+    """Answer a WebSocket upgrade request and hand the open connection to `opened`."""
+    websocket = carrier.websocket
+    assert isinstance(websocket, ServerProtocol)
+    response = websocket.accept(request)
+    websocket.send_response(response)
+    carrier.write_pending()
+    if response.status_code == 101:
+        opened(carrier, request)
+
+
+def reject(carrier: WebSocketMux, status: int, text: str) -> None:
+    websocket = carrier.websocket
+    assert isinstance(websocket, ServerProtocol)
+    websocket.send_response(websocket.reject(status, text))
+    carrier.write_pending()
+
