@@ -177,8 +177,9 @@ def _frame_header(size: int, mask: bytes) -> bytes:
 
 
 # -- client side ---------------------------------------------------------------------
-async def connect(url: str, tls: ssl.SSLContext, *, timeout: float = 15.0) -> WebSocketMux:
-    """Open a WebSocket to `url` (wss://) and complete the handshake."""
+async def connect(url: str, tls: ssl.SSLContext | None, *,
+                  timeout: float = 15.0) -> WebSocketMux:
+    """Open a WebSocket to `url` and complete the handshake (`tls` None: plain ws://)."""
     uri = parse_uri(url)
     websocket = ClientProtocol(uri, max_size=MAX_WEBSOCKET_MESSAGE)
     loop = asyncio.get_running_loop()
@@ -187,7 +188,7 @@ async def connect(url: str, tls: ssl.SSLContext, *, timeout: float = 15.0) -> We
         async with asyncio.timeout(timeout):
             _, carrier = await loop.create_connection(
                 lambda: WebSocketMux(websocket), uri.host, uri.port, ssl=tls,
-                server_hostname=parts.hostname)
+                server_hostname=parts.hostname if tls is not None else None)
             websocket.send_request(websocket.connect())
             carrier.write_pending()
             await carrier.handshake
