@@ -19,8 +19,12 @@ DEFAULT_DIR = "./.portcullis"
 
 
 def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a long-lived command (servers, launches) on uvloop with the data-path tuning."""
     import uvloop
 
+    from portcullis.net.allocator import tune_allocator
+
+    tune_allocator()
     return uvloop.run(coroutine)
 
 
