@@ -135,7 +135,7 @@ async def _measure_both(deployment: Deployment, gateway: Process, echo: Process,
 
         async def launch_once() -> float:
             wire = await WireLaunch.open(api, "echo", tls)
-            await wire.close()
+            wire.close()
             return wire.seconds
 
         await measure("warm-up", launch_once, WARMUP, {})

@@ -49,6 +49,8 @@ def configure_logging(level: str = "info", fmt: Literal["text", "json"] = "text"
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # The websockets library logs every connection at INFO; our audit trail says more.
+    logging.getLogger("websockets").setLevel(max(logging.WARNING, root.level))
 
 
 class AuditTrail:

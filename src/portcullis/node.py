@@ -29,6 +29,7 @@ from portcullis.gateway.launch import PATH as LAUNCH_PATH
 from portcullis.gateway.launch import LaunchEndpoint, LaunchSettings
 from portcullis.gateway.proxy import PortalProxy
 from portcullis.gateway.upgrade import websocket_protocol_class
+from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.factors.local import LocalPasswordFactor
 from portcullis.identity.flow import LoginFlow, LoginService
 from portcullis.identity.sessions import SessionManager
@@ -93,6 +94,7 @@ class Node:
     def _wire(self) -> None:
         settings = self.settings
         hasher = TokenHasher.from_directory(settings.path(settings.secrets_dir))
+        accounts = AccountStatus(self.durable)
         local_sta: TicketAuthority | None = None
         if "sta" in self.roles:
             local_sta = TicketAuthority(
@@ -122,7 +124,7 @@ class Node:
         portal_app: Starlette | None = None
         if "portal" in self.roles:
             assert authorities is not None
-            sessions = SessionManager(self.ephemeral, self.durable, hasher, settings.session)
+            sessions = SessionManager(self.ephemeral, accounts, hasher, settings.session)
             flow = LoginFlow("default", [LocalPasswordFactor(self.durable)])
             login = LoginService(flow, self.ephemeral, hasher, sessions, settings.session,
                                  self.audit)
@@ -142,7 +144,7 @@ class Node:
         if "gateway" in self.roles:
             assert authorities is not None
             launch = LaunchEndpoint(
-                authorities, DirectDialer(), self.durable, self.registry, self.audit,
+                authorities, DirectDialer(), accounts, self.registry, self.audit,
                 LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds))
             self.websocket_endpoints[LAUNCH_PATH] = launch.opened
             routes: list[Any] = []
@@ -173,7 +175,7 @@ class Node:
         return uvicorn.Config(
             listener.app, host=listener.host, port=listener.port,
             ssl_certfile="unused", ssl_context_factory=lambda config, default: listener.tls,
-            http="h11", ws=websocket, ws_per_message_deflate=False,
+            http="httptools", ws=websocket, ws_per_message_deflate=False,
             ws_max_size=MAX_WEBSOCKET_MESSAGE,
             h11_max_incomplete_event_size=self.settings.limits.max_header_bytes,
             lifespan="off", log_config=None, server_header=False, access_log=False,

@@ -9,6 +9,7 @@ import pytest
 from portcullis.audit import AuditTrail
 from portcullis.config.model import SessionSettings
 from portcullis.errors import AuthError
+from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.claims import Claims
 from portcullis.identity.factors.local import LocalPasswordFactor
 from portcullis.identity.flow import Authenticated, Denied, LoginFlow, LoginService, NextStep
@@ -45,7 +46,8 @@ def wall() -> Clock:
 @pytest.fixture
 def sessions(ephemeral_store: EphemeralStore, durable: DurableStore,
              wall: Clock) -> SessionManager:
-    return SessionManager(ephemeral_store, durable, TokenHasher(b"s" * 32), SETTINGS,
+    return SessionManager(ephemeral_store, AccountStatus(durable, ttl=0),
+                          TokenHasher(b"s" * 32), SETTINGS,
                           clock=wall)
 
 
@@ -110,7 +112,8 @@ async def test_session_ends_after_idle_timeout(durable: DurableStore, wall: Cloc
 
     idle_clock = Clock()
     store = MemoryStore(clock=idle_clock)
-    sessions = SessionManager(store, durable, TokenHasher(b"s" * 32), SETTINGS, clock=wall)
+    sessions = SessionManager(store, AccountStatus(durable, ttl=0), TokenHasher(b"s" * 32),
+                              SETTINGS, clock=wall)
     token, _ = await sessions.create(Claims(sub="local:alice", username="alice"), "c")
     idle_clock.now += 59
     assert await sessions.validate(token) is not None   # use refreshes the idle TTL
@@ -157,3 +160,16 @@ async def test_next_step_is_returned_while_factors_remain(
                                   "c")
     assert isinstance(second, Authenticated)
     assert second.session.claims.amr == ("password", "password")
+
+
+async def test_account_status_is_remembered_for_its_ttl_then_asked_again(
+        durable: DurableStore) -> None:
+    clock = Clock()
+    accounts = AccountStatus(durable, ttl=1.0, clock=clock)
+    assert await accounts.is_active("alice")
+    await durable.set_disabled("alice", True)
+    clock.now += 0.5
+    assert await accounts.is_active("alice")      # still the remembered answer
+    clock.now += 0.6
+    assert not await accounts.is_active("alice")  # asked again after the TTL
+    assert not await accounts.is_active("nobody")

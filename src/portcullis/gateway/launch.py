@@ -18,6 +18,7 @@ from portcullis.audit import AuditTrail
 from portcullis.config.model import parse_host_port
 from portcullis.errors import DialError, TicketError
 from portcullis.gateway.connections import ConnectionRegistry
+from portcullis.identity.accounts import AccountStatus
 from portcullis.net.dialer import Dialer
 from portcullis.net.muxsession import MuxSession
 from portcullis.net.websocket import WebSocketMux
@@ -25,7 +26,6 @@ from portcullis.proto import mux
 from portcullis.proto.mux import MuxConnection, Reason
 from portcullis.sta.authority import TicketGrant
 from portcullis.sta.client import TicketIssuer
-from portcullis.store import DurableStore
 from portcullis.tokens import mask
 
 PATH = "/api/v1/launch"
@@ -43,12 +43,12 @@ class LaunchSettings:
 
 
 class LaunchEndpoint:
-    def __init__(self, authorities: TicketIssuer, dialer: Dialer, durable: DurableStore,
+    def __init__(self, authorities: TicketIssuer, dialer: Dialer, accounts: AccountStatus,
                  registry: ConnectionRegistry, audit: AuditTrail,
                  settings: LaunchSettings) -> None:
         self._authorities = authorities
         self._dialer = dialer
-        self._durable = durable
+        self._accounts = accounts
         self._registry = registry
         self._audit = audit
         self._settings = settings
@@ -89,7 +89,7 @@ class LaunchEndpoint:
                                client=client, bytes_to_server=session.totals.received,
                                bytes_to_client=session.totals.sent,
                                duration=round(time.monotonic() - started, 3),
-                               reason=session.goaway or session.protocol_error or "closed")
+                               reason=session.end_reason())
 
     async def _redeem(self, session: MuxSession, client: str) -> TicketGrant | None:
         try:
@@ -108,8 +108,7 @@ class LaunchEndpoint:
             self._audit.record("launch.refused", client=client, ticket=mask(ticket),
                                reason=str(exc))
             return None
-        user = await self._durable.get_user(grant.user)
-        if user is None or user.disabled:
+        if not await self._accounts.is_active(grant.user):
             self._audit.record("launch.refused", client=client, user=grant.user,
                                reason="account disabled")
             return None

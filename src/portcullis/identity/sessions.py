@@ -3,7 +3,8 @@
 Idle expiry is the ephemeral store's TTL, refreshed on use; the absolute limit is
 checked against the creation time. A session is valid only while its user exists and
 is enabled in the durable store, so disabling a user from any process ends their
-sessions at once, whichever ephemeral backend is in use. Never logs a token.
+sessions within a second (`AccountStatus`), whichever ephemeral backend is in use.
+Never logs a token.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from portcullis.config.model import SessionSettings
+from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.claims import Claims
-from portcullis.store import DurableStore, EphemeralStore
+from portcullis.store import EphemeralStore
 from portcullis.tokens import TokenHasher, new_token
 
 NAMESPACE = "session"
@@ -34,10 +36,10 @@ class Session:
 
 
 class SessionManager:
-    def __init__(self, ephemeral: EphemeralStore, durable: DurableStore, hasher: TokenHasher,
+    def __init__(self, ephemeral: EphemeralStore, accounts: AccountStatus, hasher: TokenHasher,
                  settings: SessionSettings, *, clock: Callable[[], float] = time.time) -> None:
         self._ephemeral = ephemeral
-        self._durable = durable
+        self._accounts = accounts
         self._hasher = hasher
         self._settings = settings
         self._clock = clock
@@ -64,7 +66,7 @@ class SessionManager:
         session = Session(handle, Claims.from_json(record["claims"]), record["client_address"],
                           record["created_at"])
         remaining = session.created_at + self._settings.absolute_timeout - self._clock()
-        if remaining <= 0 or not await self._user_active(session.username):
+        if remaining <= 0 or not await self._accounts.is_active(session.username):
             await self._ephemeral.delete(f"session:{handle}")
             return None
         await self._ephemeral.touch(f"session:{handle}",
@@ -87,7 +89,3 @@ class SessionManager:
             await self._ephemeral.delete(f"session:{handle}")
         await self._ephemeral.delete(f"user-sessions:{username}")
         return len(handles)
-
-    async def _user_active(self, username: str) -> bool:
-        user = await self._durable.get_user(username)
-        return user is not None and not user.disabled

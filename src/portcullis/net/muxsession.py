@@ -262,6 +262,15 @@ class MuxSession:
             self.totals.sent += bridge.counters.sent
             self.totals.received += bridge.counters.received
 
+    def end_reason(self) -> str:
+        """Why the session ended, for logs and the audit trail."""
+        if self.protocol_error is not None:
+            return f"protocol error: {self.protocol_error}"
+        if self.goaway is not None:
+            reason, message = self.goaway
+            return f"peer ended it: {reason.name.lower()}" + (f" ({message})" if message else "")
+        return "connection closed"
+
     @property
     def open_streams(self) -> int:
         return len(self._streams)

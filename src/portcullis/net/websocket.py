@@ -122,7 +122,10 @@ class WebSocketMux(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         if not self.handshake.done():
-            self.handshake.set_exception(ConnectionError("closed during the handshake"))
+            if self._on_request is None:   # a client is waiting for the answer
+                self.handshake.set_exception(ConnectionError("closed during the handshake"))
+            else:
+                self.handshake.cancel()
         self._closed()
 
     def pause_writing(self) -> None:
