@@ -35,7 +35,7 @@ from portcullis.proto.mux import (
 )
 
 F = FrameType
-MIB = 1024 * 1024
+DEFAULT_WINDOW = Limits().initial_window
 SMALL = Limits(max_frame_payload=1024, initial_window=4096, max_streams=4)
 
 
@@ -148,13 +148,13 @@ def test_hello_is_a_json_object_with_version_1_on_stream_0() -> None:
 def test_open_carries_protocol_port_host_and_the_openers_window() -> None:
     client, _ = connected()
     assert client.open_stream(Protocol.TCP, "db.internal", 5432) == 1
-    assert output(client) == frame(F.OPEN, 1, b"\x06\x15\x38\x0bdb.internal" + u32(MIB))
+    assert output(client) == frame(F.OPEN, 1, b"\x06\x15\x38\x0bdb.internal" + u32(DEFAULT_WINDOW))
 
 
 def test_open_with_an_empty_host_means_the_pinned_destination() -> None:
     client, _ = connected()
     client.open_stream(Protocol.UDP, "", 53)
-    assert output(client) == frame(F.OPEN, 1, b"\x11\x00\x35\x00" + u32(MIB))
+    assert output(client) == frame(F.OPEN, 1, b"\x11\x00\x35\x00" + u32(DEFAULT_WINDOW))
 
 
 def test_client_streams_are_odd_and_gateway_streams_are_even() -> None:
@@ -168,7 +168,7 @@ def test_accept_grants_the_acceptors_initial_window() -> None:
     stream_id = client.open_stream(Protocol.TCP, "h", 1)
     pipe(client, gateway)
     gateway.accept_stream(stream_id)
-    assert output(gateway) == frame(F.ACCEPT, 1, u32(MIB))
+    assert output(gateway) == frame(F.ACCEPT, 1, u32(DEFAULT_WINDOW))
 
 
 def test_refuse_carries_a_reason_and_a_message() -> None:

@@ -137,7 +137,7 @@ class Limits:
     #: Concurrent streams the *peer* may have opened; an OPEN beyond it is refused.
     max_streams: int = 1024
     #: Credit granted to the peer for each stream, in OPEN or ACCEPT.
-    initial_window: int = 8 * 1024 * 1024
+    initial_window: int = 4 * 1024 * 1024
     #: Largest payload of HELLO, CONFIG, OPEN, REFUSE, RESET and GOAWAY.
     max_control_payload: int = 64 * 1024
     #: Largest DATAGRAM payload.
