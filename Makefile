@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 DIR    ?= ./.portcullis
+PORT   ?= 8443
 BIN     = $(VENV)/bin
 
 .PHONY: run test lint peers bench clean
@@ -14,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 
 ## Create ./.portcullis on first use and run every role in one process.
 run: $(BIN)/.installed
-	@test -f $(DIR)/portcullis.toml || $(BIN)/portcullis init --dir $(DIR)
+	@test -f $(DIR)/portcullis.toml || $(BIN)/portcullis init --dir $(DIR) --port $(PORT)
 	$(BIN)/portcullis up --dir $(DIR)
 
 ## Install the real peers the tests use (Debian packages, as root), lint, type-check, test.

@@ -128,12 +128,13 @@ def deployment(tmp_path: Path) -> Deployment:
 
 
 class Process:
-    """A portcullis subprocess whose output is collected to a file."""
+    """A subprocess (by default `portcullis ARGS`) whose output is collected to a file."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None,
+                 program: str = PORTCULLIS) -> None:
         self.log = log
         self._handle = log.open("wb")
-        self.popen = subprocess.Popen([PORTCULLIS, *args], stdout=self._handle,
+        self.popen = subprocess.Popen([program, *args], stdout=self._handle,
                                       stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
     def output(self) -> str:
@@ -166,8 +167,9 @@ class Process:
 def start_process(tmp_path: Path) -> Iterator[object]:
     started: list[Process] = []
 
-    def start(*args: str, name: str = "portcullis", env: dict[str, str] | None = None) -> Process:
-        process = Process(list(args), tmp_path / f"{name}-{len(started)}.log", env)
+    def start(*args: str, name: str = "portcullis", env: dict[str, str] | None = None,
+              program: str = PORTCULLIS) -> Process:
+        process = Process(list(args), tmp_path / f"{name}-{len(started)}.log", env, program)
         started.append(process)
         return process
 

@@ -251,3 +251,97 @@ def test_roles_in_separate_processes_launch_over_mutual_tls(
         sock.sendall(b"across processes")
         assert sock.recv(100) == b"across processes"
     assert "ticket.issued" in sta.output() and "ticket.redeemed" in sta.output()
+
+
+def test_launch_streams_reach_only_the_ticket_address(running: Deployment) -> None:
+    """A client that names another destination in OPEN is refused; the pinned one works."""
+    import asyncio
+
+    from portcullis.net import websocket
+    from portcullis.net.muxsession import MuxSession
+    from portcullis.proto import mux
+
+    with api(running) as client:
+        token = api_login(client, "alice", PASSWORD)
+        launched = client.post("/api/v1/resources/echo/launch",
+                               headers={"authorization": f"Bearer {token}"})
+    launch = parse_launch_file(launched.content)
+
+    async def probe() -> tuple[mux.Reason, bool]:
+        tls = ssl.create_default_context(cafile=str(running.ca))
+        carrier = await websocket.connect(launch.gateway_url, tls)
+        codec = mux.MuxConnection("client")
+        codec.send_hello({"version": 1, "ticket": launch.ticket})
+        session = MuxSession(codec)
+        carrier.attach(session)
+        await asyncio.wait_for(session.hello, 10)
+        elsewhere = codec.open_stream(mux.Protocol.TCP, "127.0.0.1", running.port)
+        pinned = codec.open_stream(mux.Protocol.TCP, "", 0)
+        session.flush_soon()
+        refused: mux.Reason | None = None
+        accepted = False
+        original = session._dispatch
+
+        def watch(events: list[mux.Event]) -> None:
+            nonlocal refused, accepted
+            for event in events:
+                if isinstance(event, mux.StreamRefused) and event.stream_id == elsewhere:
+                    refused = event.reason
+                if isinstance(event, mux.StreamAccepted) and event.stream_id == pinned:
+                    accepted = True
+            original(events)
+
+        session._dispatch = watch  # type: ignore[method-assign]
+        for _ in range(100):
+            if refused is not None and accepted:
+                break
+            await asyncio.sleep(0.05)
+        session.close(mux.Reason.CANCELLED, "done")
+        assert refused is not None
+        return refused, accepted
+
+    reason, accepted = asyncio.run(probe())
+    assert reason == mux.Reason.DENIED
+    assert accepted
+
+
+def test_launch_exec_starts_the_application_against_the_listener(
+        running: Deployment, client_home: Path) -> None:
+    curl = require_program("curl")
+    login(running)
+    result = run_cli("launch", "web", "--exec",
+                     f"{curl} -sS --max-time 20 -o - http://{{host}}:{{port}}/", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "intranet home" in result.stdout
+
+
+def test_audit_trail_records_launch_bytes_and_duration_and_never_a_full_ticket(
+        running: Deployment, gateway: Process, client_home: Path, tmp_path: Path,
+        start_process) -> None:  # type: ignore[no-untyped-def]
+    with api(running) as client:
+        token = api_login(client, "alice", PASSWORD)
+        launched = client.post("/api/v1/resources/echo/launch",
+                               headers={"authorization": f"Bearer {token}"})
+    launch_file = tmp_path / "echo.portcullis"
+    launch_file.write_bytes(launched.content)
+    secret = parse_launch_file(launched.content).ticket.split(";")[1]
+    process, host, port = start_launch(start_process, "--file", str(launch_file),
+                                       "--ca", str(running.ca))
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"x" * 1000)
+        received = b""
+        while len(received) < 1000:
+            received += sock.recv(2000)
+    process.stop()
+    audit_file = running.directory / "audit.jsonl"
+    for _ in range(50):
+        events = [json.loads(line) for line in audit_file.read_text().splitlines()]
+        ended = [e for e in events if e["event"] == "launch.ended"]
+        if ended:
+            break
+        time.sleep(0.1)
+    assert ended, "no launch.ended event"
+    assert ended[-1]["bytes_to_server"] == 1000 and ended[-1]["bytes_to_client"] == 1000
+    assert ended[-1]["duration"] >= 0 and ended[-1]["user"] == "alice"
+    assert secret not in audit_file.read_text()
+    assert secret not in gateway.output()
