@@ -54,6 +54,16 @@ def api_login(client: httpx.Client, user: str, password: str) -> str:
     return str(body["token"])
 
 
+def launch_via_api(deployment: Deployment, resource: str) -> httpx.Response:
+    """Sign in as alice and ask for a launch file."""
+    with api(deployment) as client:
+        token = api_login(client, "alice", PASSWORD)
+        launched = client.post(f"/api/v1/resources/{resource}/launch",
+                               headers={"authorization": f"Bearer {token}"})
+    assert launched.status_code == 200, launched.text
+    return launched
+
+
 @pytest.fixture
 def staffed(deployment: Deployment, echo_server, http_server) -> Deployment:  # type: ignore[no-untyped-def]
     deployment.add_resource("web", http_server.address, ["staff"], "Team web")
@@ -174,10 +184,7 @@ def test_wrong_password_is_denied_without_a_reason(running: Deployment) -> None:
 
 def test_a_launch_file_works_once(running: Deployment, client_home: Path,
                                   tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
-    with api(running) as client:
-        token = api_login(client, "alice", PASSWORD)
-        launched = client.post("/api/v1/resources/echo/launch",
-                               headers={"authorization": f"Bearer {token}"})
+    launched = launch_via_api(running, "echo")
     launch_file = tmp_path / "echo.portcullis"
     launch_file.write_bytes(launched.content)
     _first, host, port = start_launch(start_process, "--file", str(launch_file),
@@ -261,11 +268,7 @@ def test_launch_streams_reach_only_the_ticket_address(running: Deployment) -> No
     from portcullis.net.muxsession import MuxSession
     from portcullis.proto import mux
 
-    with api(running) as client:
-        token = api_login(client, "alice", PASSWORD)
-        launched = client.post("/api/v1/resources/echo/launch",
-                               headers={"authorization": f"Bearer {token}"})
-    launch = parse_launch_file(launched.content)
+    launch = parse_launch_file(launch_via_api(running, "echo").content)
 
     async def probe() -> tuple[mux.Reason, bool]:
         tls = ssl.create_default_context(cafile=str(running.ca))
@@ -318,10 +321,7 @@ def test_launch_exec_starts_the_application_against_the_listener(
 def test_audit_trail_records_launch_bytes_and_duration_and_never_a_full_ticket(
         running: Deployment, gateway: Process, client_home: Path, tmp_path: Path,
         start_process) -> None:  # type: ignore[no-untyped-def]
-    with api(running) as client:
-        token = api_login(client, "alice", PASSWORD)
-        launched = client.post("/api/v1/resources/echo/launch",
-                               headers={"authorization": f"Bearer {token}"})
+    launched = launch_via_api(running, "echo")
     launch_file = tmp_path / "echo.portcullis"
     launch_file.write_bytes(launched.content)
     secret = parse_launch_file(launched.content).ticket.split(";")[1]

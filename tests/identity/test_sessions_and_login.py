@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from peers.stores import FakeClock
 from portcullis.audit import AuditTrail
 from portcullis.config.model import SessionSettings
 from portcullis.errors import AuthError
@@ -22,14 +23,6 @@ from portcullis.tokens import TokenHasher
 SETTINGS = SessionSettings(idle_timeout=60, absolute_timeout=600, login_step_timeout=30)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 async def durable(tmp_path: Path):  # type: ignore[no-untyped-def]
     store = await DurableStore.open(f"sqlite:///{tmp_path / 'db.sqlite'}")
@@ -39,13 +32,13 @@ async def durable(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def wall() -> Clock:
-    return Clock()
+def wall() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
 def sessions(ephemeral_store: EphemeralStore, durable: DurableStore,
-             wall: Clock) -> SessionManager:
+             wall: FakeClock) -> SessionManager:
     return SessionManager(ephemeral_store, AccountStatus(durable, ttl=0),
                           TokenHasher(b"s" * 32), SETTINGS,
                           clock=wall)
@@ -105,12 +98,12 @@ async def test_disabled_user_cannot_sign_in(login: LoginService,
     assert isinstance(result, Denied)
 
 
-async def test_session_ends_after_idle_timeout(durable: DurableStore, wall: Clock) -> None:
+async def test_session_ends_after_idle_timeout(durable: DurableStore, wall: FakeClock) -> None:
     # Idle expiry is the ephemeral store's TTL; the memory store's clock makes it testable
     # without sleeping (Redis TTLs are covered by the store contract tests).
     from portcullis.store import MemoryStore
 
-    idle_clock = Clock()
+    idle_clock = FakeClock()
     store = MemoryStore(clock=idle_clock)
     sessions = SessionManager(store, AccountStatus(durable, ttl=0), TokenHasher(b"s" * 32),
                               SETTINGS, clock=wall)
@@ -124,7 +117,7 @@ async def test_session_ends_after_idle_timeout(durable: DurableStore, wall: Cloc
 
 
 async def test_session_ends_at_absolute_timeout_despite_use(
-        sessions: SessionManager, login: LoginService, wall: Clock) -> None:
+        sessions: SessionManager, login: LoginService, wall: FakeClock) -> None:
     result = await login.submit(None, {"username": "alice", "password": "secret"}, "c")
     assert isinstance(result, Authenticated)
     wall.now += 601
@@ -164,7 +157,7 @@ async def test_next_step_is_returned_while_factors_remain(
 
 async def test_account_status_is_remembered_for_its_ttl_then_asked_again(
         durable: DurableStore) -> None:
-    clock = Clock()
+    clock = FakeClock()
     accounts = AccountStatus(durable, ttl=1.0, clock=clock)
     assert await accounts.is_active("alice")
     await durable.set_disabled("alice", True)

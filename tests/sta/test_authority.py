@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from peers.stores import FakeClock
 from portcullis.audit import AuditTrail
 from portcullis.errors import TicketError
 from portcullis.sta.authority import TicketAuthority, TicketRequest, sta_id_of
@@ -18,24 +19,16 @@ REQUEST = TicketRequest(user="alice", resource="wiki", address="10.0.0.5:80",
                         client_address="192.0.2.7")
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def audit_path(tmp_path: Path) -> Path:
     return tmp_path / "audit.jsonl"
 
 
-def authority(store: EphemeralStore, audit_path: Path, *, clock: Clock | None = None,
+def authority(store: EphemeralStore, audit_path: Path, *, clock: FakeClock | None = None,
               bind: bool = False, sta_id: str = "STA01",
               key: bytes = b"k" * 32) -> TicketAuthority:
     return TicketAuthority(sta_id, store, TokenHasher(key), AuditTrail(audit_path),
-                           lifetime=100, bind_client_address=bind, clock=clock or Clock())
+                           lifetime=100, bind_client_address=bind, clock=clock or FakeClock())
 
 
 def audit_events(path: Path) -> list[dict[str, object]]:
@@ -73,7 +66,7 @@ async def test_ticket_redeems_once_under_20_concurrent_redemptions(
 
 async def test_expired_ticket_is_refused(ephemeral_store: EphemeralStore, audit_path: Path,
                                          clock) -> None:  # type: ignore[no-untyped-def]
-    sta_clock = Clock()
+    sta_clock = FakeClock()
     sta = authority(ephemeral_store, audit_path, clock=sta_clock)
     issued = await sta.issue(REQUEST)
     # Past the lifetime on the STA's clock (and on the memory store's, which expires it).

@@ -184,16 +184,20 @@ def user_passwd(name: str, directory: Path, password_stdin: bool) -> None:
     click.echo(f"password changed for {canonical}")
 
 
+def _set_disabled(name: str, directory: Path, disabled: bool) -> None:
+    from portcullis.identity.names import canonical_username
+
+    canonical = canonical_username(name)
+    _with_store(directory, lambda store: store.set_disabled(canonical, disabled))
+    click.echo(f"{'disabled' if disabled else 'enabled'} {canonical}")
+
+
 @user.command("disable")
 @click.argument("name")
 @dir_option
 def user_disable(name: str, directory: Path) -> None:
-    """Disable an account: its sessions and connections end within seconds."""
-    from portcullis.identity.names import canonical_username
-
-    canonical = canonical_username(name)
-    _with_store(directory, lambda store: store.set_disabled(canonical, True))
-    click.echo(f"disabled {canonical}")
+    """Disable an account: its sessions and connections end within about a second."""
+    _set_disabled(name, directory, True)
 
 
 @user.command("enable")
@@ -201,11 +205,7 @@ def user_disable(name: str, directory: Path) -> None:
 @dir_option
 def user_enable(name: str, directory: Path) -> None:
     """Enable a disabled account."""
-    from portcullis.identity.names import canonical_username
-
-    canonical = canonical_username(name)
-    _with_store(directory, lambda store: store.set_disabled(canonical, False))
-    click.echo(f"enabled {canonical}")
+    _set_disabled(name, directory, False)
 
 
 @user.command("list")
