@@ -157,7 +157,7 @@ class Node:
                 proxy = PortalProxy(settings.gateway.portal_url, self.role_tls_client("gateway"))
                 self._closers.append(proxy.close)
                 methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
-                routes.append(Route("/{path:path}", proxy, methods=methods))
+                routes.append(Route("/{path:path}", proxy.forward, methods=methods))
             host, port = parse_host_port(settings.gateway.listen)
             self.listeners.append(Listener(
                 "gateway", host, port, self._secure(Starlette(routes=routes)),

@@ -150,3 +150,20 @@ def test_init_refuses_to_overwrite_a_deployment(deployment: Deployment) -> None:
     result = run_cli("init", "--dir", str(deployment.directory))
     assert result.returncode == 2
     assert "already exists" in result.stderr
+
+
+def test_form_posts_without_the_csrf_token_are_refused(deployment: Deployment,
+                                                      client: httpx.Client) -> None:
+    token = client.post("/api/v1/login", json={
+        "answers": {"username": "admin", "password": deployment.admin_password}}).json()["token"]
+    client.cookies.set("__Host-portcullis-session", token)
+    forged = client.post("/launch/intranet", data={"csrf": "guess"})
+    missing = client.post("/launch/intranet", data={})
+    assert forged.status_code == missing.status_code == 403
+    page = client.get("/")
+    csrf = page.text.split('name="csrf" value="')[1].split('"')[0]
+    genuine = client.post("/launch/intranet", data={"csrf": csrf})
+    assert genuine.status_code == 200
+    assert genuine.headers["content-disposition"].startswith("attachment")
+    audit = (deployment.directory / "audit.jsonl").read_text()
+    assert audit.count('"event":"csrf.rejected"') == 2

@@ -83,6 +83,8 @@ def test_cli_signs_in_lists_resources_and_curl_fetches_a_page_through_the_launch
         running: Deployment, client_home: Path, start_process) -> None:  # type: ignore[no-untyped-def]
     curl = require_program("curl")
     login(running)
+    for kept in client_home.iterdir():
+        assert kept.stat().st_mode & 0o777 == 0o600, kept
     listed = run_cli("resources")
     assert listed.returncode == 0, listed.stderr
     names = [line.split()[0] for line in listed.stdout.splitlines()]
@@ -144,6 +146,11 @@ def test_json_api_signs_in_lists_and_downloads_a_launch_file(running: Deployment
         listed = client.get("/api/v1/resources", headers=headers)
         assert [r["name"] for r in listed.json()["resources"]] == ["intranet", "web", "echo"]
         launched = client.post("/api/v1/resources/echo/launch", headers=headers)
+        cookie = client.post("/api/v1/login", json={
+            "answers": {"username": "alice", "password": PASSWORD}}).headers["set-cookie"]
+    assert cookie.startswith("__Host-portcullis-session=")
+    assert {"secure", "httponly", "samesite=strict", "path=/"} <= {
+        part.strip().lower() for part in cookie.split(";")}
     assert launched.status_code == 200
     assert launched.headers["content-type"].startswith(MIME_TYPE)
     launch = parse_launch_file(launched.content)
@@ -345,3 +352,39 @@ def test_audit_trail_records_launch_bytes_and_duration_and_never_a_full_ticket(
     assert ended[-1]["duration"] >= 0 and ended[-1]["user"] == "alice"
     assert secret not in audit_file.read_text()
     assert secret not in gateway.output()
+
+
+def test_roles_each_in_their_own_process_launch_over_mutual_tls(
+        staffed: Deployment, client_home: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    """STA, portal and gateway apart: the gateway forwards the portal over mTLS."""
+    portal_port = staffed.port + 1
+    staffed.set("gateway", "portal_url", f'"https://127.0.0.1:{portal_port}"')
+    sta = start_process("serve", "sta", "--dir", str(staffed.directory), name="sta")
+    sta.wait_for(r"sta listening on")
+    staffed.set("sta", "id", '"EDGE"')   # the other processes run no STA of their own
+    portal = start_process("serve", "portal", "--dir", str(staffed.directory), name="portal")
+    portal.wait_for(r"portal listening on")
+    edge = start_process("serve", "gateway", "--dir", str(staffed.directory), name="edge")
+    edge.wait_for(r"gateway listening on")
+    login(staffed)
+    _, host, port = start_launch(start_process, "echo")
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"three processes")
+        assert sock.recv(100) == b"three processes"
+    # The portal signed the user in; the STA issued and redeemed the ticket.
+    assert "login.succeeded" in portal.output()
+    assert "ticket.redeemed" in sta.output()
+
+
+def test_the_sta_and_the_portal_accept_only_deployment_certificates(
+        staffed: Deployment, start_process) -> None:  # type: ignore[no-untyped-def]
+    sta = start_process("serve", "sta", "--dir", str(staffed.directory), name="sta")
+    sta.wait_for(r"sta listening on")
+    url = f"https://127.0.0.1:{staffed.port + 2}/sta/v1/health"
+    anonymous = ssl.create_default_context(cafile=str(staffed.ca))
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url, verify=anonymous)
+    role = ssl.create_default_context(cafile=str(staffed.ca))
+    pki = staffed.directory / "pki"
+    role.load_cert_chain(pki / "gateway.crt", pki / "gateway.key")
+    assert httpx.get(url, verify=role).json() == {"status": "ok", "sta": "STA01"}

@@ -20,7 +20,7 @@ class PortalProxy:
         self._http = httpx.AsyncClient(base_url=portal_url, verify=tls, timeout=15.0,
                                        follow_redirects=False)
 
-    async def __call__(self, request: Request) -> Response:
+    async def forward(self, request: Request) -> Response:
         headers = [(name, value) for name, value in request.headers.raw
                    if name.lower() not in HOP_BY_HOP]
         client = request.client.host if request.client else "unknown"
