@@ -43,6 +43,7 @@ from portcullis.sta.authority import TicketAuthority
 from portcullis.sta.client import RemoteTicketAuthority, TicketAuthorities, TicketIssuer
 from portcullis.store import DurableStore, EphemeralStore, open_ephemeral
 from portcullis.tokens import TokenHasher
+from portcullis.web.roles import role_checked_http
 from portcullis.web.security import SecurityMiddleware
 
 ROLES = ("gateway", "portal", "sta")
@@ -56,6 +57,8 @@ class Listener:
     app: ASGIApp
     tls: ssl.SSLContext
     trust_forwarded: bool = False
+    # Roles whose certificates may connect (mutual TLS); empty: anyone may.
+    client_roles: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -104,7 +107,8 @@ class Node:
             host, port = parse_host_port(settings.sta.listen)
             self.listeners.append(Listener(
                 "sta", host, port, self._secure(create_sta_app(local_sta)),
-                self.role_tls_server("sta", require_client_cert=True)))
+                self.role_tls_server("sta", require_client_cert=True),
+                client_roles=frozenset({"gateway", "portal"})))
 
         needs_sta = {"gateway", "portal"} & set(self.roles)
         authorities: TicketIssuer | None = None
@@ -139,7 +143,7 @@ class Node:
                 self.listeners.append(Listener(
                     "portal", host, port, self._secure(portal_app),
                     self.role_tls_server("portal", require_client_cert=True),
-                    trust_forwarded=True))
+                    trust_forwarded=True, client_roles=frozenset({"gateway"})))
 
         if "gateway" in self.roles:
             assert authorities is not None
@@ -172,12 +176,13 @@ class Node:
         # Only the gateway's listener takes WebSocket upgrades, straight to its endpoints.
         websocket: Any = (websocket_protocol_class(self.websocket_endpoints)
                           if listener.role == "gateway" else "none")
+        http: Any = (role_checked_http(listener.client_roles, listener.role, self.audit)
+                     if listener.client_roles else "httptools")
         return uvicorn.Config(
             listener.app, host=listener.host, port=listener.port,
             ssl_certfile="unused", ssl_context_factory=lambda config, default: listener.tls,
-            http="httptools", ws=websocket, ws_per_message_deflate=False,
+            http=http, ws=websocket, ws_per_message_deflate=False,
             ws_max_size=MAX_WEBSOCKET_MESSAGE,
-            h11_max_incomplete_event_size=self.settings.limits.max_header_bytes,
             lifespan="off", log_config=None, server_header=False, access_log=False,
             proxy_headers=listener.trust_forwarded,
             forwarded_allow_ips="*" if listener.trust_forwarded else None,

@@ -384,7 +384,17 @@ def test_the_sta_and_the_portal_accept_only_deployment_certificates(
     anonymous = ssl.create_default_context(cafile=str(staffed.ca))
     with pytest.raises(httpx.HTTPError):
         httpx.get(url, verify=anonymous)
-    role = ssl.create_default_context(cafile=str(staffed.ca))
     pki = staffed.directory / "pki"
-    role.load_cert_chain(pki / "gateway.crt", pki / "gateway.key")
-    assert httpx.get(url, verify=role).json() == {"status": "ok", "sta": "STA01"}
+
+    def as_role(role: str) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(staffed.ca))
+        context.load_cert_chain(pki / f"{role}.crt", pki / f"{role}.key")
+        return context
+
+    assert httpx.get(url, verify=as_role("gateway")).json() == {"status": "ok", "sta": "STA01"}
+    assert httpx.get(url, verify=as_role("portal")).status_code == 200
+    # Signed by the deployment CA, but not a role that may ask for tickets.
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url, verify=as_role("sta"))
+    audit = (staffed.directory / "audit.jsonl").read_text()
+    assert '"event":"tls.role_refused"' in audit and '"common_name":"portcullis-sta"' in audit

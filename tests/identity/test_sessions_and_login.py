@@ -166,3 +166,27 @@ async def test_account_status_is_remembered_for_its_ttl_then_asked_again(
     clock.now += 0.6
     assert not await accounts.is_active("alice")  # asked again after the TTL
     assert not await accounts.is_active("nobody")
+
+
+async def test_re_enabling_a_user_does_not_revive_sessions_from_before_the_disable(
+        login: LoginService, durable: DurableStore, ephemeral_store: EphemeralStore,
+        tmp_path: Path) -> None:
+    # The real clock here: the durable store stamps the disable with the time of day.
+    sessions = SessionManager(ephemeral_store, AccountStatus(durable, ttl=0),
+                              TokenHasher(b"s" * 32), SETTINGS)
+    token, _ = await sessions.create(Claims(sub="local:alice", username="alice"), "c")
+    assert await sessions.validate(token) is not None
+    await durable.set_disabled("alice", True)
+    await durable.set_disabled("alice", False)
+    assert await sessions.validate(token) is None
+    fresh, _ = await sessions.create(Claims(sub="local:alice", username="alice"), "c")
+    assert await sessions.validate(fresh) is not None
+
+
+async def test_changing_the_password_ends_existing_sessions(
+        durable: DurableStore, ephemeral_store: EphemeralStore) -> None:
+    sessions = SessionManager(ephemeral_store, AccountStatus(durable, ttl=0),
+                              TokenHasher(b"s" * 32), SETTINGS)
+    token, _ = await sessions.create(Claims(sub="local:alice", username="alice"), "c")
+    await durable.set_password("alice", hash_password("new"))
+    assert await sessions.validate(token) is None

@@ -10,10 +10,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from portcullis.store import DurableStore
 
 MAX_CACHED = 100_000
+
+
+@dataclass(frozen=True)
+class AccountState:
+    active: bool
+    # Sessions created before this (seconds since the epoch) are void.
+    sessions_valid_after: float = 0.0
+
+
+INACTIVE = AccountState(active=False)
 
 
 class AccountStatus:
@@ -22,16 +33,23 @@ class AccountStatus:
         self._durable = durable
         self._ttl = ttl
         self._clock = clock
-        self._known: dict[str, tuple[bool, float]] = {}
+        self._known: dict[str, tuple[AccountState, float]] = {}
 
-    async def is_active(self, username: str) -> bool:
+    async def state(self, username: str) -> AccountState:
         now = self._clock()
         known = self._known.get(username)
         if known is not None and known[1] > now:
             return known[0]
         user = await self._durable.get_user(username)
-        active = user is not None and not user.disabled
+        if user is None or user.disabled:
+            state = INACTIVE
+        else:
+            after = user.sessions_valid_after
+            state = AccountState(True, after.timestamp() if after is not None else 0.0)
         if len(self._known) >= MAX_CACHED:
             self._known.clear()
-        self._known[username] = (active, now + self._ttl)
-        return active
+        self._known[username] = (state, now + self._ttl)
+        return state
+
+    async def is_active(self, username: str) -> bool:
+        return (await self.state(username)).active

@@ -2,8 +2,9 @@
 
 Idle expiry is the ephemeral store's TTL, refreshed on use; the absolute limit is
 checked against the creation time. A session is valid only while its user exists and
-is enabled in the durable store, so disabling a user from any process ends their
-sessions within a second (`AccountStatus`), whichever ephemeral backend is in use.
+is enabled in the durable store, and only if it was created after the account was last
+disabled or its password changed: disabling a user from any process ends their sessions
+within a second (`AccountStatus`), for good, whichever ephemeral backend is in use.
 Never logs a token.
 """
 
@@ -66,7 +67,9 @@ class SessionManager:
         session = Session(handle, Claims.from_json(record["claims"]), record["client_address"],
                           record["created_at"])
         remaining = session.created_at + self._settings.absolute_timeout - self._clock()
-        if remaining <= 0 or not await self._accounts.is_active(session.username):
+        account = await self._accounts.state(session.username)
+        if (remaining <= 0 or not account.active
+                or session.created_at < account.sessions_valid_after):
             await self._ephemeral.delete(f"session:{handle}")
             return None
         await self._ephemeral.touch(f"session:{handle}",

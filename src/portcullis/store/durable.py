@@ -52,6 +52,9 @@ class UserRecord:
     groups: tuple[str, ...]
     disabled: bool
     created_at: datetime
+    # Sessions created before this moment are void: set when the account is disabled or
+    # its password changes, so a re-enabled account does not revive old sessions.
+    sessions_valid_after: datetime | None = None
 
 
 def async_database_url(url: str) -> URL:
@@ -213,14 +216,18 @@ class DurableStore:
         return [_record(row, tuple(groups_of.get(row.id, ()))) for row in rows]
 
     async def set_password(self, name: str, password_hash: str) -> None:
-        """Replace the password hash; NotFoundError if there is no such user."""
+        """Replace the password hash, voiding existing sessions; NotFoundError if no user."""
         async with self._write() as conn:
-            await self._update_user(conn, name, password_hash=password_hash)
+            await self._update_user(conn, name, password_hash=password_hash,
+                                    sessions_valid_after=datetime.now(UTC))
 
     async def set_disabled(self, name: str, disabled: bool) -> None:
-        """Disable or re-enable a user; NotFoundError if there is no such user."""
+        """Disable (voiding existing sessions) or re-enable a user; NotFoundError if no user."""
+        values: dict[str, Any] = {"disabled": disabled}
+        if disabled:
+            values["sessions_valid_after"] = datetime.now(UTC)
         async with self._write() as conn:
-            await self._update_user(conn, name, disabled=disabled)
+            await self._update_user(conn, name, **values)
 
     async def set_groups(self, name: str, groups: Iterable[str]) -> None:
         """Replace the user's groups with `groups`; NotFoundError if there is no such user."""
@@ -300,4 +307,6 @@ def _record(row: Row[Any], groups: tuple[str, ...]) -> UserRecord:
         groups=groups,
         disabled=bool(row.disabled),
         created_at=_as_utc(row.created_at),
+        sessions_valid_after=(_as_utc(row.sessions_valid_after)
+                              if row.sessions_valid_after is not None else None),
     )

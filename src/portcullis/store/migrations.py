@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     Boolean,
@@ -49,14 +50,23 @@ schema_version = Table(
     Column("applied_at", DateTime(timezone=True), nullable=False),
 )
 
+
+def _users_columns() -> list[Column[Any]]:
+    return [
+        Column("id", Integer, primary_key=True),
+        Column("name", String(255), nullable=False, unique=True),
+        Column("password_hash", String(512), nullable=True),
+        Column("disabled", Boolean, nullable=False, default=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+    ]
+
+
 users = Table(
     "users",
     metadata,
-    Column("id", Integer, primary_key=True),
-    Column("name", String(255), nullable=False, unique=True),
-    Column("password_hash", String(512), nullable=True),
-    Column("disabled", Boolean, nullable=False, default=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    *_users_columns(),
+    # Sessions created before this moment are void (set by disable and password change).
+    Column("sessions_valid_after", DateTime(timezone=True), nullable=True),
 )
 
 user_groups = Table(
@@ -80,9 +90,19 @@ class Migration:
 # The steps create the tables declared above. When a later step alters a table, the earlier
 # steps must keep creating the *old* shape (declare it inside the step), or a fresh database
 # and an upgraded one would differ.
+def _create_users_v1(conn: Connection) -> None:
+    Table("users", MetaData(), *_users_columns()).create(conn)
+
+
+def _add_sessions_valid_after(conn: Connection) -> None:
+    column_type = DateTime(timezone=True).compile(dialect=conn.dialect)
+    conn.execute(text(f"ALTER TABLE users ADD COLUMN sessions_valid_after {column_type}"))
+
+
 MIGRATIONS: Sequence[Migration] = (
-    Migration(1, "users", lambda conn: users.create(conn)),
+    Migration(1, "users", _create_users_v1),
     Migration(2, "user groups", lambda conn: user_groups.create(conn)),
+    Migration(3, "users.sessions_valid_after", _add_sessions_valid_after),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -1,0 +1,44 @@
+"""Listeners that only other roles may use check which role is calling.
+
+Mutual TLS proves that a client certificate was signed by the deployment CA; this
+checks its common name too, so that, say, only gateways (and not an STA's or a
+device's certificate) may call the portal, and only gateways and portals the STA.
+uvicorn does not expose the peer certificate to the app, so the check runs where the
+connection starts: in the HTTP protocol class it is configured with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Set
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from portcullis.audit import AuditTrail
+from portcullis.errors import PKIError
+from portcullis.pki import peer_common_name
+
+ROLE_NAMES = {"gateway": "portcullis-gateway", "portal": "portcullis-portal",
+              "sta": "portcullis-sta"}
+
+
+def role_checked_http(allowed_roles: Set[str], listener: str,
+                      audit: AuditTrail) -> type[asyncio.Protocol]:
+    allowed = {ROLE_NAMES[role] for role in allowed_roles}
+
+    class RoleCheckedHttp(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            ssl_object = transport.get_extra_info("ssl_object")
+            certificate = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+            try:
+                name = peer_common_name(certificate) if certificate else None
+            except PKIError:
+                name = None
+            if name not in allowed:
+                peer = transport.get_extra_info("peername")
+                audit.record("tls.role_refused", listener=listener, common_name=name,
+                             client=str(peer[0]) if peer else "unknown")
+                transport.abort()
+
+    return RoleCheckedHttp
