@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -63,7 +64,9 @@ class AuditTrail:
         self._file = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = path.open("a", encoding="utf-8", buffering=1)
+            # Readable by the service only: it names users and client addresses.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._file = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
 
     def record(self, event: str, **fields: Any) -> None:
         entry = {"at": time.time(), "event": event, **fields}

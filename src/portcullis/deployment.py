@@ -120,7 +120,8 @@ def init_deployment(directory: Path, *, hostname: str = "localhost",
         cert = issue_certificate(ca, f"portcullis-{role}", dns_names=names,
                                  ip_addresses=["127.0.0.1", "::1"])
         write_pair(pki, role, cert)
-    # The CA key signs nothing at run time; keep it out of the running tree.
+    # pki/ca.key signs nothing at run time: an administrator may move it offline and
+    # bring it back to issue more certificates.
     TokenHasher.create_key_file(directory / "secrets")
 
     settings = load_settings(config_path(directory))
@@ -134,4 +135,7 @@ def init_deployment(directory: Path, *, hostname: str = "localhost",
             await store.close()
 
     asyncio.run(create_admin())
+    # It holds password hashes: the service's eyes only.
+    for database in directory.glob("portcullis.db*"):
+        database.chmod(0o600)
     return InitResult(directory, ADMIN_USER, password, settings.gateway.public_url)

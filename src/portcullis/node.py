@@ -68,8 +68,8 @@ class Node:
     durable: DurableStore
     ephemeral: EphemeralStore
     audit: AuditTrail
+    registry: ConnectionRegistry
     listeners: list[Listener] = field(default_factory=list)
-    registry: ConnectionRegistry = field(default_factory=ConnectionRegistry)
     websocket_endpoints: dict[str, Opened] = field(default_factory=dict)
     _closers: list[Callable[[], Any]] = field(default_factory=list)
 
@@ -81,7 +81,8 @@ class Node:
         durable = await DurableStore.open(settings.durable_url())
         ephemeral = open_ephemeral(settings.store.ephemeral)
         audit = AuditTrail(settings.path(settings.log.audit_file))
-        node = cls(settings, tuple(dict.fromkeys(roles)), durable, ephemeral, audit)
+        node = cls(settings, tuple(dict.fromkeys(roles)), durable, ephemeral, audit,
+                   ConnectionRegistry(audit))
         node._wire()
         return node
 
@@ -100,6 +101,10 @@ class Node:
         accounts = AccountStatus(self.durable)
         local_sta: TicketAuthority | None = None
         if "sta" in self.roles:
+            if settings.sta.id not in settings.sta.authorities:
+                raise ConfigError(f"this node runs the STA {settings.sta.id}, which "
+                                  "sta.authorities does not list: portals and gateways "
+                                  "could not reach it", key="sta.id")
             local_sta = TicketAuthority(
                 settings.sta.id, self.ephemeral, hasher, self.audit,
                 lifetime=settings.sta.ticket_lifetime,

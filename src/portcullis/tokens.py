@@ -24,8 +24,14 @@ def new_token(nbytes: int = TOKEN_BYTES) -> str:
 
 
 def mask(token: str) -> str:
-    """What a log may show of a token: enough to correlate lines, never enough to use it."""
-    return token[:6] + "…" if len(token) > 12 else "…"
+    """What a log may show of a token: enough to correlate lines, never enough to use it.
+
+    A ticket keeps its STA id and the first 6 characters of its secret (36 of 192 bits).
+    """
+    prefix, separator, secret = token.rpartition(";")
+    if len(secret) <= 12:
+        return prefix + separator + "…"
+    return prefix + separator + secret[:6] + "…"
 
 
 class TokenHasher:

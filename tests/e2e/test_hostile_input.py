@@ -167,3 +167,34 @@ def test_form_posts_without_the_csrf_token_are_refused(deployment: Deployment,
     assert genuine.headers["content-disposition"].startswith("attachment")
     audit = (deployment.directory / "audit.jsonl").read_text()
     assert audit.count('"event":"csrf.rejected"') == 2
+
+
+def test_unknown_and_forbidden_resources_look_the_same(deployment: Deployment,
+                                                       client: httpx.Client) -> None:
+    token = client.post("/api/v1/login", json={
+        "answers": {"username": "admin", "password": deployment.admin_password}}).json()["token"]
+    headers = {"authorization": f"Bearer {token}"}
+    unknown = client.post("/api/v1/resources/no-such-thing/launch", headers=headers)
+    assert unknown.status_code == 403 and unknown.json() == {"error": "denied"}
+
+
+def test_api_posts_signed_in_by_cookie_need_a_json_content_type(
+        deployment: Deployment, client: httpx.Client) -> None:
+    token = client.post("/api/v1/login", json={
+        "answers": {"username": "admin", "password": deployment.admin_password}}).json()["token"]
+    client.cookies.set("__Host-portcullis-session", token)
+    # What a cross-site form could send: refused.
+    assert client.post("/api/v1/resources/intranet/launch",
+                       data={"x": "1"}).status_code == 403
+    assert client.post("/api/v1/logout", data={}).status_code == 403
+    # What the portal's own scripts send: accepted.
+    assert client.post("/api/v1/resources/intranet/launch", json={}).status_code == 200
+
+
+def test_sign_out_form_without_the_csrf_token_keeps_the_session(
+        deployment: Deployment, client: httpx.Client) -> None:
+    token = client.post("/api/v1/login", json={
+        "answers": {"username": "admin", "password": deployment.admin_password}}).json()["token"]
+    client.cookies.set("__Host-portcullis-session", token)
+    assert client.post("/logout", data={"csrf": "forged"}).status_code == 403
+    assert client.get("/api/v1/session").status_code == 200

@@ -148,8 +148,10 @@ def _read_password(from_stdin: bool) -> str:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-    if not password:
-        fail("the password is empty", 2)
+    from portcullis.identity.passwords import MAX_PASSWORD
+
+    if not password or len(password) > MAX_PASSWORD:
+        fail(f"a password must be 1 to {MAX_PASSWORD} characters", 2)
     return password
 
 

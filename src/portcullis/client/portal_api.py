@@ -59,10 +59,9 @@ class PortalApi:
 
     def launch(self, name: str) -> LaunchFile:
         response = self._request("POST", f"/api/v1/resources/{name}/launch")
-        if response.status_code == 404:
-            raise ClientError(f"there is no resource named {name!r} for you")
         if response.status_code == 403:
-            raise ClientError(f"you may not launch {name!r}")
+            raise ClientError(f"you may not launch {name!r} (or there is no such resource); "
+                              "'portcullis resources' lists yours")
         self._check(response)
         return parse_launch_file(response.content)
 

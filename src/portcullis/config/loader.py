@@ -44,7 +44,7 @@ def parse_settings(text: str, *, path: Path) -> Settings:
         error = exc.errors()[0]
         key = _dotted(error["loc"])
         line = _line_of_key(text, error["loc"])
-        message = error["msg"]
+        message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown setting (check the spelling; see docs/configuration.md)"
         raise ConfigError(message, key=key, line=line, path=str(path)) from None

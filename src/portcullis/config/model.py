@@ -13,6 +13,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from portcullis.errors import AuthError
+from portcullis.identity.names import canonical_username
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
@@ -101,7 +104,7 @@ class StoreSettings(Section):
     @field_validator("durable")
     @classmethod
     def _durable(cls, value: str) -> str:
-        if not re.match(r"(sqlite|postgresql)(\+\w+)?://", value):
+        if not re.match(r"(sqlite|postgresql|postgres)(\+\w+)?://", value):
             raise ValueError(f"must be a sqlite:/// or postgresql:// URL, got {value!r}")
         return value
 
@@ -138,14 +141,25 @@ class Resource(Section):
     users: list[str] = Field(default_factory=list)
     description: str = ""
 
-    @field_validator("title", "description")
+    @field_validator("title", "description", mode="before")
     @classmethod
-    def _printable(cls, value: str) -> str:
+    def _printable(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value   # the type check that follows says what is wrong
         # Titles travel in launch files, where a line break could forge a field.
         if any(ord(char) < 0x20 or ord(char) == 0x7F or char in "\u2028\u2029\x85"
                for char in value):
             raise ValueError("must not contain control characters or line breaks")
         return value.strip()
+
+    @field_validator("users")
+    @classmethod
+    def _canonical_users(cls, value: list[str]) -> list[str]:
+        # Compared with signed-in users' canonical names, so written the same way.
+        try:
+            return [canonical_username(name) for name in value]
+        except AuthError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("address")
     @classmethod

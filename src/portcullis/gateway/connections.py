@@ -10,17 +10,15 @@ import asyncio
 import contextlib
 from collections import defaultdict
 
-import structlog
-
+from portcullis.audit import AuditTrail
 from portcullis.net.muxsession import MuxSession
 from portcullis.proto.mux import Reason
 from portcullis.store import DurableStore
 
-log = structlog.get_logger("portcullis.gateway")
-
 
 class ConnectionRegistry:
-    def __init__(self) -> None:
+    def __init__(self, audit: AuditTrail) -> None:
+        self._audit = audit
         self._by_user: dict[str, set[MuxSession]] = defaultdict(set)
 
     def add(self, user: str, session: MuxSession) -> None:
@@ -59,5 +57,5 @@ class ConnectionRegistry:
             with contextlib.suppress(Exception):
                 for user in await durable.disabled_among(users):
                     ended = self.end_user(user, Reason.ADMIN_ENDED, "account disabled")
-                    log.info("connections ended", user=user, count=ended,
-                             reason="account disabled")
+                    self._audit.record("account.connections_ended", user=user,
+                                       connections=ended, reason="account disabled")

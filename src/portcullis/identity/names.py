@@ -1,8 +1,8 @@
 """One canonical form of a user name, applied once at the edge.
 
-Every factor, lockout counter and store key uses the canonical form, so that "Alice",
-" alice " and "ａｌｉｃｅ" (full-width) are one identity and a variant spelling can never
-skip a factor or a lockout.
+Every factor and store key uses the canonical form, so that "Alice", " alice " and
+"ａｌｉｃｅ" (full-width) are one identity and a variant spelling is never a second
+account.
 """
 
 from __future__ import annotations

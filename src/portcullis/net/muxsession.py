@@ -179,7 +179,8 @@ class MuxSession:
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
         self.hello: asyncio.Future[dict[str, object]] = self._loop.create_future()
-        self.goaway: tuple[Reason, str] | None = None
+        self.goaway: tuple[Reason, str] | None = None     # the peer ended the session
+        self.ended_here: tuple[Reason, str] | None = None  # we did
         self.protocol_error: str | None = None
         self.totals = StreamCounters()
         self.closed = asyncio.Event()
@@ -235,6 +236,8 @@ class MuxSession:
     # -- the owner's side ---------------------------------------------------------
     def close(self, reason: Reason, message: str) -> None:
         """End the whole tunnel, telling the peer why."""
+        if self.ended_here is None:
+            self.ended_here = (reason, message)
         with contextlib.suppress(ProtocolError, ValueError):
             self.mux.send_goaway(reason, message)
         self._end(1000, message)
@@ -266,9 +269,11 @@ class MuxSession:
         """Why the session ended, for logs and the audit trail."""
         if self.protocol_error is not None:
             return f"protocol error: {self.protocol_error}"
-        if self.goaway is not None:
-            reason, message = self.goaway
-            return f"peer ended it: {reason.name.lower()}" + (f" ({message})" if message else "")
+        for who, ended in (("peer", self.goaway), ("this side", self.ended_here)):
+            if ended is not None:
+                reason, message = ended
+                return f"{who} ended it: {reason.name.lower()}" + (
+                    f" ({message})" if message else "")
         return "connection closed"
 
     @property

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -35,6 +36,8 @@ from portcullis.sta.authority import TicketRequest
 from portcullis.sta.client import TicketIssuer
 from portcullis.store import DurableStore, EphemeralStore
 from portcullis.tokens import TokenHasher
+
+log = structlog.get_logger("portcullis.portal")
 
 SESSION_COOKIE = "__Host-portcullis-session"
 CSRF_COOKIE = "__Host-portcullis-csrf"
@@ -79,6 +82,18 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         token = token_of(request)
         return await deps.sessions.validate(token) if token else None
 
+    def api_post_allowed(request: Request) -> bool:
+        """A state-changing API call carries a Bearer token, or, signed in by cookie, a
+        JSON content type, which no cross-site form can send (CSRF on the API)."""
+        if request.headers.get("authorization", "").lower().startswith("bearer "):
+            return True
+        if SESSION_COOKIE not in request.cookies:
+            return True   # no session at all: the endpoint answers 401
+        if "application/json" in request.headers.get("content-type", ""):
+            return True
+        deps.audit.record("csrf.rejected", path=request.url.path, client=client_of(request))
+        return False
+
     def csrf_for(token: str) -> str:
         return deps.hasher.digest("csrf", token)[:32]
 
@@ -95,13 +110,12 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
 
     async def launch_file_for(session: Session, name: str, client: str) -> Response:
         decision = authorize_launch(settings.resources, session.claims, name)
-        if decision.resource is None:
-            return JSONResponse({"error": "no such resource"}, 404)
-        if not decision.allowed:
+        # Unknown and forbidden look the same, so users cannot map what exists.
+        resource = decision.resource
+        if not decision.allowed or resource is None:
             deps.audit.record("launch.denied", user=session.username, resource=name,
                               reason=decision.reason, client=client)
             return JSONResponse({"error": "denied"}, 403)
-        resource = decision.resource
         try:
             issued = await deps.authorities.issue(TicketRequest(
                 user=session.username, resource=resource.name, address=resource.address,
@@ -144,6 +158,8 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         return JSONResponse({"status": "denied", "error": "denied"}, 401)
 
     async def api_logout(request: Request) -> JSONResponse:
+        if not api_post_allowed(request):
+            return JSONResponse({"error": "denied"}, 403)
         token = token_of(request)
         if token:
             await deps.sessions.end(token)
@@ -167,6 +183,8 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
             for r in visible_resources(settings.resources, session.claims)]})
 
     async def api_launch(request: Request) -> Response:
+        if not api_post_allowed(request):
+            return JSONResponse({"error": "denied"}, 403)
         session = await current_session(request)
         if session is None:
             return JSONResponse({"error": "not signed in"}, 401)
@@ -181,7 +199,11 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
             except StoreError as exc:
                 checks[name] = str(exc)
         healthy = all(value == "ok" for value in checks.values())
-        return JSONResponse({"status": "ok" if healthy else "degraded", "checks": checks},
+        if not healthy:
+            log.warning("health check failed", **checks)   # the detail stays in our log
+        public = {name: "ok" if value == "ok" else "unavailable"
+                  for name, value in checks.items()}
+        return JSONResponse({"status": "ok" if healthy else "degraded", "checks": public},
                             200 if healthy else 503)
 
     # -- pages -----------------------------------------------------------------------
@@ -247,7 +269,10 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
     async def logout_page(request: Request) -> Response:
         form = await request.form()
         token = request.cookies.get(SESSION_COOKIE)
-        if token and csrf_ok(request, form.get("csrf")):
+        if token and not csrf_ok(request, form.get("csrf")):
+            deps.audit.record("csrf.rejected", path="/logout", client=client_of(request))
+            return Response("denied", 403, media_type="text/plain")
+        if token:
             await deps.sessions.end(token)
         response = RedirectResponse("/login", 303)
         response.delete_cookie(SESSION_COOKIE, secure=True, httponly=True, samesite="strict")

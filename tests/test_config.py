@@ -1,0 +1,61 @@
+"""Configuration: typed settings whose errors name the key and the line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from portcullis.config import parse_settings
+from portcullis.errors import ConfigError
+
+RESOURCE = '[[resources]]\nname = "wiki"\ntitle = "Wiki"\naddress = "wiki:80"\n'
+
+
+def error_of(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(text, path=Path("/etc/portcullis.toml"))
+    return caught.value
+
+
+def test_an_invalid_value_names_the_key_and_its_line() -> None:
+    error = error_of('[gateway]\nlisten = "127.0.0.1:8443"\n\n[sta]\nticket_lifetime = -1\n')
+    assert (error.key, error.line) == ("sta.ticket_lifetime", 5)
+    assert str(error).startswith("/etc/portcullis.toml:5: sta.ticket_lifetime: ")
+
+
+def test_an_error_in_the_second_resource_points_at_its_own_line() -> None:
+    error = error_of(RESOURCE + '\n[[resources]]\nname = "b"\ntitle = "B"\naddress = "nohost"\n')
+    assert (error.key, error.line) == ("resources[1].address", 9)
+    assert "Value error" not in str(error) and "HOST:PORT" in str(error)
+
+
+def test_a_misspelt_key_is_an_error_not_ignored() -> None:
+    error = error_of("[gateway]\nlisen = 1\n")
+    assert error.key == "gateway.lisen" and "unknown setting" in str(error)
+
+
+def test_broken_toml_names_the_line() -> None:
+    assert error_of('[gateway]\nlisten = "unterminated\n').line == 2
+
+
+def test_resource_user_names_are_canonical_and_titles_trimmed() -> None:
+    settings = parse_settings(RESOURCE.replace('title = "Wiki"', 'title = "  Wiki  "')
+                              + 'users = [" Alice", "ＢＯＢ"]\n', path=Path("p.toml"))
+    assert settings.resources[0].users == ["alice", "bob"]
+    assert settings.resources[0].title == "Wiki"
+
+
+@pytest.mark.parametrize("title", ['"   "', '"two\\nlines"', '"tab\\there"'])
+def test_blank_or_multi_line_titles_are_refused(title: str) -> None:
+    error = error_of(RESOURCE.replace('"Wiki"', title))
+    assert error.key == "resources[0].title"
+
+
+def test_duplicate_resource_names_are_refused() -> None:
+    assert "used twice" in str(error_of(RESOURCE + "\n" + RESOURCE))
+
+
+@pytest.mark.parametrize("url", ["sqlite:///x.db", "postgresql://u@h/d", "postgres://u@h/d"])
+def test_durable_store_urls_are_accepted(url: str) -> None:
+    parse_settings(f'[store]\ndurable = "{url}"\n', path=Path("p.toml"))
