@@ -59,3 +59,12 @@ def test_duplicate_resource_names_are_refused() -> None:
 @pytest.mark.parametrize("url", ["sqlite:///x.db", "postgresql://u@h/d", "postgres://u@h/d"])
 def test_durable_store_urls_are_accepted(url: str) -> None:
     parse_settings(f'[store]\ndurable = "{url}"\n', path=Path("p.toml"))
+
+
+def test_a_misspelt_resource_key_is_named_rather_than_the_missing_one() -> None:
+    error = error_of(RESOURCE.replace("address", "adress"))
+    assert (error.key, error.line) == ("resources[0].adress", 4)
+
+
+def test_a_repeated_resource_name_points_at_the_repeat() -> None:
+    assert error_of(RESOURCE + "\n" + RESOURCE).line == 7

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from starlette.types import ASGIApp
 
 from portcullis.audit import AuditTrail
 from portcullis.config.model import Settings, parse_host_port
-from portcullis.errors import ConfigError
+from portcullis.errors import ConfigError, StoreError
 from portcullis.gateway.connections import ConnectionRegistry
 from portcullis.gateway.launch import PATH as LAUNCH_PATH
 from portcullis.gateway.launch import LaunchEndpoint, LaunchSettings
@@ -80,6 +81,11 @@ class Node:
             raise ConfigError(f"roles must be among {', '.join(ROLES)}; got {list(roles)}")
         durable = await DurableStore.open(settings.durable_url())
         ephemeral = open_ephemeral(settings.store.ephemeral)
+        try:
+            await ephemeral.ping()   # a wrong Redis URL fails now, not at the first login
+        except StoreError:
+            await durable.close()
+            raise
         audit = AuditTrail(settings.path(settings.log.audit_file))
         node = cls(settings, tuple(dict.fromkeys(roles)), durable, ephemeral, audit,
                    ConnectionRegistry(audit))
@@ -193,8 +199,27 @@ class Node:
             forwarded_allow_ips="*" if listener.trust_forwarded else None,
             timeout_graceful_shutdown=3)
 
+    def bind(self) -> list[socket.socket]:
+        """Bind every listener's socket now, so a taken port is one clear error."""
+        sockets: list[socket.socket] = []
+        for listener in self.listeners:
+            try:
+                family = socket.getaddrinfo(listener.host, listener.port,
+                                            type=socket.SOCK_STREAM)[0][0]
+                sockets.append(socket.create_server((listener.host, listener.port),
+                                                    family=family, backlog=1024))
+            except OSError as exc:
+                for bound in sockets:
+                    bound.close()
+                key = {"sta": "sta.listen", "portal": "portal.listen"}.get(
+                    listener.role, "gateway.listen")
+                raise ConfigError(f"cannot listen on {listener.host}:{listener.port} for the "
+                                  f"{listener.role} role: {exc.strerror}", key=key) from None
+        return sockets
+
     async def serve(self, on_ready: Callable[[Node], None] | None = None) -> None:
         """Serve every listener until SIGINT/SIGTERM; then close the stores."""
+        sockets = self.bind()
         servers = [uvicorn.Server(self.uvicorn_config(listener)) for listener in self.listeners]
         loop = asyncio.get_running_loop()
 
@@ -205,7 +230,8 @@ class Node:
         watcher = asyncio.ensure_future(self.registry.watch_disabled(self.durable))
         # _serve, not serve: serve() would install its own signal handlers per server,
         # and one process runs several servers that must stop together.
-        tasks = [asyncio.ensure_future(server._serve()) for server in servers]
+        tasks = [asyncio.ensure_future(server._serve([sock]))
+                 for server, sock in zip(servers, sockets, strict=True)]
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop)
         try:
@@ -223,9 +249,6 @@ class Node:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             await self.close()
-        failed = [server for server in servers if not server.started]
-        if failed:
-            raise ConfigError("a listener could not start (is its port in use?)")
 
     async def close(self) -> None:
         for closer in self._closers:

@@ -198,3 +198,24 @@ def test_sign_out_form_without_the_csrf_token_keeps_the_session(
     client.cookies.set("__Host-portcullis-session", token)
     assert client.post("/logout", data={"csrf": "forged"}).status_code == 403
     assert client.get("/api/v1/session").status_code == 200
+
+
+def test_a_taken_port_exits_2_naming_the_listener(deployment: Deployment) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", deployment.port + 2))
+        taken.listen()
+        result = run_cli("up", "--dir", str(deployment.directory))
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{deployment.port + 2} for the sta role" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unreachable_redis_stops_startup_with_the_address(deployment: Deployment) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    deployment.set("store", "ephemeral", f'"redis://127.0.0.1:{port}/0"')
+    result = run_cli("up", "--dir", str(deployment.directory))
+    assert result.returncode == 1
+    assert f"cannot reach Redis at 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -315,6 +315,23 @@ def test_launch_streams_reach_only_the_ticket_address(running: Deployment) -> No
     assert accepted
 
 
+def test_launch_says_when_the_resource_server_is_down(
+        staffed: Deployment, client_home: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = closed.getsockname()[1]
+    staffed.add_resource("dead", f"127.0.0.1:{dead}", ["staff"], "Dead server")
+    gateway = start_process("up", "--dir", str(staffed.directory), name="up")
+    gateway.wait_for(r"Portal: https://")
+    login(staffed)
+    process, host, port = start_launch(start_process, "dead")
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.settimeout(10)
+        assert sock.recv(10) == b""
+    process.wait_for(r"a connection to Dead server failed: the resource's server is not "
+                     r"available \(refused\)")
+
+
 def test_launch_exec_starts_the_application_against_the_listener(
         running: Deployment, client_home: Path) -> None:
     curl = require_program("curl")

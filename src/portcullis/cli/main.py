@@ -239,6 +239,8 @@ def login(url: str, username: str, password_stdin: bool, ca_file: str | None) ->
     from portcullis.client.portal_api import PortalApi
     from portcullis.client.state import ClientState, client_home, keep_ca_file
 
+    if not url.startswith("https://"):
+        fail(f"the gateway URL must start with https:// (got {url!r})", 2)
     home = client_home()
     stdin_lines = iter(sys.stdin.readline, "") if password_stdin else iter(())
 
@@ -332,8 +334,12 @@ def launch(name: str | None, launch_file: Path | None, listen: str, command: str
         click.echo(f"{launch_data.title}: listening on {bound_host}:{bound_port}")
         sys.stdout.flush()
 
+    def refused(message: str) -> None:
+        click.echo(f"portcullis: a connection to {launch_data.title} failed: {message}", err=True)
+
     status = run_async(run_launch(launch_data, _client_tls(ca_file), host=host, port=port,
-                                  on_listening=listening, command=command))
+                                  on_listening=listening, on_refused=refused,
+                                  command=command))
     sys.exit(status)
 
 

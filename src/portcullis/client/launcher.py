@@ -46,12 +46,16 @@ async def connect_launch(launch: LaunchFile, tls: ssl.SSLContext) -> MuxSession:
 
 async def run_launch(launch: LaunchFile, tls: ssl.SSLContext, *, host: str, port: int,
                      on_listening: Callable[[str, int], None],
+                     on_refused: Callable[[str], None] | None = None,
                      command: str | None = None) -> int:
     """Serve the local listener until the launch ends, the command exits, or we're stopped.
 
     Returns the exit status of `command`, or 0.
     """
     session = await connect_launch(launch, tls)
+    if on_refused is not None:
+        session.on_refused = lambda reason, message: on_refused(
+            f"{message or 'refused'} ({reason.name.lower().replace('_', ' ')})")
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: session.open_local(mux.Protocol.TCP, "", 0), host, port)

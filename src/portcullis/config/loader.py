@@ -41,10 +41,13 @@ def parse_settings(text: str, *, path: Path) -> Settings:
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        key = _dotted(error["loc"])
-        line = _line_of_key(text, error["loc"])
+        # A misspelt key also makes the real one "missing": name the misspelling first.
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        error = errors[0]
+        key = _dotted(error["loc"]) or None
         message = error["msg"].removeprefix("Value error, ")
+        line = _line_of_key(text, error["loc"]) if error["loc"] else _line_of_quoted(
+            text, message)
         if error["type"] == "extra_forbidden":
             message = "unknown setting (check the spelling; see docs/configuration.md)"
         raise ConfigError(message, key=key, line=line, path=str(path)) from None
@@ -59,6 +62,17 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
         else:
             parts.append(item)
     return ".".join(parts)
+
+
+def _line_of_quoted(text: str, message: str) -> int | None:
+    """For whole-file errors ("resource name 'x' is used twice"): the last line that
+    sets the quoted value, which is the offending repeat."""
+    match = re.search(r"'([^']+)'", message)
+    if not match:
+        return None
+    pattern = re.compile(rf"=\s*[\"']{re.escape(match.group(1))}[\"']")
+    lines = [number for number, line in enumerate(text.splitlines(), 1) if pattern.search(line)]
+    return lines[-1] if lines else None
 
 
 def _line_of_decode_error(message: str) -> int | None:

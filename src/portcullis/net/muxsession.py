@@ -185,6 +185,8 @@ class MuxSession:
         self.totals = StreamCounters()
         self.closed = asyncio.Event()
         self.sources_paused = False
+        # Told when the peer refuses a stream we opened (the client prints it).
+        self.on_refused: Callable[[Reason, str], None] | None = None
 
     # -- the carrier's side -------------------------------------------------------
     def attach(self, carrier: MessageCarrier) -> None:
@@ -317,6 +319,8 @@ class MuxSession:
                 if (bridge := streams.get(event.stream_id)) is not None:
                     bridge.on_accepted()
             elif isinstance(event, mux.StreamRefused | mux.StreamReset):
+                if isinstance(event, mux.StreamRefused) and self.on_refused is not None:
+                    self.on_refused(event.reason, event.message)
                 if (bridge := streams.get(event.stream_id)) is not None:
                     self.forget(bridge)
                     bridge.on_ended((event.reason, event.message))

@@ -278,7 +278,11 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         response.delete_cookie(SESSION_COOKIE, secure=True, httponly=True, samesite="strict")
         return response
 
-    return Starlette(routes=[
+    async def store_unavailable(request: Request, exc: Exception) -> Response:
+        log.error("store unavailable", path=request.url.path, error=str(exc))
+        return JSONResponse({"error": "temporarily unavailable; try again shortly"}, 503)
+
+    return Starlette(exception_handlers={StoreError: store_unavailable}, routes=[
         Route("/api/v1/login", api_login, methods=["POST"]),
         Route("/api/v1/logout", api_logout, methods=["POST"]),
         Route("/api/v1/session", api_session, methods=["GET"]),
