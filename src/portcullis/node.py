@@ -102,81 +102,92 @@ class Node:
         return client_context(self.settings.ca_cert_path, cert_file=cert, key_file=key)
 
     def _wire(self) -> None:
-        settings = self.settings
-        hasher = TokenHasher.from_directory(settings.path(settings.secrets_dir))
+        """Build each role this node runs, and its listener."""
+        hasher = TokenHasher.from_directory(self.settings.path(self.settings.secrets_dir))
         accounts = AccountStatus(self.durable)
-        local_sta: TicketAuthority | None = None
-        if "sta" in self.roles:
-            if settings.sta.id not in settings.sta.authorities:
-                raise ConfigError(f"this node runs the STA {settings.sta.id}, which "
-                                  "sta.authorities does not list: portals and gateways "
-                                  "could not reach it", key="sta.id")
-            local_sta = TicketAuthority(
-                settings.sta.id, self.ephemeral, hasher, self.audit,
-                lifetime=settings.sta.ticket_lifetime,
-                bind_client_address=settings.sta.bind_client_address)
-            host, port = parse_host_port(settings.sta.listen)
-            self.listeners.append(Listener(
-                "sta", host, port, self._secure(create_sta_app(local_sta)),
-                self.role_tls_server("sta", require_client_cert=True),
-                client_roles=frozenset({"gateway", "portal"})))
-
-        needs_sta = {"gateway", "portal"} & set(self.roles)
-        authorities: TicketIssuer | None = None
-        if needs_sta:
-            client_role = "gateway" if "gateway" in self.roles else "portal"
-            by_id: dict[str, TicketIssuer] = {}
-            for sta_id, url in settings.sta.authorities.items():
-                if local_sta is not None and sta_id == local_sta.sta_id:
-                    by_id[sta_id] = local_sta
-                else:
-                    remote = RemoteTicketAuthority(url, self.role_tls_client(client_role))
-                    by_id[sta_id] = remote
-                    self._closers.append(remote.close)
-            issuing = settings.sta.id if settings.sta.id in by_id else next(iter(by_id))
-            authorities = TicketAuthorities(issuing, by_id)
-
-        portal_app: Starlette | None = None
-        if "portal" in self.roles:
-            assert authorities is not None
-            sessions = SessionManager(self.ephemeral, accounts, hasher, settings.session)
-            flow = LoginFlow("default", [LocalPasswordFactor(self.durable)])
-            login = LoginService(flow, self.ephemeral, hasher, sessions, settings.session,
-                                 self.audit)
-            portal_app = create_portal_app(PortalDeps(
-                settings=settings, sessions=sessions, login=login, authorities=authorities,
-                hasher=hasher, durable=self.durable, ephemeral=self.ephemeral,
-                audit=self.audit))
-            if "gateway" not in self.roles:
-                host, port = parse_host_port(settings.portal.listen)
-                # Alone, the portal is reached only through gateways (mutual TLS), whose
-                # X-Forwarded-For it may therefore believe.
-                self.listeners.append(Listener(
-                    "portal", host, port, self._secure(portal_app),
-                    self.role_tls_server("portal", require_client_cert=True),
-                    trust_forwarded=True, client_roles=frozenset({"gateway"})))
-
+        local_sta = self._sta_role(hasher) if "sta" in self.roles else None
+        if not {"gateway", "portal"} & set(self.roles):
+            return
+        authorities = self._ticket_authorities(local_sta)
+        portal_app = (self._portal_role(hasher, accounts, authorities)
+                      if "portal" in self.roles else None)
         if "gateway" in self.roles:
-            assert authorities is not None
-            launch = LaunchEndpoint(
-                authorities, DirectDialer(), accounts, self.registry, self.audit,
-                LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds))
-            self.websocket_endpoints[LAUNCH_PATH] = launch.opened
-            routes: list[Any] = []
-            if portal_app is not None:
-                routes.append(Mount("/", app=portal_app))
+            self._gateway_role(accounts, authorities, portal_app)
+
+    def _sta_role(self, hasher: TokenHasher) -> TicketAuthority:
+        settings = self.settings
+        if settings.sta.id not in settings.sta.authorities:
+            raise ConfigError(f"this node runs the STA {settings.sta.id}, which "
+                              "sta.authorities does not list: portals and gateways "
+                              "could not reach it", key="sta.id")
+        authority = TicketAuthority(
+            settings.sta.id, self.ephemeral, hasher, self.audit,
+            lifetime=settings.sta.ticket_lifetime,
+            bind_client_address=settings.sta.bind_client_address)
+        host, port = parse_host_port(settings.sta.listen)
+        self.listeners.append(Listener(
+            "sta", host, port, self._secure(create_sta_app(authority)),
+            self.role_tls_server("sta", require_client_cert=True),
+            client_roles=frozenset({"gateway", "portal"})))
+        return authority
+
+    def _ticket_authorities(self, local_sta: TicketAuthority | None) -> TicketAuthorities:
+        """Every configured STA: this process's directly, the others over mutual TLS."""
+        settings = self.settings
+        client_role = "gateway" if "gateway" in self.roles else "portal"
+        by_id: dict[str, TicketIssuer] = {}
+        for sta_id, url in settings.sta.authorities.items():
+            if local_sta is not None and sta_id == local_sta.sta_id:
+                by_id[sta_id] = local_sta
             else:
-                if not settings.gateway.portal_url:
-                    raise ConfigError("set gateway.portal_url when the portal runs elsewhere",
-                                      key="gateway.portal_url")
-                proxy = PortalProxy(settings.gateway.portal_url, self.role_tls_client("gateway"))
-                self._closers.append(proxy.close)
-                methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
-                routes.append(Route("/{path:path}", proxy.forward, methods=methods))
-            host, port = parse_host_port(settings.gateway.listen)
+                remote = RemoteTicketAuthority(url, self.role_tls_client(client_role))
+                by_id[sta_id] = remote
+                self._closers.append(remote.close)
+        issuing = settings.sta.id if settings.sta.id in by_id else next(iter(by_id))
+        return TicketAuthorities(issuing, by_id)
+
+    def _portal_role(self, hasher: TokenHasher, accounts: AccountStatus,
+                     authorities: TicketIssuer) -> Starlette:
+        settings = self.settings
+        sessions = SessionManager(self.ephemeral, accounts, hasher, settings.session)
+        flow = LoginFlow("default", [LocalPasswordFactor(self.durable)])
+        login = LoginService(flow, self.ephemeral, hasher, sessions, settings.session,
+                             self.audit)
+        portal_app = create_portal_app(PortalDeps(
+            settings=settings, sessions=sessions, login=login, authorities=authorities,
+            hasher=hasher, durable=self.durable, ephemeral=self.ephemeral, audit=self.audit))
+        if "gateway" not in self.roles:
+            host, port = parse_host_port(settings.portal.listen)
+            # Alone, the portal is reached only through gateways (mutual TLS), whose
+            # X-Forwarded-For it may therefore believe.
             self.listeners.append(Listener(
-                "gateway", host, port, self._secure(Starlette(routes=routes)),
-                self.role_tls_server("gateway", require_client_cert=False)))
+                "portal", host, port, self._secure(portal_app),
+                self.role_tls_server("portal", require_client_cert=True),
+                trust_forwarded=True, client_roles=frozenset({"gateway"})))
+        return portal_app
+
+    def _gateway_role(self, accounts: AccountStatus, authorities: TicketIssuer,
+                      portal_app: Starlette | None) -> None:
+        settings = self.settings
+        launch = LaunchEndpoint(
+            authorities, DirectDialer(), accounts, self.registry, self.audit,
+            LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds))
+        self.websocket_endpoints[LAUNCH_PATH] = launch.opened
+        routes: list[Any] = []
+        if portal_app is not None:
+            routes.append(Mount("/", app=portal_app))
+        else:
+            if not settings.gateway.portal_url:
+                raise ConfigError("set gateway.portal_url when the portal runs elsewhere",
+                                  key="gateway.portal_url")
+            proxy = PortalProxy(settings.gateway.portal_url, self.role_tls_client("gateway"))
+            self._closers.append(proxy.close)
+            methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
+            routes.append(Route("/{path:path}", proxy.forward, methods=methods))
+        host, port = parse_host_port(settings.gateway.listen)
+        self.listeners.append(Listener(
+            "gateway", host, port, self._secure(Starlette(routes=routes)),
+            self.role_tls_server("gateway", require_client_cert=False)))
 
     def _secure(self, app: ASGIApp) -> ASGIApp:
         limits = self.settings.limits
