@@ -17,18 +17,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
 from portcullis.audit import AuditTrail
+from portcullis.config import config_path, load_settings
 from portcullis.config.model import Settings, parse_host_port
 from portcullis.errors import ConfigError, StoreError
+from portcullis.gateway.admin import admin_routes
 from portcullis.gateway.connections import ConnectionRegistry
 from portcullis.gateway.launch import PATH as LAUNCH_PATH
 from portcullis.gateway.launch import LaunchEndpoint, LaunchSettings
 from portcullis.gateway.proxy import PortalProxy
+from portcullis.gateway.tunnel import PATH as TUNNEL_PATH
+from portcullis.gateway.tunnel import TunnelEndpoint
 from portcullis.gateway.upgrade import websocket_protocol_class
 from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.factors.local import LocalPasswordFactor
@@ -37,6 +42,7 @@ from portcullis.identity.sessions import SessionManager
 from portcullis.net.dialer import DirectDialer
 from portcullis.net.tls import client_context, server_context
 from portcullis.net.websocket import MAX_WEBSOCKET_MESSAGE, Opened
+from portcullis.policy import AccessPolicy
 from portcullis.portal.app import PortalDeps, create_portal_app
 from portcullis.proto.mux import Reason
 from portcullis.sta.app import create_sta_app
@@ -48,6 +54,7 @@ from portcullis.web.roles import role_checked_http
 from portcullis.web.security import SecurityMiddleware
 
 ROLES = ("gateway", "portal", "sta")
+log = structlog.get_logger("portcullis.node")
 
 
 @dataclass
@@ -70,6 +77,7 @@ class Node:
     ephemeral: EphemeralStore
     audit: AuditTrail
     registry: ConnectionRegistry
+    policy: AccessPolicy
     listeners: list[Listener] = field(default_factory=list)
     websocket_endpoints: dict[str, Opened] = field(default_factory=dict)
     _closers: list[Callable[[], Any]] = field(default_factory=list)
@@ -88,7 +96,7 @@ class Node:
             raise
         audit = AuditTrail(settings.path(settings.log.audit_file))
         node = cls(settings, tuple(dict.fromkeys(roles)), durable, ephemeral, audit,
-                   ConnectionRegistry(audit))
+                   ConnectionRegistry(audit), AccessPolicy(settings.policies))
         node._wire()
         return node
 
@@ -108,11 +116,25 @@ class Node:
         local_sta = self._sta_role(hasher) if "sta" in self.roles else None
         if not {"gateway", "portal"} & set(self.roles):
             return
+        sessions = SessionManager(self.ephemeral, accounts, hasher, self.settings.session)
         authorities = self._ticket_authorities(local_sta)
-        portal_app = (self._portal_role(hasher, accounts, authorities)
+        portal_app = (self._portal_role(hasher, sessions, authorities)
                       if "portal" in self.roles else None)
         if "gateway" in self.roles:
-            self._gateway_role(accounts, authorities, portal_app)
+            self._gateway_role(accounts, sessions, authorities, portal_app)
+
+    def reload(self) -> None:
+        """Re-read the configuration: new access policies and tunnel settings apply to
+        new streams; tunnels stay up. Everything else needs a restart."""
+        try:
+            fresh = load_settings(config_path(self.settings.base_dir))
+        except ConfigError as exc:
+            log.error("configuration not reloaded", error=str(exc))
+            return
+        self.policy = AccessPolicy(fresh.policies)
+        self.settings = self.settings.model_copy(update={"policies": fresh.policies,
+                                                         "vpn": fresh.vpn})
+        log.info("configuration reloaded", policies=len(fresh.policies))
 
     def _sta_role(self, hasher: TokenHasher) -> TicketAuthority:
         settings = self.settings
@@ -146,10 +168,9 @@ class Node:
         issuing = settings.sta.id if settings.sta.id in by_id else next(iter(by_id))
         return TicketAuthorities(issuing, by_id)
 
-    def _portal_role(self, hasher: TokenHasher, accounts: AccountStatus,
+    def _portal_role(self, hasher: TokenHasher, sessions: SessionManager,
                      authorities: TicketIssuer) -> Starlette:
         settings = self.settings
-        sessions = SessionManager(self.ephemeral, accounts, hasher, settings.session)
         flow = LoginFlow("default", [LocalPasswordFactor(self.durable)])
         login = LoginService(flow, self.ephemeral, hasher, sessions, settings.session,
                              self.audit)
@@ -166,14 +187,19 @@ class Node:
                 trust_forwarded=True, client_roles=frozenset({"gateway"})))
         return portal_app
 
-    def _gateway_role(self, accounts: AccountStatus, authorities: TicketIssuer,
-                      portal_app: Starlette | None) -> None:
+    def _gateway_role(self, accounts: AccountStatus, sessions: SessionManager,
+                      authorities: TicketIssuer, portal_app: Starlette | None) -> None:
         settings = self.settings
         launch = LaunchEndpoint(
             authorities, DirectDialer(), accounts, self.registry, self.audit,
             LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds))
         self.websocket_endpoints[LAUNCH_PATH] = launch.opened
-        routes: list[Any] = []
+        tunnel = TunnelEndpoint(sessions, lambda: self.policy, lambda: self.settings.vpn,
+                                DirectDialer(timeout=settings.vpn.dial_timeout),
+                                self.registry, self.audit)
+        self.websocket_endpoints[TUNNEL_PATH] = tunnel.opened
+        routes: list[Any] = admin_routes(self.registry, sessions, settings.admin_groups,
+                                         self.audit)
         if portal_app is not None:
             routes.append(Mount("/", app=portal_app))
         else:
@@ -245,6 +271,7 @@ class Node:
                  for server, sock in zip(servers, sockets, strict=True)]
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             while not all(server.started for server in servers):
                 if any(task.done() for task in tasks):
@@ -257,7 +284,7 @@ class Node:
             stop()
             watcher.cancel()
             self.registry.end_all(Reason.SHUTDOWN, "the gateway is shutting down")
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.close()
 

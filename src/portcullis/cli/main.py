@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 
@@ -77,11 +77,17 @@ def init(directory: Path, hostname: str, port: int) -> None:
                f"'portcullis user passwd {result.admin_user}')")
 
 
-def _settings(directory: Path) -> Any:
-    from portcullis.audit import configure_logging
+def _load(directory: Path) -> Any:
     from portcullis.config import config_path, load_settings
 
-    settings = load_settings(config_path(directory))
+    return load_settings(config_path(directory))
+
+
+def _settings(directory: Path) -> Any:
+    """The settings, with logging configured as they say (for the servers)."""
+    from portcullis.audit import configure_logging
+
+    settings = _load(directory)
     configure_logging(settings.log.level, settings.log.format)
     return settings
 
@@ -128,10 +134,9 @@ def user() -> None:
 
 
 def _with_store(directory: Path, action: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
-    from portcullis.config import config_path, load_settings
     from portcullis.store import DurableStore
 
-    settings = load_settings(config_path(directory))
+    settings = _load(directory)
 
     async def run() -> T:
         store = await DurableStore.open(settings.durable_url())
@@ -341,6 +346,140 @@ def launch(name: str | None, launch_file: Path | None, listen: str, command: str
                                   on_listening=listening, on_refused=refused,
                                   command=command))
     sys.exit(status)
+
+
+# -- the VPN tunnel ---------------------------------------------------------------------
+def _forward_spec(value: str) -> tuple[str, int, str, int]:
+    """-L [BIND:]LPORT:HOST:PORT (HOST may be [v6])."""
+    import re
+
+    match = re.fullmatch(r"(?:(\[[^\]]+\]|[^:\[\]]+):)?(\d+):(\[[^\]]+\]|[^:\[\]]+):(\d+)",
+                         value)
+    if not match:
+        raise click.BadParameter(f"{value!r}: expected [BIND:]LPORT:HOST:PORT")
+    bind = (match.group(1) or "127.0.0.1").strip("[]")
+    return bind, int(match.group(2)), match.group(3).strip("[]"), int(match.group(4))
+
+
+@main.command()
+@click.option("--socks", default="127.0.0.1:1080", show_default=True,
+              help="Local SOCKS5 proxy address ('off' for none).")
+@click.option("--http", "http_proxy", default="127.0.0.1:3128", show_default=True,
+              help="Local HTTP CONNECT proxy address ('off' for none).")
+@click.option("-L", "forwards", multiple=True, metavar="[BIND:]LPORT:HOST:PORT",
+              help="Forward a local TCP port to HOST:PORT inside (repeat).")
+@click.option("--ca", "ca_file", type=click.Path(exists=True, dir_okay=False),
+              help="The deployment's CA certificate (default: the one saved at login).")
+def connect(socks: str, http_proxy: str, forwards: tuple[str, ...], ca_file: str | None) -> None:
+    """Open the VPN tunnel: local proxies and forwards into the protected networks."""
+    from portcullis.client.connect import Listen, run_connect
+    from portcullis.client.state import ClientState, client_home
+    from portcullis.config import parse_host_port
+
+    home = client_home()
+    state = ClientState.load(home)
+    listens: list[Listen] = []
+    proxies: tuple[tuple[Literal["socks", "http"], str], ...] = (
+        ("socks", socks), ("http", http_proxy))
+    for kind, value in proxies:
+        if value != "off":
+            try:
+                host, port = parse_host_port(value, what=f"--{kind}", any_port=True)
+            except ValueError as exc:
+                fail(str(exc), 2)
+            listens.append(Listen(kind, host, port))
+    try:
+        for spec in forwards:
+            bind, local_port, host, port = _forward_spec(spec)
+            listens.append(Listen("forward", bind, local_port, host, port))
+    except click.BadParameter as exc:
+        fail(str(exc.message), 2)
+
+    def say(line: str) -> None:
+        click.echo(line, err=True)
+
+    def listening(listen: Listen, host: str, port: int) -> None:
+        click.echo(f"{listen.describe()}: listening on {host}:{port}")
+        sys.stdout.flush()
+
+    reason = run_async(run_connect(state, _client_tls(ca_file or state.ca_file), listens,
+                                   home=home, say=say, on_listening=listening))
+    if reason != "stopped":
+        fail(f"the tunnel ended: {reason}", 1)
+
+
+@main.command()
+def status() -> None:
+    """Show the running tunnel: bytes, streams, round trip, networks."""
+    from portcullis.client.connect import read_status
+    from portcullis.client.state import client_home
+
+    current = read_status(client_home())
+    if current is None:
+        fail("no tunnel is running ('portcullis connect' starts one)", 1)
+    assert current is not None
+    for key in ("gateway", "user", "tunnel", "connected", "intranet_ip", "networks",
+                "streams", "bytes_sent", "bytes_received", "rtt_ms", "ended"):
+        click.echo(f"{key:<15} {current.get(key)}")
+
+
+@main.group()
+def sessions() -> None:
+    """List and end the launches and tunnels on the gateway you are signed in to."""
+
+
+@sessions.command("list")
+def sessions_list() -> None:
+    """The gateway's launches and tunnels (admin groups only)."""
+    from portcullis.client.portal_api import PortalApi
+    from portcullis.client.state import ClientState, client_home
+
+    state = ClientState.load(client_home())
+    with PortalApi(state.url, _client_tls(state.ca_file), state.token) as api:
+        items = api.admin_sessions()
+    click.echo(f"{'ID':<9} {'KIND':<7} {'USER':<16} {'CLIENT':<16} {'STREAMS':>7} "
+               f"{'BYTES IN':>12} {'BYTES OUT':>12}  SINCE")
+    for item in items:
+        since = __import__("datetime").datetime.fromtimestamp(item["since"]).isoformat(
+            timespec="seconds")
+        click.echo(f"{item['id']:<9} {item['kind']:<7} {item['user']:<16} "
+                   f"{item['client']:<16} {item['streams']:>7} "
+                   f"{item['bytes_from_client']:>12} {item['bytes_to_client']:>12}  {since}")
+
+
+@sessions.command("kill")
+@click.argument("session_id", required=False)
+@click.option("--user", "username", help="End every session of this user.")
+def sessions_kill(session_id: str | None, username: str | None) -> None:
+    """End a launch or tunnel by ID, or all of a user's."""
+    from portcullis.client.portal_api import PortalApi
+    from portcullis.client.state import ClientState, client_home
+
+    if (session_id is None) == (username is None):
+        fail("give a session ID or --user NAME (one of them)", 2)
+    state = ClientState.load(client_home())
+    with PortalApi(state.url, _client_tls(state.ca_file), state.token) as api:
+        ended = api.end_sessions(session_id=session_id, user=username)
+    click.echo(f"ended {len(ended)} session(s): {' '.join(ended)}" if ended
+               else "no such session on this gateway")
+
+
+@main.group()
+def policy() -> None:
+    """Inspect the access policies."""
+
+
+@policy.command("explain")
+@click.option("--user", "username", required=True, help="The user (their groups are looked up).")
+@click.option("--to", "target", required=True, metavar="HOST:PORT/PROTO",
+              help="The destination, e.g. db.corp.example:5432/tcp or 10.1.2.3:53/udp.")
+@dir_option
+def policy_explain(username: str, target: str, directory: Path) -> None:
+    """Say which rule decides whether USER may reach a destination, and why."""
+    from portcullis.policy.explain import explain
+
+    for line in asyncio.run(explain(_load(directory), username, target)):
+        click.echo(line)
 
 
 if __name__ == "__main__":

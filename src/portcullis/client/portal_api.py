@@ -65,6 +65,30 @@ class PortalApi:
         self._check(response)
         return parse_launch_file(response.content)
 
+    def admin_sessions(self) -> list[dict[str, Any]]:
+        response = self._request("GET", "/api/v1/admin/sessions")
+        self._check_admin(response)
+        sessions: list[dict[str, Any]] = response.json()["sessions"]
+        return sessions
+
+    def end_sessions(self, *, session_id: str | None, user: str | None) -> list[str]:
+        if session_id is not None:
+            response = self._request("DELETE", f"/api/v1/admin/sessions/{session_id}")
+            if response.status_code == 404:
+                return []
+        else:
+            response = self._request("DELETE", "/api/v1/admin/sessions",
+                                     params={"user": user or ""})
+        self._check_admin(response)
+        ended: list[str] = response.json()["ended"]
+        return ended
+
+    def _check_admin(self, response: httpx.Response) -> None:
+        if response.status_code == 403:
+            raise ClientError("only members of the admin groups may do this "
+                              "(sign in as an administrator)")
+        self._check(response)
+
     def logout(self) -> None:
         self._request("POST", "/api/v1/logout")
 

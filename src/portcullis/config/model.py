@@ -7,6 +7,7 @@ them absolute against the directory of the configuration file.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from portcullis.errors import AuthError
 from portcullis.identity.names import canonical_username
+from portcullis.policy.model import PolicyRule, check_unique_names
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
@@ -128,6 +130,40 @@ class LogSettings(Section):
     audit_file: str = "audit.jsonl"
 
 
+class VpnSettings(Section):
+    """What the gateway pushes to a tunnel client (the client enforces nothing of it:
+    every stream is checked against the policies at the gateway)."""
+
+    # on: only `networks` go through the tunnel; off: everything; reverse: everything
+    # except `networks`.
+    split_tunnel: Literal["on", "off", "reverse"] = "on"
+    # Empty with split_tunnel "on": the networks of the user's allow rules.
+    networks: list[str] = Field(default_factory=list)
+    dns_servers: list[str] = Field(default_factory=list)
+    dns_suffixes: list[str] = Field(default_factory=list)
+    dial_timeout: float = Field(default=10.0, gt=0, le=120)
+
+    @field_validator("networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not an IPv4 or IPv6 network") from None
+        return value
+
+    @field_validator("dns_servers")
+    @classmethod
+    def _dns_servers(cls, value: list[str]) -> list[str]:
+        for server in value:
+            try:
+                ipaddress.ip_address(server)
+            except ValueError:
+                raise ValueError(f"{server!r} is not an IP address") from None
+        return value
+
+
 class LimitSettings(Section):
     max_request_body: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_header_bytes: int = Field(default=16 * 1024, ge=4096, le=256 * 1024)
@@ -181,14 +217,19 @@ class Settings(Section):
     tls: TlsSettings = Field(default_factory=TlsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    vpn: VpnSettings = Field(default_factory=VpnSettings)
+    # Members of these groups may use the administration API (sessions list/kill).
+    admin_groups: list[str] = Field(default_factory=lambda: ["admins"])
     secrets_dir: str = "secrets"
     resources: list[Resource] = Field(default_factory=list)
+    policies: list[PolicyRule] = Field(default_factory=list)
 
     # Set by the loader: the directory relative paths are resolved against.
     base_dir: Path = Field(default=Path("."), exclude=True)
 
     @model_validator(mode="after")
     def _unique_resources(self) -> Settings:
+        check_unique_names(self.policies)
         seen: set[str] = set()
         for resource in self.resources:
             if resource.name in seen:

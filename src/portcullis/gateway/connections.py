@@ -1,4 +1,5 @@
-"""The launched connections alive on this gateway, so they can be ended by user.
+"""The launches and tunnels alive on this gateway, so administrators can list them and
+end them, by id or by user.
 
 Disabling an account happens in the durable store, possibly from another process; a
 watcher polls the store for the users that have connections here and ends theirs.
@@ -8,44 +9,69 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import defaultdict
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Literal
 
 from portcullis.audit import AuditTrail
 from portcullis.net.muxsession import MuxSession
 from portcullis.proto.mux import Reason
 from portcullis.store import DurableStore
 
+ADMIN_ENDED = "ended by an administrator"
+
+
+@dataclass(eq=False)
+class Connection:
+    kind: Literal["launch", "tunnel"]
+    user: str
+    client: str
+    session: MuxSession
+    detail: str = ""                       # the resource, or the tunnel's intranet IP
+    id: str = field(default_factory=lambda: secrets.token_hex(4))
+    since: float = field(default_factory=time.time)
+
+    def describe(self) -> dict[str, object]:
+        sent, received = self.session.byte_counts()
+        return {"id": self.id, "kind": self.kind, "user": self.user, "client": self.client,
+                "detail": self.detail, "since": round(self.since, 3),
+                "streams": self.session.open_streams,
+                "bytes_to_client": sent, "bytes_from_client": received}
+
 
 class ConnectionRegistry:
     def __init__(self, audit: AuditTrail) -> None:
         self._audit = audit
-        self._by_user: dict[str, set[MuxSession]] = defaultdict(set)
+        self._connections: dict[str, Connection] = {}
 
-    def add(self, user: str, session: MuxSession) -> None:
-        self._by_user[user].add(session)
+    def add(self, connection: Connection) -> None:
+        self._connections[connection.id] = connection
 
-    def remove(self, user: str, session: MuxSession) -> None:
-        sessions = self._by_user.get(user)
-        if sessions is not None:
-            sessions.discard(session)
-            if not sessions:
-                del self._by_user[user]
+    def remove(self, connection: Connection) -> None:
+        self._connections.pop(connection.id, None)
 
-    def users(self) -> list[str]:
-        return list(self._by_user)
+    def list(self) -> list[Connection]:
+        return sorted(self._connections.values(), key=lambda c: c.since)
 
-    def count(self) -> int:
-        return sum(len(sessions) for sessions in self._by_user.values())
+    def users(self) -> set[str]:
+        return {connection.user for connection in self._connections.values()}
+
+    def end(self, connection_id: str, reason: Reason, message: str) -> Connection | None:
+        connection = self._connections.get(connection_id)
+        if connection is not None:
+            connection.session.close(reason, message)
+        return connection
 
     def end_user(self, user: str, reason: Reason, message: str) -> int:
-        sessions = list(self._by_user.get(user, ()))
-        for session in sessions:
-            session.close(reason, message)
-        return len(sessions)
+        ended = [c for c in self._connections.values() if c.user == user]
+        for connection in ended:
+            connection.session.close(reason, message)
+        return len(ended)
 
     def end_all(self, reason: Reason, message: str) -> None:
-        for user in self.users():
-            self.end_user(user, reason, message)
+        for connection in list(self._connections.values()):
+            connection.session.close(reason, message)
 
     async def watch_disabled(self, durable: DurableStore, interval: float = 1.0) -> None:
         """Run forever: end the connections of users disabled or removed since."""

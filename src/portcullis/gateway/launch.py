@@ -17,7 +17,7 @@ from websockets.http11 import Request
 from portcullis.audit import AuditTrail
 from portcullis.config.model import parse_host_port
 from portcullis.errors import DialError, TicketError
-from portcullis.gateway.connections import ConnectionRegistry
+from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.identity.accounts import AccountStatus
 from portcullis.net.dialer import Dialer
 from portcullis.net.muxsession import MuxSession
@@ -80,11 +80,12 @@ class LaunchEndpoint:
         session.mux.send_hello({"version": 1, "resource": grant.resource})
         session.flush_soon()
         started = time.monotonic()
-        self._registry.add(grant.user, session)
+        connection = Connection("launch", grant.user, client, session, grant.resource)
+        self._registry.add(connection)
         try:
             await session.closed.wait()
         finally:
-            self._registry.remove(grant.user, session)
+            self._registry.remove(connection)
             self._audit.record("launch.ended", user=grant.user, resource=grant.resource,
                                client=client, bytes_to_server=session.totals.received,
                                bytes_to_client=session.totals.sent,

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -64,6 +66,8 @@ class StreamBridge(asyncio.Protocol):
         self._local_eof = False
         self._remote_eof = False
         self._done = False
+        # Told once when the socket is gone (the tunnel audits each stream's bytes).
+        self.on_closed: Callable[[StreamBridge], None] | None = None
 
     # -- socket side -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -102,6 +106,8 @@ class StreamBridge(asyncio.Protocol):
                 self.session.reset(self.stream_id, Reason.CANCELLED,
                                    "connection closed" if exc is None else str(exc))
         self.session.forget(self)
+        if self.on_closed is not None:
+            self.on_closed(self)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -114,6 +120,15 @@ class StreamBridge(asyncio.Protocol):
             self.session.flush_soon()
 
     # -- tunnel side ----------------------------------------------------------------
+    @property
+    def accepted(self) -> bool:
+        return self._accepted
+
+    def hold(self, data: bytes) -> None:
+        """Bytes read before the stream was opened (a proxy's pipelined request)."""
+        if data:
+            self._early.append(data)
+
     def on_accepted(self) -> None:
         self._accepted = True
         early, self._early = self._early, []
@@ -163,6 +178,7 @@ class StreamBridge(asyncio.Protocol):
 
 
 StreamOpenHandler = Callable[["MuxSession", mux.StreamOpened], Awaitable[None]]
+BridgeFactory = Callable[["MuxSession", int], StreamBridge]
 
 
 class MuxSession:
@@ -185,6 +201,8 @@ class MuxSession:
         self.totals = StreamCounters()
         self.closed = asyncio.Event()
         self.sources_paused = False
+        self.config: dict[str, object] | None = None   # what the gateway pushed
+        self.rtt: float | None = None                   # seconds, from the last PING
         # Told when the peer refuses a stream we opened (the client prints it).
         self.on_refused: Callable[[Reason, str], None] | None = None
 
@@ -249,11 +267,20 @@ class MuxSession:
         self._streams[stream_id] = bridge
         return bridge
 
-    def open_local(self, protocol: mux.Protocol, host: str, port: int) -> StreamBridge:
+    def open_local(self, protocol: mux.Protocol, host: str, port: int, *,
+                   make: BridgeFactory | None = None) -> StreamBridge:
         """Open a stream to the peer for a socket we accepted (client side)."""
         stream_id = self.mux.open_stream(protocol, host, port)
         self.flush_soon()
-        return self.bridge(stream_id, accepted=False)
+        bridge = (make(self, stream_id) if make is not None
+                  else StreamBridge(self, stream_id, accepted=False))
+        self._streams[stream_id] = bridge
+        return bridge
+
+    def ping(self) -> None:
+        """Measure the round trip: the PONG carries our send time back."""
+        self.mux.send_ping(struct.pack("!d", time.monotonic()))
+        self.flush_soon()
 
     def reset(self, stream_id: int, reason: Reason, message: str) -> None:
         if stream_id in self.mux.stream_ids():
@@ -277,6 +304,14 @@ class MuxSession:
                 return f"{who} ended it: {reason.name.lower()}" + (
                     f" ({message})" if message else "")
         return "connection closed"
+
+    def byte_counts(self) -> tuple[int, int]:
+        """(sent, received) so far, open streams included."""
+        sent, received = self.totals.sent, self.totals.received
+        for bridge in self._streams.values():
+            sent += bridge.counters.sent
+            received += bridge.counters.received
+        return sent, received
 
     @property
     def open_streams(self) -> int:
@@ -335,6 +370,10 @@ class MuxSession:
                     self.hello.set_result(event.fields)
             elif isinstance(event, mux.GoAwayReceived):
                 self.goaway = (event.reason, event.message)
+            elif isinstance(event, mux.ConfigReceived):
+                self.config = event.config
+            elif isinstance(event, mux.PongReceived):
+                self.rtt = time.monotonic() - struct.unpack("!d", event.payload)[0]
 
     def _flush(self) -> None:
         self._flush_scheduled = False

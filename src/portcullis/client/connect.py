@@ -1,0 +1,92 @@
+"""`portcullis connect`: the tunnel plus its local listeners, until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from portcullis.client.proxies import ForwardInbound, HttpConnectInbound, SocksInbound
+from portcullis.client.state import ClientState
+from portcullis.client.tunnel import STATUS_FILE, TunnelClient
+
+
+@dataclass(frozen=True)
+class Listen:
+    kind: Literal["socks", "http", "forward"]
+    host: str
+    port: int
+    to_host: str = ""
+    to_port: int = 0
+
+    def describe(self) -> str:
+        if self.kind == "forward":
+            return f"forward to {self.to_host}:{self.to_port}"
+        return {"socks": "SOCKS5 proxy", "http": "HTTP CONNECT proxy"}[self.kind]
+
+
+async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Listen], *,
+                      home: Path, say: Callable[[str], None],
+                      on_listening: Callable[[Listen, str, int], None]) -> str:
+    """Serve until Ctrl-C/SIGTERM ("stopped") or the tunnel ends for good (its reason)."""
+    tunnel = TunnelClient(state.url, state.token, tls, say=say,
+                          status_file=home / STATUS_FILE)
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.Server] = []
+
+    def factory(listen: Listen) -> Callable[[], asyncio.Protocol]:
+        if listen.kind == "socks":
+            return lambda: SocksInbound(tunnel)
+        if listen.kind == "http":
+            return lambda: HttpConnectInbound(tunnel)
+        return lambda: ForwardInbound(tunnel, listen.to_host, listen.to_port)
+
+    def connected(client: TunnelClient) -> None:
+        config = client.config
+        say(f"tunnel up as {client.hello.get('user')}: networks {config.get('networks')}, "
+            f"split tunnel {config.get('split_tunnel')}")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, tunnel.stop)
+    runner = asyncio.ensure_future(tunnel.run(connected))
+    try:
+        # Listen only once the first connection worked: a wrong URL or session fails fast.
+        while tunnel.connected_since is None and not runner.done():
+            await asyncio.sleep(0.02)
+        if runner.done():
+            return await runner
+        for listen in listens:
+            server = await loop.create_server(factory(listen), listen.host, listen.port)
+            servers.append(server)
+            host, port = server.sockets[0].getsockname()[:2]
+            on_listening(listen, host, port)
+        return await runner
+    finally:
+        for server in servers:
+            server.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if not runner.done():
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+
+
+def read_status(home: Path) -> dict[str, Any] | None:
+    """The running tunnel's last status, or None if none is running."""
+    try:
+        current: dict[str, Any] = json.loads((home / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(int(current["pid"]), 0)
+    except (OSError, KeyError, ValueError):
+        return None
+    return current

@@ -1,0 +1,179 @@
+"""The local ends of the tunnel: a SOCKS5 server, an HTTP CONNECT proxy and fixed
+port forwards. Each accepted connection learns where it wants to go (from the proxy
+protocol, or the forward's fixed destination), then becomes one stream of the tunnel.
+
+The proxy protocols are sans-I/O (`proto.socks5`, h11); these classes only move bytes
+and hand the socket over to the stream once its destination is known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import h11
+
+from portcullis.client.tunnel import TunnelClient
+from portcullis.errors import ProtocolError
+from portcullis.net.muxsession import MuxSession, StreamBridge
+from portcullis.proto import mux
+from portcullis.proto.mux import Reason
+from portcullis.proto.socks5 import Command, Reply, Socks5Connection, reply_for
+
+# Bytes to answer the application with: on success (reason None) or on refusal.
+Answer = Callable[[Reason | None, str], bytes]
+MAX_HEADER = 16 * 1024
+
+
+class ProxiedStream(StreamBridge):
+    """A stream whose application first waits for a proxy answer (SOCKS or HTTP)."""
+
+    def __init__(self, session: MuxSession, stream_id: int, answer: Answer) -> None:
+        super().__init__(session, stream_id, accepted=False)
+        self._answer = answer
+
+    def on_accepted(self) -> None:
+        if self.transport is not None:
+            self.transport.write(self._answer(None, ""))
+        super().on_accepted()
+
+    def on_ended(self, refusal: tuple[Reason, str] | None = None) -> None:
+        if refusal is not None and not self.accepted and self.transport is not None:
+            # Tell the application why, in its own protocol, then hang up politely.
+            self.transport.write(self._answer(*refusal))
+            self.refusal = refusal
+            self.transport.close()
+            return
+        super().on_ended(refusal)
+
+
+class _Inbound(asyncio.Protocol):
+    def __init__(self, tunnel: TunnelClient) -> None:
+        self.tunnel = tunnel
+        self.transport: asyncio.Transport | None = None
+        self._task: asyncio.Task[StreamBridge | None] | None = None
+        # Bytes that arrive once the destination is known, before the stream takes over.
+        self._pending = bytearray()
+        self._carrying = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self._carrying:
+            self._pending += data
+        else:
+            self.negotiate(data)
+
+    def negotiate(self, data: bytes) -> None:
+        """Learn the destination from the proxy protocol, then call carry()."""
+
+    def carry(self, host: str, port: int, answer: Answer | None, early: bytes = b"") -> None:
+        assert self.transport is not None
+        self._carrying = True
+        self._pending += early
+        self.transport.pause_reading()
+        make = ((lambda session, stream_id: ProxiedStream(session, stream_id, answer))
+                if answer is not None else None)
+        self._task = asyncio.ensure_future(self.tunnel.open(
+            self.transport, mux.Protocol.TCP, host, port, make=make, early=self._pending))
+
+
+class SocksInbound(_Inbound):
+    """RFC 1928 SOCKS5, CONNECT only for now (UDP is not carried yet)."""
+
+    def __init__(self, tunnel: TunnelClient) -> None:
+        super().__init__(tunnel)
+        self._socks = Socks5Connection()
+
+    def negotiate(self, data: bytes) -> None:
+        assert self.transport is not None
+        socks = self._socks
+        try:
+            socks.receive_data(data)
+        except ProtocolError:
+            self.transport.write(socks.data_to_send())
+            self.transport.close()
+            return
+        self.transport.write(socks.data_to_send())
+        request = socks.next_request()
+        if request is None:
+            return
+        if request.command != Command.CONNECT:
+            socks.reply(Reply.COMMAND_NOT_SUPPORTED)
+            self.transport.write(socks.data_to_send())
+            self.transport.close()
+            return
+
+        def answer(reason: Reason | None, message: str) -> bytes:
+            socks.reply(Reply.SUCCEEDED if reason is None else reply_for(reason.name.lower()))
+            return socks.data_to_send()
+
+        self.carry(request.host, request.port, answer, socks.take_payload())
+
+
+class HttpConnectInbound(_Inbound):
+    """An HTTP proxy for CONNECT (what browsers and curl use for HTTPS and tunnels)."""
+
+    def __init__(self, tunnel: TunnelClient) -> None:
+        super().__init__(tunnel)
+        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER)
+
+    def negotiate(self, data: bytes) -> None:
+        assert self.transport is not None
+        http = self._http
+        http.receive_data(data)
+        try:
+            event = http.next_event()
+        except h11.RemoteProtocolError:
+            self._fail(400, "bad request")
+            return
+        if event is h11.NEED_DATA:
+            return
+        if not isinstance(event, h11.Request) or event.method != b"CONNECT":
+            self._fail(405, "only CONNECT is supported; use the SOCKS5 proxy for the rest")
+            return
+        target = event.target.decode("ascii", "replace")
+        host, _, port_text = target.rpartition(":")
+        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            self._fail(400, "CONNECT needs HOST:PORT")
+            return
+
+        def answer(reason: Reason | None, message: str) -> bytes:
+            if reason is None:
+                return b"HTTP/1.1 200 Connection established\r\n\r\n"
+            status = 403 if reason == Reason.DENIED else 502
+            return _response(status, f"{reason.name.lower()}: {message}")
+
+        # After CONNECT the rest of the bytes belong to the tunnelled stream.
+        early, _ = http.trailing_data
+        self.carry(host.strip("[]"), int(port_text), answer, bytes(early))
+
+    def _fail(self, status: int, text: str) -> None:
+        assert self.transport is not None
+        self.transport.write(_response(status, text))
+        self.transport.close()
+
+
+def _response(status: int, text: str) -> bytes:
+    body = (text + "\n").encode()
+    reason = {400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed",
+              502: b"Bad Gateway"}.get(status, b"Error")
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (status, reason, len(body), body))
+
+
+class ForwardInbound(_Inbound):
+    """A fixed forward (-L): every connection goes to one destination."""
+
+    def __init__(self, tunnel: TunnelClient, host: str, port: int) -> None:
+        super().__init__(tunnel)
+        self._destination = (host, port)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.carry(*self._destination, answer=None)

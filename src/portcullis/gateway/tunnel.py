@@ -1,0 +1,208 @@
+"""The tunnel endpoint: the SSL VPN. A signed-in client opens one WebSocket; every
+connection it captures becomes a stream naming its destination; the gateway resolves
+the name on the inside, asks the access policy, connects through the Dialer and relays
+(reverse NAT: servers see the gateway).
+
+The policy is asked here, for every stream, never trusted to the client; every denial
+is audited with the deciding rule. The policy is read at each stream, so a reload
+applies to new streams without dropping tunnels. Never logs a session token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from websockets.http11 import Request
+
+from portcullis.audit import AuditTrail
+from portcullis.config.model import VpnSettings
+from portcullis.errors import DialError
+from portcullis.gateway.connections import Connection, ConnectionRegistry
+from portcullis.gateway.launch import DIAL_REASONS
+from portcullis.identity.claims import Claims
+from portcullis.identity.sessions import SessionManager
+from portcullis.net.dialer import Dialer
+from portcullis.net.muxsession import MuxSession, StreamBridge
+from portcullis.net.websocket import WebSocketMux
+from portcullis.policy import AccessPolicy, Subject
+from portcullis.policy.explain import decide_resolved
+from portcullis.proto import mux
+from portcullis.proto.mux import Limits, MuxConnection, Reason
+
+PATH = "/api/v1/tunnel"
+PROTOCOL_NAMES: dict[mux.Protocol, Literal["tcp", "udp", "icmp"]] = {
+    mux.Protocol.TCP: "tcp", mux.Protocol.UDP: "udp", mux.Protocol.ICMP: "icmp"}
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class TunnelSettings:
+    hello_wait: float = 10.0
+
+
+class TunnelEndpoint:
+    def __init__(self, sessions: SessionManager, policy: Callable[[], AccessPolicy],
+                 vpn: Callable[[], VpnSettings], dialer: Dialer,
+                 registry: ConnectionRegistry, audit: AuditTrail,
+                 settings: TunnelSettings = TunnelSettings()) -> None:
+        self._sessions = sessions
+        self._policy = policy
+        self._vpn = vpn
+        self._dialer = dialer
+        self._registry = registry
+        self._audit = audit
+        self._settings = settings
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def opened(self, carrier: WebSocketMux, request: Request) -> None:
+        peer = carrier.transport.get_extra_info("peername") if carrier.transport else None
+        client = str(peer[0]) if peer else "unknown"
+        claims_ready: asyncio.Future[Claims] = asyncio.get_running_loop().create_future()
+
+        async def open_stream(session: MuxSession, event: mux.StreamOpened) -> None:
+            await self._open(session, event, await claims_ready, client)
+
+        session = MuxSession(MuxConnection("gateway"), on_open=open_stream)
+        carrier.attach(session)
+        task = asyncio.ensure_future(self._serve(session, client, claims_ready))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, session: MuxSession, client: str,
+                     claims_ready: asyncio.Future[Claims]) -> None:
+        claims = await self._authenticate(session, client)
+        if claims is None:
+            claims_ready.cancel()
+            session.close(Reason.AUTH_FAILED, "sign in again")
+            return
+        claims_ready.set_result(claims)
+        connection = Connection("tunnel", claims.username, client, session)
+        session.mux.send_hello({"version": 1, "user": claims.username, "id": connection.id})
+        session.mux.send_config(self.client_config(claims))
+        session.flush_soon()
+        self._registry.add(connection)
+        self._audit.record("tunnel.started", user=claims.username, client=client,
+                           tunnel=connection.id)
+        started = time.monotonic()
+        try:
+            await session.closed.wait()
+        finally:
+            self._registry.remove(connection)
+            sent, received = session.byte_counts()
+            self._audit.record("tunnel.ended", user=claims.username, client=client,
+                               tunnel=connection.id, bytes_to_client=sent,
+                               bytes_from_client=received,
+                               duration=round(time.monotonic() - started, 3),
+                               reason=session.end_reason())
+
+    async def _authenticate(self, session: MuxSession, client: str) -> Claims | None:
+        try:
+            hello = await asyncio.wait_for(asyncio.shield(session.hello),
+                                           self._settings.hello_wait)
+        except (TimeoutError, asyncio.CancelledError):
+            self._audit.record("tunnel.refused", client=client, reason="no session presented")
+            return None
+        token = hello.get("session")
+        signed_in = await self._sessions.validate(token) if isinstance(token, str) else None
+        if signed_in is None:
+            self._audit.record("tunnel.refused", client=client,
+                               reason="no valid session presented")
+            return None
+        return signed_in.claims
+
+    def client_config(self, claims: Claims) -> dict[str, object]:
+        """What the client is told: which traffic to send, where names resolve, limits."""
+        vpn = self._vpn()
+        networks = vpn.networks or [str(network) for network in self._policy().networks_for(
+            Subject(claims.username, frozenset(claims.groups)))]
+        limits = Limits()
+        return {
+            "split_tunnel": vpn.split_tunnel,
+            "networks": networks,
+            "dns": {"servers": vpn.dns_servers, "suffixes": vpn.dns_suffixes},
+            "intranet_ip": None,
+            "limits": {"max_streams": limits.max_streams,
+                       "max_frame_payload": limits.max_frame_payload,
+                       "initial_window": limits.initial_window},
+        }
+
+    async def _open(self, session: MuxSession, event: mux.StreamOpened, claims: Claims,
+                    client: str) -> None:
+        connection = session.mux
+        protocol = PROTOCOL_NAMES[event.protocol]
+        if event.protocol != mux.Protocol.TCP:
+            connection.refuse_stream(event.stream_id, Reason.REFUSED,
+                                     f"{protocol.upper()} is not carried by this gateway yet")
+            session.flush_soon()
+            return
+        where = f"{event.host}:{event.port}/{protocol}"
+        try:
+            addresses = await self._resolve(event.host, event.port)
+        except DialError as exc:
+            connection.refuse_stream(event.stream_id, DIAL_REASONS[exc.reason], str(exc))
+            session.flush_soon()
+            return
+        subject = Subject(claims.username, frozenset(claims.groups))
+        name = None if _is_address(event.host) else event.host
+        decision, chosen = decide_resolved(self._policy(), subject, name, addresses,
+                                           event.port, protocol)
+        if not decision.allowed or chosen is None:
+            self._audit.record("tunnel.denied", user=claims.username, client=client,
+                               destination=where, rule=decision.rule, reason=decision.reason)
+            connection.refuse_stream(event.stream_id, Reason.DENIED,
+                                     "not allowed by the access policy")
+            session.flush_soon()
+            return
+        address = chosen
+        started = time.monotonic()
+
+        def audit_stream(bridge: StreamBridge) -> None:
+            self._audit.record("tunnel.stream", user=claims.username, destination=where,
+                               address=str(address), rule=decision.rule,
+                               bytes_to_client=bridge.counters.sent,
+                               bytes_from_client=bridge.counters.received,
+                               duration=round(time.monotonic() - started, 3))
+
+        def bridge() -> StreamBridge:
+            stream = session.bridge(event.stream_id, accepted=True)
+            stream.on_closed = audit_stream
+            return stream
+
+        try:
+            await self._dialer.connect(str(address), event.port, bridge)
+        except DialError as exc:
+            connection.refuse_stream(event.stream_id, DIAL_REASONS[exc.reason], str(exc))
+        else:
+            connection.accept_stream(event.stream_id)
+        session.flush_soon()
+
+    async def _resolve(self, host: str, port: int) -> list[Address]:
+        """The addresses of `host`, looked up on the inside (the gateway's resolver)."""
+        if _is_address(host):
+            return [ipaddress.ip_address(host)]
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise DialError(f"cannot resolve {host}: {exc.strerror}", "name_not_found") from None
+        found: list[Address] = []
+        for info in infos:
+            address = ipaddress.ip_address(info[4][0])
+            if address not in found:
+                found.append(address)
+        return found
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
