@@ -26,9 +26,9 @@ method, a SOCKS reply for a bad request); the connection is then ``FAILED`` and 
 later ``receive_data`` raises again. The allowed state changes are ``_TRANSITIONS``.
 
 This module never does I/O, never awaits, never reads a clock, never logs and never
-resolves a name. It never buffers more than one handshake message (at most 262 bytes)
-before the request is parsed, nor more than ``max_early_data`` bytes while the reply is
-pending.
+resolves a name. Between calls it keeps at most one incomplete handshake message (under
+262 bytes: the RFC's largest request) before the request is parsed, and at most
+``max_early_data`` bytes of pipelined data while the reply is pending.
 """
 
 from __future__ import annotations

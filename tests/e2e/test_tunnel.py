@@ -1,0 +1,234 @@
+"""Flow B end to end: `portcullis up` with access policies, `portcullis connect` as the
+client, curl and real servers on both sides."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Deployment, Process, require_program, run_cli
+
+PASSWORD = "correct horse battery staple"
+
+POLICIES = """
+[[policies]]
+name = "no-ssh"
+action = "deny"
+networks = ["127.0.0.0/8"]
+ports = ["22"]
+
+[[policies]]
+name = "staff-loopback"
+action = "allow"
+groups = ["staff"]
+networks = ["127.0.0.0/8"]
+ports = ["1024-65535"]
+protocols = ["tcp"]
+"""
+
+
+class Tunnel:
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        output = process.wait_for(r"forward to [^:]+:\d+: listening on [\d.]+:\d+|"
+                                  r"HTTP CONNECT proxy: listening on [\d.]+:\d+")
+        assert output
+        process.wait_for(r"HTTP CONNECT proxy: listening on")
+        text = process.output()
+        self.socks = re.search(r"SOCKS5 proxy: listening on ([\d.]+:\d+)", text).group(1)
+        self.http = re.search(r"HTTP CONNECT proxy: listening on ([\d.]+:\d+)", text).group(1)
+        self.forwards = re.findall(r"forward to [^:]+:\d+: listening on ([\d.]+):(\d+)", text)
+
+
+def login(deployment: Deployment, user: str, home: Path) -> None:
+    result = run_cli("login", deployment.url, "--user", user, "--password-stdin",
+                     "--ca", str(deployment.ca), input=PASSWORD + "\n",
+                     env={"PORTCULLIS_HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def vpn(deployment: Deployment, http_server, echo_server, start_process):  # type: ignore[no-untyped-def]
+    with deployment.config.open("a") as handle:
+        handle.write(POLICIES)
+    deployment.add_user("alice", PASSWORD, ["staff"])
+    deployment.add_user("bob", PASSWORD, ["finance"])
+    gateway = start_process("up", "--dir", str(deployment.directory), name="up")
+    gateway.wait_for(r"Portal: https://")
+    return deployment
+
+
+def connect(deployment: Deployment, start_process, home: Path, *forwards: str) -> Tunnel:  # type: ignore[no-untyped-def]
+    args = ["connect", "--socks", "127.0.0.1:0", "--http", "127.0.0.1:0"]
+    for forward in forwards:
+        args += ["-L", forward]
+    process = start_process(*args, name="connect", env={"PORTCULLIS_HOME": str(home)})
+    process.wait_for(r"HTTP CONNECT proxy: listening on")
+    if forwards:
+        process.wait_for(r"forward to .*: listening on")
+    return Tunnel(process)
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([require_program("curl"), "-sS", "--max-time", "20", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def audit(deployment: Deployment) -> list[dict[str, object]]:
+    return [json.loads(line) for line in
+            (deployment.directory / "audit.jsonl").read_text().splitlines()]
+
+
+def test_curl_reaches_an_intranet_server_through_socks5_and_the_http_proxy(
+        vpn: Deployment, http_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    home = tmp_path / "alice"
+    login(vpn, "alice", home)
+    tunnel = connect(vpn, start_process, home)
+    url = f"http://localhost:{http_server.port}/"
+    via_socks = curl("--socks5-hostname", tunnel.socks, url)
+    via_http = curl("--proxytunnel", "--proxy", f"http://{tunnel.http}", url)
+    assert "intranet home" in via_socks.stdout, via_socks.stderr
+    assert "intranet home" in via_http.stdout, via_http.stderr
+    streams = [e for e in audit(vpn) if e["event"] == "tunnel.stream"]
+    assert streams and streams[-1]["rule"] == "staff-loopback"
+    assert streams[-1]["destination"] == f"localhost:{http_server.port}/tcp"
+
+
+def test_denied_destinations_are_refused_with_the_reason_and_audited(
+        vpn: Deployment, http_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    home = tmp_path / "bob"
+    login(vpn, "bob", home)   # finance: no allow rule
+    tunnel = connect(vpn, start_process, home)
+    refused = curl("--socks5-hostname", tunnel.socks, f"http://127.0.0.1:{http_server.port}/")
+    assert refused.returncode == 97   # curl: the SOCKS server refused the connection
+    by_http = curl("--proxytunnel", "--proxy", f"http://{tunnel.http}",
+                   f"http://127.0.0.1:{http_server.port}/")
+    assert "403" in by_http.stderr or by_http.returncode != 0
+    denied = [e for e in audit(vpn) if e["event"] == "tunnel.denied"]
+    assert denied and denied[-1]["user"] == "bob"
+    assert denied[-1]["reason"] == "no rule matched: default deny"
+
+
+def test_a_deny_rule_before_the_allow_rule_wins_for_its_port(
+        vpn: Deployment, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    home = tmp_path / "alice"
+    login(vpn, "alice", home)
+    tunnel = connect(vpn, start_process, home)
+    curl("--socks5-hostname", tunnel.socks, "http://127.0.0.1:22/")
+    denied = [e for e in audit(vpn) if e["event"] == "tunnel.denied"]
+    assert denied[-1]["rule"] == "no-ssh"
+
+
+def test_policy_explain_names_the_deciding_rule(vpn: Deployment) -> None:
+    allowed = run_cli("policy", "explain", "--user", "alice", "--to", "127.0.0.1:8080/tcp",
+                      "--dir", str(vpn.directory))
+    denied = run_cli("policy", "explain", "--user", "alice", "--to", "127.0.0.1:22/tcp",
+                     "--dir", str(vpn.directory))
+    udp = run_cli("policy", "explain", "--user", "alice", "--to", "127.0.0.1:8080/udp",
+                  "--dir", str(vpn.directory))
+    assert allowed.returncode == denied.returncode == udp.returncode == 0
+    assert "ALLOWED" in allowed.stdout and '"staff-loopback"' in allowed.stdout
+    assert "DENIED" in denied.stdout and '"no-ssh"' in denied.stdout
+    assert "DENIED" in udp.stdout and "default deny" in udp.stdout
+
+
+def test_a_forward_carries_100_mib_each_way_intact(
+        vpn: Deployment, echo_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    home = tmp_path / "alice"
+    login(vpn, "alice", home)
+    tunnel = connect(vpn, start_process, home, f"127.0.0.1:0:127.0.0.1:{echo_server.port}")
+    host, port = tunnel.forwards[0]
+    size = 100 * 1024 * 1024
+    block = random.Random(3).randbytes(1 << 20)
+    sent, received, count = hashlib.sha256(), hashlib.sha256(), 0
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        def reader() -> None:
+            nonlocal count
+            while count < size:
+                data = sock.recv(1 << 20)
+                if not data:
+                    return
+                received.update(data)
+                count += len(data)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        for index in range(size // len(block)):
+            chunk = bytes([index & 0xFF]) + block[1:]
+            sent.update(chunk)
+            sock.sendall(chunk)
+        thread.join(120)
+    assert count == size and received.hexdigest() == sent.hexdigest()
+
+
+def test_an_administrator_ends_a_tunnel_and_the_client_says_so(
+        vpn: Deployment, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    alice, admin = tmp_path / "alice", tmp_path / "admin"
+    login(vpn, "alice", alice)
+    tunnel = connect(vpn, start_process, alice)
+    result = run_cli("login", vpn.url, "--user", "admin", "--password-stdin", "--ca",
+                     str(vpn.ca), input=vpn.admin_password + "\n",
+                     env={"PORTCULLIS_HOME": str(admin)})
+    assert result.returncode == 0, result.stderr
+    listed = run_cli("sessions", "list", env={"PORTCULLIS_HOME": str(admin)})
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if " alice " in line)
+    assert " tunnel " in row
+    # Regular users may not.
+    refused = run_cli("sessions", "list", env={"PORTCULLIS_HOME": str(alice)})
+    assert refused.returncode == 1 and "admin groups" in refused.stderr
+    killed = run_cli("sessions", "kill", "--user", "alice", env={"PORTCULLIS_HOME": str(admin)})
+    assert killed.returncode == 0 and "ended 1 session" in killed.stdout
+    assert tunnel.process.popen.wait(5) == 1
+    assert "ended by an administrator" in tunnel.process.output()
+
+
+def test_garbage_on_one_tunnel_ends_only_that_tunnel(
+        vpn: Deployment, http_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import ssl
+
+    from portcullis.net import websocket
+
+    home = tmp_path / "alice"
+    login(vpn, "alice", home)
+    healthy = connect(vpn, start_process, home)
+    token = json.loads((home / "session.json").read_text())["token"]
+
+    async def hostile(payload: bytes) -> str:
+        from portcullis.net.muxsession import MuxSession
+        from portcullis.proto.mux import MuxConnection
+
+        tls = ssl.create_default_context(cafile=str(vpn.ca))
+        carrier = await websocket.connect(f"wss://localhost:{vpn.port}/api/v1/tunnel", tls)
+        codec = MuxConnection("client")
+        codec.send_hello({"version": 1, "session": token})
+        session = MuxSession(codec)
+        carrier.attach(session)
+        await asyncio.wait_for(session.hello, 10)
+        carrier.send_message([payload])
+        await asyncio.wait_for(session.closed.wait(), 10)
+        return session.end_reason()
+
+    frames = {
+        "garbage": b"\xff" * 32,
+        "oversized": bytes([5, 0]) + (1).to_bytes(4, "big") + (64 << 20).to_bytes(4, "big"),
+        "data on an unopened stream": bytes([5, 0]) + (77).to_bytes(4, "big")
+        + (3).to_bytes(4, "big") + b"abc",
+    }
+    for name, payload in frames.items():
+        reason = asyncio.run(hostile(payload))
+        assert "protocol_error" in reason or "protocol error" in reason, (name, reason)
+    # The other tunnel and the gateway carry on.
+    still = curl("--socks5-hostname", healthy.socks, f"http://127.0.0.1:{http_server.port}/")
+    assert "intranet home" in still.stdout
+    assert healthy.process.popen.poll() is None
+    time.sleep(0)
