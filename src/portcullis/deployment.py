@@ -17,10 +17,10 @@ from portcullis.config import config_path, load_settings
 from portcullis.errors import ConfigError
 from portcullis.identity.passwords import hash_password
 from portcullis.pki import create_ca, issue_certificate, write_pair
+from portcullis.pki.roles import ROLE_COMMON_NAMES
 from portcullis.store import DurableStore
 from portcullis.tokens import TokenHasher
 
-ROLE_CERTS = ("gateway", "portal", "sta")
 ADMIN_USER = "admin"
 
 CONFIG_TEMPLATE = """\
@@ -116,8 +116,8 @@ def init_deployment(directory: Path, *, hostname: str = "localhost",
     ca = create_ca(f"Portcullis CA ({hostname})")
     write_pair(pki, "ca", ca)
     names = sorted({hostname, "localhost"})
-    for role in ROLE_CERTS:
-        cert = issue_certificate(ca, f"portcullis-{role}", dns_names=names,
+    for role, common_name in ROLE_COMMON_NAMES.items():
+        cert = issue_certificate(ca, common_name, dns_names=names,
                                  ip_addresses=["127.0.0.1", "::1"])
         write_pair(pki, role, cert)
     # pki/ca.key signs nothing at run time: an administrator may move it offline and

@@ -102,8 +102,10 @@ class Node:
 
     def role_tls_server(self, role: str, *, require_client_cert: bool) -> ssl.SSLContext:
         cert, key = self.settings.role_cert(role)
-        return server_context(cert, key, client_ca_file=self.settings.ca_cert_path,
-                              require_client_cert=require_client_cert)
+        # Only listeners that need client certificates ask browsers for one.
+        return server_context(cert, key, require_client_cert=require_client_cert,
+                              client_ca_file=(self.settings.ca_cert_path
+                                              if require_client_cert else None))
 
     def role_tls_client(self, role: str) -> ssl.SSLContext:
         cert, key = self.settings.role_cert(role)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from pathlib import Path
 
 from portcullis.errors import PKIError
 
+_STA_ID = re.compile(r"[A-Za-z0-9]{1,16}")
 TOKEN_BYTES = 32  # 256 bits: comfortably above the 128-bit floor
 KEY_FILE = "token.key"
 
@@ -29,7 +31,9 @@ def mask(token: str) -> str:
     A ticket keeps its STA id and the first 6 characters of its secret (36 of 192 bits).
     """
     prefix, separator, secret = token.rpartition(";")
-    if len(secret) <= 12:
+    if separator and not _STA_ID.fullmatch(prefix):
+        return "…"   # not a ticket's shape: show nothing an attacker chose
+    if len(secret) <= 12 or not secret.isascii() or not secret.isprintable():
         return prefix + separator + "…"
     return prefix + separator + secret[:6] + "…"
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import Deployment, Process, require_program, run_cli
 
 PASSWORD = "correct horse battery staple"

@@ -309,7 +309,7 @@ def launch(name: str | None, launch_file: Path | None, listen: str, command: str
     """Launch a resource: forward a local port to it through the gateway."""
     from portcullis.client.launcher import run_launch
     from portcullis.client.portal_api import PortalApi
-    from portcullis.client.state import ClientState, client_home
+    from portcullis.client.state import STATE_FILE, ClientState, client_home
     from portcullis.config import parse_host_port
     from portcullis.errors import ClientError
     from portcullis.proto.launchfile import parse_launch_file
@@ -326,7 +326,7 @@ def launch(name: str | None, launch_file: Path | None, listen: str, command: str
             launch_data = parse_launch_file(launch_file.read_bytes())
         except OSError as exc:
             raise ClientError(f"cannot read {launch_file}: {exc.strerror}") from None
-        if ca_file is None and (home / "session.json").exists():
+        if ca_file is None and (home / STATE_FILE).exists():
             ca_file = ClientState.load(home).ca_file
     else:
         state = ClientState.load(home)

@@ -22,20 +22,16 @@ from portcullis.proto.mux import MuxConnection
 HELLO_TIMEOUT = 15.0
 
 
-def websocket_url(gateway: str) -> str:
-    return gateway.replace("https://", "wss://", 1) if gateway.startswith("https://") else gateway
-
-
 async def connect_launch(launch: LaunchFile, tls: ssl.SSLContext) -> MuxSession:
     """Connect to the gateway and redeem the ticket; ClientError says why if refused."""
-    carrier = await websocket.connect(websocket_url(launch.gateway_url), tls)
+    carrier = await websocket.connect(websocket.websocket_url(launch.gateway_url), tls)
     codec = MuxConnection("client")
     codec.send_hello({"version": 1, "ticket": launch.ticket})
     session = MuxSession(codec)
     carrier.attach(session)
     try:
         await asyncio.wait_for(asyncio.shield(session.hello), HELLO_TIMEOUT)
-    except (TimeoutError, asyncio.CancelledError):
+    except (TimeoutError, ConnectionError):
         session.close(mux.Reason.CANCELLED, "no answer")
         if session.goaway is not None:
             raise ClientError("the gateway refused the launch: the ticket is expired, already "
@@ -52,21 +48,32 @@ async def run_launch(launch: LaunchFile, tls: ssl.SSLContext, *, host: str, port
 
     Returns the exit status of `command`, or 0.
     """
+    try:
+        argv = shlex.split(command) if command is not None else None
+    except ValueError as exc:
+        raise ClientError(f"--exec: {exc}") from None
     session = await connect_launch(launch, tls)
     if on_refused is not None:
         session.on_refused = lambda reason, message: on_refused(
             f"{message or 'refused'} ({reason.name.lower().replace('_', ' ')})")
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: session.open_local(mux.Protocol.TCP, "", 0), host, port)
-    bound_host, bound_port = server.sockets[0].getsockname()[:2]
-    on_listening(bound_host, bound_port)
+    server: asyncio.Server | None = None
     status = 0
     try:
-        if command is not None:
+        try:
+            server = await loop.create_server(
+                lambda: session.open_local(mux.Protocol.TCP, "", 0), host, port)
+        except OSError as exc:
+            raise ClientError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        bound_host, bound_port = server.sockets[0].getsockname()[:2]
+        on_listening(bound_host, bound_port)
+        if argv is not None:
             argv = [part.replace("{host}", bound_host).replace("{port}", str(bound_port))
-                    for part in shlex.split(command)]
-            process = await asyncio.create_subprocess_exec(*argv)
+                    for part in argv]
+            try:
+                process = await asyncio.create_subprocess_exec(*argv)
+            except OSError as exc:
+                raise ClientError(f"--exec: cannot start {argv[0]}: {exc.strerror}") from None
             ended = asyncio.ensure_future(session.closed.wait())
             waited = asyncio.ensure_future(process.wait())
             await asyncio.wait({ended, waited}, return_when=asyncio.FIRST_COMPLETED)
@@ -80,7 +87,8 @@ async def run_launch(launch: LaunchFile, tls: ssl.SSLContext, *, host: str, port
         else:
             await session.closed.wait()
     finally:
-        server.close()
+        if server is not None:
+            server.close()
         session.close(mux.Reason.CANCELLED, "client stopped")
     if session.goaway is not None and session.goaway[0] != mux.Reason.CANCELLED:
         raise ClientError(f"the gateway ended the launch: {session.goaway[1] or 'closed'}")

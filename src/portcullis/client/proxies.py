@@ -41,7 +41,6 @@ class ProxiedStream(StreamBridge):
         if refusal is not None and not self.accepted and self.transport is not None:
             # Tell the application why, in its own protocol, then hang up politely.
             self.transport.write(self._answer(*refusal))
-            self.refusal = refusal
             self.transport.close()
             return
         super().on_ended(refusal)

@@ -36,7 +36,7 @@ FINAL = {Reason.ADMIN_ENDED: "ended by an administrator", Reason.AUTH_FAILED:
 class TunnelClient:
     def __init__(self, url: str, token: str, tls: ssl.SSLContext, *,
                  say: Callable[[str], None], status_file: Path | None = None) -> None:
-        self._url = url.rstrip("/").replace("https://", "wss://", 1) + "/api/v1/tunnel"
+        self._url = websocket.websocket_url(url, "/api/v1/tunnel")
         self._token = token
         self._tls = tls
         self._say = say
@@ -108,7 +108,7 @@ class TunnelClient:
         carrier.attach(session)
         try:
             self.hello = await asyncio.wait_for(asyncio.shield(session.hello), HELLO_TIMEOUT)
-        except (TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, ConnectionError):
             session.close(Reason.CANCELLED, "no answer")
             if session.goaway is not None and session.goaway[0] in FINAL:
                 self.ended = FINAL[session.goaway[0]]

@@ -203,9 +203,6 @@ class Resource(Section):
         parse_host_port(value, what="address")
         return value
 
-    @property
-    def host_port(self) -> tuple[str, int]:
-        return parse_host_port(self.address)
 
 
 class Settings(Section):
@@ -257,5 +254,3 @@ class Settings(Section):
             return match.group(1) + str(self.path(match.group(2)))
         return url
 
-    def resource(self, name: str) -> Resource | None:
-        return next((r for r in self.resources if r.name == name), None)

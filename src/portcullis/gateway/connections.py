@@ -8,18 +8,21 @@ watcher polls the store for the users that have connections here and ends theirs
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+import structlog
+
 from portcullis.audit import AuditTrail
+from portcullis.errors import StoreError
 from portcullis.net.muxsession import MuxSession
 from portcullis.proto.mux import Reason
 from portcullis.store import DurableStore
 
 ADMIN_ENDED = "ended by an administrator"
+log = structlog.get_logger("portcullis.gateway")
 
 
 @dataclass(eq=False)
@@ -80,8 +83,12 @@ class ConnectionRegistry:
             users = self.users()
             if not users:
                 continue
-            with contextlib.suppress(Exception):
-                for user in await durable.disabled_among(users):
-                    ended = self.end_user(user, Reason.ADMIN_ENDED, "account disabled")
-                    self._audit.record("account.connections_ended", user=user,
-                                       connections=ended, reason="account disabled")
+            try:
+                disabled = await durable.disabled_among(users)
+            except StoreError as exc:
+                log.warning("cannot check for disabled accounts", error=str(exc))
+                continue
+            for user in disabled:
+                ended = self.end_user(user, Reason.ADMIN_ENDED, "account disabled")
+                self._audit.record("account.connections_ended", user=user,
+                                   connections=ended, reason="account disabled")

@@ -12,11 +12,12 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+import structlog
 from websockets.http11 import Request
 
 from portcullis.audit import AuditTrail
 from portcullis.config.model import parse_host_port
-from portcullis.errors import DialError, TicketError
+from portcullis.errors import TicketError
 from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.identity.accounts import AccountStatus
 from portcullis.net.dialer import Dialer
@@ -28,13 +29,9 @@ from portcullis.sta.authority import TicketGrant
 from portcullis.sta.client import TicketIssuer
 from portcullis.tokens import mask
 
+log = structlog.get_logger("portcullis.gateway")
+
 PATH = "/api/v1/launch"
-DIAL_REASONS = {
-    "refused": Reason.REFUSED,
-    "unreachable": Reason.UNREACHABLE,
-    "timed_out": Reason.TIMED_OUT,
-    "name_not_found": Reason.NAME_NOT_FOUND,
-}
 
 
 @dataclass(frozen=True)
@@ -58,10 +55,12 @@ class LaunchEndpoint:
         """A WebSocket to the launch path is open: serve it as one launch."""
         peer = carrier.transport.get_extra_info("peername") if carrier.transport else None
         client = str(peer[0]) if peer else "unknown"
-        grant_ready: asyncio.Future[TicketGrant] = asyncio.get_running_loop().create_future()
+        grant_ready: asyncio.Future[tuple[TicketGrant, str, int]] = (
+            asyncio.get_running_loop().create_future())
 
         async def open_stream(session: MuxSession, event: mux.StreamOpened) -> None:
-            await self._open_pinned(session, event, await grant_ready)
+            grant, host, port = await grant_ready
+            await self._open_pinned(session, event, grant, host, port)
 
         session = MuxSession(MuxConnection("gateway"), on_open=open_stream)
         carrier.attach(session)
@@ -70,13 +69,21 @@ class LaunchEndpoint:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, session: MuxSession, client: str,
-                     grant_ready: asyncio.Future[TicketGrant]) -> None:
-        grant = await self._redeem(session, client)
-        if grant is None:
+                     grant_ready: asyncio.Future[tuple[TicketGrant, str, int]]) -> None:
+        try:
+            grant = await self._redeem(session, client)
+            pinned = parse_host_port(grant.address) if grant is not None else None
+        except Exception as exc:   # a store or STA failure: refuse, never hang
+            log.exception("launch failed")
+            self._audit.record("launch.refused", client=client, reason=f"internal: {exc!r}")
+            grant_ready.cancel()
+            session.close(Reason.INTERNAL_ERROR, "the gateway cannot serve this launch now")
+            return
+        if grant is None or pinned is None:
             grant_ready.cancel()
             session.close(Reason.AUTH_FAILED, "denied")
             return
-        grant_ready.set_result(grant)
+        grant_ready.set_result((grant, *pinned))
         session.mux.send_hello({"version": 1, "resource": grant.resource})
         session.flush_soon()
         started = time.monotonic()
@@ -96,7 +103,7 @@ class LaunchEndpoint:
         try:
             hello = await asyncio.wait_for(asyncio.shield(session.hello),
                                            self._settings.ticket_wait)
-        except (TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, ConnectionError):
             self._audit.record("launch.refused", client=client, reason="no ticket presented")
             return None
         ticket = hello.get("ticket")
@@ -118,22 +125,13 @@ class LaunchEndpoint:
         return grant
 
     async def _open_pinned(self, session: MuxSession, event: mux.StreamOpened,
-                           grant: TicketGrant) -> None:
-        connection = session.mux
+                           grant: TicketGrant, host: str, port: int) -> None:
         if event.protocol != mux.Protocol.TCP or event.host:
-            connection.refuse_stream(event.stream_id, Reason.DENIED,
-                                     "a launched resource carries only its own TCP streams")
-            session.flush_soon()
+            session.refuse(event.stream_id, Reason.DENIED,
+                           "a launched resource carries only its own TCP streams")
             return
-        host, port = parse_host_port(grant.address)
-        try:
-            await self._dialer.connect(
-                host, port, lambda: session.bridge(event.stream_id, accepted=True))
-        except DialError as exc:
-            connection.refuse_stream(event.stream_id, DIAL_REASONS[exc.reason],
-                                     "the resource's server is not available")
+        failed = await session.connect_stream(event.stream_id, self._dialer, host, port,
+                                              refusal="the resource's server is not available")
+        if failed is not None:
             self._audit.record("launch.stream_failed", user=grant.user, resource=grant.resource,
-                               reason=str(exc))
-        else:
-            connection.accept_stream(event.stream_id)
-        session.flush_soon()
+                               reason=str(failed))

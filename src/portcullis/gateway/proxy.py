@@ -10,9 +10,12 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 
+# Never passed on: hop-by-hop headers, what httpx has already decoded, and every
+# forwarding header a client could forge (the gateway sets its own).
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
               b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length",
-              b"x-forwarded-for"}
+              b"content-encoding", b"x-forwarded-for", b"x-forwarded-proto",
+              b"x-forwarded-host", b"x-forwarded-port", b"forwarded", b"x-real-ip"}
 
 
 class PortalProxy:
@@ -24,7 +27,7 @@ class PortalProxy:
         headers = [(name, value) for name, value in request.headers.raw
                    if name.lower() not in HOP_BY_HOP]
         client = request.client.host if request.client else "unknown"
-        headers.append((b"x-forwarded-for", client.encode()))
+        headers += [(b"x-forwarded-for", client.encode()), (b"x-forwarded-proto", b"https")]
         try:
             upstream = await self._http.request(
                 request.method, request.url.path, params=request.url.query or None,

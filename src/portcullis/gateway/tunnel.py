@@ -24,13 +24,12 @@ from portcullis.audit import AuditTrail
 from portcullis.config.model import VpnSettings
 from portcullis.errors import DialError
 from portcullis.gateway.connections import Connection, ConnectionRegistry
-from portcullis.gateway.launch import DIAL_REASONS
 from portcullis.identity.claims import Claims
 from portcullis.identity.sessions import SessionManager
 from portcullis.net.dialer import Dialer
-from portcullis.net.muxsession import MuxSession, StreamBridge
+from portcullis.net.muxsession import DIAL_REASONS, MuxSession, StreamBridge
 from portcullis.net.websocket import WebSocketMux
-from portcullis.policy import AccessPolicy, Subject
+from portcullis.policy import AccessPolicy, Destination, Subject
 from portcullis.policy.explain import decide_resolved
 from portcullis.proto import mux
 from portcullis.proto.mux import Limits, MuxConnection, Reason
@@ -106,7 +105,7 @@ class TunnelEndpoint:
         try:
             hello = await asyncio.wait_for(asyncio.shield(session.hello),
                                            self._settings.hello_wait)
-        except (TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, ConnectionError):
             self._audit.record("tunnel.refused", client=client, reason="no session presented")
             return None
         token = hello.get("session")
@@ -135,32 +134,32 @@ class TunnelEndpoint:
 
     async def _open(self, session: MuxSession, event: mux.StreamOpened, claims: Claims,
                     client: str) -> None:
-        connection = session.mux
         protocol = PROTOCOL_NAMES[event.protocol]
         if event.protocol != mux.Protocol.TCP:
-            connection.refuse_stream(event.stream_id, Reason.REFUSED,
-                                     f"{protocol.upper()} is not carried by this gateway yet")
-            session.flush_soon()
+            session.refuse(event.stream_id, Reason.REFUSED,
+                           f"{protocol.upper()} is not carried by this gateway yet")
             return
         where = f"{event.host}:{event.port}/{protocol}"
-        try:
-            addresses = await self._resolve(event.host, event.port)
-        except DialError as exc:
-            connection.refuse_stream(event.stream_id, DIAL_REASONS[exc.reason], str(exc))
-            session.flush_soon()
-            return
         subject = Subject(claims.username, frozenset(claims.groups))
+        policy = self._policy()
         name = None if _is_address(event.host) else event.host
-        decision, chosen = decide_resolved(self._policy(), subject, name, addresses,
-                                           event.port, protocol)
-        if not decision.allowed or chosen is None:
+        addresses: list[Address | None] = [None]
+        # A name is looked up on the inside only for users whom some rule could allow
+        # there: the gateway's resolver is not an oracle for everyone who signs in.
+        if (name is None or policy.networks_for(subject)
+                or policy.decide(subject, Destination(name, None, event.port, protocol)).allowed):
+            try:
+                addresses = list(await self._resolve(event.host, event.port))
+            except DialError as exc:
+                session.refuse(event.stream_id, DIAL_REASONS[exc.reason], str(exc))
+                return
+        decision, address = decide_resolved(policy, subject, name, addresses,
+                                            event.port, protocol)
+        if not decision.allowed or address is None:
             self._audit.record("tunnel.denied", user=claims.username, client=client,
                                destination=where, rule=decision.rule, reason=decision.reason)
-            connection.refuse_stream(event.stream_id, Reason.DENIED,
-                                     "not allowed by the access policy")
-            session.flush_soon()
+            session.refuse(event.stream_id, Reason.DENIED, "not allowed by the access policy")
             return
-        address = chosen
         started = time.monotonic()
 
         def audit_stream(bridge: StreamBridge) -> None:
@@ -170,18 +169,8 @@ class TunnelEndpoint:
                                bytes_from_client=bridge.counters.received,
                                duration=round(time.monotonic() - started, 3))
 
-        def bridge() -> StreamBridge:
-            stream = session.bridge(event.stream_id, accepted=True)
-            stream.on_closed = audit_stream
-            return stream
-
-        try:
-            await self._dialer.connect(str(address), event.port, bridge)
-        except DialError as exc:
-            connection.refuse_stream(event.stream_id, DIAL_REASONS[exc.reason], str(exc))
-        else:
-            connection.accept_stream(event.stream_id)
-        session.flush_soon()
+        await session.connect_stream(event.stream_id, self._dialer, str(address), event.port,
+                                     on_closed=audit_stream)
 
     async def _resolve(self, host: str, port: int) -> list[Address]:
         """The addresses of `host`, looked up on the inside (the gateway's resolver)."""

@@ -52,8 +52,6 @@ class SessionManager:
         record = {"claims": claims.to_json(), "client_address": client_address, "created_at": now}
         ttl = min(self._settings.idle_timeout, self._settings.absolute_timeout)
         await self._ephemeral.put(f"session:{handle}", json.dumps(record).encode(), ttl)
-        await self._ephemeral.add_to_set(f"user-sessions:{claims.username}", handle,
-                                         self._settings.absolute_timeout)
         return token, Session(handle, claims, client_address, now)
 
     async def validate(self, token: str) -> Session | None:
@@ -77,18 +75,4 @@ class SessionManager:
         return session
 
     async def end(self, token: str) -> None:
-        handle = self._hasher.digest(NAMESPACE, token)
-        await self.end_handle(handle)
-
-    async def end_handle(self, handle: str) -> None:
-        raw = await self._ephemeral.take(f"session:{handle}")
-        if raw is not None:
-            username = json.loads(raw)["claims"]["username"]
-            await self._ephemeral.remove_from_set(f"user-sessions:{username}", handle)
-
-    async def end_all_for(self, username: str) -> int:
-        handles = await self._ephemeral.set_members(f"user-sessions:{username}")
-        for handle in handles:
-            await self._ephemeral.delete(f"session:{handle}")
-        await self._ephemeral.delete(f"user-sessions:{username}")
-        return len(handles)
+        await self._ephemeral.delete(f"session:{self._hasher.digest(NAMESPACE, token)}")

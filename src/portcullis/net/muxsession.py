@@ -23,11 +23,20 @@ from typing import Protocol, cast
 
 import structlog
 
-from portcullis.errors import ProtocolError
+from portcullis.errors import DialError, ProtocolError
+from portcullis.net.dialer import Dialer
 from portcullis.proto import mux
 from portcullis.proto.mux import MuxConnection, Reason
 
 log = structlog.get_logger("portcullis.mux")
+
+# How a failed dial is told to the peer.
+DIAL_REASONS = {
+    "refused": Reason.REFUSED,
+    "unreachable": Reason.UNREACHABLE,
+    "timed_out": Reason.TIMED_OUT,
+    "name_not_found": Reason.NAME_NOT_FOUND,
+}
 
 # The largest message we send (several frames coalesced); both ends accept this much
 # plus one frame (the WebSocket max_size on either side is set from it).
@@ -58,7 +67,6 @@ class StreamBridge(asyncio.Protocol):
         self.stream_id = stream_id
         self.transport: asyncio.Transport | None = None
         self.counters = StreamCounters()
-        self.refusal: tuple[Reason, str] | None = None
         self._accepted = accepted
         self._early: list[bytes] = []
         self._write_paused = False
@@ -124,6 +132,10 @@ class StreamBridge(asyncio.Protocol):
     def accepted(self) -> bool:
         return self._accepted
 
+    @property
+    def ended(self) -> bool:
+        return self._done
+
     def hold(self, data: bytes) -> None:
         """Bytes read before the stream was opened (a proxy's pipelined request)."""
         if data:
@@ -167,7 +179,6 @@ class StreamBridge(asyncio.Protocol):
     def on_ended(self, refusal: tuple[Reason, str] | None = None) -> None:
         """The peer refused or reset the stream, or the tunnel ended: drop the socket."""
         self._done = True
-        self.refusal = refusal
         if self.transport is not None:
             self.transport.abort()
 
@@ -238,7 +249,7 @@ class MuxSession:
         for task in self._tasks:
             task.cancel()
         if not self.hello.done():
-            self.hello.cancel()
+            self.hello.set_exception(ConnectionError("the tunnel closed"))
         self.closed.set()
 
     def pause_sources(self) -> None:
@@ -283,9 +294,9 @@ class MuxSession:
         self.flush_soon()
 
     def reset(self, stream_id: int, reason: Reason, message: str) -> None:
-        if stream_id in self.mux.stream_ids():
-            self.mux.reset_stream(stream_id, reason, message)
-            self.flush_soon()
+        # A no-op in the codec for a stream that is already gone.
+        self.mux.reset_stream(stream_id, reason, message)
+        self.flush_soon()
 
     def forget(self, bridge: StreamBridge) -> None:
         """Drop a finished stream, adding its byte counts to the session's (once)."""
@@ -317,6 +328,37 @@ class MuxSession:
     def open_streams(self) -> int:
         return len(self._streams)
 
+    async def connect_stream(self, stream_id: int, dialer: Dialer, host: str, port: int,
+                             *, on_closed: Callable[[StreamBridge], None] | None = None,
+                             refusal: str | None = None) -> DialError | None:
+        """Answer a stream the peer opened by connecting to host:port: ACCEPT once the
+        socket is up, REFUSE (and return why) if it cannot be. The bridge exists before
+        the dial, so a RESET that arrives meanwhile finds it and the socket is dropped."""
+        bridge = self.bridge(stream_id, accepted=False)
+        bridge.on_closed = on_closed
+        try:
+            await dialer.connect(host, port, lambda: bridge)
+        except DialError as exc:
+            self.forget(bridge)
+            # `refusal` replaces the dialer's words when they would say too much (a
+            # launched resource's address is not the client's business).
+            self.refuse(stream_id, DIAL_REASONS[exc.reason], refusal or str(exc))
+            return exc
+        if bridge.ended:   # reset, or the tunnel ended, while we dialled
+            if bridge.transport is not None:
+                bridge.transport.abort()
+            return None
+        self.mux.accept_stream(stream_id)
+        bridge.on_accepted()
+        self.flush_soon()
+        return None
+
+    def refuse(self, stream_id: int, reason: Reason, message: str) -> None:
+        """Refuse a stream the peer opened, unless it has gone meanwhile."""
+        with contextlib.suppress(ProtocolError):
+            self.mux.refuse_stream(stream_id, reason, message)
+            self.flush_soon()
+
     def spawn(self, coroutine: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
@@ -330,6 +372,17 @@ class MuxSession:
             self._loop.call_soon(self._flush)
 
     # -- internals ---------------------------------------------------------------------
+    async def _open_guarded(self, handler: StreamOpenHandler, event: mux.StreamOpened) -> None:
+        """Run the owner's handler; a bug in it refuses the stream instead of leaving the
+        peer waiting for an answer that never comes."""
+        try:
+            await handler(self, event)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("stream handler failed", stream=event.stream_id)
+            self.refuse(event.stream_id, Reason.INTERNAL_ERROR, "internal error")
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
@@ -364,7 +417,7 @@ class MuxSession:
                     self.mux.refuse_stream(event.stream_id, Reason.DENIED,
                                            "this side accepts no streams")
                 else:
-                    self.spawn(self._on_open(self, event))
+                    self.spawn(self._open_guarded(self._on_open, event))
             elif isinstance(event, mux.HelloReceived):
                 if not self.hello.done():
                     self.hello.set_result(event.fields)

@@ -180,6 +180,13 @@ def _frame_header(size: int, mask: bytes) -> bytes:
 
 
 # -- client side ---------------------------------------------------------------------
+def websocket_url(url: str, path: str = "") -> str:
+    """wss:// for an https:// gateway URL (launch files and sign-ins may give either)."""
+    if url.startswith("https://"):
+        url = "wss://" + url[len("https://"):]
+    return url.rstrip("/") + path if path else url
+
+
 async def connect(url: str, tls: ssl.SSLContext | None, *,
                   timeout: float = 15.0) -> WebSocketMux:
     """Open a WebSocket to `url` and complete the handshake (`tls` None: plain ws://)."""

@@ -234,7 +234,7 @@ class AccessPolicy:
         is looked at: resolvers fold some non-ASCII spellings ("ſecret") onto ASCII names,
         and a deny rule must not be sidestepped by such a spelling.
         """
-        # timeit, 100 rules, none matching (so 100 checks built): 70-190 µs per call.
+        # timeit, 100 rules, none matching (so 100 checks built): 70-230 µs per call.
         host = destination.host
         if host is not None:
             name = host.lower().removesuffix(".") if host.isascii() else ""

@@ -30,6 +30,7 @@ from portcullis.config.model import Settings
 from portcullis.errors import StoreError, TicketError
 from portcullis.identity.flow import Authenticated, LoginService, NextStep
 from portcullis.identity.sessions import Session, SessionManager
+from portcullis.net.websocket import websocket_url
 from portcullis.portal.broker import authorize_launch, visible_resources
 from portcullis.proto.launchfile import MIME_TYPE, LaunchFile, format_launch_file
 from portcullis.sta.authority import TicketRequest
@@ -67,7 +68,7 @@ def safe_next(target: str | None) -> str:
 def create_portal_app(deps: PortalDeps) -> Starlette:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     settings = deps.settings
-    gateway_ws = settings.gateway.public_url.replace("https://", "wss://", 1) + "/api/v1/launch"
+    gateway_ws = websocket_url(settings.gateway.public_url, "/api/v1/launch")
 
     def client_of(request: Request) -> str:
         return request.client.host if request.client else "unknown"
@@ -89,7 +90,7 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
             return True
         if SESSION_COOKIE not in request.cookies:
             return True   # no session at all: the endpoint answers 401
-        if "application/json" in request.headers.get("content-type", ""):
+        if is_json(request):
             return True
         deps.audit.record("csrf.rejected", path=request.url.path, client=client_of(request))
         return False
@@ -298,8 +299,14 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
     ])
 
 
+def is_json(request: Request) -> bool:
+    """The media type exactly: 'text/plain; x=application/json' is not JSON."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0]
+    return media_type.strip().lower() == "application/json"
+
+
 async def _json_object(request: Request) -> dict[str, Any] | None:
-    if "application/json" not in request.headers.get("content-type", ""):
+    if not is_json(request):
         return None
     try:
         value = json.loads(await request.body() or b"{}")

@@ -32,13 +32,20 @@ class RemoteTicketAuthority:
 
     async def issue(self, request: TicketRequest) -> IssuedTicket:
         body = await self._post("/sta/v1/tickets", asdict(request))
-        return IssuedTicket(ticket=str(body["ticket"]), expires_at=float(body["expires_at"]))
+        try:
+            return IssuedTicket(ticket=str(body["ticket"]), expires_at=float(body["expires_at"]))
+        except (KeyError, TypeError, ValueError):
+            raise TicketError(f"the STA at {self._base_url} answered an unknown form") from None
 
     async def redeem(self, ticket: str, client_address: str | None) -> TicketGrant:
         body = await self._post("/sta/v1/redemptions",
                                 {"ticket": ticket, "client_address": client_address})
-        return TicketGrant(user=str(body["user"]), resource=str(body["resource"]),
-                           address=str(body["address"]), expires_at=float(body["expires_at"]))
+        try:
+            return TicketGrant(user=str(body["user"]), resource=str(body["resource"]),
+                               address=str(body["address"]),
+                               expires_at=float(body["expires_at"]))
+        except (KeyError, TypeError, ValueError):
+            raise TicketError(f"the STA at {self._base_url} answered an unknown form") from None
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -52,7 +59,12 @@ class RemoteTicketAuthority:
             raise TicketError("the STA refused the ticket")
         if response.status_code not in (200, 201):
             raise TicketError(f"the STA at {self._base_url} answered {response.status_code}")
-        result: dict[str, Any] = response.json()
+        try:
+            result = response.json()
+        except ValueError:
+            result = None
+        if not isinstance(result, dict):
+            raise TicketError(f"the STA at {self._base_url} answered something not JSON")
         return result
 
 

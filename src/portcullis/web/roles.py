@@ -17,14 +17,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from portcullis.audit import AuditTrail
 from portcullis.errors import PKIError
 from portcullis.pki import peer_common_name
-
-ROLE_NAMES = {"gateway": "portcullis-gateway", "portal": "portcullis-portal",
-              "sta": "portcullis-sta"}
+from portcullis.pki.roles import ROLE_COMMON_NAMES
 
 
 def role_checked_http(allowed_roles: Set[str], listener: str,
                       audit: AuditTrail) -> type[asyncio.Protocol]:
-    allowed = {ROLE_NAMES[role] for role in allowed_roles}
+    allowed = {ROLE_COMMON_NAMES[role] for role in allowed_roles}
 
     class RoleCheckedHttp(HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

@@ -8,6 +8,7 @@ one it is routed by.
 
 from __future__ import annotations
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 SECURITY_HEADERS = [
@@ -22,10 +23,6 @@ SECURITY_HEADERS = [
 ]
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class SecurityMiddleware:
     def __init__(self, app: ASGIApp, *, max_body: int, max_header_bytes: int) -> None:
         self.app = app
@@ -33,10 +30,7 @@ class SecurityMiddleware:
         self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "websocket" and _has_dot_segment(scope):
-                await send({"type": "websocket.close", "code": 1008})
-                return
+        if scope["type"] != "http":   # lifespan; WebSocket upgrades never reach ASGI here
             await self.app(scope, receive, send)
             return
         if _has_dot_segment(scope):
@@ -61,7 +55,8 @@ class SecurityMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
-                    raise BodyTooLarge
+                    # Raised inside the app, so Starlette answers it (as 413).
+                    raise HTTPException(413, "request body too large")
             return message
 
         async def secured_send(message: Message) -> None:
@@ -76,11 +71,7 @@ class SecurityMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, secured_send)
-        except BodyTooLarge:
-            if not started:
-                await _plain(send, 413, b"request body too large")
+        await self.app(scope, limited_receive, secured_send)
 
 
 def _has_dot_segment(scope: Scope) -> bool:
