@@ -219,3 +219,23 @@ def test_an_unreachable_redis_stops_startup_with_the_address(deployment: Deploym
     assert result.returncode == 1
     assert f"cannot reach Redis at 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_oversized_chunked_body_is_a_413(deployment: Deployment, gateway: Process) -> None:
+    chunk = b"a" * 100_000
+    request = (b"POST /api/v1/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+               + b"%x\r\n" % len(chunk) + chunk + b"\r\n0\r\n\r\n")
+    response = raw_request(deployment, request)
+    assert status_of(response) == 413
+    assert b"Traceback" not in response
+
+
+def test_a_json_lookalike_content_type_does_not_pass_the_api_csrf_rule(
+        deployment: Deployment, client: httpx.Client) -> None:
+    token = client.post("/api/v1/login", json={
+        "answers": {"username": "admin", "password": deployment.admin_password}}).json()["token"]
+    client.cookies.set("__Host-portcullis-session", token)
+    sneaky = client.post("/api/v1/resources/intranet/launch", content=b"{}",
+                         headers={"content-type": "text/plain; x=application/json"})
+    assert sneaky.status_code == 403
