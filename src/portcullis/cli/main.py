@@ -368,9 +368,12 @@ def _forward_spec(value: str) -> tuple[str, int, str, int]:
               help="Local HTTP CONNECT proxy address ('off' for none).")
 @click.option("-L", "forwards", multiple=True, metavar="[BIND:]LPORT:HOST:PORT",
               help="Forward a local TCP port to HOST:PORT inside (repeat).")
+@click.option("-U", "udp_forwards", multiple=True, metavar="[BIND:]LPORT:HOST:PORT",
+              help="Forward a local UDP port to HOST:PORT inside (repeat).")
 @click.option("--ca", "ca_file", type=click.Path(exists=True, dir_okay=False),
               help="The deployment's CA certificate (default: the one saved at login).")
-def connect(socks: str, http_proxy: str, forwards: tuple[str, ...], ca_file: str | None) -> None:
+def connect(socks: str, http_proxy: str, forwards: tuple[str, ...],
+            udp_forwards: tuple[str, ...], ca_file: str | None) -> None:
     """Open the VPN tunnel: local proxies and forwards into the protected networks."""
     from portcullis.client.connect import Listen, run_connect
     from portcullis.client.state import ClientState, client_home
@@ -392,6 +395,9 @@ def connect(socks: str, http_proxy: str, forwards: tuple[str, ...], ca_file: str
         for spec in forwards:
             bind, local_port, host, port = _forward_spec(spec)
             listens.append(Listen("forward", bind, local_port, host, port))
+        for spec in udp_forwards:
+            bind, local_port, host, port = _forward_spec(spec)
+            listens.append(Listen("udp", bind, local_port, host, port))
     except click.BadParameter as exc:
         fail(str(exc.message), 2)
 

@@ -13,14 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from portcullis.client.proxies import ForwardInbound, HttpConnectInbound, SocksInbound
+from portcullis.client.proxies import (
+    ForwardInbound,
+    HttpConnectInbound,
+    SocksInbound,
+    UdpForward,
+)
 from portcullis.client.state import ClientState
 from portcullis.client.tunnel import STATUS_FILE, TunnelClient
 
 
 @dataclass(frozen=True)
 class Listen:
-    kind: Literal["socks", "http", "forward"]
+    kind: Literal["socks", "http", "forward", "udp"]
     host: str
     port: int
     to_host: str = ""
@@ -29,6 +34,8 @@ class Listen:
     def describe(self) -> str:
         if self.kind == "forward":
             return f"forward to {self.to_host}:{self.to_port}"
+        if self.kind == "udp":
+            return f"UDP forward to {self.to_host}:{self.to_port}"
         return {"socks": "SOCKS5 proxy", "http": "HTTP CONNECT proxy"}[self.kind]
 
 
@@ -40,6 +47,7 @@ async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Lis
                           status_file=home / STATUS_FILE)
     loop = asyncio.get_running_loop()
     servers: list[asyncio.Server] = []
+    endpoints: list[asyncio.DatagramTransport] = []
 
     def factory(listen: Listen) -> Callable[[], asyncio.Protocol]:
         if listen.kind == "socks":
@@ -47,6 +55,9 @@ async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Lis
         if listen.kind == "http":
             return lambda: HttpConnectInbound(tunnel)
         return lambda: ForwardInbound(tunnel, listen.to_host, listen.to_port)
+
+    def udp_factory(listen: Listen) -> Callable[[], UdpForward]:
+        return lambda: UdpForward(tunnel, listen.to_host, listen.to_port)
 
     def connected(client: TunnelClient) -> None:
         config = client.config
@@ -63,14 +74,22 @@ async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Lis
         if runner.done():
             return await runner
         for listen in listens:
-            server = await loop.create_server(factory(listen), listen.host, listen.port)
-            servers.append(server)
-            host, port = server.sockets[0].getsockname()[:2]
+            if listen.kind == "udp":
+                udp, _ = await loop.create_datagram_endpoint(
+                    udp_factory(listen), local_addr=(listen.host, listen.port))
+                endpoints.append(udp)
+                host, port = udp.get_extra_info("sockname")[:2]
+            else:
+                server = await loop.create_server(factory(listen), listen.host, listen.port)
+                servers.append(server)
+                host, port = server.sockets[0].getsockname()[:2]
             on_listening(listen, host, port)
         return await runner
     finally:
         for server in servers:
             server.close()
+        for endpoint in endpoints:
+            endpoint.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         if not runner.done():

@@ -15,7 +15,7 @@ import h11
 
 from portcullis.client.tunnel import TunnelClient
 from portcullis.errors import ProtocolError
-from portcullis.net.muxsession import MuxSession, StreamBridge
+from portcullis.net.muxsession import DatagramFlow, MuxSession, StreamBridge
 from portcullis.proto import mux
 from portcullis.proto.mux import Reason
 from portcullis.proto.socks5 import Command, Reply, Socks5Connection, reply_for
@@ -23,6 +23,9 @@ from portcullis.proto.socks5 import Command, Reply, Socks5Connection, reply_for
 # Bytes to answer the application with: on success (reason None) or on refusal.
 Answer = Callable[[Reason | None, str], bytes]
 MAX_HEADER = 16 * 1024
+# A local UDP sender silent for this long gets a new flow next time (the gateway also
+# ends flows idle for its own, configured time).
+UDP_IDLE_TIMEOUT = 60.0
 
 
 class ProxiedStream(StreamBridge):
@@ -164,6 +167,38 @@ def _response(status: int, text: str) -> bytes:
               502: b"Bad Gateway"}.get(status, b"Error")
     return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n%s" % (status, reason, len(body), body))
+
+
+class UdpForward(asyncio.DatagramProtocol):
+    """A UDP forward (-U): each local sender is its own flow to one destination inside.
+    While the tunnel is down, datagrams are dropped, as UDP allows."""
+
+    def __init__(self, tunnel: TunnelClient, host: str, port: int) -> None:
+        self._tunnel = tunnel
+        self._destination = (host, port)
+        self._transport: asyncio.DatagramTransport | None = None
+        self._flows: dict[object, DatagramFlow] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        flow = self._flows.get(addr)
+        if flow is None:
+            session = self._tunnel.current
+            if session is None or self._transport is None:
+                return
+            transport = self._transport
+            flow = session.open_flow(*self._destination,
+                                     lambda reply: transport.sendto(reply, addr),
+                                     idle_timeout=UDP_IDLE_TIMEOUT)
+            flow.on_closed = lambda ended: self._forget(addr, ended)
+            self._flows[addr] = flow
+        flow.send(data)
+
+    def _forget(self, addr: object, flow: DatagramFlow) -> None:
+        if self._flows.get(addr) is flow:
+            del self._flows[addr]
 
 
 class ForwardInbound(_Inbound):

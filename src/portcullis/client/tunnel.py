@@ -65,6 +65,11 @@ class TunnelClient:
         return bridge
 
     @property
+    def current(self) -> MuxSession | None:
+        """The tunnel's session while it is up."""
+        return self._session
+
+    @property
     def config(self) -> dict[str, object]:
         return (self._session.config or {}) if self._session is not None else {}
 

@@ -142,6 +142,8 @@ class VpnSettings(Section):
     dns_servers: list[str] = Field(default_factory=list)
     dns_suffixes: list[str] = Field(default_factory=list)
     dial_timeout: float = Field(default=10.0, gt=0, le=120)
+    # A UDP flow with no datagram either way for this long is closed.
+    udp_idle_timeout: float = Field(default=60.0, gt=0, le=3600)
 
     @field_validator("networks")
     @classmethod

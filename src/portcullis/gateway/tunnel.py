@@ -27,7 +27,7 @@ from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.identity.claims import Claims
 from portcullis.identity.sessions import SessionManager
 from portcullis.net.dialer import Dialer
-from portcullis.net.muxsession import DIAL_REASONS, MuxSession, StreamBridge
+from portcullis.net.muxsession import DIAL_REASONS, DatagramFlow, MuxSession, StreamBridge
 from portcullis.net.websocket import WebSocketMux
 from portcullis.policy import AccessPolicy, Destination, Subject
 from portcullis.policy.explain import decide_resolved
@@ -135,9 +135,9 @@ class TunnelEndpoint:
     async def _open(self, session: MuxSession, event: mux.StreamOpened, claims: Claims,
                     client: str) -> None:
         protocol = PROTOCOL_NAMES[event.protocol]
-        if event.protocol != mux.Protocol.TCP:
+        if event.protocol == mux.Protocol.ICMP:
             session.refuse(event.stream_id, Reason.REFUSED,
-                           f"{protocol.upper()} is not carried by this gateway yet")
+                           "ICMP is not carried by this gateway yet")
             return
         where = f"{event.host}:{event.port}/{protocol}"
         subject = Subject(claims.username, frozenset(claims.groups))
@@ -162,15 +162,36 @@ class TunnelEndpoint:
             return
         started = time.monotonic()
 
-        def audit_stream(bridge: StreamBridge) -> None:
+        def audit_stream(stream: StreamBridge | DatagramFlow) -> None:
             self._audit.record("tunnel.stream", user=claims.username, destination=where,
                                address=str(address), rule=decision.rule,
-                               bytes_to_client=bridge.counters.sent,
-                               bytes_from_client=bridge.counters.received,
+                               bytes_to_client=stream.counters.sent,
+                               bytes_from_client=stream.counters.received,
                                duration=round(time.monotonic() - started, 3))
 
-        await session.connect_stream(event.stream_id, self._dialer, str(address), event.port,
-                                     on_closed=audit_stream)
+        if event.protocol == mux.Protocol.UDP:
+            await self._open_flow(session, event.stream_id, str(address), event.port,
+                                  audit_stream)
+        else:
+            await session.connect_stream(event.stream_id, self._dialer, str(address),
+                                         event.port, on_closed=audit_stream)
+
+    async def _open_flow(self, session: MuxSession, stream_id: int, host: str, port: int,
+                         on_closed: Callable[[DatagramFlow], None]) -> None:
+        try:
+            transport, socket_side = await self._dialer.connect_udp(host, port, UdpSocket)
+        except DialError as exc:
+            session.refuse(stream_id, DIAL_REASONS[exc.reason], str(exc))
+            return
+        flow = session.accept_flow(stream_id, transport.sendto,
+                                   idle_timeout=self._vpn().udp_idle_timeout)
+
+        def closed(ended: DatagramFlow) -> None:
+            transport.close()
+            on_closed(ended)
+
+        flow.on_closed = closed
+        socket_side.flow = flow
 
     async def _resolve(self, host: str, port: int) -> list[Address]:
         """The addresses of `host`, looked up on the inside (the gateway's resolver)."""
@@ -187,6 +208,20 @@ class TunnelEndpoint:
             if address not in found:
                 found.append(address)
         return found
+
+
+class UdpSocket(asyncio.DatagramProtocol):
+    """The gateway's socket of one UDP flow: what the server answers goes to the flow."""
+
+    def __init__(self) -> None:
+        self.flow: DatagramFlow | None = None
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        if self.flow is not None:
+            self.flow.send(data)
+
+    def error_received(self, exc: Exception) -> None:
+        pass   # ICMP errors (port unreachable): UDP's own semantics; the flow idles out
 
 
 def _is_address(host: str) -> bool:

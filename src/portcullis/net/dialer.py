@@ -19,9 +19,15 @@ from portcullis.errors import DialError
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 
+D = TypeVar("D", bound=asyncio.DatagramProtocol)
+
+
 class Dialer(Protocol):
     async def connect(self, host: str, port: int,
                       protocol_factory: Callable[[], P]) -> tuple[asyncio.Transport, P]: ...
+
+    async def connect_udp(self, host: str, port: int, protocol_factory: Callable[[], D]
+                          ) -> tuple[asyncio.DatagramTransport, D]: ...
 
 
 class DirectDialer:
@@ -42,7 +48,23 @@ class DirectDialer:
         except ConnectionRefusedError:
             raise DialError(f"{where} refused the connection", "refused") from None
         except OSError as exc:
-            reason = ("unreachable" if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)
-                      else "refused")
-            raise DialError(f"cannot connect to {where}: {exc.strerror}", reason) from None
+            raise _dial_error(exc, where) from None
         return transport, protocol
+
+    async def connect_udp(self, host: str, port: int, protocol_factory: Callable[[], D]
+                          ) -> tuple[asyncio.DatagramTransport, D]:
+        """A UDP socket connected to host:port (replies from elsewhere are dropped)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.create_datagram_endpoint(protocol_factory,
+                                                       remote_addr=(host, port))
+        except OSError as exc:
+            raise _dial_error(exc, f"{host}:{port}/udp") from None
+
+
+def _dial_error(exc: OSError, where: str) -> DialError:
+    if isinstance(exc, socket.gaierror):
+        return DialError(f"cannot resolve {where}: {exc.strerror}", "name_not_found")
+    reason = ("unreachable" if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)
+              else "refused")
+    return DialError(f"cannot connect to {where}: {exc.strerror}", reason)

@@ -188,6 +188,76 @@ class StreamBridge(asyncio.Protocol):
             self.transport.close()
 
 
+class DatagramFlow:
+    """One UDP flow: a stream of datagrams, ended by either side or after idling.
+
+    `deliver` hands a datagram from the peer to the local socket. Datagrams sent before
+    the peer accepts wait in a short queue; beyond it they are dropped, as UDP may be.
+    """
+
+    MAX_QUEUED = 64
+
+    def __init__(self, session: MuxSession, stream_id: int, deliver: Callable[[bytes], None],
+                 *, accepted: bool, idle_timeout: float) -> None:
+        self.session = session
+        self.stream_id = stream_id
+        self.counters = StreamCounters()
+        self.on_closed: Callable[[DatagramFlow], None] | None = None
+        self._deliver = deliver
+        self._accepted = accepted
+        self._queued: list[bytes] = []
+        self._idle_timeout = idle_timeout
+        self._last = time.monotonic()
+        self._ended = False
+        self._timer = asyncio.get_running_loop().call_later(idle_timeout, self._check_idle)
+
+    def send(self, data: bytes) -> None:
+        """A datagram from our socket, to the peer."""
+        if self._ended:
+            return
+        self._last = time.monotonic()
+        if not self._accepted:
+            if len(self._queued) < self.MAX_QUEUED:
+                self._queued.append(data)
+            return
+        self.counters.sent += len(data)
+        self.session.mux.send_datagram(self.stream_id, data)
+        self.session.flush_soon()
+
+    def on_datagram(self, data: bytes) -> None:
+        self._last = time.monotonic()
+        self.counters.received += len(data)
+        self._deliver(data)
+
+    def on_accepted(self) -> None:
+        self._accepted = True
+        queued, self._queued = self._queued, []
+        for data in queued:
+            self.send(data)
+
+    def on_ended(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._timer.cancel()
+        if self.on_closed is not None:
+            self.on_closed(self)
+
+    def close(self, message: str) -> None:
+        """End the flow from this side."""
+        self.session.reset(self.stream_id, Reason.CANCELLED, message)
+        self.session.forget_flow(self)
+        self.on_ended()
+
+    def _check_idle(self) -> None:
+        idle = time.monotonic() - self._last
+        if idle >= self._idle_timeout:
+            self.close("idle")
+        else:
+            self._timer = asyncio.get_running_loop().call_later(
+                self._idle_timeout - idle, self._check_idle)
+
+
 StreamOpenHandler = Callable[["MuxSession", mux.StreamOpened], Awaitable[None]]
 BridgeFactory = Callable[["MuxSession", int], StreamBridge]
 
@@ -202,6 +272,7 @@ class MuxSession:
         self._on_open = on_open
         self._carrier: MessageCarrier | None = None
         self._streams: dict[int, StreamBridge] = {}
+        self._flows: dict[int, DatagramFlow] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
@@ -246,6 +317,9 @@ class MuxSession:
         for bridge in list(self._streams.values()):
             self.forget(bridge)
             bridge.on_ended((Reason.CANCELLED, "tunnel closed"))
+        for flow in list(self._flows.values()):
+            self.forget_flow(flow)
+            flow.on_ended()
         for task in self._tasks:
             task.cancel()
         if not self.hello.done():
@@ -288,6 +362,30 @@ class MuxSession:
         self._streams[stream_id] = bridge
         return bridge
 
+    def open_flow(self, host: str, port: int, deliver: Callable[[bytes], None], *,
+                  idle_timeout: float) -> DatagramFlow:
+        """Open a UDP flow to the peer (client side)."""
+        stream_id = self.mux.open_stream(mux.Protocol.UDP, host, port)
+        self.flush_soon()
+        flow = DatagramFlow(self, stream_id, deliver, accepted=False, idle_timeout=idle_timeout)
+        self._flows[stream_id] = flow
+        return flow
+
+    def accept_flow(self, stream_id: int, deliver: Callable[[bytes], None], *,
+                    idle_timeout: float) -> DatagramFlow:
+        """Accept a UDP flow the peer opened (gateway side), once its socket is ready."""
+        flow = DatagramFlow(self, stream_id, deliver, accepted=True, idle_timeout=idle_timeout)
+        self._flows[stream_id] = flow
+        self.mux.accept_stream(stream_id)
+        self.flush_soon()
+        return flow
+
+    def forget_flow(self, flow: DatagramFlow) -> None:
+        if self._flows.get(flow.stream_id) is flow:
+            del self._flows[flow.stream_id]
+            self.totals.sent += flow.counters.sent
+            self.totals.received += flow.counters.received
+
     def ping(self) -> None:
         """Measure the round trip: the PONG carries our send time back."""
         self.mux.send_ping(struct.pack("!d", time.monotonic()))
@@ -319,14 +417,16 @@ class MuxSession:
     def byte_counts(self) -> tuple[int, int]:
         """(sent, received) so far, open streams included."""
         sent, received = self.totals.sent, self.totals.received
-        for bridge in self._streams.values():
-            sent += bridge.counters.sent
-            received += bridge.counters.received
+        counters = [bridge.counters for bridge in self._streams.values()]
+        counters += [flow.counters for flow in self._flows.values()]
+        for live in counters:
+            sent += live.sent
+            received += live.received
         return sent, received
 
     @property
     def open_streams(self) -> int:
-        return len(self._streams)
+        return len(self._streams) + len(self._flows)
 
     async def connect_stream(self, stream_id: int, dialer: Dialer, host: str, port: int,
                              *, on_closed: Callable[[StreamBridge], None] | None = None,
@@ -397,21 +497,32 @@ class MuxSession:
                     bridge.on_data(event.data)
                 else:
                     self.mux.consumed(event.stream_id, len(event.data))
+            elif isinstance(event, mux.DatagramReceived):
+                if (flow := self._flows.get(event.stream_id)) is not None:
+                    flow.on_datagram(event.data)
             elif isinstance(event, mux.CreditAvailable):
                 if (bridge := streams.get(event.stream_id)) is not None:
                     bridge.on_credit()
             elif isinstance(event, mux.StreamEnded):
                 if (bridge := streams.get(event.stream_id)) is not None:
                     bridge.on_remote_eof()
+                elif (flow := self._flows.get(event.stream_id)) is not None:
+                    self.forget_flow(flow)
+                    flow.on_ended()
             elif isinstance(event, mux.StreamAccepted):
                 if (bridge := streams.get(event.stream_id)) is not None:
                     bridge.on_accepted()
+                elif (flow := self._flows.get(event.stream_id)) is not None:
+                    flow.on_accepted()
             elif isinstance(event, mux.StreamRefused | mux.StreamReset):
                 if isinstance(event, mux.StreamRefused) and self.on_refused is not None:
                     self.on_refused(event.reason, event.message)
                 if (bridge := streams.get(event.stream_id)) is not None:
                     self.forget(bridge)
                     bridge.on_ended((event.reason, event.message))
+                elif (flow := self._flows.get(event.stream_id)) is not None:
+                    self.forget_flow(flow)
+                    flow.on_ended()
             elif isinstance(event, mux.StreamOpened):
                 if self._on_open is None:
                     self.mux.refuse_stream(event.stream_id, Reason.DENIED,
