@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from peers.servers import EchoServer, HttpServer
+from peers.servers import DnsServer, EchoServer, HttpServer
 
 # Real PostgreSQL / Redis backends for every store-backed test.
 pytest_plugins = ("peers.stores",)
@@ -206,5 +206,18 @@ def http_server(tmp_path: Path) -> Iterator[HttpServer]:
     root.mkdir()
     (root / "index.html").write_text("<h1>intranet home</h1>\n")
     server = HttpServer(root, free_port())
+    yield server
+    server.close()
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DnsServer]:
+    server = DnsServer(require_program("dnsmasq"), free_udp_port())
     yield server
     server.close()

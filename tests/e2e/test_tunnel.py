@@ -32,7 +32,7 @@ action = "allow"
 groups = ["staff"]
 networks = ["127.0.0.0/8"]
 ports = ["1024-65535"]
-protocols = ["tcp"]
+protocols = ["tcp", "udp"]
 """
 
 
@@ -46,7 +46,9 @@ class Tunnel:
         text = process.output()
         self.socks = re.search(r"SOCKS5 proxy: listening on ([\d.]+:\d+)", text).group(1)
         self.http = re.search(r"HTTP CONNECT proxy: listening on ([\d.]+:\d+)", text).group(1)
-        self.forwards = re.findall(r"forward to [^:]+:\d+: listening on ([\d.]+):(\d+)", text)
+        self.forwards = re.findall(r"^forward to [^:]+:\d+: listening on ([\d.]+):(\d+)",
+                                   text, re.MULTILINE)
+        self.udp = re.findall(r"UDP forward to [^:]+:\d+: listening on ([\d.]+):(\d+)", text)
 
 
 def login(deployment: Deployment, user: str, home: Path) -> None:
@@ -67,13 +69,16 @@ def vpn(deployment: Deployment, http_server, echo_server, start_process):  # typ
     return deployment
 
 
-def connect(deployment: Deployment, start_process, home: Path, *forwards: str) -> Tunnel:  # type: ignore[no-untyped-def]
+def connect(deployment: Deployment, start_process, home: Path, *forwards: str,  # type: ignore[no-untyped-def]
+            udp: tuple[str, ...] = ()) -> Tunnel:
     args = ["connect", "--socks", "127.0.0.1:0", "--http", "127.0.0.1:0"]
     for forward in forwards:
         args += ["-L", forward]
+    for forward in udp:
+        args += ["-U", forward]
     process = start_process(*args, name="connect", env={"PORTCULLIS_HOME": str(home)})
     process.wait_for(r"HTTP CONNECT proxy: listening on")
-    if forwards:
+    if forwards or udp:
         process.wait_for(r"forward to .*: listening on")
     return Tunnel(process)
 
@@ -233,3 +238,37 @@ def test_garbage_on_one_tunnel_ends_only_that_tunnel(
     assert "intranet home" in still.stdout
     assert healthy.process.popen.poll() is None
     time.sleep(0)
+
+
+def test_a_real_dns_server_answers_dig_through_a_udp_forward(
+        vpn: Deployment, dns_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    dig = require_program("dig")
+    home = tmp_path / "alice"
+    login(vpn, "alice", home)
+    tunnel = connect(vpn, start_process, home, udp=(f"127.0.0.1:0:127.0.0.1:{dns_server.port}",))
+    host, port = tunnel.udp[0]
+    answer = subprocess.run([dig, f"@{host}", "-p", port, dns_server.NAME, "+short",
+                             "+time=3", "+tries=2"], capture_output=True, text=True, timeout=30)
+    assert answer.stdout.strip() == dns_server.ADDRESS, answer.stdout + answer.stderr
+    # The flow is one audited stream of the tunnel, by the UDP rule.
+    for _ in range(30):
+        streams = [e for e in audit(vpn) if e["event"] == "tunnel.stream"
+                   and str(e["destination"]).endswith("/udp")]
+        if streams or tunnel.process.popen.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert tunnel.process.popen.poll() is None
+
+
+def test_udp_to_a_denied_destination_is_refused_and_audited(
+        vpn: Deployment, dns_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    dig = require_program("dig")
+    home = tmp_path / "bob"
+    login(vpn, "bob", home)   # finance: no rule allows bob anything
+    tunnel = connect(vpn, start_process, home, udp=(f"127.0.0.1:0:127.0.0.1:{dns_server.port}",))
+    host, port = tunnel.udp[0]
+    answer = subprocess.run([dig, f"@{host}", "-p", port, dns_server.NAME, "+short",
+                             "+time=1", "+tries=1"], capture_output=True, text=True, timeout=30)
+    assert dns_server.ADDRESS not in answer.stdout
+    denied = [e for e in audit(vpn) if e["event"] == "tunnel.denied"]
+    assert denied and str(denied[-1]["destination"]).endswith("/udp")

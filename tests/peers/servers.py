@@ -59,3 +59,35 @@ class HttpServer:
     def close(self) -> None:
         self._process.terminate()
         self._process.wait(5)
+
+
+class DnsServer:
+    """dnsmasq answering one made-up name, on a free UDP port of 127.0.0.1."""
+
+    NAME = "wiki.corp.example"
+    ADDRESS = "10.1.2.3"
+
+    def __init__(self, dnsmasq: str, port: int) -> None:
+        self.port = port
+        self._process = subprocess.Popen(
+            [dnsmasq, "--no-daemon", "-C", "/dev/null", f"--port={port}",
+             "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
+             f"--address=/{self.NAME}/{self.ADDRESS}", "--user=root"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        query = (b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+                 b"\x04wiki\x04corp\x07example\x00\x00\x01\x00\x01")
+        deadline = time.monotonic() + 10
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.settimeout(0.2)
+            while time.monotonic() < deadline:
+                probe.sendto(query, ("127.0.0.1", port))
+                try:
+                    if probe.recv(512)[:2] == b"\x12\x34":
+                        return
+                except OSError:
+                    continue
+        raise RuntimeError("dnsmasq did not answer")
+
+    def close(self) -> None:
+        self._process.terminate()
+        self._process.wait(5)

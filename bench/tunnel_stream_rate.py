@@ -1,0 +1,151 @@
+"""Stream rate: how many new streams per second ONE VPN tunnel carries, and how long
+each takes, with 32 in flight.
+
+A stream, driven at the wire level in this process (no `portcullis connect`, no local
+socket, so the numbers are the gateway's): OPEN to 127.0.0.1:ECHO → the gateway checks
+the access policy, dials the echo server and answers ACCEPT → one byte sent with FIN →
+the byte comes back from the echo server (latency stops here) → the echo server closes,
+the gateway's FIN arrives (the stream is done, and counted). The reference row does the
+same over plain TCP from this process straight to the echo server.
+
+The echo server runs in its own process; the CPU seconds of every process are printed
+to show which side is the bottleneck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import uvloop
+
+from bench.deployment import Deployment, Process, api_client, sign_in
+from bench.launch_rate import Run, _own_cpu
+from bench.peers import start_echo_server
+from bench.report import Report, Table, verdict
+from bench.tunnel_setup import WireTunnel, start_tunnel_gateway, tunnel_url
+from portcullis.proto import mux
+
+STREAMS = 40000  # per measured run, at most
+TIME_LIMIT = 10.0  # seconds per measured run, whatever STREAMS says
+CONCURRENCY = 32
+WARMUP = 500
+TARGET = 2000.0  # streams/s
+MAX_ERRORS = 50  # stop a run early once this many failed and most attempts fail
+
+
+async def measure(name: str, once: Callable[[], Awaitable[float]], count: int,
+                  servers: dict[str, Process]) -> Run:
+    """Run `once` `count` times (or until TIME_LIMIT), CONCURRENCY at a time."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    started_count = 0
+    deadline = time.monotonic() + TIME_LIMIT
+
+    async def worker() -> None:
+        nonlocal started_count
+        while started_count < count and time.monotonic() < deadline:
+            if len(errors) >= MAX_ERRORS and len(errors) > len(latencies):
+                return
+            started_count += 1
+            try:
+                latencies.append(await once())
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    server_before = {key: process.cpu_seconds() for key, process in servers.items()}
+    cpu_before, wall_before = _own_cpu(), time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    wall = time.perf_counter() - wall_before
+    client_cpu = _own_cpu() - cpu_before
+    server_cpu = {key: process.cpu_seconds() - server_before[key]
+                  for key, process in servers.items()}
+    print(f"  {name:<22} {len(latencies) / wall:8.0f} streams/s", flush=True)
+    return Run(name, latencies, errors, wall, client_cpu, server_cpu)
+
+
+async def direct_once(port: int) -> float:
+    started = time.perf_counter()
+    async with asyncio.timeout(15):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"x")
+            writer.write_eof()
+            if await reader.readexactly(1) != b"x":
+                raise RuntimeError("the echo answered something else")
+            seconds = time.perf_counter() - started
+            await reader.read()  # the echo server's FIN
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+    return seconds
+
+
+async def _measure_both(deployment: Deployment, gateway: Process, echo: Process,
+                        echo_port: int) -> tuple[Run, Run]:
+    async with api_client(deployment, 1) as api:
+        token = await sign_in(api)
+    tunnel = await WireTunnel.connect(tunnel_url(deployment), token, deployment.client_tls())
+    try:
+        async def stream_once() -> float:
+            started = time.perf_counter()
+            stream_id = await tunnel.echo_stream(echo_port, fin=True)
+            seconds = time.perf_counter() - started
+            try:
+                await tunnel.expect(stream_id, mux.StreamEnded)
+            except BaseException:
+                tunnel.abandon(stream_id)
+                raise
+            tunnel.streams.pop(stream_id, None)
+            return seconds
+
+        await measure("warm-up", stream_once, WARMUP, {})
+        portcullis = await measure("portcullis tunnel", stream_once, STREAMS,
+                                   {"up": gateway, "echo": echo})
+    finally:
+        tunnel.close()
+    baseline = await measure("direct TCP (reference)", lambda: direct_once(echo_port),
+                             STREAMS, {"echo": echo})
+    return portcullis, baseline
+
+
+def run() -> Report:
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="bench-streams-") as tmp:
+        logs = Path(tmp)
+        echo, echo_port = start_echo_server(stack, logs)
+        deployment, gateway = start_tunnel_gateway(stack, logs)
+        portcullis, baseline = uvloop.run(_measure_both(deployment, gateway, echo, echo_port))
+
+    columns = ["setup", "done", "errors", "wall s", "streams/s", "p50 ms", "p90 ms",
+               "p99 ms", "client CPU", "server CPU"]
+    notes = [f"{STREAMS} streams (or {TIME_LIMIT:.0f} s), {CONCURRENCY} in flight on ONE "
+             f"tunnel, after {WARMUP} warm-up streams; latency = OPEN to the echoed byte, "
+             "a stream counts once the gateway's FIN arrived",
+             "measured at the wire level in the benchmark process (the tunnel client's own "
+             "WebSocket carrier and mux codec, no local sockets), not through "
+             "`portcullis connect -L`: the rate is the gateway's",
+             "client CPU = this process (the benchmark client), server CPU = each server "
+             "process; % = of one core over the run's wall time. The machine has "
+             f"{os.cpu_count()} cores shared by client, gateway and echo server."]
+    for run_ in (portcullis, baseline):
+        if run_.errors:
+            notes.append(f"{run_.name}: {len(run_.errors)} errors, first: {run_.errors[0]}")
+    ratio = portcullis.rate / baseline.rate if baseline.rate else math.nan
+    return Report(
+        name="tunnel_stream_rate",
+        tables=[Table(f"New streams on one tunnel (concurrency {CONCURRENCY})", columns,
+                      [portcullis.row(), baseline.row()])],
+        verdicts=[f"ratio tunnel/direct TCP: {ratio:.2f}x",
+                  verdict("tunnel streams/s", portcullis.rate, TARGET, "streams/s")],
+        notes=notes,
+        data={"portcullis": portcullis.as_json(), "direct": baseline.as_json(),
+              "ratio_portcullis_direct": ratio, "target_streams_per_s": TARGET,
+              "concurrency": CONCURRENCY})
