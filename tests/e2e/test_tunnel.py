@@ -66,6 +66,7 @@ def vpn(deployment: Deployment, http_server, echo_server, start_process):  # typ
     deployment.add_user("bob", PASSWORD, ["finance"])
     gateway = start_process("up", "--dir", str(deployment.directory), name="up")
     gateway.wait_for(r"Portal: https://")
+    deployment.gateway = gateway  # type: ignore[attr-defined]
     return deployment
 
 
@@ -272,3 +273,62 @@ def test_udp_to_a_denied_destination_is_refused_and_audited(
     assert dns_server.ADDRESS not in answer.stdout
     denied = [e for e in audit(vpn) if e["event"] == "tunnel.denied"]
     assert denied and str(denied[-1]["destination"]).endswith("/udp")
+
+
+def rss_kib(process: Process) -> int:
+    status = Path(f"/proc/{process.popen.pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+
+
+def test_a_stream_whose_reader_never_reads_does_not_slow_63_others(
+        vpn: Deployment, echo_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    home = tmp_path / "alice"
+    login(vpn, "alice", home)
+    tunnel = connect(vpn, start_process, home, f"127.0.0.1:0:127.0.0.1:{echo_server.port}")
+    host, port = tunnel.forwards[0]
+    before = rss_kib(vpn.gateway)  # type: ignore[attr-defined]
+
+    # The stalled one: writes until every buffer on its path is full, never reads.
+    stalled = socket.create_connection((host, int(port)), timeout=10)
+    stalled.settimeout(2)
+    pushed = 0
+    chunk = b"s" * 65536
+    for _ in range(4096):   # at most 256 MiB offered
+        try:
+            stalled.sendall(chunk)
+        except TimeoutError:
+            break
+        pushed += len(chunk)
+    assert pushed < 256 * 1024 * 1024, "nothing pushed back: the stream is not bounded"
+
+    size = 2 * 1024 * 1024
+    results: dict[int, bool] = {}
+
+    def echo_through(index: int) -> None:
+        payload = random.Random(index).randbytes(size)
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            received = bytearray()
+
+            def reader() -> None:
+                while len(received) < size:
+                    data = sock.recv(1 << 20)
+                    if not data:
+                        return
+                    received.extend(data)
+
+            thread = threading.Thread(target=reader)
+            thread.start()
+            sock.sendall(payload)
+            thread.join(60)
+            results[index] = bytes(received) == payload
+
+    workers = [threading.Thread(target=echo_through, args=(i,)) for i in range(63)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert len(results) == 63 and all(results.values())
+    # The stalled stream still holds its buffers, and only those: bounded by its windows.
+    grown_mib = (rss_kib(vpn.gateway) - before) / 1024  # type: ignore[attr-defined]
+    assert grown_mib < 128, f"gateway grew by {grown_mib:.0f} MiB"
+    stalled.close()
