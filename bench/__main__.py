@@ -16,13 +16,25 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import idle_memory, launch_rate, throughput
+from bench import (
+    idle_memory,
+    launch_rate,
+    throughput,
+    tunnel_memory,
+    tunnel_stream_rate,
+    tunnel_throughput,
+    tunnel_udp,
+)
 from bench.report import Report
 
 BENCHMARKS: dict[str, Callable[[], Report]] = {
     "throughput": throughput.run,
     "launch_rate": launch_rate.run,
     "idle_memory": idle_memory.run,
+    "tunnel_throughput": tunnel_throughput.run,
+    "tunnel_udp": tunnel_udp.run,
+    "tunnel_stream_rate": tunnel_stream_rate.run,
+    "tunnel_memory": tunnel_memory.run,
 }
 RESULTS = Path(__file__).parent / "results"
 OPEN_FILES = 16384  # idle_memory holds ~3 sockets per connection in client + gateway

@@ -31,7 +31,13 @@ from bench.deployment import Deployment, Process, api_client, sign_in
 from bench.idle_memory import SETTLE, Sample, sample
 from bench.peers import start_echo_server
 from bench.report import Report, Table, verdict
-from bench.tunnel_setup import WireTunnel, close_tunnels, start_tunnel_gateway, tunnel_url
+from bench.tunnel_setup import (
+    WireTunnel,
+    close_tunnels,
+    start_tunnel_gateway,
+    tunnel_url,
+    wait_time_wait_drained,
+)
 
 TUNNELS = 1000
 STREAM_TUNNELS = 10
@@ -184,6 +190,8 @@ def run() -> Report:
         streams = uvloop.run(measure_streams(deployment, gateway, echo_port, stream_count))
         print(f"  {streams.opened} streams: {streams.per_item:.1f} KiB each", flush=True)
         echo_fds = echo.open_fds()  # after the close: should be back near zero
+    print("  waiting for the streams' TIME_WAIT sockets to expire", flush=True)
+    waited = wait_time_wait_drained()
 
     for part in (tunnels, streams):
         if not part.opened:
@@ -205,7 +213,8 @@ def run() -> Report:
              f"spread over {STREAM_TUNNELS} tunnels, each to the echo server",
              "fds: open file descriptors of the gateway (1 per tunnel: its TLS socket; "
              "1 per stream: its socket to the echo server)",
-             f"echo server fds after everything closed: {echo_fds}"]
+             f"echo server fds after everything closed: {echo_fds}; afterwards waited "
+             f"{waited:.0f} s for the closed streams' TIME_WAIT sockets to expire"]
     if scaled:
         notes.append(scaled)
     for part in (tunnels, streams):

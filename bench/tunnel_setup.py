@@ -85,6 +85,26 @@ def wait_for_udp_bound(port: int, process: Process, timeout: float = 15) -> None
     raise RuntimeError(f"nothing bound UDP port {port} after {timeout} s")
 
 
+def wait_time_wait_drained(limit: int = 2000, timeout: float = 75) -> float:
+    """Wait (bounded) until at most `limit` loopback TCP sockets are in TIME_WAIT; returns
+    the seconds waited.
+
+    A benchmark that closes thousands of connections leaves their ports in TIME_WAIT for
+    60 s. connect() may reuse them on loopback (tcp_tw_reuse), bind() may not: the next
+    benchmark's `free_port_run` would find no three free ports in a row, as connect()
+    takes the even ports and bind(0) the odd ones."""
+    started = time.monotonic()
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/net/tcp") as handle:
+            next(handle)
+            waiting = sum(1 for line in handle if line.split()[3] == "06")
+        if waiting <= limit:
+            break
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
 def start_connect(stack: ExitStack, logs: Path, env: dict[str, str], *,
                   forwards: Iterable[str] = (), fixed_forwards: Iterable[tuple[int, str]] = (),
                   udp_forwards: Iterable[tuple[int, str]] = ()) -> tuple[Process, dict[str, int]]:

@@ -54,6 +54,9 @@ def free_port_run(count: int) -> int:
         try:
             for offset in range(count):
                 sock = socket.socket()
+                # As the servers bind: a port whose old connections linger in TIME_WAIT
+                # is free for a listener.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(("127.0.0.1", base + offset))
                 sockets.append(sock)
             return base
@@ -221,3 +224,44 @@ def dns_server() -> Iterator[DnsServer]:
     server = DnsServer(require_program("dnsmasq"), free_udp_port())
     yield server
     server.close()
+
+
+@dataclass
+class TestHost:
+    """A host of our own: a network namespace behind a veth pair, on 198.18.0.0/15
+    (the benchmarking range), made by the test and removed after it."""
+
+    namespace: str
+    address: str
+    gateway_side: str
+
+
+@pytest.fixture
+def test_host() -> Iterator[TestHost]:
+    ip = require_program("ip")
+    if os.geteuid() != 0:
+        message = "network namespaces need root"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    tag = os.urandom(3).hex()
+    namespace, near, far = f"pc-{tag}", f"pc{tag}a", f"pc{tag}b"
+    octet = int(tag[:2], 16) % 250 + 1
+    host_address, ns_address = f"198.18.{octet}.1", f"198.18.{octet}.2"
+
+    def run(*args: str) -> None:
+        subprocess.run([ip, *args], check=True, capture_output=True, timeout=10)
+
+    run("netns", "add", namespace)
+    try:
+        run("link", "add", near, "type", "veth", "peer", "name", far)
+        run("link", "set", far, "netns", namespace)
+        run("addr", "add", f"{host_address}/30", "dev", near)
+        run("link", "set", near, "up")
+        run("-n", namespace, "addr", "add", f"{ns_address}/30", "dev", far)
+        run("-n", namespace, "link", "set", far, "up")
+        run("-n", namespace, "link", "set", "lo", "up")
+        yield TestHost(namespace, ns_address, host_address)
+    finally:
+        subprocess.run([ip, "link", "del", near], capture_output=True, timeout=10)
+        subprocess.run([ip, "netns", "del", namespace], capture_output=True, timeout=10)

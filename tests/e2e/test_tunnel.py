@@ -332,3 +332,26 @@ def test_a_stream_whose_reader_never_reads_does_not_slow_63_others(
     grown_mib = (rss_kib(vpn.gateway) - before) / 1024  # type: ignore[attr-defined]
     assert grown_mib < 128, f"gateway grew by {grown_mib:.0f} MiB"
     stalled.close()
+
+
+def test_ping_reaches_a_host_in_a_network_namespace_through_the_gateway(
+        deployment: Deployment, test_host, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    with deployment.config.open("a") as handle:
+        handle.write(f'\n[[policies]]\nname = "lab-ping"\naction = "allow"\n'
+                     f'groups = ["staff"]\nnetworks = ["{test_host.address}/32"]\n'
+                     f'protocols = ["icmp"]\n')
+    deployment.add_user("alice", PASSWORD, ["staff"])
+    gateway = start_process("up", "--dir", str(deployment.directory), name="up")
+    gateway.wait_for(r"Portal: https://")
+    home = tmp_path / "alice"
+    login(deployment, "alice", home)
+    env = {"PORTCULLIS_HOME": str(home)}
+    pinged = run_cli("ping", test_host.address, "-c", "3", "-i", "0.2", env=env)
+    assert pinged.returncode == 0, pinged.stderr
+    assert re.findall(r"56 bytes from [\d.]+: seq=\d time=[\d.]+ ms", pinged.stdout) and \
+        "3 sent, 3 answered" in pinged.stdout
+    # The gateway's own side of the veth is not in the rule: refused, and audited.
+    refused = run_cli("ping", test_host.gateway_side, "-c", "1", env=env)
+    assert refused.returncode == 1 and "not allowed by the access policy" in refused.stderr
+    denied = [e for e in audit(deployment) if e["event"] == "tunnel.denied"]
+    assert denied[-1]["destination"] == f"{test_host.gateway_side}:0/icmp"

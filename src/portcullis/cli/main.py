@@ -415,6 +415,23 @@ def connect(socks: str, http_proxy: str, forwards: tuple[str, ...],
 
 
 @main.command()
+@click.argument("host")
+@click.option("-c", "--count", default=4, show_default=True, help="How many echoes.")
+@click.option("-i", "--interval", default=1.0, show_default=True, help="Seconds between them.")
+def ping(host: str, count: int, interval: float) -> None:
+    """ICMP echo to HOST inside, performed by the gateway through the tunnel."""
+    from portcullis.client.ping import run_ping
+    from portcullis.client.state import ClientState, client_home
+
+    state = ClientState.load(client_home())
+    answered = run_async(run_ping(state, _client_tls(state.ca_file), host, count=count,
+                                  interval=interval, say=click.echo))
+    click.echo(f"{count} sent, {answered} answered, {100 * (count - answered) // count}% lost")
+    if answered == 0:
+        sys.exit(1)
+
+
+@main.command()
 def status() -> None:
     """Show the running tunnel: bytes, streams, round trip, networks."""
     from portcullis.client.connect import read_status

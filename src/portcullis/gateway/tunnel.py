@@ -27,6 +27,7 @@ from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.identity.claims import Claims
 from portcullis.identity.sessions import SessionManager
 from portcullis.net.dialer import Dialer
+from portcullis.net.icmp import Pinger
 from portcullis.net.muxsession import DIAL_REASONS, DatagramFlow, MuxSession, StreamBridge
 from portcullis.net.websocket import WebSocketMux
 from portcullis.policy import AccessPolicy, Destination, Subject
@@ -35,6 +36,7 @@ from portcullis.proto import mux
 from portcullis.proto.mux import Limits, MuxConnection, Reason
 
 PATH = "/api/v1/tunnel"
+MAX_ECHO_DATA = 1024
 PROTOCOL_NAMES: dict[mux.Protocol, Literal["tcp", "udp", "icmp"]] = {
     mux.Protocol.TCP: "tcp", mux.Protocol.UDP: "udp", mux.Protocol.ICMP: "icmp"}
 
@@ -59,6 +61,7 @@ class TunnelEndpoint:
         self._audit = audit
         self._settings = settings
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pinger = Pinger()
 
     def opened(self, carrier: WebSocketMux, request: Request) -> None:
         peer = carrier.transport.get_extra_info("peername") if carrier.transport else None
@@ -135,10 +138,6 @@ class TunnelEndpoint:
     async def _open(self, session: MuxSession, event: mux.StreamOpened, claims: Claims,
                     client: str) -> None:
         protocol = PROTOCOL_NAMES[event.protocol]
-        if event.protocol == mux.Protocol.ICMP:
-            session.refuse(event.stream_id, Reason.REFUSED,
-                           "ICMP is not carried by this gateway yet")
-            return
         where = f"{event.host}:{event.port}/{protocol}"
         subject = Subject(claims.username, frozenset(claims.groups))
         policy = self._policy()
@@ -172,9 +171,37 @@ class TunnelEndpoint:
         if event.protocol == mux.Protocol.UDP:
             await self._open_flow(session, event.stream_id, str(address), event.port,
                                   audit_stream)
+        elif event.protocol == mux.Protocol.ICMP:
+            self._open_echo(session, event.stream_id, str(address), audit_stream)
         else:
             await session.connect_stream(event.stream_id, self._dialer, str(address),
                                          event.port, on_closed=audit_stream)
+
+    def _open_echo(self, session: MuxSession, stream_id: int, address: str,
+                   on_closed: Callable[[DatagramFlow], None]) -> None:
+        """ICMP echo: each datagram from the client is one echo the gateway performs."""
+        identifier = self._pinger.new_identifier()
+        replies: set[asyncio.Task[None]] = set()
+
+        async def echo(request: bytes) -> None:
+            if len(request) < 2 or len(request) > 2 + MAX_ECHO_DATA:
+                return
+            sequence = int.from_bytes(request[:2], "big")
+            try:
+                answer = await self._pinger.echo(address, identifier, sequence, request[2:])
+            except DialError:
+                return
+            if answer is not None:
+                data, seconds = answer
+                flow.send(request[:2] + int(seconds * 1e6).to_bytes(4, "big") + data)
+
+        def deliver(request: bytes) -> None:
+            task = asyncio.ensure_future(echo(request))
+            replies.add(task)
+            task.add_done_callback(replies.discard)
+
+        flow = session.accept_flow(stream_id, deliver, idle_timeout=self._vpn().udp_idle_timeout)
+        flow.on_closed = on_closed
 
     async def _open_flow(self, session: MuxSession, stream_id: int, host: str, port: int,
                          on_closed: Callable[[DatagramFlow], None]) -> None:

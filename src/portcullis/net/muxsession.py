@@ -363,9 +363,10 @@ class MuxSession:
         return bridge
 
     def open_flow(self, host: str, port: int, deliver: Callable[[bytes], None], *,
-                  idle_timeout: float) -> DatagramFlow:
-        """Open a UDP flow to the peer (client side)."""
-        stream_id = self.mux.open_stream(mux.Protocol.UDP, host, port)
+                  idle_timeout: float, protocol: mux.Protocol = mux.Protocol.UDP
+                  ) -> DatagramFlow:
+        """Open a UDP (or ICMP echo) flow to the peer (client side)."""
+        stream_id = self.mux.open_stream(protocol, host, port)
         self.flush_soon()
         flow = DatagramFlow(self, stream_id, deliver, accepted=False, idle_timeout=idle_timeout)
         self._flows[stream_id] = flow

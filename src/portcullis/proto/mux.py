@@ -765,7 +765,7 @@ class MuxConnection:
         stream = self._peer_stream(stream_id, _F.DATAGRAM)
         if stream is None:
             return
-        if stream.protocol is not Protocol.UDP:
+        if stream.protocol is Protocol.TCP:
             raise ProtocolError(f"DATAGRAM on {stream.protocol.name} stream {stream_id}")
         self._advance(stream, _REMOTE, _F.DATAGRAM)
         self._events.append(DatagramReceived(stream_id, bytes(payload)))
@@ -908,11 +908,11 @@ class MuxConnection:
             self._output.append(_frame(_F.WINDOW, stream_id, _U32.pack(increment)))
 
     def send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
-        """Send one datagram on an accepted UDP stream (not flow-controlled)."""
+        """Send one datagram on an accepted UDP or ICMP stream (not flow-controlled)."""
         self._require_ready()
         stream = self._local_stream(stream_id)
-        if stream.protocol is not Protocol.UDP:
-            raise ProtocolError(f"stream {stream_id} is {stream.protocol.name}, not UDP")
+        if stream.protocol is Protocol.TCP:
+            raise ProtocolError(f"stream {stream_id} is TCP: datagrams need UDP or ICMP")
         view = _byte_view(data)
         if len(view) > self.limits.max_datagram:
             raise ValueError(
