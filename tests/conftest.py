@@ -234,6 +234,11 @@ class TestHost:
     namespace: str
     address: str
     gateway_side: str
+    octet: int
+
+    def run(self, *args: str, inside: bool = False) -> None:
+        prefix = ["ip", "-n", self.namespace] if inside else ["ip"]
+        subprocess.run([*prefix, *args], check=True, capture_output=True, timeout=10)
 
 
 @pytest.fixture
@@ -261,7 +266,7 @@ def test_host() -> Iterator[TestHost]:
         run("-n", namespace, "addr", "add", f"{ns_address}/30", "dev", far)
         run("-n", namespace, "link", "set", far, "up")
         run("-n", namespace, "link", "set", "lo", "up")
-        yield TestHost(namespace, ns_address, host_address)
+        yield TestHost(namespace, ns_address, host_address, octet)
     finally:
         subprocess.run([ip, "link", "del", near], capture_output=True, timeout=10)
         subprocess.run([ip, "netns", "del", namespace], capture_output=True, timeout=10)

@@ -27,6 +27,9 @@ CONFIG_TEMPLATE = """\
 # Portcullis deployment configuration. Reference: docs/configuration.md
 # Relative paths are relative to this file's directory.
 
+# Who may administer sessions ('portcullis sessions list/kill').
+admin_groups = ["admins"]
+
 [gateway]
 # The address users and launch files use to reach the gateway.
 public_url = "https://{hostname}:{port}"
@@ -70,6 +73,24 @@ audit_file = "audit.jsonl"     # the audit trail: one JSON object per security e
 [limits]
 max_request_body = 65536       # bytes; larger requests get 413
 max_header_bytes = 16384
+
+# The SSL VPN tunnel ('portcullis connect'). Reference: docs/vpn.md
+[vpn]
+split_tunnel = "on"            # on: only `networks`; off: everything; reverse: all but them
+networks = []                  # empty: the networks of each user's allow rules
+dns_servers = []
+dns_suffixes = []
+# address_pool = "10.99.0.0/24"  # each tunnel's own intranet IP (routed to this host)
+# pool_full = "refuse"           # or "spill": use the gateway's own address
+
+# Access policies of the tunnel, in order; the first that matches decides; no match: deny.
+# [[policies]]
+# name = "staff-web"
+# action = "allow"
+# groups = ["staff"]
+# networks = ["10.1.0.0/16"]
+# ports = ["80", "443"]
+# protocols = ["tcp"]
 
 # Published resources. Users see and launch those whose groups (or users) include them.
 [[resources]]

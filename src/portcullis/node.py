@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import signal
 import socket
 import ssl
@@ -31,6 +32,7 @@ from portcullis.gateway.admin import admin_routes
 from portcullis.gateway.connections import ConnectionRegistry
 from portcullis.gateway.launch import PATH as LAUNCH_PATH
 from portcullis.gateway.launch import LaunchEndpoint, LaunchSettings
+from portcullis.gateway.pool import AddressPool
 from portcullis.gateway.proxy import PortalProxy
 from portcullis.gateway.tunnel import PATH as TUNNEL_PATH
 from portcullis.gateway.tunnel import TunnelEndpoint
@@ -196,9 +198,11 @@ class Node:
             authorities, DirectDialer(), accounts, self.registry, self.audit,
             LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds))
         self.websocket_endpoints[LAUNCH_PATH] = launch.opened
+        pool = (AddressPool(ipaddress.ip_network(settings.vpn.address_pool), self.ephemeral)
+                if settings.vpn.address_pool else None)
         tunnel = TunnelEndpoint(sessions, lambda: self.policy, lambda: self.settings.vpn,
                                 DirectDialer(timeout=settings.vpn.dial_timeout),
-                                self.registry, self.audit)
+                                self.registry, self.audit, pool=pool)
         self.websocket_endpoints[TUNNEL_PATH] = tunnel.opened
         routes: list[Any] = admin_routes(self.registry, sessions, settings.admin_groups,
                                          self.audit)

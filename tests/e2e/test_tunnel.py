@@ -4,11 +4,13 @@ client, curl and real servers on both sides."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import random
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -355,3 +357,76 @@ def test_ping_reaches_a_host_in_a_network_namespace_through_the_gateway(
     assert refused.returncode == 1 and "not allowed by the access policy" in refused.stderr
     denied = [e for e in audit(deployment) if e["event"] == "tunnel.denied"]
     assert denied[-1]["destination"] == f"{test_host.gateway_side}:0/icmp"
+
+
+WHOAMI = """
+import socket
+server = socket.create_server(("{address}", 7000))
+while True:
+    conn, peer = server.accept()
+    conn.sendall(peer[0].encode() + b"\\n")
+    conn.close()
+"""
+
+
+@pytest.fixture
+def pooled(deployment: Deployment, test_host, start_process):  # type: ignore[no-untyped-def]
+    """A server in the namespace that tells each client its source address, and a pool
+    routed to the gateway (and local on it, so replies reach its sockets)."""
+    pool = f"198.19.{test_host.octet}.0/30"
+    test_host.run("route", "add", "local", pool, "dev", "lo")
+    try:
+        test_host.run("route", "add", pool, "via", test_host.gateway_side, inside=True)
+        server = start_process("netns", "exec", test_host.namespace, sys.executable, "-c",
+                               WHOAMI.format(address=test_host.address), program="ip",
+                               name="whoami")
+        deadline = time.monotonic() + 10
+        while "7000" not in subprocess.run(["ip", "netns", "exec", test_host.namespace, "ss",
+                                            "-ltn"], capture_output=True, text=True).stdout:
+            assert time.monotonic() < deadline and server.popen.poll() is None
+            time.sleep(0.05)
+        deployment.set("vpn", "address_pool", f'"{pool}"')
+        with deployment.config.open("a") as handle:
+            handle.write(f'\n[[policies]]\nname = "lab"\naction = "allow"\ngroups = ["staff"]\n'
+                         f'networks = ["{test_host.address}/32"]\nports = ["7000"]\n')
+        for user in ("alice", "carol", "dave"):
+            deployment.add_user(user, PASSWORD, ["staff"])
+        gateway = start_process("up", "--dir", str(deployment.directory), name="up")
+        gateway.wait_for(r"Portal: https://")
+        yield deployment, test_host, ipaddress.ip_network(pool)
+    finally:
+        subprocess.run(["ip", "route", "del", "local", pool, "dev", "lo"], capture_output=True)
+
+
+def whoami(tunnel: Tunnel) -> str:
+    host, port = tunnel.forwards[0]
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        return sock.recv(100).decode().strip()
+
+
+def test_servers_see_each_tunnels_own_address_from_the_pool(
+        pooled, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    deployment, host, pool = pooled
+    forward = f"127.0.0.1:0:{host.address}:7000"
+    tunnels = {}
+    for user in ("alice", "carol"):
+        home = tmp_path / user
+        login(deployment, user, home)
+        tunnels[user] = connect(deployment, start_process, home, forward)
+    seen = {user: whoami(tunnel) for user, tunnel in tunnels.items()}
+    assert all(ipaddress.ip_address(address) in pool for address in seen.values()), seen
+    assert seen["alice"] != seen["carol"]
+    # The pool (/30: two addresses) is full: a third tunnel is refused, clearly.
+    dave = tmp_path / "dave"
+    login(deployment, "dave", dave)
+    refused = run_cli("connect", "--socks", "off", "--http", "off",
+                      env={"PORTCULLIS_HOME": str(dave)}, timeout=30)
+    assert refused.returncode == 1 and "no intranet address is free" in refused.stderr
+    # Once alice's tunnel ends, her address is released and dave gets it.
+    tunnels["alice"].process.stop()
+    for _ in range(50):
+        if not [e for e in audit(deployment) if e["event"] == "tunnel.ended"]:
+            time.sleep(0.1)
+    third = connect(deployment, start_process, dave, forward)
+    assert whoami(third) == seen["alice"]
+    assert whoami(tunnels["carol"]) == seen["carol"]

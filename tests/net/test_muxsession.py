@@ -49,9 +49,9 @@ class SlowDialer:
     def __init__(self) -> None:
         self.go = asyncio.Event()
 
-    async def connect(self, host, port, protocol_factory):  # type: ignore[no-untyped-def]
+    async def connect(self, host, port, protocol_factory, source=None):  # type: ignore[no-untyped-def]
         await self.go.wait()
-        return await DirectDialer().connect(host, port, protocol_factory)
+        return await DirectDialer().connect(host, port, protocol_factory, source=source)
 
 
 async def test_a_reset_during_the_dial_drops_the_new_socket() -> None:
@@ -87,7 +87,7 @@ async def test_a_failed_dial_refuses_with_its_reason() -> None:
     gateway.receive_message(b"".join(client.data_to_send()))
 
     class Refusing:
-        async def connect(self, host, port, protocol_factory):  # type: ignore[no-untyped-def]
+        async def connect(self, host, port, protocol_factory, source=None):  # type: ignore[no-untyped-def]
             raise DialError("127.0.0.1:9 refused the connection", "refused")
 
     failed = await gateway.connect_stream(stream_id, Refusing(), "127.0.0.1", 9,

@@ -115,9 +115,13 @@ class TunnelClient:
             self.hello = await asyncio.wait_for(asyncio.shield(session.hello), HELLO_TIMEOUT)
         except (TimeoutError, ConnectionError):
             session.close(Reason.CANCELLED, "no answer")
-            if session.goaway is not None and session.goaway[0] in FINAL:
-                self.ended = FINAL[session.goaway[0]]
-                raise ClientError(self.ended) from None
+            if session.goaway is not None:
+                reason, message = session.goaway
+                if reason in FINAL:
+                    self.ended = FINAL[reason]
+                    raise ClientError(self.ended) from None
+                raise ClientError("the gateway refused the tunnel: "
+                                  f"{message or reason.name.lower()}") from None
             raise ClientError("the gateway did not open the tunnel") from None
         self._session = session
         self.connected_since = time.time()

@@ -144,6 +144,24 @@ class VpnSettings(Section):
     dial_timeout: float = Field(default=10.0, gt=0, le=120)
     # A UDP flow with no datagram either way for this long is closed.
     udp_idle_timeout: float = Field(default=60.0, gt=0, le=3600)
+    # Each tunnel's own intranet address, and the source of its outbound connections.
+    # The pool must be routed to the gateway host and local on it (see docs/vpn.md).
+    address_pool: str | None = None
+    # When every address is leased: refuse new tunnels, or let them use the gateway's.
+    pool_full: Literal["refuse", "spill"] = "refuse"
+
+    @field_validator("address_pool")
+    @classmethod
+    def _pool(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            network = ipaddress.ip_network(value, strict=True)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a network ({exc})") from None
+        if network.num_addresses < 2:
+            raise ValueError("an address pool needs at least 2 addresses")
+        return value
 
     @field_validator("networks")
     @classmethod

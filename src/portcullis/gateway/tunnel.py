@@ -24,6 +24,7 @@ from portcullis.audit import AuditTrail
 from portcullis.config.model import VpnSettings
 from portcullis.errors import DialError
 from portcullis.gateway.connections import Connection, ConnectionRegistry
+from portcullis.gateway.pool import AddressPool
 from portcullis.identity.claims import Claims
 from portcullis.identity.sessions import SessionManager
 from portcullis.net.dialer import Dialer
@@ -52,7 +53,9 @@ class TunnelEndpoint:
     def __init__(self, sessions: SessionManager, policy: Callable[[], AccessPolicy],
                  vpn: Callable[[], VpnSettings], dialer: Dialer,
                  registry: ConnectionRegistry, audit: AuditTrail,
-                 settings: TunnelSettings = TunnelSettings()) -> None:
+                 settings: TunnelSettings = TunnelSettings(),
+                 pool: AddressPool | None = None) -> None:
+        self._pool = pool
         self._sessions = sessions
         self._policy = policy
         self._vpn = vpn
@@ -66,10 +69,12 @@ class TunnelEndpoint:
     def opened(self, carrier: WebSocketMux, request: Request) -> None:
         peer = carrier.transport.get_extra_info("peername") if carrier.transport else None
         client = str(peer[0]) if peer else "unknown"
-        claims_ready: asyncio.Future[Claims] = asyncio.get_running_loop().create_future()
+        claims_ready: asyncio.Future[tuple[Claims, str | None]] = (
+            asyncio.get_running_loop().create_future())
 
         async def open_stream(session: MuxSession, event: mux.StreamOpened) -> None:
-            await self._open(session, event, await claims_ready, client)
+            claims, source = await claims_ready
+            await self._open(session, event, claims, client, source)
 
         session = MuxSession(MuxConnection("gateway"), on_open=open_stream)
         carrier.attach(session)
@@ -78,24 +83,40 @@ class TunnelEndpoint:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, session: MuxSession, client: str,
-                     claims_ready: asyncio.Future[Claims]) -> None:
+                     claims_ready: asyncio.Future[tuple[Claims, str | None]]) -> None:
         claims = await self._authenticate(session, client)
         if claims is None:
             claims_ready.cancel()
             session.close(Reason.AUTH_FAILED, "sign in again")
             return
-        claims_ready.set_result(claims)
         connection = Connection("tunnel", claims.username, client, session)
+        intranet_ip = None
+        if self._pool is not None:
+            intranet_ip = await self._pool.allocate(connection.id)
+            if intranet_ip is None and self._vpn().pool_full == "refuse":
+                self._audit.record("tunnel.refused", user=claims.username, client=client,
+                                   reason="address pool full")
+                claims_ready.cancel()
+                session.close(Reason.LIMIT_EXCEEDED,
+                              "no intranet address is free; try again later")
+                return
+        source = str(intranet_ip) if intranet_ip is not None else None
+        claims_ready.set_result((claims, source))
+        connection.detail = source or ""
         session.mux.send_hello({"version": 1, "user": claims.username, "id": connection.id})
-        session.mux.send_config(self.client_config(claims))
+        session.mux.send_config(self.client_config(claims, source))
         session.flush_soon()
         self._registry.add(connection)
         self._audit.record("tunnel.started", user=claims.username, client=client,
-                           tunnel=connection.id)
+                           tunnel=connection.id, intranet_ip=source)
         started = time.monotonic()
+        renewer = asyncio.ensure_future(self._renew(intranet_ip))
         try:
             await session.closed.wait()
         finally:
+            renewer.cancel()
+            if self._pool is not None and intranet_ip is not None:
+                await self._pool.release(intranet_ip)
             self._registry.remove(connection)
             sent, received = session.byte_counts()
             self._audit.record("tunnel.ended", user=claims.username, client=client,
@@ -119,7 +140,15 @@ class TunnelEndpoint:
             return None
         return signed_in.claims
 
-    def client_config(self, claims: Claims) -> dict[str, object]:
+    async def _renew(self, address: Address | None) -> None:
+        """Keep the tunnel's pool lease alive while it lives."""
+        if self._pool is None or address is None:
+            return
+        while True:
+            await asyncio.sleep(self._pool.lease_seconds / 3)
+            await self._pool.renew(address)
+
+    def client_config(self, claims: Claims, intranet_ip: str | None) -> dict[str, object]:
         """What the client is told: which traffic to send, where names resolve, limits."""
         vpn = self._vpn()
         networks = vpn.networks or [str(network) for network in self._policy().networks_for(
@@ -129,14 +158,14 @@ class TunnelEndpoint:
             "split_tunnel": vpn.split_tunnel,
             "networks": networks,
             "dns": {"servers": vpn.dns_servers, "suffixes": vpn.dns_suffixes},
-            "intranet_ip": None,
+            "intranet_ip": intranet_ip,
             "limits": {"max_streams": limits.max_streams,
                        "max_frame_payload": limits.max_frame_payload,
                        "initial_window": limits.initial_window},
         }
 
     async def _open(self, session: MuxSession, event: mux.StreamOpened, claims: Claims,
-                    client: str) -> None:
+                    client: str, source: str | None) -> None:
         protocol = PROTOCOL_NAMES[event.protocol]
         where = f"{event.host}:{event.port}/{protocol}"
         subject = Subject(claims.username, frozenset(claims.groups))
@@ -170,12 +199,12 @@ class TunnelEndpoint:
 
         if event.protocol == mux.Protocol.UDP:
             await self._open_flow(session, event.stream_id, str(address), event.port,
-                                  audit_stream)
+                                  audit_stream, source)
         elif event.protocol == mux.Protocol.ICMP:
             self._open_echo(session, event.stream_id, str(address), audit_stream)
         else:
             await session.connect_stream(event.stream_id, self._dialer, str(address),
-                                         event.port, on_closed=audit_stream)
+                                         event.port, on_closed=audit_stream, source=source)
 
     def _open_echo(self, session: MuxSession, stream_id: int, address: str,
                    on_closed: Callable[[DatagramFlow], None]) -> None:
@@ -204,9 +233,11 @@ class TunnelEndpoint:
         flow.on_closed = on_closed
 
     async def _open_flow(self, session: MuxSession, stream_id: int, host: str, port: int,
-                         on_closed: Callable[[DatagramFlow], None]) -> None:
+                         on_closed: Callable[[DatagramFlow], None],
+                         source: str | None) -> None:
         try:
-            transport, socket_side = await self._dialer.connect_udp(host, port, UdpSocket)
+            transport, socket_side = await self._dialer.connect_udp(host, port, UdpSocket,
+                                                                    source=source)
         except DialError as exc:
             session.refuse(stream_id, DIAL_REASONS[exc.reason], str(exc))
             return

@@ -17,30 +17,38 @@ from typing import Protocol, TypeVar
 from portcullis.errors import DialError
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)   # Linux
 
 
 D = TypeVar("D", bound=asyncio.DatagramProtocol)
 
 
 class Dialer(Protocol):
-    async def connect(self, host: str, port: int,
-                      protocol_factory: Callable[[], P]) -> tuple[asyncio.Transport, P]: ...
+    async def connect(self, host: str, port: int, protocol_factory: Callable[[], P], *,
+                      source: str | None = None) -> tuple[asyncio.Transport, P]: ...
 
-    async def connect_udp(self, host: str, port: int, protocol_factory: Callable[[], D]
-                          ) -> tuple[asyncio.DatagramTransport, D]: ...
+    async def connect_udp(self, host: str, port: int, protocol_factory: Callable[[], D], *,
+                          source: str | None = None) -> tuple[asyncio.DatagramTransport, D]: ...
 
 
 class DirectDialer:
     def __init__(self, *, timeout: float = 10.0) -> None:
         self._timeout = timeout
 
-    async def connect(self, host: str, port: int,
-                      protocol_factory: Callable[[], P]) -> tuple[asyncio.Transport, P]:
+    async def connect(self, host: str, port: int, protocol_factory: Callable[[], P], *,
+                      source: str | None = None) -> tuple[asyncio.Transport, P]:
+        """`source`: the local address to connect from (a tunnel's pool address)."""
         loop = asyncio.get_running_loop()
         where = f"{host}:{port}"
         try:
             async with asyncio.timeout(self._timeout):
-                transport, protocol = await loop.create_connection(protocol_factory, host, port)
+                if source is None:
+                    transport, protocol = await loop.create_connection(
+                        protocol_factory, host, port)
+                else:
+                    sock = await _connected_from(source, host, port)
+                    transport, protocol = await loop.create_connection(protocol_factory,
+                                                                       sock=sock)
         except TimeoutError:
             raise DialError(f"connecting to {where} timed out", "timed_out") from None
         except socket.gaierror as exc:
@@ -51,15 +59,49 @@ class DirectDialer:
             raise _dial_error(exc, where) from None
         return transport, protocol
 
-    async def connect_udp(self, host: str, port: int, protocol_factory: Callable[[], D]
-                          ) -> tuple[asyncio.DatagramTransport, D]:
+    async def connect_udp(self, host: str, port: int, protocol_factory: Callable[[], D], *,
+                          source: str | None = None) -> tuple[asyncio.DatagramTransport, D]:
         """A UDP socket connected to host:port (replies from elsewhere are dropped)."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.create_datagram_endpoint(protocol_factory,
-                                                       remote_addr=(host, port))
+            if source is None:
+                return await loop.create_datagram_endpoint(protocol_factory,
+                                                           remote_addr=(host, port))
+            sock = _bound_to(source, socket.SOCK_DGRAM)
+            try:
+                sock.connect((host, port))   # UDP: no packet sent, just the peer fixed
+            except BaseException:
+                sock.close()
+                raise
+            return await loop.create_datagram_endpoint(protocol_factory, sock=sock)
         except OSError as exc:
             raise _dial_error(exc, f"{host}:{port}/udp") from None
+
+
+def _bound_to(source: str, kind: socket.SocketKind) -> socket.socket:
+    """A non-blocking socket bound to `source`, which need not be configured on an
+    interface (IP_FREEBIND): a pool address routed to this host."""
+    family = socket.AF_INET6 if ":" in source else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        sock.bind((source, 0))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _connected_from(source: str, host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `source` and connected to host:port."""
+    sock = _bound_to(source, socket.SOCK_STREAM)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _dial_error(exc: OSError, where: str) -> DialError:

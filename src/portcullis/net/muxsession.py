@@ -431,14 +431,15 @@ class MuxSession:
 
     async def connect_stream(self, stream_id: int, dialer: Dialer, host: str, port: int,
                              *, on_closed: Callable[[StreamBridge], None] | None = None,
-                             refusal: str | None = None) -> DialError | None:
+                             refusal: str | None = None,
+                             source: str | None = None) -> DialError | None:
         """Answer a stream the peer opened by connecting to host:port: ACCEPT once the
         socket is up, REFUSE (and return why) if it cannot be. The bridge exists before
         the dial, so a RESET that arrives meanwhile finds it and the socket is dropped."""
         bridge = self.bridge(stream_id, accepted=False)
         bridge.on_closed = on_closed
         try:
-            await dialer.connect(host, port, lambda: bridge)
+            await dialer.connect(host, port, lambda: bridge, source=source)
         except DialError as exc:
             self.forget(bridge)
             # `refusal` replaces the dialer's words when they would say too much (a
