@@ -430,3 +430,30 @@ def test_servers_see_each_tunnels_own_address_from_the_pool(
     third = connect(deployment, start_process, dave, forward)
     assert whoami(third) == seen["alice"]
     assert whoami(tunnels["carol"]) == seen["carol"]
+
+
+def test_socks5_udp_associate_carries_a_dns_query(
+        vpn: Deployment, dns_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    """A SOCKS5 client written from RFC 1928 (not our codec) asks dnsmasq a question."""
+    home = tmp_path / "alice"
+    login(vpn, "alice", home)
+    tunnel = connect(vpn, start_process, home)
+    host, port = tunnel.socks.split(":")
+    query = (b"\x43\x21\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+             b"\x04wiki\x04corp\x07example\x00\x00\x01\x00\x01")
+    with socket.create_connection((host, int(port)), timeout=10) as control:
+        control.sendall(b"\x05\x01\x00")
+        assert control.recv(2) == b"\x05\x00"
+        control.sendall(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+        reply = control.recv(10)
+        assert reply[:4] == b"\x05\x00\x00\x01", reply
+        relay = (socket.inet_ntoa(reply[4:8]), int.from_bytes(reply[8:10], "big"))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.settimeout(5)
+            header = b"\x00\x00\x00\x01" + socket.inet_aton("127.0.0.1") + \
+                dns_server.port.to_bytes(2, "big")
+            udp.sendto(header + query, relay)
+            answer, _ = udp.recvfrom(1024)
+    assert answer[:10] == header   # the reply names the server it came from
+    assert answer[10:12] == b"\x43\x21"   # our query's id
+    assert socket.inet_aton(dns_server.ADDRESS) in answer[10:]

@@ -18,7 +18,15 @@ from portcullis.errors import ProtocolError
 from portcullis.net.muxsession import DatagramFlow, MuxSession, StreamBridge
 from portcullis.proto import mux
 from portcullis.proto.mux import Reason
-from portcullis.proto.socks5 import Command, Reply, Socks5Connection, reply_for
+from portcullis.proto.socks5 import (
+    Command,
+    Reply,
+    Socks5Connection,
+    UdpDatagram,
+    build_udp_datagram,
+    parse_udp_datagram,
+    reply_for,
+)
 
 # Bytes to answer the application with: on success (reason None) or on refusal.
 Answer = Callable[[Reason | None, str], bytes]
@@ -86,11 +94,17 @@ class _Inbound(asyncio.Protocol):
 
 
 class SocksInbound(_Inbound):
-    """RFC 1928 SOCKS5, CONNECT only for now (UDP is not carried yet)."""
+    """RFC 1928 SOCKS5: CONNECT, and UDP ASSOCIATE (each destination one UDP flow)."""
 
     def __init__(self, tunnel: TunnelClient) -> None:
         super().__init__(tunnel)
         self._socks = Socks5Connection()
+        self._relay: asyncio.DatagramTransport | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._relay is not None:   # the association lives as long as this connection
+            self._relay.close()
 
     def negotiate(self, data: bytes) -> None:
         assert self.transport is not None
@@ -105,6 +119,9 @@ class SocksInbound(_Inbound):
         request = socks.next_request()
         if request is None:
             return
+        if request.command == Command.UDP_ASSOCIATE:
+            self._task = asyncio.ensure_future(self._associate())
+            return
         if request.command != Command.CONNECT:
             socks.reply(Reply.COMMAND_NOT_SUPPORTED)
             self.transport.write(socks.data_to_send())
@@ -116,6 +133,72 @@ class SocksInbound(_Inbound):
             return socks.data_to_send()
 
         self.carry(request.host, request.port, answer, socks.take_payload())
+
+
+    async def _associate(self) -> StreamBridge | None:
+        """Open the UDP relay next to our TCP address and tell the client where it is."""
+        assert self.transport is not None
+        local = self.transport.get_extra_info("sockname")
+        peer = self.transport.get_extra_info("peername")
+        loop = asyncio.get_running_loop()
+        try:
+            relay, _ = await loop.create_datagram_endpoint(
+                lambda: SocksUdpRelay(self.tunnel, peer[0]), local_addr=(local[0], 0))
+        except OSError:
+            self._socks.reply(Reply.GENERAL_FAILURE)
+            self.transport.write(self._socks.data_to_send())
+            self.transport.close()
+            return None
+        self._relay = relay
+        bound = relay.get_extra_info("sockname")
+        self._socks.reply(Reply.SUCCEEDED, bound[0], bound[1])
+        self.transport.write(self._socks.data_to_send())
+        return None
+
+
+class SocksUdpRelay(asyncio.DatagramProtocol):
+    """The UDP side of a SOCKS5 association: datagrams with a SOCKS header from the
+    client; each destination is one flow of the tunnel."""
+
+    def __init__(self, tunnel: TunnelClient, client_host: str) -> None:
+        self._tunnel = tunnel
+        self._client_host = client_host   # RFC 1928: only the associating client
+        self._transport: asyncio.DatagramTransport | None = None
+        self._flows: dict[tuple[str, int], DatagramFlow] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for flow in list(self._flows.values()):
+            flow.close("association ended")
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        if addr[0] != self._client_host or self._transport is None:
+            return
+        try:
+            datagram = parse_udp_datagram(data)
+        except ProtocolError:
+            return   # a malformed datagram is dropped, as UDP may be
+        destination = (datagram.host, datagram.port)
+        flow = self._flows.get(destination)
+        if flow is None:
+            session = self._tunnel.current
+            if session is None:
+                return
+            transport = self._transport
+
+            def deliver(reply: bytes) -> None:
+                transport.sendto(build_udp_datagram(UdpDatagram(*destination, reply)), addr)
+
+            flow = session.open_flow(*destination, deliver, idle_timeout=UDP_IDLE_TIMEOUT)
+            flow.on_closed = lambda ended: self._forget(destination, ended)
+            self._flows[destination] = flow
+        flow.send(datagram.payload)
+
+    def _forget(self, destination: tuple[str, int], flow: DatagramFlow) -> None:
+        if self._flows.get(destination) is flow:
+            del self._flows[destination]
 
 
 class HttpConnectInbound(_Inbound):
