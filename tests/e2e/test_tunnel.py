@@ -457,3 +457,35 @@ def test_socks5_udp_associate_carries_a_dns_query(
     assert answer[:10] == header   # the reply names the server it came from
     assert answer[10:12] == b"\x43\x21"   # our query's id
     assert socket.inet_aton(dns_server.ADDRESS) in answer[10:]
+
+
+def test_the_client_reconnects_after_the_gateway_restarts(
+        deployment: Deployment, http_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import secrets as random_names
+
+    from peers.stores import REDIS_URL, answering_redis_url
+
+    asyncio.run(answering_redis_url())
+    # Sessions in Redis survive the gateway's restart, as in a real deployment.
+    prefix = f"pc-reconnect-{random_names.token_hex(4)}:"
+    deployment.set("store", "ephemeral", f'"{REDIS_URL}?prefix={prefix}"')
+    with deployment.config.open("a") as handle:
+        handle.write(POLICIES)
+    deployment.add_user("alice", PASSWORD, ["staff"])
+    first = start_process("up", "--dir", str(deployment.directory), name="up")
+    first.wait_for(r"Portal: https://")
+    home = tmp_path / "alice"
+    login(deployment, "alice", home)
+    tunnel = connect(deployment, start_process, home)
+    url = f"http://127.0.0.1:{http_server.port}/"
+    assert "intranet home" in curl("--socks5-hostname", tunnel.socks, url).stdout
+
+    first.stop()
+    tunnel.process.wait_for(r"tunnel lost|tunnel down", timeout=15)
+    second = start_process("up", "--dir", str(deployment.directory), name="up-again")
+    second.wait_for(r"Portal: https://")
+    tunnel.process.wait_for(r"tunnel up as alice[^\n]*\n(.|\n)*tunnel up as alice", timeout=40)
+    # The same local proxy works again, through the new gateway process.
+    assert "intranet home" in curl("--socks5-hostname", tunnel.socks, url).stdout
+    assert tunnel.process.popen.poll() is None
