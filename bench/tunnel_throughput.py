@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -29,7 +30,26 @@ RUNS: dict[str, list[str]] = dict(DIRECTIONS) | {
     for direction, args in DIRECTIONS.items()}
 
 
-def measure(setup: str, label: str, port: int, tunnel: list[Process]) -> Measurement:
+def wait_server_idle(port: int, timeout: float = 15) -> None:
+    """Wait until the iperf3 server on `port` holds no connection but closed ones: a run
+    through the tunnel ends at the client before its streams are torn down at the
+    server, and iperf3 -s refuses a new test while it still sees the old one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/net/tcp") as handle:
+            next(handle)
+            busy = any(int(fields[1].rsplit(":", 1)[1], 16) == port
+                       and fields[3] not in ("0A", "06")  # LISTEN, TIME_WAIT
+                       for fields in map(str.split, handle))
+        if not busy:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"the iperf3 server on port {port} is still busy after {timeout} s")
+
+
+def measure(setup: str, label: str, port: int, tunnel: list[Process],
+            server_port: int) -> Measurement:
+    wait_server_idle(server_port)
     before = {process.name: process.cpu_seconds() for process in tunnel}
     gbits, gib, seconds = iperf3(port, RUNS[label])
     cpu = {process.name: process.cpu_seconds() - before[process.name] for process in tunnel}
@@ -60,7 +80,7 @@ def run() -> Report:
         for label in RUNS:
             for setup in SETUPS:
                 port, tunnel = setups[setup]
-                results[setup, label] = measure(setup, label, port, tunnel)
+                results[setup, label] = measure(setup, label, port, tunnel, iperf_port)
 
     tables = []
     verdicts = []

@@ -141,12 +141,12 @@ def test_policy_explain_names_the_deciding_rule(vpn: Deployment) -> None:
                       "--dir", str(vpn.directory))
     denied = run_cli("policy", "explain", "--user", "alice", "--to", "127.0.0.1:22/tcp",
                      "--dir", str(vpn.directory))
-    udp = run_cli("policy", "explain", "--user", "alice", "--to", "127.0.0.1:8080/udp",
-                  "--dir", str(vpn.directory))
-    assert allowed.returncode == denied.returncode == udp.returncode == 0
+    icmp = run_cli("policy", "explain", "--user", "alice", "--to", "127.0.0.1/icmp",
+                   "--dir", str(vpn.directory))
+    assert allowed.returncode == denied.returncode == icmp.returncode == 0
     assert "ALLOWED" in allowed.stdout and '"staff-loopback"' in allowed.stdout
     assert "DENIED" in denied.stdout and '"no-ssh"' in denied.stdout
-    assert "DENIED" in udp.stdout and "default deny" in udp.stdout
+    assert "DENIED" in icmp.stdout and "default deny" in icmp.stdout
 
 
 def test_a_forward_carries_100_mib_each_way_intact(

@@ -127,6 +127,13 @@ def test_empty_protocols_admit_icmp() -> None:
     assert allowed(rule(), to("10.0.0.1", 0, "icmp"))
 
 
+def test_a_rule_for_ports_does_not_cover_icmp_unless_it_names_icmp() -> None:
+    decision = AccessPolicy([rule("no-ssh", action="deny", ports=["22"])]).decide(
+        ALICE, to("10.0.0.1", 0, "icmp"))
+    assert decision.rule is None
+    assert "icmp has no port and the rule is for ports 22" in decision.checks[0].why
+
+
 def test_icmp_ignores_ports() -> None:
     decision = AccessPolicy([rule("ping", ports=["443"], protocols=["icmp"])]).decide(
         ALICE, to("10.0.0.1", 0, "icmp"))
@@ -465,8 +472,10 @@ def _matches_as_specified(r: PolicyRule, subject: Subject, destination: Destinat
         name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:]))
         for pattern in r.hosts)
     where = (not r.networks and not r.hosts) or by_address or by_name
-    port = destination.protocol == "icmp" or not r.ports or any(
-        lo <= destination.port <= hi for lo, hi in r.ports)
+    if destination.protocol == "icmp":
+        port = not r.ports or "icmp" in r.protocols
+    else:
+        port = not r.ports or any(lo <= destination.port <= hi for lo, hi in r.ports)
     protocol = not r.protocols or destination.protocol in r.protocols
     return who and where and port and protocol
 

@@ -184,7 +184,11 @@ def _destination(rule: _CompiledRule, request: _Request) -> tuple[bool, str]:
 
 def _port(rule: _CompiledRule, request: _Request) -> tuple[bool, str]:
     if request.protocol == "icmp":
-        return True, "icmp has no port"
+        # A rule written for ports is about port traffic: it covers ICMP only if it
+        # names icmp itself ("deny port 22" must not also deny ping).
+        if not rule.ports or "icmp" in rule.protocols:
+            return True, "icmp has no port"
+        return False, f"icmp has no port and the rule is for ports {rule.ports_text}"
     if not rule.ports:
         return True, "any port"
     port = request.port
