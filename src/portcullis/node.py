@@ -136,9 +136,16 @@ class Node:
             log.error("configuration not reloaded", error=str(exc))
             return
         self.policy = AccessPolicy(fresh.policies)
-        self.settings = self.settings.model_copy(update={"policies": fresh.policies,
-                                                         "vpn": fresh.vpn})
-        log.info("configuration reloaded", policies=len(fresh.policies))
+        current = self.settings
+        # What the running tunnel endpoint holds on to: only a restart changes it.
+        held = {"vpn.address_pool": (current.vpn.address_pool, fresh.vpn.address_pool),
+                "vpn.dial_timeout": (current.vpn.dial_timeout, fresh.vpn.dial_timeout),
+                "admin_groups": (current.admin_groups, fresh.admin_groups)}
+        needs_restart = [key for key, (old, new) in held.items() if old != new]
+        self.settings = current.model_copy(update={"policies": fresh.policies,
+                                                   "vpn": fresh.vpn})
+        log.info("configuration reloaded", policies=len(fresh.policies),
+                 needs_restart=needs_restart or None)
 
     def _sta_role(self, hasher: TokenHasher) -> TicketAuthority:
         settings = self.settings

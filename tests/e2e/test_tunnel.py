@@ -489,3 +489,25 @@ def test_the_client_reconnects_after_the_gateway_restarts(
     # The same local proxy works again, through the new gateway process.
     assert "intranet home" in curl("--socks5-hostname", tunnel.socks, url).stdout
     assert tunnel.process.popen.poll() is None
+
+
+def test_signing_out_ends_the_running_tunnel(
+        deployment: Deployment, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    deployment.set("vpn", "session_check", "0.5")
+    with deployment.config.open("a") as handle:
+        handle.write(POLICIES)
+    deployment.add_user("alice", PASSWORD, ["staff"])
+    gateway = start_process("up", "--dir", str(deployment.directory), name="up")
+    gateway.wait_for(r"Portal: https://")
+    home = tmp_path / "alice"
+    login(deployment, "alice", home)
+    tunnel = connect(deployment, start_process, home)
+    token = json.loads((home / "session.json").read_text())["token"]
+    import ssl
+
+    import httpx
+
+    httpx.post(f"{deployment.url}/api/v1/logout", headers={"authorization": f"Bearer {token}"},
+               verify=ssl.create_default_context(cafile=str(deployment.ca)))
+    assert tunnel.process.popen.wait(15) == 1
+    assert "sign in again" in tunnel.process.output()

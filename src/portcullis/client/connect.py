@@ -21,6 +21,7 @@ from portcullis.client.proxies import (
 )
 from portcullis.client.state import ClientState
 from portcullis.client.tunnel import STATUS_FILE, TunnelClient
+from portcullis.errors import ClientError
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,18 @@ async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Lis
     def udp_factory(listen: Listen) -> Callable[[], UdpForward]:
         return lambda: UdpForward(tunnel, listen.to_host, listen.to_port)
 
+    async def open_listener(listen: Listen) -> tuple[str, int]:
+        if listen.kind == "udp":
+            udp, _ = await loop.create_datagram_endpoint(
+                udp_factory(listen), local_addr=(listen.host, listen.port))
+            endpoints.append(udp)
+            host, port = udp.get_extra_info("sockname")[:2]
+        else:
+            server = await loop.create_server(factory(listen), listen.host, listen.port)
+            servers.append(server)
+            host, port = server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
     def connected(client: TunnelClient) -> None:
         config = client.config
         say(f"tunnel up as {client.hello.get('user')}: networks {config.get('networks')}, "
@@ -74,15 +87,11 @@ async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Lis
         if runner.done():
             return await runner
         for listen in listens:
-            if listen.kind == "udp":
-                udp, _ = await loop.create_datagram_endpoint(
-                    udp_factory(listen), local_addr=(listen.host, listen.port))
-                endpoints.append(udp)
-                host, port = udp.get_extra_info("sockname")[:2]
-            else:
-                server = await loop.create_server(factory(listen), listen.host, listen.port)
-                servers.append(server)
-                host, port = server.sockets[0].getsockname()[:2]
+            try:
+                host, port = await open_listener(listen)
+            except OSError as exc:
+                raise ClientError(f"cannot listen on {listen.host}:{listen.port} for the "
+                                  f"{listen.describe()}: {exc.strerror}") from None
             on_listening(listen, host, port)
         return await runner
     finally:

@@ -83,7 +83,8 @@ class TunnelClient:
                 try:
                     session = await self._connect()
                 except ClientError as exc:
-                    if attempt == 0 and self.connected_since is None:
+                    if self.ended is not None or (attempt == 0 and
+                                                  self.connected_since is None):
                         raise
                     delay = BACKOFF[min(attempt, len(BACKOFF) - 1)]
                     self._say(f"tunnel down ({exc}); retrying in {delay:.0f} s")

@@ -142,6 +142,9 @@ class VpnSettings(Section):
     dns_servers: list[str] = Field(default_factory=list)
     dns_suffixes: list[str] = Field(default_factory=list)
     dial_timeout: float = Field(default=10.0, gt=0, le=120)
+    # How often a tunnel checks that its sign-in still holds (sign-out, timeouts and
+    # password changes then end it), and keeps an active tunnel's session alive.
+    session_check: float = Field(default=30.0, ge=0.5, le=3600)
     # A UDP flow with no datagram either way for this long is closed.
     udp_idle_timeout: float = Field(default=60.0, gt=0, le=3600)
     # Each tunnel's own intranet address, and the source of its outbound connections.

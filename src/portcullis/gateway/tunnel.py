@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import structlog
 from websockets.http11 import Request
 
 from portcullis.audit import AuditTrail
@@ -37,6 +38,7 @@ from portcullis.proto import mux
 from portcullis.proto.mux import Limits, MuxConnection, Reason
 
 PATH = "/api/v1/tunnel"
+log = structlog.get_logger("portcullis.tunnel")
 MAX_ECHO_DATA = 1024
 PROTOCOL_NAMES: dict[mux.Protocol, Literal["tcp", "udp", "icmp"]] = {
     mux.Protocol.TCP: "tcp", mux.Protocol.UDP: "udp", mux.Protocol.ICMP: "icmp"}
@@ -125,6 +127,16 @@ class TunnelEndpoint:
                                duration=round(time.monotonic() - started, 3),
                                reason=session.end_reason())
 
+    async def _keep_signed_in(self, session: MuxSession, token: str) -> None:
+        """While the tunnel lives its session must stay valid (sign-out, timeouts and
+        password changes end it too); asking also keeps an active tunnel's session from
+        idling out."""
+        while True:
+            await asyncio.sleep(self._vpn().session_check)
+            if await self._sessions.validate(token) is None:
+                session.close(Reason.AUTH_FAILED, "your session has ended: sign in again")
+                return
+
     async def _authenticate(self, session: MuxSession, client: str) -> Claims | None:
         try:
             hello = await asyncio.wait_for(asyncio.shield(session.hello),
@@ -134,10 +146,11 @@ class TunnelEndpoint:
             return None
         token = hello.get("session")
         signed_in = await self._sessions.validate(token) if isinstance(token, str) else None
-        if signed_in is None:
+        if signed_in is None or not isinstance(token, str):
             self._audit.record("tunnel.refused", client=client,
                                reason="no valid session presented")
             return None
+        session.spawn(self._keep_signed_in(session, token))
         return signed_in.claims
 
     async def _renew(self, address: Address | None) -> None:
@@ -151,8 +164,11 @@ class TunnelEndpoint:
     def client_config(self, claims: Claims, intranet_ip: str | None) -> dict[str, object]:
         """What the client is told: which traffic to send, where names resolve, limits."""
         vpn = self._vpn()
-        networks = vpn.networks or [str(network) for network in self._policy().networks_for(
-            Subject(claims.username, frozenset(claims.groups)))]
+        networks = vpn.networks
+        if vpn.split_tunnel == "on" and not networks:
+            # Nothing configured: what the user's allow rules can reach.
+            networks = [str(network) for network in self._policy().networks_for(
+                Subject(claims.username, frozenset(claims.groups)))]
         limits = Limits()
         return {
             "split_tunnel": vpn.split_tunnel,
@@ -203,8 +219,12 @@ class TunnelEndpoint:
         elif event.protocol == mux.Protocol.ICMP:
             self._open_echo(session, event.stream_id, str(address), audit_stream)
         else:
-            await session.connect_stream(event.stream_id, self._dialer, str(address),
-                                         event.port, on_closed=audit_stream, source=source)
+            failed = await session.connect_stream(event.stream_id, self._dialer, str(address),
+                                                  event.port, on_closed=audit_stream,
+                                                  source=source)
+            if failed is not None:
+                self._audit.record("tunnel.stream_failed", user=claims.username,
+                                   destination=where, reason=str(failed))
 
     def _open_echo(self, session: MuxSession, stream_id: int, address: str,
                    on_closed: Callable[[DatagramFlow], None]) -> None:
@@ -218,7 +238,8 @@ class TunnelEndpoint:
             sequence = int.from_bytes(request[:2], "big")
             try:
                 answer = await self._pinger.echo(address, identifier, sequence, request[2:])
-            except DialError:
+            except DialError as exc:
+                log.warning("ICMP echo failed", error=str(exc))
                 return
             if answer is not None:
                 data, seconds = answer
