@@ -8,6 +8,7 @@ refuses to touch a directory that already holds anything.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import secrets
 from dataclasses import dataclass
@@ -136,10 +137,15 @@ def init_deployment(directory: Path, *, hostname: str = "localhost",
     pki.mkdir(mode=0o700)
     ca = create_ca(f"Portcullis CA ({hostname})")
     write_pair(pki, "ca", ca)
-    names = sorted({hostname, "localhost"})
+    # A hostname that is an address goes in as an IP name: clients check it that way.
+    try:
+        addresses = sorted({str(ipaddress.ip_address(hostname)), "127.0.0.1", "::1"})
+        names = ["localhost"]
+    except ValueError:
+        addresses = ["127.0.0.1", "::1"]
+        names = sorted({hostname, "localhost"})
     for role, common_name in ROLE_COMMON_NAMES.items():
-        cert = issue_certificate(ca, common_name, dns_names=names,
-                                 ip_addresses=["127.0.0.1", "::1"])
+        cert = issue_certificate(ca, common_name, dns_names=names, ip_addresses=addresses)
         write_pair(pki, role, cert)
     # pki/ca.key signs nothing at run time: an administrator may move it offline and
     # bring it back to issue more certificates.

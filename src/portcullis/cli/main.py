@@ -370,10 +370,12 @@ def _forward_spec(value: str) -> tuple[str, int, str, int]:
               help="Forward a local TCP port to HOST:PORT inside (repeat).")
 @click.option("-U", "udp_forwards", multiple=True, metavar="[BIND:]LPORT:HOST:PORT",
               help="Forward a local UDP port to HOST:PORT inside (repeat).")
+@click.option("--transparent", is_flag=True,
+              help="Linux, root: capture the pushed networks' TCP and DNS with nftables.")
 @click.option("--ca", "ca_file", type=click.Path(exists=True, dir_okay=False),
               help="The deployment's CA certificate (default: the one saved at login).")
 def connect(socks: str, http_proxy: str, forwards: tuple[str, ...],
-            udp_forwards: tuple[str, ...], ca_file: str | None) -> None:
+            udp_forwards: tuple[str, ...], transparent: bool, ca_file: str | None) -> None:
     """Open the VPN tunnel: local proxies and forwards into the protected networks."""
     from portcullis.client.connect import Listen, run_connect
     from portcullis.client.state import ClientState, client_home
@@ -409,7 +411,8 @@ def connect(socks: str, http_proxy: str, forwards: tuple[str, ...],
         sys.stdout.flush()
 
     reason = run_async(run_connect(state, _client_tls(ca_file or state.ca_file), listens,
-                                   home=home, say=say, on_listening=listening))
+                                   home=home, say=say, on_listening=listening,
+                                   transparent=transparent))
     if reason != "stopped":
         fail(f"the tunnel ended: {reason}", 1)
 

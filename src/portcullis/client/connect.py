@@ -7,11 +7,13 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from portcullis.client.proxies import (
     ForwardInbound,
@@ -20,6 +22,13 @@ from portcullis.client.proxies import (
     UdpForward,
 )
 from portcullis.client.state import ClientState
+from portcullis.client.transparent import (
+    Capture,
+    DnsForwarder,
+    Rules,
+    TransparentInbound,
+    system_resolver,
+)
 from portcullis.client.tunnel import STATUS_FILE, TunnelClient
 from portcullis.errors import ClientError
 
@@ -42,7 +51,8 @@ class Listen:
 
 async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Listen], *,
                       home: Path, say: Callable[[str], None],
-                      on_listening: Callable[[Listen, str, int], None]) -> str:
+                      on_listening: Callable[[Listen, str, int], None],
+                      transparent: bool = False) -> str:
     """Serve until Ctrl-C/SIGTERM ("stopped") or the tunnel ends for good (its reason)."""
     tunnel = TunnelClient(state.url, state.token, tls, say=say,
                           status_file=home / STATUS_FILE)
@@ -77,6 +87,10 @@ async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Lis
         say(f"tunnel up as {client.hello.get('user')}: networks {config.get('networks')}, "
             f"split tunnel {config.get('split_tunnel')}")
 
+    rules = Rules() if transparent else None
+    if rules is not None:
+        for table in rules.remove_leftovers():
+            say(f"removed the rules a stopped client left behind ({table})")
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, tunnel.stop)
     runner = asyncio.ensure_future(tunnel.run(connected))
@@ -93,8 +107,12 @@ async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Lis
                 raise ClientError(f"cannot listen on {listen.host}:{listen.port} for the "
                                   f"{listen.describe()}: {exc.strerror}") from None
             on_listening(listen, host, port)
+        if rules is not None:
+            await capture(rules, tunnel, state.url, servers, endpoints, say)
         return await runner
     finally:
+        if rules is not None:
+            rules.remove()
         for server in servers:
             server.close()
         for endpoint in endpoints:
@@ -105,6 +123,37 @@ async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Lis
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
+
+
+async def capture(rules: Rules, tunnel: TunnelClient, url: str, servers: list[asyncio.Server],
+                  endpoints: list[asyncio.DatagramTransport],
+                  say: Callable[[str], None]) -> None:
+    """Start the transparent listeners and install the rules for the pushed networks."""
+    loop = asyncio.get_running_loop()
+    config = tunnel.config
+    server = await loop.create_server(lambda: TransparentInbound(tunnel), "127.0.0.1", 0)
+    servers.append(server)
+    tcp_port = server.sockets[0].getsockname()[1]
+    dns = config.get("dns") if isinstance(config.get("dns"), dict) else {}
+    assert isinstance(dns, dict)
+    dns_port = None
+    if dns.get("servers") and dns.get("suffixes"):
+        forwarder, _ = await loop.create_datagram_endpoint(
+            lambda: DnsForwarder(tunnel, list(dns["servers"]), list(dns["suffixes"]),
+                                 system_resolver()), local_addr=("127.0.0.1", 0))
+        endpoints.append(forwarder)
+        dns_port = forwarder.get_extra_info("sockname")[1]
+    gateway_host = urlsplit(url).hostname or ""
+    infos = await loop.getaddrinfo(gateway_host, None, type=socket.SOCK_STREAM)
+    networks = config.get("networks")
+    rules.install(Capture(
+        split_tunnel=str(config.get("split_tunnel", "on")),
+        networks=tuple(str(n) for n in networks) if isinstance(networks, list) else (),
+        exclude=tuple(sorted({str(info[4][0]) for info in infos})),
+        tcp_port=tcp_port, dns_port=dns_port, families=("ip",)))
+    say(f"transparent: TCP to {networks} through the tunnel"
+        + (f"; DNS for {dns['suffixes']} inside" if dns_port else "")
+        + f" (nftables table {rules.table})")
 
 
 def read_status(home: Path) -> dict[str, Any] | None:

@@ -57,7 +57,7 @@ class ProxiedStream(StreamBridge):
         super().on_ended(refusal)
 
 
-class _Inbound(asyncio.Protocol):
+class Inbound(asyncio.Protocol):
     def __init__(self, tunnel: TunnelClient) -> None:
         self.tunnel = tunnel
         self.transport: asyncio.Transport | None = None
@@ -93,7 +93,7 @@ class _Inbound(asyncio.Protocol):
             self.transport, mux.Protocol.TCP, host, port, make=make, early=self._pending))
 
 
-class SocksInbound(_Inbound):
+class SocksInbound(Inbound):
     """RFC 1928 SOCKS5: CONNECT, and UDP ASSOCIATE (each destination one UDP flow)."""
 
     def __init__(self, tunnel: TunnelClient) -> None:
@@ -161,47 +161,33 @@ class SocksUdpRelay(asyncio.DatagramProtocol):
     client; each destination is one flow of the tunnel."""
 
     def __init__(self, tunnel: TunnelClient, client_host: str) -> None:
-        self._tunnel = tunnel
         self._client_host = client_host   # RFC 1928: only the associating client
         self._transport: asyncio.DatagramTransport | None = None
-        self._flows: dict[tuple[str, int], DatagramFlow] = {}
+        self._flows = FlowTable(tunnel)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for flow in list(self._flows.values()):
-            flow.close("association ended")
+        self._flows.close_all("association ended")
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
-        if addr[0] != self._client_host or self._transport is None:
+        transport = self._transport
+        if addr[0] != self._client_host or transport is None:
             return
         try:
             datagram = parse_udp_datagram(data)
         except ProtocolError:
             return   # a malformed datagram is dropped, as UDP may be
-        destination = (datagram.host, datagram.port)
-        flow = self._flows.get(destination)
-        if flow is None:
-            session = self._tunnel.current
-            if session is None:
-                return
-            transport = self._transport
+        host, port = datagram.host, datagram.port
 
-            def deliver(reply: bytes) -> None:
-                transport.sendto(build_udp_datagram(UdpDatagram(*destination, reply)), addr)
+        def deliver(reply: bytes) -> None:
+            transport.sendto(build_udp_datagram(UdpDatagram(host, port, reply)), addr)
 
-            flow = session.open_flow(*destination, deliver, idle_timeout=UDP_IDLE_TIMEOUT)
-            flow.on_closed = lambda ended: self._forget(destination, ended)
-            self._flows[destination] = flow
-        flow.send(datagram.payload)
-
-    def _forget(self, destination: tuple[str, int], flow: DatagramFlow) -> None:
-        if self._flows.get(destination) is flow:
-            del self._flows[destination]
+        self._flows.send((host, port), host, port, datagram.payload, deliver)
 
 
-class HttpConnectInbound(_Inbound):
+class HttpConnectInbound(Inbound):
     """An HTTP proxy for CONNECT (what browsers and curl use for HTTPS and tunnels)."""
 
     def __init__(self, tunnel: TunnelClient) -> None:
@@ -252,39 +238,55 @@ def _response(status: int, text: str) -> bytes:
             b"Connection: close\r\n\r\n%s" % (status, reason, len(body), body))
 
 
+class FlowTable:
+    """The tunnel's UDP flows of one local socket, by key (a local sender, or a
+    destination); a flow is opened on first use and forgotten when it ends. While the
+    tunnel is down, datagrams are dropped, as UDP allows."""
+
+    def __init__(self, tunnel: TunnelClient) -> None:
+        self._tunnel = tunnel
+        self._flows: dict[object, DatagramFlow] = {}
+
+    def send(self, key: object, host: str, port: int, data: bytes,
+             deliver: Callable[[bytes], None]) -> None:
+        flow = self._flows.get(key)
+        if flow is None:
+            session = self._tunnel.current
+            if session is None:
+                return
+            flow = session.open_flow(host, port, deliver, idle_timeout=UDP_IDLE_TIMEOUT)
+            flow.on_closed = lambda ended: self._forget(key, ended)
+            self._flows[key] = flow
+        flow.send(data)
+
+    def close_all(self, message: str) -> None:
+        for flow in list(self._flows.values()):
+            flow.close(message)
+
+    def _forget(self, key: object, flow: DatagramFlow) -> None:
+        if self._flows.get(key) is flow:
+            del self._flows[key]
+
+
 class UdpForward(asyncio.DatagramProtocol):
-    """A UDP forward (-U): each local sender is its own flow to one destination inside.
-    While the tunnel is down, datagrams are dropped, as UDP allows."""
+    """A UDP forward (-U): each local sender is its own flow to one destination inside."""
 
     def __init__(self, tunnel: TunnelClient, host: str, port: int) -> None:
-        self._tunnel = tunnel
         self._destination = (host, port)
         self._transport: asyncio.DatagramTransport | None = None
-        self._flows: dict[object, DatagramFlow] = {}
+        self._flows = FlowTable(tunnel)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
-        flow = self._flows.get(addr)
-        if flow is None:
-            session = self._tunnel.current
-            if session is None or self._transport is None:
-                return
-            transport = self._transport
-            flow = session.open_flow(*self._destination,
-                                     lambda reply: transport.sendto(reply, addr),
-                                     idle_timeout=UDP_IDLE_TIMEOUT)
-            flow.on_closed = lambda ended: self._forget(addr, ended)
-            self._flows[addr] = flow
-        flow.send(data)
-
-    def _forget(self, addr: object, flow: DatagramFlow) -> None:
-        if self._flows.get(addr) is flow:
-            del self._flows[addr]
+        transport = self._transport
+        if transport is not None:
+            self._flows.send(addr, *self._destination, data,
+                             lambda reply: transport.sendto(reply, addr))
 
 
-class ForwardInbound(_Inbound):
+class ForwardInbound(Inbound):
     """A fixed forward (-L): every connection goes to one destination."""
 
     def __init__(self, tunnel: TunnelClient, host: str, port: int) -> None:
