@@ -30,3 +30,11 @@ def test_question_names_are_read_from_queries() -> None:
     assert question_name(query) == "wiki.corp.example"
     assert question_name(b"\x00" * 5) is None
     assert question_name(query[:20]) is None
+
+
+def test_udp_of_the_pushed_networks_is_marked_and_tproxied() -> None:
+    text = ruleset("t", Capture("on", ("10.1.0.0/16",), (), tcp_port=1, udp_port=2,
+                                udp_mark=0x7123, families=("ip",)))
+    assert "ip daddr { 10.1.0.0/16 } meta l4proto udp meta mark set 0x7123" in text
+    assert "meta mark 0x7123 meta l4proto udp tproxy ip to 127.0.0.1:2" in text
+    assert "udp dport 53 return" in text   # DNS has its own forwarder

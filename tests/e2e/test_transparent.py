@@ -19,6 +19,26 @@ import pytest
 from conftest import PORTCULLIS, Deployment, free_port_run, require_program, run_cli
 
 PASSWORD = "correct horse battery staple"
+UDP_ECHO = """
+import socket
+server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+server.bind(("{address}", 7001))
+while True:
+    data, peer = server.recvfrom(2048)
+    server.sendto(b"echo:" + data + b" from " + peer[0].encode(), peer)
+"""
+UDP_CLIENT = """
+import socket
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(3)
+for attempt in range(3):
+    sock.sendto(b"hello", ("{address}", 7001))
+    try:
+        print(sock.recvfrom(2048)[0].decode())
+        break
+    except TimeoutError:
+        continue
+"""
 WHOAMI = """
 import socket
 server = socket.create_server(("{address}", 7000))
@@ -90,6 +110,9 @@ def lab() -> Iterator[Lab]:
             ["ip", "netns", "exec", server_ns, sys.executable, "-c",
              WHOAMI.format(address=server)]))
         processes.append(subprocess.Popen(
+            ["ip", "netns", "exec", server_ns, sys.executable, "-c",
+             UDP_ECHO.format(address=server)]))
+        processes.append(subprocess.Popen(
             ["ip", "netns", "exec", server_ns, "dnsmasq", "--no-daemon", "-C", "/dev/null",
              f"--listen-address={server}", "--bind-interfaces", "--no-resolv", "--no-hosts",
              "--address=/wiki.corp.example/10.1.2.3", "--user=root"],
@@ -118,7 +141,7 @@ def test_transparent_mode_carries_only_the_pushed_network_and_cleans_up(
     deployment.set("vpn", "dns_suffixes", '["corp.example"]')
     with deployment.config.open("a") as handle:
         handle.write(f'\n[[policies]]\nname = "lab"\naction = "allow"\ngroups = ["staff"]\n'
-                     f'networks = ["{lab.server}/32"]\nports = ["7000", "53"]\n')
+                     f'networks = ["{lab.server}/32"]\nports = ["7000", "7001", "53"]\n')
     deployment.add_user("alice", PASSWORD, ["staff"])
     gateway = start_process("up", "--dir", str(directory), name="up")
     gateway.wait_for(r"Portal: https://")
@@ -151,6 +174,12 @@ def test_transparent_mode_carries_only_the_pushed_network_and_cleans_up(
         answer = lab.client("dig", "@192.0.2.53", "wiki.corp.example", "+short", "+time=3",
                             "+tries=2", timeout=20)
         assert answer.stdout.strip() == "10.1.2.3", answer.stdout + answer.stderr
+        # UDP to the pushed network goes through the tunnel too (TPROXY), and the
+        # answer comes back from the server's address.
+        echoed = lab.client(sys.executable, "-c", UDP_CLIENT.format(address=lab.server),
+                            timeout=20)
+        assert echoed.stdout.strip() == f"echo:hello from {lab.gateway_for_server}", \
+            echoed.stdout + echoed.stderr
         # Other destinations are not captured: still unreachable from the client.
         other = f"http://{lab.gateway_for_server.rsplit('.', 1)[0]}.3:7000/"
         assert lab.client("curl", "-sS", "--max-time", "2", other, timeout=10).returncode != 0

@@ -27,6 +27,7 @@ from portcullis.client.transparent import (
     DnsForwarder,
     Rules,
     TransparentInbound,
+    TransparentUdp,
     system_resolver,
 )
 from portcullis.client.tunnel import STATUS_FILE, TunnelClient
@@ -59,6 +60,7 @@ async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Lis
     loop = asyncio.get_running_loop()
     servers: list[asyncio.Server] = []
     endpoints: list[asyncio.DatagramTransport] = []
+    closers: list[Callable[[], None]] = []
 
     def factory(listen: Listen) -> Callable[[], asyncio.Protocol]:
         if listen.kind == "socks":
@@ -108,11 +110,13 @@ async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Lis
                                   f"{listen.describe()}: {exc.strerror}") from None
             on_listening(listen, host, port)
         if rules is not None:
-            await capture(rules, tunnel, state.url, servers, endpoints, say)
+            await capture(rules, tunnel, state.url, servers, endpoints, closers, say)
         return await runner
     finally:
         if rules is not None:
             rules.remove()
+        for close in closers:
+            close()
         for server in servers:
             server.close()
         for endpoint in endpoints:
@@ -127,7 +131,7 @@ async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Lis
 
 async def capture(rules: Rules, tunnel: TunnelClient, url: str, servers: list[asyncio.Server],
                   endpoints: list[asyncio.DatagramTransport],
-                  say: Callable[[str], None]) -> None:
+                  closers: list[Callable[[], None]], say: Callable[[str], None]) -> None:
     """Start the transparent listeners and install the rules for the pushed networks."""
     loop = asyncio.get_running_loop()
     config = tunnel.config
@@ -143,6 +147,8 @@ async def capture(rules: Rules, tunnel: TunnelClient, url: str, servers: list[as
                                  system_resolver()), local_addr=("127.0.0.1", 0))
         endpoints.append(forwarder)
         dns_port = forwarder.get_extra_info("sockname")[1]
+    udp = TransparentUdp(tunnel)
+    closers.append(udp.close)
     gateway_host = urlsplit(url).hostname or ""
     infos = await loop.getaddrinfo(gateway_host, None, type=socket.SOCK_STREAM)
     networks = config.get("networks")
@@ -150,8 +156,9 @@ async def capture(rules: Rules, tunnel: TunnelClient, url: str, servers: list[as
         split_tunnel=str(config.get("split_tunnel", "on")),
         networks=tuple(str(n) for n in networks) if isinstance(networks, list) else (),
         exclude=tuple(sorted({str(info[4][0]) for info in infos})),
-        tcp_port=tcp_port, dns_port=dns_port, families=("ip",)))
-    say(f"transparent: TCP to {networks} through the tunnel"
+        tcp_port=tcp_port, dns_port=dns_port, udp_port=udp.port, udp_mark=rules.udp_mark,
+        families=("ip",)))
+    say(f"transparent: TCP and UDP to {networks} through the tunnel"
         + (f"; DNS for {dns['suffixes']} inside" if dns_port else "")
         + f" (nftables table {rules.table})")
 

@@ -1,24 +1,26 @@
 """Transparent mode (Linux, root): nftables rules send the pushed networks' TCP to a
-local listener, which learns each connection's original destination and carries it
-through the tunnel; DNS questions are answered through the tunnel for the pushed
-suffixes and by the usual resolver otherwise. Applications need no proxy settings.
+local listener (redirect), and their UDP to a transparent socket (TPROXY: the packets
+are marked on the way out, routed back in through `lo` by a policy rule, and handed to
+our socket with their original destination). Each is carried through the tunnel. DNS
+questions are answered through the tunnel for the pushed suffixes and by the usual
+resolver otherwise. Applications need no proxy settings.
 
-The rules live in one nftables table per client process, `inet portcullis_<pid>`:
-removed on exit and on SIGTERM, and a table whose process no longer exists (a crash,
-SIGKILL) is removed by the next client that starts, like sshuttle does.
-
-Not yet: UDP other than DNS (TPROXY).
+The rules live in one nftables table per client process, `inet portcullis_<pid>`, with
+a policy-routing rule for its mark: removed on exit and on SIGTERM, and those of a
+process that no longer exists (a crash, SIGKILL) are removed by the next client that
+starts, like sshuttle does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import re
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from portcullis.client.proxies import FlowTable, Inbound
@@ -30,6 +32,11 @@ TABLE_PREFIX = "portcullis_"
 # forwarder's questions to the usual resolver).
 OWN_MARK = 0x70C
 SO_ORIGINAL_DST = 80
+IP_TRANSPARENT = 19
+IP_RECVORIGDSTADDR = 20
+IP_ORIGDSTADDR = 20
+# UDP for the tunnel is marked with this (plus the table's number) and routed to `lo`.
+UDP_MARK_BASE = 0x7100
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,8 @@ class Capture:
     exclude: tuple[str, ...]                # the gateway's addresses: never captured
     tcp_port: int
     dns_port: int | None = None
+    udp_port: int | None = None
+    udp_mark: int = UDP_MARK_BASE
     families: tuple[str, ...] = field(default=("ip", "ip6"))
 
 
@@ -66,44 +75,81 @@ def ruleset(table: str, capture: Capture) -> str:
             lines.append(f"    {family} daddr {negate}{{ {', '.join(nets)} }} {target}")
         elif capture.split_tunnel == "reverse":
             lines.append(f"    meta nfproto {'ipv6' if version == 6 else 'ipv4'} {target}")
-    lines += ["  }", "}"]
+    lines += ["  }"]
+    if capture.udp_port is not None:
+        nets4 = [n for n in capture.networks if ipaddress.ip_network(n).version == 4]
+        if nets4 and capture.split_tunnel == "on":
+            mark = f"{capture.udp_mark:#x}"
+            lines += [
+                "  chain mark_udp {", "    type route hook output priority mangle; "
+                "policy accept;", f"    meta mark {OWN_MARK:#x} return",
+                "    udp dport 53 return",
+                f"    ip daddr {{ {', '.join(nets4)} }} meta l4proto udp meta mark set {mark}",
+                "  }",
+                "  chain tproxy_udp {", "    type filter hook prerouting priority mangle; "
+                "policy accept;",
+                f"    meta mark {mark} meta l4proto udp tproxy ip to "
+                f"127.0.0.1:{capture.udp_port}",
+                "  }"]
+    lines.append("}")
     return "\n".join(lines) + "\n"
 
 
-class Rules:
-    """This process's table: installed, removed; leftovers of dead processes removed."""
+def udp_mark(pid: int) -> int:
+    """Each client's own mark (and routing table number), so several can coexist."""
+    return UDP_MARK_BASE + pid % 0xFF
 
-    def __init__(self, nft: str = "nft") -> None:
+
+class Rules:
+    """This process's table and policy route: installed, removed; those of dead
+    processes removed."""
+
+    def __init__(self, nft: str = "nft", ip: str = "ip") -> None:
         self._nft = nft
+        self._ip = ip
         self.table = f"{TABLE_PREFIX}{os.getpid()}"
+        self.udp_mark = udp_mark(os.getpid())
         self._installed = False
 
     def remove_leftovers(self) -> list[str]:
         removed = []
-        for name in re.findall(rf"table inet ({TABLE_PREFIX}(\d+))", self._run("list", "tables")):
-            table, pid = name if isinstance(name, tuple) else (name, "0")
+        listed = self._run(self._nft, "list", "tables")
+        for table, pid in re.findall(rf"table inet ({TABLE_PREFIX}(\d+))", listed):
             if not _alive(int(pid)):
-                self._run("delete", "table", "inet", table)
+                self._run(self._nft, "delete", "table", "inet", table)
+                self._unroute(udp_mark(int(pid)))
                 removed.append(table)
         return removed
 
     def install(self, capture: Capture) -> None:
-        self._run("-f", "-", script=ruleset(self.table, capture))
+        self._run(self._nft, "-f", "-", script=ruleset(self.table, capture))
         self._installed = True
+        if capture.udp_port is not None:
+            mark = str(capture.udp_mark)
+            self._run(self._ip, "rule", "add", "fwmark", mark, "lookup", mark)
+            self._run(self._ip, "route", "add", "local", "0.0.0.0/0", "dev", "lo",
+                      "table", mark)
 
     def remove(self) -> None:
         if self._installed:
             self._installed = False
-            self._run("delete", "table", "inet", self.table)
+            self._run(self._nft, "delete", "table", "inet", self.table)
+            self._unroute(self.udp_mark)
 
-    def _run(self, *args: str, script: str | None = None) -> str:
+    def _unroute(self, mark: int) -> None:
+        for args in (("rule", "del", "fwmark", str(mark), "lookup", str(mark)),
+                     ("route", "flush", "table", str(mark))):
+            subprocess.run([self._ip, *args], capture_output=True, timeout=10)
+
+    def _run(self, *argv: str, script: str | None = None) -> str:
         try:
-            done = subprocess.run([self._nft, *args], input=script, capture_output=True,
+            done = subprocess.run(list(argv), input=script, capture_output=True,
                                   text=True, timeout=10)
         except FileNotFoundError:
-            raise ClientError("transparent mode needs nftables ('nft'): install it") from None
+            raise ClientError(f"transparent mode needs {argv[0]} (nftables, iproute2)"
+                              ) from None
         if done.returncode != 0:
-            raise ClientError(f"nft {' '.join(args)} failed: {done.stderr.strip()} "
+            raise ClientError(f"{' '.join(argv[:3])} failed: {done.stderr.strip()} "
                               "(transparent mode needs root)")
         return done.stdout
 
@@ -132,6 +178,69 @@ class TransparentInbound(Inbound):
         port = int.from_bytes(original[2:4], "big")
         address = socket.inet_ntoa(original[4:8])
         self.carry(address, port, answer=None)
+
+
+class TransparentUdp:
+    """The TPROXY socket: each datagram arrives with its original destination; each
+    (sender, destination) pair is one flow; replies leave from a socket bound to that
+    destination, so the application sees the server answer."""
+
+    def __init__(self, tunnel: TunnelClient) -> None:
+        self._flows = FlowTable(tunnel)
+        self._repliers: dict[tuple[str, int], socket.socket] = {}
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        self.sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._read)
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+        self._flows.close_all("transparent mode ended")
+        for replier in self._repliers.values():
+            replier.close()
+
+    def _read(self) -> None:
+        for _ in range(64):
+            try:
+                data, ancillary, _, sender = self.sock.recvmsg(65535, 64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            destination = next(
+                ((socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big"))
+                 for level, kind, raw in ancillary
+                 if level == socket.SOL_IP and kind == IP_ORIGDSTADDR), None)
+            if destination is None:
+                continue
+            self._flows.send((sender, destination), *destination, data,
+                             self._answerer(destination, sender))
+
+    def _answerer(self, destination: tuple[str, int],
+                  sender: tuple[str, int]) -> Callable[[bytes], None]:
+        replier = self._replier(destination)
+
+        def answer(reply: bytes) -> None:
+            with contextlib.suppress(OSError):
+                replier.sendto(reply, sender)
+
+        return answer
+
+    def _replier(self, destination: tuple[str, int]) -> socket.socket:
+        replier = self._repliers.get(destination)
+        if replier is None:
+            replier = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            replier.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            replier.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            replier.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, OWN_MARK)
+            replier.bind(destination)
+            replier.setblocking(False)
+            self._repliers[destination] = replier
+        return replier
 
 
 def question_name(query: bytes) -> str | None:
