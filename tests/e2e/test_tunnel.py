@@ -236,6 +236,43 @@ def test_garbage_on_one_tunnel_ends_only_that_tunnel(
     for name, payload in frames.items():
         reason = asyncio.run(hostile(payload))
         assert "protocol_error" in reason or "protocol error" in reason, (name, reason)
+
+    # A server that accepts connections (the kernel does) but never reads them.
+    sink = socket.create_server(("127.0.0.1", 0), backlog=8)
+    sink_port = sink.getsockname()[1]
+
+    async def overrun() -> str:
+        """Open a stream the gateway accepts, then send more than its window allows."""
+        from portcullis.net.muxsession import MuxSession
+        from portcullis.proto import mux
+
+        tls = ssl.create_default_context(cafile=str(vpn.ca))
+        carrier = await websocket.connect(f"wss://localhost:{vpn.port}/api/v1/tunnel", tls)
+        codec = mux.MuxConnection("client")
+        codec.send_hello({"version": 1, "session": token})
+        session = MuxSession(codec)
+        carrier.attach(session)
+        await asyncio.wait_for(session.hello, 10)
+        stream = session.open_local(mux.Protocol.TCP, "127.0.0.1", sink_port)
+        for _ in range(200):
+            if stream.accepted:
+                break
+            await asyncio.sleep(0.05)
+        assert stream.accepted
+        block = bytes([5, 0]) + stream.stream_id.to_bytes(4, "big") + \
+            (256 * 1024).to_bytes(4, "big") + bytes(256 * 1024)
+        # 64 MiB, ignoring every window: more than the sink's buffers and the window.
+        for _ in range(64):
+            carrier.send_message([block] * 4)
+            await asyncio.sleep(0)
+            if session.closed.is_set():
+                break
+        await asyncio.wait_for(session.closed.wait(), 10)
+        return session.end_reason()
+
+    reason = asyncio.run(overrun())
+    sink.close()
+    assert "protocol error" in reason or "protocol_error" in reason, reason
     # The other tunnel and the gateway carry on.
     still = curl("--socks5-hostname", healthy.socks, f"http://127.0.0.1:{http_server.port}/")
     assert "intranet home" in still.stdout

@@ -647,6 +647,14 @@ def test_an_open_beyond_max_streams_is_refused_without_ending_the_connection() -
     assert gateway.events_received() == [StreamOpened(11, Protocol.TCP, "db.internal", 5432)]
 
 
+def test_a_peer_that_keeps_opening_beyond_the_limit_is_a_protocol_error() -> None:
+    gateway = MuxConnection("gateway", SMALL)
+    gateway.send_hello({})
+    gateway.receive_data(hello() + b"".join(open_frame(i) for i in range(1, 17, 2)))
+    with pytest.raises(ProtocolError, match="too many streams"):
+        gateway.receive_data(open_frame(17))   # the fifth refusal in a row, limit 4
+
+
 def test_a_ping_received_before_our_hello_is_answered_after_it() -> None:
     gateway = MuxConnection("gateway")
     gateway.receive_data(hello() + frame(F.PING, 0, b"abcdefgh"))

@@ -455,6 +455,7 @@ class MuxConnection:
         self._peer_parity = 0 if role == "client" else 1
         self._highest_peer_id = 0
         self._peer_stream_count = 0
+        self._refused_for_limit = 0
         self._buffer = bytearray()  # the start of a frame split across chunks
         self._events: list[Event] = []
         self._output: list[bytes | memoryview] = []
@@ -640,6 +641,7 @@ class MuxConnection:
         del self._streams[stream.stream_id]
         if stream.opened_by_peer:
             self._peer_stream_count -= 1
+            self._refused_for_limit = 0
 
     def _on_hello(self, flags: int, stream_id: int, payload: memoryview) -> None:
         if self._hello_received:
@@ -673,6 +675,13 @@ class MuxConnection:
         self._highest_peer_id = stream_id
         if self._peer_stream_count >= self.limits.max_streams:
             # Not fatal: the peer may simply be busy. The stream is refused and closed.
+            # But a peer that goes on opening as many again while none of its streams
+            # ends is flooding, not busy.
+            self._refused_for_limit += 1
+            if self._refused_for_limit > self.limits.max_streams:
+                raise ProtocolError(
+                    f"too many streams: {self._refused_for_limit} opened beyond the limit "
+                    f"of {self.limits.max_streams} while none ended")
             refusal = bytes([Reason.LIMIT_EXCEEDED]) + b"too many streams"
             self._emit_automatic(_frame(_F.REFUSE, stream_id, refusal))
             return
