@@ -11,7 +11,7 @@ def test_split_tunnel_on_captures_only_the_pushed_networks() -> None:
     assert "ip daddr { 10.1.0.0/16 } tcp dport 1-65535 redirect to :4000" in text
     assert "ip6 daddr { fd00::/8 } tcp dport 1-65535 redirect to :4000" in text
     assert "ip daddr 192.0.2.9 return" in text          # the gateway itself: never captured
-    assert "udp dport 53 redirect to :5300" in text
+    assert "meta nfproto ipv4 udp dport 53 redirect to :5300" in text
     assert text.index("meta mark 0x70c return") < text.index("redirect")
 
 

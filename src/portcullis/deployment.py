@@ -130,7 +130,8 @@ def init_deployment(directory: Path, *, hostname: str = "localhost",
     os.chmod(directory, 0o700)
     listen_host = "127.0.0.1" if hostname in ("localhost", "127.0.0.1") else "0.0.0.0"
     config_path(directory).write_text(CONFIG_TEMPLATE.format(
-        hostname=hostname, port=port, listen_host=listen_host, portal_port=port + 1,
+        hostname=f"[{hostname}]" if ":" in hostname else hostname, port=port,
+        listen_host=listen_host, portal_port=port + 1,
         sta_port=port + 2))
 
     pki = directory / "pki"

@@ -84,6 +84,13 @@ class Node:
     websocket_endpoints: dict[str, Opened] = field(default_factory=dict)
     _closers: list[Callable[[], Any]] = field(default_factory=list)
 
+    @property
+    def first_settings(self) -> Settings:
+        return self._first_settings
+
+    def __post_init__(self) -> None:
+        self._first_settings = self.settings
+
     @classmethod
     async def build(cls, settings: Settings, roles: Sequence[str]) -> Node:
         unknown = [role for role in roles if role not in ROLES]
@@ -136,14 +143,15 @@ class Node:
             log.error("configuration not reloaded", error=str(exc))
             return
         self.policy = AccessPolicy(fresh.policies)
-        current = self.settings
-        # What the running tunnel endpoint holds on to: only a restart changes it.
-        held = {"vpn.address_pool": (current.vpn.address_pool, fresh.vpn.address_pool),
-                "vpn.dial_timeout": (current.vpn.dial_timeout, fresh.vpn.dial_timeout),
-                "admin_groups": (current.admin_groups, fresh.admin_groups)}
+        # What the running endpoints were built with (the first settings): only a
+        # restart changes those.
+        first = self.first_settings
+        held = {"vpn.address_pool": (first.vpn.address_pool, fresh.vpn.address_pool),
+                "vpn.dial_timeout": (first.vpn.dial_timeout, fresh.vpn.dial_timeout),
+                "admin_groups": (first.admin_groups, fresh.admin_groups)}
         needs_restart = [key for key, (old, new) in held.items() if old != new]
-        self.settings = current.model_copy(update={"policies": fresh.policies,
-                                                   "vpn": fresh.vpn})
+        self.settings = self.settings.model_copy(update={"policies": fresh.policies,
+                                                         "vpn": fresh.vpn})
         log.info("configuration reloaded", policies=len(fresh.policies),
                  needs_restart=needs_restart or None)
 

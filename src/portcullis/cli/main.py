@@ -371,7 +371,7 @@ def _forward_spec(value: str) -> tuple[str, int, str, int]:
 @click.option("-U", "udp_forwards", multiple=True, metavar="[BIND:]LPORT:HOST:PORT",
               help="Forward a local UDP port to HOST:PORT inside (repeat).")
 @click.option("--transparent", is_flag=True,
-              help="Linux, root: capture the pushed networks' TCP and DNS with nftables.")
+              help="Linux, root: capture the pushed networks' TCP, UDP and DNS (nftables).")
 @click.option("--ca", "ca_file", type=click.Path(exists=True, dir_okay=False),
               help="The deployment's CA certificate (default: the one saved at login).")
 def connect(socks: str, http_proxy: str, forwards: tuple[str, ...],

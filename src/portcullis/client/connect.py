@@ -158,7 +158,10 @@ async def capture(rules: Rules, tunnel: TunnelClient, url: str, servers: list[as
         exclude=tuple(sorted({str(info[4][0]) for info in infos})),
         tcp_port=tcp_port, dns_port=dns_port, udp_port=udp.port, udp_mark=rules.udp_mark,
         families=("ip",)))
-    say(f"transparent: TCP and UDP to {networks} through the tunnel"
+    mode = str(config.get("split_tunnel", "on"))
+    scope = {"on": f"TCP and UDP to {networks}", "reverse": f"TCP to all but {networks}",
+             "off": "all TCP"}.get(mode, f"TCP to {networks}")
+    say(f"transparent: {scope} through the tunnel"
         + (f"; DNS for {dns['suffixes']} inside" if dns_port else "")
         + f" (nftables table {rules.table})")
 

@@ -36,7 +36,7 @@ IP_TRANSPARENT = 19
 IP_RECVORIGDSTADDR = 20
 IP_ORIGDSTADDR = 20
 # UDP for the tunnel is marked with this (plus the table's number) and routed to `lo`.
-UDP_MARK_BASE = 0x7100
+UDP_MARK_BASE = 0x71000000
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,8 @@ def ruleset(table: str, capture: Capture) -> str:
     for address in capture.exclude:
         family = "ip6" if ":" in address else "ip"
         lines.append(f"    {family} daddr {address} return")
-    if capture.dns_port is not None:
-        lines.append(f"    udp dport 53 redirect to :{capture.dns_port}")
+    if capture.dns_port is not None:   # the forwarder listens on 127.0.0.1
+        lines.append(f"    meta nfproto ipv4 udp dport 53 redirect to :{capture.dns_port}")
     for family in capture.families:
         version = 6 if family == "ip6" else 4
         nets = [n for n in capture.networks if ipaddress.ip_network(n).version == version]
@@ -96,8 +96,9 @@ def ruleset(table: str, capture: Capture) -> str:
 
 
 def udp_mark(pid: int) -> int:
-    """Each client's own mark (and routing table number), so several can coexist."""
-    return UDP_MARK_BASE + pid % 0xFF
+    """Each client's own mark (and routing table number), so several can coexist:
+    process ids are below 2**22, so no two live clients share one."""
+    return UDP_MARK_BASE + pid
 
 
 class Rules:
