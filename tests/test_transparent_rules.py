@@ -38,3 +38,11 @@ def test_udp_of_the_pushed_networks_is_marked_and_tproxied() -> None:
     assert "ip daddr { 10.1.0.0/16 } meta l4proto udp meta mark set 0x7123" in text
     assert "meta mark 0x7123 meta l4proto udp tproxy ip to 127.0.0.1:2" in text
     assert "udp dport 53 return" in text   # DNS has its own forwarder
+
+
+def test_full_tunnel_blocks_ipv6_it_does_not_capture() -> None:
+    text = ruleset("t", Capture("off", (), ("2001:db8::1",), tcp_port=1, families=("ip",)))
+    assert "meta nfproto ipv6 meta l4proto { tcp, udp } reject" in text
+    assert "ip6 daddr 2001:db8::1 return" in text
+    split = ruleset("t", Capture("on", ("10.0.0.0/8",), (), tcp_port=1, families=("ip",)))
+    assert "reject" not in split

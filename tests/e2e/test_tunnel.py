@@ -126,6 +126,18 @@ def test_denied_destinations_are_refused_with_the_reason_and_audited(
     assert denied[-1]["reason"] == "no rule matched: default deny"
 
 
+def test_the_unspecified_address_never_reaches_the_gateway_itself(
+        vpn: Deployment, http_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    # Even with a rule allowing everything, 0.0.0.0 (the gateway host) stays refused.
+    home = tmp_path / "alice"
+    login(vpn, "alice", home)
+    tunnel = connect(vpn, start_process, home)
+    refused = curl("--socks5-hostname", tunnel.socks, f"http://0.0.0.0:{http_server.port}/")
+    assert refused.returncode == 97
+    denied = [e for e in audit(vpn) if e["event"] == "tunnel.denied"]
+    assert "unspecified address" in str(denied[-1]["reason"])
+
+
 def test_a_deny_rule_before_the_allow_rule_wins_for_its_port(
         vpn: Deployment, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
     home = tmp_path / "alice"

@@ -115,3 +115,24 @@ async def test_a_failing_stream_handler_refuses_the_stream_instead_of_hanging() 
         await asyncio.sleep(0)
     refused = [e for e in wire.events if isinstance(e, mux.StreamRefused)]
     assert refused and refused[0].reason == Reason.INTERNAL_ERROR
+
+
+async def test_a_reset_before_the_dial_starts_leaves_no_socket() -> None:
+    closed = asyncio.Event()
+
+    async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        closed.set()
+
+    listener = await asyncio.start_server(server, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    client, gateway, _wire = pair()
+    stream_id = client.open_stream(mux.Protocol.TCP, "127.0.0.1", port)
+    gateway.receive_message(b"".join(client.data_to_send()))
+    # The reset arrives while the gateway is still resolving, before any bridge exists.
+    client.reset_stream(stream_id, Reason.CANCELLED, "gone")
+    gateway.receive_message(b"".join(client.data_to_send()))
+    assert await gateway.connect_stream(stream_id, DirectDialer(), "127.0.0.1", port) is None
+    await asyncio.wait_for(closed.wait(), 5)
+    assert gateway.open_streams == 0
+    listener.close()

@@ -419,7 +419,8 @@ def connect(socks: str, http_proxy: str, forwards: tuple[str, ...],
 
 @main.command()
 @click.argument("host")
-@click.option("-c", "--count", default=4, show_default=True, help="How many echoes.")
+@click.option("-c", "--count", default=4, show_default=True, type=click.IntRange(1, 65535),
+              help="How many echoes.")
 @click.option("-i", "--interval", default=1.0, show_default=True, help="Seconds between them.")
 def ping(host: str, count: int, interval: float) -> None:
     """ICMP echo to HOST inside, performed by the gateway through the tunnel."""
@@ -463,12 +464,12 @@ def sessions_list() -> None:
     state = ClientState.load(client_home())
     with PortalApi(state.url, _client_tls(state.ca_file), state.token) as api:
         items = api.admin_sessions()
-    click.echo(f"{'ID':<9} {'KIND':<7} {'USER':<16} {'CLIENT':<16} {'STREAMS':>7} "
+    click.echo(f"{'ID':<17} {'KIND':<7} {'USER':<16} {'CLIENT':<16} {'STREAMS':>7} "
                f"{'BYTES IN':>12} {'BYTES OUT':>12}  SINCE")
     for item in items:
         since = __import__("datetime").datetime.fromtimestamp(item["since"]).isoformat(
             timespec="seconds")
-        click.echo(f"{item['id']:<9} {item['kind']:<7} {item['user']:<16} "
+        click.echo(f"{item['id']:<17} {item['kind']:<7} {item['user']:<16} "
                    f"{item['client']:<16} {item['streams']:>7} "
                    f"{item['bytes_from_client']:>12} {item['bytes_to_client']:>12}  {since}")
 

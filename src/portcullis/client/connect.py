@@ -113,10 +113,12 @@ async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Lis
             await capture(rules, tunnel, state.url, servers, endpoints, closers, say)
         return await runner
     finally:
-        if rules is not None:
-            rules.remove()
-        for close in closers:
-            close()
+        try:
+            if rules is not None:
+                rules.remove()
+        finally:
+            for close in closers:
+                close()
         for server in servers:
             server.close()
         for endpoint in endpoints:

@@ -210,7 +210,8 @@ class HttpConnectInbound(Inbound):
             return
         target = event.target.decode("ascii", "replace")
         host, _, port_text = target.rpartition(":")
-        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if (not host or len(host) > 255 or not port_text.isdigit()
+                or not 0 < int(port_text) < 65536):
             self._fail(400, "CONNECT needs HOST:PORT")
             return
 
@@ -254,7 +255,10 @@ class FlowTable:
             session = self._tunnel.current
             if session is None:
                 return
-            flow = session.open_flow(host, port, deliver, idle_timeout=UDP_IDLE_TIMEOUT)
+            try:
+                flow = session.open_flow(host, port, deliver, idle_timeout=UDP_IDLE_TIMEOUT)
+            except (ProtocolError, ValueError):   # the tunnel just ended, or a bad name
+                return
             flow.on_closed = lambda ended: self._forget(key, ended)
             self._flows[key] = flow
         flow.send(data)

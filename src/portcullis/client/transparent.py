@@ -37,6 +37,7 @@ IP_RECVORIGDSTADDR = 20
 IP_ORIGDSTADDR = 20
 # UDP for the tunnel is marked with this (plus the table's number) and routed to `lo`.
 UDP_MARK_BASE = 0x71000000
+MAX_REPLIERS = 256   # sockets answering from UDP destinations, kept at once
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,20 @@ def ruleset(table: str, capture: Capture) -> str:
         version = 6 if family == "ip6" else 4
         nets = [n for n in capture.networks if ipaddress.ip_network(n).version == version]
         target = f"tcp dport 1-65535 redirect to :{capture.tcp_port}"
-        if capture.split_tunnel == "off":
+        if capture.split_tunnel == "off" or (capture.split_tunnel == "reverse" and not nets):
             lines.append(f"    meta nfproto {'ipv6' if version == 6 else 'ipv4'} {target}")
         elif nets:
             negate = "!= " if capture.split_tunnel == "reverse" else ""
             lines.append(f"    {family} daddr {negate}{{ {', '.join(nets)} }} {target}")
-        elif capture.split_tunnel == "reverse":
-            lines.append(f"    meta nfproto {'ipv6' if version == 6 else 'ipv4'} {target}")
     lines += ["  }"]
+    if capture.split_tunnel in ("off", "reverse") and "ip6" not in capture.families:
+        # Everything (or all but some networks) must go through the tunnel, and IPv6 is
+        # not captured yet: block it rather than let it leave beside the tunnel.
+        lines += ["  chain block_ipv6 {",
+                  "    type filter hook output priority 0; policy accept;",
+                  f"    meta mark {OWN_MARK:#x} return", "    ip6 daddr ::1 return"]
+        lines += [f"    ip6 daddr {a} return" for a in capture.exclude if ":" in a]
+        lines += ["    meta nfproto ipv6 meta l4proto { tcp, udp } reject", "  }"]
     if capture.udp_port is not None:
         nets4 = [n for n in capture.networks if ipaddress.ip_network(n).version == 4]
         if nets4 and capture.split_tunnel == "on":
@@ -234,6 +241,9 @@ class TransparentUdp:
     def _replier(self, destination: tuple[str, int]) -> socket.socket:
         replier = self._repliers.get(destination)
         if replier is None:
+            if len(self._repliers) >= MAX_REPLIERS:   # the oldest destination goes
+                oldest = next(iter(self._repliers))
+                self._repliers.pop(oldest).close()
             replier = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             replier.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             replier.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from portcullis.errors import ClientError
+from portcullis.errors import ClientError, ProtocolError
 from portcullis.net import websocket
 from portcullis.net.muxsession import BridgeFactory, MuxSession, StreamBridge
 from portcullis.proto import mux
@@ -55,10 +55,14 @@ class TunnelClient:
         transport.pause_reading()
         await self._ready.wait()
         session = self._session
-        if session is None or transport.is_closing():
+        if session is None or session.closed.is_set() or transport.is_closing():
             transport.close()
             return None
-        bridge = session.open_local(protocol, host, port, make=make)
+        try:
+            bridge = session.open_local(protocol, host, port, make=make)
+        except (ProtocolError, ValueError):   # the tunnel just ended, or a bad destination
+            transport.close()
+            return None
         bridge.hold(bytes(early))
         transport.set_protocol(bridge)
         bridge.connection_made(transport)
@@ -67,7 +71,8 @@ class TunnelClient:
     @property
     def current(self) -> MuxSession | None:
         """The tunnel's session while it is up."""
-        return self._session
+        session = self._session
+        return session if session is not None and not session.closed.is_set() else None
 
     @property
     def config(self) -> dict[str, object]:

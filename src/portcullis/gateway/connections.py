@@ -32,7 +32,7 @@ class Connection:
     client: str
     session: MuxSession
     detail: str = ""                       # the resource, or the tunnel's intranet IP
-    id: str = field(default_factory=lambda: secrets.token_hex(4))
+    id: str = field(default_factory=lambda: secrets.token_hex(8))
     since: float = field(default_factory=time.time)
 
     def describe(self) -> dict[str, object]:
@@ -52,7 +52,8 @@ class ConnectionRegistry:
         self._connections[connection.id] = connection
 
     def remove(self, connection: Connection) -> None:
-        self._connections.pop(connection.id, None)
+        if self._connections.get(connection.id) is connection:
+            del self._connections[connection.id]
 
     def list(self) -> list[Connection]:
         return sorted(self._connections.values(), key=lambda c: c.since)

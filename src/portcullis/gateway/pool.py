@@ -52,11 +52,18 @@ class AddressPool:
                 return address
         return None
 
-    async def renew(self, address: Address) -> None:
-        await self.store.touch(self._key(address), self.lease_seconds)
+    async def renew(self, address: Address, holder: str) -> bool:
+        """Extend the lease; False if it is no longer `holder`'s (it expired)."""
+        key = self._key(address)
+        if await self.store.get(key) != holder.encode():
+            return False
+        return await self.store.touch(key, self.lease_seconds)
 
-    async def release(self, address: Address) -> None:
-        await self.store.delete(self._key(address))
+    async def release(self, address: Address, holder: str) -> None:
+        """Give the address back, unless it has meanwhile gone to someone else."""
+        key = self._key(address)
+        if await self.store.get(key) == holder.encode():
+            await self.store.delete(key)
 
     def _key(self, address: Address) -> str:
         return f"pool:{address}"

@@ -23,7 +23,7 @@ from websockets.http11 import Request
 
 from portcullis.audit import AuditTrail
 from portcullis.config.model import VpnSettings
-from portcullis.errors import DialError
+from portcullis.errors import DialError, ProtocolError, StoreError
 from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.gateway.pool import AddressPool
 from portcullis.identity.claims import Claims
@@ -40,10 +40,20 @@ from portcullis.proto.mux import Limits, MuxConnection, Reason
 PATH = "/api/v1/tunnel"
 log = structlog.get_logger("portcullis.tunnel")
 MAX_ECHO_DATA = 1024
+MAX_ECHOES_IN_FLIGHT = 16   # per ICMP flow
 PROTOCOL_NAMES: dict[mux.Protocol, Literal["tcp", "udp", "icmp"]] = {
     mux.Protocol.TCP: "tcp", mux.Protocol.UDP: "udp", mux.Protocol.ICMP: "icmp"}
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What a tunnel's streams need once its client is signed in."""
+
+    claims: Claims
+    source: str | None       # the tunnel's intranet address, when a pool gave one
+    tunnel_id: str
 
 
 @dataclass(frozen=True)
@@ -67,16 +77,15 @@ class TunnelEndpoint:
         self._settings = settings
         self._tasks: set[asyncio.Task[None]] = set()
         self._pinger = Pinger()
+        self._networks_known: dict[tuple[int, Subject], bool] = {}
 
     def opened(self, carrier: WebSocketMux, request: Request) -> None:
         peer = carrier.transport.get_extra_info("peername") if carrier.transport else None
         client = str(peer[0]) if peer else "unknown"
-        claims_ready: asyncio.Future[tuple[Claims, str | None]] = (
-            asyncio.get_running_loop().create_future())
+        claims_ready: asyncio.Future[Admitted] = asyncio.get_running_loop().create_future()
 
         async def open_stream(session: MuxSession, event: mux.StreamOpened) -> None:
-            claims, source = await claims_ready
-            await self._open(session, event, claims, client, source)
+            await self._open(session, event, await claims_ready, client)
 
         session = MuxSession(MuxConnection("gateway"), on_open=open_stream)
         carrier.attach(session)
@@ -85,10 +94,21 @@ class TunnelEndpoint:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, session: MuxSession, client: str,
-                     claims_ready: asyncio.Future[tuple[Claims, str | None]]) -> None:
+                     claims_ready: asyncio.Future[Admitted]) -> None:
+        try:
+            await self._run(session, client, claims_ready)
+        except Exception as exc:   # a store failure: end this tunnel, never leave it hanging
+            log.exception("tunnel failed")
+            self._audit.record("tunnel.refused", client=client, reason=f"internal: {exc!r}")
+            session.close(Reason.INTERNAL_ERROR, "the gateway cannot serve this tunnel now")
+        finally:
+            if not claims_ready.done():
+                claims_ready.cancel()
+
+    async def _run(self, session: MuxSession, client: str,
+                   claims_ready: asyncio.Future[Admitted]) -> None:
         claims = await self._authenticate(session, client)
         if claims is None:
-            claims_ready.cancel()
             session.close(Reason.AUTH_FAILED, "sign in again")
             return
         connection = Connection("tunnel", claims.username, client, session)
@@ -98,27 +118,29 @@ class TunnelEndpoint:
             if intranet_ip is None and self._vpn().pool_full == "refuse":
                 self._audit.record("tunnel.refused", user=claims.username, client=client,
                                    reason="address pool full")
-                claims_ready.cancel()
                 session.close(Reason.LIMIT_EXCEEDED,
                               "no intranet address is free; try again later")
                 return
-        source = str(intranet_ip) if intranet_ip is not None else None
-        claims_ready.set_result((claims, source))
-        connection.detail = source or ""
-        session.mux.send_hello({"version": 1, "user": claims.username, "id": connection.id})
-        session.mux.send_config(self.client_config(claims, source))
-        session.flush_soon()
-        self._registry.add(connection)
-        self._audit.record("tunnel.started", user=claims.username, client=client,
-                           tunnel=connection.id, intranet_ip=source)
         started = time.monotonic()
-        renewer = asyncio.ensure_future(self._renew(intranet_ip))
         try:
+            if session.closed.is_set():   # gone while we looked it up
+                return
+            source = str(intranet_ip) if intranet_ip is not None else None
+            claims_ready.set_result(Admitted(claims, source, connection.id))
+            connection.detail = source or ""
+            session.mux.send_hello({"version": 1, "user": claims.username,
+                                    "id": connection.id})
+            session.mux.send_config(self.client_config(claims, source))
+            session.flush_soon()
+            self._registry.add(connection)
+            self._audit.record("tunnel.started", user=claims.username, client=client,
+                               tunnel=connection.id, intranet_ip=source)
+            if intranet_ip is not None:
+                session.spawn(self._renew(session, connection.id, intranet_ip))
             await session.closed.wait()
         finally:
-            renewer.cancel()
             if self._pool is not None and intranet_ip is not None:
-                await self._pool.release(intranet_ip)
+                await self._pool.release(intranet_ip, connection.id)
             self._registry.remove(connection)
             sent, received = session.byte_counts()
             self._audit.record("tunnel.ended", user=claims.username, client=client,
@@ -133,7 +155,13 @@ class TunnelEndpoint:
         idling out."""
         while True:
             await asyncio.sleep(self._vpn().session_check)
-            if await self._sessions.validate(token) is None:
+            try:
+                valid = await self._sessions.validate(token) is not None
+            except StoreError as exc:
+                # Fail closed: a tunnel whose sign-in cannot be checked does not go on.
+                log.warning("cannot check a tunnel's session", error=str(exc))
+                valid = False
+            if not valid:
                 session.close(Reason.AUTH_FAILED, "your session has ended: sign in again")
                 return
 
@@ -153,13 +181,20 @@ class TunnelEndpoint:
         session.spawn(self._keep_signed_in(session, token))
         return signed_in.claims
 
-    async def _renew(self, address: Address | None) -> None:
-        """Keep the tunnel's pool lease alive while it lives."""
-        if self._pool is None or address is None:
-            return
+    async def _renew(self, session: MuxSession, holder: str, address: Address) -> None:
+        """Keep the tunnel's pool lease while it lives; a tunnel that lost its address
+        (the store forgot it) ends rather than share it with another."""
+        assert self._pool is not None
         while True:
             await asyncio.sleep(self._pool.lease_seconds / 3)
-            await self._pool.renew(address)
+            try:
+                kept = await self._pool.renew(address, holder)
+            except StoreError as exc:
+                log.warning("cannot renew an intranet address", error=str(exc))
+                continue
+            if not kept:
+                session.close(Reason.INTERNAL_ERROR, "the tunnel lost its intranet address")
+                return
 
     def client_config(self, claims: Claims, intranet_ip: str | None) -> dict[str, object]:
         """What the client is told: which traffic to send, where names resolve, limits."""
@@ -180,8 +215,9 @@ class TunnelEndpoint:
                        "initial_window": limits.initial_window},
         }
 
-    async def _open(self, session: MuxSession, event: mux.StreamOpened, claims: Claims,
-                    client: str, source: str | None) -> None:
+    async def _open(self, session: MuxSession, event: mux.StreamOpened, admitted: Admitted,
+                    client: str) -> None:
+        claims, source = admitted.claims, admitted.source
         protocol = PROTOCOL_NAMES[event.protocol]
         where = f"{event.host}:{event.port}/{protocol}"
         subject = Subject(claims.username, frozenset(claims.groups))
@@ -190,45 +226,64 @@ class TunnelEndpoint:
         addresses: list[Address | None] = [None]
         # A name is looked up on the inside only for users whom some rule could allow
         # there: the gateway's resolver is not an oracle for everyone who signs in.
-        if (name is None or policy.networks_for(subject)
+        if (name is None or self._has_networks(policy, subject)
                 or policy.decide(subject, Destination(name, None, event.port, protocol)).allowed):
             try:
                 addresses = list(await self._resolve(event.host, event.port))
             except DialError as exc:
                 session.refuse(event.stream_id, DIAL_REASONS[exc.reason], str(exc))
                 return
+        if source is not None:   # a pool address can only reach its own family
+            family = ipaddress.ip_address(source).version
+            addresses = [a for a in addresses if a is None or a.version == family] or [None]
+        audit = {"user": claims.username, "client": client, "destination": where,
+                 "tunnel": admitted.tunnel_id}
         decision, address = decide_resolved(policy, subject, name, addresses,
                                             event.port, protocol)
-        if not decision.allowed or address is None:
-            self._audit.record("tunnel.denied", user=claims.username, client=client,
-                               destination=where, rule=decision.rule, reason=decision.reason)
+        refusal = _never_reachable(address)
+        if refusal is not None or not decision.allowed or address is None:
+            self._audit.record("tunnel.denied", **audit, rule=decision.rule,
+                               reason=refusal or decision.reason)
             session.refuse(event.stream_id, Reason.DENIED, "not allowed by the access policy")
             return
         started = time.monotonic()
 
         def audit_stream(stream: StreamBridge | DatagramFlow) -> None:
-            self._audit.record("tunnel.stream", user=claims.username, destination=where,
-                               address=str(address), rule=decision.rule,
-                               bytes_to_client=stream.counters.sent,
+            self._audit.record("tunnel.stream", **audit, address=str(address),
+                               rule=decision.rule, bytes_to_client=stream.counters.sent,
                                bytes_from_client=stream.counters.received,
                                duration=round(time.monotonic() - started, 3))
 
         if event.protocol == mux.Protocol.UDP:
-            await self._open_flow(session, event.stream_id, str(address), event.port,
-                                  audit_stream, source)
+            failed = await self._open_flow(session, event.stream_id, str(address), event.port,
+                                           audit_stream, source)
         elif event.protocol == mux.Protocol.ICMP:
-            self._open_echo(session, event.stream_id, str(address), audit_stream)
+            failed = self._open_echo(session, event.stream_id, str(address), audit_stream)
         else:
             failed = await session.connect_stream(event.stream_id, self._dialer, str(address),
                                                   event.port, on_closed=audit_stream,
                                                   source=source)
-            if failed is not None:
-                self._audit.record("tunnel.stream_failed", user=claims.username,
-                                   destination=where, reason=str(failed))
+        if failed is not None:
+            self._audit.record("tunnel.stream_failed", **audit, reason=str(failed))
+
+    def _has_networks(self, policy: AccessPolicy, subject: Subject) -> bool:
+        """Whether any allow rule gives this user networks (remembered per policy)."""
+        key = (id(policy), subject)
+        known = self._networks_known.get(key)
+        if known is None:
+            if len(self._networks_known) > 10_000:
+                self._networks_known.clear()
+            known = self._networks_known[key] = bool(policy.networks_for(subject))
+        return known
 
     def _open_echo(self, session: MuxSession, stream_id: int, address: str,
-                   on_closed: Callable[[DatagramFlow], None]) -> None:
+                   on_closed: Callable[[DatagramFlow], None]) -> DialError | None:
         """ICMP echo: each datagram from the client is one echo the gateway performs."""
+        try:
+            self._pinger.check(address)
+        except DialError as exc:
+            session.refuse(stream_id, DIAL_REASONS[exc.reason], str(exc))
+            return exc
         identifier = self._pinger.new_identifier()
         replies: set[asyncio.Task[None]] = set()
 
@@ -246,24 +301,40 @@ class TunnelEndpoint:
                 flow.send(request[:2] + int(seconds * 1e6).to_bytes(4, "big") + data)
 
         def deliver(request: bytes) -> None:
+            if len(replies) >= MAX_ECHOES_IN_FLIGHT:
+                return   # dropped, as a router would: echoes are not queued
             task = asyncio.ensure_future(echo(request))
             replies.add(task)
             task.add_done_callback(replies.discard)
 
-        flow = session.accept_flow(stream_id, deliver, idle_timeout=self._vpn().udp_idle_timeout)
-        flow.on_closed = on_closed
+        def closed(ended: DatagramFlow) -> None:
+            for task in list(replies):
+                task.cancel()
+            on_closed(ended)
+
+        try:
+            flow = session.accept_flow(stream_id, deliver,
+                                       idle_timeout=self._vpn().udp_idle_timeout)
+        except ProtocolError:   # the client reset it meanwhile
+            return None
+        flow.on_closed = closed
+        return None
 
     async def _open_flow(self, session: MuxSession, stream_id: int, host: str, port: int,
                          on_closed: Callable[[DatagramFlow], None],
-                         source: str | None) -> None:
+                         source: str | None) -> DialError | None:
         try:
             transport, socket_side = await self._dialer.connect_udp(host, port, UdpSocket,
                                                                     source=source)
         except DialError as exc:
             session.refuse(stream_id, DIAL_REASONS[exc.reason], str(exc))
-            return
-        flow = session.accept_flow(stream_id, transport.sendto,
-                                   idle_timeout=self._vpn().udp_idle_timeout)
+            return exc
+        try:
+            flow = session.accept_flow(stream_id, transport.sendto,
+                                       idle_timeout=self._vpn().udp_idle_timeout)
+        except ProtocolError:   # the client reset it meanwhile
+            transport.close()
+            return None
 
         def closed(ended: DatagramFlow) -> None:
             transport.close()
@@ -271,11 +342,12 @@ class TunnelEndpoint:
 
         flow.on_closed = closed
         socket_side.flow = flow
+        return None
 
     async def _resolve(self, host: str, port: int) -> list[Address]:
         """The addresses of `host`, looked up on the inside (the gateway's resolver)."""
         if _is_address(host):
-            return [ipaddress.ip_address(host)]
+            return [_unmapped(ipaddress.ip_address(host))]
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -283,7 +355,7 @@ class TunnelEndpoint:
             raise DialError(f"cannot resolve {host}: {exc.strerror}", "name_not_found") from None
         found: list[Address] = []
         for info in infos:
-            address = ipaddress.ip_address(info[4][0])
+            address = _unmapped(ipaddress.ip_address(info[4][0]))
             if address not in found:
                 found.append(address)
         return found
@@ -301,6 +373,25 @@ class UdpSocket(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         pass   # ICMP errors (port unreachable): UDP's own semantics; the flow idles out
+
+
+def _unmapped(address: Address) -> Address:
+    """::ffff:a.b.c.d is a.b.c.d: rules and sockets see it as the IPv4 address it is."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _never_reachable(address: Address | None) -> str | None:
+    """Destinations no rule may open: 0.0.0.0 and :: reach the gateway host itself on
+    Linux, whatever the rules say about its loopback; multicast is not a peer."""
+    if address is None:
+        return None
+    if address.is_unspecified:
+        return f"{address} is the unspecified address (it would reach the gateway itself)"
+    if address.is_multicast:
+        return f"{address} is a multicast address"
+    return None
 
 
 def _is_address(host: str) -> bool:

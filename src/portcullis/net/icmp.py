@@ -41,6 +41,10 @@ class Pinger:
         self._waiting: dict[tuple[str, int, int], asyncio.Future[tuple[bytes, float]]] = {}
         self._identifiers = itertools.cycle(range(1, 0x10000))
 
+    def check(self, address: str) -> None:
+        """DialError now, rather than silence per echo, if this host may not ping."""
+        self._socket(ipaddress.ip_address(address).version)
+
     def new_identifier(self) -> int:
         return next(self._identifiers)
 
@@ -57,6 +61,8 @@ class Pinger:
         # kernel will hand back, which for ping sockets is the socket's, so key by
         # sequence and address only for those.
         key = (address, identifier if raw else 0, sequence)
+        if key in self._waiting:
+            return None   # the same echo is already on its way: never hand one reply twice
         future: asyncio.Future[tuple[bytes, float]] = asyncio.get_running_loop().create_future()
         self._waiting[key] = future
         started = time.monotonic()
@@ -68,7 +74,8 @@ class Pinger:
         except OSError as exc:
             raise DialError(f"cannot ping {address}: {exc.strerror}", "unreachable") from None
         finally:
-            self._waiting.pop(key, None)
+            if self._waiting.get(key) is future:
+                del self._waiting[key]
         return data_back, time.monotonic() - started
 
     def close(self) -> None:

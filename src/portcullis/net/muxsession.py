@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -375,9 +375,9 @@ class MuxSession:
     def accept_flow(self, stream_id: int, deliver: Callable[[bytes], None], *,
                     idle_timeout: float) -> DatagramFlow:
         """Accept a UDP flow the peer opened (gateway side), once its socket is ready."""
+        self.mux.accept_stream(stream_id)   # ProtocolError if the peer reset it meanwhile
         flow = DatagramFlow(self, stream_id, deliver, accepted=True, idle_timeout=idle_timeout)
         self._flows[stream_id] = flow
-        self.mux.accept_stream(stream_id)
         self.flush_soon()
         return flow
 
@@ -446,7 +446,9 @@ class MuxSession:
             # launched resource's address is not the client's business).
             self.refuse(stream_id, DIAL_REASONS[exc.reason], refusal or str(exc))
             return exc
-        if bridge.ended:   # reset, or the tunnel ended, while we dialled
+        if bridge.ended or not self.mux.is_open(stream_id):
+            # Reset (before or during the dial), or the tunnel ended: drop the socket.
+            self.forget(bridge)
             if bridge.transport is not None:
                 bridge.transport.abort()
             return None
@@ -461,7 +463,11 @@ class MuxSession:
             self.mux.refuse_stream(stream_id, reason, message)
             self.flush_soon()
 
-    def spawn(self, coroutine: Awaitable[None]) -> None:
+    def spawn(self, coroutine: Coroutine[object, object, None]) -> None:
+        """Run a task that lives no longer than the session."""
+        if self.closed.is_set():
+            coroutine.close()
+            return
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)

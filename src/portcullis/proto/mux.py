@@ -916,6 +916,10 @@ class MuxConnection:
         if increment and stream.state in _LOCAL_WINDOW_STATES:
             self._output.append(_frame(_F.WINDOW, stream_id, _U32.pack(increment)))
 
+    def is_open(self, stream_id: int) -> bool:
+        """Whether the stream exists (opened and not yet closed or reset)."""
+        return stream_id in self._streams
+
     def send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         """Send one datagram on an accepted UDP or ICMP stream (not flow-controlled)."""
         self._require_ready()
