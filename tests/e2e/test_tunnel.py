@@ -8,6 +8,7 @@ import ipaddress
 import json
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -560,3 +561,47 @@ def test_signing_out_ends_the_running_tunnel(
                verify=ssl.create_default_context(cafile=str(deployment.ca)))
     assert tunnel.process.popen.wait(15) == 1
     assert "sign in again" in tunnel.process.output()
+
+
+def test_a_policy_reload_applies_to_new_streams_and_keeps_the_tunnel(
+        vpn: Deployment, http_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    home = tmp_path / "alice"
+    login(vpn, "alice", home)
+    tunnel = connect(vpn, start_process, home)
+    url = f"http://127.0.0.1:{http_server.port}/"
+    assert "intranet home" in curl("--socks5-hostname", tunnel.socks, url).stdout
+    # Deny that port from now on, and tell the gateway.
+    text = vpn.config.read_text().replace('name = "no-ssh"', 'name = "no-ssh"\nusers = []')
+    text = text.replace('ports = ["22"]', f'ports = ["22", "{http_server.port}"]')
+    vpn.config.write_text(text)
+    vpn.gateway.popen.send_signal(signal.SIGHUP)  # type: ignore[attr-defined]
+    vpn.gateway.wait_for(r"configuration reloaded")  # type: ignore[attr-defined]
+    refused = curl("--socks5-hostname", tunnel.socks, url)
+    assert refused.returncode == 97
+    assert tunnel.process.popen.poll() is None      # the tunnel itself carried on
+    assert [e for e in audit(vpn) if e["event"] == "tunnel.denied"][-1]["rule"] == "no-ssh"
+
+
+def test_iperf3_runs_through_a_forward(
+        vpn: Deployment, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    from conftest import free_port
+
+    iperf3 = require_program("iperf3")
+    port = free_port()
+    server = start_process("-s", "-p", str(port), program=iperf3, name="iperf3")
+    deadline = time.monotonic() + 10
+    while not subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True,
+                             text=True).stdout.strip():
+        assert time.monotonic() < deadline and server.popen.poll() is None
+        time.sleep(0.05)
+    home = tmp_path / "alice"
+    login(vpn, "alice", home)
+    tunnel = connect(vpn, start_process, home, f"127.0.0.1:0:127.0.0.1:{port}")
+    host, local = tunnel.forwards[0]
+    run = subprocess.run([iperf3, "-c", host, "-p", local, "-n", "100M", "-J"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr
+    result = json.loads(run.stdout)["end"]
+    # iperf3's receiver counts what arrived within its measured interval.
+    assert result["sum_sent"]["bytes"] >= 100 * 1024 * 1024
+    assert result["sum_received"]["bytes"] >= 0.9 * result["sum_sent"]["bytes"]
