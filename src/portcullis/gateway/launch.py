@@ -100,10 +100,8 @@ class LaunchEndpoint:
                                reason=session.end_reason())
 
     async def _redeem(self, session: MuxSession, client: str) -> TicketGrant | None:
-        try:
-            hello = await asyncio.wait_for(asyncio.shield(session.hello),
-                                           self._settings.ticket_wait)
-        except (TimeoutError, ConnectionError):
+        hello = await session.hello_within(self._settings.ticket_wait)
+        if hello is None:
             self._audit.record("launch.refused", client=client, reason="no ticket presented")
             return None
         ticket = hello.get("ticket")

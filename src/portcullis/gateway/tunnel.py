@@ -166,10 +166,8 @@ class TunnelEndpoint:
                 return
 
     async def _authenticate(self, session: MuxSession, client: str) -> Claims | None:
-        try:
-            hello = await asyncio.wait_for(asyncio.shield(session.hello),
-                                           self._settings.hello_wait)
-        except (TimeoutError, ConnectionError):
+        hello = await session.hello_within(self._settings.hello_wait)
+        if hello is None:
             self._audit.record("tunnel.refused", client=client, reason="no session presented")
             return None
         token = hello.get("session")

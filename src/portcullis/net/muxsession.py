@@ -347,6 +347,13 @@ class MuxSession:
             self.mux.send_goaway(reason, message)
         self._end(1000, message)
 
+    async def hello_within(self, seconds: float) -> dict[str, object] | None:
+        """The peer's HELLO, or None if it did not come in time or the tunnel closed."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.hello), seconds)
+        except (TimeoutError, ConnectionError):
+            return None
+
     def bridge(self, stream_id: int, *, accepted: bool) -> StreamBridge:
         bridge = StreamBridge(self, stream_id, accepted=accepted)
         self._streams[stream_id] = bridge
