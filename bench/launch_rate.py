@@ -82,17 +82,18 @@ def _own_cpu() -> float:
 
 
 async def measure(name: str, once: Callable[[], Awaitable[float]], count: int,
-                  servers: dict[str, Process]) -> Run:
-    """Run `once` `count` times (or until TIME_LIMIT), CONCURRENCY at a time."""
+                  servers: dict[str, Process], *, concurrency: int = CONCURRENCY,
+                  time_limit: float = TIME_LIMIT, max_errors: int = MAX_ERRORS) -> Run:
+    """Run `once` `count` times (or until `time_limit`), `concurrency` at a time."""
     latencies: list[float] = []
     errors: list[str] = []
     started_count = 0
-    deadline = time.monotonic() + TIME_LIMIT
+    deadline = time.monotonic() + time_limit
 
     async def worker() -> None:
         nonlocal started_count
         while started_count < count and time.monotonic() < deadline:
-            if len(errors) >= MAX_ERRORS and len(errors) > len(latencies):
+            if len(errors) >= max_errors and len(errors) > len(latencies):
                 return
             started_count += 1
             try:
@@ -102,7 +103,7 @@ async def measure(name: str, once: Callable[[], Awaitable[float]], count: int,
 
     server_before = {key: process.cpu_seconds() for key, process in servers.items()}
     cpu_before, wall_before = _own_cpu(), time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - wall_before
     client_cpu = _own_cpu() - cpu_before
     server_cpu = {key: process.cpu_seconds() - server_before[key]

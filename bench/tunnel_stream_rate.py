@@ -29,7 +29,8 @@ from pathlib import Path
 import uvloop
 
 from bench.deployment import Deployment, Process, api_client, sign_in
-from bench.launch_rate import Run, _own_cpu
+from bench.launch_rate import Run
+from bench.launch_rate import measure as launch_measure
 from bench.peers import start_echo_server
 from bench.report import Report, Table, verdict
 from bench.tunnel_setup import (
@@ -53,32 +54,11 @@ MAX_ERRORS = 50  # stop a run early once this many failed and most attempts fail
 
 async def measure(name: str, once: Callable[[], Awaitable[float]], count: int,
                   servers: dict[str, Process]) -> Run:
-    """Run `once` `count` times (or until TIME_LIMIT), CONCURRENCY at a time."""
-    latencies: list[float] = []
-    errors: list[str] = []
-    started_count = 0
-    deadline = time.monotonic() + TIME_LIMIT
-
-    async def worker() -> None:
-        nonlocal started_count
-        while started_count < count and time.monotonic() < deadline:
-            if len(errors) >= MAX_ERRORS and len(errors) > len(latencies):
-                return
-            started_count += 1
-            try:
-                latencies.append(await once())
-            except Exception as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
-
-    server_before = {key: process.cpu_seconds() for key, process in servers.items()}
-    cpu_before, wall_before = _own_cpu(), time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-    wall = time.perf_counter() - wall_before
-    client_cpu = _own_cpu() - cpu_before
-    server_cpu = {key: process.cpu_seconds() - server_before[key]
-                  for key, process in servers.items()}
-    print(f"  {name:<22} {len(latencies) / wall:8.0f} streams/s", flush=True)
-    return Run(name, latencies, errors, wall, client_cpu, server_cpu)
+    """The launch-rate benchmark's loop, with this benchmark's numbers."""
+    run = await launch_measure(name, once, count, servers, concurrency=CONCURRENCY,
+                               time_limit=TIME_LIMIT, max_errors=MAX_ERRORS)
+    print(f"  {name:<22} {run.rate:8.0f} streams/s", flush=True)
+    return run
 
 
 async def direct_once(port: int) -> float:

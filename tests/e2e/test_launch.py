@@ -4,13 +4,10 @@ clients, real servers (http.server, a TCP echo server) behind the gateway, curl 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import random
 import socket
 import ssl
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import httpx
 import pytest
 
 from conftest import Deployment, Process, require_program, run_cli
+from peers.servers import echo_round_trip
 from portcullis.proto.launchfile import MIME_TYPE, parse_launch_file
 
 PASSWORD = "correct horse battery staple"
@@ -112,31 +110,9 @@ def test_echo_resource_carries_100_mib_intact(
         running: Deployment, client_home: Path, start_process) -> None:  # type: ignore[no-untyped-def]
     login(running)
     _, host, port = start_launch(start_process, "echo")
-    size = 100 * 1024 * 1024
-    block = random.Random(7).randbytes(1024 * 1024)
-    sent = hashlib.sha256()
-    received = hashlib.sha256()
-    count = 0
-    with socket.create_connection((host, port), timeout=60) as sock:
-        def reader() -> None:
-            nonlocal count
-            while count < size:
-                data = sock.recv(1 << 20)
-                if not data:
-                    return
-                received.update(data)
-                count += len(data)
-
-        thread = threading.Thread(target=reader)
-        thread.start()
-        for index in range(size // len(block)):
-            chunk = bytes([index & 0xFF]) + block[1:]
-            sent.update(chunk)
-            sock.sendall(chunk)
-        sock.shutdown(socket.SHUT_WR)
-        thread.join(120)
-    assert count == size
-    assert received.hexdigest() == sent.hexdigest()
+    sent, received, count = echo_round_trip(host, port)
+    assert count == 100 * 1024 * 1024
+    assert received == sent
 
 
 def test_json_api_signs_in_lists_and_downloads_a_launch_file(running: Deployment) -> None:

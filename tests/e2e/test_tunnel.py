@@ -3,7 +3,6 @@ client, curl and real servers on both sides."""
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import random
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Deployment, Process, require_program, run_cli
+from peers.servers import echo_round_trip
 
 PASSWORD = "correct horse battery staple"
 
@@ -168,27 +168,8 @@ def test_a_forward_carries_100_mib_each_way_intact(
     login(vpn, "alice", home)
     tunnel = connect(vpn, start_process, home, f"127.0.0.1:0:127.0.0.1:{echo_server.port}")
     host, port = tunnel.forwards[0]
-    size = 100 * 1024 * 1024
-    block = random.Random(3).randbytes(1 << 20)
-    sent, received, count = hashlib.sha256(), hashlib.sha256(), 0
-    with socket.create_connection((host, int(port)), timeout=60) as sock:
-        def reader() -> None:
-            nonlocal count
-            while count < size:
-                data = sock.recv(1 << 20)
-                if not data:
-                    return
-                received.update(data)
-                count += len(data)
-
-        thread = threading.Thread(target=reader)
-        thread.start()
-        for index in range(size // len(block)):
-            chunk = bytes([index & 0xFF]) + block[1:]
-            sent.update(chunk)
-            sock.sendall(chunk)
-        thread.join(120)
-    assert count == size and received.hexdigest() == sent.hexdigest()
+    sent, received, count = echo_round_trip(host, int(port), seed=3)
+    assert count == 100 * 1024 * 1024 and received == sent
 
 
 def test_an_administrator_ends_a_tunnel_and_the_client_says_so(

@@ -91,3 +91,34 @@ class DnsServer:
     def close(self) -> None:
         self._process.terminate()
         self._process.wait(5)
+
+
+def echo_round_trip(host: str, port: int, size: int = 100 * 1024 * 1024,
+                    seed: int = 7) -> tuple[str, str, int]:
+    """Send `size` bytes to an echo server and read them back at the same time:
+    (sha256 sent, sha256 received, bytes received)."""
+    import hashlib
+    import random
+
+    block = random.Random(seed).randbytes(1 << 20)
+    sent, received = hashlib.sha256(), hashlib.sha256()
+    count = 0
+    with socket.create_connection((host, port), timeout=60) as sock:
+        def reader() -> None:
+            nonlocal count
+            while count < size:
+                data = sock.recv(1 << 20)
+                if not data:
+                    return
+                received.update(data)
+                count += len(data)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        for index in range(size // len(block)):
+            chunk = bytes([index & 0xFF]) + block[1:]   # no two megabytes alike
+            sent.update(chunk)
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        thread.join(120)
+    return sent.hexdigest(), received.hexdigest(), count
