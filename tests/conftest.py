@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from peers.servers import DnsServer, EchoServer, HttpServer
 
 # Real PostgreSQL / Redis backends for every store-backed test.
-pytest_plugins = ("peers.stores",)
+pytest_plugins = ("peers.stores", "peers.ldap", "peers.radius")
 
 PORTCULLIS = str(Path(sys.executable).parent / "portcullis")
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"

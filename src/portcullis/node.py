@@ -38,9 +38,10 @@ from portcullis.gateway.tunnel import PATH as TUNNEL_PATH
 from portcullis.gateway.tunnel import TunnelEndpoint
 from portcullis.gateway.upgrade import websocket_protocol_class
 from portcullis.identity.accounts import AccountStatus
-from portcullis.identity.factors.local import LocalPasswordFactor
-from portcullis.identity.flow import LoginFlow, LoginService
+from portcullis.identity.flow import LoginService
+from portcullis.identity.providers import IdentityProviders, client_ca_path
 from portcullis.identity.sessions import SessionManager
+from portcullis.identity.throttle import Throttle
 from portcullis.net.dialer import DirectDialer
 from portcullis.net.tls import client_context, server_context
 from portcullis.net.websocket import MAX_WEBSOCKET_MESSAGE, Opened
@@ -52,6 +53,7 @@ from portcullis.sta.authority import TicketAuthority
 from portcullis.sta.client import RemoteTicketAuthority, TicketAuthorities, TicketIssuer
 from portcullis.store import DurableStore, EphemeralStore, open_ephemeral
 from portcullis.tokens import TokenHasher
+from portcullis.web.client_certificate import ClientCertificateHttp
 from portcullis.web.roles import role_checked_http
 from portcullis.web.security import SecurityMiddleware
 
@@ -190,12 +192,14 @@ class Node:
     def _portal_role(self, hasher: TokenHasher, sessions: SessionManager,
                      authorities: TicketIssuer) -> Starlette:
         settings = self.settings
-        flow = LoginFlow("default", [LocalPasswordFactor(self.durable)])
-        login = LoginService(flow, self.ephemeral, hasher, sessions, settings.session,
-                             self.audit)
+        providers = IdentityProviders(settings, self.durable, self.ephemeral, hasher)
+        login = LoginService(providers.flow(), self.ephemeral, hasher, sessions,
+                             settings.session, self.audit,
+                             Throttle(self.ephemeral, settings.auth.throttle))
         portal_app = create_portal_app(PortalDeps(
             settings=settings, sessions=sessions, login=login, authorities=authorities,
-            hasher=hasher, durable=self.durable, ephemeral=self.ephemeral, audit=self.audit))
+            hasher=hasher, durable=self.durable, ephemeral=self.ephemeral, audit=self.audit,
+            forwarded_certificates="gateway" not in self.roles))
         if "gateway" not in self.roles:
             host, port = parse_host_port(settings.portal.listen)
             # Alone, the portal is reached only through gateways (mutual TLS), whose
@@ -232,9 +236,11 @@ class Node:
             methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
             routes.append(Route("/{path:path}", proxy.forward, methods=methods))
         host, port = parse_host_port(settings.gateway.listen)
+        cert, key = settings.role_cert("gateway")
+        # Browsers are asked for a certificate only when flows can use one.
+        tls = server_context(cert, key, client_ca_file=client_ca_path(settings))
         self.listeners.append(Listener(
-            "gateway", host, port, self._secure(Starlette(routes=routes)),
-            self.role_tls_server("gateway", require_client_cert=False)))
+            "gateway", host, port, self._secure(Starlette(routes=routes)), tls))
 
     def _secure(self, app: ASGIApp) -> ASGIApp:
         limits = self.settings.limits
@@ -246,7 +252,7 @@ class Node:
         websocket: Any = (websocket_protocol_class(self.websocket_endpoints)
                           if listener.role == "gateway" else "none")
         http: Any = (role_checked_http(listener.client_roles, listener.role, self.audit)
-                     if listener.client_roles else "httptools")
+                     if listener.client_roles else ClientCertificateHttp)
         return uvicorn.Config(
             listener.app, host=listener.host, port=listener.port,
             ssl_certfile="unused", ssl_context_factory=lambda config, default: listener.tls,

@@ -50,6 +50,11 @@ class TokenHasher:
         message = namespace.encode() + b"\0" + token.encode()
         return hmac.new(self._key, message, hashlib.sha256).hexdigest()
 
+    def derived_key(self, purpose: str) -> bytes:
+        """A 256-bit key for one purpose (HMAC as a PRF), so every node that has the token
+        key has it too, and no two purposes share a key."""
+        return hmac.new(self._key, b"derive\0" + purpose.encode(), hashlib.sha256).digest()
+
     @classmethod
     def create_key_file(cls, directory: Path) -> Path:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -8,15 +8,18 @@ import pytest
 
 from peers.stores import FakeClock
 from portcullis.audit import AuditTrail
+from portcullis.config.auth import Flow, FlowStep, ThrottleSettings
 from portcullis.config.model import SessionSettings
 from portcullis.errors import AuthError
 from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.claims import Claims
+from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.local import LocalPasswordFactor
 from portcullis.identity.flow import Authenticated, Denied, LoginFlow, LoginService, NextStep
 from portcullis.identity.names import canonical_username
 from portcullis.identity.passwords import hash_password, verify_password
 from portcullis.identity.sessions import SessionManager
+from portcullis.identity.throttle import Throttle
 from portcullis.store import DurableStore, EphemeralStore
 from portcullis.tokens import TokenHasher
 
@@ -44,12 +47,25 @@ def sessions(ephemeral_store: EphemeralStore, durable: DurableStore,
                           clock=wall)
 
 
+def login_service(flow: LoginFlow, ephemeral_store: EphemeralStore, sessions: SessionManager,
+                  tmp_path: Path) -> LoginService:
+    return LoginService(flow, ephemeral_store, TokenHasher(b"s" * 32), sessions, SETTINGS,
+                        AuditTrail(tmp_path / "audit.jsonl"),
+                        Throttle(ephemeral_store, ThrottleSettings()))
+
+
+def local_flow(durable: DurableStore, steps: int = 1) -> LoginFlow:
+    definition = Flow(name="default", steps=[FlowStep(provider="local")] * steps)
+    return LoginFlow(definition, "local", {"local": LocalPasswordFactor("local", durable)})
+
+
 @pytest.fixture
 def login(ephemeral_store: EphemeralStore, durable: DurableStore, sessions: SessionManager,
           tmp_path: Path) -> LoginService:
-    flow = LoginFlow("default", [LocalPasswordFactor(durable)])
-    return LoginService(flow, ephemeral_store, TokenHasher(b"s" * 32), sessions, SETTINGS,
-                        AuditTrail(tmp_path / "audit.jsonl"))
+    return login_service(local_flow(durable), ephemeral_store, sessions, tmp_path)
+
+
+CLIENT = LoginContext("192.0.2.1")
 
 
 @pytest.mark.parametrize("variant", ["Alice", " alice ", "ＡＬＩＣＥ", "ALICE\u00a0"])
@@ -72,29 +88,30 @@ def test_password_hashes_are_argon2id_and_verify() -> None:
 
 async def test_login_begins_with_a_step_then_answers_yield_a_session(
         login: LoginService, sessions: SessionManager) -> None:
-    begun = await login.begin()
-    assert begun.step.kind == "password"
+    begun = await login.begin(CLIENT)
+    assert isinstance(begun, NextStep) and begun.step.kind == "password"
     result = await login.submit(begun.handle, {"username": " ALICE", "password": "secret"},
-                                "192.0.2.1")
+                                CLIENT)
     assert isinstance(result, Authenticated)
     session = await sessions.validate(result.token)
     assert session is not None
     assert session.claims.username == "alice" and session.claims.groups == ("staff",)
-    assert session.claims.amr == ("password",)
+    assert session.claims.amr == ("local",) and session.claims.sub == "local:alice"
 
 
 async def test_a_login_handle_cannot_be_replayed_after_failure(login: LoginService) -> None:
-    begun = await login.begin()
-    failed = await login.submit(begun.handle, {"username": "alice", "password": "x"}, "c")
+    begun = await login.begin(CLIENT)
+    assert isinstance(begun, NextStep)
+    failed = await login.submit(begun.handle, {"username": "alice", "password": "x"}, CLIENT)
     assert isinstance(failed, Denied)
-    again = await login.submit(begun.handle, {"username": "alice", "password": "secret"}, "c")
+    again = await login.submit(begun.handle, {"username": "alice", "password": "secret"}, CLIENT)
     assert isinstance(again, Denied)
 
 
 async def test_disabled_user_cannot_sign_in(login: LoginService,
                                             durable: DurableStore) -> None:
     await durable.set_disabled("alice", True)
-    result = await login.submit(None, {"username": "alice", "password": "secret"}, "c")
+    result = await login.submit(None, {"username": "alice", "password": "secret"}, CLIENT)
     assert isinstance(result, Denied)
 
 
@@ -118,7 +135,7 @@ async def test_session_ends_after_idle_timeout(durable: DurableStore, wall: Fake
 
 async def test_session_ends_at_absolute_timeout_despite_use(
         sessions: SessionManager, login: LoginService, wall: FakeClock) -> None:
-    result = await login.submit(None, {"username": "alice", "password": "secret"}, "c")
+    result = await login.submit(None, {"username": "alice", "password": "secret"}, CLIENT)
     assert isinstance(result, Authenticated)
     wall.now += 601
     assert await sessions.validate(result.token) is None
@@ -126,7 +143,7 @@ async def test_session_ends_at_absolute_timeout_despite_use(
 
 async def test_disabling_a_user_invalidates_their_sessions(
         sessions: SessionManager, login: LoginService, durable: DurableStore) -> None:
-    result = await login.submit(None, {"username": "alice", "password": "secret"}, "c")
+    result = await login.submit(None, {"username": "alice", "password": "secret"}, CLIENT)
     assert isinstance(result, Authenticated)
     await durable.set_disabled("alice", True)
     assert await sessions.validate(result.token) is None
@@ -134,7 +151,7 @@ async def test_disabling_a_user_invalidates_their_sessions(
 
 async def test_session_store_holds_no_usable_token(
         sessions: SessionManager, login: LoginService, ephemeral_store) -> None:  # type: ignore[no-untyped-def]
-    result = await login.submit(None, {"username": "alice", "password": "secret"}, "c")
+    result = await login.submit(None, {"username": "alice", "password": "secret"}, CLIENT)
     assert isinstance(result, Authenticated)
     assert await ephemeral_store.get(f"session:{result.token}") is None
     assert result.session.handle != result.token
@@ -143,29 +160,29 @@ async def test_session_store_holds_no_usable_token(
 
 async def test_next_step_is_returned_while_factors_remain(
         ephemeral_store, durable, sessions, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    factor = LocalPasswordFactor(durable)
-    flow = LoginFlow("twice", [factor, factor])
-    service = LoginService(flow, ephemeral_store, TokenHasher(b"s" * 32), sessions, SETTINGS,
-                           AuditTrail(tmp_path / "a.jsonl"))
-    first = await service.submit(None, {"username": "alice", "password": "secret"}, "c")
+    service = login_service(local_flow(durable, 2), ephemeral_store, sessions, tmp_path)
+    first = await service.submit(None, {"username": "alice", "password": "secret"}, CLIENT)
     assert isinstance(first, NextStep)
-    second = await service.submit(first.handle, {"username": "alice", "password": "secret"},
-                                  "c")
+    # The second step knows the user: it asks only for the password.
+    assert [prompt.name for prompt in first.step.prompts] == ["password"]
+    second = await service.submit(first.handle, {"password": "secret"}, CLIENT)
     assert isinstance(second, Authenticated)
-    assert second.session.claims.amr == ("password", "password")
+    assert second.session.claims.amr == ("local", "local")
 
 
 async def test_account_status_is_remembered_for_its_ttl_then_asked_again(
         durable: DurableStore) -> None:
     clock = FakeClock()
     accounts = AccountStatus(durable, ttl=1.0, clock=clock)
-    assert await accounts.is_active("alice")
+    assert (await accounts.state("alice")).active
     await durable.set_disabled("alice", True)
     clock.now += 0.5
-    assert await accounts.is_active("alice")      # still the remembered answer
+    assert (await accounts.state("alice")).active      # still the remembered answer
     clock.now += 0.6
-    assert not await accounts.is_active("alice")  # asked again after the TTL
-    assert not await accounts.is_active("nobody")
+    assert not (await accounts.state("alice")).active  # asked again after the TTL
+    nobody = await accounts.state("nobody")
+    # No local account: a local session is void, a directory user's is not blocked.
+    assert not nobody.admits("local") and nobody.admits("corp")
 
 
 async def test_re_enabling_a_user_does_not_revive_sessions_from_before_the_disable(

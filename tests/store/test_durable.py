@@ -145,7 +145,7 @@ async def test_changing_an_unknown_user_raises_not_found_error(
     assert await durable_store.list_users() == []
 
 
-async def test_disabled_among_names_the_disabled_and_the_vanished_users(
+async def test_disabled_among_names_only_disabled_local_accounts(
     durable_store: DurableStore,
 ) -> None:
     await durable_store.add_user("alice", "h")
@@ -153,9 +153,9 @@ async def test_disabled_among_names_the_disabled_and_the_vanished_users(
     await durable_store.add_user("carol", "h")
     await durable_store.set_disabled("bob", True)
 
-    assert await durable_store.disabled_among(["alice", "bob", "carol", "deleted"]) == {
-        "bob",
-        "deleted",
+    # "directory-user" has no local account: nothing here says it must go.
+    assert await durable_store.disabled_among(["alice", "bob", "carol", "directory-user"]) == {
+        "bob"
     }
 
 
@@ -166,10 +166,11 @@ async def test_disabled_among_no_names_is_empty(durable_store: DurableStore) -> 
 async def test_disabled_among_handles_more_names_than_one_query_takes(
     durable_store: DurableStore,
 ) -> None:
-    await durable_store.add_user("alice", "h")
-    names = ["alice", *(f"gone-{i}" for i in range(1200))]
-    disabled = await durable_store.disabled_among(names)
-    assert len(disabled) == 1200 and "alice" not in disabled
+    for name in ("alice", "zed"):
+        await durable_store.add_user(name, "h")
+        await durable_store.set_disabled(name, True)
+    names = ["alice", *(f"other-{i}" for i in range(1200)), "zed"]
+    assert await durable_store.disabled_among(names) == {"alice", "zed"}
 
 
 async def test_concurrent_writers_do_not_fail(durable_store: DurableStore) -> None:

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from portcullis.config.auth import AuthSettings
 from portcullis.errors import AuthError
 from portcullis.identity.names import canonical_username
 from portcullis.policy.model import PolicyRule, check_unique_names
@@ -238,6 +239,7 @@ class Settings(Section):
     log: LogSettings = Field(default_factory=LogSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     vpn: VpnSettings = Field(default_factory=VpnSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     # Members of these groups may use the administration API (sessions list/kill).
     admin_groups: list[str] = Field(default_factory=lambda: ["admins"])
     secrets_dir: str = "secrets"

@@ -114,7 +114,9 @@ class LaunchEndpoint:
             self._audit.record("launch.refused", client=client, ticket=mask(ticket),
                                reason=str(exc))
             return None
-        if not await self._accounts.is_active(grant.user):
+        # The ticket was issued to a valid session moments ago; only a local account
+        # disabled since then stops it here.
+        if await self._accounts.is_disabled(grant.user):
             self._audit.record("launch.refused", client=client, user=grant.user,
                                reason="account disabled")
             return None

@@ -10,12 +10,15 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 
+from portcullis.web.client_certificate import FORWARDED_HEADER, forwarded_value
+
 # Never passed on: hop-by-hop headers, what httpx has already decoded, and every
 # forwarding header a client could forge (the gateway sets its own).
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
               b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length",
               b"content-encoding", b"x-forwarded-for", b"x-forwarded-proto",
-              b"x-forwarded-host", b"x-forwarded-port", b"forwarded", b"x-real-ip"}
+              b"x-forwarded-host", b"x-forwarded-port", b"forwarded", b"x-real-ip",
+              FORWARDED_HEADER}
 
 
 class PortalProxy:
@@ -28,6 +31,9 @@ class PortalProxy:
                    if name.lower() not in HOP_BY_HOP]
         client = request.client.host if request.client else "unknown"
         headers += [(b"x-forwarded-for", client.encode()), (b"x-forwarded-proto", b"https")]
+        certificate = forwarded_value(dict(request.scope))
+        if certificate is not None:
+            headers.append((FORWARDED_HEADER, certificate))
         try:
             upstream = await self._http.request(
                 request.method, request.url.path, params=request.url.query or None,

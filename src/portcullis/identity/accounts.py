@@ -19,12 +19,26 @@ MAX_CACHED = 100_000
 
 @dataclass(frozen=True)
 class AccountState:
-    active: bool
+    """What the local account store says about a name. Directory users usually have no
+    local account; one that exists and is disabled blocks them too, so an administrator
+    can shut out a directory user without touching the directory."""
+
+    exists: bool
+    disabled: bool = False
     # Sessions created before this (seconds since the epoch) are void.
     sessions_valid_after: float = 0.0
 
+    @property
+    def active(self) -> bool:
+        return self.exists and not self.disabled
 
-INACTIVE = AccountState(active=False)
+    def admits(self, realm: str) -> bool:
+        """May a session of `realm` for this name go on? Local sessions need the account."""
+        return self.active if realm == LOCAL_REALM else not self.disabled
+
+
+LOCAL_REALM = "local"
+UNKNOWN = AccountState(exists=False)
 
 
 class AccountStatus:
@@ -41,15 +55,16 @@ class AccountStatus:
         if known is not None and known[1] > now:
             return known[0]
         user = await self._durable.get_user(username)
-        if user is None or user.disabled:
-            state = INACTIVE
+        if user is None:
+            state = UNKNOWN
         else:
             after = user.sessions_valid_after
-            state = AccountState(True, after.timestamp() if after is not None else 0.0)
+            state = AccountState(True, user.disabled,
+                                 after.timestamp() if after is not None else 0.0)
         if len(self._known) >= MAX_CACHED:
             self._known.clear()
         self._known[username] = (state, now + self._ttl)
         return state
 
-    async def is_active(self, username: str) -> bool:
-        return (await self.state(username)).active
+    async def is_disabled(self, username: str) -> bool:
+        return (await self.state(username)).disabled

@@ -1,28 +1,70 @@
-"""The one normalised claim set every provider's answer becomes, kept with the session."""
+"""The one normalised claim set every provider's answer becomes, kept with the session.
+
+Each provider reports what it knows as `Attributes`; the broker (`merge`) folds them in
+the order the factors passed: groups accumulate, and a value a provider did not know is
+filled by a later one. The user name and subject are fixed by the flow, never by a
+provider's attribute, so a later factor cannot change who signed in.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 
 @dataclass(frozen=True)
+class Attributes:
+    """What one provider says about the user."""
+
+    groups: tuple[str, ...] = ()
+    display_name: str | None = None
+    email: str | None = None
+    upn: str | None = None
+    sid: str | None = None
+    guid: str | None = None
+    certificate: str | None = None       # the client certificate's subject
+
+    def merge(self, later: Attributes) -> Attributes:
+        filled = {f.name: getattr(self, f.name) or getattr(later, f.name)
+                  for f in fields(self) if f.name != "groups"}
+        return replace(self, groups=tuple(dict.fromkeys(self.groups + later.groups)), **filled)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Attributes:
+        return cls(**{**data, "groups": tuple(data.get("groups", ()))})
+
+
+@dataclass(frozen=True)
 class Claims:
-    sub: str
+    sub: str                          # realm:username, unique across providers
     username: str
     groups: tuple[str, ...] = ()
-    idp: str = "local"
-    amr: tuple[str, ...] = ()
+    idp: str = "local"                # the realm: the provider whose namespace the name is in
+    amr: tuple[str, ...] = ()         # the providers passed, in order
     auth_time: float = field(default_factory=time.time)
     display_name: str | None = None
     email: str | None = None
     upn: str | None = None
+    sid: str | None = None
+    guid: str | None = None
+    certificate: str | None = None
+
+    @classmethod
+    def build(cls, realm: str, username: str, attributes: Attributes,
+              amr: tuple[str, ...], auth_time: float) -> Claims:
+        return cls(sub=f"{realm}:{username}", username=username, idp=realm, amr=amr,
+                   auth_time=auth_time, **attributes.to_json())
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Claims:
-        return cls(**{**data, "groups": tuple(data.get("groups", ())),
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in data.items() if k in known},
+                      "groups": tuple(data.get("groups", ())),
                       "amr": tuple(data.get("amr", ()))})

@@ -1,27 +1,45 @@
 """Login as a sequence of steps: each answer yields the next step or a session.
 
-A flow is data (an ordered list of factors) and its state is a small serialisable
-record kept in the ephemeral store between requests, so any gateway node can take the
-next step. The JSON API, the portal pages and the CLI are three drivers of this one
-flow. Failure reasons go to the audit trail only; the client is told "denied".
+A flow (`[[auth.flows]]`) is a list of steps, each a factor with an optional condition.
+Which step comes next is a pure decision (`next_step`) over the flow, what the flow has
+learned so far and the client's context; `LoginService` is the shell that runs factors,
+keeps the flow's state in the ephemeral store between requests (so any gateway node can
+take the next step), counts failures and makes the session. The JSON API, the portal
+pages, the CLI and `auth test` are four drivers of this one flow.
+
+Rules that make a flow hard to game:
+- the user name is fixed by the first factor that names the user, in canonical form;
+  later factors use it and never ask again, so a variant spelling cannot skip a factor;
+- failures are counted against realm:user and the client address before any verdict;
+- a factor that runs before anyone is authenticated (TOTP first) fails *late*: the flow
+  goes on and denies at the end, so its answer tells nothing about the account;
+- a step that cannot run yet (TOTP enrolment before a password proved who it is) is
+  deferred to the end;
+- the client is told "denied"; the reason goes to the audit trail.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from portcullis.audit import AuditTrail
+from portcullis.config.auth import Flow
 from portcullis.config.model import SessionSettings
-from portcullis.identity.claims import Claims
+from portcullis.identity.claims import Attributes, Claims
+from portcullis.identity.conditions import Facts, LoginContext, evaluate
 from portcullis.identity.sessions import Session, SessionManager
+from portcullis.identity.throttle import Throttle
 from portcullis.store import EphemeralStore
 from portcullis.tokens import TokenHasher, mask, new_token
 
 NAMESPACE = "login"
 MAX_ANSWER = 1024
+# A flow has a handful of steps; this bounds challenge rounds and enrolment retries too.
+MAX_ROUNDS = 16
 
 
 @dataclass(frozen=True)
@@ -36,21 +54,40 @@ class Step:
     kind: str
     title: str
     prompts: tuple[Prompt, ...]
+    message: str | None = None
+    # Only for TOTP enrolment: the otpauth URI, its QR code (SVG and terminal text)
+    # and the recovery codes, shown this once.
+    enrolment: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, object]:
-        return {"kind": self.kind, "title": self.title,
-                "prompts": [asdict(prompt) for prompt in self.prompts]}
+        body: dict[str, object] = {"kind": self.kind, "title": self.title,
+                                   "prompts": [asdict(prompt) for prompt in self.prompts]}
+        if self.message:
+            body["message"] = self.message
+        if self.enrolment:
+            body["enrolment"] = dict(self.enrolment)
+        return body
 
 
 @dataclass
 class FlowState:
-    """What a flow knows between steps; stored as JSON, never holds a secret answer."""
+    """What a flow knows between steps; stored as JSON, never holds a secret answer
+    (a pending TOTP secret is kept encrypted by its factor)."""
 
     flow: str
-    position: int = 0
+    current: int = 0                  # the step whose answers are awaited
     username: str | None = None
-    claims: dict[str, object] | None = None
-    amr: list[str] = field(default_factory=list)
+    attributes: dict[str, Any] = field(default_factory=dict)
+    passed: list[str] = field(default_factory=list)
+    deferred: list[int] = field(default_factory=list)
+    failure: str | None = None        # a late failure: denied when the flow ends
+    data: dict[str, str] = field(default_factory=dict)   # the current factor's scratch
+    rounds: int = 0
+    started: float = field(default_factory=time.time)
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return tuple(self.attributes.get("groups", ()))
 
 
 @dataclass(frozen=True)
@@ -58,15 +95,33 @@ class FactorOutcome:
     ok: bool
     reason: str                       # for the audit trail only
     username: str | None = None
-    claims: Claims | None = None
+    attributes: Attributes | None = None
+    again: bool = False               # the same factor asks again (challenge, enrolment)
+    defer: bool = False               # not now: run this step after the others
+    late: bool = False                # on failure, go on and deny at the end
+    unavailable: bool = False         # the provider could not answer: not the user's fault
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One answer being checked: the client, and the gate a factor must pass the user
+    through once it knows who they are and before it checks any credential."""
+
+    context: LoginContext
+    # False: the account is locked; the factor must refuse without verifying anything.
+    admit: Callable[[str], Awaitable[bool]]
 
 
 class Factor(Protocol):
+    name: str                         # the provider's name in the configuration
     kind: str
+    # Whether it can tell who the user is (TOTP can only confirm someone named).
+    primary: bool
 
-    def step(self, state: FlowState) -> Step: ...
+    async def step(self, state: FlowState, context: LoginContext) -> Step: ...
 
-    async def verify(self, state: FlowState, answers: Mapping[str, str]) -> FactorOutcome: ...
+    async def verify(self, state: FlowState, answers: Mapping[str, str],
+                     attempt: Attempt) -> FactorOutcome: ...
 
 
 @dataclass(frozen=True)
@@ -89,68 +144,201 @@ class Denied:
 LoginResult = NextStep | Authenticated | Denied
 
 
+@dataclass(frozen=True)
 class LoginFlow:
-    def __init__(self, name: str, factors: Sequence[Factor]) -> None:
-        if not factors:
-            raise ValueError("a login flow needs at least one factor")
-        self.name = name
-        self.factors = tuple(factors)
+    definition: Flow
+    realm: str
+    factors: Mapping[str, Factor]
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+
+@dataclass(frozen=True)
+class StepChoice:
+    index: int | None                 # None: no step left
+    skipped: tuple[tuple[str, str], ...]   # (provider, why) for steps passed over
+
+
+def facts_of(state: FlowState, context: LoginContext) -> Facts:
+    return Facts(context, state.username,
+                 frozenset(group.casefold() for group in state.groups),
+                 frozenset(state.passed))
+
+
+def next_step(flow: Flow, start: int, state: FlowState, context: LoginContext) -> StepChoice:
+    """The first step at or after `start` whose condition holds now (pure)."""
+    skipped: list[tuple[str, str]] = []
+    facts = facts_of(state, context)
+    for index in range(start, len(flow.steps)):
+        step = flow.steps[index]
+        verdict = evaluate(step.when, facts)
+        if verdict.holds:
+            return StepChoice(index, tuple(skipped))
+        skipped.append((step.provider, verdict.reason))
+    return StepChoice(None, tuple(skipped))
 
 
 class LoginService:
     def __init__(self, flow: LoginFlow, ephemeral: EphemeralStore, hasher: TokenHasher,
-                 sessions: SessionManager, settings: SessionSettings, audit: AuditTrail) -> None:
-        self._flow = flow
+                 sessions: SessionManager, settings: SessionSettings, audit: AuditTrail,
+                 throttle: Throttle) -> None:
+        self.flow = flow
         self._ephemeral = ephemeral
         self._hasher = hasher
         self._sessions = sessions
         self._settings = settings
         self._audit = audit
+        self._throttle = throttle
 
-    async def begin(self) -> NextStep:
-        state = FlowState(flow=self._flow.name)
-        handle = new_token()
-        await self._save(handle, state)
-        return NextStep(handle, self._flow.factors[0].step(state))
+    async def begin(self, context: LoginContext) -> LoginResult:
+        state = FlowState(flow=self.flow.name)
+        choice = next_step(self.flow.definition, 0, state, context)
+        if choice.index is None:
+            # Validation guarantees a primary step, but a condition may exclude them all.
+            self._audit.record("login.failed", reason="no step of the flow applies",
+                               flow=self.flow.name, client=context.client_address)
+            return Denied()
+        state.current = choice.index
+        return await self._ask(new_token(), state, context)
 
     async def submit(self, handle: str | None, answers: Mapping[str, str],
-                     client_address: str) -> LoginResult:
+                     context: LoginContext) -> LoginResult:
         """Answer the current step. Without a handle, the answers are for the first step."""
+        client = context.client_address
+        if await self._throttle.address_refused(client):
+            self._audit.record("login.throttled", client=client,
+                               reason="too many failures from this address")
+            return Denied()
         if handle is None:
-            state: FlowState | None = FlowState(flow=self._flow.name)
-            handle = new_token()
-        else:
-            state = await self._load(handle)
+            begun = await self.begin(context)
+            if not isinstance(begun, NextStep):
+                return begun
+            handle = begun.handle
+        state = await self._load(handle)
         if state is None:
             self._audit.record("login.failed", reason="unknown or expired login handle",
-                               handle=mask(handle), client=client_address)
+                               handle=mask(handle), client=client)
             return Denied()
+        return await self._answer(handle, state, answers, context)
+
+    async def _answer(self, handle: str, state: FlowState, answers: Mapping[str, str],
+                      context: LoginContext) -> LoginResult:
+        client = context.client_address
         if any(len(value) > MAX_ANSWER for value in answers.values()):
-            self._audit.record("login.failed", reason="oversized answer", client=client_address)
-            await self._ephemeral.delete(self._key(handle))
-            return Denied()
-        factor = self._flow.factors[state.position]
-        outcome = await factor.verify(state, answers)
+            return await self._deny(handle, state, "oversized answer", context, None)
+        state.rounds += 1
+        if state.rounds > MAX_ROUNDS:
+            return await self._deny(handle, state, "too many rounds", context, None)
+        factor = self._factor(state)
+        locked: list[str] = []
+
+        async def admit(username: str) -> bool:
+            if (await self._throttle.account(self._identity(username))).locked:
+                locked.append(username)
+                return False
+            return True
+
+        outcome = await factor.verify(state, answers, Attempt(context, admit))
+        username = state.username or outcome.username
+        if locked:
+            # Refused unverified: a locked account must not keep a directory busy, and
+            # attempts while locked do not lengthen the lock.
+            return await self._deny(handle, state, "account locked", context, factor,
+                                    username=locked[0], count=False)
+        if outcome.again:
+            self._audit.record("login.factor_retry", user=username, factor=factor.name,
+                               reason=outcome.reason, client=client)
+            return await self._ask(handle, state, context)
         if not outcome.ok:
-            await self._ephemeral.delete(self._key(handle))
-            self._audit.record("login.failed", user=outcome.username or state.username,
-                               factor=factor.kind, reason=outcome.reason, client=client_address)
-            return Denied()
-        state.position += 1
-        state.amr.append(factor.kind)
-        state.username = outcome.username or state.username
-        if outcome.claims is not None:
-            state.claims = outcome.claims.to_json()
-        if state.position < len(self._flow.factors):
-            await self._save(handle, state)
-            return NextStep(handle, self._flow.factors[state.position].step(state))
+            if outcome.late and not self._primary_passed(state):
+                lock = await self._throttle.failed(
+                    self._identity(username) if username else None, client)
+                state.failure = state.failure or f"{factor.name}: {outcome.reason}"
+                state.username = username
+                self._audit.record("login.factor_failed", user=username, factor=factor.name,
+                                   reason=outcome.reason, client=client,
+                                   locked=lock.locked if lock else None)
+                return await self._advance(handle, state, context)
+            return await self._deny(handle, state, outcome.reason, context, factor,
+                                    username=username, count=not outcome.unavailable)
+        if outcome.defer:
+            state.deferred.append(state.current)
+            state.username = username
+            return await self._advance(handle, state, context)
+        if state.username is not None and outcome.username not in (None, state.username):
+            return await self._deny(
+                handle, state, f"{factor.name} named another user ({outcome.username})",
+                context, factor, username=state.username)
+        state.username = username
+        state.passed.append(factor.name)
+        if outcome.attributes is not None:
+            merged = Attributes.from_json(state.attributes).merge(outcome.attributes)
+            state.attributes = merged.to_json()
+        self._audit.record("login.factor_passed", user=state.username, factor=factor.name,
+                           client=client)
+        return await self._advance(handle, state, context)
+
+    async def _advance(self, handle: str, state: FlowState, context: LoginContext) -> LoginResult:
+        state.data = {}
+        choice = next_step(self.flow.definition, state.current + 1, state, context)
+        for provider, why in choice.skipped:
+            self._audit.record("login.step_skipped", user=state.username, factor=provider,
+                               reason=why, client=context.client_address)
+        index = choice.index
+        if index is None and state.deferred:
+            index = state.deferred.pop(0)
+        if index is not None:
+            state.current = index
+            return await self._ask(handle, state, context)
+        if state.failure is not None:
+            return await self._deny(handle, state, state.failure, context, None,
+                                    username=state.username, count=False)
+        if state.username is None or not self._primary_passed(state):
+            return await self._deny(handle, state, "no factor established the user",
+                                    context, None, count=False)
         await self._ephemeral.delete(self._key(handle))
-        assert state.claims is not None, "the last factor of a flow must establish claims"
-        claims = Claims.from_json({**state.claims, "amr": state.amr})
-        token, session = await self._sessions.create(claims, client_address)
-        self._audit.record("login.succeeded", user=claims.username, factors=state.amr,
-                           client=client_address, session=session.handle[:12])
+        await self._throttle.succeeded(self._identity(state.username))
+        claims = Claims.build(self.flow.realm, state.username,
+                              Attributes.from_json(state.attributes), tuple(state.passed),
+                              time.time())
+        token, session = await self._sessions.create(claims, context.client_address)
+        self._audit.record("login.succeeded", user=claims.username, realm=claims.idp,
+                           flow=self.flow.name, factors=list(claims.amr),
+                           client=context.client_address, session=session.handle[:12])
         return Authenticated(token, session)
+
+    async def _ask(self, handle: str, state: FlowState, context: LoginContext) -> LoginResult:
+        # The step first: a factor may note what it showed (a pending enrolment).
+        step = await self._factor(state).step(state, context)
+        if not step.prompts:
+            # Nothing to ask (a client certificate): verify now, no round trip.
+            return await self._answer(handle, state, {}, context)
+        await self._save(handle, state)
+        return NextStep(handle, step)
+
+    async def _deny(self, handle: str, state: FlowState, reason: str, context: LoginContext,
+                    factor: Factor | None, *, username: str | None = None,
+                    count: bool = True) -> Denied:
+        await self._ephemeral.delete(self._key(handle))
+        user = username or state.username
+        lock = (await self._throttle.failed(self._identity(user) if user else None,
+                                            context.client_address) if count else None)
+        self._audit.record("login.failed", user=user, flow=self.flow.name,
+                           factor=factor.name if factor else None, reason=reason,
+                           client=context.client_address,
+                           locked=lock.locked if lock else None)
+        return Denied()
+
+    def _factor(self, state: FlowState) -> Factor:
+        return self.flow.factors[self.flow.definition.steps[state.current].provider]
+
+    def _primary_passed(self, state: FlowState) -> bool:
+        return any(self.flow.factors[name].primary for name in state.passed)
+
+    def _identity(self, username: str) -> str:
+        return f"{self.flow.realm}:{username}"
 
     def _key(self, handle: str) -> str:
         return f"login:{self._hasher.digest(NAMESPACE, handle)}"
@@ -163,4 +351,7 @@ class LoginService:
         if len(handle) > 256:
             return None
         raw = await self._ephemeral.get(self._key(handle))
-        return FlowState(**json.loads(raw)) if raw is not None else None
+        if raw is None:
+            return None
+        state = FlowState(**json.loads(raw))
+        return state if state.flow == self.flow.name else None

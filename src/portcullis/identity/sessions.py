@@ -66,7 +66,7 @@ class SessionManager:
                           record["created_at"])
         remaining = session.created_at + self._settings.absolute_timeout - self._clock()
         account = await self._accounts.state(session.username)
-        if (remaining <= 0 or not account.active
+        if (remaining <= 0 or not account.admits(session.claims.idp)
                 or session.created_at < account.sessions_valid_after):
             await self._ephemeral.delete(f"session:{handle}")
             return None

@@ -27,8 +27,9 @@ from starlette.templating import Jinja2Templates
 
 from portcullis.audit import AuditTrail
 from portcullis.config.model import Settings
-from portcullis.errors import StoreError, TicketError
-from portcullis.identity.flow import Authenticated, LoginService, NextStep
+from portcullis.errors import PKIError, StoreError, TicketError
+from portcullis.identity.conditions import LoginContext
+from portcullis.identity.flow import Authenticated, Denied, LoginResult, LoginService, NextStep
 from portcullis.identity.sessions import Session, SessionManager
 from portcullis.net.websocket import websocket_url
 from portcullis.portal.broker import authorize_launch, visible_resources
@@ -37,6 +38,7 @@ from portcullis.sta.authority import TicketRequest
 from portcullis.sta.client import TicketIssuer
 from portcullis.store import DurableStore, EphemeralStore
 from portcullis.tokens import TokenHasher
+from portcullis.web.client_certificate import certificate_forwarded, certificate_in_scope
 
 log = structlog.get_logger("portcullis.portal")
 
@@ -55,6 +57,8 @@ class PortalDeps:
     durable: DurableStore
     ephemeral: EphemeralStore
     audit: AuditTrail
+    # The portal runs apart and learns the user's certificate from the gateway's header.
+    forwarded_certificates: bool = False
 
 
 def safe_next(target: str | None) -> str:
@@ -72,6 +76,15 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
 
     def client_of(request: Request) -> str:
         return request.client.host if request.client else "unknown"
+
+    def login_context(request: Request) -> LoginContext:
+        try:
+            certificate = (certificate_forwarded(request.headers.raw)
+                           if deps.forwarded_certificates
+                           else certificate_in_scope(dict(request.scope)))
+        except PKIError:
+            certificate = None
+        return LoginContext(client_of(request), certificate)
 
     def token_of(request: Request) -> str | None:
         header = request.headers.get("authorization", "")
@@ -140,13 +153,13 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         handle = body.get("handle")
         answers = body.get("answers")
         if answers is None and handle is None:
-            step = await deps.login.begin()
-            return JSONResponse({"status": "continue", "handle": step.handle,
-                                 "step": step.step.to_json()})
-        if (not isinstance(answers, dict) or not all(isinstance(v, str) for v in answers.values())
-                or not (handle is None or isinstance(handle, str))):
+            result = await deps.login.begin(login_context(request))
+        elif (not isinstance(answers, dict)
+              or not all(isinstance(v, str) for v in answers.values())
+              or not (handle is None or isinstance(handle, str))):
             return JSONResponse({"error": "answers must be an object of strings"}, 400)
-        result = await deps.login.submit(handle, answers, client_of(request))
+        else:
+            result = await deps.login.submit(handle, answers, login_context(request))
         if isinstance(result, NextStep):
             return JSONResponse({"status": "continue", "handle": result.handle,
                                  "step": result.step.to_json()})
@@ -214,8 +227,17 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
     async def login_page(request: Request) -> Response:
         if await current_session(request) is not None:
             return RedirectResponse(safe_next(request.query_params.get("next")), 303)
-        begun = await deps.login.begin()
-        return login_form(request, begun, error=None)
+        return login_result(request, await deps.login.begin(login_context(request)))
+
+    def login_result(request: Request, result: LoginResult, target: str = "/",
+                     error: str | None = None) -> Response:
+        if isinstance(result, Authenticated):
+            response = RedirectResponse(target, 303)
+            set_session_cookie(response, result.token)
+            return response
+        if isinstance(result, NextStep):
+            return login_form(request, result, error=error)
+        return render(request, "denied.html", 401)
 
     def login_form(request: Request, step: NextStep, error: str | None,
                    status: int = 200) -> Response:
@@ -237,16 +259,16 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         handle = form.get("handle")
         answers = {key: value for key, value in form.items()
                    if key not in ("csrf", "handle", "next") and isinstance(value, str)}
+        context = login_context(request)
         result = await deps.login.submit(handle if isinstance(handle, str) else None, answers,
-                                         client_of(request))
+                                         context)
         target = safe_next(str(form.get("next") or "/"))
-        if isinstance(result, Authenticated):
-            response = RedirectResponse(target, 303)
-            set_session_cookie(response, result.token)
-            return response
-        if isinstance(result, NextStep):
-            return login_form(request, result, error=None)
-        return login_form(request, await deps.login.begin(), error="Sign-in failed.", status=401)
+        if isinstance(result, Denied):
+            # Start over; the reason is in the audit trail only.
+            begun = await deps.login.begin(context)
+            if isinstance(begun, NextStep):
+                return login_form(request, begun, error="Sign-in failed.", status=401)
+        return login_result(request, result, target)
 
     async def home(request: Request) -> Response:
         session = await current_session(request)

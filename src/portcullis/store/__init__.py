@@ -5,7 +5,7 @@ a Redis backend chosen by `open_ephemeral(url)`. Both raise only `StoreError` an
 children; neither ever holds a password or a token in clear.
 """
 
-from portcullis.store.durable import DurableStore, UserRecord
+from portcullis.store.durable import DurableStore, TotpRecord, UserRecord
 from portcullis.store.ephemeral import EphemeralStore, MemoryStore, RedisStore, open_ephemeral
 from portcullis.store.migrations import LATEST_VERSION, MIGRATIONS
 
@@ -16,6 +16,7 @@ __all__ = [
     "EphemeralStore",
     "MemoryStore",
     "RedisStore",
+    "TotpRecord",
     "UserRecord",
     "open_ephemeral",
 ]

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, delete, event, insert, select, text, update
+from sqlalchemy import Connection, Row, delete, event, func, insert, select, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from portcullis.errors import DuplicateError, NotFoundError, StoreError
 from portcullis.store import migrations
-from portcullis.store.migrations import user_groups, users
+from portcullis.store.migrations import recovery_codes, totp_secrets, user_groups, users
 
 # Plain URLs are rewritten to the async drivers this module is tested with.
 _ASYNC_DRIVERS = {
@@ -55,6 +55,16 @@ class UserRecord:
     # Sessions created before this moment are void: set when the account is disabled or
     # its password changes, so a re-enabled account does not revive old sessions.
     sessions_valid_after: datetime | None = None
+
+
+@dataclass(frozen=True)
+class TotpRecord:
+    """A user's TOTP enrolment: the sealed secret and how many recovery codes are left."""
+
+    identity: str
+    sealed_secret: bytes
+    enrolled_at: datetime
+    recovery_codes_left: int
 
 
 def async_database_url(url: str) -> URL:
@@ -242,17 +252,63 @@ class DurableStore:
                 )
 
     async def disabled_among(self, names: Iterable[str]) -> set[str]:
-        """Which of `names` are disabled or no longer exist: their sessions must end."""
+        """Which of `names` are local accounts that are disabled: their connections must
+        end. Names without a local account (directory users) are not among them."""
         wanted = sorted(set(names))
-        enabled: set[str] = set()
+        disabled: set[str] = set()
         async with self._read() as conn:
             for start in range(0, len(wanted), _IN_CHUNK):
                 chunk = wanted[start : start + _IN_CHUNK]
                 result = await conn.execute(
-                    select(users.c.name).where(users.c.name.in_(chunk), users.c.disabled.is_(False))
+                    select(users.c.name).where(users.c.name.in_(chunk), users.c.disabled.is_(True))
                 )
-                enabled.update(result.scalars())
-        return set(wanted) - enabled
+                disabled.update(result.scalars())
+        return disabled
+
+    async def get_totp(self, identity: str) -> TotpRecord | None:
+        async with self._read() as conn:
+            row = (await conn.execute(
+                select(totp_secrets).where(totp_secrets.c.identity == identity))).first()
+            if row is None:
+                return None
+            left = (await conn.execute(
+                select(func.count()).select_from(recovery_codes).where(
+                    recovery_codes.c.identity == identity,
+                    recovery_codes.c.used_at.is_(None)))).scalar_one()
+        return TotpRecord(identity, bytes(row.sealed_secret), _as_utc(row.enrolled_at),
+                          int(left))
+
+    async def set_totp(self, identity: str, sealed_secret: bytes,
+                       recovery_hashes: Iterable[str]) -> None:
+        """Enrol (or re-enrol): the old secret and its recovery codes go in the same
+        transaction, so an old device stops working the moment the new one is confirmed."""
+        async with self._write() as conn:
+            await conn.execute(delete(recovery_codes).where(
+                recovery_codes.c.identity == identity))
+            await conn.execute(delete(totp_secrets).where(totp_secrets.c.identity == identity))
+            await conn.execute(insert(totp_secrets).values(
+                identity=identity, sealed_secret=sealed_secret, enrolled_at=datetime.now(UTC)))
+            hashes = sorted(set(recovery_hashes))
+            if hashes:
+                await conn.execute(insert(recovery_codes), [
+                    {"identity": identity, "code_hash": h} for h in hashes])
+
+    async def delete_totp(self, identity: str) -> bool:
+        """Forget the secret and its codes (an administrator's reset); False if none."""
+        async with self._write() as conn:
+            await conn.execute(delete(recovery_codes).where(
+                recovery_codes.c.identity == identity))
+            result = await conn.execute(
+                delete(totp_secrets).where(totp_secrets.c.identity == identity))
+        return bool(result.rowcount)
+
+    async def use_recovery_code(self, identity: str, code_hash: str) -> bool:
+        """Mark an unused code used; True only for the one caller that did (atomic)."""
+        async with self._write() as conn:
+            result = await conn.execute(update(recovery_codes).where(
+                recovery_codes.c.identity == identity, recovery_codes.c.code_hash == code_hash,
+                recovery_codes.c.used_at.is_(None)).values(used_at=datetime.now(UTC)))
+        return bool(result.rowcount)
 
     async def _user_id(self, conn: AsyncConnection, name: str) -> int:
         user_id = (

@@ -28,6 +28,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -77,6 +78,27 @@ user_groups = Table(
     UniqueConstraint("user_id", "group_name"),
 )
 
+# TOTP secrets by identity (realm:user), whoever keeps the account: sealed with AES-GCM
+# under a key derived from the deployment's token key, the identity as associated data.
+totp_secrets = Table(
+    "totp_secrets",
+    metadata,
+    Column("identity", String(320), primary_key=True),
+    Column("sealed_secret", LargeBinary, nullable=False),
+    Column("enrolled_at", DateTime(timezone=True), nullable=False),
+)
+
+# One-time recovery codes, stored as keyed hashes; used codes keep their row.
+recovery_codes = Table(
+    "recovery_codes",
+    metadata,
+    Column("identity", String(320), ForeignKey("totp_secrets.identity", ondelete="CASCADE"),
+           nullable=False),
+    Column("code_hash", String(128), nullable=False),
+    Column("used_at", DateTime(timezone=True), nullable=True),
+    UniqueConstraint("identity", "code_hash"),
+)
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -103,6 +125,8 @@ MIGRATIONS: Sequence[Migration] = (
     Migration(1, "users", _create_users_v1),
     Migration(2, "user groups", lambda conn: user_groups.create(conn)),
     Migration(3, "users.sessions_valid_after", _add_sessions_valid_after),
+    Migration(4, "TOTP secrets and recovery codes",
+              lambda conn: metadata.create_all(conn, tables=[totp_secrets, recovery_codes])),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

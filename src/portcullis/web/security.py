@@ -14,7 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 SECURITY_HEADERS = [
     (b"strict-transport-security", b"max-age=63072000; includeSubDomains"),
     (b"content-security-policy",
-     b"default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'; "
+     b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; "
+     b"base-uri 'none'; "
      b"object-src 'none'"),
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),

@@ -5,41 +5,43 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 
-from portcullis.errors import AuthError
-from portcullis.identity.claims import Claims
-from portcullis.identity.flow import FactorOutcome, FlowState, Prompt, Step
-from portcullis.identity.names import canonical_username
+from portcullis.identity.claims import Attributes
+from portcullis.identity.conditions import LoginContext
+from portcullis.identity.factors.prompts import password_step, typed_username
+from portcullis.identity.flow import Attempt, FactorOutcome, FlowState, Step
 from portcullis.identity.passwords import verify_password
 from portcullis.store import DurableStore
 
 
 class LocalPasswordFactor:
     kind = "password"
+    primary = True
 
-    def __init__(self, durable: DurableStore) -> None:
+    def __init__(self, name: str, durable: DurableStore) -> None:
+        self.name = name
         self._durable = durable
 
-    def step(self, state: FlowState) -> Step:
-        return Step(kind="password", title="Sign in",
-                    prompts=(Prompt("username", "User name"),
-                             Prompt("password", "Password", secret=True)))
+    async def step(self, state: FlowState, context: LoginContext) -> Step:
+        return password_step(state)
 
-    async def verify(self, state: FlowState, answers: Mapping[str, str]) -> FactorOutcome:
-        try:
-            username = canonical_username(answers.get("username", ""))
-        except AuthError:
+    async def verify(self, state: FlowState, answers: Mapping[str, str],
+                     attempt: Attempt) -> FactorOutcome:
+        password = answers.get("password", "")
+        username = typed_username(state, answers)
+        if username is None:
             # The same work as a real attempt, so a malformed name is not told apart by timing.
-            await asyncio.to_thread(verify_password, None, "")
+            await asyncio.to_thread(verify_password, None, password)
             return FactorOutcome(False, "malformed user name")
+        if not await attempt.admit(username):
+            return FactorOutcome(False, "account locked", username=username)
         user = await self._durable.get_user(username)
         usable = user is not None and not user.disabled
         # argon2 is deliberately slow; run it off the event loop (the C code drops the GIL).
         stored = user.password_hash if usable and user else None
-        if not await asyncio.to_thread(verify_password, stored, answers.get("password", "")):
+        if not await asyncio.to_thread(verify_password, stored, password):
             reason = ("unknown user" if user is None else
                       "account disabled" if user.disabled else "wrong password")
             return FactorOutcome(False, reason, username=username)
         assert user is not None
-        claims = Claims(sub=f"local:{user.name}", username=user.name, groups=user.groups,
-                        idp="local")
-        return FactorOutcome(True, "password verified", username=user.name, claims=claims)
+        return FactorOutcome(True, "password verified", username=user.name,
+                             attributes=Attributes(groups=user.groups))

@@ -1,0 +1,288 @@
+"""The `[auth]` section: identity providers, login flows and their conditions, throttling.
+
+A flow is a list of steps; each step names a provider and may carry a `when` condition
+that decides, from what is known at that moment, whether the step applies. That is
+enough for the flows organisations ask for:
+
+    "RADIUS, then LDAP"          steps = [{provider="radius"}, {provider="corp"}]
+    "company device → password;  steps = [{provider="totp", when={not={certificate="valid"}}},
+     others TOTP, then password"          {provider="corp"}]
+    "Finance always needs TOTP"  steps = [{provider="corp"},
+                                          {provider="totp", when={groups=["finance"]}}]
+
+Everything is checked when the file is read: unknown providers, an empty flow, a flow
+whose steps can never establish who the user is, conditions that cannot be evaluated.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from portcullis.errors import AuthError
+from portcullis.identity.names import canonical_username
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+ProviderName = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Condition(_Section):
+    """Every field that is set must hold. `any` holds when one of its conditions holds;
+    `not` when its condition does not. An empty condition always holds."""
+
+    # A certificate that does not verify against auth.client_ca ends the TLS handshake,
+    # so a connection either has a valid one or none.
+    certificate: Literal["valid", "absent"] | None = None
+    certificate_issuer: str | None = None      # RFC 4514 issuer name, exactly
+    certificate_subject: str | None = None     # regular expression, whole RFC 4514 subject
+    client_address: list[str] | None = None    # networks (CIDR)
+    groups: list[str] | None = None            # member of at least one
+    users: list[str] | None = None             # the user is one of these
+    passed: list[str] | None = None            # these providers have all been passed
+    any: list[Condition] | None = None
+    not_: Condition | None = Field(default=None, alias="not")
+
+    @field_validator("client_address")
+    @classmethod
+    def _networks(cls, value: list[str] | None) -> list[str] | None:
+        for network in value or ():
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not an IPv4 or IPv6 network") from None
+        return value
+
+    @field_validator("certificate_subject")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+    @field_validator("users")
+    @classmethod
+    def _canonical(cls, value: list[str] | None) -> list[str] | None:
+        try:
+            return None if value is None else [canonical_username(name) for name in value]
+        except AuthError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [group.casefold() for group in value]
+
+    @field_validator("any")
+    @classmethod
+    def _nonempty_any(cls, value: list[Condition] | None) -> list[Condition] | None:
+        if value is not None and not value:
+            raise ValueError("'any' needs at least one condition")
+        return value
+
+    def providers_named(self) -> set[str]:
+        names = set(self.passed or ())
+        for child in (*(self.any or ()), *([self.not_] if self.not_ else [])):
+            names |= child.providers_named()
+        return names
+
+
+class LocalProvider(_Section):
+    """Accounts kept by Portcullis (`portcullis user add`), passwords hashed with argon2id."""
+
+    type: Literal["local"]
+    name: ProviderName
+
+
+class LdapProvider(_Section):
+    """An LDAP directory or Active Directory: find the user with a service account, then
+    bind as the user with the password given."""
+
+    type: Literal["ldap"]
+    name: ProviderName
+    # Tried in order; the next one when a server cannot be reached.
+    servers: list[Annotated[str, Field(pattern=r"^ldaps?://[^/\s]+/?$")]] = Field(min_length=1)
+    start_tls: bool = False
+    # CA certificate(s) that sign the directory's TLS certificate; default: the system's.
+    ca_cert: str | None = None
+    bind_dn: str
+    bind_password_file: str
+    base_dn: str
+    # The user may sign in with any of these attributes' values.
+    login_attributes: list[str] = Field(
+        default_factory=lambda: ["sAMAccountName", "userPrincipalName", "mail"], min_length=1)
+    user_object_class: str = "person"
+    # What becomes the user name in Portcullis (and keys TOTP and lockout).
+    username_attribute: str = "sAMAccountName"
+    # Attributes without which a sign-in is refused and reported in the log.
+    required_attributes: list[str] = Field(default_factory=list)
+    # Also the groups the user's groups are members of (AD: LDAP_MATCHING_RULE_IN_CHAIN;
+    # other directories: followed level by level).
+    nested_groups: bool = False
+    active_directory: bool = False
+    timeout: float = Field(default=5.0, gt=0, le=60)
+    pool_size: int = Field(default=4, ge=1, le=64)
+
+    @field_validator("login_attributes", "required_attributes")
+    @classmethod
+    def _attribute_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", name):
+                raise ValueError(f"{name!r} is not an LDAP attribute name")
+        return value
+
+
+class RadiusProvider(_Section):
+    """A RADIUS server (PAP with Message-Authenticator); an Access-Challenge becomes the
+    next prompt, as RSA and DUO proxies use it."""
+
+    type: Literal["radius"]
+    name: ProviderName
+    servers: list[str] = Field(min_length=1)   # HOST:PORT, tried in order
+    secret_file: str
+    timeout: float = Field(default=3.0, gt=0, le=60)
+    retries: int = Field(default=1, ge=0, le=5)
+    nas_identifier: str = "portcullis"
+    # Reply attribute whose values become groups.
+    group_attribute: Literal["Class", "Filter-Id"] = "Class"
+
+    @field_validator("servers")
+    @classmethod
+    def _servers(cls, value: list[str]) -> list[str]:
+        from portcullis.config.model import parse_host_port
+
+        for server in value:
+            parse_host_port(server, what="RADIUS server")
+        return value
+
+
+class TotpProvider(_Section):
+    """Time-based one-time passwords (RFC 6238) from an authenticator app."""
+
+    type: Literal["totp"]
+    name: ProviderName
+    issuer: str = Field(default="Portcullis", min_length=1, max_length=64)
+    digits: Literal[6, 8] = 6
+    period: int = Field(default=30, ge=15, le=120)
+    algorithm: Literal["sha1", "sha256", "sha512"] = "sha1"
+    # Codes one step either side of now are accepted (clock drift).
+    window: int = Field(default=1, ge=0, le=2)
+    recovery_codes: int = Field(default=10, ge=0, le=20)
+
+
+class CertificateProvider(_Section):
+    """The client certificate presented to the gateway, as a factor of its own."""
+
+    type: Literal["certificate"]
+    name: ProviderName
+    # Which part of the certificate names the user.
+    username_from: Literal["common_name", "email"] = "common_name"
+
+
+Provider = Annotated[
+    LocalProvider | LdapProvider | RadiusProvider | TotpProvider | CertificateProvider,
+    Field(discriminator="type")]
+
+# Present unless the configuration declares a provider of the same name.
+BUILT_IN_PROVIDERS: tuple[Provider, ...] = (
+    LocalProvider(type="local", name="local"),
+    TotpProvider(type="totp", name="totp"),
+    CertificateProvider(type="certificate", name="certificate"),
+)
+
+# Providers that can tell who the user is (TOTP only confirms someone already named).
+PRIMARY_TYPES = frozenset({"local", "ldap", "radius", "certificate"})
+
+
+class FlowStep(_Section):
+    provider: ProviderName
+    when: Condition | None = None
+
+
+class Flow(_Section):
+    name: ProviderName
+    steps: list[FlowStep] = Field(min_length=1)
+    # Whose namespace the user name belongs to: TOTP secrets and lockout counters are
+    # kept per realm. Default: the first step's provider that can name a user.
+    realm: ProviderName | None = None
+
+
+class ThrottleSettings(_Section):
+    # Consecutive failures after which an account is locked (NIST SP 800-63B allows at
+    # most 100); a success resets the count.
+    account_failures: int = Field(default=10, ge=1, le=100)
+    lockout_seconds: float = Field(default=900.0, gt=0, le=86400)
+    # Failures from one client address within `address_window` before it is refused.
+    address_failures: int = Field(default=50, ge=1, le=100_000)
+    address_window: float = Field(default=300.0, gt=0, le=86400)
+
+
+class AuthSettings(_Section):
+    # The flow every sign-in follows.
+    flow: ProviderName = "default"
+    providers: list[Provider] = Field(default_factory=list)
+    flows: list[Flow] = Field(default_factory=lambda: [
+        Flow(name="default", steps=[FlowStep(provider="local")])])
+    # CA certificate(s) for optional client certificates at the gateway; unset: none asked.
+    client_ca: str | None = None
+    throttle: ThrottleSettings = Field(default_factory=ThrottleSettings)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AuthSettings:
+        declared = [provider.name for provider in self.providers]
+        twice = {name for name in declared if declared.count(name) > 1}
+        if twice:
+            raise ValueError(f"provider name {sorted(twice)[0]!r} is used twice")
+        known = self.all_providers()
+        flow_names = [flow.name for flow in self.flows]
+        if self.flow not in flow_names:
+            raise ValueError(f"auth.flow names {self.flow!r}, which auth.flows does not "
+                             f"define (defined: {', '.join(flow_names)})")
+        for index, flow in enumerate(self.flows):
+            if flow_names.count(flow.name) > 1:
+                raise ValueError(f"flow name {flow.name!r} is used twice")
+            for number, step in enumerate(flow.steps):
+                named = {step.provider} | (step.when.providers_named() if step.when else set())
+                unknown = sorted(named - known.keys())
+                if unknown:
+                    raise ValueError(
+                        f"auth.flows[{index}].steps[{number}] names provider {unknown[0]!r}, "
+                        f"which is not defined (defined: {', '.join(sorted(known))})")
+            if flow.realm is not None and flow.realm not in known:
+                raise ValueError(f"auth.flows[{index}].realm names an unknown provider "
+                                 f"{flow.realm!r}")
+            if self.realm_of(flow) is None:
+                raise ValueError(f"flow {flow.name!r} has no step that can tell who the user "
+                                 "is (local, ldap, radius or certificate)")
+        if self.client_ca is None and any(
+                isinstance(provider, CertificateProvider) for flow in self.flows
+                for provider in (known[step.provider] for step in flow.steps)):
+            raise ValueError("a flow uses a certificate step, but auth.client_ca is not set")
+        return self
+
+    def all_providers(self) -> dict[str, Provider]:
+        providers: dict[str, Provider] = {p.name: p for p in BUILT_IN_PROVIDERS}
+        providers.update((p.name, p) for p in self.providers)
+        return providers
+
+    def flow_named(self, name: str) -> Flow:
+        for flow in self.flows:
+            if flow.name == name:
+                return flow
+        raise KeyError(name)
+
+    def realm_of(self, flow: Flow) -> str | None:
+        if flow.realm is not None:
+            return flow.realm
+        providers = self.all_providers()
+        return next((step.provider for step in flow.steps
+                     if providers[step.provider].type in PRIMARY_TYPES), None)

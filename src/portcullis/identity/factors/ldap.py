@@ -1,0 +1,258 @@
+"""LDAP and Active Directory: find the user with a service account, bind as them.
+
+ldap3 is synchronous; each sign-in runs in a worker thread. Service-account connections
+are pooled (`pool_size`, bound once, rebuilt when a server drops them); the user's own
+bind needs a connection of its own. Servers are tried in order (ldap3's ServerPool,
+FIRST strategy), so a dead domain controller costs one connect timeout, not a sign-in.
+
+Rules that are easy to get wrong:
+- an empty password is refused before any bind (LDAP treats it as an anonymous bind,
+  which "succeeds");
+- every value put into a search filter is escaped (RFC 4515);
+- an unknown user still costs a bind, so it answers in the same time as a wrong password;
+- the user name is the entry's `username_attribute`, whatever the user typed (mail, UPN),
+  so TOTP and lockout are keyed by one name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import ssl
+import struct
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import ldap3
+import structlog
+from ldap3.core.exceptions import LDAPException
+from ldap3.utils.conv import escape_filter_chars
+from ldap3.utils.dn import parse_dn
+
+from portcullis.config.auth import LdapProvider
+from portcullis.errors import AuthError
+from portcullis.identity.claims import Attributes
+from portcullis.identity.conditions import LoginContext
+from portcullis.identity.factors.prompts import password_step
+from portcullis.identity.flow import Attempt, FactorOutcome, FlowState, Step
+from portcullis.identity.names import canonical_username
+
+log = structlog.get_logger("portcullis.identity.ldap")
+
+# AD's LDAP_MATCHING_RULE_IN_CHAIN: every group the user is in, nested, in one search.
+IN_CHAIN = "1.2.840.113556.1.4.1941"
+CLAIM_ATTRIBUTES = ("mail", "displayName", "cn", "sAMAccountName", "userPrincipalName",
+                    "objectGUID", "objectSid", "memberOf")
+MAX_NESTING = 8
+
+
+@dataclass(frozen=True)
+class DirectoryUser:
+    dn: str
+    username: str
+    attributes: Attributes
+    missing: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BindResult:
+    ok: bool
+    reason: str
+    user: DirectoryUser | None = None
+    unavailable: bool = False
+
+
+class LdapDirectory:
+    """The directory behind one `[[auth.providers]]` of type ldap (blocking calls)."""
+
+    def __init__(self, settings: LdapProvider, bind_password: str,
+                 ca_cert: str | None) -> None:
+        self.settings = settings
+        self._bind_password = bind_password
+        tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_cert,
+                        version=ssl.PROTOCOL_TLS_CLIENT)
+        servers = [ldap3.Server(url, tls=tls, connect_timeout=settings.timeout,
+                                get_info=ldap3.NONE) for url in settings.servers]
+        # FIRST: always the first server that answers; active: try each in turn;
+        # exhaust: a dead server is left out for a while instead of costing every sign-in.
+        self._pool = ldap3.ServerPool(servers, ldap3.FIRST, active=1, exhaust=60)
+        self._service: queue.SimpleQueue[ldap3.Connection] = queue.SimpleQueue()
+
+    def _connection(self, user: str, password: str) -> ldap3.Connection:
+        settings = self.settings
+        return ldap3.Connection(
+            self._pool, user=user, password=password, read_only=True,
+            receive_timeout=settings.timeout, raise_exceptions=False,
+            auto_bind=(ldap3.AUTO_BIND_TLS_BEFORE_BIND if settings.start_tls
+                       else ldap3.AUTO_BIND_NO_TLS))
+
+    @contextmanager
+    def _service_connection(self) -> Iterator[ldap3.Connection]:
+        try:
+            connection = self._service.get_nowait()
+        except queue.Empty:
+            connection = self._connection(self.settings.bind_dn, self._bind_password)
+        broken = True
+        try:
+            yield connection
+            broken = connection.closed
+        finally:
+            if broken or self._service.qsize() >= self.settings.pool_size:
+                connection.unbind()
+            else:
+                self._service.put(connection)
+
+    def find(self, typed: str) -> list[DirectoryUser]:
+        settings = self.settings
+        value = escape_filter_chars(typed)
+        alternatives = "".join(f"({name}={value})" for name in settings.login_attributes)
+        search_filter = f"(&(objectClass={settings.user_object_class})(|{alternatives}))"
+        wanted = sorted({*CLAIM_ATTRIBUTES, settings.username_attribute,
+                         *settings.required_attributes})
+        with self._service_connection() as connection:
+            found = connection.search(settings.base_dn, search_filter, ldap3.SUBTREE,
+                                      attributes=wanted, size_limit=2)
+            # 4: size limit exceeded, which is "more than one match", not a failure.
+            if not found and connection.result.get("result") not in (0, 4, 32):
+                raise LDAPException(f"search failed: {connection.result.get('description')}")
+            entries = [e for e in connection.response or ()
+                       if e.get("type") == "searchResEntry"]
+            return [self._user(connection, entry) for entry in entries]
+
+    def _user(self, connection: ldap3.Connection, entry: dict[str, Any]) -> DirectoryUser:
+        raw: dict[str, list[bytes]] = {k.lower(): v for k, v in entry["raw_attributes"].items()}
+        settings = self.settings
+
+        def text(name: str) -> str | None:
+            values = raw.get(name.lower())
+            return values[0].decode("utf-8", "replace") if values else None
+
+        missing = tuple(name for name in (settings.username_attribute,
+                                          *settings.required_attributes)
+                        if not raw.get(name.lower()))
+        group_dns = [dn.decode() for dn in raw.get("memberof", ())]
+        if settings.nested_groups:
+            group_dns = self._nested_groups(connection, entry["dn"], group_dns)
+        groups = tuple(dict.fromkeys(_rdn_value(dn) for dn in group_dns))
+        guid = raw.get("objectguid")
+        sid = raw.get("objectsid")
+        username = text(settings.username_attribute) or ""
+        return DirectoryUser(entry["dn"], username, Attributes(
+            groups=groups, display_name=text("displayName") or text("cn"), email=text("mail"),
+            upn=text("userPrincipalName"),
+            sid=_sid_string(sid[0]) if sid else None,
+            guid=str(uuid.UUID(bytes_le=guid[0])) if guid and len(guid[0]) == 16 else None),
+            missing)
+
+    def _nested_groups(self, connection: ldap3.Connection, user_dn: str,
+                       direct: list[str]) -> list[str]:
+        if self.settings.active_directory:
+            connection.search(self.settings.base_dn,
+                              f"(member:{IN_CHAIN}:={escape_filter_chars(user_dn)})",
+                              ldap3.SUBTREE, attributes=["cn"])
+            return [e["dn"] for e in connection.response or () if e.get("type") == "searchResEntry"]
+        seen = list(dict.fromkeys(direct))
+        frontier = list(seen)
+        for _ in range(MAX_NESTING):
+            parents: list[str] = []
+            for group in frontier:
+                connection.search(group, "(objectClass=*)", ldap3.BASE, attributes=["memberOf"])
+                for entry in connection.response or ():
+                    for parent in entry.get("raw_attributes", {}).get("memberOf", ()):
+                        name = parent.decode()
+                        if name not in seen:
+                            seen.append(name)
+                            parents.append(name)
+            if not parents:
+                break
+            frontier = parents
+        return seen
+
+    def bind(self, dn: str, password: str) -> bool:
+        connection = self._connection(dn, password)
+        try:
+            return bool(connection.bound)
+        finally:
+            connection.unbind()
+
+    def authenticate(self, found: list[DirectoryUser], typed: str,
+                     password: str) -> BindResult:
+        """Bind as the one entry `find` returned for what the user typed."""
+        try:
+            if len(found) != 1:
+                # A bind all the same, so that "no such user" takes as long as a wrong
+                # password.
+                self.bind(f"cn=portcullis-no-such-user,{self.settings.base_dn}", password)
+                return BindResult(False, "unknown user" if not found else
+                                  f"{len(found)} directory entries match {typed!r}")
+            user = found[0]
+            if not self.bind(user.dn, password):
+                return BindResult(False, "wrong password", user)
+        except LDAPException as exc:
+            log.error("directory unavailable", provider=self.settings.name, error=str(exc))
+            return BindResult(False, f"directory unavailable: {exc}", unavailable=True)
+        if user.missing:
+            log.error("directory entry lacks required attributes", provider=self.settings.name,
+                      dn=user.dn, missing=list(user.missing))
+            return BindResult(False, f"entry lacks {', '.join(user.missing)}", user)
+        return BindResult(True, "directory bind succeeded", user)
+
+
+class LdapFactor:
+    kind = "password"
+    primary = True
+
+    def __init__(self, name: str, directory: LdapDirectory) -> None:
+        self.name = name
+        self._directory = directory
+
+    async def step(self, state: FlowState, context: LoginContext) -> Step:
+        return password_step(state)
+
+    async def verify(self, state: FlowState, answers: Mapping[str, str],
+                     attempt: Attempt) -> FactorOutcome:
+        typed = state.username or answers.get("username", "").strip()
+        password = answers.get("password", "")
+        if not typed or not password:
+            return FactorOutcome(False, "empty user name or password")
+        try:
+            found = await asyncio.to_thread(self._directory.find, typed)
+        except LDAPException as exc:
+            log.error("directory unavailable", provider=self.name, error=str(exc))
+            return FactorOutcome(False, f"directory unavailable: {exc}", unavailable=True)
+        if len(found) == 1:
+            try:
+                username = canonical_username(found[0].username)
+            except AuthError:
+                username = None
+            if username is not None and not await attempt.admit(username):
+                return FactorOutcome(False, "account locked", username=username)
+        result = await asyncio.to_thread(self._directory.authenticate, found, typed, password)
+        if result.user is None:
+            return FactorOutcome(result.ok, result.reason, unavailable=result.unavailable)
+        try:
+            username = canonical_username(result.user.username)
+        except AuthError:
+            return FactorOutcome(False, f"directory user name {result.user.username!r} "
+                                 "is not usable")
+        return FactorOutcome(result.ok, result.reason, username=username,
+                             attributes=result.user.attributes)
+
+
+def _rdn_value(dn: str) -> str:
+    try:
+        return str(parse_dn(dn)[0][1])
+    except LDAPException:
+        return dn
+
+
+def _sid_string(raw: bytes) -> str | None:
+    """The binary SID (MS-DTYP 2.4.2.2) in its S-1-5-21-… text form."""
+    if len(raw) < 8 or len(raw) != 8 + 4 * raw[1]:
+        return None
+    authority = int.from_bytes(raw[2:8], "big")
+    parts = struct.unpack(f"<{raw[1]}I", raw[8:])
+    return "-".join(["S", str(raw[0]), str(authority), *map(str, parts)])

@@ -1,0 +1,128 @@
+"""RADIUS (RFC 2865): PAP with Message-Authenticator, challenges, failover.
+
+Every request carries a Message-Authenticator and every reply must carry a valid one
+(the BLAST-RADIUS defence), so a forged or unsigned reply is dropped like a lost packet.
+An Access-Challenge (RSA SecurID, DUO and other proxies use it) becomes the next prompt,
+its Reply-Message the label, its State kept in the flow and echoed back. Servers are
+tried in order: a timeout moves on to the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from pyrad import packet
+from pyrad.client import Client, Timeout
+from pyrad.dictionary import Dictionary
+
+from portcullis.config.auth import RadiusProvider
+from portcullis.config.model import parse_host_port
+from portcullis.identity.claims import Attributes
+from portcullis.identity.conditions import LoginContext
+from portcullis.identity.factors.prompts import password_step, typed_username
+from portcullis.identity.flow import Attempt, FactorOutcome, FlowState, Prompt, Step
+
+log = structlog.get_logger("portcullis.identity.radius")
+DICTIONARY = Path(__file__).with_name("radius.dictionary")
+MAX_STATE = 253            # one RADIUS attribute's worth
+
+
+@dataclass(frozen=True)
+class RadiusReply:
+    code: int                         # packet.AccessAccept / AccessReject / AccessChallenge
+    message: str | None
+    state: bytes | None
+    groups: tuple[str, ...]
+
+
+class RadiusUnavailable(Exception):
+    """No configured server answered."""
+
+
+class RadiusServers:
+    """The servers of one `[[auth.providers]]` of type radius (blocking calls)."""
+
+    def __init__(self, settings: RadiusProvider, secret: bytes) -> None:
+        self.settings = settings
+        self._secret = secret
+        self._dictionary = Dictionary(str(DICTIONARY))
+
+    def authenticate(self, username: str, password: str, state: bytes | None,
+                     client_address: str) -> RadiusReply:
+        errors: list[str] = []
+        for server in self.settings.servers:
+            host, port = parse_host_port(server, what="RADIUS server")
+            client = Client(server=host, authport=port, secret=self._secret,
+                            dict=self._dictionary, timeout=self.settings.timeout,
+                            retries=self.settings.retries + 1, enforce_ma=True)
+            request = client.CreateAuthPacket(code=packet.AccessRequest, User_Name=username,
+                                              NAS_Identifier=self.settings.nas_identifier)
+            request["User-Password"] = request.PwCrypt(password)
+            request["Calling-Station-Id"] = client_address
+            if state is not None:
+                request["State"] = state
+            try:
+                reply = client.SendPacket(request)
+            except (Timeout, OSError) as exc:
+                errors.append(f"{server}: {exc or 'no answer'}")
+                log.warning("RADIUS server did not answer", provider=self.settings.name,
+                            server=server, error=str(exc) or "timeout")
+                continue
+            return self._reply(reply)
+        raise RadiusUnavailable("; ".join(errors))
+
+    def _reply(self, reply: packet.Packet) -> RadiusReply:
+        messages = reply.get("Reply-Message") or []
+        states = reply.get("State") or []
+        values = reply.get(self.settings.group_attribute) or []
+        groups = tuple(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+                       for v in values)
+        return RadiusReply(reply.code, " ".join(messages) or None,
+                           states[0] if states else None, groups)
+
+
+class RadiusFactor:
+    kind = "password"
+    primary = True
+
+    def __init__(self, name: str, servers: RadiusServers) -> None:
+        self.name = name
+        self._servers = servers
+
+    async def step(self, state: FlowState, context: LoginContext) -> Step:
+        if "radius_state" in state.data:
+            label = state.data.get("radius_prompt") or "Response"
+            return Step(kind="challenge", title="One more step",
+                        prompts=(Prompt("response", label, secret=True),), message=label)
+        return password_step(state)
+
+    async def verify(self, state: FlowState, answers: Mapping[str, str],
+                     attempt: Attempt) -> FactorOutcome:
+        username = typed_username(state, answers)
+        challenged = "radius_state" in state.data
+        secret = answers.get("response" if challenged else "password", "")
+        if username is None or not secret:
+            return FactorOutcome(False, "empty or malformed user name or password")
+        if not await attempt.admit(username):
+            return FactorOutcome(False, "account locked", username=username)
+        radius_state = bytes.fromhex(state.data["radius_state"]) if challenged else None
+        try:
+            reply = await asyncio.to_thread(self._servers.authenticate, username, secret,
+                                            radius_state, attempt.context.client_address)
+        except RadiusUnavailable as exc:
+            log.error("no RADIUS server answered", provider=self.name, error=str(exc))
+            return FactorOutcome(False, f"RADIUS unavailable: {exc}", username=username,
+                                 unavailable=True)
+        if reply.code == packet.AccessChallenge and reply.state and len(reply.state) <= MAX_STATE:
+            state.data["radius_state"] = reply.state.hex()
+            state.data["radius_prompt"] = (reply.message or "Response")[:200]
+            return FactorOutcome(False, "RADIUS challenge", username=username, again=True)
+        if reply.code == packet.AccessAccept:
+            return FactorOutcome(True, "RADIUS accepted", username=username,
+                                 attributes=Attributes(groups=reply.groups))
+        detail = f" ({reply.message})" if reply.message else ""
+        return FactorOutcome(False, f"RADIUS rejected{detail}", username=username)

@@ -1,0 +1,84 @@
+"""The TOTP step of a flow: a code from the user's app, or enrolment when they have none.
+
+Enrolment happens only after a factor that can name the user has passed (else anyone
+knowing a user name could bind their own phone to it): a TOTP step reached earlier, for
+a user without a secret, is deferred to the end of the flow. A wrong code before any
+such factor fails late, so the answer tells nothing about whether the user is enrolled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from portcullis.identity.conditions import LoginContext
+from portcullis.identity.factors.prompts import USERNAME, typed_username
+from portcullis.identity.flow import Attempt, FactorOutcome, FlowState, Prompt, Step
+from portcullis.identity.totp import TotpService
+
+CODE = Prompt("code", "Code from your authenticator app (or a recovery code)")
+ENROL_CODE = Prompt("code", "Code shown by the app now")
+
+
+class TotpFactor:
+    kind = "totp"
+    primary = False
+
+    def __init__(self, name: str, service: TotpService, realm: str,
+                 primary_names: frozenset[str]) -> None:
+        self.name = name
+        self._service = service
+        self._realm = realm
+        self._primary_names = primary_names
+
+    def _identity(self, username: str) -> str:
+        return f"{self._realm}:{username}"
+
+    def _may_enrol(self, state: FlowState) -> bool:
+        return state.username is not None and bool(self._primary_names & set(state.passed))
+
+    async def step(self, state: FlowState, context: LoginContext) -> Step:
+        if state.username is None:
+            return Step(kind="totp", title="Verification code", prompts=(USERNAME, CODE))
+        identity = self._identity(state.username)
+        if "enrolment" not in state.data and self._may_enrol(state) and (
+                await self._service.record(identity) is None):
+            enrolment = self._service.new_enrolment(state.username)
+            state.data["enrolment"] = self._service.seal_enrolment(identity, enrolment)
+        if "enrolment" in state.data:
+            enrolment = self._service.open_enrolment(identity, state.data["enrolment"])
+            return Step(
+                kind="totp-enrol", title="Set up your authenticator app", prompts=(ENROL_CODE,),
+                message=("Scan the QR code with your authenticator app (or enter the key), "
+                         "then type the code it shows. Keep the recovery codes somewhere "
+                         "safe: each signs you in once without the app. They are shown "
+                         "only now."),
+                enrolment={"otpauth_uri": enrolment.uri, "secret": enrolment.secret,
+                           "qr_svg": enrolment.qr_svg_data_uri(), "qr_text": enrolment.qr_text(),
+                           "recovery_codes": list(enrolment.recovery_codes)})
+        return Step(kind="totp", title="Verification code", prompts=(CODE,),
+                    message=f"Signing in as {state.username}")
+
+    async def verify(self, state: FlowState, answers: Mapping[str, str],
+                     attempt: Attempt) -> FactorOutcome:
+        code = answers.get("code", "")
+        username = typed_username(state, answers)
+        if username is None:
+            return FactorOutcome(False, "malformed user name", late=True)
+        if not await attempt.admit(username):
+            return FactorOutcome(False, "account locked", username=username)
+        identity = self._identity(username)
+        if "enrolment" in state.data:
+            enrolment = self._service.open_enrolment(identity, state.data["enrolment"])
+            check = await self._service.confirm(identity, enrolment, code)
+            if not check.ok:
+                # The user already proved who they are; let them try the code again.
+                return FactorOutcome(False, f"enrolment: {check.reason}", username=username,
+                                     again=True)
+            return FactorOutcome(True, "enrolled a new TOTP secret", username=username)
+        record = await self._service.record(identity)
+        if record is None:
+            # Enrol once a password has said who this is (or, for an unknown user, fail
+            # there); nothing distinguishes this answer from a wrong code's.
+            return FactorOutcome(True, "no TOTP secret yet", username=username, defer=True)
+        check = await self._service.verify(identity, record, code)
+        return FactorOutcome(check.ok, check.reason, username=username, late=True)

@@ -1,0 +1,103 @@
+"""Builds the login flows of a deployment from `[auth]`: one client per provider (shared
+by every flow), one factor per flow step (TOTP and lockout need the flow's realm)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from portcullis.config.auth import (
+    PRIMARY_TYPES,
+    CertificateProvider,
+    LdapProvider,
+    LocalProvider,
+    Provider,
+    RadiusProvider,
+    TotpProvider,
+)
+from portcullis.config.model import Settings
+from portcullis.errors import ConfigError
+from portcullis.identity.factors.certificate import CertificateFactor
+from portcullis.identity.factors.ldap import LdapDirectory, LdapFactor
+from portcullis.identity.factors.local import LocalPasswordFactor
+from portcullis.identity.factors.radius import RadiusFactor, RadiusServers
+from portcullis.identity.factors.totp import TotpFactor
+from portcullis.identity.flow import Factor, LoginFlow
+from portcullis.identity.totp import TotpService
+from portcullis.store import DurableStore, EphemeralStore
+from portcullis.tokens import TokenHasher
+
+
+@dataclass
+class IdentityProviders:
+    settings: Settings
+    durable: DurableStore
+    ephemeral: EphemeralStore
+    hasher: TokenHasher
+    _clients: dict[str, object] = field(default_factory=dict)
+
+    def _secret_file(self, provider: Provider, key: str, relative: str) -> str:
+        index = self._index(provider)
+        try:
+            return self.settings.path(relative).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {self.settings.path(relative)}: {exc}",
+                              key=f"auth.providers[{index}].{key}") from None
+
+    def _index(self, provider: Provider) -> int | str:
+        for index, declared in enumerate(self.settings.auth.providers):
+            if declared.name == provider.name:
+                return index
+        return provider.name
+
+    def _path(self, relative: str | None) -> str | None:
+        return str(self.settings.path(relative)) if relative else None
+
+    def totp(self, name: str = "totp") -> TotpService:
+        provider = self.settings.auth.all_providers().get(name)
+        if not isinstance(provider, TotpProvider):
+            raise ConfigError(f"there is no TOTP provider named {name!r}", key="auth.providers")
+        service = self._clients.get(name)
+        if not isinstance(service, TotpService):
+            service = TotpService(provider, self.durable, self.ephemeral, self.hasher)
+            self._clients[name] = service
+        return service
+
+    def factor(self, provider: Provider, realm: str) -> Factor:
+        if isinstance(provider, LocalProvider):
+            return LocalPasswordFactor(provider.name, self.durable)
+        if isinstance(provider, LdapProvider):
+            directory = self._clients.get(provider.name)
+            if not isinstance(directory, LdapDirectory):
+                password = self._secret_file(provider, "bind_password_file",
+                                             provider.bind_password_file)
+                directory = LdapDirectory(provider, password, self._path(provider.ca_cert))
+                self._clients[provider.name] = directory
+            return LdapFactor(provider.name, directory)
+        if isinstance(provider, RadiusProvider):
+            servers = self._clients.get(provider.name)
+            if not isinstance(servers, RadiusServers):
+                secret = self._secret_file(provider, "secret_file", provider.secret_file)
+                servers = RadiusServers(provider, secret.encode())
+                self._clients[provider.name] = servers
+            return RadiusFactor(provider.name, servers)
+        if isinstance(provider, TotpProvider):
+            primaries = frozenset(p.name for p in self.settings.auth.all_providers().values()
+                                  if p.type in PRIMARY_TYPES)
+            return TotpFactor(provider.name, self.totp(provider.name), realm, primaries)
+        assert isinstance(provider, CertificateProvider)
+        return CertificateFactor(provider)
+
+    def flow(self, name: str | None = None) -> LoginFlow:
+        auth = self.settings.auth
+        definition = auth.flow_named(name or auth.flow)
+        realm = auth.realm_of(definition)
+        assert realm is not None, "validated when the configuration was read"
+        providers = auth.all_providers()
+        factors = {step.provider: self.factor(providers[step.provider], realm)
+                   for step in definition.steps}
+        return LoginFlow(definition, realm, factors)
+
+
+def client_ca_path(settings: Settings) -> Path | None:
+    return settings.path(settings.auth.client_ca) if settings.auth.client_ca else None

@@ -1,0 +1,58 @@
+"""Throttling of sign-in failures, per account and per client address.
+
+Counters live in the ephemeral store, so every gateway node sees the same numbers.
+An account is keyed by its identity (realm:canonical name), never by what was typed, so
+"Alice", "alice " and "ａｌｉｃｅ" share one counter. After `account_failures`
+consecutive failures the account is locked for `lockout_seconds`; a success resets the
+count. An address with `address_failures` failures within `address_window` is refused
+every sign-in until the window passes, whichever accounts it tries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from portcullis.config.auth import ThrottleSettings
+from portcullis.store import EphemeralStore
+
+
+@dataclass(frozen=True)
+class AccountLock:
+    failures: int
+    locked: bool
+
+
+class Throttle:
+    def __init__(self, ephemeral: EphemeralStore, settings: ThrottleSettings) -> None:
+        self._ephemeral = ephemeral
+        self._settings = settings
+
+    async def address_refused(self, address: str) -> bool:
+        count = await self._ephemeral.get(f"throttle:address:{address}")
+        return count is not None and int(count) >= self._settings.address_failures
+
+    async def account(self, identity: str) -> AccountLock:
+        count = await self._ephemeral.get(f"throttle:account:{identity}")
+        locked = await self._ephemeral.get(f"throttle:locked:{identity}") is not None
+        return AccountLock(int(count) if count is not None else 0, locked)
+
+    async def failed(self, identity: str | None, address: str) -> AccountLock | None:
+        """Count one failure; the account's state after it when the identity is known."""
+        settings = self._settings
+        await self._ephemeral.incr(f"throttle:address:{address}", settings.address_window)
+        if identity is None:
+            return None
+        count = await self._ephemeral.incr(f"throttle:account:{identity}",
+                                           settings.lockout_seconds)
+        if count >= settings.account_failures:
+            await self._ephemeral.put(f"throttle:locked:{identity}", b"1",
+                                      settings.lockout_seconds)
+            return AccountLock(count, True)
+        return AccountLock(count, False)
+
+    async def succeeded(self, identity: str) -> None:
+        await self._ephemeral.delete(f"throttle:account:{identity}")
+
+    async def unlock(self, identity: str) -> None:
+        await self._ephemeral.delete(f"throttle:account:{identity}")
+        await self._ephemeral.delete(f"throttle:locked:{identity}")
