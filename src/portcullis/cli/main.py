@@ -226,6 +226,127 @@ def user_list(directory: Path) -> None:
         click.echo(f"{record.name:<24} {state:<9} {', '.join(record.groups)}")
 
 
+def _realm_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--realm", help=help_text + " Default: the default flow's realm.")
+
+
+@user.command("show")
+@click.argument("name")
+@dir_option
+def user_show(name: str, directory: Path) -> None:
+    """Show an account: local state, TOTP enrolment and lockout, per realm."""
+    from portcullis.identity.names import canonical_username
+    from portcullis.identity.tooling import account_report
+
+    settings = _load(directory)
+    canonical = canonical_username(name)
+    local, reports = asyncio.run(account_report(settings, canonical))
+    click.echo(f"{canonical}: {local}")
+    for report in reports:
+        click.echo(f"  realm {report.realm}")
+        click.echo(f"    totp:    {report.totp}")
+        if report.lock is None:
+            click.echo("    lockout: unknown here (store.ephemeral is memory://: the counters "
+                       "live in the running gateway)")
+        else:
+            state = "LOCKED" if report.lock.locked else "not locked"
+            click.echo(f"    lockout: {state}, {report.lock.failures} recent failure(s)")
+
+
+@user.command("totp-reset")
+@click.argument("name")
+@_realm_option("The realm whose TOTP secret to forget.")
+@dir_option
+def user_totp_reset(name: str, realm: str | None, directory: Path) -> None:
+    """Forget a user's TOTP secret and recovery codes: they enrol at their next sign-in."""
+    from portcullis.audit import AuditTrail
+    from portcullis.identity.names import canonical_username
+    from portcullis.identity.tooling import realms, reset_totp
+
+    settings = _load(directory)
+    canonical = canonical_username(name)
+    identity = f"{realm or realms(settings)[0]}:{canonical}"
+    removed = asyncio.run(reset_totp(settings, identity))
+    audit = AuditTrail(settings.path(settings.log.audit_file))
+    audit.record("totp.reset", identity=identity, removed=removed, by="portcullis user")
+    audit.close()
+    click.echo(f"TOTP reset for {identity}: enrols at next sign-in" if removed
+               else f"{identity} had no TOTP secret (nothing to reset)")
+
+
+@user.command("unlock")
+@click.argument("name")
+@_realm_option("The realm whose lockout to clear.")
+@dir_option
+def user_unlock(name: str, realm: str | None, directory: Path) -> None:
+    """Clear a user's failed sign-in count and lockout (needs a shared Redis store)."""
+    from portcullis.identity.names import canonical_username
+    from portcullis.identity.tooling import realms, unlock
+
+    settings = _load(directory)
+    if settings.store.ephemeral.startswith("memory"):
+        fail("store.ephemeral is memory://: lockouts live in the running gateway and end "
+             f"by themselves after auth.throttle.lockout_seconds "
+             f"({settings.auth.throttle.lockout_seconds:g} s)", 2)
+    identity = f"{realm or realms(settings)[0]}:{canonical_username(name)}"
+    asyncio.run(unlock(settings, identity))
+    click.echo(f"unlocked {identity}")
+
+
+# -- identity ---------------------------------------------------------------------------
+@main.group()
+def auth() -> None:
+    """Try sign-in flows against the configured providers."""
+
+
+@auth.command("test")
+@click.option("--flow", "flow_name", help="The flow (default: auth.flow).")
+@click.option("--user", "username", required=True, help="Whom to sign in as.")
+@click.option("--answer", "answers", multiple=True, metavar="PROMPT=VALUE",
+              help="Answer a prompt without being asked (repeatable).")
+@click.option("--client-address", default="127.0.0.1", show_default=True,
+              help="The client address the flow's conditions see.")
+@click.option("--cert", "cert_file", type=click.Path(exists=True, dir_okay=False),
+              help="A client certificate (PEM) the conditions see, as if TLS verified it.")
+@dir_option
+def auth_test(flow_name: str | None, username: str, answers: tuple[str, ...],
+              client_address: str, cert_file: str | None, directory: Path) -> None:
+    """Dry-run a flow: each step's outcome and why, and the claims a sign-in would carry.
+
+    Directories and RADIUS servers are asked for real; lockout counters and the TOTP
+    replay cache are not touched, and an enrolment is not stored.
+    """
+    import ssl
+
+    from portcullis.identity.conditions import ClientCertificate, LoginContext
+    from portcullis.identity.tooling import dry_run
+
+    settings = _load(directory)
+    name = flow_name or settings.auth.flow
+    if name not in {flow.name for flow in settings.auth.flows}:
+        fail(f"no flow named {name!r} in auth.flows", 2)
+    given = _answer_options(answers)
+    certificate = (ClientCertificate.from_der(ssl.PEM_cert_to_DER_cert(
+        Path(cert_file).read_text())) if cert_file else None)
+
+    def answer(step: Any, prompt: Any) -> str:
+        if prompt.name in given:
+            return given.pop(prompt.name)
+        return str(click.prompt(prompt.label, hide_input=prompt.secret))
+
+    result = asyncio.run(dry_run(settings, name, username, answer, click.echo,
+                                 LoginContext(client_address, certificate)))
+    if result.claims is None:
+        if result.outcome == "denied":
+            fail("the flow would not sign this user in", 1)
+        return
+    click.echo("claims:")
+    for key, value in result.claims.to_json().items():
+        if value not in (None, (), []):
+            shown = ", ".join(value) if isinstance(value, list | tuple) else value
+            click.echo(f"  {key:<13} {shown}")
+
+
 # -- client ---------------------------------------------------------------------------
 def _client_tls(ca_file: str | None) -> Any:
     from portcullis.net.tls import client_context
@@ -235,34 +356,91 @@ def _client_tls(ca_file: str | None) -> Any:
 
 @main.command()
 @click.argument("url")
-@click.option("--user", "username", required=True, help="Your user name.")
-@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.option("--user", "username", help="Your user name (asked if the sign-in needs it).")
+@click.option("--answer", "answers", multiple=True, metavar="PROMPT=VALUE",
+              help="Answer a prompt by name without being asked, e.g. code=123456 "
+                   "(repeatable; for scripts).")
+@click.option("--password-stdin", is_flag=True,
+              help="Read secret answers (password, code) from standard input, one per line.")
 @click.option("--ca", "ca_file", type=click.Path(exists=True, dir_okay=False),
               help="The deployment's CA certificate, if the system does not trust the gateway.")
-def login(url: str, username: str, password_stdin: bool, ca_file: str | None) -> None:
-    """Sign in to a Portcullis gateway and remember the session."""
+@click.option("--cert", "cert_file", type=click.Path(exists=True, dir_okay=False),
+              help="Your client certificate (PEM), for flows that read one.")
+@click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False),
+              help="The private key of --cert (PEM).")
+def login(url: str, username: str | None, answers: tuple[str, ...], password_stdin: bool,
+          ca_file: str | None, cert_file: str | None, key_file: str | None) -> None:
+    """Sign in to a Portcullis gateway and remember the session.
+
+    Each step of the sign-in flow is asked in turn (password, verification code, a
+    RADIUS challenge); a first sign-in that must set up an authenticator app shows its
+    QR code here.
+    """
     from portcullis.client.portal_api import PortalApi
     from portcullis.client.state import ClientState, client_home, keep_ca_file
+    from portcullis.net.tls import client_context
 
     if not url.startswith("https://"):
         fail(f"the gateway URL must start with https:// (got {url!r})", 2)
+    if (cert_file is None) != (key_file is None):
+        fail("--cert and --key go together", 2)
+    given = _answer_options(answers)
+    if username is not None:
+        given.setdefault("username", username)
     home = client_home()
     stdin_lines = iter(sys.stdin.readline, "") if password_stdin else iter(())
+    shown: set[str] = set()
 
-    def answer(name: str, label: str, secret: bool) -> str:
-        if name == "username":
-            return username
-        line = next(stdin_lines, None)
+    def answer(step: dict[str, Any], prompt: dict[str, Any]) -> str:
+        _show_step(step, shown)
+        name = str(prompt["name"])
+        if name in given:
+            return given.pop(name)
+        line = next(stdin_lines, None) if prompt.get("secret") or name == "code" else None
         if line is not None:
             return str(line).rstrip("\r\n")
-        return str(click.prompt(label, hide_input=secret))
+        return str(click.prompt(prompt["label"], hide_input=bool(prompt.get("secret"))))
 
-    with PortalApi(url, _client_tls(ca_file)) as api:
+    tls = client_context(Path(ca_file) if ca_file else None,
+                         cert_file=Path(cert_file) if cert_file else None,
+                         key_file=Path(key_file) if key_file else None)
+    with PortalApi(url, tls) as api:
         signed_in = api.login(answer)
     kept_ca = str(keep_ca_file(home, Path(ca_file))) if ca_file else None
     ClientState(url.rstrip("/"), signed_in.user, signed_in.token, kept_ca).save(home)
     click.echo(f"signed in as {signed_in.user}"
                + (f" (groups: {', '.join(signed_in.groups)})" if signed_in.groups else ""))
+
+
+def _answer_options(answers: tuple[str, ...]) -> dict[str, str]:
+    given: dict[str, str] = {}
+    for item in answers:
+        name, separator, value = item.partition("=")
+        if not separator or not name:
+            fail(f"--answer takes PROMPT=VALUE, got {item!r}", 2)
+        given[name] = value
+    return given
+
+
+def _show_step(step: dict[str, Any], shown: set[str]) -> None:
+    """Print a step's message and enrolment once, to stderr (stdout stays for results)."""
+    key = repr((step.get("kind"), step.get("message"), step.get("title")))
+    if key in shown:
+        return
+    shown.add(key)
+    enrolment = step.get("enrolment")
+    if enrolment:
+        click.echo(enrolment.get("qr_text", ""), err=True)
+        click.echo(f"Key: {enrolment.get('secret')}", err=True)
+        click.echo(f"URI: {enrolment.get('otpauth_uri')}", err=True)
+        codes = enrolment.get("recovery_codes") or []
+        if codes:
+            click.echo("Recovery codes (each works once; keep them safe, they are not "
+                       "shown again):", err=True)
+            for code in codes:
+                click.echo(f"  {code}", err=True)
+    if step.get("message"):
+        click.echo(str(step["message"]), err=True)
 
 
 @main.command()

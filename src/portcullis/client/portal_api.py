@@ -13,8 +13,9 @@ from portcullis.errors import ClientError
 from portcullis.net.tls import describe_tls_failure
 from portcullis.proto.launchfile import LaunchFile, parse_launch_file
 
-# Asked for every prompt the flow shows: (prompt name, label, secret) -> answer.
-Answerer = Callable[[str, str, bool], str]
+# Asked for every prompt the flow shows: (the step, one of its prompts) -> answer. The
+# step carries what to show first: a message, a challenge, a TOTP enrolment.
+Answerer = Callable[[dict[str, Any], dict[str, Any]], str]
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,14 @@ class PortalApi:
 
     def login(self, answer: Answerer) -> SignedIn:
         body = self._post_json("/api/v1/login", {})
-        for _ in range(10):  # a flow has a handful of steps; stop a runaway server
+        for _ in range(20):  # a flow has a handful of steps; stop a runaway server
             if body.get("status") == "authenticated":
                 return SignedIn(str(body["token"]), str(body["user"]), list(body["groups"]))
             if body.get("status") != "continue":
-                raise ClientError("sign-in failed (wrong user name or password, "
-                                  "or the account is disabled)")
+                raise ClientError("sign-in failed (a wrong answer, or the account is locked "
+                                  "or disabled; your administrator can see which)")
             step = body["step"]
-            answers = {prompt["name"]: answer(prompt["name"], prompt["label"], prompt["secret"])
-                       for prompt in step["prompts"]}
+            answers = {prompt["name"]: answer(step, prompt) for prompt in step["prompts"]}
             body = self._post_json("/api/v1/login", {"handle": body["handle"],
                                                      "answers": answers})
         raise ClientError("the portal asked too many sign-in steps")

@@ -128,6 +128,7 @@ class Factor(Protocol):
 class NextStep:
     handle: str
     step: Step
+    provider: str = ""                # whose step it is (for `auth test` and the audit)
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,7 @@ class LoginService:
             # Nothing to ask (a client certificate): verify now, no round trip.
             return await self._answer(handle, state, {}, context)
         await self._save(handle, state)
-        return NextStep(handle, step)
+        return NextStep(handle, step, self._factor(state).name)
 
     async def _deny(self, handle: str, state: FlowState, reason: str, context: LoginContext,
                     factor: Factor | None, *, username: str | None = None,

@@ -1,0 +1,161 @@
+"""What the administrator's commands do: `auth test` (a flow dry run against the real
+providers), `user show` (MFA and lockout), `user totp-reset` and `user unlock`.
+
+The dry run talks to the configured directories and RADIUS servers for real but keeps
+its flow state, replay cache and failure counters in a throwaway memory store, so trying
+a flow never locks anyone out; it stops before a TOTP enrolment would store a secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from portcullis.audit import AuditTrail
+from portcullis.config.model import Settings
+from portcullis.identity.accounts import AccountStatus
+from portcullis.identity.claims import Claims
+from portcullis.identity.conditions import LoginContext
+from portcullis.identity.flow import Authenticated, LoginService, NextStep, Prompt, Step
+from portcullis.identity.providers import IdentityProviders
+from portcullis.identity.sessions import SessionManager
+from portcullis.identity.throttle import AccountLock, Throttle
+from portcullis.store import DurableStore, EphemeralStore, MemoryStore, open_ephemeral
+from portcullis.tokens import TokenHasher
+
+Answer = Callable[[Step, Prompt], str]
+Report = Callable[[str], None]
+
+
+class RecordingAudit(AuditTrail):
+    """Keeps the events of a dry run to show them, and writes none to the real trail."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def record(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+
+@asynccontextmanager
+async def opened_stores(settings: Settings, *, throwaway_ephemeral: bool
+                        ) -> AsyncIterator[tuple[DurableStore, EphemeralStore, TokenHasher]]:
+    durable = await DurableStore.open(settings.durable_url())
+    ephemeral = MemoryStore() if throwaway_ephemeral else open_ephemeral(
+        settings.store.ephemeral)
+    try:
+        yield durable, ephemeral, TokenHasher.from_directory(settings.path(settings.secrets_dir))
+    finally:
+        await ephemeral.close()
+        await durable.close()
+
+
+def _describe(event: str, fields: dict[str, Any]) -> str | None:
+    factor = fields.get("factor")
+    reason = fields.get("reason")
+    if event == "login.step_skipped":
+        return f"  skipped {factor}: condition does not hold ({reason})"
+    if event == "login.factor_passed":
+        return f"  passed  {factor} as {fields.get('user')}"
+    if event == "login.factor_retry":
+        return f"  {factor} asks again: {reason}"
+    if event in ("login.factor_failed", "login.failed"):
+        return f"  FAILED  {factor or 'flow'}: {reason}"
+    if event == "login.succeeded":
+        return f"  signed in: factors {', '.join(fields.get('factors', []))}"
+    return None
+
+
+@dataclass(frozen=True)
+class DryRun:
+    outcome: Literal["signed in", "denied", "would enrol"]
+    claims: Claims | None = None
+
+
+async def dry_run(settings: Settings, flow_name: str, username: str, answer: Answer,
+                  report: Report, context: LoginContext) -> DryRun:
+    """Walk the flow as `username` would, reporting each step's outcome and why."""
+    async with opened_stores(settings, throwaway_ephemeral=True) as (durable, ephemeral,
+                                                                      hasher):
+        providers = IdentityProviders(settings, durable, ephemeral, hasher)
+        audit = RecordingAudit()
+        sessions = SessionManager(ephemeral, AccountStatus(durable), hasher, settings.session)
+        service = LoginService(providers.flow(flow_name), ephemeral, hasher, sessions,
+                               settings.session, audit,
+                               Throttle(ephemeral, settings.auth.throttle))
+        report(f"flow {flow_name} (realm {service.flow.realm}) for {username}, "
+               f"client {context.client_address}, "
+               f"{'with' if context.certificate else 'without'} a client certificate")
+        shown = 0
+        result = await service.begin(context)
+        while True:
+            for event, fields in audit.events[shown:]:
+                line = _describe(event, fields)
+                if line:
+                    report(line)
+            shown = len(audit.events)
+            if not isinstance(result, NextStep):
+                break
+            step = result.step
+            report(f"step {result.provider}: {step.title} "
+                   f"({', '.join(p.name for p in step.prompts)})")
+            if step.kind == "totp-enrol":
+                report("  the user has no TOTP secret: a real sign-in would enrol now "
+                       "(stopping here; nothing was stored)")
+                return DryRun("would enrol")
+            answers = {p.name: username if p.name == "username" else answer(step, p)
+                       for p in step.prompts}
+            result = await service.submit(result.handle, answers, context)
+        if isinstance(result, Authenticated):
+            return DryRun("signed in", result.session.claims)
+        return DryRun("denied")
+
+
+@dataclass(frozen=True)
+class RealmReport:
+    realm: str
+    totp: str
+    lock: AccountLock | None
+
+
+def realms(settings: Settings) -> list[str]:
+    """Every realm a flow signs users into, the default flow's first."""
+    auth = settings.auth
+    ordered = [auth.realm_of(auth.flow_named(auth.flow))] + [auth.realm_of(f) for f in auth.flows]
+    return list(dict.fromkeys(realm for realm in ordered if realm))
+
+
+async def account_report(settings: Settings, username: str) -> tuple[str, list[RealmReport]]:
+    """The local account line and, per realm, TOTP enrolment and lockout."""
+    shared_counters = not settings.store.ephemeral.startswith("memory")
+    async with opened_stores(settings, throwaway_ephemeral=not shared_counters) as (
+            durable, ephemeral, _hasher):
+        user = await durable.get_user(username)
+        if user is None:
+            local = "no local account"
+        else:
+            local = (f"local account, {'disabled' if user.disabled else 'enabled'}, "
+                     f"groups: {', '.join(user.groups) or '-'}")
+        throttle = Throttle(ephemeral, settings.auth.throttle)
+        reports = []
+        for realm in realms(settings):
+            record = await durable.get_totp(f"{realm}:{username}")
+            totp = (f"enrolled {record.enrolled_at:%Y-%m-%d %H:%M} UTC, "
+                    f"{record.recovery_codes_left} recovery codes left"
+                    if record else "not enrolled (enrols at next sign-in that needs TOTP)")
+            lock = await throttle.account(f"{realm}:{username}") if shared_counters else None
+            reports.append(RealmReport(realm, totp, lock))
+        return local, reports
+
+
+async def reset_totp(settings: Settings, identity: str) -> bool:
+    async with opened_stores(settings, throwaway_ephemeral=True) as (durable, _e, _h):
+        return await durable.delete_totp(identity)
+
+
+async def unlock(settings: Settings, identity: str) -> None:
+    async with opened_stores(settings, throwaway_ephemeral=False) as (_d, ephemeral, _h):
+        await Throttle(ephemeral, settings.auth.throttle).unlock(identity)
