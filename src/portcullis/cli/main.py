@@ -293,6 +293,38 @@ def user_unlock(name: str, realm: str | None, directory: Path) -> None:
     click.echo(f"unlocked {identity}")
 
 
+# -- certificates -------------------------------------------------------------------------
+@main.group()
+def cert() -> None:
+    """Issue client certificates from the deployment CA."""
+
+
+@cert.command("issue")
+@click.argument("name")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              required=True, help="Where to write NAME.crt and NAME.key.")
+@click.option("--days", default=365, show_default=True, help="How long it is valid.")
+@dir_option
+def cert_issue(name: str, out_dir: Path, days: int, directory: Path) -> None:
+    """Issue a client certificate (common name NAME) for a user or a company device.
+
+    Flows read it when auth.client_ca is the deployment CA (pki/ca.crt): conditions
+    `certificate = "valid"` and the `certificate` factor, which takes the user name from
+    the common name.
+    """
+    from portcullis.pki import issue_certificate, load_pair, write_pair
+    from portcullis.pki.roles import ROLE_COMMON_NAMES
+
+    if name in ROLE_COMMON_NAMES.values():
+        fail(f"{name!r} is the common name of a Portcullis role; choose another", 2)
+    settings = _load(directory)
+    pki = settings.path(settings.tls.directory)
+    ca = load_pair(pki / "ca.crt", pki / "ca.key")
+    issued = issue_certificate(ca, name, server=False, client=True, valid_days=days)
+    cert_path, key_path = write_pair(out_dir, name, issued)
+    click.echo(f"issued {cert_path} and {key_path} (valid {days} days)")
+
+
 # -- identity ---------------------------------------------------------------------------
 @main.group()
 def auth() -> None:

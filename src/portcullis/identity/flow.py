@@ -76,6 +76,7 @@ class FlowState:
 
     flow: str
     current: int = 0                  # the step whose answers are awaited
+    resume: int = 0                   # where the flow goes on after a deferred step
     username: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
     passed: list[str] = field(default_factory=list)
@@ -283,11 +284,13 @@ class LoginService:
 
     async def _advance(self, handle: str, state: FlowState, context: LoginContext) -> LoginResult:
         state.data = {}
-        choice = next_step(self.flow.definition, state.current + 1, state, context)
+        choice = next_step(self.flow.definition, max(state.current + 1, state.resume), state,
+                           context)
         for provider, why in choice.skipped:
             self._audit.record("login.step_skipped", user=state.username, factor=provider,
                                reason=why, client=context.client_address)
         index = choice.index
+        state.resume = len(self.flow.definition.steps) if index is None else index + 1
         if index is None and state.deferred:
             index = state.deferred.pop(0)
         if index is not None:

@@ -17,6 +17,7 @@ Rules that are easy to get wrong:
 from __future__ import annotations
 
 import asyncio
+import math
 import queue
 import ssl
 import struct
@@ -85,7 +86,9 @@ class LdapDirectory:
         settings = self.settings
         return ldap3.Connection(
             self._pool, user=user, password=password, read_only=True,
-            receive_timeout=settings.timeout, raise_exceptions=False,
+            # Whole seconds: on Linux ldap3 packs it into a timeval with struct 'LL',
+            # which refuses a float (struct.error on every connection).
+            receive_timeout=math.ceil(settings.timeout), raise_exceptions=False,
             auto_bind=(ldap3.AUTO_BIND_TLS_BEFORE_BIND if settings.start_tls
                        else ldap3.AUTO_BIND_NO_TLS))
 
