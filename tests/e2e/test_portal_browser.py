@@ -67,3 +67,58 @@ def test_portal_says_sign_in_failed_for_a_wrong_password(
     page.click("button[type=submit]")
     page.wait_for_selector("text=Sign-in failed.")
     page.screenshot(path=str(ARTIFACTS / "portal-sign-in-failed.png"))
+
+
+def test_portal_multi_step_sign_in_with_totp_enrolment(
+        deployment: Deployment, start_process, browser_page) -> None:  # type: ignore[no-untyped-def]
+    """Password, then TOTP for admins: the first time the portal shows the QR code and the
+    recovery codes, and the code oathtool computes from the shown key finishes it; the
+    next sign-in asks for a code."""
+    import subprocess
+
+    oathtool = require_program("oathtool")
+    with deployment.config.open("a") as handle:
+        handle.write('\n[auth]\nflow = "mfa"\n[[auth.flows]]\nname = "mfa"\n'
+                     '[[auth.flows.steps]]\nprovider = "local"\n'
+                     '[[auth.flows.steps]]\nprovider = "totp"\n'
+                     'when = { groups = ["admins"] }\n')
+    process = start_process("up", "--dir", str(deployment.directory), name="up")
+    process.wait_for(r"Portal: https://")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser_page
+
+    def code(secret: str) -> str:
+        return subprocess.run([oathtool, "--totp", "-b", secret], capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    page.goto(f"https://localhost:{deployment.port}/")
+    page.fill("input[name=username]", "admin")
+    page.fill("input[name=password]", deployment.admin_password)
+    page.click("button[type=submit]")
+    page.wait_for_selector("form[data-step=totp-enrol]")
+    assert page.locator("img.qr").evaluate("img => img.naturalWidth") > 0   # the QR renders
+    assert page.locator("ul.recovery-codes li").count() == 10
+    secret = page.locator("code.secret").inner_text()
+    recovery = page.locator("ul.recovery-codes li").first.inner_text()
+    page.screenshot(path=str(ARTIFACTS / "portal-totp-enrolment.png"), full_page=True)
+    page.fill("input[name=code]", "000000" if code(secret) != "000000" else "111111")
+    page.click("button[type=submit]")
+    # A wrong code during enrolment: the same enrolment again, not a restart.
+    page.wait_for_selector("text=That code did not match")
+    assert page.locator("code.secret").inner_text() == secret
+    page.fill("input[name=code]", code(secret))
+    page.click("button[type=submit]")
+    page.wait_for_selector("text=Your resources")
+    page.click("text=Sign out")
+    page.wait_for_url("**/login")
+
+    # Enrolled: the second step asks for a code; a recovery code works as well (once).
+    page.fill("input[name=username]", "Admin")
+    page.fill("input[name=password]", deployment.admin_password)
+    page.click("button[type=submit]")
+    page.wait_for_selector("form[data-step=totp]")
+    assert "Signing in as admin" in page.content()
+    page.screenshot(path=str(ARTIFACTS / "portal-totp-code.png"))
+    page.fill("input[name=code]", recovery)
+    page.click("button[type=submit]")
+    page.wait_for_selector("text=Your resources")

@@ -46,9 +46,10 @@ class TotpFactor:
             state.data["enrolment"] = self._service.seal_enrolment(identity, enrolment)
         if "enrolment" in state.data:
             enrolment = self._service.open_enrolment(identity, state.data["enrolment"])
+            retry = "That code did not match; try the next one. " if "retry" in state.data else ""
             return Step(
                 kind="totp-enrol", title="Set up your authenticator app", prompts=(ENROL_CODE,),
-                message=("Scan the QR code with your authenticator app (or enter the key), "
+                message=(retry + "Scan the QR code with your authenticator app (or enter the key), "
                          "then type the code it shows. Keep the recovery codes somewhere "
                          "safe: each signs you in once without the app. They are shown "
                          "only now."),
@@ -72,6 +73,7 @@ class TotpFactor:
             check = await self._service.confirm(identity, enrolment, code)
             if not check.ok:
                 # The user already proved who they are; let them try the code again.
+                state.data["retry"] = "1"
                 return FactorOutcome(False, f"enrolment: {check.reason}", username=username,
                                      again=True)
             return FactorOutcome(True, "enrolled a new TOTP secret", username=username)
