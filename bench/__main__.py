@@ -19,6 +19,7 @@ from pathlib import Path
 from bench import (
     idle_memory,
     launch_rate,
+    login_rate,
     throughput,
     tunnel_memory,
     tunnel_stream_rate,
@@ -30,6 +31,7 @@ from bench.report import Report
 BENCHMARKS: dict[str, Callable[[], Report]] = {
     "throughput": throughput.run,
     "launch_rate": launch_rate.run,
+    "login_rate": login_rate.run,
     "idle_memory": idle_memory.run,
     "tunnel_throughput": tunnel_throughput.run,
     "tunnel_udp": tunnel_udp.run,

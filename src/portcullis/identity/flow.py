@@ -250,6 +250,8 @@ class LoginService:
             return await self._deny(handle, state, "account locked", context, factor,
                                     username=locked[0], count=False)
         if outcome.again:
+            # The factor asks again (a RADIUS challenge): the name it was given stays.
+            state.username = username
             self._audit.record("login.factor_retry", user=username, factor=factor.name,
                                reason=outcome.reason, client=client)
             return await self._ask(handle, state, context)

@@ -175,9 +175,20 @@ class LdapDirectory:
         return seen
 
     def bind(self, dn: str, password: str) -> bool:
-        connection = self._connection(dn, password)
+        """True: the password is right; False: the directory says invalidCredentials;
+        LDAPException: the directory could not say (unreachable, TLS, busy)."""
+        connection = ldap3.Connection(
+            self._pool, user=dn, password=password, read_only=True,
+            receive_timeout=math.ceil(self.settings.timeout), raise_exceptions=False)
         try:
-            return bool(connection.bound)
+            connection.open(read_server_info=False)
+            if self.settings.start_tls and not connection.start_tls(read_server_info=False):
+                raise LDAPException(f"StartTLS failed: {connection.last_error}")
+            if connection.bind(read_server_info=False):
+                return True
+            if connection.result.get("result") == 49:      # invalidCredentials
+                return False
+            raise LDAPException(f"bind failed: {connection.result.get('description')}")
         finally:
             connection.unbind()
 
