@@ -13,19 +13,19 @@ import ipaddress
 import json
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_program
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from hypothesis import given
 from hypothesis import strategies as st
-from peers.stores import FakeClock
 
+from conftest import require_program
+from peers.stores import FakeClock
 from portcullis.audit import AuditTrail
 from portcullis.config.auth import Condition, Flow, FlowStep
 from portcullis.config.model import Settings
@@ -179,10 +179,6 @@ def test_evaluate(condition: Condition | None, given_facts: Facts, holds: bool,
     assert reason in verdict.reason, verdict.reason
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: conditions._address compares an IPv4-mapped IPv6 client (::ffff:a.b.c.d, as a "
-    "dual-stack listener reports IPv4 clients) only against IPv6 networks; the policy "
-    "engine (_address_key) unwraps it"))
 def test_an_ipv4_mapped_client_meets_ipv4_networks() -> None:
     condition = C({"client_address": ["192.0.2.0/24"]})
     assert evaluate(condition, facts("::ffff:192.0.2.10")).holds
@@ -309,7 +305,11 @@ class Deployment:
         check = await self.totp.confirm(f"local:{username}", enrolment,
                                         self.code(enrolment.secret))
         assert check.ok, check.reason
-        return enrolment.secret
+        secret: str = enrolment.secret
+        return secret
+
+
+Deploy = Callable[..., Deployment]
 
 
 @pytest.fixture
@@ -323,11 +323,12 @@ async def durable(tmp_path: Path) -> AsyncIterator[DurableStore]:
 
 @pytest.fixture(scope="module")
 def oathtool_path() -> str:
-    return require_program("oathtool")
+    path: str = require_program("oathtool")
+    return path
 
 
 @pytest.fixture
-def deploy(durable: DurableStore, tmp_path: Path, oathtool_path: str):  # type: ignore[no-untyped-def]
+def deploy(durable: DurableStore, tmp_path: Path, oathtool_path: str) -> Iterator[Deploy]:
     """Build the login service for `[auth]` settings over a given ephemeral store."""
     built: list[AuditTrail] = []
 
@@ -373,7 +374,7 @@ FINANCE_TOTP = flow({"provider": "local"},
                     {"provider": "totp", "when": {"groups": ["Finance"]}})
 
 
-async def test_finance_enrols_then_signs_in_with_a_code(deploy) -> None:  # type: ignore[no-untyped-def]
+async def test_finance_enrols_then_signs_in_with_a_code(deploy: Deploy) -> None:
     site: Deployment = deploy(FINANCE_TOTP)
     first = await site.login.submit(None, {"username": "fred", "password": "fred-pw"}, OFFICE)
     assert isinstance(first, NextStep) and first.step.kind == "totp-enrol"
@@ -391,7 +392,8 @@ async def test_finance_enrols_then_signs_in_with_a_code(deploy) -> None:  # type
     retry = await site.login.submit(first.handle, {"code": "000000"}, OFFICE)
     assert isinstance(retry, NextStep) and retry.step.kind == "totp-enrol"
     assert retry.step.enrolment is not None and retry.step.enrolment["secret"] == secret
-    done = await site.login.submit(first.handle, {"code": site.code(secret)}, OFFICE)
+    enrol_code = site.code(secret)
+    done = await site.login.submit(first.handle, {"code": enrol_code}, OFFICE)
     assert isinstance(done, Authenticated)
     assert done.session.claims.amr == ("local", "totp")
     assert set(done.session.claims.groups) == {"FINANCE", "staff"}
@@ -400,8 +402,9 @@ async def test_finance_enrols_then_signs_in_with_a_code(deploy) -> None:  # type
     again = await site.login.submit(None, {"username": "fred", "password": "fred-pw"}, OFFICE)
     assert isinstance(again, NextStep) and again.step.kind == "totp"
     assert prompts(again.step) == ["code"] and again.step.enrolment is None
-    wrong = await site.login.submit(again.handle, {"code": site.code(secret)}, OFFICE)
-    assert isinstance(wrong, Denied)     # the enrolment's code, replayed
+    replayed = await site.login.submit(again.handle, {"code": enrol_code}, OFFICE)
+    assert isinstance(replayed, Denied)
+    assert site.events("login.failed")[-1]["reason"] == "code already used"
     third = await site.login.submit(None, {"username": "fred", "password": "fred-pw"}, OFFICE)
     assert isinstance(third, NextStep)
     signed_in = await site.login.submit(third.handle, {"code": site.code(secret, 1)}, OFFICE)
@@ -418,7 +421,7 @@ async def test_finance_enrols_then_signs_in_with_a_code(deploy) -> None:  # type
     assert isinstance(await site.login.submit(fifth.handle, {"code": recovery}, OFFICE), Denied)
 
 
-async def test_staff_needs_no_totp(deploy) -> None:  # type: ignore[no-untyped-def]
+async def test_staff_needs_no_totp(deploy: Deploy) -> None:
     site: Deployment = deploy(FINANCE_TOTP)
     result = await site.login.submit(None, {"username": "alice", "password": "alice-pw"},
                                      OFFICE)
@@ -430,7 +433,7 @@ async def test_staff_needs_no_totp(deploy) -> None:  # type: ignore[no-untyped-d
     assert await site.totp.record("local:alice") is None
 
 
-async def test_a_wrong_password_never_reaches_enrolment(deploy) -> None:  # type: ignore[no-untyped-def]
+async def test_a_wrong_password_never_reaches_enrolment(deploy: Deploy) -> None:
     site: Deployment = deploy(FINANCE_TOTP)
     result = await site.login.submit(None, {"username": "fred", "password": "nope"}, OFFICE)
     assert result == Denied()
@@ -443,7 +446,7 @@ DEVICE_OR_TOTP = flow({"provider": "totp", "when": {"not": {"certificate": "vali
                       {"provider": "local"})
 
 
-async def test_with_a_certificate_only_the_password_is_asked(deploy) -> None:  # type: ignore[no-untyped-def]
+async def test_with_a_certificate_only_the_password_is_asked(deploy: Deploy) -> None:
     site: Deployment = deploy(DEVICE_OR_TOTP)
     await site.enrol("alice")
     begun = await site.login.begin(WITH_CERT)
@@ -453,11 +456,17 @@ async def test_with_a_certificate_only_the_password_is_asked(deploy) -> None:  #
                                                     "password": "alice-pw"}, WITH_CERT)
     assert isinstance(result, Authenticated)
     assert result.session.claims.amr == ("local",)
+    assert site.events("login.succeeded")[-1]["factors"] == ["local"]
+
+
+async def test_a_step_skipped_at_the_start_is_audited(deploy: Deploy) -> None:
+    site: Deployment = deploy(DEVICE_OR_TOTP)
+    assert isinstance(await site.login.begin(WITH_CERT), NextStep)
     assert [(e["factor"], e["reason"]) for e in site.events("login.step_skipped")] == [
         ("totp", "a valid client certificate")]
 
 
-async def test_without_a_certificate_totp_comes_first_then_the_password(deploy) -> None:  # type: ignore[no-untyped-def]
+async def test_without_a_certificate_totp_comes_first_then_the_password(deploy: Deploy) -> None:
     site: Deployment = deploy(DEVICE_OR_TOTP)
     secret = await site.enrol("alice")
     begun = await site.login.begin(OFFICE)
@@ -475,7 +484,7 @@ async def test_without_a_certificate_totp_comes_first_then_the_password(deploy) 
     assert result.session.claims.amr == ("totp", "local")
 
 
-async def test_a_wrong_code_fails_late_like_an_unknown_user(deploy) -> None:  # type: ignore[no-untyped-def]
+async def test_a_wrong_code_fails_late_like_an_unknown_user(deploy: Deploy) -> None:
     site: Deployment = deploy(DEVICE_OR_TOTP)
     await site.enrol("alice")
     shapes = {}
@@ -505,7 +514,7 @@ async def test_a_wrong_code_fails_late_like_an_unknown_user(deploy) -> None:  # 
     assert site.events("login.failed")[-1]["reason"] == "unknown user"
 
 
-async def test_a_user_without_totp_enrols_after_the_password(deploy) -> None:  # type: ignore[no-untyped-def]
+async def test_a_user_without_totp_enrols_after_the_password(deploy: Deploy) -> None:
     site: Deployment = deploy(DEVICE_OR_TOTP)
     first = await site.login.submit(None, {"username": "bob", "code": "123456"}, OFFICE)
     assert isinstance(first, NextStep) and first.step.kind == "password"
@@ -526,7 +535,7 @@ async def test_a_user_without_totp_enrols_after_the_password(deploy) -> None:  #
     assert result.session.claims.amr == ("totp", "local")
 
 
-async def test_a_deferred_enrolment_needs_the_right_password(deploy) -> None:  # type: ignore[no-untyped-def]
+async def test_a_deferred_enrolment_needs_the_right_password(deploy: Deploy) -> None:
     site: Deployment = deploy(DEVICE_OR_TOTP)
     first = await site.login.submit(None, {"username": "bob", "code": "123456"}, OFFICE)
     assert isinstance(first, NextStep)
@@ -536,10 +545,7 @@ async def test_a_deferred_enrolment_needs_the_right_password(deploy) -> None:  #
     assert await site.login.submit(first.handle, {"password": "bob-pw"}, OFFICE) == Denied()
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "BUG: non-ASCII digits in a TOTP answer raise TypeError from hmac.compare_digest "
-    "(totp.py) instead of being refused"))
-async def test_a_code_in_non_ascii_digits_is_denied(deploy) -> None:  # type: ignore[no-untyped-def]
+async def test_a_code_in_non_ascii_digits_is_denied(deploy: Deploy) -> None:
     site: Deployment = deploy(DEVICE_OR_TOTP)
     await site.enrol("alice")
     first = await site.login.submit(None, {"username": "alice", "code": "١٢٣٤٥٦"}, OFFICE)
@@ -548,7 +554,7 @@ async def test_a_code_in_non_ascii_digits_is_denied(deploy) -> None:  # type: ig
 
 # --- (c) two local steps ----------------------------------------------------------------
 
-async def test_two_local_steps_in_sequence(deploy) -> None:  # type: ignore[no-untyped-def]
+async def test_two_local_steps_in_sequence(deploy: Deploy) -> None:
     site: Deployment = deploy(flow({"provider": "local"}, {"provider": "local"}))
     first = await site.login.submit(None, {"username": "alice", "password": "alice-pw"},
                                     OFFICE)
@@ -568,7 +574,7 @@ async def test_two_local_steps_in_sequence(deploy) -> None:  # type: ignore[no-u
     assert (failed["user"], failed["reason"]) == ("alice", "wrong password")
 
 
-async def test_two_local_providers_in_sequence(deploy) -> None:  # type: ignore[no-untyped-def]
+async def test_two_local_providers_in_sequence(deploy: Deploy) -> None:
     site: Deployment = deploy(flow({"provider": "local"}, {"provider": "vault"},
                                    providers=[{"type": "local", "name": "vault"}]))
     first = await site.login.submit(None, {"username": "bob", "password": "bob-pw"}, OFFICE)
@@ -584,7 +590,7 @@ async def test_two_local_providers_in_sequence(deploy) -> None:  # type: ignore[
 
 # --- one identity per canonical name -----------------------------------------------------
 
-async def test_name_variants_share_one_totp_secret_and_one_lockout(deploy) -> None:  # type: ignore[no-untyped-def]
+async def test_name_variants_share_one_totp_secret_and_one_lockout(deploy: Deploy) -> None:
     site: Deployment = deploy(flow({"provider": "local"}, {"provider": "totp"},
                                    throttle={"account_failures": 3}))
     first = await site.login.submit(None, {"username": "ALICE", "password": "alice-pw"},
@@ -622,7 +628,7 @@ async def test_name_variants_share_one_totp_secret_and_one_lockout(deploy) -> No
 # --- throttling ------------------------------------------------------------------------
 
 async def test_brute_force_locks_the_account_not_the_address(
-        deploy, ephemeral_store: EphemeralStore, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
+        deploy: Deploy, ephemeral_store: EphemeralStore, clock: FakeClock) -> None:
     site: Deployment = deploy(flow({"provider": "local"}, throttle={
         "account_failures": 5, "address_failures": 1000, "lockout_seconds": 600}),
         ephemeral_store)
@@ -661,7 +667,7 @@ async def test_brute_force_locks_the_account_not_the_address(
 
 
 async def test_too_many_failures_from_one_address_refuse_it_for_everyone(
-        deploy, ephemeral_store: EphemeralStore) -> None:  # type: ignore[no-untyped-def]
+        deploy: Deploy, ephemeral_store: EphemeralStore) -> None:
     site: Deployment = deploy(flow({"provider": "local"}, throttle={
         "account_failures": 100, "address_failures": 10}), ephemeral_store)
     for attempt in range(10):
@@ -689,7 +695,7 @@ async def test_too_many_failures_from_one_address_refuse_it_for_everyone(
 
 
 async def test_a_success_resets_the_account_count(
-        deploy, ephemeral_store: EphemeralStore) -> None:  # type: ignore[no-untyped-def]
+        deploy: Deploy, ephemeral_store: EphemeralStore) -> None:
     site: Deployment = deploy(flow({"provider": "local"}, throttle={
         "account_failures": 5, "address_failures": 1000}), ephemeral_store)
     for _round in range(2):
@@ -705,7 +711,7 @@ async def test_a_success_resets_the_account_count(
 
 
 async def test_a_wrong_totp_code_counts_against_the_account(
-        deploy, ephemeral_store: EphemeralStore) -> None:  # type: ignore[no-untyped-def]
+        deploy: Deploy, ephemeral_store: EphemeralStore) -> None:
     site: Deployment = deploy(dict(DEVICE_OR_TOTP, throttle={"account_failures": 2}),
                               ephemeral_store)
     await site.enrol("alice")
@@ -724,7 +730,7 @@ async def test_a_wrong_totp_code_counts_against_the_account(
 
 # --- answers that tell nothing ---------------------------------------------------------------
 
-async def test_unknown_user_and_wrong_password_get_identical_answers(deploy) -> None:  # type: ignore[no-untyped-def]
+async def test_unknown_user_and_wrong_password_get_identical_answers(deploy: Deploy) -> None:
     site: Deployment = deploy(flow({"provider": "local"}))
     begun = [await site.login.begin(OFFICE) for _ in range(2)]
     assert all(isinstance(b, NextStep) for b in begun)
@@ -739,7 +745,7 @@ async def test_unknown_user_and_wrong_password_get_identical_answers(deploy) -> 
     assert [e["reason"] for e in site.events("login.failed")] == list(answers)
 
 
-async def test_an_oversized_answer_is_denied(deploy) -> None:  # type: ignore[no-untyped-def]
+async def test_an_oversized_answer_is_denied(deploy: Deploy) -> None:
     site: Deployment = deploy(flow({"provider": "local"}))
     at_limit = await site.login.submit(None, {"username": "alice",
                                               "password": "x" * MAX_ANSWER}, OFFICE)
@@ -752,7 +758,7 @@ async def test_an_oversized_answer_is_denied(deploy) -> None:  # type: ignore[no
         assert site.events("login.failed")[-1]["reason"] == "oversized answer"
 
 
-async def test_an_unknown_or_oversized_handle_is_denied(deploy) -> None:  # type: ignore[no-untyped-def]
+async def test_an_unknown_or_oversized_handle_is_denied(deploy: Deploy) -> None:
     site: Deployment = deploy(flow({"provider": "local"}))
     for handle in ("no-such-handle", "h" * 10_000, ""):
         assert await site.login.submit(handle, {"username": "alice", "password": "alice-pw"},

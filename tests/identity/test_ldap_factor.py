@@ -216,10 +216,6 @@ async def test_filter_injection_in_the_user_name_is_denied(
     assert not login.events("login.factor_passed")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src bug: LdapDirectory.bind() uses auto_bind, so invalidCredentials raises "
-    "LDAPBindError and authenticate() reports it as 'directory unavailable' "
-    "(unavailable=True): wrong passwords are never counted towards lockout"))
 async def test_wrong_passwords_count_towards_the_lockout(make_login) -> None:  # type: ignore[no-untyped-def]
     login = make_login(throttle={"account_failures": 2})
     assert isinstance(await login.sign_in("alice", "nope-1"), Denied)

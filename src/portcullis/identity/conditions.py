@@ -122,6 +122,8 @@ def _address(condition: Condition, facts: Facts) -> Verdict | None:
         address = ipaddress.ip_address(facts.context.client_address)
     except ValueError:
         return Verdict(False, f"client address {facts.context.client_address!r} unknown")
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped     # a dual-stack listener's view of an IPv4 client
     for network in condition.client_address:
         parsed = ipaddress.ip_network(network, strict=False)
         if address.version == parsed.version and address in parsed:

@@ -197,6 +197,7 @@ class LoginService:
     async def begin(self, context: LoginContext) -> LoginResult:
         state = FlowState(flow=self.flow.name)
         choice = next_step(self.flow.definition, 0, state, context)
+        self._record_skipped(choice, state, context)
         if choice.index is None:
             # Validation guarantees a primary step, but a condition may exclude them all.
             self._audit.record("login.failed", reason="no step of the flow applies",
@@ -288,9 +289,7 @@ class LoginService:
         state.data = {}
         choice = next_step(self.flow.definition, max(state.current + 1, state.resume), state,
                            context)
-        for provider, why in choice.skipped:
-            self._audit.record("login.step_skipped", user=state.username, factor=provider,
-                               reason=why, client=context.client_address)
+        self._record_skipped(choice, state, context)
         index = choice.index
         state.resume = len(self.flow.definition.steps) if index is None else index + 1
         if index is None and state.deferred:
@@ -314,6 +313,12 @@ class LoginService:
                            flow=self.flow.name, factors=list(claims.amr),
                            client=context.client_address, session=session.handle[:12])
         return Authenticated(token, session)
+
+    def _record_skipped(self, choice: StepChoice, state: FlowState,
+                        context: LoginContext) -> None:
+        for provider, why in choice.skipped:
+            self._audit.record("login.step_skipped", user=state.username, factor=provider,
+                               reason=why, client=context.client_address)
 
     async def _ask(self, handle: str, state: FlowState, context: LoginContext) -> LoginResult:
         # The step first: a factor may note what it showed (a pending enrolment).

@@ -19,6 +19,7 @@ import io
 import json
 import secrets
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -132,8 +133,8 @@ class TotpService:
 
     async def verify(self, identity: str, record: TotpRecord, answer: str) -> CodeCheck:
         """A code from the app, or one of the recovery codes."""
-        answer = answer.strip().replace(" ", "")
-        if answer.isdigit():
+        answer = _normalised(answer)
+        if answer.isascii() and answer.isdigit():
             secret = self._box.open(identity, record.sealed_secret).decode()
             return await self._check_code(identity, secret, answer)
         normalised = answer.lower().replace("-", "")
@@ -146,8 +147,8 @@ class TotpService:
         return await self._durable.delete_totp(identity)
 
     async def _check_code(self, identity: str, secret: str, code: str) -> CodeCheck:
-        code = code.strip().replace(" ", "")
-        if len(code) != self.settings.digits or not code.isdigit():
+        code = _normalised(code)
+        if len(code) != self.settings.digits or not (code.isascii() and code.isdigit()):
             return CodeCheck(False, "malformed code")
         totp = self.totp(secret)
         now_step = totp.timecode(self._clock())
@@ -164,6 +165,12 @@ class TotpService:
 
     def _recovery_hash(self, identity: str, code: str) -> str:
         return self._hasher.digest("recovery-code", f"{identity}\0{code.replace('-', '')}")
+
+
+def _normalised(answer: str) -> str:
+    """Full-width digits become ASCII (NFKC); other scripts' digits stay non-ASCII and are
+    refused (str.isdigit() accepts them, hmac.compare_digest does not)."""
+    return unicodedata.normalize("NFKC", answer).strip().replace(" ", "")
 
 
 def _recovery_code() -> str:

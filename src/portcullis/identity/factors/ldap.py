@@ -21,15 +21,16 @@ import math
 import queue
 import ssl
 import struct
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import ldap3
 import structlog
-from ldap3.core.exceptions import LDAPException
+from ldap3.core.exceptions import LDAPCommunicationError, LDAPException
 from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import parse_dn
 
@@ -48,6 +49,8 @@ IN_CHAIN = "1.2.840.113556.1.4.1941"
 CLAIM_ATTRIBUTES = ("mail", "displayName", "cn", "sAMAccountName", "userPrincipalName",
                     "objectGUID", "objectSid", "memberOf")
 MAX_NESTING = 8
+# How long a server that failed is tried after the others.
+RETRY_AFTER = 30.0
 
 
 @dataclass(frozen=True)
@@ -70,34 +73,62 @@ class LdapDirectory:
     """The directory behind one `[[auth.providers]]` of type ldap (blocking calls)."""
 
     def __init__(self, settings: LdapProvider, bind_password: str,
-                 ca_cert: str | None) -> None:
+                 ca_cert: str | None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self._bind_password = bind_password
+        self._clock = clock
         tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_cert,
                         version=ssl.PROTOCOL_TLS_CLIENT)
-        servers = [ldap3.Server(url, tls=tls, connect_timeout=settings.timeout,
-                                get_info=ldap3.NONE) for url in settings.servers]
-        # FIRST: always the first server that answers; active: try each in turn;
-        # exhaust: a dead server is left out for a while instead of costing every sign-in.
-        self._pool = ldap3.ServerPool(servers, ldap3.FIRST, active=1, exhaust=60)
+        self._servers = [ldap3.Server(url, tls=tls, connect_timeout=settings.timeout,
+                                      get_info=ldap3.NONE) for url in settings.servers]
+        # When each server last failed: such a server is tried last for a while, so a
+        # dead domain controller does not cost every sign-in a connect timeout.
+        self._failed_at: dict[str, float] = {}
         self._service: queue.SimpleQueue[ldap3.Connection] = queue.SimpleQueue()
 
-    def _connection(self, user: str, password: str) -> ldap3.Connection:
-        settings = self.settings
-        return ldap3.Connection(
-            self._pool, user=user, password=password, read_only=True,
-            # Whole seconds: on Linux ldap3 packs it into a timeval with struct 'LL',
-            # which refuses a float (struct.error on every connection).
-            receive_timeout=math.ceil(settings.timeout), raise_exceptions=False,
-            auto_bind=(ldap3.AUTO_BIND_TLS_BEFORE_BIND if settings.start_tls
-                       else ldap3.AUTO_BIND_NO_TLS))
+    def _open(self, user: str, password: str) -> ldap3.Connection:
+        """An open (TLS-protected, not yet bound) connection to the first server that
+        answers. Not ldap3's ServerPool: it sleeps 10 s when every server is down, keeps
+        every connection it ever made, and shuns a recovered server for its whole
+        exhaust period."""
+        now = self._clock()
+        ordered = sorted(self._servers, key=lambda server: (
+            now - self._failed_at.get(server.name, -RETRY_AFTER) < RETRY_AFTER))
+        errors: list[str] = []
+        for server in ordered:
+            connection = ldap3.Connection(
+                server, user=user, password=password, read_only=True,
+                # Whole seconds: on Linux ldap3 packs it into a timeval with struct
+                # 'LL', which refuses a float.
+                receive_timeout=math.ceil(self.settings.timeout), raise_exceptions=False)
+            try:
+                connection.open(read_server_info=False)
+                if self.settings.start_tls and not connection.start_tls(read_server_info=False):
+                    raise LDAPException(f"StartTLS failed: {connection.last_error}")
+            except LDAPException as exc:
+                connection.unbind()
+                self._failed_at[server.name] = now
+                errors.append(f"{server.name}: {exc}")
+                continue
+            self._failed_at.pop(server.name, None)
+            return connection
+        raise LDAPException("no directory server answered (" + "; ".join(errors) + ")")
+
+    def _service_bound(self) -> ldap3.Connection:
+        connection = self._open(self.settings.bind_dn, self._bind_password)
+        if not connection.bind(read_server_info=False):
+            connection.unbind()
+            raise LDAPException("the service account cannot bind: "
+                                f"{connection.result.get('description')} (check bind_dn and "
+                                "bind_password_file)")
+        return connection
 
     @contextmanager
     def _service_connection(self) -> Iterator[ldap3.Connection]:
         try:
             connection = self._service.get_nowait()
         except queue.Empty:
-            connection = self._connection(self.settings.bind_dn, self._bind_password)
+            connection = self._service_bound()
         broken = True
         try:
             yield connection
@@ -109,6 +140,15 @@ class LdapDirectory:
                 self._service.put(connection)
 
     def find(self, typed: str) -> list[DirectoryUser]:
+        """The entries whose login attributes match `typed` (at most 2 are fetched)."""
+        try:
+            return self._find(typed)
+        except LDAPCommunicationError:
+            # A pooled connection the server has closed (idle timeout, restart): once
+            # more on a fresh one.
+            return self._find(typed)
+
+    def _find(self, typed: str) -> list[DirectoryUser]:
         settings = self.settings
         value = escape_filter_chars(typed)
         alternatives = "".join(f"({name}={value})" for name in settings.login_attributes)
@@ -175,15 +215,10 @@ class LdapDirectory:
         return seen
 
     def bind(self, dn: str, password: str) -> bool:
-        """True: the password is right; False: the directory says invalidCredentials;
-        LDAPException: the directory could not say (unreachable, TLS, busy)."""
-        connection = ldap3.Connection(
-            self._pool, user=dn, password=password, read_only=True,
-            receive_timeout=math.ceil(self.settings.timeout), raise_exceptions=False)
+        """True: right password; False: invalidCredentials; LDAPException: the directory
+        could not say (unreachable, TLS, busy)."""
+        connection = self._open(dn, password)
         try:
-            connection.open(read_server_info=False)
-            if self.settings.start_tls and not connection.start_tls(read_server_info=False):
-                raise LDAPException(f"StartTLS failed: {connection.last_error}")
             if connection.bind(read_server_info=False):
                 return True
             if connection.result.get("result") == 49:      # invalidCredentials

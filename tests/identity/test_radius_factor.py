@@ -1,0 +1,344 @@
+"""The RADIUS factor against the real FreeRADIUS (tests/peers/radius.py): groups from
+Class or Filter-Id, rejection, an Access-Challenge round, failover past a dead server and
+past one that does not share our secret, replies without a Message-Authenticator, and an
+outage that does not count against the user."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+import struct
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import free_udp_port
+from peers.radius import (
+    ALICE,
+    ALICE_CLASS,
+    ALICE_FILTER_ID,
+    ALICE_PASSWORD,
+    BOB,
+    BOB_PASSWORD,
+    CHALLENGE_CODE,
+    CHALLENGE_MESSAGE,
+    DAVE,
+    DAVE_PASSWORD,
+    FreeRadius,
+    require_freeradius,
+    start_freeradius,
+)
+from portcullis.audit import AuditTrail
+from portcullis.config.model import Settings
+from portcullis.errors import ConfigError
+from portcullis.identity.accounts import AccountStatus
+from portcullis.identity.claims import Claims
+from portcullis.identity.conditions import LoginContext
+from portcullis.identity.flow import (
+    Authenticated,
+    Denied,
+    LoginResult,
+    LoginService,
+    NextStep,
+)
+from portcullis.identity.providers import IdentityProviders
+from portcullis.identity.sessions import SessionManager
+from portcullis.identity.throttle import Throttle
+from portcullis.store import DurableStore, MemoryStore
+from portcullis.tokens import TokenHasher
+
+pytestmark = pytest.mark.peer
+
+CLIENT = LoginContext("192.0.2.9")
+SECRET_FILE = "radius.secret"
+# Short enough that a server that never answers costs half a second, not three.
+FAST = {"timeout": 0.5, "retries": 0}
+
+
+@dataclass
+class Login:
+    service: LoginService
+    throttle: Throttle
+    ephemeral: MemoryStore
+    audit_path: Path
+
+    async def sign_in(self, username: str, password: str) -> LoginResult:
+        return await self.service.submit(None, {"username": username, "password": password},
+                                         CLIENT)
+
+    async def answer(self, handle: str, answers: dict[str, str]) -> LoginResult:
+        return await self.service.submit(handle, answers, CLIENT)
+
+    async def claims(self, username: str, password: str) -> Claims:
+        result = await self.sign_in(username, password)
+        assert isinstance(result, Authenticated), self.events()[-1:]
+        return result.session.claims
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        lines = self.audit_path.read_text().splitlines() if self.audit_path.exists() else []
+        entries = [json.loads(line) for line in lines]
+        return [e for e in entries if name is None or e["event"] == name]
+
+    def last_failure(self) -> str:
+        failures = self.events("login.failed")
+        assert failures, "no login.failed in the audit trail"
+        return str(failures[-1]["reason"])
+
+    async def account_failures(self, identity: str) -> int:
+        return (await self.throttle.account(identity)).failures
+
+    async def address_failures(self) -> int:
+        count = await self.ephemeral.get(f"throttle:address:{CLIENT.client_address}")
+        return int(count) if count is not None else 0
+
+
+@pytest.fixture
+async def durable(tmp_path: Path) -> AsyncIterator[DurableStore]:
+    store = await DurableStore.open(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    yield store
+    await store.close()
+
+
+def address(server: FreeRadius) -> str:
+    return f"{server.address}:{server.port}"
+
+
+def dead_address() -> str:
+    # Nothing listens there: a request to it is never answered.
+    return f"127.0.0.1:{free_udp_port()}"
+
+
+def radius_provider(servers: list[str], **overrides: Any) -> dict[str, Any]:
+    return {"type": "radius", "name": "radius", "servers": servers,
+            "secret_file": SECRET_FILE, **FAST, **overrides}
+
+
+@pytest.fixture
+def make_login(freeradius: FreeRadius, durable: DurableStore, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """make_login(servers=..., secret=..., throttle=..., **provider overrides)."""
+
+    def make(servers: list[str] | None = None, secret: bytes | None = None,
+             throttle: dict[str, Any] | None = None, **overrides: Any) -> Login:
+        (tmp_path / SECRET_FILE).write_bytes((secret or freeradius.secret) + b"\n")
+        auth: dict[str, Any] = {
+            "providers": [radius_provider(servers or [address(freeradius)], **overrides)],
+            "flows": [{"name": "default", "steps": [{"provider": "radius"}]}]}
+        if throttle:
+            auth["throttle"] = throttle
+        settings = Settings.model_validate({"auth": auth}).model_copy(
+            update={"base_dir": tmp_path})
+        ephemeral = MemoryStore()
+        hasher = TokenHasher(b"r" * 32)
+        providers = IdentityProviders(settings, durable, ephemeral, hasher)
+        sessions = SessionManager(ephemeral, AccountStatus(durable, ttl=0), hasher,
+                                  settings.session)
+        throttler = Throttle(ephemeral, settings.auth.throttle)
+        audit = tmp_path / "audit.jsonl"
+        service = LoginService(providers.flow(), ephemeral, hasher, sessions,
+                               settings.session, AuditTrail(audit), throttler)
+        return Login(service, throttler, ephemeral, audit)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def other_secret_radius(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FreeRadius]:
+    """A second FreeRADIUS whose client entry has a secret we do not have."""
+    require_freeradius()
+    server = start_freeradius(tmp_path_factory.mktemp("freeradius-other"),
+                              secret=b"a-secret-portcullis-does-not-know")
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize(("attribute", "groups"), [
+    ("Class", (ALICE_CLASS,)),
+    ("Filter-Id", (ALICE_FILTER_ID,)),
+])
+async def test_accepted_user_gets_groups_from_the_configured_attribute(
+        make_login, attribute: str, groups: tuple[str, ...]) -> None:  # type: ignore[no-untyped-def]
+    login = make_login(group_attribute=attribute)
+    # The name is canonicalised before it is sent: "Alice " is alice.
+    claims = await login.claims("Alice ", ALICE_PASSWORD)
+    assert claims.username == "alice" and claims.sub == "radius:alice"
+    assert claims.idp == "radius" and claims.amr == ("radius",)
+    assert claims.groups == groups
+
+
+async def test_wrong_password_is_rejected_and_counted(make_login) -> None:  # type: ignore[no-untyped-def]
+    login = make_login()
+    assert isinstance(await login.sign_in(BOB, BOB_PASSWORD + "x"), Denied)
+    assert login.last_failure().startswith("RADIUS rejected")
+    assert await login.account_failures("radius:bob") == 1
+    assert await login.address_failures() == 1
+    assert isinstance(await login.sign_in("nobody", BOB_PASSWORD), Denied)
+    assert login.last_failure().startswith("RADIUS rejected")
+    # A success resets bob's count.
+    assert (await login.claims(BOB, BOB_PASSWORD)).username == "bob"
+    assert await login.account_failures("radius:bob") == 0
+
+
+async def test_empty_password_is_refused_without_asking_the_server(make_login) -> None:  # type: ignore[no-untyped-def]
+    login = make_login()
+    assert isinstance(await login.sign_in(ALICE, ""), Denied)
+    assert login.last_failure() == "empty or malformed user name or password"
+
+
+async def test_a_challenge_becomes_the_next_prompt(make_login) -> None:  # type: ignore[no-untyped-def]
+    login = make_login()
+    first = await login.sign_in(DAVE, DAVE_PASSWORD)
+    assert isinstance(first, NextStep)
+    assert first.step.kind == "challenge"
+    assert [prompt.name for prompt in first.step.prompts] == ["response"]
+    assert first.step.prompts[0].label == CHALLENGE_MESSAGE
+    assert first.step.prompts[0].secret
+
+
+async def test_answering_the_challenge_with_the_code_signs_in(make_login) -> None:  # type: ignore[no-untyped-def]
+    login = make_login()
+    first = await login.sign_in(DAVE, DAVE_PASSWORD)
+    assert isinstance(first, NextStep) and first.step.kind == "challenge"
+    second = await login.answer(first.handle, {"response": CHALLENGE_CODE})
+    assert isinstance(second, Authenticated), login.events()[-1:]
+    assert second.session.claims.username == "dave"
+    assert second.session.claims.amr == ("radius",)
+
+
+async def test_a_wrong_challenge_code_is_denied_by_the_server(make_login) -> None:  # type: ignore[no-untyped-def]
+    login = make_login()
+    first = await login.sign_in(DAVE, DAVE_PASSWORD)
+    assert isinstance(first, NextStep) and first.step.kind == "challenge"
+    second = await login.answer(first.handle, {"response": "000000"})
+    assert isinstance(second, Denied)
+    assert login.last_failure().startswith("RADIUS rejected")
+    assert login.events("login.failed")[-1]["user"] == "dave"
+    assert await login.account_failures("radius:dave") == 1
+
+
+async def test_a_wrong_challenge_code_is_denied(make_login) -> None:  # type: ignore[no-untyped-def]
+    login = make_login()
+    first = await login.sign_in(DAVE, DAVE_PASSWORD)
+    assert isinstance(first, NextStep)
+    assert isinstance(await login.answer(first.handle, {"response": "000000"}), Denied)
+    assert not login.events("login.succeeded")
+
+
+async def test_a_dead_first_server_fails_over_to_the_next(
+        make_login, freeradius: FreeRadius) -> None:  # type: ignore[no-untyped-def]
+    login = make_login(servers=[dead_address(), address(freeradius)])
+    assert (await login.claims(ALICE, ALICE_PASSWORD)).groups == (ALICE_CLASS,)
+
+
+async def test_a_server_with_another_secret_is_like_one_that_does_not_answer(
+        make_login, freeradius: FreeRadius, other_secret_radius: FreeRadius) -> None:  # type: ignore[no-untyped-def]
+    # It drops our request (its Message-Authenticator does not verify with its secret),
+    # so the next server is asked.
+    login = make_login(servers=[address(other_secret_radius), address(freeradius)])
+    assert (await login.claims(ALICE, ALICE_PASSWORD)).username == "alice"
+    alone = make_login(servers=[address(other_secret_radius)])
+    assert isinstance(await alone.sign_in(ALICE, ALICE_PASSWORD), Denied)
+    assert alone.last_failure().startswith("RADIUS unavailable")
+    assert await alone.account_failures("radius:alice") == 0
+
+
+async def test_our_wrong_secret_is_an_outage_not_a_failure(
+        make_login, freeradius: FreeRadius) -> None:  # type: ignore[no-untyped-def]
+    login = make_login(secret=b"not-the-shared-secret", throttle={"account_failures": 1})
+    assert isinstance(await login.sign_in(ALICE, ALICE_PASSWORD), Denied)
+    assert login.last_failure().startswith("RADIUS unavailable")
+    assert await login.account_failures("radius:alice") == 0
+    assert not (await login.throttle.account("radius:alice")).locked
+
+
+async def test_no_server_answering_denies_without_counting_a_failure(make_login) -> None:  # type: ignore[no-untyped-def]
+    login = make_login(servers=[dead_address(), dead_address()],
+                       throttle={"account_failures": 1, "address_failures": 1})
+    # One counted failure would lock alice (account_failures=1) and refuse the address.
+    assert isinstance(await login.sign_in(ALICE, ALICE_PASSWORD), Denied)
+    reason = login.last_failure()
+    assert reason.startswith("RADIUS unavailable") and reason.count("127.0.0.1:") == 2
+    assert login.events("login.failed")[-1]["user"] == "alice"
+    assert await login.account_failures("radius:alice") == 0
+    assert not (await login.throttle.account("radius:alice")).locked
+    assert await login.address_failures() == 0
+
+
+class FakeRadius:
+    """Answers every Access-Request with an Access-Accept that carries the right Response
+    Authenticator, with or without a Message-Authenticator (a BLAST-RADIUS forger can
+    make the former but not the latter)."""
+
+    def __init__(self, secret: bytes, sign: bool) -> None:
+        self.secret = secret
+        self.sign = sign
+        self.requests = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = int(self.sock.getsockname()[1])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _reply(self, request: bytes) -> bytes:
+        identifier, authenticator = request[1], request[4:20]
+        attributes = b""
+        if self.sign:
+            blank = struct.pack("!BB", 80, 18) + bytes(16)
+            header = struct.pack("!BBH", 2, identifier, 20 + len(blank))
+            mac = hmac.new(self.secret, header + authenticator + blank, hashlib.md5).digest()
+            attributes = struct.pack("!BB", 80, 18) + mac
+        header = struct.pack("!BBH", 2, identifier, 20 + len(attributes))
+        response = hashlib.md5(header + authenticator + attributes + self.secret).digest()
+        return header + response + attributes
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                request, peer = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            if len(request) >= 20 and request[0] == 1:
+                self.requests += 1
+                self.sock.sendto(self._reply(request), peer)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+async def test_a_reply_without_message_authenticator_is_not_believed(
+        make_login, freeradius: FreeRadius, signed: bool) -> None:  # type: ignore[no-untyped-def]
+    fake = FakeRadius(freeradius.secret, sign=signed)
+    try:
+        login = make_login(servers=[f"127.0.0.1:{fake.port}"])
+        result = await login.sign_in(ALICE, "any password at all")
+    finally:
+        fake.close()
+    assert fake.requests == 1
+    if signed:
+        # The fake is a correct RADIUS server: a signed Accept is taken.
+        assert isinstance(result, Authenticated)
+    else:
+        assert isinstance(result, Denied)
+        assert login.last_failure().startswith("RADIUS unavailable")
+
+
+async def test_a_missing_secret_file_is_a_config_error_naming_the_key(
+        durable: DurableStore, tmp_path: Path) -> None:
+    settings = Settings.model_validate({"auth": {
+        "providers": [radius_provider(["127.0.0.1:1812"], secret_file="nope/radius.secret")],
+        "flows": [{"name": "default", "steps": [{"provider": "radius"}]}]}}).model_copy(
+            update={"base_dir": tmp_path})
+    providers = IdentityProviders(settings, durable, MemoryStore(), TokenHasher(b"r" * 32))
+    with pytest.raises(ConfigError) as raised:
+        providers.flow()
+    assert raised.value.key == "auth.providers[0].secret_file"
