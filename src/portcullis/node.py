@@ -26,7 +26,8 @@ from starlette.types import ASGIApp
 
 from portcullis.audit import AuditTrail
 from portcullis.config import config_path, load_settings
-from portcullis.config.model import Settings, parse_host_port
+from portcullis.config.model import Settings
+from portcullis.config.values import parse_host_port
 from portcullis.errors import ConfigError, StoreError
 from portcullis.gateway.admin import admin_routes
 from portcullis.gateway.connections import ConnectionRegistry

@@ -16,12 +16,12 @@ whose steps can never establish who the user is, conditions that cannot be evalu
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from portcullis.config.values import check_networks, parse_host_port
 from portcullis.errors import AuthError
 from portcullis.identity.names import canonical_username
 
@@ -52,12 +52,7 @@ class Condition(_Section):
     @field_validator("client_address")
     @classmethod
     def _networks(cls, value: list[str] | None) -> list[str] | None:
-        for network in value or ():
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError:
-                raise ValueError(f"{network!r} is not an IPv4 or IPv6 network") from None
-        return value
+        return None if value is None else check_networks(value)
 
     @field_validator("certificate_subject")
     @classmethod
@@ -158,8 +153,6 @@ class RadiusProvider(_Section):
     @field_validator("servers")
     @classmethod
     def _servers(cls, value: list[str]) -> list[str]:
-        from portcullis.config.model import parse_host_port
-
         for server in value:
             parse_host_port(server, what="RADIUS server")
         return value

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from portcullis.config.auth import AuthSettings
+from portcullis.config.values import check_networks, parse_host_port
 from portcullis.errors import AuthError
 from portcullis.identity.names import canonical_username
 from portcullis.policy.model import PolicyRule, check_unique_names
@@ -24,22 +25,6 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def parse_host_port(value: str, *, what: str = "address",
-                    any_port: bool = False) -> tuple[str, int]:
-    """Split "host:port" or "[v6]:port"; raise ValueError with a message a user can act on.
-
-    `any_port` admits port 0, "any free port", for listeners the OS may choose.
-    """
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\s\[\]]+):(\d{1,5})", value)
-    if not match:
-        raise ValueError(f"{what} must be HOST:PORT (IPv6 as [ADDR]:PORT), got {value!r}")
-    host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4))
-    if not (0 if any_port else 1) <= port < 65536:
-        raise ValueError(f"port must be 1-65535, got {port}")
-    return host, port
 
 
 def _listen(value: str) -> str:
@@ -167,15 +152,7 @@ class VpnSettings(Section):
             raise ValueError("an address pool needs at least 2 addresses")
         return value
 
-    @field_validator("networks")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for network in value:
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError:
-                raise ValueError(f"{network!r} is not an IPv4 or IPv6 network") from None
-        return value
+    _networks = field_validator("networks")(check_networks)
 
     @field_validator("dns_servers")
     @classmethod

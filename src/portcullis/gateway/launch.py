@@ -16,7 +16,7 @@ import structlog
 from websockets.http11 import Request
 
 from portcullis.audit import AuditTrail
-from portcullis.config.model import parse_host_port
+from portcullis.config.values import parse_host_port
 from portcullis.errors import TicketError
 from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.identity.accounts import AccountStatus

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -96,23 +98,27 @@ def _certificate(condition: Condition, facts: Facts) -> Verdict | None:
 
 
 def _issuer(condition: Condition, facts: Facts) -> Verdict | None:
-    if condition.certificate_issuer is None:
+    wanted = condition.certificate_issuer
+    if wanted is None:
         return None
-    certificate = facts.context.certificate
-    if certificate is None:
-        return Verdict(False, "no client certificate")
-    holds = certificate.issuer == condition.certificate_issuer
-    return Verdict(holds, f"certificate issuer {certificate.issuer}")
+    return _certificate_part(facts, "issuer", lambda issuer: issuer == wanted)
 
 
 def _subject(condition: Condition, facts: Facts) -> Verdict | None:
-    if condition.certificate_subject is None:
+    pattern = condition.certificate_subject
+    if pattern is None:
         return None
+    return _certificate_part(facts, "subject",
+                             lambda subject: re.fullmatch(pattern, subject) is not None)
+
+
+def _certificate_part(facts: Facts, part: Literal["issuer", "subject"],
+                      matches: Callable[[str], bool]) -> Verdict:
     certificate = facts.context.certificate
     if certificate is None:
         return Verdict(False, "no client certificate")
-    holds = re.fullmatch(condition.certificate_subject, certificate.subject) is not None
-    return Verdict(holds, f"certificate subject {certificate.subject}")
+    value = getattr(certificate, part)
+    return Verdict(matches(value), f"certificate {part} {value}")
 
 
 def _address(condition: Condition, facts: Facts) -> Verdict | None:

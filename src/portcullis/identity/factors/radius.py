@@ -20,7 +20,7 @@ from pyrad.client import Client, Timeout
 from pyrad.dictionary import Dictionary
 
 from portcullis.config.auth import RadiusProvider
-from portcullis.config.model import parse_host_port
+from portcullis.config.values import parse_host_port
 from portcullis.identity.claims import Attributes
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.prompts import password_step, typed_username
