@@ -43,6 +43,7 @@ from portcullis.identity.flow import LoginService
 from portcullis.identity.providers import IdentityProviders, client_ca_path
 from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import Throttle
+from portcullis.identity.totp import SelfEnrolment
 from portcullis.net.dialer import DirectDialer
 from portcullis.net.tls import client_context, server_context
 from portcullis.net.websocket import MAX_WEBSOCKET_MESSAGE, Opened
@@ -200,6 +201,8 @@ class Node:
         portal_app = create_portal_app(PortalDeps(
             settings=settings, sessions=sessions, login=login, authorities=authorities,
             hasher=hasher, durable=self.durable, ephemeral=self.ephemeral, audit=self.audit,
+            self_enrolment=SelfEnrolment(providers.totp(), self.ephemeral, hasher,
+                                         settings.session.login_step_timeout),
             forwarded_certificates="gateway" not in self.roles))
         if "gateway" not in self.roles:
             host, port = parse_host_port(settings.portal.listen)

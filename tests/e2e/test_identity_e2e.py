@@ -9,6 +9,7 @@ import os
 import re
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -361,3 +362,62 @@ address_failures = 1000
     assert events[4]["locked"] is True
     assert {e["reason"] for e in events[5:]} == {"account locked"}
     assert all(e["factor"] == "local" for e in events)
+
+
+# -- a new phone: replacing the authenticator app ---------------------------------------------
+def test_a_signed_in_user_replaces_their_authenticator_app(
+        deployment: Deployment, up: Any) -> None:
+    configure(deployment, """
+[auth]
+flow = "mfa"
+recent_sign_in = 2
+[[auth.flows]]
+name = "mfa"
+[[auth.flows.steps]]
+provider = "local"
+[[auth.flows.steps]]
+provider = "totp"
+""")
+    deployment.add_user("alice", PASSWORD, ["staff"])
+    up()
+    secrets: list[str] = []
+
+    def answer(step: dict[str, Any], name: str) -> str:
+        if name in ("username", "password"):
+            return {"username": "alice", "password": PASSWORD}[name]
+        if step["kind"] == "totp-enrol":
+            secrets.append(step["enrolment"]["secret"])
+        return oathtool_code(secrets[-1])
+
+    with api_client(deployment) as client:
+        token = ApiLogin(client).run(answer)["token"]
+        bearer = {"authorization": f"Bearer {token}"}
+        begun = client.post("/api/v1/account/authenticator", json={}, headers=bearer).json()
+        assert begun["status"] == "continue" and begun["step"]["kind"] == "totp-enrol"
+        new_secret = begun["step"]["enrolment"]["secret"]
+        assert new_secret != secrets[0]
+        # A code from the old app does not confirm the new one.
+        wrong = client.post("/api/v1/account/authenticator", headers=bearer, json={
+            "handle": begun["handle"], "answers": {"code": oathtool_code(secrets[0])}}).json()
+        assert wrong["status"] == "continue"
+        assert wrong["step"]["message"].startswith("That code did not match")
+        done = client.post("/api/v1/account/authenticator", headers=bearer, json={
+            "handle": begun["handle"], "answers": {"code": oathtool_code(new_secret)}}).json()
+        assert done == {"status": "enrolled"}
+        # The handle is spent.
+        spent = client.post("/api/v1/account/authenticator", headers=bearer, json={
+            "handle": begun["handle"], "answers": {"code": "123456"}})
+        assert spent.status_code == 410
+        # Two seconds after signing in (recent_sign_in = 2), a new set-up is refused.
+        time.sleep(2.1)
+        stale = client.post("/api/v1/account/authenticator", json={}, headers=bearer)
+        assert stale.status_code == 403 and "recent sign-in" in stale.json()["error"]
+    events = [e for e in audit_events(deployment) if e["event"].startswith("totp.")]
+    assert [e["event"] for e in events] == ["totp.enrolment_failed", "totp.enrolled"]
+    # The old app no longer signs in.
+    with api_client(deployment) as client:
+        login = ApiLogin(client)
+        old = login.run(lambda step, name: {"username": "alice", "password": PASSWORD}.get(
+            name) or oathtool_code(secrets[0]))
+    assert old["status"] == "denied"
+    assert audit_events(deployment)[-1]["reason"] == "wrong code"

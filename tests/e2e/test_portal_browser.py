@@ -122,3 +122,13 @@ def test_portal_multi_step_sign_in_with_totp_enrolment(
     page.fill("input[name=code]", recovery)
     page.click("button[type=submit]")
     page.wait_for_selector("text=Your resources")
+
+    # A new phone: replace the app from the resources page.
+    page.click("text=New authenticator app")
+    page.wait_for_selector("form#authenticator[data-step=totp-enrol]")
+    new_secret = page.locator("code.secret").inner_text()
+    assert new_secret != secret
+    page.screenshot(path=str(ARTIFACTS / "portal-new-authenticator.png"), full_page=True)
+    page.fill("input[name=code]", code(new_secret))
+    page.click("button[type=submit]")
+    page.wait_for_selector("text=Authenticator app set up")

@@ -228,6 +228,9 @@ class AuthSettings(_Section):
     # CA certificate(s) for optional client certificates at the gateway; unset: none asked.
     client_ca: str | None = None
     throttle: ThrottleSettings = Field(default_factory=ThrottleSettings)
+    # A signed-in user may set up a new authenticator app (replacing the old one) only
+    # this many seconds after signing in, which bounds what a stolen session can do.
+    recent_sign_in: float = Field(default=600.0, gt=0, le=86400)
 
     @model_validator(mode="after")
     def _consistent(self) -> AuthSettings:

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from portcullis.config.auth import TotpProvider
 from portcullis.errors import AuthError
 from portcullis.store import DurableStore, EphemeralStore, TotpRecord
-from portcullis.tokens import TokenHasher
+from portcullis.tokens import TokenHasher, new_token
 
 _DIGESTS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512}
 _RECOVERY_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"   # no 0/o, 1/l/i
@@ -159,7 +159,10 @@ class TotpService:
         if not matched:
             return CodeCheck(False, "wrong code")
         ttl = (2 * window + 2) * self.settings.period
-        if not await self._ephemeral.put_new(f"totp-used:{identity}:{matched[0]}", b"1", ttl):
+        # Per secret too: a new app's first code may fall in the step the old one used.
+        secret_id = self._hasher.digest("totp-secret", secret)[:16]
+        used = f"totp-used:{identity}:{secret_id}:{matched[0]}"
+        if not await self._ephemeral.put_new(used, b"1", ttl):
             return CodeCheck(False, "code already used")
         return CodeCheck(True, "code verified")
 
@@ -176,3 +179,43 @@ def _normalised(answer: str) -> str:
 def _recovery_code() -> str:
     chars = "".join(secrets.choice(_RECOVERY_ALPHABET) for _ in range(10))
     return f"{chars[:5]}-{chars[5:]}"
+
+
+class SelfEnrolment:
+    """A signed-in user replaces their authenticator app (a new phone): a new secret is
+    shown, kept sealed in the ephemeral store under a one-time handle, and replaces the
+    old one (and its recovery codes) only when a correct code for it is typed."""
+
+    def __init__(self, service: TotpService, ephemeral: EphemeralStore, hasher: TokenHasher,
+                 ttl: float) -> None:
+        self._service = service
+        self._ephemeral = ephemeral
+        self._hasher = hasher
+        self._ttl = ttl
+
+    def _key(self, handle: str) -> str:
+        return f"totp-enrolment:{self._hasher.digest('totp-enrolment', handle)}"
+
+    async def begin(self, identity: str, username: str) -> tuple[str, Enrolment]:
+        enrolment = self._service.new_enrolment(username)
+        handle = new_token()
+        record = json.dumps([identity, self._service.seal_enrolment(identity, enrolment)])
+        await self._ephemeral.put(self._key(handle), record.encode(), self._ttl)
+        return handle, enrolment
+
+    async def pending(self, identity: str, handle: str) -> Enrolment | None:
+        """The enrolment begun under `handle` by `identity` (no one else's), if any."""
+        if len(handle) > 256:
+            return None
+        raw = await self._ephemeral.get(self._key(handle))
+        if raw is None:
+            return None
+        owner, sealed = json.loads(raw)
+        return self._service.open_enrolment(identity, sealed) if owner == identity else None
+
+    async def finish(self, identity: str, handle: str, enrolment: Enrolment,
+                     code: str) -> CodeCheck:
+        check = await self._service.confirm(identity, enrolment, code)
+        if check.ok:
+            await self._ephemeral.delete(self._key(handle))
+        return check

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,8 +30,10 @@ from portcullis.audit import AuditTrail
 from portcullis.config.model import Settings
 from portcullis.errors import PKIError, StoreError, TicketError
 from portcullis.identity.conditions import LoginContext
+from portcullis.identity.factors.totp import enrolment_step
 from portcullis.identity.flow import Authenticated, Denied, LoginResult, LoginService, NextStep
 from portcullis.identity.sessions import Session, SessionManager
+from portcullis.identity.totp import SelfEnrolment
 from portcullis.net.websocket import websocket_url
 from portcullis.portal.broker import authorize_launch, visible_resources
 from portcullis.proto.launchfile import MIME_TYPE, LaunchFile, format_launch_file
@@ -57,6 +60,8 @@ class PortalDeps:
     durable: DurableStore
     ephemeral: EphemeralStore
     audit: AuditTrail
+    # Replacing one's authenticator app (a new phone).
+    self_enrolment: SelfEnrolment
     # The portal runs apart and learns the user's certificate from the gateway's header.
     forwarded_certificates: bool = False
 
@@ -204,6 +209,76 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
             return JSONResponse({"error": "not signed in"}, 401)
         return await launch_file_for(session, request.path_params["name"], client_of(request))
 
+    def recently_signed_in(session: Session) -> bool:
+        return time.time() - session.claims.auth_time <= settings.auth.recent_sign_in
+
+    async def new_authenticator(session: Session, handle: str | None, code: str | None,
+                                client: str) -> tuple[str, str, NextStep | None]:
+        """(status, handle, step to show): begin with no handle, finish with a code."""
+        identity = session.claims.sub
+        if handle is not None:
+            pending = await deps.self_enrolment.pending(identity, handle)
+            if pending is None:
+                return "expired", "", None
+            check = await deps.self_enrolment.finish(identity, handle, pending, code or "")
+            if check.ok:
+                deps.audit.record("totp.enrolled", identity=identity, client=client,
+                                  replaced=True)
+                return "enrolled", handle, None
+            deps.audit.record("totp.enrolment_failed", identity=identity, client=client,
+                              reason=check.reason)
+            return "continue", handle, NextStep(handle, enrolment_step(pending, retry=True))
+        handle, enrolment = await deps.self_enrolment.begin(identity, session.username)
+        return "continue", handle, NextStep(handle, enrolment_step(enrolment, retry=False))
+
+    async def api_new_authenticator(request: Request) -> JSONResponse:
+        if not api_post_allowed(request):
+            return JSONResponse({"error": "denied"}, 403)
+        session = await current_session(request)
+        if session is None:
+            return JSONResponse({"error": "not signed in"}, 401)
+        if not recently_signed_in(session):
+            return JSONResponse({"error": "sign in again first: setting up a new "
+                                          "authenticator app needs a recent sign-in"}, 403)
+        body = await _json_object(request)
+        if body is None:
+            return JSONResponse({"error": "expected a JSON object"}, 400)
+        handle, answers = body.get("handle"), body.get("answers") or {}
+        if not (handle is None or isinstance(handle, str)) or not isinstance(answers, dict):
+            return JSONResponse({"error": "answers must be an object of strings"}, 400)
+        code = answers.get("code")
+        status, handle, step = await new_authenticator(
+            session, handle, code if isinstance(code, str) else None, client_of(request))
+        if status == "expired":
+            return JSONResponse({"error": "this enrolment has expired; begin again"}, 410)
+        if step is None:
+            return JSONResponse({"status": status})
+        return JSONResponse({"status": status, "handle": handle, "step": step.step.to_json()})
+
+    async def authenticator_page(request: Request) -> Response:
+        session = await current_session(request)
+        if session is None:
+            return RedirectResponse("/login?next=/account/authenticator", 303)
+        token = request.cookies.get(SESSION_COOKIE) or ""
+        if request.method == "POST":
+            form = await request.form()
+            if not csrf_ok(request, form.get("csrf")):
+                deps.audit.record("csrf.rejected", path="/account/authenticator",
+                                  client=client_of(request))
+                return Response("denied", 403, media_type="text/plain")
+            handle, code = form.get("handle"), form.get("code")
+        else:
+            handle = code = None
+        if not recently_signed_in(session):
+            return render(request, "authenticator.html", 403, session=session,
+                          csrf=csrf_for(token), outcome="stale", step=None, handle="")
+        status, new_handle, step = await new_authenticator(
+            session, handle if isinstance(handle, str) else None,
+            code if isinstance(code, str) else None, client_of(request))
+        return render(request, "authenticator.html", 410 if status == "expired" else 200,
+                      session=session, csrf=csrf_for(token), outcome=status,
+                      step=step.step if step else None, handle=new_handle)
+
     async def api_health(request: Request) -> JSONResponse:
         checks: dict[str, str] = {}
         for name, probe in (("durable", deps.durable.ping), ("ephemeral", deps.ephemeral.ping)):
@@ -317,6 +392,8 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         Route("/login", login_submit, methods=["POST"]),
         Route("/launch/{name}", launch_page, methods=["POST"]),
         Route("/logout", logout_page, methods=["POST"]),
+        Route("/api/v1/account/authenticator", api_new_authenticator, methods=["POST"]),
+        Route("/account/authenticator", authenticator_page, methods=["GET", "POST"]),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ])
 

@@ -13,10 +13,23 @@ from collections.abc import Mapping
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.prompts import USERNAME, typed_username
 from portcullis.identity.flow import Attempt, FactorOutcome, FlowState, Prompt, Step
-from portcullis.identity.totp import TotpService
+from portcullis.identity.totp import Enrolment, TotpService
 
 CODE = Prompt("code", "Code from your authenticator app (or a recovery code)")
 ENROL_CODE = Prompt("code", "Code shown by the app now")
+
+
+def enrolment_step(enrolment: Enrolment, *, retry: bool) -> Step:
+    """The step that shows a new secret (at sign-in, or when a user replaces their app)."""
+    again = "That code did not match; try the next one. " if retry else ""
+    return Step(
+        kind="totp-enrol", title="Set up your authenticator app", prompts=(ENROL_CODE,),
+        message=(again + "Scan the QR code with your authenticator app (or enter the key), "
+                 "then type the code it shows. Keep the recovery codes somewhere safe: each "
+                 "signs you in once without the app. They are shown only now."),
+        enrolment={"otpauth_uri": enrolment.uri, "secret": enrolment.secret,
+                   "qr_svg": enrolment.qr_svg_data_uri(), "qr_text": enrolment.qr_text(),
+                   "recovery_codes": list(enrolment.recovery_codes)})
 
 
 class TotpFactor:
@@ -46,16 +59,7 @@ class TotpFactor:
             state.data["enrolment"] = self._service.seal_enrolment(identity, enrolment)
         if "enrolment" in state.data:
             enrolment = self._service.open_enrolment(identity, state.data["enrolment"])
-            retry = "That code did not match; try the next one. " if "retry" in state.data else ""
-            return Step(
-                kind="totp-enrol", title="Set up your authenticator app", prompts=(ENROL_CODE,),
-                message=(retry + "Scan the QR code with your authenticator app (or enter the key), "
-                         "then type the code it shows. Keep the recovery codes somewhere "
-                         "safe: each signs you in once without the app. They are shown "
-                         "only now."),
-                enrolment={"otpauth_uri": enrolment.uri, "secret": enrolment.secret,
-                           "qr_svg": enrolment.qr_svg_data_uri(), "qr_text": enrolment.qr_text(),
-                           "recovery_codes": list(enrolment.recovery_codes)})
+            return enrolment_step(enrolment, retry="retry" in state.data)
         return Step(kind="totp", title="Verification code", prompts=(CODE,),
                     message=f"Signing in as {state.username}")
 
