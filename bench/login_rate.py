@@ -178,15 +178,7 @@ def run() -> Report:
         _configure(deployment, f"""
 [auth]
 flow = "ldap"
-[[auth.providers]]
-type = "ldap"
-name = "corp"
-servers = ["{slapd.ldaps_url}"]
-ca_cert = "{slapd.ca_cert}"
-bind_dn = "{slapd.bind_dn}"
-bind_password_file = "secrets/ldap-bind"
-base_dn = "{slapd.base_dn}"
-[[auth.flows]]
+{slapd.provider_toml("corp", "secrets/ldap-bind")}[[auth.flows]]
 name = "ldap"
 [[auth.flows.steps]]
 provider = "corp"

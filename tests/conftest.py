@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from peers.servers import DnsServer, EchoServer, HttpServer
 
-# Real PostgreSQL / Redis backends for every store-backed test.
-pytest_plugins = ("peers.stores", "peers.ldap", "peers.radius")
+# Real PostgreSQL / Redis backends for every store-backed test; slapd and FreeRADIUS;
+# the in-process login service (durable, build_login).
+pytest_plugins = ("peers.stores", "peers.ldap", "peers.radius", "peers.login")
 
 PORTCULLIS = str(Path(sys.executable).parent / "portcullis")
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"

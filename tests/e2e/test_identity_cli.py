@@ -5,13 +5,14 @@ errors that name the key."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
+import time
 
 import pyotp
 import pytest
 
-from conftest import Deployment, require_program, run_cli
+from conftest import Deployment, run_cli
 from peers.ldap import PASSWORDS, Slapd
+from peers.totp import oathtool_code
 from portcullis.config import config_path, load_settings
 from portcullis.identity.providers import IdentityProviders
 from portcullis.store import DurableStore, MemoryStore
@@ -27,16 +28,7 @@ def add_ldap_flow(deployment: Deployment, slapd: Slapd, *, finance_totp: bool) -
         handle.write(f"""
 [auth]
 flow = "corp"
-[[auth.providers]]
-type = "ldap"
-name = "corp"
-servers = ["{slapd.ldaps_url}"]
-ca_cert = "{slapd.ca_cert}"
-bind_dn = "{slapd.bind_dn}"
-bind_password_file = "secrets/ldap-bind"
-base_dn = "{slapd.base_dn}"
-nested_groups = true
-[[auth.flows]]
+{slapd.provider_toml("corp", "secrets/ldap-bind", nested_groups=True)}[[auth.flows]]
 name = "corp"
 [[auth.flows.steps]]
 provider = "corp"
@@ -96,14 +88,12 @@ def test_auth_test_stops_before_an_enrolment_and_reports_skipped_steps(
 
 def test_totp_reset_forces_enrolment_at_the_next_sign_in(
         deployment: Deployment, slapd: Slapd) -> None:
-    oathtool = require_program("oathtool")
     add_ldap_flow(deployment, slapd, finance_totp=True)
     secret = enrol(deployment, "corp:alice")
     shown = run_cli("user", "show", "ALICE", "--dir", str(deployment.directory))
     assert "enrolled" in shown.stdout and "10 recovery codes left" in shown.stdout
     # The next step's code: the current one was used to enrol.
-    code = subprocess.run([oathtool, "--totp", "-b", "--now", "now + 30 seconds", secret],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    code = oathtool_code(secret, time.time() + 30)
     signed_in = run_cli("auth", "test", "--user", "alice", "--answer",
                         f"password={PASSWORDS['alice']}", "--answer", f"code={code}",
                         "--dir", str(deployment.directory))

@@ -17,20 +17,15 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import PORTCULLIS, Deployment, Process, require_program, run_cli
+from conftest import PORTCULLIS, Deployment, Process, run_cli
 from peers.ldap import PASSWORDS as LDAP_PASSWORDS
 from peers.ldap import Slapd
 from peers.radius import ALICE_PASSWORD as RADIUS_PASSWORD
 from peers.radius import FreeRadius
+from peers.totp import oathtool_code
 
 pytestmark = pytest.mark.peer
 PASSWORD = "local-pass-1"
-
-
-def oathtool_code(secret: str) -> str:
-    oathtool = require_program("oathtool")
-    return subprocess.run([oathtool, "--totp", "-b", secret], capture_output=True, text=True,
-                          check=True).stdout.strip()
 
 
 def configure(deployment: Deployment, auth_toml: str) -> None:
@@ -213,24 +208,9 @@ def directory_providers(deployment: Deployment, slapd: Slapd, radius: FreeRadius
     secrets = deployment.directory / "secrets"
     (secrets / "ldap-bind").write_text(slapd.bind_password + "\n")
     (secrets / "radius").write_text(radius.secret.decode() + "\n")
-    return f"""
-[[auth.providers]]
-type = "ldap"
-name = "corp"
-servers = ["{slapd.ldaps_url}"]
-ca_cert = "{slapd.ca_cert}"
-bind_dn = "{slapd.bind_dn}"
-bind_password_file = "secrets/ldap-bind"
-base_dn = "{slapd.base_dn}"
-required_attributes = ["mail"]
-
-[[auth.providers]]
-type = "radius"
-name = "otp-radius"
-servers = ["{radius.address}:{radius.port}"]
-secret_file = "secrets/radius"
-timeout = 2
-"""
+    return "\n".join(["", slapd.provider_toml("corp", "secrets/ldap-bind",
+                                              required_attributes=["mail"]),
+                      radius.provider_toml("otp-radius", "secrets/radius", timeout=2)])
 
 
 def test_radius_then_ldap_over_the_api_and_the_cli(
@@ -421,3 +401,36 @@ provider = "totp"
             name) or oathtool_code(secrets[0]))
     assert old["status"] == "denied"
     assert audit_events(deployment)[-1]["reason"] == "wrong code"
+
+
+def test_certificate_flow_with_the_portal_in_its_own_process(
+        deployment: Deployment, start_process) -> None:  # type: ignore[no-untyped-def]
+    """The gateway passes the verified certificate to a portal elsewhere; a client that
+    forges the header it uses gains nothing."""
+    import base64
+
+    configure(deployment, DEVICE_FLOW)
+    deployment.add_user("alice", PASSWORD, ["staff"])
+    device = client_certificate(deployment, "laptop-0042")
+    portal_port = deployment.port + 1
+    deployment.set("gateway", "portal_url", f'"https://127.0.0.1:{portal_port}"')
+    start_process("serve", "sta", "--dir", str(deployment.directory),
+                  name="sta").wait_for(r"sta listening on")
+    deployment.set("sta", "id", '"EDGE"')
+    start_process("serve", "portal", "--dir", str(deployment.directory),
+                  name="portal").wait_for(r"portal listening on")
+    start_process("serve", "gateway", "--dir", str(deployment.directory),
+                  name="edge").wait_for(r"gateway listening on")
+
+    def password_only(step: dict[str, Any], name: str) -> str:
+        return {"username": "alice", "password": PASSWORD}.get(name, "000000")
+
+    with api_client(deployment, device) as client:
+        login = ApiLogin(client)
+        assert login.run(password_only)["status"] == "authenticated"
+    assert [step["kind"] for step in login.steps] == ["password"]
+    forged = base64.b64encode(ssl.PEM_cert_to_DER_cert(device[0].read_text())).decode()
+    with api_client(deployment) as client:
+        first = client.post("/api/v1/login", json={}, headers={
+            "x-portcullis-client-certificate": forged}).json()
+    assert first["step"]["kind"] == "totp"      # no certificate seen: TOTP first

@@ -770,3 +770,19 @@ def test_addresses_in_cases_are_valid() -> None:
     for address in ADDRESSES:
         if address != "unknown":
             ipaddress.ip_address(address)
+
+
+async def test_slow_failures_still_lock_when_each_comes_within_the_lockout_time() -> None:
+    """The account count lives until lockout_seconds after the latest failure."""
+    from portcullis.config.auth import ThrottleSettings
+
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    throttle = Throttle(store, ThrottleSettings(account_failures=3, lockout_seconds=100))
+    for _ in range(2):
+        await throttle.failed("local:alice", "192.0.2.1")
+        clock.now += 90                     # each well within 100 s of the one before
+    lock = await throttle.failed("local:alice", "192.0.2.1")
+    assert lock is not None and lock.locked and lock.failures == 3
+    clock.now += 101
+    assert not (await throttle.account("local:alice")).locked

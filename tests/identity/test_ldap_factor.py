@@ -6,9 +6,6 @@ attributes, failover, an unreadable bind password, and TLS certificate verificat
 from __future__ import annotations
 
 import datetime
-import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,107 +18,33 @@ from cryptography.x509.oid import NameOID
 
 from conftest import free_port
 from peers.ldap import USERS, Slapd
-from portcullis.audit import AuditTrail
-from portcullis.config.model import Settings
+from peers.login import HASHER_KEY, BuildLogin, Login, flow, settings_for
 from portcullis.errors import ConfigError
-from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.claims import Claims
-from portcullis.identity.conditions import LoginContext
-from portcullis.identity.flow import Authenticated, Denied, LoginResult, LoginService
+from portcullis.identity.flow import Authenticated, Denied
 from portcullis.identity.providers import IdentityProviders
-from portcullis.identity.sessions import SessionManager
-from portcullis.identity.throttle import Throttle
 from portcullis.store import DurableStore, MemoryStore
 from portcullis.tokens import TokenHasher
 
 pytestmark = pytest.mark.peer
 
-CLIENT = LoginContext("192.0.2.7")
 BIND_PASSWORD_FILE = "corp-bind.pw"
 ALICE = USERS["alice"]
 
 
-@dataclass
-class Login:
-    """A LoginService built from an `[auth]` section the way the gateway builds it."""
-
-    service: LoginService
-    throttle: Throttle
-    ephemeral: MemoryStore
-    audit_path: Path
-
-    async def sign_in(self, username: str, password: str) -> LoginResult:
-        return await self.service.submit(None, {"username": username, "password": password},
-                                         CLIENT)
-
-    async def claims(self, username: str, password: str) -> Claims:
-        result = await self.sign_in(username, password)
-        assert isinstance(result, Authenticated), self.events()[-1:]
-        return result.session.claims
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        lines = self.audit_path.read_text().splitlines() if self.audit_path.exists() else []
-        entries = [json.loads(line) for line in lines]
-        return [e for e in entries if name is None or e["event"] == name]
-
-    def last_failure(self) -> str:
-        failures = self.events("login.failed")
-        assert failures, "no login.failed in the audit trail"
-        return str(failures[-1]["reason"])
-
-    async def account_failures(self, identity: str) -> int:
-        return (await self.throttle.account(identity)).failures
-
-    async def address_failures(self) -> int:
-        count = await self.ephemeral.get(f"throttle:address:{CLIENT.client_address}")
-        return int(count) if count is not None else 0
-
-
-@pytest.fixture
-async def durable(tmp_path: Path) -> AsyncIterator[DurableStore]:
-    store = await DurableStore.open(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    yield store
-    await store.close()
-
-
-def settings_for(tmp_path: Path, auth: dict[str, Any]) -> Settings:
-    settings = Settings.model_validate({"auth": auth})
-    return settings.model_copy(update={"base_dir": tmp_path})
-
-
-def login_for(settings: Settings, durable: DurableStore, tmp_path: Path) -> Login:
-    ephemeral = MemoryStore()
-    hasher = TokenHasher(b"l" * 32)
-    providers = IdentityProviders(settings, durable, ephemeral, hasher)
-    sessions = SessionManager(ephemeral, AccountStatus(durable, ttl=0), hasher,
-                              settings.session)
-    throttle = Throttle(ephemeral, settings.auth.throttle)
-    audit = tmp_path / "audit.jsonl"
-    service = LoginService(providers.flow(), ephemeral, hasher, sessions, settings.session,
-                           AuditTrail(audit), throttle)
-    return Login(service, throttle, ephemeral, audit)
-
-
 def corp(slapd: Slapd, **overrides: Any) -> dict[str, Any]:
     """An ldap provider "corp" over LDAPS, verified against slapd's CA."""
-    return {"type": "ldap", "name": "corp", "servers": [slapd.ldaps_url],
-            "ca_cert": str(slapd.ca_cert), "bind_dn": slapd.bind_dn,
-            "bind_password_file": BIND_PASSWORD_FILE, "base_dn": slapd.base_dn,
-            "timeout": 3, **overrides}
+    return {**slapd.provider("corp", BIND_PASSWORD_FILE, timeout=3), **overrides}
 
 
 @pytest.fixture
-def make_login(slapd: Slapd, durable: DurableStore, tmp_path: Path):  # type: ignore[no-untyped-def]
+def make_login(slapd: Slapd, build_login: BuildLogin, tmp_path: Path):  # type: ignore[no-untyped-def]
     """make_login(**provider overrides, throttle=...) -> a one-step LDAP flow."""
     (tmp_path / BIND_PASSWORD_FILE).write_text(slapd.bind_password + "\n")
 
     def make(throttle: dict[str, Any] | None = None, **overrides: Any) -> Login:
-        auth: dict[str, Any] = {
-            "providers": [corp(slapd, **overrides)],
-            "flows": [{"name": "default", "steps": [{"provider": "corp"}]}]}
-        if throttle:
-            auth["throttle"] = throttle
-        return login_for(settings_for(tmp_path, auth), durable, tmp_path)
+        return build_login(flow({"provider": "corp"}, providers=[corp(slapd, **overrides)]),
+                           throttle=throttle)
 
     return make
 
@@ -309,10 +232,9 @@ async def test_a_wrong_service_account_password_is_an_outage_not_a_failure(
 
 async def test_a_missing_bind_password_file_is_a_config_error_naming_the_key(
         slapd: Slapd, durable: DurableStore, tmp_path: Path) -> None:
-    settings = settings_for(tmp_path, {
-        "providers": [corp(slapd, bind_password_file="secrets/missing.pw")],
-        "flows": [{"name": "default", "steps": [{"provider": "corp"}]}]})
-    providers = IdentityProviders(settings, durable, MemoryStore(), TokenHasher(b"l" * 32))
+    settings = settings_for(flow({"provider": "corp"}, providers=[
+        corp(slapd, bind_password_file="secrets/missing.pw")]), tmp_path)
+    providers = IdentityProviders(settings, durable, MemoryStore(), TokenHasher(HASHER_KEY))
     with pytest.raises(ConfigError) as raised:
         providers.flow()
     assert raised.value.key == "auth.providers[0].bind_password_file"

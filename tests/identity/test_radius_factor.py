@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import socket
 import struct
 import threading
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import free_udp_port
+from peers.login import HASHER_KEY, BuildLogin, Login, flow, settings_for
 from peers.radius import (
     ALICE,
     ALICE_CLASS,
@@ -34,22 +33,10 @@ from peers.radius import (
     require_freeradius,
     start_freeradius,
 )
-from portcullis.audit import AuditTrail
-from portcullis.config.model import Settings
 from portcullis.errors import ConfigError
-from portcullis.identity.accounts import AccountStatus
-from portcullis.identity.claims import Claims
 from portcullis.identity.conditions import LoginContext
-from portcullis.identity.flow import (
-    Authenticated,
-    Denied,
-    LoginResult,
-    LoginService,
-    NextStep,
-)
+from portcullis.identity.flow import Authenticated, Denied, NextStep
 from portcullis.identity.providers import IdentityProviders
-from portcullis.identity.sessions import SessionManager
-from portcullis.identity.throttle import Throttle
 from portcullis.store import DurableStore, MemoryStore
 from portcullis.tokens import TokenHasher
 
@@ -61,88 +48,22 @@ SECRET_FILE = "radius.secret"
 FAST = {"timeout": 0.5, "retries": 0}
 
 
-@dataclass
-class Login:
-    service: LoginService
-    throttle: Throttle
-    ephemeral: MemoryStore
-    audit_path: Path
-
-    async def sign_in(self, username: str, password: str) -> LoginResult:
-        return await self.service.submit(None, {"username": username, "password": password},
-                                         CLIENT)
-
-    async def answer(self, handle: str, answers: dict[str, str]) -> LoginResult:
-        return await self.service.submit(handle, answers, CLIENT)
-
-    async def claims(self, username: str, password: str) -> Claims:
-        result = await self.sign_in(username, password)
-        assert isinstance(result, Authenticated), self.events()[-1:]
-        return result.session.claims
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        lines = self.audit_path.read_text().splitlines() if self.audit_path.exists() else []
-        entries = [json.loads(line) for line in lines]
-        return [e for e in entries if name is None or e["event"] == name]
-
-    def last_failure(self) -> str:
-        failures = self.events("login.failed")
-        assert failures, "no login.failed in the audit trail"
-        return str(failures[-1]["reason"])
-
-    async def account_failures(self, identity: str) -> int:
-        return (await self.throttle.account(identity)).failures
-
-    async def address_failures(self) -> int:
-        count = await self.ephemeral.get(f"throttle:address:{CLIENT.client_address}")
-        return int(count) if count is not None else 0
-
-
-@pytest.fixture
-async def durable(tmp_path: Path) -> AsyncIterator[DurableStore]:
-    store = await DurableStore.open(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    yield store
-    await store.close()
-
-
-def address(server: FreeRadius) -> str:
-    return f"{server.address}:{server.port}"
-
-
 def dead_address() -> str:
     # Nothing listens there: a request to it is never answered.
     return f"127.0.0.1:{free_udp_port()}"
 
 
-def radius_provider(servers: list[str], **overrides: Any) -> dict[str, Any]:
-    return {"type": "radius", "name": "radius", "servers": servers,
-            "secret_file": SECRET_FILE, **FAST, **overrides}
-
-
 @pytest.fixture
-def make_login(freeradius: FreeRadius, durable: DurableStore, tmp_path: Path):  # type: ignore[no-untyped-def]
+def make_login(freeradius: FreeRadius, build_login: BuildLogin, tmp_path: Path):  # type: ignore[no-untyped-def]
     """make_login(servers=..., secret=..., throttle=..., **provider overrides)."""
 
     def make(servers: list[str] | None = None, secret: bytes | None = None,
              throttle: dict[str, Any] | None = None, **overrides: Any) -> Login:
         (tmp_path / SECRET_FILE).write_bytes((secret or freeradius.secret) + b"\n")
-        auth: dict[str, Any] = {
-            "providers": [radius_provider(servers or [address(freeradius)], **overrides)],
-            "flows": [{"name": "default", "steps": [{"provider": "radius"}]}]}
-        if throttle:
-            auth["throttle"] = throttle
-        settings = Settings.model_validate({"auth": auth}).model_copy(
-            update={"base_dir": tmp_path})
-        ephemeral = MemoryStore()
-        hasher = TokenHasher(b"r" * 32)
-        providers = IdentityProviders(settings, durable, ephemeral, hasher)
-        sessions = SessionManager(ephemeral, AccountStatus(durable, ttl=0), hasher,
-                                  settings.session)
-        throttler = Throttle(ephemeral, settings.auth.throttle)
-        audit = tmp_path / "audit.jsonl"
-        service = LoginService(providers.flow(), ephemeral, hasher, sessions,
-                               settings.session, AuditTrail(audit), throttler)
-        return Login(service, throttler, ephemeral, audit)
+        provider = {**freeradius.provider("radius", SECRET_FILE, **FAST),
+                    "servers": servers or [freeradius.endpoint], **overrides}
+        return build_login(flow({"provider": "radius"}, providers=[provider]),
+                           throttle=throttle, client=CLIENT)
 
     return make
 
@@ -204,7 +125,7 @@ async def test_answering_the_challenge_with_the_code_signs_in(make_login) -> Non
     login = make_login()
     first = await login.sign_in(DAVE, DAVE_PASSWORD)
     assert isinstance(first, NextStep) and first.step.kind == "challenge"
-    second = await login.answer(first.handle, {"response": CHALLENGE_CODE})
+    second = await login.submit(first.handle, {"response": CHALLENGE_CODE})
     assert isinstance(second, Authenticated), login.events()[-1:]
     assert second.session.claims.username == "dave"
     assert second.session.claims.amr == ("radius",)
@@ -214,7 +135,7 @@ async def test_a_wrong_challenge_code_is_denied_by_the_server(make_login) -> Non
     login = make_login()
     first = await login.sign_in(DAVE, DAVE_PASSWORD)
     assert isinstance(first, NextStep) and first.step.kind == "challenge"
-    second = await login.answer(first.handle, {"response": "000000"})
+    second = await login.submit(first.handle, {"response": "000000"})
     assert isinstance(second, Denied)
     assert login.last_failure().startswith("RADIUS rejected")
     assert login.events("login.failed")[-1]["user"] == "dave"
@@ -225,13 +146,13 @@ async def test_a_wrong_challenge_code_is_denied(make_login) -> None:  # type: ig
     login = make_login()
     first = await login.sign_in(DAVE, DAVE_PASSWORD)
     assert isinstance(first, NextStep)
-    assert isinstance(await login.answer(first.handle, {"response": "000000"}), Denied)
+    assert isinstance(await login.submit(first.handle, {"response": "000000"}), Denied)
     assert not login.events("login.succeeded")
 
 
 async def test_a_dead_first_server_fails_over_to_the_next(
         make_login, freeradius: FreeRadius) -> None:  # type: ignore[no-untyped-def]
-    login = make_login(servers=[dead_address(), address(freeradius)])
+    login = make_login(servers=[dead_address(), freeradius.endpoint])
     assert (await login.claims(ALICE, ALICE_PASSWORD)).groups == (ALICE_CLASS,)
 
 
@@ -239,9 +160,9 @@ async def test_a_server_with_another_secret_is_like_one_that_does_not_answer(
         make_login, freeradius: FreeRadius, other_secret_radius: FreeRadius) -> None:  # type: ignore[no-untyped-def]
     # It drops our request (its Message-Authenticator does not verify with its secret),
     # so the next server is asked.
-    login = make_login(servers=[address(other_secret_radius), address(freeradius)])
+    login = make_login(servers=[other_secret_radius.endpoint, freeradius.endpoint])
     assert (await login.claims(ALICE, ALICE_PASSWORD)).username == "alice"
-    alone = make_login(servers=[address(other_secret_radius)])
+    alone = make_login(servers=[other_secret_radius.endpoint])
     assert isinstance(await alone.sign_in(ALICE, ALICE_PASSWORD), Denied)
     assert alone.last_failure().startswith("RADIUS unavailable")
     assert await alone.account_failures("radius:alice") == 0
@@ -334,11 +255,10 @@ async def test_a_reply_without_message_authenticator_is_not_believed(
 
 async def test_a_missing_secret_file_is_a_config_error_naming_the_key(
         durable: DurableStore, tmp_path: Path) -> None:
-    settings = Settings.model_validate({"auth": {
-        "providers": [radius_provider(["127.0.0.1:1812"], secret_file="nope/radius.secret")],
-        "flows": [{"name": "default", "steps": [{"provider": "radius"}]}]}}).model_copy(
-            update={"base_dir": tmp_path})
-    providers = IdentityProviders(settings, durable, MemoryStore(), TokenHasher(b"r" * 32))
+    provider = {"type": "radius", "name": "radius", "servers": ["127.0.0.1:1812"],
+                "secret_file": "nope/radius.secret", **FAST}
+    settings = settings_for(flow({"provider": "radius"}, providers=[provider]), tmp_path)
+    providers = IdentityProviders(settings, durable, MemoryStore(), TokenHasher(HASHER_KEY))
     with pytest.raises(ConfigError) as raised:
         providers.flow()
     assert raised.value.key == "auth.providers[0].secret_file"

@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import ldap3
 import pytest
@@ -47,6 +48,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ldap3.core.exceptions import LDAPException
+
+from peers.config import provider_toml
 
 SLAPD = Path("/usr/sbin/slapd")
 SLAPADD = Path("/usr/sbin/slapadd")
@@ -387,6 +390,18 @@ class Slapd:
     def tls(self) -> ldap3.Tls:
         """An ldap3 Tls that verifies the server against the throwaway CA."""
         return ldap3.Tls(ca_certs_file=str(self.ca_cert), validate=ssl.CERT_REQUIRED)
+
+    def provider(self, name: str, bind_password_file: str, **extra: Any) -> dict[str, Any]:
+        """An ldap provider for this server, as `[auth.providers]` holds it: LDAPS,
+        verified against the throwaway CA, searching as the service account whose password
+        is in bind_password_file. `extra` adds keys or overrides these."""
+        return {"type": "ldap", "name": name, "servers": [self.ldaps_url],
+                "ca_cert": str(self.ca_cert), "bind_dn": self.bind_dn,
+                "bind_password_file": bind_password_file, "base_dn": self.base_dn, **extra}
+
+    def provider_toml(self, name: str, bind_password_file: str, **extra: Any) -> str:
+        """The same provider as a `[[auth.providers]]` table for portcullis.toml."""
+        return provider_toml(self.provider(name, bind_password_file, **extra))
 
     def stop(self) -> None:
         """Stop slapd (SIGTERM, then SIGKILL if it lingers); safe to call twice."""

@@ -33,8 +33,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from peers.config import provider_toml
 
 FREERADIUS = "/usr/sbin/freeradius"
 
@@ -264,6 +267,21 @@ class FreeRadius:
     def log(self) -> Path:
         """The server's stdout and stderr (one line per authentication)."""
         return self.directory / "freeradius.log"
+
+    @property
+    def endpoint(self) -> str:
+        """HOST:PORT, as a radius provider's `servers` names it."""
+        return f"{self.address}:{self.port}"
+
+    def provider(self, name: str, secret_file: str, **extra: Any) -> dict[str, Any]:
+        """A radius provider for this server, as `[auth.providers]` holds it, with the
+        shared secret in secret_file. `extra` adds keys or overrides these."""
+        return {"type": "radius", "name": name, "servers": [self.endpoint],
+                "secret_file": secret_file, **extra}
+
+    def provider_toml(self, name: str, secret_file: str, **extra: Any) -> str:
+        """The same provider as a `[[auth.providers]]` table for portcullis.toml."""
+        return provider_toml(self.provider(name, secret_file, **extra))
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -3,8 +3,8 @@
 Counters live in the ephemeral store, so every gateway node sees the same numbers.
 An account is keyed by its identity (realm:canonical name), never by what was typed, so
 "Alice", "alice " and "ａｌｉｃｅ" share one counter. After `account_failures`
-consecutive failures the account is locked for `lockout_seconds`; a success resets the
-count. An address with `address_failures` failures within `address_window` is refused
+consecutive failures (none more than `lockout_seconds` after the one before) the account
+is locked for `lockout_seconds`; a success resets the count. An address with `address_failures` failures within `address_window` is refused
 every sign-in until the window passes, whichever accounts it tries.
 """
 
@@ -42,8 +42,11 @@ class Throttle:
         await self._ephemeral.incr(f"throttle:address:{address}", settings.address_window)
         if identity is None:
             return None
-        count = await self._ephemeral.incr(f"throttle:account:{identity}",
-                                           settings.lockout_seconds)
+        key = f"throttle:account:{identity}"
+        count = await self._ephemeral.incr(key, settings.lockout_seconds)
+        # The count lives until `lockout_seconds` after the latest failure, not the first:
+        # a slow guesser is counted as surely as a fast one.
+        await self._ephemeral.touch(key, settings.lockout_seconds)
         if count >= settings.account_failures:
             await self._ephemeral.put(f"throttle:locked:{identity}", b"1",
                                       settings.lockout_seconds)
