@@ -3,34 +3,17 @@ FreeRADIUS and slapd: "RADIUS, then LDAP" and "LDAP, then TOTP for finance"."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import require_program
 from peers.ldap import USERS, Slapd
+from peers.login import BuildLogin, Login, flow
 from peers.radius import ALICE_CLASS, ALICE_PASSWORD, FreeRadius
-from portcullis.audit import AuditTrail
-from portcullis.config.model import Settings
-from portcullis.identity.accounts import AccountStatus
+from peers.totp import oathtool_code
 from portcullis.identity.conditions import LoginContext
-from portcullis.identity.flow import (
-    Authenticated,
-    Denied,
-    LoginResult,
-    LoginService,
-    NextStep,
-)
-from portcullis.identity.providers import IdentityProviders
-from portcullis.identity.sessions import SessionManager
-from portcullis.identity.throttle import Throttle
-from portcullis.store import DurableStore, MemoryStore
-from portcullis.tokens import TokenHasher
+from portcullis.identity.flow import Authenticated, Denied, NextStep
 
 pytestmark = pytest.mark.peer
 
@@ -39,62 +22,25 @@ ALICE_LDAP = USERS["alice"]
 BOB_LDAP = USERS["bob"]
 
 
-@dataclass
-class Login:
-    service: LoginService
-    audit_path: Path
-
-    async def submit(self, handle: str | None, answers: dict[str, str]) -> LoginResult:
-        return await self.service.submit(handle, answers, CLIENT)
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        lines = self.audit_path.read_text().splitlines() if self.audit_path.exists() else []
-        entries = [json.loads(line) for line in lines]
-        return [e for e in entries if name is None or e["event"] == name]
-
-
-@pytest.fixture
-async def durable(tmp_path: Path) -> AsyncIterator[DurableStore]:
-    store = await DurableStore.open(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    yield store
-    await store.close()
-
-
 def corp(slapd: Slapd) -> dict[str, Any]:
-    return {"type": "ldap", "name": "corp", "servers": [slapd.ldaps_url],
-            "ca_cert": "ldap-ca.pem", "bind_dn": slapd.bind_dn,
-            "bind_password_file": "ldap-bind.pw", "base_dn": slapd.base_dn, "timeout": 3}
+    return slapd.provider("corp", "ldap-bind.pw", ca_cert="ldap-ca.pem", timeout=3)
 
 
 def radius(server: FreeRadius) -> dict[str, Any]:
-    return {"type": "radius", "name": "radius", "servers": [f"127.0.0.1:{server.port}"],
-            "secret_file": "radius.secret", "timeout": 0.5, "retries": 0}
+    return server.provider("radius", "radius.secret", timeout=0.5, retries=0)
 
 
 @pytest.fixture
-def deployment(slapd: Slapd, freeradius: FreeRadius, tmp_path: Path) -> Path:
-    """The secrets and CA a deployment directory would hold, by relative path."""
+def make_login(slapd: Slapd, freeradius: FreeRadius, tmp_path: Path,
+               build_login: BuildLogin) -> BuildLogin:
+    """make_login(auth) -> Login, in a deployment directory that holds the secrets and the
+    CA by relative path."""
     (tmp_path / "ldap-ca.pem").write_bytes(Path(slapd.ca_cert).read_bytes())
     (tmp_path / "ldap-bind.pw").write_text(slapd.bind_password + "\n")
     (tmp_path / "radius.secret").write_bytes(freeradius.secret + b"\n")
-    return tmp_path
 
-
-@pytest.fixture
-def make_login(deployment: Path, durable: DurableStore):  # type: ignore[no-untyped-def]
     def make(auth: dict[str, Any]) -> Login:
-        settings = Settings.model_validate({"auth": auth}).model_copy(
-            update={"base_dir": deployment})
-        ephemeral = MemoryStore()
-        hasher = TokenHasher(b"f" * 32)
-        providers = IdentityProviders(settings, durable, ephemeral, hasher)
-        sessions = SessionManager(ephemeral, AccountStatus(durable, ttl=0), hasher,
-                                  settings.session)
-        audit = deployment / "audit.jsonl"
-        service = LoginService(providers.flow(), ephemeral, hasher, sessions,
-                               settings.session, AuditTrail(audit),
-                               Throttle(ephemeral, settings.auth.throttle))
-        return Login(service, audit)
+        return build_login(auth, client=CLIENT)
 
     return make
 
@@ -104,10 +50,8 @@ def make_login(deployment: Path, durable: DurableStore):  # type: ignore[no-unty
 
 @pytest.fixture
 def radius_then_ldap(make_login, slapd: Slapd, freeradius: FreeRadius) -> Login:  # type: ignore[no-untyped-def]
-    return make_login({
-        "providers": [radius(freeradius), corp(slapd)],
-        "flows": [{"name": "default",
-                   "steps": [{"provider": "radius"}, {"provider": "corp"}]}]})
+    return make_login(flow({"provider": "radius"}, {"provider": "corp"},
+                           providers=[radius(freeradius), corp(slapd)]))
 
 
 async def test_radius_then_ldap_asks_the_directory_password_for_the_same_user(
@@ -168,16 +112,9 @@ async def test_radius_then_ldap_needs_both_passwords(radius_then_ldap: Login) ->
 
 @pytest.fixture
 def ldap_then_totp_for_finance(make_login, slapd: Slapd) -> Login:  # type: ignore[no-untyped-def]
-    return make_login({
-        "providers": [corp(slapd)],
-        "flows": [{"name": "default",
-                   "steps": [{"provider": "corp"},
-                             {"provider": "totp", "when": {"groups": ["finance"]}}]}]})
-
-
-def totp_code(secret: str) -> str:
-    oathtool = require_program("oathtool")
-    return subprocess.check_output([oathtool, "--totp", "-b", secret], text=True).strip()
+    return make_login(flow({"provider": "corp"},
+                           {"provider": "totp", "when": {"groups": ["finance"]}},
+                           providers=[corp(slapd)]))
 
 
 async def test_finance_user_must_enrol_then_give_a_code_every_time(
@@ -189,7 +126,7 @@ async def test_finance_user_must_enrol_then_give_a_code_every_time(
     assert first.step.enrolment is not None
     secret = first.step.enrolment["secret"]
     assert first.step.enrolment["otpauth_uri"].startswith("otpauth://totp/")
-    code = totp_code(secret)
+    code = oathtool_code(secret)
     enrolled = await login.submit(first.handle, {"code": code})
     assert isinstance(enrolled, Authenticated), login.events()[-1:]
     claims = enrolled.session.claims

@@ -4,8 +4,9 @@ Counters live in the ephemeral store, so every gateway node sees the same number
 An account is keyed by its identity (realm:canonical name), never by what was typed, so
 "Alice", "alice " and "ａｌｉｃｅ" share one counter. After `account_failures`
 consecutive failures (none more than `lockout_seconds` after the one before) the account
-is locked for `lockout_seconds`; a success resets the count. An address with `address_failures` failures within `address_window` is refused
-every sign-in until the window passes, whichever accounts it tries.
+is locked for `lockout_seconds`; a success resets the count. An address with
+`address_failures` failures within `address_window` is refused every sign-in until the
+window passes, whichever accounts it tries.
 """
 
 from __future__ import annotations
