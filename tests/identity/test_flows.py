@@ -11,11 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
-import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,31 +20,24 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import require_program
+from peers.login import BuildLogin, Login, flow
 from peers.stores import FakeClock
-from portcullis.audit import AuditTrail
+from peers.totp import oathtool_code
 from portcullis.config.auth import Condition, Flow, FlowStep
-from portcullis.config.model import Settings
-from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.conditions import ClientCertificate, Facts, LoginContext, evaluate
 from portcullis.identity.flow import (
     MAX_ANSWER,
     Authenticated,
     Denied,
     FlowState,
-    LoginService,
     NextStep,
     Step,
     next_step,
 )
 from portcullis.identity.passwords import hash_password
-from portcullis.identity.providers import IdentityProviders
-from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import Throttle
-from portcullis.identity.totp import TotpService
 from portcullis.pki.ca import create_ca, issue_certificate
 from portcullis.store import DurableStore, EphemeralStore, MemoryStore
-from portcullis.tokens import TokenHasher
 
 PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "fred": "fred-pw"}
 GROUPS = {"alice": ["staff"], "bob": ["staff"], "fred": ["FINANCE", "staff"]}
@@ -280,80 +269,26 @@ def test_any_holds_when_one_holds(conditions: list[Condition], known: Facts) -> 
 
 # --- the services ----------------------------------------------------------------------
 
-@dataclass
-class Deployment:
-    login: LoginService
-    totp: TotpService
-    throttle: Throttle
-    audit_path: Path
-    oathtool: str
-
-    def events(self, event: str | None = None) -> list[dict[str, Any]]:
-        lines = self.audit_path.read_text().splitlines()
-        entries = [json.loads(line) for line in lines]
-        return [e for e in entries if event is None or e["event"] == event]
-
-    def code(self, secret: str, steps_ahead: int = 0) -> str:
-        at = int(time.time()) + 30 * steps_ahead
-        return subprocess.run([self.oathtool, "--totp", "-b", "-N", f"@{at}", secret],
-                              capture_output=True, text=True, check=True,
-                              timeout=10).stdout.strip()
-
-    async def enrol(self, username: str) -> str:
-        """Enrol `username` directly (as an administrator's tool would); the secret."""
-        enrolment = self.totp.new_enrolment(username)
-        check = await self.totp.confirm(f"local:{username}", enrolment,
-                                        self.code(enrolment.secret))
-        assert check.ok, check.reason
-        secret: str = enrolment.secret
-        return secret
-
-
-Deploy = Callable[..., Deployment]
-
-
 @pytest.fixture
-async def durable(tmp_path: Path) -> AsyncIterator[DurableStore]:
-    store = await DurableStore.open(f"sqlite:///{tmp_path / 'db'}")
+async def durable(durable: DurableStore) -> DurableStore:
+    """The shared SQLite store, with the local users of these tests."""
     for name, password in PASSWORDS.items():
-        await store.add_user(name, hash_password(password), GROUPS[name])
-    yield store
-    await store.close()
+        await durable.add_user(name, hash_password(password), GROUPS[name])
+    return durable
 
 
-@pytest.fixture(scope="module")
-def oathtool_path() -> str:
-    path: str = require_program("oathtool")
-    return path
+def code(secret: str, steps_ahead: int = 0) -> str:
+    """oathtool's code for `secret` now, or `steps_ahead` 30-second steps from now."""
+    return oathtool_code(secret, time.time() + 30 * steps_ahead)
 
 
-@pytest.fixture
-def deploy(durable: DurableStore, tmp_path: Path, oathtool_path: str) -> Iterator[Deploy]:
-    """Build the login service for `[auth]` settings over a given ephemeral store."""
-    built: list[AuditTrail] = []
-
-    def build(auth: dict[str, Any], ephemeral: EphemeralStore | None = None) -> Deployment:
-        settings = Settings.model_validate({"auth": auth})
-        store = ephemeral if ephemeral is not None else MemoryStore()
-        hasher = TokenHasher(b"k" * 32)
-        providers = IdentityProviders(settings, durable, store, hasher)
-        sessions = SessionManager(store, AccountStatus(durable, ttl=0), hasher,
-                                  settings.session)
-        audit_path = tmp_path / f"audit-{len(built)}.jsonl"
-        audit = AuditTrail(audit_path)
-        built.append(audit)
-        throttle = Throttle(store, settings.auth.throttle)
-        login = LoginService(providers.flow(), store, hasher, sessions, settings.session,
-                             audit, throttle)
-        return Deployment(login, providers.totp(), throttle, audit_path, oathtool_path)
-
-    yield build
-    for audit in built:
-        audit.close()
-
-
-def flow(*steps: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"flows": [{"name": "default", "steps": list(steps)}], **extra}
+async def enrol_totp(site: Login, username: str) -> str:
+    """Enrol `username` directly (as an administrator's tool would); the secret."""
+    enrolment = site.totp.new_enrolment(username)
+    check = await site.totp.confirm(f"local:{username}", enrolment, code(enrolment.secret))
+    assert check.ok, check.reason
+    secret: str = enrolment.secret
+    return secret
 
 
 def prompts(step: Step) -> list[str]:
@@ -374,9 +309,9 @@ FINANCE_TOTP = flow({"provider": "local"},
                     {"provider": "totp", "when": {"groups": ["Finance"]}})
 
 
-async def test_finance_enrols_then_signs_in_with_a_code(deploy: Deploy) -> None:
-    site: Deployment = deploy(FINANCE_TOTP)
-    first = await site.login.submit(None, {"username": "fred", "password": "fred-pw"}, OFFICE)
+async def test_finance_enrols_then_signs_in_with_a_code(build_login: BuildLogin) -> None:
+    site = build_login(FINANCE_TOTP)
+    first = await site.submit(None, {"username": "fred", "password": "fred-pw"}, OFFICE)
     assert isinstance(first, NextStep) and first.step.kind == "totp-enrol"
     assert prompts(first.step) == ["code"]
     enrolment = first.step.enrolment
@@ -389,42 +324,40 @@ async def test_finance_enrols_then_signs_in_with_a_code(deploy: Deploy) -> None:
     assert len(enrolment["recovery_codes"]) == 10
     # Nothing is stored before a correct code; a wrong one asks again, same secret.
     assert await site.totp.record("local:fred") is None
-    retry = await site.login.submit(first.handle, {"code": "000000"}, OFFICE)
+    retry = await site.submit(first.handle, {"code": "000000"}, OFFICE)
     assert isinstance(retry, NextStep) and retry.step.kind == "totp-enrol"
     assert retry.step.enrolment is not None and retry.step.enrolment["secret"] == secret
-    enrol_code = site.code(secret)
-    done = await site.login.submit(first.handle, {"code": enrol_code}, OFFICE)
+    enrol_code = code(secret)
+    done = await site.submit(first.handle, {"code": enrol_code}, OFFICE)
     assert isinstance(done, Authenticated)
     assert done.session.claims.amr == ("local", "totp")
     assert set(done.session.claims.groups) == {"FINANCE", "staff"}
     assert await site.totp.record("local:fred") is not None
 
-    again = await site.login.submit(None, {"username": "fred", "password": "fred-pw"}, OFFICE)
+    again = await site.submit(None, {"username": "fred", "password": "fred-pw"}, OFFICE)
     assert isinstance(again, NextStep) and again.step.kind == "totp"
     assert prompts(again.step) == ["code"] and again.step.enrolment is None
-    replayed = await site.login.submit(again.handle, {"code": enrol_code}, OFFICE)
+    replayed = await site.submit(again.handle, {"code": enrol_code}, OFFICE)
     assert isinstance(replayed, Denied)
     assert site.events("login.failed")[-1]["reason"] == "code already used"
-    third = await site.login.submit(None, {"username": "fred", "password": "fred-pw"}, OFFICE)
+    third = await site.submit(None, {"username": "fred", "password": "fred-pw"}, OFFICE)
     assert isinstance(third, NextStep)
-    signed_in = await site.login.submit(third.handle, {"code": site.code(secret, 1)}, OFFICE)
+    signed_in = await site.submit(third.handle, {"code": code(secret, 1)}, OFFICE)
     assert isinstance(signed_in, Authenticated)
     assert signed_in.session.claims.amr == ("local", "totp")
     # A recovery code from the enrolment works once.
-    fourth = await site.login.submit(None, {"username": "fred", "password": "fred-pw"}, OFFICE)
+    fourth = await site.submit(None, {"username": "fred", "password": "fred-pw"}, OFFICE)
     assert isinstance(fourth, NextStep)
     recovery = enrolment["recovery_codes"][0]
-    assert isinstance(await site.login.submit(fourth.handle, {"code": recovery}, OFFICE),
-                      Authenticated)
-    fifth = await site.login.submit(None, {"username": "fred", "password": "fred-pw"}, OFFICE)
+    assert isinstance(await site.submit(fourth.handle, {"code": recovery}, OFFICE), Authenticated)
+    fifth = await site.submit(None, {"username": "fred", "password": "fred-pw"}, OFFICE)
     assert isinstance(fifth, NextStep)
-    assert isinstance(await site.login.submit(fifth.handle, {"code": recovery}, OFFICE), Denied)
+    assert isinstance(await site.submit(fifth.handle, {"code": recovery}, OFFICE), Denied)
 
 
-async def test_staff_needs_no_totp(deploy: Deploy) -> None:
-    site: Deployment = deploy(FINANCE_TOTP)
-    result = await site.login.submit(None, {"username": "alice", "password": "alice-pw"},
-                                     OFFICE)
+async def test_staff_needs_no_totp(build_login: BuildLogin) -> None:
+    site = build_login(FINANCE_TOTP)
+    result = await site.submit(None, {"username": "alice", "password": "alice-pw"}, OFFICE)
     assert isinstance(result, Authenticated)
     assert result.session.claims.amr == ("local",)
     skipped = site.events("login.step_skipped")
@@ -433,9 +366,9 @@ async def test_staff_needs_no_totp(deploy: Deploy) -> None:
     assert await site.totp.record("local:alice") is None
 
 
-async def test_a_wrong_password_never_reaches_enrolment(deploy: Deploy) -> None:
-    site: Deployment = deploy(FINANCE_TOTP)
-    result = await site.login.submit(None, {"username": "fred", "password": "nope"}, OFFICE)
+async def test_a_wrong_password_never_reaches_enrolment(build_login: BuildLogin) -> None:
+    site = build_login(FINANCE_TOTP)
+    result = await site.submit(None, {"username": "fred", "password": "nope"}, OFFICE)
     assert result == Denied()
     assert await site.totp.record("local:fred") is None
 
@@ -446,59 +379,58 @@ DEVICE_OR_TOTP = flow({"provider": "totp", "when": {"not": {"certificate": "vali
                       {"provider": "local"})
 
 
-async def test_with_a_certificate_only_the_password_is_asked(deploy: Deploy) -> None:
-    site: Deployment = deploy(DEVICE_OR_TOTP)
-    await site.enrol("alice")
-    begun = await site.login.begin(WITH_CERT)
+async def test_with_a_certificate_only_the_password_is_asked(build_login: BuildLogin) -> None:
+    site = build_login(DEVICE_OR_TOTP)
+    await enrol_totp(site, "alice")
+    begun = await site.service.begin(WITH_CERT)
     assert isinstance(begun, NextStep) and begun.step.kind == "password"
     assert prompts(begun.step) == ["username", "password"]
-    result = await site.login.submit(begun.handle, {"username": "alice",
-                                                    "password": "alice-pw"}, WITH_CERT)
+    result = await site.submit(begun.handle, {"username": "alice",
+                                              "password": "alice-pw"}, WITH_CERT)
     assert isinstance(result, Authenticated)
     assert result.session.claims.amr == ("local",)
     assert site.events("login.succeeded")[-1]["factors"] == ["local"]
 
 
-async def test_a_step_skipped_at_the_start_is_audited(deploy: Deploy) -> None:
-    site: Deployment = deploy(DEVICE_OR_TOTP)
-    assert isinstance(await site.login.begin(WITH_CERT), NextStep)
+async def test_a_step_skipped_at_the_start_is_audited(build_login: BuildLogin) -> None:
+    site = build_login(DEVICE_OR_TOTP)
+    assert isinstance(await site.service.begin(WITH_CERT), NextStep)
     assert [(e["factor"], e["reason"]) for e in site.events("login.step_skipped")] == [
         ("totp", "a valid client certificate")]
 
 
-async def test_without_a_certificate_totp_comes_first_then_the_password(deploy: Deploy) -> None:
-    site: Deployment = deploy(DEVICE_OR_TOTP)
-    secret = await site.enrol("alice")
-    begun = await site.login.begin(OFFICE)
+async def test_without_a_certificate_totp_comes_first_then_the_password(
+        build_login: BuildLogin) -> None:
+    site = build_login(DEVICE_OR_TOTP)
+    secret = await enrol_totp(site, "alice")
+    begun = await site.service.begin(OFFICE)
     assert isinstance(begun, NextStep) and begun.step.kind == "totp"
     assert prompts(begun.step) == ["username", "code"]
-    second = await site.login.submit(begun.handle, {"username": "Alice",
-                                                    "code": site.code(secret, 1)}, OFFICE)
+    second = await site.submit(begun.handle, {"username": "Alice", "code": code(secret, 1)}, OFFICE)
     assert isinstance(second, NextStep) and second.step.kind == "password"
     assert prompts(second.step) == ["password"]          # the name is fixed now
     # A name typed again is ignored: the password is checked for alice.
-    result = await site.login.submit(second.handle, {"username": "bob",
-                                                     "password": "alice-pw"}, OFFICE)
+    result = await site.submit(second.handle, {"username": "bob", "password": "alice-pw"}, OFFICE)
     assert isinstance(result, Authenticated)
     assert result.session.claims.username == "alice"
     assert result.session.claims.amr == ("totp", "local")
 
 
-async def test_a_wrong_code_fails_late_like_an_unknown_user(deploy: Deploy) -> None:
-    site: Deployment = deploy(DEVICE_OR_TOTP)
-    await site.enrol("alice")
+async def test_a_wrong_code_fails_late_like_an_unknown_user(build_login: BuildLogin) -> None:
+    site = build_login(DEVICE_OR_TOTP)
+    await enrol_totp(site, "alice")
     shapes = {}
     for name in ("alice", "mallory", "bob"):   # enrolled, unknown, not enrolled
-        first = await site.login.submit(None, {"username": name, "code": "123456"}, OFFICE)
+        first = await site.submit(None, {"username": name, "code": "123456"}, OFFICE)
         assert isinstance(first, NextStep)
         shapes[name] = shape(first, name)
     assert shapes["alice"] == shapes["mallory"] == shapes["bob"]
     assert shapes["alice"][0] == "NextStep" and '"kind": "password"' in shapes["alice"][1]
 
     # Enrolled, wrong code, right password: denied only at the end.
-    first = await site.login.submit(None, {"username": "alice", "code": "123456"}, OFFICE)
+    first = await site.submit(None, {"username": "alice", "code": "123456"}, OFFICE)
     assert isinstance(first, NextStep)
-    end = await site.login.submit(first.handle, {"password": "alice-pw"}, OFFICE)
+    end = await site.submit(first.handle, {"password": "alice-pw"}, OFFICE)
     assert end == Denied()
     failed = site.events("login.failed")[-1]
     assert (failed["user"], failed["reason"]) == ("alice", "totp: wrong code")
@@ -507,82 +439,78 @@ async def test_a_wrong_code_fails_late_like_an_unknown_user(deploy: Deploy) -> N
         ("alice", "totp", "wrong code")}
 
     # Unknown, any code, any password: the same answers.
-    first = await site.login.submit(None, {"username": "mallory", "code": "123456"}, OFFICE)
+    first = await site.submit(None, {"username": "mallory", "code": "123456"}, OFFICE)
     assert isinstance(first, NextStep)
-    end = await site.login.submit(first.handle, {"password": "alice-pw"}, OFFICE)
+    end = await site.submit(first.handle, {"password": "alice-pw"}, OFFICE)
     assert end == Denied()
     assert site.events("login.failed")[-1]["reason"] == "unknown user"
 
 
-async def test_a_user_without_totp_enrols_after_the_password(deploy: Deploy) -> None:
-    site: Deployment = deploy(DEVICE_OR_TOTP)
-    first = await site.login.submit(None, {"username": "bob", "code": "123456"}, OFFICE)
+async def test_a_user_without_totp_enrols_after_the_password(build_login: BuildLogin) -> None:
+    site = build_login(DEVICE_OR_TOTP)
+    first = await site.submit(None, {"username": "bob", "code": "123456"}, OFFICE)
     assert isinstance(first, NextStep) and first.step.kind == "password"
     assert first.step.enrolment is None     # nothing shown before the password
-    enrol = await site.login.submit(first.handle, {"password": "bob-pw"}, OFFICE)
+    enrol = await site.submit(first.handle, {"password": "bob-pw"}, OFFICE)
     assert isinstance(enrol, NextStep) and enrol.step.kind == "totp-enrol"
     assert enrol.step.enrolment is not None
     secret = enrol.step.enrolment["secret"]
-    done = await site.login.submit(enrol.handle, {"code": site.code(secret)}, OFFICE)
+    done = await site.submit(enrol.handle, {"code": code(secret)}, OFFICE)
     assert isinstance(done, Authenticated)
     assert done.session.claims.amr == ("local", "totp")
     # Next time the code comes first.
-    begun = await site.login.submit(None, {"username": "bob", "code": site.code(secret, 1)},
-                                    OFFICE)
+    begun = await site.submit(None, {"username": "bob", "code": code(secret, 1)}, OFFICE)
     assert isinstance(begun, NextStep) and begun.step.kind == "password"
-    result = await site.login.submit(begun.handle, {"password": "bob-pw"}, OFFICE)
+    result = await site.submit(begun.handle, {"password": "bob-pw"}, OFFICE)
     assert isinstance(result, Authenticated)
     assert result.session.claims.amr == ("totp", "local")
 
 
-async def test_a_deferred_enrolment_needs_the_right_password(deploy: Deploy) -> None:
-    site: Deployment = deploy(DEVICE_OR_TOTP)
-    first = await site.login.submit(None, {"username": "bob", "code": "123456"}, OFFICE)
+async def test_a_deferred_enrolment_needs_the_right_password(build_login: BuildLogin) -> None:
+    site = build_login(DEVICE_OR_TOTP)
+    first = await site.submit(None, {"username": "bob", "code": "123456"}, OFFICE)
     assert isinstance(first, NextStep)
-    assert await site.login.submit(first.handle, {"password": "wrong"}, OFFICE) == Denied()
+    assert await site.submit(first.handle, {"password": "wrong"}, OFFICE) == Denied()
     assert await site.totp.record("local:bob") is None
     # The handle is gone: no second go at the enrolment with it.
-    assert await site.login.submit(first.handle, {"password": "bob-pw"}, OFFICE) == Denied()
+    assert await site.submit(first.handle, {"password": "bob-pw"}, OFFICE) == Denied()
 
 
-async def test_a_code_in_non_ascii_digits_is_denied(deploy: Deploy) -> None:
-    site: Deployment = deploy(DEVICE_OR_TOTP)
-    await site.enrol("alice")
-    first = await site.login.submit(None, {"username": "alice", "code": "١٢٣٤٥٦"}, OFFICE)
+async def test_a_code_in_non_ascii_digits_is_denied(build_login: BuildLogin) -> None:
+    site = build_login(DEVICE_OR_TOTP)
+    await enrol_totp(site, "alice")
+    first = await site.submit(None, {"username": "alice", "code": "١٢٣٤٥٦"}, OFFICE)
     assert isinstance(first, NextStep)
 
 
 # --- (c) two local steps ----------------------------------------------------------------
 
-async def test_two_local_steps_in_sequence(deploy: Deploy) -> None:
-    site: Deployment = deploy(flow({"provider": "local"}, {"provider": "local"}))
-    first = await site.login.submit(None, {"username": "alice", "password": "alice-pw"},
-                                    OFFICE)
+async def test_two_local_steps_in_sequence(build_login: BuildLogin) -> None:
+    site = build_login(flow({"provider": "local"}, {"provider": "local"}))
+    first = await site.submit(None, {"username": "alice", "password": "alice-pw"}, OFFICE)
     assert isinstance(first, NextStep) and prompts(first.step) == ["password"]
     assert first.step.message == "Signing in as alice"
-    done = await site.login.submit(first.handle, {"password": "alice-pw"}, OFFICE)
+    done = await site.submit(first.handle, {"password": "alice-pw"}, OFFICE)
     assert isinstance(done, Authenticated)
     assert done.session.claims.amr == ("local", "local")
     # The second step cannot be answered for another user.
-    first = await site.login.submit(None, {"username": "alice", "password": "alice-pw"},
-                                    OFFICE)
+    first = await site.submit(None, {"username": "alice", "password": "alice-pw"}, OFFICE)
     assert isinstance(first, NextStep)
-    other = await site.login.submit(first.handle, {"username": "bob", "password": "bob-pw"},
-                                    OFFICE)
+    other = await site.submit(first.handle, {"username": "bob", "password": "bob-pw"}, OFFICE)
     assert other == Denied()
     failed = site.events("login.failed")[-1]
     assert (failed["user"], failed["reason"]) == ("alice", "wrong password")
 
 
-async def test_two_local_providers_in_sequence(deploy: Deploy) -> None:
-    site: Deployment = deploy(flow({"provider": "local"}, {"provider": "vault"},
-                                   providers=[{"type": "local", "name": "vault"}]))
-    first = await site.login.submit(None, {"username": "bob", "password": "bob-pw"}, OFFICE)
+async def test_two_local_providers_in_sequence(build_login: BuildLogin) -> None:
+    site = build_login(flow({"provider": "local"}, {"provider": "vault"},
+                            providers=[{"type": "local", "name": "vault"}]))
+    first = await site.submit(None, {"username": "bob", "password": "bob-pw"}, OFFICE)
     assert isinstance(first, NextStep) and prompts(first.step) == ["password"]
-    assert await site.login.submit(first.handle, {"password": "alice-pw"}, OFFICE) == Denied()
-    first = await site.login.submit(None, {"username": "bob", "password": "bob-pw"}, OFFICE)
+    assert await site.submit(first.handle, {"password": "alice-pw"}, OFFICE) == Denied()
+    first = await site.submit(None, {"username": "bob", "password": "bob-pw"}, OFFICE)
     assert isinstance(first, NextStep)
-    done = await site.login.submit(first.handle, {"password": "bob-pw"}, OFFICE)
+    done = await site.submit(first.handle, {"password": "bob-pw"}, OFFICE)
     assert isinstance(done, Authenticated)
     assert done.session.claims.amr == ("local", "vault")
     assert done.session.claims.sub == "local:bob"
@@ -590,35 +518,30 @@ async def test_two_local_providers_in_sequence(deploy: Deploy) -> None:
 
 # --- one identity per canonical name -----------------------------------------------------
 
-async def test_name_variants_share_one_totp_secret_and_one_lockout(deploy: Deploy) -> None:
-    site: Deployment = deploy(flow({"provider": "local"}, {"provider": "totp"},
-                                   throttle={"account_failures": 3}))
-    first = await site.login.submit(None, {"username": "ALICE", "password": "alice-pw"},
-                                    OFFICE)
+async def test_name_variants_share_one_totp_secret_and_one_lockout(build_login: BuildLogin) -> None:
+    site = build_login(flow({"provider": "local"}, {"provider": "totp"},
+                            throttle={"account_failures": 3}))
+    first = await site.submit(None, {"username": "ALICE", "password": "alice-pw"}, OFFICE)
     assert isinstance(first, NextStep) and first.step.kind == "totp-enrol"
     assert first.step.enrolment is not None
     assert "Portcullis:alice?" in first.step.enrolment["otpauth_uri"]
     secret = first.step.enrolment["secret"]
-    done = await site.login.submit(first.handle, {"code": site.code(secret)}, OFFICE)
+    done = await site.submit(first.handle, {"code": code(secret)}, OFFICE)
     assert isinstance(done, Authenticated) and done.session.claims.username == "alice"
 
-    second = await site.login.submit(None, {"username": " alice", "password": "alice-pw"},
-                                     OFFICE)
+    second = await site.submit(None, {"username": " alice", "password": "alice-pw"}, OFFICE)
     assert isinstance(second, NextStep) and second.step.kind == "totp"
     assert prompts(second.step) == ["code"]
-    signed = await site.login.submit(second.handle, {"code": site.code(secret, 1)}, OFFICE)
+    signed = await site.submit(second.handle, {"code": code(secret, 1)}, OFFICE)
     assert isinstance(signed, Authenticated) and signed.session.claims.sub == "local:alice"
-    third = await site.login.submit(None, {"username": "ａｌｉｃｅ", "password": "alice-pw"},
-                                    OFFICE)
+    third = await site.submit(None, {"username": "ａｌｉｃｅ", "password": "alice-pw"}, OFFICE)
     assert isinstance(third, NextStep) and third.step.kind == "totp"    # not a new enrolment
     assert third.step.message == "Signing in as alice"
 
     for _ in range(3):
-        assert await site.login.submit(None, {"username": "alice", "password": "x"},
-                                       OFFICE) == Denied()
+        assert await site.submit(None, {"username": "alice", "password": "x"}, OFFICE) == Denied()
     for variant in ("ALICE", " alice", "ａｌｉｃｅ", "Alice\u00a0"):
-        result = await site.login.submit(None, {"username": variant, "password": "alice-pw"},
-                                         ELSEWHERE)
+        result = await site.submit(None, {"username": variant, "password": "alice-pw"}, ELSEWHERE)
         assert result == Denied()
     locked = site.events("login.failed")[-4:]
     assert {(e["user"], e["reason"]) for e in locked} == {("alice", "account locked")}
@@ -628,16 +551,15 @@ async def test_name_variants_share_one_totp_secret_and_one_lockout(deploy: Deplo
 # --- throttling ------------------------------------------------------------------------
 
 async def test_brute_force_locks_the_account_not_the_address(
-        deploy: Deploy, ephemeral_store: EphemeralStore, clock: FakeClock) -> None:
-    site: Deployment = deploy(flow({"provider": "local"}, throttle={
+        build_login: BuildLogin, ephemeral_store: EphemeralStore, clock: FakeClock) -> None:
+    site = build_login(flow({"provider": "local"}, throttle={
         "account_failures": 5, "address_failures": 1000, "lockout_seconds": 600}),
-        ephemeral_store)
+        ephemeral=ephemeral_store)
     for attempt in range(50):
-        result = await site.login.submit(None, {"username": "alice",
-                                                "password": f"guess-{attempt}"}, OFFICE)
+        result = await site.submit(None, {"username": "alice",
+                                          "password": f"guess-{attempt}"}, OFFICE)
         assert result == Denied()
-    right = await site.login.submit(None, {"username": "alice", "password": "alice-pw"},
-                                    OFFICE)
+    right = await site.submit(None, {"username": "alice", "password": "alice-pw"}, OFFICE)
     assert right == Denied()
     assert dataclasses.fields(Denied) == ()      # the client learns nothing more
 
@@ -651,32 +573,29 @@ async def test_brute_force_locks_the_account_not_the_address(
     assert (await site.throttle.account("local:alice")).locked
 
     # Another user from the same address is not affected...
-    bob = await site.login.submit(None, {"username": "bob", "password": "bob-pw"}, OFFICE)
+    bob = await site.submit(None, {"username": "bob", "password": "bob-pw"}, OFFICE)
     assert isinstance(bob, Authenticated)
     # ...and the locked user is locked from everywhere.
-    assert await site.login.submit(None, {"username": "alice", "password": "alice-pw"},
-                                   ELSEWHERE) == Denied()
+    assert await site.submit(None, {"username": "alice", "password": "alice-pw"},
+                             ELSEWHERE) == Denied()
     assert site.events("login.failed")[-1]["reason"] == "account locked"
 
     if isinstance(ephemeral_store, MemoryStore):
         # The lock ends by itself (Redis TTLs are covered by the store contract tests).
         clock.advance(601)
-        after = await site.login.submit(None, {"username": "alice", "password": "alice-pw"},
-                                        OFFICE)
+        after = await site.submit(None, {"username": "alice", "password": "alice-pw"}, OFFICE)
         assert isinstance(after, Authenticated)
 
 
 async def test_too_many_failures_from_one_address_refuse_it_for_everyone(
-        deploy: Deploy, ephemeral_store: EphemeralStore) -> None:
-    site: Deployment = deploy(flow({"provider": "local"}, throttle={
-        "account_failures": 100, "address_failures": 10}), ephemeral_store)
+        build_login: BuildLogin, ephemeral_store: EphemeralStore) -> None:
+    site = build_login(flow({"provider": "local"}, throttle={
+        "account_failures": 100, "address_failures": 10}), ephemeral=ephemeral_store)
     for attempt in range(10):
         name = ["alice", "bob", f"nobody{attempt}"][attempt % 3]
-        assert await site.login.submit(None, {"username": name, "password": "x"},
-                                       OFFICE) == Denied()
+        assert await site.submit(None, {"username": name, "password": "x"}, OFFICE) == Denied()
     for name in ("alice", "bob", "fred"):
-        result = await site.login.submit(None, {"username": name,
-                                                "password": PASSWORDS[name]}, OFFICE)
+        result = await site.submit(None, {"username": name, "password": PASSWORDS[name]}, OFFICE)
         assert result == Denied()
     throttled = site.events("login.throttled")
     assert len(throttled) == 3 and all(e["client"] == OFFICE.client_address
@@ -684,55 +603,51 @@ async def test_too_many_failures_from_one_address_refuse_it_for_everyone(
     # The refusal is not counted against the accounts.
     assert (await site.throttle.account("local:fred")).failures == 0
     # A handle obtained before is no way around it.
-    begun = await site.login.begin(OFFICE)
+    begun = await site.service.begin(OFFICE)
     assert isinstance(begun, NextStep)
-    assert await site.login.submit(begun.handle, {"username": "alice",
-                                                  "password": "alice-pw"}, OFFICE) == Denied()
+    assert await site.submit(begun.handle, {"username": "alice",
+                                            "password": "alice-pw"}, OFFICE) == Denied()
     # Another address still works, for the same users.
-    result = await site.login.submit(None, {"username": "alice", "password": "alice-pw"},
-                                     ELSEWHERE)
+    result = await site.submit(None, {"username": "alice", "password": "alice-pw"}, ELSEWHERE)
     assert isinstance(result, Authenticated)
 
 
 async def test_a_success_resets_the_account_count(
-        deploy: Deploy, ephemeral_store: EphemeralStore) -> None:
-    site: Deployment = deploy(flow({"provider": "local"}, throttle={
-        "account_failures": 5, "address_failures": 1000}), ephemeral_store)
+        build_login: BuildLogin, ephemeral_store: EphemeralStore) -> None:
+    site = build_login(flow({"provider": "local"}, throttle={
+        "account_failures": 5, "address_failures": 1000}), ephemeral=ephemeral_store)
     for _round in range(2):
         for _ in range(4):
-            assert await site.login.submit(None, {"username": "alice", "password": "x"},
-                                           OFFICE) == Denied()
+            assert await site.submit(None, {"username": "alice", "password": "x"},
+                                     OFFICE) == Denied()
         assert (await site.throttle.account("local:alice")).failures == 4
-        result = await site.login.submit(None, {"username": "alice",
-                                                "password": "alice-pw"}, OFFICE)
+        result = await site.submit(None, {"username": "alice", "password": "alice-pw"}, OFFICE)
         assert isinstance(result, Authenticated)
         assert (await site.throttle.account("local:alice")).failures == 0
     assert not (await site.throttle.account("local:alice")).locked
 
 
 async def test_a_wrong_totp_code_counts_against_the_account(
-        deploy: Deploy, ephemeral_store: EphemeralStore) -> None:
-    site: Deployment = deploy(dict(DEVICE_OR_TOTP, throttle={"account_failures": 2}),
-                              ephemeral_store)
-    await site.enrol("alice")
+        build_login: BuildLogin, ephemeral_store: EphemeralStore) -> None:
+    site = build_login(dict(DEVICE_OR_TOTP, throttle={"account_failures": 2}),
+                       ephemeral=ephemeral_store)
+    await enrol_totp(site, "alice")
     for _ in range(2):
-        first = await site.login.submit(None, {"username": "alice", "code": "000000"},
-                                        OFFICE)
+        first = await site.submit(None, {"username": "alice", "code": "000000"}, OFFICE)
         assert isinstance(first, NextStep)
-        assert await site.login.submit(first.handle, {"password": "alice-pw"},
-                                       OFFICE) == Denied()
+        assert await site.submit(first.handle, {"password": "alice-pw"}, OFFICE) == Denied()
     assert (await site.throttle.account("local:alice")).locked
     # Locked: the TOTP step refuses at once, before any code is checked.
-    assert await site.login.submit(None, {"username": "alice", "code": "000000"},
-                                   OFFICE) == Denied()
+    assert await site.submit(None, {"username": "alice", "code": "000000"}, OFFICE) == Denied()
     assert site.events("login.failed")[-1]["reason"] == "account locked"
 
 
 # --- answers that tell nothing ---------------------------------------------------------------
 
-async def test_unknown_user_and_wrong_password_get_identical_answers(deploy: Deploy) -> None:
-    site: Deployment = deploy(flow({"provider": "local"}))
-    begun = [await site.login.begin(OFFICE) for _ in range(2)]
+async def test_unknown_user_and_wrong_password_get_identical_answers(
+        build_login: BuildLogin) -> None:
+    site = build_login(flow({"provider": "local"}))
+    begun = [await site.service.begin(OFFICE) for _ in range(2)]
     assert all(isinstance(b, NextStep) for b in begun)
     assert shape(begun[0]) == shape(begun[1])
     answers = {
@@ -740,29 +655,28 @@ async def test_unknown_user_and_wrong_password_get_identical_answers(deploy: Dep
         "unknown user": {"username": "mallory", "password": "nope"},
         "malformed user name": {"username": "a/b", "password": "nope"},
     }
-    results = [await site.login.submit(None, answer, OFFICE) for answer in answers.values()]
+    results = [await site.submit(None, answer, OFFICE) for answer in answers.values()]
     assert results == [Denied()] * 3
     assert [e["reason"] for e in site.events("login.failed")] == list(answers)
 
 
-async def test_an_oversized_answer_is_denied(deploy: Deploy) -> None:
-    site: Deployment = deploy(flow({"provider": "local"}))
-    at_limit = await site.login.submit(None, {"username": "alice",
-                                              "password": "x" * MAX_ANSWER}, OFFICE)
+async def test_an_oversized_answer_is_denied(build_login: BuildLogin) -> None:
+    site = build_login(flow({"provider": "local"}))
+    at_limit = await site.submit(None, {"username": "alice", "password": "x" * MAX_ANSWER}, OFFICE)
     assert at_limit == Denied()
     assert site.events("login.failed")[-1]["reason"] == "wrong password"
     for answers in ({"username": "alice", "password": "x" * (MAX_ANSWER + 1)},
                     {"username": "a" * 10_000, "password": "alice-pw"},
                     {"username": "alice", "password": "alice-pw", "extra": "y" * 5000}):
-        assert await site.login.submit(None, answers, OFFICE) == Denied()
+        assert await site.submit(None, answers, OFFICE) == Denied()
         assert site.events("login.failed")[-1]["reason"] == "oversized answer"
 
 
-async def test_an_unknown_or_oversized_handle_is_denied(deploy: Deploy) -> None:
-    site: Deployment = deploy(flow({"provider": "local"}))
+async def test_an_unknown_or_oversized_handle_is_denied(build_login: BuildLogin) -> None:
+    site = build_login(flow({"provider": "local"}))
     for handle in ("no-such-handle", "h" * 10_000, ""):
-        assert await site.login.submit(handle, {"username": "alice", "password": "alice-pw"},
-                                       OFFICE) == Denied()
+        assert await site.submit(handle, {"username": "alice", "password": "alice-pw"},
+                                 OFFICE) == Denied()
 
 
 def test_addresses_in_cases_are_valid() -> None:

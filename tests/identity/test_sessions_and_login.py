@@ -27,11 +27,10 @@ SETTINGS = SessionSettings(idle_timeout=60, absolute_timeout=600, login_step_tim
 
 
 @pytest.fixture
-async def durable(tmp_path: Path):  # type: ignore[no-untyped-def]
-    store = await DurableStore.open(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    await store.add_user("alice", hash_password("secret"), ["staff"])
-    yield store
-    await store.close()
+async def durable(durable: DurableStore) -> DurableStore:
+    """The shared SQLite store, with alice."""
+    await durable.add_user("alice", hash_password("secret"), ["staff"])
+    return durable
 
 
 @pytest.fixture

@@ -6,28 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import subprocess
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 import sqlalchemy
 
-from conftest import require_program
+from peers.login import BuildLogin, flow
 from peers.stores import FakeClock
-from portcullis.audit import AuditTrail
+from peers.totp import oathtool_code
 from portcullis.config.auth import TotpProvider
-from portcullis.config.model import Settings
 from portcullis.errors import AuthError
-from portcullis.identity.accounts import AccountStatus
-from portcullis.identity.conditions import LoginContext
-from portcullis.identity.flow import Authenticated, LoginService, NextStep
+from portcullis.identity.flow import Authenticated, NextStep
 from portcullis.identity.passwords import hash_password
-from portcullis.identity.providers import IdentityProviders
-from portcullis.identity.sessions import SessionManager
-from portcullis.identity.throttle import Throttle
 from portcullis.identity.totp import Enrolment, TotpService
 from portcullis.store import DurableStore, EphemeralStore, MemoryStore
 from portcullis.store.migrations import metadata
@@ -43,32 +35,6 @@ NOW = 1_700_000_015.0
 PERIOD = 30
 
 
-@pytest.fixture(scope="module")
-def oathtool_path() -> str:
-    path: str = require_program("oathtool")
-    return path
-
-
-def oathtool(program: str, key: str, at: float, *, digits: int = 6,
-             algorithm: Algorithm = "sha1", period: int = PERIOD,
-             base32: bool = True) -> str:
-    """The code `oathtool` computes for `key` at Unix time `at`."""
-    mode = "--totp" if algorithm == "sha1" else f"--totp={algorithm}"
-    args = [program, mode, "-d", str(digits), "-s", f"{period}s", "-N", f"@{int(at)}"]
-    if base32:
-        args.append("-b")
-    result = subprocess.run([*args, key], capture_output=True, text=True, timeout=10,
-                            check=True)
-    return result.stdout.strip()
-
-
-@pytest.fixture
-async def durable(tmp_path: Path) -> AsyncIterator[DurableStore]:
-    store = await DurableStore.open(f"sqlite:///{tmp_path / 'db'}")
-    yield store
-    await store.close()
-
-
 @pytest.fixture
 def totp_clock() -> FakeClock:
     clock = FakeClock()
@@ -82,11 +48,10 @@ def service(durable: DurableStore, ephemeral: EphemeralStore, clock: FakeClock,
     return TotpService(provider, durable, ephemeral, TokenHasher(HASHER_KEY), clock=clock)
 
 
-async def enrol(totp: TotpService, program: str, identity: str, clock: FakeClock,
-                **tool: Any) -> Enrolment:
+async def enrol(totp: TotpService, identity: str, clock: FakeClock, **tool: Any) -> Enrolment:
     """A fresh enrolment confirmed with oathtool's code at the current (fake) time."""
     enrolment = totp.new_enrolment(identity.split(":", 1)[1])
-    code = oathtool(program, enrolment.secret, clock.now, **tool)
+    code = oathtool_code(enrolment.secret, clock.now, **tool)
     check = await totp.confirm(identity, enrolment, code)
     assert check.ok, check.reason
     return enrolment
@@ -130,14 +95,14 @@ def _off_by_one(code: str) -> str:
 
 @pytest.mark.parametrize("algorithm", ["sha1", "sha256", "sha512"])
 async def test_rfc6238_test_vectors(algorithm: Algorithm, durable: DurableStore,
-                                    totp_clock: FakeClock, oathtool_path: str) -> None:
+                                    totp_clock: FakeClock) -> None:
     totp = service(durable, MemoryStore(), totp_clock, digits=8, algorithm=algorithm)
     secret = base64.b32encode(SEEDS[algorithm]).decode().rstrip("=")
     vectors = VECTORS[algorithm]
     # The reference tool agrees with the RFC (so the other tests can trust it).
     for at, expected in vectors:
-        assert oathtool(oathtool_path, SEEDS[algorithm].hex(), at, digits=8,
-                        algorithm=algorithm, base32=False) == expected
+        assert oathtool_code(SEEDS[algorithm].hex(), at, digits=8, algorithm=algorithm,
+                             base32=False) == expected
 
     first_at, first_code = vectors[0]
     totp_clock.now = first_at
@@ -164,9 +129,9 @@ async def test_rfc6238_test_vectors(algorithm: Algorithm, durable: DurableStore,
 ], ids=["sha1-6-30s", "sha256-6-30s", "sha512-8-30s", "sha1-6-60s"])
 async def test_codes_from_oathtool_are_accepted(
         settings: dict[str, Any], tool: dict[str, Any], durable: DurableStore,
-        totp_clock: FakeClock, oathtool_path: str) -> None:
+        totp_clock: FakeClock) -> None:
     totp = service(durable, MemoryStore(), totp_clock, **settings)
-    enrolment = await enrol(totp, oathtool_path, ALICE, totp_clock, **tool)
+    enrolment = await enrol(totp, ALICE, totp_clock, **tool)
     record = await totp.record(ALICE)
     assert record is not None
     # The URI the app scans carries exactly these parameters.
@@ -176,17 +141,17 @@ async def test_codes_from_oathtool_are_accepted(
     assert f"algorithm={totp.settings.algorithm.upper()}" in enrolment.uri
     for later in (1, 2, 5, 1000):
         totp_clock.now = NOW + later * totp.settings.period
-        code = oathtool(oathtool_path, enrolment.secret, totp_clock.now, **tool)
+        code = oathtool_code(enrolment.secret, totp_clock.now, **tool)
         check = await totp.verify(ALICE, record, code)
         assert (check.ok, check.reason) == (True, "code verified"), later
 
 
 async def test_a_code_for_another_algorithm_is_refused(
-        durable: DurableStore, totp_clock: FakeClock, oathtool_path: str) -> None:
+        durable: DurableStore, totp_clock: FakeClock) -> None:
     totp = service(durable, MemoryStore(), totp_clock, algorithm="sha256")
     enrolment = totp.new_enrolment("alice")
-    sha1_code = oathtool(oathtool_path, enrolment.secret, totp_clock.now)
-    sha256_code = oathtool(oathtool_path, enrolment.secret, totp_clock.now, algorithm="sha256")
+    sha1_code = oathtool_code(enrolment.secret, totp_clock.now)
+    sha256_code = oathtool_code(enrolment.secret, totp_clock.now, algorithm="sha256")
     assert sha1_code != sha256_code
     assert not (await totp.confirm(ALICE, enrolment, sha1_code)).ok
     assert (await totp.confirm(ALICE, enrolment, sha256_code)).ok
@@ -199,13 +164,13 @@ async def test_a_code_for_another_algorithm_is_refused(
 ])
 async def test_codes_are_accepted_within_the_window_only(
         window: int, steps: int, accepted: bool, durable: DurableStore,
-        totp_clock: FakeClock, oathtool_path: str) -> None:
+        totp_clock: FakeClock) -> None:
     totp = service(durable, MemoryStore(), totp_clock, window=window)
-    enrolment = await enrol(totp, oathtool_path, ALICE, totp_clock)
+    enrolment = await enrol(totp, ALICE, totp_clock)
     record = await totp.record(ALICE)
     assert record is not None
     totp_clock.now = NOW + 10 * PERIOD       # well away from the enrolment's step
-    code = oathtool(oathtool_path, enrolment.secret, totp_clock.now + steps * PERIOD)
+    code = oathtool_code(enrolment.secret, totp_clock.now + steps * PERIOD)
     check = await totp.verify(ALICE, record, code)
     assert check.ok is accepted, check.reason
     if not accepted:
@@ -213,18 +178,17 @@ async def test_codes_are_accepted_within_the_window_only(
 
 
 async def test_a_replayed_code_is_refused(
-        ephemeral_store: EphemeralStore, durable: DurableStore, totp_clock: FakeClock,
-        oathtool_path: str) -> None:
+        ephemeral_store: EphemeralStore, durable: DurableStore, totp_clock: FakeClock) -> None:
     totp = service(durable, ephemeral_store, totp_clock)
-    enrolment = await enrol(totp, oathtool_path, ALICE, totp_clock)
+    enrolment = await enrol(totp, ALICE, totp_clock)
     record = await totp.record(ALICE)
     assert record is not None
     # The code that confirmed the enrolment has been used already.
-    enrol_code = oathtool(oathtool_path, enrolment.secret, NOW)
+    enrol_code = oathtool_code(enrolment.secret, NOW)
     assert (await totp.verify(ALICE, record, enrol_code)).reason == "code already used"
 
     totp_clock.now = NOW + 5 * PERIOD
-    code = oathtool(oathtool_path, enrolment.secret, totp_clock.now)
+    code = oathtool_code(enrolment.secret, totp_clock.now)
     assert (await totp.verify(ALICE, record, code)).ok
     again = await totp.verify(ALICE, record, code)
     assert (again.ok, again.reason) == (False, "code already used")
@@ -235,34 +199,33 @@ async def test_a_replayed_code_is_refused(
     assert not (await totp.verify(ALICE, record, f" {code[:3]} {code[3:]} ")).ok
     # Two nodes racing with one code: exactly one wins.
     totp_clock.now += 5 * PERIOD
-    fresh = oathtool(oathtool_path, enrolment.secret, totp_clock.now)
+    fresh = oathtool_code(enrolment.secret, totp_clock.now)
     results = await asyncio.gather(*(totp.verify(ALICE, record, fresh) for _ in range(8)))
     assert sorted(check.ok for check in results) == [False] * 7 + [True]
 
 
 async def test_a_used_code_is_refused_for_its_own_identity_only(
-        ephemeral_store: EphemeralStore, durable: DurableStore, totp_clock: FakeClock,
-        oathtool_path: str) -> None:
+        ephemeral_store: EphemeralStore, durable: DurableStore, totp_clock: FakeClock) -> None:
     totp = service(durable, ephemeral_store, totp_clock)
     # Two users who happen to hold the same secret: one's use does not burn the other's.
     enrolment = totp.new_enrolment("alice")
-    code = oathtool(oathtool_path, enrolment.secret, NOW)
+    code = oathtool_code(enrolment.secret, NOW)
     assert (await totp.confirm(ALICE, enrolment, code)).ok
     assert (await totp.confirm(BOB, enrolment, code)).ok
 
 
 async def test_re_enrolment_retires_the_old_secret_and_recovery_codes(
-        durable: DurableStore, totp_clock: FakeClock, oathtool_path: str) -> None:
+        durable: DurableStore, totp_clock: FakeClock) -> None:
     totp = service(durable, MemoryStore(), totp_clock)
-    old = await enrol(totp, oathtool_path, ALICE, totp_clock)
+    old = await enrol(totp, ALICE, totp_clock)
     totp_clock.now += 3 * PERIOD
-    new = await enrol(totp, oathtool_path, ALICE, totp_clock)
+    new = await enrol(totp, ALICE, totp_clock)
     assert new.secret != old.secret
     record = await totp.record(ALICE)
     assert record is not None and record.recovery_codes_left == len(new.recovery_codes)
     totp_clock.now += 3 * PERIOD
-    old_code = oathtool(oathtool_path, old.secret, totp_clock.now)
-    new_code = oathtool(oathtool_path, new.secret, totp_clock.now)
+    old_code = oathtool_code(old.secret, totp_clock.now)
+    new_code = oathtool_code(new.secret, totp_clock.now)
     assert old_code != new_code
     assert (await totp.verify(ALICE, record, old_code)).reason == "wrong code"
     assert not (await totp.verify(ALICE, record, old.recovery_codes[0])).ok
@@ -271,25 +234,23 @@ async def test_re_enrolment_retires_the_old_secret_and_recovery_codes(
 
 
 async def test_a_wrong_code_does_not_replace_an_enrolment(
-        durable: DurableStore, totp_clock: FakeClock, oathtool_path: str) -> None:
+        durable: DurableStore, totp_clock: FakeClock) -> None:
     totp = service(durable, MemoryStore(), totp_clock)
-    old = await enrol(totp, oathtool_path, ALICE, totp_clock)
+    old = await enrol(totp, ALICE, totp_clock)
     before = await totp.record(ALICE)
     attempt = totp.new_enrolment("alice")
     totp_clock.now += 3 * PERIOD
     # A code of the *old* secret does not confirm the new one.
-    check = await totp.confirm(ALICE, attempt, oathtool(oathtool_path, old.secret,
-                                                        totp_clock.now))
+    check = await totp.confirm(ALICE, attempt, oathtool_code(old.secret, totp_clock.now))
     assert not check.ok
     assert await totp.record(ALICE) == before
 
 
 async def test_reset_removes_the_record_and_its_recovery_codes(
-        durable: DurableStore, totp_clock: FakeClock, oathtool_path: str,
-        tmp_path: Path) -> None:
+        durable: DurableStore, totp_clock: FakeClock, tmp_path: Path) -> None:
     totp = service(durable, MemoryStore(), totp_clock)
-    await enrol(totp, oathtool_path, ALICE, totp_clock)
-    await enrol(totp, oathtool_path, BOB, totp_clock)
+    await enrol(totp, ALICE, totp_clock)
+    await enrol(totp, BOB, totp_clock)
     assert await totp.reset(ALICE) is True
     assert await totp.record(ALICE) is None
     assert await totp.reset(ALICE) is False
@@ -300,41 +261,29 @@ async def test_reset_removes_the_record_and_its_recovery_codes(
 
 
 async def test_after_reset_a_flow_leads_the_user_to_enrolment(
-        durable: DurableStore, tmp_path: Path, oathtool_path: str) -> None:
-    settings = Settings.model_validate({"auth": {"flows": [
-        {"name": "default", "steps": [{"provider": "local"}, {"provider": "totp"}]}]}})
+        durable: DurableStore, build_login: BuildLogin) -> None:
     await durable.add_user("alice", hash_password("pw"), ["staff"])
-    ephemeral = MemoryStore()
-    hasher = TokenHasher(HASHER_KEY)
-    providers = IdentityProviders(settings, durable, ephemeral, hasher)
-    sessions = SessionManager(ephemeral, AccountStatus(durable, ttl=0), hasher,
-                              settings.session)
-    login = LoginService(providers.flow(), ephemeral, hasher, sessions, settings.session,
-                         AuditTrail(tmp_path / "audit.jsonl"),
-                         Throttle(ephemeral, settings.auth.throttle))
-    totp = providers.totp()
+    login = build_login(flow({"provider": "local"}, {"provider": "totp"}))
+    totp = login.totp
     enrolment = totp.new_enrolment("alice")   # the service runs on real time here
-    assert (await totp.confirm(ALICE, enrolment,
-                               oathtool(oathtool_path, enrolment.secret, time.time()))).ok
-    context = LoginContext("192.0.2.7")
+    assert (await totp.confirm(ALICE, enrolment, oathtool_code(enrolment.secret))).ok
 
-    enrolled = await login.submit(None, {"username": "alice", "password": "pw"}, context)
+    enrolled = await login.sign_in("alice", "pw")
     assert isinstance(enrolled, NextStep) and enrolled.step.kind == "totp"
     assert enrolled.step.enrolment is None
 
     assert await totp.reset(ALICE)
-    reset = await login.submit(None, {"username": "alice", "password": "pw"}, context)
+    reset = await login.sign_in("alice", "pw")
     assert isinstance(reset, NextStep) and reset.step.kind == "totp-enrol"
     assert reset.step.enrolment is not None
     fresh = reset.step.enrolment["secret"]
     assert fresh != enrolment.secret
     # The old secret's code does not finish the enrolment; the new one's does.
     step_ahead = time.time() + PERIOD
-    old_code = oathtool(oathtool_path, enrolment.secret, step_ahead)
-    retry = await login.submit(reset.handle, {"code": old_code}, context)
+    old_code = oathtool_code(enrolment.secret, step_ahead)
+    retry = await login.submit(reset.handle, {"code": old_code})
     assert isinstance(retry, NextStep) and retry.step.kind == "totp-enrol"
-    done = await login.submit(reset.handle,
-                              {"code": oathtool(oathtool_path, fresh, step_ahead)}, context)
+    done = await login.submit(reset.handle, {"code": oathtool_code(fresh, step_ahead)})
     assert isinstance(done, Authenticated)
     assert done.session.claims.amr == ("local", "totp")
 
@@ -342,10 +291,9 @@ async def test_after_reset_a_flow_leads_the_user_to_enrolment(
 # --- recovery codes -------------------------------------------------------------------
 
 async def test_recovery_codes_work_once_each_and_are_stored_hashed(
-        durable: DurableStore, totp_clock: FakeClock, oathtool_path: str,
-        tmp_path: Path) -> None:
+        durable: DurableStore, totp_clock: FakeClock, tmp_path: Path) -> None:
     totp = service(durable, MemoryStore(), totp_clock, recovery_codes=5)
-    enrolment = await enrol(totp, oathtool_path, ALICE, totp_clock)
+    enrolment = await enrol(totp, ALICE, totp_clock)
     codes = enrolment.recovery_codes
     assert len(codes) == 5 and len(set(codes)) == 5
     record = await totp.record(ALICE)
@@ -361,7 +309,7 @@ async def test_recovery_codes_work_once_each_and_are_stored_hashed(
     left = await totp.record(ALICE)
     assert left is not None and left.recovery_codes_left == 3
     # Bound to the identity: alice's codes do nothing for bob.
-    await enrol(totp, oathtool_path, BOB, totp_clock)
+    await enrol(totp, BOB, totp_clock)
     bob = await totp.record(BOB)
     assert bob is not None
     assert not (await totp.verify(BOB, bob, codes[2])).ok
@@ -382,10 +330,9 @@ async def test_recovery_codes_work_once_each_and_are_stored_hashed(
 
 
 async def test_without_recovery_codes_none_is_stored(
-        durable: DurableStore, totp_clock: FakeClock, oathtool_path: str,
-        tmp_path: Path) -> None:
+        durable: DurableStore, totp_clock: FakeClock, tmp_path: Path) -> None:
     totp = service(durable, MemoryStore(), totp_clock, recovery_codes=0)
-    enrolment = await enrol(totp, oathtool_path, ALICE, totp_clock)
+    enrolment = await enrol(totp, ALICE, totp_clock)
     assert enrolment.recovery_codes == ()
     record = await totp.record(ALICE)
     assert record is not None and record.recovery_codes_left == 0
@@ -397,10 +344,9 @@ async def test_without_recovery_codes_none_is_stored(
 # --- the sealed secret ------------------------------------------------------------------
 
 async def test_the_sealed_secret_opens_only_for_its_identity(
-        durable: DurableStore, totp_clock: FakeClock, oathtool_path: str,
-        tmp_path: Path) -> None:
+        durable: DurableStore, totp_clock: FakeClock, tmp_path: Path) -> None:
     totp = service(durable, MemoryStore(), totp_clock)
-    enrolment = await enrol(totp, oathtool_path, ALICE, totp_clock)
+    enrolment = await enrol(totp, ALICE, totp_clock)
     alice = await totp.record(ALICE)
     assert alice is not None
     # Someone with write access to the database copies alice's row onto bob's.
@@ -408,7 +354,7 @@ async def test_the_sealed_secret_opens_only_for_its_identity(
     bob = await totp.record(BOB)
     assert bob is not None and bob.sealed_secret == alice.sealed_secret
     totp_clock.now += 3 * PERIOD
-    code = oathtool(oathtool_path, enrolment.secret, totp_clock.now)
+    code = oathtool_code(enrolment.secret, totp_clock.now)
     with pytest.raises(AuthError):
         await totp.verify(BOB, bob, code)
     # The pending enrolment in the flow state is bound the same way.
@@ -434,12 +380,11 @@ async def test_the_sealed_secret_opens_only_for_its_identity(
 
 
 async def test_the_database_never_holds_the_secret_in_clear(
-        durable: DurableStore, totp_clock: FakeClock, oathtool_path: str,
-        tmp_path: Path) -> None:
+        durable: DurableStore, totp_clock: FakeClock, tmp_path: Path) -> None:
     totp = service(durable, MemoryStore(), totp_clock)
-    first = await enrol(totp, oathtool_path, ALICE, totp_clock)
+    first = await enrol(totp, ALICE, totp_clock)
     totp_clock.now += 3 * PERIOD
-    second = await enrol(totp, oathtool_path, ALICE, totp_clock)   # re-enrolment too
+    second = await enrol(totp, ALICE, totp_clock)   # re-enrolment too
     rows, raw = database_contents(tmp_path)
     for enrolment in (first, second):
         secret_bytes = base64.b32decode(enrolment.secret)
@@ -464,9 +409,9 @@ MALFORMED = ["", " ", "abcdef", "12345", "1234567", "12345a", "12.456", "-123456
 
 @pytest.mark.parametrize("code", MALFORMED, ids=range(len(MALFORMED)))
 async def test_malformed_codes_are_refused_without_exceptions(
-        code: str, durable: DurableStore, totp_clock: FakeClock, oathtool_path: str) -> None:
+        code: str, durable: DurableStore, totp_clock: FakeClock) -> None:
     totp = service(durable, MemoryStore(), totp_clock)
-    enrolment = await enrol(totp, oathtool_path, ALICE, totp_clock)
+    enrolment = await enrol(totp, ALICE, totp_clock)
     record = await totp.record(ALICE)
     assert record is not None
     totp_clock.now += 3 * PERIOD
@@ -483,9 +428,9 @@ NON_ASCII_DIGITS = ["１２３４５６", "١٢٣٤٥٦", "۱۲۳۴۵۶", "¹²�
 
 @pytest.mark.parametrize("code", NON_ASCII_DIGITS)
 async def test_non_ascii_digits_are_refused_without_exceptions(
-        code: str, durable: DurableStore, totp_clock: FakeClock, oathtool_path: str) -> None:
+        code: str, durable: DurableStore, totp_clock: FakeClock) -> None:
     totp = service(durable, MemoryStore(), totp_clock)
-    await enrol(totp, oathtool_path, ALICE, totp_clock)
+    await enrol(totp, ALICE, totp_clock)
     record = await totp.record(ALICE)
     assert record is not None
     assert not (await totp.verify(ALICE, record, code)).ok
