@@ -201,7 +201,7 @@ class Node:
         portal_app = create_portal_app(PortalDeps(
             settings=settings, sessions=sessions, login=login, authorities=authorities,
             hasher=hasher, durable=self.durable, ephemeral=self.ephemeral, audit=self.audit,
-            self_enrolment=SelfEnrolment(providers.totp(), self.ephemeral, hasher,
+            self_enrolment=SelfEnrolment(providers.flow_totp(), self.ephemeral, hasher,
                                          settings.session.login_step_timeout),
             forwarded_certificates="gateway" not in self.roles))
         if "gateway" not in self.roles:

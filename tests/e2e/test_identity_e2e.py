@@ -135,11 +135,14 @@ def test_certificate_flow_over_the_api_with_and_without_a_certificate(
     with api_client(deployment, device) as client:
         login = ApiLogin(client)
         result = login.run(answer)
-        claims = client.get("/api/v1/session", headers={
-            "authorization": f"Bearer {result['token']}"}).json()["claims"]
+        bearer = {"authorization": f"Bearer {result['token']}"}
+        claims = client.get("/api/v1/session", headers=bearer).json()["claims"]
+        # Signed in without the app: it may not be replaced from this session.
+        replace = client.post("/api/v1/account/authenticator", json={}, headers=bearer)
     assert result["status"] == "authenticated"
     assert [step["kind"] for step in login.steps] == ["password"]
     assert claims["amr"] == ["local"]
+    assert replace.status_code == 403 and "authenticator app first" in replace.json()["error"]
     # Without it again: a code is needed now (enrolled), and a wrong one fails at the end.
     with api_client(deployment) as client:
         login = ApiLogin(client)

@@ -591,6 +591,7 @@ async def test_too_many_failures_from_one_address_refuse_it_for_everyone(
         build_login: BuildLogin, ephemeral_store: EphemeralStore) -> None:
     site = build_login(flow({"provider": "local"}, throttle={
         "account_failures": 100, "address_failures": 10}), ephemeral=ephemeral_store)
+    begun = await site.service.begin(OFFICE)
     for attempt in range(10):
         name = ["alice", "bob", f"nobody{attempt}"][attempt % 3]
         assert await site.submit(None, {"username": name, "password": "x"}, OFFICE) == Denied()
@@ -602,8 +603,8 @@ async def test_too_many_failures_from_one_address_refuse_it_for_everyone(
                                        for e in throttled)
     # The refusal is not counted against the accounts.
     assert (await site.throttle.account("local:fred")).failures == 0
-    # A handle obtained before is no way around it.
-    begun = await site.service.begin(OFFICE)
+    # A handle obtained before is no way around it, and no new one is given.
+    assert await site.service.begin(OFFICE) == Denied()
     assert isinstance(begun, NextStep)
     assert await site.submit(begun.handle, {"username": "alice",
                                             "password": "alice-pw"}, OFFICE) == Denied()
@@ -636,9 +637,14 @@ async def test_a_wrong_totp_code_counts_against_the_account(
         first = await site.submit(None, {"username": "alice", "code": "000000"}, OFFICE)
         assert isinstance(first, NextStep)
         assert await site.submit(first.handle, {"password": "alice-pw"}, OFFICE) == Denied()
+    # One count per failed flow (not one for the code and one for the password).
+    assert (await site.throttle.account("local:alice")).failures == 2
     assert (await site.throttle.account("local:alice")).locked
-    # Locked: the TOTP step refuses at once, before any code is checked.
-    assert await site.submit(None, {"username": "alice", "code": "000000"}, OFFICE) == Denied()
+    # Locked: no code is checked, yet the answer looks like a wrong code's (the password
+    # is asked), so it tells nothing about the lock or the enrolment.
+    first = await site.submit(None, {"username": "alice", "code": "000000"}, OFFICE)
+    assert isinstance(first, NextStep) and first.step.kind == "password"
+    assert await site.submit(first.handle, {"password": "alice-pw"}, OFFICE) == Denied()
     assert site.events("login.failed")[-1]["reason"] == "account locked"
 
 
@@ -700,3 +706,69 @@ async def test_slow_failures_still_lock_when_each_comes_within_the_lockout_time(
     assert lock is not None and lock.locked and lock.failures == 3
     clock.now += 101
     assert not (await throttle.account("local:alice")).locked
+
+
+# --- what a security review found: races, counts, provisional names, deferral ---------------
+
+async def test_parallel_answers_on_one_handle_are_checked_once(
+        build_login: BuildLogin, ephemeral_store: EphemeralStore) -> None:
+    """A handle is taken, not read: 30 code guesses sent at once on one TOTP step get one
+    verification, the others an unknown handle."""
+    import asyncio
+
+    site = build_login(flow({"provider": "local"}, {"provider": "totp"},
+                            throttle={"account_failures": 3}), ephemeral=ephemeral_store)
+    await enrol_totp(site, "alice")
+    first = await site.sign_in("alice", "alice-pw")
+    assert isinstance(first, NextStep) and first.step.kind == "totp"
+    results = await asyncio.gather(*(
+        site.submit(first.handle, {"code": f"{guess:06d}"}) for guess in range(30)))
+    assert all(result == Denied() for result in results)
+    reasons = [e["reason"] for e in site.events("login.failed")]
+    assert reasons.count("unknown or expired login handle") == 29
+    assert sum(reason.startswith("wrong code") for reason in reasons) <= 1
+
+
+async def test_parallel_password_guesses_are_not_all_verified(
+        build_login: BuildLogin, ephemeral_store: EphemeralStore) -> None:
+    """One verification at a time per account: 30 guesses at once cannot all be checked
+    before the lockout counts them."""
+    import asyncio
+
+    site = build_login(flow({"provider": "local"}, throttle={"account_failures": 3}),
+                       ephemeral=ephemeral_store)
+    results = await asyncio.gather(*(site.sign_in("alice", f"guess-{i}") for i in range(30)))
+    assert all(result == Denied() for result in results)
+    reasons = [e["reason"] for e in site.events("login.failed")]
+    # Checked: as many as could be counted one after the other (here all at once: one).
+    assert 1 <= reasons.count("wrong password") <= 3
+    assert reasons.count("another sign-in of this account is being checked") >= 27
+    assert (await site.throttle.account("local:alice")).failures == reasons.count(
+        "wrong password")
+
+
+async def test_totp_first_counts_enrolled_and_unenrolled_users_alike(
+        build_login: BuildLogin) -> None:
+    """A wrong code and a wrong password in one sign-in count once, for an enrolled user
+    as for one without TOTP: the counts (and so the lockout) tell nothing apart."""
+    site = build_login(dict(DEVICE_OR_TOTP, throttle={"account_failures": 10}))
+    await enrol_totp(site, "alice")
+    for name in ("alice", "bob"):
+        for _ in range(3):
+            first = await site.submit(None, {"username": name, "code": "000000"}, OFFICE)
+            assert isinstance(first, NextStep) and first.step.kind == "password"
+            assert await site.submit(first.handle, {"password": "wrong"}, OFFICE) == Denied()
+    assert (await site.throttle.account("local:alice")).failures == 3
+    assert (await site.throttle.account("local:bob")).failures == 3
+
+
+async def test_a_deferred_step_never_runs_when_no_password_step_did(
+        build_login: BuildLogin) -> None:
+    """TOTP first, the password only on the office network: from elsewhere, a user without
+    TOTP is denied at once (no enrolment, no endless code prompts)."""
+    site = build_login({"flows": [{"name": "default", "realm": "local", "steps": [
+        {"provider": "totp"},
+        {"provider": "local", "when": {"client_address": ["192.0.2.0/24"]}}]}]})
+    first = await site.submit(None, {"username": "bob", "code": "000000"}, ELSEWHERE)
+    assert first == Denied()
+    assert site.last_failure() == "no factor established the user"

@@ -163,3 +163,29 @@ async def test_a_user_outside_finance_is_not_asked_for_a_code(
     assert result.session.claims.username == "bob"
     skipped = login.events("login.step_skipped")
     assert [(e["user"], e["factor"]) for e in skipped] == [("bob", "totp")]
+
+
+# --- TOTP first, then the directory: the typed name is provisional ---------------------------
+
+
+async def test_totp_first_then_ldap_keys_everything_by_the_directory_name(
+        make_login, slapd: Slapd) -> None:  # type: ignore[no-untyped-def]
+    """A user who types their mail at a TOTP step before the directory step: the directory
+    resolves "alice", which replaces the typed spelling, so a sign-in works and failures
+    count against corp:alice, not against each spelling."""
+    login = make_login({"flows": [{"name": "default", "realm": "corp", "steps": [
+        {"provider": "totp"}, {"provider": "corp"}]}],
+        "providers": [corp(slapd)], "throttle": {"account_failures": 50}})
+    first = await login.submit(None, {"username": ALICE_LDAP.mail, "code": "000000"})
+    assert isinstance(first, NextStep) and first.step.kind == "password"
+    # Not enrolled yet: after the directory password, enrolment for alice.
+    second = await login.submit(first.handle, {"password": ALICE_LDAP.password})
+    assert isinstance(second, NextStep) and second.step.kind == "totp-enrol", login.events()[-2:]
+    assert second.step.enrolment and "Portcullis:alice?" in second.step.enrolment["otpauth_uri"]
+    # Wrong passwords typed under other spellings all count against one identity.
+    for spelling in (ALICE_LDAP.mail, ALICE_LDAP.user_principal_name, "ALICE"):
+        step = await login.submit(None, {"username": spelling, "code": "000000"})
+        assert isinstance(step, NextStep)
+        assert await login.submit(step.handle, {"password": "wrong"}) == Denied()
+    assert await login.account_failures("corp:alice") == 3
+    assert await login.account_failures(f"corp:{ALICE_LDAP.mail}") == 0

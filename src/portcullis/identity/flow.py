@@ -24,7 +24,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from portcullis.audit import AuditTrail
 from portcullis.config.auth import Flow
@@ -78,6 +78,7 @@ class FlowState:
     current: int = 0                  # the step whose answers are awaited
     resume: int = 0                   # where the flow goes on after a deferred step
     username: str | None = None
+    provisional: bool = False         # named by a step that cannot vouch for the name
     attributes: dict[str, Any] = field(default_factory=dict)
     passed: list[str] = field(default_factory=list)
     deferred: list[int] = field(default_factory=list)
@@ -195,6 +196,10 @@ class LoginService:
         self._throttle = throttle
 
     async def begin(self, context: LoginContext) -> LoginResult:
+        if await self._throttle.address_refused(context.client_address):
+            self._audit.record("login.throttled", client=context.client_address,
+                               reason="too many failures from this address")
+            return Denied()
         state = FlowState(flow=self.flow.name)
         choice = next_step(self.flow.definition, 0, state, context)
         self._record_skipped(choice, state, context)
@@ -204,22 +209,24 @@ class LoginService:
                                flow=self.flow.name, client=context.client_address)
             return Denied()
         state.current = choice.index
+        state.resume = choice.index + 1
         return await self._ask(new_token(), state, context)
 
     async def submit(self, handle: str | None, answers: Mapping[str, str],
                      context: LoginContext) -> LoginResult:
         """Answer the current step. Without a handle, the answers are for the first step."""
         client = context.client_address
-        if await self._throttle.address_refused(client):
-            self._audit.record("login.throttled", client=client,
-                               reason="too many failures from this address")
-            return Denied()
         if handle is None:
             begun = await self.begin(context)
             if not isinstance(begun, NextStep):
                 return begun
             handle = begun.handle
-        state = await self._load(handle)
+        elif await self._throttle.address_refused(client):
+            self._audit.record("login.throttled", client=client,
+                               reason="too many failures from this address")
+            return Denied()
+        # Taken, not read: of two requests with one handle, only one goes on.
+        state = await self._take(handle)
         if state is None:
             self._audit.record("login.failed", reason="unknown or expired login handle",
                                handle=mask(handle), client=client)
@@ -228,62 +235,113 @@ class LoginService:
 
     async def _answer(self, handle: str, state: FlowState, answers: Mapping[str, str],
                       context: LoginContext) -> LoginResult:
-        client = context.client_address
         if any(len(value) > MAX_ANSWER for value in answers.values()):
             return await self._deny(handle, state, "oversized answer", context, None)
         state.rounds += 1
         if state.rounds > MAX_ROUNDS:
             return await self._deny(handle, state, "too many rounds", context, None)
         factor = self._factor(state)
-        locked: list[str] = []
+        held: list[str] = []
+        refused: list[tuple[str, str]] = []
 
         async def admit(username: str) -> bool:
-            if (await self._throttle.account(self._identity(username))).locked:
-                locked.append(username)
+            identity = self._identity(username)
+            if (await self._throttle.account(identity)).locked:
+                refused.append((username, "account locked"))
                 return False
+            # One check at a time per account, so that parallel guesses cannot all be
+            # verified before the first failure is counted.
+            if not await self._throttle.hold(identity):
+                refused.append((username, "another sign-in of this account is being checked"))
+                return False
+            held.append(identity)
             return True
 
         outcome = await factor.verify(state, answers, Attempt(context, admit))
-        username = state.username or outcome.username
-        if locked:
+        try:
+            verdict = await self._judge(handle, state, factor, outcome, refused, context)
+        finally:
+            for identity in held:
+                await self._throttle.release(identity)
+        if verdict == "advance":
+            return await self._advance(handle, state, context)
+        if verdict == "ask":
+            return await self._ask(handle, state, context)
+        return verdict
+
+    async def _judge(self, handle: str, state: FlowState, factor: Factor,
+                     outcome: FactorOutcome, refused: list[tuple[str, str]],
+                     context: LoginContext) -> Denied | Literal["advance", "ask"]:
+        """What an outcome means for the flow; failures are counted here, while the
+        account is still held."""
+        client = context.client_address
+        before_primary = not factor.primary and not self._primary_passed(state)
+        if state.username is None or (state.provisional and factor.primary):
+            named = outcome.username or (refused[0][0] if refused else None)
+        else:
+            named = state.username
+        if refused:
+            if before_primary:
+                # Looks like any other late failure: the answer must not tell a locked
+                # (or busy) account from a wrong code.
+                self._fail_late(state, factor, refused[0][1], named, client)
+                return "advance"
             # Refused unverified: a locked account must not keep a directory busy, and
             # attempts while locked do not lengthen the lock.
-            return await self._deny(handle, state, "account locked", context, factor,
-                                    username=locked[0], count=False)
+            return await self._deny(handle, state, refused[0][1], context, factor,
+                                    username=named, count=False)
         if outcome.again:
             # The factor asks again (a RADIUS challenge): the name it was given stays.
-            state.username = username
-            self._audit.record("login.factor_retry", user=username, factor=factor.name,
+            self._name(state, named, factor)
+            self._audit.record("login.factor_retry", user=named, factor=factor.name,
                                reason=outcome.reason, client=client)
-            return await self._ask(handle, state, context)
+            return "ask"
         if not outcome.ok:
-            if outcome.late and not self._primary_passed(state):
-                lock = await self._throttle.failed(
-                    self._identity(username) if username else None, client)
-                state.failure = state.failure or f"{factor.name}: {outcome.reason}"
-                state.username = username
-                self._audit.record("login.factor_failed", user=username, factor=factor.name,
-                                   reason=outcome.reason, client=client,
-                                   locked=lock.locked if lock else None)
-                return await self._advance(handle, state, context)
+            if outcome.late and before_primary:
+                self._fail_late(state, factor, outcome.reason, named, client)
+                return "advance"
             return await self._deny(handle, state, outcome.reason, context, factor,
-                                    username=username, count=not outcome.unavailable)
+                                    username=named, count=not outcome.unavailable)
         if outcome.defer:
             state.deferred.append(state.current)
-            state.username = username
-            return await self._advance(handle, state, context)
-        if state.username is not None and outcome.username not in (None, state.username):
+            self._name(state, named, factor)
+            return "advance"
+        # Another name than the flow's: the end, unless the flow's name is provisional
+        # and nothing has passed for it yet (then this step's resolved name replaces it).
+        replaceable = state.provisional and factor.primary and not state.passed
+        if (state.username is not None and outcome.username not in (None, state.username)
+                and not replaceable):
             return await self._deny(
                 handle, state, f"{factor.name} named another user ({outcome.username})",
                 context, factor, username=state.username)
-        state.username = username
+        self._name(state, named, factor)
         state.passed.append(factor.name)
         if outcome.attributes is not None:
             merged = Attributes.from_json(state.attributes).merge(outcome.attributes)
             state.attributes = merged.to_json()
         self._audit.record("login.factor_passed", user=state.username, factor=factor.name,
                            client=client)
-        return await self._advance(handle, state, context)
+        return "advance"
+
+    def _name(self, state: FlowState, username: str | None, factor: Factor) -> None:
+        """Record who the flow is about. A name typed at a step that cannot vouch for it
+        (TOTP before any password) is provisional: the first primary step replaces it with
+        the name it resolves (an LDAP mail address becomes the account name)."""
+        if username is None:
+            return
+        if state.username is None or (state.provisional and factor.primary):
+            state.username = username
+            state.provisional = not factor.primary
+        elif factor.primary:
+            state.provisional = False
+
+    def _fail_late(self, state: FlowState, factor: Factor, reason: str, username: str | None,
+                   client: str) -> None:
+        """Go on as if nothing failed; the flow is denied (and counted, once) at its end."""
+        state.failure = state.failure or f"{factor.name}: {reason}"
+        self._name(state, username, factor)
+        self._audit.record("login.factor_failed", user=username, factor=factor.name,
+                           reason=reason, client=client)
 
     async def _advance(self, handle: str, state: FlowState, context: LoginContext) -> LoginResult:
         state.data = {}
@@ -292,14 +350,26 @@ class LoginService:
         self._record_skipped(choice, state, context)
         index = choice.index
         state.resume = len(self.flow.definition.steps) if index is None else index + 1
-        if index is None and state.deferred:
-            index = state.deferred.pop(0)
+        while index is None and state.deferred:
+            if not self._primary_passed(state):
+                # Nothing said who this is: a deferred enrolment must not run.
+                break
+            deferred = state.deferred.pop(0)
+            verdict = evaluate(self.flow.definition.steps[deferred].when,
+                               facts_of(state, context))
+            if verdict.holds:
+                index = deferred
+            else:
+                self._record_skipped(StepChoice(None, (
+                    (self.flow.definition.steps[deferred].provider, verdict.reason),)),
+                    state, context)
         if index is not None:
             state.current = index
             return await self._ask(handle, state, context)
         if state.failure is not None:
+            # Counted here, once for the whole flow, whichever steps failed late.
             return await self._deny(handle, state, state.failure, context, None,
-                                    username=state.username, count=False)
+                                    username=state.username)
         if state.username is None or not self._primary_passed(state):
             return await self._deny(handle, state, "no factor established the user",
                                     context, None, count=False)
@@ -358,10 +428,10 @@ class LoginService:
         await self._ephemeral.put(self._key(handle), json.dumps(asdict(state)).encode(),
                                   self._settings.login_step_timeout)
 
-    async def _load(self, handle: str) -> FlowState | None:
+    async def _take(self, handle: str) -> FlowState | None:
         if len(handle) > 256:
             return None
-        raw = await self._ephemeral.get(self._key(handle))
+        raw = await self._ephemeral.take(self._key(handle))
         if raw is None:
             return None
         state = FlowState(**json.loads(raw))

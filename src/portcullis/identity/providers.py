@@ -63,6 +63,15 @@ class IdentityProviders:
             self._clients[name] = service
         return service
 
+    def flow_totp(self) -> TotpService:
+        """The TOTP of the default flow (its first TOTP step's provider), for users who
+        replace their app: the secret must suit the step that will check it."""
+        auth = self.settings.auth
+        providers = auth.all_providers()
+        name = next((step.provider for step in auth.flow_named(auth.flow).steps
+                     if providers[step.provider].type == "totp"), "totp")
+        return self.totp(name)
+
     def factor(self, provider: Provider, realm: str) -> Factor:
         if isinstance(provider, LocalProvider):
             return LocalPasswordFactor(provider.name, self.durable)

@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from portcullis.config.auth import ThrottleSettings
 from portcullis.store import EphemeralStore
 
+# Longest a verification may hold its account (a directory or RADIUS timeout is shorter);
+# the hold expires by itself should a node die while holding it.
+HOLD_SECONDS = 120.0
+
 
 @dataclass(frozen=True)
 class AccountLock:
@@ -53,6 +57,13 @@ class Throttle:
                                       settings.lockout_seconds)
             return AccountLock(count, True)
         return AccountLock(count, False)
+
+    async def hold(self, identity: str) -> bool:
+        """Claim the account for one verification; False while another one holds it."""
+        return await self._ephemeral.put_new(f"throttle:busy:{identity}", b"1", HOLD_SECONDS)
+
+    async def release(self, identity: str) -> None:
+        await self._ephemeral.delete(f"throttle:busy:{identity}")
 
     async def succeeded(self, identity: str) -> None:
         await self._ephemeral.delete(f"throttle:account:{identity}")

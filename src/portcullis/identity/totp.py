@@ -196,6 +196,9 @@ class SelfEnrolment:
     def _key(self, handle: str) -> str:
         return f"totp-enrolment:{self._hasher.digest('totp-enrolment', handle)}"
 
+    async def enrolled(self, identity: str) -> bool:
+        return await self._service.record(identity) is not None
+
     async def begin(self, identity: str, username: str) -> tuple[str, Enrolment]:
         enrolment = self._service.new_enrolment(username)
         handle = new_token()

@@ -228,6 +228,11 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
             deps.audit.record("totp.enrolment_failed", identity=identity, client=client,
                               reason=check.reason)
             return "continue", handle, NextStep(handle, enrolment_step(pending, retry=True))
+        if await deps.self_enrolment.enrolled(identity) and not set(session.claims.amr) & {
+                name for name, provider in settings.auth.all_providers().items()
+                if provider.type == "totp"}:
+            # Whoever signed in without the present app must not replace it.
+            return "needs totp", "", None
         handle, enrolment = await deps.self_enrolment.begin(identity, session.username)
         return "continue", handle, NextStep(handle, enrolment_step(enrolment, retry=False))
 
@@ -251,6 +256,9 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
             session, handle, code if isinstance(code, str) else None, client_of(request))
         if status == "expired":
             return JSONResponse({"error": "this enrolment has expired; begin again"}, 410)
+        if status == "needs totp":
+            return JSONResponse({"error": "sign in with your authenticator app first (or "
+                                          "ask an administrator to reset it)"}, 403)
         if step is None:
             return JSONResponse({"status": status})
         return JSONResponse({"status": status, "handle": handle, "step": step.step.to_json()})
@@ -275,7 +283,8 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         status, new_handle, step = await new_authenticator(
             session, handle if isinstance(handle, str) else None,
             code if isinstance(code, str) else None, client_of(request))
-        return render(request, "authenticator.html", 410 if status == "expired" else 200,
+        code_of = {"expired": 410, "needs totp": 403}
+        return render(request, "authenticator.html", code_of.get(status, 200),
                       session=session, csrf=csrf_for(token), outcome=status,
                       step=step.step if step else None, handle=new_handle)
 
