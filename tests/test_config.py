@@ -68,3 +68,44 @@ def test_a_misspelt_resource_key_is_named_rather_than_the_missing_one() -> None:
 
 def test_a_repeated_resource_name_points_at_the_repeat() -> None:
     assert error_of(RESOURCE + "\n" + RESOURCE).line == 7
+
+
+def flow_toml(*steps: str, extra: str = "", realm: str = "") -> str:
+    body = "".join(f"[[auth.flows.steps]]\n{step}\n" for step in steps)
+    return (f'[auth]\nflow = "f"\n{extra}[[auth.flows]]\nname = "f"\n{realm}' + body)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (flow_toml('provider = "ldapp"'), "names provider 'ldapp', which is not defined"),
+    (flow_toml('provider = "totp"', realm='realm = "local"\n'),
+     "has no step that can tell who the user is"),
+    (flow_toml('provider = "totp"\nwhen = { passed = ["local"] }', 'provider = "local"'),
+     "passed names 'local', which no earlier step"),
+    (flow_toml('provider = "local"', 'provider = "totp"\nwhen = { certificate = "valid" }'),
+     "reads the client certificate, but auth.client_ca is not set"),
+    (flow_toml('provider = "certificate"'), "auth.client_ca is not set"),
+    ('[auth]\nflow = "other"\n', "auth.flow names 'other', which auth.flows does not define"),
+    (flow_toml('provider = "local"\nwhen = { client_address = ["10.0.0.300/8"] }'),
+     "'10.0.0.300/8' is not an IPv4 or IPv6 network"),
+    (flow_toml('provider = "local"\nwhen = { certificate_subject = "(" }',
+               extra='client_ca = "pki/ca.crt"\n'), "not a regular expression"),
+])
+def test_broken_auth_sections_are_refused_with_the_reason(text: str, message: str) -> None:
+    error = error_of(text)
+    assert str(error).startswith("/etc/portcullis.toml:") and message in str(error)
+    assert error.key is not None and error.key.startswith("auth")
+
+
+def test_the_three_seed_flows_are_accepted_as_written() -> None:
+    ldap = ('[[auth.providers]]\ntype = "ldap"\nname = "corp"\nservers = ["ldaps://dc1"]\n'
+            'bind_dn = "cn=svc"\nbind_password_file = "secrets/ldap"\nbase_dn = "dc=corp"\n'
+            '[[auth.providers]]\ntype = "radius"\nname = "radius"\nservers = ["10.0.0.2:1812"]\n'
+            'secret_file = "secrets/radius"\n')
+    for steps in (('provider = "radius"', 'provider = "corp"'),
+                  ('provider = "totp"\nwhen = { not = { certificate = "valid" } }',
+                   'provider = "corp"'),
+                  ('provider = "corp"', 'provider = "totp"\nwhen = { groups = ["Finance"] }')):
+        settings = parse_settings(flow_toml(*steps, extra='client_ca = "pki/ca.crt"\n' + ldap),
+                                  path=Path("/etc/portcullis.toml"))
+        assert [step.provider for step in settings.auth.flow_named("f").steps] == [
+            line.split('"')[1] for line in steps]

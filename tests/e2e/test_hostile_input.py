@@ -97,6 +97,9 @@ def test_security_headers_are_on_every_answer(client: httpx.Client) -> None:
         assert "max-age=" in response.headers["strict-transport-security"]
         assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
         assert response.headers["x-content-type-options"] == "nosniff"
+        # Pages may show secrets (a TOTP enrolment): never kept by a browser or proxy.
+        assert response.headers["cache-control"] == "no-store"
+    assert "no-store" not in client.get("/static/portal.css").headers.get("cache-control", "")
 
 
 def test_health_reports_the_stores(client: httpx.Client) -> None:

@@ -15,6 +15,7 @@ from peers.ldap import PASSWORDS, Slapd
 from peers.totp import oathtool_code
 from portcullis.config import config_path, load_settings
 from portcullis.identity.providers import IdentityProviders
+from portcullis.identity.totp import Enrolment
 from portcullis.store import DurableStore, MemoryStore
 from portcullis.tokens import TokenHasher
 
@@ -35,9 +36,9 @@ provider = "corp"
 {totp if finance_totp else ""}""")
 
 
-def enrol(deployment: Deployment, identity: str) -> str:
+def enrol(deployment: Deployment, identity: str) -> Enrolment:
     """Enrol a TOTP secret directly in the store, as a finished enrolment would."""
-    async def run() -> str:
+    async def run() -> Enrolment:
         settings = load_settings(config_path(deployment.directory))
         durable = await DurableStore.open(settings.durable_url())
         try:
@@ -47,7 +48,7 @@ def enrol(deployment: Deployment, identity: str) -> str:
             check = await service.confirm(identity, enrolment,
                                           pyotp.TOTP(enrolment.secret).now())
             assert check.ok
-            return enrolment.secret
+            return enrolment
         finally:
             await durable.close()
 
@@ -89,7 +90,7 @@ def test_auth_test_stops_before_an_enrolment_and_reports_skipped_steps(
 def test_totp_reset_forces_enrolment_at_the_next_sign_in(
         deployment: Deployment, slapd: Slapd) -> None:
     add_ldap_flow(deployment, slapd, finance_totp=True)
-    secret = enrol(deployment, "corp:alice")
+    secret = enrol(deployment, "corp:alice").secret
     shown = run_cli("user", "show", "ALICE", "--dir", str(deployment.directory))
     assert "enrolled" in shown.stdout and "10 recovery codes left" in shown.stdout
     # The next step's code: the current one was used to enrol.
@@ -133,3 +134,17 @@ def test_cert_issue_refuses_a_role_name(deployment: Deployment) -> None:
     assert result.returncode in (0, 2)
     if result.returncode == 0:
         pytest.fail("issued a certificate with a role's common name")
+
+
+def test_auth_test_checks_a_recovery_code_without_using_it_up(
+        deployment: Deployment, slapd: Slapd) -> None:
+    add_ldap_flow(deployment, slapd, finance_totp=True)
+    recovery = enrol(deployment, "corp:alice").recovery_codes[0]
+    for _ in range(2):   # twice: the dry run did not spend it
+        result = run_cli("auth", "test", "--user", "alice", "--answer",
+                         f"password={PASSWORDS['alice']}", "--answer", f"code={recovery}",
+                         "--dir", str(deployment.directory))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "passed  totp as alice" in result.stdout
+    shown = run_cli("user", "show", "alice", "--dir", str(deployment.directory))
+    assert "10 recovery codes left" in shown.stdout

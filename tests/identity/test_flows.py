@@ -772,3 +772,37 @@ async def test_a_deferred_step_never_runs_when_no_password_step_did(
     first = await site.submit(None, {"username": "bob", "code": "000000"}, ELSEWHERE)
     assert first == Denied()
     assert site.last_failure() == "no factor established the user"
+
+
+async def test_a_totp_secret_that_does_not_open_denies_and_tells_the_administrator(
+        build_login: BuildLogin, durable: DurableStore) -> None:
+    """As after the token key was replaced: fail closed, no server error."""
+    site = build_login(flow({"provider": "local"}, {"provider": "totp"}))
+    await durable.set_totp("local:alice", b"\x00" * 40, [])
+    first = await site.sign_in("alice", "alice-pw")
+    assert isinstance(first, NextStep) and first.step.kind == "totp"
+    assert await site.submit(first.handle, {"code": "123456"}) == Denied()
+    assert site.last_failure() == "TOTP secret unreadable: reset the user"
+
+
+def test_a_certificate_with_a_broken_extension_is_a_clear_refusal() -> None:
+    """Extensions are parsed when read: a malformed one must not escape as a 500."""
+    import datetime
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtensionOID, NameOID
+
+    from portcullis.errors import PKIError
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "alice")])
+    now = datetime.datetime.now(datetime.UTC)
+    broken_san = x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03junk")
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(broken_san, critical=False).sign(key, hashes.SHA256()))
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    with pytest.raises(PKIError, match="extensions"):
+        ClientCertificate.from_der(der)

@@ -262,3 +262,12 @@ async def test_a_missing_secret_file_is_a_config_error_naming_the_key(
     with pytest.raises(ConfigError) as raised:
         providers.flow()
     assert raised.value.key == "auth.providers[0].secret_file"
+
+
+async def test_answers_longer_than_radius_allows_are_refused_not_crashed(
+        make_login) -> None:  # type: ignore[no-untyped-def]
+    """RFC 2865: User-Password at most 128 octets, User-Name 253; pyrad would raise."""
+    login = make_login()
+    assert await login.sign_in(ALICE, "x" * 200) == Denied()
+    assert login.last_failure() == "user name or password too long for RADIUS"
+    assert await login.sign_in("a" * 300, ALICE_PASSWORD) == Denied()

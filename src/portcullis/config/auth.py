@@ -84,11 +84,23 @@ class Condition(_Section):
             raise ValueError("'any' needs at least one condition")
         return value
 
+    def _children(self) -> tuple[Condition, ...]:
+        return (*(self.any or ()), *((self.not_,) if self.not_ else ()))
+
     def providers_named(self) -> set[str]:
         names = set(self.passed or ())
-        for child in (*(self.any or ()), *([self.not_] if self.not_ else [])):
+        for child in self._children():
             names |= child.providers_named()
         return names
+
+    def reads_certificate(self) -> bool:
+        return (self.certificate is not None or self.certificate_issuer is not None
+                or self.certificate_subject is not None
+                or any(child.reads_certificate() for child in self._children()))
+
+
+def _passed_in(step: FlowStep) -> set[str]:
+    return step.when.providers_named() if step.when else set()
 
 
 class LocalProvider(_Section):
@@ -246,23 +258,29 @@ class AuthSettings(_Section):
         for index, flow in enumerate(self.flows):
             if flow_names.count(flow.name) > 1:
                 raise ValueError(f"flow name {flow.name!r} is used twice")
+            earlier: set[str] = set()
             for number, step in enumerate(flow.steps):
-                named = {step.provider} | (step.when.providers_named() if step.when else set())
-                unknown = sorted(named - known.keys())
+                where = f"auth.flows[{index}].steps[{number}]"
+                unknown = sorted(({step.provider} | _passed_in(step)) - known.keys())
                 if unknown:
-                    raise ValueError(
-                        f"auth.flows[{index}].steps[{number}] names provider {unknown[0]!r}, "
-                        f"which is not defined (defined: {', '.join(sorted(known))})")
+                    raise ValueError(f"{where} names provider {unknown[0]!r}, which is not "
+                                     f"defined (defined: {', '.join(sorted(known))})")
+                later = sorted(_passed_in(step) - earlier)
+                if later:
+                    raise ValueError(f"{where}: passed names {later[0]!r}, which no earlier "
+                                     "step of this flow runs (the condition could never hold)")
+                uses_certificate = (isinstance(known[step.provider], CertificateProvider)
+                                    or (step.when is not None and step.when.reads_certificate()))
+                if uses_certificate and self.client_ca is None:
+                    raise ValueError(f"{where} reads the client certificate, but "
+                                     "auth.client_ca is not set (no certificate is asked for)")
+                earlier.add(step.provider)
             if flow.realm is not None and flow.realm not in known:
                 raise ValueError(f"auth.flows[{index}].realm names an unknown provider "
                                  f"{flow.realm!r}")
-            if self.realm_of(flow) is None:
+            if not any(known[step.provider].type in PRIMARY_TYPES for step in flow.steps):
                 raise ValueError(f"flow {flow.name!r} has no step that can tell who the user "
                                  "is (local, ldap, radius or certificate)")
-        if self.client_ca is None and any(
-                isinstance(provider, CertificateProvider) for flow in self.flows
-                for provider in (known[step.provider] for step in flow.steps)):
-            raise ValueError("a flow uses a certificate step, but auth.client_ca is not set")
         return self
 
     def all_providers(self) -> dict[str, Provider]:

@@ -46,6 +46,10 @@ class ClientCertificate:
             emails += san.value.get_values_for_type(x509.RFC822Name)
         except x509.ExtensionNotFound:
             pass
+        except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+            # Extensions are parsed only when read: a CA-signed certificate with a broken
+            # one must be a clear refusal, not a server error.
+            raise PKIError(f"cannot read the client certificate's extensions: {exc}") from None
         return cls(certificate.subject.rfc4514_string(), certificate.issuer.rfc4514_string(),
                    common_name, tuple(dict.fromkeys(emails)), hashlib.sha256(der).hexdigest())
 

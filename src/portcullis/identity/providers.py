@@ -34,6 +34,8 @@ class IdentityProviders:
     durable: DurableStore
     ephemeral: EphemeralStore
     hasher: TokenHasher
+    # A dry run (`auth test`): recovery codes are checked, not used up.
+    dry_run: bool = False
     _clients: dict[str, object] = field(default_factory=dict)
 
     def _secret_file(self, provider: Provider, key: str, relative: str) -> str:
@@ -59,7 +61,8 @@ class IdentityProviders:
             raise ConfigError(f"there is no TOTP provider named {name!r}", key="auth.providers")
         service = self._clients.get(name)
         if not isinstance(service, TotpService):
-            service = TotpService(provider, self.durable, self.ephemeral, self.hasher)
+            service = TotpService(provider, self.durable, self.ephemeral, self.hasher,
+                                  spend_recovery_codes=not self.dry_run)
             self._clients[name] = service
         return service
 

@@ -80,7 +80,7 @@ async def dry_run(settings: Settings, flow_name: str, username: str, answer: Ans
     """Walk the flow as `username` would, reporting each step's outcome and why."""
     async with opened_stores(settings, throwaway_ephemeral=True) as (durable, ephemeral,
                                                                       hasher):
-        providers = IdentityProviders(settings, durable, ephemeral, hasher)
+        providers = IdentityProviders(settings, durable, ephemeral, hasher, dry_run=True)
         audit = RecordingAudit()
         sessions = SessionManager(ephemeral, AccountStatus(durable), hasher, settings.session)
         service = LoginService(providers.flow(flow_name), ephemeral, hasher, sessions,

@@ -82,13 +82,15 @@ class SecretBox:
 
 class TotpService:
     def __init__(self, settings: TotpProvider, durable: DurableStore, ephemeral: EphemeralStore,
-                 hasher: TokenHasher, *, clock: Callable[[], float] = time.time) -> None:
+                 hasher: TokenHasher, *, clock: Callable[[], float] = time.time,
+                 spend_recovery_codes: bool = True) -> None:
         self.settings = settings
         self._durable = durable
         self._ephemeral = ephemeral
         self._hasher = hasher
         self._box = SecretBox(hasher.derived_key("totp-secrets"))
         self._clock = clock
+        self._spend_recovery_codes = spend_recovery_codes   # False: `auth test`
 
     def totp(self, secret: str) -> pyotp.TOTP:
         settings = self.settings
@@ -139,7 +141,8 @@ class TotpService:
             return await self._check_code(identity, secret, answer)
         normalised = answer.lower().replace("-", "")
         if len(normalised) == 10 and await self._durable.use_recovery_code(
-                identity, self._recovery_hash(identity, normalised)):
+                identity, self._recovery_hash(identity, normalised),
+                spend=self._spend_recovery_codes):
             return CodeCheck(True, "recovery code used")
         return CodeCheck(False, "wrong code")
 

@@ -302,12 +302,20 @@ class DurableStore:
                 delete(totp_secrets).where(totp_secrets.c.identity == identity))
         return bool(result.rowcount)
 
-    async def use_recovery_code(self, identity: str, code_hash: str) -> bool:
-        """Mark an unused code used; True only for the one caller that did (atomic)."""
+    async def use_recovery_code(self, identity: str, code_hash: str, *,
+                                spend: bool = True) -> bool:
+        """Mark an unused code used; True only for the one caller that did (atomic).
+        With spend=False only say whether it is there unused (a dry run)."""
+        unused = (recovery_codes.c.identity == identity,
+                  recovery_codes.c.code_hash == code_hash, recovery_codes.c.used_at.is_(None))
+        if not spend:
+            async with self._read() as conn:
+                found = await conn.execute(select(func.count()).select_from(
+                    recovery_codes).where(*unused))
+                return bool(found.scalar_one())
         async with self._write() as conn:
-            result = await conn.execute(update(recovery_codes).where(
-                recovery_codes.c.identity == identity, recovery_codes.c.code_hash == code_hash,
-                recovery_codes.c.used_at.is_(None)).values(used_at=datetime.now(UTC)))
+            result = await conn.execute(
+                update(recovery_codes).where(*unused).values(used_at=datetime.now(UTC)))
         return bool(result.rowcount)
 
     async def _user_id(self, conn: AsyncConnection, name: str) -> int:

@@ -67,7 +67,9 @@ class SecurityMiddleware:
                 headers = list(message.get("headers", []))
                 names = {name.lower() for name, _ in headers}
                 headers += [item for item in SECURITY_HEADERS if item[0] not in names]
-                if scope["path"].startswith("/api/") and b"cache-control" not in names:
+                # Pages and API answers may show secrets (a TOTP enrolment, tokens):
+                # nothing but the static files may be kept by a browser or a proxy.
+                if not scope["path"].startswith("/static/") and b"cache-control" not in names:
                     headers.append((b"cache-control", b"no-store"))
                 message = {**message, "headers": headers}
             await send(message)

@@ -28,7 +28,9 @@ class CertificateFactor:
                      attempt: Attempt) -> FactorOutcome:
         certificate = attempt.context.certificate
         if certificate is None:
-            return FactorOutcome(False, "no client certificate")
+            # Nothing was guessed: not counted against the address (a page view without a
+            # certificate must not throttle colleagues behind the same NAT).
+            return FactorOutcome(False, "no client certificate", unavailable=True)
         named = (certificate.common_name if self._settings.username_from == "common_name"
                  else next(iter(certificate.emails), None))
         try:

@@ -2,8 +2,9 @@
 
 ldap3 is synchronous; each sign-in runs in a worker thread. Service-account connections
 are pooled (`pool_size`, bound once, rebuilt when a server drops them); the user's own
-bind needs a connection of its own. Servers are tried in order (ldap3's ServerPool,
-FIRST strategy), so a dead domain controller costs one connect timeout, not a sign-in.
+bind needs a connection of its own. Servers are tried in order, and one that failed is
+tried last for RETRY_AFTER seconds, so a dead domain controller costs one connect
+timeout, not every sign-in.
 
 Rules that are easy to get wrong:
 - an empty password is refused before any bind (LDAP treats it as an anonymous bind,

@@ -29,6 +29,8 @@ from portcullis.identity.flow import Attempt, FactorOutcome, FlowState, Prompt, 
 log = structlog.get_logger("portcullis.identity.radius")
 DICTIONARY = Path(__file__).with_name("radius.dictionary")
 MAX_STATE = 253            # one RADIUS attribute's worth
+MAX_USER_NAME = 253
+MAX_PASSWORD = 128         # User-Password: at most 128 octets (RFC 2865 5.2)
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,10 @@ class RadiusFactor:
         secret = answers.get("response" if challenged else "password", "")
         if username is None or not secret:
             return FactorOutcome(False, "empty or malformed user name or password")
+        if len(username.encode()) > MAX_USER_NAME or len(secret.encode()) > MAX_PASSWORD:
+            # RFC 2865 limits; pyrad would raise rather than send them.
+            return FactorOutcome(False, "user name or password too long for RADIUS",
+                                 username=username)
         if not await attempt.admit(username):
             return FactorOutcome(False, "account locked", username=username)
         radius_state = bytes.fromhex(state.data["radius_state"]) if challenged else None

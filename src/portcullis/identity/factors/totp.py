@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import structlog
+
+from portcullis.errors import AuthError
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.prompts import USERNAME, typed_username
 from portcullis.identity.flow import Attempt, FactorOutcome, FlowState, Prompt, Step
 from portcullis.identity.totp import Enrolment, TotpService
 
+log = structlog.get_logger("portcullis.identity.totp")
 CODE = Prompt("code", "Code from your authenticator app (or a recovery code)")
 ENROL_CODE = Prompt("code", "Code shown by the app now")
 
@@ -86,5 +90,12 @@ class TotpFactor:
             # Enrol once a password has said who this is (or, for an unknown user, fail
             # there); nothing distinguishes this answer from a wrong code's.
             return FactorOutcome(True, "no TOTP secret yet", username=username, defer=True)
-        check = await self._service.verify(identity, record, code)
+        try:
+            check = await self._service.verify(identity, record, code)
+        except AuthError as exc:
+            # The secret does not open (the token key was replaced): fail closed, and
+            # tell the administrator, who resets the user (they then enrol again).
+            log.error("TOTP secret unreadable", identity=identity, error=str(exc))
+            return FactorOutcome(False, "TOTP secret unreadable: reset the user",
+                                 username=username, late=True)
         return FactorOutcome(check.ok, check.reason, username=username, late=True)
