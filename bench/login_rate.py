@@ -183,10 +183,13 @@ name = "ldap"
 [[auth.flows.steps]]
 provider = "corp"
 """)
+        # Many users, as a morning rush: the gateway checks one sign-in at a time per
+        # account (parallel guesses must not all be verified), so one user would queue.
+        people = slapd.add_people("bench", USERS, PASSWORD)
         gateway = _restart(stack, deployment, logs, running)
         ldap = uvloop.run(_gateway_run(
             deployment, gateway, "portcullis: LDAP (slapd, LDAPS)",
-            lambda i: {"username": "alice", "password": LDAP_PASSWORDS["alice"]}.__getitem__,
+            lambda i: {"username": people[i % len(people)], "password": PASSWORD}.__getitem__,
             LOGINS * 3))
         ldap_direct = uvloop.run(_direct_run("ldap3 search + bind in-process",
                                              _ldap_direct(slapd), LOGINS * 3))

@@ -403,6 +403,24 @@ class Slapd:
         """The same provider as a `[[auth.providers]]` table for portcullis.toml."""
         return provider_toml(self.provider(name, bind_password_file, **extra))
 
+    def add_people(self, prefix: str, count: int, password: str) -> list[str]:
+        """Add `count` plain users named PREFIX0000…, all with `password` (benchmarks sign
+        many users in at once); returns their names."""
+        names = [f"{prefix}{index:04d}" for index in range(count)]
+        connection = ldap3.Connection(ldap3.Server(self.ldap_url, get_info=ldap3.NONE),
+                                      self.admin_dn, self.admin_password, auto_bind=True)
+        try:
+            for name in names:
+                connection.add(f"cn={name},{self.users_dn}", ["inetOrgPerson",
+                                                               "portcullisADObject"], {
+                    "cn": name, "sn": name, "sAMAccountName": name,
+                    "mail": f"{name}@corp.example", "userPassword": _ssha(password)})
+                if connection.result["result"] not in (0, 68):   # 68: already exists
+                    raise SlapdError(f"cannot add {name}: {connection.result}")
+        finally:
+            connection.unbind()
+        return names
+
     def stop(self) -> None:
         """Stop slapd (SIGTERM, then SIGKILL if it lingers); safe to call twice."""
         if self.process.poll() is None:

@@ -8,7 +8,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 # RFC 9106's second recommended option (64 MiB, t=3, p=4): memory-hard enough to make
 # offline guessing of a stolen database expensive. Measured (bench login_rate): ~150 ms
 # per verification on one core of the 2-core test machine, ~6 sign-ins/s per core: that
-# is the price, and the reason directory sign-ins (LDAP: ~180/s per core) scale further.
+# is the price, and the reason directory sign-ins (LDAP: ~270/s per core) scale further.
 _HASHER = PasswordHasher(time_cost=3, memory_cost=64 * 1024, parallelism=4)
 # Verified against when the user does not exist, so that an unknown name costs the same.
 _DUMMY_HASH = _HASHER.hash("portcullis-dummy-password")
