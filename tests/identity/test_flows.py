@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from hypothesis import given
+from hypothesis import HealthCheck, assume, event, given
+from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from peers.login import BuildLogin, Login, flow
 from peers.stores import FakeClock
@@ -808,3 +810,59 @@ def test_a_certificate_with_a_broken_extension_is_a_clear_refusal() -> None:
     der = certificate.public_bytes(serialization.Encoding.DER)
     with pytest.raises(PKIError, match="extensions"):
         ClientCertificate.from_der(der)
+
+
+# --- any flow, any answers: no crash, no sign-in without the password ---------------------
+
+STEP_CONDITIONS = st.sampled_from([
+    None, {"groups": ["finance"]}, {"not": {"groups": ["finance"]}}, {"users": ["fred"]},
+    {"client_address": ["192.0.2.0/24"]}, {"passed": ["local"]},
+    {"any": [{"users": ["alice"]}, {"groups": ["finance"]}]}])
+ANSWER_KINDS = st.sampled_from(["right", "wrong", "garbage", "empty"])
+
+
+@hyp_settings(max_examples=40, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.tuples(st.sampled_from(["local", "totp"]), STEP_CONDITIONS),
+                      min_size=1, max_size=3),
+       user=st.sampled_from(["alice", "fred", "nobody"]),
+       answers=st.lists(ANSWER_KINDS, min_size=1, max_size=6),
+       client=st.sampled_from([OFFICE, ELSEWHERE]))
+async def test_no_flow_signs_anyone_in_without_their_password(
+        build_login: BuildLogin, steps: list[tuple[str, dict[str, Any] | None]], user: str,
+        answers: list[str], client: LoginContext) -> None:
+    """Whatever the flow's steps and conditions and whatever is answered: every result is
+    a step, a session or "denied" (nothing escapes), and a session only ever follows the
+    user's right password."""
+    auth = flow(*({"provider": p, **({"when": w} if w else {})} for p, w in steps))
+    try:
+        site = build_login(auth)
+    except ValidationError:
+        assume(False)            # a flow the configuration refuses (no password step…)
+    kinds = iter(answers)
+    right_password_given = False
+    result = await site.service.begin(client)
+    while isinstance(result, NextStep):
+        kind = next(kinds, None)
+        if kind is None:
+            return
+        given_answers: dict[str, str] = {}
+        for prompt in result.step.prompts:
+            if prompt.name == "username":
+                given_answers["username"] = user
+            elif prompt.name == "password":
+                right = kind == "right" and user in PASSWORDS
+                right_password_given |= right
+                given_answers["password"] = {"right": PASSWORDS.get(user, "x"), "wrong": "x",
+                                             "garbage": "\x00" * 2000, "empty": ""}[kind]
+            else:
+                secret = (result.step.enrolment or {}).get("secret")
+                given_answers[prompt.name] = (code(secret) if kind == "right" and secret
+                                              else {"garbage": "１２３４５６", "empty": ""}.get(
+                                                  kind, "000000"))
+        result = await site.service.submit(result.handle, given_answers, client)
+    assert isinstance(result, Authenticated | Denied)
+    event(type(result).__name__)   # --hypothesis-show-statistics: both outcomes occur
+    if isinstance(result, Authenticated):
+        assert right_password_given and result.session.username == user
+        assert "local" in result.session.claims.amr
