@@ -236,10 +236,10 @@ class LoginService:
     async def _answer(self, handle: str, state: FlowState, answers: Mapping[str, str],
                       context: LoginContext) -> LoginResult:
         if any(len(value) > MAX_ANSWER for value in answers.values()):
-            return await self._deny(handle, state, "oversized answer", context, None)
+            return await self._deny(state, "oversized answer", context, None)
         state.rounds += 1
         if state.rounds > MAX_ROUNDS:
-            return await self._deny(handle, state, "too many rounds", context, None)
+            return await self._deny(state, "too many rounds", context, None)
         factor = self._factor(state)
         held: list[str] = []
         refused: list[tuple[str, str]] = []
@@ -259,7 +259,7 @@ class LoginService:
 
         outcome = await factor.verify(state, answers, Attempt(context, admit))
         try:
-            verdict = await self._judge(handle, state, factor, outcome, refused, context)
+            verdict = await self._judge(state, factor, outcome, refused, context)
         finally:
             for identity in held:
                 await self._throttle.release(identity)
@@ -269,7 +269,7 @@ class LoginService:
             return await self._ask(handle, state, context)
         return verdict
 
-    async def _judge(self, handle: str, state: FlowState, factor: Factor,
+    async def _judge(self, state: FlowState, factor: Factor,
                      outcome: FactorOutcome, refused: list[tuple[str, str]],
                      context: LoginContext) -> Denied | Literal["advance", "ask"]:
         """What an outcome means for the flow; failures are counted here, while the
@@ -288,7 +288,7 @@ class LoginService:
                 return "advance"
             # Refused unverified: a locked account must not keep a directory busy, and
             # attempts while locked do not lengthen the lock.
-            return await self._deny(handle, state, refused[0][1], context, factor,
+            return await self._deny(state, refused[0][1], context, factor,
                                     username=named, count=False)
         if outcome.again:
             # The factor asks again (a RADIUS challenge): the name it was given stays.
@@ -300,7 +300,7 @@ class LoginService:
             if outcome.late and before_primary:
                 self._fail_late(state, factor, outcome.reason, named, client)
                 return "advance"
-            return await self._deny(handle, state, outcome.reason, context, factor,
+            return await self._deny(state, outcome.reason, context, factor,
                                     username=named, count=not outcome.unavailable)
         if outcome.defer:
             state.deferred.append(state.current)
@@ -312,7 +312,7 @@ class LoginService:
         if (state.username is not None and outcome.username not in (None, state.username)
                 and not replaceable):
             return await self._deny(
-                handle, state, f"{factor.name} named another user ({outcome.username})",
+                state, f"{factor.name} named another user ({outcome.username})",
                 context, factor, username=state.username)
         self._name(state, named, factor)
         state.passed.append(factor.name)
@@ -368,12 +368,12 @@ class LoginService:
             return await self._ask(handle, state, context)
         if state.failure is not None:
             # Counted here, once for the whole flow, whichever steps failed late.
-            return await self._deny(handle, state, state.failure, context, None,
+            return await self._deny(state, state.failure, context, None,
                                     username=state.username)
         if state.username is None or not self._primary_passed(state):
-            return await self._deny(handle, state, "no factor established the user",
+            return await self._deny(state, "no factor established the user",
                                     context, None, count=False)
-        await self._ephemeral.delete(self._key(handle))
+        # The state was taken when this answer arrived: nothing of the flow is left.
         await self._throttle.succeeded(self._identity(state.username))
         claims = Claims.build(self.flow.realm, state.username,
                               Attributes.from_json(state.attributes), tuple(state.passed),
@@ -399,10 +399,11 @@ class LoginService:
         await self._save(handle, state)
         return NextStep(handle, step, self._factor(state).name)
 
-    async def _deny(self, handle: str, state: FlowState, reason: str, context: LoginContext,
+    async def _deny(self, state: FlowState, reason: str, context: LoginContext,
                     factor: Factor | None, *, username: str | None = None,
                     count: bool = True) -> Denied:
-        await self._ephemeral.delete(self._key(handle))
+        """The end of a flow: its state was taken when the answer arrived, so the handle is
+        already spent; count the failure and audit the reason."""
         user = username or state.username
         lock = (await self._throttle.failed(self._identity(user) if user else None,
                                             context.client_address) if count else None)
