@@ -1,8 +1,9 @@
 """TLS contexts for every Portcullis listener and client, and readable TLS failures.
 
 All contexts follow Mozilla's "intermediate" profile: TLS 1.2 and 1.3 only, the profile's
-TLS 1.2 cipher list, no compression, no renegotiation, and the client's cipher order
-(the profile's "server preference: no"). TLS 1.3 suites are OpenSSL's defaults, which are
+TLS 1.2 cipher list, the key-exchange groups X25519, P-256 and P-384 only (see
+`portcullis.net.tls_groups`), no compression, no renegotiation, and the client's cipher
+order (the profile's "server preference: no"). TLS 1.3 suites are OpenSSL's defaults, which are
 the profile's.
 
 This module must never weaken verification on its own: a client context always checks the
@@ -17,6 +18,7 @@ import ssl
 from pathlib import Path
 
 from portcullis.errors import PKIError
+from portcullis.net.tls_groups import restrict_groups
 
 MOZILLA_INTERMEDIATE_CIPHERS = ":".join(
     [
@@ -31,6 +33,9 @@ MOZILLA_INTERMEDIATE_CIPHERS = ":".join(
         "DHE-RSA-CHACHA20-POLY1305",
     ]
 )
+
+# The profile's key-exchange groups (OpenSSL's default adds X448, P-521 and FFDHE).
+MOZILLA_INTERMEDIATE_GROUPS = ("X25519", "P-256", "P-384")
 
 # OpenSSL X509_V_ERR_* codes for which --ca is the wrong advice.
 _X509_V_ERR_CERT_HAS_EXPIRED = 10
@@ -131,6 +136,7 @@ def _apply_profile(context: ssl.SSLContext) -> None:
     context.set_ciphers(MOZILLA_INTERMEDIATE_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    restrict_groups(context, MOZILLA_INTERMEDIATE_GROUPS)
 
 
 def _load_chain(context: ssl.SSLContext, cert_file: Path, key_file: Path | None) -> None:
