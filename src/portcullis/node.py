@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import ipaddress
 import signal
 import socket
@@ -28,7 +29,7 @@ from portcullis.audit import AuditTrail
 from portcullis.config import config_path, load_settings
 from portcullis.config.model import Settings
 from portcullis.config.values import parse_host_port
-from portcullis.errors import ConfigError, StoreError
+from portcullis.errors import ConfigError, PKIError, StoreError
 from portcullis.gateway.admin import admin_routes
 from portcullis.gateway.connections import ConnectionRegistry
 from portcullis.gateway.launch import PATH as LAUNCH_PATH
@@ -47,6 +48,7 @@ from portcullis.identity.totp import SelfEnrolment
 from portcullis.net.dialer import DirectDialer
 from portcullis.net.tls import client_context, server_context
 from portcullis.net.websocket import MAX_WEBSOCKET_MESSAGE, Opened
+from portcullis.pki.maintenance import LoadedCertificates, maintain
 from portcullis.policy import AccessPolicy
 from portcullis.portal.app import PortalDeps, create_portal_app
 from portcullis.proto.mux import Reason
@@ -60,6 +62,7 @@ from portcullis.web.roles import role_checked_http
 from portcullis.web.security import SecurityMiddleware
 
 ROLES = ("gateway", "portal", "sta")
+CERTIFICATE_CHECK_SECONDS = 86400.0
 log = structlog.get_logger("portcullis.node")
 
 
@@ -87,6 +90,7 @@ class Node:
     listeners: list[Listener] = field(default_factory=list)
     websocket_endpoints: dict[str, Opened] = field(default_factory=dict)
     _closers: list[Callable[[], Any]] = field(default_factory=list)
+    certificates: LoadedCertificates = field(init=False)
 
     @property
     def first_settings(self) -> Settings:
@@ -94,12 +98,14 @@ class Node:
 
     def __post_init__(self) -> None:
         self._first_settings = self.settings
+        self.certificates = LoadedCertificates(self.settings)
 
     @classmethod
     async def build(cls, settings: Settings, roles: Sequence[str]) -> Node:
         unknown = [role for role in roles if role not in ROLES]
         if unknown or not roles:
             raise ConfigError(f"roles must be among {', '.join(ROLES)}; got {list(roles)}")
+        maintain(settings, roles)   # renew due certificates before the listeners load them
         durable = await DurableStore.open(settings.durable_url())
         ephemeral = open_ephemeral(settings.store.ephemeral)
         try:
@@ -116,13 +122,23 @@ class Node:
     def role_tls_server(self, role: str, *, require_client_cert: bool) -> ssl.SSLContext:
         cert, key = self.settings.role_cert(role)
         # Only listeners that need client certificates ask browsers for one.
-        return server_context(cert, key, require_client_cert=require_client_cert,
-                              client_ca_file=(self.settings.ca_cert_path
-                                              if require_client_cert else None))
+        return self.certificates.track(role, server_context(
+            cert, key, require_client_cert=require_client_cert,
+            client_ca_file=self.settings.ca_cert_path if require_client_cert else None))
 
     def role_tls_client(self, role: str) -> ssl.SSLContext:
         cert, key = self.settings.role_cert(role)
-        return client_context(self.settings.ca_cert_path, cert_file=cert, key_file=key)
+        return self.certificates.track(role, client_context(
+            self.settings.ca_cert_path, cert_file=cert, key_file=key))
+
+    def check_certificates(self, now: dt.datetime | None = None) -> list[str]:
+        """Renew this node's due certificates, warn about any that need attention, and
+        load renewed files into the listeners; return the roles reloaded."""
+        try:
+            maintain(self.settings, self.roles, now=now)
+        except PKIError as exc:
+            log.error("certificates not checked", error=str(exc))
+        return self.certificates.reload_changed()
 
     def _wire(self) -> None:
         """Build each role this node runs, and its listener."""
@@ -158,6 +174,7 @@ class Node:
                                                          "vpn": fresh.vpn})
         log.info("configuration reloaded", policies=len(fresh.policies),
                  needs_restart=needs_restart or None)
+        self.check_certificates()
 
     def _sta_role(self, hasher: TokenHasher) -> TicketAuthority:
         settings = self.settings
@@ -242,7 +259,8 @@ class Node:
         host, port = parse_host_port(settings.gateway.listen)
         cert, key = settings.role_cert("gateway")
         # Browsers are asked for a certificate only when flows can use one.
-        tls = server_context(cert, key, client_ca_file=client_ca_path(settings))
+        tls = self.certificates.track(
+            "gateway", server_context(cert, key, client_ca_file=client_ca_path(settings)))
         self.listeners.append(Listener(
             "gateway", host, port, self._secure(Starlette(routes=routes)), tls))
 
@@ -296,6 +314,7 @@ class Node:
                 server.should_exit = True
 
         watcher = asyncio.ensure_future(self.registry.watch_disabled(self.durable))
+        certificate_timer = asyncio.ensure_future(self._check_certificates_daily())
         # _serve, not serve: serve() would install its own signal handlers per server,
         # and one process runs several servers that must stop together.
         tasks = [asyncio.ensure_future(server._serve([sock]))
@@ -314,10 +333,16 @@ class Node:
         finally:
             stop()
             watcher.cancel()
+            certificate_timer.cancel()
             self.registry.end_all(Reason.SHUTDOWN, "the gateway is shutting down")
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.close()
+
+    async def _check_certificates_daily(self) -> None:
+        while True:
+            await asyncio.sleep(CERTIFICATE_CHECK_SECONDS)
+            self.check_certificates()
 
     async def close(self) -> None:
         for closer in self._closers:

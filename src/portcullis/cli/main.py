@@ -296,7 +296,7 @@ def user_unlock(name: str, realm: str | None, directory: Path) -> None:
 # -- certificates -------------------------------------------------------------------------
 @main.group()
 def cert() -> None:
-    """Issue client certificates from the deployment CA."""
+    """Issue, renew and check the deployment's certificates."""
 
 
 @cert.command("issue")
@@ -323,6 +323,42 @@ def cert_issue(name: str, out_dir: Path, days: int, directory: Path) -> None:
     issued = issue_certificate(ca, name, server=False, client=True, valid_days=days)
     cert_path, key_path = write_pair(out_dir, name, issued)
     click.echo(f"issued {cert_path} and {key_path} (valid {days} days)")
+
+
+@cert.command("renew")
+@click.argument("roles", nargs=-1, type=click.Choice(["gateway", "portal", "sta"]))
+@click.option("--all", "all_roles", is_flag=True, help="Renew every role certificate.")
+@dir_option
+def cert_renew(roles: tuple[str, ...], all_roles: bool, directory: Path) -> None:
+    """Re-issue role certificates from the CA, keeping their names (needs pki/ca.key).
+
+    A running node loads the new certificate at its daily check, or at once on SIGHUP.
+    """
+    from portcullis.pki import load_pair
+    from portcullis.pki.renewal import renew_role
+
+    if bool(roles) == all_roles:
+        fail("name the roles to renew, or pass --all", 2)
+    settings = _load(directory)
+    pki = settings.path(settings.tls.directory)
+    ca = load_pair(settings.ca_cert_path, pki / "ca.key")
+    for role in roles or ("gateway", "portal", "sta"):
+        renewed = renew_role(pki, role, ca)
+        click.echo(f"renewed {renewed.path} (valid until {renewed.not_after:%Y-%m-%d})")
+
+
+@cert.command("status")
+@dir_option
+def cert_status(directory: Path) -> None:
+    """Show the deployment's certificates and their expiry; exit 1 if one needs attention."""
+    from portcullis.pki.maintenance import check_deployment
+
+    checks = check_deployment(_load(directory))
+    for check in checks:
+        click.echo(f"{check.name:<15} {check.subject:<32} until {check.not_after:%Y-%m-%d} "
+                   f"({check.days_left} days)  {check.problem or 'ok'}")
+    if any(check.problem for check in checks):
+        sys.exit(1)
 
 
 # -- identity ---------------------------------------------------------------------------

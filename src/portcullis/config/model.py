@@ -108,6 +108,11 @@ class TlsSettings(Section):
     ca_cert: str = "pki/ca.crt"
     # Role certificates are pki/<role>.crt and pki/<role>.key unless given here.
     directory: str = "pki"
+    # A node re-issues its role certificates from the CA (when pki/ca.key is there) this
+    # many days before they expire, at start and daily; and warns this many days before.
+    auto_renew: bool = True
+    renew_before_days: int = Field(default=30, ge=1, le=180)
+    warn_before_days: int = Field(default=30, ge=1, le=180)
 
 
 class LogSettings(Section):

@@ -98,6 +98,12 @@ def client_context(
     return context
 
 
+def reload_certificate(context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
+    """Load a renewed certificate and key into an existing context: handshakes that
+    begin after this present them; open connections are not affected."""
+    _load_chain(context, Path(cert_file), Path(key_file))
+
+
 def describe_tls_failure(
     exc: BaseException, url: str, *, peer: str = "gateway"
 ) -> str | None:

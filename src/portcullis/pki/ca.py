@@ -35,6 +35,11 @@ from portcullis.errors import PKIError
 # peer whose clock is a few seconds behind.
 _BACKDATE = dt.timedelta(minutes=5)
 
+# Leaf certificates are valid at most this long (CA/Browser Forum practice, Mozilla's
+# intermediate profile); role certificates are renewed before they expire.
+MAX_LEAF_DAYS = 366
+LEAF_DAYS = 365
+
 _CERT_MODE = 0o644
 _KEY_MODE = 0o600
 
@@ -47,15 +52,17 @@ class IssuedCert:
     key_pem: bytes = field(repr=False)
 
 
-def create_ca(common_name: str = "Portcullis CA", *, valid_days: int = 3650) -> IssuedCert:
-    """Create a self-signed CA that may sign leaf certificates only (pathlen 0)."""
+def create_ca(common_name: str = "Portcullis CA", *, valid_days: int = 3650,
+              now: dt.datetime | None = None) -> IssuedCert:
+    """Create a self-signed CA that may sign leaf certificates only (pathlen 0), valid
+    from `now` (default: the current time)."""
     if not common_name:
         raise PKIError("the CA needs a non-empty common name")
     if valid_days <= 0:
         raise PKIError(f"valid_days must be positive, not {valid_days}")
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.UTC)
+    now = now or dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -93,9 +100,12 @@ def issue_certificate(
     ip_addresses: Sequence[str] = (),
     server: bool = True,
     client: bool = True,
-    valid_days: int = 825,
+    valid_days: int = LEAF_DAYS,
+    now: dt.datetime | None = None,
 ) -> IssuedCert:
-    """Issue a leaf certificate signed by `ca` with a fresh P-256 key.
+    """Issue a leaf certificate signed by `ca` with a fresh P-256 key, valid from `now`
+    (default: the current time) for `valid_days`, at most MAX_LEAF_DAYS and never past
+    the CA's own expiry.
 
     `server` / `client` select the extended key usages (serverAuth / clientAuth); the
     DNS names and IP addresses become the subjectAltName a TLS client checks.
@@ -106,6 +116,9 @@ def issue_certificate(
         raise PKIError("a certificate must be usable for server or client authentication")
     if valid_days <= 0:
         raise PKIError(f"valid_days must be positive, not {valid_days}")
+    if valid_days > MAX_LEAF_DAYS:
+        raise PKIError(f"a leaf certificate may be valid at most {MAX_LEAF_DAYS} days, "
+                       f"not {valid_days}; renew it instead ('portcullis cert renew')")
     ca_cert, ca_key = _load_ca(ca)
 
     alt_names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
@@ -121,7 +134,8 @@ def issue_certificate(
     )
 
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
+    now = now or dt.datetime.now(dt.UTC)
+    not_after = min(now + dt.timedelta(days=valid_days), ca_cert.not_valid_after_utc)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -129,7 +143,7 @@ def issue_certificate(
         .public_key(key.public_key())
         .serial_number(_random_serial())
         .not_valid_before(now - _BACKDATE)
-        .not_valid_after(now + dt.timedelta(days=valid_days))
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
