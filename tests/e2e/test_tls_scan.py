@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Deployment, require_program
 
+from conftest import Deployment, require_program
 from portcullis.net.tls import MOZILLA_INTERMEDIATE_CIPHERS
 
 pytestmark = pytest.mark.peer

@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port, require_program
 
+from conftest import free_port, require_program
+from portcullis.errors import PKIError
 from portcullis.net.tls import MOZILLA_INTERMEDIATE_GROUPS, client_context, server_context
 from portcullis.net.tls_groups import restrict_groups
 from portcullis.pki import create_ca, issue_certificate, write_pair
-from portcullis.errors import PKIError
 
 ACCEPTED = ["X25519", "P-256", "P-384"]
 REFUSED = ["X448", "P-521", "ffdhe2048"]

@@ -134,15 +134,16 @@ def issue_certificate(
     )
 
     key = ec.generate_private_key(ec.SECP256R1())
-    now = now or dt.datetime.now(dt.UTC)
-    not_after = min(now + dt.timedelta(days=valid_days), ca_cert.not_valid_after_utc)
+    not_before = (now or dt.datetime.now(dt.UTC)) - _BACKDATE
+    # The whole period counts, backdating included: 366 days means 366 days.
+    not_after = min(not_before + dt.timedelta(days=valid_days), ca_cert.not_valid_after_utc)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(_random_serial())
-        .not_valid_before(now - _BACKDATE)
+        .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
