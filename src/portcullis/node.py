@@ -156,7 +156,9 @@ class Node:
 
     def reload(self) -> None:
         """Re-read the configuration: new access policies and tunnel settings apply to
-        new streams; tunnels stay up. Everything else needs a restart."""
+        new streams; tunnels stay up. Everything else needs a restart. Certificates
+        are checked too: renewed, and renewed files loaded."""
+        self.check_certificates()
         try:
             fresh = load_settings(config_path(self.settings.base_dir))
         except ConfigError as exc:
@@ -174,7 +176,6 @@ class Node:
                                                          "vpn": fresh.vpn})
         log.info("configuration reloaded", policies=len(fresh.policies),
                  needs_restart=needs_restart or None)
-        self.check_certificates()
 
     def _sta_role(self, hasher: TokenHasher) -> TicketAuthority:
         settings = self.settings

@@ -4,14 +4,19 @@ log warn about a certificate close to its end."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import re
 import signal
 import ssl
+import time
 
+import pytest
 from cryptography import x509
 
 from conftest import Deployment, run_cli
+from portcullis import node as node_module
 from portcullis.pki import load_pair
 from portcullis.pki.renewal import renew_role
 
@@ -100,3 +105,34 @@ def test_cert_issue_refuses_a_client_certificate_longer_than_366_days(
     assert result.returncode == 1
     assert "at most 366 days" in result.stderr
     assert not out.exists()
+
+
+async def test_a_running_node_renews_a_certificate_that_falls_due_at_its_periodic_check(
+        deployment: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daily check, run every 0.2 s here: it renews and serves, with no restart."""
+    from portcullis.config import config_path, load_settings
+    from portcullis.node import Node
+
+    monkeypatch.setattr(node_module, "CERTIFICATE_CHECK_SECONDS", 0.2)
+    node = await Node.build(load_settings(config_path(deployment.directory)),
+                            ["gateway", "portal", "sta"])
+    ready = asyncio.Event()
+    serving = asyncio.ensure_future(node.serve(lambda _: ready.set()))
+    try:
+        await asyncio.wait_for(ready.wait(), 30)
+        first = file_certificate(deployment, "gateway")
+        age_role_certificate(deployment, "gateway")     # 19 days left: due
+        aged = file_certificate(deployment, "gateway")
+        deadline = time.monotonic() + 20
+        while True:
+            served = await asyncio.to_thread(served_certificate, deployment)
+            if served.serial_number not in (first.serial_number, aged.serial_number):
+                break
+            assert time.monotonic() < deadline, "the running node did not renew"
+            await asyncio.sleep(0.1)
+        assert served == file_certificate(deployment, "gateway")
+        assert served.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=364)
+    finally:
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
