@@ -4,9 +4,13 @@ see it from outside."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,10 +74,20 @@ def test_the_scanner_reports_the_intermediate_profile_on_every_listener(
         command = [testssl, "--quiet", "--color", "0", "--warnings", "off",
                    "--jsonfile", str(report), "--protocols", "--pfs", "--cipher-per-proto",
                    "--server-defaults", f"127.0.0.1:{port}"]
+        # Its own process group: testssl.sh runs openssl children of its own.
         scans[role] = (report, subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                                stderr=subprocess.DEVNULL))
-    for role, (report, process) in scans.items():
-        process.wait(300)
+                                                stderr=subprocess.DEVNULL,
+                                                start_new_session=True))
+    started = time.monotonic()
+    try:
+        for _, process in scans.values():
+            process.wait(300)
+    finally:
+        for _, process in scans.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    print(f"testssl.sh scanned {len(scans)} listeners in {time.monotonic() - started:.0f} s")
+    for role, (report, _) in scans.items():
         findings = {entry["id"]: entry["finding"] for entry in json.loads(report.read_text())}
         print(role, {key: findings.get(key) for key in
                      ("TLS1", "TLS1_1", "TLS1_2", "TLS1_3", "PFS_ECDHE_curves",

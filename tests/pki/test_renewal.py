@@ -49,12 +49,13 @@ def pki(tmp_path: Path, ca: IssuedCert) -> Path:
     return tmp_path
 
 
-def long_leaf(ca: IssuedCert, days: int) -> x509.Certificate:
+def long_leaf(ca: IssuedCert, days: int,
+              key: ec.EllipticCurvePrivateKey | None = None) -> x509.Certificate:
     """A leaf made before the limit existed (issue_certificate refuses to make one)."""
     ca_cert = cert_of(ca)
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = key or ec.generate_private_key(ec.SECP256R1())
     return (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old")]))
             .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(7)
@@ -163,6 +164,21 @@ def test_without_the_ca_key_a_due_certificate_is_reported_not_renewed(
     [(role, why)] = outcome.not_renewed
     assert role == "gateway" and "ca.key is not here" in why and "expires in 25 days" in why
     assert (pki / "gateway.crt").read_bytes() == before
+
+
+def test_a_role_certificate_valid_longer_than_366_days_is_renewed_to_365(
+        pki: Path, ca: IssuedCert) -> None:
+    old = issue_certificate(ca, "portcullis-portal", now=ISSUED)   # for its key
+    key = serialization.load_pem_private_key(old.key_pem, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    for name in ("portal.crt", "portal.key"):
+        (pki / name).unlink()
+    write_pair(pki, "portal", IssuedCert(long_leaf(ca, 825, key).public_bytes(
+        serialization.Encoding.PEM), old.key_pem))
+    outcome = renew_due(pki, ["portal"], pki / "ca.crt", pki / "ca.key",
+                        now=T0 + 10 * DAY, renew_before_days=30)
+    [renewed] = outcome.renewed
+    assert renewed.lifetime_days == 365 and renewed.problem is None
 
 
 def test_a_certificate_from_another_ca_is_never_renewed(pki: Path) -> None:
