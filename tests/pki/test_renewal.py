@@ -20,7 +20,7 @@ from portcullis.net.tls import server_context
 from portcullis.pki import IssuedCert, create_ca, issue_certificate, load_pair, write_pair
 from portcullis.pki.ca import MAX_LEAF_DAYS
 from portcullis.pki.maintenance import LoadedCertificates
-from portcullis.pki.renewal import check_certificate, renew_due, renew_role
+from portcullis.pki.renewal import check_certificate, check_files, renew_due, renew_role
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
@@ -234,3 +234,13 @@ def test_a_renewed_certificate_is_loaded_into_the_running_context(
     assert loaded.reload_changed() == ["gateway"]
     renewed = x509.load_pem_x509_certificate((pki / "gateway.crt").read_bytes()).serial_number
     assert served_serial(context) == renewed != first
+
+
+def test_each_certificate_of_a_ca_bundle_is_checked(tmp_path: Path) -> None:
+    bundle = tmp_path / "client-cas.pem"
+    bundle.write_bytes(create_ca("A", now=T0).cert_pem
+                       + create_ca("B", valid_days=40, now=T0).cert_pem)
+    checks = check_files([("auth.client_ca", bundle)], now=T0 + 20 * DAY)
+    assert [(check.name, check.subject, check.problem) for check in checks] == [
+        ("auth.client_ca[1]", "A", None),
+        ("auth.client_ca[2]", "B", "expires in 20 days, on 2026-02-10")]

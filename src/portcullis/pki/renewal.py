@@ -83,11 +83,17 @@ def check_certificate(name: str, path: Path, cert: x509.Certificate, *, now: dt.
 def check_files(files: Sequence[tuple[str, Path]], *, now: dt.datetime,
                 warn_before_days: int = WARN_BEFORE_DAYS,
                 renew_before_days: int = WARN_BEFORE_DAYS) -> list[CertificateCheck]:
-    """`check_certificate` for each (name, PEM file); a file that cannot be read raises."""
-    return [check_certificate(name, path, _read_certificate(path), now=now,
-                              warn_before_days=warn_before_days,
-                              renew_before_days=renew_before_days)
-            for name, path in files]
+    """`check_certificate` for each (name, PEM file); a file that cannot be read raises.
+    A file holding several certificates (a CA bundle) gives one check per certificate,
+    named `name[1]`, `name[2]`..."""
+    checks = []
+    for name, path in files:
+        certificates = _read_certificates(path)
+        for index, cert in enumerate(certificates, start=1):
+            checks.append(check_certificate(
+                name if len(certificates) == 1 else f"{name}[{index}]", path, cert, now=now,
+                warn_before_days=warn_before_days, renew_before_days=renew_before_days))
+    return checks
 
 
 def renew_role(directory: Path, role: str, ca: IssuedCert, *,
@@ -128,32 +134,44 @@ def renew_due(directory: Path, roles: Sequence[str], ca_cert: Path, ca_key: Path
     """Renew every role certificate in `directory` that is due at `now`. A due
     certificate that cannot be renewed (the CA key is offline, another CA issued it) is
     reported in `not_renewed`, never raised: a node still starts with what it has."""
+    def due(role: str) -> CertificateCheck | None:
+        path = directory / f"{role}.crt"
+        check = check_certificate(role, path, _read_certificate(path), now=now,
+                                  renew_before_days=renew_before_days)
+        return check if check.renewal is not None else None
+
+    first = [check for check in map(due, roles) if check is not None]
+    if not first:
+        return RenewalOutcome((), ())   # the usual case: no lock, nothing written
     renewed: list[CertificateCheck] = []
     not_renewed: list[tuple[str, str]] = []
     ca: IssuedCert | None = None
-    # Checked under the lock: a process that waited finds the certificates renewed.
-    with renewal_lock(directory):
-        for role in roles:
-            path = directory / f"{role}.crt"
-            check = check_certificate(role, path, _read_certificate(path), now=now,
-                                      renew_before_days=renew_before_days)
-            if check.renewal is None:
-                continue
-            try:
-                if ca is None:
-                    if not ca_key.exists():
-                        raise PKIError(f"the CA key {ca_key} is not here: run 'portcullis "
-                                       "cert renew' where it is")
-                    ca = load_pair(ca_cert, ca_key)
-                renewed.append(_reissue(directory, role, ca, now))
-            except PKIError as exc:
-                not_renewed.append((role, f"{check.renewal}, but {exc}"))
+    try:
+        with renewal_lock(directory):
+            # Checked again under the lock: a process that waited finds them renewed.
+            for check in filter(None, (due(check.name) for check in first)):
+                try:
+                    if ca is None:
+                        if not ca_key.exists():
+                            raise PKIError(f"the CA key {ca_key} is not here: run "
+                                           "'portcullis cert renew' where it is")
+                        ca = load_pair(ca_cert, ca_key)
+                    renewed.append(_reissue(directory, check.name, ca, now))
+                except PKIError as exc:
+                    not_renewed.append((check.name, f"{check.renewal}, but {exc}"))
+    except PKIError as exc:   # the directory cannot be locked (read-only, say)
+        return RenewalOutcome((), tuple((check.name, f"{check.renewal}, but {exc}")
+                                        for check in first))
     return RenewalOutcome(tuple(renewed), tuple(not_renewed))
 
 
 def _read_certificate(path: Path) -> x509.Certificate:
+    return _read_certificates(path)[0]
+
+
+def _read_certificates(path: Path) -> list[x509.Certificate]:
     try:
-        return x509.load_pem_x509_certificate(Path(path).read_bytes())
+        return x509.load_pem_x509_certificates(Path(path).read_bytes())
     except FileNotFoundError:
         raise PKIError(f"certificate file {path} does not exist") from None
     except OSError as exc:
@@ -222,8 +240,18 @@ def _replace(path: Path, data: bytes, mode: int) -> None:
 @contextlib.contextmanager
 def renewal_lock(directory: Path) -> Iterator[None]:
     """Held while certificates in `directory` are renewed or read back after renewal."""
+    lock = directory / ".renew.lock"
     try:
-        fd = os.open(directory / ".renew.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600)
+    except PermissionError:
+        # A reader of a directory it may not write: the lock file, if a writer made it.
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except FileNotFoundError:
+            yield
+            return
+        except OSError as exc:
+            raise PKIError(f"cannot lock {directory}: {exc.strerror or exc}") from exc
     except OSError as exc:
         raise PKIError(f"cannot lock {directory} for renewal: {exc.strerror or exc}") from exc
     try:
