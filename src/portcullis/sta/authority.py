@@ -5,6 +5,8 @@ STA so that gateways can redeem it where it was issued when several STAs coexist
 store holds only the keyed hash of the ticket, mapped to what the gateway needs
 (server address, user, resource, expiry, optionally the client address it is bound
 to). Redemption is an atomic take: under any concurrency it succeeds exactly once.
+The record is sealed (`SealedRecords`): one edited in the store, or copied from another
+ticket's key, is refused.
 Never logs or stores a full ticket.
 """
 
@@ -18,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 from portcullis.audit import AuditTrail
 from portcullis.errors import TicketError
-from portcullis.store import EphemeralStore
+from portcullis.store import EphemeralStore, SealedRecords
 from portcullis.tokens import TokenHasher, mask
 
 NAMESPACE = "ticket"
@@ -63,6 +65,7 @@ class TicketAuthority:
         self.sta_id = sta_id
         self._audit = audit
         self._store = store
+        self._records = SealedRecords(store, hasher, NAMESPACE, audit)
         self._hasher = hasher
         self._lifetime = lifetime
         self._bind = bind_client_address
@@ -74,7 +77,7 @@ class TicketAuthority:
         record = {**asdict(request), "expires_at": expires_at}
         if not self._bind:
             record["client_address"] = None
-        await self._store.put(self._key(ticket), json.dumps(record).encode(), self._lifetime)
+        await self._records.put(self._key(ticket), json.dumps(record).encode(), self._lifetime)
         self._audit.record("ticket.issued", ticket=mask(ticket), user=request.user,
                            resource=request.resource, client=request.client_address)
         return IssuedTicket(ticket, expires_at)
@@ -94,7 +97,7 @@ class TicketAuthority:
     async def _redeem(self, ticket: str, client_address: str | None) -> TicketGrant:
         if sta_id_of(ticket) != self.sta_id:
             raise TicketError(f"ticket names another STA ({sta_id_of(ticket)})")
-        raw = await self._store.take(self._key(ticket))
+        raw = await self._records.take(self._key(ticket))
         if raw is None:
             raise TicketError("unknown, expired or already redeemed ticket")
         record = json.loads(raw)
