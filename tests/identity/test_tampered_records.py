@@ -13,7 +13,7 @@ import pytest
 
 from peers.stores import FakeClock
 from portcullis.audit import AuditTrail
-from portcullis.config.auth import Flow, FlowStep, ThrottleSettings
+from portcullis.config.auth import Flow, FlowStep, ThrottleSettings, TotpProvider
 from portcullis.config.model import SessionSettings
 from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.claims import Claims
@@ -30,6 +30,7 @@ from portcullis.identity.flow import (
 from portcullis.identity.passwords import hash_password
 from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import Throttle
+from portcullis.identity.totp import SelfEnrolment, TotpService
 from portcullis.store import DurableStore, EphemeralStore, RecordSeal
 from portcullis.tokens import TokenHasher
 
@@ -217,3 +218,26 @@ async def test_another_users_sign_in_state_copied_under_my_handle_is_refused(
     # root's own sign-in goes on untouched.
     assert isinstance(await login.submit(roots.handle, {"password": "root-pw"}, CLIENT),
                       Authenticated)
+
+
+# --- a new authenticator being enrolled -------------------------------------------------------
+
+async def test_a_pending_enrolment_copied_or_forged_in_the_store_reads_as_none_and_is_audited(
+        durable: DurableStore, ephemeral_store: EphemeralStore, audit_path: Path) -> None:
+    totp = TotpService(TotpProvider(type="totp", name="totp"), durable, ephemeral_store, HASHER)
+    enrolments = SelfEnrolment(totp, ephemeral_store, HASHER, 60, audit=AuditTrail(audit_path))
+    alices, shown = await enrolments.begin("local:alice", "alice")
+    mine, _ = await enrolments.begin("local:alice", "alice")
+    assert await enrolments.pending("local:alice", alices) == shown
+
+    def key(handle: str) -> str:
+        return f"totp-enrolment:{HASHER.digest('totp-enrolment', handle)}"
+
+    copied = await ephemeral_store.get(key(alices))
+    assert copied is not None
+    await ephemeral_store.put(key(mine), copied, 60)
+    assert await enrolments.pending("local:alice", mine) is None
+    forged = RecordSeal.for_kind(ATTACKER, "totp-enrolment").seal(key(alices), b"[]")
+    await ephemeral_store.put(key(alices), forged, 60)
+    assert await enrolments.pending("local:alice", alices) is None
+    assert [e["kind"] for e in tampered_events(audit_path)] == ["totp-enrolment"] * 2
