@@ -5,8 +5,7 @@ checked against the creation time. A session is valid only while its user exists
 is enabled in the durable store, and only if it was created after the account was last
 disabled or its password changed: disabling a user from any process ends their sessions
 within a second (`AccountStatus`), for good, whichever ephemeral backend is in use.
-The record is sealed (`SealedRecords`): one edited in the store (groups added, an earlier
-creation time) or copied from another key reads as no session. Never logs a token.
+Never logs a token.
 """
 
 from __future__ import annotations
@@ -43,6 +42,8 @@ class SessionManager:
                  settings: SessionSettings, *, clock: Callable[[], float] = time.time,
                  audit: AuditTrail | None = None) -> None:
         self._ephemeral = ephemeral
+        # Sealed: a record edited in the store (groups added, a later creation time) or
+        # copied from another session's key reads as no session, and is audited.
         self._records = SealedRecords(ephemeral, hasher, NAMESPACE, audit)
         self._accounts = accounts
         self._hasher = hasher

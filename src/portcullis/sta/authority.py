@@ -5,8 +5,6 @@ STA so that gateways can redeem it where it was issued when several STAs coexist
 store holds only the keyed hash of the ticket, mapped to what the gateway needs
 (server address, user, resource, expiry, optionally the client address it is bound
 to). Redemption is an atomic take: under any concurrency it succeeds exactly once.
-The record is sealed (`SealedRecords`): one edited in the store, or copied from another
-ticket's key, is refused.
 Never logs or stores a full ticket.
 """
 
@@ -64,7 +62,7 @@ class TicketAuthority:
                  clock: Callable[[], float] = time.time) -> None:
         self.sta_id = sta_id
         self._audit = audit
-        self._store = store
+        # Sealed: a record edited in the store or copied from another ticket's is refused.
         self._records = SealedRecords(store, hasher, NAMESPACE, audit)
         self._hasher = hasher
         self._lifetime = lifetime
