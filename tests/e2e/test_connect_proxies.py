@@ -105,3 +105,42 @@ def test_each_refused_stream_is_one_line_with_the_gateways_words_and_the_client_
     assert len(re.findall(r"^refused ", output, re.MULTILINE)) == 2, output
     denied = [e for e in audit(vpn) if e["event"] == "tunnel.denied"]
     assert [e["rule"] for e in denied[-2:]] == ["no-ssh", "no-ssh"]
+
+
+def test_an_authenticated_udp_association_takes_datagrams_only_from_the_port_it_named(
+        vpn: Deployment, dns_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    home = tmp_path / "alice"
+    login(vpn, "alice", home)
+    tunnel = connect(vpn, start_process, home, proxy_auth=True)
+    secret = json.loads((home / "proxy-credentials.json").read_text())["password"].encode()
+    host, port = tunnel.socks.split(":")
+    query = (b"\x43\x21\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+             b"\x04wiki\x04corp\x07example\x00\x00\x01\x00\x01")
+    header = b"\x00\x00\x00\x01" + socket.inet_aton("127.0.0.1") + \
+        dns_server.port.to_bytes(2, "big")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as mine, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other, \
+            socket.create_connection((host, int(port)), timeout=10) as control:
+        mine.bind(("127.0.0.1", 0))
+        other.bind(("127.0.0.1", 0))
+        control.sendall(b"\x05\x01\x02")
+        assert control.recv(2) == b"\x05\x02"
+        control.sendall(bytes([1, 10]) + b"portcullis" + bytes([len(secret)]) + secret)
+        assert control.recv(2) == b"\x01\x00"
+        # RFC 1928: DST.ADDR/DST.PORT name where the client will send its datagrams from.
+        control.sendall(b"\x05\x03\x00\x01" + socket.inet_aton("127.0.0.1")
+                        + mine.getsockname()[1].to_bytes(2, "big"))
+        reply = control.recv(10)
+        assert reply[:4] == b"\x05\x00\x00\x01", reply
+        relay = (socket.inet_ntoa(reply[4:8]), int.from_bytes(reply[8:10], "big"))
+        other.settimeout(1.5)
+        other.sendto(header + query, relay)
+        try:
+            stolen = other.recvfrom(1024)[0]
+        except TimeoutError:
+            stolen = b""
+        mine.settimeout(5)
+        mine.sendto(header + query, relay)
+        answer, _ = mine.recvfrom(1024)
+    assert stolen == b""
+    assert answer[:10] == header and answer[10:12] == b"\x43\x21"

@@ -178,7 +178,7 @@ class SocksInbound(Inbound):
             return
         self.handshake_done()
         if request.command == Command.UDP_ASSOCIATE:
-            self._task = asyncio.ensure_future(self._associate())
+            self._task = asyncio.ensure_future(self._associate(request.port))
             return
         if request.command != Command.CONNECT:
             socks.reply(Reply.COMMAND_NOT_SUPPORTED)
@@ -192,7 +192,7 @@ class SocksInbound(Inbound):
 
         self.carry(request.host, request.port, answer, socks.take_payload())
 
-    async def _associate(self) -> StreamBridge | None:
+    async def _associate(self, client_port: int) -> StreamBridge | None:
         """Open the UDP relay next to our TCP address and tell the client where it is."""
         assert self.transport is not None
         local = self.transport.get_extra_info("sockname")
@@ -200,7 +200,8 @@ class SocksInbound(Inbound):
         loop = asyncio.get_running_loop()
         try:
             relay, _ = await loop.create_datagram_endpoint(
-                lambda: SocksUdpRelay(self.tunnel, peer[0]), local_addr=(local[0], 0))
+                lambda: SocksUdpRelay(self.tunnel, peer[0], client_port),
+                local_addr=(local[0], 0))
         except OSError:
             self._socks.reply(Reply.GENERAL_FAILURE)
             self.transport.write(self._socks.data_to_send())
@@ -217,8 +218,9 @@ class SocksUdpRelay(asyncio.DatagramProtocol):
     """The UDP side of a SOCKS5 association: datagrams with a SOCKS header from the
     client; each destination is one flow of the tunnel."""
 
-    def __init__(self, tunnel: TunnelClient, client_host: str) -> None:
-        self._client_host = client_host   # RFC 1928: only the associating client
+    def __init__(self, tunnel: TunnelClient, client_host: str, client_port: int = 0) -> None:
+        self._client_host = client_host   # RFC 1928: only the associating client,
+        self._client_port = client_port   # and from the port it named (0: not known yet)
         self._transport: asyncio.DatagramTransport | None = None
         self._flows = FlowTable(tunnel)
 
@@ -230,7 +232,8 @@ class SocksUdpRelay(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
         transport = self._transport
-        if addr[0] != self._client_host or transport is None:
+        if (addr[0] != self._client_host or transport is None
+                or (self._client_port and addr[1] != self._client_port)):
             return
         try:
             datagram = parse_udp_datagram(data)
