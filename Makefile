@@ -5,7 +5,7 @@ DIR    ?= ./.portcullis
 PORT   ?= 8443
 BIN     = $(VENV)/bin
 
-.PHONY: run test lint peers bench clean
+.PHONY: run test lint peers bench fuzz clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ lint: $(BIN)/.installed
 
 peers:
 	@scripts/install-peers
+
+## Coverage-guided fuzzing of the parsers (atheris), FUZZ_SECONDS per target; `make test`
+## runs the same targets for a few seconds each (tests/fuzz/test_fuzz.py).
+FUZZ_SECONDS ?= 300
+fuzz: $(BIN)/.installed
+	$(BIN)/python tests/fuzz/fuzz_run.py --all --seconds $(FUZZ_SECONDS)
 
 bench: $(BIN)/.installed peers
 	$(BIN)/python -m bench

@@ -39,6 +39,11 @@ class StoreError(PortcullisError):
     """A durable or ephemeral store failed or refused an operation."""
 
 
+class TamperedRecordError(StoreError):
+    """A record read back from the ephemeral store failed its integrity check: altered,
+    truncated, moved to another key, or sealed under another deployment's key."""
+
+
 class DuplicateError(StoreError):
     """A record with that name already exists."""
 

@@ -147,7 +147,8 @@ class Node:
         local_sta = self._sta_role(hasher) if "sta" in self.roles else None
         if not {"gateway", "portal"} & set(self.roles):
             return
-        sessions = SessionManager(self.ephemeral, accounts, hasher, self.settings.session)
+        sessions = SessionManager(self.ephemeral, accounts, hasher, self.settings.session,
+                                  audit=self.audit)
         authorities = self._ticket_authorities(local_sta)
         portal_app = (self._portal_role(hasher, sessions, authorities)
                       if "portal" in self.roles else None)
@@ -220,7 +221,8 @@ class Node:
             settings=settings, sessions=sessions, login=login, authorities=authorities,
             hasher=hasher, durable=self.durable, ephemeral=self.ephemeral, audit=self.audit,
             self_enrolment=SelfEnrolment(providers.flow_totp(), self.ephemeral, hasher,
-                                         settings.session.login_step_timeout),
+                                         settings.session.login_step_timeout,
+                                         audit=self.audit),
             forwarded_certificates="gateway" not in self.roles))
         if "gateway" not in self.roles:
             host, port = parse_host_port(settings.portal.listen)

@@ -74,8 +74,9 @@ def vpn(deployment: Deployment, http_server, echo_server, start_process):  # typ
 
 
 def connect(deployment: Deployment, start_process, home: Path, *forwards: str,  # type: ignore[no-untyped-def]
-            udp: tuple[str, ...] = ()) -> Tunnel:
-    args = ["connect", "--socks", "127.0.0.1:0", "--http", "127.0.0.1:0"]
+            udp: tuple[str, ...] = (), proxy_auth: bool = False) -> Tunnel:
+    args = ["connect", "--proxy-auth" if proxy_auth else "--no-proxy-auth",
+            "--socks", "127.0.0.1:0", "--http", "127.0.0.1:0"]
     for forward in forwards:
         args += ["-L", forward]
     for forward in udp:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from portcullis.errors import ProtocolError
 from portcullis.proto.mux import Reason
+from portcullis.proto.proxyauth import ProxyCredentials
 from portcullis.proto.socks5 import (
     MAX_EARLY_DATA,
     Command,
@@ -78,8 +79,8 @@ class Outcome:
     state: State
 
 
-def feed(chunks: list[bytes]) -> Outcome:
-    conn = Socks5Connection()
+def feed(chunks: list[bytes], credentials: ProxyCredentials | None = None) -> Outcome:
+    conn = Socks5Connection(credentials=credentials)
     error = None
     for chunk in chunks:
         try:
@@ -576,3 +577,102 @@ def test_every_mux_reason_name_has_a_socks_reply() -> None:
     assert replies[Reason.DENIED] is Reply.NOT_ALLOWED
     assert all(isinstance(reply, Reply) and reply is not Reply.SUCCEEDED
                for reply in replies.values())
+
+
+# --- user name and password (RFC 1929) ------------------------------------------------
+
+SECRET = ProxyCredentials("portcullis", "s3cret-Token_x")
+PASSWORD_GREETING = b"\x05\x01\x02"
+PASSWORD_CHOSEN = b"\x05\x02"
+AUTHENTICATED = b"\x01\x00"
+NOT_AUTHENTICATED = b"\x01\x01"
+
+
+def login(user: bytes, password: bytes) -> bytes:
+    return bytes([1, len(user)]) + user + bytes([len(password)]) + password
+
+
+RIGHT_LOGIN = login(b"portcullis", b"s3cret-Token_x")
+
+
+def test_with_credentials_the_greeting_is_answered_with_method_2() -> None:
+    conn = Socks5Connection(credentials=SECRET)
+    conn.receive_data(b"\x05\x02\x00\x02")
+    assert conn.data_to_send() == PASSWORD_CHOSEN
+    assert conn.state is State.AUTHENTICATION
+
+
+def test_with_credentials_a_client_offering_only_no_authentication_is_refused_ff() -> None:
+    conn = Socks5Connection(credentials=SECRET)
+    with pytest.raises(ProtocolError, match="user name and password"):
+        conn.receive_data(GREETING)
+    assert conn.data_to_send() == NO_ACCEPTABLE_METHOD
+    assert conn.state is State.FAILED
+
+
+def test_the_right_user_and_password_lead_to_the_request() -> None:
+    data = PASSWORD_GREETING + RIGHT_LOGIN + request(ipv4("10.0.0.1"), 443) + b"early"
+    outcome = feed([data], SECRET)
+    assert outcome == Outcome(None, PASSWORD_CHOSEN + AUTHENTICATED,
+                              Request(Command.CONNECT, "10.0.0.1", 443), b"early",
+                              State.REPLY_PENDING)
+    assert feed(one_byte_at_a_time(data), SECRET) == outcome
+
+
+@pytest.mark.parametrize(
+    "attempt",
+    [login(b"portcullis", b"s3cret-Token_y"), login(b"portcullit", b"s3cret-Token_x"),
+     login(b"portcullis", b"s3cret-Token_x!"), login(b"portcullis", b""), login(b"", b""),
+     login(b"portcullis", b"S3CRET-TOKEN_X")],
+    ids=["wrong-password", "wrong-user", "longer-password", "empty-password", "empty-both",
+         "other-case"])
+def test_a_wrong_user_or_password_is_answered_01_01_and_no_request_is_read(
+        attempt: bytes) -> None:
+    data = PASSWORD_GREETING + attempt + request(ipv4("10.0.0.1"), 443)
+    outcome = feed([data], SECRET)
+    assert outcome.error is not None and "wrong user name or password" in outcome.error
+    assert outcome.sent == PASSWORD_CHOSEN + NOT_AUTHENTICATED
+    assert outcome.request is None and outcome.state is State.FAILED
+    assert feed(one_byte_at_a_time(data), SECRET) == outcome
+
+
+def test_a_negotiation_version_other_than_1_fails_at_its_first_byte() -> None:
+    conn = Socks5Connection(credentials=SECRET)
+    conn.receive_data(PASSWORD_GREETING)
+    conn.data_to_send()
+    with pytest.raises(ProtocolError, match="version 5, not 1"):
+        conn.receive_data(b"\x05")
+    assert conn.data_to_send() == NOT_AUTHENTICATED
+
+
+def test_an_unfinished_login_waits_without_answering() -> None:
+    conn = Socks5Connection(credentials=SECRET)
+    conn.receive_data(PASSWORD_GREETING + RIGHT_LOGIN[:-1])
+    assert conn.data_to_send() == PASSWORD_CHOSEN
+    assert conn.state is State.AUTHENTICATION
+    conn.receive_data(RIGHT_LOGIN[-1:])
+    assert conn.data_to_send() == AUTHENTICATED
+    assert conn.state is State.REQUEST
+
+
+@given(user=st.binary(max_size=255), password=st.binary(max_size=255),
+       cuts=st.lists(st.integers(min_value=0), max_size=8))
+def test_only_the_exact_secret_reaches_the_request_however_it_is_split(
+        user: bytes, password: bytes, cuts: list[int]) -> None:
+    data = PASSWORD_GREETING + login(user, password) + request(domain(b"wiki.corp"), 80)
+    outcome = feed(split_at(data, cuts), SECRET)
+    if (user, password) == (b"portcullis", b"s3cret-Token_x"):
+        assert outcome.request == Request(Command.CONNECT, "wiki.corp", 80)
+    else:
+        assert outcome.request is None and outcome.state is State.FAILED
+        assert outcome.sent == PASSWORD_CHOSEN + NOT_AUTHENTICATED
+    assert feed([data], SECRET) == outcome
+
+
+@given(data=st.binary(max_size=600), cuts=st.lists(st.integers(min_value=0), max_size=8))
+def test_arbitrary_bytes_with_credentials_never_reach_a_request_without_the_secret(
+        data: bytes, cuts: list[int]) -> None:
+    whole = feed([data], SECRET)
+    assert feed(split_at(data, cuts), SECRET) == whole
+    if whole.request is not None:
+        assert b"s3cret-Token_x" in data

@@ -620,8 +620,15 @@ def _forward_spec(value: str) -> tuple[str, int, str, int]:
               help="Linux, root: capture the pushed networks' TCP, UDP and DNS (nftables).")
 @click.option("--ca", "ca_file", type=click.Path(exists=True, dir_okay=False),
               help="The deployment's CA certificate (default: the one saved at login).")
+@click.option("--proxy-auth/--no-proxy-auth", default=None,
+              help="Require a per-run secret on the SOCKS5 and HTTP proxies (default: "
+                   "on when the machine has other users' accounts).")
+@click.option("--handshake-timeout", default=10.0, show_default=True,
+              type=click.FloatRange(0.1, 3600),
+              help="Seconds a local client has to finish its SOCKS5 or HTTP handshake.")
 def connect(socks: str, http_proxy: str, forwards: tuple[str, ...],
-            udp_forwards: tuple[str, ...], transparent: bool, ca_file: str | None) -> None:
+            udp_forwards: tuple[str, ...], transparent: bool, ca_file: str | None,
+            proxy_auth: bool | None, handshake_timeout: float) -> None:
     """Open the VPN tunnel: local proxies and forwards into the protected networks."""
     from portcullis.client.connect import Listen, run_connect
     from portcullis.client.state import ClientState, client_home
@@ -652,13 +659,15 @@ def connect(socks: str, http_proxy: str, forwards: tuple[str, ...],
     def say(line: str) -> None:
         click.echo(line, err=True)
 
-    def listening(listen: Listen, host: str, port: int) -> None:
-        click.echo(f"{listen.describe()}: listening on {host}:{port}")
+    def listening(listen: Listen, host: str, port: int, url: str | None) -> None:
+        click.echo(f"{listen.describe()}: listening on {host}:{port}"
+                   + (f" ({url})" if url else ""))
         sys.stdout.flush()
 
     reason = run_async(run_connect(state, _client_tls(ca_file or state.ca_file), listens,
                                    home=home, say=say, on_listening=listening,
-                                   transparent=transparent))
+                                   transparent=transparent, proxy_auth=proxy_auth,
+                                   handshake_timeout=handshake_timeout))
     if reason != "stopped":
         fail(f"the tunnel ended: {reason}", 1)
 

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from portcullis.client import proxyauth
 from portcullis.client.proxies import (
+    HANDSHAKE_TIMEOUT,
     ForwardInbound,
     HttpConnectInbound,
+    ProxySettings,
     SocksInbound,
     UdpForward,
 )
@@ -32,6 +35,7 @@ from portcullis.client.transparent import (
 )
 from portcullis.client.tunnel import STATUS_FILE, TunnelClient
 from portcullis.errors import ClientError
+from portcullis.proto.mux import Reason
 
 
 @dataclass(frozen=True)
@@ -50,13 +54,36 @@ class Listen:
         return {"socks": "SOCKS5 proxy", "http": "HTTP CONNECT proxy"}[self.kind]
 
 
+def describe_refusal(host: str, port: int, reason: Reason, message: str) -> str:
+    """The line `connect` prints for a stream the gateway refused."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # The gateway's words go to a terminal: no control characters from the far side.
+    words = "".join(c if c.isprintable() else "?" for c in message) or reason.name.lower()
+    return f"refused {where}: {words}"
+
+
 async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Listen], *,
                       home: Path, say: Callable[[str], None],
-                      on_listening: Callable[[Listen, str, int], None],
-                      transparent: bool = False) -> str:
-    """Serve until Ctrl-C/SIGTERM ("stopped") or the tunnel ends for good (its reason)."""
+                      on_listening: Callable[[Listen, str, int, str | None], None],
+                      transparent: bool = False, proxy_auth: bool | None = None,
+                      handshake_timeout: float = HANDSHAKE_TIMEOUT) -> str:
+    """Serve until Ctrl-C/SIGTERM ("stopped") or the tunnel ends for good (its reason).
+
+    ``proxy_auth`` None applies ``proxyauth.proxy_auth_default`` to this machine;
+    ``on_listening`` gets, for a proxy that requires it, the URL with the secret.
+    """
     tunnel = TunnelClient(state.url, state.token, tls, say=say,
                           status_file=home / STATUS_FILE)
+    if proxy_auth is None and any(listen.kind in ("socks", "http") for listen in listens):
+        decision = proxyauth.this_machine_default()
+        proxy_auth = decision.required
+        say(f"proxy authentication {'on' if decision.required else 'off'}: "
+            f"{decision.reason}")
+    credentials = proxyauth.new_credentials() if proxy_auth else None
+    settings = ProxySettings(
+        handshake_timeout=handshake_timeout, credentials=credentials,
+        on_refused=lambda *refusal: say(describe_refusal(*refusal)))
+    credentials_file: Path | None = None
     loop = asyncio.get_running_loop()
     servers: list[asyncio.Server] = []
     endpoints: list[asyncio.DatagramTransport] = []
@@ -64,10 +91,10 @@ async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Lis
 
     def factory(listen: Listen) -> Callable[[], asyncio.Protocol]:
         if listen.kind == "socks":
-            return lambda: SocksInbound(tunnel)
+            return lambda: SocksInbound(tunnel, settings)
         if listen.kind == "http":
-            return lambda: HttpConnectInbound(tunnel)
-        return lambda: ForwardInbound(tunnel, listen.to_host, listen.to_port)
+            return lambda: HttpConnectInbound(tunnel, settings)
+        return lambda: ForwardInbound(tunnel, listen.to_host, listen.to_port, settings)
 
     def udp_factory(listen: Listen) -> Callable[[], UdpForward]:
         return lambda: UdpForward(tunnel, listen.to_host, listen.to_port)
@@ -102,13 +129,21 @@ async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Lis
             await asyncio.sleep(0.02)
         if runner.done():
             return await runner
+        urls: dict[str, str] = {}
         for listen in listens:
             try:
                 host, port = await open_listener(listen)
             except OSError as exc:
                 raise ClientError(f"cannot listen on {listen.host}:{listen.port} for the "
                                   f"{listen.describe()}: {exc.strerror}") from None
-            on_listening(listen, host, port)
+            url = None   # shown with the secret in it, to paste into applications
+            if credentials is not None and listen.kind in ("socks", "http"):
+                url = urls[listen.kind] = proxyauth.proxy_url(listen.kind, host, port,
+                                                              credentials)
+            on_listening(listen, host, port, url)
+        if credentials is not None and urls:
+            credentials_file = proxyauth.write_credentials(home, credentials, urls)
+            say(f"proxy credentials for scripts: {credentials_file}")
         if rules is not None:
             await capture(rules, tunnel, state.url, servers, endpoints, closers, say)
         return await runner
@@ -119,6 +154,8 @@ async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Lis
         finally:
             for close in closers:
                 close()
+        if credentials_file is not None:
+            credentials_file.unlink(missing_ok=True)   # the secret dies with the run
         for server in servers:
             server.close()
         for endpoint in endpoints:

@@ -2,22 +2,25 @@
 port forwards. Each accepted connection learns where it wants to go (from the proxy
 protocol, or the forward's fixed destination), then becomes one stream of the tunnel.
 
-The proxy protocols are sans-I/O (`proto.socks5`, h11); these classes only move bytes
-and hand the socket over to the stream once its destination is known.
+The proxy protocols are sans-I/O (`proto.socks5`, `proto.httpconnect`); these classes
+only move bytes, time the handshake out, and hand the socket over to the stream once its
+destination is known. A stream the gateway refuses is reported once, with its
+destination and the gateway's words (`ProxySettings.on_refused`).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-
-import h11
+from dataclasses import dataclass
 
 from portcullis.client.tunnel import TunnelClient
 from portcullis.errors import ProtocolError
 from portcullis.net.muxsession import DatagramFlow, MuxSession, StreamBridge
 from portcullis.proto import mux
+from portcullis.proto.httpconnect import HttpConnectConnection, status_for
 from portcullis.proto.mux import Reason
+from portcullis.proto.proxyauth import ProxyCredentials
 from portcullis.proto.socks5 import (
     Command,
     Reply,
@@ -30,26 +33,49 @@ from portcullis.proto.socks5 import (
 
 # Bytes to answer the application with: on success (reason None) or on refusal.
 Answer = Callable[[Reason | None, str], bytes]
-MAX_HEADER = 16 * 1024
+# Told of a stream the gateway refused: (host, port, reason, the gateway's message).
+RefusalReport = Callable[[str, int, Reason, str], None]
+#: Seconds a local client has to finish its SOCKS5 or HTTP CONNECT handshake.
+HANDSHAKE_TIMEOUT = 10.0
 # A local UDP sender silent for this long gets a new flow next time (the gateway also
 # ends flows idle for its own, configured time).
 UDP_IDLE_TIMEOUT = 60.0
 
 
-class ProxiedStream(StreamBridge):
-    """A stream whose application first waits for a proxy answer (SOCKS or HTTP)."""
+@dataclass(frozen=True)
+class ProxySettings:
+    """What every local listener of one `connect` run shares."""
 
-    def __init__(self, session: MuxSession, stream_id: int, answer: Answer) -> None:
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    # Required of SOCKS5 (RFC 1929) and HTTP (Proxy-Authorization) clients when set.
+    credentials: ProxyCredentials | None = None
+    on_refused: RefusalReport | None = None
+
+
+class ProxiedStream(StreamBridge):
+    """A stream to ``destination``; its application may first wait for a proxy answer
+    (SOCKS or HTTP). A refusal before ACCEPT is reported and, with an answer, told to
+    the application in its own protocol."""
+
+    def __init__(self, session: MuxSession, stream_id: int, answer: Answer | None,
+                 destination: tuple[str, int], on_refused: RefusalReport | None) -> None:
         super().__init__(session, stream_id, accepted=False)
         self._answer = answer
+        self._destination = destination
+        self._on_refused = on_refused
 
     def on_accepted(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and self._answer is not None:
             self.transport.write(self._answer(None, ""))
         super().on_accepted()
 
     def on_ended(self, refusal: tuple[Reason, str] | None = None) -> None:
-        if refusal is not None and not self.accepted and self.transport is not None:
+        # CANCELLED is the tunnel going down or our own reset, not the gateway's decision.
+        if (refusal is not None and not self.accepted and refusal[0] != Reason.CANCELLED
+                and self._on_refused is not None):
+            self._on_refused(*self._destination, *refusal)
+        if (refusal is not None and not self.accepted and self.transport is not None
+                and self._answer is not None):
             # Tell the application why, in its own protocol, then hang up politely.
             self.transport.write(self._answer(*refusal))
             self.transport.close()
@@ -58,20 +84,45 @@ class ProxiedStream(StreamBridge):
 
 
 class Inbound(asyncio.Protocol):
-    def __init__(self, tunnel: TunnelClient) -> None:
+    # A proxy protocol (SOCKS5, HTTP) has a handshake to finish in time; a forward not.
+    negotiates = False
+
+    def __init__(self, tunnel: TunnelClient, settings: ProxySettings = ProxySettings()) -> None:
         self.tunnel = tunnel
+        self.settings = settings
         self.transport: asyncio.Transport | None = None
         self._task: asyncio.Task[StreamBridge | None] | None = None
         # Bytes that arrive once the destination is known, before the stream takes over.
         self._pending = bytearray()
         self._carrying = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.negotiates:
+            self._handshake_timer = asyncio.get_running_loop().call_later(
+                self.settings.handshake_timeout, self._handshake_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.handshake_done()
         if self._task is not None and not self._task.done():
             self._task.cancel()
+
+    def handshake_done(self) -> None:
+        """The destination is known (or the connection is over): no more timeout."""
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        assert self.transport is not None
+        self.transport.write(self.handshake_timeout_answer())
+        self.transport.close()
+
+    def handshake_timeout_answer(self) -> bytes:
+        """What to tell a client whose handshake took too long (SOCKS5 has nothing)."""
+        return b""
 
     def data_received(self, data: bytes) -> None:
         if self._carrying:
@@ -84,11 +135,15 @@ class Inbound(asyncio.Protocol):
 
     def carry(self, host: str, port: int, answer: Answer | None, early: bytes = b"") -> None:
         assert self.transport is not None
+        self.handshake_done()
         self._carrying = True
         self._pending += early
         self.transport.pause_reading()
-        make = ((lambda session, stream_id: ProxiedStream(session, stream_id, answer))
-                if answer is not None else None)
+        on_refused = self.settings.on_refused
+
+        def make(session: MuxSession, stream_id: int) -> StreamBridge:
+            return ProxiedStream(session, stream_id, answer, (host, port), on_refused)
+
         self._task = asyncio.ensure_future(self.tunnel.open(
             self.transport, mux.Protocol.TCP, host, port, make=make, early=self._pending))
 
@@ -96,9 +151,11 @@ class Inbound(asyncio.Protocol):
 class SocksInbound(Inbound):
     """RFC 1928 SOCKS5: CONNECT, and UDP ASSOCIATE (each destination one UDP flow)."""
 
-    def __init__(self, tunnel: TunnelClient) -> None:
-        super().__init__(tunnel)
-        self._socks = Socks5Connection()
+    negotiates = True
+
+    def __init__(self, tunnel: TunnelClient, settings: ProxySettings = ProxySettings()) -> None:
+        super().__init__(tunnel, settings)
+        self._socks = Socks5Connection(credentials=settings.credentials)
         self._relay: asyncio.DatagramTransport | None = None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -119,8 +176,9 @@ class SocksInbound(Inbound):
         request = socks.next_request()
         if request is None:
             return
+        self.handshake_done()
         if request.command == Command.UDP_ASSOCIATE:
-            self._task = asyncio.ensure_future(self._associate())
+            self._task = asyncio.ensure_future(self._associate(request.port))
             return
         if request.command != Command.CONNECT:
             socks.reply(Reply.COMMAND_NOT_SUPPORTED)
@@ -134,8 +192,7 @@ class SocksInbound(Inbound):
 
         self.carry(request.host, request.port, answer, socks.take_payload())
 
-
-    async def _associate(self) -> StreamBridge | None:
+    async def _associate(self, client_port: int) -> StreamBridge | None:
         """Open the UDP relay next to our TCP address and tell the client where it is."""
         assert self.transport is not None
         local = self.transport.get_extra_info("sockname")
@@ -143,7 +200,8 @@ class SocksInbound(Inbound):
         loop = asyncio.get_running_loop()
         try:
             relay, _ = await loop.create_datagram_endpoint(
-                lambda: SocksUdpRelay(self.tunnel, peer[0]), local_addr=(local[0], 0))
+                lambda: SocksUdpRelay(self.tunnel, peer[0], client_port),
+                local_addr=(local[0], 0))
         except OSError:
             self._socks.reply(Reply.GENERAL_FAILURE)
             self.transport.write(self._socks.data_to_send())
@@ -160,8 +218,9 @@ class SocksUdpRelay(asyncio.DatagramProtocol):
     """The UDP side of a SOCKS5 association: datagrams with a SOCKS header from the
     client; each destination is one flow of the tunnel."""
 
-    def __init__(self, tunnel: TunnelClient, client_host: str) -> None:
-        self._client_host = client_host   # RFC 1928: only the associating client
+    def __init__(self, tunnel: TunnelClient, client_host: str, client_port: int = 0) -> None:
+        self._client_host = client_host   # RFC 1928: only the associating client,
+        self._client_port = client_port   # and from the port it named (0: not known yet)
         self._transport: asyncio.DatagramTransport | None = None
         self._flows = FlowTable(tunnel)
 
@@ -173,7 +232,8 @@ class SocksUdpRelay(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
         transport = self._transport
-        if addr[0] != self._client_host or transport is None:
+        if (addr[0] != self._client_host or transport is None
+                or (self._client_port and addr[1] != self._client_port)):
             return
         try:
             datagram = parse_udp_datagram(data)
@@ -190,53 +250,38 @@ class SocksUdpRelay(asyncio.DatagramProtocol):
 class HttpConnectInbound(Inbound):
     """An HTTP proxy for CONNECT (what browsers and curl use for HTTPS and tunnels)."""
 
-    def __init__(self, tunnel: TunnelClient) -> None:
-        super().__init__(tunnel)
-        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER)
+    negotiates = True
+
+    def __init__(self, tunnel: TunnelClient, settings: ProxySettings = ProxySettings()) -> None:
+        super().__init__(tunnel, settings)
+        self._http = HttpConnectConnection(credentials=settings.credentials)
 
     def negotiate(self, data: bytes) -> None:
         assert self.transport is not None
         http = self._http
-        http.receive_data(data)
         try:
-            event = http.next_event()
-        except h11.RemoteProtocolError:
-            self._fail(400, "bad request")
+            http.receive_data(data)
+        except ProtocolError:
+            self.transport.write(http.data_to_send())
+            self.transport.close()
             return
-        if event is h11.NEED_DATA:
-            return
-        if not isinstance(event, h11.Request) or event.method != b"CONNECT":
-            self._fail(405, "only CONNECT is supported; use the SOCKS5 proxy for the rest")
-            return
-        target = event.target.decode("ascii", "replace")
-        host, _, port_text = target.rpartition(":")
-        if (not host or len(host) > 255 or not port_text.isdigit()
-                or not 0 < int(port_text) < 65536):
-            self._fail(400, "CONNECT needs HOST:PORT")
+        request = http.next_request()
+        if request is None:
             return
 
         def answer(reason: Reason | None, message: str) -> bytes:
             if reason is None:
-                return b"HTTP/1.1 200 Connection established\r\n\r\n"
-            status = 403 if reason == Reason.DENIED else 502
-            return _response(status, f"{reason.name.lower()}: {message}")
+                http.accept()
+            else:
+                name = reason.name.lower()
+                http.refuse(status_for(name), f"{name}: {message}")
+            return http.data_to_send()
 
-        # After CONNECT the rest of the bytes belong to the tunnelled stream.
-        early, _ = http.trailing_data
-        self.carry(host.strip("[]"), int(port_text), answer, bytes(early))
+        self.carry(request.host, request.port, answer, http.take_payload())
 
-    def _fail(self, status: int, text: str) -> None:
-        assert self.transport is not None
-        self.transport.write(_response(status, text))
-        self.transport.close()
-
-
-def _response(status: int, text: str) -> bytes:
-    body = (text + "\n").encode()
-    reason = {400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed",
-              502: b"Bad Gateway"}.get(status, b"Error")
-    return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (status, reason, len(body), body))
+    def handshake_timeout_answer(self) -> bytes:
+        self._http.time_out()
+        return self._http.data_to_send()
 
 
 class FlowTable:
@@ -293,8 +338,9 @@ class UdpForward(asyncio.DatagramProtocol):
 class ForwardInbound(Inbound):
     """A fixed forward (-L): every connection goes to one destination."""
 
-    def __init__(self, tunnel: TunnelClient, host: str, port: int) -> None:
-        super().__init__(tunnel)
+    def __init__(self, tunnel: TunnelClient, host: str, port: int,
+                 settings: ProxySettings = ProxySettings()) -> None:
+        super().__init__(tunnel, settings)
         self._destination = (host, port)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

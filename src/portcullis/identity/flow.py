@@ -5,7 +5,8 @@ Which step comes next is a pure decision (`next_step`) over the flow, what the f
 learned so far and the client's context; `LoginService` is the shell that runs factors,
 keeps the flow's state in the ephemeral store between requests (so any gateway node can
 take the next step), counts failures and makes the session. The JSON API, the portal
-pages, the CLI and `auth test` are four drivers of this one flow.
+pages, the CLI and `auth test` are four drivers of this one flow. The state is sealed
+(`SealedRecords`): one edited in the store (groups or steps added) restarts the flow.
 
 Rules that make a flow hard to game:
 - the user name is fixed by the first factor that names the user, in canonical form;
@@ -33,7 +34,7 @@ from portcullis.identity.claims import Attributes, Claims
 from portcullis.identity.conditions import Facts, LoginContext, evaluate
 from portcullis.identity.sessions import Session, SessionManager
 from portcullis.identity.throttle import Throttle
-from portcullis.store import EphemeralStore
+from portcullis.store import EphemeralStore, SealedRecords
 from portcullis.tokens import TokenHasher, mask, new_token
 
 NAMESPACE = "login"
@@ -188,7 +189,7 @@ class LoginService:
                  sessions: SessionManager, settings: SessionSettings, audit: AuditTrail,
                  throttle: Throttle) -> None:
         self.flow = flow
-        self._ephemeral = ephemeral
+        self._records = SealedRecords(ephemeral, hasher, NAMESPACE, audit)
         self._hasher = hasher
         self._sessions = sessions
         self._settings = settings
@@ -426,13 +427,13 @@ class LoginService:
         return f"login:{self._hasher.digest(NAMESPACE, handle)}"
 
     async def _save(self, handle: str, state: FlowState) -> None:
-        await self._ephemeral.put(self._key(handle), json.dumps(asdict(state)).encode(),
-                                  self._settings.login_step_timeout)
+        await self._records.put(self._key(handle), json.dumps(asdict(state)).encode(),
+                                self._settings.login_step_timeout)
 
     async def _take(self, handle: str) -> FlowState | None:
         if len(handle) > 256:
             return None
-        raw = await self._ephemeral.take(self._key(handle))
+        raw = await self._records.take(self._key(handle))
         if raw is None:
             return None
         state = FlowState(**json.loads(raw))

@@ -15,10 +15,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from portcullis.audit import AuditTrail
 from portcullis.config.model import SessionSettings
 from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.claims import Claims
-from portcullis.store import EphemeralStore
+from portcullis.store import EphemeralStore, SealedRecords
 from portcullis.tokens import TokenHasher, new_token
 
 NAMESPACE = "session"
@@ -38,8 +39,12 @@ class Session:
 
 class SessionManager:
     def __init__(self, ephemeral: EphemeralStore, accounts: AccountStatus, hasher: TokenHasher,
-                 settings: SessionSettings, *, clock: Callable[[], float] = time.time) -> None:
+                 settings: SessionSettings, *, clock: Callable[[], float] = time.time,
+                 audit: AuditTrail | None = None) -> None:
         self._ephemeral = ephemeral
+        # Sealed: a record edited in the store (groups added, a later creation time) or
+        # copied from another session's key reads as no session, and is audited.
+        self._records = SealedRecords(ephemeral, hasher, NAMESPACE, audit)
         self._accounts = accounts
         self._hasher = hasher
         self._settings = settings
@@ -51,14 +56,14 @@ class SessionManager:
         now = self._clock()
         record = {"claims": claims.to_json(), "client_address": client_address, "created_at": now}
         ttl = min(self._settings.idle_timeout, self._settings.absolute_timeout)
-        await self._ephemeral.put(f"session:{handle}", json.dumps(record).encode(), ttl)
+        await self._records.put(f"session:{handle}", json.dumps(record).encode(), ttl)
         return token, Session(handle, claims, client_address, now)
 
     async def validate(self, token: str) -> Session | None:
         if not token or len(token) > 256:
             return None
         handle = self._hasher.digest(NAMESPACE, token)
-        raw = await self._ephemeral.get(f"session:{handle}")
+        raw = await self._records.get(f"session:{handle}")
         if raw is None:
             return None
         record = json.loads(raw)

@@ -29,9 +29,10 @@ import segno
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from portcullis.audit import AuditTrail
 from portcullis.config.auth import TotpProvider
 from portcullis.errors import AuthError
-from portcullis.store import DurableStore, EphemeralStore, TotpRecord
+from portcullis.store import DurableStore, EphemeralStore, SealedRecords, TotpRecord
 from portcullis.tokens import TokenHasher, new_token
 
 _DIGESTS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512}
@@ -187,12 +188,14 @@ def _recovery_code() -> str:
 class SelfEnrolment:
     """A signed-in user replaces their authenticator app (a new phone): a new secret is
     shown, kept sealed in the ephemeral store under a one-time handle, and replaces the
-    old one (and its recovery codes) only when a correct code for it is typed."""
+    old one (and its recovery codes) only when a correct code for it is typed. The whole
+    record (owner and secret) is sealed to its key too (`SealedRecords`)."""
 
     def __init__(self, service: TotpService, ephemeral: EphemeralStore, hasher: TokenHasher,
-                 ttl: float) -> None:
+                 ttl: float, *, audit: AuditTrail | None = None) -> None:
         self._service = service
         self._ephemeral = ephemeral
+        self._records = SealedRecords(ephemeral, hasher, "totp-enrolment", audit)
         self._hasher = hasher
         self._ttl = ttl
 
@@ -206,14 +209,14 @@ class SelfEnrolment:
         enrolment = self._service.new_enrolment(username)
         handle = new_token()
         record = json.dumps([identity, self._service.seal_enrolment(identity, enrolment)])
-        await self._ephemeral.put(self._key(handle), record.encode(), self._ttl)
+        await self._records.put(self._key(handle), record.encode(), self._ttl)
         return handle, enrolment
 
     async def pending(self, identity: str, handle: str) -> Enrolment | None:
         """The enrolment begun under `handle` by `identity` (no one else's), if any."""
         if len(handle) > 256:
             return None
-        raw = await self._ephemeral.get(self._key(handle))
+        raw = await self._records.get(self._key(handle))
         if raw is None:
             return None
         owner, sealed = json.loads(raw)

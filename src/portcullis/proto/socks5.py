@@ -1,4 +1,5 @@
-"""The server side of SOCKS5 (RFC 1928), sans I/O, for the client's local SOCKS5 port.
+"""The server side of SOCKS5 (RFC 1928, RFC 1929), sans I/O, for the client's local
+SOCKS5 port.
 
 The Portcullis client listens on 127.0.0.1 so that applications (``curl
 --socks5-hostname``, browsers) send their connections through the tunnel. One
@@ -15,19 +16,22 @@ The Portcullis client listens on 127.0.0.1 so that applications (``curl
     conn.reply(Reply.SUCCEEDED)         # or reply_for(refusal reason)
     early = conn.take_payload()         # bytes the application sent ahead of the reply
 
-Only "no authentication" (method 0) is offered: the port is bound to loopback. CONNECT
-and UDP ASSOCIATE are handed to the shell; BIND is refused here with
-COMMAND_NOT_SUPPORTED. The UDP ASSOCIATE datagram header is the pair of pure functions
-``parse_udp_datagram`` / ``build_udp_datagram``.
+Without ``credentials`` only "no authentication" (method 0) is offered; with them only
+user name and password (method 2, RFC 1929), checked here in constant time, so that
+other users of the machine cannot use the port. CONNECT and UDP ASSOCIATE are handed
+to the shell; BIND is refused here with COMMAND_NOT_SUPPORTED. The UDP ASSOCIATE
+datagram header is the pair of pure functions ``parse_udp_datagram`` /
+``build_udp_datagram``.
 
 Errors are exceptions, as in h11: bytes that break the protocol raise ``ProtocolError``
 once, after queueing the reply the RFC has for the fault (``05 FF`` for no acceptable
-method, a SOCKS reply for a bad request); the connection is then ``FAILED`` and every
-later ``receive_data`` raises again. The allowed state changes are ``_TRANSITIONS``.
+method, ``01 01`` for a wrong user name or password, a SOCKS reply for a bad request);
+the connection is then ``FAILED`` and every later ``receive_data`` raises again. The
+allowed state changes are ``_TRANSITIONS``.
 
 This module never does I/O, never awaits, never reads a clock, never logs and never
 resolves a name. Between calls it keeps at most one incomplete handshake message (under
-262 bytes: the RFC's largest request) before the request is parsed, and at most
+514 bytes: RFC 1929's largest) before the request is parsed, and at most
 ``max_early_data`` bytes of pipelined data while the reply is pending.
 """
 
@@ -41,6 +45,7 @@ from enum import IntEnum
 
 from portcullis.errors import ProtocolError
 from portcullis.proto.mux import Reason
+from portcullis.proto.proxyauth import ProxyCredentials
 
 __all__ = [
     "MAX_EARLY_DATA",
@@ -62,6 +67,10 @@ VERSION = 5
 MAX_EARLY_DATA = 64 * 1024
 
 _NO_AUTHENTICATION = 0x00
+_USER_PASSWORD = 0x02
+_USER_PASSWORD_VERSION = 0x01  # RFC 1929's subnegotiation version
+_AUTHENTICATED = bytes([_USER_PASSWORD_VERSION, 0x00])
+_NOT_AUTHENTICATED = bytes([_USER_PASSWORD_VERSION, 0x01])
 _NO_ACCEPTABLE_METHODS = 0xFF
 _PORT = struct.Struct("!H")
 # A name as DNS can carry it, once IDNA-encoded: labels of 1..63 letters, digits, '-'
@@ -99,19 +108,22 @@ class _AddressType(IntEnum):
 
 class State(IntEnum):
     GREETING = 0  # waiting for VER NMETHODS METHODS
-    REQUEST = 1  # method chosen, waiting for VER CMD RSV ATYP DST.ADDR DST.PORT
-    REPLY_PENDING = 2  # request parsed, the shell has not replied yet
-    RELAY = 3  # replied SUCCEEDED: a plain byte stream (or, for UDP, a live association)
-    CLOSED = 4  # replied with an error: the shell closes after sending it
-    FAILED = 5  # the client broke the protocol
+    AUTHENTICATION = 1  # user/password chosen, waiting for VER ULEN UNAME PLEN PASSWD
+    REQUEST = 2  # method chosen, waiting for VER CMD RSV ATYP DST.ADDR DST.PORT
+    REPLY_PENDING = 3  # request parsed, the shell has not replied yet
+    RELAY = 4  # replied SUCCEEDED: a plain byte stream (or, for UDP, a live association)
+    CLOSED = 5  # replied with an error: the shell closes after sending it
+    FAILED = 6  # the client broke the protocol, or did not know the password
 
 
 class _Step(IntEnum):
     GREETING_ACCEPTED = 0
-    REQUEST_PARSED = 1
-    REPLY_SUCCEEDED = 2
-    REPLY_REFUSED = 3
-    VIOLATION = 4
+    PASSWORD_CHOSEN = 1
+    AUTHENTICATED = 2
+    REQUEST_PARSED = 3
+    REPLY_SUCCEEDED = 4
+    REPLY_REFUSED = 5
+    VIOLATION = 6
 
 
 _T = State
@@ -119,13 +131,15 @@ _T = State
 # REPLY_PENDING is a local misuse (ProtocolError, nothing changes).
 _TRANSITIONS: dict[tuple[State, _Step], State] = {
     (_T.GREETING, _Step.GREETING_ACCEPTED): _T.REQUEST,
+    (_T.GREETING, _Step.PASSWORD_CHOSEN): _T.AUTHENTICATION,
+    (_T.AUTHENTICATION, _Step.AUTHENTICATED): _T.REQUEST,
     (_T.REQUEST, _Step.REQUEST_PARSED): _T.REPLY_PENDING,
     (_T.REPLY_PENDING, _Step.REPLY_SUCCEEDED): _T.RELAY,
     (_T.REPLY_PENDING, _Step.REPLY_REFUSED): _T.CLOSED,
     # Too much early data, or any byte on the TCP side of a UDP association.
     **{
         (state, _Step.VIOLATION): _T.FAILED
-        for state in (_T.GREETING, _T.REQUEST, _T.REPLY_PENDING, _T.RELAY)
+        for state in (_T.GREETING, _T.AUTHENTICATION, _T.REQUEST, _T.REPLY_PENDING, _T.RELAY)
     },
 }
 
@@ -158,12 +172,16 @@ class _BadAddress(Exception):
 
 
 class Socks5Connection:
-    """One accepted SOCKS5 connection: feed it bytes, take the request and bytes to send."""
+    """One accepted SOCKS5 connection: feed it bytes, take the request and bytes to send.
 
-    def __init__(self, *, max_early_data: int = MAX_EARLY_DATA) -> None:
+    With ``credentials``, the client must authenticate with them (RFC 1929) first."""
+
+    def __init__(self, *, max_early_data: int = MAX_EARLY_DATA,
+                 credentials: ProxyCredentials | None = None) -> None:
         if max_early_data < 0:
             raise ValueError("max_early_data must not be negative")
         self._max_early_data = max_early_data
+        self._credentials = credentials
         self._state = State.GREETING
         self._buffer = bytearray()  # the start of a greeting or request split across chunks
         self._output = bytearray()
@@ -198,7 +216,7 @@ class Socks5Connection:
             raise ProtocolError(f"the SOCKS5 connection already failed: {self._failure}")
         if self._state is State.CLOSED or not data:
             return
-        if self._state in (State.GREETING, State.REQUEST):
+        if self._state in (State.GREETING, State.AUTHENTICATION, State.REQUEST):
             self._buffer += data
             self._parse_handshake()
         else:
@@ -251,6 +269,8 @@ class Socks5Connection:
         # is reported identically however the bytes were split.
         if self._state is State.GREETING and not self._parse_greeting():
             return
+        if self._state is State.AUTHENTICATION and not self._parse_authentication():
+            return
         if self._state is State.REQUEST and not self._parse_request():
             return
         if self._buffer:
@@ -269,6 +289,16 @@ class Socks5Connection:
         size = 2 + buffer[1]
         methods = buffer[2:size]
         del buffer[:size]
+        if self._credentials is not None:
+            if _USER_PASSWORD not in methods:
+                raise self._fail(
+                    "the client does not offer SOCKS5 user name and password, which this "
+                    "local port requires",
+                    bytes([VERSION, _NO_ACCEPTABLE_METHODS]),
+                )
+            self._output += bytes([VERSION, _USER_PASSWORD])
+            self._advance(_Step.PASSWORD_CHOSEN)
+            return True
         if _NO_AUTHENTICATION not in methods:
             raise self._fail(
                 "the client does not offer SOCKS5 without authentication, the only method "
@@ -277,6 +307,31 @@ class Socks5Connection:
             )
         self._output += bytes([VERSION, _NO_AUTHENTICATION])
         self._advance(_Step.GREETING_ACCEPTED)
+        return True
+
+    def _parse_authentication(self) -> bool:
+        """RFC 1929: VER(1) ULEN UNAME PLEN PASSWD, answered 01 00 or 01 01."""
+        buffer = self._buffer
+        if not buffer:
+            return False
+        if buffer[0] != _USER_PASSWORD_VERSION:
+            raise self._fail(
+                f"user/password negotiation has version {buffer[0]}, not 1", _NOT_AUTHENTICATED
+            )
+        if len(buffer) < 2 or len(buffer) < 3 + buffer[1]:
+            return False
+        user_end = 2 + buffer[1]
+        size = user_end + 1 + buffer[user_end]
+        if len(buffer) < size:
+            return False
+        user = bytes(buffer[2:user_end])
+        password = bytes(buffer[user_end + 1 : size])
+        del buffer[:size]
+        assert self._credentials is not None  # only in this state with credentials
+        if not self._credentials.admits(user, password):
+            raise self._fail("wrong user name or password", _NOT_AUTHENTICATED)
+        self._output += _AUTHENTICATED
+        self._advance(_Step.AUTHENTICATED)
         return True
 
     def _parse_request(self) -> bool:

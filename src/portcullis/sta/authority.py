@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 from portcullis.audit import AuditTrail
 from portcullis.errors import TicketError
-from portcullis.store import EphemeralStore
+from portcullis.store import EphemeralStore, SealedRecords
 from portcullis.tokens import TokenHasher, mask
 
 NAMESPACE = "ticket"
@@ -62,7 +62,8 @@ class TicketAuthority:
                  clock: Callable[[], float] = time.time) -> None:
         self.sta_id = sta_id
         self._audit = audit
-        self._store = store
+        # Sealed: a record edited in the store or copied from another ticket's is refused.
+        self._records = SealedRecords(store, hasher, NAMESPACE, audit)
         self._hasher = hasher
         self._lifetime = lifetime
         self._bind = bind_client_address
@@ -74,7 +75,7 @@ class TicketAuthority:
         record = {**asdict(request), "expires_at": expires_at}
         if not self._bind:
             record["client_address"] = None
-        await self._store.put(self._key(ticket), json.dumps(record).encode(), self._lifetime)
+        await self._records.put(self._key(ticket), json.dumps(record).encode(), self._lifetime)
         self._audit.record("ticket.issued", ticket=mask(ticket), user=request.user,
                            resource=request.resource, client=request.client_address)
         return IssuedTicket(ticket, expires_at)
@@ -94,7 +95,7 @@ class TicketAuthority:
     async def _redeem(self, ticket: str, client_address: str | None) -> TicketGrant:
         if sta_id_of(ticket) != self.sta_id:
             raise TicketError(f"ticket names another STA ({sta_id_of(ticket)})")
-        raw = await self._store.take(self._key(ticket))
+        raw = await self._records.take(self._key(ticket))
         if raw is None:
             raise TicketError("unknown, expired or already redeemed ticket")
         record = json.loads(raw)

@@ -8,6 +8,7 @@ children; neither ever holds a password or a token in clear.
 from portcullis.store.durable import DurableStore, TotpRecord, UserRecord
 from portcullis.store.ephemeral import EphemeralStore, MemoryStore, RedisStore, open_ephemeral
 from portcullis.store.migrations import LATEST_VERSION, MIGRATIONS
+from portcullis.store.sealed import RecordSeal, SealedRecords
 
 __all__ = [
     "LATEST_VERSION",
@@ -15,7 +16,9 @@ __all__ = [
     "DurableStore",
     "EphemeralStore",
     "MemoryStore",
+    "RecordSeal",
     "RedisStore",
+    "SealedRecords",
     "TotpRecord",
     "UserRecord",
     "open_ephemeral",

@@ -1,0 +1,241 @@
+"""Fuzz targets for the parsers that read bytes from someone else: one function per
+target, taking one input. A target returns normally for any input the parser handles
+as specified (a result, or ``ProtocolError`` with a reason); anything else it raises is
+a finding: another exception from the parser, or an ``AssertionError`` from a property
+checked here (the same bytes split differently give the same outcome; what a parser
+accepts, the next layer can carry; a parsed launch file writes and reads back the same).
+
+Inputs of the mux, SOCKS5 and HTTP CONNECT targets start with a small header:
+byte 0, options (bit 0: the proxies require credentials ``fuzz``/``secret``);
+byte 1, how to split the rest into chunks (0: one chunk, n: chunks of n bytes).
+``fuzz_run.py`` drives these under atheris; ``test_fuzz.py`` replays the corpus and runs a
+bounded fuzzing session per target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+
+from portcullis.errors import ProtocolError
+from portcullis.proto import mux
+from portcullis.proto.httpconnect import HttpConnectConnection
+from portcullis.proto.launchfile import format_launch_file, parse_launch_file
+from portcullis.proto.proxyauth import ProxyCredentials
+from portcullis.proto.socks5 import (
+    Reply,
+    Socks5Connection,
+    build_udp_datagram,
+    parse_udp_datagram,
+)
+
+CREDENTIALS = ProxyCredentials("fuzz", "secret")
+Target = Callable[[bytes], None]
+
+
+def _header(data: bytes) -> tuple[int, int, bytes]:
+    options = data[0] if data else 0
+    chunk = data[1] if len(data) > 1 else 0
+    return options, chunk, data[2:]
+
+
+def _chunks(body: bytes, size: int) -> Iterator[bytes]:
+    if size == 0:
+        yield body
+        return
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+def _openable(host: str, port: int) -> None:
+    """What a proxy accepted, the tunnel can carry (else the shell closes silently)."""
+    conn = mux.MuxConnection("client")
+    conn.send_hello({})
+    conn.open_stream(mux.Protocol.TCP, host, port)
+
+
+# --- mux -------------------------------------------------------------------------------
+
+
+def _receive(conn: mux.MuxConnection, chunk: bytes) -> None:
+    # The one call into the codec's input: when receive_data takes the time (`now`),
+    # only this line changes.
+    conn.receive_data(chunk)
+
+
+def _event_value(event: mux.Event) -> tuple[object, ...]:
+    values: list[object] = [type(event).__name__]
+    for field in fields(event):
+        value = getattr(event, field.name)
+        values.append(bytes(value) if isinstance(value, memoryview) else value)
+    return tuple(values)
+
+
+def _codec(role: str, *, open_streams: int = 0) -> mux.MuxConnection:
+    conn = mux.MuxConnection("client" if role == "client" else "gateway")
+    conn.send_hello({"fuzz": True})
+    for _ in range(open_streams):
+        conn.open_stream(mux.Protocol.TCP, "fuzz.example", 443)
+    return conn
+
+
+def _mux_outcome(conn: mux.MuxConnection, chunks: Iterator[bytes],
+                 react: bool) -> tuple[object, ...]:
+    events: list[tuple[object, ...]] = []
+    sent: list[bytes] = []
+    error = None
+    for chunk in chunks:
+        try:
+            _receive(conn, chunk)
+        except ProtocolError as exc:
+            error = str(exc)
+        for event in conn.events_received():
+            events.append(_event_value(event))
+            if react:
+                _react(conn, event)
+        sent.extend(bytes(part) for part in conn.data_to_send())
+        if error is not None:
+            break
+    sent.extend(bytes(part) for part in conn.data_to_send())  # our HELLO, for no input
+    return error, tuple(events), b"".join(sent)
+
+
+def _react(conn: mux.MuxConnection, event: mux.Event) -> None:
+    """Answer as a shell would, so that later frames meet open streams."""
+    try:
+        if isinstance(event, mux.StreamOpened):
+            if event.stream_id % 4 < 2:
+                conn.accept_stream(event.stream_id)
+                conn.send_data(event.stream_id, b"answer")
+            else:
+                conn.refuse_stream(event.stream_id, mux.Reason.DENIED, "fuzz says no")
+        elif isinstance(event, mux.DataReceived):
+            conn.consumed(event.stream_id, len(event.data))
+        elif isinstance(event, mux.StreamEnded):
+            conn.send_fin(event.stream_id)
+    except ProtocolError:
+        pass  # the stream is gone or the connection ended meanwhile: a shell ignores it
+
+
+def _mux(role: str, data: bytes) -> None:
+    _, chunk, body = _header(data)
+    whole = _mux_outcome(_codec(role), _chunks(body, 0), react=False)
+    split = _mux_outcome(_codec(role), _chunks(body, chunk or 1), react=False)
+    assert whole == split, f"mux ({role}) outcome depends on the split:\n{whole}\n{split}"
+    # This side opens streams and answers the peer's, so that ACCEPT, DATA, WINDOW,
+    # FIN and RESET meet streams in every state.
+    _mux_outcome(_codec(role, open_streams=3), _chunks(body, chunk), react=True)
+
+
+def mux_client(data: bytes) -> None:
+    """The client's codec reading what a gateway sent."""
+    _mux("client", data)
+
+
+def mux_gateway(data: bytes) -> None:
+    """The gateway's codec reading what a client sent."""
+    _mux("gateway", data)
+
+
+# --- SOCKS5 ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ProxyOutcome:
+    error: str | None
+    sent: bytes
+    request: object
+    payload: bytes
+    state: object
+
+
+def _proxy_outcome(conn: Socks5Connection | HttpConnectConnection,
+                   chunks: Iterator[bytes]) -> _ProxyOutcome:
+    error = None
+    for chunk in chunks:
+        try:
+            conn.receive_data(chunk)
+        except ProtocolError as exc:
+            error = str(exc)
+            break
+    return _ProxyOutcome(error, conn.data_to_send(), conn.next_request(),
+                         conn.take_payload(), conn.state)
+
+
+def socks5(data: bytes) -> None:
+    """The local SOCKS5 server reading an application's greeting, password and request."""
+    options, chunk, body = _header(data)
+    credentials = CREDENTIALS if options & 1 else None
+    whole = _proxy_outcome(Socks5Connection(credentials=credentials), _chunks(body, 0))
+    conn = Socks5Connection(credentials=credentials)
+    split = _proxy_outcome(conn, _chunks(body, chunk or 1))
+    assert whole == split, f"SOCKS5 outcome depends on the split:\n{whole}\n{split}"
+    request = split.request
+    if request is not None:
+        # Never a request without the password.
+        assert credentials is None or CREDENTIALS.password.encode() in body
+        host, port = request.host, request.port  # type: ignore[attr-defined]
+        if port:
+            _openable(host, port)
+        conn.reply(Reply(options >> 4 if options >> 4 <= 8 else 0))
+        conn.data_to_send()
+        with contextlib.suppress(ProtocolError):
+            conn.receive_data(body[:64])
+
+
+def socks5_udp(data: bytes) -> None:
+    """The SOCKS5 UDP relay reading a datagram; a parsed one is rebuilt the same."""
+    try:
+        first = parse_udp_datagram(data)
+    except ProtocolError:
+        return
+    second = parse_udp_datagram(build_udp_datagram(first))
+    assert (second.port, second.payload) == (first.port, first.payload)
+    assert parse_udp_datagram(build_udp_datagram(second)) == second
+
+
+# --- HTTP CONNECT ----------------------------------------------------------------------
+
+
+def http_connect(data: bytes) -> None:
+    """The local HTTP proxy reading an application's CONNECT request head."""
+    options, chunk, body = _header(data)
+    credentials = CREDENTIALS if options & 1 else None
+    whole = _proxy_outcome(HttpConnectConnection(credentials=credentials), _chunks(body, 0))
+    conn = HttpConnectConnection(credentials=credentials)
+    split = _proxy_outcome(conn, _chunks(body, chunk or 1))
+    assert whole == split, f"HTTP CONNECT outcome depends on the split:\n{whole}\n{split}"
+    request = split.request
+    if request is not None:
+        _openable(request.host, request.port)  # type: ignore[attr-defined]
+        if options & 2:
+            conn.accept()
+        else:
+            conn.refuse(403 if options & 4 else 502, body[:40].decode("utf-8", "replace"))
+        assert conn.data_to_send().startswith(b"HTTP/1.1 ")
+    else:
+        conn.time_out()
+        conn.data_to_send()
+
+
+# --- launch file -----------------------------------------------------------------------
+
+
+def launch_file(data: bytes) -> None:
+    """The client reading a launch file; what it reads, it writes back the same."""
+    try:
+        parsed = parse_launch_file(data)
+    except ProtocolError:
+        return
+    assert parse_launch_file(format_launch_file(parsed)) == parsed
+
+
+TARGETS: dict[str, Target] = {
+    "mux_client": mux_client,
+    "mux_gateway": mux_gateway,
+    "socks5": socks5,
+    "socks5_udp": socks5_udp,
+    "http_connect": http_connect,
+    "launch_file": launch_file,
+}

@@ -1,0 +1,160 @@
+"""Writes the seed corpus, ``tests/fuzz/corpus/TARGET/seed-*``: small valid inputs and
+edge cases per target, each with the targets' two-byte header (options, chunk size).
+
+    PYTHONPATH=src python tests/fuzz/seeds.py     # rewrites the seed-* files
+
+The files are committed; inputs that once crashed a target are committed next to them
+as ``regression-*`` and replayed by ``test_fuzz.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from pathlib import Path
+
+from portcullis.proto import mux
+
+CORPUS = Path(__file__).resolve().parent / "corpus"
+WHOLE, BYTES, SMALL = 0, 1, 5  # chunk sizes: one chunk, byte by byte, 5 bytes
+
+
+def _wire(conn: mux.MuxConnection) -> bytes:
+    return b"".join(bytes(chunk) for chunk in conn.data_to_send())
+
+
+def gateway_says() -> dict[str, bytes]:
+    """What a gateway sends a client: HELLO, CONFIG, ACCEPT, DATA, FIN, a DATAGRAM..."""
+    conn = mux.MuxConnection("gateway")
+    conn.send_hello({"id": "t1", "user": "alice"})
+    conn.send_config({"networks": ["10.0.0.0/8"], "split_tunnel": "on"})
+    hello = _wire(conn)
+    header = struct.Struct("!BBII")
+    accept = header.pack(mux.FrameType.ACCEPT, 0, 1, 4) + struct.pack("!I", 65536)
+    words = b'denied by rule "no-ssh"'
+    refuse = header.pack(mux.FrameType.REFUSE, 0, 3, 1 + len(words)) + \
+        bytes([mux.Reason.DENIED]) + words
+    data = header.pack(mux.FrameType.DATA, 0, 1, 5) + b"hello"
+    fin = header.pack(mux.FrameType.DATA, mux.FLAG_FIN, 1, 0)
+    window = header.pack(mux.FrameType.WINDOW, 0, 1, 4) + struct.pack("!I", 4096)
+    ping = header.pack(mux.FrameType.PING, 0, 0, 8) + b"12345678"
+    goaway = header.pack(mux.FrameType.GOAWAY, 0, 0, 6) + bytes([mux.Reason.ADMIN_ENDED]) + \
+        b"bye!!"
+    return {
+        "hello": hello,
+        "stream": hello + accept + window + data + fin,
+        "refused": hello + refuse,
+        "ping-goaway": hello + ping + goaway,
+        "garbage": b"\xff" * 16,
+        "oversized": header.pack(mux.FrameType.DATA, 0, 1, 64 << 20),
+        "no-hello": data,
+    }
+
+
+def client_says() -> dict[str, bytes]:
+    """What a client sends a gateway: HELLO, OPEN (TCP, UDP, ICMP), DATA, RESET..."""
+    conn = mux.MuxConnection("client")
+    conn.send_hello({"session": "token"})
+    tcp = conn.open_stream(mux.Protocol.TCP, "intranet.example", 443)
+    conn.open_stream(mux.Protocol.UDP, "10.0.0.53", 53)
+    conn.open_stream(mux.Protocol.ICMP, "10.0.0.1", 0)
+    opened = _wire(conn)
+    header = struct.Struct("!BBII")
+    data = header.pack(mux.FrameType.DATA, 0, tcp, 3) + b"GET"
+    reset = header.pack(mux.FrameType.RESET, 0, tcp, 1) + bytes([mux.Reason.CANCELLED])
+    datagram = header.pack(mux.FrameType.DATAGRAM, 0, 3, 4) + b"dns?"
+    return {
+        "opened": opened,
+        "data-reset": opened + data + reset,
+        "datagram": opened + datagram,
+        "reused-id": opened + opened[len(opened) // 2 :],
+    }
+
+
+def socks5() -> dict[str, bytes]:
+    connect_name = b"\x05\x01\x00\x03\x10intranet.example\x01\xbb"
+    connect_v4 = b"\x05\x01\x00\x01\x0a\x00\x00\x01\x00\x50"
+    connect_v6 = b"\x05\x01\x00\x04" + bytes(15) + b"\x01\x00\x16"
+    udp = b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00"
+    password = b"\x01\x04fuzz\x06secret"
+    return {
+        "connect-name": b"\x00\x00\x05\x01\x00" + connect_name + b"early",
+        "connect-ipv4": b"\x00\x01\x05\x02\x00\x02" + connect_v4,
+        "connect-ipv6": b"\x00\x05\x05\x01\x00" + connect_v6,
+        "udp-associate": b"\x00\x00\x05\x01\x00" + udp,
+        "bind": b"\x00\x00\x05\x01\x00\x05\x02\x00\x01\x7f\x00\x00\x01\x00\x50",
+        "password": b"\x01\x01\x05\x01\x02" + password + connect_name,
+        "wrong-password": b"\x01\x00\x05\x01\x02\x01\x04fuzz\x05wrong" + connect_v4,
+        "password-not-offered": b"\x01\x00\x05\x01\x00" + connect_v4,
+        "version-4": b"\x00\x00\x04\x01\x00\x50\x0a\x00\x00\x01\x00",
+        "unicode-name": b"\x00\x03\x05\x01\x00\x05\x01\x00\x03\x0cb\xc3\xbccher.test\x00\x50",
+        "refused-reply": b"\x20\x00\x05\x01\x00" + connect_v4,
+    }
+
+
+def socks5_udp() -> dict[str, bytes]:
+    return {
+        "ipv4": b"\x00\x00\x00\x01\x0a\x00\x00\x35\x00\x35query",
+        "name": b"\x00\x00\x00\x03\x07dns.lan\x00\x35query",
+        "ipv6": b"\x00\x00\x00\x04" + bytes(15) + b"\x01\x00\x35",
+        "ipv6-as-name": b"\x00\x00\x00\x03\x0e::ffff:1.2.3.4\x00\x35x",
+        "fragment": b"\x00\x00\x01\x01\x0a\x00\x00\x35\x00\x35query",
+        "port-0": b"\x00\x00\x00\x01\x0a\x00\x00\x35\x00\x00",
+    }
+
+
+def http_connect() -> dict[str, bytes]:
+    token = base64.b64encode(b"fuzz:secret")
+    head = b"CONNECT intranet.example:443 HTTP/1.1\r\nHost: intranet.example:443\r\n"
+    return {
+        "connect": b"\x02\x00" + head + b"\r\n",
+        "connect-early": b"\x02\x07" + head + b"\r\n\x16\x03\x01early tls",
+        "ipv6": b"\x02\x01CONNECT [::1]:22 HTTP/1.1\r\nHost: [::1]:22\r\n\r\n",
+        "authorised": b"\x03\x03" + head + b"Proxy-Authorization: Basic " + token + b"\r\n\r\n",
+        "unauthorised": b"\x01\x00" + head + b"Proxy-Authorization: Basic Zm9vOmJhcg==\r\n\r\n",
+        "no-authorization": b"\x01\x00" + head + b"\r\n",
+        "get": b"\x00\x00GET http://intranet.example/ HTTP/1.1\r\nHost: intranet.example\r\n\r\n",
+        "no-port": b"\x04\x00CONNECT intranet.example HTTP/1.1\r\nHost: x\r\n\r\n",
+        "http-1.0": b"\x02\x00CONNECT 10.0.0.1:80 HTTP/1.0\r\n\r\n",
+        "folded-header": b"\x00\x02" + head + b"X: a\r\n b\r\n\r\n",
+    }
+
+
+def launch_file() -> dict[str, bytes]:
+    text = ("[Portcullis Launch]\nVersion=1\nResource=wiki\nTitle=Team wiki\n"
+            "Gateway=wss://gw.example.com:8443/api/v1/launch\nTicket=STA01;Q2hhbmdlTWU\n"
+            "Expires=2026-11-23T13:30:00Z\n")
+    return {
+        "valid": text.encode(),
+        "crlf-bom": b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode(),
+        "comments-and-sections": ("; note\n[Other]\nTicket=x\n" + text + "[More]\nA=b\n").encode(),
+        "unicode-title": text.replace("Team wiki", "Équipe — wiki").encode(),
+        "offset-expiry": text.replace("13:30:00Z", "13:30:00.5+02:00").encode(),
+        "version-2": text.replace("Version=1", "Version=2").encode(),
+        "line-separator": text.replace("Team wiki", "Team\u2028Ticket=evil").encode(),
+    }
+
+
+SEEDS = {
+    "mux_client": {name: b"\x00\x03" + wire for name, wire in gateway_says().items()},
+    "mux_gateway": {name: b"\x00\x07" + wire for name, wire in client_says().items()},
+    "socks5": socks5(),
+    "socks5_udp": socks5_udp(),
+    "http_connect": http_connect(),
+    "launch_file": launch_file(),
+}
+
+
+def main() -> None:
+    for target, seeds in SEEDS.items():
+        directory = CORPUS / target
+        directory.mkdir(parents=True, exist_ok=True)
+        for old in directory.glob("seed-*"):
+            old.unlink()
+        for name, data in seeds.items():
+            (directory / f"seed-{name}").write_bytes(data)
+        print(f"{target}: {len(seeds)} seeds")
+
+
+if __name__ == "__main__":
+    main()
