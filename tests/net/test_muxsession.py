@@ -21,7 +21,7 @@ class Wire:
         self.events: list[mux.Event] = []
 
     def send_message(self, chunks: Sequence[bytes | memoryview]) -> None:
-        self.client.receive_data(b"".join(chunks))
+        self.client.receive_data(b"".join(chunks), 0.0)
         self.events += self.client.events_received()
 
     def close(self, code: int, reason: str) -> None:
