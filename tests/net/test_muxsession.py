@@ -309,3 +309,27 @@ def test_the_client_reconnects_when_the_gateway_stops_answering(
     # The gateway answers again: the same client process is back on a new tunnel.
     client.wait_for(r"tunnel up as alice[^\n]*\n(.|\n)*tunnel up as alice", timeout=30)
     assert client.popen.poll() is None
+
+
+def test_a_launch_whose_client_stops_answering_is_ended_within_the_dead_peer_time(
+        deployment: Deployment, echo_server, client_home, start_process) -> None:  # type: ignore[no-untyped-def]
+    deployment.set("vpn", "keepalive_interval", str(KEEPALIVE))
+    deployment.set("vpn", "dead_peer_timeout", str(DEAD_PEER))
+    deployment.add_resource("echo", echo_server.address, ["staff"], "Echo")
+    deployment.add_user("alice", PASSWORD, ["staff"])
+    start_process("up", "--dir", str(deployment.directory), name="up").wait_for(
+        r"Portal: https://")
+    result = run_cli("login", deployment.url, "--user", "alice", "--password-stdin",
+                     "--ca", str(deployment.ca), input=PASSWORD + "\n")
+    assert result.returncode == 0, result.stderr
+    launch = start_process("launch", "echo", "--listen", "127.0.0.1:0", name="launch")
+    launch.wait_for(r"listening on ([\d.]+):(\d+)")
+    with stopped(launch) as since:
+        deadline = since + 15
+        while not audit_events(deployment, "launch.ended") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        elapsed = time.monotonic() - since
+    (ended,) = audit_events(deployment, "launch.ended")
+    print(f"a stopped launch client was ended after {elapsed:.2f} s: {ended['reason']}")
+    assert "timed_out (nothing received for" in str(ended["reason"])
+    assert elapsed < DEAD_PEER + 2.0
