@@ -333,3 +333,79 @@ def test_a_launch_whose_client_stops_answering_is_ended_within_the_dead_peer_tim
     print(f"a stopped launch client was ended after {elapsed:.2f} s: {ended['reason']}")
     assert "timed_out (nothing received for" in str(ended["reason"])
     assert elapsed < DEAD_PEER + 2.0
+
+
+# --- memory: nothing is kept for streams that ended ----------------------------------------
+
+
+async def wait_until(condition, seconds: float = 10) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_streams_that_end_or_are_reset_leave_nothing_in_the_session_or_codec() -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read())   # until EOF, then back and close
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    client, gateway, wire = pair()
+    wire.send_message = lambda chunks: deliver(b"".join(chunks))   # type: ignore[method-assign]
+
+    def deliver(data: bytes) -> None:
+        client.receive_data(data, 0.0)
+        for event in client.events_received():
+            wire.events.append(event)
+            if isinstance(event, mux.DataReceived):
+                client.consumed(event.stream_id, len(event.data))
+        gateway.receive_message(b"".join(client.data_to_send()))
+
+    for round_ in range(100):
+        stream_id = client.open_stream(mux.Protocol.TCP, "127.0.0.1", port)
+        gateway.receive_message(b"".join(client.data_to_send()))
+        assert await gateway.connect_stream(stream_id, DirectDialer(), "127.0.0.1", port) is None
+        await wait_until(lambda: any(isinstance(e, mux.StreamAccepted)
+                                     and e.stream_id == stream_id for e in wire.events))  # noqa: B023
+        if round_ % 2:
+            # 5 MiB: more than the gateway's window, so part of it waits; then a reset.
+            client.send_data(stream_id, bytes(5 * 1024 * 1024))
+            gateway.receive_message(b"".join(client.data_to_send()))
+            client.reset_stream(stream_id, Reason.CANCELLED, "gone")
+        else:
+            client.send_data(stream_id, b"ping", fin=True)
+        gateway.receive_message(b"".join(client.data_to_send()))
+    await wait_until(lambda: gateway.open_streams == 0 and not gateway.mux.stream_ids())
+    await wait_until(lambda: not client.stream_ids())
+    ended = [e.stream_id for e in wire.events if isinstance(e, mux.StreamEnded)]
+    assert len(ended) == 50   # the echoed ones came back whole and ended
+    listener.close()
+
+
+async def test_a_tunnel_that_ends_drops_its_streams_and_their_pending_data() -> None:
+    received, gone = asyncio.Event(), asyncio.Event()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.set()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        gone.set()
+
+    listener = await asyncio.start_server(sink, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    client, gateway, _wire = pair()
+    stream_id = client.open_stream(mux.Protocol.TCP, "127.0.0.1", port)
+    gateway.receive_message(b"".join(client.data_to_send()))
+    await gateway.connect_stream(stream_id, DirectDialer(), "127.0.0.1", port)
+    await received.wait()
+    # The gateway has data for the client beyond the client's window: it waits.
+    gateway.mux.send_data(stream_id, bytes(6 * 1024 * 1024))
+    assert gateway.mux.pending(stream_id) > 0
+    gateway.carrier_closed()
+    assert gateway.open_streams == 0 and gateway.mux.stream_ids() == []
+    assert gateway.mux.pending(stream_id) == 0 and gateway.mux.data_to_send() == []
+    await asyncio.wait_for(gone.wait(), 5)   # and the server's socket was dropped
+    listener.close()

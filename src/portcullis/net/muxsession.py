@@ -336,7 +336,10 @@ class MuxSession:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.mux.data_to_send()   # nowhere to send it: drop the views it holds
+        # Close the codec too, so that it forgets its streams and their pending data
+        # (views of up to a window each), and drop what it had to send: nowhere to go.
+        self.mux.send_goaway(Reason.CANCELLED, "connection lost")
+        self.mux.data_to_send()
         for bridge in list(self._streams.values()):
             self.forget(bridge)
             bridge.on_ended((Reason.CANCELLED, "tunnel closed"))
