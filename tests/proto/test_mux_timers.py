@@ -272,6 +272,8 @@ def test_tcp_streams_never_idle_out_in_the_codec() -> None:
     assert client.is_open(stream_id)
     with pytest.raises(ValueError, match="UDP and ICMP"):
         client.open_stream(Protocol.TCP, "db", 5432, idle_timeout=3.0)
+    # A refused call changes nothing: the next stream gets the next id.
+    assert client.open_stream(Protocol.UDP, "dns", 53) == stream_id + 2
 
 
 # --- properties -----------------------------------------------------------------------

@@ -678,16 +678,21 @@ class MuxConnection:
         stream.expiry_queued = deadline
         heapq.heappush(self._expiries, (deadline, stream.stream_id))
 
+    @staticmethod
+    def _check_idle_timeout(protocol: Protocol, idle_timeout: float | None) -> None:
+        if idle_timeout is None:
+            return
+        if protocol is Protocol.TCP:
+            raise ValueError("idle_timeout applies to UDP and ICMP streams only")
+        if not idle_timeout > 0:
+            raise ValueError("idle_timeout must be more than 0")
+
     def _track_idle(self, stream: _Stream, idle_timeout: float | None) -> None:
         """Start the idle clock of a new datagram stream (a no-op for TCP)."""
         if stream.protocol is Protocol.TCP:
-            if idle_timeout is not None:
-                raise ValueError("idle_timeout applies to UDP and ICMP streams only")
             return
         if idle_timeout is None:
             idle_timeout = self.timers.datagram_idle_timeout
-        elif not idle_timeout > 0:
-            raise ValueError("idle_timeout must be more than 0")
         stream.idle_timeout = idle_timeout
         if self._now is not None:
             stream.last_activity = self._now
@@ -1010,6 +1015,7 @@ class MuxConnection:
         """
         self._require_ready()
         protocol = Protocol(protocol)
+        self._check_idle_timeout(protocol, idle_timeout)
         if not 0 <= port <= 0xFFFF:
             raise ValueError(f"port {port} is outside 0..65535")
         encoded_host = host.encode("utf-8")
@@ -1040,11 +1046,7 @@ class MuxConnection:
         """
         self._require_ready()
         stream = self._local_stream(stream_id)
-        if idle_timeout is not None:
-            if stream.protocol is Protocol.TCP:
-                raise ValueError("idle_timeout applies to UDP and ICMP streams only")
-            if not idle_timeout > 0:
-                raise ValueError("idle_timeout must be more than 0")
+        self._check_idle_timeout(stream.protocol, idle_timeout)
         self._advance(stream, _LOCAL, _F.ACCEPT)
         if stream.idle_timeout and self._now is not None:
             stream.last_activity = self._now
