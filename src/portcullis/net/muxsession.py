@@ -62,11 +62,11 @@ def pushed_timers(fields: Mapping[str, object], current: Timers) -> Timers:
     if not isinstance(told, dict):
         return current
     interval, dead = told.get("interval"), told.get("dead_peer_timeout")
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (interval, dead)):
+    if (not isinstance(interval, int | float) or not isinstance(dead, int | float)
+            or isinstance(interval, bool) or isinstance(dead, bool)):
         return current
     try:
-        return Timers(float(interval), float(dead),  # type: ignore[arg-type]
-                      current.datagram_idle_timeout)
+        return Timers(float(interval), float(dead), current.datagram_idle_timeout)
     except ValueError:
         return current
 
@@ -612,7 +612,7 @@ class MuxSession:
         if self.mux.closed:   # the peer went silent: the codec queued GOAWAY(TIMED_OUT)
             self._end(1001, "timed out")
             return
-        self._flush()
+        self._flush()   # what it queued (a PING, RESETs); re-arms the timer
 
     def _flush(self) -> None:
         self._flush_scheduled = False
