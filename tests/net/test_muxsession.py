@@ -311,19 +311,26 @@ def test_the_client_reconnects_when_the_gateway_stops_answering(
     assert client.popen.poll() is None
 
 
-def test_a_launch_whose_client_stops_answering_is_ended_within_the_dead_peer_time(
-        deployment: Deployment, echo_server, client_home, start_process) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture
+def quick_launch(deployment: Deployment, echo_server, client_home, start_process):  # type: ignore[no-untyped-def]
+    """The quick keep-alive gateway, and `portcullis launch echo` running as alice."""
     deployment.set("vpn", "keepalive_interval", str(KEEPALIVE))
     deployment.set("vpn", "dead_peer_timeout", str(DEAD_PEER))
     deployment.add_resource("echo", echo_server.address, ["staff"], "Echo")
     deployment.add_user("alice", PASSWORD, ["staff"])
-    start_process("up", "--dir", str(deployment.directory), name="up").wait_for(
-        r"Portal: https://")
+    gateway = start_process("up", "--dir", str(deployment.directory), name="up")
+    gateway.wait_for(r"Portal: https://")
     result = run_cli("login", deployment.url, "--user", "alice", "--password-stdin",
                      "--ca", str(deployment.ca), input=PASSWORD + "\n")
     assert result.returncode == 0, result.stderr
     launch = start_process("launch", "echo", "--listen", "127.0.0.1:0", name="launch")
     launch.wait_for(r"listening on ([\d.]+):(\d+)")
+    return gateway, launch
+
+
+def test_a_launch_whose_client_stops_answering_is_ended_within_the_dead_peer_time(
+        deployment: Deployment, quick_launch) -> None:  # type: ignore[no-untyped-def]
+    _gateway, launch = quick_launch
     with stopped(launch) as since:
         deadline = since + 15
         while not audit_events(deployment, "launch.ended") and time.monotonic() < deadline:
@@ -409,3 +416,14 @@ async def test_a_tunnel_that_ends_drops_its_streams_and_their_pending_data() -> 
     assert gateway.mux.pending(stream_id) == 0 and gateway.mux.data_to_send() == []
     await asyncio.wait_for(gone.wait(), 5)   # and the server's socket was dropped
     listener.close()
+
+
+def test_a_launch_whose_gateway_stops_answering_ends_and_says_why(
+        quick_launch) -> None:  # type: ignore[no-untyped-def]
+    gateway, launch = quick_launch
+    with stopped(gateway) as since:
+        status = launch.popen.wait(15)
+        elapsed = time.monotonic() - since
+    print(f"the launch gave up on a stopped gateway after {elapsed:.2f} s")
+    assert status == 1 and elapsed < DEAD_PEER + 2.0
+    assert "the gateway stopped answering (nothing received for" in launch.output()
