@@ -171,7 +171,7 @@ class WireTunnel(WireLaunch):
     # -- what the carrier calls ----------------------------------------------------------
     def receive_message(self, message: bytes) -> None:
         codec = self.codec
-        codec.receive_data(message)
+        codec.receive_data(message, time.monotonic())
         for event in codec.events_received():
             if isinstance(event, mux.DataReceived):
                 codec.consumed(event.stream_id, len(event.data))

@@ -82,7 +82,7 @@ class WireLaunch:
         pass
 
     def receive_message(self, message: bytes) -> None:
-        self.codec.receive_data(message)
+        self.codec.receive_data(message, time.monotonic())
         self.events.extend(self.codec.events_received())
         self.flush()  # PONGs, WINDOW updates
         self.arrived.set()

@@ -24,6 +24,12 @@ def test_an_invalid_value_names_the_key_and_its_line() -> None:
     assert str(error).startswith("/etc/portcullis.toml:5: sta.ticket_lifetime: ")
 
 
+def test_a_dead_peer_timeout_not_above_the_keepalive_interval_names_its_key() -> None:
+    error = error_of("[vpn]\nkeepalive_interval = 20\ndead_peer_timeout = 20\n")
+    assert (error.key, error.line) == ("vpn.dead_peer_timeout", 3)
+    assert "more than keepalive_interval" in str(error)
+
+
 def test_an_error_in_the_second_resource_points_at_its_own_line() -> None:
     error = error_of(RESOURCE + '\n[[resources]]\nname = "b"\ntitle = "B"\naddress = "nohost"\n')
     assert (error.key, error.line) == ("resources[1].address", 9)

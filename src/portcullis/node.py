@@ -37,7 +37,7 @@ from portcullis.gateway.launch import LaunchEndpoint, LaunchSettings
 from portcullis.gateway.pool import AddressPool
 from portcullis.gateway.proxy import PortalProxy
 from portcullis.gateway.tunnel import PATH as TUNNEL_PATH
-from portcullis.gateway.tunnel import TunnelEndpoint
+from portcullis.gateway.tunnel import TunnelEndpoint, mux_timers
 from portcullis.gateway.upgrade import websocket_protocol_class
 from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.flow import LoginService
@@ -239,7 +239,8 @@ class Node:
         settings = self.settings
         launch = LaunchEndpoint(
             authorities, DirectDialer(), accounts, self.registry, self.audit,
-            LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds))
+            LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds,
+                           timers=mux_timers(settings.vpn)))
         self.websocket_endpoints[LAUNCH_PATH] = launch.opened
         pool = (AddressPool(ipaddress.ip_network(settings.vpn.address_pool), self.ephemeral)
                 if settings.vpn.address_pool else None)

@@ -97,7 +97,7 @@ def normalized(events: list[Event]) -> list[Event]:
 
 
 def pipe(sender: MuxConnection, receiver: MuxConnection) -> list[Event]:
-    receiver.receive_data(output(sender))
+    receiver.receive_data(output(sender), 0.0)
     return receiver.events_received()
 
 
@@ -129,7 +129,7 @@ def gateway_with_streams() -> MuxConnection:
     """
     gateway = MuxConnection("gateway")
     gateway.send_hello({})
-    gateway.receive_data(hello() + open_frame(1) + open_frame(3))
+    gateway.receive_data(hello() + open_frame(1) + open_frame(3), 0.0)
     gateway.accept_stream(1)
     gateway.events_received()
     gateway.data_to_send()
@@ -228,7 +228,7 @@ def test_ping_is_answered_by_pong_with_the_same_payload() -> None:
     client, gateway = connected()
     client.send_ping(b"12345678")
     assert output(client) == frame(F.PING, 0, b"12345678")
-    gateway.receive_data(frame(F.PING, 0, b"12345678"))
+    gateway.receive_data(frame(F.PING, 0, b"12345678"), 0.0)
     assert gateway.events_received() == [PingReceived(b"12345678")]
     assert output(gateway) == frame(F.PONG, 0, b"12345678")
 
@@ -254,7 +254,7 @@ def test_a_datagram_is_one_frame_on_a_udp_stream() -> None:
     pipe(client, gateway)
     gateway.accept_stream(stream_id)
     pipe(gateway, client)
-    client.send_datagram(stream_id, b"query")
+    client.send_datagram(stream_id, b"query", 0.0)
     assert output(client) == frame(F.DATAGRAM, 1, b"query")
 
 
@@ -263,13 +263,13 @@ def test_a_datagram_is_one_frame_on_a_udp_stream() -> None:
 
 def test_a_received_hello_exposes_its_fields() -> None:
     gateway = MuxConnection("gateway")
-    gateway.receive_data(hello({"ticket": "abc"}))
+    gateway.receive_data(hello({"ticket": "abc"}), 0.0)
     assert gateway.events_received() == [HelloReceived({"version": 1, "ticket": "abc"})]
 
 
 def test_a_received_open_reports_protocol_host_and_port() -> None:
     gateway = MuxConnection("gateway")
-    gateway.receive_data(hello() + open_frame(1, "db.internal", 5432))
+    gateway.receive_data(hello() + open_frame(1, "db.internal", 5432), 0.0)
     assert gateway.events_received()[1] == StreamOpened(1, Protocol.TCP, "db.internal", 5432)
     assert gateway.stream_ids() == [1]
 
@@ -282,7 +282,8 @@ def test_a_received_accept_refuse_data_fin_and_reset_become_events() -> None:
         frame(F.ACCEPT, 1, u32(100))
         + frame(F.REFUSE, 3, b"\x02connection refused")
         + frame(F.DATA, 1, b"abc")
-        + frame(F.DATA, 1, b"de", flags=0x01)
+        + frame(F.DATA, 1, b"de", flags=0x01),
+        0.0,
     )
     assert normalized(client.events_received()) == [
         StreamAccepted(1),
@@ -291,7 +292,7 @@ def test_a_received_accept_refuse_data_fin_and_reset_become_events() -> None:
         DataReceived(1, b"de"),
         StreamEnded(1),
     ]
-    client.receive_data(frame(F.RESET, 1, b"\x09boom"))
+    client.receive_data(frame(F.RESET, 1, b"\x09boom"), 0.0)
     assert client.events_received() == [StreamReset(1, Reason.INTERNAL_ERROR, "boom")]
     assert client.stream_ids() == []
 
@@ -304,7 +305,8 @@ def test_a_received_config_pong_goaway_and_datagram_become_events() -> None:
         + frame(F.DATAGRAM, stream_id, b"answer")
         + frame(F.CONFIG, 0, b'{"a":1}')
         + frame(F.PONG, 0, b"abcdefgh")
-        + frame(F.GOAWAY, 0, b"\x0bbye")
+        + frame(F.GOAWAY, 0, b"\x0bbye"),
+        0.0,
     )
     assert client.events_received() == [
         StreamAccepted(1),
@@ -319,7 +321,7 @@ def test_a_received_config_pong_goaway_and_datagram_become_events() -> None:
 def test_data_received_in_one_chunk_is_a_view_of_that_chunk() -> None:
     gateway = gateway_with_streams()
     chunk = frame(F.DATA, 1, b"x" * 100)
-    gateway.receive_data(chunk)
+    gateway.receive_data(chunk, 0.0)
     (event,) = gateway.events_received()
     assert isinstance(event, DataReceived)
     assert isinstance(event.data, memoryview) and event.data.obj is chunk
@@ -327,7 +329,7 @@ def test_data_received_in_one_chunk_is_a_view_of_that_chunk() -> None:
 
 def test_an_empty_data_frame_with_fin_ends_the_stream_like_a_fin_frame() -> None:
     gateway = gateway_with_streams()
-    gateway.receive_data(frame(F.DATA, 1, b"", flags=0x01))
+    gateway.receive_data(frame(F.DATA, 1, b"", flags=0x01), 0.0)
     assert gateway.events_received() == [StreamEnded(1)]
 
 
@@ -343,8 +345,8 @@ def test_a_stream_ended_both_ways_is_forgotten() -> None:
 
 def test_after_receiving_goaway_further_input_is_ignored() -> None:
     client, _ = connected()
-    client.receive_data(frame(F.GOAWAY, 0, b"\x0b") + b"\xff garbage")
-    client.receive_data(b"more garbage")
+    client.receive_data(frame(F.GOAWAY, 0, b"\x0b") + b"\xff garbage", 0.0)
+    client.receive_data(b"more garbage", 0.0)
     assert client.events_received() == [GoAwayReceived(Reason.SHUTDOWN, "")]
 
 
@@ -367,7 +369,7 @@ def events_for_chunks(chunks: list[bytes]) -> tuple[list[Event], bytes]:
     gateway = gateway_with_streams()
     events: list[Event] = []
     for chunk in chunks:
-        gateway.receive_data(chunk)
+        gateway.receive_data(chunk, 0.0)
         events += normalized(gateway.events_received())
     return events, output(gateway)
 
@@ -403,7 +405,7 @@ def test_the_first_frame_may_arrive_in_pieces_smaller_than_a_header() -> None:
     gateway = MuxConnection("gateway")
     data = hello({"ticket": "abc"})
     for piece in (data[:3], data[3:7], data[7:12], data[12:]):
-        gateway.receive_data(piece)
+        gateway.receive_data(piece, 0.0)
     assert gateway.events_received() == [HelloReceived({"version": 1, "ticket": "abc"})]
 
 
@@ -423,11 +425,11 @@ def test_the_sender_stops_at_the_peers_credit_and_keeps_the_rest_pending() -> No
 def test_pending_data_is_sent_when_a_window_arrives() -> None:
     client, _ = connected(SMALL)
     client.open_stream(Protocol.TCP, "h", 1)
-    client.receive_data(frame(F.ACCEPT, 1, u32(0)))
+    client.receive_data(frame(F.ACCEPT, 1, u32(0)), 0.0)
     client.data_to_send()
     client.send_data(1, b"abcdef")
     assert output(client) == b""
-    client.receive_data(frame(F.WINDOW, 1, u32(4)))
+    client.receive_data(frame(F.WINDOW, 1, u32(4)), 0.0)
     assert output(client) == frame(F.DATA, 1, b"abcd")
     assert client.pending(1) == 2
     assert client.events_received() == [StreamAccepted(1)]
@@ -436,12 +438,12 @@ def test_pending_data_is_sent_when_a_window_arrives() -> None:
 def test_credit_available_is_reported_when_the_pending_data_is_all_sent() -> None:
     client, _ = connected(SMALL)
     client.open_stream(Protocol.TCP, "h", 1)
-    client.receive_data(frame(F.ACCEPT, 1, u32(2)))
+    client.receive_data(frame(F.ACCEPT, 1, u32(2)), 0.0)
     client.send_data(1, b"abcdef")
     client.send_data(1, b"gh")
     client.events_received()
     assert split_frames(output(client))[-1] == (F.DATA, 0, 1, b"ab")
-    client.receive_data(frame(F.WINDOW, 1, u32(100)))
+    client.receive_data(frame(F.WINDOW, 1, u32(100)), 0.0)
     assert output(client) == frame(F.DATA, 1, b"cdef") + frame(F.DATA, 1, b"gh")
     assert client.pending(1) == 0
     assert client.events_received() == [CreditAvailable(1)]
@@ -450,18 +452,18 @@ def test_credit_available_is_reported_when_the_pending_data_is_all_sent() -> Non
 def test_a_fin_given_while_data_is_pending_is_sent_after_that_data() -> None:
     client, _ = connected(SMALL)
     client.open_stream(Protocol.TCP, "h", 1)
-    client.receive_data(frame(F.ACCEPT, 1, u32(3)))
+    client.receive_data(frame(F.ACCEPT, 1, u32(3)), 0.0)
     client.data_to_send()
     client.send_data(1, b"abcdef", fin=True)
     assert output(client) == frame(F.DATA, 1, b"abc")
-    client.receive_data(frame(F.WINDOW, 1, u32(3)))
+    client.receive_data(frame(F.WINDOW, 1, u32(3)), 0.0)
     assert output(client) == frame(F.DATA, 1, b"def", flags=0x01)
 
 
 def test_data_after_fin_is_a_local_error() -> None:
     client, _ = connected(SMALL)
     client.open_stream(Protocol.TCP, "h", 1)
-    client.receive_data(frame(F.ACCEPT, 1, u32(3)))
+    client.receive_data(frame(F.ACCEPT, 1, u32(3)), 0.0)
     client.send_data(1, b"abcdef", fin=True)
     with pytest.raises(ProtocolError):
         client.send_data(1, b"more")
@@ -472,7 +474,7 @@ def test_data_after_fin_is_a_local_error() -> None:
 def test_consumed_returns_credit_in_one_window_per_half_initial_window() -> None:
     client, gateway = connected(SMALL)
     stream_id = accepted_stream(client, gateway)
-    gateway.receive_data(frame(F.DATA, stream_id, b"q" * 1000) * 3)
+    gateway.receive_data(frame(F.DATA, stream_id, b"q" * 1000) * 3, 0.0)
     gateway.consumed(stream_id, 1000)
     assert output(gateway) == b""
     gateway.consumed(stream_id, 1048)
@@ -482,7 +484,7 @@ def test_consumed_returns_credit_in_one_window_per_half_initial_window() -> None
 def test_no_window_is_sent_after_the_peer_has_ended_its_direction() -> None:
     client, gateway = connected(SMALL)
     stream_id = accepted_stream(client, gateway)
-    gateway.receive_data(frame(F.DATA, stream_id, b"q" * 1000) * 3 + frame(F.FIN, stream_id))
+    gateway.receive_data(frame(F.DATA, stream_id, b"q" * 1000) * 3 + frame(F.FIN, stream_id), 0.0)
     gateway.consumed(stream_id, 3000)
     assert output(gateway) == b""
 
@@ -490,8 +492,8 @@ def test_no_window_is_sent_after_the_peer_has_ended_its_direction() -> None:
 def test_consumed_on_a_forgotten_stream_does_nothing() -> None:
     client, gateway = connected(SMALL)
     stream_id = accepted_stream(client, gateway)
-    gateway.receive_data(frame(F.DATA, stream_id, b"q" * 1000) * 3)
-    gateway.receive_data(frame(F.RESET, stream_id, b"\x08"))
+    gateway.receive_data(frame(F.DATA, stream_id, b"q" * 1000) * 3, 0.0)
+    gateway.receive_data(frame(F.RESET, stream_id, b"\x08"), 0.0)
     gateway.consumed(stream_id, 3000)
     assert output(gateway) == b""
 
@@ -499,9 +501,9 @@ def test_consumed_on_a_forgotten_stream_does_nothing() -> None:
 def test_data_beyond_granted_credit_is_a_protocol_error() -> None:
     client, gateway = connected(SMALL)
     stream_id = accepted_stream(client, gateway)
-    gateway.receive_data(frame(F.DATA, stream_id, b"q" * 1024) * 4)
+    gateway.receive_data(frame(F.DATA, stream_id, b"q" * 1024) * 4, 0.0)
     with pytest.raises(ProtocolError, match="credit"):
-        gateway.receive_data(frame(F.DATA, stream_id, b"q"))
+        gateway.receive_data(frame(F.DATA, stream_id, b"q"), 0.0)
 
 
 def test_a_sender_respecting_windows_never_overruns_the_receiver() -> None:
@@ -529,12 +531,12 @@ def test_a_sender_respecting_windows_never_overruns_the_receiver() -> None:
 def assert_fatal(conn: MuxConnection, data: bytes) -> None:
     conn.data_to_send()
     with pytest.raises(ProtocolError):
-        conn.receive_data(data)
+        conn.receive_data(data, 0.0)
     kind, _, stream_id, payload = split_frames(output(conn))[-1]
     assert (kind, stream_id, payload[0]) == (F.GOAWAY, 0, Reason.PROTOCOL_ERROR)
     assert conn.closed
     with pytest.raises(ProtocolError):
-        conn.receive_data(hello())
+        conn.receive_data(hello(), 0.0)
 
 
 FATAL_AFTER_SETUP: dict[str, bytes] = {
@@ -607,7 +609,7 @@ def test_a_config_that_is_not_json_is_a_protocol_error() -> None:
 def test_events_before_a_protocol_error_are_kept() -> None:
     gateway = gateway_with_streams()
     with pytest.raises(ProtocolError):
-        gateway.receive_data(frame(F.DATA, 1, b"ok") + frame(99))
+        gateway.receive_data(frame(F.DATA, 1, b"ok") + frame(99), 0.0)
     assert normalized(gateway.events_received()) == [DataReceived(1, b"ok")]
 
 
@@ -621,7 +623,8 @@ def test_frames_in_flight_on_a_stream_we_reset_are_ignored() -> None:
         frame(F.DATA, 1, b"late")
         + frame(F.WINDOW, 1, u32(5))
         + frame(F.FIN, 1)
-        + frame(F.RESET, 1, b"\x08")
+        + frame(F.RESET, 1, b"\x08"),
+        0.0,
     )
     assert gateway.events_received() == []
     assert not gateway.closed
@@ -631,33 +634,33 @@ def test_an_accept_for_a_stream_we_already_reset_is_ignored() -> None:
     client, _ = connected()
     stream_id = client.open_stream(Protocol.TCP, "h", 1)
     client.reset_stream(stream_id, Reason.CANCELLED)
-    client.receive_data(frame(F.ACCEPT, stream_id, u32(10)))
+    client.receive_data(frame(F.ACCEPT, stream_id, u32(10)), 0.0)
     assert client.events_received() == []
 
 
 def test_an_open_beyond_max_streams_is_refused_without_ending_the_connection() -> None:
     gateway = MuxConnection("gateway", SMALL)
     gateway.send_hello({})
-    gateway.receive_data(hello() + b"".join(open_frame(i) for i in (1, 3, 5, 7, 9)))
+    gateway.receive_data(hello() + b"".join(open_frame(i) for i in (1, 3, 5, 7, 9)), 0.0)
     assert len(gateway.events_received()) == 5  # HELLO and four streams
     assert output(gateway) == hello() + frame(F.REFUSE, 9, b"\x07too many streams")
     assert gateway.stream_ids() == [1, 3, 5, 7]
     gateway.reset_stream(1, Reason.CANCELLED)
-    gateway.receive_data(open_frame(11))
+    gateway.receive_data(open_frame(11), 0.0)
     assert gateway.events_received() == [StreamOpened(11, Protocol.TCP, "db.internal", 5432)]
 
 
 def test_a_peer_that_keeps_opening_beyond_the_limit_is_a_protocol_error() -> None:
     gateway = MuxConnection("gateway", SMALL)
     gateway.send_hello({})
-    gateway.receive_data(hello() + b"".join(open_frame(i) for i in range(1, 17, 2)))
+    gateway.receive_data(hello() + b"".join(open_frame(i) for i in range(1, 17, 2)), 0.0)
     with pytest.raises(ProtocolError, match="too many streams"):
-        gateway.receive_data(open_frame(17))   # the fifth refusal in a row, limit 4
+        gateway.receive_data(open_frame(17), 0.0)   # the fifth refusal in a row, limit 4
 
 
 def test_a_ping_received_before_our_hello_is_answered_after_it() -> None:
     gateway = MuxConnection("gateway")
-    gateway.receive_data(hello() + frame(F.PING, 0, b"abcdefgh"))
+    gateway.receive_data(hello() + frame(F.PING, 0, b"abcdefgh"), 0.0)
     assert output(gateway) == b""
     gateway.send_hello({"session": "s"})
     assert output(gateway) == (
@@ -669,7 +672,7 @@ def test_goaway_may_be_the_first_frame_either_way() -> None:
     gateway = MuxConnection("gateway")
     gateway.send_goaway(Reason.AUTH_FAILED, "denied")
     client = MuxConnection("client")
-    client.receive_data(output(gateway))
+    client.receive_data(output(gateway), 0.0)
     assert client.events_received() == [GoAwayReceived(Reason.AUTH_FAILED, "denied")]
 
 
@@ -787,7 +790,7 @@ class Harness:
         bounds = [0, *sorted(c % (len(data) + 1) for c in cuts), len(data)]
         receiver = self.sides[1 - index]
         for start, stop in itertools.pairwise(bounds):
-            receiver.conn.receive_data(data[start:stop])
+            receiver.conn.receive_data(data[start:stop], 0.0)
             self.absorb(1 - index, receiver.conn.events_received())
         return bool(data)
 
@@ -951,7 +954,7 @@ def test_two_connections_piped_together_deliver_exactly_what_was_sent(
 def test_arbitrary_bytes_raise_nothing_but_protocol_error(data: bytes, after_setup: bool) -> None:
     conn = gateway_with_streams() if after_setup else MuxConnection("gateway")
     try:
-        conn.receive_data(data)
+        conn.receive_data(data, 0.0)
     except ProtocolError:
         assert conn.closed
 
@@ -974,6 +977,6 @@ def test_arbitrary_well_framed_frames_raise_nothing_but_protocol_error(
     conn.send_hello({})
     data = hello() + open_frame(2 if role == "client" else 1) + b"".join(sequence)
     try:
-        conn.receive_data(data)
+        conn.receive_data(data, 0.0)
     except ProtocolError:
         assert conn.closed

@@ -92,4 +92,7 @@ async def run_launch(launch: LaunchFile, tls: ssl.SSLContext, *, host: str, port
         session.close(mux.Reason.CANCELLED, "client stopped")
     if session.goaway is not None and session.goaway[0] != mux.Reason.CANCELLED:
         raise ClientError(f"the gateway ended the launch: {session.goaway[1] or 'closed'}")
+    if session.ended_here is not None and session.ended_here[0] == mux.Reason.TIMED_OUT:
+        raise ClientError(f"the gateway stopped answering ({session.ended_here[1]}); "
+                          "launch the resource again")
     return status

@@ -1,10 +1,11 @@
 """`portcullis connect`: the client end of the SSL VPN.
 
 One WebSocket to the gateway carries every connection the local listeners capture.
-When it drops, streams in flight fail and new ones wait while it reconnects with
-backoff; when an administrator ends it, or the session is no longer valid, it stops and
-says why. A status file lets `portcullis status` show bytes, streams, round trip and
-the pushed configuration.
+When it drops, or the gateway stops answering the codec's keep-alive PINGs for the
+dead-peer time the gateway pushed, streams in flight fail and new ones wait while it
+reconnects with backoff; when an administrator ends it, or the session is no longer
+valid, it stops and says why. A status file lets `portcullis status` show bytes,
+streams, round trip and the pushed configuration.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from portcullis.proto.mux import MuxConnection, Reason
 
 HELLO_TIMEOUT = 15.0
 BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
-PING_EVERY = 10.0
 STATUS_FILE = "tunnel-status.json"
 # Reasons after which reconnecting cannot help.
 FINAL = {Reason.ADMIN_ENDED: "ended by an administrator", Reason.AUTH_FAILED:
@@ -135,22 +135,18 @@ class TunnelClient:
         return session
 
     async def _hold(self, session: MuxSession) -> None:
-        pinger = asyncio.ensure_future(self._ping(session))
         try:
             await session.closed.wait()
         finally:
-            pinger.cancel()
             self._ready.clear()
             self._session = None
         if session.goaway is not None and session.goaway[0] in FINAL:
             self.ended = FINAL[session.goaway[0]]
         elif self.ended is None:
-            self._say(f"tunnel lost ({session.end_reason()}); reconnecting")
-
-    async def _ping(self, session: MuxSession) -> None:
-        while True:
-            session.ping()
-            await asyncio.sleep(PING_EVERY)
+            silent = session.ended_here is not None and session.ended_here[0] == Reason.TIMED_OUT
+            why = (f"the gateway stopped answering: {session.ended_here[1]}"
+                   if silent and session.ended_here else session.end_reason())
+            self._say(f"tunnel lost ({why}); reconnecting")
 
     # -- status ------------------------------------------------------------------------
     def status(self) -> dict[str, object]:

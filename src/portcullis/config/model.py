@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from portcullis.config.auth import AuthSettings
 from portcullis.config.values import check_networks, parse_host_port
@@ -138,6 +138,9 @@ class VpnSettings(Section):
     session_check: float = Field(default=30.0, ge=0.5, le=3600)
     # A UDP flow with no datagram either way for this long is closed.
     udp_idle_timeout: float = Field(default=60.0, gt=0, le=3600)
+    # Tunnels and launches: PING a peer quiet for this long; end one silent for that long.
+    keepalive_interval: float = Field(default=15.0, gt=0, le=600)
+    dead_peer_timeout: float = Field(default=45.0, gt=0, le=3600)
     # Each tunnel's own intranet address, and the source of its outbound connections.
     # The pool must be routed to the gateway host and local on it (see docs/vpn.md).
     address_pool: str | None = None
@@ -158,6 +161,14 @@ class VpnSettings(Section):
         return value
 
     _networks = field_validator("networks")(check_networks)
+
+    @field_validator("dead_peer_timeout")
+    @classmethod
+    def _dead_after_keepalive(cls, value: float, info: ValidationInfo) -> float:
+        interval = info.data.get("keepalive_interval")
+        if interval is not None and value <= interval:
+            raise ValueError(f"must be more than keepalive_interval ({interval})")
+        return value
 
     @field_validator("dns_servers")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from websockets.http11 import Request
@@ -21,10 +21,10 @@ from portcullis.errors import TicketError
 from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.identity.accounts import AccountStatus
 from portcullis.net.dialer import Dialer
-from portcullis.net.muxsession import MuxSession
+from portcullis.net.muxsession import MuxSession, keepalive_fields
 from portcullis.net.websocket import WebSocketMux
 from portcullis.proto import mux
-from portcullis.proto.mux import MuxConnection, Reason
+from portcullis.proto.mux import MuxConnection, Reason, Timers
 from portcullis.sta.authority import TicketGrant
 from portcullis.sta.client import TicketIssuer
 from portcullis.tokens import mask
@@ -37,6 +37,7 @@ PATH = "/api/v1/launch"
 @dataclass(frozen=True)
 class LaunchSettings:
     ticket_wait: float
+    timers: Timers = field(default_factory=Timers)   # told to the client in HELLO
 
 
 class LaunchEndpoint:
@@ -62,7 +63,8 @@ class LaunchEndpoint:
             grant, host, port = await grant_ready
             await self._open_pinned(session, event, grant, host, port)
 
-        session = MuxSession(MuxConnection("gateway"), on_open=open_stream)
+        session = MuxSession(MuxConnection("gateway", timers=self._settings.timers),
+                             on_open=open_stream)
         carrier.attach(session)
         task = asyncio.ensure_future(self._serve(session, client, grant_ready))
         self._tasks.add(task)
@@ -84,7 +86,8 @@ class LaunchEndpoint:
             session.close(Reason.AUTH_FAILED, "denied")
             return
         grant_ready.set_result((grant, *pinned))
-        session.mux.send_hello({"version": 1, "resource": grant.resource})
+        session.mux.send_hello({"version": 1, "resource": grant.resource,
+                                "keepalive": keepalive_fields(self._settings.timers)})
         session.flush_soon()
         started = time.monotonic()
         connection = Connection("launch", grant.user, client, session, grant.resource)

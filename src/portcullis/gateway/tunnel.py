@@ -30,12 +30,18 @@ from portcullis.identity.claims import Claims
 from portcullis.identity.sessions import SessionManager
 from portcullis.net.dialer import Dialer
 from portcullis.net.icmp import Pinger
-from portcullis.net.muxsession import DIAL_REASONS, DatagramFlow, MuxSession, StreamBridge
+from portcullis.net.muxsession import (
+    DIAL_REASONS,
+    DatagramFlow,
+    MuxSession,
+    StreamBridge,
+    keepalive_fields,
+)
 from portcullis.net.websocket import WebSocketMux
 from portcullis.policy import AccessPolicy, Destination, Subject
 from portcullis.policy.explain import decide_resolved
 from portcullis.proto import mux
-from portcullis.proto.mux import Limits, MuxConnection, Reason
+from portcullis.proto.mux import Limits, MuxConnection, Reason, Timers
 
 PATH = "/api/v1/tunnel"
 log = structlog.get_logger("portcullis.tunnel")
@@ -87,7 +93,8 @@ class TunnelEndpoint:
         async def open_stream(session: MuxSession, event: mux.StreamOpened) -> None:
             await self._open(session, event, await claims_ready, client)
 
-        session = MuxSession(MuxConnection("gateway"), on_open=open_stream)
+        session = MuxSession(MuxConnection("gateway", timers=mux_timers(self._vpn())),
+                             on_open=open_stream)
         carrier.attach(session)
         task = asyncio.ensure_future(self._serve(session, client, claims_ready))
         self._tasks.add(task)
@@ -211,6 +218,7 @@ class TunnelEndpoint:
             "limits": {"max_streams": limits.max_streams,
                        "max_frame_payload": limits.max_frame_payload,
                        "initial_window": limits.initial_window},
+            "keepalive": keepalive_fields(mux_timers(vpn)),
         }
 
     async def _open(self, session: MuxSession, event: mux.StreamOpened, admitted: Admitted,
@@ -357,6 +365,11 @@ class TunnelEndpoint:
             if address not in found:
                 found.append(address)
         return found
+
+
+def mux_timers(vpn: VpnSettings) -> Timers:
+    """The keep-alive and idle timers of the gateway's mux connections."""
+    return Timers(vpn.keepalive_interval, vpn.dead_peer_timeout, vpn.udp_idle_timeout)
 
 
 class UdpSocket(asyncio.DatagramProtocol):

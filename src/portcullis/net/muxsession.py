@@ -9,15 +9,20 @@ Back-pressure is the codec's credit: a stream whose peer has granted no credit s
 reading its socket (`pause_reading`) until a WINDOW arrives, and a socket whose kernel
 buffer is full (`pause_writing`) stops returning credit to the peer. A slow stream
 therefore never stalls the others, and each stream's memory is bounded by its window.
+
+Time reaches the codec from here: every message is handed in with `loop.time()`, and
+one timer handle per session is kept armed at the codec's `get_timer()`, so keep-alive
+PINGs, the end of a silent peer and the idle expiry of UDP/ICMP flows all run from it.
+The handle is moved only when the codec's deadline comes earlier than the armed one
+(rarely: when a flow opens or HELLO goes out); traffic, which only pushes deadlines
+later, never touches it, and a handle that fires early just re-arms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import struct
-import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -26,7 +31,7 @@ import structlog
 from portcullis.errors import DialError, ProtocolError
 from portcullis.net.dialer import Dialer
 from portcullis.proto import mux
-from portcullis.proto.mux import MuxConnection, Reason
+from portcullis.proto.mux import MuxConnection, Reason, Timers
 
 log = structlog.get_logger("portcullis.mux")
 
@@ -41,6 +46,29 @@ DIAL_REASONS = {
 # The largest message we send (several frames coalesced); both ends accept this much
 # plus one frame (the WebSocket max_size on either side is set from it).
 DEFAULT_MAX_MESSAGE = 1024 * 1024
+
+
+def keepalive_fields(timers: Timers) -> dict[str, float]:
+    """What a gateway tells its client of its keep-alive timers (the "keepalive" member
+    of CONFIG for a tunnel, of HELLO for a launch), so that both ends agree."""
+    return {"interval": timers.keepalive_interval,
+            "dead_peer_timeout": timers.dead_peer_timeout}
+
+
+def pushed_timers(fields: Mapping[str, object], current: Timers) -> Timers:
+    """The timers the gateway told us in `fields`, or `current` if it told none (an
+    older gateway) or values the codec cannot use."""
+    told = fields.get("keepalive")
+    if not isinstance(told, dict):
+        return current
+    interval, dead = told.get("interval"), told.get("dead_peer_timeout")
+    if (not isinstance(interval, int | float) or not isinstance(dead, int | float)
+            or isinstance(interval, bool) or isinstance(dead, bool)):
+        return current
+    try:
+        return Timers(float(interval), float(dead), current.datagram_idle_timeout)
+    except ValueError:
+        return current
 
 
 class MessageCarrier(Protocol):
@@ -189,7 +217,8 @@ class StreamBridge(asyncio.Protocol):
 
 
 class DatagramFlow:
-    """One UDP flow: a stream of datagrams, ended by either side or after idling.
+    """One UDP flow: a stream of datagrams, ended by either side or after idling (the
+    codec's timer decides when, and resets the stream).
 
     `deliver` hands a datagram from the peer to the local socket. Datagrams sent before
     the peer accepts wait in a short queue; beyond it they are dropped, as UDP may be.
@@ -198,7 +227,7 @@ class DatagramFlow:
     MAX_QUEUED = 64
 
     def __init__(self, session: MuxSession, stream_id: int, deliver: Callable[[bytes], None],
-                 *, accepted: bool, idle_timeout: float) -> None:
+                 *, accepted: bool) -> None:
         self.session = session
         self.stream_id = stream_id
         self.counters = StreamCounters()
@@ -206,26 +235,22 @@ class DatagramFlow:
         self._deliver = deliver
         self._accepted = accepted
         self._queued: list[bytes] = []
-        self._idle_timeout = idle_timeout
-        self._last = time.monotonic()
         self._ended = False
-        self._timer = asyncio.get_running_loop().call_later(idle_timeout, self._check_idle)
 
     def send(self, data: bytes) -> None:
         """A datagram from our socket, to the peer."""
         if self._ended:
             return
-        self._last = time.monotonic()
         if not self._accepted:
             if len(self._queued) < self.MAX_QUEUED:
                 self._queued.append(data)
             return
+        session = self.session
         self.counters.sent += len(data)
-        self.session.mux.send_datagram(self.stream_id, data)
-        self.session.flush_soon()
+        session.mux.send_datagram(self.stream_id, data, session.loop.time())
+        session.flush_soon()
 
     def on_datagram(self, data: bytes) -> None:
-        self._last = time.monotonic()
         self.counters.received += len(data)
         self._deliver(data)
 
@@ -239,7 +264,7 @@ class DatagramFlow:
         if self._ended:
             return
         self._ended = True
-        self._timer.cancel()
+        self._queued = []
         if self.on_closed is not None:
             self.on_closed(self)
 
@@ -248,14 +273,6 @@ class DatagramFlow:
         self.session.reset(self.stream_id, Reason.CANCELLED, message)
         self.session.forget_flow(self)
         self.on_ended()
-
-    def _check_idle(self) -> None:
-        idle = time.monotonic() - self._last
-        if idle >= self._idle_timeout:
-            self.close("idle")
-        else:
-            self._timer = asyncio.get_running_loop().call_later(
-                self._idle_timeout - idle, self._check_idle)
 
 
 StreamOpenHandler = Callable[["MuxSession", mux.StreamOpened], Awaitable[None]]
@@ -275,7 +292,9 @@ class MuxSession:
         self._flows: dict[int, DatagramFlow] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._flush_scheduled = False
-        self._loop = asyncio.get_running_loop()
+        self.loop = self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self.hello: asyncio.Future[dict[str, object]] = self._loop.create_future()
         self.goaway: tuple[Reason, str] | None = None     # the peer ended the session
         self.ended_here: tuple[Reason, str] | None = None  # we did
@@ -284,20 +303,20 @@ class MuxSession:
         self.closed = asyncio.Event()
         self.sources_paused = False
         self.config: dict[str, object] | None = None   # what the gateway pushed
-        self.rtt: float | None = None                   # seconds, from the last PING
         # Told when the peer refuses a stream we opened (the client prints it).
         self.on_refused: Callable[[Reason, str], None] | None = None
 
     # -- the carrier's side -------------------------------------------------------
     def attach(self, carrier: MessageCarrier) -> None:
         self._carrier = carrier
+        self.mux.handle_timer(self._loop.time())   # the codec's clock starts now
         self.flush_soon()   # whatever the owner queued before (its HELLO)
 
     def receive_message(self, message: bytes | bytearray | memoryview) -> None:
         if self.closed.is_set():
             return
         try:
-            self.mux.receive_data(message)
+            self.mux.receive_data(message, self._loop.time())
         except ProtocolError as exc:
             self.protocol_error = str(exc)
             # The codec has queued a GOAWAY(PROTOCOL_ERROR): send it, then hang up.
@@ -314,6 +333,13 @@ class MuxSession:
         if self.closed.is_set():
             return
         self._carrier = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        # Close the codec too, so that it forgets its streams and their pending data
+        # (views of up to a window each), and drop what it had to send: nowhere to go.
+        self.mux.send_goaway(Reason.CANCELLED, "connection lost")
+        self.mux.data_to_send()
         for bridge in list(self._streams.values()):
             self.forget(bridge)
             bridge.on_ended((Reason.CANCELLED, "tunnel closed"))
@@ -347,6 +373,16 @@ class MuxSession:
             self.mux.send_goaway(reason, message)
         self._end(1000, message)
 
+    @property
+    def rtt(self) -> float | None:
+        """Seconds, from the last answered keep-alive PING."""
+        return self.mux.round_trip
+
+    def use_timers(self, timers: Timers) -> None:
+        """Apply new keep-alive and idle timers (what the gateway told a client)."""
+        self.mux.timers = timers
+        self._arm_timer()
+
     async def hello_within(self, seconds: float) -> dict[str, object] | None:
         """The peer's HELLO, or None if it did not come in time or the tunnel closed."""
         try:
@@ -373,17 +409,18 @@ class MuxSession:
                   idle_timeout: float, protocol: mux.Protocol = mux.Protocol.UDP
                   ) -> DatagramFlow:
         """Open a UDP (or ICMP echo) flow to the peer (client side)."""
-        stream_id = self.mux.open_stream(protocol, host, port)
+        stream_id = self.mux.open_stream(protocol, host, port, idle_timeout=idle_timeout)
         self.flush_soon()
-        flow = DatagramFlow(self, stream_id, deliver, accepted=False, idle_timeout=idle_timeout)
+        flow = DatagramFlow(self, stream_id, deliver, accepted=False)
         self._flows[stream_id] = flow
         return flow
 
     def accept_flow(self, stream_id: int, deliver: Callable[[bytes], None], *,
                     idle_timeout: float) -> DatagramFlow:
         """Accept a UDP flow the peer opened (gateway side), once its socket is ready."""
-        self.mux.accept_stream(stream_id)   # ProtocolError if the peer reset it meanwhile
-        flow = DatagramFlow(self, stream_id, deliver, accepted=True, idle_timeout=idle_timeout)
+        # ProtocolError if the peer reset it meanwhile
+        self.mux.accept_stream(stream_id, idle_timeout=idle_timeout)
+        flow = DatagramFlow(self, stream_id, deliver, accepted=True)
         self._flows[stream_id] = flow
         self.flush_soon()
         return flow
@@ -393,11 +430,6 @@ class MuxSession:
             del self._flows[flow.stream_id]
             self.totals.sent += flow.counters.sent
             self.totals.received += flow.counters.received
-
-    def ping(self) -> None:
-        """Measure the round trip: the PONG carries our send time back."""
-        self.mux.send_ping(struct.pack("!d", time.monotonic()))
-        self.flush_soon()
 
     def reset(self, stream_id: int, reason: Reason, message: str) -> None:
         # A no-op in the codec for a stream that is already gone.
@@ -529,6 +561,10 @@ class MuxSession:
                     bridge.on_accepted()
                 elif (flow := self._flows.get(event.stream_id)) is not None:
                     flow.on_accepted()
+            elif isinstance(event, mux.StreamExpired):
+                if (flow := self._flows.get(event.stream_id)) is not None:
+                    self.forget_flow(flow)
+                    flow.on_ended()
             elif isinstance(event, mux.StreamRefused | mux.StreamReset):
                 if isinstance(event, mux.StreamRefused) and self.on_refused is not None:
                     self.on_refused(event.reason, event.message)
@@ -545,20 +581,45 @@ class MuxSession:
                 else:
                     self.spawn(self._open_guarded(self._on_open, event))
             elif isinstance(event, mux.HelloReceived):
+                if self.mux.role == "client":   # a launch's gateway tells its timers here
+                    self.use_timers(pushed_timers(event.fields, self.mux.timers))
                 if not self.hello.done():
                     self.hello.set_result(event.fields)
             elif isinstance(event, mux.GoAwayReceived):
                 self.goaway = (event.reason, event.message)
             elif isinstance(event, mux.ConfigReceived):
                 self.config = event.config
-            elif isinstance(event, mux.PongReceived):
-                self.rtt = time.monotonic() - struct.unpack("!d", event.payload)[0]
+                self.use_timers(pushed_timers(event.config, self.mux.timers))
+            elif isinstance(event, mux.PeerTimedOut):
+                self.ended_here = (Reason.TIMED_OUT,
+                                   f"nothing received for {event.silent_for:.1f} s")
+
+    def _arm_timer(self) -> None:
+        deadline = self.mux.get_timer()
+        if deadline is None or (self._timer is not None and self._timer_at <= deadline):
+            return   # nothing due, or the armed handle fires first (and re-arms)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closed.is_set():
+            return
+        self.mux.handle_timer(self._loop.time())
+        self._dispatch(self.mux.events_received())
+        if self.mux.closed:   # the peer went silent: the codec queued GOAWAY(TIMED_OUT)
+            self._end(1001, "timed out")
+            return
+        self._flush()   # what it queued (a PING, RESETs); re-arms the timer
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         carrier = self._carrier
         if carrier is None:
             return
+        self._arm_timer()
         chunks = self.mux.data_to_send()
         if not chunks:
             return

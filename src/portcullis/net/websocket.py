@@ -86,7 +86,9 @@ class WebSocketMux(asyncio.Protocol):
             self.websocket.send_close(code, reason)
             self.write_pending()
         if self.transport is not None:
-            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.transport.close)
+            # abort, not close: a peer that stopped reading would keep the socket (and
+            # its unsent buffer) forever, as close() waits for the buffer to drain.
+            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.transport.abort)
 
     def attach(self, session: MuxSession) -> None:
         self.session = session

@@ -4,10 +4,19 @@ Many TCP/UDP/ICMP streams share one WebSocket between the client and the gateway
 module turns bytes from the peer into events, and the application's actions into bytes
 to send, exactly like websockets' ``Protocol`` or h11's ``Connection``::
 
-    conn.receive_data(chunk)            # bytes in (any split: message boundaries do not matter)
+    conn.receive_data(chunk, now)       # bytes in (any split: message boundaries do not matter)
     for event in conn.events_received():
         ...                             # StreamOpened, DataReceived, ...
     transport.writelines(conn.data_to_send())
+    call_at(conn.get_timer(), lambda: conn.handle_timer(clock()))   # then events and bytes
+
+Time is an argument, as in aioquic: ``now`` (seconds, any monotonic clock) comes with
+``receive_data``, ``handle_timer`` and ``send_datagram``. The codec says when it next
+needs the caller (``get_timer``); at that time ``handle_timer`` sends a keep-alive PING
+if nothing arrived for ``Timers.keepalive_interval``, ends the connection with
+GOAWAY(TIMED_OUT) and ``PeerTimedOut`` if nothing arrived for
+``Timers.dead_peer_timeout``, and resets UDP/ICMP streams that carried no datagram for
+their idle timeout (``StreamExpired``). Calling it early, or more often, is harmless.
 
 The wire format is specified in ``docs/protocol/mux.md``; the stream state rules are
 the ``_TRANSITIONS`` table below, readable at a glance.
@@ -29,6 +38,7 @@ buffer instead, handle the events before reusing it, and do not mutate what you 
 
 from __future__ import annotations
 
+import heapq
 import json
 import struct
 from collections import deque
@@ -55,16 +65,19 @@ __all__ = [
     "HelloReceived",
     "Limits",
     "MuxConnection",
+    "PeerTimedOut",
     "PingReceived",
     "PongReceived",
     "Protocol",
     "Reason",
     "StreamAccepted",
     "StreamEnded",
+    "StreamExpired",
     "StreamOpened",
     "StreamRefused",
     "StreamReset",
     "StreamState",
+    "Timers",
 ]
 
 VERSION = 1
@@ -84,6 +97,7 @@ MAX_MESSAGE = 512
 _MAX_HOST = 255  # host_len is a u8
 _MAX_STREAM_ID = 2**32 - 1
 _PING_SIZE = 8
+_PING_COUNTER = struct.Struct("!Q")
 
 
 class FrameType(IntEnum):
@@ -155,6 +169,29 @@ class Limits:
             raise ValueError(f"max_control_payload must be at least {1 + MAX_MESSAGE}")
         if self.max_datagram < 0:
             raise ValueError("max_datagram must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class Timers:
+    """When a connection pings, gives up on a silent peer, and ends idle datagram
+    streams, in seconds. Each end applies its own; the gateway tells the client its
+    values (CONFIG or HELLO), so both ends agree."""
+
+    #: Nothing received for this long: send a PING (the peer answers with a PONG).
+    keepalive_interval: float = 15.0
+    #: Nothing received for this long: the peer is gone; GOAWAY(TIMED_OUT) ends it all.
+    dead_peer_timeout: float = 45.0
+    #: A UDP or ICMP stream without a datagram either way for this long is reset
+    #: (unless ``open_stream``/``accept_stream`` gave it its own timeout).
+    datagram_idle_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.keepalive_interval > 0:
+            raise ValueError("keepalive_interval must be more than 0")
+        if not self.dead_peer_timeout > self.keepalive_interval:
+            raise ValueError("dead_peer_timeout must be more than keepalive_interval")
+        if not self.datagram_idle_timeout > 0:
+            raise ValueError("datagram_idle_timeout must be more than 0")
 
 
 # --- Events ------------------------------------------------------------------------
@@ -257,6 +294,23 @@ class DatagramReceived:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class PeerTimedOut:
+    """Nothing arrived for ``Timers.dead_peer_timeout``: the codec queued
+    GOAWAY(TIMED_OUT) and the connection is closed. Send it, then hang up."""
+
+    silent_for: float
+
+
+@dataclass(frozen=True, slots=True)
+class StreamExpired:
+    """A UDP or ICMP stream carried no datagram for its idle timeout: the codec reset
+    it (TIMED_OUT, or refused it if it was never answered). Close its socket."""
+
+    stream_id: int
+    idle_for: float
+
+
 Event: TypeAlias = (
     HelloReceived
     | StreamOpened
@@ -271,6 +325,8 @@ Event: TypeAlias = (
     | ConfigReceived
     | GoAwayReceived
     | DatagramReceived
+    | PeerTimedOut
+    | StreamExpired
 )
 
 
@@ -354,7 +410,10 @@ _CONNECTION_FRAMES = frozenset({_F.HELLO, _F.PING, _F.PONG, _F.CONFIG, _F.GOAWAY
 
 class _Stream:
     __slots__ = (
+        "expiry_queued",
         "fin_queued",
+        "idle_timeout",
+        "last_activity",
         "opened_by_peer",
         "pending",
         "pending_bytes",
@@ -384,6 +443,11 @@ class _Stream:
         self.pending_bytes = 0
         # The application asked for FIN while data was pending: send it after the data.
         self.fin_queued = False
+        # Datagram streams only (0 for TCP): when the last datagram (or the ACCEPT)
+        # went either way, and how long the stream may stay without one.
+        self.last_activity = 0.0
+        self.idle_timeout = 0.0
+        self.expiry_queued = 0.0  # the stream's one live entry in the expiry heap
 
 
 def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
@@ -442,11 +506,30 @@ def _frame(kind: FrameType, stream_id: int, payload: bytes = b"", flags: int = 0
 class MuxConnection:
     """One end of a mux connection: feed it bytes, take events and bytes to send."""
 
-    def __init__(self, role: Literal["client", "gateway"], limits: Limits = Limits()) -> None:
+    def __init__(
+        self,
+        role: Literal["client", "gateway"],
+        limits: Limits = Limits(),
+        timers: Timers = Timers(),
+    ) -> None:
         if role not in ("client", "gateway"):
             raise ValueError(f"role must be 'client' or 'gateway', not {role!r}")
         self.role: Literal["client", "gateway"] = role
         self.limits = limits
+        #: May be replaced at any time (a client applies the values its gateway sends);
+        #: the next ``get_timer`` uses them.
+        self.timers = timers
+        # The clock starts at the first time the caller gives (receive_data or
+        # handle_timer): until then there is no timer.
+        self._now: float | None = None
+        self._last_received = 0.0
+        self._last_ping = float("-inf")
+        self._ping_counter = 0
+        self._round_trip: float | None = None
+        # (deadline, stream id) of datagram streams, checked lazily: a deadline that
+        # activity has moved is pushed again when it comes up, so a datagram costs one
+        # float store, not a heap operation.
+        self._expiries: list[tuple[float, int]] = []
         self._streams: dict[int, _Stream] = {}
         # Clients open odd ids, gateways even ids; each side's ids only grow, so an id
         # below the next/highest one that is not in _streams was closed, and frames
@@ -495,9 +578,10 @@ class MuxConnection:
         """True once a GOAWAY was sent or received, or the peer broke the protocol."""
         return self._closed
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
         """Parse every complete frame in ``data`` (plus what was left from before).
 
+        ``now`` is when it arrived: anything from the peer shows it is alive.
         Raises ``ProtocolError`` if the peer broke the protocol; a GOAWAY(PROTOCOL_ERROR)
         is then queued and every later call raises again. Events parsed before the error
         stay queued. After a GOAWAY (sent or received) input is ignored.
@@ -506,6 +590,9 @@ class MuxConnection:
             raise ProtocolError(f"the mux connection already failed: {self._failure}")
         if self._closed:
             return
+        if self._now is None:
+            self._start_clock(now)
+        self._now = self._last_received = now
         try:
             view: memoryview | None = _byte_view(data)
             if self._buffer and view is not None:
@@ -515,6 +602,111 @@ class MuxConnection:
         except ProtocolError as error:
             self._fail(str(error))
             raise
+
+    # --- time --------------------------------------------------------------------------
+
+    @property
+    def round_trip(self) -> float | None:
+        """Seconds from the last answered keep-alive PING to its PONG, if any was."""
+        return self._round_trip
+
+    def get_timer(self) -> float | None:
+        """When ``handle_timer`` should next be called, or None (closed, or no time
+        given yet). Never later than anything due; it may be earlier (then the call
+        does nothing but move the timer)."""
+        if self._closed or self._now is None:
+            return None
+        timers = self.timers
+        last = self._last_received
+        at = last + timers.dead_peer_timeout
+        if self._hello_sent:
+            ping_at = (last if last > self._last_ping else self._last_ping) + (
+                timers.keepalive_interval
+            )
+            if ping_at < at:
+                at = ping_at
+        expiries = self._expiries
+        if expiries and expiries[0][0] < at:
+            at = expiries[0][0]
+        return at
+
+    def handle_timer(self, now: float) -> None:
+        """Do what is due at ``now``: a keep-alive PING, the end of a silent connection
+        (GOAWAY(TIMED_OUT) and ``PeerTimedOut``), the reset of idle datagram streams
+        (``StreamExpired``). Then take events, bytes to send and the next timer."""
+        if self._closed:
+            return
+        if self._now is None:
+            self._start_clock(now)
+        self._now = now
+        timers = self.timers
+        # Deadlines are compared as get_timer computes them, so that a call at exactly
+        # get_timer() always does what was due (a subtraction may round the other way).
+        if now >= self._last_received + timers.dead_peer_timeout:
+            silent = now - self._last_received
+            message = f"nothing received for {silent:.1f} s".encode()
+            self._output.append(_frame(_F.GOAWAY, 0, bytes([Reason.TIMED_OUT]) + message))
+            self._close()
+            self._events.append(PeerTimedOut(silent))
+            return
+        if self._hello_sent and now >= max(self._last_received, self._last_ping) + (
+            timers.keepalive_interval
+        ):
+            self._ping_counter += 1
+            self._output.append(_frame(_F.PING, 0, _PING_COUNTER.pack(self._ping_counter)))
+            self._last_ping = now
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            queued, stream_id = heapq.heappop(expiries)
+            stream = self._streams.get(stream_id)
+            if stream is None or queued != stream.expiry_queued:
+                continue  # closed meanwhile, or superseded by an earlier entry
+            due = stream.last_activity + stream.idle_timeout
+            if due > now:
+                self._queue_expiry(stream, due)
+            else:
+                self._expire(stream, now - stream.last_activity)
+
+    def _start_clock(self, now: float) -> None:
+        self._now = self._last_received = now
+        for stream in self._streams.values():  # datagram streams opened before
+            if stream.idle_timeout:
+                stream.last_activity = now
+                self._queue_expiry(stream, now + stream.idle_timeout)
+
+    def _queue_expiry(self, stream: _Stream, deadline: float) -> None:
+        stream.expiry_queued = deadline
+        heapq.heappush(self._expiries, (deadline, stream.stream_id))
+
+    @staticmethod
+    def _check_idle_timeout(protocol: Protocol, idle_timeout: float | None) -> None:
+        if idle_timeout is None:
+            return
+        if protocol is Protocol.TCP:
+            raise ValueError("idle_timeout applies to UDP and ICMP streams only")
+        if not idle_timeout > 0:
+            raise ValueError("idle_timeout must be more than 0")
+
+    def _track_idle(self, stream: _Stream, idle_timeout: float | None) -> None:
+        """Start the idle clock of a new datagram stream (a no-op for TCP)."""
+        if stream.protocol is Protocol.TCP:
+            return
+        if idle_timeout is None:
+            idle_timeout = self.timers.datagram_idle_timeout
+        stream.idle_timeout = idle_timeout
+        if self._now is not None:
+            stream.last_activity = self._now
+            self._queue_expiry(stream, self._now + idle_timeout)
+
+    def _expire(self, stream: _Stream, idle_for: float) -> None:
+        payload = bytes([Reason.TIMED_OUT]) + f"idle for {idle_for:.0f} s".encode()
+        # A stream the application never answered is refused, any other one reset.
+        kind = _F.REFUSE if stream.state is _S.OPEN_RECEIVED else _F.RESET
+        self._advance(stream, _LOCAL, kind)
+        self._emit_automatic(_frame(kind, stream.stream_id, payload))
+        self._events.append(StreamExpired(stream.stream_id, idle_for))
+
+    # --- output ------------------------------------------------------------------------
 
     def events_received(self) -> list[Event]:
         """Take the events parsed so far, oldest first."""
@@ -638,10 +830,19 @@ class MuxConnection:
             self._forget(stream)
 
     def _forget(self, stream: _Stream) -> None:
-        del self._streams[stream.stream_id]
+        streams = self._streams
+        del streams[stream.stream_id]
         if stream.opened_by_peer:
             self._peer_stream_count -= 1
             self._refused_for_limit = 0
+        expiries = self._expiries
+        if stream.idle_timeout and len(expiries) > 2 * len(streams) + 64:
+            # Entries of ended streams wait for their deadline; many short flows (DNS)
+            # would pile them up, so rebuild from the live ones now and then.
+            expiries[:] = [
+                (s.expiry_queued, s.stream_id) for s in streams.values() if s.idle_timeout
+            ]
+            heapq.heapify(expiries)
 
     def _on_hello(self, flags: int, stream_id: int, payload: memoryview) -> None:
         if self._hello_received:
@@ -688,6 +889,7 @@ class MuxConnection:
         stream = _Stream(
             stream_id, protocol, True, send_credit, ReceiveCredit(self.limits.initial_window)
         )
+        self._track_idle(stream, None)
         self._advance(stream, _REMOTE, _F.OPEN)
         self._streams[stream_id] = stream
         self._peer_stream_count += 1
@@ -701,6 +903,7 @@ class MuxConnection:
         send_credit = SendCredit(window)
         self._advance(stream, _REMOTE, _F.ACCEPT)
         stream.send_credit = send_credit
+        stream.last_activity = self._last_received
         self._events.append(StreamAccepted(stream_id))
 
     def _on_refuse(self, flags: int, stream_id: int, payload: memoryview) -> None:
@@ -758,7 +961,10 @@ class MuxConnection:
         self._events.append(PingReceived(data))
 
     def _on_pong(self, flags: int, stream_id: int, payload: memoryview) -> None:
-        self._events.append(PongReceived(bytes(payload)))
+        data = bytes(payload)
+        if self._ping_counter and data == _PING_COUNTER.pack(self._ping_counter):
+            self._round_trip = self._last_received - self._last_ping
+        self._events.append(PongReceived(data))
 
     def _on_config(self, flags: int, stream_id: int, payload: memoryview) -> None:
         if self.role == "gateway":
@@ -768,6 +974,7 @@ class MuxConnection:
     def _on_goaway(self, flags: int, stream_id: int, payload: memoryview) -> None:
         reason, message = _decode_reason(payload, "GOAWAY")
         self._close()
+        self._output.clear()  # the peer reads nothing more: unsent frames are garbage
         self._events.append(GoAwayReceived(reason, message))
 
     def _on_datagram(self, flags: int, stream_id: int, payload: memoryview) -> None:
@@ -777,6 +984,7 @@ class MuxConnection:
         if stream.protocol is Protocol.TCP:
             raise ProtocolError(f"DATAGRAM on {stream.protocol.name} stream {stream_id}")
         self._advance(stream, _REMOTE, _F.DATAGRAM)
+        stream.last_activity = self._last_received
         self._events.append(DatagramReceived(stream_id, bytes(payload)))
 
     # --- actions -------------------------------------------------------------------
@@ -797,10 +1005,17 @@ class MuxConnection:
         self._output.extend(self._deferred)
         self._deferred.clear()
 
-    def open_stream(self, protocol: Protocol, host: str, port: int) -> int:
-        """Open a stream to ``host``:``port`` ("" = the pinned destination); return its id."""
+    def open_stream(
+        self, protocol: Protocol, host: str, port: int, *, idle_timeout: float | None = None
+    ) -> int:
+        """Open a stream to ``host``:``port`` ("" = the pinned destination); return its id.
+
+        A UDP or ICMP stream is reset after ``idle_timeout`` seconds without a datagram
+        (default ``timers.datagram_idle_timeout``); TCP streams never idle out here.
+        """
         self._require_ready()
         protocol = Protocol(protocol)
+        self._check_idle_timeout(protocol, idle_timeout)
         if not 0 <= port <= 0xFFFF:
             raise ValueError(f"port {port} is outside 0..65535")
         encoded_host = host.encode("utf-8")
@@ -813,6 +1028,7 @@ class MuxConnection:
         stream = _Stream(
             stream_id, protocol, False, SendCredit(0), ReceiveCredit(self.limits.initial_window)
         )
+        self._track_idle(stream, idle_timeout)
         self._advance(stream, _LOCAL, _F.OPEN)
         self._streams[stream_id] = stream
         payload = (
@@ -823,11 +1039,23 @@ class MuxConnection:
         self._output.append(_frame(_F.OPEN, stream_id, payload))
         return stream_id
 
-    def accept_stream(self, stream_id: int) -> None:
-        """Accept a stream the peer opened, granting it ``limits.initial_window``."""
+    def accept_stream(self, stream_id: int, *, idle_timeout: float | None = None) -> None:
+        """Accept a stream the peer opened, granting it ``limits.initial_window``.
+
+        ``idle_timeout`` replaces the default idle timeout of a UDP or ICMP stream.
+        """
         self._require_ready()
         stream = self._local_stream(stream_id)
+        self._check_idle_timeout(stream.protocol, idle_timeout)
         self._advance(stream, _LOCAL, _F.ACCEPT)
+        if stream.idle_timeout and self._now is not None:
+            stream.last_activity = self._now
+            if idle_timeout is not None:
+                stream.idle_timeout = idle_timeout
+                if self._now + idle_timeout < stream.expiry_queued:
+                    self._queue_expiry(stream, self._now + idle_timeout)
+        elif idle_timeout is not None and stream.idle_timeout:
+            stream.idle_timeout = idle_timeout
         self._output.append(_frame(_F.ACCEPT, stream_id, _U32.pack(self.limits.initial_window)))
 
     def refuse_stream(self, stream_id: int, reason: Reason, message: str = "") -> None:
@@ -920,8 +1148,11 @@ class MuxConnection:
         """Whether the stream exists (opened and not yet closed or reset)."""
         return stream_id in self._streams
 
-    def send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
-        """Send one datagram on an accepted UDP or ICMP stream (not flow-controlled)."""
+    def send_datagram(
+        self, stream_id: int, data: bytes | bytearray | memoryview, now: float
+    ) -> None:
+        """Send one datagram on an accepted UDP or ICMP stream (not flow-controlled);
+        ``now`` restarts the stream's idle clock."""
         self._require_ready()
         stream = self._local_stream(stream_id)
         if stream.protocol is Protocol.TCP:
@@ -932,6 +1163,7 @@ class MuxConnection:
                 f"datagram of {len(view)} bytes exceeds the limit of {self.limits.max_datagram}"
             )
         self._advance(stream, _LOCAL, _F.DATAGRAM)
+        stream.last_activity = now
         self._output.append(_HEADER.pack(_F.DATAGRAM, 0, stream_id, len(view)))
         self._output.append(view)
 
@@ -1025,6 +1257,7 @@ class MuxConnection:
     def _close(self) -> None:
         self._closed = True
         self._streams.clear()
+        self._expiries.clear()
         self._peer_stream_count = 0
         self._deferred.clear()
         self._buffer.clear()
