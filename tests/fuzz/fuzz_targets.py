@@ -121,6 +121,10 @@ def _mux(role: str, data: bytes) -> None:
     _, chunk, body = _header(data)
     whole = _mux_outcome(_codec(role), _chunks(body, 0), react=False)
     split = _mux_outcome(_codec(role), _chunks(body, chunk or 1), react=False)
+    if any(event[0] == "GoAwayReceived" for event in whole[1]):
+        # A GOAWAY drops what is still queued (the peer reads no more), so how much went
+        # out before it depends on when the shell took it: compare what was received.
+        whole, split = whole[:2], split[:2]
     assert whole == split, f"mux ({role}) outcome depends on the split:\n{whole}\n{split}"
     # This side opens streams and answers the peer's, so that ACCEPT, DATA, WINDOW,
     # FIN and RESET meet streams in every state.
