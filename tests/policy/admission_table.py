@@ -5,8 +5,9 @@ real gateway tunnel (tests/e2e/test_admission_e2e.py) for the rows marked live.
 Placeholders, filled by each driver: {own} is an address of the gateway host's own
 interfaces and {own_net} the /30 it sits in (the pure test uses 198.18.7.1; the gateway
 test the host side of a veth pair it creates), {port} a port a test listener serves on
-{own} and on 127.0.0.1. Live rows touch only loopback and {own}: link-local, multicast
-and metadata addresses stay in the pure table, so no test sends a packet elsewhere.
+{own} and on 127.0.0.1, {redis} the port of the real Redis on 127.0.0.1. Live rows touch
+only loopback and {own}: link-local, multicast and metadata addresses stay in the pure
+table, so no test sends a packet elsewhere.
 """
 
 from __future__ import annotations
@@ -117,9 +118,9 @@ ROWS: tuple[Row, ...] = (
     # --- an allow rule with no destination: "any destination" is not a choice -----------
     Row("alice", "127.0.0.1", "{port}", False, 'rule "everything" allows any destination',
         told=LOOPBACK_TOLD, live=True),
-    Row("alice", "127.0.0.1", 6379, False, "127.0.0.1 is the gateway host's loopback",
+    Row("alice", "127.0.0.1", "{redis}", False, "127.0.0.1 is the gateway host's loopback",
         told=LOOPBACK_TOLD, live=True),
-    Row("alice", "localhost", 6379, False, "is the gateway host's loopback",
+    Row("alice", "localhost", "{redis}", False, "is the gateway host's loopback",
         ("127.0.0.1",), told=LOOPBACK_TOLD, live=True),
     Row("alice", "127.9.8.7", "{port}", False, "127.9.8.7 is the gateway host's loopback",
         told=LOOPBACK_TOLD, live=True),
@@ -161,7 +162,7 @@ ROWS: tuple[Row, ...] = (
     # --- networks = ["127.0.0.0/8"]: the administrator's informed choice --------------------
     Row("lou", "127.0.0.1", "{port}", True, 'allowed by rule "loopback"', dials="127.0.0.1",
         live=True),
-    Row("lou", "127.0.0.1", 6379, True, 'allowed by rule "loopback"', dials="127.0.0.1",
+    Row("lou", "127.0.0.1", "{redis}", True, 'allowed by rule "loopback"', dials="127.0.0.1",
         live=True),
     Row("lou", "localhost", "{port}", True, 'allowed by rule "loopback"', ("127.0.0.1",),
         dials="127.0.0.1", live=True),
@@ -178,17 +179,17 @@ ROWS: tuple[Row, ...] = (
     Row("olga", "{own}", "{port}", True, 'allowed by rule "own-address"', dials="{own}",
         live=True),
     Row("olga", "127.0.0.1", "{port}", False, "default deny", told="default deny", live=True),
-    Row("lena", "{own}", "{port}", False, "covers it only by {own_net}", told=LOOPBACK_TOLD,
-        live=True),
+    Row("lena", "{own}", "{port}", False, "covers it only by {own_net}", told=LOOPBACK_TOLD),
     # --- the metadata address, named --------------------------------------------------------
     Row("cleo", "169.254.169.254", 80, True, 'allowed by rule "metadata"',
         dials="169.254.169.254"),
     Row("cleo", "169.254.169.253", 80, False, "default deny", told="default deny"),
     # --- no rule ----------------------------------------------------------------------------
-    Row("bob", "127.0.0.1", "{port}", False, "default deny", told="default deny", live=True),
-    Row("bob", "localhost", "{port}", False, "default deny", told="default deny", live=True),
+    Row("bob", "127.0.0.1", "{port}", False, "default deny", told="default deny"),
+    Row("bob", "localhost", "{port}", False, "default deny", told="default deny"),
 )
 
 
-def fill(text: str, own: str, own_net: str, port: int) -> str:
-    return text.replace("{own_net}", own_net).replace("{own}", own).replace("{port}", str(port))
+def fill(text: str, own: str, own_net: str, port: int, redis: int = 6379) -> str:
+    return (text.replace("{own_net}", own_net).replace("{own}", own)
+            .replace("{port}", str(port)).replace("{redis}", str(redis)))

@@ -88,6 +88,10 @@ async def local_user(settings: Settings, username: str) -> Who:
 async def session_user(settings: Settings, token: str) -> Who:
     """The claims of a live session, checked as the gateway checks a tunnel's session
     (which counts as a use of it, like any request with the token)."""
+    if settings.store.ephemeral.startswith("memory"):
+        raise ConfigError("sessions live inside the gateway process with a memory store; "
+                          "--session needs a shared one (store.ephemeral = \"redis://...\")",
+                          key="--session")
     async with opened_stores(settings, throwaway_ephemeral=False) as (durable, ephemeral,
                                                                        hasher):
         sessions = SessionManager(ephemeral, AccountStatus(durable), hasher, settings.session)
