@@ -21,8 +21,8 @@ import httpx
 import pytest
 
 from conftest import Deployment, run_cli
-from peers.stores import REDIS_URL, answering_redis_url
-from policy.admission_table import LOOPBACK_TOLD, POLICIES, ROWS, USERS, Row, fill
+from peers.stores import answering_redis_url
+from policy.admission_table import LOOPBACK_TOLD, POLICIES, ROWS, USERS, fill
 from portcullis.config import config_path, load_settings
 from portcullis.policy.explain import explain, local_user
 
@@ -282,3 +282,33 @@ def test_a_refused_stream_datagram_flow_and_echo_are_answered_at_once_with_why(
     assert [str(e["destination"]) for e in denied] == [
         "127.0.0.1:6379/tcp", "127.0.0.1:53/udp", "127.0.0.1:0/icmp", "10.1.2.3:22/tcp"]
     assert all("gateway host's loopback" in str(e["reason"]) for e in denied[:3])
+
+
+def test_a_resource_named_localhost_is_refused_while_its_literal_address_is_launched(
+        deployment: Deployment, echo_server, client_home: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    deployment.add_resource("named", f"localhost:{echo_server.port}", ["staff"])
+    deployment.add_resource("literal", f"127.0.0.1:{echo_server.port}", ["staff"])
+    deployment.add_user("alice", PASSWORD, ["staff"])
+    gateway = start_process("up", "--dir", str(deployment.directory), name="up")
+    gateway.wait_for(r"Portal: https://")
+    signed_in = run_cli("login", deployment.url, "--user", "alice", "--password-stdin",
+                        "--ca", str(deployment.ca), input=PASSWORD + "\n")
+    assert signed_in.returncode == 0, signed_in.stderr
+    ports = {}
+    for name in ("named", "literal"):
+        process = start_process("launch", name, "--listen", "127.0.0.1:0", name=name)
+        ports[name] = (process, int(process.wait_for(r"listening on [\d.]+:(\d+)").group(1)))
+    with socket.create_connection(("127.0.0.1", ports["literal"][1]), timeout=10) as sock:
+        sock.sendall(b"through the launch")
+        assert sock.recv(100) == b"through the launch"
+    with socket.create_connection(("127.0.0.1", ports["named"][1]), timeout=10) as sock:
+        sock.sendall(b"never delivered")
+        try:
+            answer = sock.recv(100)
+        except ConnectionResetError:
+            answer = b""
+        assert answer == b""   # closed: the gateway refused the stream
+    ports["named"][0].wait_for(LOOPBACK_TOLD)
+    refused = [e for e in audit(deployment) if e["event"] == "launch.refused"]
+    assert [e["resource"] for e in refused] == ["named"]
+    assert "127.0.0.1 is the gateway host's loopback" in str(refused[0]["reason"])
