@@ -312,3 +312,48 @@ def test_a_resource_named_localhost_is_refused_while_its_literal_address_is_laun
     refused = [e for e in audit(deployment) if e["event"] == "launch.refused"]
     assert [e["resource"] for e in refused] == ["named"]
     assert "127.0.0.1 is the gateway host's loopback" in str(refused[0]["reason"])
+
+
+@pytest.mark.peer
+def test_policy_explain_takes_a_directory_users_groups_from_a_sign_in(
+        deployment: Deployment, slapd) -> None:  # type: ignore[no-untyped-def]
+    from peers.ldap import PASSWORDS
+
+    (deployment.directory / "secrets" / "ldap-bind").write_text(slapd.bind_password)
+    with deployment.config.open("a") as handle:
+        handle.write(f"""
+[auth]
+flow = "corp"
+{slapd.provider_toml("corp", "secrets/ldap-bind", nested_groups=True)}[[auth.flows]]
+name = "corp"
+[[auth.flows.steps]]
+provider = "corp"
+
+[[policies]]
+name = "sales-intranet"
+action = "allow"
+groups = ["sales"]
+""")
+    directory = str(deployment.directory)
+    # bob has no local account: his groups exist only in the directory's answer.
+    unknown = run_cli("policy", "explain", "--user", "bob", "--to", "10.20.1.10:443/tcp",
+                      "--dir", directory)
+    assert unknown.returncode == 2 and "--sign-in" in unknown.stderr
+    signed_in = run_cli("policy", "explain", "--user", "bob", "--answer",
+                        f"password={PASSWORDS['bob']}", "--to", "10.20.1.10:443/tcp",
+                        "--dir", directory)
+    assert signed_in.returncode == 0, signed_in.stderr
+    lines = signed_in.stdout.splitlines()
+    assert lines[0].startswith("user bob (signed in through flow corp, realm corp): groups")
+    assert "sales" in lines[0] and "ALLOWED" in lines
+    assert 'allowed by rule "sales-intranet": user bob in group sales' in signed_in.stdout
+    # The same user, to the gateway host's Redis: the rule allows any destination, which
+    # does not open loopback.
+    loopback = run_cli("policy", "explain", "--user", "bob", "--answer",
+                       f"password={PASSWORDS['bob']}", "--to", "127.0.0.1:6379/tcp",
+                       "--dir", directory)
+    assert "DENIED" in loopback.stdout.splitlines()
+    assert 'rule "sales-intranet" allows any destination' in loopback.stdout
+    wrong = run_cli("policy", "explain", "--user", "bob", "--answer", "password=nope",
+                    "--to", "10.20.1.10:443/tcp", "--dir", directory)
+    assert wrong.returncode == 1 and "would not sign bob in" in wrong.stderr
