@@ -386,7 +386,7 @@ def test_ping_reaches_a_host_in_a_network_namespace_through_the_gateway(
         "3 sent, 3 answered" in pinged.stdout
     # The gateway's own side of the veth is not in the rule: refused, and audited.
     refused = run_cli("ping", test_host.gateway_side, "-c", "1", env=env)
-    assert refused.returncode == 1 and "not allowed by the access policy" in refused.stderr
+    assert refused.returncode == 1 and "no rule allows it (default deny)" in refused.stderr
     denied = [e for e in audit(deployment) if e["event"] == "tunnel.denied"]
     assert denied[-1]["destination"] == f"{test_host.gateway_side}:0/icmp"
 

@@ -752,15 +752,46 @@ def policy() -> None:
 
 
 @policy.command("explain")
-@click.option("--user", "username", required=True, help="The user (their groups are looked up).")
+@click.option("--user", "username", help="A local account, or with --sign-in anyone.")
+@click.option("--session", "token", help="A live session's token: its claims are used.")
+@click.option("--sign-in", "sign_in", is_flag=True,
+              help="Run the sign-in flow for --user (as `auth test` does) and use its claims.")
+@click.option("--flow", "flow_name", help="The flow for --sign-in (default: auth.flow).")
+@click.option("--answer", "answers", multiple=True, metavar="PROMPT=VALUE",
+              help="Answer a sign-in prompt without being asked (repeatable; implies --sign-in).")
 @click.option("--to", "target", required=True, metavar="HOST:PORT/PROTO",
               help="The destination, e.g. db.corp.example:5432/tcp or 10.1.2.3:53/udp.")
 @dir_option
-def policy_explain(username: str, target: str, directory: Path) -> None:
-    """Say which rule decides whether USER may reach a destination, and why."""
-    from portcullis.policy.explain import explain
+def policy_explain(username: str | None, token: str | None, sign_in: bool,
+                   flow_name: str | None, answers: tuple[str, ...], target: str,
+                   directory: Path) -> None:
+    """Say whether the gateway admits a user to a destination, which rule or protected
+    range decides, and why. Run it on a gateway host."""
+    from portcullis.identity.conditions import LoginContext
+    from portcullis.policy import explain as explaining
 
-    for line in asyncio.run(explain(_load(directory), username, target)):
+    if (username is None) == (token is None):
+        fail("give --user NAME or --session TOKEN (one of them)", 2)
+    settings = _load(directory)
+    given = _answer_options(answers)
+
+    def answer(step: Any, prompt: Any) -> str:
+        if prompt.name in given:
+            return given.pop(prompt.name)
+        return str(click.prompt(prompt.label, hide_input=prompt.secret))
+
+    async def run() -> list[str]:
+        if token is not None:
+            who = await explaining.session_user(settings, token)
+        elif sign_in or answers:
+            who = await explaining.signed_in_user(
+                settings, flow_name or settings.auth.flow, str(username), answer,
+                lambda line: click.echo(line, err=True), LoginContext("127.0.0.1", None))
+        else:
+            who = await explaining.local_user(settings, str(username))
+        return (await explaining.explain(settings, who, target))[1]
+
+    for line in asyncio.run(run()):
         click.echo(line)
 
 

@@ -3,7 +3,10 @@ and relays every stream of that connection to the one server the ticket names.
 
 Streams carry no destination of their own (an OPEN with an empty host): they are all
 pinned to the ticket's address, and an OPEN naming any other host is refused. The
-client never learns the server's address. Never logs a full ticket.
+ticket's address is resolved once per launch and admitted by the same decision as tunnel
+streams (`policy.admission.admit`, under the resource's own one-rule policy), and every
+stream dials the address admitted. The client never learns the server's address. Never
+logs a full ticket.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from websockets.http11 import Request
 
 from portcullis.audit import AuditTrail
 from portcullis.config.values import parse_host_port
-from portcullis.errors import TicketError
+from portcullis.errors import DialError, TicketError
 from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.identity.accounts import AccountStatus
+from portcullis.net.destinations import HostAddresses, resolve
 from portcullis.net.dialer import Dialer
-from portcullis.net.muxsession import MuxSession, keepalive_fields
+from portcullis.net.muxsession import DIAL_REASONS, MuxSession, keepalive_fields
 from portcullis.net.websocket import WebSocketMux
+from portcullis.policy import Subject
+from portcullis.policy.admission import Admission, admit, needs_lookup, resource_policy
 from portcullis.proto import mux
 from portcullis.proto.mux import MuxConnection, Reason, Timers
 from portcullis.sta.authority import TicketGrant
@@ -34,6 +40,10 @@ log = structlog.get_logger("portcullis.gateway")
 PATH = "/api/v1/launch"
 
 
+# Where a launch's streams go: the admitted address and port, or why none can be dialled.
+Pinned = tuple[Admission | DialError, int]
+
+
 @dataclass(frozen=True)
 class LaunchSettings:
     ticket_wait: float
@@ -43,7 +53,8 @@ class LaunchSettings:
 class LaunchEndpoint:
     def __init__(self, authorities: TicketIssuer, dialer: Dialer, accounts: AccountStatus,
                  registry: ConnectionRegistry, audit: AuditTrail,
-                 settings: LaunchSettings) -> None:
+                 settings: LaunchSettings, host_addresses: HostAddresses | None = None) -> None:
+        self._host_addresses = host_addresses or HostAddresses()
         self._authorities = authorities
         self._dialer = dialer
         self._accounts = accounts
@@ -56,12 +67,12 @@ class LaunchEndpoint:
         """A WebSocket to the launch path is open: serve it as one launch."""
         peer = carrier.transport.get_extra_info("peername") if carrier.transport else None
         client = str(peer[0]) if peer else "unknown"
-        grant_ready: asyncio.Future[tuple[TicketGrant, str, int]] = (
+        grant_ready: asyncio.Future[tuple[TicketGrant, Pinned]] = (
             asyncio.get_running_loop().create_future())
 
         async def open_stream(session: MuxSession, event: mux.StreamOpened) -> None:
-            grant, host, port = await grant_ready
-            await self._open_pinned(session, event, grant, host, port)
+            grant, pinned = await grant_ready
+            await self._open_pinned(session, event, grant, pinned)
 
         session = MuxSession(MuxConnection("gateway", timers=self._settings.timers),
                              on_open=open_stream)
@@ -71,10 +82,12 @@ class LaunchEndpoint:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, session: MuxSession, client: str,
-                     grant_ready: asyncio.Future[tuple[TicketGrant, str, int]]) -> None:
+                     grant_ready: asyncio.Future[tuple[TicketGrant, Pinned]]) -> None:
         try:
             grant = await self._redeem(session, client)
-            pinned = parse_host_port(grant.address) if grant is not None else None
+            written = parse_host_port(grant.address) if grant is not None else None
+            pinned = (await self._admit(grant, client, *written)
+                      if grant is not None and written is not None else None)
         except Exception as exc:   # a store or STA failure: refuse, never hang
             log.exception("launch failed")
             self._audit.record("launch.refused", client=client, reason=f"internal: {exc!r}")
@@ -85,7 +98,7 @@ class LaunchEndpoint:
             grant_ready.cancel()
             session.close(Reason.AUTH_FAILED, "denied")
             return
-        grant_ready.set_result((grant, *pinned))
+        grant_ready.set_result((grant, pinned))
         session.mux.send_hello({"version": 1, "resource": grant.resource,
                                 "keepalive": keepalive_fields(self._settings.timers)})
         session.flush_soon()
@@ -127,13 +140,43 @@ class LaunchEndpoint:
                            resource=grant.resource, ticket=mask(ticket))
         return grant
 
+    async def _admit(self, grant: TicketGrant, client: str, host: str, port: int) -> Pinned:
+        """Resolve the resource's address once and admit it: a literal IP written in the
+        resource is the administrator's choice; a name resolving to the gateway host,
+        link-local or the gateway's own addresses is refused (the access rules, which
+        the ticket already answered, do not apply)."""
+        policy = resource_policy(host)
+        subject = Subject(grant.user, frozenset())
+        try:
+            resolved = (await resolve(host, port)
+                        if needs_lookup(policy, subject, host, port, "tcp") else None)
+        except DialError as exc:
+            return exc, port
+        admission = admit(policy, subject, host, port, "tcp", resolved,
+                          host_addresses=self._host_addresses.current())
+        if not admission.allowed:
+            self._audit.record("launch.refused", client=client, user=grant.user,
+                               resource=grant.resource, reason=admission.reason)
+        return admission, port
+
     async def _open_pinned(self, session: MuxSession, event: mux.StreamOpened,
-                           grant: TicketGrant, host: str, port: int) -> None:
+                           grant: TicketGrant, pinned: Pinned) -> None:
         if event.protocol != mux.Protocol.TCP or event.host:
             session.refuse(event.stream_id, Reason.DENIED,
                            "a launched resource carries only its own TCP streams")
             return
-        failed = await session.connect_stream(event.stream_id, self._dialer, host, port,
+        admission, port = pinned
+        if isinstance(admission, DialError):
+            session.refuse(event.stream_id, DIAL_REASONS[admission.reason],
+                           "the resource's server is not available")
+            self._audit.record("launch.stream_failed", user=grant.user,
+                               resource=grant.resource, reason=str(admission))
+            return
+        if admission.address is None:
+            session.refuse(event.stream_id, Reason.DENIED, admission.refusal)
+            return
+        failed = await session.connect_stream(event.stream_id, self._dialer,
+                                              str(admission.address), port,
                                               refusal="the resource's server is not available")
         if failed is not None:
             self._audit.record("launch.stream_failed", user=grant.user, resource=grant.resource,

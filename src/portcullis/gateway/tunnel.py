@@ -1,10 +1,11 @@
 """The tunnel endpoint: the SSL VPN. A signed-in client opens one WebSocket; every
 connection it captures becomes a stream naming its destination; the gateway resolves
-the name on the inside, asks the access policy, connects through the Dialer and relays
-(reverse NAT: servers see the gateway).
+the name on the inside, asks the admission decision (`policy.admission.admit`: the access
+policy and the never-reachable set), dials the one address it admitted through the Dialer
+and relays (reverse NAT: servers see the gateway).
 
-The policy is asked here, for every stream, never trusted to the client; every denial
-is audited with the deciding rule. The policy is read at each stream, so a reload
+Admission is asked here, for every stream, never trusted to the client; every denial
+is audited with its reason. The policy is read at each stream, so a reload
 applies to new streams without dropping tunnels. Never logs a session token.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.gateway.pool import AddressPool
 from portcullis.identity.claims import Claims
 from portcullis.identity.sessions import SessionManager
+from portcullis.net.destinations import HostAddresses, resolve
 from portcullis.net.dialer import Dialer
 from portcullis.net.icmp import Pinger
 from portcullis.net.muxsession import (
@@ -38,8 +39,8 @@ from portcullis.net.muxsession import (
     keepalive_fields,
 )
 from portcullis.net.websocket import WebSocketMux
-from portcullis.policy import AccessPolicy, Destination, Subject
-from portcullis.policy.explain import decide_resolved
+from portcullis.policy import AccessPolicy, Subject
+from portcullis.policy.admission import admit, needs_lookup
 from portcullis.proto import mux
 from portcullis.proto.mux import Limits, MuxConnection, Reason, Timers
 
@@ -72,7 +73,8 @@ class TunnelEndpoint:
                  vpn: Callable[[], VpnSettings], dialer: Dialer,
                  registry: ConnectionRegistry, audit: AuditTrail,
                  settings: TunnelSettings = TunnelSettings(),
-                 pool: AddressPool | None = None) -> None:
+                 pool: AddressPool | None = None,
+                 host_addresses: HostAddresses | None = None) -> None:
         self._pool = pool
         self._sessions = sessions
         self._policy = policy
@@ -83,7 +85,7 @@ class TunnelEndpoint:
         self._settings = settings
         self._tasks: set[asyncio.Task[None]] = set()
         self._pinger = Pinger()
-        self._networks_known: dict[tuple[int, Subject], bool] = {}
+        self._host_addresses = host_addresses or HostAddresses()
 
     def opened(self, carrier: WebSocketMux, request: Request) -> None:
         peer = carrier.transport.get_extra_info("peername") if carrier.transport else None
@@ -228,38 +230,33 @@ class TunnelEndpoint:
         where = f"{event.host}:{event.port}/{protocol}"
         subject = Subject(claims.username, frozenset(claims.groups))
         policy = self._policy()
-        name = None if _is_address(event.host) else event.host
-        addresses: list[Address | None] = [None]
-        # A name is looked up on the inside only for users whom some rule could allow
-        # there: the gateway's resolver is not an oracle for everyone who signs in.
-        if (name is None or self._has_networks(policy, subject)
-                or policy.decide(subject, Destination(name, None, event.port, protocol)).allowed):
+        resolved: list[Address] | None = None
+        if needs_lookup(policy, subject, event.host, event.port, protocol):
             try:
-                addresses = list(await self._resolve(event.host, event.port))
+                resolved = await resolve(event.host, event.port)
             except DialError as exc:
                 session.refuse(event.stream_id, DIAL_REASONS[exc.reason], str(exc))
                 return
-        if source is not None:   # a pool address can only reach its own family
-            family = ipaddress.ip_address(source).version
-            addresses = [a for a in addresses if a is None or a.version == family] or [None]
+        admission = admit(policy, subject, event.host, event.port, protocol, resolved,
+                          pool_family=ipaddress.ip_address(source).version if source else None,
+                          host_addresses=self._host_addresses.current())
         audit = {"user": claims.username, "client": client, "destination": where,
                  "tunnel": admitted.tunnel_id}
-        decision, address = decide_resolved(policy, subject, name, addresses,
-                                            event.port, protocol)
-        refusal = _never_reachable(address)
-        if refusal is not None or not decision.allowed or address is None:
-            self._audit.record("tunnel.denied", **audit, rule=decision.rule,
-                               reason=refusal or decision.reason)
-            session.refuse(event.stream_id, Reason.DENIED, "not allowed by the access policy")
+        address = admission.address
+        if not admission.allowed or address is None:
+            self._audit.record("tunnel.denied", **audit, rule=admission.rule,
+                               reason=admission.reason)
+            session.refuse(event.stream_id, Reason.DENIED, admission.refusal)
             return
         started = time.monotonic()
 
         def audit_stream(stream: StreamBridge | DatagramFlow) -> None:
             self._audit.record("tunnel.stream", **audit, address=str(address),
-                               rule=decision.rule, bytes_to_client=stream.counters.sent,
+                               rule=admission.rule, bytes_to_client=stream.counters.sent,
                                bytes_from_client=stream.counters.received,
                                duration=round(time.monotonic() - started, 3))
 
+        # Dial exactly the address admitted: never the name again (no second lookup).
         if event.protocol == mux.Protocol.UDP:
             failed = await self._open_flow(session, event.stream_id, str(address), event.port,
                                            audit_stream, source)
@@ -271,16 +268,6 @@ class TunnelEndpoint:
                                                   source=source)
         if failed is not None:
             self._audit.record("tunnel.stream_failed", **audit, reason=str(failed))
-
-    def _has_networks(self, policy: AccessPolicy, subject: Subject) -> bool:
-        """Whether any allow rule gives this user networks (remembered per policy)."""
-        key = (id(policy), subject)
-        known = self._networks_known.get(key)
-        if known is None:
-            if len(self._networks_known) > 10_000:
-                self._networks_known.clear()
-            known = self._networks_known[key] = bool(policy.networks_for(subject))
-        return known
 
     def _open_echo(self, session: MuxSession, stream_id: int, address: str,
                    on_closed: Callable[[DatagramFlow], None]) -> DialError | None:
@@ -350,22 +337,6 @@ class TunnelEndpoint:
         socket_side.flow = flow
         return None
 
-    async def _resolve(self, host: str, port: int) -> list[Address]:
-        """The addresses of `host`, looked up on the inside (the gateway's resolver)."""
-        if _is_address(host):
-            return [_unmapped(ipaddress.ip_address(host))]
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise DialError(f"cannot resolve {host}: {exc.strerror}", "name_not_found") from None
-        found: list[Address] = []
-        for info in infos:
-            address = _unmapped(ipaddress.ip_address(info[4][0]))
-            if address not in found:
-                found.append(address)
-        return found
-
 
 def mux_timers(vpn: VpnSettings) -> Timers:
     """The keep-alive and idle timers of the gateway's mux connections."""
@@ -384,30 +355,3 @@ class UdpSocket(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         pass   # ICMP errors (port unreachable): UDP's own semantics; the flow idles out
-
-
-def _unmapped(address: Address) -> Address:
-    """::ffff:a.b.c.d is a.b.c.d: rules and sockets see it as the IPv4 address it is."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-def _never_reachable(address: Address | None) -> str | None:
-    """Destinations no rule may open: 0.0.0.0 and :: reach the gateway host itself on
-    Linux, whatever the rules say about its loopback; multicast is not a peer."""
-    if address is None:
-        return None
-    if address.is_unspecified:
-        return f"{address} is the unspecified address (it would reach the gateway itself)"
-    if address.is_multicast:
-        return f"{address} is a multicast address"
-    return None
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

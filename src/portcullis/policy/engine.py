@@ -230,6 +230,12 @@ class AccessPolicy:
         check_unique_names(rules)
         self.rules: tuple[PolicyRule, ...] = tuple(rules)
         self._compiled = tuple(_compile(rule) for rule in self.rules)
+        self._by_name = {rule.name: rule for rule in self.rules}
+        self._routes_known: dict[Subject, bool] = {}
+
+    def rule_named(self, name: str) -> PolicyRule:
+        """The rule of that name, as written (KeyError if there is none)."""
+        return self._by_name[name]
 
     def decide(self, subject: Subject, destination: Destination) -> PolicyDecision:
         """Allow or deny one stream; the first matching rule decides, else default deny.
@@ -282,6 +288,16 @@ class AccessPolicy:
             if rule.allow and _subject(rule, request)[0]:
                 networks.extend(net for net in rule.source.networks if net not in networks)
         return networks
+
+    def has_networks_for(self, subject: Subject) -> bool:
+        """Whether any allow rule gives this subject networks; remembered per subject,
+        since it is asked at every stream a name opens."""
+        known = self._routes_known.get(subject)
+        if known is None:
+            if len(self._routes_known) > 10_000:
+                self._routes_known.clear()
+            known = self._routes_known[subject] = bool(self.networks_for(subject))
+        return known
 
 
 def _canonical_or_none(username: str) -> str | None:

@@ -1,41 +1,50 @@
-"""Deciding a stream whose name resolved to several addresses, and `policy explain`.
+"""`portcullis policy explain`: the admission decision for a user and a destination,
+printed with its reason.
 
-The gateway and `portcullis policy explain` both call `decide_resolved`, so what the
-administrator is told is what the gateway does; the explanation is a print of the
-decision's own checks.
+It calls what the gateway calls (`admission.needs_lookup`, `admission.admit`) with what
+the gateway would give it: the user as the gateway sees them (a local account's groups,
+a live session's claims, or the claims a run of the sign-in flow yields, for directory
+and RADIUS users), the name resolved by this host's resolver, this host's interface
+addresses and the pool's address family. So it never says ALLOWED for a destination
+the gateway refuses. Run it on a gateway host: the never-reachable set includes the
+addresses of the host it runs on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from typing import Literal
 
 from portcullis.config.model import Settings
-from portcullis.errors import AuthError, ConfigError
+from portcullis.errors import AuthError, ConfigError, DialError
+from portcullis.identity.accounts import AccountStatus
+from portcullis.identity.claims import Claims
+from portcullis.identity.conditions import LoginContext
 from portcullis.identity.names import canonical_username
-from portcullis.policy.engine import AccessPolicy, Destination, PolicyDecision, Subject
-from portcullis.store import DurableStore
+from portcullis.identity.sessions import SessionManager
+from portcullis.identity.tooling import Answer, Report, dry_run, opened_stores
+from portcullis.policy.admission import (
+    Address,
+    Admission,
+    admit,
+    needs_lookup,
+    parse_address,
+)
+from portcullis.policy.engine import AccessPolicy, Subject
 
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Protocol = Literal["tcp", "udp", "icmp"]
 PROTOCOLS: tuple[Protocol, ...] = ("tcp", "udp", "icmp")
+Resolver = Callable[[str, int], Awaitable[list[Address]]]
 
 
-def decide_resolved(policy: AccessPolicy, subject: Subject, name: str | None,
-                    addresses: Sequence[Address | None], port: int,
-                    protocol: Protocol) -> tuple[PolicyDecision, Address | None]:
-    """The first address the policy allows, with its decision; else the first denial."""
-    first: tuple[PolicyDecision, Address | None] | None = None
-    for address in addresses:
-        decision = policy.decide(subject, Destination(name, address, port, protocol))
-        if decision.allowed:
-            return decision, address
-        first = first or (decision, address)
-    assert first is not None, "at least one address (or None for 'unresolved')"
-    return first
+@dataclass(frozen=True)
+class Who:
+    """The user as the gateway would see them, and a line saying where that came from."""
+
+    subject: Subject
+    told: str
 
 
 def parse_target(target: str) -> tuple[str, int, Protocol]:
@@ -52,39 +61,96 @@ def parse_target(target: str) -> tuple[str, int, Protocol]:
     return host.strip("[]"), int(port), protocol
 
 
-async def explain(settings: Settings, username: str, target: str) -> list[str]:
-    """Lines for `portcullis policy explain`."""
-    host, port, protocol = parse_target(target)
+def _claims_line(source: str, claims: Claims) -> Who:
+    groups = ", ".join(claims.groups) or "(none)"
+    return Who(Subject(claims.username, frozenset(claims.groups)),
+               f"user {claims.username} ({source}, realm {claims.idp}): groups {groups}")
+
+
+async def local_user(settings: Settings, username: str) -> Who:
+    """A local account, with its groups; an unknown name is an error, never "no groups"."""
     try:
         user = canonical_username(username)
     except AuthError as exc:
         raise ConfigError(str(exc), key="--user") from None
-    store = await DurableStore.open(settings.durable_url())
-    try:
-        record = await store.get_user(user)
-    finally:
-        await store.close()
-    groups = record.groups if record is not None else ()
-    lines = [f"user {user}: " + (f"groups {', '.join(groups) or '(none)'}"
-                                 if record is not None else "no local account (no groups)")]
-    name: str | None = host
-    addresses: list[Address | None]
-    try:
-        addresses = [ipaddress.ip_address(host)]
-        name = None
-    except ValueError:
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port or None,
-                                                                 type=socket.SOCK_STREAM)
-            addresses = list(dict.fromkeys(ipaddress.ip_address(i[4][0]) for i in infos))
-        except socket.gaierror:
-            addresses = [None]
-            lines.append(f"{host} does not resolve here: only rules naming hosts can match")
+    async with opened_stores(settings, throwaway_ephemeral=True) as (durable, _e, _h):
+        record = await durable.get_user(user)
+    if record is None:
+        raise ConfigError(
+            f"no local account {user!r}: for a directory or RADIUS user add --sign-in (runs"
+            " the sign-in flow as `auth test` does), or give --session TOKEN", key="--user")
+    groups = ", ".join(record.groups) or "(none)"
+    state = " (disabled: cannot sign in)" if record.disabled else ""
+    return Who(Subject(user, frozenset(record.groups)),
+               f"user {user} (local account{state}): groups {groups}")
+
+
+async def session_user(settings: Settings, token: str) -> Who:
+    """The claims of a live session, checked as the gateway checks a tunnel's session
+    (which counts as a use of it, like any request with the token)."""
+    if settings.store.ephemeral.startswith("memory"):
+        raise ConfigError("sessions live inside the gateway process with a memory store; "
+                          "--session needs a shared one (store.ephemeral = \"redis://...\")",
+                          key="--session")
+    async with opened_stores(settings, throwaway_ephemeral=False) as (durable, ephemeral,
+                                                                       hasher):
+        sessions = SessionManager(ephemeral, AccountStatus(durable), hasher, settings.session)
+        session = await sessions.validate(token.strip())
+    if session is None:
+        raise ConfigError("no live session has that token (signed out, expired, or the"
+                          " account was disabled or its password changed)", key="--session")
+    return _claims_line("live session", session.claims)
+
+
+async def signed_in_user(settings: Settings, flow_name: str, username: str, answer: Answer,
+                         report: Report, context: LoginContext) -> Who:
+    """The claims a sign-in through `flow_name` would carry: the flow runs against the
+    real directories and RADIUS servers, as `portcullis auth test` runs it."""
+    if flow_name not in {flow.name for flow in settings.auth.flows}:
+        raise ConfigError(f"no flow named {flow_name!r} in auth.flows", key="--flow")
+    result = await dry_run(settings, flow_name, username, answer, report, context)
+    if result.claims is None:
+        raise AuthError(f"the flow would not sign {username} in ({result.outcome}), so there"
+                        " are no claims to explain")
+    return _claims_line(f"signed in through flow {flow_name}", result.claims)
+
+
+async def explain(settings: Settings, who: Who, target: str, *,
+                  resolver: Resolver | None = None,
+                  host_addresses: Collection[Address] | None = None
+                  ) -> tuple[Admission, list[str]]:
+    """The gateway's decision for `who` opening `target`, and the lines to print.
+    By default names resolve here and the interface addresses are this host's."""
+    from portcullis.net.destinations import read_interface_addresses, resolve
+
+    resolver = resolver or resolve
+    if host_addresses is None:
+        host_addresses = read_interface_addresses()
+    host, port, protocol = parse_target(target)
     policy = AccessPolicy(settings.policies)
-    decision, address = decide_resolved(policy, Subject(user, frozenset(groups)), name,
-                                        addresses, port, protocol)
+    pool = settings.vpn.address_pool
+    pool_family = ipaddress.ip_network(pool).version if pool else None
+    lines = [who.told]
+    resolved: list[Address] | None = None
+    if needs_lookup(policy, who.subject, host, port, protocol):
+        try:
+            resolved = await resolver(host, port)
+        except DialError as exc:
+            lines.append(f"{exc} (the gateway refuses the stream: name not found)")
+        else:
+            lines.append(f"{host} resolves to {', '.join(str(a) for a in resolved)}")
+    elif parse_address(host) is None:
+        lines.append(f"{host} is not looked up: no rule could allow this user there")
+    admission = admit(policy, who.subject, host, port, protocol, resolved,
+                      pool_family=pool_family, host_addresses=host_addresses)
     shown = f"{host}:{port}/{protocol}" if protocol != "icmp" else f"{host}/icmp"
-    lines.append(f"destination {shown}" + (f" ({address})" if address and name else ""))
-    lines.append("ALLOWED" if decision.allowed else "DENIED")
-    lines.extend(decision.explain().splitlines())
-    return lines
+    dialled = f" (dials {admission.address})" if admission.address is not None else ""
+    lines.append(f"destination {shown}{dialled}")
+    lines.append("ALLOWED" if admission.allowed else "DENIED")
+    if admission.decision is not None:
+        lines.extend(f"{'match' if check.matched else 'skip '}  {check.rule}: {check.why}"
+                     for check in admission.decision.checks)
+    lines.append(admission.reason)
+    if not admission.allowed:
+        lines.append(f"the client is told: {admission.refusal}")
+    return admission, lines
