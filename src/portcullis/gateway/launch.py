@@ -3,7 +3,9 @@ and relays every stream of that connection to the one server the ticket names.
 
 Streams carry no destination of their own (an OPEN with an empty host): they are all
 pinned to the ticket's address, and an OPEN naming any other host is refused. The
-client never learns the server's address. Never logs a full ticket.
+client never learns the server's address. A ticket is redeemed only while the sign-in
+session it was issued under lasts, and the launch remembers that session: its ending
+ends the launch. Never logs a full ticket.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from portcullis.config.values import parse_host_port
 from portcullis.errors import TicketError
 from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.identity.accounts import AccountStatus
+from portcullis.identity.sessions import Session, SessionManager
 from portcullis.net.dialer import Dialer
 from portcullis.net.muxsession import MuxSession
 from portcullis.net.websocket import WebSocketMux
@@ -42,7 +45,8 @@ class LaunchSettings:
 class LaunchEndpoint:
     def __init__(self, authorities: TicketIssuer, dialer: Dialer, accounts: AccountStatus,
                  registry: ConnectionRegistry, audit: AuditTrail,
-                 settings: LaunchSettings) -> None:
+                 settings: LaunchSettings, sessions: SessionManager) -> None:
+        self._sessions = sessions
         self._authorities = authorities
         self._dialer = dialer
         self._accounts = accounts
@@ -87,7 +91,8 @@ class LaunchEndpoint:
         session.mux.send_hello({"version": 1, "resource": grant.resource})
         session.flush_soon()
         started = time.monotonic()
-        connection = Connection("launch", grant.user, client, session, grant.resource)
+        connection = Connection("launch", grant.user, client, session, grant.resource,
+                                session_handle=grant.session)
         self._registry.add(connection)
         try:
             await session.closed.wait()
@@ -119,6 +124,16 @@ class LaunchEndpoint:
         if await self._accounts.is_disabled(grant.user):
             self._audit.record("launch.refused", client=client, user=grant.user,
                                reason="account disabled")
+            return None
+        # Tickets issued before their session ended are refused, as its connections end.
+        standing = (await self._sessions.standing(grant.session)
+                    if grant.session is not None else None)
+        if not isinstance(standing, Session):
+            self._audit.record("launch.refused", client=client, user=grant.user,
+                               ticket=mask(ticket),
+                               reason="the ticket names no sign-in session"
+                               if standing is None else
+                               f"the sign-in session it was issued under has ended ({standing})")
             return None
         self._audit.record("launch.started", client=client, user=grant.user,
                            resource=grant.resource, ticket=mask(ticket))
