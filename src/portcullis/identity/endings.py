@@ -46,14 +46,14 @@ class Notice:
 # AUTH_FAILED and ADMIN_ENDED both stop `portcullis connect`; the message says the rest.
 NOTICES: dict[Ending, Notice] = {
     Ending.SIGNED_OUT: Notice(
-        Reason.AUTH_FAILED, "your session ended: you signed out (here or on another "
+        Reason.AUTH_FAILED, "your session ended: signed out (here or on another "
         "device); sign in again to reconnect", True),
     Ending.PASSWORD_CHANGED: Notice(
-        Reason.AUTH_FAILED, "your session ended: your password was changed; sign in again "
-        "with the new password", True),
+        Reason.AUTH_FAILED, "your session ended: password changed; sign in again with "
+        "the new password", True),
     Ending.ACCOUNT_DISABLED: Notice(
-        Reason.AUTH_FAILED, "your session ended: your account is disabled; signing in again "
-        "will not help, contact your administrator", False),
+        Reason.AUTH_FAILED, "your session ended: account disabled; signing in again will "
+        "not help, contact your administrator", False),
     Ending.ADMIN_REVOKED: Notice(
         Reason.ADMIN_ENDED, "your session was ended by an administrator; contact your "
         "administrator before signing in again", None),
