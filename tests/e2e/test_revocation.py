@@ -11,7 +11,6 @@ token no longer works.
 from __future__ import annotations
 
 import json
-import re
 import socket
 import ssl
 import subprocess
