@@ -230,3 +230,38 @@ def test_ending_only_the_connections_keeps_the_session_and_its_tickets(
                                   timeout=10) as sock:
         sock.sendall(b"still signed in")
         assert sock.recv(100) == b"still signed in"
+
+
+def test_a_launch_through_an_sta_in_its_own_process_remembers_its_session_and_ends_with_it(
+        deployment: Deployment, echo_server, start_process, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import secrets
+
+    from peers.stores import REDIS_URL, answering_redis_url
+
+    asyncio.run(answering_redis_url())
+    deployment.set("store", "ephemeral",
+                   f'"{REDIS_URL}?prefix=pc-revocation-{secrets.token_hex(4)}:"')
+    deployment.add_resource("echo", echo_server.address, ["staff"], "Echo")
+    deployment.add_user("alice", PASSWORD, ["staff"])
+    start_process("serve", "sta", "--dir", str(deployment.directory),
+                  name="sta").wait_for(r"sta listening on")
+    start_process("serve", "gateway", "portal", "--dir", str(deployment.directory),
+                  name="edge").wait_for(r"Portal: https://")
+    cluster = Cluster(deployment, deployment.url, deployment.url,
+                      ssl.create_default_context(cafile=str(deployment.ca)), echo_server.address)
+    token = sign_in(cluster, deployment.url, "alice")
+    launch = start_process("launch", "--file", str(launch_file(cluster, token,
+                                                               tmp_path / "echo.portcullis")),
+                           "--ca", str(deployment.ca), "--listen", "127.0.0.1:0",
+                           name="launch", env={"PORTCULLIS_HOME": str(tmp_path / "alice")})
+    launched = launch.wait_for(r"listening on ([\d.]+):(\d+)")
+    flow = Traffic(launched.group(1), int(launched.group(2)))
+    flow.start()
+    assert flow.flowing.wait(10)
+    event_at = time.monotonic()
+    httpx.post(f"{deployment.url}/api/v1/logout", verify=cluster.tls,
+               headers={"authorization": f"Bearer {token}"})
+    flow.join(15)
+    assert flow.closed_at is not None and flow.closed_at - event_at < BOUND
+    assert launch.popen.wait(15) == 1 and "signed out" in launch.output()
