@@ -230,9 +230,18 @@ class Node:
     def _gateway_role(self, accounts: AccountStatus, sessions: SessionManager,
                       authorities: TicketIssuer, portal_app: Starlette | None) -> None:
         settings = self.settings
+        # A portal in another process with a memory:// store keeps sessions this gateway
+        # cannot see: launches are then not tied to them (and tunnels cannot sign in).
+        sessions_here = ("portal" in self.roles
+                         or not settings.store.ephemeral.startswith("memory:"))
+        if not sessions_here:
+            log.warning("the portal runs in another process and store.ephemeral is "
+                        "memory://: ending a sign-in session will not end its launched "
+                        "connections; share a redis:// store")
         launch = LaunchEndpoint(
             authorities, DirectDialer(), accounts, self.registry, self.audit,
-            LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds), sessions)
+            LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds),
+            sessions if sessions_here else None)
         self.websocket_endpoints[LAUNCH_PATH] = launch.opened
         pool = (AddressPool(ipaddress.ip_network(settings.vpn.address_pool), self.ephemeral)
                 if settings.vpn.address_pool else None)

@@ -45,7 +45,9 @@ class LaunchSettings:
 class LaunchEndpoint:
     def __init__(self, authorities: TicketIssuer, dialer: Dialer, accounts: AccountStatus,
                  registry: ConnectionRegistry, audit: AuditTrail,
-                 settings: LaunchSettings, sessions: SessionManager) -> None:
+                 settings: LaunchSettings, sessions: SessionManager | None) -> None:
+        # None: this gateway cannot see the sign-in sessions (a portal in another process
+        # with a memory:// store), so launches are not tied to them.
         self._sessions = sessions
         self._authorities = authorities
         self._dialer = dialer
@@ -92,7 +94,7 @@ class LaunchEndpoint:
         session.flush_soon()
         started = time.monotonic()
         connection = Connection("launch", grant.user, client, session, grant.resource,
-                                session_handle=grant.session)
+                                session_handle=grant.session if self._sessions else None)
         self._registry.add(connection)
         try:
             await session.closed.wait()
@@ -126,18 +128,25 @@ class LaunchEndpoint:
                                reason="account disabled")
             return None
         # Tickets issued before their session ended are refused, as its connections end.
-        standing = (await self._sessions.standing(grant.session)
-                    if grant.session is not None else None)
-        if not isinstance(standing, Session):
+        refusal = await self._session_refusal(grant)
+        if refusal is not None:
             self._audit.record("launch.refused", client=client, user=grant.user,
-                               ticket=mask(ticket),
-                               reason="the ticket names no sign-in session"
-                               if standing is None else
-                               f"the sign-in session it was issued under has ended ({standing})")
+                               ticket=mask(ticket), reason=refusal)
             return None
         self._audit.record("launch.started", client=client, user=grant.user,
                            resource=grant.resource, ticket=mask(ticket))
         return grant
+
+    async def _session_refusal(self, grant: TicketGrant) -> str | None:
+        """Why the ticket's sign-in session does not allow the launch (None: it does)."""
+        if self._sessions is None:
+            return None
+        if grant.session is None:
+            return "the ticket names no sign-in session"
+        standing = await self._sessions.standing(grant.session)
+        if isinstance(standing, Session):
+            return None
+        return f"the sign-in session it was issued under has ended ({standing})"
 
     async def _open_pinned(self, session: MuxSession, event: mux.StreamOpened,
                            grant: TicketGrant, host: str, port: int) -> None:
