@@ -20,6 +20,7 @@ from bench import (
     idle_memory,
     launch_rate,
     login_rate,
+    revocation,
     throughput,
     tunnel_memory,
     tunnel_stream_rate,
@@ -37,6 +38,7 @@ BENCHMARKS: dict[str, Callable[[], Report]] = {
     "tunnel_udp": tunnel_udp.run,
     "tunnel_stream_rate": tunnel_stream_rate.run,
     "tunnel_memory": tunnel_memory.run,
+    "revocation": revocation.run,
 }
 RESULTS = Path(__file__).parent / "results"
 OPEN_FILES = 16384  # idle_memory holds ~3 sockets per connection in client + gateway

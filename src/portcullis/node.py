@@ -36,6 +36,7 @@ from portcullis.gateway.launch import PATH as LAUNCH_PATH
 from portcullis.gateway.launch import LaunchEndpoint, LaunchSettings
 from portcullis.gateway.pool import AddressPool
 from portcullis.gateway.proxy import PortalProxy
+from portcullis.gateway.revocation import SessionWatch
 from portcullis.gateway.tunnel import PATH as TUNNEL_PATH
 from portcullis.gateway.tunnel import TunnelEndpoint, mux_timers
 from portcullis.gateway.upgrade import websocket_protocol_class
@@ -55,7 +56,14 @@ from portcullis.proto.mux import Reason
 from portcullis.sta.app import create_sta_app
 from portcullis.sta.authority import TicketAuthority
 from portcullis.sta.client import RemoteTicketAuthority, TicketAuthorities, TicketIssuer
-from portcullis.store import DurableStore, EphemeralStore, open_ephemeral
+from portcullis.store import (
+    DurableStore,
+    EphemeralStore,
+    EventBus,
+    MemoryEventBus,
+    open_ephemeral,
+    open_event_bus,
+)
 from portcullis.tokens import TokenHasher
 from portcullis.web.client_certificate import ClientCertificateHttp
 from portcullis.web.roles import role_checked_http
@@ -89,6 +97,9 @@ class Node:
     policy: AccessPolicy
     listeners: list[Listener] = field(default_factory=list)
     websocket_endpoints: dict[str, Opened] = field(default_factory=dict)
+    # Session endings, shared with the other nodes through the ephemeral store.
+    events: EventBus = field(default_factory=MemoryEventBus)
+    session_watch: SessionWatch | None = None
     _closers: list[Callable[[], Any]] = field(default_factory=list)
     certificates: LoadedCertificates = field(init=False)
 
@@ -115,7 +126,8 @@ class Node:
             raise
         audit = AuditTrail(settings.path(settings.log.audit_file))
         node = cls(settings, tuple(dict.fromkeys(roles)), durable, ephemeral, audit,
-                   ConnectionRegistry(audit), AccessPolicy(settings.policies))
+                   ConnectionRegistry(audit), AccessPolicy(settings.policies),
+                   events=open_event_bus(settings.store.ephemeral))
         node._wire()
         return node
 
@@ -148,7 +160,7 @@ class Node:
         if not {"gateway", "portal"} & set(self.roles):
             return
         sessions = SessionManager(self.ephemeral, accounts, hasher, self.settings.session,
-                                  audit=self.audit)
+                                  audit=self.audit, events=self.events)
         authorities = self._ticket_authorities(local_sta)
         portal_app = (self._portal_role(hasher, sessions, authorities)
                       if "portal" in self.roles else None)
@@ -237,10 +249,19 @@ class Node:
     def _gateway_role(self, accounts: AccountStatus, sessions: SessionManager,
                       authorities: TicketIssuer, portal_app: Starlette | None) -> None:
         settings = self.settings
+        # A portal in another process with a memory:// store keeps sessions this gateway
+        # cannot see: launches are then not tied to them (and tunnels cannot sign in).
+        sessions_here = ("portal" in self.roles
+                         or not settings.store.ephemeral.startswith("memory:"))
+        if not sessions_here:
+            log.warning("the portal runs in another process and store.ephemeral is "
+                        "memory://: ending a sign-in session will not end its launched "
+                        "connections; share a redis:// store")
         launch = LaunchEndpoint(
             authorities, DirectDialer(), accounts, self.registry, self.audit,
             LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds,
-                           timers=mux_timers(settings.vpn)))
+                           timers=mux_timers(settings.vpn)),
+            sessions if sessions_here else None)
         self.websocket_endpoints[LAUNCH_PATH] = launch.opened
         pool = (AddressPool(ipaddress.ip_network(settings.vpn.address_pool), self.ephemeral)
                 if settings.vpn.address_pool else None)
@@ -248,8 +269,10 @@ class Node:
                                 DirectDialer(timeout=settings.vpn.dial_timeout),
                                 self.registry, self.audit, pool=pool)
         self.websocket_endpoints[TUNNEL_PATH] = tunnel.opened
+        self.session_watch = SessionWatch(self.registry, sessions, accounts, self.events,
+                                          self.audit, lambda: self.settings.vpn.session_check)
         routes: list[Any] = admin_routes(self.registry, sessions, settings.admin_groups,
-                                         self.audit)
+                                         self.audit, self.events)
         if portal_app is not None:
             routes.append(Mount("/", app=portal_app))
         else:
@@ -317,8 +340,10 @@ class Node:
             for server in servers:
                 server.should_exit = True
 
-        watcher = asyncio.ensure_future(self.registry.watch_disabled(self.durable))
-        certificate_timer = asyncio.ensure_future(self._check_certificates_daily())
+        watchers = [asyncio.ensure_future(self.registry.watch_disabled(self.durable)),
+                    asyncio.ensure_future(self._check_certificates_daily())]
+        if self.session_watch is not None:
+            watchers.append(asyncio.ensure_future(self.session_watch.run()))
         # _serve, not serve: serve() would install its own signal handlers per server,
         # and one process runs several servers that must stop together.
         tasks = [asyncio.ensure_future(server._serve([sock]))
@@ -336,8 +361,8 @@ class Node:
             await asyncio.gather(*tasks)
         finally:
             stop()
-            watcher.cancel()
-            certificate_timer.cancel()
+            for watcher in watchers:
+                watcher.cancel()
             self.registry.end_all(Reason.SHUTDOWN, "the gateway is shutting down")
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -352,6 +377,8 @@ class Node:
         for closer in self._closers:
             with contextlib.suppress(Exception):
                 await closer()
+        with contextlib.suppress(StoreError):
+            await self.events.close()
         await self.ephemeral.close()
         await self.durable.close()
         self.audit.close()

@@ -190,7 +190,8 @@ def test_an_administrator_ends_a_tunnel_and_the_client_says_so(
     refused = run_cli("sessions", "list", env={"PORTCULLIS_HOME": str(alice)})
     assert refused.returncode == 1 and "admin groups" in refused.stderr
     killed = run_cli("sessions", "kill", "--user", "alice", env={"PORTCULLIS_HOME": str(admin)})
-    assert killed.returncode == 0 and "ended 1 session" in killed.stdout
+    assert killed.returncode == 0 and "ended 1 connection" in killed.stdout
+    assert "revoked 1 sign-in session" in killed.stdout
     assert tunnel.process.popen.wait(5) == 1
     assert "ended by an administrator" in tunnel.process.output()
 

@@ -189,6 +189,20 @@ def user_passwd(name: str, directory: Path, password_stdin: bool) -> None:
     password_hash = hash_password(_read_password(password_stdin))
     _with_store(directory, lambda store: store.set_password(canonical, password_hash))
     click.echo(f"password changed for {canonical}")
+    _announce_ending(directory, canonical, "password changed")
+
+
+def _announce_ending(directory: Path, user: str, ending: str) -> None:
+    """Tell the gateways (through the shared store) to end the user's connections now."""
+    from portcullis.errors import StoreError
+    from portcullis.identity.endings import Ending, SessionEnded, announce_from_elsewhere
+
+    try:
+        asyncio.run(announce_from_elsewhere(_load(directory).store.ephemeral,
+                                            SessionEnded(Ending(ending), user=user)))
+    except StoreError as exc:
+        click.echo(f"portcullis: warning: the gateways could not be told at once ({exc}); "
+                   "they end the connections at their next check", err=True)
 
 
 def _set_disabled(name: str, directory: Path, disabled: bool) -> None:
@@ -197,6 +211,8 @@ def _set_disabled(name: str, directory: Path, disabled: bool) -> None:
     canonical = canonical_username(name)
     _with_store(directory, lambda store: store.set_disabled(canonical, disabled))
     click.echo(f"{'disabled' if disabled else 'enabled'} {canonical}")
+    if disabled:
+        _announce_ending(directory, canonical, "account disabled")
 
 
 @user.command("disable")
@@ -732,8 +748,12 @@ def sessions_list() -> None:
 @sessions.command("kill")
 @click.argument("session_id", required=False)
 @click.option("--user", "username", help="End every session of this user.")
-def sessions_kill(session_id: str | None, username: str | None) -> None:
-    """End a launch or tunnel by ID, or all of a user's."""
+@click.option("--connections-only", is_flag=True,
+              help="End the connections but keep the sign-in session (the user may "
+                   "connect again); by default the session is revoked on every node.")
+def sessions_kill(session_id: str | None, username: str | None,
+                  connections_only: bool) -> None:
+    """End a launch or tunnel by ID, or all of a user's, and revoke their sign-in."""
     from portcullis.client.portal_api import PortalApi
     from portcullis.client.state import ClientState, client_home
 
@@ -741,9 +761,14 @@ def sessions_kill(session_id: str | None, username: str | None) -> None:
         fail("give a session ID or --user NAME (one of them)", 2)
     state = ClientState.load(client_home())
     with PortalApi(state.url, _client_tls(state.ca_file), state.token) as api:
-        ended = api.end_sessions(session_id=session_id, user=username)
-    click.echo(f"ended {len(ended)} session(s): {' '.join(ended)}" if ended
-               else "no such session on this gateway")
+        ended, revoked = api.end_sessions(session_id=session_id, user=username,
+                                          connections_only=connections_only)
+    click.echo(f"ended {len(ended)} connection(s) here: {' '.join(ended)}" if ended
+               else "no such session on this gateway" if session_id is not None
+               else "no connection of theirs on this gateway")
+    if revoked:
+        click.echo(f"revoked {revoked} sign-in session(s): their connections end on every "
+                   "node, their tokens and tickets no longer work")
 
 
 @main.group()

@@ -71,17 +71,22 @@ class PortalApi:
         sessions: list[dict[str, Any]] = response.json()["sessions"]
         return sessions
 
-    def end_sessions(self, *, session_id: str | None, user: str | None) -> list[str]:
+    def end_sessions(self, *, session_id: str | None, user: str | None,
+                     connections_only: bool = False) -> tuple[list[str], int]:
+        """The connections ended on this gateway, and how many sign-in sessions were
+        revoked (0 with `connections_only`)."""
+        scope = "connections" if connections_only else "session"
         if session_id is not None:
-            response = self._request("DELETE", f"/api/v1/admin/sessions/{session_id}")
+            response = self._request("DELETE", f"/api/v1/admin/sessions/{session_id}",
+                                     params={"scope": scope})
             if response.status_code == 404:
-                return []
+                return [], 0
         else:
             response = self._request("DELETE", "/api/v1/admin/sessions",
-                                     params={"user": user or ""})
+                                     params={"user": user or "", "scope": scope})
         self._check_admin(response)
-        ended: list[str] = response.json()["ended"]
-        return ended
+        body = response.json()
+        return list(body["ended"]), int(body.get("revoked", 0))
 
     def _check_admin(self, response: httpx.Response) -> None:
         if response.status_code == 403:

@@ -28,9 +28,14 @@ from portcullis.proto.mux import MuxConnection, Reason
 HELLO_TIMEOUT = 15.0
 BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 STATUS_FILE = "tunnel-status.json"
-# Reasons after which reconnecting cannot help.
+# Reasons after which reconnecting cannot help. The gateway's message says why, and
+# whether signing in again can; these are for a gateway that sends none.
 FINAL = {Reason.ADMIN_ENDED: "ended by an administrator", Reason.AUTH_FAILED:
          "the gateway no longer accepts this session: sign in again with 'portcullis login'"}
+
+
+def final_message(reason: Reason, message: str) -> str:
+    return message or FINAL[reason]
 
 
 class TunnelClient:
@@ -124,7 +129,7 @@ class TunnelClient:
             if session.goaway is not None:
                 reason, message = session.goaway
                 if reason in FINAL:
-                    self.ended = FINAL[reason]
+                    self.ended = final_message(reason, message)
                     raise ClientError(self.ended) from None
                 raise ClientError("the gateway refused the tunnel: "
                                   f"{message or reason.name.lower()}") from None
@@ -141,7 +146,7 @@ class TunnelClient:
             self._ready.clear()
             self._session = None
         if session.goaway is not None and session.goaway[0] in FINAL:
-            self.ended = FINAL[session.goaway[0]]
+            self.ended = final_message(*session.goaway)
         elif self.ended is None:
             silent = session.ended_here is not None and session.ended_here[0] == Reason.TIMED_OUT
             why = (f"the gateway stopped answering: {session.ended_here[1]}"

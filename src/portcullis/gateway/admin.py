@@ -1,6 +1,11 @@
 """The administration API of a gateway: the launches and tunnels it carries, and ending
 them. Only sessions of the configured admin groups may use it; it lives on the gateway
-because that is where the connections are (each node answers for its own)."""
+because that is where the connections are (each node lists its own).
+
+Ending takes a scope: `session` (the default) revokes the sign-in session(s) the
+connections came from, so their tokens and tickets stop working and every node ends
+their connections; `connections` ends the connections only, and the user may connect
+again with the same session."""
 
 from __future__ import annotations
 
@@ -12,14 +17,18 @@ from starlette.routing import Route
 
 from portcullis.audit import AuditTrail
 from portcullis.errors import AuthError
-from portcullis.gateway.connections import ADMIN_ENDED, ConnectionRegistry
+from portcullis.gateway.connections import ConnectionRegistry
+from portcullis.identity.endings import Ending, SessionEnded, announce, notice
 from portcullis.identity.names import canonical_username
 from portcullis.identity.sessions import Session, SessionManager
-from portcullis.proto.mux import Reason
+from portcullis.store import EventBus
+
+SCOPES = ("session", "connections")
 
 
 def admin_routes(registry: ConnectionRegistry, sessions: SessionManager,
-                 admin_groups: Sequence[str], audit: AuditTrail) -> list[Route]:
+                 admin_groups: Sequence[str], audit: AuditTrail,
+                 events: EventBus) -> list[Route]:
     async def administrator(request: Request) -> Session | None:
         header = request.headers.get("authorization", "")
         if not header.lower().startswith("bearer "):
@@ -28,6 +37,10 @@ def admin_routes(registry: ConnectionRegistry, sessions: SessionManager,
         if session is None or not set(admin_groups) & set(session.claims.groups):
             return None
         return session
+
+    def scope_of(request: Request) -> str | None:
+        scope = request.query_params.get("scope", "session")
+        return scope if scope in SCOPES else None
 
     async def list_sessions(request: Request) -> JSONResponse:
         if await administrator(request) is None:
@@ -38,12 +51,29 @@ def admin_routes(registry: ConnectionRegistry, sessions: SessionManager,
         admin = await administrator(request)
         if admin is None:
             return JSONResponse({"error": "denied"}, 403)
-        connection = registry.end(request.path_params["id"], Reason.ADMIN_ENDED, ADMIN_ENDED)
+        scope = scope_of(request)
+        if scope is None:
+            return JSONResponse({"error": "scope must be session or connections"}, 400)
+        connection = next((c for c in registry.list() if c.id == request.path_params["id"]),
+                          None)
         if connection is None:
             return JSONResponse({"error": "no such session on this gateway"}, 404)
+        handle = connection.session_handle
+        if scope == "connections" or handle is None:
+            ended = [connection]
+            told = notice(Ending.ADMIN_CONNECTIONS)
+        else:
+            ended = registry.of_session(handle)
+            told = notice(Ending.ADMIN_REVOKED)
+        for each in ended:
+            each.session.close(told.reason, told.message)
+        revoked = scope == "session" and handle is not None
+        if revoked and handle is not None:
+            await sessions.revoke(handle, Ending.ADMIN_REVOKED)   # and on every other node
         audit.record("admin.session_ended", admin=admin.username, user=connection.user,
-                     session=connection.id, kind=connection.kind)
-        return JSONResponse({"ended": [connection.id]})
+                     session=connection.id, kind=connection.kind, scope=scope,
+                     revoked=handle if revoked else None)
+        return JSONResponse({"ended": [c.id for c in ended], "revoked": int(revoked)})
 
     async def end_user_sessions(request: Request) -> JSONResponse:
         admin = await administrator(request)
@@ -53,10 +83,23 @@ def admin_routes(registry: ConnectionRegistry, sessions: SessionManager,
             user = canonical_username(request.query_params.get("user", ""))
         except AuthError:
             return JSONResponse({"error": "give ?user=NAME"}, 400)
-        ended = [c.id for c in registry.list() if c.user == user]
-        registry.end_user(user, Reason.ADMIN_ENDED, ADMIN_ENDED)
-        audit.record("admin.sessions_ended", admin=admin.username, user=user, sessions=ended)
-        return JSONResponse({"ended": ended})
+        scope = scope_of(request)
+        if scope is None:
+            return JSONResponse({"error": "scope must be session or connections"}, 400)
+        ending = Ending.ADMIN_REVOKED if scope == "session" else Ending.ADMIN_CONNECTIONS
+        ended = registry.of_user(user)
+        told = notice(ending)
+        for each in ended:
+            each.session.close(told.reason, told.message)
+        # Every other node ends the user's connections when it hears of it.
+        if scope == "session":
+            revoked = await sessions.revoke_user(user, ending)
+        else:
+            revoked = 0
+            await announce(events, SessionEnded(ending, user=user))
+        audit.record("admin.sessions_ended", admin=admin.username, user=user,
+                     sessions=[c.id for c in ended], scope=scope, revoked=revoked)
+        return JSONResponse({"ended": [c.id for c in ended], "revoked": revoked})
 
     return [
         Route("/api/v1/admin/sessions", list_sessions, methods=["GET"]),

@@ -5,8 +5,9 @@ Streams carry no destination of their own (an OPEN with an empty host): they are
 pinned to the ticket's address, and an OPEN naming any other host is refused. The
 ticket's address is resolved once per launch and admitted by the same decision as tunnel
 streams (`policy.admission.admit`, under the resource's own one-rule policy), and every
-stream dials the address admitted. The client never learns the server's address. Never
-logs a full ticket.
+stream dials the address admitted. The client never learns the server's address. A
+ticket is redeemed only while the sign-in session it was issued under lasts, and the
+launch remembers that session: its ending ends the launch. Never logs a full ticket.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from portcullis.config.values import parse_host_port
 from portcullis.errors import DialError, TicketError
 from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.identity.accounts import AccountStatus
+from portcullis.identity.sessions import Session, SessionManager
 from portcullis.net.destinations import HostAddresses, resolve
 from portcullis.net.dialer import Dialer
 from portcullis.net.muxsession import DIAL_REASONS, MuxSession, keepalive_fields
@@ -53,8 +55,12 @@ class LaunchSettings:
 class LaunchEndpoint:
     def __init__(self, authorities: TicketIssuer, dialer: Dialer, accounts: AccountStatus,
                  registry: ConnectionRegistry, audit: AuditTrail,
-                 settings: LaunchSettings, host_addresses: HostAddresses | None = None) -> None:
+                 settings: LaunchSettings, sessions: SessionManager | None,
+                 host_addresses: HostAddresses | None = None) -> None:
         self._host_addresses = host_addresses or HostAddresses()
+        # None: this gateway cannot see the sign-in sessions (a portal in another process
+        # with a memory:// store), so launches are not tied to them.
+        self._sessions = sessions
         self._authorities = authorities
         self._dialer = dialer
         self._accounts = accounts
@@ -103,7 +109,8 @@ class LaunchEndpoint:
                                 "keepalive": keepalive_fields(self._settings.timers)})
         session.flush_soon()
         started = time.monotonic()
-        connection = Connection("launch", grant.user, client, session, grant.resource)
+        connection = Connection("launch", grant.user, client, session, grant.resource,
+                                session_handle=grant.session if self._sessions else None)
         self._registry.add(connection)
         try:
             await session.closed.wait()
@@ -136,6 +143,12 @@ class LaunchEndpoint:
             self._audit.record("launch.refused", client=client, user=grant.user,
                                reason="account disabled")
             return None
+        # Tickets issued before their session ended are refused, as its connections end.
+        refusal = await self._session_refusal(grant)
+        if refusal is not None:
+            self._audit.record("launch.refused", client=client, user=grant.user,
+                               ticket=mask(ticket), reason=refusal)
+            return None
         self._audit.record("launch.started", client=client, user=grant.user,
                            resource=grant.resource, ticket=mask(ticket))
         return grant
@@ -158,6 +171,17 @@ class LaunchEndpoint:
             self._audit.record("launch.refused", client=client, user=grant.user,
                                resource=grant.resource, reason=admission.reason)
         return admission, port
+
+    async def _session_refusal(self, grant: TicketGrant) -> str | None:
+        """Why the ticket's sign-in session does not allow the launch (None: it does)."""
+        if self._sessions is None:
+            return None
+        if grant.session is None:
+            return "the ticket names no sign-in session"
+        standing = await self._sessions.standing(grant.session)
+        if isinstance(standing, Session):
+            return None
+        return f"the sign-in session it was issued under has ended ({standing})"
 
     async def _open_pinned(self, session: MuxSession, event: mux.StreamOpened,
                            grant: TicketGrant, pinned: Pinned) -> None:

@@ -27,7 +27,8 @@ from portcullis.errors import DialError, ProtocolError, StoreError
 from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.gateway.pool import AddressPool
 from portcullis.identity.claims import Claims
-from portcullis.identity.sessions import SessionManager
+from portcullis.identity.endings import Ending, notice
+from portcullis.identity.sessions import Session, SessionManager
 from portcullis.net.destinations import HostAddresses, resolve
 from portcullis.net.dialer import Dialer
 from portcullis.net.icmp import Pinger
@@ -116,11 +117,14 @@ class TunnelEndpoint:
 
     async def _run(self, session: MuxSession, client: str,
                    claims_ready: asyncio.Future[Admitted]) -> None:
-        claims = await self._authenticate(session, client)
-        if claims is None:
-            session.close(Reason.AUTH_FAILED, "sign in again")
+        signed_in = await self._authenticate(session, client)
+        if not isinstance(signed_in, Session):
+            told = notice(signed_in) if signed_in is not None else None
+            session.close(Reason.AUTH_FAILED, told.message if told else "sign in again")
             return
-        connection = Connection("tunnel", claims.username, client, session)
+        claims = signed_in.claims
+        connection = Connection("tunnel", claims.username, client, session,
+                                session_handle=signed_in.handle)
         intranet_ip = None
         if self._pool is not None:
             intranet_ip = await self._pool.allocate(connection.id)
@@ -158,35 +162,24 @@ class TunnelEndpoint:
                                duration=round(time.monotonic() - started, 3),
                                reason=session.end_reason())
 
-    async def _keep_signed_in(self, session: MuxSession, token: str) -> None:
-        """While the tunnel lives its session must stay valid (sign-out, timeouts and
-        password changes end it too); asking also keeps an active tunnel's session from
-        idling out."""
-        while True:
-            await asyncio.sleep(self._vpn().session_check)
-            try:
-                valid = await self._sessions.validate(token) is not None
-            except StoreError as exc:
-                # Fail closed: a tunnel whose sign-in cannot be checked does not go on.
-                log.warning("cannot check a tunnel's session", error=str(exc))
-                valid = False
-            if not valid:
-                session.close(Reason.AUTH_FAILED, "your session has ended: sign in again")
-                return
-
-    async def _authenticate(self, session: MuxSession, client: str) -> Claims | None:
+    async def _authenticate(self, session: MuxSession,
+                            client: str) -> Session | Ending | None:
+        """The session the client presents, or why it ended (None: it presented none).
+        Its ending ends the tunnel (the gateway's `SessionWatch` hears of it, and
+        re-checks every tunnel's session)."""
         hello = await session.hello_within(self._settings.hello_wait)
         if hello is None:
             self._audit.record("tunnel.refused", client=client, reason="no session presented")
             return None
         token = hello.get("session")
-        signed_in = await self._sessions.validate(token) if isinstance(token, str) else None
-        if signed_in is None or not isinstance(token, str):
-            self._audit.record("tunnel.refused", client=client,
-                               reason="no valid session presented")
+        if not isinstance(token, str):
+            self._audit.record("tunnel.refused", client=client, reason="no session presented")
             return None
-        session.spawn(self._keep_signed_in(session, token))
-        return signed_in.claims
+        signed_in = await self._sessions.standing_of(token)
+        if not isinstance(signed_in, Session):
+            self._audit.record("tunnel.refused", client=client,
+                               reason=f"no valid session presented ({signed_in})")
+        return signed_in
 
     async def _renew(self, session: MuxSession, holder: str, address: Address) -> None:
         """Keep the tunnel's pool lease while it lives; a tunnel that lost its address

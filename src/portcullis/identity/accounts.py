@@ -66,5 +66,9 @@ class AccountStatus:
         self._known[username] = (state, now + self._ttl)
         return state
 
+    def forget(self, username: str) -> None:
+        """Ask the durable store next time: the account has just changed."""
+        self._known.pop(username, None)
+
     async def is_disabled(self, username: str) -> bool:
         return (await self.state(username)).disabled

@@ -5,6 +5,8 @@ checked against the creation time. A session is valid only while its user exists
 is enabled in the durable store, and only if it was created after the account was last
 disabled or its password changed: disabling a user from any process ends their sessions
 within a second (`AccountStatus`), for good, whichever ephemeral backend is in use.
+Every ending is announced on the event bus (`identity.endings`), so the gateways end the
+session's connections at once, and a revoked session leaves a marker saying why.
 Never logs a token.
 """
 
@@ -17,12 +19,15 @@ from dataclasses import dataclass
 
 from portcullis.audit import AuditTrail
 from portcullis.config.model import SessionSettings
-from portcullis.identity.accounts import AccountStatus
+from portcullis.identity.accounts import AccountState, AccountStatus
 from portcullis.identity.claims import Claims
-from portcullis.store import EphemeralStore, SealedRecords
+from portcullis.identity.endings import Ending, SessionEnded, announce
+from portcullis.store import EphemeralStore, EventBus, SealedRecords
 from portcullis.tokens import TokenHasher, new_token
 
 NAMESPACE = "session"
+ENDED_PREFIX = "session-ended:"     # handle -> the Ending, while a token could still be tried
+USER_SESSIONS_PREFIX = "user-sessions:"
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,8 @@ class Session:
 class SessionManager:
     def __init__(self, ephemeral: EphemeralStore, accounts: AccountStatus, hasher: TokenHasher,
                  settings: SessionSettings, *, clock: Callable[[], float] = time.time,
-                 audit: AuditTrail | None = None) -> None:
+                 audit: AuditTrail | None = None, events: EventBus | None = None) -> None:
+        self._events = events
         self._ephemeral = ephemeral
         # Sealed: a record edited in the store (groups added, a later creation time) or
         # copied from another session's key reads as no session, and is audited.
@@ -57,27 +63,92 @@ class SessionManager:
         record = {"claims": claims.to_json(), "client_address": client_address, "created_at": now}
         ttl = min(self._settings.idle_timeout, self._settings.absolute_timeout)
         await self._records.put(f"session:{handle}", json.dumps(record).encode(), ttl)
+        # Which sessions a user has, so an administrator can revoke them all.
+        await self._ephemeral.add_to_set(f"{USER_SESSIONS_PREFIX}{claims.username}", handle,
+                                         self._settings.absolute_timeout)
         return token, Session(handle, claims, client_address, now)
 
     async def validate(self, token: str) -> Session | None:
+        standing = await self.standing_of(token)
+        return standing if isinstance(standing, Session) else None
+
+    async def standing_of(self, token: str) -> Session | Ending:
+        """`standing` for a token: the session, or why it is no longer valid."""
         if not token or len(token) > 256:
-            return None
-        handle = self._hasher.digest(NAMESPACE, token)
+            return Ending.EXPIRED
+        return await self.standing(self._hasher.digest(NAMESPACE, token))
+
+    async def standing(self, handle: str) -> Session | Ending:
+        """The session named by `handle` if it is still valid (its idle time restarts),
+        else why it ended: what a gateway asks of its connections and of a ticket."""
         raw = await self._records.get(f"session:{handle}")
         if raw is None:
-            return None
+            marker = await self._ephemeral.get(f"{ENDED_PREFIX}{handle}")
+            try:
+                return Ending(marker.decode()) if marker is not None else Ending.EXPIRED
+            except ValueError:
+                return Ending.EXPIRED
         record = json.loads(raw)
         session = Session(handle, Claims.from_json(record["claims"]), record["client_address"],
                           record["created_at"])
         remaining = session.created_at + self._settings.absolute_timeout - self._clock()
         account = await self._accounts.state(session.username)
-        if (remaining <= 0 or not account.admits(session.claims.idp)
-                or session.created_at < account.sessions_valid_after):
+        ending = ended_by(account, session, remaining)
+        if ending is not None:
             await self._ephemeral.delete(f"session:{handle}")
-            return None
+            return ending
         await self._ephemeral.touch(f"session:{handle}",
                                     min(self._settings.idle_timeout, remaining))
         return session
 
-    async def end(self, token: str) -> None:
-        await self._ephemeral.delete(f"session:{self._hasher.digest(NAMESPACE, token)}")
+    def absolute_end(self, session: Session) -> float:
+        """When `session` ends whatever its use (seconds since the epoch)."""
+        return session.created_at + self._settings.absolute_timeout
+
+    async def end(self, token: str, ending: Ending = Ending.SIGNED_OUT) -> None:
+        """Sign out (or end for `ending`) the session of `token`, on every node.
+
+        A token with no live session changes nothing: anyone may post a sign-out, and
+        must not make the store hold markers for sessions that never were."""
+        handle = self._hasher.digest(NAMESPACE, token)
+        if await self._ephemeral.take(f"session:{handle}") is not None:
+            await self._ended(handle, ending)
+
+    async def revoke(self, handle: str, ending: Ending) -> None:
+        """End one session (an administrator's choice): its record goes, a marker says
+        why, every node is told, also when the record had expired already."""
+        await self._ephemeral.delete(f"session:{handle}")
+        await self._ended(handle, ending)
+
+    async def _ended(self, handle: str, ending: Ending) -> None:
+        await self._ephemeral.put(f"{ENDED_PREFIX}{handle}", ending.value.encode(),
+                                  self._settings.absolute_timeout)
+        if self._events is not None:
+            await announce(self._events, SessionEnded(ending, handle=handle))
+
+    async def revoke_user(self, username: str, ending: Ending) -> int:
+        """End every session of `username`; how many records there were to end."""
+        key = f"{USER_SESSIONS_PREFIX}{username}"
+        handles = await self._ephemeral.set_members(key)
+        for handle in handles:
+            await self._ephemeral.delete(f"session:{handle}")
+            await self._ephemeral.put(f"{ENDED_PREFIX}{handle}", ending.value.encode(),
+                                      self._settings.absolute_timeout)
+        await self._ephemeral.delete(key)
+        if self._events is not None:
+            await announce(self._events, SessionEnded(ending, user=username))
+        return len(handles)
+
+
+def ended_by(account: AccountState, session: Session, remaining: float) -> Ending | None:
+    """Why a stored session may not go on (None: it may), from its account's state and
+    the time left before its absolute limit."""
+    if not account.admits(session.claims.idp):
+        return Ending.ACCOUNT_DISABLED
+    if session.created_at < account.sessions_valid_after:
+        # Disabling also voids older sessions; an account enabled again since then was
+        # most likely given a new password with it.
+        return Ending.PASSWORD_CHANGED
+    if remaining <= 0:
+        return Ending.EXPIRED
+    return None

@@ -138,7 +138,7 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         try:
             issued = await deps.authorities.issue(TicketRequest(
                 user=session.username, resource=resource.name, address=resource.address,
-                client_address=client))
+                client_address=client, session=session.handle))
         except TicketError as exc:
             deps.audit.record("launch.failed", user=session.username, resource=name,
                               reason=str(exc))

@@ -34,10 +34,11 @@ def create_sta_app(authority: TicketAuthority) -> Starlette:
         fields = ("user", "resource", "address")
         if body is None or not all(isinstance(body.get(name), str) for name in fields):
             return JSONResponse({"error": "expected user, resource and address"}, 400)
-        client = body.get("client_address")
+        client, session = body.get("client_address"), body.get("session")
         issued = await authority.issue(TicketRequest(
             user=body["user"], resource=body["resource"], address=body["address"],
-            client_address=client if isinstance(client, str) else None))
+            client_address=client if isinstance(client, str) else None,
+            session=session if isinstance(session, str) else None))
         return JSONResponse({"ticket": issued.ticket, "expires_at": issued.expires_at}, 201)
 
     async def redeem(request: Request) -> JSONResponse:
@@ -51,7 +52,8 @@ def create_sta_app(authority: TicketAuthority) -> Starlette:
         except TicketError:
             return JSONResponse({"error": "denied"}, 403)
         return JSONResponse({"user": grant.user, "resource": grant.resource,
-                             "address": grant.address, "expires_at": grant.expires_at})
+                             "address": grant.address, "expires_at": grant.expires_at,
+                             "session": grant.session})
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "sta": authority.sta_id})

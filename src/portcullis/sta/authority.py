@@ -3,8 +3,9 @@
 A ticket is "<STA id>;<192 random bits, base64url>": opaque to clients, and naming its
 STA so that gateways can redeem it where it was issued when several STAs coexist. The
 store holds only the keyed hash of the ticket, mapped to what the gateway needs
-(server address, user, resource, expiry, optionally the client address it is bound
-to). Redemption is an atomic take: under any concurrency it succeeds exactly once.
+(server address, user, resource, expiry, the handle of the sign-in session it was
+issued under, optionally the client address it is bound to). Redemption is an atomic
+take: under any concurrency it succeeds exactly once.
 Never logs or stores a full ticket.
 """
 
@@ -32,6 +33,7 @@ class TicketRequest:
     resource: str
     address: str                  # host:port of the server; never leaves the STA/gateway
     client_address: str | None    # bound client, when the deployment binds tickets
+    session: str | None = None    # the sign-in session's handle (never its token)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class TicketGrant:
     resource: str
     address: str
     expires_at: float
+    session: str | None = None    # the gateway refuses it once that session has ended
 
 
 def sta_id_of(ticket: str) -> str:
@@ -106,7 +109,8 @@ class TicketAuthority:
             raise TicketError(
                 f"ticket bound to {record['client_address']} presented from {client_address}")
         return TicketGrant(user=record["user"], resource=record["resource"],
-                           address=record["address"], expires_at=record["expires_at"])
+                           address=record["address"], expires_at=record["expires_at"],
+                           session=record.get("session"))
 
     def _key(self, ticket: str) -> str:
         return f"ticket:{self._hasher.digest(NAMESPACE, ticket)}"

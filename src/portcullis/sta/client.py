@@ -40,10 +40,12 @@ class RemoteTicketAuthority:
     async def redeem(self, ticket: str, client_address: str | None) -> TicketGrant:
         body = await self._post("/sta/v1/redemptions",
                                 {"ticket": ticket, "client_address": client_address})
+        session = body.get("session")
         try:
             return TicketGrant(user=str(body["user"]), resource=str(body["resource"]),
                                address=str(body["address"]),
-                               expires_at=float(body["expires_at"]))
+                               expires_at=float(body["expires_at"]),
+                               session=session if isinstance(session, str) else None)
         except (KeyError, TypeError, ValueError):
             raise TicketError(f"the STA at {self._base_url} answered an unknown form") from None
 

@@ -1,12 +1,14 @@
 """Where Portcullis keeps state: durable (users, groups) and ephemeral (tickets, counters).
 
 `DurableStore` is SQLAlchemy over SQLite or PostgreSQL; `EphemeralStore` has a memory and
-a Redis backend chosen by `open_ephemeral(url)`. Both raise only `StoreError` and its
-children; neither ever holds a password or a token in clear.
+a Redis backend chosen by `open_ephemeral(url)`, and beside it an `EventBus` (in-process,
+or Redis pub/sub) that the nodes share, from `open_event_bus(url)`. All raise only
+`StoreError` and its children; none ever holds a password or a token in clear.
 """
 
 from portcullis.store.durable import DurableStore, TotpRecord, UserRecord
 from portcullis.store.ephemeral import EphemeralStore, MemoryStore, RedisStore, open_ephemeral
+from portcullis.store.events import EventBus, MemoryEventBus, RedisEventBus, open_event_bus
 from portcullis.store.migrations import LATEST_VERSION, MIGRATIONS
 from portcullis.store.sealed import RecordSeal, SealedRecords
 
@@ -15,11 +17,15 @@ __all__ = [
     "MIGRATIONS",
     "DurableStore",
     "EphemeralStore",
+    "EventBus",
+    "MemoryEventBus",
     "MemoryStore",
     "RecordSeal",
+    "RedisEventBus",
     "RedisStore",
     "SealedRecords",
     "TotpRecord",
     "UserRecord",
     "open_ephemeral",
+    "open_event_bus",
 ]

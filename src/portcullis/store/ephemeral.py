@@ -373,17 +373,22 @@ def open_ephemeral(
     parts = urlsplit(url)
     if parts.scheme == "memory":
         return MemoryStore(clock=clock)
-    if parts.scheme in ("redis", "rediss"):
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        # "prefix" is ours, not redis-py's: take it out of the URL before redis-py parses it.
-        url_prefix = [value for name, value in query if name == "prefix"]
-        rest = [(name, value) for name, value in query if name != "prefix"]
-        chosen = prefix if prefix is not None else (url_prefix[-1] if url_prefix else None)
-        return RedisStore(
-            urlunsplit(parts._replace(query=urlencode(rest))),
-            prefix=DEFAULT_PREFIX if chosen is None else chosen,
+    redis_url, chosen = redis_url_and_prefix(url, prefix)
+    return RedisStore(redis_url, prefix=chosen)
+
+
+def redis_url_and_prefix(url: str, prefix: str | None = None) -> tuple[str, str]:
+    """A redis:// or rediss:// URL without our "?prefix=", and the key prefix to use."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise StoreError(
+            f"unsupported ephemeral store URL scheme {parts.scheme!r}: use memory:// or "
+            "redis://host:port/db"
         )
-    raise StoreError(
-        f"unsupported ephemeral store URL scheme {parts.scheme!r}: use memory:// or "
-        "redis://host:port/db"
-    )
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    # "prefix" is ours, not redis-py's: take it out of the URL before redis-py parses it.
+    url_prefix = [value for name, value in query if name == "prefix"]
+    rest = [(name, value) for name, value in query if name != "prefix"]
+    chosen = prefix if prefix is not None else (url_prefix[-1] if url_prefix else None)
+    return (urlunsplit(parts._replace(query=urlencode(rest))),
+            DEFAULT_PREFIX if chosen is None else chosen)

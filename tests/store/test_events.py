@@ -1,0 +1,186 @@
+"""The EventBus contract: every test runs on MemoryEventBus and on RedisEventBus.
+
+`two_buses` gives two handles on one bus: the same object in memory (one node), two
+RedisEventBus instances with one prefix on Redis (two nodes). Waits are on conditions,
+bounded in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as redis
+
+from peers.stores import answering_redis_url
+from portcullis.errors import StoreError
+from portcullis.store import EventBus, MemoryEventBus, RedisEventBus, open_event_bus
+
+WAIT = 5.0
+
+
+class Heard:
+    """What one listener received, with a way to wait for it."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.ready = 0
+        self._changed = asyncio.Event()
+
+    def deliver(self, message: bytes) -> None:
+        self.messages.append(message)
+        self._changed.set()
+
+    def on_ready(self) -> None:
+        self.ready += 1
+        self._changed.set()
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(WAIT):
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+class Listening:
+    def __init__(self) -> None:
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, bus: EventBus, channel: str) -> Heard:
+        heard = Heard()
+        self._tasks.append(asyncio.create_task(bus.listen(channel, heard.deliver,
+                                                          heard.on_ready)))
+        await heard.until(lambda: heard.ready >= 1)
+        return heard
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@pytest.fixture
+async def listening() -> AsyncIterator[Listening]:
+    tasks = Listening()
+    yield tasks
+    await tasks.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def two_buses(request: pytest.FixtureRequest) -> AsyncIterator[tuple[EventBus, EventBus]]:
+    if request.param == "memory":
+        bus = MemoryEventBus()
+        yield bus, bus
+        await bus.close()
+        return
+    url = await answering_redis_url()
+    prefix = f"pc-test-{secrets.token_hex(6)}:"
+    first, second = open_event_bus(url, prefix=prefix), open_event_bus(url, prefix=prefix)
+    yield first, second
+    await first.close()
+    await second.close()
+
+
+async def test_an_event_reaches_every_listener_of_its_channel(
+        two_buses: tuple[EventBus, EventBus], listening: Listening) -> None:
+    publisher, other = two_buses
+    near = await listening.start(publisher, "session-ended")
+    far = await listening.start(other, "session-ended")
+    await publisher.publish("session-ended", b"\x00one\xff")
+    await other.publish("session-ended", b"two")
+    for heard in (near, far):
+        await heard.until(lambda heard=heard: len(heard.messages) == 2)  # type: ignore[misc]
+        assert heard.messages == [b"\x00one\xff", b"two"]
+
+
+async def test_a_listener_hears_only_its_own_channel(
+        two_buses: tuple[EventBus, EventBus], listening: Listening) -> None:
+    publisher, other = two_buses
+    heard = await listening.start(other, "wanted")
+    await publisher.publish("unwanted", b"not for you")
+    await publisher.publish("wanted", b"for you")
+    await heard.until(lambda: bool(heard.messages))
+    assert heard.messages == [b"for you"]
+
+
+async def test_an_event_published_with_nobody_listening_is_dropped(
+        two_buses: tuple[EventBus, EventBus], listening: Listening) -> None:
+    publisher, other = two_buses
+    await publisher.publish("later", b"lost")
+    heard = await listening.start(other, "later")
+    await publisher.publish("later", b"heard")
+    await heard.until(lambda: bool(heard.messages))
+    assert heard.messages == [b"heard"]
+
+
+async def test_an_event_larger_than_the_limit_is_refused(
+        two_buses: tuple[EventBus, EventBus]) -> None:
+    with pytest.raises(ValueError, match="at most"):
+        await two_buses[0].publish("big", b"x" * 5000)
+
+
+async def test_a_stopped_listener_hears_nothing_more(two_buses: tuple[EventBus, EventBus],
+                                                     listening: Listening) -> None:
+    publisher, other = two_buses
+    stopped = Listening()
+    gone = await stopped.start(other, "c")
+    await stopped.stop()
+    kept = await listening.start(other, "c")
+    await publisher.publish("c", b"after")
+    await kept.until(lambda: bool(kept.messages))
+    assert gone.messages == []
+
+
+async def test_a_redis_listener_resubscribes_after_its_connection_is_killed_and_says_so(
+        listening: Listening) -> None:
+    url = await answering_redis_url()
+    prefix = f"pc-test-{secrets.token_hex(6)}:"
+    bus = open_event_bus(url, prefix=prefix)
+    assert isinstance(bus, RedisEventBus)
+    heard = await listening.start(bus, "session-ended")
+    admin = redis.Redis.from_url(url)
+    try:
+        clients = await admin.client_list()
+        ours = [c["id"] for c in clients if c.get("name") == f"{prefix}events"]
+        assert len(ours) == 1
+        await admin.client_kill_filter(_id=ours[0])
+        await heard.until(lambda: heard.ready >= 2)
+        await bus.publish("session-ended", b"after the drop")
+        await heard.until(lambda: bool(heard.messages))
+        assert heard.messages == [b"after the drop"]
+    finally:
+        await admin.aclose()
+        await bus.close()
+
+
+async def test_redis_buses_with_other_prefixes_do_not_hear_each_other(
+        listening: Listening) -> None:
+    url = await answering_redis_url()
+    mine = open_event_bus(url, prefix=f"pc-test-{secrets.token_hex(6)}:")
+    theirs = open_event_bus(url, prefix=f"pc-test-{secrets.token_hex(6)}:")
+    try:
+        heard = await listening.start(mine, "session-ended")
+        await theirs.publish("session-ended", b"another deployment")
+        await mine.publish("session-ended", b"ours")
+        await heard.until(lambda: bool(heard.messages))
+        assert heard.messages == [b"ours"]
+    finally:
+        await mine.close()
+        await theirs.close()
+
+
+async def test_publishing_to_an_unreachable_redis_is_a_store_error_naming_it() -> None:
+    with socket.socket() as unused:   # bound, never listening: connections are refused
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+        bus = open_event_bus(f"redis://127.0.0.1:{port}/0")
+        with pytest.raises(StoreError, match=f"127.0.0.1:{port}"):
+            await bus.publish("session-ended", b"x")
+        await bus.close()
+
+
+def test_memory_url_gives_an_in_process_bus() -> None:
+    assert isinstance(open_event_bus("memory://"), MemoryEventBus)
