@@ -56,6 +56,7 @@ from portcullis.sta.client import RemoteTicketAuthority, TicketAuthorities, Tick
 from portcullis.store import DurableStore, EphemeralStore, open_ephemeral
 from portcullis.tokens import TokenHasher
 from portcullis.web.client_certificate import ClientCertificateHttp
+from portcullis.web.edge import Edge, raise_open_files_limit
 from portcullis.web.roles import role_checked_http
 from portcullis.web.security import SecurityMiddleware
 
@@ -86,6 +87,7 @@ class Node:
     policy: AccessPolicy
     listeners: list[Listener] = field(default_factory=list)
     websocket_endpoints: dict[str, Opened] = field(default_factory=dict)
+    edge: Edge = field(init=False)
     _closers: list[Callable[[], Any]] = field(default_factory=list)
 
     @property
@@ -94,6 +96,7 @@ class Node:
 
     def __post_init__(self) -> None:
         self._first_settings = self.settings
+        self.edge = Edge(self.settings.limits)
 
     @classmethod
     async def build(cls, settings: Settings, roles: Sequence[str]) -> Node:
@@ -253,15 +256,16 @@ class Node:
 
     def uvicorn_config(self, listener: Listener) -> uvicorn.Config:
         # Only the gateway's listener takes WebSocket upgrades, straight to its endpoints.
-        websocket: Any = (websocket_protocol_class(self.websocket_endpoints)
+        websocket: Any = (websocket_protocol_class(self.websocket_endpoints, self.edge.closed)
                           if listener.role == "gateway" else "none")
-        http: Any = (role_checked_http(listener.client_roles, listener.role, self.audit)
-                     if listener.client_roles else ClientCertificateHttp)
+        http = (role_checked_http(listener.client_roles, listener.role, self.audit)
+                if listener.client_roles else ClientCertificateHttp)
+        # TLS is the edge's (web/edge.py): uvicorn sees plain TCP and gets TLS connections.
         return uvicorn.Config(
             listener.app, host=listener.host, port=listener.port,
-            ssl_certfile="unused", ssl_context_factory=lambda config, default: listener.tls,
-            http=http, ws=websocket, ws_per_message_deflate=False,
-            ws_max_size=MAX_WEBSOCKET_MESSAGE,
+            http=self.edge.protocol(http, listener.tls), ws=websocket,
+            ws_per_message_deflate=False, ws_max_size=MAX_WEBSOCKET_MESSAGE,
+            timeout_keep_alive=self.settings.limits.keepalive_timeout,
             lifespan="off", log_config=None, server_header=False, access_log=False,
             proxy_headers=listener.trust_forwarded,
             forwarded_allow_ips="*" if listener.trust_forwarded else None,
@@ -288,6 +292,7 @@ class Node:
     async def serve(self, on_ready: Callable[[Node], None] | None = None) -> None:
         """Serve every listener until SIGINT/SIGTERM; then close the stores."""
         sockets = self.bind()
+        raise_open_files_limit(self.settings.limits.max_connections)
         servers = [uvicorn.Server(self.uvicorn_config(listener)) for listener in self.listeners]
         loop = asyncio.get_running_loop()
 
