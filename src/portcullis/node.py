@@ -56,7 +56,7 @@ from portcullis.sta.client import RemoteTicketAuthority, TicketAuthorities, Tick
 from portcullis.store import DurableStore, EphemeralStore, open_ephemeral
 from portcullis.tokens import TokenHasher
 from portcullis.web.client_certificate import ClientCertificateHttp
-from portcullis.web.edge import Edge, raise_open_files_limit
+from portcullis.web.edge import Edge, EdgeServer, raise_open_files_limit
 from portcullis.web.roles import role_checked_http
 from portcullis.web.security import SecurityMiddleware
 
@@ -260,11 +260,11 @@ class Node:
                           if listener.role == "gateway" else "none")
         http = (role_checked_http(listener.client_roles, listener.role, self.audit)
                 if listener.client_roles else ClientCertificateHttp)
-        # TLS is the edge's (web/edge.py): uvicorn sees plain TCP and gets TLS connections.
+        # No TLS here: the edge's acceptor does it (web/edge.py, EdgeServer).
         return uvicorn.Config(
             listener.app, host=listener.host, port=listener.port,
-            http=self.edge.protocol(http, listener.tls), ws=websocket,
-            ws_per_message_deflate=False, ws_max_size=MAX_WEBSOCKET_MESSAGE,
+            http=http, ws=websocket, ws_per_message_deflate=False,
+            ws_max_size=MAX_WEBSOCKET_MESSAGE,
             timeout_keep_alive=self.settings.limits.keepalive_timeout,
             lifespan="off", log_config=None, server_header=False, access_log=False,
             proxy_headers=listener.trust_forwarded,
@@ -293,7 +293,8 @@ class Node:
         """Serve every listener until SIGINT/SIGTERM; then close the stores."""
         sockets = self.bind()
         raise_open_files_limit(self.settings.limits.max_connections)
-        servers = [uvicorn.Server(self.uvicorn_config(listener)) for listener in self.listeners]
+        servers = [EdgeServer(self.uvicorn_config(listener), self.edge, listener.tls)
+                   for listener in self.listeners]
         loop = asyncio.get_running_loop()
 
         def stop() -> None:

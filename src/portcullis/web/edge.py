@@ -1,10 +1,11 @@
 """The edge of every listener: which connections are let in, and how long each may take.
 
-Each listener accepts TCP itself and starts TLS from `EdgeConnection` with
-`loop.start_tls`, rather than letting `create_server(ssl=…)` do it (uvicorn passes no
-`ssl_handshake_timeout` there, so asyncio's 60 s would apply). Seeing the connection before
-its handshake lets the edge
-- refuse it over the global or the per-address limit, before any TLS work (`Admissions`);
+Each listener accepts its connections itself (`Acceptor`, in place of the server uvicorn
+would create) and hands each admitted one to the loop with `connect_accepted_socket`,
+which does the TLS handshake (uvicorn's own `create_server(ssl=…)` passes no
+`ssl_handshake_timeout`, so asyncio's 60 s would apply). Accepting ourselves lets the edge
+- refuse a connection over the global or the per-address limit before any TLS work
+  (`Admissions`): it is closed at once;
 - bound the handshake (`limits.tls_handshake_timeout`): a silent or stalling client is
   aborted when it runs out.
 After the handshake the connection goes to uvicorn's HTTP protocol, as a `HeadTimedHttp`:
@@ -23,13 +24,17 @@ Never logs per connection: refusals are logged at most once per `LOG_INTERVAL`, 
 from __future__ import annotations
 
 import asyncio
+import errno
 import resource
+import socket
 import ssl
 from asyncio import TimerHandle
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import structlog
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from portcullis.config.model import LimitSettings
@@ -41,6 +46,10 @@ LOG_INTERVAL = 10.0
 TLS_SHUTDOWN_TIMEOUT = 5.0
 # File descriptors kept beyond the connection limit: listeners, stores, logs, dialled peers.
 SPARE_FILES = 256
+# Connections taken per readiness of a listening socket, and the pause when the process is
+# out of file descriptors (as asyncio's own accept loop does).
+ACCEPT_BATCH = 64
+ACCEPT_RETRY_DELAY = 1.0
 REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\n"
                    b"content-length: 16\r\nconnection: close\r\n\r\nrequest timeout\n")
 
@@ -105,6 +114,19 @@ class RefusalLog:
             self._count = 0
 
 
+class Lease:
+    """One admitted connection's place in the counts, given back once."""
+
+    def __init__(self, admissions: Admissions, address: str) -> None:
+        self._admissions = admissions
+        self._address: str | None = address
+
+    def release(self) -> None:
+        if self._address is not None:
+            self._admissions.release(self._address)
+            self._address = None
+
+
 class Edge:
     """The admissions and timeouts of one node's listeners (one set of limits for all)."""
 
@@ -112,83 +134,125 @@ class Edge:
         self.limits = limits
         self.admissions = Admissions(limits.max_connections,
                                      limits.max_connections_per_address)
-        self._refusals = RefusalLog(LOG_INTERVAL)
-        self._open: dict[asyncio.BaseTransport, str] = {}   # TLS transport -> client address
-        self._handshakes: set[asyncio.Task[None]] = set()
+        self.refusals = RefusalLog(LOG_INTERVAL)
+        self._open: dict[asyncio.BaseTransport, Lease] = {}
 
-    def protocol(self, http: type[HeadTimedHttp],
-                 tls: ssl.SSLContext) -> type[asyncio.Protocol]:
-        """The protocol class uvicorn runs a listener with (its `http` setting)."""
-        edge = self
-
-        class EdgeConnection(asyncio.Protocol):
-            def __init__(self, config: Any, server_state: Any, app_state: Any,
-                         _loop: Any = None) -> None:
-                self._http = http(config=config, server_state=server_state,
-                                  app_state=app_state, _loop=_loop, edge=edge)
-
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                edge.accepted(transport, self._http, tls)
-
-        return EdgeConnection
-
-    def accepted(self, accepted: asyncio.BaseTransport, http: HeadTimedHttp,
-                 tls: ssl.SSLContext) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        transport = cast(asyncio.Transport, accepted)
-        peer = transport.get_extra_info("peername")
-        address = str(peer[0]) if peer else "unknown"
-        admission = self.admissions.admit(address)
-        if not admission.admitted:
-            self._refusals.refused(admission.reason, asyncio.get_running_loop().time())
-            transport.abort()
-            return
-        transport.pause_reading()   # TLS reads it, not us
-        task = asyncio.ensure_future(self._secure(transport, http, tls, address))
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
-
-    async def _secure(self, transport: asyncio.Transport, http: HeadTimedHttp,
-                      tls: ssl.SSLContext, address: str) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            secured = await loop.start_tls(
-                transport, http, tls, server_side=True,
-                ssl_handshake_timeout=self.limits.tls_handshake_timeout,
-                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
-        except asyncio.CancelledError:   # the listener is shutting down
-            self.admissions.release(address)
-            transport.abort()
-            raise
-        except Exception:
-            # Timed out, failed or cut off during the handshake; start_tls has closed it.
-            self.admissions.release(address)
-            transport.abort()
-            return
-        if secured is None:   # the connection ended as the handshake completed
-            self.admissions.release(address)
-            return
-        self._open[secured] = address
-        http.connection_made(secured)
+    def opened(self, transport: asyncio.BaseTransport, lease: Lease) -> None:
+        self._open[transport] = lease
 
     def closed(self, transport: asyncio.BaseTransport | None) -> None:
         """The connection carried by `transport` has ended (said once or more)."""
-        address = self._open.pop(transport, None) if transport is not None else None
-        if address is not None:
-            self.admissions.release(address)
+        lease = self._open.pop(transport, None) if transport is not None else None
+        if lease is not None:
+            lease.release()
+
+
+class Acceptor:
+    """Accepts one listening socket's connections, admits them and starts their TLS.
+    Stands in for the asyncio server uvicorn keeps (`close`, `wait_closed`)."""
+
+    def __init__(self, edge: Edge, sock: socket.socket, tls: ssl.SSLContext,
+                 make_protocol: Callable[[Lease], asyncio.Protocol]) -> None:
+        self._edge = edge
+        self._sock = sock
+        self._tls = tls
+        self._make_protocol = make_protocol
+        self._loop = asyncio.get_running_loop()
+        self._handshakes: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, peer = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                self._edge.refusals.refused(f"cannot accept: {exc.strerror}", self._loop.time())
+                self._loop.remove_reader(self._sock.fileno())
+                self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+                return
+            self._admit(conn, str(peer[0]))
+
+    def _resume(self) -> None:
+        if not self._closed:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def _admit(self, conn: socket.socket, address: str) -> None:
+        admission = self._edge.admissions.admit(address)
+        if not admission.admitted:
+            self._edge.refusals.refused(admission.reason, self._loop.time())
+            conn.close()
+            return
+        lease = Lease(self._edge.admissions, address)
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = asyncio.ensure_future(self._loop.connect_accepted_socket(
+            lambda: self._make_protocol(lease), conn, ssl=self._tls,
+            ssl_handshake_timeout=self._edge.limits.tls_handshake_timeout,
+            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT))
+        self._handshakes.add(task)
+        task.add_done_callback(lambda done: self._handshake_done(done, lease, conn))
+
+    def _handshake_done(self, task: asyncio.Task[Any], lease: Lease,
+                        conn: socket.socket) -> None:
+        self._handshakes.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            # Timed out, failed or cut off during the handshake (or shutting down).
+            lease.release()
+            conn.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._loop.remove_reader(self._sock.fileno())
+        for task in list(self._handshakes):
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        return None
+
+
+class EdgeServer(uvicorn.Server):
+    """A uvicorn server whose listening sockets are `Acceptor`s of this edge."""
+
+    def __init__(self, config: uvicorn.Config, edge: Edge, tls: ssl.SSLContext) -> None:
+        super().__init__(config)
+        self._edge = edge
+        self._tls = tls
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # What uvicorn's startup does for sockets given to it, with our accept loop.
+        await self.lifespan.startup()
+        config = self.config
+
+        def make_protocol(lease: Lease) -> asyncio.Protocol:
+            protocol: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state,
+                app_state=self.lifespan.state, edge=self._edge, lease=lease)
+            return protocol
+
+        self.servers = [Acceptor(self._edge, sock, self._tls, make_protocol)  # type: ignore[misc]
+                        for sock in sockets or []]
+        self.started = True
 
 
 class HeadTimedHttp(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline for every request head."""
 
-    def __init__(self, *args: Any, edge: Edge, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, edge: Edge, lease: Lease, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._edge = edge
+        self._lease = lease
         self._head_timer: TimerHandle | None = None
         self._awaiting_head = True
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._edge.opened(transport, self._lease)
         # Also a client that completed TLS and sends nothing is closed by this deadline.
         self._start_head_deadline()
 
