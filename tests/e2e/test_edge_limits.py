@@ -343,3 +343,35 @@ def test_4000_slow_header_connections_are_reaped_within_the_header_timeout_while
     assert left <= 5
     assert not failures, failures[:5]
     assert len(answers) >= 40 and set(answers) == {200}
+
+
+# What the proxy cannot forward as it is; then what it forwards, which the portal answers.
+UNFORWARDABLE = [b"/%00", b"/static/%0d%0aSet-Cookie:%20x=1", b"/" + b"a" * 9000,
+                 b"/\x7f", b"/\xc3\xa9", b"/a\tb", b"/api/v1/health?" + b"q" * 9000,
+                 b"//evil.example/x"]
+FORWARDED = [b"/%c3%28", b"/%zz", b"/login?next=%00%0a", b"https://evil.example/x", b"*"]
+
+
+def test_every_target_the_split_portal_proxy_cannot_forward_is_a_4xx(
+        deployment: Deployment, start_process) -> None:  # type: ignore[no-untyped-def]
+    deployment.set("gateway", "portal_url", f'"https://127.0.0.1:{deployment.port + 1}"')
+    portal = start_process("serve", "sta", "portal", "--dir", str(deployment.directory),
+                           name="portal")
+    portal.wait_for(r"portal listening on")
+    edge = start_process("serve", "gateway", "--dir", str(deployment.directory), name="edge")
+    edge.wait_for(r"gateway listening on")
+    statuses = {}
+    for target in UNFORWARDABLE + FORWARDED:
+        tls = secured(deployment)
+        tls.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n"
+                    b"Connection: close\r\n\r\n")
+        answer, _ = read_until_closed(tls, 15)
+        statuses[target] = int(answer.split(b" ", 2)[1]) if answer else None
+    print({target[:40]: status for target, status in statuses.items()})
+    assert all(400 <= (statuses[target] or 0) < 500 for target in UNFORWARDABLE), statuses
+    assert all(statuses[target] is not None and statuses[target] < 500  # type: ignore[operator]
+               for target in FORWARDED), statuses
+    assert "Traceback" not in edge.output() + portal.output()
+    health = secured(deployment)
+    health.sendall(HEALTH)
+    assert read_response(health).startswith(b"HTTP/1.1 200 ")   # the proxy still forwards
