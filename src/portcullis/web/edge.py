@@ -93,9 +93,6 @@ class Admissions:
         else:
             self._by_address[address] = held - 1
 
-    def held(self, address: str) -> int:
-        return self._by_address.get(address, 0)
-
 
 class RefusalLog:
     """At most one warning per `interval` however many connections are refused."""
@@ -189,22 +186,26 @@ class Acceptor:
             conn.close()
             return
         lease = Lease(self._edge.admissions, address)
-        conn.setblocking(False)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:   # already reset by the client
+            lease.release()
+            conn.close()
+            return
+        # From here the loop owns the socket, and closes it if the handshake fails.
         task = asyncio.ensure_future(self._loop.connect_accepted_socket(
             lambda: self._make_protocol(lease), conn, ssl=self._tls,
             ssl_handshake_timeout=self._edge.limits.tls_handshake_timeout,
             ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT))
         self._handshakes.add(task)
-        task.add_done_callback(lambda done: self._handshake_done(done, lease, conn))
+        task.add_done_callback(lambda done: self._handshake_done(done, lease))
 
-    def _handshake_done(self, task: asyncio.Task[Any], lease: Lease,
-                        conn: socket.socket) -> None:
+    def _handshake_done(self, task: asyncio.Task[Any], lease: Lease) -> None:
         self._handshakes.discard(task)
         if task.cancelled() or task.exception() is not None:
             # Timed out, failed or cut off during the handshake (or shutting down).
             lease.release()
-            conn.close()
 
     def close(self) -> None:
         self._closed = True
