@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bench import (
     idle_memory,
+    idle_tls,
     launch_rate,
     login_rate,
     revocation,
@@ -34,6 +35,7 @@ BENCHMARKS: dict[str, Callable[[], Report]] = {
     "launch_rate": launch_rate.run,
     "login_rate": login_rate.run,
     "idle_memory": idle_memory.run,
+    "idle_tls": idle_tls.run,
     "tunnel_throughput": tunnel_throughput.run,
     "tunnel_udp": tunnel_udp.run,
     "tunnel_stream_rate": tunnel_stream_rate.run,

@@ -66,6 +66,7 @@ from portcullis.store import (
 )
 from portcullis.tokens import TokenHasher
 from portcullis.web.client_certificate import ClientCertificateHttp
+from portcullis.web.edge import Edge, EdgeServer, raise_open_files_limit
 from portcullis.web.roles import role_checked_http
 from portcullis.web.security import SecurityMiddleware
 
@@ -100,6 +101,7 @@ class Node:
     # Session endings, shared with the other nodes through the ephemeral store.
     events: EventBus = field(default_factory=MemoryEventBus)
     session_watch: SessionWatch | None = None
+    edge: Edge = field(init=False)
     _closers: list[Callable[[], Any]] = field(default_factory=list)
     certificates: LoadedCertificates = field(init=False)
 
@@ -110,6 +112,7 @@ class Node:
     def __post_init__(self) -> None:
         self._first_settings = self.settings
         self.certificates = LoadedCertificates(self.settings)
+        self.edge = Edge(self.settings.limits)
 
     @classmethod
     async def build(cls, settings: Settings, roles: Sequence[str]) -> Node:
@@ -298,15 +301,16 @@ class Node:
 
     def uvicorn_config(self, listener: Listener) -> uvicorn.Config:
         # Only the gateway's listener takes WebSocket upgrades, straight to its endpoints.
-        websocket: Any = (websocket_protocol_class(self.websocket_endpoints)
+        websocket: Any = (websocket_protocol_class(self.websocket_endpoints, self.edge.closed)
                           if listener.role == "gateway" else "none")
-        http: Any = (role_checked_http(listener.client_roles, listener.role, self.audit)
-                     if listener.client_roles else ClientCertificateHttp)
+        http = (role_checked_http(listener.client_roles, listener.role, self.audit)
+                if listener.client_roles else ClientCertificateHttp)
+        # No TLS here: the edge's acceptor does it (web/edge.py, EdgeServer).
         return uvicorn.Config(
             listener.app, host=listener.host, port=listener.port,
-            ssl_certfile="unused", ssl_context_factory=lambda config, default: listener.tls,
             http=http, ws=websocket, ws_per_message_deflate=False,
             ws_max_size=MAX_WEBSOCKET_MESSAGE,
+            timeout_keep_alive=self.settings.limits.keepalive_timeout,
             lifespan="off", log_config=None, server_header=False, access_log=False,
             proxy_headers=listener.trust_forwarded,
             forwarded_allow_ips="*" if listener.trust_forwarded else None,
@@ -333,7 +337,9 @@ class Node:
     async def serve(self, on_ready: Callable[[Node], None] | None = None) -> None:
         """Serve every listener until SIGINT/SIGTERM; then close the stores."""
         sockets = self.bind()
-        servers = [uvicorn.Server(self.uvicorn_config(listener)) for listener in self.listeners]
+        raise_open_files_limit(self.settings.limits.max_connections)
+        servers = [EdgeServer(self.uvicorn_config(listener), self.edge, listener.tls)
+                   for listener in self.listeners]
         loop = asyncio.get_running_loop()
 
         def stop() -> None:

@@ -229,6 +229,8 @@ class ThrottleSettings(_Section):
     # Failures from one client address within `address_window` before it is refused.
     address_failures: int = Field(default=50, ge=1, le=100_000)
     address_window: float = Field(default=300.0, gt=0, le=86400)
+    # Sign-ins in progress from one client address (generous: one NAT may hide many users).
+    address_unfinished: int = Field(default=500, ge=1, le=100_000)
 
 
 class AuthSettings(_Section):

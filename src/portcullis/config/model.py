@@ -184,6 +184,23 @@ class VpnSettings(Section):
 class LimitSettings(Section):
     max_request_body: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_header_bytes: int = Field(default=16 * 1024, ge=4096, le=256 * 1024)
+    # The whole request head must arrive within this many seconds (web/edge.py).
+    header_timeout: float = Field(default=20.0, gt=0, le=300)
+    tls_handshake_timeout: float = Field(default=10.0, gt=0, le=120)
+    # Idle time allowed between two requests on one connection.
+    keepalive_timeout: int = Field(default=5, ge=1, le=300)
+    # Open connections of the node, tunnels and launches included; and from one address
+    # (generous: many users may share one NAT address).
+    max_connections: int = Field(default=10_000, ge=1, le=1_000_000)
+    max_connections_per_address: int = Field(default=1_000, ge=1, le=1_000_000)
+
+    @field_validator("max_connections_per_address")
+    @classmethod
+    def _per_address(cls, value: int, info: ValidationInfo) -> int:
+        total = info.data.get("max_connections")
+        if total is not None and value > total:
+            raise ValueError(f"must not exceed limits.max_connections ({total})")
+        return value
 
 
 class Resource(Section):

@@ -1,6 +1,9 @@
 """When the portal runs in another process, the gateway forwards portal requests to it
 over mutual TLS, adding the client's address (which the portal trusts only because the
-connection carries the gateway's certificate)."""
+connection carries the gateway's certificate).
+
+The request target goes on as the client sent it (not decoded and encoded again); one
+that cannot go on as it is, is answered 4xx here and never reaches the portal."""
 
 from __future__ import annotations
 
@@ -19,6 +22,21 @@ HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-autho
               b"content-encoding", b"x-forwarded-for", b"x-forwarded-proto",
               b"x-forwarded-host", b"x-forwarded-port", b"forwarded", b"x-real-ip",
               FORWARDED_HEADER}
+# Longer targets are refused (414): no portal URL comes near this.
+MAX_TARGET = 8 * 1024
+
+
+def forwardable_target(raw_path: bytes, query: bytes, path: str) -> tuple[bytes | None, int]:
+    """The target to request from the portal, or None and the status to answer (pure)."""
+    target = raw_path + (b"?" + query if query else b"")
+    if len(target) > MAX_TARGET:
+        return None, 414
+    # Printable ASCII only, as RFC 3986 allows; and no control character once decoded
+    # (%00, %0d%0a): no portal path has one.
+    if (not target.startswith(b"/") or any(byte <= 0x20 or byte >= 0x7F for byte in target)
+            or any(ord(char) < 0x20 or ord(char) == 0x7F for char in path)):
+        return None, 400
+    return target, 200
 
 
 class PortalProxy:
@@ -27,6 +45,11 @@ class PortalProxy:
                                        follow_redirects=False)
 
     async def forward(self, request: Request) -> Response:
+        scope = request.scope
+        target, status = forwardable_target(scope.get("raw_path") or scope["path"].encode(),
+                                            scope.get("query_string", b""), scope["path"])
+        if target is None:
+            return Response("bad request target", status, media_type="text/plain")
         headers = [(name, value) for name, value in request.headers.raw
                    if name.lower() not in HOP_BY_HOP]
         client = request.client.host if request.client else "unknown"
@@ -36,8 +59,10 @@ class PortalProxy:
             headers.append((FORWARDED_HEADER, certificate))
         try:
             upstream = await self._http.request(
-                request.method, request.url.path, params=request.url.query or None,
-                headers=headers, content=await request.body())
+                request.method, httpx.URL(raw_path=target), headers=headers,
+                content=await request.body())
+        except httpx.InvalidURL:   # what the check above let through and httpx refuses
+            return Response("bad request target", 400, media_type="text/plain")
         except httpx.HTTPError:
             return Response("the portal is unavailable", 502, media_type="text/plain")
         kept = [(name, value) for name, value in upstream.headers.raw

@@ -9,7 +9,7 @@ per-message queue would cost the data path most of its throughput.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,7 +18,12 @@ from websockets.http11 import Request
 from portcullis.net.websocket import Opened, WebSocketMux, accept, reject, server_websocket
 
 
-def websocket_protocol_class(endpoints: Mapping[str, Opened]) -> type[asyncio.Protocol]:
+def websocket_protocol_class(
+        endpoints: Mapping[str, Opened],
+        closed: Callable[[asyncio.BaseTransport | None], None] = lambda transport: None,
+) -> type[asyncio.Protocol]:
+    """`closed(transport)` is told when each connection ends (the edge's count)."""
+
     def route(carrier: WebSocketMux, request: Request) -> None:
         opened = endpoints.get(urlsplit(request.path).path)
         if opened is None:
@@ -30,5 +35,9 @@ def websocket_protocol_class(endpoints: Mapping[str, Opened]) -> type[asyncio.Pr
         def __init__(self, config: Any = None, server_state: Any = None,
                      app_state: Any = None, _loop: Any = None) -> None:
             super().__init__(server_websocket(), on_request=route)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            closed(self.transport)
+            super().connection_lost(exc)
 
     return GatewayWebSocket

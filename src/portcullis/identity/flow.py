@@ -202,9 +202,16 @@ class LoginService:
                                reason="too many failures from this address")
             return Denied()
         state = FlowState(flow=self.flow.name)
+        if not await self._throttle.start_unfinished(context.client_address, state.started,
+                                                     time.time(),
+                                                     self._settings.login_step_timeout):
+            self._audit.record("login.throttled", client=context.client_address,
+                               reason="too many unfinished sign-ins from this address")
+            return Denied()
         choice = next_step(self.flow.definition, 0, state, context)
         self._record_skipped(choice, state, context)
         if choice.index is None:
+            await self._throttle.finish_unfinished(context.client_address, state.started)
             # Validation guarantees a primary step, but a condition may exclude them all.
             self._audit.record("login.failed", reason="no step of the flow applies",
                                flow=self.flow.name, client=context.client_address)
@@ -376,6 +383,7 @@ class LoginService:
                                     context, None, count=False)
         # The state was taken when this answer arrived: nothing of the flow is left.
         await self._throttle.succeeded(self._identity(state.username))
+        await self._throttle.finish_unfinished(context.client_address, state.started)
         claims = Claims.build(self.flow.realm, state.username,
                               Attributes.from_json(state.attributes), tuple(state.passed),
                               time.time())
@@ -406,6 +414,7 @@ class LoginService:
         """The end of a flow: its state was taken when the answer arrived, so the handle is
         already spent; count the failure and audit the reason."""
         user = username or state.username
+        await self._throttle.finish_unfinished(context.client_address, state.started)
         lock = (await self._throttle.failed(self._identity(user) if user else None,
                                             context.client_address) if count else None)
         self._audit.record("login.failed", user=user, flow=self.flow.name,

@@ -6,7 +6,9 @@ An account is keyed by its identity (realm:canonical name), never by what was ty
 consecutive failures (none more than `lockout_seconds` after the one before) the account
 is locked for `lockout_seconds`; a success resets the count. An address with
 `address_failures` failures within `address_window` is refused every sign-in until the
-window passes, whichever accounts it tries.
+window passes, whichever accounts it tries. At most `address_unfinished` sign-ins may be
+in progress from one address: each counts from its first step until it ends, or at most
+the login step timeout after it began (an abandoned one is not released by anyone).
 """
 
 from __future__ import annotations
@@ -71,3 +73,32 @@ class Throttle:
     async def unlock(self, identity: str) -> None:
         await self._ephemeral.delete(f"throttle:account:{identity}")
         await self._ephemeral.delete(f"throttle:locked:{identity}")
+
+    async def start_unfinished(self, address: str, started: float, now: float,
+                               window: float) -> bool:
+        """Count a sign-in begun at `started` as in progress from `address`; False (and
+        not counted) when that would be more than `address_unfinished`."""
+        key = f"throttle:unfinished:{address}"
+        member = repr(started)
+        # Added, then counted: of concurrent starts over the limit none is let through.
+        await self._ephemeral.add_to_set(key, member, window)
+        live = 0
+        for other in await self._ephemeral.set_members(key):
+            if _began(other) + window <= now:
+                await self._ephemeral.remove_from_set(key, other)   # abandoned, expired
+            else:
+                live += 1
+        if live > self._settings.address_unfinished:
+            await self._ephemeral.remove_from_set(key, member)
+            return False
+        return True
+
+    async def finish_unfinished(self, address: str, started: float) -> None:
+        await self._ephemeral.remove_from_set(f"throttle:unfinished:{address}", repr(started))
+
+
+def _began(member: str) -> float:
+    try:
+        return float(member)
+    except ValueError:
+        return 0.0   # not one of ours: expired

@@ -16,15 +16,14 @@ import binascii
 import ssl
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
 from portcullis.errors import PKIError
 from portcullis.identity.conditions import ClientCertificate
+from portcullis.web.edge import HeadTimedHttp
 
 FORWARDED_HEADER = b"x-portcullis-client-certificate"
 
 
-class ClientCertificateHttp(HttpToolsProtocol):
+class ClientCertificateHttp(HeadTimedHttp):
     _chain: list[str]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

@@ -12,19 +12,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Set
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
 from portcullis.audit import AuditTrail
 from portcullis.errors import PKIError
 from portcullis.pki import peer_common_name
 from portcullis.pki.roles import ROLE_COMMON_NAMES
+from portcullis.web.edge import HeadTimedHttp
 
 
 def role_checked_http(allowed_roles: Set[str], listener: str,
-                      audit: AuditTrail) -> type[asyncio.Protocol]:
+                      audit: AuditTrail) -> type[HeadTimedHttp]:
     allowed = {ROLE_COMMON_NAMES[role] for role in allowed_roles}
 
-    class RoleCheckedHttp(HttpToolsProtocol):
+    class RoleCheckedHttp(HeadTimedHttp):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             ssl_object = transport.get_extra_info("ssl_object")
