@@ -246,9 +246,12 @@ olcMemberOfRefInt: TRUE
 """
 
 
+LOOPBACK = ipaddress.ip_address("127.0.0.1")
+
+
 def make_tls(directory: Path,
-             address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
-                 "127.0.0.1")) -> dict[str, Path]:
+             address: ipaddress.IPv4Address | ipaddress.IPv6Address = LOOPBACK
+             ) -> dict[str, Path]:
     """A throwaway CA and a server certificate for `address` / localhost, signed by it."""
     now = datetime.datetime.now(datetime.UTC)
     # EC keys: generating RSA keys would cost most of the startup budget.

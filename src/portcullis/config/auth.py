@@ -19,7 +19,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from portcullis.config.values import check_networks, parse_host_port
 from portcullis.errors import AuthError
@@ -116,9 +123,12 @@ class LdapProvider(_Section):
 
     type: Literal["ldap"]
     name: ProviderName
+    # (Before `servers`, whose check reads them.) ldap:// URLs upgraded with StartTLS.
+    start_tls: bool = False
+    # Allow ldap:// without StartTLS (passwords in clear text): a warning at every start.
+    insecure: bool = False
     # Tried in order; the next one when a server cannot be reached.
     servers: list[Annotated[str, Field(pattern=r"^ldaps?://[^/\s]+/?$")]] = Field(min_length=1)
-    start_tls: bool = False
     # CA certificate(s) that sign the directory's TLS certificate; default: the system's.
     ca_cert: str | None = None
     bind_dn: str
@@ -138,6 +148,15 @@ class LdapProvider(_Section):
     active_directory: bool = False
     timeout: float = Field(default=5.0, gt=0, le=60)
     pool_size: int = Field(default=4, ge=1, le=64)
+
+    @field_validator("servers")
+    @classmethod
+    def _encrypted(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        clear = [url for url in value if url.lower().startswith("ldap://")]
+        if clear and not info.data.get("start_tls") and not info.data.get("insecure"):
+            raise ValueError(f"{clear[0]} would send passwords in clear text; use ldaps://, "
+                             "set start_tls = true, or (a test lab only) insecure = true")
+        return value
 
     @field_validator("login_attributes", "required_attributes")
     @classmethod
@@ -229,6 +248,10 @@ class ThrottleSettings(_Section):
     # Failures from one client address within `address_window` before it is refused.
     address_failures: int = Field(default=50, ge=1, le=100_000)
     address_window: float = Field(default=300.0, gt=0, le=86400)
+    # A failed sign-in step is answered no sooner than this many seconds after it arrived
+    # (or the recent steps' 90th percentile, if longer), plus up to 20 %, so that its time
+    # does not tell an unknown name, a wrong password and a locked account apart.
+    failure_floor: float = Field(default=0.5, ge=0, le=10)
 
 
 class AuthSettings(_Section):
