@@ -12,12 +12,11 @@ a flow never locks anyone out; it stops before a TOTP enrolment would store a se
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
-
-import asyncio
 
 from ldap3.core.exceptions import LDAPException
 
