@@ -276,6 +276,30 @@ def user_totp_reset(name: str, realm: str | None, directory: Path) -> None:
                else f"{identity} had no TOTP secret (nothing to reset)")
 
 
+@user.command("totp-code")
+@click.argument("name")
+@_realm_option("The realm whose TOTP enrolment the code allows.")
+@dir_option
+def user_totp_code(name: str, realm: str | None, directory: Path) -> None:
+    """Issue a one-time code that lets a user enrol their first authenticator app (with
+    auth.totp.enrolment = "code"); it replaces any earlier code and expires."""
+    from portcullis.audit import AuditTrail
+    from portcullis.identity.tooling import issue_enrolment_code, resolve_identity
+
+    settings = _load(directory)
+    # A RADIUS user cannot be looked up before their first sign-in: taken as typed.
+    identity = asyncio.run(resolve_identity(settings, realm, name, accept_unsearchable=True))
+    code, expires = asyncio.run(issue_enrolment_code(settings, identity))
+    audit = AuditTrail(settings.path(settings.log.audit_file))
+    audit.record("totp.enrolment_code_issued", identity=identity,
+                 expires=expires.isoformat(timespec="seconds"), by="portcullis user")
+    audit.close()
+    click.echo(f"enrolment code for {identity}: {code} (single use, valid until "
+               f"{expires:%Y-%m-%d %H:%M} UTC)")
+    if settings.auth.totp.enrolment != "code":
+        click.echo('note: auth.totp.enrolment is "self": sign-ins do not ask for it')
+
+
 @user.command("unlock")
 @click.argument("name")
 @_realm_option("The realm whose lockout to clear.")

@@ -254,6 +254,16 @@ class ThrottleSettings(_Section):
     failure_floor: float = Field(default=0.5, ge=0, le=10)
 
 
+class TotpEnrolmentSettings(_Section):
+    # "self": a user without a TOTP secret enrols their first authenticator app at sign-in,
+    # once a password has said who they are. "code": only with a one-time enrolment code
+    # an administrator issued (`portcullis user totp-code NAME`), so that a password alone
+    # is not enough to bind an app to an account.
+    enrolment: Literal["self", "code"] = "self"
+    # How long an issued enrolment code can be used (seconds).
+    code_lifetime: float = Field(default=259200.0, gt=0, le=30 * 86400)
+
+
 class AuthSettings(_Section):
     # The flow every sign-in follows.
     flow: ProviderName = "default"
@@ -263,6 +273,7 @@ class AuthSettings(_Section):
     # CA certificate(s) for optional client certificates at the gateway; unset: none asked.
     client_ca: str | None = None
     throttle: ThrottleSettings = Field(default_factory=ThrottleSettings)
+    totp: TotpEnrolmentSettings = Field(default_factory=TotpEnrolmentSettings)
     # A signed-in user may set up a new authenticator app (replacing the old one) only
     # this many seconds after signing in, which bounds what a stolen session can do.
     recent_sign_in: float = Field(default=600.0, gt=0, le=86400)

@@ -103,7 +103,8 @@ class IdentityProviders:
         if isinstance(provider, TotpProvider):
             primaries = frozenset(p.name for p in self.settings.auth.all_providers().values()
                                   if p.type in PRIMARY_TYPES)
-            return TotpFactor(provider.name, self.totp(provider.name), realm, primaries)
+            return TotpFactor(provider.name, self.totp(provider.name), realm, primaries,
+                              enrolment_code=self.settings.auth.totp.enrolment == "code")
         assert isinstance(provider, CertificateProvider)
         return CertificateFactor(provider)
 

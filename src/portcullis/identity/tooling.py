@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from ldap3.core.exceptions import LDAPException
@@ -112,8 +113,10 @@ async def dry_run(settings: Settings, flow_name: str, username: str, answer: Ans
             step = result.step
             report(f"step {result.provider}: {step.title} "
                    f"({', '.join(p.name for p in step.prompts)})")
-            if step.kind == "totp-enrol":
-                report("  the user has no TOTP secret: a real sign-in would enrol now "
+            if step.kind in ("totp-enrol", "totp-enrolment-code"):
+                needs = (", with the enrolment code an administrator issued"
+                         if step.kind == "totp-enrolment-code" else "")
+                report(f"  the user has no TOTP secret: a real sign-in would enrol now{needs} "
                        "(stopping here; nothing was stored)")
                 return DryRun("would enrol")
             answers = {p.name: username if p.name == "username" else answer(step, p)
@@ -140,10 +143,13 @@ def realms(settings: Settings) -> list[str]:
 
 
 async def _resolve(settings: Settings, stores: tuple[DurableStore, EphemeralStore, TokenHasher],
-                   realm: str, typed: str, *, counters: bool) -> str | None:
+                   realm: str, typed: str, *, counters: bool,
+                   accept_unsearchable: bool = False) -> str | None:
     """The account name `typed` signs in as in `realm`, or None if it names no one there.
     A directory is asked as a sign-in asks it; a realm that cannot be searched (RADIUS, a
-    certificate) knows a user by what Portcullis keeps of them (TOTP, failure counters)."""
+    certificate) knows a user by what Portcullis keeps of them (TOTP, failure counters),
+    or, with `accept_unsearchable`, takes the canonical name as given (a user who has
+    never signed in, about to get an enrolment code)."""
     durable, ephemeral, hasher = stores
     canonical = canonical_username(typed)
     provider = settings.auth.all_providers()[realm]
@@ -160,7 +166,7 @@ async def _resolve(settings: Settings, stores: tuple[DurableStore, EphemeralStor
                                 f"{realm!r}: give the account name")
         return canonical_username(found[0].username) if found else None
     identity = f"{realm}:{canonical}"
-    if await durable.get_totp(identity) is not None:
+    if accept_unsearchable or await durable.get_totp(identity) is not None:
         return canonical
     if counters and (await Throttle(ephemeral, settings.auth.throttle).account(identity)
                      ).failures:
@@ -204,7 +210,8 @@ async def account_report(settings: Settings, typed: str) -> tuple[str, list[Real
         return local, reports
 
 
-async def resolve_identity(settings: Settings, realm: str | None, typed: str) -> str:
+async def resolve_identity(settings: Settings, realm: str | None, typed: str, *,
+                           accept_unsearchable: bool = False) -> str:
     """realm:account for what an administrator typed; NotFoundError if no such user."""
     realm = realm or realms(settings)[0]
     if realm not in realms(settings):
@@ -212,10 +219,20 @@ async def resolve_identity(settings: Settings, realm: str | None, typed: str) ->
                             f"{', '.join(realms(settings))})")
     shared_counters = not settings.store.ephemeral.startswith("memory")
     async with opened_stores(settings, throwaway_ephemeral=not shared_counters) as stores:
-        username = await _resolve(settings, stores, realm, typed, counters=shared_counters)
+        username = await _resolve(settings, stores, realm, typed, counters=shared_counters,
+                                  accept_unsearchable=accept_unsearchable)
     if username is None:
         raise _unknown(typed, [realm])
     return f"{realm}:{username}"
+
+
+async def issue_enrolment_code(settings: Settings, identity: str) -> tuple[str, datetime]:
+    """A single-use TOTP enrolment code for `identity` and when it expires (the realm's
+    flow's TOTP provider keeps it; any earlier code of the identity stops working)."""
+    async with opened_stores(settings, throwaway_ephemeral=True) as (durable, ephemeral,
+                                                                      hasher):
+        service = IdentityProviders(settings, durable, ephemeral, hasher).flow_totp()
+        return await service.issue_enrolment_code(identity, settings.auth.totp.code_lifetime)
 
 
 async def reset_totp(settings: Settings, identity: str) -> bool:
