@@ -1,20 +1,29 @@
 """The administrator's user commands on a deployment whose users are in a real Samba AD:
 each accepts any name the user signs in with (sAMAccountName, UPN or mail, any case or
-width), and an unknown name is an error with a message, never a silent no-op."""
+width), and an unknown name is an error with a message, never a silent no-op; the
+enrolment code `user totp-code` prints is what the sign-in's enrolment step accepts."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 
 import pytest
 
 from conftest import Deployment, run_cli
-from peers.samba import Samba
+from peers.samba import PASSWORDS, Samba
 from peers.stores import REDIS_URL, answering_redis_url
 from portcullis.config import config_path, load_settings
+from portcullis.identity.accounts import AccountStatus
+from portcullis.identity.conditions import LoginContext
+from portcullis.identity.flow import LoginService, NextStep
+from portcullis.identity.providers import IdentityProviders
+from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import Throttle
-from portcullis.store import open_ephemeral
+from portcullis.identity.tooling import RecordingAudit
+from portcullis.store import DurableStore, MemoryStore, open_ephemeral
+from portcullis.tokens import TokenHasher
 
 pytestmark = pytest.mark.peer
 
@@ -89,3 +98,45 @@ def test_unlock_by_mail_clears_the_lockout_of_the_account_it_names(
     assert unlocked.returncode == 0, unlocked.stderr
     assert "unlocked corp:alice" in unlocked.stdout
     assert not asyncio.run(lock_and_read(False))
+
+
+def test_totp_code_issues_a_code_the_enrolment_step_of_a_directory_user_accepts(
+        deployment: Deployment, samba: Samba) -> None:
+    add_ad_flow(deployment, samba)
+    with deployment.config.open("a") as handle:
+        handle.write('[[auth.flows.steps]]\nprovider = "totp"\n[auth.totp]\nenrolment = "code"\n')
+    issued = run_cli("user", "totp-code", "alice@pc.test", "--dir", str(deployment.directory))
+    assert issued.returncode == 0, issued.stderr
+    code = re.search(r"enrolment code for corp:alice: ([a-z0-9]{5}-[a-z0-9]{5})", issued.stdout)
+    assert code, issued.stdout
+    audit = (deployment.directory / "audit.jsonl").read_text()
+    assert '"event":"totp.enrolment_code_issued","identity":"corp:alice"' in audit
+    assert code.group(1) not in audit
+    dry = run_cli("auth", "test", "--user", "alice", "--answer",
+                  f"password={PASSWORDS['alice']}", "--dir", str(deployment.directory))
+    assert "with the enrolment code an administrator issued" in dry.stdout, dry.stdout
+
+    async def enrol_step(answer: str) -> str:
+        settings = load_settings(config_path(deployment.directory))
+        durable = await DurableStore.open(settings.durable_url())
+        try:
+            hasher = TokenHasher.from_directory(settings.path(settings.secrets_dir))
+            ephemeral = MemoryStore()
+            providers = IdentityProviders(settings, durable, ephemeral, hasher)
+            service = LoginService(
+                providers.flow(), ephemeral, hasher,
+                SessionManager(ephemeral, AccountStatus(durable), hasher, settings.session),
+                settings.session, RecordingAudit(), Throttle(ephemeral, settings.auth.throttle))
+            context = LoginContext("192.0.2.10")
+            step = await service.submit(None, {"username": "ALICE",
+                                               "password": PASSWORDS["alice"]}, context)
+            assert isinstance(step, NextStep) and step.step.kind == "totp-enrolment-code"
+            shown = await service.submit(step.handle, {"enrolment_code": answer}, context)
+            return shown.step.kind if isinstance(shown, NextStep) else "denied"
+        finally:
+            await durable.close()
+
+    assert asyncio.run(enrol_step("wrong-guess")) == "denied"
+    assert asyncio.run(enrol_step(code.group(1))) == "totp-enrol"
+    # Single use: the same code a second time is refused.
+    assert asyncio.run(enrol_step(code.group(1))) == "denied"
