@@ -140,3 +140,17 @@ def test_totp_code_issues_a_code_the_enrolment_step_of_a_directory_user_accepts(
     assert asyncio.run(enrol_step(code.group(1))) == "totp-enrol"
     # Single use: the same code a second time is refused.
     assert asyncio.run(enrol_step(code.group(1))) == "denied"
+
+
+def test_disable_by_upn_disables_the_local_account_that_governs_the_directory_user(
+        deployment: Deployment, samba: Samba) -> None:
+    add_ad_flow(deployment, samba)
+    deployment.add_user("alice", "local-pw", [])
+    disabled = run_cli("user", "disable", "ALICE@pc.test", "--dir", str(deployment.directory))
+    assert disabled.returncode == 0, disabled.stderr
+    assert disabled.stdout.strip() == "disabled alice"
+    listed = run_cli("user", "list", "--dir", str(deployment.directory))
+    assert re.search(r"^alice\s+disabled", listed.stdout, re.MULTILINE), listed.stdout
+    unknown = run_cli("user", "disable", "nobody@pc.test", "--dir", str(deployment.directory))
+    assert unknown.returncode == 1
+    assert "no local account 'nobody@pc.test'" in unknown.stderr

@@ -192,9 +192,9 @@ def user_passwd(name: str, directory: Path, password_stdin: bool) -> None:
 
 
 def _set_disabled(name: str, directory: Path, disabled: bool) -> None:
-    from portcullis.identity.names import canonical_username
+    from portcullis.identity.tooling import local_account
 
-    canonical = canonical_username(name)
+    canonical = asyncio.run(local_account(_load(directory), name))
     _with_store(directory, lambda store: store.set_disabled(canonical, disabled))
     click.echo(f"{'disabled' if disabled else 'enabled'} {canonical}")
 

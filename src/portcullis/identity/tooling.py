@@ -235,6 +235,25 @@ async def issue_enrolment_code(settings: Settings, identity: str) -> tuple[str, 
         return await service.issue_enrolment_code(identity, settings.auth.totp.code_lifetime)
 
 
+async def local_account(settings: Settings, typed: str) -> str:
+    """The local account `typed` names: its own, or that of the account name a realm
+    resolves it to (`user disable alice@corp.example` disables the local `alice` that
+    governs the directory's alice). NotFoundError when there is none."""
+    shared_counters = not settings.store.ephemeral.startswith("memory")
+    async with opened_stores(settings, throwaway_ephemeral=not shared_counters) as stores:
+        durable = stores[0]
+        canonical = canonical_username(typed)
+        if await durable.get_user(canonical) is not None:
+            return canonical
+        for realm in realms(settings):
+            name = await _resolve(settings, stores, realm, typed, counters=shared_counters)
+            if name is not None and await durable.get_user(name) is not None:
+                return name
+    raise NotFoundError(f"no local account {typed!r}, nor one for the user it names in "
+                        f"realm{'s' if len(realms(settings)) > 1 else ''} "
+                        f"{', '.join(realms(settings))}")
+
+
 async def reset_totp(settings: Settings, identity: str) -> bool:
     async with opened_stores(settings, throwaway_ephemeral=True) as (durable, _e, _h):
         return await durable.delete_totp(identity)
