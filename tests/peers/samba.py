@@ -27,6 +27,7 @@ A wrong password is 52e, an unknown name 525 (the ``data XXX`` of the bind diagn
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
 import socket
 import ssl
@@ -273,8 +274,13 @@ def samba(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Samba]:
             missing_peer(f"{program} is not installed (run 'make peers' as root)")
     if not Path("/usr/share/samba/setup/ad-schema").is_dir():
         missing_peer("samba-ad-provision is not installed (run 'make peers' as root)")
+    if os.geteuid() != 0:
+        missing_peer("a Samba domain controller needs root (its LDAP ports are 389 and 636)")
     server = start_samba(tmp_path_factory.mktemp("samba"))
     try:
         yield server
     finally:
         server.stop()
+        # The logs stay for post-mortems; the domain's databases need not.
+        shutil.rmtree(server.directory / "private", ignore_errors=True)
+        shutil.rmtree(server.directory / "state", ignore_errors=True)
