@@ -241,6 +241,10 @@ class Flow(_Section):
 
 
 class ThrottleSettings(_Section):
+    # A failed sign-in step is answered no sooner than this many seconds after it arrived
+    # (or the recent steps' 90th percentile, if longer), plus up to 20 %, so that its time
+    # does not tell an unknown name, a wrong password and a locked account apart.
+    failure_floor: float = Field(default=0.5, ge=0, le=10)
     # Consecutive failures after which an account is locked (NIST SP 800-63B allows at
     # most 100); a success resets the count.
     account_failures: int = Field(default=10, ge=1, le=100)
@@ -248,10 +252,6 @@ class ThrottleSettings(_Section):
     # Failures from one client address within `address_window` before it is refused.
     address_failures: int = Field(default=50, ge=1, le=100_000)
     address_window: float = Field(default=300.0, gt=0, le=86400)
-    # A failed sign-in step is answered no sooner than this many seconds after it arrived
-    # (or the recent steps' 90th percentile, if longer), plus up to 20 %, so that its time
-    # does not tell an unknown name, a wrong password and a locked account apart.
-    failure_floor: float = Field(default=0.5, ge=0, le=10)
 
 
 class TotpEnrolmentSettings(_Section):
