@@ -276,3 +276,14 @@ async def test_answers_longer_than_radius_allows_are_refused_not_crashed(
     assert await login.sign_in(ALICE, "x" * 200) == Denied()
     assert login.last_failure() == "user name or password too long for RADIUS"
     assert await login.sign_in("a" * 300, ALICE_PASSWORD) == Denied()
+
+
+async def test_every_spelling_reaches_freeradius_and_the_lockout_as_one_name(make_login) -> None:  # type: ignore[no-untyped-def]
+    login = make_login(throttle={"account_failures": 3})
+    # FreeRADIUS knows "alice": the full-width, upper-case spelling is sent as that.
+    assert (await login.claims("ＡＬＩＣＥ", ALICE_PASSWORD)).username == "alice"
+    for typed in ("ALICE", "ａｌｉｃｅ", " Alice "):
+        assert isinstance(await login.sign_in(typed, "not-her-password"), Denied)
+    assert await login.account_failures("radius:alice") == 3
+    assert isinstance(await login.sign_in("alice", ALICE_PASSWORD), Denied)
+    assert login.last_failure() == "account locked"
