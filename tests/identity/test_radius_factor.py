@@ -250,7 +250,12 @@ async def test_a_reply_without_message_authenticator_is_not_believed(
         assert isinstance(result, Authenticated)
     else:
         assert isinstance(result, Denied)
-        assert login.last_failure().startswith("RADIUS unavailable")
+        # Said as what it is, with what to change, not as a time-out.
+        reason = login.last_failure()
+        assert f"127.0.0.1:{fake.port}: answered without a Message-Authenticator" in reason
+        assert "no answer" not in reason and "FreeRADIUS 3.2.5" in reason
+        # Not the user's fault: nothing counted against alice.
+        assert await login.account_failures("radius:alice") == 0
 
 
 async def test_a_missing_secret_file_is_a_config_error_naming_the_key(
@@ -271,3 +276,14 @@ async def test_answers_longer_than_radius_allows_are_refused_not_crashed(
     assert await login.sign_in(ALICE, "x" * 200) == Denied()
     assert login.last_failure() == "user name or password too long for RADIUS"
     assert await login.sign_in("a" * 300, ALICE_PASSWORD) == Denied()
+
+
+async def test_every_spelling_reaches_freeradius_and_the_lockout_as_one_name(make_login) -> None:  # type: ignore[no-untyped-def]
+    login = make_login(throttle={"account_failures": 3})
+    # FreeRADIUS knows "alice": the full-width, upper-case spelling is sent as that.
+    assert (await login.claims("ＡＬＩＣＥ", ALICE_PASSWORD)).username == "alice"
+    for typed in ("ALICE", "ａｌｉｃｅ", " Alice "):
+        assert isinstance(await login.sign_in(typed, "not-her-password"), Denied)
+    assert await login.account_failures("radius:alice") == 3
+    assert isinstance(await login.sign_in("alice", ALICE_PASSWORD), Denied)
+    assert login.last_failure() == "account locked"

@@ -246,8 +246,13 @@ olcMemberOfRefInt: TRUE
 """
 
 
-def _make_tls(directory: Path) -> dict[str, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1 / localhost, signed by it."""
+LOOPBACK = ipaddress.ip_address("127.0.0.1")
+
+
+def make_tls(directory: Path,
+             address: ipaddress.IPv4Address | ipaddress.IPv6Address = LOOPBACK
+             ) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for `address` / localhost, signed by it."""
     now = datetime.datetime.now(datetime.UTC)
     # EC keys: generating RSA keys would cost most of the startup budget.
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -271,14 +276,14 @@ def _make_tls(directory: Path) -> dict[str, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(address))]))
         .issuer_name(ca_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            x509.IPAddress(address), x509.DNSName("localhost")]),
             critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -447,7 +452,7 @@ def _environment() -> dict[str, str]:
 
 def _configure(directory: Path) -> Path:
     """Write the certificates and build slapd.d with slapadd; returns the CA path."""
-    tls = _make_tls(directory)
+    tls = make_tls(directory)
     (directory / "data").mkdir(mode=0o700)
     config_dir = directory / "slapd.d"
     config_dir.mkdir(mode=0o700)

@@ -116,15 +116,17 @@ async def durable(tmp_path: Path) -> AsyncIterator[DurableStore]:
 def build_login(durable: DurableStore, tmp_path: Path) -> Iterator[BuildLogin]:
     """build_login(auth, *, throttle=None, client=CLIENT, ephemeral=None) -> Login.
 
-    `throttle` becomes the section's `[auth.throttle]`; `ephemeral` is the store for
-    sessions, steps and counters (a fresh MemoryStore by default). Relative paths in
-    `auth` are relative to tmp_path. Each Login has its own audit trail file, closed when
-    the test ends."""
+    `throttle` becomes the section's `[auth.throttle]`, with `failure_floor = 0` unless
+    it says otherwise (flow tests need not wait half a second per denial; the pacing has
+    tests of its own); `ephemeral` is the store for sessions, steps and counters (a fresh
+    MemoryStore by default). Relative paths in `auth` are relative to tmp_path. Each Login
+    has its own audit trail file, closed when the test ends."""
     trails: list[AuditTrail] = []
 
     def build(auth: dict[str, Any], *, throttle: dict[str, Any] | None = None,
               client: LoginContext = CLIENT, ephemeral: EphemeralStore | None = None) -> Login:
-        settings = settings_for({**auth, "throttle": throttle} if throttle else auth, tmp_path)
+        throttling = {"failure_floor": 0, **auth.get("throttle", {}), **(throttle or {})}
+        settings = settings_for({**auth, "throttle": throttling}, tmp_path)
         store = ephemeral if ephemeral is not None else MemoryStore()
         hasher = TokenHasher(HASHER_KEY)
         providers = IdentityProviders(settings, durable, store, hasher)

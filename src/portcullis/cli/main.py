@@ -206,9 +206,9 @@ def _announce_ending(directory: Path, user: str, ending: str) -> None:
 
 
 def _set_disabled(name: str, directory: Path, disabled: bool) -> None:
-    from portcullis.identity.names import canonical_username
+    from portcullis.identity.tooling import local_account
 
-    canonical = canonical_username(name)
+    canonical = asyncio.run(local_account(_load(directory), name))
     _with_store(directory, lambda store: store.set_disabled(canonical, disabled))
     click.echo(f"{'disabled' if disabled else 'enabled'} {canonical}")
     if disabled:
@@ -250,16 +250,20 @@ def _realm_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[...
 @click.argument("name")
 @dir_option
 def user_show(name: str, directory: Path) -> None:
-    """Show an account: local state, TOTP enrolment and lockout, per realm."""
+    """Show an account: local state, TOTP enrolment and lockout, per realm. NAME is any
+    name the user signs in with (account name, UPN, mail)."""
     from portcullis.identity.names import canonical_username
     from portcullis.identity.tooling import account_report
 
     settings = _load(directory)
     canonical = canonical_username(name)
-    local, reports = asyncio.run(account_report(settings, canonical))
+    local, reports = asyncio.run(account_report(settings, name))
     click.echo(f"{canonical}: {local}")
     for report in reports:
-        click.echo(f"  realm {report.realm}")
+        if report.username is None:
+            click.echo(f"  realm {report.realm}: no such user")
+            continue
+        click.echo(f"  realm {report.realm}: {report.username}")
         click.echo(f"    totp:    {report.totp}")
         if report.lock is None:
             click.echo("    lockout: unknown here (store.ephemeral is memory://: the counters "
@@ -276,12 +280,10 @@ def user_show(name: str, directory: Path) -> None:
 def user_totp_reset(name: str, realm: str | None, directory: Path) -> None:
     """Forget a user's TOTP secret and recovery codes: they enrol at their next sign-in."""
     from portcullis.audit import AuditTrail
-    from portcullis.identity.names import canonical_username
-    from portcullis.identity.tooling import realms, reset_totp
+    from portcullis.identity.tooling import reset_totp, resolve_identity
 
     settings = _load(directory)
-    canonical = canonical_username(name)
-    identity = f"{realm or realms(settings)[0]}:{canonical}"
+    identity = asyncio.run(resolve_identity(settings, realm, name))
     removed = asyncio.run(reset_totp(settings, identity))
     audit = AuditTrail(settings.path(settings.log.audit_file))
     audit.record("totp.reset", identity=identity, removed=removed, by="portcullis user")
@@ -290,21 +292,44 @@ def user_totp_reset(name: str, realm: str | None, directory: Path) -> None:
                else f"{identity} had no TOTP secret (nothing to reset)")
 
 
+@user.command("totp-code")
+@click.argument("name")
+@_realm_option("The realm whose TOTP enrolment the code allows.")
+@dir_option
+def user_totp_code(name: str, realm: str | None, directory: Path) -> None:
+    """Issue a one-time code that lets a user enrol their first authenticator app (with
+    auth.totp.enrolment = "code"); it replaces any earlier code and expires."""
+    from portcullis.audit import AuditTrail
+    from portcullis.identity.tooling import issue_enrolment_code, resolve_identity
+
+    settings = _load(directory)
+    # A RADIUS user cannot be looked up before their first sign-in: taken as typed.
+    identity = asyncio.run(resolve_identity(settings, realm, name, accept_unsearchable=True))
+    code, expires = asyncio.run(issue_enrolment_code(settings, identity))
+    audit = AuditTrail(settings.path(settings.log.audit_file))
+    audit.record("totp.enrolment_code_issued", identity=identity,
+                 expires=expires.isoformat(timespec="seconds"), by="portcullis user")
+    audit.close()
+    click.echo(f"enrolment code for {identity}: {code} (single use, valid until "
+               f"{expires:%Y-%m-%d %H:%M} UTC)")
+    if settings.auth.totp.enrolment != "code":
+        click.echo('note: auth.totp.enrolment is "self": sign-ins do not ask for it')
+
+
 @user.command("unlock")
 @click.argument("name")
 @_realm_option("The realm whose lockout to clear.")
 @dir_option
 def user_unlock(name: str, realm: str | None, directory: Path) -> None:
     """Clear a user's failed sign-in count and lockout (needs a shared Redis store)."""
-    from portcullis.identity.names import canonical_username
-    from portcullis.identity.tooling import realms, unlock
+    from portcullis.identity.tooling import resolve_identity, unlock
 
     settings = _load(directory)
     if settings.store.ephemeral.startswith("memory"):
         fail("store.ephemeral is memory://: lockouts live in the running gateway and end "
              f"by themselves after auth.throttle.lockout_seconds "
              f"({settings.auth.throttle.lockout_seconds:g} s)", 2)
-    identity = f"{realm or realms(settings)[0]}:{canonical_username(name)}"
+    identity = asyncio.run(resolve_identity(settings, realm, name))
     asyncio.run(unlock(settings, identity))
     click.echo(f"unlocked {identity}")
 

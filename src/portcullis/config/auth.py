@@ -19,7 +19,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from portcullis.config.values import check_networks, parse_host_port
 from portcullis.errors import AuthError
@@ -116,9 +123,12 @@ class LdapProvider(_Section):
 
     type: Literal["ldap"]
     name: ProviderName
+    # (Before `servers`, whose check reads them.) ldap:// URLs upgraded with StartTLS.
+    start_tls: bool = False
+    # Allow ldap:// without StartTLS (passwords in clear text): a warning at every start.
+    insecure: bool = False
     # Tried in order; the next one when a server cannot be reached.
     servers: list[Annotated[str, Field(pattern=r"^ldaps?://[^/\s]+/?$")]] = Field(min_length=1)
-    start_tls: bool = False
     # CA certificate(s) that sign the directory's TLS certificate; default: the system's.
     ca_cert: str | None = None
     bind_dn: str
@@ -138,6 +148,15 @@ class LdapProvider(_Section):
     active_directory: bool = False
     timeout: float = Field(default=5.0, gt=0, le=60)
     pool_size: int = Field(default=4, ge=1, le=64)
+
+    @field_validator("servers")
+    @classmethod
+    def _encrypted(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        clear = [url for url in value if url.lower().startswith("ldap://")]
+        if clear and not info.data.get("start_tls") and not info.data.get("insecure"):
+            raise ValueError(f"{clear[0]} would send passwords in clear text; use ldaps://, "
+                             "set start_tls = true, or (a test lab only) insecure = true")
+        return value
 
     @field_validator("login_attributes", "required_attributes")
     @classmethod
@@ -222,6 +241,10 @@ class Flow(_Section):
 
 
 class ThrottleSettings(_Section):
+    # A failed sign-in step is answered no sooner than this many seconds after it arrived
+    # (or the recent steps' 90th percentile, if longer), plus up to 20 %, so that its time
+    # does not tell an unknown name, a wrong password and a locked account apart.
+    failure_floor: float = Field(default=0.5, ge=0, le=10)
     # Consecutive failures after which an account is locked (NIST SP 800-63B allows at
     # most 100); a success resets the count.
     account_failures: int = Field(default=10, ge=1, le=100)
@@ -233,6 +256,16 @@ class ThrottleSettings(_Section):
     address_unfinished: int = Field(default=500, ge=1, le=100_000)
 
 
+class TotpEnrolmentSettings(_Section):
+    # "self": a user without a TOTP secret enrols their first authenticator app at sign-in,
+    # once a password has said who they are. "code": only with a one-time enrolment code
+    # an administrator issued (`portcullis user totp-code NAME`), so that a password alone
+    # is not enough to bind an app to an account.
+    enrolment: Literal["self", "code"] = "self"
+    # How long an issued enrolment code can be used (seconds).
+    code_lifetime: float = Field(default=259200.0, gt=0, le=30 * 86400)
+
+
 class AuthSettings(_Section):
     # The flow every sign-in follows.
     flow: ProviderName = "default"
@@ -242,6 +275,7 @@ class AuthSettings(_Section):
     # CA certificate(s) for optional client certificates at the gateway; unset: none asked.
     client_ca: str | None = None
     throttle: ThrottleSettings = Field(default_factory=ThrottleSettings)
+    totp: TotpEnrolmentSettings = Field(default_factory=TotpEnrolmentSettings)
     # A signed-in user may set up a new authenticator app (replacing the old one) only
     # this many seconds after signing in, which bounds what a stolen session can do.
     recent_sign_in: float = Field(default=600.0, gt=0, le=86400)

@@ -16,12 +16,16 @@ Rules that make a flow hard to game:
   goes on and denies at the end, so its answer tells nothing about the account;
 - a step that cannot run yet (TOTP enrolment before a password proved who it is) is
   deferred to the end;
+- a step that ends in "denied" is answered after the time `identity.pacing` sets, so
+  its duration does not tell an unknown name, a wrong password or a locked account apart;
 - the client is told "denied"; the reason goes to the audit trail.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -32,6 +36,7 @@ from portcullis.config.auth import Flow
 from portcullis.config.model import SessionSettings
 from portcullis.identity.claims import Attributes, Claims
 from portcullis.identity.conditions import Facts, LoginContext, evaluate
+from portcullis.identity.pacing import FailurePacing
 from portcullis.identity.sessions import Session, SessionManager
 from portcullis.identity.throttle import Throttle
 from portcullis.store import EphemeralStore, SealedRecords
@@ -195,6 +200,7 @@ class LoginService:
         self._settings = settings
         self._audit = audit
         self._throttle = throttle
+        self._pacing = FailurePacing(throttle.settings.failure_floor)
 
     async def begin(self, context: LoginContext) -> LoginResult:
         if await self._throttle.address_refused(context.client_address):
@@ -222,7 +228,18 @@ class LoginService:
 
     async def submit(self, handle: str | None, answers: Mapping[str, str],
                      context: LoginContext) -> LoginResult:
-        """Answer the current step. Without a handle, the answers are for the first step."""
+        """Answer the current step. Without a handle, the answers are for the first step.
+        A denial is answered no earlier than the pacing says (the whole step is timed)."""
+        started = time.monotonic()
+        result = await self._submit(handle, answers, context)
+        elapsed = time.monotonic() - started
+        self._pacing.observe(elapsed)
+        if isinstance(result, Denied):
+            await asyncio.sleep(self._pacing.delay(elapsed, random.random()).wait)
+        return result
+
+    async def _submit(self, handle: str | None, answers: Mapping[str, str],
+                      context: LoginContext) -> LoginResult:
         client = context.client_address
         if handle is None:
             begun = await self.begin(context)

@@ -75,17 +75,24 @@ class IdentityProviders:
                      if providers[step.provider].type == "totp"), "totp")
         return self.totp(name)
 
+    def directory(self, name: str) -> LdapDirectory:
+        """The directory of the ldap provider `name` (one per provider, shared)."""
+        provider = self.settings.auth.all_providers().get(name)
+        if not isinstance(provider, LdapProvider):
+            raise ConfigError(f"there is no ldap provider named {name!r}", key="auth.providers")
+        directory = self._clients.get(name)
+        if not isinstance(directory, LdapDirectory):
+            password = self._secret_file(provider, "bind_password_file",
+                                         provider.bind_password_file)
+            directory = LdapDirectory(provider, password, self._path(provider.ca_cert))
+            self._clients[name] = directory
+        return directory
+
     def factor(self, provider: Provider, realm: str) -> Factor:
         if isinstance(provider, LocalProvider):
             return LocalPasswordFactor(provider.name, self.durable)
         if isinstance(provider, LdapProvider):
-            directory = self._clients.get(provider.name)
-            if not isinstance(directory, LdapDirectory):
-                password = self._secret_file(provider, "bind_password_file",
-                                             provider.bind_password_file)
-                directory = LdapDirectory(provider, password, self._path(provider.ca_cert))
-                self._clients[provider.name] = directory
-            return LdapFactor(provider.name, directory)
+            return LdapFactor(provider.name, self.directory(provider.name))
         if isinstance(provider, RadiusProvider):
             servers = self._clients.get(provider.name)
             if not isinstance(servers, RadiusServers):
@@ -96,7 +103,8 @@ class IdentityProviders:
         if isinstance(provider, TotpProvider):
             primaries = frozenset(p.name for p in self.settings.auth.all_providers().values()
                                   if p.type in PRIMARY_TYPES)
-            return TotpFactor(provider.name, self.totp(provider.name), realm, primaries)
+            return TotpFactor(provider.name, self.totp(provider.name), realm, primaries,
+                              enrolment_code=self.settings.auth.totp.enrolment == "code")
         assert isinstance(provider, CertificateProvider)
         return CertificateFactor(provider)
 

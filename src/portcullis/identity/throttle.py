@@ -34,6 +34,10 @@ class Throttle:
         self._ephemeral = ephemeral
         self._settings = settings
 
+    @property
+    def settings(self) -> ThrottleSettings:
+        return self._settings
+
     async def address_refused(self, address: str) -> bool:
         count = await self._ephemeral.get(f"throttle:address:{address}")
         return count is not None and int(count) >= self._settings.address_failures

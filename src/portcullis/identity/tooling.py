@@ -1,6 +1,10 @@
 """What the administrator's commands do: `auth test` (a flow dry run against the real
 providers), `user show` (MFA and lockout), `user totp-reset` and `user unlock`.
 
+A command that takes a user accepts any name the user can sign in with (for a directory:
+sAMAccountName, UPN, mail — whatever the provider's login_attributes are), resolved the
+way a sign-in resolves it, and an unknown name is an error, never a silent no-op.
+
 The dry run talks to the configured directories and RADIUS servers for real but keeps
 its flow state, replay cache and failure counters in a throwaway memory store, so trying
 a flow never locks anyone out; it stops before a TOTP enrolment would store a secret.
@@ -8,17 +12,24 @@ a flow never locks anyone out; it stops before a TOTP enrolment would store a se
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
+from ldap3.core.exceptions import LDAPException
+
 from portcullis.audit import AuditTrail
+from portcullis.config.auth import LdapProvider, LocalProvider
 from portcullis.config.model import Settings
+from portcullis.errors import AuthError, NotFoundError
 from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.claims import Claims
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.flow import Authenticated, LoginService, NextStep, Prompt, Step
+from portcullis.identity.names import canonical_username
 from portcullis.identity.providers import IdentityProviders
 from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import AccountLock, Throttle
@@ -102,8 +113,10 @@ async def dry_run(settings: Settings, flow_name: str, username: str, answer: Ans
             step = result.step
             report(f"step {result.provider}: {step.title} "
                    f"({', '.join(p.name for p in step.prompts)})")
-            if step.kind == "totp-enrol":
-                report("  the user has no TOTP secret: a real sign-in would enrol now "
+            if step.kind in ("totp-enrol", "totp-enrolment-code"):
+                needs = (", with the enrolment code an administrator issued"
+                         if step.kind == "totp-enrolment-code" else "")
+                report(f"  the user has no TOTP secret: a real sign-in would enrol now{needs} "
                        "(stopping here; nothing was stored)")
                 return DryRun("would enrol")
             answers = {p.name: username if p.name == "username" else answer(step, p)
@@ -117,6 +130,7 @@ async def dry_run(settings: Settings, flow_name: str, username: str, answer: Ans
 @dataclass(frozen=True)
 class RealmReport:
     realm: str
+    username: str | None              # None: no such user in this realm
     totp: str
     lock: AccountLock | None
 
@@ -128,12 +142,51 @@ def realms(settings: Settings) -> list[str]:
     return list(dict.fromkeys(realm for realm in ordered if realm))
 
 
-async def account_report(settings: Settings, username: str) -> tuple[str, list[RealmReport]]:
-    """The local account line and, per realm, TOTP enrolment and lockout."""
+async def _resolve(settings: Settings, stores: tuple[DurableStore, EphemeralStore, TokenHasher],
+                   realm: str, typed: str, *, counters: bool,
+                   accept_unsearchable: bool = False) -> str | None:
+    """The account name `typed` signs in as in `realm`, or None if it names no one there.
+    A directory is asked as a sign-in asks it; a realm that cannot be searched (RADIUS, a
+    certificate) knows a user by what Portcullis keeps of them (TOTP, failure counters),
+    or, with `accept_unsearchable`, takes the canonical name as given (a user who has
+    never signed in, about to get an enrolment code)."""
+    durable, ephemeral, hasher = stores
+    canonical = canonical_username(typed)
+    provider = settings.auth.all_providers()[realm]
+    if isinstance(provider, LocalProvider):
+        return canonical if await durable.get_user(canonical) is not None else None
+    if isinstance(provider, LdapProvider):
+        directory = IdentityProviders(settings, durable, ephemeral, hasher).directory(realm)
+        try:
+            found = await asyncio.to_thread(directory.find, canonical)
+        except LDAPException as exc:
+            raise AuthError(f"directory {realm!r} could not be searched: {exc}") from None
+        if len(found) > 1:
+            raise NotFoundError(f"{typed!r} matches {len(found)} entries of directory "
+                                f"{realm!r}: give the account name")
+        return canonical_username(found[0].username) if found else None
+    identity = f"{realm}:{canonical}"
+    if accept_unsearchable or await durable.get_totp(identity) is not None:
+        return canonical
+    if counters and (await Throttle(ephemeral, settings.auth.throttle).account(identity)
+                     ).failures:
+        return canonical
+    return None
+
+
+def _unknown(typed: str, where: list[str]) -> NotFoundError:
+    return NotFoundError(f"no user {typed!r} in realm{'s' if len(where) > 1 else ''} "
+                         f"{', '.join(where)} (a name the user signs in with: account name, "
+                         "UPN or mail)")
+
+
+async def account_report(settings: Settings, typed: str) -> tuple[str, list[RealmReport]]:
+    """The local account line and, per realm, who `typed` is there, TOTP and lockout.
+    NotFoundError when it names no one in any realm."""
     shared_counters = not settings.store.ephemeral.startswith("memory")
-    async with opened_stores(settings, throwaway_ephemeral=not shared_counters) as (
-            durable, ephemeral, _hasher):
-        user = await durable.get_user(username)
+    async with opened_stores(settings, throwaway_ephemeral=not shared_counters) as stores:
+        durable, ephemeral, _hasher = stores
+        user = await durable.get_user(canonical_username(typed))
         if user is None:
             local = "no local account"
         else:
@@ -142,13 +195,63 @@ async def account_report(settings: Settings, username: str) -> tuple[str, list[R
         throttle = Throttle(ephemeral, settings.auth.throttle)
         reports = []
         for realm in realms(settings):
+            username = await _resolve(settings, stores, realm, typed, counters=shared_counters)
+            if username is None:
+                reports.append(RealmReport(realm, None, "no such user", None))
+                continue
             record = await durable.get_totp(f"{realm}:{username}")
             totp = (f"enrolled {record.enrolled_at:%Y-%m-%d %H:%M} UTC, "
                     f"{record.recovery_codes_left} recovery codes left"
                     if record else "not enrolled (enrols at next sign-in that needs TOTP)")
             lock = await throttle.account(f"{realm}:{username}") if shared_counters else None
-            reports.append(RealmReport(realm, totp, lock))
+            reports.append(RealmReport(realm, username, totp, lock))
+        if user is None and all(report.username is None for report in reports):
+            raise _unknown(typed, realms(settings))
         return local, reports
+
+
+async def resolve_identity(settings: Settings, realm: str | None, typed: str, *,
+                           accept_unsearchable: bool = False) -> str:
+    """realm:account for what an administrator typed; NotFoundError if no such user."""
+    realm = realm or realms(settings)[0]
+    if realm not in realms(settings):
+        raise NotFoundError(f"no flow signs users into realm {realm!r} (realms: "
+                            f"{', '.join(realms(settings))})")
+    shared_counters = not settings.store.ephemeral.startswith("memory")
+    async with opened_stores(settings, throwaway_ephemeral=not shared_counters) as stores:
+        username = await _resolve(settings, stores, realm, typed, counters=shared_counters,
+                                  accept_unsearchable=accept_unsearchable)
+    if username is None:
+        raise _unknown(typed, [realm])
+    return f"{realm}:{username}"
+
+
+async def issue_enrolment_code(settings: Settings, identity: str) -> tuple[str, datetime]:
+    """A single-use TOTP enrolment code for `identity` and when it expires (the realm's
+    flow's TOTP provider keeps it; any earlier code of the identity stops working)."""
+    async with opened_stores(settings, throwaway_ephemeral=True) as (durable, ephemeral,
+                                                                      hasher):
+        service = IdentityProviders(settings, durable, ephemeral, hasher).flow_totp()
+        return await service.issue_enrolment_code(identity, settings.auth.totp.code_lifetime)
+
+
+async def local_account(settings: Settings, typed: str) -> str:
+    """The local account `typed` names: its own, or that of the account name a realm
+    resolves it to (`user disable alice@corp.example` disables the local `alice` that
+    governs the directory's alice). NotFoundError when there is none."""
+    shared_counters = not settings.store.ephemeral.startswith("memory")
+    async with opened_stores(settings, throwaway_ephemeral=not shared_counters) as stores:
+        durable = stores[0]
+        canonical = canonical_username(typed)
+        if await durable.get_user(canonical) is not None:
+            return canonical
+        for realm in realms(settings):
+            name = await _resolve(settings, stores, realm, typed, counters=shared_counters)
+            if name is not None and await durable.get_user(name) is not None:
+                return name
+    raise NotFoundError(f"no local account {typed!r}, nor one for the user it names in "
+                        f"realm{'s' if len(realms(settings)) > 1 else ''} "
+                        f"{', '.join(realms(settings))}")
 
 
 async def reset_totp(settings: Settings, identity: str) -> bool:

@@ -9,6 +9,8 @@
 - A code is accepted within ±`window` steps and at most once per identity: the used
   time-step goes into the ephemeral store (shared by every node) with put-if-absent.
 - Recovery codes are one-time, random (50 bits), stored as keyed hashes.
+- Enrolment codes (`auth.totp.enrolment = "code"`) have the same shape and storage; one
+  per identity, issued by an administrator, spent by the enrolment they allow, expiring.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
 import pyotp
@@ -169,6 +172,27 @@ class TotpService:
         if not await self._ephemeral.put_new(used, b"1", ttl):
             return CodeCheck(False, "code already used")
         return CodeCheck(True, "code verified")
+
+    async def issue_enrolment_code(self, identity: str, lifetime: float) -> tuple[str, datetime]:
+        """A new single-use enrolment code for `identity` (replacing an earlier one) and
+        when it expires; only its keyed hash is stored."""
+        code = _recovery_code()
+        expires = datetime.fromtimestamp(self._clock(), UTC) + timedelta(seconds=lifetime)
+        await self._durable.set_enrolment_code(identity, self._enrolment_hash(identity, code),
+                                               expires)
+        return code, expires
+
+    async def redeem_enrolment_code(self, identity: str, answer: str) -> CodeCheck:
+        typed = _normalised(answer).lower().replace("-", "")
+        outcome = await self._durable.use_enrolment_code(
+            identity, self._enrolment_hash(identity, typed),
+            datetime.fromtimestamp(self._clock(), UTC))
+        reasons = {"used": "enrolment code accepted", "none": "no enrolment code issued",
+                   "wrong": "wrong enrolment code", "expired": "enrolment code expired"}
+        return CodeCheck(outcome == "used", reasons[outcome])
+
+    def _enrolment_hash(self, identity: str, code: str) -> str:
+        return self._hasher.digest("totp-enrolment-code", f"{identity}\0{code.replace('-', '')}")
 
     def _recovery_hash(self, identity: str, code: str) -> str:
         return self._hasher.digest("recovery-code", f"{identity}\0{code.replace('-', '')}")

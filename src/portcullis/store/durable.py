@@ -12,11 +12,12 @@ tells an administrator what failed and where, with any password in the URL hidde
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Connection, Row, delete, event, func, insert, select, text, update
 from sqlalchemy.engine import URL, make_url
@@ -25,7 +26,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from portcullis.errors import DuplicateError, NotFoundError, StoreError
 from portcullis.store import migrations
-from portcullis.store.migrations import recovery_codes, totp_secrets, user_groups, users
+from portcullis.store.migrations import (
+    recovery_codes,
+    totp_enrolment_codes,
+    totp_secrets,
+    user_groups,
+    users,
+)
 
 # Plain URLs are rewritten to the async drivers this module is tested with.
 _ASYNC_DRIVERS = {
@@ -317,6 +324,35 @@ class DurableStore:
             result = await conn.execute(
                 update(recovery_codes).where(*unused).values(used_at=datetime.now(UTC)))
         return bool(result.rowcount)
+
+    async def set_enrolment_code(self, identity: str, code_hash: str,
+                                 expires_at: datetime) -> None:
+        """Issue a TOTP enrolment code (its keyed hash), replacing any earlier one."""
+        codes = totp_enrolment_codes
+        async with self._write() as conn:
+            await conn.execute(delete(codes).where(codes.c.identity == identity))
+            await conn.execute(insert(codes).values(identity=identity, code_hash=code_hash,
+                                                    expires_at=expires_at))
+
+    async def use_enrolment_code(self, identity: str, code_hash: str,
+                                 now: datetime) -> Literal["used", "none", "wrong", "expired"]:
+        """Spend the identity's enrolment code if `code_hash` is its hash and it has not
+        expired ("used", for the one caller that spent it); else why not. A wrong code
+        leaves it in place; an expired one is removed."""
+        codes = totp_enrolment_codes
+        async with self._write() as conn:
+            row = (await conn.execute(
+                select(codes).where(codes.c.identity == identity))).first()
+            if row is None:
+                return "none"
+            if _as_utc(row.expires_at) <= now:
+                await conn.execute(delete(codes).where(codes.c.identity == identity))
+                return "expired"
+            if not hmac.compare_digest(row.code_hash, code_hash):
+                return "wrong"
+            spent = await conn.execute(delete(codes).where(
+                codes.c.identity == identity, codes.c.code_hash == code_hash))
+        return "used" if spent.rowcount else "none"
 
     async def _user_id(self, conn: AsyncConnection, name: str) -> int:
         user_id = (

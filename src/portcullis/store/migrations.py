@@ -99,6 +99,16 @@ recovery_codes = Table(
     UniqueConstraint("identity", "code_hash"),
 )
 
+# At most one enrolment code per identity (auth.totp.enrolment = "code"): a keyed hash,
+# single-use (the row goes when it is used) and expiring.
+totp_enrolment_codes = Table(
+    "totp_enrolment_codes",
+    metadata,
+    Column("identity", String(320), primary_key=True),
+    Column("code_hash", String(128), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -127,6 +137,7 @@ MIGRATIONS: Sequence[Migration] = (
     Migration(3, "users.sessions_valid_after", _add_sessions_valid_after),
     Migration(4, "TOTP secrets and recovery codes",
               lambda conn: metadata.create_all(conn, tables=[totp_secrets, recovery_codes])),
+    Migration(5, "TOTP enrolment codes", lambda conn: totp_enrolment_codes.create(conn)),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

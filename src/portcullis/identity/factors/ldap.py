@@ -12,7 +12,12 @@ Rules that are easy to get wrong:
 - every value put into a search filter is escaped (RFC 4515);
 - an unknown user still costs a bind, so it answers in the same time as a wrong password;
 - the user name is the entry's `username_attribute`, whatever the user typed (mail, UPN),
-  so TOTP and lockout are keyed by one name.
+  so TOTP and lockout are keyed by one name; what was typed is searched for in canonical
+  form (NFKC, case folded), so a full-width spelling finds the same entry;
+- Active Directory says why it refused a bind in the diagnostic message (`data 533`:
+  disabled, …); that reason goes to the audit trail, the user sees "denied" as ever;
+- `ldap://` without StartTLS is refused when the configuration is read, unless the
+  provider says `insecure = true` (then every start logs a warning).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import math
 import queue
+import re
 import ssl
 import struct
 import time
@@ -39,7 +45,7 @@ from portcullis.config.auth import LdapProvider
 from portcullis.errors import AuthError
 from portcullis.identity.claims import Attributes
 from portcullis.identity.conditions import LoginContext
-from portcullis.identity.factors.prompts import password_step
+from portcullis.identity.factors.prompts import password_step, typed_username
 from portcullis.identity.flow import Attempt, FactorOutcome, FlowState, Step
 from portcullis.identity.names import canonical_username
 
@@ -52,6 +58,31 @@ CLAIM_ATTRIBUTES = ("mail", "displayName", "cn", "sAMAccountName", "userPrincipa
 MAX_NESTING = 8
 # How long a server that failed is tried after the others.
 RETRY_AFTER = 30.0
+# AD's sub-code of an invalidCredentials bind ("…AcceptSecurityContext error, data 533, …"),
+# [MS-ADTS] and the Win32 error codes it carries.
+_AD_SUBCODE = re.compile(r"\bdata ([0-9a-f]{3,8})\b", re.IGNORECASE)
+AD_REFUSALS = {
+    "525": "no such user (AD 525)",
+    "52e": "wrong password",
+    "530": "not permitted to sign in at this time (AD 530)",
+    "531": "not permitted to sign in from this workstation (AD 531)",
+    "532": "password expired (AD 532)",
+    "533": "account disabled (AD 533)",
+    "568": "too many security identifiers (AD 568)",
+    "701": "account expired (AD 701)",
+    "773": "password must be changed (AD 773)",
+    "775": "account locked by the directory (AD 775)",
+}
+
+
+def bind_refusal(result: Mapping[str, Any]) -> str:
+    """Why the directory refused an invalidCredentials bind, for the audit trail: AD's
+    sub-code when the diagnostic message carries one, else "wrong password"."""
+    match = _AD_SUBCODE.search(str(result.get("message") or ""))
+    if match is None:
+        return "wrong password"
+    code = match.group(1).lower()
+    return AD_REFUSALS.get(code, f"refused by the directory (AD {code})")
 
 
 @dataclass(frozen=True)
@@ -86,6 +117,12 @@ class LdapDirectory:
         # dead domain controller does not cost every sign-in a connect timeout.
         self._failed_at: dict[str, float] = {}
         self._service: queue.SimpleQueue[ldap3.Connection] = queue.SimpleQueue()
+        clear = [url for url in settings.servers
+                 if url.lower().startswith("ldap://") and not settings.start_tls]
+        if clear:
+            # Validation let it through only because the provider says insecure = true.
+            log.warning("directory passwords travel in clear text (insecure = true)",
+                        provider=settings.name, servers=clear)
 
     def _open(self, user: str, password: str) -> ldap3.Connection:
         """An open (TLS-protected, not yet bound) connection to the first server that
@@ -215,15 +252,16 @@ class LdapDirectory:
             frontier = parents
         return seen
 
-    def bind(self, dn: str, password: str) -> bool:
-        """True: right password; False: invalidCredentials; LDAPException: the directory
-        could not say (unreachable, TLS, busy)."""
+    def bind(self, dn: str, password: str) -> str | None:
+        """None: right password; else why the directory refused it (invalidCredentials,
+        with AD's sub-code); LDAPException: the directory could not say (unreachable, TLS,
+        busy)."""
         connection = self._open(dn, password)
         try:
             if connection.bind(read_server_info=False):
-                return True
+                return None
             if connection.result.get("result") == 49:      # invalidCredentials
-                return False
+                return bind_refusal(connection.result)
             raise LDAPException(f"bind failed: {connection.result.get('description')}")
         finally:
             connection.unbind()
@@ -239,8 +277,9 @@ class LdapDirectory:
                 return BindResult(False, "unknown user" if not found else
                                   f"{len(found)} directory entries match {typed!r}")
             user = found[0]
-            if not self.bind(user.dn, password):
-                return BindResult(False, "wrong password", user)
+            refusal = self.bind(user.dn, password)
+            if refusal is not None:
+                return BindResult(False, refusal, user)
         except LDAPException as exc:
             log.error("directory unavailable", provider=self.settings.name, error=str(exc))
             return BindResult(False, f"directory unavailable: {exc}", unavailable=True)
@@ -264,8 +303,12 @@ class LdapFactor:
 
     async def verify(self, state: FlowState, answers: Mapping[str, str],
                      attempt: Attempt) -> FactorOutcome:
-        typed = state.username or answers.get("username", "").strip()
+        # Canonical before the search, as before any count: every spelling of a name
+        # finds (and is counted against) the one entry.
+        typed = typed_username(state, answers)
         password = answers.get("password", "")
+        if typed is None and answers.get("username", "").strip():
+            return FactorOutcome(False, "malformed user name")
         if not typed or not password:
             return FactorOutcome(False, "empty user name or password")
         try:

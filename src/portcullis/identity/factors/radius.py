@@ -1,7 +1,9 @@
 """RADIUS (RFC 2865): PAP with Message-Authenticator, challenges, failover.
 
 Every request carries a Message-Authenticator and every reply must carry a valid one
-(the BLAST-RADIUS defence), so a forged or unsigned reply is dropped like a lost packet.
+(the BLAST-RADIUS defence), so a forged or unsigned reply is dropped like a lost packet;
+when a server's only answers were such unsigned (otherwise correct) replies, the audit
+and the log say so, and what to set on the server, instead of "no answer".
 An Access-Challenge (RSA SecurID, DUO and other proxies use it) becomes the next prompt,
 its Reply-Message the label, its State kept in the flow and echoed back. Servers are
 tried in order: a timeout moves on to the next one.
@@ -45,6 +47,36 @@ class RadiusUnavailable(Exception):
     """No configured server answered."""
 
 
+# What the administrator must change when a server answers without Message-Authenticator.
+UNSIGNED_REPLIES = (
+    "answered without a Message-Authenticator, so its replies were dropped (BLAST-RADIUS, "
+    "CVE-2024-3596; Portcullis has no setting to accept them): make the server sign its "
+    "replies (FreeRADIUS 3.2.5 or later always does; Windows NPS: the July 2024 update with "
+    "requireMsgAuth; a proxy on the way must do so too)")
+
+
+class _Client(Client):  # type: ignore[misc]
+    """pyrad's client, counting the replies dropped only because they lack a
+    Message-Authenticator (right Response Authenticator, no signature)."""
+
+    unsigned_replies = 0
+
+    def _VerifyReply(self, pkt: packet.Packet, reply: packet.Packet, rawreply: bytes,
+                     authenticators: list[bytes]) -> tuple[bool, bytes | None]:
+        verdict: tuple[bool, bytes | None] = super()._VerifyReply(pkt, reply, rawreply,
+                                                                   authenticators)
+        if not verdict[0]:
+            # A Message-Authenticator that is there is checked either way: valid without
+            # enforcement means there was none.
+            self.enforce_ma = False
+            try:
+                if super()._VerifyReply(pkt, reply, rawreply, authenticators)[0]:
+                    self.unsigned_replies += 1
+            finally:
+                self.enforce_ma = True
+        return verdict
+
+
 class RadiusServers:
     """The servers of one `[[auth.providers]]` of type radius (blocking calls)."""
 
@@ -58,7 +90,7 @@ class RadiusServers:
         errors: list[str] = []
         for server in self.settings.servers:
             host, port = parse_host_port(server, what="RADIUS server")
-            client = Client(server=host, authport=port, secret=self._secret,
+            client = _Client(server=host, authport=port, secret=self._secret,
                             dict=self._dictionary, timeout=self.settings.timeout,
                             retries=self.settings.retries + 1, enforce_ma=True)
             request = client.CreateAuthPacket(code=packet.AccessRequest, User_Name=username,
@@ -70,6 +102,12 @@ class RadiusServers:
             try:
                 reply = client.SendPacket(request)
             except (Timeout, OSError) as exc:
+                if client.unsigned_replies:
+                    errors.append(f"{server}: {UNSIGNED_REPLIES}")
+                    log.error("RADIUS replies without Message-Authenticator dropped",
+                              provider=self.settings.name, server=server,
+                              replies=client.unsigned_replies, fix=UNSIGNED_REPLIES)
+                    continue
                 errors.append(f"{server}: {exc or 'no answer'}")
                 log.warning("RADIUS server did not answer", provider=self.settings.name,
                             server=server, error=str(exc) or "timeout")

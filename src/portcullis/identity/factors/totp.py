@@ -4,6 +4,8 @@ Enrolment happens only after a factor that can name the user has passed (else an
 knowing a user name could bind their own phone to it): a TOTP step reached earlier, for
 a user without a secret, is deferred to the end of the flow. A wrong code before any
 such factor fails late, so the answer tells nothing about whether the user is enrolled.
+With `auth.totp.enrolment = "code"` the enrolment first asks for the one-time code an
+administrator issued; a wrong, spent or expired code ends the sign-in (and is audited).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from portcullis.identity.totp import Enrolment, TotpService
 log = structlog.get_logger("portcullis.identity.totp")
 CODE = Prompt("code", "Code from your authenticator app (or a recovery code)")
 ENROL_CODE = Prompt("code", "Code shown by the app now")
+ENROLMENT_CODE = Prompt("enrolment_code", "Enrolment code from your administrator", secret=True)
 
 
 def enrolment_step(enrolment: Enrolment, *, retry: bool) -> Step:
@@ -41,11 +44,12 @@ class TotpFactor:
     primary = False
 
     def __init__(self, name: str, service: TotpService, realm: str,
-                 primary_names: frozenset[str]) -> None:
+                 primary_names: frozenset[str], *, enrolment_code: bool = False) -> None:
         self.name = name
         self._service = service
         self._realm = realm
         self._primary_names = primary_names
+        self._enrolment_code = enrolment_code     # enrolling needs an administrator's code
 
     def _identity(self, username: str) -> str:
         return f"{self._realm}:{username}"
@@ -59,6 +63,11 @@ class TotpFactor:
         identity = self._identity(state.username)
         if "enrolment" not in state.data and self._may_enrol(state) and (
                 await self._service.record(identity) is None):
+            if self._enrolment_code and state.data.get("enrolment_code") != "accepted":
+                state.data["enrolment_code"] = "asked"
+                return Step(kind="totp-enrolment-code", title="Set up your authenticator app",
+                            prompts=(ENROLMENT_CODE,),
+                            message="Type the enrolment code your administrator gave you.")
             enrolment = self._service.new_enrolment(state.username)
             state.data["enrolment"] = self._service.seal_enrolment(identity, enrolment)
         if "enrolment" in state.data:
@@ -76,6 +85,14 @@ class TotpFactor:
         if not await attempt.admit(username):
             return FactorOutcome(False, "account locked", username=username)
         identity = self._identity(username)
+        if state.data.get("enrolment_code") == "asked":
+            check = await self._service.redeem_enrolment_code(
+                identity, answers.get("enrolment_code", ""))
+            if not check.ok:
+                return FactorOutcome(False, check.reason, username=username)
+            state.data["enrolment_code"] = "accepted"
+            # Now the secret to enrol is shown.
+            return FactorOutcome(False, check.reason, username=username, again=True)
         if "enrolment" in state.data:
             enrolment = self._service.open_enrolment(identity, state.data["enrolment"])
             check = await self._service.confirm(identity, enrolment, code)
