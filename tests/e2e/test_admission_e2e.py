@@ -137,7 +137,8 @@ def admitting(deployment: Deployment, test_host, start_process, tmp_path: Path):
                                 "--ca", str(deployment.ca), input=PASSWORD + "\n",
                                 env={"PORTCULLIS_HOME": str(home)})
             assert signed_in.returncode == 0, signed_in.stderr
-            tunnel = start_process("connect", "--socks", "127.0.0.1:0", "--http", "off",
+            tunnel = start_process("connect", "--no-proxy-auth", "--socks", "127.0.0.1:0",
+                                   "--http", "off",
                                    name=f"connect-{user}", env={"PORTCULLIS_HOME": str(home)})
             proxies[user] = tunnel.wait_for(r"SOCKS5 proxy: listening on ([\d.]+:\d+)").group(1)
             tunnels.append(tunnel)

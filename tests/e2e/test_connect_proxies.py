@@ -8,6 +8,7 @@ import json
 import re
 import socket
 import stat
+import time
 from pathlib import Path
 
 from test_tunnel import audit, connect, curl, login, vpn  # noqa: F401  (vpn: a fixture)
@@ -36,14 +37,21 @@ def test_the_socks5_and_http_proxies_admit_only_the_printed_secret(
                     "http": f"http://portcullis:{secret}@{tunnel.http}"}
     target = f"http://localhost:{http_server.port}/"
 
+    def streams() -> int:
+        return len([e for e in audit(vpn) if e["event"] == "tunnel.stream"])
+
     # The printed URLs, pasted as they are.
     via_socks = curl("-x", urls["socks"], target)
     via_http = curl("--proxytunnel", "-x", urls["http"], target)
     assert "intranet home" in via_socks.stdout, via_socks.stderr
     assert "intranet home" in via_http.stdout, via_http.stderr
 
-    # No secret, or a wrong one: refused before any stream is opened.
-    streams_before = len([e for e in audit(vpn) if e["event"] == "tunnel.stream"])
+    # No secret, or a wrong one: refused before any stream is opened. (A stream is
+    # audited when it ends: wait for the two above, so that none is counted late.)
+    deadline = time.monotonic() + 10
+    while streams() < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    streams_before = streams()
     for socks in (f"socks5h://{tunnel.socks}", f"socks5h://portcullis:wrong@{tunnel.socks}",
                   f"socks5h://alice:{secret}@{tunnel.socks}"):
         refused = curl("-x", socks, target)
@@ -53,7 +61,7 @@ def test_the_socks5_and_http_proxies_admit_only_the_printed_secret(
         refused = curl("--proxytunnel", "-x", http, target)
         assert refused.returncode == CURL_PROXY_ERROR, (http, refused.stderr)
         assert "407" in refused.stderr
-    assert len([e for e in audit(vpn) if e["event"] == "tunnel.stream"]) == streams_before
+    assert streams() == streams_before
 
     # Scripts read the same secret from a file only the user can read; it ends with the run.
     path = home / "proxy-credentials.json"
