@@ -38,6 +38,7 @@ from enum import IntEnum
 import h11
 
 from portcullis.errors import ProtocolError
+from portcullis.proto.handshake import ProxyHandshake
 from portcullis.proto.mux import Reason
 from portcullis.proto.proxyauth import ProxyCredentials, basic_credentials
 
@@ -88,7 +89,7 @@ class ConnectRequest:
     port: int
 
 
-class HttpConnectConnection:
+class HttpConnectConnection(ProxyHandshake[ConnectRequest]):
     """One accepted HTTP proxy connection: feed it bytes, take the request and answers."""
 
     def __init__(self, *, credentials: ProxyCredentials | None = None,
@@ -96,14 +97,10 @@ class HttpConnectConnection:
         if max_head < 1 or max_early_data < 0:
             raise ValueError("max_head must be positive and max_early_data not negative")
         self._credentials = credentials
+        super().__init__()
         self._max_early_data = max_early_data
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
         self._state = State.REQUEST
-        self._output = bytearray()
-        self._payload = bytearray()
-        self._request: ConnectRequest | None = None
-        self._request_taken = False
-        self._failure: str | None = None
 
     @property
     def state(self) -> State:
@@ -155,25 +152,7 @@ class HttpConnectConnection:
         early, _ = self._http.trailing_data
         self._receive_payload(early)
 
-    def next_request(self) -> ConnectRequest | None:
-        """The parsed request, exactly once; None before, after, and once failed."""
-        if self._request is None or self._request_taken or self._failure is not None:
-            return None
-        self._request_taken = True
-        return self._request
-
-    def take_payload(self) -> bytes:
-        """Take the bytes the client sent after its request head."""
-        payload = bytes(self._payload)
-        self._payload.clear()
-        return payload
-
     # --- output ----------------------------------------------------------------------
-
-    def data_to_send(self) -> bytes:
-        output = bytes(self._output)
-        self._output.clear()
-        return output
 
     def accept(self) -> None:
         """Answer 200: from now on the connection is the stream's bytes."""

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from portcullis.errors import ProtocolError
+from portcullis.proto.handshake import ProxyHandshake
 from portcullis.proto.mux import Reason
 from portcullis.proto.proxyauth import ProxyCredentials
 
@@ -171,7 +172,7 @@ class _BadAddress(Exception):
         self.reply = reply
 
 
-class Socks5Connection:
+class Socks5Connection(ProxyHandshake[Request]):
     """One accepted SOCKS5 connection: feed it bytes, take the request and bytes to send.
 
     With ``credentials``, the client must authenticate with them (RFC 1929) first."""
@@ -180,15 +181,11 @@ class Socks5Connection:
                  credentials: ProxyCredentials | None = None) -> None:
         if max_early_data < 0:
             raise ValueError("max_early_data must not be negative")
+        super().__init__()
         self._max_early_data = max_early_data
         self._credentials = credentials
         self._state = State.GREETING
         self._buffer = bytearray()  # the start of a greeting or request split across chunks
-        self._output = bytearray()
-        self._payload = bytearray()  # bytes after the request: they belong to the stream
-        self._request: Request | None = None
-        self._request_taken = False
-        self._failure: str | None = None
 
     # --- state -----------------------------------------------------------------------
 
@@ -222,26 +219,7 @@ class Socks5Connection:
         else:
             self._receive_payload(data)
 
-    def next_request(self) -> Request | None:
-        """The parsed request, exactly once; None before, after, and once failed."""
-        if self._request is None or self._request_taken or self._failure is not None:
-            return None
-        self._request_taken = True
-        return self._request
-
-    def take_payload(self) -> bytes:
-        """Take the bytes the client sent after its request (empty until it is parsed)."""
-        payload = bytes(self._payload)
-        self._payload.clear()
-        return payload
-
     # --- output ----------------------------------------------------------------------
-
-    def data_to_send(self) -> bytes:
-        """Take the bytes to write to the client, in order."""
-        output = bytes(self._output)
-        self._output.clear()
-        return output
 
     def reply(self, code: Reply, bound_host: str = "0.0.0.0", bound_port: int = 0) -> None:
         """Answer the request. SUCCEEDED makes the connection a relay; any other code
