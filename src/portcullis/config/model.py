@@ -203,6 +203,71 @@ class LimitSettings(Section):
         return value
 
 
+class RelaySettings(Section):
+    """The relay role (`portcullis serve relay`), in the second DMZ: it connects inward
+    for the edge gateway, to the destinations `allow` names and nowhere else."""
+
+    # Classic mode: where edges connect to it (mutual TLS, SOCKS5 inside). Port 0 picks
+    # a free port (tests).
+    listen: str = "0.0.0.0:8444"
+    # Destinations the relay may connect to, checked at the relay whatever the edge
+    # asked: "NETWORK:PORTS" ("10.0.0.0/8:1-65535", "10.1.2.3/32:443,8443") or
+    # "NAME:PORTS" ("sta.corp.example:443"). Empty: nothing is relayed.
+    allow: list[str] = Field(default_factory=list)
+    # Health, readiness and status (plain HTTP; keep it on loopback or a management LAN).
+    health_listen: str = "127.0.0.1:8447"
+    # Dial-out mode: the edge nodes this relay connects out to (their public https://
+    # URL), and how many connections it keeps to each.
+    edges: list[str] = Field(default_factory=list)
+    connections: int = Field(default=2, ge=1, le=16)
+    dial_timeout: float = Field(default=10.0, gt=0, le=120)
+    handshake_timeout: float = Field(default=10.0, gt=0, le=120)
+    # Reconnect backoff of dial-out connections: from min to max seconds, with jitter.
+    reconnect_min: float = Field(default=0.2, gt=0, le=60)
+    reconnect_max: float = Field(default=10.0, gt=0, le=600)
+
+    @field_validator("listen", "health_listen")
+    @classmethod
+    def _listen_any_port(cls, value: str) -> str:
+        parse_host_port(value, what="listen", any_port=True)
+        return value
+
+    @field_validator("edges")
+    @classmethod
+    def _edges(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not re.fullmatch(r"https://[^/\s]+", url.rstrip("/")):
+                raise ValueError(f"an edge is its https://HOST[:PORT] URL, got {url!r}")
+        return [url.rstrip("/") for url in value]
+
+
+class DialerSettings(Section):
+    """How the edge reaches the inside: directly, or through a relay (double hop). One
+    switch for every inward connection: launches, tunnel streams, the STA, the portal."""
+
+    via: Literal["direct", "relay"] = "direct"
+    # Classic mode: the relay's HOST:PORT (its certificate must name HOST).
+    relay: str | None = None
+    # classic: the edge connects to the relay (SOCKS5 in mutual TLS), one TLS connection
+    # per relayed connection; dial-out: the relay connects to the edge's own port and the
+    # edge's connections travel as mux streams over those (no inbound rule into DMZ2).
+    mode: Literal["classic", "dial-out"] = "classic"
+    timeout: float = Field(default=10.0, gt=0, le=120)
+
+    @field_validator("relay")
+    @classmethod
+    def _relay(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_host_port(value, what="relay")
+        return value
+
+    @model_validator(mode="after")
+    def _classic_needs_relay(self) -> DialerSettings:
+        if self.via == "relay" and self.mode == "classic" and not self.relay:
+            raise ValueError("dialer.relay: classic mode needs the relay's HOST:PORT")
+        return self
+
+
 class Resource(Section):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     title: str = Field(min_length=1, max_length=200)
@@ -249,6 +314,8 @@ class Settings(Section):
     log: LogSettings = Field(default_factory=LogSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     vpn: VpnSettings = Field(default_factory=VpnSettings)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
+    dialer: DialerSettings = Field(default_factory=DialerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     # Members of these groups may use the administration API (sessions list/kill).
     admin_groups: list[str] = Field(default_factory=lambda: ["admins"])

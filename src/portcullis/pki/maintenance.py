@@ -28,11 +28,11 @@ from portcullis.pki.renewal import (
     renew_due,
     renewal_lock,
 )
+from portcullis.pki.roles import ROLES
 
 if TYPE_CHECKING:
     from portcullis.config.model import Settings
 
-ROLES = ("gateway", "portal", "sta")
 log = structlog.get_logger("portcullis.pki")
 
 

@@ -1,3 +1,4 @@
 """The common name each role's certificate carries; listeners check callers by it."""
 
-ROLE_COMMON_NAMES = {role: f"portcullis-{role}" for role in ("gateway", "portal", "sta")}
+ROLES = ("gateway", "portal", "sta", "relay")
+ROLE_COMMON_NAMES = {role: f"portcullis-{role}" for role in ROLES}
