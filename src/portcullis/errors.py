@@ -7,6 +7,11 @@ only "denied" and the detail goes to the audit trail.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from portcullis.proto.mux import Reason
+
 
 class PortcullisError(Exception):
     """Base of every error Portcullis raises on purpose."""
@@ -65,9 +70,11 @@ class AuthError(PortcullisError):
 
 
 class DialError(PortcullisError):
-    """An outbound connection could not be made; `reason` is a mux reason name."""
+    """An outbound connection could not be made; `reason` says why in the terms a mux
+    REFUSE carries (`portcullis.proto.mux.Reason`), so a refused stream can tell its
+    client."""
 
-    def __init__(self, message: str, reason: str) -> None:
+    def __init__(self, message: str, reason: Reason) -> None:
         self.reason = reason
         super().__init__(message)
 

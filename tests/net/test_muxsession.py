@@ -95,7 +95,7 @@ async def test_a_failed_dial_refuses_with_its_reason() -> None:
 
     class Refusing:
         async def connect(self, host, port, protocol_factory, source=None):  # type: ignore[no-untyped-def]
-            raise DialError("127.0.0.1:9 refused the connection", "refused")
+            raise DialError("127.0.0.1:9 refused the connection", Reason.REFUSED)
 
     failed = await gateway.connect_stream(stream_id, Refusing(), "127.0.0.1", 9,
                                           refusal="not available")

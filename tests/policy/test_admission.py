@@ -28,6 +28,7 @@ from portcullis.policy.admission import (
     resource_policy,
 )
 from portcullis.policy.explain import Who, explain
+from portcullis.proto.mux import Reason
 
 OWN, OWN_NET, PORT = "198.18.7.1", "198.18.7.0/30", 8080
 HOST_ADDRESSES = frozenset({ip_address(OWN), ip_address("127.0.0.1"), ip_address("::1"),
@@ -86,7 +87,7 @@ def test_policy_explain_agrees_with_the_gateway_on_every_row(row: Row) -> None:
 
     async def resolver(host: str, port: int) -> list[Address]:
         if not resolved:
-            raise DialError(f"cannot resolve {host}: unknown", "name_not_found")
+            raise DialError(f"cannot resolve {host}: unknown", Reason.NAME_NOT_FOUND)
         return [ip_address(a) for a in resolved]
 
     target = f"{asked}/icmp" if row.protocol == "icmp" else f"[{asked}]:{port}/{row.protocol}"
@@ -276,7 +277,7 @@ def test_resolving_localhost_gives_loopback_and_an_unknown_name_a_dial_error() -
     assert found and all(any(a in n for n in LOOPBACK) for a in found)
     with pytest.raises(DialError) as raised:
         asyncio.run(resolve("no-such-host.invalid", 80))
-    assert raised.value.reason == "name_not_found"
+    assert raised.value.reason is Reason.NAME_NOT_FOUND
 
 
 def test_explain_prints_what_the_client_is_told_when_refused() -> None:

@@ -27,7 +27,7 @@ from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.sessions import Session, SessionManager
 from portcullis.net.destinations import HostAddresses, resolve
 from portcullis.net.dialer import Dialer
-from portcullis.net.muxsession import DIAL_REASONS, MuxSession, keepalive_fields
+from portcullis.net.muxsession import MuxSession, keepalive_fields
 from portcullis.net.websocket import WebSocketMux
 from portcullis.policy import Subject
 from portcullis.policy.admission import Admission, admit, needs_lookup, resource_policy
@@ -191,7 +191,7 @@ class LaunchEndpoint:
             return
         admission, port = pinned
         if isinstance(admission, DialError):
-            session.refuse(event.stream_id, DIAL_REASONS[admission.reason],
+            session.refuse(event.stream_id, admission.reason,
                            "the resource's server is not available")
             self._audit.record("launch.stream_failed", user=grant.user,
                                resource=grant.resource, reason=str(admission))

@@ -31,9 +31,7 @@ from portcullis.identity.endings import Ending, notice
 from portcullis.identity.sessions import Session, SessionManager
 from portcullis.net.destinations import HostAddresses, resolve
 from portcullis.net.dialer import Dialer
-from portcullis.net.icmp import Pinger
 from portcullis.net.muxsession import (
-    DIAL_REASONS,
     DatagramFlow,
     MuxSession,
     StreamBridge,
@@ -85,7 +83,6 @@ class TunnelEndpoint:
         self._audit = audit
         self._settings = settings
         self._tasks: set[asyncio.Task[None]] = set()
-        self._pinger = Pinger()
         self._host_addresses = host_addresses or HostAddresses()
 
     def opened(self, carrier: WebSocketMux, request: Request) -> None:
@@ -228,7 +225,7 @@ class TunnelEndpoint:
             try:
                 resolved = await resolve(event.host, event.port)
             except DialError as exc:
-                session.refuse(event.stream_id, DIAL_REASONS[exc.reason], str(exc))
+                session.refuse(event.stream_id, exc.reason, str(exc))
                 return
         admission = admit(policy, subject, event.host, event.port, protocol, resolved,
                           pool_family=ipaddress.ip_address(source).version if source else None,
@@ -254,7 +251,8 @@ class TunnelEndpoint:
             failed = await self._open_flow(session, event.stream_id, str(address), event.port,
                                            audit_stream, source)
         elif event.protocol == mux.Protocol.ICMP:
-            failed = self._open_echo(session, event.stream_id, str(address), audit_stream)
+            failed = await self._open_echo(session, event.stream_id, str(address),
+                                           audit_stream, source)
         else:
             failed = await session.connect_stream(event.stream_id, self._dialer, str(address),
                                                   event.port, on_closed=audit_stream,
@@ -262,15 +260,15 @@ class TunnelEndpoint:
         if failed is not None:
             self._audit.record("tunnel.stream_failed", **audit, reason=str(failed))
 
-    def _open_echo(self, session: MuxSession, stream_id: int, address: str,
-                   on_closed: Callable[[DatagramFlow], None]) -> DialError | None:
-        """ICMP echo: each datagram from the client is one echo the gateway performs."""
+    async def _open_echo(self, session: MuxSession, stream_id: int, address: str,
+                         on_closed: Callable[[DatagramFlow], None],
+                         source: str | None) -> DialError | None:
+        """ICMP echo: each datagram from the client is one echo the Dialer performs."""
         try:
-            self._pinger.check(address)
+            channel = await self._dialer.open_echo(address, source=source)
         except DialError as exc:
-            session.refuse(stream_id, DIAL_REASONS[exc.reason], str(exc))
+            session.refuse(stream_id, exc.reason, str(exc))
             return exc
-        identifier = self._pinger.new_identifier()
         replies: set[asyncio.Task[None]] = set()
 
         async def echo(request: bytes) -> None:
@@ -278,7 +276,7 @@ class TunnelEndpoint:
                 return
             sequence = int.from_bytes(request[:2], "big")
             try:
-                answer = await self._pinger.echo(address, identifier, sequence, request[2:])
+                answer = await channel.echo(sequence, request[2:])
             except DialError as exc:
                 log.warning("ICMP echo failed", error=str(exc))
                 return
@@ -296,12 +294,14 @@ class TunnelEndpoint:
         def closed(ended: DatagramFlow) -> None:
             for task in list(replies):
                 task.cancel()
+            channel.close()
             on_closed(ended)
 
         try:
             flow = session.accept_flow(stream_id, deliver,
                                        idle_timeout=self._vpn().udp_idle_timeout)
         except ProtocolError:   # the client reset it meanwhile
+            channel.close()
             return None
         flow.on_closed = closed
         return None
@@ -313,7 +313,7 @@ class TunnelEndpoint:
             transport, socket_side = await self._dialer.connect_udp(host, port, UdpSocket,
                                                                     source=source)
         except DialError as exc:
-            session.refuse(stream_id, DIAL_REASONS[exc.reason], str(exc))
+            session.refuse(stream_id, exc.reason, str(exc))
             return exc
         try:
             flow = session.accept_flow(stream_id, transport.sendto,

@@ -17,11 +17,12 @@ import psutil
 
 from portcullis.errors import DialError
 from portcullis.policy.admission import Address, parse_address, plain
+from portcullis.proto.mux import Reason
 
 
 async def resolve(host: str, port: int) -> list[Address]:
     """The addresses of `host` in the resolver's order, without repeats, unmapped.
-    DialError("name_not_found") when it does not resolve."""
+    DialError(Reason.NAME_NOT_FOUND) when it does not resolve."""
     literal = parse_address(host)
     if literal is not None:
         return [literal]
@@ -30,14 +31,14 @@ async def resolve(host: str, port: int) -> list[Address]:
                                                              type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         why = exc.strerror if isinstance(exc, socket.gaierror) else "not a valid name"
-        raise DialError(f"cannot resolve {host}: {why}", "name_not_found") from None
+        raise DialError(f"cannot resolve {host}: {why}", Reason.NAME_NOT_FOUND) from None
     found: list[Address] = []
     for info in infos:
         address = parse_address(str(info[4][0]))
         if address is not None and address not in found:
             found.append(address)
     if not found:
-        raise DialError(f"cannot resolve {host}: no address", "name_not_found")
+        raise DialError(f"cannot resolve {host}: no address", Reason.NAME_NOT_FOUND)
     return found
 
 

@@ -1,9 +1,11 @@
-"""Every outbound connection goes through one Dialer.
+"""Every inward connection goes through one Dialer.
 
-`DirectDialer` connects from this host. The double-hop relay (SOCKS5 inside mutual TLS)
-will be a second implementation of the same interface, so features never care which
-one is configured. Failures are DialError with a mux reason name, so a refused stream
-tells the client why in terms it can print.
+`DirectDialer` connects from this host; the relay dialers (the double hop: SOCKS5 inside
+mutual TLS, or mux streams over connections the relay dialled out) are other
+implementations of the same interface, so features never care which one is configured.
+A Dialer makes TCP connections, connected UDP sockets and ICMP echo channels. Failures
+are DialError with a mux `Reason`, so a refused stream tells the client why in terms it
+can print.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from portcullis.errors import DialError
+from portcullis.net.icmp import Pinger
+from portcullis.proto.mux import Reason
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)   # Linux
@@ -30,10 +34,26 @@ class Dialer(Protocol):
     async def connect_udp(self, host: str, port: int, protocol_factory: Callable[[], D], *,
                           source: str | None = None) -> tuple[asyncio.DatagramTransport, D]: ...
 
+    async def open_echo(self, address: str, *, source: str | None = None) -> EchoChannel:
+        """An echo channel to `address` (an IP literal), or DialError now if echoes
+        cannot be sent there at all."""
+        ...
+
+
+class EchoChannel(Protocol):
+    """ICMP echo towards one address: each call is one echo request."""
+
+    async def echo(self, sequence: int, data: bytes) -> tuple[bytes, float] | None:
+        """(the reply's data, round trip in seconds), or None when no reply came in time."""
+        ...
+
+    def close(self) -> None: ...
+
 
 class DirectDialer:
-    def __init__(self, *, timeout: float = 10.0) -> None:
+    def __init__(self, *, timeout: float = 10.0, pinger: Pinger | None = None) -> None:
         self._timeout = timeout
+        self._pinger = pinger or Pinger()
 
     async def connect(self, host: str, port: int, protocol_factory: Callable[[], P], *,
                       source: str | None = None) -> tuple[asyncio.Transport, P]:
@@ -50,11 +70,12 @@ class DirectDialer:
                     transport, protocol = await loop.create_connection(protocol_factory,
                                                                        sock=sock)
         except TimeoutError:
-            raise DialError(f"connecting to {where} timed out", "timed_out") from None
+            raise DialError(f"connecting to {where} timed out", Reason.TIMED_OUT) from None
         except socket.gaierror as exc:
-            raise DialError(f"cannot resolve {host}: {exc.strerror}", "name_not_found") from None
+            raise DialError(f"cannot resolve {host}: {exc.strerror}",
+                            Reason.NAME_NOT_FOUND) from None
         except ConnectionRefusedError:
-            raise DialError(f"{where} refused the connection", "refused") from None
+            raise DialError(f"{where} refused the connection", Reason.REFUSED) from None
         except OSError as exc:
             raise _dial_error(exc, where) from None
         return transport, protocol
@@ -76,6 +97,25 @@ class DirectDialer:
             return await loop.create_datagram_endpoint(protocol_factory, sock=sock)
         except OSError as exc:
             raise _dial_error(exc, f"{host}:{port}/udp") from None
+
+
+    async def open_echo(self, address: str, *, source: str | None = None) -> EchoChannel:
+        """`source` is not used: ping sockets send from the host's own address."""
+        self._pinger.check(address)
+        return _DirectEcho(self._pinger, address, self._pinger.new_identifier())
+
+
+class _DirectEcho:
+    def __init__(self, pinger: Pinger, address: str, identifier: int) -> None:
+        self._pinger = pinger
+        self._address = address
+        self._identifier = identifier
+
+    async def echo(self, sequence: int, data: bytes) -> tuple[bytes, float] | None:
+        return await self._pinger.echo(self._address, self._identifier, sequence, data)
+
+    def close(self) -> None:
+        pass   # the pinger's sockets serve every channel
 
 
 def _bound_to(source: str, kind: socket.SocketKind) -> socket.socket:
@@ -106,7 +146,7 @@ async def _connected_from(source: str, host: str, port: int) -> socket.socket:
 
 def _dial_error(exc: OSError, where: str) -> DialError:
     if isinstance(exc, socket.gaierror):
-        return DialError(f"cannot resolve {where}: {exc.strerror}", "name_not_found")
-    reason = ("unreachable" if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)
-              else "refused")
+        return DialError(f"cannot resolve {where}: {exc.strerror}", Reason.NAME_NOT_FOUND)
+    reason = (Reason.UNREACHABLE if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)
+              else Reason.REFUSED)
     return DialError(f"cannot connect to {where}: {exc.strerror}", reason)

@@ -18,6 +18,7 @@ import struct
 import time
 
 from portcullis.errors import DialError
+from portcullis.proto.mux import Reason
 
 ECHO_REQUEST = {4: 8, 6: 128}
 ECHO_REPLY = {4: 0, 6: 129}
@@ -72,7 +73,7 @@ class Pinger:
         except TimeoutError:
             return None
         except OSError as exc:
-            raise DialError(f"cannot ping {address}: {exc.strerror}", "unreachable") from None
+            raise DialError(f"cannot ping {address}: {exc.strerror}", Reason.UNREACHABLE) from None
         finally:
             if self._waiting.get(key) is future:
                 del self._waiting[key]
@@ -97,7 +98,7 @@ class Pinger:
                 sock, raw = socket.socket(family, socket.SOCK_RAW, protocol), True
             except PermissionError:
                 raise DialError("this gateway may not send ICMP: run it as root or add its "
-                                "group to net.ipv4.ping_group_range", "refused") from None
+                                "group to net.ipv4.ping_group_range", Reason.REFUSED) from None
         sock.setblocking(False)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._read, sock, version, raw)
         self._sockets[version] = (sock, raw)

@@ -35,14 +35,6 @@ from portcullis.proto.mux import MuxConnection, Reason, Timers
 
 log = structlog.get_logger("portcullis.mux")
 
-# How a failed dial is told to the peer.
-DIAL_REASONS = {
-    "refused": Reason.REFUSED,
-    "unreachable": Reason.UNREACHABLE,
-    "timed_out": Reason.TIMED_OUT,
-    "name_not_found": Reason.NAME_NOT_FOUND,
-}
-
 # The largest message we send (several frames coalesced); both ends accept this much
 # plus one frame (the WebSocket max_size on either side is set from it).
 DEFAULT_MAX_MESSAGE = 1024 * 1024
@@ -483,7 +475,7 @@ class MuxSession:
             self.forget(bridge)
             # `refusal` replaces the dialer's words when they would say too much (a
             # launched resource's address is not the client's business).
-            self.refuse(stream_id, DIAL_REASONS[exc.reason], refusal or str(exc))
+            self.refuse(stream_id, exc.reason, refusal or str(exc))
             return exc
         if bridge.ended or not self.mux.is_open(stream_id):
             # Reset (before or during the dial), or the tunnel ended: drop the socket.
