@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import (
+    double_hop,
     idle_memory,
     idle_tls,
     launch_rate,
@@ -41,6 +42,7 @@ BENCHMARKS: dict[str, Callable[[], Report]] = {
     "tunnel_stream_rate": tunnel_stream_rate.run,
     "tunnel_memory": tunnel_memory.run,
     "revocation": revocation.run,
+    "double_hop": double_hop.run,
 }
 RESULTS = Path(__file__).parent / "results"
 OPEN_FILES = 16384  # idle_memory holds ~3 sockets per connection in client + gateway

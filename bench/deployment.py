@@ -164,10 +164,10 @@ class Deployment:
     port: int
 
     @classmethod
-    def create(cls, root: Path) -> Deployment:
-        """`portcullis init` in root/deployment on three free ports, plus our user."""
+    def create(cls, root: Path, name: str = "deployment") -> Deployment:
+        """`portcullis init` in root/NAME on three free ports, plus our user."""
         port = free_port_run(3)
-        directory = root / "deployment"
+        directory = root / name
         run_cli("init", "--dir", str(directory), "--port", str(port))
         deployment = cls(directory, port)
         run_cli("user", "add", USER, "--dir", str(directory), "--group", "staff",
@@ -191,17 +191,32 @@ class Deployment:
     def client_tls(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca))
 
-    def add_resource(self, name: str, title: str, address: str) -> None:
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+    def add_config(self, toml: str) -> None:
+        """Append sections to portcullis.toml (before the processes start)."""
         with (self.directory / "portcullis.toml").open("a") as handle:
-            handle.write(f'\n[[resources]]\nname = "{name}"\ntitle = "{title}"\n'
-                         f'address = "{address}"\ngroups = ["staff"]\n')
+            handle.write("\n" + toml)
+
+    def add_resource(self, name: str, title: str, address: str) -> None:
+        self.add_config(f'[[resources]]\nname = "{name}"\ntitle = "{title}"\n'
+                        f'address = "{address}"\ngroups = ["staff"]\n')
 
     def start(self, stack: ExitStack, logs: Path) -> Process:
         """`portcullis up`, returned once it printed "Portal:" (it is then serving)."""
         process = start_process(stack, [PORTCULLIS, "up", "--dir", str(self.directory)],
-                                logs / "portcullis-up.log", name="portcullis up")
+                                logs / f"portcullis-up-{self.name}.log", name="portcullis up")
         process.wait_for(r"Portal: https://", timeout=60)
         return process
+
+    def start_relay(self, stack: ExitStack, logs: Path) -> Process:
+        """`portcullis serve relay` from this directory (its [relay] section); the caller
+        waits for what readiness means in its mode (a listener, or a working path)."""
+        return start_process(stack, [PORTCULLIS, "serve", "relay", "--dir", str(self.directory)],
+                             logs / f"portcullis-relay-{self.name}.log",
+                             name="portcullis relay")
 
     def login_cli(self, home: Path) -> dict[str, str]:
         """`portcullis login` into client home `home`; returns the env for later commands."""
@@ -215,7 +230,8 @@ class Deployment:
         """`portcullis launch RESOURCE` on a free local port; returns it and the port."""
         process = start_process(
             stack, [PORTCULLIS, "launch", resource, "--listen", "127.0.0.1:0"],
-            logs / f"portcullis-launch-{resource}.log", env=env, name="portcullis launch")
+            logs / f"portcullis-launch-{self.name}-{resource}.log", env=env,
+            name="portcullis launch")
         match = process.wait_for(r"listening on [\d.]+:(\d+)")
         return process, int(match.group(1))
 

@@ -37,31 +37,56 @@ def start_echo_server(stack: ExitStack, logs: Path) -> tuple[Process, int]:
 
 
 def start_stunnel_server(stack: ExitStack, logs: Path, *, target_port: int,
-                         cert: Path, key: Path) -> tuple[Process, int]:
-    """TLS on a free port, forwarding plain TCP to 127.0.0.1:target_port."""
+                         cert: Path, key: Path,
+                         name: str = "stunnel server") -> tuple[Process, int]:
+    """TLS on a free port, forwarding plain TCP to 127.0.0.1:target_port. `name` names
+    the process, its config and its log (several may run side by side)."""
     port = free_port()
-    config = logs / "stunnel-server.conf"
+    config = logs / f"{_file_name(name)}.conf"
     config.write_text(
         "foreground = yes\npid =\ndebug = 4\n"
         f"[server]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{target_port}\n"
         f"cert = {cert}\nkey = {key}\n")
     process = start_process(stack, [require("stunnel4", "stunnel"), str(config)],
-                            logs / "stunnel-server.log", name="stunnel server")
+                            logs / f"{_file_name(name)}.log", name=name)
     wait_for_listen(port, process=process)
     return process, port
 
 
 def start_stunnel_client(stack: ExitStack, logs: Path, *, server_port: int,
-                         ca: Path) -> tuple[Process, int]:
+                         ca: Path, name: str = "stunnel client") -> tuple[Process, int]:
     """Plain TCP on a free port, carried with TLS (verified against `ca`) to server_port."""
     port = free_port()
-    config = logs / "stunnel-client.conf"
+    config = logs / f"{_file_name(name)}.conf"
     config.write_text(
         "foreground = yes\npid =\ndebug = 4\n"
         f"[client]\nclient = yes\naccept = 127.0.0.1:{port}\n"
         f"connect = 127.0.0.1:{server_port}\n"
         f"CAfile = {ca}\nverifyChain = yes\ncheckHost = localhost\nsni = localhost\n")
     process = start_process(stack, [require("stunnel4", "stunnel"), str(config)],
-                            logs / "stunnel-client.log", name="stunnel client")
+                            logs / f"{_file_name(name)}.log", name=name)
     wait_for_listen(port, process=process)
     return process, port
+
+
+def start_stunnel_chain(stack: ExitStack, logs: Path, *, target_port: int, hops: int,
+                        cert: Path, key: Path, ca: Path,
+                        name: str = "stunnel") -> tuple[list[Process], int]:
+    """`hops` TLS hops in a row, each an stunnel client -> stunnel server pair, the last
+    server forwarding to 127.0.0.1:target_port: plain -> TLS -> plain -> ... -> plain.
+    Returns the processes in the order traffic crosses them, and the first one's port."""
+    processes: list[Process] = []
+    port = target_port
+    # Built from the far end back: each client must know the port of its server.
+    for hop in range(hops, 0, -1):
+        server, server_port = start_stunnel_server(
+            stack, logs, target_port=port, cert=cert, key=key,
+            name=f"{name} {2 * hop} server")
+        client, port = start_stunnel_client(stack, logs, server_port=server_port, ca=ca,
+                                            name=f"{name} {2 * hop - 1} client")
+        processes[:0] = [client, server]
+    return processes, port
+
+
+def _file_name(name: str) -> str:
+    return name.replace(" ", "-")

@@ -44,11 +44,13 @@ class Measurement:
                 "tunnel_cpu_s": self.tunnel_cpu}
 
 
-def iperf3(port: int, extra: list[str]) -> tuple[float, float, float]:
-    """One iperf3 client run; returns (Gbit/s, GiB, seconds) as received."""
+def iperf3(port: int, extra: list[str], *, size: str = BYTES,
+           timeout: float = RUN_TIMEOUT) -> tuple[float, float, float]:
+    """One iperf3 client run of `size` bytes (iperf3 -n); returns (Gbit/s, GiB,
+    seconds) as received."""
     result = subprocess.run(
-        [require("iperf3"), "-c", "127.0.0.1", "-p", str(port), "-n", BYTES, "-J", *extra],
-        capture_output=True, text=True, timeout=RUN_TIMEOUT)
+        [require("iperf3"), "-c", "127.0.0.1", "-p", str(port), "-n", size, "-J", *extra],
+        capture_output=True, text=True, timeout=timeout)
     report = json.loads(result.stdout or "{}")
     if result.returncode != 0 or "error" in report:
         raise RuntimeError(f"iperf3 {' '.join(extra)} on port {port} failed: "

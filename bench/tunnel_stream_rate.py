@@ -64,6 +64,14 @@ async def measure(name: str, once: Callable[[], Awaitable[float]], count: int,
 async def direct_once(port: int) -> float:
     """Plain TCP: connect, one byte echoed, then closed with RST (SO_LINGER 0), so this
     reference run leaves no TIME_WAIT sockets behind."""
+    writer, seconds = await echoed_connection(port)
+    await close_with_reset(writer)
+    return seconds
+
+
+async def echoed_connection(port: int) -> tuple[asyncio.StreamWriter, float]:
+    """Plain TCP to 127.0.0.1:port, one byte echoed back; returns the open connection
+    and the seconds from connect() to the echoed byte (closed with RST if it fails)."""
     started = time.perf_counter()
     async with asyncio.timeout(15):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -71,14 +79,19 @@ async def direct_once(port: int) -> float:
             writer.write(b"x")
             if await reader.readexactly(1) != b"x":
                 raise RuntimeError("the echo answered something else")
-            seconds = time.perf_counter() - started
-        finally:
-            writer.get_extra_info("socket").setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-    return seconds
+        except BaseException:
+            await close_with_reset(writer)
+            raise
+    return writer, time.perf_counter() - started
+
+
+async def close_with_reset(writer: asyncio.StreamWriter) -> None:
+    """Close with RST (SO_LINGER 0): no FIN exchange, no TIME_WAIT socket left here."""
+    writer.get_extra_info("socket").setsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
 
 
 async def _measure_both(deployment: Deployment, gateway: Process, echo: Process,

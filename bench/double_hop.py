@@ -1,0 +1,528 @@
+"""Double hop (issue 11): what the relay costs, measured side by side in one run, in
+interleaved rounds, against an stunnel chain of two TLS hops and against our single hop.
+
+Shapes. Each carries to the same iperf3 server and the same TCP echo server (its own
+process), everything on loopback:
+  classic        `portcullis launch` → `portcullis up` (the edge: [dialer] via = "relay",
+                 mode = "classic") → `portcullis serve relay` (mutual TLS + SOCKS5, one
+                 TLS connection per relayed connection) → server
+  dial-out       `portcullis launch` → edge ([dialer] mode = "dial-out") → relay → server;
+                 the relay dialled the edge first ([relay] edges: K WebSocket/TLS
+                 connections carrying our mux), the edge's connections are streams on them
+  stunnel-chain  stunnel client → stunnel server → stunnel client → stunnel server → server:
+                 plain → TLS → plain → TLS → plain, four processes (the baseline: two
+                 off-the-shelf TLS hops)
+  single-hop     `portcullis launch` → `portcullis up` (direct dialer) → server
+A portcullis shape runs one edge (and relay) with two launches: one of the iperf3 server,
+one of the echo server. The stunnel chain runs twice, once in front of each server.
+
+Rounds: every round measures every shape in the order above (classic, dial-out,
+stunnel-chain, single-hop), then the next round again, so that a slow moment of the shared
+machine lands on every shape alike. A ratio is taken within a round, then summarised over
+the rounds as "median (min–max)".
+
+What each number means:
+  throughput     iperf3 through ONE connection, BENCH_BYTES per run, each way (reverse =
+                 iperf3 -R, the server sends), Gbit/s as received by iperf3.
+                 "x stunnel-chain" / "x single-hop": this shape's figure over that shape's
+                 in the same round (above 1: faster than it).
+                 "CPU s/GiB": CPU seconds (user + system) each process of the shape spent
+                 during the run per GiB carried, median over rounds: launch = `portcullis
+                 launch`, edge = `portcullis up`, relay = `portcullis serve relay`,
+                 stunnel N = the N-th stunnel along the path. iperf3's own CPU is not
+                 counted.
+  open latency   BENCH_OPEN connections opened one after another to the shape's local port
+                 for the echo server; each: connect(), one byte written, until that byte
+                 comes back (then closed with RST). Through portcullis every connection is
+                 a new stream of the one launch, for which the edge dials the server
+                 (through the relay, in the relay shapes). p50 and p99 per round; printed:
+                 the median over rounds, and "added" = shape minus single-hop in the same
+                 round (the cost of the second hop over our own direct dialer).
+  streams/s      the same connections, BENCH_STREAMS of them (or 10 s), 16 in flight:
+                 completed per second of wall time, through one relay.
+  memory         once, after the rounds: RSS (VmRSS) of each process on the echo path with
+                 BENCH_IDLE connections held open (each has echoed one byte, then idles)
+                 minus the RSS with none, per connection, in KiB. The relay's row is the
+                 memory per relayed connection; the stunnel chain's last server is the hop
+                 in the relay's place.
+Every process reports CPU and memory from /proc/PID (bench.deployment.Process).
+
+Environment (defaults are the measurement's; shrink them to smoke-test on a busy box):
+  BENCH_ROUNDS=5        rounds (each shape once per round)
+  BENCH_BYTES=1G        iperf3 -n, per run and direction
+  BENCH_OPEN=300        connections per round for the open latency
+  BENCH_STREAMS=2000    connections per round for streams/s (also stops after 10 s)
+  BENCH_IDLE=1000       idle connections held for the memory reading
+  BENCH_SHAPES=classic,dial-out,stunnel-chain,single-hop   a subset (order kept)
+e.g. BENCH_ROUNDS=1 BENCH_BYTES=20M BENCH_OPEN=30 BENCH_STREAMS=100 BENCH_IDLE=20 \
+     python -m bench double_hop
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import platform
+import re
+import socket
+import ssl
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvloop
+
+from bench.deployment import Deployment, Process, free_port
+from bench.idle_memory import SETTLE, Sample, sample
+from bench.launch_rate import Run
+from bench.launch_rate import measure as launch_measure
+from bench.peers import require, start_echo_server, start_iperf3_server, start_stunnel_chain
+from bench.report import Report, Table
+from bench.throughput import DIRECTIONS, iperf3
+from bench.tunnel_memory import bounded
+from bench.tunnel_setup import wait_time_wait_drained
+from bench.tunnel_stream_rate import close_with_reset, direct_once, echoed_connection
+from bench.tunnel_throughput import wait_server_idle
+
+ALL_SHAPES = ("classic", "dial-out", "stunnel-chain", "single-hop")
+BASELINES = ("stunnel-chain", "single-hop")
+RELAY_MODES = {"classic": "classic", "dial-out": "dial-out", "single-hop": None}
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+BYTES = os.environ.get("BENCH_BYTES", "1G")
+OPENS = int(os.environ.get("BENCH_OPEN", "300"))
+STREAMS = int(os.environ.get("BENCH_STREAMS", "2000"))
+IDLE = int(os.environ.get("BENCH_IDLE", "1000"))
+SHAPES = tuple(name for name in ALL_SHAPES
+               if name in os.environ.get("BENCH_SHAPES", ",".join(ALL_SHAPES)).split(","))
+RUN_TIMEOUT = 180.0  # seconds per iperf3 run, whatever BENCH_BYTES says
+OPEN_TIME_LIMIT = 60.0  # seconds per latency run
+STREAM_TIME_LIMIT = 10.0  # seconds per streams/s run
+STREAM_CONCURRENCY = 16
+IDLE_CONCURRENCY = 16
+MAX_ERRORS = 20  # a run stops early once this many failed and most attempts fail
+READY_TIMEOUT = 30.0  # seconds for a shape's path to echo a first byte
+
+
+@dataclass
+class Shape:
+    """One way from a local port to the servers, and the processes that carry it."""
+
+    name: str
+    iperf_port: int  # local port that reaches the iperf3 server
+    echo_port: int  # local port that reaches the echo server
+    iperf_path: dict[str, Process]  # role -> process carrying iperf3's connection
+    echo_path: dict[str, Process]  # role -> process carrying the echo connections
+
+
+@dataclass
+class Carried:
+    """One iperf3 run through a shape."""
+
+    gbits: float
+    gib: float
+    cpu_per_gib: dict[str, float]  # role -> CPU seconds per GiB carried
+
+
+@dataclass
+class Round:
+    carried: dict[str, Carried] = field(default_factory=dict)  # direction -> run
+    opens: Run | None = None
+    streams: Run | None = None
+
+
+@dataclass
+class Idle:
+    """RSS of each process on a shape's echo path, with no and with `opened` connections."""
+
+    before: dict[str, Sample]
+    during: dict[str, Sample]
+    opened: int
+    errors: list[str]
+
+    def kib_each(self, role: str) -> float:
+        if not self.opened:
+            return math.nan
+        return (self.during[role].rss_kib - self.before[role].rss_kib) / self.opened
+
+
+# -- the shapes ------------------------------------------------------------------------
+
+def relay_config(mode: str, *, edge_port: int, relay_port: int, iperf_port: int,
+                 echo_port: int) -> str:
+    """The [relay] and [dialer] sections for an edge and relay run from one directory.
+    The allow-list names 127.0.0.1/32 with the two server ports: loopback is never a
+    destination unless a network entry covers it."""
+    lines = ["[relay]", f'listen = "127.0.0.1:{relay_port}"',
+             f'health_listen = "127.0.0.1:{free_port()}"',
+             f'allow = ["127.0.0.1/32:{iperf_port},{echo_port}"]']
+    if mode == "dial-out":
+        lines.append(f'edges = ["https://127.0.0.1:{edge_port}"]')
+    lines += ["", "[dialer]", 'via = "relay"', f'mode = "{mode}"']
+    if mode == "classic":
+        lines.append(f'relay = "127.0.0.1:{relay_port}"')
+    return "\n".join(lines) + "\n"
+
+
+def start_portcullis(stack: ExitStack, logs: Path, name: str, mode: str | None, *,
+                     iperf_port: int, echo_port: int) -> Shape:
+    """A deployment of its own (an edge, and a relay when `mode` is set), signed in, with
+    a launch of each server."""
+    deployment = Deployment.create(logs, name)
+    deployment.add_resource("iperf", "iperf3", f"127.0.0.1:{iperf_port}")
+    deployment.add_resource("echo", "Echo", f"127.0.0.1:{echo_port}")
+    relay_port = free_port()
+    if mode is not None:
+        deployment.add_config(relay_config(mode, edge_port=deployment.port,
+                                           relay_port=relay_port, iperf_port=iperf_port,
+                                           echo_port=echo_port))
+    roles = {"edge": deployment.start(stack, logs)}
+    if mode is not None:
+        roles["relay"] = deployment.start_relay(stack, logs)
+    env = deployment.login_cli(logs / f"client-home-{name}")
+    iperf_launch, iperf_local = deployment.start_launch(stack, logs, env, "iperf")
+    echo_launch, echo_local = deployment.start_launch(stack, logs, env, "echo")
+    # Dial-out is ready once the relay has connected to the edge: the first echo says so.
+    wait_until_echoes(echo_local, [echo_launch, *roles.values()])
+    return Shape(name, iperf_local, echo_local, {"launch": iperf_launch, **roles},
+                 {"launch": echo_launch, **roles})
+
+
+def start_chain(stack: ExitStack, logs: Path, deployment: Deployment, *, iperf_port: int,
+                echo_port: int) -> Shape:
+    """Two chains of two TLS hops, one in front of each server, with the certificates of
+    `deployment` (the gateway's, valid for localhost)."""
+    cert, key = deployment.server_cert
+    paths = {}
+    for server, target in (("iperf", iperf_port), ("echo", echo_port)):
+        processes, port = start_stunnel_chain(stack, logs, target_port=target, hops=2,
+                                              cert=cert, key=key, ca=deployment.ca,
+                                              name=f"stunnel-{server}")
+        paths[server] = ({process.name.replace(f"stunnel-{server}", "stunnel"): process
+                          for process in processes}, port)
+    wait_until_echoes(paths["echo"][1], list(paths["echo"][0].values()))
+    return Shape("stunnel-chain", paths["iperf"][1], paths["echo"][1], paths["iperf"][0],
+                 paths["echo"][0])
+
+
+def wait_until_echoes(port: int, processes: list[Process],
+                      timeout: float = READY_TIMEOUT) -> None:
+    """Retry one echoed byte through `port` until it works: the whole path is up."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        for process in processes:
+            if process.popen.poll() is not None:
+                raise RuntimeError(f"{process.name} exited {process.popen.returncode}:\n"
+                                   f"{process.output()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"x")
+                if sock.recv(1) == b"x":
+                    return
+                last = "the connection closed without the echo"
+        except OSError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing echoes through port {port} after {timeout:.0f} s: {last}")
+
+
+# -- one round ---------------------------------------------------------------------------
+
+def carry(shape: Shape, direction: str, iperf_server: int) -> Carried:
+    wait_server_idle(iperf_server)
+    before = {role: process.cpu_seconds() for role, process in shape.iperf_path.items()}
+    gbits, gib, _ = iperf3(shape.iperf_port, DIRECTIONS[direction], size=BYTES,
+                           timeout=RUN_TIMEOUT)
+    cpu = {role: (process.cpu_seconds() - before[role]) / gib if gib else math.nan
+           for role, process in shape.iperf_path.items()}
+    return Carried(gbits, gib, cpu)
+
+
+async def open_runs(shape: Shape) -> tuple[Run, Run]:
+    """Open latency (one at a time), then streams/s (STREAM_CONCURRENCY in flight)."""
+    def once() -> Awaitable[float]:
+        return direct_once(shape.echo_port)
+
+    opens = await launch_measure(f"{shape.name} opens", once, OPENS, {}, concurrency=1,
+                                 time_limit=OPEN_TIME_LIMIT, max_errors=MAX_ERRORS)
+    streams = await launch_measure(f"{shape.name} streams", once, STREAMS, shape.echo_path,
+                                   concurrency=STREAM_CONCURRENCY,
+                                   time_limit=STREAM_TIME_LIMIT, max_errors=MAX_ERRORS)
+    return opens, streams
+
+
+def measure_round(shape: Shape, iperf_server: int) -> Round:
+    result = Round()
+    for direction in DIRECTIONS:
+        result.carried[direction] = carry(shape, direction, iperf_server)
+    result.opens, result.streams = uvloop.run(open_runs(shape))
+    print(f"  {shape.name:<14} " + "  ".join(
+        f"{direction} {carried.gbits:6.2f} Gbit/s"
+        for direction, carried in result.carried.items())
+        + f"  open p50 {result.opens.percentile_ms(50):6.2f} ms"
+        f"  {result.streams.rate:7.0f} streams/s", flush=True)
+    return result
+
+
+async def hold_idle(shape: Shape) -> Idle:
+    """IDLE echoed connections held open through the shape, RSS read before and during."""
+    processes = shape.echo_path
+    held: list[asyncio.StreamWriter] = []
+    errors: list[str] = []
+
+    async def once(_: int) -> asyncio.StreamWriter:
+        writer, _seconds = await echoed_connection(shape.echo_port)
+        return writer
+
+    await asyncio.sleep(SETTLE)
+    before = {role: sample(process) for role, process in processes.items()}
+    try:
+        await bounded(IDLE, IDLE_CONCURRENCY, once, held, errors)
+        await asyncio.sleep(SETTLE)
+        during = {role: sample(process) for role, process in processes.items()}
+    finally:
+        for writer in held:
+            await close_with_reset(writer)
+    print(f"  {shape.name:<14} {len(held)} idle: " + ", ".join(
+        f"{role} {(during[role].rss_kib - before[role].rss_kib) / max(1, len(held)):.1f} KiB"
+        for role in processes) + " each", flush=True)
+    return Idle(before, during, len(held), errors)
+
+
+# -- the run -----------------------------------------------------------------------------
+
+def run() -> Report:
+    if not SHAPES:
+        raise RuntimeError(f"BENCH_SHAPES names none of {', '.join(ALL_SHAPES)}")
+    rounds: list[dict[str, Round]] = []
+    idle: dict[str, Idle] = {}
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="bench-double-hop-") as tmp:
+        logs = Path(tmp)
+        iperf_server = start_iperf3_server(stack, logs)
+        _, echo_server = start_echo_server(stack, logs)
+        shapes: list[Shape] = []
+        for name in SHAPES:
+            print(f"  starting {name}", flush=True)
+            if name == "stunnel-chain":
+                certificates = Deployment.create(logs, "stunnel-certificates")
+                shapes.append(start_chain(stack, logs, certificates,
+                                          iperf_port=iperf_server, echo_port=echo_server))
+            else:
+                shapes.append(start_portcullis(stack, logs, name, RELAY_MODES[name],
+                                               iperf_port=iperf_server,
+                                               echo_port=echo_server))
+        for number in range(1, ROUNDS + 1):
+            print(f"  round {number}/{ROUNDS}", flush=True)
+            rounds.append({shape.name: measure_round(shape, iperf_server)
+                           for shape in shapes})
+        print("  memory", flush=True)
+        for shape in shapes:
+            idle[shape.name] = uvloop.run(hold_idle(shape))
+    print("  waiting for the connections' TIME_WAIT sockets to expire", flush=True)
+    waited = wait_time_wait_drained()
+    return report(rounds, idle, waited)
+
+
+# -- summaries ---------------------------------------------------------------------------
+
+@dataclass
+class Spread:
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        values = [value for value in values if not math.isnan(value)]
+        if not values:
+            return cls(math.nan, math.nan, math.nan)
+        return cls(statistics.median(values), min(values), max(values))
+
+    def __str__(self) -> str:
+        median, low, high = map(_number, (self.median, self.low, self.high))
+        return median if low == high else f"{median} ({low}–{high})"
+
+    def as_json(self) -> dict[str, float]:
+        return {"median": self.median, "min": self.low, "max": self.high}
+
+
+def _number(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def over_rounds(rounds: list[dict[str, Round]], shape: str,
+                figure: Callable[[Round], float]) -> Spread:
+    return Spread.of([figure(round_[shape]) for round_ in rounds])
+
+
+def ratio_over_rounds(rounds: list[dict[str, Round]], shape: str, base: str,
+                      figure: Callable[[Round], float]) -> Spread | None:
+    """figure(shape) / figure(base), round by round; None if base was not measured."""
+    if base not in rounds[0] or base == shape:
+        return None
+    return Spread.of([_ratio(figure(round_[shape]), figure(round_[base]))
+                      for round_ in rounds])
+
+
+def difference_over_rounds(rounds: list[dict[str, Round]], shape: str, base: str,
+                           figure: Callable[[Round], float]) -> Spread | None:
+    if base not in rounds[0] or base == shape:
+        return None
+    return Spread.of([figure(round_[shape]) - figure(round_[base]) for round_ in rounds])
+
+
+def _ratio(value: float, base: float) -> float:
+    return value / base if base else math.nan
+
+
+def _cell(spread: Spread | None) -> str:
+    return "-" if spread is None else str(spread)
+
+
+def _json(spread: Spread | None) -> dict[str, float] | None:
+    return None if spread is None else spread.as_json()
+
+
+def _gbits(direction: str) -> Callable[[Round], float]:
+    return lambda round_: round_.carried[direction].gbits
+
+
+def _open_ms(percentile: float) -> Callable[[Round], float]:
+    return lambda round_: round_.opens.percentile_ms(percentile) if round_.opens else math.nan
+
+
+def _streams_rate(round_: Round) -> float:
+    return round_.streams.rate if round_.streams else math.nan
+
+
+def report(rounds: list[dict[str, Round]], idle: dict[str, Idle], waited: float) -> Report:
+    shapes = list(rounds[0])
+    measured_on = machine()
+    by_shape: dict[str, object] = {}
+    data: dict[str, object] = {
+        "rounds": len(rounds), "bytes_per_run": BYTES, "opens_per_round": OPENS,
+        "streams_per_round": STREAMS, "idle_connections": IDLE, "machine": measured_on,
+        "shapes": by_shape}
+    throughput_rows, cpu_rows, latency_rows, stream_rows, memory_rows = [], [], [], [], []
+    verdicts: list[str] = []
+    notes: list[str] = []
+    for shape in shapes:
+        figures: dict[str, object] = {}
+        cpu_by_role: dict[str, list[Spread]] = {}
+        for direction in DIRECTIONS:
+            gbits = over_rounds(rounds, shape, _gbits(direction))
+            ratios = {base: ratio_over_rounds(rounds, shape, base, _gbits(direction))
+                      for base in BASELINES}
+            cpu = {role: Spread.of([round_[shape].carried[direction].cpu_per_gib[role]
+                                    for round_ in rounds])
+                   for role in rounds[0][shape].carried[direction].cpu_per_gib}
+            throughput_rows.append([shape, direction, str(gbits),
+                                    *map(_cell, ratios.values())])
+            for role, spread in cpu.items():
+                cpu_by_role.setdefault(role, []).append(spread)
+            figures[f"throughput_{direction}"] = {
+                "gbit_per_s": gbits.as_json(),
+                **{f"x_{base}": _json(spread) for base, spread in ratios.items()},
+                "cpu_s_per_gib": {role: spread.as_json() for role, spread in cpu.items()},
+                "per_round_gbit_per_s": [round_[shape].carried[direction].gbits
+                                         for round_ in rounds]}
+            if RELAY_MODES.get(shape):
+                verdicts.append(f"{shape} throughput {direction}: "
+                                f"{_cell(ratios['stunnel-chain'])} x stunnel-chain, "
+                                f"{_cell(ratios['single-hop'])} x single-hop")
+        cpu_rows += [[shape, role, *map(str, spreads)] for role, spreads in cpu_by_role.items()]
+
+        p50, p99 = (over_rounds(rounds, shape, _open_ms(p)) for p in (50, 99))
+        added = {p: difference_over_rounds(rounds, shape, "single-hop", _open_ms(p))
+                 for p in (50, 99)}
+        open_errors = sum(len(round_[shape].opens.errors) for round_ in rounds
+                          if round_[shape].opens)
+        latency_rows.append([shape, str(p50), str(p99), _cell(added[50]), _cell(added[99]),
+                             open_errors])
+        figures["open_ms"] = {"p50": p50.as_json(), "p99": p99.as_json(),
+                              "added_p50_vs_single_hop": _json(added[50]),
+                              "added_p99_vs_single_hop": _json(added[99]),
+                              "errors": open_errors}
+
+        rate = over_rounds(rounds, shape, _streams_rate)
+        rate_ratios = {base: ratio_over_rounds(rounds, shape, base, _streams_rate)
+                       for base in BASELINES}
+        stream_errors = sum(len(round_[shape].streams.errors) for round_ in rounds
+                            if round_[shape].streams)
+        stream_rows.append([shape, str(rate), *map(_cell, rate_ratios.values()),
+                            stream_errors])
+        figures["streams_per_s"] = {"rate": rate.as_json(), "errors": stream_errors,
+                                    **{f"x_{base}": _json(spread)
+                                       for base, spread in rate_ratios.items()}}
+
+        held = idle[shape]
+        for role in held.before:
+            memory_rows.append([shape, role, held.before[role].rss_kib,
+                                held.during[role].rss_kib, held.kib_each(role)])
+        figures["memory"] = {
+            "held_open": held.opened, "errors": len(held.errors),
+            "kib_per_connection": {role: held.kib_each(role) for role in held.before},
+            "rss_kib_none": {role: reading.rss_kib for role, reading in held.before.items()},
+            "rss_kib_open": {role: reading.rss_kib for role, reading in held.during.items()}}
+        if RELAY_MODES.get(shape):
+            verdicts.append(
+                f"{shape}: opening a stream adds {_cell(added[50])} ms p50, "
+                f"{_cell(added[99])} ms p99 over single-hop; {rate} streams/s "
+                f"({_cell(rate_ratios['stunnel-chain'])} x stunnel-chain); relay "
+                f"{held.kib_each('relay'):.1f} KiB per relayed connection")
+        for what, errors in (("open", [e for r in rounds if r[shape].opens
+                                       for e in r[shape].opens.errors]),
+                             ("stream", [e for r in rounds if r[shape].streams
+                                         for e in r[shape].streams.errors]),
+                             ("idle", held.errors)):
+            if errors:
+                notes.append(f"{shape}: {len(errors)} {what} connections failed; first: "
+                             f"{errors[0]}")
+        by_shape[shape] = figures
+
+    spread_note = f"median over {len(rounds)} rounds (min–max) where the figures differ"
+    tables = [
+        Table(f"Throughput, one connection, iperf3 -n {BYTES} per run; {spread_note}",
+              ["shape", "direction", "Gbit/s", "x stunnel-chain", "x single-hop"],
+              throughput_rows),
+        Table(f"CPU seconds per GiB carried, each process, during those runs; {spread_note}",
+              ["shape", "process", *(f"{direction} s/GiB" for direction in DIRECTIONS)],
+              cpu_rows),
+        Table(f"Opening a stream: connect to echoed byte, {OPENS} one after another per "
+              f"round; {spread_note}",
+              ["shape", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "errors"],
+              latency_rows),
+        Table(f"Streams per second, {STREAMS} per round (or {STREAM_TIME_LIMIT:.0f} s), "
+              f"{STREAM_CONCURRENCY} in flight; {spread_note}",
+              ["shape", "streams/s", "x stunnel-chain", "x single-hop", "errors"],
+              stream_rows),
+        Table(f"Memory: RSS with {IDLE} idle echoed connections open vs none (after the "
+              "rounds)", ["shape", "process", "RSS KiB none", "RSS KiB open",
+                          "KiB per connection"], memory_rows)]
+    notes[:0] = [
+        "machine: " + "; ".join(f"{key} {value}" for key, value in measured_on.items()),
+        "added = shape minus single-hop in the same round; x = ratio in the same round",
+        "CPU s/GiB: launch = portcullis launch, edge = portcullis up, relay = portcullis "
+        "serve relay, stunnel N client/server = the N-th stunnel along the path; all "
+        "processes, iperf3 and the echo server share the machine's cores",
+        f"afterwards waited {waited:.0f} s for TIME_WAIT sockets to expire"]
+    return Report(name="double_hop", tables=tables, verdicts=verdicts, notes=notes, data=data)
+
+
+def machine() -> dict[str, object]:
+    """Cores, CPU model, kernel, OpenSSL (Python's and stunnel's), Python."""
+    with open("/proc/cpuinfo") as handle:
+        model = re.search(r"(?m)^model name\s*:\s*(.+)$", handle.read())
+    version = subprocess.run([require("stunnel4", "stunnel"), "-version"],
+                             capture_output=True, text=True, timeout=30)
+    stunnel = re.search(r"Running\s+with (OpenSSL \S+)", version.stdout + version.stderr)
+    return {"cores": os.cpu_count(), "cpu": model.group(1) if model else "unknown",
+            "kernel": platform.release(), "openssl": ssl.OPENSSL_VERSION,
+            "stunnel_openssl": stunnel.group(1) if stunnel else "unknown",
+            "python": platform.python_version()}
