@@ -52,7 +52,8 @@ Environment (defaults are the measurement's; shrink them to smoke-test on a busy
   BENCH_BYTES=1G        iperf3 -n, per run and direction
   BENCH_OPEN=300        connections per round for the open latency
   BENCH_STREAMS=2000    connections per round for streams/s (also stops after 10 s)
-  BENCH_IDLE=1000       idle connections held for the memory reading
+  BENCH_IDLE=1000       idle connections held for the memory reading (at most 1024: one
+                        launch carries at most that many streams at a time)
   BENCH_SHAPES=classic,dial-out,stunnel-chain,single-hop   a subset (order kept)
 e.g. BENCH_ROUNDS=1 BENCH_BYTES=20M BENCH_OPEN=30 BENCH_STREAMS=100 BENCH_IDLE=20 \
      python -m bench double_hop
@@ -251,7 +252,7 @@ async def open_runs(shape: Shape) -> tuple[Run, Run]:
 
     opens = await launch_measure(f"{shape.name} opens", once, OPENS, {}, concurrency=1,
                                  time_limit=OPEN_TIME_LIMIT, max_errors=MAX_ERRORS)
-    streams = await launch_measure(f"{shape.name} streams", once, STREAMS, shape.echo_path,
+    streams = await launch_measure(f"{shape.name} streams", once, STREAMS, {},
                                    concurrency=STREAM_CONCURRENCY,
                                    time_limit=STREAM_TIME_LIMIT, max_errors=MAX_ERRORS)
     return opens, streams
