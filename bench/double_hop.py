@@ -154,11 +154,11 @@ class Idle:
 
 # -- the shapes ------------------------------------------------------------------------
 
-def relay_config(mode: str, *, edge_port: int, relay_port: int, iperf_port: int,
-                 echo_port: int) -> str:
+def relay_config(mode: str, *, edge_port: int, iperf_port: int, echo_port: int) -> str:
     """The [relay] and [dialer] sections for an edge and relay run from one directory.
     The allow-list names 127.0.0.1/32 with the two server ports: loopback is never a
     destination unless a network entry covers it."""
+    relay_port = free_port()
     lines = ["[relay]", f'listen = "127.0.0.1:{relay_port}"',
              f'health_listen = "127.0.0.1:{free_port()}"',
              f'allow = ["127.0.0.1/32:{iperf_port},{echo_port}"]']
@@ -177,11 +177,9 @@ def start_portcullis(stack: ExitStack, logs: Path, name: str, mode: str | None, 
     deployment = Deployment.create(logs, name)
     deployment.add_resource("iperf", "iperf3", f"127.0.0.1:{iperf_port}")
     deployment.add_resource("echo", "Echo", f"127.0.0.1:{echo_port}")
-    relay_port = free_port()
     if mode is not None:
         deployment.add_config(relay_config(mode, edge_port=deployment.port,
-                                           relay_port=relay_port, iperf_port=iperf_port,
-                                           echo_port=echo_port))
+                                           iperf_port=iperf_port, echo_port=echo_port))
     roles = {"edge": deployment.start(stack, logs)}
     if mode is not None:
         roles["relay"] = deployment.start_relay(stack, logs)
