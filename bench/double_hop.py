@@ -74,7 +74,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvloop
@@ -132,9 +132,11 @@ class Carried:
 
 @dataclass
 class Round:
-    carried: dict[str, Carried] = field(default_factory=dict)  # direction -> run
-    opens: Run | None = None
-    streams: Run | None = None
+    """One shape in one round."""
+
+    carried: dict[str, Carried]  # direction -> run
+    opens: Run
+    streams: Run
 
 
 @dataclass
@@ -257,10 +259,8 @@ async def open_runs(shape: Shape) -> tuple[Run, Run]:
 
 
 def measure_round(shape: Shape, iperf_server: int) -> Round:
-    result = Round()
-    for direction in DIRECTIONS:
-        result.carried[direction] = carry(shape, direction, iperf_server)
-    result.opens, result.streams = uvloop.run(open_runs(shape))
+    carried = {direction: carry(shape, direction, iperf_server) for direction in DIRECTIONS}
+    result = Round(carried, *uvloop.run(open_runs(shape)))
     print(f"  {shape.name:<14} " + "  ".join(
         f"{direction} {carried.gbits:6.2f} Gbit/s"
         for direction, carried in result.carried.items())
@@ -393,11 +393,15 @@ def _gbits(direction: str) -> Callable[[Round], float]:
 
 
 def _open_ms(percentile: float) -> Callable[[Round], float]:
-    return lambda round_: round_.opens.percentile_ms(percentile) if round_.opens else math.nan
+    return lambda round_: round_.opens.percentile_ms(percentile)
 
 
 def _streams_rate(round_: Round) -> float:
-    return round_.streams.rate if round_.streams else math.nan
+    return round_.streams.rate
+
+
+def _compared(ratios: dict[str, Spread | None]) -> str:
+    return "".join(f", {spread} x {base}" for base, spread in ratios.items() if spread)
 
 
 def report(rounds: list[dict[str, Round]], idle: dict[str, Idle], waited: float) -> Report:
@@ -432,16 +436,14 @@ def report(rounds: list[dict[str, Round]], idle: dict[str, Idle], waited: float)
                 "per_round_gbit_per_s": [round_[shape].carried[direction].gbits
                                          for round_ in rounds]}
             if RELAY_MODES.get(shape):
-                verdicts.append(f"{shape} throughput {direction}: "
-                                f"{_cell(ratios['stunnel-chain'])} x stunnel-chain, "
-                                f"{_cell(ratios['single-hop'])} x single-hop")
+                verdicts.append(f"{shape} throughput {direction}: {gbits} Gbit/s"
+                                + _compared(ratios))
         cpu_rows += [[shape, role, *map(str, spreads)] for role, spreads in cpu_by_role.items()]
 
         p50, p99 = (over_rounds(rounds, shape, _open_ms(p)) for p in (50, 99))
         added = {p: difference_over_rounds(rounds, shape, "single-hop", _open_ms(p))
                  for p in (50, 99)}
-        open_errors = sum(len(round_[shape].opens.errors) for round_ in rounds
-                          if round_[shape].opens)
+        open_errors = sum(len(round_[shape].opens.errors) for round_ in rounds)
         latency_rows.append([shape, str(p50), str(p99), _cell(added[50]), _cell(added[99]),
                              open_errors])
         figures["open_ms"] = {"p50": p50.as_json(), "p99": p99.as_json(),
@@ -452,8 +454,7 @@ def report(rounds: list[dict[str, Round]], idle: dict[str, Idle], waited: float)
         rate = over_rounds(rounds, shape, _streams_rate)
         rate_ratios = {base: ratio_over_rounds(rounds, shape, base, _streams_rate)
                        for base in BASELINES}
-        stream_errors = sum(len(round_[shape].streams.errors) for round_ in rounds
-                            if round_[shape].streams)
+        stream_errors = sum(len(round_[shape].streams.errors) for round_ in rounds)
         stream_rows.append([shape, str(rate), *map(_cell, rate_ratios.values()),
                             stream_errors])
         figures["streams_per_s"] = {"rate": rate.as_json(), "errors": stream_errors,
@@ -470,15 +471,13 @@ def report(rounds: list[dict[str, Round]], idle: dict[str, Idle], waited: float)
             "rss_kib_none": {role: reading.rss_kib for role, reading in held.before.items()},
             "rss_kib_open": {role: reading.rss_kib for role, reading in held.during.items()}}
         if RELAY_MODES.get(shape):
-            verdicts.append(
-                f"{shape}: opening a stream adds {_cell(added[50])} ms p50, "
-                f"{_cell(added[99])} ms p99 over single-hop; {rate} streams/s "
-                f"({_cell(rate_ratios['stunnel-chain'])} x stunnel-chain); relay "
-                f"{held.kib_each('relay'):.1f} KiB per relayed connection")
-        for what, errors in (("open", [e for r in rounds if r[shape].opens
-                                       for e in r[shape].opens.errors]),
-                             ("stream", [e for r in rounds if r[shape].streams
-                                         for e in r[shape].streams.errors]),
+            verdicts.append(f"{shape} opening a stream: p50 {p50} ms, p99 {p99} ms" + (
+                f"; {added[50]} ms (p50), {added[99]} ms (p99) more than single-hop"
+                if added[50] and added[99] else ""))
+            verdicts.append(f"{shape}: {rate} streams/s{_compared(rate_ratios)}; relay "
+                            f"{held.kib_each('relay'):.1f} KiB per relayed connection")
+        for what, errors in (("open", [e for r in rounds for e in r[shape].opens.errors]),
+                             ("stream", [e for r in rounds for e in r[shape].streams.errors]),
                              ("idle", held.errors)):
             if errors:
                 notes.append(f"{shape}: {len(errors)} {what} connections failed; first: "
