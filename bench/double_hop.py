@@ -76,7 +76,9 @@ from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import uvloop
 
 from bench.deployment import Deployment, Process, free_port
@@ -90,6 +92,7 @@ from bench.tunnel_memory import bounded
 from bench.tunnel_setup import wait_time_wait_drained
 from bench.tunnel_stream_rate import close_with_reset, direct_once, echoed_connection
 from bench.tunnel_throughput import wait_server_idle
+from portcullis.config.model import RelaySettings
 
 ALL_SHAPES = ("classic", "dial-out", "stunnel-chain", "single-hop")
 BASELINES = ("stunnel-chain", "single-hop")
@@ -119,6 +122,15 @@ class Shape:
     echo_port: int  # local port that reaches the echo server
     iperf_path: dict[str, Process]  # role -> process carrying iperf3's connection
     echo_path: dict[str, Process]  # role -> process carrying the echo connections
+    relay_health: int | None = None  # port of the relay's health and /status listener
+
+    def relay_status(self) -> dict[str, Any] | None:
+        """The relay's own counters (GET /status): proof that traffic crossed it."""
+        if self.relay_health is None:
+            return None
+        response = httpx.get(f"http://127.0.0.1:{self.relay_health}/status", timeout=10)
+        response.raise_for_status()
+        return dict(response.json())
 
 
 @dataclass
@@ -147,6 +159,7 @@ class Idle:
     during: dict[str, Sample]
     opened: int
     errors: list[str]
+    relay_streams: int | None  # streams open at the relay (its /status) while held
 
     def kib_each(self, role: str) -> float:
         if not self.opened:
@@ -156,13 +169,14 @@ class Idle:
 
 # -- the shapes ------------------------------------------------------------------------
 
-def relay_config(mode: str, *, edge_port: int, iperf_port: int, echo_port: int) -> str:
+def relay_config(mode: str, *, edge_port: int, health_port: int, iperf_port: int,
+                 echo_port: int) -> str:
     """The [relay] and [dialer] sections for an edge and relay run from one directory.
     The allow-list names 127.0.0.1/32 with the two server ports: loopback is never a
     destination unless a network entry covers it."""
     relay_port = free_port()
     lines = ["[relay]", f'listen = "127.0.0.1:{relay_port}"',
-             f'health_listen = "127.0.0.1:{free_port()}"',
+             f'health_listen = "127.0.0.1:{health_port}"',
              f'allow = ["127.0.0.1/32:{iperf_port},{echo_port}"]']
     if mode == "dial-out":
         lines.append(f'edges = ["https://127.0.0.1:{edge_port}"]')
@@ -179,19 +193,27 @@ def start_portcullis(stack: ExitStack, logs: Path, name: str, mode: str | None, 
     deployment = Deployment.create(logs, name)
     deployment.add_resource("iperf", "iperf3", f"127.0.0.1:{iperf_port}")
     deployment.add_resource("echo", "Echo", f"127.0.0.1:{echo_port}")
+    roles = {"edge": deployment.start(stack, logs)} if mode is None else {}
+    shape = Shape(name, 0, 0, {}, {})
     if mode is not None:
+        shape.relay_health = free_port()
         deployment.add_config(relay_config(mode, edge_port=deployment.port,
+                                           health_port=shape.relay_health,
                                            iperf_port=iperf_port, echo_port=echo_port))
-    roles = {"edge": deployment.start(stack, logs)}
-    if mode is not None:
+        roles["edge"] = deployment.start(stack, logs)
         roles["relay"] = deployment.start_relay(stack, logs)
+        # Dial-out: ready once the relay holds all its connections to the edge, so that
+        # the streams spread over them as they will in use.
+        wanted = RelaySettings().connections if mode == "dial-out" else 0
+        wait_until(lambda: (shape.relay_status() or {}).get("connections", 0) >= wanted,
+                   f"{wanted} relay connections", list(roles.values()))
     env = deployment.login_cli(logs / f"client-home-{name}")
-    iperf_launch, iperf_local = deployment.start_launch(stack, logs, env, "iperf")
-    echo_launch, echo_local = deployment.start_launch(stack, logs, env, "echo")
-    # Dial-out is ready once the relay has connected to the edge: the first echo says so.
-    wait_until_echoes(echo_local, [echo_launch, *roles.values()])
-    return Shape(name, iperf_local, echo_local, {"launch": iperf_launch, **roles},
-                 {"launch": echo_launch, **roles})
+    iperf_launch, shape.iperf_port = deployment.start_launch(stack, logs, env, "iperf")
+    echo_launch, shape.echo_port = deployment.start_launch(stack, logs, env, "echo")
+    shape.iperf_path = {"launch": iperf_launch, **roles}
+    shape.echo_path = {"launch": echo_launch, **roles}
+    wait_until_echoes(shape.echo_port, list(shape.echo_path.values()))
+    return shape
 
 
 def start_chain(stack: ExitStack, logs: Path, deployment: Deployment, *, iperf_port: int,
@@ -211,26 +233,33 @@ def start_chain(stack: ExitStack, logs: Path, deployment: Deployment, *, iperf_p
                  paths["echo"][0])
 
 
-def wait_until_echoes(port: int, processes: list[Process],
-                      timeout: float = READY_TIMEOUT) -> None:
+def wait_until_echoes(port: int, processes: list[Process]) -> None:
     """Retry one echoed byte through `port` until it works: the whole path is up."""
-    deadline = time.monotonic() + timeout
-    last = ""
+    def echoes() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"x")
+            return sock.recv(1) == b"x"
+
+    wait_until(echoes, f"byte echoed through port {port}", processes)
+
+
+def wait_until(ready: Callable[[], bool], what: str, processes: list[Process]) -> None:
+    """Poll `ready()` until it is true (errors count as not yet), for READY_TIMEOUT;
+    `processes` must stay alive meanwhile."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    last = "not yet"
     while time.monotonic() < deadline:
         for process in processes:
             if process.popen.poll() is not None:
                 raise RuntimeError(f"{process.name} exited {process.popen.returncode}:\n"
                                    f"{process.output()[-2000:]}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                sock.sendall(b"x")
-                if sock.recv(1) == b"x":
-                    return
-                last = "the connection closed without the echo"
-        except OSError as exc:
+            if ready():
+                return
+        except (OSError, httpx.HTTPError) as exc:
             last = f"{type(exc).__name__}: {exc}"
         time.sleep(0.2)
-    raise RuntimeError(f"nothing echoes through port {port} after {timeout:.0f} s: {last}")
+    raise RuntimeError(f"no {what} after {READY_TIMEOUT:.0f} s ({last})")
 
 
 # -- one round ---------------------------------------------------------------------------
@@ -285,13 +314,14 @@ async def hold_idle(shape: Shape) -> Idle:
         await bounded(IDLE, IDLE_CONCURRENCY, once, held, errors)
         await asyncio.sleep(SETTLE)
         during = {role: sample(process) for role, process in processes.items()}
+        relay_streams = (shape.relay_status() or {}).get("streams")
     finally:
         for writer in held:
             await close_with_reset(writer)
     print(f"  {shape.name:<14} {len(held)} idle: " + ", ".join(
         f"{role} {(during[role].rss_kib - before[role].rss_kib) / max(1, len(held)):.1f} KiB"
         for role in processes) + " each", flush=True)
-    return Idle(before, during, len(held), errors)
+    return Idle(before, during, len(held), errors, relay_streams)
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -323,9 +353,11 @@ def run() -> Report:
         print("  memory", flush=True)
         for shape in shapes:
             idle[shape.name] = uvloop.run(hold_idle(shape))
+        relayed = {shape.name: status for shape in shapes
+                   if (status := shape.relay_status()) is not None}
     print("  waiting for the connections' TIME_WAIT sockets to expire", flush=True)
     waited = wait_time_wait_drained()
-    return report(rounds, idle, waited)
+    return report(rounds, idle, relayed, waited)
 
 
 # -- summaries ---------------------------------------------------------------------------
@@ -404,7 +436,9 @@ def _compared(ratios: dict[str, Spread | None]) -> str:
     return "".join(f", {spread} x {base}" for base, spread in ratios.items() if spread)
 
 
-def report(rounds: list[dict[str, Round]], idle: dict[str, Idle], waited: float) -> Report:
+def report(rounds: list[dict[str, Round]], idle: dict[str, Idle],
+           relayed: dict[str, dict[str, Any]], waited: float) -> Report:
+    """`relayed`: each relay's /status at the end, by shape."""
     shapes = list(rounds[0])
     measured_on = machine()
     by_shape: dict[str, object] = {}
@@ -469,7 +503,14 @@ def report(rounds: list[dict[str, Round]], idle: dict[str, Idle], waited: float)
             "held_open": held.opened, "errors": len(held.errors),
             "kib_per_connection": {role: held.kib_each(role) for role in held.before},
             "rss_kib_none": {role: reading.rss_kib for role, reading in held.before.items()},
-            "rss_kib_open": {role: reading.rss_kib for role, reading in held.during.items()}}
+            "rss_kib_open": {role: reading.rss_kib for role, reading in held.during.items()},
+            "relay_streams_open": held.relay_streams}
+        if shape in relayed:
+            figures["relay_status_at_end"] = relayed[shape]
+            notes.append(f"{shape}: the relay's /status counted "
+                         f"{relayed[shape].get('streams_total')} relayed streams in all, "
+                         f"{held.relay_streams} open while {held.opened} idle connections "
+                         "were held: the traffic did cross it")
         if RELAY_MODES.get(shape):
             verdicts.append(f"{shape} opening a stream: p50 {p50} ms, p99 {p99} ms" + (
                 f"; {added[50]} ms (p50), {added[99]} ms (p99) more than single-hop"
