@@ -54,7 +54,8 @@ Environment (defaults are the measurement's; shrink them to smoke-test on a busy
   BENCH_STREAMS=2000    connections per round for streams/s (also stops after 10 s)
   BENCH_IDLE=1000       idle connections held for the memory reading (at most 1024: one
                         launch carries at most that many streams at a time)
-  BENCH_SHAPES=classic,dial-out,stunnel-chain,single-hop   a subset (order kept)
+  BENCH_SHAPES=classic,dial-out,stunnel-chain,single-hop   a subset (still measured
+                        in this order)
 e.g. BENCH_ROUNDS=1 BENCH_BYTES=20M BENCH_OPEN=30 BENCH_STREAMS=100 BENCH_IDLE=20 \
      python -m bench double_hop
 """
@@ -102,8 +103,7 @@ BYTES = os.environ.get("BENCH_BYTES", "1G")
 OPENS = int(os.environ.get("BENCH_OPEN", "300"))
 STREAMS = int(os.environ.get("BENCH_STREAMS", "2000"))
 IDLE = int(os.environ.get("BENCH_IDLE", "1000"))
-SHAPES = tuple(name for name in ALL_SHAPES
-               if name in os.environ.get("BENCH_SHAPES", ",".join(ALL_SHAPES)).split(","))
+ASKED_SHAPES = os.environ.get("BENCH_SHAPES", ",".join(ALL_SHAPES)).split(",")
 RUN_TIMEOUT = 180.0  # seconds per iperf3 run, whatever BENCH_BYTES says
 OPEN_TIME_LIMIT = 60.0  # seconds per latency run
 STREAM_TIME_LIMIT = 10.0  # seconds per streams/s run
@@ -221,16 +221,17 @@ def start_chain(stack: ExitStack, logs: Path, deployment: Deployment, *, iperf_p
     """Two chains of two TLS hops, one in front of each server, with the certificates of
     `deployment` (the gateway's, valid for localhost)."""
     cert, key = deployment.server_cert
-    paths = {}
+    chains: dict[str, tuple[int, dict[str, Process]]] = {}
     for server, target in (("iperf", iperf_port), ("echo", echo_port)):
         processes, port = start_stunnel_chain(stack, logs, target_port=target, hops=2,
                                               cert=cert, key=key, ca=deployment.ca,
                                               name=f"stunnel-{server}")
-        paths[server] = ({process.name.replace(f"stunnel-{server}", "stunnel"): process
-                          for process in processes}, port)
-    wait_until_echoes(paths["echo"][1], list(paths["echo"][0].values()))
-    return Shape("stunnel-chain", paths["iperf"][1], paths["echo"][1], paths["iperf"][0],
-                 paths["echo"][0])
+        # Roles as in the other chain: "stunnel 1 client" ... "stunnel 4 server".
+        chains[server] = (port, {process.name.replace(f"stunnel-{server}", "stunnel"): process
+                                 for process in processes})
+    (iperf_local, iperf_path), (echo_local, echo_path) = chains["iperf"], chains["echo"]
+    wait_until_echoes(echo_local, list(echo_path.values()))
+    return Shape("stunnel-chain", iperf_local, echo_local, iperf_path, echo_path)
 
 
 def wait_until_echoes(port: int, processes: list[Process]) -> None:
@@ -291,8 +292,7 @@ def measure_round(shape: Shape, iperf_server: int) -> Round:
     carried = {direction: carry(shape, direction, iperf_server) for direction in DIRECTIONS}
     result = Round(carried, *uvloop.run(open_runs(shape)))
     print(f"  {shape.name:<14} " + "  ".join(
-        f"{direction} {carried.gbits:6.2f} Gbit/s"
-        for direction, carried in result.carried.items())
+        f"{direction} {run_.gbits:6.2f} Gbit/s" for direction, run_ in carried.items())
         + f"  open p50 {result.opens.percentile_ms(50):6.2f} ms"
         f"  {result.streams.rate:7.0f} streams/s", flush=True)
     return result
@@ -318,17 +318,19 @@ async def hold_idle(shape: Shape) -> Idle:
     finally:
         for writer in held:
             await close_with_reset(writer)
-    print(f"  {shape.name:<14} {len(held)} idle: " + ", ".join(
-        f"{role} {(during[role].rss_kib - before[role].rss_kib) / max(1, len(held)):.1f} KiB"
-        for role in processes) + " each", flush=True)
-    return Idle(before, during, len(held), errors, relay_streams)
+    result = Idle(before, during, len(held), errors, relay_streams)
+    print(f"  {shape.name:<14} {result.opened} idle: " + ", ".join(
+        f"{role} {result.kib_each(role):.1f} KiB" for role in processes) + " each", flush=True)
+    return result
 
 
 # -- the run -----------------------------------------------------------------------------
 
 def run() -> Report:
-    if not SHAPES:
-        raise RuntimeError(f"BENCH_SHAPES names none of {', '.join(ALL_SHAPES)}")
+    unknown = set(ASKED_SHAPES) - set(ALL_SHAPES)
+    if unknown:
+        raise RuntimeError(f"BENCH_SHAPES: no shape {', '.join(sorted(unknown))}; choose from "
+                           f"{', '.join(ALL_SHAPES)}")
     rounds: list[dict[str, Round]] = []
     idle: dict[str, Idle] = {}
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="bench-double-hop-") as tmp:
@@ -336,7 +338,7 @@ def run() -> Report:
         iperf_server = start_iperf3_server(stack, logs)
         _, echo_server = start_echo_server(stack, logs)
         shapes: list[Shape] = []
-        for name in SHAPES:
+        for name in (name for name in ALL_SHAPES if name in ASKED_SHAPES):
             print(f"  starting {name}", flush=True)
             if name == "stunnel-chain":
                 certificates = Deployment.create(logs, "stunnel-certificates")
@@ -469,7 +471,7 @@ def report(rounds: list[dict[str, Round]], idle: dict[str, Idle],
                 "cpu_s_per_gib": {role: spread.as_json() for role, spread in cpu.items()},
                 "per_round_gbit_per_s": [round_[shape].carried[direction].gbits
                                          for round_ in rounds]}
-            if RELAY_MODES.get(shape):
+            if shape in RELAY_MODES:  # the headline: ours against the baselines
                 verdicts.append(f"{shape} throughput {direction}: {gbits} Gbit/s"
                                 + _compared(ratios))
         cpu_rows += [[shape, role, *map(str, spreads)] for role, spreads in cpu_by_role.items()]
@@ -511,12 +513,13 @@ def report(rounds: list[dict[str, Round]], idle: dict[str, Idle],
                          f"{relayed[shape].get('streams_total')} relayed streams in all, "
                          f"{held.relay_streams} open while {held.opened} idle connections "
                          "were held: the traffic did cross it")
-        if RELAY_MODES.get(shape):
+        if shape in RELAY_MODES:
             verdicts.append(f"{shape} opening a stream: p50 {p50} ms, p99 {p99} ms" + (
                 f"; {added[50]} ms (p50), {added[99]} ms (p99) more than single-hop"
                 if added[50] and added[99] else ""))
-            verdicts.append(f"{shape}: {rate} streams/s{_compared(rate_ratios)}; relay "
-                            f"{held.kib_each('relay'):.1f} KiB per relayed connection")
+            verdicts.append(f"{shape}: {rate} streams/s{_compared(rate_ratios)}" + (
+                f"; relay {held.kib_each('relay'):.1f} KiB per relayed connection"
+                if RELAY_MODES[shape] else ""))
         for what, errors in (("open", [e for r in rounds for e in r[shape].opens.errors]),
                              ("stream", [e for r in rounds for e in r[shape].streams.errors]),
                              ("idle", held.errors)):
