@@ -40,9 +40,11 @@ What each number means:
                  round (the cost of the second hop over our own direct dialer).
   streams/s      the same connections, BENCH_STREAMS of them (or 10 s), 16 in flight:
                  completed per second of wall time, through one relay.
-  memory         once, after the rounds: RSS (VmRSS) of each process on the echo path with
-                 BENCH_IDLE connections held open (each has echoed one byte, then idles)
-                 minus the RSS with none, per connection, in KiB. The relay's row is the
+  memory         once, before the rounds (after WARMUP connections opened and closed, so
+                 that the iperf3 runs' freed buffers cannot hide the cost): RSS (VmRSS) of
+                 each process on the echo path with BENCH_IDLE connections held open (each
+                 has echoed one byte, then idles) minus the RSS with none, per connection,
+                 in KiB. The relay's row is the
                  memory per relayed connection; the stunnel chain's last server is the hop
                  in the relay's place.
 Every process reports CPU and memory from /proc/PID (bench.deployment.Process).
@@ -109,6 +111,7 @@ OPEN_TIME_LIMIT = 60.0  # seconds per latency run
 STREAM_TIME_LIMIT = 10.0  # seconds per streams/s run
 STREAM_CONCURRENCY = 16
 IDLE_CONCURRENCY = 16
+WARMUP = 50  # connections opened and closed before the memory reading
 MAX_ERRORS = 20  # a run stops early once this many failed and most attempts fail
 READY_TIMEOUT = 30.0  # seconds for a shape's path to echo a first byte
 
@@ -299,7 +302,8 @@ def measure_round(shape: Shape, iperf_server: int) -> Round:
 
 
 async def hold_idle(shape: Shape) -> Idle:
-    """IDLE echoed connections held open through the shape, RSS read before and during."""
+    """IDLE echoed connections held open through the shape (after WARMUP opened and
+    closed), RSS read before and during."""
     processes = shape.echo_path
     held: list[asyncio.StreamWriter] = []
     errors: list[str] = []
@@ -308,9 +312,13 @@ async def hold_idle(shape: Shape) -> Idle:
         writer, _seconds = await echoed_connection(shape.echo_port)
         return writer
 
-    await asyncio.sleep(SETTLE)
-    before = {role: sample(process) for role, process in processes.items()}
     try:
+        await bounded(WARMUP, IDLE_CONCURRENCY, once, held, errors)
+        for writer in held:
+            await close_with_reset(writer)
+        held.clear()
+        await asyncio.sleep(SETTLE)
+        before = {role: sample(process) for role, process in processes.items()}
         await bounded(IDLE, IDLE_CONCURRENCY, once, held, errors)
         await asyncio.sleep(SETTLE)
         during = {role: sample(process) for role, process in processes.items()}
@@ -348,13 +356,13 @@ def run() -> Report:
                 shapes.append(start_portcullis(stack, logs, name, RELAY_MODES[name],
                                                iperf_port=iperf_server,
                                                echo_port=echo_server))
+        print("  memory", flush=True)
+        for shape in shapes:
+            idle[shape.name] = uvloop.run(hold_idle(shape))
         for number in range(1, ROUNDS + 1):
             print(f"  round {number}/{ROUNDS}", flush=True)
             rounds.append({shape.name: measure_round(shape, iperf_server)
                            for shape in shapes})
-        print("  memory", flush=True)
-        for shape in shapes:
-            idle[shape.name] = uvloop.run(hold_idle(shape))
         relayed = {shape.name: status for shape in shapes
                    if (status := shape.relay_status()) is not None}
     print("  waiting for the connections' TIME_WAIT sockets to expire", flush=True)
@@ -544,9 +552,10 @@ def report(rounds: list[dict[str, Round]], idle: dict[str, Idle],
               f"{STREAM_CONCURRENCY} in flight; {spread_note}",
               ["shape", "streams/s", "x stunnel-chain", "x single-hop", "errors"],
               stream_rows),
-        Table(f"Memory: RSS with {IDLE} idle echoed connections open vs none (after the "
-              "rounds)", ["shape", "process", "RSS KiB none", "RSS KiB open",
-                          "KiB per connection"], memory_rows)]
+        Table(f"Memory: RSS with {IDLE} idle echoed connections open vs none (before the "
+              f"rounds, after {WARMUP} opened and closed)",
+              ["shape", "process", "RSS KiB none", "RSS KiB open", "KiB per connection"],
+              memory_rows)]
     notes[:0] = [
         "machine: " + "; ".join(f"{key} {value}" for key, value in measured_on.items()),
         "added = shape minus single-hop in the same round; x = ratio in the same round",
