@@ -534,3 +534,19 @@ def test_cert_issue_role_relay_writes_the_relays_certificate_with_its_names(
     assert names.get_values_for_type(x509.DNSName) == ["relay.dmz2.example"]
     assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["192.0.2.10"]
     assert (out / "relay.key").stat().st_mode & 0o077 == 0
+
+
+def test_sighup_reloads_the_allow_list_for_new_connections(
+        relay: Relay, http_server: HttpServer) -> None:
+    import signal
+
+    assert serves_a_real_request(relay, http_server)
+    config = relay.deployment.config
+    config.write_text(re.sub(r"(?m)^allow = .*$", 'allow = ["10.0.0.0/8:1-65535"]',
+                             config.read_text()))
+    relay.process.popen.send_signal(signal.SIGHUP)
+    relay.process.wait_for("relay configuration reloaded")
+    conn, reply = relay.socks(connect_request("127.0.0.1", http_server.port))
+    with conn:
+        assert reply[1] == 0x02
+    relay.wait_for_audit("relay.refused", destination=f"127.0.0.1:{http_server.port}/tcp")

@@ -19,7 +19,6 @@ Decisions are `RelayCore`'s, made once per connection. Never logs payload.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import ssl
 import struct
@@ -168,7 +167,7 @@ class RelayConnection(asyncio.Protocol):
             if self._deadline is not None:
                 self._deadline.cancel()
             task = asyncio.ensure_future(self._open(request))
-            task.add_done_callback(_log_crash)
+            task.add_done_callback(self._opened)
 
     def eof_received(self) -> bool:
         # TLS has no half-close (asyncio ends the connection after close_notify): the
@@ -265,6 +264,12 @@ class RelayConnection(asyncio.Protocol):
             self.bytes_from_edge += len(early)
             relay.from_edge(early)
         self.resume_edge()
+
+    def _opened(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("relay connection failed", edge=self._edge,
+                      error=repr(task.exception()))
+            self.abort()
 
     def _reply(self, code: Reply, host: str = "0.0.0.0", port: int = 0) -> None:
         self._socks.reply(code, host, port)
@@ -454,8 +459,3 @@ def _bound(transport: asyncio.BaseTransport) -> tuple[str, int]:
         return "0.0.0.0", 0
     return str(sockname[0]).split("%", 1)[0], int(sockname[1])
 
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        with contextlib.suppress(Exception):
-            log.error("relay connection failed", error=repr(task.exception()))
