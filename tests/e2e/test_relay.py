@@ -550,3 +550,50 @@ def test_sighup_reloads_the_allow_list_for_new_connections(
     with conn:
         assert reply[1] == 0x02
     relay.wait_for_audit("relay.refused", destination=f"127.0.0.1:{http_server.port}/tcp")
+
+
+def test_32_mib_through_a_tcp_echo_arrive_intact_both_ways_at_once(
+        deployment: Deployment, start_process,  # type: ignore[no-untyped-def]
+        relay_config: dict[str, object], echo_server) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import hashlib
+    import random
+
+    relay_config["allow"] = [f"127.0.0.1/32:{echo_server.port}"]
+    relay = start_relay(deployment, start_process, relay_config)
+    size = 32 * 1024 * 1024
+    block = random.Random(7).randbytes(1 << 20)
+
+    async def round_trip() -> tuple[str, str, int]:
+        context = client_context(relay.pki / "ca.crt", cert_file=relay.pki / "gateway.crt",
+                                 key_file=relay.pki / "gateway.key")
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", relay.port, ssl=context, server_hostname="127.0.0.1")
+        writer.write(GREETING + connect_request("127.0.0.1", echo_server.port))
+        assert await reader.readexactly(2) == b"\x05\x00"
+        assert (await reader.readexactly(10))[1] == 0
+        sent, received = hashlib.sha256(), hashlib.sha256()
+
+        async def send() -> None:
+            for index in range(size // len(block)):
+                chunk = bytes([index & 0xFF]) + block[1:]
+                sent.update(chunk)
+                writer.write(chunk)
+                await writer.drain()   # the relay's back-pressure reaches us here
+
+        sending = asyncio.ensure_future(send())
+        count = 0
+        while count < size:
+            data = await reader.read(1 << 20)
+            assert data, f"closed after {count} bytes"
+            received.update(data)
+            count += len(data)
+        await sending
+        writer.close()
+        return sent.hexdigest(), received.hexdigest(), count
+
+    sent, received, count = asyncio.run(asyncio.wait_for(round_trip(), 120))
+    assert count == size
+    assert sent == received
+    line = relay.wait_for_audit("relay.stream", destination=f"127.0.0.1:{echo_server.port}")
+    assert line["bytes_to_edge"] == size and line["bytes_from_edge"] == size
