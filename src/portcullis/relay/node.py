@@ -15,7 +15,7 @@ import contextlib
 import datetime as dt
 import signal
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -61,9 +61,6 @@ class RelayNode:
         cert, key = settings.role_cert("relay")
         self.tls = self.certificates.track("relay", server_context(
             cert, key, client_ca_file=settings.ca_cert_path, require_client_cert=True))
-        # Long-running parts started with the node and cancelled when it stops: the
-        # dial-out connector (relay.edges) adds itself here.
-        self.services: list[Callable[[], Coroutine[object, object, None]]] = []
         self.classic: ClassicServer | None = None
         if not relay.edges or "listen" in relay.model_fields_set:
             # One edge's connections all come from its address: only the total is bounded.
@@ -142,8 +139,7 @@ class RelayNode:
             self.status.listening = True
         # _serve, not serve: serve() would install its own signal handlers.
         health_task = asyncio.ensure_future(health._serve([health_sock]))
-        background = [asyncio.ensure_future(self._check_certificates_daily()),
-                      *(asyncio.ensure_future(service()) for service in self.services)]
+        daily = asyncio.ensure_future(self._check_certificates_daily())
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -159,8 +155,7 @@ class RelayNode:
             self.status.listening = False
             if self.classic is not None:
                 self.classic.close()
-            for task in background:
-                task.cancel()
+            daily.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await health_task
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
