@@ -279,6 +279,25 @@ def test_a_certificate_that_is_not_the_gateways_is_refused_audited_and_never_ser
     assert serves_a_real_request(relay, http_server)
 
 
+def test_a_client_without_a_certificate_is_refused_at_the_handshake_and_audited(
+        relay: Relay, http_server: HttpServer) -> None:
+    context = client_context(relay.pki / "ca.crt")
+    served = b""
+    try:
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", relay.port),
+                                                          timeout=10),
+                                 server_hostname="127.0.0.1") as conn:
+            conn.sendall(GREETING)
+            while chunk := conn.recv(100):
+                served += chunk
+    except (ssl.SSLError, ConnectionError):
+        pass
+    assert served == b""
+    relay.wait_for_audit("relay.edge_refused", reason="certificate",
+                         detail="presented no certificate")
+    assert serves_a_real_request(relay, http_server)
+
+
 def test_stunnel_with_a_users_certificate_gets_a_clear_error_from_curl(
         tmp_path: Path, start_process, relay: Relay,  # type: ignore[no-untyped-def]
         http_server: HttpServer) -> None:
