@@ -216,6 +216,10 @@ def start_portcullis(stack: ExitStack, logs: Path, name: str, mode: str | None, 
     shape.iperf_path = {"launch": iperf_launch, **roles}
     shape.echo_path = {"launch": echo_launch, **roles}
     wait_until_echoes(shape.echo_port, list(shape.echo_path.values()))
+    status = shape.relay_status()
+    if status is not None and not status.get("streams_total"):
+        raise RuntimeError(f"{name}: a byte came back but the relay carried no stream: the "
+                           "edge dials directly (is [dialer] via = \"relay\" wired?)")
     return shape
 
 
@@ -520,7 +524,7 @@ def report(rounds: list[dict[str, Round]], idle: dict[str, Idle],
             notes.append(f"{shape}: the relay's /status counted "
                          f"{relayed[shape].get('streams_total')} relayed streams in all, "
                          f"{held.relay_streams} open while {held.opened} idle connections "
-                         "were held: the traffic did cross it")
+                         "were held")
         if shape in RELAY_MODES:
             verdicts.append(f"{shape} opening a stream: p50 {p50} ms, p99 {p99} ms" + (
                 f"; {added[50]} ms (p50), {added[99]} ms (p99) more than single-hop"
