@@ -190,7 +190,8 @@ class Node:
         first = self.first_settings
         held = {"vpn.address_pool": (first.vpn.address_pool, fresh.vpn.address_pool),
                 "vpn.dial_timeout": (first.vpn.dial_timeout, fresh.vpn.dial_timeout),
-                "admin_groups": (first.admin_groups, fresh.admin_groups)}
+                "admin_groups": (first.admin_groups, fresh.admin_groups),
+                "dialer": (first.dialer, fresh.dialer)}
         needs_restart = [key for key, (old, new) in held.items() if old != new]
         self.settings = self.settings.model_copy(update={"policies": fresh.policies,
                                                          "vpn": fresh.vpn})

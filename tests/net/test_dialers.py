@@ -36,7 +36,7 @@ async def test_the_direct_setting_gives_a_dialer_that_connects(
 
 
 def test_a_relay_mode_not_built_yet_is_a_config_error_naming_the_key() -> None:
-    with pytest.raises(ConfigError, match="dialer.mode: .*not built yet"):
+    with pytest.raises(ConfigError, match=r"dialer\.mode: .*not built yet"):
         dialer_from_settings(DialerSettings(via="relay", mode="dial-out"))
 
 
@@ -57,7 +57,7 @@ class _NeverConnects:
 
 async def test_a_time_bound_dialer_gives_up_as_timed_out() -> None:
     bounded = TimeBoundDialer(_NeverConnects(), 0.2)
-    with pytest.raises(DialError, match="connecting to 192.0.2.1:80 timed out") as raised:
+    with pytest.raises(DialError, match=r"connecting to 192\.0\.2\.1:80 timed out") as raised:
         await bounded.connect("192.0.2.1", 80, asyncio.Protocol)
     assert raised.value.reason == Reason.TIMED_OUT
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import socket
 import ssl
 import sys
@@ -233,7 +234,8 @@ def test_a_refused_dial_is_a_connect_error_with_the_dialers_words(server: Server
         async with httpx.AsyncClient(transport=transport) as client:
             await client.get(f"https://127.0.0.1:{port}/")
 
-    with pytest.raises(httpx.ConnectError, match=f"127.0.0.1:{port} refused the connection"):
+    with pytest.raises(httpx.ConnectError,
+                       match=re.escape(f"127.0.0.1:{port} refused the connection")):
         run_on("uvloop", refused())
 
 
