@@ -20,12 +20,11 @@ import pytest
 import uvloop
 
 from conftest import Process, free_port
-from portcullis.errors import DialError
+from peers.dialers import CarryingDialer
 from portcullis.net.dialer import DirectDialer
 from portcullis.net.httpdial import DialerTransport
 from portcullis.net.tls import client_context
 from portcullis.pki import create_ca, issue_certificate, write_pair
-from portcullis.proto.mux import Reason
 
 T = TypeVar("T")
 BIG = bytes(range(256)) * 8192   # 2 MiB: more than the read buffer holds
@@ -81,90 +80,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                                           key_file=client_key))
     finally:
         process.stop()
-
-
-class _Forwarder(asyncio.Protocol):
-    """The inner connection's side: everything goes on to the caller's protocol."""
-
-    def __init__(self, outer: asyncio.Protocol) -> None:
-        self.outer = outer
-
-    def data_received(self, data: bytes) -> None:
-        self.outer.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.outer.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.outer.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.outer.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.outer.resume_writing()
-
-
-class CarriedTransport(asyncio.Transport):
-    """A transport that is not the event loop's, as a relay dialer returns (a mux stream,
-    a SOCKS connection inside TLS): here it carries bytes over a TCP connection of its
-    own."""
-
-    def __init__(self, inner: asyncio.Transport, protocol: asyncio.Protocol) -> None:
-        super().__init__()
-        self._inner = inner
-        self._protocol = protocol
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._inner.write(data)
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def abort(self) -> None:
-        self._inner.abort()
-
-    def is_closing(self) -> bool:
-        return self._inner.is_closing()
-
-    def pause_reading(self) -> None:
-        self._inner.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._inner.resume_reading()
-
-    def get_write_buffer_size(self) -> int:
-        return self._inner.get_write_buffer_size()
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._protocol
-
-
-class CarryingDialer:
-    """Dials like a relay dialer does: its own transport object around the connection."""
-
-    def __init__(self) -> None:
-        self.dials = 0
-
-    async def connect(self, host: str, port: int, protocol_factory: Callable[[], Any], *,
-                      source: str | None = None) -> tuple[asyncio.Transport, Any]:
-        self.dials += 1
-        protocol = protocol_factory()
-        try:
-            inner, _ = await asyncio.get_running_loop().create_connection(
-                lambda: _Forwarder(protocol), host, port)
-        except ConnectionRefusedError:
-            raise DialError(f"{host}:{port} refused the connection", Reason.REFUSED) from None
-        carried = CarriedTransport(inner, protocol)
-        protocol.connection_made(carried)
-        return carried, protocol
-
-    async def connect_udp(self, host: str, port: int, protocol_factory: Callable[[], Any], *,
-                          source: str | None = None) -> Any:
-        raise DialError("no UDP here", Reason.REFUSED)
-
-    async def open_echo(self, address: str, *, source: str | None = None) -> Any:
-        raise DialError("no ICMP here", Reason.REFUSED)
 
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
