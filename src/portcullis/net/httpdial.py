@@ -42,7 +42,11 @@ class DialerTransport(httpx.AsyncHTTPTransport):
     def __init__(self, dialer: Dialer, tls: ssl.SSLContext) -> None:
         super().__init__(verify=tls, limits=LIMITS)
         # httpx takes no network backend argument (encode/httpx#3749 is still open): its
-        # pool is the seam, and everything else of its transport is kept as it is.
+        # pool is the seam, and everything else of its transport is kept as it is. An
+        # httpx that keeps its pool elsewhere would dial around the Dialer: refuse it.
+        if not isinstance(getattr(self, "_pool", None), httpcore.AsyncConnectionPool):
+            raise TypeError("this httpx keeps its connection pool elsewhere: "
+                            "DialerTransport must be brought up to date")
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=tls, network_backend=DialerBackend(dialer),
             max_connections=LIMITS.max_connections,
