@@ -12,7 +12,7 @@ from peers.servers import EchoServer
 from portcullis.config.model import DialerSettings
 from portcullis.errors import ConfigError, DialError
 from portcullis.net.dialers import TimeBoundDialer, dialer_from_settings
-from portcullis.proto.mux import Reason
+from portcullis.proto.reasons import Reason
 
 
 class _Received(asyncio.Protocol):

@@ -14,7 +14,7 @@ from typing import TypeVar
 from portcullis.config.model import DialerSettings
 from portcullis.errors import ConfigError, DialError
 from portcullis.net.dialer import Dialer, DirectDialer, EchoChannel
-from portcullis.proto.mux import Reason
+from portcullis.proto.reasons import Reason
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 D = TypeVar("D", bound=asyncio.DatagramProtocol)
