@@ -82,6 +82,10 @@ class StreamCounters:
 class StreamBridge(asyncio.Protocol):
     """One mux stream joined to one TCP connection."""
 
+    # Payload may be handed in as memoryviews (the relay dialer's streams): the codec
+    # takes them as they are.
+    accepts_views = True
+
     def __init__(self, session: MuxSession, stream_id: int, *, accepted: bool) -> None:
         self.session = session
         self.stream_id = stream_id
@@ -252,7 +256,9 @@ class DatagramFlow:
         for data in queued:
             self.send(data)
 
-    def on_ended(self) -> None:
+    def on_ended(self, refusal: tuple[Reason, str] | None = None) -> None:
+        """The flow is over: the peer refused, reset or ended it, it idled out, or the
+        tunnel ended (`refusal` says why when the peer did)."""
         if self._ended:
             return
         self._ended = True
@@ -269,6 +275,7 @@ class DatagramFlow:
 
 StreamOpenHandler = Callable[["MuxSession", mux.StreamOpened], Awaitable[None]]
 BridgeFactory = Callable[["MuxSession", int], StreamBridge]
+FlowFactory = Callable[["MuxSession", int, Callable[[bytes], None]], DatagramFlow]
 
 
 class MuxSession:
@@ -337,7 +344,7 @@ class MuxSession:
             bridge.on_ended((Reason.CANCELLED, "tunnel closed"))
         for flow in list(self._flows.values()):
             self.forget_flow(flow)
-            flow.on_ended()
+            flow.on_ended((Reason.CANCELLED, "tunnel closed"))
         for task in self._tasks:
             task.cancel()
         if not self.hello.done():
@@ -398,12 +405,13 @@ class MuxSession:
         return bridge
 
     def open_flow(self, host: str, port: int, deliver: Callable[[bytes], None], *,
-                  idle_timeout: float, protocol: mux.Protocol = mux.Protocol.UDP
-                  ) -> DatagramFlow:
+                  idle_timeout: float, protocol: mux.Protocol = mux.Protocol.UDP,
+                  make: FlowFactory | None = None) -> DatagramFlow:
         """Open a UDP (or ICMP echo) flow to the peer (client side)."""
         stream_id = self.mux.open_stream(protocol, host, port, idle_timeout=idle_timeout)
         self.flush_soon()
-        flow = DatagramFlow(self, stream_id, deliver, accepted=False)
+        flow = (make(self, stream_id, deliver) if make is not None
+                else DatagramFlow(self, stream_id, deliver, accepted=False))
         self._flows[stream_id] = flow
         return flow
 
@@ -565,7 +573,7 @@ class MuxSession:
                     bridge.on_ended((event.reason, event.message))
                 elif (flow := self._flows.get(event.stream_id)) is not None:
                     self.forget_flow(flow)
-                    flow.on_ended()
+                    flow.on_ended((event.reason, event.message))
             elif isinstance(event, mux.StreamOpened):
                 if self._on_open is None:
                     self.mux.refuse_stream(event.stream_id, Reason.DENIED,

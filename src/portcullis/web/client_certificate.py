@@ -6,6 +6,12 @@ puts the certificate TLS verified (against auth.client_ca) into
 portal runs in another process, the gateway passes the certificate on in a header that
 it strips from every client request, and the portal believes that header only on its
 mutual-TLS listener, which only gateways can reach.
+
+Only a user's certificate gets that far: one signed by a CA of auth.client_ca whose
+common name is not a role's. The gateway's listener may trust the deployment CA too (a
+relay dialling out presents its role certificate there), and auth.client_ca may well be
+the deployment CA: neither may turn a relay's, a gateway's or an STA's certificate into
+a user's sign-in.
 """
 
 from __future__ import annotations
@@ -14,27 +20,56 @@ import asyncio
 import base64
 import binascii
 import ssl
+from pathlib import Path
 from typing import Any
+
+from cryptography import x509
 
 from portcullis.errors import PKIError
 from portcullis.identity.conditions import ClientCertificate
+from portcullis.pki import issued_by, load_ca_certificates, peer_common_name
+from portcullis.pki.roles import ROLE_COMMON_NAMES
 from portcullis.web.edge import HeadTimedHttp
 
 FORWARDED_HEADER = b"x-portcullis-client-certificate"
 
 
+def is_user_certificate(der: bytes, user_cas: tuple[x509.Certificate, ...]) -> bool:
+    if not issued_by(der, user_cas):
+        return False
+    try:
+        return peer_common_name(der) not in ROLE_COMMON_NAMES.values()
+    except PKIError:
+        return False
+
+
 class ClientCertificateHttp(HeadTimedHttp):
+    """Hands the app the user's certificate; `user_certificate_http` says whose CA."""
+
+    user_cas: tuple[x509.Certificate, ...] = ()
     _chain: list[str]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-        self._chain = [ssl.DER_cert_to_PEM_cert(der)] if der else []
+        self._chain = ([ssl.DER_cert_to_PEM_cert(der)]
+                       if der and is_user_certificate(der, self.user_cas) else [])
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope["extensions"] = {"tls": {"client_cert_chain": self._chain}}
+
+
+def user_certificate_http(client_ca_file: Path | None) -> type[ClientCertificateHttp]:
+    """The HTTP protocol class of a listener whose users may sign in with certificates
+    of `client_ca_file` (auth.client_ca); None: no certificate reaches the app."""
+    cas = load_ca_certificates(client_ca_file) if client_ca_file is not None else ()
+
+    class UserCertificateHttp(ClientCertificateHttp):
+        user_cas = cas
+
+    return UserCertificateHttp
 
 
 def certificate_in_scope(scope: dict[str, Any]) -> ClientCertificate | None:
