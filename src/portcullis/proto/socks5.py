@@ -55,9 +55,9 @@ from portcullis.proto.mux import Reason
 from portcullis.proto.proxyauth import ProxyCredentials
 
 __all__ = [
+    "EXTENSION_COMMANDS",
     "MAX_EARLY_DATA",
     "VERSION",
-    "EXTENSION_COMMANDS",
     "Command",
     "Reply",
     "Request",
