@@ -36,6 +36,8 @@ from portcullis.gateway.launch import PATH as LAUNCH_PATH
 from portcullis.gateway.launch import LaunchEndpoint, LaunchSettings
 from portcullis.gateway.pool import AddressPool
 from portcullis.gateway.proxy import PortalProxy
+from portcullis.gateway.relays import PATH as RELAY_PATH
+from portcullis.gateway.relays import RelayEndpoint, dial_out_endpoint
 from portcullis.gateway.revocation import SessionWatch
 from portcullis.gateway.tunnel import PATH as TUNNEL_PATH
 from portcullis.gateway.tunnel import TunnelEndpoint, mux_timers
@@ -46,7 +48,8 @@ from portcullis.identity.providers import IdentityProviders, client_ca_path
 from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import Throttle
 from portcullis.identity.totp import SelfEnrolment
-from portcullis.net.dialer import DirectDialer
+from portcullis.net.dialer import Dialer, DirectDialer
+from portcullis.net.muxdialer import MuxDialer
 from portcullis.net.tls import client_context, server_context
 from portcullis.net.websocket import MAX_WEBSOCKET_MESSAGE, Opened
 from portcullis.pki.maintenance import LoadedCertificates, maintain
@@ -65,7 +68,7 @@ from portcullis.store import (
     open_event_bus,
 )
 from portcullis.tokens import TokenHasher
-from portcullis.web.client_certificate import ClientCertificateHttp
+from portcullis.web.client_certificate import user_certificate_http
 from portcullis.web.edge import Edge, EdgeServer, raise_open_files_limit
 from portcullis.web.roles import role_checked_http
 from portcullis.web.security import SecurityMiddleware
@@ -101,6 +104,7 @@ class Node:
     # Session endings, shared with the other nodes through the ephemeral store.
     events: EventBus = field(default_factory=MemoryEventBus)
     session_watch: SessionWatch | None = None
+    relays: RelayEndpoint | None = None   # dial-out: the relays connected to this edge
     edge: Edge = field(init=False)
     _closers: list[Callable[[], Any]] = field(default_factory=list)
     certificates: LoadedCertificates = field(init=False)
@@ -260,8 +264,16 @@ class Node:
             log.warning("the portal runs in another process and store.ephemeral is "
                         "memory://: ending a sign-in session will not end its launched "
                         "connections; share a redis:// store")
+        self.relays = dial_out_endpoint(settings, self.ephemeral, self.audit,
+                                        mux_timers(settings.vpn))
+        inward: Dialer = (MuxDialer(self.relays.pool, timeout=settings.dialer.timeout,
+                                    datagram_idle_timeout=settings.vpn.udp_idle_timeout)
+                          if self.relays is not None
+                          else DirectDialer(timeout=settings.vpn.dial_timeout))
+        if self.relays is not None:
+            self.websocket_endpoints[RELAY_PATH] = self.relays.opened
         launch = LaunchEndpoint(
-            authorities, DirectDialer(), accounts, self.registry, self.audit,
+            authorities, inward, accounts, self.registry, self.audit,
             LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds,
                            timers=mux_timers(settings.vpn)),
             sessions if sessions_here else None)
@@ -269,7 +281,7 @@ class Node:
         pool = (AddressPool(ipaddress.ip_network(settings.vpn.address_pool), self.ephemeral)
                 if settings.vpn.address_pool else None)
         tunnel = TunnelEndpoint(sessions, lambda: self.policy, lambda: self.settings.vpn,
-                                DirectDialer(timeout=settings.vpn.dial_timeout),
+                                inward,
                                 self.registry, self.audit, pool=pool)
         self.websocket_endpoints[TUNNEL_PATH] = tunnel.opened
         self.session_watch = SessionWatch(self.registry, sessions, accounts, self.events,
@@ -288,9 +300,12 @@ class Node:
             routes.append(Route("/{path:path}", proxy.forward, methods=methods))
         host, port = parse_host_port(settings.gateway.listen)
         cert, key = settings.role_cert("gateway")
-        # Browsers are asked for a certificate only when flows can use one.
-        tls = self.certificates.track(
-            "gateway", server_context(cert, key, client_ca_file=client_ca_path(settings)))
+        # Browsers are asked for a certificate only when flows can use one, or relays
+        # dial out to this port (their role certificates never sign a user in: see
+        # web/client_certificate.py).
+        tls = self.certificates.track("gateway", server_context(
+            cert, key, client_ca_file=client_ca_path(settings),
+            also_trust=[settings.ca_cert_path] if self.relays is not None else []))
         self.listeners.append(Listener(
             "gateway", host, port, self._secure(Starlette(routes=routes)), tls))
 
@@ -304,7 +319,8 @@ class Node:
         websocket: Any = (websocket_protocol_class(self.websocket_endpoints, self.edge.closed)
                           if listener.role == "gateway" else "none")
         http = (role_checked_http(listener.client_roles, listener.role, self.audit)
-                if listener.client_roles else ClientCertificateHttp)
+                if listener.client_roles
+                else user_certificate_http(client_ca_path(self.settings)))
         # No TLS here: the edge's acceptor does it (web/edge.py, EdgeServer).
         return uvicorn.Config(
             listener.app, host=listener.host, port=listener.port,
@@ -369,6 +385,8 @@ class Node:
             stop()
             for watcher in watchers:
                 watcher.cancel()
+            if self.relays is not None:   # they reconnect to another edge node
+                self.relays.pool.drain("this edge node is stopping")
             self.registry.end_all(Reason.SHUTDOWN, "the gateway is shutting down")
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)

@@ -35,10 +35,11 @@ from cryptography import x509
 from websockets.http11 import Request
 
 from portcullis.audit import AuditTrail
+from portcullis.config.model import Settings
 from portcullis.errors import DialError, PKIError, StoreError
 from portcullis.net.muxsession import MuxSession, keepalive_fields
 from portcullis.net.websocket import WebSocketMux
-from portcullis.pki import issued_by, peer_common_name
+from portcullis.pki import issued_by, load_ca_certificates, peer_common_name
 from portcullis.pki.roles import ROLE_COMMON_NAMES
 from portcullis.proto.mux import MuxConnection, Reason, Timers
 from portcullis.store import EphemeralStore
@@ -159,7 +160,7 @@ class RelayEndpoint:
     def __init__(self, pool: RelayPool, registry: RelayRegistry, audit: AuditTrail,
                  deployment_cas: Sequence[x509.Certificate], timers: Timers, *,
                  hello_wait: float = 10.0) -> None:
-        self._pool = pool
+        self.pool = pool
         self._registry = registry
         self._audit = audit
         self._cas = tuple(deployment_cas)
@@ -212,7 +213,7 @@ class RelayEndpoint:
                                reason="no HELLO in time")
             session.close(Reason.TIMED_OUT, "no HELLO in time")
             return
-        self._pool.add(connection)
+        self.pool.add(connection)
         self._audit.record("relay.connected", relay=connection.relay,
                            connection=connection.id, node=self._registry.node)
         log.info("relay connected", relay=connection.relay, connection=connection.id)
@@ -220,7 +221,7 @@ class RelayEndpoint:
         try:
             await session.closed.wait()
         finally:
-            self._pool.remove(connection)
+            self.pool.remove(connection)
             heartbeat.cancel()
             try:
                 await self._registry.forget(connection)
@@ -241,3 +242,13 @@ class RelayEndpoint:
             except StoreError as exc:
                 log.warning("relay registry not refreshed", error=str(exc))
             await asyncio.sleep(HEARTBEAT)
+
+
+def dial_out_endpoint(settings: Settings, store: EphemeralStore, audit: AuditTrail,
+                      timers: Timers) -> RelayEndpoint | None:
+    """The relay endpoint when `[dialer]` says the relays dial out to this edge."""
+    dialer = settings.dialer
+    if dialer.via != "relay" or dialer.mode != "dial-out":
+        return None
+    return RelayEndpoint(RelayPool(), RelayRegistry(store, node_id()), audit,
+                         load_ca_certificates(settings.ca_cert_path), timers)
