@@ -25,6 +25,7 @@ from typing import Literal, TypeVar
 
 import structlog
 
+from portcullis.config.model import RelaySettings
 from portcullis.errors import ClientError, DialError
 from portcullis.net import websocket
 from portcullis.net.dialer import EchoChannel
@@ -52,6 +53,11 @@ class DialOutSettings:
     # Datagram flows the edge opens idle out after this long (the edge's own timer
     # usually ends them first).
     datagram_idle_timeout: float = 60.0
+
+    @classmethod
+    def from_settings(cls, relay: RelaySettings) -> DialOutSettings:
+        return cls(tuple(relay.edges), relay.connections, relay.handshake_timeout,
+                   relay.reconnect_min, relay.reconnect_max)
 
 
 @dataclass
@@ -119,7 +125,11 @@ class DialOutConnector:
             session = await self._connect(slot)
             if session is not None:
                 attempt = 0
-                await session.closed.wait()
+                self._core.status.edge_connected(slot.edge)
+                try:
+                    await session.closed.wait()
+                finally:
+                    self._core.status.edge_disconnected(slot.edge)
                 slot.session = None
                 slot.connected_since = None
                 moved = session.goaway is not None and session.goaway[0] == Reason.SHUTDOWN
