@@ -223,17 +223,17 @@ class RelayEndpoint:
         finally:
             self.pool.remove(connection)
             heartbeat.cancel()
-            try:
-                await self._registry.forget(connection)
-            except StoreError as exc:
-                log.warning("relay connection not removed from the registry",
-                            error=str(exc))
             sent, received = session.byte_counts()
             self._audit.record("relay.disconnected", relay=connection.relay,
                                connection=connection.id, bytes_to_relay=sent,
                                bytes_from_relay=received, reason=session.end_reason())
             log.info("relay disconnected", relay=connection.relay,
                      connection=connection.id, reason=session.end_reason())
+            try:
+                await self._registry.forget(connection)
+            except StoreError as exc:
+                log.warning("relay connection not removed from the registry",
+                            error=str(exc))
 
     async def _heartbeat(self, connection: RelayConnection) -> None:
         while True:
