@@ -191,3 +191,28 @@ async def test_a_udp_flow_through_the_relay_answers_from_the_destination(
     assert await asyncio.wait_for(answers.get(), 5) == b"yaler olleh"
     transport.close()
     server.close()
+
+
+async def test_a_protocol_that_closes_on_the_relay_s_fin_after_its_own_leaves_the_session_up(
+        joined: tuple[MuxSession, MuxSession]) -> None:
+    """As the tunnel's bridge does: FIN sent, then the relay's FIN, then close()."""
+    edge, _ = joined
+    server = await echo_server()
+    port = server.sockets[0].getsockname()[1]
+
+    class ClosesAtEof(Collector):
+        def eof_received(self) -> bool:
+            assert self.transport is not None
+            self.transport.close()
+            return True
+
+    dialer = MuxDialer(OneRelay(edge))
+    for _ in range(3):
+        transport, protocol = await dialer.connect("127.0.0.1", port, ClosesAtEof)
+        transport.write(b"ping")
+        transport.write_eof()
+        assert await asyncio.wait_for(protocol.done, 5) is None
+        assert bytes(protocol.received) == b"ping"
+    await asyncio.sleep(0.05)
+    assert not edge.closed.is_set() and edge.open_streams == 0
+    server.close()

@@ -165,6 +165,12 @@ class _DialedBridge(StreamBridge):
         """Nothing more goes to the relay on the caller's behalf."""
         self._done = True
 
+    def end_sending(self) -> None:
+        """FIN, unless it went already (the caller may close after write_eof, or in the
+        middle of handling the relay's FIN)."""
+        if not self._local_eof and not self._done:
+            self.eof_received()
+
     def on_ended(self, refusal: tuple[Reason, str] | None = None) -> None:
         self.ended_by = refusal
         if not self.answer.done():
@@ -256,7 +262,7 @@ class MuxStreamTransport(asyncio.Transport):
     def write_eof(self) -> None:
         if self._closing or self._lost is not None:
             return
-        self.bridge.eof_received()
+        self.bridge.end_sending()
 
     def can_write_eof(self) -> bool:
         return True
@@ -295,8 +301,7 @@ class MuxStreamTransport(asyncio.Transport):
             return
         self._closing = True
         bridge = self.bridge
-        if not bridge.ended:
-            bridge.eof_received()
+        bridge.end_sending()
         bridge.session.forget(bridge)
         self.finish(None)
 
