@@ -287,7 +287,7 @@ class Node:
         self.session_watch = SessionWatch(self.registry, sessions, accounts, self.events,
                                           self.audit, lambda: self.settings.vpn.session_check)
         routes: list[Any] = admin_routes(self.registry, sessions, settings.admin_groups,
-                                         self.audit, self.events)
+                                         self.audit, self.events, self.ephemeral)
         if portal_app is not None:
             routes.append(Mount("/", app=portal_app))
         else:

@@ -27,6 +27,7 @@ import redis.asyncio as redis
 
 from conftest import Deployment, Process, free_port, require_program, run_cli
 from e2e.test_cluster import database, share_stores, start_two_nodes  # noqa: F401
+from e2e.test_tunnel import POLICIES
 from peers.stores import REDIS_URL
 from portcullis.errors import ClientError
 from portcullis.gateway.relays import REGISTRY_INDEX
@@ -39,21 +40,13 @@ from portcullis.proto.mux import MuxConnection, Reason
 pytestmark = pytest.mark.peer
 PASSWORD = "correct horse battery staple"
 
-# The edge lets staff reach loopback; the relay admits less: only what each test names.
-EDGE_POLICY = """
-[[policies]]
-name = "staff-loopback"
-action = "allow"
-groups = ["staff"]
-networks = ["127.0.0.0/8"]
-ports = ["1024-65535"]
-protocols = ["tcp", "udp"]
-"""
+# The edge lets staff reach loopback (test_tunnel's policies); the relay admits less:
+# only what each test names.
 
 
 def dial_out(deployment: Deployment) -> None:
     with deployment.config.open("a") as handle:
-        handle.write('\n[dialer]\nvia = "relay"\nmode = "dial-out"\n' + EDGE_POLICY)
+        handle.write('\n[dialer]\nvia = "relay"\nmode = "dial-out"\n' + POLICIES)
 
 
 def start_relay(deployment: Deployment, start_process: Callable[..., Process], tmp_path: Path,

@@ -175,16 +175,16 @@ class RelayEndpoint:
         relay = f"{peer[0]}:{peer[1]}" if peer else "unknown"
         ssl_object = transport.get_extra_info("ssl_object") if transport else None
         certificate = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-        codec = MuxConnection("gateway", timers=self._timers)
-        codec.send_hello({"node": self._registry.node,
-                          "keepalive": keepalive_fields(self._timers)})
-        session = MuxSession(codec)
+        session = MuxSession(MuxConnection("gateway", timers=self._timers))
         carrier.attach(session)
         refusal = self._refusal(certificate)
-        if refusal is not None:
+        if refusal is not None:   # turned away without a greeting: GOAWAY comes first
             self._audit.record("relay.refused", relay=relay, reason=refusal)
             session.close(Reason.AUTH_FAILED, refusal)
             return
+        session.mux.send_hello({"node": self._registry.node,
+                                "keepalive": keepalive_fields(self._timers)})
+        session.flush_soon()
         connection = RelayConnection(f"{os.getpid()}-{next(self._ids)}", relay, session,
                                      time.time())
         task = asyncio.ensure_future(self._serve(connection))

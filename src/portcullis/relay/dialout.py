@@ -155,9 +155,8 @@ class DialOutConnector:
         codec.send_hello({"role": "relay"})
         session = MuxSession(codec, on_open=open_stream)
         carrier.attach(session)
-        hello = await session.hello_within(settings.handshake_timeout)
-        if hello is None or session.closed.is_set():
-            # An edge that refuses says why in the GOAWAY right behind its HELLO.
+        if await session.hello_within(settings.handshake_timeout) is None:
+            # An edge that refuses says why in a GOAWAY instead of its HELLO.
             session.close(Reason.TIMED_OUT, "no HELLO in time")
             self._state(slot, f"refused by the edge: {session.end_reason()}")
             return None
