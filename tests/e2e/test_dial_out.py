@@ -268,6 +268,15 @@ def test_an_edge_node_restarts_while_2000_streams_go_through_the_relay_of_the_ot
     print(f"\nrelay registry: {json.dumps(entries, indent=1)}")
     assert len({e["node"] for e in entries}) == 2 and len(entries) == 4
     assert all(0 < float(e["ttl"]) <= 15 for e in entries)
+    # ...which the admin API of either node shows.
+    tls = ssl.create_default_context(cafile=str(deployment.ca))
+    with httpx.Client(base_url=url_b, verify=tls, timeout=30) as admin:
+        token = admin.post("/api/v1/login", json={"answers": {
+            "username": "admin", "password": deployment.admin_password}}).json()["token"]
+        listed = admin.get("/api/v1/admin/relays",
+                           headers={"authorization": f"Bearer {token}"}).json()["relays"]
+    assert sorted((e["node"], e["connection"]) for e in listed) == sorted(
+        (e["node"], e["connection"]) for e in entries)
 
     home = tmp_path / "alice"
     login(url_b, deployment.ca, home)
