@@ -244,6 +244,7 @@ def test_an_edge_node_restarts_while_2000_streams_go_through_the_relay_of_the_ot
     share_stores(deployment, database)
     dial_out(deployment)
     deployment.add_user("alice", PASSWORD, ["staff"])
+    deployment.add_user("root", PASSWORD, ["admins"])
     nodes: list[Process] = []
 
     def recording_start(*args: str, **kwargs: Any) -> Process:
@@ -272,7 +273,7 @@ def test_an_edge_node_restarts_while_2000_streams_go_through_the_relay_of_the_ot
     tls = ssl.create_default_context(cafile=str(deployment.ca))
     with httpx.Client(base_url=url_b, verify=tls, timeout=30) as admin:
         token = admin.post("/api/v1/login", json={"answers": {
-            "username": "admin", "password": deployment.admin_password}}).json()["token"]
+            "username": "root", "password": PASSWORD}}).json()["token"]
         listed = admin.get("/api/v1/admin/relays",
                            headers={"authorization": f"Bearer {token}"}).json()["relays"]
     assert sorted((e["node"], e["connection"]) for e in listed) == sorted(
