@@ -13,6 +13,7 @@ from portcullis.pki.ca import (
     load_ca_certificates,
     load_pair,
     peer_common_name,
+    transport_common_name,
     write_pair,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "load_ca_certificates",
     "load_pair",
     "peer_common_name",
+    "transport_common_name",
     "write_pair",
 ]

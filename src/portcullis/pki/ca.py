@@ -12,6 +12,7 @@ message or a log line. It does no network I/O.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import hashlib
@@ -270,6 +271,17 @@ def issued_by(der_cert: bytes, cas: Sequence[x509.Certificate]) -> bool:
             continue
         return True
     return False
+
+
+def transport_common_name(transport: asyncio.BaseTransport) -> str | None:
+    """The common name of the certificate the peer of a TLS `transport` presented; None
+    without one (or with bytes that are no certificate)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    certificate = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+    try:
+        return peer_common_name(certificate) if certificate else None
+    except PKIError:
+        return None
 
 
 def _random_serial() -> int:
