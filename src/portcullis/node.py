@@ -17,6 +17,7 @@ import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -305,9 +306,13 @@ class Node:
         # web/client_certificate.py).
         tls = self.certificates.track("gateway", server_context(
             cert, key, client_ca_file=client_ca_path(settings),
-            also_trust=[settings.ca_cert_path] if self.relays is not None else []))
+            also_trust=self._trusted_for_relays()))
         self.listeners.append(Listener(
             "gateway", host, port, self._secure(Starlette(routes=routes)), tls))
+
+    def _trusted_for_relays(self) -> list[Path]:
+        """CAs the gateway's listener trusts for relays dialling out, not for users."""
+        return [self.settings.ca_cert_path] if self.relays is not None else []
 
     def _secure(self, app: ASGIApp) -> ASGIApp:
         limits = self.settings.limits
@@ -320,7 +325,8 @@ class Node:
                           if listener.role == "gateway" else "none")
         http = (role_checked_http(listener.client_roles, listener.role, self.audit)
                 if listener.client_roles
-                else user_certificate_http(client_ca_path(self.settings)))
+                else user_certificate_http(client_ca_path(self.settings),
+                                           self._trusted_for_relays()))
         # No TLS here: the edge's acceptor does it (web/edge.py, EdgeServer).
         return uvicorn.Config(
             listener.app, host=listener.host, port=listener.port,
