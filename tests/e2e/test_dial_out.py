@@ -269,6 +269,12 @@ def test_an_edge_node_restarts_while_2000_streams_go_through_the_relay_of_the_ot
     print(f"\nrelay registry: {json.dumps(entries, indent=1)}")
     assert len({e["node"] for e in entries}) == 2 and len(entries) == 4
     assert all(0 < float(e["ttl"]) <= 15 for e in entries)
+    # The relay's own view: each edge URL, the node behind it, its connections.
+    status = run_cli("relay", "status", "--dir", str(relay_dir))
+    assert status.returncode == 0, status.stdout + status.stderr
+    for entry in entries:
+        assert re.search(rf"\({re.escape(str(entry['node']))}\)\s+2 connections",
+                         status.stdout), status.stdout
     # ...which the admin API of either node shows.
     tls = ssl.create_default_context(cafile=str(deployment.ca))
     with httpx.Client(base_url=url_b, verify=tls, timeout=30) as admin:

@@ -69,6 +69,13 @@ class Slot:
     state: str = "starting"
     session: MuxSession | None = None
     connected_since: float | None = None
+    node: str = ""        # the edge node holding it (its HELLO says), when connected
+
+    @property
+    def label(self) -> str:
+        """How `relay status` names the edge: URL, and the node behind it (several
+        nodes may share a URL behind a load balancer)."""
+        return f"{self.edge} ({self.node})" if self.node else self.edge
 
 
 def backoff_delay(attempt: int, low: float, high: float,
@@ -125,13 +132,15 @@ class DialOutConnector:
             session = await self._connect(slot)
             if session is not None:
                 attempt = 0
-                self._core.status.edge_connected(slot.edge)
+                label = slot.label
+                self._core.status.edge_connected(label)
                 try:
                     await session.closed.wait()
                 finally:
-                    self._core.status.edge_disconnected(slot.edge)
+                    self._core.status.edge_disconnected(label)
                 slot.session = None
                 slot.connected_since = None
+                slot.node = ""
                 moved = session.goaway is not None and session.goaway[0] == Reason.SHUTDOWN
                 self._state(slot, ("asked to move: " if moved else "lost: ")
                             + session.end_reason())
@@ -155,11 +164,13 @@ class DialOutConnector:
         codec.send_hello({"role": "relay"})
         session = MuxSession(codec, on_open=open_stream)
         carrier.attach(session)
-        if await session.hello_within(settings.handshake_timeout) is None:
+        hello = await session.hello_within(settings.handshake_timeout)
+        if hello is None:
             # An edge that refuses says why in a GOAWAY instead of its HELLO.
             session.close(Reason.TIMED_OUT, "no HELLO in time")
             self._state(slot, f"refused by the edge: {session.end_reason()}")
             return None
+        slot.node = str(hello.get("node", ""))
         slot.session = session
         slot.connected_since = asyncio.get_running_loop().time()
         self._state(slot, "connected")
@@ -192,4 +203,4 @@ class DialOutConnector:
     def _state(self, slot: Slot, state: str) -> None:
         if state != slot.state:
             slot.state = state
-            log.info("edge connection", edge=slot.edge, slot=slot.index, state=state)
+            log.info("edge connection", edge=slot.label, slot=slot.index, state=state)
