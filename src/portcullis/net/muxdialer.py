@@ -79,8 +79,6 @@ class MuxDialer:
             transport.abort()
             raise DialError(f"the relay did not connect to {where} in time",
                             Reason.TIMED_OUT) from None
-        except DialError as exc:
-            raise DialError(f"the relay refused {where}: {exc}", exc.reason) from None
         except asyncio.CancelledError:
             transport.abort()
             raise
@@ -117,8 +115,6 @@ class MuxDialer:
             flow.close("timed out")
             raise DialError(f"the relay did not open {where} in time",
                             Reason.TIMED_OUT) from None
-        except DialError as exc:
-            raise DialError(f"the relay refused {where}: {exc}", exc.reason) from None
         except asyncio.CancelledError:
             flow.close("cancelled")
             raise
@@ -131,11 +127,15 @@ def _drop(data: bytes) -> None:
 
 
 def _answer_failure(session: MuxSession, refusal: tuple[Reason, str] | None) -> DialError:
+    """Why a stream we opened was not accepted: the relay's own words when it refused
+    (they name the destination and say why), or the end of its connection."""
     if refusal is None or session.mux.closed:
-        return DialError(f"the relay connection ended ({session.end_reason()})",
-                         Reason.UNREACHABLE)
+        return DialError(f"the relay connection ended before the stream was opened "
+                         f"({session.end_reason()})", Reason.UNREACHABLE)
     reason, message = refusal
-    return DialError(message or reason.name.lower(), reason)
+    if not message.startswith("the relay"):
+        message = f"the relay refused it: {message or reason.name.lower()}"
+    return DialError(message, reason)
 
 
 def _loss(session: MuxSession, refusal: tuple[Reason, str] | None) -> ConnectionError:
