@@ -50,6 +50,8 @@ async def relay_answers(session: MuxSession, event: mux.StreamOpened) -> None:
     elif event.protocol == mux.Protocol.UDP:
         await session.connect_flow(event.stream_id, dialer, event.host, event.port,
                                    idle_timeout=30)
+    elif event.protocol == mux.Protocol.ICMP:
+        await session.connect_echo(event.stream_id, dialer, event.host, idle_timeout=30)
     else:
         await session.connect_stream(event.stream_id, dialer, event.host, event.port)
 
@@ -216,3 +218,15 @@ async def test_a_protocol_that_closes_on_the_relay_s_fin_after_its_own_leaves_th
     await asyncio.sleep(0.05)
     assert not edge.closed.is_set() and edge.open_streams == 0
     server.close()
+
+
+async def test_an_echo_channel_through_the_relay_gets_the_reply_and_its_round_trip(
+        joined: tuple[MuxSession, MuxSession]) -> None:
+    edge, _ = joined
+    channel = await MuxDialer(OneRelay(edge)).open_echo("127.0.0.1")
+    answer = await channel.echo(7, b"ping data")
+    assert answer is not None
+    data, seconds = answer
+    assert data == b"ping data" and 0 <= seconds < 5
+    channel.close()
+    assert await channel.echo(8, b"after close") is None
