@@ -22,6 +22,7 @@ A stopping node sends GOAWAY(SHUTDOWN) to its relays first, so they reconnect el
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -88,8 +89,6 @@ class RelayPool:
 
     def remove(self, connection: RelayConnection) -> None:
         self._connections.pop(connection.id, None)
-        if not self._connections:
-            self._arrived.clear()
 
     def pick(self) -> MuxSession | None:
         live = [connection.session for connection in self._connections.values()
@@ -100,17 +99,17 @@ class RelayPool:
         """The least busy live relay session; waits a moment when none is up (a relay
         reconnecting), then DialError."""
         deadline = asyncio.get_running_loop().time() + self._wait
-        while (session := self.pick()) is None:
+        while True:
+            self._arrived.clear()   # before looking: an arrival after this wakes us
+            session = self.pick()
+            if session is not None:
+                return session
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 raise DialError("no relay is connected to this edge", Reason.UNREACHABLE)
-            self._arrived.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await self._arrived.wait()
-            except TimeoutError:
-                pass
-        return session
 
     def drain(self, message: str) -> None:
         """Ask every relay to move to another edge node (this one is stopping)."""
