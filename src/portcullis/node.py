@@ -267,14 +267,14 @@ class Node:
                         "connections; share a redis:// store")
         self.relays = dial_out_endpoint(settings, self.ephemeral, self.audit,
                                         mux_timers(settings.vpn))
-        inward: Dialer = (MuxDialer(self.relays.pool, timeout=settings.dialer.timeout,
-                                    datagram_idle_timeout=settings.vpn.udp_idle_timeout)
-                          if self.relays is not None
-                          else DirectDialer(timeout=settings.vpn.dial_timeout))
+        relayed: Dialer | None = (
+            MuxDialer(self.relays.pool, timeout=settings.dialer.timeout,
+                      datagram_idle_timeout=settings.vpn.udp_idle_timeout)
+            if self.relays is not None else None)
         if self.relays is not None:
             self.websocket_endpoints[RELAY_PATH] = self.relays.opened
         launch = LaunchEndpoint(
-            authorities, inward, accounts, self.registry, self.audit,
+            authorities, relayed or DirectDialer(), accounts, self.registry, self.audit,
             LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds,
                            timers=mux_timers(settings.vpn)),
             sessions if sessions_here else None)
@@ -282,7 +282,7 @@ class Node:
         pool = (AddressPool(ipaddress.ip_network(settings.vpn.address_pool), self.ephemeral)
                 if settings.vpn.address_pool else None)
         tunnel = TunnelEndpoint(sessions, lambda: self.policy, lambda: self.settings.vpn,
-                                inward,
+                                relayed or DirectDialer(timeout=settings.vpn.dial_timeout),
                                 self.registry, self.audit, pool=pool)
         self.websocket_endpoints[TUNNEL_PATH] = tunnel.opened
         self.session_watch = SessionWatch(self.registry, sessions, accounts, self.events,
