@@ -11,7 +11,9 @@ import pytest
 from peers.servers import EchoServer
 from portcullis.config.model import DialerSettings
 from portcullis.errors import ConfigError, DialError
+from portcullis.gateway.relays import RelayPool
 from portcullis.net.dialers import TimeBoundDialer, dialer_from_settings
+from portcullis.net.muxdialer import MuxDialer
 from portcullis.proto.reasons import Reason
 
 
@@ -35,8 +37,11 @@ async def test_the_direct_setting_gives_a_dialer_that_connects(
     assert bytes(received.data) == b"inward"
 
 
-def test_a_relay_mode_not_built_yet_is_a_config_error_naming_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"dialer\.mode: .*not built yet"):
+def test_dial_out_gives_the_mux_dialer_over_the_gateway_s_relay_connections() -> None:
+    relays = RelayPool()
+    assert isinstance(dialer_from_settings(DialerSettings(via="relay", mode="dial-out"),
+                                           relays=relays), MuxDialer)
+    with pytest.raises(ConfigError, match=r"dialer\.mode: .*needs the gateway role"):
         dialer_from_settings(DialerSettings(via="relay", mode="dial-out"))
 
 

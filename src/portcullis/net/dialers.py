@@ -14,16 +14,27 @@ from typing import TypeVar
 from portcullis.config.model import DialerSettings
 from portcullis.errors import ConfigError, DialError
 from portcullis.net.dialer import Dialer, DirectDialer, EchoChannel
+from portcullis.net.muxdialer import MuxDialer, RelaySessions
 from portcullis.proto.reasons import Reason
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 D = TypeVar("D", bound=asyncio.DatagramProtocol)
 
 
-def dialer_from_settings(settings: DialerSettings) -> Dialer:
+def dialer_from_settings(settings: DialerSettings, *, relays: RelaySessions | None = None,
+                         datagram_idle_timeout: float = 60.0) -> Dialer:
+    """`relays`: in dial-out mode, the relay connections this gateway holds (its
+    `/api/v1/relay` endpoint's pool). `datagram_idle_timeout`: when a relayed UDP or
+    ICMP flow with no traffic ends."""
     if settings.via == "direct":
         return DirectDialer(timeout=settings.timeout)
     # via = "relay": one branch per mode.
+    if settings.mode == "dial-out":
+        if relays is None:
+            raise ConfigError("dial-out mode needs the gateway role on this node: relays "
+                              "connect to gateways", key="dialer.mode")
+        return MuxDialer(relays, timeout=settings.timeout,
+                         datagram_idle_timeout=datagram_idle_timeout)
     raise ConfigError(f'via = "relay" in {settings.mode} mode is not built yet; '
                       'use via = "direct"', key="dialer.mode")
 
