@@ -59,7 +59,6 @@ __all__ = [
     "UdpDatagram",
     "build_udp_datagram",
     "parse_udp_datagram",
-    "reason_for",
     "reply_for",
 ]
 
@@ -531,13 +530,3 @@ def reply_for(reason_name: str) -> Reply:
     if reason is None:
         return Reply.GENERAL_FAILURE
     return _REPLY_FOR_REASON.get(reason, Reply.GENERAL_FAILURE)
-
-
-def reason_for(reply: Reply) -> Reason:
-    """The refusal reason for a SOCKS reply a relay gave (the table above, read
-    backwards); INTERNAL_ERROR for a reply it does not list."""
-    return _REASON_FOR_REPLY.get(reply, Reason.INTERNAL_ERROR)
-
-
-_REASON_FOR_REPLY: dict[Reply, Reason] = {
-    reply: reason for reason, reply in _REPLY_FOR_REASON.items()}
