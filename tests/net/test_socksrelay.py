@@ -1,5 +1,6 @@
-"""The classic-mode relay Dialer against a real TLS + SOCKS5 peer: stunnel requiring the
-gateway's certificate, in front of Debian's dante server."""
+"""The classic-mode relay Dialer against real TLS + SOCKS5 peers: stunnel requiring the
+gateway's certificate in front of Debian's dante server (a stock relay), and our own
+relay (`portcullis serve relay`), which also carries UDP and ICMP echo in the stream."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from conftest import Deployment, require_program, run_cli
+from conftest import Deployment, free_port, require_program, run_cli
 from peers.dante import Danted, StunnelServer
-from peers.servers import EchoServer
+from peers.servers import DnsServer, EchoServer
 from portcullis.errors import DialError
 from portcullis.net.socksrelay import ClassicRelayDialer
 from portcullis.net.tls import ResumingClientContext, client_context
@@ -53,13 +54,6 @@ def relay(deployment: Deployment, tmp_path: Path) -> Iterator[Relay]:
     danted.close()
 
 
-@pytest.fixture
-def echo() -> Iterator[EchoServer]:
-    server = EchoServer()
-    yield server
-    server.close()
-
-
 class Collector(asyncio.Protocol):
     def __init__(self) -> None:
         self.received = bytearray()
@@ -90,9 +84,9 @@ async def read_until(protocol: Collector, size: int) -> bytes:
 
 
 async def test_connect_relays_bytes_both_ways_through_stunnel_and_dante(
-        relay: Relay, echo: EchoServer) -> None:
+        relay: Relay, echo_server: EchoServer) -> None:
     dialer = ClassicRelayDialer(relay.address, relay.gateway_tls())
-    transport, protocol = await dialer.connect("127.0.0.1", echo.port, Collector)
+    transport, protocol = await dialer.connect("127.0.0.1", echo_server.port, Collector)
     payload = bytes(range(256)) * 4096   # 1 MiB
     transport.write(payload)
     assert await read_until(protocol, len(payload)) == payload
@@ -151,11 +145,11 @@ async def test_a_destination_that_refuses_fails_the_dial_naming_it(relay: Relay)
 
 
 async def test_the_second_connection_resumes_the_first_ones_tls_session(
-        relay: Relay, echo: EchoServer) -> None:
+        relay: Relay, echo_server: EchoServer) -> None:
     dialer = ClassicRelayDialer(relay.address, relay.gateway_tls())
     reused = []
     for _ in range(3):
-        transport, protocol = await dialer.connect("127.0.0.1", echo.port, Collector)
+        transport, protocol = await dialer.connect("127.0.0.1", echo_server.port, Collector)
         transport.write(b"ping")
         await read_until(protocol, 4)
         reused.append(transport.get_extra_info("ssl_object").session_reused)
@@ -163,12 +157,12 @@ async def test_the_second_connection_resumes_the_first_ones_tls_session(
     assert reused == [False, True, True]
 
 
-def test_resumption_works_on_uvloop_as_the_node_runs(relay: Relay, echo: EchoServer) -> None:
+def test_resumption_works_on_uvloop_as_the_node_runs(relay: Relay, echo_server: EchoServer) -> None:
     async def dial_twice() -> list[bool]:
         dialer = ClassicRelayDialer(relay.address, relay.gateway_tls())
         reused = []
         for _ in range(2):
-            transport, protocol = await dialer.connect("127.0.0.1", echo.port, Collector)
+            transport, protocol = await dialer.connect("127.0.0.1", echo_server.port, Collector)
             transport.write(b"ping")
             await read_until(protocol, 4)
             reused.append(transport.get_extra_info("ssl_object").session_reused)
@@ -236,3 +230,91 @@ async def test_dante_answering_icmp_echo_in_stream_as_unsupported_says_so(
     with pytest.raises(DialError) as failed:
         await dialer.open_echo("127.0.0.1")
     assert "does not carry ICMP echo" in str(failed.value)
+
+
+# -- our relay: the extensions -----------------------------------------------------------
+
+@pytest.fixture
+def our_relay(deployment: Deployment, start_process) -> str:  # type: ignore[no-untyped-def]
+    """`portcullis serve relay` allowing loopback's unprivileged ports (and so its
+    address for ICMP echo); its address."""
+    port = free_port()
+    with deployment.config.open("a") as config:
+        config.write(f'\n[relay]\nlisten = "127.0.0.1:{port}"\n'
+                     f'health_listen = "127.0.0.1:{free_port()}"\n'
+                     'allow = ["127.0.0.1/32:1024-65535"]\n')
+    relay = start_process("serve", "relay", "--dir", str(deployment.directory), name="relay")
+    relay.wait_for(r"Relay: listening on 127\.0\.0\.1:\d+")
+    return f"127.0.0.1:{port}"
+
+
+def gateway_tls(deployment: Deployment) -> ResumingClientContext:
+    pki = deployment.directory / "pki"
+    return client_context(pki / "ca.crt", cert_file=pki / "gateway.crt",
+                          key_file=pki / "gateway.key")
+
+
+class Datagrams(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[tuple[bytes, object]] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        self.received.put_nowait((data, addr))
+
+
+async def test_udp_through_our_relay_carries_a_dns_query_and_dnsmasqs_answer(
+        deployment: Deployment, our_relay: str, dns_server: DnsServer) -> None:
+    dialer = ClassicRelayDialer(our_relay, gateway_tls(deployment))
+    transport, protocol = await dialer.connect_udp("127.0.0.1", dns_server.port, Datagrams)
+    query = (b"\xab\xcd\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+             b"\x04wiki\x04corp\x07example\x00\x00\x01\x00\x01")
+    transport.sendto(query)
+    async with asyncio.timeout(10):
+        answer, sender = await protocol.received.get()
+    assert answer[:2] == b"\xab\xcd"
+    assert socket.inet_aton(DnsServer.ADDRESS) in answer
+    assert sender == ("127.0.0.1", dns_server.port)
+    transport.close()
+
+
+async def test_icmp_echo_through_our_relay_answers_from_its_loopback(
+        deployment: Deployment, our_relay: str) -> None:
+    channel = await ClassicRelayDialer(our_relay, gateway_tls(deployment)).open_echo(
+        "127.0.0.1")
+    answers = await asyncio.gather(*(channel.echo(sequence, b"ping %d" % sequence)
+                                     for sequence in range(1, 4)))
+    channel.close()
+    assert [answer[0] if answer else None for answer in answers] == [
+        b"ping 1", b"ping 2", b"ping 3"]
+
+
+async def test_our_relay_refuses_a_port_outside_its_allow_list_as_denied(
+        deployment: Deployment, our_relay: str) -> None:
+    dialer = ClassicRelayDialer(our_relay, gateway_tls(deployment))
+    with pytest.raises(DialError) as refused:
+        await dialer.connect("127.0.0.1", 9, Collector)
+    assert refused.value.reason is Reason.DENIED
+    assert f"the relay at {our_relay} refused 127.0.0.1:9: not allowed" in str(refused.value)
+
+
+async def test_a_closed_port_behind_our_relay_is_refused_as_refused(
+        deployment: Deployment, our_relay: str, echo_server: EchoServer) -> None:
+    echo_server.close()   # its port is allowed, and now nothing listens there
+    dialer = ClassicRelayDialer(our_relay, gateway_tls(deployment))
+    with pytest.raises(DialError) as refused:
+        await dialer.connect("127.0.0.1", echo_server.port, Collector)
+    assert refused.value.reason is Reason.REFUSED
+
+
+async def test_our_relay_resumes_the_tls_session_and_relays_bytes(
+        deployment: Deployment, our_relay: str, echo_server: EchoServer) -> None:
+    dialer = ClassicRelayDialer(our_relay, gateway_tls(deployment))
+    reused = []
+    for size in (1, 1 << 20):
+        transport, protocol = await dialer.connect("127.0.0.1", echo_server.port, Collector)
+        payload = bytes(range(256)) * (size // 256 or 1)
+        transport.write(payload)
+        assert await read_until(protocol, len(payload)) == payload
+        reused.append(transport.get_extra_info("ssl_object").session_reused)
+        transport.close()
+    assert reused == [False, True]

@@ -32,8 +32,8 @@ from portcullis.net.dialer import EchoChannel
 from portcullis.net.icmp import TIMEOUT as ECHO_TIMEOUT
 from portcullis.net.tls import ResumingClientContext, describe_tls_failure
 from portcullis.proto.mux import Reason
-from portcullis.proto.socks5 import Reply, reason_for
-from portcullis.proto.socks5client import RelayCommand, Socks5ClientHandshake
+from portcullis.proto.socks5 import Command, Reply, reason_for
+from portcullis.proto.socks5client import Socks5ClientHandshake
 from portcullis.proto.streamdatagrams import StreamDatagrams, frame_datagram
 
 __all__ = ["ClassicRelayDialer"]
@@ -50,8 +50,8 @@ _ECHO_REPLY_HEAD = 6   # u16 sequence + u32 round trip in microseconds
 
 _UNTRUSTED_RELAY = ("issue the relay's certificate from this deployment's CA "
                     "(portcullis cert issue --role relay) and check [dialer] relay")
-_WHAT_IS_CARRIED = {RelayCommand.UDP_IN_STREAM: "UDP",
-                    RelayCommand.ICMP_ECHO_IN_STREAM: "ICMP echo"}
+_WHAT_IS_CARRIED = {Command.UDP_IN_STREAM: "UDP",
+                    Command.ICMP_ECHO_IN_STREAM: "ICMP echo"}
 
 
 class ClassicRelayDialer:
@@ -68,26 +68,26 @@ class ClassicRelayDialer:
 
     async def connect(self, host: str, port: int, protocol_factory: Callable[[], P], *,
                       source: str | None = None) -> tuple[asyncio.Transport, P]:
-        transport, handshake = await self._open(RelayCommand.CONNECT, host, port)
+        transport, handshake = await self._open(Command.CONNECT, host, port)
         protocol = protocol_factory()
         handshake.hand_over(protocol)
         return transport, protocol
 
     async def connect_udp(self, host: str, port: int, protocol_factory: Callable[[], D], *,
                           source: str | None = None) -> tuple[asyncio.DatagramTransport, D]:
-        _, handshake = await self._open(RelayCommand.UDP_IN_STREAM, host, port)
+        _, handshake = await self._open(Command.UDP_IN_STREAM, host, port)
         protocol = protocol_factory()
         datagrams = _DatagramsInStream(protocol, (host, port))
         handshake.hand_over(datagrams)
         return datagrams, protocol
 
     async def open_echo(self, address: str, *, source: str | None = None) -> EchoChannel:
-        _, handshake = await self._open(RelayCommand.ICMP_ECHO_IN_STREAM, address, 0)
+        _, handshake = await self._open(Command.ICMP_ECHO_IN_STREAM, address, 0)
         channel = _EchoInStream(self._relay)
         handshake.hand_over(channel)
         return channel
 
-    async def _open(self, command: RelayCommand, host: str,
+    async def _open(self, command: Command, host: str,
                     port: int) -> tuple[asyncio.Transport, _SocksHandshake]:
         """TCP, TLS and the SOCKS handshake; the transport (reading paused) once the
         relay said SUCCEEDED."""
@@ -124,7 +124,7 @@ class ClassicRelayDialer:
         raise DialError(f"the relay at {self._relay} refused {asked}: "
                         f"{reply.name.lower().replace('_', ' ')}", reason_for(reply))
 
-    def _unanswered(self, command: RelayCommand, asked: str) -> DialError:
+    def _unanswered(self, command: Command, asked: str) -> DialError:
         """The relay closed the connection after the request, without a reply."""
         if command in _WHAT_IS_CARRIED:
             # dante, for one, closes without a reply to a command it does not know.
@@ -135,7 +135,7 @@ class ClassicRelayDialer:
                          f"answering the request for {asked} (see the relay's log)",
                          Reason.UNREACHABLE)
 
-    def _not_carried(self, command: RelayCommand, answer: str) -> DialError:
+    def _not_carried(self, command: Command, answer: str) -> DialError:
         return DialError(f"the relay at {self._relay} does not carry "
                          f"{_WHAT_IS_CARRIED[command]} ({answer}): a stock SOCKS5 server "
                          "carries TCP only; use a Portcullis relay",

@@ -3,7 +3,7 @@
 The edge speaks it to a classic-mode relay inside mutual TLS: offer only "no
 authentication" (mutual TLS is the authentication), send one command, read the reply::
 
-    handshake = Socks5ClientHandshake(RelayCommand.CONNECT, "10.0.0.5", 443)
+    handshake = Socks5ClientHandshake(Command.CONNECT, "10.0.0.5", 443)
     transport.write(handshake.data_to_send())      # the greeting
     reply = handshake.receive_data(chunk)          # None until the reply is whole
     transport.write(handshake.data_to_send())      # the request, once the method is chosen
@@ -12,22 +12,20 @@ authentication" (mutual TLS is the authentication), send one command, read the r
 socksio encodes the messages and parses them, but it parses only whole messages and has
 no command codes beyond RFC 1928's; this module adds the two things it lacks: the length
 of a message in a byte stream (any split of the same bytes gives the same outcome), and
-the relay's extension commands (docs/protocol/relay.md), whose request differs from a
-CONNECT's only in the CMD byte.
+the relay's extension commands (`Command.UDP_IN_STREAM`, `Command.ICMP_ECHO_IN_STREAM`,
+docs/protocol/relay.md), whose request differs from a CONNECT's only in the CMD byte.
 
 Never does I/O, never awaits, never reads a clock, never logs.
 """
 
 from __future__ import annotations
 
-from enum import IntEnum
-
 import socksio
 
 from portcullis.errors import ProtocolError
-from portcullis.proto.socks5 import Reply
+from portcullis.proto.socks5 import Command, Reply
 
-__all__ = ["RelayCommand", "Socks5ClientHandshake"]
+__all__ = ["Socks5ClientHandshake"]
 
 _IPV4, _DOMAIN, _IPV6 = 1, 3, 4
 _ADDRESS_SIZES = {_IPV4: 4, _IPV6: 16}
@@ -35,18 +33,10 @@ _REPLY_HEAD = 4     # VER REP RSV ATYP
 _METHOD_REPLY = 2   # VER METHOD
 
 
-class RelayCommand(IntEnum):
-    """The commands the edge sends a classic-mode relay."""
-
-    CONNECT = 0x01               # RFC 1928
-    ICMP_ECHO_IN_STREAM = 0x81   # Portcullis: echo requests framed on the stream
-    UDP_IN_STREAM = 0x83         # Portcullis: datagrams framed on the stream
-
-
 class Socks5ClientHandshake:
     """One SOCKS5 handshake as the client: greeting, one request, one reply."""
 
-    def __init__(self, command: RelayCommand, host: str, port: int) -> None:
+    def __init__(self, command: Command, host: str, port: int) -> None:
         if not 0 <= port <= 0xFFFF:
             raise ValueError(f"port must be between 0 and 65535, not {port}")
         self._socks = socksio.SOCKS5Connection()
@@ -118,7 +108,7 @@ class Socks5ClientHandshake:
         self._output += self._request
 
 
-def _request_bytes(command: RelayCommand, host: str, port: int) -> bytes:
+def _request_bytes(command: Command, host: str, port: int) -> bytes:
     """VER CMD RSV ATYP DST.ADDR DST.PORT. socksio's request encodes the address and
     port; its command type knows only RFC 1928's codes, so the CMD byte is set here."""
     if not 1 <= len(host.encode()) <= 255:
