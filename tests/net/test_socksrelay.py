@@ -213,17 +213,6 @@ async def test_a_relay_that_accepts_tcp_and_never_answers_tls_times_out() -> Non
     assert f"the relay at 127.0.0.1:{port} did not answer within 0.5 s" in str(failed.value)
 
 
-async def test_dante_answering_udp_in_stream_as_unsupported_says_the_relay_has_no_udp(
-        relay: Relay) -> None:
-    dialer = ClassicRelayDialer(relay.address, relay.gateway_tls())
-    with pytest.raises(DialError) as failed:
-        await dialer.connect_udp("127.0.0.1", 53, asyncio.DatagramProtocol)
-    # dante closes the connection, without a reply, on a command it does not know.
-    assert str(failed.value).startswith(
-        f"the relay at {relay.address} does not carry UDP (it closed the connection when "
-        "asked for it)")
-
-
 async def test_dante_answering_icmp_echo_in_stream_as_unsupported_says_so(
         relay: Relay) -> None:
     dialer = ClassicRelayDialer(relay.address, relay.gateway_tls())
