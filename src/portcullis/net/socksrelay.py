@@ -40,6 +40,7 @@ __all__ = ["ClassicRelayDialer"]
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 D = TypeVar("D", bound=asyncio.DatagramProtocol)
+T = TypeVar("T", bound=asyncio.BaseProtocol)
 
 #: Echo requests one channel may have waiting for a reply; more are dropped, as a router
 #: would (the tunnel bounds them per flow too).
@@ -69,14 +70,14 @@ class ClassicRelayDialer:
     async def connect(self, host: str, port: int, protocol_factory: Callable[[], P], *,
                       source: str | None = None) -> tuple[asyncio.Transport, P]:
         transport, handshake = await self._open(Command.CONNECT, host, port)
-        protocol = protocol_factory()
+        protocol = _made_for(transport, protocol_factory)
         handshake.hand_over(protocol)
         return transport, protocol
 
     async def connect_udp(self, host: str, port: int, protocol_factory: Callable[[], D], *,
                           source: str | None = None) -> tuple[asyncio.DatagramTransport, D]:
-        _, handshake = await self._open(Command.UDP_IN_STREAM, host, port)
-        protocol = protocol_factory()
+        transport, handshake = await self._open(Command.UDP_IN_STREAM, host, port)
+        protocol = _made_for(transport, protocol_factory)
         datagrams = _DatagramsInStream(protocol, (host, port))
         handshake.hand_over(datagrams)
         return datagrams, protocol
@@ -228,6 +229,15 @@ class _SocksHandshake(asyncio.Protocol):
             protocol.eof_received()
         if self._lost:
             protocol.connection_lost(self._lost[0])
+
+
+def _made_for(transport: asyncio.Transport, protocol_factory: Callable[[], T]) -> T:
+    """The caller's protocol; the relayed connection is dropped if it cannot be made."""
+    try:
+        return protocol_factory()
+    except BaseException:
+        transport.abort()
+        raise
 
 
 def _deliver(protocol: asyncio.BaseProtocol, data: bytes) -> None:
