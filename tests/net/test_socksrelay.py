@@ -144,32 +144,30 @@ async def test_a_destination_that_refuses_fails_the_dial_naming_it(relay: Relay)
     assert f"127.0.0.1:{port}" in str(refused.value)
 
 
+async def sessions_reused(dialer: ClassicRelayDialer, port: int, sizes: list[int]
+                          ) -> list[bool]:
+    """Dial an echo server once per size, echo that many bytes, and say for each
+    connection whether its TLS session was resumed."""
+    reused = []
+    for size in sizes:
+        transport, protocol = await dialer.connect("127.0.0.1", port, Collector)
+        payload = bytes(range(256)) * (size // 256) + b"!" * (size % 256)
+        transport.write(payload)
+        assert await read_until(protocol, size) == payload
+        reused.append(transport.get_extra_info("ssl_object").session_reused)
+        transport.close()
+    return reused
+
+
 async def test_the_second_connection_resumes_the_first_ones_tls_session(
         relay: Relay, echo_server: EchoServer) -> None:
     dialer = ClassicRelayDialer(relay.address, relay.gateway_tls())
-    reused = []
-    for _ in range(3):
-        transport, protocol = await dialer.connect("127.0.0.1", echo_server.port, Collector)
-        transport.write(b"ping")
-        await read_until(protocol, 4)
-        reused.append(transport.get_extra_info("ssl_object").session_reused)
-        transport.close()
-    assert reused == [False, True, True]
+    assert await sessions_reused(dialer, echo_server.port, [4, 4, 4]) == [False, True, True]
 
 
 def test_resumption_works_on_uvloop_as_the_node_runs(relay: Relay, echo_server: EchoServer) -> None:
-    async def dial_twice() -> list[bool]:
-        dialer = ClassicRelayDialer(relay.address, relay.gateway_tls())
-        reused = []
-        for _ in range(2):
-            transport, protocol = await dialer.connect("127.0.0.1", echo_server.port, Collector)
-            transport.write(b"ping")
-            await read_until(protocol, 4)
-            reused.append(transport.get_extra_info("ssl_object").session_reused)
-            transport.close()
-        return reused
-
-    assert uvloop.run(dial_twice()) == [False, True]
+    dialer = ClassicRelayDialer(relay.address, relay.gateway_tls())
+    assert uvloop.run(sessions_reused(dialer, echo_server.port, [4, 4])) == [False, True]
 
 
 async def test_a_relay_certificate_from_another_ca_fails_with_an_actionable_error(
@@ -295,15 +293,7 @@ async def test_a_closed_port_behind_our_relay_is_refused_as_refused(
     assert refused.value.reason is Reason.REFUSED
 
 
-async def test_our_relay_resumes_the_tls_session_and_relays_bytes(
+async def test_our_relay_resumes_the_tls_session_and_relays_a_mebibyte(
         deployment: Deployment, our_relay: str, echo_server: EchoServer) -> None:
     dialer = ClassicRelayDialer(our_relay, gateway_tls(deployment))
-    reused = []
-    for size in (1, 1 << 20):
-        transport, protocol = await dialer.connect("127.0.0.1", echo_server.port, Collector)
-        payload = bytes(range(256)) * (size // 256 or 1)
-        transport.write(payload)
-        assert await read_until(protocol, len(payload)) == payload
-        reused.append(transport.get_extra_info("ssl_object").session_reused)
-        transport.close()
-    assert reused == [False, True]
+    assert await sessions_reused(dialer, echo_server.port, [1, 1 << 20]) == [False, True]
