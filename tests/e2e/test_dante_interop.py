@@ -7,10 +7,13 @@ inside TLS, so a stock relay refuses it, with a reason the administrator can rea
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_launch import PASSWORD, login, start_launch
 
 from conftest import Deployment, require_program
 from peers.dante import Danted, StunnelServer
@@ -20,9 +23,15 @@ from portcullis.net.socksrelay import ClassicRelayDialer
 from portcullis.net.tls import client_context
 
 
+@dataclass
+class StockRelay:
+    address: str   # stunnel's HOST:PORT, the relay the edge is given
+    danted_log: Path
+
+
 @pytest.fixture
-def stock_relay(deployment: Deployment, tmp_path: Path) -> Iterator[str]:
-    """stunnel -> danted; the relay's HOST:PORT."""
+def stock_relay(deployment: Deployment, tmp_path: Path) -> Iterator[StockRelay]:
+    """stunnel -> danted, logging each connection it makes."""
     pki = deployment.directory / "pki"
     danted = Danted(require_program("danted"), tmp_path, blocked_port=9)
     try:
@@ -32,14 +41,14 @@ def stock_relay(deployment: Deployment, tmp_path: Path) -> Iterator[str]:
     except BaseException:
         danted.close()
         raise
-    yield f"127.0.0.1:{stunnel.port}"
+    yield StockRelay(f"127.0.0.1:{stunnel.port}", danted.log)
     stunnel.close()
     danted.close()
 
 
-def edge_dialer(deployment: Deployment, relay: str) -> ClassicRelayDialer:
+def edge_dialer(deployment: Deployment, relay: StockRelay) -> ClassicRelayDialer:
     pki = deployment.directory / "pki"
-    return ClassicRelayDialer(relay, client_context(pki / "ca.crt",
+    return ClassicRelayDialer(relay.address, client_context(pki / "ca.crt",
                                                     cert_file=pki / "gateway.crt",
                                                     key_file=pki / "gateway.key"))
 
@@ -62,7 +71,7 @@ class Page(asyncio.Protocol):
 
 
 async def test_the_edge_dialer_fetches_a_page_through_stunnel_and_dante(
-        deployment: Deployment, stock_relay: str, http_server: HttpServer) -> None:
+        deployment: Deployment, stock_relay: StockRelay, http_server: HttpServer) -> None:
     dialer = edge_dialer(deployment, stock_relay)
     transport, page = await dialer.connect("127.0.0.1", http_server.port, Page)
     transport.write(f"GET / HTTP/1.0\r\nHost: 127.0.0.1:{http_server.port}\r\n\r\n"
@@ -76,10 +85,31 @@ async def test_the_edge_dialer_fetches_a_page_through_stunnel_and_dante(
 
 
 async def test_udp_through_dante_is_refused_saying_the_relay_does_not_carry_udp(
-        deployment: Deployment, stock_relay: str) -> None:
+        deployment: Deployment, stock_relay: StockRelay) -> None:
     dialer = edge_dialer(deployment, stock_relay)
     with pytest.raises(DialError) as refused:
         await dialer.connect_udp("127.0.0.1", 53, asyncio.DatagramProtocol)
     assert str(refused.value).startswith(
-        f"the relay at {stock_relay} does not carry UDP")
+        f"the relay at {stock_relay.address} does not carry UDP")
     assert "a stock SOCKS5 server carries TCP only" in str(refused.value)
+
+
+def test_a_gateway_dialing_through_stunnel_and_dante_launches_a_page_intact(
+        deployment: Deployment, stock_relay: StockRelay, http_server: HttpServer,
+        client_home: Path, start_process) -> None:  # type: ignore[no-untyped-def]
+    curl = require_program("curl")
+    deployment.add_resource("web", http_server.address, ["staff"], "Team web")
+    deployment.add_user("alice", PASSWORD, ["staff"])
+    with deployment.config.open("a") as config:
+        config.write(f'\n[dialer]\nvia = "relay"\nmode = "classic"\n'
+                     f'relay = "{stock_relay.address}"\n')
+    gateway = start_process("up", "--dir", str(deployment.directory), name="up")
+    gateway.wait_for(r"Portal: https://")
+    login(deployment)
+    _, host, port = start_launch(start_process, "web")
+    fetched = subprocess.run([curl, "-sS", "--max-time", "20", f"http://{host}:{port}/"],
+                             capture_output=True, text=True, timeout=30)
+    assert fetched.returncode == 0, fetched.stderr
+    assert fetched.stdout == "<h1>intranet home</h1>\n"
+    # dante made the connection: the gateway had no other way to the page.
+    assert f"127.0.0.1.{http_server.port}" in stock_relay.danted_log.read_text()
