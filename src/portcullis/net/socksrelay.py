@@ -110,7 +110,7 @@ class ClassicRelayDialer:
                             f"{self._timeout:g} s (asked for {asked})",
                             Reason.TIMED_OUT) from None
         except (OSError, ProtocolError) as exc:
-            if handshake.request_sent and isinstance(exc, ConnectionResetError):
+            if handshake.secured and isinstance(exc, ConnectionResetError):
                 raise self._unanswered(command, asked) from None
             raise self._failure(exc) from None
         # The session is complete only now: a TLS 1.3 ticket follows the handshake.
@@ -126,12 +126,12 @@ class ClassicRelayDialer:
                         f"{reply.name.lower().replace('_', ' ')}", reason_for(reply))
 
     def _unanswered(self, command: Command, asked: str) -> DialError:
-        """The relay closed the connection after the request, without a reply."""
+        """The relay closed the connection after TLS was up, without a SOCKS reply."""
         if command in _WHAT_IS_CARRIED:
             # dante, for one, closes without a reply to a command it does not know.
             return self._not_carried(command, "it closed the connection when asked for it")
         # dante resets the connection when its dial fails; stunnel in front of it then
-        # loses the reply it had sent. The relay's own log has the reason.
+        # loses the replies it had sent. The relay's own log has the reason.
         return DialError(f"the relay at {self._relay} closed the connection without "
                          f"answering the request for {asked} (see the relay's log)",
                          Reason.UNREACHABLE)
@@ -169,7 +169,7 @@ class _SocksHandshake(asyncio.Protocol):
 
     def __init__(self, codec: Socks5ClientHandshake) -> None:
         self._codec = codec
-        self.request_sent = False
+        self.secured = False   # the TLS handshake is done: the SOCKS one has begun
         self.replied: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._transport: asyncio.Transport | None = None
         self._eof = False
@@ -177,6 +177,7 @@ class _SocksHandshake(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport   # type: ignore[assignment]   # a TLS transport
+        self.secured = True
         transport.write(self._codec.data_to_send())   # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
@@ -190,8 +191,6 @@ class _SocksHandshake(asyncio.Protocol):
             return
         if self.replied.done():
             return   # the stream's first bytes, kept by the codec for the caller
-        transport.write(self._codec.data_to_send())
-        self.request_sent = self._codec.request_sent
         if reply is not None:
             if reply is Reply.SUCCEEDED:
                 transport.pause_reading()   # until the caller's protocol is in place

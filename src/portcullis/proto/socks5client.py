@@ -4,10 +4,13 @@ The edge speaks it to a classic-mode relay inside mutual TLS: offer only "no
 authentication" (mutual TLS is the authentication), send one command, read the reply::
 
     handshake = Socks5ClientHandshake(Command.CONNECT, "10.0.0.5", 443)
-    transport.write(handshake.data_to_send())      # the greeting
+    transport.write(handshake.data_to_send())      # the greeting and the request
     reply = handshake.receive_data(chunk)          # None until the reply is whole
-    transport.write(handshake.data_to_send())      # the request, once the method is chosen
     early = handshake.take_payload()               # bytes the relay sent after its reply
+
+The request follows the greeting without waiting for the method reply: only "no
+authentication" is offered, so the relay has nothing else to choose, and one round trip
+between the DMZs is saved per connection (dante and our relay both read it so).
 
 socksio encodes the messages and parses them, but it parses only whole messages and has
 no command codes beyond RFC 1928's; this module adds the two things it lacks: the length
@@ -43,16 +46,10 @@ class Socks5ClientHandshake:
         self._socks.send(socksio.SOCKS5AuthMethodsRequest(
             [socksio.SOCKS5AuthMethod.NO_AUTH_REQUIRED]))
         self._output = bytearray(self._socks.data_to_send())
-        self._request = _request_bytes(command, host, port)
+        self._output += _request_bytes(command, host, port)
         self._buffer = bytearray()
         self._method_chosen = False
         self._reply: Reply | None = None
-
-    @property
-    def request_sent(self) -> bool:
-        """True once the request has been handed out by `data_to_send` (the relay
-        accepted the method); then an end of stream means the relay rejects it."""
-        return self._method_chosen and not self._output
 
     def data_to_send(self) -> bytes:
         output = bytes(self._output)
@@ -105,7 +102,6 @@ class Socks5ClientHandshake:
                 f"{message[1]:#04x}); mutual TLS is how the edge authenticates: configure "
                 "the SOCKS server with method none")
         self._method_chosen = True
-        self._output += self._request
 
 
 def _request_bytes(command: Command, host: str, port: int) -> bytes:
