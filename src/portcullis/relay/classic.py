@@ -19,8 +19,6 @@ Decisions are `RelayCore`'s, made once per connection. Never logs payload.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import socket
 import ssl
 import struct
@@ -28,22 +26,19 @@ from typing import cast
 
 import structlog
 
-from portcullis.errors import DialError, PKIError, ProtocolError
+from portcullis.errors import DialError, ProtocolError
 from portcullis.net.dialer import EchoChannel
-from portcullis.pki import peer_common_name
+from portcullis.pki import transport_common_name
 from portcullis.pki.roles import ROLE_COMMON_NAMES
 from portcullis.policy.admission import Protocol
 from portcullis.proto.socks5 import Command, Reply, Request, Socks5Connection, reply_for
 from portcullis.proto.streamdatagrams import StreamDatagrams
 from portcullis.relay.core import RelayCore, RelayedStream
+from portcullis.web.edge import Acceptor, Edge, Lease
 
 log = structlog.get_logger("portcullis.relay")
 
 GATEWAY_COMMON_NAME = ROLE_COMMON_NAMES["gateway"]
-# How long a closing TLS connection waits for the edge's close_notify.
-TLS_SHUTDOWN_TIMEOUT = 5.0
-ACCEPT_BATCH = 64
-ACCEPT_RETRY_DELAY = 1.0
 # ICMP echo in stream: the same bounds as the tunnel's ICMP flows.
 MAX_ECHO_DATA = 1024
 MAX_ECHOES_IN_FLIGHT = 16
@@ -55,99 +50,51 @@ _PROTOCOL_OF: dict[Command, Protocol] = {Command.CONNECT: "tcp", Command.UDP_IN_
 
 
 class ClassicServer:
-    """The classic listener: accepts, bounds and authenticates edge connections, and hands
-    each to a `RelayConnection`."""
+    """The classic listener: the edge's acceptor (`web/edge.py`: connection limit, TLS
+    handshake bounded by `relay.handshake_timeout`) hands each authenticated connection
+    to a `RelayConnection`; a failed handshake is audited with its reason."""
 
-    def __init__(self, core: RelayCore, tls: ssl.SSLContext, *, handshake_timeout: float,
-                 max_connections: int) -> None:
+    def __init__(self, core: RelayCore, tls: ssl.SSLContext, edge: Edge) -> None:
         self.core = core
         self.tls = tls
-        self.handshake_timeout = handshake_timeout
-        self.max_connections = max_connections
-        self.open_connections = 0    # accepted and not yet closed, handshakes included
+        self.edge = edge
+        self.handshake_timeout = edge.limits.tls_handshake_timeout
+        self._acceptor: Acceptor | None = None
         self._sock: socket.socket | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._handshakes: set[asyncio.Task[None]] = set()
         self._connections: set[RelayConnection] = set()
-        self._closed = False
+
+    @property
+    def open_connections(self) -> int:
+        """Accepted and not yet closed, handshakes included."""
+        return self.edge.admissions.total
 
     def listen(self, sock: socket.socket) -> tuple[str, int]:
         """Accept on the bound, listening `sock`; return the address it listens on."""
-        self._loop = asyncio.get_running_loop()
         self._sock = sock
-        sock.setblocking(False)
-        self._loop.add_reader(sock.fileno(), self._accept)
+        self._acceptor = Acceptor(self.edge, sock, self.tls,
+                                  lambda lease: RelayConnection(self, lease),
+                                  handshake_failed=self._handshake_failed)
         host, port = sock.getsockname()[:2]
         return str(host), int(port)
 
     def close(self) -> None:
         """Stop accepting and end every connection (SIGTERM)."""
-        self._closed = True
-        if self._sock is not None and self._loop is not None:
-            self._loop.remove_reader(self._sock.fileno())
+        if self._acceptor is not None:
+            self._acceptor.close()
+        if self._sock is not None:
             self._sock.close()
-        for task in list(self._handshakes):
-            task.cancel()
         for connection in list(self._connections):
             connection.abort()
 
-    # -- accepting ------------------------------------------------------------------
-    def _accept(self) -> None:
-        assert self._sock is not None and self._loop is not None
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, peer = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    raise
-                log.warning("cannot accept edge connections", error=exc.strerror)
-                self._loop.remove_reader(self._sock.fileno())
-                self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
-                return
-            edge = f"{peer[0]}:{peer[1]}"
-            if self.open_connections >= self.max_connections:
-                conn.close()
-                self.core.refuse_edge(edge, "limit", f"{self.open_connections} connections "
-                                      "are open, the limit (limits.max_connections)")
-                continue
-            self.open_connections += 1
-            task = asyncio.ensure_future(self._handshake(conn, edge))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
-
-    def _resume(self) -> None:
-        if not self._closed and self._sock is not None and self._loop is not None:
-            self._loop.add_reader(self._sock.fileno(), self._accept)
-
-    async def _handshake(self, conn: socket.socket, edge: str) -> None:
-        """TLS within the handshake timeout; a failure is audited with its reason."""
-        assert self._loop is not None
-        try:
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await self._loop.connect_accepted_socket(
-                lambda: RelayConnection(self, edge), conn, ssl=self.tls,
-                ssl_handshake_timeout=self.handshake_timeout,
-                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
-        except asyncio.CancelledError:
-            conn.close()
-            self.open_connections -= 1
-            raise
-        except (OSError, TimeoutError) as exc:
-            # The loop closed the socket; the connection never reached the protocol.
-            conn.close()
-            self.open_connections -= 1
-            reason, why = describe_handshake_failure(exc, self.handshake_timeout)
-            self.core.refuse_edge(edge, reason, why)
+    def _handshake_failed(self, peer: str, exc: BaseException) -> None:
+        reason, why = describe_handshake_failure(exc, self.handshake_timeout)
+        self.core.refuse_edge(peer, reason, why)
 
     def connection_started(self, connection: RelayConnection) -> None:
         self._connections.add(connection)
 
     def connection_ended(self, connection: RelayConnection) -> None:
         self._connections.discard(connection)
-        self.open_connections -= 1
 
 
 def describe_handshake_failure(exc: BaseException, timeout: float) -> tuple[str, str]:
@@ -168,10 +115,11 @@ class RelayConnection(asyncio.Protocol):
     """One edge connection after its TLS handshake: the SOCKS5 exchange, then one relayed
     TCP connection, UDP flow or echo channel."""
 
-    def __init__(self, server: ClassicServer, edge: str) -> None:
+    def __init__(self, server: ClassicServer, lease: Lease) -> None:
         self._server = server
+        self._lease = lease
         self.core = server.core
-        self._edge = edge
+        self._edge = "unknown"
         self._transport: asyncio.Transport | None = None
         self._socks = Socks5Connection(extensions=True)
         self._deadline: asyncio.TimerHandle | None = None
@@ -185,17 +133,14 @@ class RelayConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
         self._server.connection_started(self)
-        ssl_object = transport.get_extra_info("ssl_object")
-        certificate = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-        try:
-            name = peer_common_name(certificate) if certificate else None
-        except PKIError:
-            name = None
+        peer = transport.get_extra_info("peername")
+        self._edge = str(peer[0]) if peer else "unknown"
+        name = transport_common_name(transport)
         if name != GATEWAY_COMMON_NAME:
             self.refuse("certificate", f"the certificate's common name is {name!r}, not "
                          f"{GATEWAY_COMMON_NAME!r}: only edge gateways may use the relay")
             return
-        self._identity = f"{GATEWAY_COMMON_NAME}@{self._edge.rsplit(':', 1)[0]}"
+        self._identity = f"{GATEWAY_COMMON_NAME}@{self._edge}"
         self.core.status.edge_connected(self._identity)
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(self._server.handshake_timeout, self._socks_late)
@@ -222,7 +167,7 @@ class RelayConnection(asyncio.Protocol):
             if self._deadline is not None:
                 self._deadline.cancel()
             task = asyncio.ensure_future(self._open(request))
-            task.add_done_callback(_log_crash)
+            task.add_done_callback(self._opened)
 
     def eof_received(self) -> bool:
         # TLS has no half-close (asyncio ends the connection after close_notify): the
@@ -238,6 +183,7 @@ class RelayConnection(asyncio.Protocol):
         if self._identity is not None:
             self.core.status.edge_disconnected(self._identity)
         self._server.connection_ended(self)
+        self._lease.release()
 
     def pause_writing(self) -> None:
         if self._relay is not None:
@@ -318,6 +264,12 @@ class RelayConnection(asyncio.Protocol):
             self.bytes_from_edge += len(early)
             relay.from_edge(early)
         self.resume_edge()
+
+    def _opened(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("relay connection failed", edge=self._edge,
+                      error=repr(task.exception()))
+            self.abort()
 
     def _reply(self, code: Reply, host: str = "0.0.0.0", port: int = 0) -> None:
         self._socks.reply(code, host, port)
@@ -507,8 +459,3 @@ def _bound(transport: asyncio.BaseTransport) -> tuple[str, int]:
         return "0.0.0.0", 0
     return str(sockname[0]).split("%", 1)[0], int(sockname[1])
 
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        with contextlib.suppress(Exception):
-            log.error("relay connection failed", error=repr(task.exception()))

@@ -35,7 +35,7 @@ from portcullis.relay.classic import ClassicServer
 from portcullis.relay.core import RelayCore
 from portcullis.relay.health import health_app
 from portcullis.relay.status import RelayStatus
-from portcullis.web.edge import raise_open_files_limit
+from portcullis.web.edge import Edge, raise_open_files_limit
 
 log = structlog.get_logger("portcullis.relay")
 CERTIFICATE_CHECK_SECONDS = 86400.0
@@ -63,9 +63,11 @@ class RelayNode:
             cert, key, client_ca_file=settings.ca_cert_path, require_client_cert=True))
         self.classic: ClassicServer | None = None
         if not relay.edges or "listen" in relay.model_fields_set:
-            self.classic = ClassicServer(self.core, self.tls,
-                                         handshake_timeout=relay.handshake_timeout,
-                                         max_connections=settings.limits.max_connections)
+            # One edge's connections all come from its address: only the total is bounded.
+            limits = settings.limits.model_copy(update={
+                "tls_handshake_timeout": relay.handshake_timeout,
+                "max_connections_per_address": settings.limits.max_connections})
+            self.classic = ClassicServer(self.core, self.tls, Edge(limits))
 
     @classmethod
     def build(cls, settings: Settings) -> RelayNode:
