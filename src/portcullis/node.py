@@ -3,7 +3,8 @@
 `portcullis up` is a node with every role; `portcullis serve ROLE…` a node with some.
 Roles in one process call each other directly (the in-process shortcut); roles in
 other processes are reached over HTTPS with mutual TLS, certificates from the
-deployment CA.
+deployment CA. Every connection towards the inside (launched servers, tunnel streams,
+remote STAs, a portal elsewhere) is made by one Dialer, built once from `[dialer]`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -36,6 +38,8 @@ from portcullis.gateway.launch import PATH as LAUNCH_PATH
 from portcullis.gateway.launch import LaunchEndpoint, LaunchSettings
 from portcullis.gateway.pool import AddressPool
 from portcullis.gateway.proxy import PortalProxy
+from portcullis.gateway.relays import PATH as RELAY_PATH
+from portcullis.gateway.relays import RelayEndpoint, dial_out_endpoint
 from portcullis.gateway.revocation import SessionWatch
 from portcullis.gateway.tunnel import PATH as TUNNEL_PATH
 from portcullis.gateway.tunnel import TunnelEndpoint, mux_timers
@@ -46,7 +50,8 @@ from portcullis.identity.providers import IdentityProviders, client_ca_path
 from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import Throttle
 from portcullis.identity.totp import SelfEnrolment
-from portcullis.net.dialer import DirectDialer
+from portcullis.net.dialer import Dialer
+from portcullis.net.dialers import TimeBoundDialer, dialer_from_settings
 from portcullis.net.tls import client_context, server_context
 from portcullis.net.websocket import MAX_WEBSOCKET_MESSAGE, Opened
 from portcullis.pki.maintenance import LoadedCertificates, maintain
@@ -65,7 +70,7 @@ from portcullis.store import (
     open_event_bus,
 )
 from portcullis.tokens import TokenHasher
-from portcullis.web.client_certificate import ClientCertificateHttp
+from portcullis.web.client_certificate import user_certificate_http
 from portcullis.web.edge import Edge, EdgeServer, raise_open_files_limit
 from portcullis.web.roles import role_checked_http
 from portcullis.web.security import SecurityMiddleware
@@ -101,6 +106,7 @@ class Node:
     # Session endings, shared with the other nodes through the ephemeral store.
     events: EventBus = field(default_factory=MemoryEventBus)
     session_watch: SessionWatch | None = None
+    relays: RelayEndpoint | None = None   # dial-out: the relays connected to this edge
     edge: Edge = field(init=False)
     _closers: list[Callable[[], Any]] = field(default_factory=list)
     certificates: LoadedCertificates = field(init=False)
@@ -162,13 +168,21 @@ class Node:
         local_sta = self._sta_role(hasher) if "sta" in self.roles else None
         if not {"gateway", "portal"} & set(self.roles):
             return
+        # Dial-out: the relays connect to this gateway, and the Dialer uses them.
+        if "gateway" in self.roles:
+            self.relays = dial_out_endpoint(self.settings, self.ephemeral, self.audit,
+                                            mux_timers(self.settings.vpn))
+        # The one Dialer of this node: every role's inward connections go through it.
+        dialer = dialer_from_settings(
+            self.settings.dialer, relays=self.relays.pool if self.relays else None,
+            datagram_idle_timeout=self.settings.vpn.udp_idle_timeout)
         sessions = SessionManager(self.ephemeral, accounts, hasher, self.settings.session,
                                   audit=self.audit, events=self.events)
-        authorities = self._ticket_authorities(local_sta)
+        authorities = self._ticket_authorities(local_sta, dialer)
         portal_app = (self._portal_role(hasher, sessions, authorities)
                       if "portal" in self.roles else None)
         if "gateway" in self.roles:
-            self._gateway_role(accounts, sessions, authorities, portal_app)
+            self._gateway_role(accounts, sessions, authorities, portal_app, dialer)
 
     def reload(self) -> None:
         """Re-read the configuration: new access policies and tunnel settings apply to
@@ -186,7 +200,8 @@ class Node:
         first = self.first_settings
         held = {"vpn.address_pool": (first.vpn.address_pool, fresh.vpn.address_pool),
                 "vpn.dial_timeout": (first.vpn.dial_timeout, fresh.vpn.dial_timeout),
-                "admin_groups": (first.admin_groups, fresh.admin_groups)}
+                "admin_groups": (first.admin_groups, fresh.admin_groups),
+                "dialer": (first.dialer, fresh.dialer)}
         needs_restart = [key for key, (old, new) in held.items() if old != new]
         self.settings = self.settings.model_copy(update={"policies": fresh.policies,
                                                          "vpn": fresh.vpn})
@@ -210,7 +225,8 @@ class Node:
             client_roles=frozenset({"gateway", "portal"})))
         return authority
 
-    def _ticket_authorities(self, local_sta: TicketAuthority | None) -> TicketAuthorities:
+    def _ticket_authorities(self, local_sta: TicketAuthority | None,
+                            dialer: Dialer) -> TicketAuthorities:
         """Every configured STA: this process's directly, the others over mutual TLS."""
         settings = self.settings
         client_role = "gateway" if "gateway" in self.roles else "portal"
@@ -219,7 +235,7 @@ class Node:
             if local_sta is not None and sta_id == local_sta.sta_id:
                 by_id[sta_id] = local_sta
             else:
-                remote = RemoteTicketAuthority(url, self.role_tls_client(client_role))
+                remote = RemoteTicketAuthority(url, self.role_tls_client(client_role), dialer)
                 by_id[sta_id] = remote
                 self._closers.append(remote.close)
         issuing = settings.sta.id if settings.sta.id in by_id else next(iter(by_id))
@@ -250,7 +266,8 @@ class Node:
         return portal_app
 
     def _gateway_role(self, accounts: AccountStatus, sessions: SessionManager,
-                      authorities: TicketIssuer, portal_app: Starlette | None) -> None:
+                      authorities: TicketIssuer, portal_app: Starlette | None,
+                      dialer: Dialer) -> None:
         settings = self.settings
         # A portal in another process with a memory:// store keeps sessions this gateway
         # cannot see: launches are then not tied to them (and tunnels cannot sign in).
@@ -260,39 +277,50 @@ class Node:
             log.warning("the portal runs in another process and store.ephemeral is "
                         "memory://: ending a sign-in session will not end its launched "
                         "connections; share a redis:// store")
+        if self.relays is not None:
+            self.websocket_endpoints[RELAY_PATH] = self.relays.opened
         launch = LaunchEndpoint(
-            authorities, DirectDialer(), accounts, self.registry, self.audit,
+            authorities, dialer, accounts, self.registry, self.audit,
             LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds,
                            timers=mux_timers(settings.vpn)),
             sessions if sessions_here else None)
         self.websocket_endpoints[LAUNCH_PATH] = launch.opened
         pool = (AddressPool(ipaddress.ip_network(settings.vpn.address_pool), self.ephemeral)
                 if settings.vpn.address_pool else None)
+        # vpn.dial_timeout bounds a tunnel's TCP streams within what the Dialer allows.
         tunnel = TunnelEndpoint(sessions, lambda: self.policy, lambda: self.settings.vpn,
-                                DirectDialer(timeout=settings.vpn.dial_timeout),
+                                TimeBoundDialer(dialer, settings.vpn.dial_timeout),
                                 self.registry, self.audit, pool=pool)
         self.websocket_endpoints[TUNNEL_PATH] = tunnel.opened
         self.session_watch = SessionWatch(self.registry, sessions, accounts, self.events,
                                           self.audit, lambda: self.settings.vpn.session_check)
         routes: list[Any] = admin_routes(self.registry, sessions, settings.admin_groups,
-                                         self.audit, self.events)
+                                         self.audit, self.events, self.ephemeral)
         if portal_app is not None:
             routes.append(Mount("/", app=portal_app))
         else:
             if not settings.gateway.portal_url:
                 raise ConfigError("set gateway.portal_url when the portal runs elsewhere",
                                   key="gateway.portal_url")
-            proxy = PortalProxy(settings.gateway.portal_url, self.role_tls_client("gateway"))
+            proxy = PortalProxy(settings.gateway.portal_url, self.role_tls_client("gateway"),
+                                dialer)
             self._closers.append(proxy.close)
             methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
             routes.append(Route("/{path:path}", proxy.forward, methods=methods))
         host, port = parse_host_port(settings.gateway.listen)
         cert, key = settings.role_cert("gateway")
-        # Browsers are asked for a certificate only when flows can use one.
-        tls = self.certificates.track(
-            "gateway", server_context(cert, key, client_ca_file=client_ca_path(settings)))
+        # Browsers are asked for a certificate only when flows can use one, or relays
+        # dial out to this port (their role certificates never sign a user in: see
+        # web/client_certificate.py).
+        tls = self.certificates.track("gateway", server_context(
+            cert, key, client_ca_file=client_ca_path(settings),
+            also_trust=self._trusted_for_relays()))
         self.listeners.append(Listener(
             "gateway", host, port, self._secure(Starlette(routes=routes)), tls))
+
+    def _trusted_for_relays(self) -> list[Path]:
+        """CAs the gateway's listener trusts for relays dialling out, not for users."""
+        return [self.settings.ca_cert_path] if self.relays is not None else []
 
     def _secure(self, app: ASGIApp) -> ASGIApp:
         limits = self.settings.limits
@@ -304,7 +332,9 @@ class Node:
         websocket: Any = (websocket_protocol_class(self.websocket_endpoints, self.edge.closed)
                           if listener.role == "gateway" else "none")
         http = (role_checked_http(listener.client_roles, listener.role, self.audit)
-                if listener.client_roles else ClientCertificateHttp)
+                if listener.client_roles
+                else user_certificate_http(client_ca_path(self.settings),
+                                           self._trusted_for_relays()))
         # No TLS here: the edge's acceptor does it (web/edge.py, EdgeServer).
         return uvicorn.Config(
             listener.app, host=listener.host, port=listener.port,
@@ -369,6 +399,8 @@ class Node:
             stop()
             for watcher in watchers:
                 watcher.cancel()
+            if self.relays is not None:   # they reconnect to another edge node
+                self.relays.pool.drain("this edge node is stopping")
             self.registry.end_all(Reason.SHUTDOWN, "the gateway is shutting down")
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)

@@ -15,6 +15,7 @@ loading files are mapped here to `PKIError` naming the file.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
 from portcullis.errors import PKIError
@@ -50,11 +51,14 @@ def server_context(
     *,
     client_ca_file: Path | None = None,
     require_client_cert: bool = False,
+    also_trust: Sequence[Path] = (),
 ) -> ssl.SSLContext:
     """A server context presenting `cert_file`.
 
     With `client_ca_file`, client certificates signed by that CA are verified: required
-    (mutual TLS) when `require_client_cert`, otherwise optional.
+    (mutual TLS) when `require_client_cert`, otherwise optional. `also_trust` adds CAs
+    whose client certificates are verified too (optional ones only): a listener that
+    accepts several kinds of client must then check, per use, which CA signed one.
     """
     if require_client_cert and client_ca_file is None:
         raise PKIError("requiring client certificates needs a client CA file to verify them")
@@ -67,6 +71,10 @@ def server_context(
     if client_ca_file is not None:
         _load_ca(context, Path(client_ca_file))
         context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    for ca_file in also_trust:
+        _load_ca(context, Path(ca_file))
+        if context.verify_mode == ssl.CERT_NONE:
+            context.verify_mode = ssl.CERT_OPTIONAL
     return context
 
 
