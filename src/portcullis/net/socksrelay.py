@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from portcullis.config.values import parse_host_port
 from portcullis.errors import DialError, ProtocolError
-from portcullis.net.dialer import EchoChannel
+from portcullis.net.dialer import EchoChannel, give_to_buffered
 from portcullis.net.icmp import TIMEOUT as ECHO_TIMEOUT
 from portcullis.net.tls import ResumingClientContext, describe_tls_failure
 from portcullis.proto.mux import Reason
@@ -241,13 +241,7 @@ def _made_for(transport: asyncio.Transport, protocol_factory: Callable[[], T]) -
 
 def _deliver(protocol: asyncio.BaseProtocol, data: bytes) -> None:
     if isinstance(protocol, asyncio.BufferedProtocol):
-        view = memoryview(data)
-        while view:
-            buffer = memoryview(protocol.get_buffer(len(view)))
-            size = min(len(buffer), len(view))
-            buffer[:size] = view[:size]
-            protocol.buffer_updated(size)
-            view = view[size:]
+        give_to_buffered(protocol, data)
     elif isinstance(protocol, asyncio.Protocol):
         protocol.data_received(data)
 
