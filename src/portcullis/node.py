@@ -52,7 +52,7 @@ from portcullis.identity.throttle import Throttle
 from portcullis.identity.totp import SelfEnrolment
 from portcullis.net.dialer import Dialer
 from portcullis.net.dialers import TimeBoundDialer, dialer_from_settings
-from portcullis.net.tls import client_context, server_context
+from portcullis.net.tls import ResumingClientContext, client_context, server_context
 from portcullis.net.websocket import MAX_WEBSOCKET_MESSAGE, Opened
 from portcullis.pki.maintenance import LoadedCertificates, maintain
 from portcullis.policy import AccessPolicy
@@ -147,10 +147,11 @@ class Node:
             cert, key, require_client_cert=require_client_cert,
             client_ca_file=self.settings.ca_cert_path if require_client_cert else None))
 
-    def role_tls_client(self, role: str) -> ssl.SSLContext:
+    def role_tls_client(self, role: str) -> ResumingClientContext:
         cert, key = self.settings.role_cert(role)
-        return self.certificates.track(role, client_context(
-            self.settings.ca_cert_path, cert_file=cert, key_file=key))
+        context = client_context(self.settings.ca_cert_path, cert_file=cert, key_file=key)
+        self.certificates.track(role, context)
+        return context
 
     def check_certificates(self, now: dt.datetime | None = None) -> list[str]:
         """Renew this node's due certificates, warn about any that need attention, and
@@ -175,7 +176,8 @@ class Node:
         # The one Dialer of this node: every role's inward connections go through it.
         dialer = dialer_from_settings(
             self.settings.dialer, relays=self.relays.pool if self.relays else None,
-            datagram_idle_timeout=self.settings.vpn.udp_idle_timeout)
+            datagram_idle_timeout=self.settings.vpn.udp_idle_timeout,
+            gateway_tls=lambda: self.role_tls_client("gateway"))
         sessions = SessionManager(self.ephemeral, accounts, hasher, self.settings.session,
                                   audit=self.audit, events=self.events)
         authorities = self._ticket_authorities(local_sta, dialer)

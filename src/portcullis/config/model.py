@@ -19,7 +19,7 @@ from portcullis.config.values import check_networks, parse_host_port
 from portcullis.errors import AuthError
 from portcullis.identity.names import canonical_username
 from portcullis.policy.model import PolicyRule, check_unique_names
-from portcullis.relay.allow import parse_allow_list
+from portcullis.policy.relay_allow import parse_allow_list
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
@@ -341,6 +341,17 @@ class Settings(Section):
             if resource.name in seen:
                 raise ValueError(f"resource name {resource.name!r} is used twice")
             seen.add(resource.name)
+        return self
+
+    @model_validator(mode="after")
+    def _pool_needs_direct_dialer(self) -> Settings:
+        # Through a relay the servers see the relay's address: a pool address would be
+        # promised to the intranet's firewalls and silently not kept.
+        if self.vpn.address_pool and self.dialer.via == "relay":
+            raise ValueError("vpn.address_pool: tunnels' pool addresses are the source of "
+                             "their connections only with dialer.via = \"direct\"; through "
+                             "a relay the servers see the relay's address. Remove "
+                             "address_pool, or dial directly")
         return self
 
     def path(self, relative: str) -> Path:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from portcullis.errors import DialError, ProtocolError
-from portcullis.net.dialer import EchoChannel
+from portcullis.net.dialer import EchoChannel, give_to_buffered
 from portcullis.net.icmp import TIMEOUT as ECHO_TIMEOUT
 from portcullis.net.muxsession import DatagramFlow, MuxSession, StreamBridge
 from portcullis.proto import mux
@@ -365,13 +365,7 @@ class MuxStreamTransport(asyncio.Transport):
     def _give(self, data: Payload) -> None:
         protocol = self._protocol
         if isinstance(protocol, asyncio.BufferedProtocol):
-            view = memoryview(data)
-            while view:
-                buffer = memoryview(protocol.get_buffer(len(view)))
-                size = min(len(buffer), len(view))
-                buffer[:size] = view[:size]
-                protocol.buffer_updated(size)
-                view = view[size:]
+            give_to_buffered(protocol, data)
         elif isinstance(protocol, asyncio.Protocol):
             protocol.data_received(data if self._views else bytes(data))  # type: ignore[arg-type]
 
