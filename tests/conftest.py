@@ -259,6 +259,11 @@ def test_host(tmp_path: Path) -> Iterator[TestHost]:
         tag = host.namespace.rsplit("-", 1)[1]
         octet = int(tag[:2], 16) % 250 + 1
         host_address, ns_address = f"198.18.{octet}.1", f"198.18.{octet}.2"
-        # This end is in the root namespace: its name carries the tag.
-        link(None, f"pc{tag}a", host_address, host, "eth0", ns_address, prefix=30)
-        yield TestHost(host.namespace, ns_address, host_address, octet)
+        # This end is in the root namespace: its name carries the tag, and it goes even
+        # if a process the test left keeps the namespace alive.
+        near = f"pc{tag}a"
+        try:
+            link(None, near, host_address, host, "eth0", ns_address, prefix=30)
+            yield TestHost(host.namespace, ns_address, host_address, octet)
+        finally:
+            subprocess.run(["ip", "link", "del", near], capture_output=True, timeout=10)
