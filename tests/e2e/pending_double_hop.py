@@ -9,7 +9,6 @@ relay."""
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -117,10 +116,10 @@ def test_the_sta_redemption_and_the_split_portal_went_through_the_relay(
     echo_through(running, *launch(running, home, "echo"), MIB)
 
     def relayed(port: int) -> bool:
-        """A relay audit line for a connection to SERVER:port."""
-        where = re.compile(rf"\b{re.escape(SERVER)}:{port}\b")
-        return any(str(event["event"]).startswith("relay.") and where.search(str(event))
-                   for event in running.audit("relay"))
+        """The relay audited a connection it made to SERVER:port."""
+        return any(event["event"] == "relay.stream"
+                   and event["destination"] == f"{SERVER}:{port}/tcp"
+                   and event["address"] == SERVER for event in running.audit("relay"))
 
     # A relayed connection is audited when it ends; the STA and the portal close idle
     # keep-alive connections after a few seconds.
