@@ -10,7 +10,6 @@ relay."""
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,6 +91,7 @@ def test_a_launched_echo_carries_100_mib_intact_over_the_relay(
 
 def test_the_vpn_tunnel_carries_tcp_udp_and_ping_over_the_relay(
         running: DoubleHop, home: Path) -> None:
+    before = len(running.audit("relay"))
     tunnel = running.start_client("connect", "--no-proxy-auth", "--socks", "127.0.0.1:0",
                                   "--http", "off", "-U", f"127.0.0.1:0:{SERVER}:{DNS_PORT}",
                                   home=home, name="connect")
@@ -109,21 +109,14 @@ def test_the_vpn_tunnel_carries_tcp_udp_and_ping_over_the_relay(
     assert pinged.returncode == 0, pinged.stdout + pinged.stderr
     assert "3 sent, 3 answered" in pinged.stdout
     assert tunnel.popen.poll() is None
+    tunnel.stop()
+    running.wait_relayed(f"{SERVER}:{WEB_PORT}/tcp", f"{SERVER}:{DNS_PORT}/udp",
+                         f"{SERVER}:0/icmp", since=before)
 
 
 def test_the_sta_redemption_and_the_split_portal_went_through_the_relay(
         running: DoubleHop, home: Path) -> None:
+    before = len(running.audit("relay"))
     echo_through(running, *launch(running, home, "echo"), MIB)
-
-    def relayed(port: int) -> bool:
-        """The relay audited a connection it made to SERVER:port."""
-        return any(event["event"] == "relay.stream"
-                   and event["destination"] == f"{SERVER}:{port}/tcp"
-                   and event["address"] == SERVER for event in running.audit("relay"))
-
-    # A relayed connection is audited when it ends; the STA and the portal close idle
-    # keep-alive connections after a few seconds.
-    deadline = time.monotonic() + 30
-    while not (relayed(STA_PORT) and relayed(PORTAL_PORT) and relayed(ECHO_PORT)):
-        assert time.monotonic() < deadline, running.audit("relay")
-        time.sleep(0.2)
+    running.wait_relayed(f"{SERVER}:{STA_PORT}/tcp", f"{SERVER}:{PORTAL_PORT}/tcp",
+                         f"{SERVER}:{ECHO_PORT}/tcp", since=before)

@@ -82,6 +82,21 @@ class DoubleHop:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line]
 
+    def wait_relayed(self, *destinations: str, since: int = 0, timeout: float = 30) -> None:
+        """Until the relay's audit trail has, after its first `since` lines, a
+        "relay.stream" line for each destination ("HOST:PORT/PROTOCOL") that the relay
+        connected to. A relayed connection is audited when it ends (an idle keep-alive
+        connection: after a few seconds)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            relayed = {str(event["destination"]) for event in self.audit("relay")[since:]
+                       if event["event"] == "relay.stream"}
+            if relayed.issuperset(destinations):
+                return
+            assert time.monotonic() < deadline, \
+                f"the relay audited {sorted(relayed)}, not {sorted(destinations)}"
+            time.sleep(0.2)
+
     def portcullis(self, *args: str, home: Path, input: str | None = None,
                    timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """`portcullis ARGS` in the client's namespace, as the user whose state is in home."""
