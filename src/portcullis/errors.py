@@ -7,10 +7,7 @@ only "denied" and the detail goes to the audit trail.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from portcullis.proto.mux import Reason
+from portcullis.proto.reasons import Reason
 
 
 class PortcullisError(Exception):
@@ -71,7 +68,7 @@ class AuthError(PortcullisError):
 
 class DialError(PortcullisError):
     """An outbound connection could not be made; `reason` says why in the terms a mux
-    REFUSE carries (`portcullis.proto.mux.Reason`), so a refused stream can tell its
+    REFUSE carries (`portcullis.proto.reasons.Reason`), so a refused stream can tell its
     client."""
 
     def __init__(self, message: str, reason: Reason) -> None:

@@ -49,6 +49,7 @@ from typing import Literal, TypeAlias
 
 from portcullis.errors import ProtocolError
 from portcullis.proto.credit import MAX_WINDOW, ReceiveCredit, SendCredit
+from portcullis.proto.reasons import Reason
 
 __all__ = [
     "FLAG_FIN",
@@ -122,24 +123,6 @@ class Protocol(IntEnum):
     ICMP = 1
     TCP = 6
     UDP = 17
-
-
-class Reason(IntEnum):
-    """Why a stream was refused or reset, or why a connection goes away."""
-
-    NONE = 0
-    DENIED = 1
-    REFUSED = 2
-    UNREACHABLE = 3
-    TIMED_OUT = 4
-    NAME_NOT_FOUND = 5
-    PROTOCOL_ERROR = 6
-    LIMIT_EXCEEDED = 7
-    CANCELLED = 8
-    INTERNAL_ERROR = 9
-    ADMIN_ENDED = 10
-    SHUTDOWN = 11
-    AUTH_FAILED = 12
 
 
 @dataclass(frozen=True, slots=True)
