@@ -84,6 +84,25 @@ dns_suffixes = []
 # address_pool = "10.99.0.0/24"  # each tunnel's own intranet IP (routed to this host)
 # pool_full = "refuse"           # or "spill": use the gateway's own address
 
+# Double hop (docs/deployment.md): how the gateway reaches the inside. "direct" connects
+# from this host; "relay" goes through a relay in a second DMZ ('portcullis serve relay').
+# [dialer]
+# via = "relay"
+# mode = "classic"               # the gateway connects to the relay; or "dial-out": the
+#                                # relay connects to the gateway (no inbound rule to DMZ2)
+# relay = "relay.dmz2.example:8444"   # classic mode: the relay's HOST:PORT
+# timeout = 10
+
+# On the relay host only ('portcullis serve relay --dir DIR').
+# [relay]
+# listen = "0.0.0.0:8444"        # classic mode: where gateways connect (mutual TLS, SOCKS5)
+# allow = ["10.0.0.0/8:1-65535", "sta.corp.example:443"]   # where the relay may connect
+# health_listen = "127.0.0.1:8447"   # /health, /ready, /status (plain HTTP)
+# edges = ["https://gateway.example:{port}"]   # dial-out mode: the gateways it connects to
+# connections = 2                # dial-out: connections kept to each gateway
+# handshake_timeout = 10         # seconds for the TLS handshake, then for the SOCKS request
+# dial_timeout = 10              # seconds to connect to a destination
+
 # Access policies of the tunnel, in order; the first that matches decides; no match: deny.
 # [[policies]]
 # name = "staff-web"

@@ -25,6 +25,7 @@ from portcullis.proto.socks5 import (
     UdpDatagram,
     build_udp_datagram,
     parse_udp_datagram,
+    reason_for,
     reply_for,
 )
 
@@ -79,8 +80,9 @@ class Outcome:
     state: State
 
 
-def feed(chunks: list[bytes], credentials: ProxyCredentials | None = None) -> Outcome:
-    conn = Socks5Connection(credentials=credentials)
+def feed(chunks: list[bytes], credentials: ProxyCredentials | None = None, *,
+         extensions: bool = False) -> Outcome:
+    conn = Socks5Connection(credentials=credentials, extensions=extensions)
     error = None
     for chunk in chunks:
         try:
@@ -676,3 +678,65 @@ def test_arbitrary_bytes_with_credentials_never_reach_a_request_without_the_secr
     assert feed(split_at(data, cuts), SECRET) == whole
     if whole.request is not None:
         assert b"s3cret-Token_x" in data
+
+
+# --- the relay's extension commands (docs/protocol/relay.md) -----------------------------
+
+@pytest.mark.parametrize("command", [0x81, 0x83])
+def test_the_extension_commands_are_refused_07_by_the_local_port(command: int) -> None:
+    outcome = feed([GREETING + request(ipv4("10.0.0.1"), 53, command)])
+    assert outcome.error is not None and outcome.request is None
+    assert outcome.sent == METHOD_CHOSEN + reply_bytes(Reply.COMMAND_NOT_SUPPORTED)
+
+
+@pytest.mark.parametrize(("wire", "expected"), [
+    (request(ipv4("10.0.0.53"), 53, 0x83), Request(Command.UDP_IN_STREAM, "10.0.0.53", 53)),
+    (request(domain(b"dns.corp"), 53, 0x83), Request(Command.UDP_IN_STREAM, "dns.corp", 53)),
+    (request(ipv4("10.0.0.1"), 0, 0x81), Request(Command.ICMP_ECHO_IN_STREAM, "10.0.0.1", 0)),
+    (request(ipv6("fd00::1"), 0, 0x81), Request(Command.ICMP_ECHO_IN_STREAM, "fd00::1", 0)),
+])
+def test_with_extensions_the_relay_commands_are_parsed_one_byte_at_a_time_too(
+        wire: bytes, expected: Request) -> None:
+    whole = feed([GREETING + wire], extensions=True)
+    assert whole.request == expected
+    assert whole.sent == METHOD_CHOSEN
+    assert whole.state is State.REPLY_PENDING
+    assert feed(one_byte_at_a_time(GREETING + wire), extensions=True) == whole
+
+
+@pytest.mark.parametrize(("wire", "code"), [
+    (request(ipv4("10.0.0.53"), 0, 0x83), Reply.GENERAL_FAILURE),
+    (request(domain(b"host.corp"), 0, 0x81), Reply.ADDRESS_TYPE_NOT_SUPPORTED),
+    (request(ipv4("10.0.0.1"), 7, 0x81), Reply.ADDRESS_TYPE_NOT_SUPPORTED),
+    (request(ipv4("10.0.0.1"), 80, 0x82), Reply.COMMAND_NOT_SUPPORTED),
+])
+def test_a_malformed_extension_request_is_refused_with_its_reply(wire: bytes,
+                                                                 code: Reply) -> None:
+    outcome = feed([GREETING + wire], extensions=True)
+    assert outcome.error is not None and outcome.request is None
+    assert outcome.sent == METHOD_CHOSEN + reply_bytes(code)
+    assert feed(one_byte_at_a_time(GREETING + wire), extensions=True) == outcome
+
+
+def test_framed_datagrams_sent_ahead_of_the_reply_are_kept_for_the_stream() -> None:
+    early = b"\x00\x03abc\x00\x01z"
+    outcome = feed([GREETING + request(ipv4("10.0.0.53"), 53, 0x83) + early],
+                   extensions=True)
+    assert outcome.payload == early
+
+
+@pytest.mark.parametrize("reason", list(Reason))
+def test_a_socks_reply_reads_back_as_the_reason_it_was_made_from(reason: Reason) -> None:
+    code = reply_for(reason.name.lower())
+    assert reason_for(code) == (reason if code is not Reply.GENERAL_FAILURE
+                                else Reason.REFUSED)
+
+
+@pytest.mark.parametrize(("code", "reason"), [
+    (Reply.NOT_ALLOWED, Reason.DENIED), (Reply.CONNECTION_REFUSED, Reason.REFUSED),
+    (Reply.NETWORK_UNREACHABLE, Reason.UNREACHABLE),
+    (Reply.HOST_UNREACHABLE, Reason.NAME_NOT_FOUND), (Reply.TTL_EXPIRED, Reason.TIMED_OUT),
+    (Reply.COMMAND_NOT_SUPPORTED, Reason.REFUSED), (0x42, Reason.REFUSED),
+])
+def test_a_relay_reply_code_maps_to_a_reason(code: int, reason: Reason) -> None:
+    assert reason_for(code) == reason

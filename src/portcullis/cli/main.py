@@ -120,11 +120,70 @@ def up(directory: Path) -> None:
 
 @main.command()
 @click.argument("roles", nargs=-1, required=True,
-                type=click.Choice(["gateway", "portal", "sta"]))
+                type=click.Choice(["gateway", "portal", "sta", "relay"]))
 @dir_option
 def serve(roles: tuple[str, ...], directory: Path) -> None:
-    """Run some roles only (a deployment spread over hosts)."""
+    """Run some roles only (a deployment spread over hosts). The relay runs alone: it
+    belongs on another host, in the second DMZ."""
+    if "relay" in roles:
+        if set(roles) != {"relay"}:
+            fail("the relay runs in a process of its own: 'portcullis serve relay' "
+                 "(start the other roles with another command)", 2)
+        _serve_relay(directory)
+        return
     _serve(directory, roles)
+
+
+def _serve_relay(directory: Path) -> None:
+    from portcullis.relay.node import Listening, RelayNode
+
+    settings = _settings(directory)
+
+    def ready(listening: Listening) -> None:
+        if listening.classic is not None:
+            host, port = listening.classic
+            click.echo(f"Relay: listening on {host}:{port}")
+        if settings.relay.edges:
+            click.echo(f"Relay: dialling out to {', '.join(settings.relay.edges)}")
+        host, port = listening.health
+        click.echo(f"Relay health: http://{host}:{port}/ready")
+        sys.stdout.flush()
+
+    async def serve() -> None:
+        await RelayNode.build(settings).serve(ready)
+
+    run_async(serve())
+
+
+@main.group()
+def relay() -> None:
+    """The relay of the double hop (second DMZ)."""
+
+
+@relay.command("status")
+@dir_option
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for it.")
+def relay_status(directory: Path, timeout: float) -> None:
+    """Show a running relay's edges, connections, streams, bytes and refusals (read from
+    relay.health_listen); exit 1 if it is not ready."""
+    from portcullis.relay.health import read_status
+
+    status = read_status(_load(directory).relay.health_listen, timeout=timeout)
+    click.echo(f"ready:        {'yes' if status['ready'] else 'no'}")
+    for reason in status["reasons"]:
+        click.echo(f"  - {reason}")
+    click.echo(f"connections:  {status['connections']}")
+    click.echo(f"streams:      {status['streams']} open, {status['streams_total']} in all")
+    click.echo(f"bytes:        {status['bytes_to_edges']} to edges, "
+               f"{status['bytes_from_edges']} from edges")
+    click.echo("edges:" + ("" if status["edges"] else "        none"))
+    for edge, connections in status["edges"].items():
+        click.echo(f"  {edge:<40} {connections} connections")
+    click.echo("refusals:" + ("" if status["refusals"] else "     none"))
+    for reason, count in status["refusals"].items():
+        click.echo(f"  {reason:<40} {count}")
+    if not status["ready"]:
+        sys.exit(1)
 
 
 # -- accounts -------------------------------------------------------------------------
@@ -341,33 +400,51 @@ def cert() -> None:
 
 
 @cert.command("issue")
-@click.argument("name")
+@click.argument("name", required=False)
+@click.option("--role", type=click.Choice(["gateway", "portal", "sta", "relay"]),
+              help="Issue a role's certificate (ROLE.crt) instead of a user's.")
+@click.option("--hostname", "hostnames", multiple=True,
+              help="A DNS name the role is reached by (repeat; with --role).")
+@click.option("--ip", "ips", multiple=True,
+              help="An IP address the role is reached at (repeat; with --role).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              required=True, help="Where to write NAME.crt and NAME.key.")
+              required=True, help="Where to write NAME.crt and NAME.key (or ROLE.*).")
 @click.option("--days", default=365, show_default=True, help="How long it is valid.")
 @dir_option
-def cert_issue(name: str, out_dir: Path, days: int, directory: Path) -> None:
-    """Issue a client certificate (common name NAME) for a user or a company device.
+def cert_issue(name: str | None, role: str | None, hostnames: tuple[str, ...],
+               ips: tuple[str, ...], out_dir: Path, days: int, directory: Path) -> None:
+    """Issue a client certificate (common name NAME) for a user or a company device, or
+    with --role a role's certificate (e.g. the relay's, for its own host).
 
-    Flows read it when auth.client_ca is the deployment CA (pki/ca.crt): conditions
-    `certificate = "valid"` and the `certificate` factor, which takes the user name from
-    the common name.
+    Flows read a user's certificate when auth.client_ca is the deployment CA
+    (pki/ca.crt): conditions `certificate = "valid"` and the `certificate` factor, which
+    takes the user name from the common name.
     """
     from portcullis.pki import issue_certificate, load_pair, write_pair
     from portcullis.pki.roles import ROLE_COMMON_NAMES
 
+    if (name is None) == (role is None):
+        fail("give a NAME for a user's certificate, or --role ROLE", 2)
+    if name is not None and (hostnames or ips):
+        fail("--hostname and --ip go with --role", 2)
     if name in ROLE_COMMON_NAMES.values():
         fail(f"{name!r} is the common name of a Portcullis role; choose another", 2)
     settings = _load(directory)
     pki = settings.path(settings.tls.directory)
     ca = load_pair(pki / "ca.crt", pki / "ca.key")
-    issued = issue_certificate(ca, name, server=False, client=True, valid_days=days)
-    cert_path, key_path = write_pair(out_dir, name, issued)
+    if role is not None:
+        issued = issue_certificate(ca, ROLE_COMMON_NAMES[role], dns_names=hostnames,
+                                   ip_addresses=ips, valid_days=days)
+        cert_path, key_path = write_pair(out_dir, role, issued)
+    else:
+        assert name is not None
+        issued = issue_certificate(ca, name, server=False, client=True, valid_days=days)
+        cert_path, key_path = write_pair(out_dir, name, issued)
     click.echo(f"issued {cert_path} and {key_path} (valid {days} days)")
 
 
 @cert.command("renew")
-@click.argument("roles", nargs=-1, type=click.Choice(["gateway", "portal", "sta"]))
+@click.argument("roles", nargs=-1, type=click.Choice(["gateway", "portal", "sta", "relay"]))
 @click.option("--all", "all_roles", is_flag=True, help="Renew every role certificate.")
 @dir_option
 def cert_renew(roles: tuple[str, ...], all_roles: bool, directory: Path) -> None:

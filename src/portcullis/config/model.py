@@ -19,6 +19,7 @@ from portcullis.config.values import check_networks, parse_host_port
 from portcullis.errors import AuthError
 from portcullis.identity.names import canonical_username
 from portcullis.policy.model import PolicyRule, check_unique_names
+from portcullis.relay.allow import parse_allow_list
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
@@ -230,6 +231,12 @@ class RelaySettings(Section):
     @classmethod
     def _listen_any_port(cls, value: str) -> str:
         parse_host_port(value, what="listen", any_port=True)
+        return value
+
+    @field_validator("allow")
+    @classmethod
+    def _allow(cls, value: list[str]) -> list[str]:
+        parse_allow_list(value)   # the relay's own parser: one syntax, one set of errors
         return value
 
     @field_validator("edges")

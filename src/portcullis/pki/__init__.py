@@ -11,6 +11,7 @@ from portcullis.pki.ca import (
     issue_certificate,
     load_pair,
     peer_common_name,
+    transport_common_name,
     write_pair,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "issue_certificate",
     "load_pair",
     "peer_common_name",
+    "transport_common_name",
     "write_pair",
 ]

@@ -12,6 +12,7 @@ message or a log line. It does no network I/O.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import hashlib
@@ -246,6 +247,17 @@ def peer_common_name(der_cert: bytes) -> str | None:
         return None
     value = names[0].value
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def transport_common_name(transport: asyncio.BaseTransport) -> str | None:
+    """The common name of the certificate the peer of a TLS `transport` presented; None
+    without one (or with bytes that are no certificate)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    certificate = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+    try:
+        return peer_common_name(certificate) if certificate else None
+    except PKIError:
+        return None
 
 
 def _random_serial() -> int:

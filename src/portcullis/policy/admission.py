@@ -108,12 +108,13 @@ def parse_address(host: str) -> Address | None:
         return None
 
 
-def never_reachable(address: Address) -> str | None:
+def never_reachable(address: Address, *, host: str = "the gateway host") -> str | None:
     """Why no rule may open this address, or None. These are not peers: 0.0.0.0 and ::
-    reach the gateway host itself on Linux, multicast and broadcast reach many."""
+    reach the host itself on Linux, multicast and broadcast reach many. `host` names the
+    host deciding (the relay decides with the same rule)."""
     address = plain(address)
     if address.is_unspecified:
-        return f"{address} is the unspecified address (it would reach the gateway host itself)"
+        return f"{address} is the unspecified address (it would reach {host} itself)"
     if isinstance(address, IPv4Address) and address in _THIS_NETWORK:
         return f"{address} is in 0.0.0.0/8 (this host on this network), never a destination"
     if address.is_multicast:
@@ -123,20 +124,21 @@ def never_reachable(address: Address) -> str | None:
     return None
 
 
-def guard_of(address: Address, host_addresses: Collection[Address]) -> Guard | None:
-    """The protected range `address` falls in, or None. `host_addresses` are the gateway
-    host's own interface addresses, in `plain()` form."""
+def guard_of(address: Address, host_addresses: Collection[Address], *,
+             host: str = "the gateway host") -> Guard | None:
+    """The protected range `address` falls in, or None. `host_addresses` are the deciding
+    host's own interface addresses, in `plain()` form; `host` names that host."""
+    told = HOST_TOLD if host == "the gateway host" else f"{host} is never a destination"
     address = plain(address)
     for network in LOOPBACK:
         if address in network:
-            return Guard(network, "the gateway host's loopback", HOST_TOLD)
+            return Guard(network, f"{host}'s loopback", told)
     for network in LINK_LOCAL:
         if address in network:
             return Guard(network, "link-local (where cloud metadata services answer)",
                          "link-local addresses are never a destination")
     if address in host_addresses:
-        return Guard(ip_network(address), "an address of the gateway host's own interfaces",
-                     HOST_TOLD)
+        return Guard(ip_network(address), f"an address of {host}'s own interfaces", told)
     return None
 
 

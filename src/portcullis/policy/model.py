@@ -118,7 +118,7 @@ class PolicyRule(BaseModel):
         items = _items(value)
         if items is None:
             return value
-        return tuple(_parse_network(_text(item, "network")) for item in items)
+        return tuple(parse_network(_text(item, "network")) for item in items)
 
     @field_validator("hosts", mode="before")
     @classmethod
@@ -134,7 +134,7 @@ class PolicyRule(BaseModel):
         items = _items(value)
         if items is None:
             return value
-        return tuple(_parse_port_range(item) for item in items)
+        return tuple(parse_port_range(item) for item in items)
 
     @field_validator("protocols", mode="before")
     @classmethod
@@ -159,7 +159,7 @@ class PolicyRule(BaseModel):
         return value
 
 
-def _parse_network(text: str) -> IPv4Network | IPv6Network:
+def parse_network(text: str) -> IPv4Network | IPv6Network:
     written = text.strip()
     if "%" in written:
         raise ValueError(f"{text!r} has a scope id (%...); policies name networks without one")
@@ -195,7 +195,7 @@ def _parse_host_pattern(text: str) -> str:
     return pattern
 
 
-def _parse_port_range(item: object) -> tuple[int, int]:
+def parse_port_range(item: object) -> tuple[int, int]:
     if isinstance(item, int) and not isinstance(item, bool):
         item = str(item)
     text = _text(item, "port")

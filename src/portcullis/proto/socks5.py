@@ -1,5 +1,5 @@
 """The server side of SOCKS5 (RFC 1928, RFC 1929), sans I/O, for the client's local
-SOCKS5 port.
+SOCKS5 port and for the relay's classic mode (SOCKS5 inside mutual TLS).
 
 The Portcullis client listens on 127.0.0.1 so that applications (``curl
 --socks5-hostname``, browsers) send their connections through the tunnel. One
@@ -22,6 +22,12 @@ other users of the machine cannot use the port. CONNECT and UDP ASSOCIATE are ha
 to the shell; BIND is refused here with COMMAND_NOT_SUPPORTED. The UDP ASSOCIATE
 datagram header is the pair of pure functions ``parse_udp_datagram`` /
 ``build_udp_datagram``.
+
+With ``extensions=True`` (the relay only) two Portcullis commands are accepted too:
+0x83 UDP_IN_STREAM (datagrams to DST, framed on the same stream by
+``proto/streamdatagrams.py`` after the reply) and 0x81 ICMP_ECHO_IN_STREAM (echoes to DST,
+an IP address, port 0). Without it they are refused with COMMAND_NOT_SUPPORTED, as a stock
+server does; docs/protocol/relay.md has them byte by byte.
 
 Errors are exceptions, as in h11: bytes that break the protocol raise ``ProtocolError``
 once, after queueing the reply the RFC has for the fault (``05 FF`` for no acceptable
@@ -49,6 +55,7 @@ from portcullis.proto.mux import Reason
 from portcullis.proto.proxyauth import ProxyCredentials
 
 __all__ = [
+    "EXTENSION_COMMANDS",
     "MAX_EARLY_DATA",
     "VERSION",
     "Command",
@@ -59,6 +66,7 @@ __all__ = [
     "UdpDatagram",
     "build_udp_datagram",
     "parse_udp_datagram",
+    "reason_for",
     "reply_for",
 ]
 
@@ -84,9 +92,13 @@ class Command(IntEnum):
     CONNECT = 1
     BIND = 2
     UDP_ASSOCIATE = 3
+    # Portcullis extensions (the relay): UDP and ICMP echo inside the TLS stream.
+    ICMP_ECHO_IN_STREAM = 0x81
+    UDP_IN_STREAM = 0x83
 
 
-_COMMANDS = frozenset(Command)
+EXTENSION_COMMANDS = frozenset({Command.ICMP_ECHO_IN_STREAM, Command.UDP_IN_STREAM})
+_STANDARD_COMMANDS = frozenset(Command) - EXTENSION_COMMANDS
 
 
 class Reply(IntEnum):
@@ -175,15 +187,19 @@ class _BadAddress(Exception):
 class Socks5Connection(ProxyHandshake[Request]):
     """One accepted SOCKS5 connection: feed it bytes, take the request and bytes to send.
 
-    With ``credentials``, the client must authenticate with them (RFC 1929) first."""
+    With ``credentials``, the client must authenticate with them (RFC 1929) first. With
+    ``extensions``, the relay's commands 0x81 and 0x83 are accepted."""
 
     def __init__(self, *, max_early_data: int = MAX_EARLY_DATA,
-                 credentials: ProxyCredentials | None = None) -> None:
+                 credentials: ProxyCredentials | None = None,
+                 extensions: bool = False) -> None:
         if max_early_data < 0:
             raise ValueError("max_early_data must not be negative")
         super().__init__()
         self._max_early_data = max_early_data
         self._credentials = credentials
+        self._commands = _STANDARD_COMMANDS | (EXTENSION_COMMANDS if extensions
+                                               else frozenset())
         self._state = State.GREETING
         self._buffer = bytearray()  # the start of a greeting or request split across chunks
 
@@ -320,7 +336,7 @@ class Socks5Connection(ProxyHandshake[Request]):
             raise self._refuse(f"request has version {buffer[0]}, not 5", Reply.GENERAL_FAILURE)
         if len(buffer) < 2:
             return False
-        if buffer[1] not in _COMMANDS:
+        if buffer[1] not in self._commands:
             raise self._refuse(f"unknown command {buffer[1]}", Reply.COMMAND_NOT_SUPPORTED)
         command = Command(buffer[1])
         if command is Command.BIND:
@@ -341,8 +357,12 @@ class Socks5Connection(ProxyHandshake[Request]):
         end = 3 + address_size + 2
         (port,) = _PORT.unpack_from(buffer, end - 2)
         # Port 0 is how UDP ASSOCIATE says "not known yet"; nothing can CONNECT to it.
-        if port == 0 and command is Command.CONNECT:
-            raise self._refuse("CONNECT to port 0", Reply.GENERAL_FAILURE)
+        if port == 0 and command in (Command.CONNECT, Command.UDP_IN_STREAM):
+            raise self._refuse(f"{command.name} to port 0", Reply.GENERAL_FAILURE)
+        if command is Command.ICMP_ECHO_IN_STREAM and (
+                buffer[3] == _AddressType.DOMAIN or port != 0):
+            raise self._refuse("ICMP echo asks for an IP address and port 0",
+                               Reply.ADDRESS_TYPE_NOT_SUPPORTED)
         del buffer[:end]
         self._request = Request(command, host, port)
         self._advance(_Step.REQUEST_PARSED)
@@ -523,6 +543,10 @@ _REPLY_FOR_REASON: dict[Reason, Reply] = {
 }
 
 
+_REASON_FOR_REPLY: dict[Reply, Reason] = {reply: reason
+                                          for reason, reply in _REPLY_FOR_REASON.items()}
+
+
 def reply_for(reason_name: str) -> Reply:
     """The SOCKS reply for a tunnel refusal reason, named as ``Reason.X.name.lower()``
     (or ``DialError.reason``); GENERAL_FAILURE for any other name."""
@@ -530,3 +554,13 @@ def reply_for(reason_name: str) -> Reply:
     if reason is None:
         return Reply.GENERAL_FAILURE
     return _REPLY_FOR_REASON.get(reason, Reply.GENERAL_FAILURE)
+
+
+def reason_for(code: int) -> Reason:
+    """The refusal Reason of a SOCKS reply code (the same table read backwards):
+    NOT_ALLOWED is DENIED, HOST_UNREACHABLE is NAME_NOT_FOUND, ...; any other failure
+    (GENERAL_FAILURE, COMMAND_NOT_SUPPORTED, an unknown code) is REFUSED."""
+    try:
+        return _REASON_FOR_REPLY.get(Reply(code), Reason.REFUSED)
+    except ValueError:
+        return Reason.REFUSED

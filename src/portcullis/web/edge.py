@@ -149,8 +149,13 @@ class Acceptor:
     Stands in for the asyncio server uvicorn keeps (`close`, `wait_closed`)."""
 
     def __init__(self, edge: Edge, sock: socket.socket, tls: ssl.SSLContext,
-                 make_protocol: Callable[[Lease], asyncio.Protocol]) -> None:
+                 make_protocol: Callable[[Lease], asyncio.Protocol], *,
+                 handshake_failed: Callable[[str, BaseException], None] | None = None
+                 ) -> None:
+        """`handshake_failed(peer, exc)` hears of each handshake that failed or timed out
+        (the relay audits them)."""
         self._edge = edge
+        self._handshake_failed = handshake_failed
         self._sock = sock
         self._tls = tls
         self._make_protocol = make_protocol
@@ -199,13 +204,16 @@ class Acceptor:
             ssl_handshake_timeout=self._edge.limits.tls_handshake_timeout,
             ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT))
         self._handshakes.add(task)
-        task.add_done_callback(lambda done: self._handshake_done(done, lease))
+        task.add_done_callback(lambda done: self._handshake_done(done, lease, address))
 
-    def _handshake_done(self, task: asyncio.Task[Any], lease: Lease) -> None:
+    def _handshake_done(self, task: asyncio.Task[Any], lease: Lease, address: str) -> None:
         self._handshakes.discard(task)
         if task.cancelled() or task.exception() is not None:
             # Timed out, failed or cut off during the handshake (or shutting down).
             lease.release()
+            exc = None if task.cancelled() else task.exception()
+            if exc is not None and self._handshake_failed is not None:
+                self._handshake_failed(address, exc)
 
     def close(self) -> None:
         self._closed = True

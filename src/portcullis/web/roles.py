@@ -13,8 +13,7 @@ import asyncio
 from collections.abc import Set
 
 from portcullis.audit import AuditTrail
-from portcullis.errors import PKIError
-from portcullis.pki import peer_common_name
+from portcullis.pki import transport_common_name
 from portcullis.pki.roles import ROLE_COMMON_NAMES
 from portcullis.web.edge import HeadTimedHttp
 
@@ -26,12 +25,7 @@ def role_checked_http(allowed_roles: Set[str], listener: str,
     class RoleCheckedHttp(HeadTimedHttp):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            ssl_object = transport.get_extra_info("ssl_object")
-            certificate = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-            try:
-                name = peer_common_name(certificate) if certificate else None
-            except PKIError:
-                name = None
+            name = transport_common_name(transport)
             if name not in allowed:
                 peer = transport.get_extra_info("peername")
                 audit.record("tls.role_refused", listener=listener, common_name=name,
