@@ -3,11 +3,11 @@ the STA and the portal in the intranet, the edge gateway in dmz1 (every inward
 connection through its Dialer: `[dialer] via = "relay"`), the relay in dmz2, and real
 servers in the intranet: http.server, a TCP echo server and dnsmasq.
 
-One `portcullis init` directory holds the CA, the role certificates (re-issued here with
-the addresses each role is reached at), the database and the token key. Each host runs
-from its own copy of portcullis.toml (DIR/hosts/HOST/) that says where its roles listen
-and how the edge dials, keeps its own audit file, and names the shared files by
-absolute path.
+One `portcullis init` directory holds the CA, the database and the token key. Each host
+runs from a directory of its own (DIR/hosts/HOST/): the certificates of its roles only,
+issued with the addresses they are reached at, and a copy of portcullis.toml that says
+where its roles listen and how the edge dials, keeps its own audit file, and names the
+shared files by absolute path.
 
 The hosts share one file system, and the edge and the portal share the session store
 (the test Redis): each reaches it through a UNIX socket that socat bridges to
@@ -45,8 +45,6 @@ from peers.topology import (
     DoubleHopHosts,
     Host,
 )
-from portcullis.pki import issue_certificate, load_pair, write_pair
-from portcullis.pki.roles import ROLE_COMMON_NAMES
 
 GATEWAY_PORT = 8443    # in dmz1, on both its links
 PORTAL_PORT = 8444     # in the intranet
@@ -60,10 +58,10 @@ USER = "alice"
 PASSWORD = "correct horse battery staple"
 TESTS = Path(__file__).parent.parent
 
-# Where each role is reached: its certificate names these addresses.
-ROLE_ADDRESSES = {"gateway": [EDGE, EDGE_DMZ], "portal": [SERVER], "sta": [SERVER],
-                  "relay": [RELAY]}
-
+# The roles each host runs, and the addresses each role is reached at: its certificate
+# names them.
+HOST_ROLES = {"edge": {"gateway": [EDGE, EDGE_DMZ]}, "relay": {"relay": [RELAY]},
+              "intranet": {"sta": [SERVER], "portal": [SERVER]}}
 
 @dataclass
 class DoubleHop:
@@ -130,30 +128,30 @@ class DoubleHop:
             time.sleep(0.2)
 
 
-def _issue_role_certificates(deployment: Deployment) -> None:
-    """Each role's certificate names the addresses it is reached at (and only those)."""
-    pki = deployment.directory / "pki"
-    ca = load_pair(pki / "ca.crt", pki / "ca.key")
-    for role, addresses in ROLE_ADDRESSES.items():
-        for suffix in ("crt", "key"):
-            (pki / f"{role}.{suffix}").unlink()
-        write_pair(pki, role, issue_certificate(ca, ROLE_COMMON_NAMES[role],
-                                                ip_addresses=addresses))
+def _issue_certificates(deployment: Deployment, host: str, pki: Path) -> None:
+    """The certificates of the roles `host` runs, and only those, in its own pki/, as
+    an administrator issues them (`portcullis cert issue --role`)."""
+    for role, addresses in HOST_ROLES[host].items():
+        ips = [option for address in addresses for option in ("--ip", address)]
+        issued = run_cli("cert", "issue", "--role", role, *ips, "--out", str(pki),
+                         "--dir", str(deployment.directory))
+        assert issued.returncode == 0, issued.stderr
 
 
 def _host_config(deployment: Deployment, host: str, settings: dict[str, dict[str, str]],
                  tables: str = "") -> Path:
-    """DIR/hosts/HOST/portcullis.toml: the deployment's, with the shared files named by
-    absolute path, `settings` ({section: {key: TOML literal}}) set, `tables` appended."""
+    """DIR/hosts/HOST/: its roles' certificates, and a portcullis.toml that is the
+    deployment's with the shared files named by absolute path, `settings` ({section:
+    {key: TOML literal}}) set and `tables` appended."""
     directory = deployment.directory / "hosts" / host
     directory.mkdir(parents=True)
+    _issue_certificates(deployment, host, directory / "pki")
     base = deployment.directory.resolve()
     text = deployment.config.read_text()
     (directory / "portcullis.toml").write_text(
         f'secrets_dir = "{base / "secrets"}"\n' + text + tables)
     copy = Deployment(directory, deployment.port, deployment.admin_password)
-    shared = {"tls": {"ca_cert": f'"{base / "pki" / "ca.crt"}"',
-                      "directory": f'"{base / "pki"}"'},
+    shared = {"tls": {"ca_cert": f'"{base / "pki" / "ca.crt"}"', "directory": '"pki"'},
               "store": {"durable": f'"sqlite:///{base / "portcullis.db"}"'}}
     for section, values in [*shared.items(), *settings.items()]:
         for key, value in values.items():
@@ -249,7 +247,6 @@ def deploy(hosts: DoubleHopHosts, directory: Path, *, via: str = "relay"
     password = re.search(r"password: (\S+)", made.stdout)
     assert password, made.stdout
     deployment = Deployment(directory / "deployment", GATEWAY_PORT, password.group(1))
-    _issue_role_certificates(deployment)
     with _session_store((hosts.dmz1, hosts.intranet), directory) as store:
         try:
             directories = _configure(deployment, hosts.mode, via, f'"{store}"')
