@@ -25,7 +25,7 @@ from peers.doublehop import (
     deploy,
 )
 from peers.servers import DnsServer
-from peers.topology import MODES, SERVER, Mode, double_hop
+from peers.topology import MODES, RELAY, RELAY_PORT, SERVER, Mode, double_hop
 
 ECHO_THROUGH = f"""
 import sys
@@ -74,6 +74,14 @@ def echo_through(running: DoubleHop, host: str, port: int, size: int) -> None:
     assert echoed.returncode == 0, echoed.stderr
     sent, received, count = echoed.stdout.split()
     assert int(count) == size and received == sent
+
+
+def test_only_in_classic_mode_may_the_edge_open_a_connection_to_the_running_relay(
+        running: DoubleHop) -> None:
+    hosts = running.hosts
+    assert hosts.dmz1.connects(RELAY, RELAY_PORT) is (hosts.mode == "classic")
+    assert not hosts.dmz1.connects(SERVER, WEB_PORT)   # and never to the inside
+    assert running.roles["relay"].popen.poll() is None
 
 
 def launch(running: DoubleHop, home: Path, resource: str) -> tuple[str, int]:
