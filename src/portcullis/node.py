@@ -3,7 +3,8 @@
 `portcullis up` is a node with every role; `portcullis serve ROLE…` a node with some.
 Roles in one process call each other directly (the in-process shortcut); roles in
 other processes are reached over HTTPS with mutual TLS, certificates from the
-deployment CA.
+deployment CA. Every connection towards the inside (launched servers, tunnel streams,
+remote STAs, a portal elsewhere) is made by one Dialer, built once from `[dialer]`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from portcullis.identity.providers import IdentityProviders, client_ca_path
 from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import Throttle
 from portcullis.identity.totp import SelfEnrolment
-from portcullis.net.dialer import DirectDialer
+from portcullis.net.dialer import Dialer
+from portcullis.net.dialers import TimeBoundDialer, dialer_from_settings
 from portcullis.net.tls import client_context, server_context
 from portcullis.net.websocket import MAX_WEBSOCKET_MESSAGE, Opened
 from portcullis.pki.maintenance import LoadedCertificates, maintain
@@ -162,13 +164,15 @@ class Node:
         local_sta = self._sta_role(hasher) if "sta" in self.roles else None
         if not {"gateway", "portal"} & set(self.roles):
             return
+        # The one Dialer of this node: every role's inward connections go through it.
+        dialer = dialer_from_settings(self.settings.dialer)
         sessions = SessionManager(self.ephemeral, accounts, hasher, self.settings.session,
                                   audit=self.audit, events=self.events)
-        authorities = self._ticket_authorities(local_sta)
+        authorities = self._ticket_authorities(local_sta, dialer)
         portal_app = (self._portal_role(hasher, sessions, authorities)
                       if "portal" in self.roles else None)
         if "gateway" in self.roles:
-            self._gateway_role(accounts, sessions, authorities, portal_app)
+            self._gateway_role(accounts, sessions, authorities, portal_app, dialer)
 
     def reload(self) -> None:
         """Re-read the configuration: new access policies and tunnel settings apply to
@@ -186,7 +190,8 @@ class Node:
         first = self.first_settings
         held = {"vpn.address_pool": (first.vpn.address_pool, fresh.vpn.address_pool),
                 "vpn.dial_timeout": (first.vpn.dial_timeout, fresh.vpn.dial_timeout),
-                "admin_groups": (first.admin_groups, fresh.admin_groups)}
+                "admin_groups": (first.admin_groups, fresh.admin_groups),
+                "dialer": (first.dialer, fresh.dialer)}
         needs_restart = [key for key, (old, new) in held.items() if old != new]
         self.settings = self.settings.model_copy(update={"policies": fresh.policies,
                                                          "vpn": fresh.vpn})
@@ -210,7 +215,8 @@ class Node:
             client_roles=frozenset({"gateway", "portal"})))
         return authority
 
-    def _ticket_authorities(self, local_sta: TicketAuthority | None) -> TicketAuthorities:
+    def _ticket_authorities(self, local_sta: TicketAuthority | None,
+                            dialer: Dialer) -> TicketAuthorities:
         """Every configured STA: this process's directly, the others over mutual TLS."""
         settings = self.settings
         client_role = "gateway" if "gateway" in self.roles else "portal"
@@ -219,7 +225,7 @@ class Node:
             if local_sta is not None and sta_id == local_sta.sta_id:
                 by_id[sta_id] = local_sta
             else:
-                remote = RemoteTicketAuthority(url, self.role_tls_client(client_role))
+                remote = RemoteTicketAuthority(url, self.role_tls_client(client_role), dialer)
                 by_id[sta_id] = remote
                 self._closers.append(remote.close)
         issuing = settings.sta.id if settings.sta.id in by_id else next(iter(by_id))
@@ -250,7 +256,8 @@ class Node:
         return portal_app
 
     def _gateway_role(self, accounts: AccountStatus, sessions: SessionManager,
-                      authorities: TicketIssuer, portal_app: Starlette | None) -> None:
+                      authorities: TicketIssuer, portal_app: Starlette | None,
+                      dialer: Dialer) -> None:
         settings = self.settings
         # A portal in another process with a memory:// store keeps sessions this gateway
         # cannot see: launches are then not tied to them (and tunnels cannot sign in).
@@ -261,15 +268,16 @@ class Node:
                         "memory://: ending a sign-in session will not end its launched "
                         "connections; share a redis:// store")
         launch = LaunchEndpoint(
-            authorities, DirectDialer(), accounts, self.registry, self.audit,
+            authorities, dialer, accounts, self.registry, self.audit,
             LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds,
                            timers=mux_timers(settings.vpn)),
             sessions if sessions_here else None)
         self.websocket_endpoints[LAUNCH_PATH] = launch.opened
         pool = (AddressPool(ipaddress.ip_network(settings.vpn.address_pool), self.ephemeral)
                 if settings.vpn.address_pool else None)
+        # vpn.dial_timeout bounds a tunnel's TCP streams within what the Dialer allows.
         tunnel = TunnelEndpoint(sessions, lambda: self.policy, lambda: self.settings.vpn,
-                                DirectDialer(timeout=settings.vpn.dial_timeout),
+                                TimeBoundDialer(dialer, settings.vpn.dial_timeout),
                                 self.registry, self.audit, pool=pool)
         self.websocket_endpoints[TUNNEL_PATH] = tunnel.opened
         self.session_watch = SessionWatch(self.registry, sessions, accounts, self.events,
@@ -282,7 +290,8 @@ class Node:
             if not settings.gateway.portal_url:
                 raise ConfigError("set gateway.portal_url when the portal runs elsewhere",
                                   key="gateway.portal_url")
-            proxy = PortalProxy(settings.gateway.portal_url, self.role_tls_client("gateway"))
+            proxy = PortalProxy(settings.gateway.portal_url, self.role_tls_client("gateway"),
+                                dialer)
             self._closers.append(proxy.close)
             methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
             routes.append(Route("/{path:path}", proxy.forward, methods=methods))

@@ -1,6 +1,7 @@
 """When the portal runs in another process, the gateway forwards portal requests to it
 over mutual TLS, adding the client's address (which the portal trusts only because the
-connection carries the gateway's certificate).
+connection carries the gateway's certificate). The connections are made by the node's
+Dialer, like every connection towards the inside.
 
 The request target goes on as the client sent it (not decoded and encoded again); one
 that cannot go on as it is, is answered 4xx here and never reaches the portal."""
@@ -13,6 +14,8 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 
+from portcullis.net.dialer import Dialer
+from portcullis.net.httpdial import DialerTransport
 from portcullis.web.client_certificate import FORWARDED_HEADER, forwarded_value
 
 # Never passed on: hop-by-hop headers, what httpx has already decoded, and every
@@ -40,8 +43,9 @@ def forwardable_target(raw_path: bytes, query: bytes, path: str) -> tuple[bytes 
 
 
 class PortalProxy:
-    def __init__(self, portal_url: str, tls: ssl.SSLContext) -> None:
-        self._http = httpx.AsyncClient(base_url=portal_url, verify=tls, timeout=15.0,
+    def __init__(self, portal_url: str, tls: ssl.SSLContext, dialer: Dialer) -> None:
+        self._http = httpx.AsyncClient(base_url=portal_url, timeout=15.0,
+                                       transport=DialerTransport(dialer, tls),
                                        follow_redirects=False)
 
     async def forward(self, request: Request) -> Response:

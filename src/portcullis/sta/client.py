@@ -1,7 +1,8 @@
 """How portals and gateways reach STAs: in-process, or over HTTPS with mutual TLS.
 
 `TicketAuthorities` routes each redemption to the STA the ticket names, so several
-STAs can serve one deployment. The remote client maps every transport failure into
+STAs can serve one deployment. The remote client's connections are made by the node's
+Dialer (directly, or through the relay); it maps every transport failure into
 TicketError; what the STA said stays out of the answer to the end user.
 """
 
@@ -14,6 +15,8 @@ from typing import Any, Protocol
 import httpx
 
 from portcullis.errors import TicketError
+from portcullis.net.dialer import Dialer
+from portcullis.net.httpdial import DialerTransport
 from portcullis.sta.authority import IssuedTicket, TicketGrant, TicketRequest, sta_id_of
 
 
@@ -26,9 +29,11 @@ class TicketIssuer(Protocol):
 class RemoteTicketAuthority:
     """An STA reached over the network; the client certificate is the credential."""
 
-    def __init__(self, base_url: str, tls: ssl.SSLContext, *, timeout: float = 5.0) -> None:
+    def __init__(self, base_url: str, tls: ssl.SSLContext, dialer: Dialer, *,
+                 timeout: float = 5.0) -> None:
         self._base_url = base_url
-        self._http = httpx.AsyncClient(base_url=base_url, verify=tls, timeout=timeout)
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout,
+                                       transport=DialerTransport(dialer, tls))
 
     async def issue(self, request: TicketRequest) -> IssuedTicket:
         body = await self._post("/sta/v1/tickets", asdict(request))
