@@ -18,6 +18,7 @@ import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -37,6 +38,8 @@ from portcullis.gateway.launch import PATH as LAUNCH_PATH
 from portcullis.gateway.launch import LaunchEndpoint, LaunchSettings
 from portcullis.gateway.pool import AddressPool
 from portcullis.gateway.proxy import PortalProxy
+from portcullis.gateway.relays import PATH as RELAY_PATH
+from portcullis.gateway.relays import RelayEndpoint, dial_out_endpoint
 from portcullis.gateway.revocation import SessionWatch
 from portcullis.gateway.tunnel import PATH as TUNNEL_PATH
 from portcullis.gateway.tunnel import TunnelEndpoint, mux_timers
@@ -49,7 +52,7 @@ from portcullis.identity.throttle import Throttle
 from portcullis.identity.totp import SelfEnrolment
 from portcullis.net.dialer import Dialer
 from portcullis.net.dialers import TimeBoundDialer, dialer_from_settings
-from portcullis.net.tls import client_context, server_context
+from portcullis.net.tls import ResumingClientContext, client_context, server_context
 from portcullis.net.websocket import MAX_WEBSOCKET_MESSAGE, Opened
 from portcullis.pki.maintenance import LoadedCertificates, maintain
 from portcullis.policy import AccessPolicy
@@ -67,7 +70,7 @@ from portcullis.store import (
     open_event_bus,
 )
 from portcullis.tokens import TokenHasher
-from portcullis.web.client_certificate import ClientCertificateHttp
+from portcullis.web.client_certificate import user_certificate_http
 from portcullis.web.edge import Edge, EdgeServer, raise_open_files_limit
 from portcullis.web.roles import role_checked_http
 from portcullis.web.security import SecurityMiddleware
@@ -103,6 +106,7 @@ class Node:
     # Session endings, shared with the other nodes through the ephemeral store.
     events: EventBus = field(default_factory=MemoryEventBus)
     session_watch: SessionWatch | None = None
+    relays: RelayEndpoint | None = None   # dial-out: the relays connected to this edge
     edge: Edge = field(init=False)
     _closers: list[Callable[[], Any]] = field(default_factory=list)
     certificates: LoadedCertificates = field(init=False)
@@ -143,10 +147,11 @@ class Node:
             cert, key, require_client_cert=require_client_cert,
             client_ca_file=self.settings.ca_cert_path if require_client_cert else None))
 
-    def role_tls_client(self, role: str) -> ssl.SSLContext:
+    def role_tls_client(self, role: str) -> ResumingClientContext:
         cert, key = self.settings.role_cert(role)
-        return self.certificates.track(role, client_context(
-            self.settings.ca_cert_path, cert_file=cert, key_file=key))
+        context = client_context(self.settings.ca_cert_path, cert_file=cert, key_file=key)
+        self.certificates.track(role, context)
+        return context
 
     def check_certificates(self, now: dt.datetime | None = None) -> list[str]:
         """Renew this node's due certificates, warn about any that need attention, and
@@ -164,8 +169,15 @@ class Node:
         local_sta = self._sta_role(hasher) if "sta" in self.roles else None
         if not {"gateway", "portal"} & set(self.roles):
             return
+        # Dial-out: the relays connect to this gateway, and the Dialer uses them.
+        if "gateway" in self.roles:
+            self.relays = dial_out_endpoint(self.settings, self.ephemeral, self.audit,
+                                            mux_timers(self.settings.vpn))
         # The one Dialer of this node: every role's inward connections go through it.
-        dialer = dialer_from_settings(self.settings.dialer)
+        dialer = dialer_from_settings(
+            self.settings.dialer, relays=self.relays.pool if self.relays else None,
+            datagram_idle_timeout=self.settings.vpn.udp_idle_timeout,
+            gateway_tls=lambda: self.role_tls_client("gateway"))
         sessions = SessionManager(self.ephemeral, accounts, hasher, self.settings.session,
                                   audit=self.audit, events=self.events)
         authorities = self._ticket_authorities(local_sta, dialer)
@@ -267,6 +279,8 @@ class Node:
             log.warning("the portal runs in another process and store.ephemeral is "
                         "memory://: ending a sign-in session will not end its launched "
                         "connections; share a redis:// store")
+        if self.relays is not None:
+            self.websocket_endpoints[RELAY_PATH] = self.relays.opened
         launch = LaunchEndpoint(
             authorities, dialer, accounts, self.registry, self.audit,
             LaunchSettings(ticket_wait=settings.gateway.ticket_wait_seconds,
@@ -283,7 +297,7 @@ class Node:
         self.session_watch = SessionWatch(self.registry, sessions, accounts, self.events,
                                           self.audit, lambda: self.settings.vpn.session_check)
         routes: list[Any] = admin_routes(self.registry, sessions, settings.admin_groups,
-                                         self.audit, self.events)
+                                         self.audit, self.events, self.ephemeral)
         if portal_app is not None:
             routes.append(Mount("/", app=portal_app))
         else:
@@ -297,11 +311,18 @@ class Node:
             routes.append(Route("/{path:path}", proxy.forward, methods=methods))
         host, port = parse_host_port(settings.gateway.listen)
         cert, key = settings.role_cert("gateway")
-        # Browsers are asked for a certificate only when flows can use one.
-        tls = self.certificates.track(
-            "gateway", server_context(cert, key, client_ca_file=client_ca_path(settings)))
+        # Browsers are asked for a certificate only when flows can use one, or relays
+        # dial out to this port (their role certificates never sign a user in: see
+        # web/client_certificate.py).
+        tls = self.certificates.track("gateway", server_context(
+            cert, key, client_ca_file=client_ca_path(settings),
+            also_trust=self._trusted_for_relays()))
         self.listeners.append(Listener(
             "gateway", host, port, self._secure(Starlette(routes=routes)), tls))
+
+    def _trusted_for_relays(self) -> list[Path]:
+        """CAs the gateway's listener trusts for relays dialling out, not for users."""
+        return [self.settings.ca_cert_path] if self.relays is not None else []
 
     def _secure(self, app: ASGIApp) -> ASGIApp:
         limits = self.settings.limits
@@ -313,7 +334,9 @@ class Node:
         websocket: Any = (websocket_protocol_class(self.websocket_endpoints, self.edge.closed)
                           if listener.role == "gateway" else "none")
         http = (role_checked_http(listener.client_roles, listener.role, self.audit)
-                if listener.client_roles else ClientCertificateHttp)
+                if listener.client_roles
+                else user_certificate_http(client_ca_path(self.settings),
+                                           self._trusted_for_relays()))
         # No TLS here: the edge's acceptor does it (web/edge.py, EdgeServer).
         return uvicorn.Config(
             listener.app, host=listener.host, port=listener.port,
@@ -378,6 +401,8 @@ class Node:
             stop()
             for watcher in watchers:
                 watcher.cancel()
+            if self.relays is not None:   # they reconnect to another edge node
+                self.relays.pool.drain("this edge node is stopping")
             self.registry.end_all(Reason.SHUTDOWN, "the gateway is shutting down")
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)

@@ -8,10 +8,15 @@ from typing import Any
 
 import pytest
 
+from conftest import Deployment
 from peers.servers import EchoServer
 from portcullis.config.model import DialerSettings
 from portcullis.errors import ConfigError, DialError
+from portcullis.gateway.relays import RelayPool
 from portcullis.net.dialers import TimeBoundDialer, dialer_from_settings
+from portcullis.net.muxdialer import MuxDialer
+from portcullis.net.socksrelay import ClassicRelayDialer
+from portcullis.net.tls import ResumingClientContext, client_context
 from portcullis.proto.reasons import Reason
 
 
@@ -35,9 +40,30 @@ async def test_the_direct_setting_gives_a_dialer_that_connects(
     assert bytes(received.data) == b"inward"
 
 
-def test_a_relay_mode_not_built_yet_is_a_config_error_naming_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"dialer\.mode: .*not built yet"):
+def test_dial_out_gives_the_mux_dialer_over_the_gateway_s_relay_connections() -> None:
+    relays = RelayPool()
+    assert isinstance(dialer_from_settings(DialerSettings(via="relay", mode="dial-out"),
+                                           relays=relays), MuxDialer)
+    with pytest.raises(ConfigError, match=r"dialer\.mode: .*needs the gateway role"):
         dialer_from_settings(DialerSettings(via="relay", mode="dial-out"))
+
+
+def test_classic_gives_the_relay_dialer_with_the_gateways_tls_context(
+        deployment: Deployment) -> None:
+    pki = deployment.directory / "pki"
+    settings = DialerSettings(via="relay", mode="classic", relay="127.0.0.1:8444")
+    asked: list[str] = []
+
+    def gateway_tls() -> ResumingClientContext:
+        asked.append("gateway")
+        return client_context(pki / "ca.crt", cert_file=pki / "gateway.crt",
+                              key_file=pki / "gateway.key")
+
+    assert isinstance(dialer_from_settings(settings, gateway_tls=gateway_tls),
+                      ClassicRelayDialer)
+    assert asked == ["gateway"]
+    with pytest.raises(ConfigError, match=r"dialer\.mode: classic mode needs the gateway"):
+        dialer_from_settings(settings)
 
 
 class _NeverConnects:

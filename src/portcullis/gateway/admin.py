@@ -5,7 +5,10 @@ because that is where the connections are (each node lists its own).
 Ending takes a scope: `session` (the default) revokes the sign-in session(s) the
 connections came from, so their tokens and tickets stop working and every node ends
 their connections; `connections` ends the connections only, and the user may connect
-again with the same session."""
+again with the same session.
+
+`/api/v1/admin/relays` lists the dial-out relay connections of every node (from the
+registry all nodes share in the ephemeral store): which node holds which connection."""
 
 from __future__ import annotations
 
@@ -18,17 +21,18 @@ from starlette.routing import Route
 from portcullis.audit import AuditTrail
 from portcullis.errors import AuthError
 from portcullis.gateway.connections import ConnectionRegistry
+from portcullis.gateway.relays import relay_connections
 from portcullis.identity.endings import Ending, SessionEnded, announce, notice
 from portcullis.identity.names import canonical_username
 from portcullis.identity.sessions import Session, SessionManager
-from portcullis.store import EventBus
+from portcullis.store import EphemeralStore, EventBus
 
 SCOPES = ("session", "connections")
 
 
 def admin_routes(registry: ConnectionRegistry, sessions: SessionManager,
                  admin_groups: Sequence[str], audit: AuditTrail,
-                 events: EventBus) -> list[Route]:
+                 events: EventBus, store: EphemeralStore) -> list[Route]:
     async def administrator(request: Request) -> Session | None:
         header = request.headers.get("authorization", "")
         if not header.lower().startswith("bearer "):
@@ -101,7 +105,13 @@ def admin_routes(registry: ConnectionRegistry, sessions: SessionManager,
                      sessions=[c.id for c in ended], scope=scope, revoked=revoked)
         return JSONResponse({"ended": [c.id for c in ended], "revoked": revoked})
 
+    async def list_relays(request: Request) -> JSONResponse:
+        if await administrator(request) is None:
+            return JSONResponse({"error": "denied"}, 403)
+        return JSONResponse({"relays": await relay_connections(store)})
+
     return [
+        Route("/api/v1/admin/relays", list_relays, methods=["GET"]),
         Route("/api/v1/admin/sessions", list_sessions, methods=["GET"]),
         Route("/api/v1/admin/sessions", end_user_sessions, methods=["DELETE"]),
         Route("/api/v1/admin/sessions/{id}", end_session, methods=["DELETE"]),

@@ -23,7 +23,7 @@ from websockets.http11 import Request
 
 from portcullis.audit import AuditTrail
 from portcullis.config.model import VpnSettings
-from portcullis.errors import DialError, ProtocolError, StoreError
+from portcullis.errors import DialError, StoreError
 from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.gateway.pool import AddressPool
 from portcullis.identity.claims import Claims
@@ -45,8 +45,6 @@ from portcullis.proto.mux import Limits, MuxConnection, Reason, Timers
 
 PATH = "/api/v1/tunnel"
 log = structlog.get_logger("portcullis.tunnel")
-MAX_ECHO_DATA = 1024
-MAX_ECHOES_IN_FLIGHT = 16   # per ICMP flow
 PROTOCOL_NAMES: dict[mux.Protocol, Literal["tcp", "udp", "icmp"]] = {
     mux.Protocol.TCP: "tcp", mux.Protocol.UDP: "udp", mux.Protocol.ICMP: "icmp"}
 
@@ -247,12 +245,15 @@ class TunnelEndpoint:
                                duration=round(time.monotonic() - started, 3))
 
         # Dial exactly the address admitted: never the name again (no second lookup).
+        idle_timeout = self._vpn().udp_idle_timeout
         if event.protocol == mux.Protocol.UDP:
-            failed = await self._open_flow(session, event.stream_id, str(address), event.port,
-                                           audit_stream, source)
+            failed = await session.connect_flow(event.stream_id, self._dialer, str(address),
+                                                event.port, idle_timeout=idle_timeout,
+                                                on_closed=audit_stream, source=source)
         elif event.protocol == mux.Protocol.ICMP:
-            failed = await self._open_echo(session, event.stream_id, str(address),
-                                           audit_stream, source)
+            failed = await session.connect_echo(event.stream_id, self._dialer, str(address),
+                                                idle_timeout=idle_timeout,
+                                                on_closed=audit_stream, source=source)
         else:
             failed = await session.connect_stream(event.stream_id, self._dialer, str(address),
                                                   event.port, on_closed=audit_stream,
@@ -260,91 +261,7 @@ class TunnelEndpoint:
         if failed is not None:
             self._audit.record("tunnel.stream_failed", **audit, reason=str(failed))
 
-    async def _open_echo(self, session: MuxSession, stream_id: int, address: str,
-                         on_closed: Callable[[DatagramFlow], None],
-                         source: str | None) -> DialError | None:
-        """ICMP echo: each datagram from the client is one echo the Dialer performs."""
-        try:
-            channel = await self._dialer.open_echo(address, source=source)
-        except DialError as exc:
-            session.refuse(stream_id, exc.reason, str(exc))
-            return exc
-        replies: set[asyncio.Task[None]] = set()
-
-        async def echo(request: bytes) -> None:
-            if len(request) < 2 or len(request) > 2 + MAX_ECHO_DATA:
-                return
-            sequence = int.from_bytes(request[:2], "big")
-            try:
-                answer = await channel.echo(sequence, request[2:])
-            except DialError as exc:
-                log.warning("ICMP echo failed", error=str(exc))
-                return
-            if answer is not None:
-                data, seconds = answer
-                flow.send(request[:2] + int(seconds * 1e6).to_bytes(4, "big") + data)
-
-        def deliver(request: bytes) -> None:
-            if len(replies) >= MAX_ECHOES_IN_FLIGHT:
-                return   # dropped, as a router would: echoes are not queued
-            task = asyncio.ensure_future(echo(request))
-            replies.add(task)
-            task.add_done_callback(replies.discard)
-
-        def closed(ended: DatagramFlow) -> None:
-            for task in list(replies):
-                task.cancel()
-            channel.close()
-            on_closed(ended)
-
-        try:
-            flow = session.accept_flow(stream_id, deliver,
-                                       idle_timeout=self._vpn().udp_idle_timeout)
-        except ProtocolError:   # the client reset it meanwhile
-            channel.close()
-            return None
-        flow.on_closed = closed
-        return None
-
-    async def _open_flow(self, session: MuxSession, stream_id: int, host: str, port: int,
-                         on_closed: Callable[[DatagramFlow], None],
-                         source: str | None) -> DialError | None:
-        try:
-            transport, socket_side = await self._dialer.connect_udp(host, port, UdpSocket,
-                                                                    source=source)
-        except DialError as exc:
-            session.refuse(stream_id, exc.reason, str(exc))
-            return exc
-        try:
-            flow = session.accept_flow(stream_id, transport.sendto,
-                                       idle_timeout=self._vpn().udp_idle_timeout)
-        except ProtocolError:   # the client reset it meanwhile
-            transport.close()
-            return None
-
-        def closed(ended: DatagramFlow) -> None:
-            transport.close()
-            on_closed(ended)
-
-        flow.on_closed = closed
-        socket_side.flow = flow
-        return None
-
 
 def mux_timers(vpn: VpnSettings) -> Timers:
     """The keep-alive and idle timers of the gateway's mux connections."""
     return Timers(vpn.keepalive_interval, vpn.dead_peer_timeout, vpn.udp_idle_timeout)
-
-
-class UdpSocket(asyncio.DatagramProtocol):
-    """The gateway's socket of one UDP flow: what the server answers goes to the flow."""
-
-    def __init__(self) -> None:
-        self.flow: DatagramFlow | None = None
-
-    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
-        if self.flow is not None:
-            self.flow.send(data)
-
-    def error_received(self, exc: Exception) -> None:
-        pass   # ICMP errors (port unreachable): UDP's own semantics; the flow idles out

@@ -118,6 +118,18 @@ class _DirectEcho:
         pass   # the pinger's sockets serve every channel
 
 
+def give_to_buffered(protocol: asyncio.BufferedProtocol, data: bytes | memoryview) -> None:
+    """Copy `data` into a BufferedProtocol's buffers, as the event loop's transports do:
+    for a relay dialer's transport, which hands over bytes it already holds."""
+    view = memoryview(data)
+    while view:
+        buffer = memoryview(protocol.get_buffer(len(view)))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]
+
+
 def _bound_to(source: str, kind: socket.SocketKind) -> socket.socket:
     """A non-blocking socket bound to `source`, which need not be configured on an
     interface (IP_FREEBIND): a pool address routed to this host."""

@@ -14,18 +14,37 @@ from typing import TypeVar
 from portcullis.config.model import DialerSettings
 from portcullis.errors import ConfigError, DialError
 from portcullis.net.dialer import Dialer, DirectDialer, EchoChannel
+from portcullis.net.muxdialer import MuxDialer, RelaySessions
+from portcullis.net.socksrelay import ClassicRelayDialer
+from portcullis.net.tls import ResumingClientContext
 from portcullis.proto.reasons import Reason
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 D = TypeVar("D", bound=asyncio.DatagramProtocol)
 
 
-def dialer_from_settings(settings: DialerSettings) -> Dialer:
+def dialer_from_settings(settings: DialerSettings, *, relays: RelaySessions | None = None,
+                         datagram_idle_timeout: float = 60.0,
+                         gateway_tls: Callable[[], ResumingClientContext] | None = None
+                         ) -> Dialer:
+    """`relays`: in dial-out mode, the relay connections this gateway holds (its
+    `/api/v1/relay` endpoint's pool). `datagram_idle_timeout`: when a relayed UDP or
+    ICMP flow with no traffic ends. `gateway_tls`: in classic mode, the gateway's client
+    context (its certificate and the deployment CA), which the node keeps renewed."""
     if settings.via == "direct":
         return DirectDialer(timeout=settings.timeout)
     # via = "relay": one branch per mode.
-    raise ConfigError(f'via = "relay" in {settings.mode} mode is not built yet; '
-                      'use via = "direct"', key="dialer.mode")
+    if settings.mode == "dial-out":
+        if relays is None:
+            raise ConfigError("dial-out mode needs the gateway role on this node: relays "
+                              "connect to gateways", key="dialer.mode")
+        return MuxDialer(relays, timeout=settings.timeout,
+                         datagram_idle_timeout=datagram_idle_timeout)
+    if gateway_tls is None:
+        raise ConfigError("classic mode needs the gateway's certificate on this node: the "
+                          "relay accepts only the gateway", key="dialer.mode")
+    assert settings.relay is not None   # DialerSettings requires it in classic mode
+    return ClassicRelayDialer(settings.relay, gateway_tls(), timeout=settings.timeout)
 
 
 class TimeBoundDialer:

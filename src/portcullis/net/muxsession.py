@@ -35,6 +35,8 @@ from portcullis.proto.mux import MuxConnection, Reason, Timers
 
 log = structlog.get_logger("portcullis.mux")
 
+MAX_ECHO_DATA = 1024
+MAX_ECHOES_IN_FLIGHT = 16   # per ICMP flow
 # The largest message we send (several frames coalesced); both ends accept this much
 # plus one frame (the WebSocket max_size on either side is set from it).
 DEFAULT_MAX_MESSAGE = 1024 * 1024
@@ -81,6 +83,10 @@ class StreamCounters:
 
 class StreamBridge(asyncio.Protocol):
     """One mux stream joined to one TCP connection."""
+
+    # Payload may be handed in as memoryviews (the relay dialer's streams): the codec
+    # takes them as they are.
+    accepts_views = True
 
     def __init__(self, session: MuxSession, stream_id: int, *, accepted: bool) -> None:
         self.session = session
@@ -256,7 +262,9 @@ class DatagramFlow:
         for data in queued:
             self.send(data)
 
-    def on_ended(self) -> None:
+    def on_ended(self, refusal: tuple[Reason, str] | None = None) -> None:
+        """The flow is over: the peer refused, reset or ended it, it idled out, or the
+        tunnel ended (`refusal` says why when the peer did)."""
         if self._ended:
             return
         self._ended = True
@@ -271,8 +279,23 @@ class DatagramFlow:
         self.on_ended()
 
 
+class UdpSocket(asyncio.DatagramProtocol):
+    """The socket of one UDP flow a peer opened: what the server answers goes to the flow."""
+
+    def __init__(self) -> None:
+        self.flow: DatagramFlow | None = None
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        if self.flow is not None:
+            self.flow.send(data)
+
+    def error_received(self, exc: Exception) -> None:
+        pass   # ICMP errors (port unreachable): UDP's own semantics; the flow idles out
+
+
 StreamOpenHandler = Callable[["MuxSession", mux.StreamOpened], Awaitable[None]]
 BridgeFactory = Callable[["MuxSession", int], StreamBridge]
+FlowFactory = Callable[["MuxSession", int, Callable[[bytes], None]], DatagramFlow]
 
 
 class MuxSession:
@@ -341,7 +364,7 @@ class MuxSession:
             bridge.on_ended((Reason.CANCELLED, "tunnel closed"))
         for flow in list(self._flows.values()):
             self.forget_flow(flow)
-            flow.on_ended()
+            flow.on_ended((Reason.CANCELLED, "tunnel closed"))
         for task in self._tasks:
             task.cancel()
         if not self.hello.done():
@@ -402,12 +425,13 @@ class MuxSession:
         return bridge
 
     def open_flow(self, host: str, port: int, deliver: Callable[[bytes], None], *,
-                  idle_timeout: float, protocol: mux.Protocol = mux.Protocol.UDP
-                  ) -> DatagramFlow:
+                  idle_timeout: float, protocol: mux.Protocol = mux.Protocol.UDP,
+                  make: FlowFactory | None = None) -> DatagramFlow:
         """Open a UDP (or ICMP echo) flow to the peer (client side)."""
         stream_id = self.mux.open_stream(protocol, host, port, idle_timeout=idle_timeout)
         self.flush_soon()
-        flow = DatagramFlow(self, stream_id, deliver, accepted=False)
+        flow = (make(self, stream_id, deliver) if make is not None
+                else DatagramFlow(self, stream_id, deliver, accepted=False))
         self._flows[stream_id] = flow
         return flow
 
@@ -492,6 +516,82 @@ class MuxSession:
         self.flush_soon()
         return None
 
+    async def connect_flow(self, stream_id: int, dialer: Dialer, host: str, port: int, *,
+                           idle_timeout: float,
+                           on_closed: Callable[[DatagramFlow], None] | None = None,
+                           source: str | None = None) -> DialError | None:
+        """Answer a UDP stream the peer opened with a socket connected to host:port:
+        ACCEPT once it exists, REFUSE (and return why) if it cannot."""
+        try:
+            transport, socket_side = await dialer.connect_udp(host, port, UdpSocket,
+                                                              source=source)
+        except DialError as exc:
+            self.refuse(stream_id, exc.reason, str(exc))
+            return exc
+        try:
+            flow = self.accept_flow(stream_id, transport.sendto, idle_timeout=idle_timeout)
+        except ProtocolError:   # the peer reset it meanwhile
+            transport.close()
+            return None
+
+        def closed(ended: DatagramFlow) -> None:
+            transport.close()
+            if on_closed is not None:
+                on_closed(ended)
+
+        flow.on_closed = closed
+        socket_side.flow = flow
+        return None
+
+    async def connect_echo(self, stream_id: int, dialer: Dialer, address: str, *,
+                           idle_timeout: float,
+                           on_closed: Callable[[DatagramFlow], None] | None = None,
+                           source: str | None = None) -> DialError | None:
+        """Answer an ICMP stream the peer opened: each datagram from the peer (u16
+        sequence + data) is one echo the Dialer performs; each reply goes back as u16
+        sequence + u32 round trip in microseconds + data."""
+        try:
+            channel = await dialer.open_echo(address, source=source)
+        except DialError as exc:
+            self.refuse(stream_id, exc.reason, str(exc))
+            return exc
+        replies: set[asyncio.Task[None]] = set()
+
+        async def echo(request: bytes) -> None:
+            if len(request) < 2 or len(request) > 2 + MAX_ECHO_DATA:
+                return
+            sequence = int.from_bytes(request[:2], "big")
+            try:
+                answer = await channel.echo(sequence, bytes(request[2:]))
+            except DialError as exc:
+                log.warning("ICMP echo failed", error=str(exc))
+                return
+            if answer is not None:
+                data, seconds = answer
+                flow.send(request[:2] + int(seconds * 1e6).to_bytes(4, "big") + data)
+
+        def deliver(request: bytes) -> None:
+            if len(replies) >= MAX_ECHOES_IN_FLIGHT:
+                return   # dropped, as a router would: echoes are not queued
+            task = asyncio.ensure_future(echo(request))
+            replies.add(task)
+            task.add_done_callback(replies.discard)
+
+        def closed(ended: DatagramFlow) -> None:
+            for task in list(replies):
+                task.cancel()
+            channel.close()
+            if on_closed is not None:
+                on_closed(ended)
+
+        try:
+            flow = self.accept_flow(stream_id, deliver, idle_timeout=idle_timeout)
+        except ProtocolError:   # the peer reset it meanwhile
+            channel.close()
+            return None
+        flow.on_closed = closed
+        return None
+
     def refuse(self, stream_id: int, reason: Reason, message: str) -> None:
         """Refuse a stream the peer opened, unless it has gone meanwhile."""
         with contextlib.suppress(ProtocolError):
@@ -569,7 +669,7 @@ class MuxSession:
                     bridge.on_ended((event.reason, event.message))
                 elif (flow := self._flows.get(event.stream_id)) is not None:
                     self.forget_flow(flow)
-                    flow.on_ended()
+                    flow.on_ended((event.reason, event.message))
             elif isinstance(event, mux.StreamOpened):
                 if self._on_open is None:
                     self.mux.refuse_stream(event.stream_id, Reason.DENIED,

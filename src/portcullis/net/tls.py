@@ -15,6 +15,7 @@ loading files are mapped here to `PKIError` naming the file.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
 from portcullis.errors import PKIError
@@ -50,11 +51,14 @@ def server_context(
     *,
     client_ca_file: Path | None = None,
     require_client_cert: bool = False,
+    also_trust: Sequence[Path] = (),
 ) -> ssl.SSLContext:
     """A server context presenting `cert_file`.
 
     With `client_ca_file`, client certificates signed by that CA are verified: required
-    (mutual TLS) when `require_client_cert`, otherwise optional.
+    (mutual TLS) when `require_client_cert`, otherwise optional. `also_trust` adds CAs
+    whose client certificates are verified too (optional ones only): a listener that
+    accepts several kinds of client must then check, per use, which CA signed one.
     """
     if require_client_cert and client_ca_file is None:
         raise PKIError("requiring client certificates needs a client CA file to verify them")
@@ -67,7 +71,30 @@ def server_context(
     if client_ca_file is not None:
         _load_ca(context, Path(client_ca_file))
         context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    for ca_file in also_trust:
+        _load_ca(context, Path(ca_file))
+        if context.verify_mode == ssl.CERT_NONE:
+            context.verify_mode = ssl.CERT_OPTIONAL
     return context
+
+
+class ResumingClientContext(ssl.SSLContext):
+    """A client context that offers `session_to_offer` (a session from an earlier
+    connection to the same server) in every new handshake, to resume it.
+
+    asyncio's and uvloop's `create_connection` take no session argument, but both open
+    TLS through `context.wrap_bio`: this is where the session goes in. The session must
+    come from this same context (OpenSSL's rule); a server that declines it costs only a
+    full handshake."""
+
+    session_to_offer: ssl.SSLSession | None = None
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 server_side: bool = False, server_hostname: str | bytes | None = None,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        if session is None and not server_side:
+            session = self.session_to_offer
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
 
 
 def client_context(
@@ -76,7 +103,7 @@ def client_context(
     cert_file: Path | None = None,
     key_file: Path | None = None,
     check_hostname: bool = True,
-) -> ssl.SSLContext:
+) -> ResumingClientContext:
     """A client context that verifies the server against `ca_file` (None: system store).
 
     `cert_file` (and `key_file`, unless the key is in the same file) present a client
@@ -85,7 +112,7 @@ def client_context(
     """
     if key_file is not None and cert_file is None:
         raise PKIError(f"a client key ({key_file}) was given without its certificate")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context = ResumingClientContext(ssl.PROTOCOL_TLS_CLIENT)
     _apply_profile(context)
     if ca_file is None:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
@@ -105,14 +132,17 @@ def reload_certificate(context: ssl.SSLContext, cert_file: Path, key_file: Path)
 
 
 def describe_tls_failure(
-    exc: BaseException, url: str, *, peer: str = "gateway"
+    exc: BaseException, url: str, *, peer: str = "gateway",
+    untrusted_remedy: str = "pass --ca FILE with the deployment's CA certificate "
+                            "(DIR/pki/ca.crt)",
 ) -> str | None:
     """An actionable sentence when `exc` (or an exception it wraps) is a failed
     certificate verification while connecting to `url`; None for any other failure.
 
     httpx, websockets and asyncio wrap the `ssl.SSLCertVerificationError`, so the
     `__cause__` / `__context__` chain (and exception groups) are searched. `peer` names
-    the server in the sentence ("gateway", "portal"...).
+    the server in the sentence ("gateway", "portal"...); `untrusted_remedy` is what to
+    do when its chain does not lead to a trusted CA.
     """
     error = _find_verification_error(exc)
     if error is None:
@@ -130,10 +160,7 @@ def describe_tls_failure(
             f"the {peer}'s certificate at {url} is outside its validity period ({reason}): "
             "check this machine's clock, or reissue the certificate"
         )
-    return (
-        f"cannot verify the {peer}'s certificate at {url} ({reason}): pass --ca FILE with "
-        "the deployment's CA certificate (DIR/pki/ca.crt)"
-    )
+    return f"cannot verify the {peer}'s certificate at {url} ({reason}): {untrusted_remedy}"
 
 
 def _apply_profile(context: ssl.SSLContext) -> None:

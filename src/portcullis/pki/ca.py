@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -247,6 +247,30 @@ def peer_common_name(der_cert: bytes) -> str | None:
         return None
     value = names[0].value
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def load_ca_certificates(ca_file: Path) -> tuple[x509.Certificate, ...]:
+    """The CA certificates in a PEM file (a bundle may hold several)."""
+    try:
+        return tuple(x509.load_pem_x509_certificates(_read(ca_file, "CA certificate")))
+    except ValueError:
+        raise PKIError(f"CA certificate file {ca_file} holds no usable PEM certificate") from None
+
+
+def issued_by(der_cert: bytes, cas: Sequence[x509.Certificate]) -> bool:
+    """Whether one of `cas` signed this DER certificate. For a listener that trusts
+    several CAs at the TLS handshake and must know which one vouched for a peer."""
+    try:
+        cert = x509.load_der_x509_certificate(der_cert)
+    except ValueError:
+        return False
+    for ca in cas:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
 
 
 def transport_common_name(transport: asyncio.BaseTransport) -> str | None:

@@ -28,11 +28,12 @@ from portcullis.config.model import Settings
 from portcullis.config.values import parse_host_port
 from portcullis.errors import ConfigError, PKIError
 from portcullis.net.dialer import DirectDialer
-from portcullis.net.tls import server_context
+from portcullis.net.tls import client_context, server_context
 from portcullis.pki.maintenance import LoadedCertificates, maintain
 from portcullis.relay.allow import parse_allow_list
 from portcullis.relay.classic import ClassicServer
 from portcullis.relay.core import RelayCore
+from portcullis.relay.dialout import DialOutConnector, DialOutSettings
 from portcullis.relay.health import health_app
 from portcullis.relay.status import RelayStatus
 from portcullis.web.edge import Edge, raise_open_files_limit
@@ -61,6 +62,12 @@ class RelayNode:
         cert, key = settings.role_cert("relay")
         self.tls = self.certificates.track("relay", server_context(
             cert, key, client_ca_file=settings.ca_cert_path, require_client_cert=True))
+        self.dial_out_connector: DialOutConnector | None = None
+        if relay.edges:
+            self.dial_out_connector = DialOutConnector(
+                self.core, DialOutSettings.from_settings(relay),
+                self.certificates.track("relay", client_context(
+                    settings.ca_cert_path, cert_file=cert, key_file=key)))
         self.classic: ClassicServer | None = None
         if not relay.edges or "listen" in relay.model_fields_set:
             # One edge's connections all come from its address: only the total is bounded.
@@ -140,6 +147,8 @@ class RelayNode:
         # _serve, not serve: serve() would install its own signal handlers.
         health_task = asyncio.ensure_future(health._serve([health_sock]))
         daily = asyncio.ensure_future(self._check_certificates_daily())
+        dialling = (asyncio.ensure_future(self.dial_out_connector.run())
+                    if self.dial_out_connector is not None else None)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -156,6 +165,10 @@ class RelayNode:
             if self.classic is not None:
                 self.classic.close()
             daily.cancel()
+            if dialling is not None:
+                dialling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await dialling
             with contextlib.suppress(asyncio.CancelledError):
                 await health_task
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

@@ -6,6 +6,14 @@ puts the certificate TLS verified (against auth.client_ca) into
 portal runs in another process, the gateway passes the certificate on in a header that
 it strips from every client request, and the portal believes that header only on its
 mutual-TLS listener, which only gateways can reach.
+
+Only a user's certificate gets that far. The gateway's listener may trust the deployment
+CA in addition to auth.client_ca (relays dialling out present their role certificates
+there), and auth.client_ca may itself be the deployment CA: so a certificate whose
+common name is a role's never counts, nor does one the deployment CA signed when
+auth.client_ca does not hold that CA (TLS verified it for relays, not for users). The
+check is on the issuer that must NOT have signed it, so users' certificates from an
+intermediate of auth.client_ca keep working.
 """
 
 from __future__ import annotations
@@ -14,27 +22,62 @@ import asyncio
 import base64
 import binascii
 import ssl
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from cryptography import x509
 
 from portcullis.errors import PKIError
 from portcullis.identity.conditions import ClientCertificate
+from portcullis.pki import issued_by, load_ca_certificates, peer_common_name
+from portcullis.pki.roles import ROLE_COMMON_NAMES
 from portcullis.web.edge import HeadTimedHttp
 
 FORWARDED_HEADER = b"x-portcullis-client-certificate"
 
 
+def is_user_certificate(der: bytes, not_for_users: tuple[x509.Certificate, ...]) -> bool:
+    if issued_by(der, not_for_users):
+        return False
+    try:
+        return peer_common_name(der) not in ROLE_COMMON_NAMES.values()
+    except PKIError:
+        return False
+
+
 class ClientCertificateHttp(HeadTimedHttp):
+    """Hands the app the user's certificate (see the module's docstring)."""
+
+    # CAs the listener trusts for other purposes than users' sign-ins.
+    not_for_users: tuple[x509.Certificate, ...] = ()
     _chain: list[str]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-        self._chain = [ssl.DER_cert_to_PEM_cert(der)] if der else []
+        self._chain = ([ssl.DER_cert_to_PEM_cert(der)]
+                       if der and is_user_certificate(der, self.not_for_users) else [])
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope["extensions"] = {"tls": {"client_cert_chain": self._chain}}
+
+
+def user_certificate_http(client_ca_file: Path | None,
+                          also_trusted: Sequence[Path] = ()) -> type[ClientCertificateHttp]:
+    """The HTTP protocol class of a listener whose users sign in with certificates of
+    `client_ca_file` (auth.client_ca), and whose TLS also trusts `also_trusted` CAs for
+    other peers (the deployment CA, for relays)."""
+    for_users = set(load_ca_certificates(client_ca_file)) if client_ca_file else set()
+    others = tuple(ca for path in also_trusted for ca in load_ca_certificates(path)
+                   if ca not in for_users)
+
+    class UserCertificateHttp(ClientCertificateHttp):
+        not_for_users = others
+
+    return UserCertificateHttp
 
 
 def certificate_in_scope(scope: dict[str, Any]) -> ClientCertificate | None:
