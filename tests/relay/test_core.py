@@ -13,8 +13,8 @@ from portcullis.audit import AuditTrail
 from portcullis.errors import DialError
 from portcullis.net.destinations import HostAddresses
 from portcullis.net.dialer import DirectDialer
+from portcullis.policy.relay_allow import parse_allow_list
 from portcullis.proto.mux import Reason
-from portcullis.relay.allow import parse_allow_list
 from portcullis.relay.core import RelayCore
 from portcullis.relay.status import RelayStatus
 

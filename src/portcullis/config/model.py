@@ -19,7 +19,7 @@ from portcullis.config.values import check_networks, parse_host_port
 from portcullis.errors import AuthError
 from portcullis.identity.names import canonical_username
 from portcullis.policy.model import PolicyRule, check_unique_names
-from portcullis.relay.allow import parse_allow_list
+from portcullis.policy.relay_allow import parse_allow_list
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 

@@ -1,6 +1,6 @@
 """What the relay does with one destination an edge asks for, whichever wire it came on
 (the classic server's SOCKS5 in TLS, or a dial-out mux stream): decide with
-`relay/allow.py`, dial through the DirectDialer, and audit it at the relay.
+`policy/relay_allow.py`, dial through the DirectDialer, and audit it at the relay.
 
     stream = await core.admit(edge, host, port, "tcp")   # DialError when refused
     transport, protocol = await core.connect(stream, factory)
@@ -25,8 +25,8 @@ from portcullis.errors import DialError
 from portcullis.net.destinations import HostAddresses, resolve
 from portcullis.net.dialer import DirectDialer, EchoChannel
 from portcullis.policy.admission import Protocol
+from portcullis.policy.relay_allow import AllowList, decide, needs_lookup
 from portcullis.proto.mux import Reason
-from portcullis.relay.allow import AllowList, decide, needs_lookup
 from portcullis.relay.status import RelayStatus
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)

@@ -30,7 +30,7 @@ from portcullis.errors import ConfigError, PKIError
 from portcullis.net.dialer import DirectDialer
 from portcullis.net.tls import client_context, server_context
 from portcullis.pki.maintenance import LoadedCertificates, maintain
-from portcullis.relay.allow import parse_allow_list
+from portcullis.policy.relay_allow import parse_allow_list
 from portcullis.relay.classic import ClassicServer
 from portcullis.relay.core import RelayCore
 from portcullis.relay.dialout import DialOutConnector, DialOutSettings

@@ -1,4 +1,4 @@
-"""The relay's own decision (portcullis.relay.allow): a table of cases, the entry syntax
+"""The relay's own decision (portcullis.policy.relay_allow): a table of cases, the entry syntax
 and its errors, and invariants checked with hypothesis."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from portcullis.config.loader import parse_settings
 from portcullis.errors import ConfigError
 from portcullis.policy.admission import LINK_LOCAL, LOOPBACK, Protocol, guard_of
+from portcullis.policy.relay_allow import decide, needs_lookup, parse_allow_entry, parse_allow_list
 from portcullis.proto.mux import Reason
-from portcullis.relay.allow import decide, needs_lookup, parse_allow_entry, parse_allow_list
 
 OWN = ip_address("198.18.9.1")
 HOST = frozenset({OWN, ip_address("127.0.0.1"), ip_address("::1")})
