@@ -4,6 +4,7 @@ edge in dmz1 without a relay reaches nothing inside."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +80,20 @@ def test_dmz2_lets_dmz1_open_only_the_relay_port_in_classic_mode_and_nothing_in_
     assert hosts.dmz2.connects(EDGE_DMZ, GATEWAY_PORT)
     ruleset = hosts.dmz2.run("nft", "list", "ruleset", timeout=10).stdout
     assert "ct state new drop" in ruleset
+
+
+def test_the_hosts_and_their_processes_are_gone_after_a_test_that_fails(
+        tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), double_hop("dial-out", tmp_path) as hosts:
+        namespaces = [host.namespace for host in hosts.hosts]
+        server = hosts.intranet.start(sys.executable, str(SERVERS_SCRIPT), SERVER,
+                                      str(WEB_PORT), name="left-running")
+        hosts.intranet.wait_listening(WEB_PORT, server)
+        raise RuntimeError("the test failed")
+    assert server.popen.poll() is not None
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                            timeout=10).stdout
+    assert not [name for name in namespaces if name in listed]
 
 
 def test_without_a_relay_the_edge_in_dmz1_cannot_reach_the_portal(tmp_path: Path) -> None:
