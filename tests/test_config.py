@@ -115,3 +115,15 @@ def test_the_three_seed_flows_are_accepted_as_written() -> None:
                                   path=Path("/etc/portcullis.toml"))
         assert [step.provider for step in settings.auth.flow_named("f").steps] == [
             line.split('"')[1] for line in steps]
+
+
+def test_a_relay_in_classic_mode_without_its_address_names_dialer_relay() -> None:
+    error = error_of('[dialer]\nvia = "relay"\nmode = "classic"\n')
+    assert "dialer.relay: classic mode needs the relay's HOST:PORT" in str(error)
+
+
+def test_an_address_pool_through_a_relay_is_refused_naming_the_pool() -> None:
+    error = error_of('[vpn]\naddress_pool = "10.9.0.0/24"\n\n'
+                     '[dialer]\nvia = "relay"\nmode = "dial-out"\n')
+    assert "vpn.address_pool: tunnels' pool addresses" in str(error)
+    assert 'dialer.via = "direct"' in str(error)

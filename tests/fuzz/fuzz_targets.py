@@ -5,8 +5,9 @@ a finding: another exception from the parser, or an ``AssertionError`` from a pr
 checked here (the same bytes split differently give the same outcome; what a parser
 accepts, the next layer can carry; a parsed launch file writes and reads back the same).
 
-Inputs of the mux, SOCKS5 and HTTP CONNECT targets start with a small header:
-byte 0, options (bit 0: the proxies require credentials ``fuzz``/``secret``);
+Inputs of the mux, SOCKS5, SOCKS5 client, stream datagram and HTTP CONNECT targets start
+with a small header: byte 0, options (bit 0: the proxies require credentials
+``fuzz``/``secret``; for SOCKS5, bit 1: the relay's extension commands are accepted);
 byte 1, how to split the rest into chunks (0: one chunk, n: chunks of n bytes).
 ``fuzz_run.py`` drives these under atheris; ``test_fuzz.py`` replays the corpus and runs a
 bounded fuzzing session per target.
@@ -24,11 +25,14 @@ from portcullis.proto.httpconnect import HttpConnectConnection
 from portcullis.proto.launchfile import format_launch_file, parse_launch_file
 from portcullis.proto.proxyauth import ProxyCredentials
 from portcullis.proto.socks5 import (
+    Command,
     Reply,
     Socks5Connection,
     build_udp_datagram,
     parse_udp_datagram,
 )
+from portcullis.proto.socks5client import Socks5ClientHandshake
+from portcullis.proto.streamdatagrams import StreamDatagrams, frame_datagram
 
 CREDENTIALS = ProxyCredentials("fuzz", "secret")
 Target = Callable[[bytes], None]
@@ -167,11 +171,14 @@ def _proxy_outcome(conn: Socks5Connection | HttpConnectConnection,
 
 
 def socks5(data: bytes) -> None:
-    """The local SOCKS5 server reading an application's greeting, password and request."""
+    """The local SOCKS5 server reading an application's greeting, password and request;
+    or, with option bit 1, the relay's (which also takes the extension commands)."""
     options, chunk, body = _header(data)
     credentials = CREDENTIALS if options & 1 else None
-    whole = _proxy_outcome(Socks5Connection(credentials=credentials), _chunks(body, 0))
-    conn = Socks5Connection(credentials=credentials)
+    extensions = bool(options & 2)
+    whole = _proxy_outcome(Socks5Connection(credentials=credentials, extensions=extensions),
+                           _chunks(body, 0))
+    conn = Socks5Connection(credentials=credentials, extensions=extensions)
     split = _proxy_outcome(conn, _chunks(body, chunk or 1))
     assert whole == split, f"SOCKS5 outcome depends on the split:\n{whole}\n{split}"
     request = split.request
@@ -196,6 +203,47 @@ def socks5_udp(data: bytes) -> None:
     second = parse_udp_datagram(build_udp_datagram(first))
     assert (second.port, second.payload) == (first.port, first.payload)
     assert parse_udp_datagram(build_udp_datagram(second)) == second
+
+
+def socks5_client(data: bytes) -> None:
+    """The edge's SOCKS5 client reading a relay's method reply, reply and first bytes."""
+    options, chunk, body = _header(data)
+    command = (Command.CONNECT, Command.UDP_IN_STREAM, Command.ICMP_ECHO_IN_STREAM)[options % 3]
+
+    def outcome(chunks: Iterator[bytes]) -> tuple[object, ...]:
+        handshake = Socks5ClientHandshake(command, "10.0.0.5", 443)
+        handshake.data_to_send()
+        reply = None
+        for piece in chunks:
+            try:
+                reply = handshake.receive_data(piece)
+            except ProtocolError as exc:
+                return ("error", str(exc))
+        return ("reply", reply, handshake.take_payload())
+
+    whole, split = outcome(_chunks(body, 0)), outcome(_chunks(body, chunk or 1))
+    assert whole == split, f"SOCKS5 client outcome depends on the split:\n{whole}\n{split}"
+
+
+def stream_datagrams(data: bytes) -> None:
+    """The relay or the edge reading datagrams framed on the TLS stream; what is read
+    frames back to the same bytes."""
+    options, chunk, body = _header(data)
+    limit = 0xFFFF if options & 1 else 512
+
+    def outcome(chunks: Iterator[bytes]) -> tuple[list[bytes], str | None]:
+        decoder, got = StreamDatagrams(limit), []
+        for piece in chunks:
+            try:
+                got += decoder.receive_data(piece)
+            except ProtocolError as exc:
+                return got, str(exc)
+        return got, None
+
+    whole, split = outcome(_chunks(body, 0)), outcome(_chunks(body, chunk or 1))
+    assert whole == split, f"datagrams depend on the split:\n{whole}\n{split}"
+    framed = b"".join(frame_datagram(datagram) for datagram in whole[0])
+    assert body.startswith(framed)
 
 
 # --- HTTP CONNECT ----------------------------------------------------------------------
@@ -239,6 +287,8 @@ TARGETS: dict[str, Target] = {
     "mux_gateway": mux_gateway,
     "socks5": socks5,
     "socks5_udp": socks5_udp,
+    "socks5_client": socks5_client,
+    "stream_datagrams": stream_datagrams,
     "http_connect": http_connect,
     "launch_file": launch_file,
 }

@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 from portcullis.proto import mux
+from portcullis.proto.streamdatagrams import frame_datagram
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 WHOLE, BYTES, SMALL = 0, 1, 5  # chunk sizes: one chunk, byte by byte, 5 bytes
@@ -89,6 +90,39 @@ def socks5() -> dict[str, bytes]:
         "version-4": b"\x00\x00\x04\x01\x00\x50\x0a\x00\x00\x01\x00",
         "unicode-name": b"\x00\x03\x05\x01\x00\x05\x01\x00\x03\x0cb\xc3\xbccher.test\x00\x50",
         "refused-reply": b"\x20\x00\x05\x01\x00" + connect_v4,
+        # The relay (option bit 1): UDP and ICMP echo in the TLS stream.
+        "relay-udp-in-stream": b"\x02\x00\x05\x01\x00\x05\x83\x00\x01\x0a\x00\x00\x35\x00\x35"
+                               + frame_datagram(b"query"),
+        "relay-icmp-echo": b"\x02\x03\x05\x01\x00\x05\x81\x00\x01\x0a\x00\x00\x01\x00\x00",
+        "relay-connect-name": b"\x02\x01\x05\x01\x00" + connect_name,
+        "extension-on-local-port": b"\x00\x00\x05\x01\x00\x05\x83\x00\x01\x0a\x00\x00\x35\x00\x35",
+    }
+
+
+def socks5_client() -> dict[str, bytes]:
+    method = b"\x05\x00"
+    succeeded_v4 = b"\x05\x00\x00\x01\x0a\x00\x00\x02\x9c\x40"
+    return {
+        "succeeded": b"\x00\x00" + method + succeeded_v4 + b"HTTP/1.1 200 OK",
+        "succeeded-bytes": b"\x00\x01" + method + succeeded_v4,
+        "udp-name": b"\x01\x03" + method + b"\x05\x00\x00\x03\x05relay\x00\x00",
+        "icmp-ipv6": b"\x02\x00" + method + b"\x05\x00\x00\x04" + bytes(16) + b"\x00\x00",
+        "not-allowed": b"\x00\x00" + method + b"\x05\x02\x00\x01" + bytes(6),
+        "no-acceptable-method": b"\x00\x00\x05\xff",
+        "not-supported": b"\x01\x02" + method + b"\x05\x07\x00\x01" + bytes(6),
+        "bad-address-type": b"\x00\x00" + method + b"\x05\x00\x00\x09" + bytes(6),
+    }
+
+
+def stream_datagrams() -> dict[str, bytes]:
+    three = frame_datagram(b"one") + frame_datagram(b"") + frame_datagram(b"three")
+    return {
+        "three": b"\x00\x00" + three,
+        "three-bytes": b"\x00\x01" + three,
+        "echo-reply": b"\x00\x05" + frame_datagram(b"\x00\x07\x00\x00\x01\x2cdata"),
+        "over-limit": b"\x00\x00\x02\x01" + bytes(513),
+        "largest": b"\x01\x00" + frame_datagram(bytes(0xFFFF)),
+        "truncated": b"\x00\x00\x00\x10short",
     }
 
 
@@ -140,6 +174,8 @@ SEEDS = {
     "mux_gateway": {name: b"\x00\x07" + wire for name, wire in client_says().items()},
     "socks5": socks5(),
     "socks5_udp": socks5_udp(),
+    "socks5_client": socks5_client(),
+    "stream_datagrams": stream_datagrams(),
     "http_connect": http_connect(),
     "launch_file": launch_file(),
 }

@@ -6,7 +6,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from portcullis.errors import ProtocolError
 from portcullis.proto.streamdatagrams import StreamDatagrams, frame_datagram
 
 
@@ -25,13 +24,11 @@ def test_one_byte_at_a_time_gives_the_same_datagrams() -> None:
     assert decoder.buffered == 0
 
 
-def test_a_length_over_the_limit_fails_once_and_stays_failed() -> None:
+def test_a_length_over_the_limit_ends_the_stream_after_what_came_before_it() -> None:
     decoder = StreamDatagrams(max_datagram=4)
-    assert decoder.receive_data(frame_datagram(b"ok")) == [b"ok"]
-    with pytest.raises(ProtocolError, match="over the limit of 4"):
-        decoder.receive_data(b"\x00\x05hello")
-    with pytest.raises(ProtocolError):
-        decoder.receive_data(frame_datagram(b"x"))
+    assert decoder.receive_data(frame_datagram(b"ok") + b"\x00\x05hello") == [b"ok"]
+    assert decoder.failure == "a datagram of 5 bytes is over the limit of 4"
+    assert decoder.receive_data(frame_datagram(b"x")) == []
 
 
 def test_an_oversized_payload_cannot_be_framed() -> None:

@@ -343,6 +343,17 @@ class Settings(Section):
             seen.add(resource.name)
         return self
 
+    @model_validator(mode="after")
+    def _pool_needs_direct_dialer(self) -> Settings:
+        # Through a relay the servers see the relay's address: a pool address would be
+        # promised to the intranet's firewalls and silently not kept.
+        if self.vpn.address_pool and self.dialer.via == "relay":
+            raise ValueError("vpn.address_pool: tunnels' pool addresses are the source of "
+                             "their connections only with dialer.via = \"direct\"; through "
+                             "a relay the servers see the relay's address. Remove "
+                             "address_pool, or dial directly")
+        return self
+
     def path(self, relative: str) -> Path:
         candidate = Path(relative)
         return candidate if candidate.is_absolute() else self.base_dir / candidate

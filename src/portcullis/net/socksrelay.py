@@ -292,13 +292,10 @@ class _DatagramsInStream(asyncio.DatagramTransport, asyncio.Protocol):
         self._protocol.connection_made(self)
 
     def data_received(self, data: bytes) -> None:
-        try:
-            datagrams = self._decoder.receive_data(data)
-        except ProtocolError:
-            self.abort()
-            return
-        for datagram in datagrams:
+        for datagram in self._decoder.receive_data(data):
             self._protocol.datagram_received(datagram, self._peer)
+        if self._decoder.failure is not None:
+            self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._protocol.connection_lost(exc)
@@ -343,9 +340,8 @@ class _EchoInStream(asyncio.Protocol):
         self._stream = transport   # type: ignore[assignment]   # a TLS transport
 
     def data_received(self, data: bytes) -> None:
-        try:
-            replies = self._decoder.receive_data(data)
-        except ProtocolError:
+        replies = self._decoder.receive_data(data)
+        if self._decoder.failure is not None:
             assert self._stream is not None
             self._stream.abort()
             return

@@ -5,16 +5,16 @@ the mutual-TLS connection instead of as plain UDP beside it: after the SOCKS rep
 side writes datagrams framed this way. `StreamDatagrams` is the decoder (feed it bytes
 in any split, take whole datagrams); `frame_datagram` the encoder.
 
-Sans I/O: never reads a socket or a clock. An empty datagram is legal (UDP allows it);
-a length above the decoder's limit is a `ProtocolError`, raised once, after which the
-decoder stays failed.
+Sans I/O: never reads a socket or a clock. An empty datagram is legal (UDP allows it).
+A length above the decoder's limit ends the stream: `receive_data` still returns every
+datagram that came before it (so the outcome never depends on how the bytes were split),
+sets `failure`, and returns nothing from then on; the caller checks `failure` after
+delivering what it got.
 """
 
 from __future__ import annotations
 
 import struct
-
-from portcullis.errors import ProtocolError
 
 __all__ = ["MAX_DATAGRAM", "StreamDatagrams", "frame_datagram"]
 
@@ -41,14 +41,20 @@ class StreamDatagrams:
         self._failure: str | None = None
 
     @property
+    def failure(self) -> str | None:
+        """Why the stream broke the framing (None while it has not)."""
+        return self._failure
+
+    @property
     def buffered(self) -> int:
         """Bytes held of a datagram not yet complete (at most max_datagram + 1)."""
         return len(self._buffer)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        """Feed bytes; return every datagram they complete, in order."""
+        """Feed bytes; return every datagram they complete, in order (those before a
+        framing fault too; then `failure` is set)."""
         if self._failure is not None:
-            raise ProtocolError(self._failure)
+            return []
         buffer = self._buffer
         buffer += data
         datagrams: list[bytes] = []
@@ -58,7 +64,7 @@ class StreamDatagrams:
             if size > self._max:
                 self._failure = f"a datagram of {size} bytes is over the limit of {self._max}"
                 buffer.clear()
-                raise ProtocolError(self._failure)
+                return datagrams
             end = offset + _LENGTH.size + size
             if len(buffer) < end:
                 break

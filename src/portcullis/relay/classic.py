@@ -393,14 +393,12 @@ class _UdpRelay(_Relayed, asyncio.DatagramProtocol):
         pass   # an ICMP error for one datagram: UDP carries on
 
     def from_edge(self, data: bytes) -> None:
-        try:
-            datagrams = self._frames.receive_data(data)
-        except ProtocolError as exc:
-            self._edge.refuse("framing", str(exc))
-            return
+        datagrams = self._frames.receive_data(data)
         if self._transport is not None:
             for datagram in datagrams:
                 self._transport.sendto(datagram)
+        if self._frames.failure is not None:
+            self._edge.refuse("framing", self._frames.failure)
 
     def edge_lost(self) -> None:
         if self._transport is not None:
@@ -421,10 +419,9 @@ class _EchoRelay(_Relayed):
         self.bound = ("0.0.0.0", 0)
 
     def from_edge(self, data: bytes) -> None:
-        try:
-            requests = self._frames.receive_data(data)
-        except ProtocolError as exc:
-            self._edge.refuse("framing", str(exc))
+        requests = self._frames.receive_data(data)
+        if self._frames.failure is not None:
+            self._edge.refuse("framing", self._frames.failure)
             return
         for request in requests:
             if len(request) < 2 or len(self._in_flight) >= MAX_ECHOES_IN_FLIGHT:
