@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_program
 from peers.doublehop import (
     DNS_PORT,
     PORTAL_PORT,
@@ -106,10 +107,11 @@ def test_the_vpn_tunnel_carries_tcp_udp_and_ping_over_the_relay(
     udp_host, udp_port = tunnel.wait_for(
         r"UDP forward to [^:]+:\d+: listening on ([\d.]+):(\d+)").groups()
     client = running.hosts.client
+    dig = require_program("dig")
     page = client.run("curl", "-sS", "--max-time", "20", "--socks5-hostname", socks,
                       f"http://{SERVER}:{WEB_PORT}/", timeout=30)
     assert "intranet home" in page.stdout, page.stderr
-    answer = client.run("dig", f"@{udp_host}", "-p", udp_port, DnsServer.NAME, "+short",
+    answer = client.run(dig, f"@{udp_host}", "-p", udp_port, DnsServer.NAME, "+short",
                         "+time=3", "+tries=2", timeout=30)
     assert answer.stdout.strip() == DnsServer.ADDRESS, answer.stdout + answer.stderr
     pinged = running.portcullis("ping", SERVER, "-c", "3", "-i", "0.2", home=home)

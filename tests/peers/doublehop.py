@@ -241,6 +241,7 @@ def deploy(hosts: DoubleHopHosts, directory: Path, *, via: str = "relay"
     """The deployment, its servers and its roles running on `hosts`, each role once it
     listens; everything stopped afterwards. via="direct": no relay, the edge dials
     directly (which from dmz1 reaches nothing inside)."""
+    require_program("curl")   # asks the edge for the portal's health
     made = run_cli("init", "--dir", str(directory / "deployment"), "--hostname", EDGE,
                    "--port", str(GATEWAY_PORT))
     assert made.returncode == 0, made.stderr
