@@ -3,9 +3,11 @@ real subprocess, and real peers (HTTP server, echo server) on free ports."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -134,11 +136,15 @@ class Process:
     """A subprocess (by default `portcullis ARGS`) whose output is collected to a file."""
 
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None,
-                 program: str = PORTCULLIS) -> None:
+                 program: str = PORTCULLIS, group: bool = False) -> None:
         self.log = log
         self._handle = log.open("wb")
+        # group: the process leads a process group of its own, and stop() ends the
+        # whole group (e.g. socat's per-connection children).
+        self._group = group
         self.popen = subprocess.Popen([program, *args], stdout=self._handle,
-                                      stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+                                      stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                      start_new_session=group)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -155,6 +161,9 @@ class Process:
         raise AssertionError(f"timed out waiting for {pattern!r}:\n{self.output()}")
 
     def stop(self) -> int:
+        if self._group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
         if self.popen.poll() is None:
             self.popen.terminate()
             try:
@@ -242,29 +251,19 @@ class TestHost:
 
 
 @pytest.fixture
-def test_host() -> Iterator[TestHost]:
-    ip = require_program("ip")
-    if os.geteuid() != 0:
-        message = "network namespaces need root"
-        missing_peer(message)
-    tag = os.urandom(3).hex()
-    namespace, near, far = f"pc-{tag}", f"pc{tag}a", f"pc{tag}b"
-    octet = int(tag[:2], 16) % 250 + 1
-    host_address, ns_address = f"198.18.{octet}.1", f"198.18.{octet}.2"
+def test_host(tmp_path: Path) -> Iterator[TestHost]:
+    from peers.topology import link, namespaces
 
-    def run(*args: str) -> None:
-        subprocess.run([ip, *args], check=True, capture_output=True, timeout=10)
-
-    run("netns", "add", namespace)
-    try:
-        run("link", "add", near, "type", "veth", "peer", "name", far)
-        run("link", "set", far, "netns", namespace)
-        run("addr", "add", f"{host_address}/30", "dev", near)
-        run("link", "set", near, "up")
-        run("-n", namespace, "addr", "add", f"{ns_address}/30", "dev", far)
-        run("-n", namespace, "link", "set", far, "up")
-        run("-n", namespace, "link", "set", "lo", "up")
-        yield TestHost(namespace, ns_address, host_address, octet)
-    finally:
-        subprocess.run([ip, "link", "del", near], capture_output=True, timeout=10)
-        subprocess.run([ip, "netns", "del", namespace], capture_output=True, timeout=10)
+    with namespaces("host", logs=tmp_path) as hosts:
+        host = hosts["host"]
+        tag = host.namespace.rsplit("-", 1)[1]
+        octet = int(tag[:2], 16) % 250 + 1
+        host_address, ns_address = f"198.18.{octet}.1", f"198.18.{octet}.2"
+        # This end is in the root namespace: its name carries the tag, and it goes even
+        # if a process the test left keeps the namespace alive.
+        near = f"pc{tag}a"
+        try:
+            link(None, near, host_address, host, "eth0", ns_address, prefix=30)
+            yield TestHost(host.namespace, ns_address, host_address, octet)
+        finally:
+            subprocess.run(["ip", "link", "del", near], capture_output=True, timeout=10)

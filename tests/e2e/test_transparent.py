@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import PORTCULLIS, Deployment, free_port_run, require_program, run_cli
-from peers.missing import missing_peer
+from peers.servers import DnsServer
+from peers.topology import link, namespaces
 
 PASSWORD = "correct horse battery staple"
 UDP_ECHO = """
@@ -69,62 +70,40 @@ class Lab:
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
+def lab(tmp_path: Path) -> Iterator[Lab]:
     for program in ("ip", "nft", "curl", "dig", "dnsmasq"):
         require_program(program)
-    if os.geteuid() != 0:
-        message = "namespaces and nftables need root"
-        missing_peer(message)
-    tag = os.urandom(3).hex()
-    a = int(tag[:2], 16) % 120 * 2 + 1
-    client_ns, server_ns = f"pc-c{tag}", f"pc-s{tag}"
-    links = [(f"pc{tag}c0", f"pc{tag}c1", client_ns, f"198.18.{a}"),
-             (f"pc{tag}s0", f"pc{tag}s1", server_ns, f"198.18.{a + 1}")]
-
-    def ip(*args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-    processes: list[subprocess.Popen[bytes]] = []
-    try:
-        for near, far, namespace, prefix in links:
-            ip("netns", "add", namespace)
-            ip("link", "add", near, "type", "veth", "peer", "name", far)
-            ip("link", "set", far, "netns", namespace)
-            ip("addr", "add", f"{prefix}.1/30", "dev", near)
-            ip("link", "set", near, "up")
-            ip("-n", namespace, "addr", "add", f"{prefix}.2/30", "dev", far)
-            ip("-n", namespace, "link", "set", far, "up")
-            ip("-n", namespace, "link", "set", "lo", "up")
-        server_network = f"198.18.{a + 1}.0/30"
-        # The client has a route to the server's network, but into a veth pair that
-        # goes nowhere: only the tunnel's rules can take its packets there.
-        ip("-n", client_ns, "link", "add", "void0", "type", "veth", "peer", "name", "void1")
-        ip("-n", client_ns, "link", "set", "void0", "up")
-        ip("-n", client_ns, "link", "set", "void1", "up")
-        ip("-n", client_ns, "route", "add", server_network, "dev", "void0")
-        # Where the client's usual resolver would be (192.0.2.53, documentation range).
-        ip("-n", client_ns, "route", "add", "192.0.2.0/24", "dev", "void0")
-        server = f"198.18.{a + 1}.2"
-        processes.append(subprocess.Popen(
-            ["ip", "netns", "exec", server_ns, sys.executable, "-c",
-             WHOAMI.format(address=server)]))
-        processes.append(subprocess.Popen(
-            ["ip", "netns", "exec", server_ns, sys.executable, "-c",
-             UDP_ECHO.format(address=server)]))
-        processes.append(subprocess.Popen(
-            ["ip", "netns", "exec", server_ns, "dnsmasq", "--no-daemon", "-C", "/dev/null",
-             f"--listen-address={server}", "--bind-interfaces", "--no-resolv", "--no-hosts",
-             "--address=/wiki.corp.example/10.1.2.3", "--user=root"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        yield Lab(client_ns, server_ns, f"198.18.{a}.1", f"198.18.{a + 1}.1", server,
-                  server_network)
-    finally:
-        for process in processes:
-            process.terminate()
-            process.wait(5)
-        for near, _, namespace, _ in links:
-            subprocess.run(["ip", "link", "del", near], capture_output=True, timeout=10)
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=10)
+    with namespaces("client", "server", logs=tmp_path) as hosts:
+        client, server_host = hosts["client"], hosts["server"]
+        tag = client.namespace.rsplit("-", 1)[1]
+        a = int(tag[:2], 16) % 120 * 2 + 1
+        # The gateway's ends are in the root namespace: named with the tag, and removed
+        # even if a process left behind keeps a namespace alive.
+        near = (f"pc{tag}c0", f"pc{tag}s0")
+        try:
+            link(None, near[0], f"198.18.{a}.1", client, "eth0", f"198.18.{a}.2", prefix=30)
+            link(None, near[1], f"198.18.{a + 1}.1", server_host, "eth0",
+                 f"198.18.{a + 1}.2", prefix=30)
+            server_network = f"198.18.{a + 1}.0/30"
+            # The client has a route to the server's network, but into a veth pair that
+            # goes nowhere: only the tunnel's rules can take its packets there.
+            client.ip("link", "add", "void0", "type", "veth", "peer", "name", "void1")
+            client.ip("link", "set", "void0", "up")
+            client.ip("link", "set", "void1", "up")
+            client.ip("route", "add", server_network, "dev", "void0")
+            # Where the client's usual resolver would be (192.0.2.53, documentation range).
+            client.ip("route", "add", "192.0.2.0/24", "dev", "void0")
+            server = f"198.18.{a + 1}.2"
+            server_host.start(sys.executable, "-c", WHOAMI.format(address=server),
+                              name="whoami")
+            server_host.start(sys.executable, "-c", UDP_ECHO.format(address=server),
+                              name="udp-echo")
+            server_host.start("dnsmasq", *DnsServer.arguments(server, 53), name="dnsmasq")
+            yield Lab(client.namespace, server_host.namespace, f"198.18.{a}.1",
+                      f"198.18.{a + 1}.1", server, server_network)
+        finally:
+            for name in near:
+                subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=10)
 
 
 def test_transparent_mode_carries_only_the_pushed_network_and_cleans_up(

@@ -230,3 +230,36 @@ async def test_an_echo_channel_through_the_relay_gets_the_reply_and_its_round_tr
     assert data == b"ping data" and 0 <= seconds < 5
     channel.close()
     assert await channel.echo(8, b"after close") is None
+
+
+async def test_what_arrived_before_the_relays_fin_is_read_after_both_ends_closed(
+        joined: tuple[MuxSession, MuxSession]) -> None:
+    """A protocol that resumes reading only while its transport is not closing (as the
+    tunnel's bridge does) still reads everything held when the relay's FIN ends a stream
+    whose own FIN went first: the stream is over, the bytes are not lost."""
+    edge, _ = joined
+    server = await echo_server()
+    port = server.sockets[0].getsockname()[1]
+
+    class ResumesWhileOpen(Collector):
+        def data_received(self, data: bytes) -> None:
+            self.received += data
+            assert self.transport is not None
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(0.001, self._resume)
+
+        def _resume(self) -> None:
+            assert self.transport is not None
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    payload = os.urandom(3 * 1024 * 1024)
+    transport, protocol = await MuxDialer(OneRelay(edge)).connect(
+        "127.0.0.1", port, ResumesWhileOpen)
+    transport.write(payload)
+    transport.write_eof()
+    async with asyncio.timeout(30):
+        while not protocol.eof:
+            await asyncio.sleep(0.01)
+    assert hashlib.sha256(protocol.received).digest() == hashlib.sha256(payload).digest()
+    server.close()

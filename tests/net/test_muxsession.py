@@ -15,7 +15,12 @@ import pytest
 from conftest import Deployment, Process, run_cli
 from portcullis.errors import DialError
 from portcullis.net.dialer import DirectDialer
-from portcullis.net.muxsession import MuxSession, keepalive_fields, pushed_timers
+from portcullis.net.muxsession import (
+    MuxSession,
+    StreamBridge,
+    keepalive_fields,
+    pushed_timers,
+)
 from portcullis.proto import mux
 from portcullis.proto.mux import MuxConnection, Reason, Timers
 
@@ -427,3 +432,40 @@ def test_a_launch_whose_gateway_stops_answering_ends_and_says_why(
     print(f"the launch gave up on a stopped gateway after {elapsed:.2f} s")
     assert status == 1 and elapsed < DEAD_PEER + 2.0
     assert "the gateway stopped answering (nothing received for" in launch.output()
+
+
+async def test_an_end_of_file_told_again_once_reading_resumes_sends_one_fin() -> None:
+    """uvloop may report a socket's end while reading is paused before its stream is
+    accepted (a read under way), and again when reading resumes after the accept: the
+    stream sends one FIN and still carries the other direction."""
+    gateway = MuxConnection("gateway")
+    wire = Wire(gateway)
+    session = MuxSession(MuxConnection("client"))
+    session.mux.send_hello({"version": 1})
+    session.attach(wire)
+    gateway.send_hello({"version": 1})
+    session.receive_message(b"".join(gateway.data_to_send()))
+    bridges: list[StreamBridge] = []
+
+    def local_connection() -> StreamBridge:
+        bridges.append(session.open_local(mux.Protocol.TCP, "", 0))
+        return bridges[-1]
+
+    listener = await asyncio.get_running_loop().create_server(local_connection,
+                                                              "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(*listener.sockets[0].getsockname()[:2])
+    writer.write_eof()
+    await wait_until(lambda: bridges and bridges[0].transport is not None)
+    bridge = bridges[0]
+    bridge.eof_received()   # as uvloop tells it, early; the socket tells it again later
+    await wait_until(lambda: any(isinstance(e, mux.StreamOpened) for e in wire.events))
+    gateway.accept_stream(bridge.stream_id)
+    session.receive_message(b"".join(gateway.data_to_send()))
+    await wait_until(lambda: any(isinstance(e, mux.StreamEnded) for e in wire.events))
+    gateway.send_data(bridge.stream_id, b"the answer", fin=True)
+    session.receive_message(b"".join(gateway.data_to_send()))
+    assert await asyncio.wait_for(reader.read(), 10) == b"the answer"
+    assert [e for e in wire.events if isinstance(e, mux.StreamEnded)] == [
+        mux.StreamEnded(bridge.stream_id)]
+    writer.close()
+    listener.close()

@@ -1,5 +1,8 @@
 """Real servers for resources to point at: a TCP echo server and Python's own HTTP
-server (http.server, in a subprocess), each on a free port."""
+server (http.server, in a subprocess), each on a free port.
+
+`python servers.py HOST PORT` serves echo on HOST:PORT until stopped (to run it inside
+a network namespace, see peers/topology.py)."""
 
 from __future__ import annotations
 
@@ -70,9 +73,7 @@ class DnsServer:
     def __init__(self, dnsmasq: str, port: int) -> None:
         self.port = port
         self._process = subprocess.Popen(
-            [dnsmasq, "--no-daemon", "-C", "/dev/null", f"--port={port}",
-             "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
-             f"--address=/{self.NAME}/{self.ADDRESS}", "--user=root"],
+            [dnsmasq, *self.arguments("127.0.0.1", port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         query = (b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
                  b"\x04wiki\x04corp\x07example\x00\x00\x01\x00\x01")
@@ -87,6 +88,13 @@ class DnsServer:
                 except OSError:
                     continue
         raise RuntimeError("dnsmasq did not answer")
+
+    @classmethod
+    def arguments(cls, address: str, port: int) -> list[str]:
+        """dnsmasq's arguments: in the foreground, on address:port, answering NAME."""
+        return ["--no-daemon", "-C", "/dev/null", f"--port={port}",
+                f"--listen-address={address}", "--bind-interfaces", "--no-resolv",
+                "--no-hosts", f"--address=/{cls.NAME}/{cls.ADDRESS}", "--user=root"]
 
     def close(self) -> None:
         self._process.terminate()
@@ -122,3 +130,14 @@ def echo_round_trip(host: str, port: int, size: int = 100 * 1024 * 1024,
         sock.shutdown(socket.SHUT_WR)
         thread.join(120)
     return sent.hexdigest(), received.hexdigest(), count
+
+
+def serve_echo(host: str, port: int) -> None:
+    with _Server((host, port), _Echo) as server:
+        server.serve_forever()
+
+
+SCRIPT = Path(__file__)
+
+if __name__ == "__main__":
+    serve_echo(sys.argv[1], int(sys.argv[2]))

@@ -292,7 +292,9 @@ class MuxStreamTransport(asyncio.Transport):
         return not self._reading_paused
 
     def is_closing(self) -> bool:
-        return self._closing or self._lost is not None
+        # A stream that ended cleanly may still hold bytes for the protocol to read: it
+        # is closing once the protocol has been told it is lost.
+        return self._closing or self._lost_told
 
     def close(self) -> None:
         """FIN after what was written, then forget the stream: the session consumes

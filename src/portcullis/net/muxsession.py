@@ -124,6 +124,10 @@ class StreamBridge(asyncio.Protocol):
         session.flush_soon()
 
     def eof_received(self) -> bool:
+        if self._local_eof:
+            # Told again: uvloop may report the end while reading is paused before the
+            # accept, and once more when on_accepted resumes reading. One FIN only.
+            return True
         self._local_eof = True
         if not self._accepted:
             return True   # sent as FIN once the peer accepts (FIN, like data, needs ACCEPT)
