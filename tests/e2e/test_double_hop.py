@@ -129,3 +129,29 @@ def test_the_sta_redemption_and_the_split_portal_went_through_the_relay(
     echo_through(running, *launch(running, home, "echo"), MIB)
     running.wait_relayed(f"{SERVER}:{STA_PORT}/tcp", f"{SERVER}:{PORTAL_PORT}/tcp",
                          since=before)
+
+
+HALF_CLOSE = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20) as sock:
+    sock.sendall(b"last words")
+    sock.shutdown(socket.SHUT_WR)
+    received = b""
+    while data := sock.recv(100):
+        received += data
+print(received.decode())
+"""
+
+
+# Classic mode does not carry a client's half-close: asyncio's TLS transports cannot end
+# only their write side (docs/protocol/relay.md), so there this test would wait forever.
+@pytest.mark.parametrize("running", ["dial-out"], indirect=True)
+def test_a_launched_connection_carries_the_clients_half_close_to_the_server_and_back(
+        running: DoubleHop, home: Path) -> None:
+    """The echo server answers the end of the client's request with the end of its
+    reply: the client reads everything and then the end of file."""
+    host, port = launch(running, home, "echo")
+    closed = running.hosts.client.run(sys.executable, "-c", HALF_CLOSE, host, str(port),
+                                      timeout=60)
+    assert closed.returncode == 0, closed.stderr
+    assert closed.stdout == "last words\n"
