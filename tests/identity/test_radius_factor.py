@@ -37,6 +37,7 @@ from portcullis.errors import ConfigError
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.flow import Authenticated, Denied, NextStep
 from portcullis.identity.providers import IdentityProviders
+from portcullis.net.dialer import DirectDialer
 from portcullis.store import DurableStore, MemoryStore
 from portcullis.tokens import TokenHasher
 
@@ -263,7 +264,8 @@ async def test_a_missing_secret_file_is_a_config_error_naming_the_key(
     provider = {"type": "radius", "name": "radius", "servers": ["127.0.0.1:1812"],
                 "secret_file": "nope/radius.secret", **FAST}
     settings = settings_for(flow({"provider": "radius"}, providers=[provider]), tmp_path)
-    providers = IdentityProviders(settings, durable, MemoryStore(), TokenHasher(HASHER_KEY))
+    providers = IdentityProviders(settings, durable, MemoryStore(), TokenHasher(HASHER_KEY),
+                                  dialer=DirectDialer())
     with pytest.raises(ConfigError) as raised:
         providers.flow()
     assert raised.value.key == "auth.providers[0].secret_file"
