@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Deployment, free_port, free_udp_port
+from conftest import Deployment, free_port, free_udp_port, run_cli
 from peers.login import HASHER_KEY, BuildLogin, Login, flow, settings_for
 from peers.radius import (
     ALICE,
@@ -327,7 +327,7 @@ def relay_to_freeradius(deployment: Deployment, start_process,  # type: ignore[n
     with deployment.config.open("a") as config:
         config.write(f'\n[relay]\nlisten = "127.0.0.1:{port}"\n'
                      f'health_listen = "127.0.0.1:{free_port()}"\n'
-                     f'allow = ["127.0.0.1/32:{freeradius.endpoint.rsplit(":", 1)[1]}"]\n')
+                     f'allow = ["{freeradius.address}/32:{freeradius.port}"]\n')
     relay = start_process("serve", "relay", "--dir", str(deployment.directory), name="relay")
     relay.wait_for(r"Relay: listening on 127\.0\.0\.1:\d+")
     return f"127.0.0.1:{port}"
@@ -364,5 +364,41 @@ async def test_radius_packets_go_through_the_dialer_it_is_given(
     refused = relay_audit(deployment, "relay.refused", f"{blocked}/udp")
     assert refused["refusal"] == "denied"
     carried = relay_audit(deployment, "relay.stream", f"{freeradius.endpoint}/udp")
-    assert carried["address"] == freeradius.endpoint.rsplit(":", 1)[0]
+    assert carried["address"] == freeradius.address
     assert int(carried["bytes_to_edge"]) > 0 and int(carried["bytes_from_edge"]) > 0
+
+
+# -- commands that ask RADIUS from their own process (`auth test`, `policy explain`) -----
+
+def add_radius_flow(deployment: Deployment, freeradius: FreeRadius, dialer: str) -> None:
+    """A flow of one RADIUS step as the deployment's default, and `dialer` as [dialer]."""
+    (deployment.directory / "secrets" / "radius").write_text(freeradius.secret.decode() + "\n")
+    with deployment.config.open("a") as handle:
+        handle.write('\n[auth]\nflow = "otp"\n'
+                     + freeradius.provider_toml("radius", "secrets/radius", timeout=2)
+                     + '\n[[auth.flows]]\nname = "otp"\n[[auth.flows.steps]]\n'
+                       'provider = "radius"\n\n[dialer]\n' + dialer)
+
+
+def auth_test_alice(deployment: Deployment) -> str:
+    result = run_cli("auth", "test", "--user", ALICE, "--answer", f"password={ALICE_PASSWORD}",
+                     "--dir", str(deployment.directory))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"passed  radius as {ALICE}" in result.stdout
+    return result.stdout
+
+
+def test_auth_test_asks_radius_through_the_relay_in_classic_mode(
+        deployment: Deployment, freeradius: FreeRadius, relay_to_freeradius: str) -> None:
+    add_radius_flow(deployment, freeradius,
+                    f'via = "relay"\nrelay = "{relay_to_freeradius}"\n')
+    auth_test_alice(deployment)
+    relay_audit(deployment, "relay.stream", f"{freeradius.endpoint}/udp")
+
+
+def test_auth_test_in_dial_out_mode_says_it_asks_radius_directly(
+        deployment: Deployment, freeradius: FreeRadius) -> None:
+    # The relays' connections belong to the gateway process, not to this command.
+    add_radius_flow(deployment, freeradius, 'via = "relay"\nmode = "dial-out"\n')
+    shown = auth_test_alice(deployment)
+    assert "dial-out" in shown and "asks the RADIUS servers directly from this host" in shown
