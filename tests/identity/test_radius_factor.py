@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import socket
 import struct
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import Deployment, free_port, free_udp_port, run_cli
+from conftest import Deployment, free_udp_port, run_cli
 from peers.login import HASHER_KEY, BuildLogin, Login, flow, settings_for
 from peers.radius import (
     ALICE,
@@ -33,8 +31,11 @@ from peers.radius import (
     DAVE,
     DAVE_PASSWORD,
     FreeRadius,
+    configure_radius_flow,
+    relay_audit,
     require_freeradius,
     start_freeradius,
+    start_relay_to,
 )
 from portcullis.errors import ConfigError
 from portcullis.identity.conditions import LoginContext
@@ -321,30 +322,7 @@ async def test_every_spelling_reaches_freeradius_and_the_lockout_as_one_name(mak
 @pytest.fixture
 def relay_to_freeradius(deployment: Deployment, start_process,  # type: ignore[no-untyped-def]
                         freeradius: FreeRadius) -> str:
-    """`portcullis serve relay` whose allow-list holds FreeRADIUS's port only; its
-    address."""
-    port = free_port()
-    with deployment.config.open("a") as config:
-        config.write(f'\n[relay]\nlisten = "127.0.0.1:{port}"\n'
-                     f'health_listen = "127.0.0.1:{free_port()}"\n'
-                     f'allow = ["{freeradius.address}/32:{freeradius.port}"]\n')
-    relay = start_process("serve", "relay", "--dir", str(deployment.directory), name="relay")
-    relay.wait_for(r"Relay: listening on 127\.0\.0\.1:\d+")
-    return f"127.0.0.1:{port}"
-
-
-def relay_audit(deployment: Deployment, event: str, destination: str,
-                timeout: float = 15) -> dict[str, Any]:
-    """The relay's audit line `event` for `destination` (streams are audited as they end)."""
-    path = deployment.directory / "audit.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = path.read_text().splitlines() if path.exists() else []
-        for entry in map(json.loads, lines):
-            if entry["event"] == event and entry.get("destination") == destination:
-                return dict(entry)
-        time.sleep(0.05)
-    raise AssertionError(f"no {event} for {destination} in the relay's audit trail")
+    return start_relay_to(freeradius, deployment, start_process)
 
 
 async def test_radius_packets_go_through_the_dialer_it_is_given(
@@ -370,16 +348,6 @@ async def test_radius_packets_go_through_the_dialer_it_is_given(
 
 # -- commands that ask RADIUS from their own process (`auth test`, `policy explain`) -----
 
-def add_radius_flow(deployment: Deployment, freeradius: FreeRadius, dialer: str) -> None:
-    """A flow of one RADIUS step as the deployment's default, and `dialer` as [dialer]."""
-    (deployment.directory / "secrets" / "radius").write_text(freeradius.secret.decode() + "\n")
-    with deployment.config.open("a") as handle:
-        handle.write('\n[auth]\nflow = "otp"\n'
-                     + freeradius.provider_toml("radius", "secrets/radius", timeout=2)
-                     + '\n[[auth.flows]]\nname = "otp"\n[[auth.flows.steps]]\n'
-                       'provider = "radius"\n\n[dialer]\n' + dialer)
-
-
 def auth_test_alice(deployment: Deployment) -> str:
     result = run_cli("auth", "test", "--user", ALICE, "--answer", f"password={ALICE_PASSWORD}",
                      "--dir", str(deployment.directory))
@@ -390,8 +358,8 @@ def auth_test_alice(deployment: Deployment) -> str:
 
 def test_auth_test_asks_radius_through_the_relay_in_classic_mode(
         deployment: Deployment, freeradius: FreeRadius, relay_to_freeradius: str) -> None:
-    add_radius_flow(deployment, freeradius,
-                    f'via = "relay"\nrelay = "{relay_to_freeradius}"\n')
+    configure_radius_flow(deployment, freeradius,
+                          f'via = "relay"\nrelay = "{relay_to_freeradius}"\n')
     auth_test_alice(deployment)
     relay_audit(deployment, "relay.stream", f"{freeradius.endpoint}/udp")
 
@@ -399,6 +367,6 @@ def test_auth_test_asks_radius_through_the_relay_in_classic_mode(
 def test_auth_test_in_dial_out_mode_says_it_asks_radius_directly(
         deployment: Deployment, freeradius: FreeRadius) -> None:
     # The relays' connections belong to the gateway process, not to this command.
-    add_radius_flow(deployment, freeradius, 'via = "relay"\nmode = "dial-out"\n')
+    configure_radius_flow(deployment, freeradius, 'via = "relay"\nmode = "dial-out"\n')
     shown = auth_test_alice(deployment)
     assert "dial-out" in shown and "asks the RADIUS servers directly from this host" in shown

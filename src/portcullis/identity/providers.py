@@ -99,9 +99,7 @@ class IdentityProviders:
         if isinstance(provider, RadiusProvider):
             servers = self._clients.get(provider.name)
             if not isinstance(servers, RadiusServers):
-                if self.dialer is None:
-                    raise ConfigError("RADIUS needs a Dialer here: built without one",
-                                      key="auth.providers")
+                assert self.dialer is not None, "whoever reads RADIUS flows passes a Dialer"
                 secret = self._secret_file(provider, "secret_file", provider.secret_file)
                 servers = RadiusServers(provider, secret.encode(), self.dialer)
                 self._clients[provider.name] = servers
