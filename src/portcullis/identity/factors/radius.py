@@ -13,6 +13,7 @@ Dialer, so with a relay they leave from the relay like every other inward connec
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +170,8 @@ class RadiusServers:
         misconfiguration rather than a forgery or noise)."""
         try:
             reply = request.CreateReply(packet=datagram)
-        except packet.PacketError:
+        except (packet.PacketError, struct.error, ValueError, LookupError):
+            # Decoded before it can be verified: whatever arrives must not end the sign-in.
             return None, False
         if request.VerifyReply(reply, datagram, enforce_ma=True):
             return reply, False
