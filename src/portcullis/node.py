@@ -181,7 +181,7 @@ class Node:
         sessions = SessionManager(self.ephemeral, accounts, hasher, self.settings.session,
                                   audit=self.audit, events=self.events)
         authorities = self._ticket_authorities(local_sta, dialer)
-        portal_app = (self._portal_role(hasher, sessions, authorities)
+        portal_app = (self._portal_role(hasher, sessions, authorities, dialer)
                       if "portal" in self.roles else None)
         if "gateway" in self.roles:
             self._gateway_role(accounts, sessions, authorities, portal_app, dialer)
@@ -244,9 +244,11 @@ class Node:
         return TicketAuthorities(issuing, by_id)
 
     def _portal_role(self, hasher: TokenHasher, sessions: SessionManager,
-                     authorities: TicketIssuer) -> Starlette:
+                     authorities: TicketIssuer, dialer: Dialer) -> Starlette:
         settings = self.settings
-        providers = IdentityProviders(settings, self.durable, self.ephemeral, hasher)
+        # Identity providers' servers (RADIUS) are inward connections too.
+        providers = IdentityProviders(settings, self.durable, self.ephemeral, hasher,
+                                      dialer=dialer)
         login = LoginService(providers.flow(), self.ephemeral, hasher, sessions,
                              settings.session, self.audit,
                              Throttle(self.ephemeral, settings.auth.throttle))

@@ -1,6 +1,7 @@
 """The seed login flows end to end: a real `portcullis up`, the JSON API over TLS (with and
 without a client certificate from the deployment CA) and the `portcullis login` CLI, with
-slapd, FreeRADIUS and oathtool as the real peers."""
+slapd, FreeRADIUS and oathtool as the real peers (and `portcullis serve relay` for
+RADIUS through the relay that `[dialer]` names)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from conftest import PORTCULLIS, Deployment, Process, run_cli
 from peers.ldap import PASSWORDS as LDAP_PASSWORDS
 from peers.ldap import Slapd
 from peers.radius import ALICE_PASSWORD as RADIUS_PASSWORD
-from peers.radius import FreeRadius
+from peers.radius import FreeRadius, configure_radius_flow, relay_audit, start_relay_to
 from peers.totp import oathtool_code
 
 pytestmark = pytest.mark.peer
@@ -260,6 +261,19 @@ provider = "corp"
 
 
 # -- "members of Finance must also pass TOTP" ------------------------------------------------
+def test_the_gateway_asks_radius_through_the_relay_its_dialer_names(
+        deployment: Deployment, up: Any, freeradius: FreeRadius, start_process) -> None:  # type: ignore[no-untyped-def]
+    relay = start_relay_to(freeradius, deployment, start_process)
+    configure_radius_flow(deployment, freeradius, f'via = "relay"\nrelay = "{relay}"\n')
+    up()
+    with api_client(deployment) as client:
+        result = ApiLogin(client).run(
+            lambda step, name: "alice" if name == "username" else RADIUS_PASSWORD)
+    assert result["status"] == "authenticated", result
+    # The packets left from the relay: it audits the UDP flow to FreeRADIUS.
+    relay_audit(deployment, "relay.stream", f"{freeradius.endpoint}/udp")
+
+
 def test_finance_needs_totp_over_the_api_and_the_cli(
         deployment: Deployment, up: Any, slapd: Slapd, freeradius: FreeRadius,
         tmp_path: Path) -> None:

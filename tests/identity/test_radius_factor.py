@@ -1,7 +1,8 @@
 """The RADIUS factor against the real FreeRADIUS (tests/peers/radius.py): groups from
 Class or Filter-Id, rejection, an Access-Challenge round, failover past a dead server and
-past one that does not share our secret, replies without a Message-Authenticator, and an
-outage that does not count against the user."""
+past one that does not share our secret and past one that never answers, replies without
+a Message-Authenticator, an outage that does not count against the user, and the packets
+going through the Dialer the factor is given (a real `portcullis serve relay`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import free_udp_port
+from conftest import Deployment, free_udp_port, run_cli
 from peers.login import HASHER_KEY, BuildLogin, Login, flow, settings_for
 from peers.radius import (
     ALICE,
@@ -30,13 +31,19 @@ from peers.radius import (
     DAVE,
     DAVE_PASSWORD,
     FreeRadius,
+    configure_radius_flow,
+    relay_audit,
     require_freeradius,
     start_freeradius,
+    start_relay_to,
 )
 from portcullis.errors import ConfigError
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.flow import Authenticated, Denied, NextStep
 from portcullis.identity.providers import IdentityProviders
+from portcullis.net.dialer import Dialer, DirectDialer
+from portcullis.net.socksrelay import ClassicRelayDialer
+from portcullis.net.tls import client_context
 from portcullis.store import DurableStore, MemoryStore
 from portcullis.tokens import TokenHasher
 
@@ -55,15 +62,17 @@ def dead_address() -> str:
 
 @pytest.fixture
 def make_login(freeradius: FreeRadius, build_login: BuildLogin, tmp_path: Path):  # type: ignore[no-untyped-def]
-    """make_login(servers=..., secret=..., throttle=..., **provider overrides)."""
+    """make_login(servers=..., secret=..., throttle=..., dialer=..., **provider
+    overrides)."""
 
     def make(servers: list[str] | None = None, secret: bytes | None = None,
-             throttle: dict[str, Any] | None = None, **overrides: Any) -> Login:
+             throttle: dict[str, Any] | None = None, dialer: Dialer | None = None,
+             **overrides: Any) -> Login:
         (tmp_path / SECRET_FILE).write_bytes((secret or freeradius.secret) + b"\n")
         provider = {**freeradius.provider("radius", SECRET_FILE, **FAST),
                     "servers": servers or [freeradius.endpoint], **overrides}
         return build_login(flow({"provider": "radius"}, providers=[provider]),
-                           throttle=throttle, client=CLIENT)
+                           throttle=throttle, client=CLIENT, dialer=dialer)
 
     return make
 
@@ -190,6 +199,24 @@ async def test_no_server_answering_denies_without_counting_a_failure(make_login)
     assert await login.address_failures() == 0
 
 
+async def test_a_server_that_never_answers_is_asked_again_then_the_next_one_is(
+        make_login, freeradius: FreeRadius) -> None:  # type: ignore[no-untyped-def]
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))   # takes the requests in, never replies
+    try:
+        login = make_login(servers=[f"127.0.0.1:{silent.getsockname()[1]}",
+                                    freeradius.endpoint], retries=1)
+        assert (await login.claims(ALICE, ALICE_PASSWORD)).groups == (ALICE_CLASS,)
+        silent.setblocking(False)
+        asked = [silent.recv(4096), silent.recv(4096)]
+        with pytest.raises(BlockingIOError):
+            silent.recv(4096)
+    finally:
+        silent.close()
+    # retries = 1: sent twice, the same datagram (same Identifier and authenticator).
+    assert asked[0] == asked[1] and asked[0][0] == 1
+
+
 class FakeRadius:
     """Answers every Access-Request with an Access-Accept that carries the right Response
     Authenticator, with or without a Message-Authenticator (a BLAST-RADIUS forger can
@@ -263,7 +290,8 @@ async def test_a_missing_secret_file_is_a_config_error_naming_the_key(
     provider = {"type": "radius", "name": "radius", "servers": ["127.0.0.1:1812"],
                 "secret_file": "nope/radius.secret", **FAST}
     settings = settings_for(flow({"provider": "radius"}, providers=[provider]), tmp_path)
-    providers = IdentityProviders(settings, durable, MemoryStore(), TokenHasher(HASHER_KEY))
+    providers = IdentityProviders(settings, durable, MemoryStore(), TokenHasher(HASHER_KEY),
+                                  dialer=DirectDialer())
     with pytest.raises(ConfigError) as raised:
         providers.flow()
     assert raised.value.key == "auth.providers[0].secret_file"
@@ -287,3 +315,58 @@ async def test_every_spelling_reaches_freeradius_and_the_lockout_as_one_name(mak
     assert await login.account_failures("radius:alice") == 3
     assert isinstance(await login.sign_in("alice", ALICE_PASSWORD), Denied)
     assert login.last_failure() == "account locked"
+
+
+# -- through the node's Dialer: a real relay in the loop ---------------------------------
+
+@pytest.fixture
+def relay_to_freeradius(deployment: Deployment, start_process,  # type: ignore[no-untyped-def]
+                        freeradius: FreeRadius) -> str:
+    return start_relay_to(freeradius, deployment, start_process)
+
+
+async def test_radius_packets_go_through_the_dialer_it_is_given(
+        make_login, freeradius: FreeRadius, deployment: Deployment,
+        relay_to_freeradius: str) -> None:  # type: ignore[no-untyped-def]
+    pki = deployment.directory / "pki"
+    dialer = ClassicRelayDialer(relay_to_freeradius, client_context(
+        pki / "ca.crt", cert_file=pki / "gateway.crt", key_file=pki / "gateway.key"))
+    # The first server is outside the relay's allow-list: refused there, so the next one
+    # is asked, through the relay too.
+    blocked = dead_address()
+    login = make_login(servers=[blocked, freeradius.endpoint], dialer=dialer)
+    first = await login.sign_in(DAVE, DAVE_PASSWORD)
+    assert isinstance(first, NextStep) and first.step.kind == "challenge"
+    second = await login.submit(first.handle, {"response": CHALLENGE_CODE})
+    assert isinstance(second, Authenticated), login.events()[-1:]
+    refused = relay_audit(deployment, "relay.refused", f"{blocked}/udp")
+    assert refused["refusal"] == "denied"
+    carried = relay_audit(deployment, "relay.stream", f"{freeradius.endpoint}/udp")
+    assert carried["address"] == freeradius.address
+    assert int(carried["bytes_to_edge"]) > 0 and int(carried["bytes_from_edge"]) > 0
+
+
+# -- commands that ask RADIUS from their own process (`auth test`, `policy explain`) -----
+
+def auth_test_alice(deployment: Deployment) -> str:
+    result = run_cli("auth", "test", "--user", ALICE, "--answer", f"password={ALICE_PASSWORD}",
+                     "--dir", str(deployment.directory))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"passed  radius as {ALICE}" in result.stdout
+    return result.stdout
+
+
+def test_auth_test_asks_radius_through_the_relay_in_classic_mode(
+        deployment: Deployment, freeradius: FreeRadius, relay_to_freeradius: str) -> None:
+    configure_radius_flow(deployment, freeradius,
+                          f'via = "relay"\nrelay = "{relay_to_freeradius}"\n')
+    auth_test_alice(deployment)
+    relay_audit(deployment, "relay.stream", f"{freeradius.endpoint}/udp")
+
+
+def test_auth_test_in_dial_out_mode_says_it_asks_radius_directly(
+        deployment: Deployment, freeradius: FreeRadius) -> None:
+    # The relays' connections belong to the gateway process, not to this command.
+    configure_radius_flow(deployment, freeradius, 'via = "relay"\nmode = "dial-out"\n')
+    shown = auth_test_alice(deployment)
+    assert "dial-out" in shown and "asks the RADIUS servers directly from this host" in shown

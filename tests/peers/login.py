@@ -32,6 +32,7 @@ from portcullis.identity.providers import IdentityProviders
 from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import Throttle
 from portcullis.identity.totp import TotpService
+from portcullis.net.dialer import Dialer, DirectDialer
 from portcullis.store import DurableStore, EphemeralStore, MemoryStore
 from portcullis.tokens import TokenHasher
 
@@ -114,22 +115,26 @@ async def durable(tmp_path: Path) -> AsyncIterator[DurableStore]:
 
 @pytest.fixture
 def build_login(durable: DurableStore, tmp_path: Path) -> Iterator[BuildLogin]:
-    """build_login(auth, *, throttle=None, client=CLIENT, ephemeral=None) -> Login.
+    """build_login(auth, *, throttle=None, client=CLIENT, ephemeral=None, dialer=None)
+    -> Login.
 
     `throttle` becomes the section's `[auth.throttle]`, with `failure_floor = 0` unless
     it says otherwise (flow tests need not wait half a second per denial; the pacing has
     tests of its own); `ephemeral` is the store for sessions, steps and counters (a fresh
-    MemoryStore by default). Relative paths in `auth` are relative to tmp_path. Each Login
-    has its own audit trail file, closed when the test ends."""
+    MemoryStore by default); `dialer` is the one the providers' servers (RADIUS) are
+    asked through (a DirectDialer by default). Relative paths in `auth` are relative to
+    tmp_path. Each Login has its own audit trail file, closed when the test ends."""
     trails: list[AuditTrail] = []
 
     def build(auth: dict[str, Any], *, throttle: dict[str, Any] | None = None,
-              client: LoginContext = CLIENT, ephemeral: EphemeralStore | None = None) -> Login:
+              client: LoginContext = CLIENT, ephemeral: EphemeralStore | None = None,
+              dialer: Dialer | None = None) -> Login:
         throttling = {"failure_floor": 0, **auth.get("throttle", {}), **(throttle or {})}
         settings = settings_for({**auth, "throttle": throttling}, tmp_path)
         store = ephemeral if ephemeral is not None else MemoryStore()
         hasher = TokenHasher(HASHER_KEY)
-        providers = IdentityProviders(settings, durable, store, hasher)
+        providers = IdentityProviders(settings, durable, store, hasher,
+                                      dialer=dialer or DirectDialer())
         sessions = SessionManager(store, AccountStatus(durable, ttl=0), hasher,
                                   settings.session)
         throttler = Throttle(store, settings.auth.throttle)

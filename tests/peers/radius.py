@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import socket
@@ -30,13 +31,14 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import Deployment, Process, free_port
 from peers.config import provider_toml
 from peers.missing import missing_peer
 
@@ -413,3 +415,44 @@ def freeradius(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FreeRadius]
         yield server
     finally:
         server.stop()
+
+
+# -- RADIUS through a relay, and in a deployment -----------------------------------------
+
+def start_relay_to(server: FreeRadius, deployment: Deployment,
+                   start_process: Callable[..., Process]) -> str:
+    """`portcullis serve relay` on the deployment, its allow-list holding `server` only;
+    the relay's HOST:PORT."""
+    port = free_port()
+    with deployment.config.open("a") as config:
+        config.write(f'\n[relay]\nlisten = "127.0.0.1:{port}"\n'
+                     f'health_listen = "127.0.0.1:{free_port()}"\n'
+                     f'allow = ["{server.address}/32:{server.port}"]\n')
+    relay = start_process("serve", "relay", "--dir", str(deployment.directory), name="relay")
+    relay.wait_for(r"Relay: listening on 127\.0\.0\.1:\d+")
+    return f"127.0.0.1:{port}"
+
+
+def relay_audit(deployment: Deployment, event: str, destination: str,
+                timeout: float = 15) -> dict[str, Any]:
+    """The audit line `event` for `destination` (a relay audits a stream as it ends)."""
+    path = deployment.directory / "audit.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines() if path.exists() else []
+        for entry in map(json.loads, lines):
+            if entry["event"] == event and entry.get("destination") == destination:
+                return dict(entry)
+        time.sleep(0.05)
+    raise AssertionError(f"no {event} for {destination} in the audit trail")
+
+
+def configure_radius_flow(deployment: Deployment, server: FreeRadius, dialer: str) -> None:
+    """The deployment's default flow: one step, provider "radius" asking `server`; and
+    `dialer` as its [dialer] section."""
+    (deployment.directory / "secrets" / "radius").write_text(server.secret.decode() + "\n")
+    with deployment.config.open("a") as handle:
+        handle.write('\n[auth]\nflow = "otp"\n'
+                     + server.provider_toml("radius", "secrets/radius", timeout=2)
+                     + '\n[[auth.flows]]\nname = "otp"\n[[auth.flows.steps]]\n'
+                       'provider = "radius"\n\n[dialer]\n' + dialer)

@@ -24,6 +24,7 @@ from portcullis.identity.factors.radius import RadiusFactor, RadiusServers
 from portcullis.identity.factors.totp import TotpFactor
 from portcullis.identity.flow import Factor, LoginFlow
 from portcullis.identity.totp import TotpService
+from portcullis.net.dialer import Dialer
 from portcullis.store import DurableStore, EphemeralStore
 from portcullis.tokens import TokenHasher
 
@@ -36,6 +37,8 @@ class IdentityProviders:
     hasher: TokenHasher
     # A dry run (`auth test`): recovery codes are checked, not used up.
     dry_run: bool = False
+    # The node's one Dialer: RADIUS servers are asked through it (None: no RADIUS here).
+    dialer: Dialer | None = None
     _clients: dict[str, object] = field(default_factory=dict)
 
     def _secret_file(self, provider: Provider, key: str, relative: str) -> str:
@@ -96,8 +99,9 @@ class IdentityProviders:
         if isinstance(provider, RadiusProvider):
             servers = self._clients.get(provider.name)
             if not isinstance(servers, RadiusServers):
+                assert self.dialer is not None, "whoever reads RADIUS flows passes a Dialer"
                 secret = self._secret_file(provider, "secret_file", provider.secret_file)
-                servers = RadiusServers(provider, secret.encode())
+                servers = RadiusServers(provider, secret.encode(), self.dialer)
                 self._clients[provider.name] = servers
             return RadiusFactor(provider.name, servers)
         if isinstance(provider, TotpProvider):

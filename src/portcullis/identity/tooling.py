@@ -13,6 +13,7 @@ a flow never locks anyone out; it stops before a TOTP enrolment would store a se
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from ldap3.core.exceptions import LDAPException
 from portcullis.audit import AuditTrail
 from portcullis.config.auth import LdapProvider, LocalProvider
 from portcullis.config.model import Settings
-from portcullis.errors import AuthError, NotFoundError
+from portcullis.errors import AuthError, ConfigError, NotFoundError
 from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.claims import Claims
 from portcullis.identity.conditions import LoginContext
@@ -33,6 +34,9 @@ from portcullis.identity.names import canonical_username
 from portcullis.identity.providers import IdentityProviders
 from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import AccountLock, Throttle
+from portcullis.net.dialer import Dialer, DirectDialer
+from portcullis.net.dialers import dialer_from_settings
+from portcullis.net.tls import ResumingClientContext, client_context
 from portcullis.store import DurableStore, EphemeralStore, MemoryStore, open_ephemeral
 from portcullis.tokens import TokenHasher
 
@@ -80,6 +84,33 @@ def _describe(event: str, fields: dict[str, Any]) -> str | None:
     return None
 
 
+def command_dialer(settings: Settings, flow_name: str, report: Report) -> Dialer | None:
+    """The Dialer a command that runs `flow_name` in its own process asks the RADIUS
+    servers through: the node's, from `[dialer]` (classic mode: with the gateway's
+    certificate), except in dial-out mode, where the relays' connections belong to the
+    gateway process: then directly from this host, and said so. None when the flow asks
+    no RADIUS server."""
+    providers = settings.auth.all_providers()
+    if not any(providers[step.provider].type == "radius"
+               for step in settings.auth.flow_named(flow_name).steps):
+        return None
+    if settings.dialer.via == "relay" and settings.dialer.mode == "dial-out":
+        report("note: [dialer] mode is dial-out and this command holds no relay connections:"
+               " it asks the RADIUS servers directly from this host")
+        return DirectDialer(timeout=settings.dialer.timeout)
+
+    def gateway_tls() -> ResumingClientContext:
+        cert, key = settings.role_cert("gateway")
+        try:
+            return client_context(settings.ca_cert_path, cert_file=cert, key_file=key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"classic mode dials the relay with the gateway's certificate "
+                              f"{cert}, which cannot be read here: {exc}",
+                              key="dialer.mode") from None
+
+    return dialer_from_settings(settings.dialer, gateway_tls=gateway_tls)
+
+
 @dataclass(frozen=True)
 class DryRun:
     outcome: Literal["signed in", "denied", "would enrol"]
@@ -91,7 +122,8 @@ async def dry_run(settings: Settings, flow_name: str, username: str, answer: Ans
     """Walk the flow as `username` would, reporting each step's outcome and why."""
     async with opened_stores(settings, throwaway_ephemeral=True) as (durable, ephemeral,
                                                                       hasher):
-        providers = IdentityProviders(settings, durable, ephemeral, hasher, dry_run=True)
+        providers = IdentityProviders(settings, durable, ephemeral, hasher, dry_run=True,
+                                      dialer=command_dialer(settings, flow_name, report))
         audit = RecordingAudit()
         sessions = SessionManager(ephemeral, AccountStatus(durable), hasher, settings.session)
         service = LoginService(providers.flow(flow_name), ephemeral, hasher, sessions,

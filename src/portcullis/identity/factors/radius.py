@@ -6,27 +6,31 @@ when a server's only answers were such unsigned (otherwise correct) replies, the
 and the log say so, and what to set on the server, instead of "no answer".
 An Access-Challenge (RSA SecurID, DUO and other proxies use it) becomes the next prompt,
 its Reply-Message the label, its State kept in the flow and echoed back. Servers are
-tried in order: a timeout moves on to the next one.
+tried in order: a timeout moves on to the next one. The packets go through the node's
+Dialer, so with a relay they leave from the relay like every other inward connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 from pyrad import packet
-from pyrad.client import Client, Timeout
 from pyrad.dictionary import Dictionary
 
 from portcullis.config.auth import RadiusProvider
 from portcullis.config.values import parse_host_port
+from portcullis.errors import DialError
 from portcullis.identity.claims import Attributes
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.prompts import password_step, typed_username
 from portcullis.identity.flow import Attempt, FactorOutcome, FlowState, Prompt, Step
+from portcullis.net.dialer import Dialer
 
 log = structlog.get_logger("portcullis.identity.radius")
 DICTIONARY = Path(__file__).with_name("radius.dictionary")
@@ -55,65 +59,125 @@ UNSIGNED_REPLIES = (
     "requireMsgAuth; a proxy on the way must do so too)")
 
 
-class _Client(Client):  # type: ignore[misc]
-    """pyrad's client, counting the replies dropped only because they lack a
-    Message-Authenticator (right Response Authenticator, no signature)."""
+class _Replies(asyncio.DatagramProtocol):
+    """The datagrams that come back on one server's connected UDP flow, for the request
+    to judge; an error on the flow (an ICMP port unreachable, a relay's stream that
+    ended) ends the wait for this server."""
 
-    unsigned_replies = 0
+    def __init__(self) -> None:
+        self.arrived: asyncio.Queue[bytes | Exception] = asyncio.Queue()
 
-    def _VerifyReply(self, pkt: packet.Packet, reply: packet.Packet, rawreply: bytes,
-                     authenticators: list[bytes]) -> tuple[bool, bytes | None]:
-        verdict: tuple[bool, bytes | None] = super()._VerifyReply(pkt, reply, rawreply,
-                                                                   authenticators)
-        if not verdict[0]:
-            # A Message-Authenticator that is there is checked either way: valid without
-            # enforcement means there was none.
-            self.enforce_ma = False
-            try:
-                if super()._VerifyReply(pkt, reply, rawreply, authenticators)[0]:
-                    self.unsigned_replies += 1
-            finally:
-                self.enforce_ma = True
-        return verdict
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.arrived.put_nowait(data)
+
+    def error_received(self, exc: Exception) -> None:
+        self.arrived.put_nowait(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.arrived.put_nowait(exc or ConnectionResetError("the flow to the server ended"))
+
+
+class _NoAnswer(Exception):
+    """A server gave no reply that verifies; `unsigned`: how many of its replies were
+    dropped only because they lacked a Message-Authenticator."""
+
+    def __init__(self, message: str, unsigned: int) -> None:
+        super().__init__(message)
+        self.unsigned = unsigned
 
 
 class RadiusServers:
-    """The servers of one `[[auth.providers]]` of type radius (blocking calls)."""
+    """The servers of one `[[auth.providers]]` of type radius, asked through `dialer`
+    (the node's one Dialer: with a relay, RADIUS goes through it like everything else).
 
-    def __init__(self, settings: RadiusProvider, secret: bytes) -> None:
+    pyrad encodes the packets and verifies the replies; the exchange itself is ours, on
+    the event loop, because pyrad's clients make their own sockets."""
+
+    def __init__(self, settings: RadiusProvider, secret: bytes, dialer: Dialer) -> None:
         self.settings = settings
         self._secret = secret
+        self._dialer = dialer
         self._dictionary = Dictionary(str(DICTIONARY))
 
-    def authenticate(self, username: str, password: str, state: bytes | None,
-                     client_address: str) -> RadiusReply:
+    async def authenticate(self, username: str, password: str, state: bytes | None,
+                           client_address: str) -> RadiusReply:
         errors: list[str] = []
         for server in self.settings.servers:
             host, port = parse_host_port(server, what="RADIUS server")
-            client = _Client(server=host, authport=port, secret=self._secret,
-                            dict=self._dictionary, timeout=self.settings.timeout,
-                            retries=self.settings.retries + 1, enforce_ma=True)
-            request = client.CreateAuthPacket(code=packet.AccessRequest, User_Name=username,
-                                              NAS_Identifier=self.settings.nas_identifier)
+            request = packet.AuthPacket(code=packet.AccessRequest, secret=self._secret,
+                                        dict=self._dictionary, message_authenticator=True,
+                                        User_Name=username,
+                                        NAS_Identifier=self.settings.nas_identifier)
             request["User-Password"] = request.PwCrypt(password)
             request["Calling-Station-Id"] = client_address
             if state is not None:
                 request["State"] = state
             try:
-                reply = client.SendPacket(request)
-            except (Timeout, OSError) as exc:
-                if client.unsigned_replies:
+                reply = await self._ask(host, port, request)
+            except DialError as exc:
+                errors.append(f"{server}: {exc}")
+                log.warning("RADIUS server could not be reached", provider=self.settings.name,
+                            server=server, error=str(exc))
+                continue
+            except _NoAnswer as exc:
+                if exc.unsigned:
                     errors.append(f"{server}: {UNSIGNED_REPLIES}")
                     log.error("RADIUS replies without Message-Authenticator dropped",
                               provider=self.settings.name, server=server,
-                              replies=client.unsigned_replies, fix=UNSIGNED_REPLIES)
+                              replies=exc.unsigned, fix=UNSIGNED_REPLIES)
                     continue
-                errors.append(f"{server}: {exc or 'no answer'}")
+                errors.append(f"{server}: {exc}")
                 log.warning("RADIUS server did not answer", provider=self.settings.name,
-                            server=server, error=str(exc) or "timeout")
+                            server=server, error=str(exc))
                 continue
             return self._reply(reply)
         raise RadiusUnavailable("; ".join(errors))
+
+    async def _ask(self, host: str, port: int, request: packet.AuthPacket) -> packet.Packet:
+        """Send `request` (again after each `timeout`, `retries` times) and return the
+        first reply that verifies; anything else that arrives is dropped like a lost
+        packet. A retransmission is the same datagram: same Identifier and authenticator
+        (RFC 2865 2.5), so a late reply to an earlier one is as good."""
+        transport, replies = await self._dialer.connect_udp(host, port, _Replies)
+        datagram = request.RequestPacket()
+        unsigned = 0
+        loop = asyncio.get_running_loop()
+        try:
+            for _ in range(self.settings.retries + 1):
+                transport.sendto(datagram)
+                try:
+                    async with asyncio.timeout_at(loop.time() + self.settings.timeout):
+                        while True:
+                            arrived = await replies.arrived.get()
+                            if isinstance(arrived, Exception):
+                                raise _NoAnswer(str(arrived) or repr(arrived), unsigned)
+                            reply, only_unsigned = self._verified(request, arrived)
+                            if reply is not None:
+                                return reply
+                            unsigned += only_unsigned
+                except TimeoutError:
+                    continue
+            raise _NoAnswer("no answer", unsigned)
+        finally:
+            transport.close()
+
+    @staticmethod
+    def _verified(request: packet.AuthPacket, datagram: bytes
+                  ) -> tuple[packet.Packet | None, bool]:
+        """(the reply, False) when `datagram` is a reply to `request` with the right
+        Response Authenticator and a valid Message-Authenticator, else (None, whether
+        the Message-Authenticator is all it lacks: the count that names the server's
+        misconfiguration rather than a forgery or noise)."""
+        try:
+            reply = request.CreateReply(packet=datagram)
+        except (packet.PacketError, struct.error, ValueError, LookupError):
+            # Decoded before it can be verified: whatever arrives must not end the sign-in.
+            return None, False
+        if request.VerifyReply(reply, datagram, enforce_ma=True):
+            return reply, False
+        # A Message-Authenticator that is there is checked either way: valid without
+        # enforcement means there was none.
+        return None, bool(request.VerifyReply(reply, datagram, enforce_ma=False))
 
     def _reply(self, reply: packet.Packet) -> RadiusReply:
         messages = reply.get("Reply-Message") or []
@@ -155,8 +219,8 @@ class RadiusFactor:
             return FactorOutcome(False, "account locked", username=username)
         radius_state = bytes.fromhex(state.data["radius_state"]) if challenged else None
         try:
-            reply = await asyncio.to_thread(self._servers.authenticate, username, secret,
-                                            radius_state, attempt.context.client_address)
+            reply = await self._servers.authenticate(username, secret, radius_state,
+                                                     attempt.context.client_address)
         except RadiusUnavailable as exc:
             log.error("no RADIUS server answered", provider=self.name, error=str(exc))
             return FactorOutcome(False, f"RADIUS unavailable: {exc}", username=username,
