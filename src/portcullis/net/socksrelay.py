@@ -2,7 +2,9 @@
 
 Each inward connection is its own TCP connection to the relay, a TLS handshake in which
 the edge presents its `gateway` certificate and checks the relay's against the
-deployment CA and the relay's host name, then one SOCKS5 command:
+deployment CA, the relay's host name and the relay's role (every role's certificate may
+carry the same host names: the portal's or the STA's must not stand in for the relay and
+read the inward traffic), then one SOCKS5 command:
 
 - CONNECT for TCP; once the relay says SUCCEEDED, the caller's protocol becomes the TLS
   transport's protocol: no extra hop and no copy per chunk after the handshake.
@@ -24,13 +26,15 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from portcullis.config.values import parse_host_port
 from portcullis.errors import DialError, ProtocolError
 from portcullis.net.dialer import EchoChannel, give_to_buffered
 from portcullis.net.icmp import TIMEOUT as ECHO_TIMEOUT
 from portcullis.net.tls import ResumingClientContext, describe_tls_failure
+from portcullis.pki import transport_common_name
+from portcullis.pki.roles import ROLE_COMMON_NAMES
 from portcullis.proto.mux import Reason
 from portcullis.proto.socks5 import Command, Reply, reason_for
 from portcullis.proto.socks5client import Socks5ClientHandshake
@@ -49,6 +53,7 @@ MAX_ECHOES_IN_FLIGHT = 16
 MAX_UNSENT_DATAGRAMS = 256 * 1024
 _ECHO_REPLY_HEAD = 6   # u16 sequence + u32 round trip in microseconds
 
+RELAY_COMMON_NAME = ROLE_COMMON_NAMES["relay"]
 _UNTRUSTED_RELAY = ("issue the relay's certificate from this deployment's CA "
                     "(portcullis cert issue --role relay) and check [dialer] relay")
 _WHAT_IS_CARRIED = {Command.UDP_IN_STREAM: "UDP",
@@ -93,7 +98,7 @@ class ClassicRelayDialer:
         """TCP, TLS and the SOCKS handshake; the transport (reading paused) once the
         relay said SUCCEEDED."""
         loop = asyncio.get_running_loop()
-        handshake = _SocksHandshake(Socks5ClientHandshake(command, host, port))
+        handshake = _SocksHandshake(Socks5ClientHandshake(command, host, port), self._relay)
         asked = f"{host}:{port}"
         try:
             async with asyncio.timeout(self._timeout):
@@ -167,8 +172,9 @@ class ClassicRelayDialer:
 class _SocksHandshake(asyncio.Protocol):
     """The TLS transport's protocol until the SOCKS reply; then `hand_over`."""
 
-    def __init__(self, codec: Socks5ClientHandshake) -> None:
+    def __init__(self, codec: Socks5ClientHandshake, relay: str) -> None:
         self._codec = codec
+        self._relay = relay
         self.secured = False   # the TLS handshake is done: the SOCKS one has begun
         self.replied: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._transport: asyncio.Transport | None = None
@@ -176,9 +182,17 @@ class _SocksHandshake(asyncio.Protocol):
         self._lost: list[Exception | None] = []   # one item once the connection is lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport   # type: ignore[assignment]   # a TLS transport
+        tls = self._transport = cast(asyncio.Transport, transport)
         self.secured = True
-        transport.write(self._codec.data_to_send())   # type: ignore[attr-defined]
+        name = transport_common_name(tls)
+        if name != RELAY_COMMON_NAME:   # not a word of the request to another role
+            self._fail(DialError(
+                f"the server at {self._relay} presented the certificate of {name!r}, not "
+                f"the relay's ({RELAY_COMMON_NAME!r}): check [dialer] relay",
+                Reason.UNREACHABLE))
+            tls.abort()
+            return
+        tls.write(self._codec.data_to_send())
 
     def data_received(self, data: bytes) -> None:
         transport = self._transport
