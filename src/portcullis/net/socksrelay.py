@@ -31,6 +31,7 @@ from typing import Any, TypeVar, cast
 from portcullis.config.values import parse_host_port
 from portcullis.errors import DialError, ProtocolError
 from portcullis.net.dialer import EchoChannel, give_to_buffered
+from portcullis.net.echoes import EchoRequests
 from portcullis.net.icmp import TIMEOUT as ECHO_TIMEOUT
 from portcullis.net.tls import ResumingClientContext, describe_tls_failure
 from portcullis.pki import transport_common_name
@@ -46,12 +47,8 @@ P = TypeVar("P", bound=asyncio.BaseProtocol)
 D = TypeVar("D", bound=asyncio.DatagramProtocol)
 T = TypeVar("T", bound=asyncio.BaseProtocol)
 
-#: Echo requests one channel may have waiting for a reply; more are dropped, as a router
-#: would (the tunnel bounds them per flow too).
-MAX_ECHOES_IN_FLIGHT = 16
 #: Datagrams are dropped, as UDP would, while this much is unsent on the TLS stream.
 MAX_UNSENT_DATAGRAMS = 256 * 1024
-_ECHO_REPLY_HEAD = 6   # u16 sequence + u32 round trip in microseconds
 
 RELAY_COMMON_NAME = ROLE_COMMON_NAMES["relay"]
 _UNTRUSTED_RELAY = ("issue the relay's certificate from this deployment's CA "
@@ -326,32 +323,22 @@ class _EchoInStream(asyncio.Protocol):
         self._relay = relay
         self._stream: asyncio.Transport | None = None
         self._decoder = StreamDatagrams()
-        self._waiting: dict[int, asyncio.Future[tuple[bytes, float] | None]] = {}
+        self._requests = EchoRequests(self._send, timeout=ECHO_TIMEOUT)
 
     async def echo(self, sequence: int, data: bytes) -> tuple[bytes, float] | None:
         stream = self._stream
         if stream is None or stream.is_closing():
             raise DialError(f"the relay at {self._relay} closed the ICMP echo channel",
                             Reason.UNREACHABLE)
-        sequence &= 0xFFFF
-        if sequence in self._waiting or len(self._waiting) >= MAX_ECHOES_IN_FLIGHT:
-            return None   # dropped: a duplicate, or too many waiting
-        future: asyncio.Future[tuple[bytes, float] | None] = (
-            asyncio.get_running_loop().create_future())
-        self._waiting[sequence] = future
-        stream.write(frame_datagram(sequence.to_bytes(2, "big") + data))
-        try:
-            async with asyncio.timeout(ECHO_TIMEOUT):
-                return await future
-        except TimeoutError:
-            return None
-        finally:
-            if self._waiting.get(sequence) is future:
-                del self._waiting[sequence]
+        return await self._requests.echo(sequence, data)
 
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
+
+    def _send(self, request: bytes) -> None:
+        assert self._stream is not None
+        self._stream.write(frame_datagram(request))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._stream = transport   # type: ignore[assignment]   # a TLS transport
@@ -364,15 +351,7 @@ class _EchoInStream(asyncio.Protocol):
             self._stream.abort()
             return
         for reply in replies:
-            if len(reply) < _ECHO_REPLY_HEAD:
-                continue
-            future = self._waiting.pop(int.from_bytes(reply[:2], "big"), None)
-            if future is not None and not future.done():
-                rtt_us = int.from_bytes(reply[2:_ECHO_REPLY_HEAD], "big")
-                future.set_result((reply[_ECHO_REPLY_HEAD:], rtt_us / 1e6))
+            self._requests.replied(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_result(None)
-        self._waiting.clear()
+        self._requests.end()

@@ -28,6 +28,7 @@ import structlog
 
 from portcullis.errors import DialError, ProtocolError
 from portcullis.net.dialer import EchoChannel
+from portcullis.net.echoes import MAX_ECHO_DATA, EchoResponder
 from portcullis.pki import transport_common_name
 from portcullis.pki.roles import ROLE_COMMON_NAMES
 from portcullis.policy.admission import Protocol
@@ -39,11 +40,6 @@ from portcullis.web.edge import Acceptor, Edge, Lease
 log = structlog.get_logger("portcullis.relay")
 
 GATEWAY_COMMON_NAME = ROLE_COMMON_NAMES["gateway"]
-# ICMP echo in stream: the same bounds as the tunnel's ICMP flows.
-MAX_ECHO_DATA = 1024
-MAX_ECHOES_IN_FLIGHT = 16
-_SEQUENCE = struct.Struct("!H")
-_ECHO_REPLY = struct.Struct("!HI")
 _LENGTH = struct.Struct("!H")
 _PROTOCOL_OF: dict[Command, Protocol] = {Command.CONNECT: "tcp", Command.UDP_IN_STREAM: "udp",
                                     Command.ICMP_ECHO_IN_STREAM: "icmp"}
@@ -409,15 +405,15 @@ class _UdpRelay(_Relayed, asyncio.DatagramProtocol):
 
 class _EchoRelay(_Relayed):
     """0x81: each framed `u16 sequence + data` is one echo request; each reply goes back
-    framed as `u16 sequence + u32 rtt_microseconds + data` (nothing when it times out)."""
+    framed as `u16 sequence + u32 rtt_microseconds + data` (nothing when it times out),
+    performed as for the tunnel's ICMP flows (`net/echoes.py`)."""
 
     def __init__(self, edge: RelayConnection, stream: RelayedStream,
                  channel: EchoChannel) -> None:
         self._edge = edge
         self.stream = stream
-        self._channel = channel
         self._frames = StreamDatagrams(2 + MAX_ECHO_DATA)
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._responder = EchoResponder(channel, edge.write_datagram_to_edge)
         self.bound = ("0.0.0.0", 0)
 
     def from_edge(self, data: bytes) -> None:
@@ -427,29 +423,10 @@ class _EchoRelay(_Relayed):
             self._edge.refuse("framing", str(exc))
             return
         for request in requests:
-            if len(request) < 2 or len(self._in_flight) >= MAX_ECHOES_IN_FLIGHT:
-                continue   # dropped, as a router would: echoes are not queued
-            task = asyncio.ensure_future(self._echo(request))
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
-
-    async def _echo(self, request: bytes) -> None:
-        (sequence,) = _SEQUENCE.unpack_from(request)
-        try:
-            answer = await self._channel.echo(sequence, request[2:])
-        except DialError as exc:
-            log.warning("ICMP echo failed", error=str(exc))
-            return
-        if answer is None:
-            return
-        data, seconds = answer
-        rtt = min(int(seconds * 1e6), 0xFFFFFFFF)
-        self._edge.write_datagram_to_edge(_ECHO_REPLY.pack(sequence, rtt) + data)
+            self._responder.request(request)
 
     def edge_lost(self) -> None:
-        for task in list(self._in_flight):
-            task.cancel()
-        self._channel.close()
+        self._responder.close()
 
 
 def _bound(transport: asyncio.BaseTransport) -> tuple[str, int]:
