@@ -59,11 +59,6 @@ class ClassicServer:
         self._sock: socket.socket | None = None
         self._connections: set[RelayConnection] = set()
 
-    @property
-    def open_connections(self) -> int:
-        """Accepted and not yet closed, handshakes included."""
-        return self.edge.admissions.total
-
     def listen(self, sock: socket.socket) -> tuple[str, int]:
         """Accept on the bound, listening `sock`; return the address it listens on."""
         self._sock = sock
