@@ -16,7 +16,6 @@ import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import structlog
 from websockets.http11 import Request
@@ -32,6 +31,7 @@ from portcullis.identity.sessions import Session, SessionManager
 from portcullis.net.destinations import HostAddresses, resolve
 from portcullis.net.dialer import Dialer
 from portcullis.net.muxsession import (
+    PROTOCOL_NAMES,
     DatagramFlow,
     MuxSession,
     StreamBridge,
@@ -45,8 +45,6 @@ from portcullis.proto.mux import Limits, MuxConnection, Reason, Timers
 
 PATH = "/api/v1/tunnel"
 log = structlog.get_logger("portcullis.tunnel")
-PROTOCOL_NAMES: dict[mux.Protocol, Literal["tcp", "udp", "icmp"]] = {
-    mux.Protocol.TCP: "tcp", mux.Protocol.UDP: "udp", mux.Protocol.ICMP: "icmp"}
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 

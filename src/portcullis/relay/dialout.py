@@ -22,7 +22,7 @@ import random
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import structlog
 
@@ -30,7 +30,7 @@ from portcullis.config.model import RelaySettings
 from portcullis.errors import ClientError, DialError
 from portcullis.net import websocket
 from portcullis.net.dialer import EchoChannel
-from portcullis.net.muxsession import DatagramFlow, MuxSession, StreamBridge
+from portcullis.net.muxsession import PROTOCOL_NAMES, DatagramFlow, MuxSession, StreamBridge
 from portcullis.pki import transport_common_name
 from portcullis.pki.roles import ROLE_COMMON_NAMES
 from portcullis.proto import mux
@@ -40,8 +40,6 @@ from portcullis.relay.core import RelayCore, RelayedStream
 PATH = "/api/v1/relay"
 GATEWAY_COMMON_NAME = ROLE_COMMON_NAMES["gateway"]
 log = structlog.get_logger("portcullis.relay.dialout")
-PROTOCOL_NAMES: dict[mux.Protocol, Literal["tcp", "udp", "icmp"]] = {
-    mux.Protocol.TCP: "tcp", mux.Protocol.UDP: "udp", mux.Protocol.ICMP: "icmp"}
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 D = TypeVar("D", bound=asyncio.DatagramProtocol)
