@@ -2,7 +2,8 @@
 connection it captures becomes a stream naming its destination; the gateway resolves
 the name on the inside, asks the admission decision (`policy.admission.admit`: the access
 policy and the never-reachable set), dials the one address it admitted through the Dialer
-and relays (reverse NAT: servers see the gateway).
+and relays (reverse NAT: servers see the gateway, or the relay when the Dialer goes
+through one).
 
 Admission is asked here, for every stream, never trusted to the client; every denial
 is audited with its reason. The policy is read at each stream, so a reload

@@ -1,6 +1,8 @@
 """The asyncio shell around the mux codec: one tunnel whose streams are bridged to
-TCP transports. Push-based, like the transports around it: the carrier (a WebSocket
-connection, see `net.websocket`) hands in whole messages and takes whole messages out.
+TCP transports, and whose datagram flows to UDP sockets or ICMP echo channels (the tunnel,
+launches, and both ends of a dial-out relay connection use it). Push-based, like the
+transports around it: the carrier (a WebSocket connection, see `net.websocket`) hands in
+whole messages and takes whole messages out.
 
 It maps codec events to transport calls and back, nothing more: no decisions (the
 owner's `on_open` callback decides what an incoming stream may reach), no copies of

@@ -41,6 +41,8 @@ log = structlog.get_logger("portcullis.relay")
 
 GATEWAY_COMMON_NAME = ROLE_COMMON_NAMES["gateway"]
 _LENGTH = struct.Struct("!H")
+# Datagrams towards the edge are dropped, as UDP would, while this much is unsent to it.
+MAX_UNSENT_DATAGRAMS = 1024 * 1024
 _PROTOCOL_OF: dict[Command, Protocol] = {Command.CONNECT: "tcp", Command.UDP_IN_STREAM: "udp",
                                     Command.ICMP_ECHO_IN_STREAM: "icmp"}
 
@@ -201,7 +203,7 @@ class RelayConnection(asyncio.Protocol):
     def edge_write_buffer_full(self) -> bool:
         """True while the edge is not keeping up: datagrams towards it are dropped."""
         transport = self._transport
-        return transport is None or transport.get_write_buffer_size() > 1024 * 1024
+        return transport is None or transport.get_write_buffer_size() > MAX_UNSENT_DATAGRAMS
 
     def pause_edge(self) -> None:
         if self._transport is not None:
