@@ -50,7 +50,7 @@ _PROTOCOL_OF: dict[Command, Protocol] = {Command.CONNECT: "tcp", Command.UDP_IN_
 class ClassicServer:
     """The classic listener: the edge's acceptor (`web/edge.py`: connection limit, TLS
     handshake bounded by `relay.handshake_timeout`) hands each authenticated connection
-    to a `RelayConnection`; a failed handshake is audited with its reason."""
+    to an `EdgeConnection`; a failed handshake is audited with its reason."""
 
     def __init__(self, core: RelayCore, tls: ssl.SSLContext, edge: Edge) -> None:
         self.core = core
@@ -59,13 +59,13 @@ class ClassicServer:
         self.handshake_timeout = edge.limits.tls_handshake_timeout
         self._acceptor: Acceptor | None = None
         self._sock: socket.socket | None = None
-        self._connections: set[RelayConnection] = set()
+        self._connections: set[EdgeConnection] = set()
 
     def listen(self, sock: socket.socket) -> tuple[str, int]:
         """Accept on the bound, listening `sock`; return the address it listens on."""
         self._sock = sock
         self._acceptor = Acceptor(self.edge, sock, self.tls,
-                                  lambda lease: RelayConnection(self, lease),
+                                  lambda lease: EdgeConnection(self, lease),
                                   handshake_failed=self._handshake_failed)
         host, port = sock.getsockname()[:2]
         return str(host), int(port)
@@ -83,10 +83,10 @@ class ClassicServer:
         reason, why = describe_handshake_failure(exc, self.handshake_timeout)
         self.core.refuse_edge(peer, reason, why)
 
-    def connection_started(self, connection: RelayConnection) -> None:
+    def connection_started(self, connection: EdgeConnection) -> None:
         self._connections.add(connection)
 
-    def connection_ended(self, connection: RelayConnection) -> None:
+    def connection_ended(self, connection: EdgeConnection) -> None:
         self._connections.discard(connection)
 
 
@@ -104,7 +104,7 @@ def describe_handshake_failure(exc: BaseException, timeout: float) -> tuple[str,
     return "tls", f"TLS handshake failed: {exc}"
 
 
-class RelayConnection(asyncio.Protocol):
+class EdgeConnection(asyncio.Protocol):
     """One edge connection after its TLS handshake: the SOCKS5 exchange, then one relayed
     TCP connection, UDP flow or echo channel."""
 
@@ -307,14 +307,14 @@ class _Relayed:
 class _TcpRelay(_Relayed, asyncio.Protocol):
     """CONNECT: bytes both ways, each side's back-pressure pausing the other side."""
 
-    def __init__(self, edge: RelayConnection, stream: RelayedStream) -> None:
+    def __init__(self, edge: EdgeConnection, stream: RelayedStream) -> None:
         self._edge = edge
         self.stream = stream
         self._transport: asyncio.Transport | None = None
         self.bound = ("0.0.0.0", 0)
 
     @classmethod
-    async def dial(cls, edge: RelayConnection, stream: RelayedStream) -> _TcpRelay:
+    async def dial(cls, edge: EdgeConnection, stream: RelayedStream) -> _TcpRelay:
         transport, relay = await edge.core.connect(stream, lambda: cls(edge, stream))
         relay.bound = _bound(transport)
         return relay
@@ -362,7 +362,7 @@ class _UdpRelay(_Relayed, asyncio.DatagramProtocol):
     """0x83: framed datagrams from the edge go to the destination, its answers back framed.
     UDP has no back-pressure: datagrams meet a full edge buffer are dropped."""
 
-    def __init__(self, edge: RelayConnection, stream: RelayedStream) -> None:
+    def __init__(self, edge: EdgeConnection, stream: RelayedStream) -> None:
         self._edge = edge
         self.stream = stream
         self._frames = StreamDatagrams()
@@ -370,7 +370,7 @@ class _UdpRelay(_Relayed, asyncio.DatagramProtocol):
         self.bound = ("0.0.0.0", 0)
 
     @classmethod
-    async def dial(cls, edge: RelayConnection, stream: RelayedStream) -> _UdpRelay:
+    async def dial(cls, edge: EdgeConnection, stream: RelayedStream) -> _UdpRelay:
         transport, relay = await edge.core.connect_udp(stream, lambda: cls(edge, stream))
         relay.bound = _bound(transport)
         return relay
@@ -405,7 +405,7 @@ class _EchoRelay(_Relayed):
     framed as `u16 sequence + u32 rtt_microseconds + data` (nothing when it times out),
     performed as for the tunnel's ICMP flows (`net/echoes.py`)."""
 
-    def __init__(self, edge: RelayConnection, stream: RelayedStream,
+    def __init__(self, edge: EdgeConnection, stream: RelayedStream,
                  channel: EchoChannel) -> None:
         self._edge = edge
         self.stream = stream
