@@ -222,7 +222,7 @@ class TunnelEndpoint:
             try:
                 resolved = await resolve(event.host, event.port)
             except DialError as exc:
-                session.refuse(event.stream_id, exc.reason, str(exc))
+                session.refuse(event.stream_id, exc.reason, exc.told)
                 return
         admission = admit(policy, subject, event.host, event.port, protocol, resolved,
                           pool_family=ipaddress.ip_address(source).version if source else None,

@@ -504,7 +504,7 @@ class MuxSession:
             self.forget(bridge)
             # `refusal` replaces the dialer's words when they would say too much (a
             # launched resource's address is not the client's business).
-            self.refuse(stream_id, exc.reason, refusal or str(exc))
+            self.refuse(stream_id, exc.reason, refusal or exc.told)
             return exc
         if bridge.ended or not self.mux.is_open(stream_id):
             # Reset (before or during the dial), or the tunnel ended: drop the socket.
@@ -527,7 +527,7 @@ class MuxSession:
             transport, socket_side = await dialer.connect_udp(host, port, UdpSocket,
                                                               source=source)
         except DialError as exc:
-            self.refuse(stream_id, exc.reason, str(exc))
+            self.refuse(stream_id, exc.reason, exc.told)
             return exc
         try:
             flow = self.accept_flow(stream_id, transport.sendto, idle_timeout=idle_timeout)
@@ -553,7 +553,7 @@ class MuxSession:
         try:
             channel = await dialer.open_echo(address, source=source)
         except DialError as exc:
-            self.refuse(stream_id, exc.reason, str(exc))
+            self.refuse(stream_id, exc.reason, exc.told)
             return exc
         # The replies go on the flow, which exists once it is accepted (below).
         responder = EchoResponder(channel, lambda reply: flow.send(reply))

@@ -17,8 +17,10 @@ comes after the handshake: it is taken once the SOCKS reply has been read.
 
 Every failure is a DialError with a mux `Reason`: a SOCKS refusal maps through the one
 table in `proto/socks5.py`; TLS and connection failures name the relay and say what an
-administrator should check. The relay connects from its own address: SOCKS5 has no
-field for a source, so `source` is not used (address pools are the relay's business).
+administrator should check (the audit trail's words; the client of a refused stream is
+told only its destination and the reason, `DialError.told`). The relay connects from
+its own address: SOCKS5 has no field for a source, so `source` is not used (address
+pools are the relay's business).
 """
 
 from __future__ import annotations
@@ -93,7 +95,18 @@ class ClassicRelayDialer:
     async def _open(self, command: Command, host: str,
                     port: int) -> tuple[asyncio.Transport, _SocksHandshake]:
         """TCP, TLS and the SOCKS handshake; the transport (reading paused) once the
-        relay said SUCCEEDED."""
+        relay said SUCCEEDED. A DialError's message names the relay and what to check,
+        for the audit trail; the client of a refused stream is told only why."""
+        try:
+            return await self._handshake(command, host, port)
+        except DialError as exc:
+            if exc.told == str(exc):
+                exc.told = (f"{host}:{port} cannot be reached through the relay "
+                            f"({exc.reason.name.lower().replace('_', ' ')})")
+            raise
+
+    async def _handshake(self, command: Command, host: str,
+                         port: int) -> tuple[asyncio.Transport, _SocksHandshake]:
         loop = asyncio.get_running_loop()
         handshake = _SocksHandshake(Socks5ClientHandshake(command, host, port), self._relay)
         asked = f"{host}:{port}"
@@ -139,10 +152,11 @@ class ClassicRelayDialer:
                          Reason.UNREACHABLE)
 
     def _not_carried(self, command: Command, answer: str) -> DialError:
-        return DialError(f"the relay at {self._relay} does not carry "
-                         f"{_WHAT_IS_CARRIED[command]} ({answer}): a stock SOCKS5 server "
-                         "carries TCP only; use a Portcullis relay",
-                         reason_for(Reply.COMMAND_NOT_SUPPORTED))
+        what = _WHAT_IS_CARRIED[command]
+        return DialError(f"the relay at {self._relay} does not carry {what} ({answer}): a "
+                         "stock SOCKS5 server carries TCP only; use a Portcullis relay",
+                         reason_for(Reply.COMMAND_NOT_SUPPORTED),
+                         told=f"the relay does not carry {what}")
 
     def _failure(self, exc: Exception) -> DialError:
         where = self._relay

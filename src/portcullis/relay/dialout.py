@@ -194,7 +194,7 @@ class DialOutConnector:
             stream = await self._core.admit(edge, event.host, event.port,
                                             PROTOCOL_NAMES[event.protocol])
         except DialError as exc:
-            session.refuse(event.stream_id, exc.reason, str(exc))
+            session.refuse(event.stream_id, exc.reason, exc.told)
             return
         dialer = _AdmittedDialer(self._core, stream)
 
