@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import struct
 from typing import cast
 
 import structlog
@@ -33,14 +32,13 @@ from portcullis.pki import transport_common_name
 from portcullis.pki.roles import ROLE_COMMON_NAMES
 from portcullis.policy.admission import Protocol
 from portcullis.proto.socks5 import Command, Reply, Request, Socks5Connection, reply_for
-from portcullis.proto.streamdatagrams import StreamDatagrams
+from portcullis.proto.streamdatagrams import StreamDatagrams, frame_datagram
 from portcullis.relay.core import RelayCore, RelayedStream
 from portcullis.web.edge import Acceptor, Edge, Lease
 
 log = structlog.get_logger("portcullis.relay")
 
 GATEWAY_COMMON_NAME = ROLE_COMMON_NAMES["gateway"]
-_LENGTH = struct.Struct("!H")
 # Datagrams towards the edge are dropped, as UDP would, while this much is unsent to it.
 MAX_UNSENT_DATAGRAMS = 1024 * 1024
 _PROTOCOL_OF: dict[Command, Protocol] = {Command.CONNECT: "tcp", Command.UDP_IN_STREAM: "udp",
@@ -193,12 +191,13 @@ class EdgeConnection(asyncio.Protocol):
             self._transport.write(data)
 
     def write_datagram_to_edge(self, payload: bytes) -> None:
-        """One framed datagram (u16 length + bytes), without joining them into a copy."""
+        """One framed datagram (u16 length + bytes), in one write: a TLS transport makes
+        a record of each piece it is given, and a record costs more than the copy."""
         transport = self._transport
         if transport is None or transport.is_closing():
             return
         self.bytes_to_edge += len(payload)
-        transport.writelines((_LENGTH.pack(len(payload)), payload))
+        transport.write(frame_datagram(payload))
 
     def edge_write_buffer_full(self) -> bool:
         """True while the edge is not keeping up: datagrams towards it are dropped."""
