@@ -101,7 +101,7 @@ dns_suffixes = []
 # edges = ["https://gateway.example:{port}"]   # dial-out mode: the gateways it connects to
 # connections = 2                # dial-out: connections kept to each gateway
 # handshake_timeout = 10         # seconds for the TLS handshake, then for the SOCKS request
-# dial_timeout = 10              # seconds to connect to a destination
+# dial_timeout = 10              # seconds to resolve, then to connect to, a destination
 
 # Access policies of the tunnel, in order; the first that matches decides; no match: deny.
 # [[policies]]

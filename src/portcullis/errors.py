@@ -69,10 +69,13 @@ class AuthError(PortcullisError):
 class DialError(PortcullisError):
     """An outbound connection could not be made; `reason` says why in the terms a mux
     REFUSE carries (`portcullis.proto.reasons.Reason`), so a refused stream can tell its
-    client."""
+    client. The message is for the administrator (the audit trail); `told` is what the
+    client of a refused stream hears: the message itself, unless that names what is no
+    client's business (a relay's address, a certificate file)."""
 
-    def __init__(self, message: str, reason: Reason) -> None:
+    def __init__(self, message: str, reason: Reason, *, told: str | None = None) -> None:
         self.reason = reason
+        self.told = message if told is None else told
         super().__init__(message)
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 import click
 
 from portcullis.errors import ConfigError, PortcullisError
+from portcullis.pki.roles import ROLES
 
 T = TypeVar("T")
 DEFAULT_DIR = "./.portcullis"
@@ -120,7 +121,7 @@ def up(directory: Path) -> None:
 
 @main.command()
 @click.argument("roles", nargs=-1, required=True,
-                type=click.Choice(["gateway", "portal", "sta", "relay"]))
+                type=click.Choice(ROLES))
 @dir_option
 def serve(roles: tuple[str, ...], directory: Path) -> None:
     """Run some roles only (a deployment spread over hosts). The relay runs alone: it
@@ -401,7 +402,7 @@ def cert() -> None:
 
 @cert.command("issue")
 @click.argument("name", required=False)
-@click.option("--role", type=click.Choice(["gateway", "portal", "sta", "relay"]),
+@click.option("--role", type=click.Choice(ROLES),
               help="Issue a role's certificate (ROLE.crt) instead of a user's.")
 @click.option("--hostname", "hostnames", multiple=True,
               help="A DNS name the role is reached by (repeat; with --role).")
@@ -444,7 +445,7 @@ def cert_issue(name: str | None, role: str | None, hostnames: tuple[str, ...],
 
 
 @cert.command("renew")
-@click.argument("roles", nargs=-1, type=click.Choice(["gateway", "portal", "sta", "relay"]))
+@click.argument("roles", nargs=-1, type=click.Choice(ROLES))
 @click.option("--all", "all_roles", is_flag=True, help="Renew every role certificate.")
 @dir_option
 def cert_renew(roles: tuple[str, ...], all_roles: bool, directory: Path) -> None:
@@ -460,7 +461,7 @@ def cert_renew(roles: tuple[str, ...], all_roles: bool, directory: Path) -> None
     settings = _load(directory)
     pki = settings.path(settings.tls.directory)
     ca = load_pair(settings.ca_cert_path, pki / "ca.key")
-    for role in roles or ("gateway", "portal", "sta"):
+    for role in roles or ROLES:
         renewed = renew_role(pki, role, ca)
         click.echo(f"renewed {renewed.path} (valid until {renewed.not_after:%Y-%m-%d})")
 

@@ -2,7 +2,8 @@
 connection it captures becomes a stream naming its destination; the gateway resolves
 the name on the inside, asks the admission decision (`policy.admission.admit`: the access
 policy and the never-reachable set), dials the one address it admitted through the Dialer
-and relays (reverse NAT: servers see the gateway).
+and relays (reverse NAT: servers see the gateway, or the relay when the Dialer goes
+through one).
 
 Admission is asked here, for every stream, never trusted to the client; every denial
 is audited with its reason. The policy is read at each stream, so a reload
@@ -16,7 +17,6 @@ import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import structlog
 from websockets.http11 import Request
@@ -32,6 +32,7 @@ from portcullis.identity.sessions import Session, SessionManager
 from portcullis.net.destinations import HostAddresses, resolve
 from portcullis.net.dialer import Dialer
 from portcullis.net.muxsession import (
+    PROTOCOL_NAMES,
     DatagramFlow,
     MuxSession,
     StreamBridge,
@@ -45,8 +46,6 @@ from portcullis.proto.mux import Limits, MuxConnection, Reason, Timers
 
 PATH = "/api/v1/tunnel"
 log = structlog.get_logger("portcullis.tunnel")
-PROTOCOL_NAMES: dict[mux.Protocol, Literal["tcp", "udp", "icmp"]] = {
-    mux.Protocol.TCP: "tcp", mux.Protocol.UDP: "udp", mux.Protocol.ICMP: "icmp"}
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -223,7 +222,7 @@ class TunnelEndpoint:
             try:
                 resolved = await resolve(event.host, event.port)
             except DialError as exc:
-                session.refuse(event.stream_id, exc.reason, str(exc))
+                session.refuse(event.stream_id, exc.reason, exc.told)
                 return
         admission = admit(policy, subject, event.host, event.port, protocol, resolved,
                           pool_family=ipaddress.ip_address(source).version if source else None,

@@ -33,6 +33,7 @@ from typing import Any, Protocol, TypeVar
 
 from portcullis.errors import DialError, ProtocolError
 from portcullis.net.dialer import EchoChannel, give_to_buffered
+from portcullis.net.echoes import EchoRequests
 from portcullis.net.icmp import TIMEOUT as ECHO_TIMEOUT
 from portcullis.net.muxsession import DatagramFlow, MuxSession, StreamBridge
 from portcullis.proto import mux
@@ -482,40 +483,12 @@ class MuxEcho:
 
     def __init__(self, flow: _DialedFlow, *, timeout: float = ECHO_TIMEOUT + 1.0) -> None:
         self._flow = flow
-        self._timeout = timeout
-        self._waiting: dict[int, asyncio.Future[tuple[bytes, float] | None]] = {}
-        self._over = False
-        flow.listen(self._reply)
-        flow.on_lost = self._lost
+        self._requests = EchoRequests(flow.send, timeout=timeout)
+        flow.listen(self._requests.replied)
+        flow.on_lost = lambda exc: self._requests.end()
 
     async def echo(self, sequence: int, data: bytes) -> tuple[bytes, float] | None:
-        if self._over:
-            return None
-        reply: asyncio.Future[tuple[bytes, float] | None] = (
-            self._flow.session.loop.create_future())
-        self._waiting[sequence] = reply
-        self._flow.send(sequence.to_bytes(2, "big") + data)
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await reply
-        except TimeoutError:
-            return None
-        finally:
-            if self._waiting.get(sequence) is reply:
-                del self._waiting[sequence]
+        return await self._requests.echo(sequence, data)
 
     def close(self) -> None:
         self._flow.close("closed by the edge")
-
-    def _reply(self, data: bytes) -> None:
-        if len(data) < 6:
-            return
-        waiting = self._waiting.get(int.from_bytes(data[:2], "big"))
-        if waiting is not None and not waiting.done():
-            waiting.set_result((bytes(data[6:]), int.from_bytes(data[2:6], "big") / 1e6))
-
-    def _lost(self, exc: Exception | None) -> None:
-        self._over = True
-        for reply in self._waiting.values():
-            if not reply.done():
-                reply.set_result(None)   # no reply will come

@@ -1,6 +1,8 @@
 """The asyncio shell around the mux codec: one tunnel whose streams are bridged to
-TCP transports. Push-based, like the transports around it: the carrier (a WebSocket
-connection, see `net.websocket`) hands in whole messages and takes whole messages out.
+TCP transports, and whose datagram flows to UDP sockets or ICMP echo channels (the tunnel,
+launches, and both ends of a dial-out relay connection use it). Push-based, like the
+transports around it: the carrier (a WebSocket connection, see `net.websocket`) hands in
+whole messages and takes whole messages out.
 
 It maps codec events to transport calls and back, nothing more: no decisions (the
 owner's `on_open` callback decides what an incoming stream may reach), no copies of
@@ -30,13 +32,16 @@ import structlog
 
 from portcullis.errors import DialError, ProtocolError
 from portcullis.net.dialer import Dialer
+from portcullis.net.echoes import EchoResponder
+from portcullis.policy import admission
 from portcullis.proto import mux
 from portcullis.proto.mux import MuxConnection, Reason, Timers
 
 log = structlog.get_logger("portcullis.mux")
 
-MAX_ECHO_DATA = 1024
-MAX_ECHOES_IN_FLIGHT = 16   # per ICMP flow
+# How the access policy and the relay's allow-list name the protocol of an OPEN.
+PROTOCOL_NAMES: dict[mux.Protocol, admission.Protocol] = {
+    mux.Protocol.TCP: "tcp", mux.Protocol.UDP: "udp", mux.Protocol.ICMP: "icmp"}
 # The largest message we send (several frames coalesced); both ends accept this much
 # plus one frame (the WebSocket max_size on either side is set from it).
 DEFAULT_MAX_MESSAGE = 1024 * 1024
@@ -503,7 +508,7 @@ class MuxSession:
             self.forget(bridge)
             # `refusal` replaces the dialer's words when they would say too much (a
             # launched resource's address is not the client's business).
-            self.refuse(stream_id, exc.reason, refusal or str(exc))
+            self.refuse(stream_id, exc.reason, refusal or exc.told)
             return exc
         if bridge.ended or not self.mux.is_open(stream_id):
             # Reset (before or during the dial), or the tunnel ended: drop the socket.
@@ -526,7 +531,7 @@ class MuxSession:
             transport, socket_side = await dialer.connect_udp(host, port, UdpSocket,
                                                               source=source)
         except DialError as exc:
-            self.refuse(stream_id, exc.reason, str(exc))
+            self.refuse(stream_id, exc.reason, exc.told)
             return exc
         try:
             flow = self.accept_flow(stream_id, transport.sendto, idle_timeout=idle_timeout)
@@ -547,45 +552,23 @@ class MuxSession:
                            idle_timeout: float,
                            on_closed: Callable[[DatagramFlow], None] | None = None,
                            source: str | None = None) -> DialError | None:
-        """Answer an ICMP stream the peer opened: each datagram from the peer (u16
-        sequence + data) is one echo the Dialer performs; each reply goes back as u16
-        sequence + u32 round trip in microseconds + data."""
+        """Answer an ICMP stream the peer opened: each datagram from the peer is one echo
+        the Dialer performs, its reply sent back on the flow (`net/echoes.py`)."""
         try:
             channel = await dialer.open_echo(address, source=source)
         except DialError as exc:
-            self.refuse(stream_id, exc.reason, str(exc))
+            self.refuse(stream_id, exc.reason, exc.told)
             return exc
-        replies: set[asyncio.Task[None]] = set()
-
-        async def echo(request: bytes) -> None:
-            if len(request) < 2 or len(request) > 2 + MAX_ECHO_DATA:
-                return
-            sequence = int.from_bytes(request[:2], "big")
-            try:
-                answer = await channel.echo(sequence, bytes(request[2:]))
-            except DialError as exc:
-                log.warning("ICMP echo failed", error=str(exc))
-                return
-            if answer is not None:
-                data, seconds = answer
-                flow.send(request[:2] + int(seconds * 1e6).to_bytes(4, "big") + data)
-
-        def deliver(request: bytes) -> None:
-            if len(replies) >= MAX_ECHOES_IN_FLIGHT:
-                return   # dropped, as a router would: echoes are not queued
-            task = asyncio.ensure_future(echo(request))
-            replies.add(task)
-            task.add_done_callback(replies.discard)
+        # The replies go on the flow, which exists once it is accepted (below).
+        responder = EchoResponder(channel, lambda reply: flow.send(reply))
 
         def closed(ended: DatagramFlow) -> None:
-            for task in list(replies):
-                task.cancel()
-            channel.close()
+            responder.close()
             if on_closed is not None:
                 on_closed(ended)
 
         try:
-            flow = self.accept_flow(stream_id, deliver, idle_timeout=idle_timeout)
+            flow = self.accept_flow(stream_id, responder.request, idle_timeout=idle_timeout)
         except ProtocolError:   # the peer reset it meanwhile
             channel.close()
             return None

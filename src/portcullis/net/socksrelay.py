@@ -2,7 +2,9 @@
 
 Each inward connection is its own TCP connection to the relay, a TLS handshake in which
 the edge presents its `gateway` certificate and checks the relay's against the
-deployment CA and the relay's host name, then one SOCKS5 command:
+deployment CA, the relay's host name and the relay's role (every role's certificate may
+carry the same host names: the portal's or the STA's must not stand in for the relay and
+read the inward traffic), then one SOCKS5 command:
 
 - CONNECT for TCP; once the relay says SUCCEEDED, the caller's protocol becomes the TLS
   transport's protocol: no extra hop and no copy per chunk after the handshake.
@@ -15,8 +17,10 @@ comes after the handshake: it is taken once the SOCKS reply has been read.
 
 Every failure is a DialError with a mux `Reason`: a SOCKS refusal maps through the one
 table in `proto/socks5.py`; TLS and connection failures name the relay and say what an
-administrator should check. The relay connects from its own address: SOCKS5 has no
-field for a source, so `source` is not used (address pools are the relay's business).
+administrator should check (the audit trail's words; the client of a refused stream is
+told only its destination and the reason, `DialError.told`). The relay connects from
+its own address: SOCKS5 has no field for a source, so `source` is not used (address
+pools are the relay's business).
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from portcullis.config.values import parse_host_port
 from portcullis.errors import DialError, ProtocolError
 from portcullis.net.dialer import EchoChannel, give_to_buffered
+from portcullis.net.echoes import EchoRequests
 from portcullis.net.icmp import TIMEOUT as ECHO_TIMEOUT
 from portcullis.net.tls import ResumingClientContext, describe_tls_failure
+from portcullis.pki import transport_common_name
+from portcullis.pki.roles import ROLE_COMMON_NAMES
 from portcullis.proto.mux import Reason
 from portcullis.proto.socks5 import Command, Reply, reason_for
 from portcullis.proto.socks5client import Socks5ClientHandshake
@@ -42,13 +49,10 @@ P = TypeVar("P", bound=asyncio.BaseProtocol)
 D = TypeVar("D", bound=asyncio.DatagramProtocol)
 T = TypeVar("T", bound=asyncio.BaseProtocol)
 
-#: Echo requests one channel may have waiting for a reply; more are dropped, as a router
-#: would (the tunnel bounds them per flow too).
-MAX_ECHOES_IN_FLIGHT = 16
 #: Datagrams are dropped, as UDP would, while this much is unsent on the TLS stream.
 MAX_UNSENT_DATAGRAMS = 256 * 1024
-_ECHO_REPLY_HEAD = 6   # u16 sequence + u32 round trip in microseconds
 
+RELAY_COMMON_NAME = ROLE_COMMON_NAMES["relay"]
 _UNTRUSTED_RELAY = ("issue the relay's certificate from this deployment's CA "
                     "(portcullis cert issue --role relay) and check [dialer] relay")
 _WHAT_IS_CARRIED = {Command.UDP_IN_STREAM: "UDP",
@@ -91,9 +95,20 @@ class ClassicRelayDialer:
     async def _open(self, command: Command, host: str,
                     port: int) -> tuple[asyncio.Transport, _SocksHandshake]:
         """TCP, TLS and the SOCKS handshake; the transport (reading paused) once the
-        relay said SUCCEEDED."""
+        relay said SUCCEEDED. A DialError's message names the relay and what to check,
+        for the audit trail; the client of a refused stream is told only why."""
+        try:
+            return await self._handshake(command, host, port)
+        except DialError as exc:
+            if exc.told == str(exc):
+                exc.told = (f"{host}:{port} cannot be reached through the relay "
+                            f"({exc.reason.name.lower().replace('_', ' ')})")
+            raise
+
+    async def _handshake(self, command: Command, host: str,
+                         port: int) -> tuple[asyncio.Transport, _SocksHandshake]:
         loop = asyncio.get_running_loop()
-        handshake = _SocksHandshake(Socks5ClientHandshake(command, host, port))
+        handshake = _SocksHandshake(Socks5ClientHandshake(command, host, port), self._relay)
         asked = f"{host}:{port}"
         try:
             async with asyncio.timeout(self._timeout):
@@ -137,10 +152,11 @@ class ClassicRelayDialer:
                          Reason.UNREACHABLE)
 
     def _not_carried(self, command: Command, answer: str) -> DialError:
-        return DialError(f"the relay at {self._relay} does not carry "
-                         f"{_WHAT_IS_CARRIED[command]} ({answer}): a stock SOCKS5 server "
-                         "carries TCP only; use a Portcullis relay",
-                         reason_for(Reply.COMMAND_NOT_SUPPORTED))
+        what = _WHAT_IS_CARRIED[command]
+        return DialError(f"the relay at {self._relay} does not carry {what} ({answer}): a "
+                         "stock SOCKS5 server carries TCP only; use a Portcullis relay",
+                         reason_for(Reply.COMMAND_NOT_SUPPORTED),
+                         told=f"the relay does not carry {what}")
 
     def _failure(self, exc: Exception) -> DialError:
         where = self._relay
@@ -167,8 +183,9 @@ class ClassicRelayDialer:
 class _SocksHandshake(asyncio.Protocol):
     """The TLS transport's protocol until the SOCKS reply; then `hand_over`."""
 
-    def __init__(self, codec: Socks5ClientHandshake) -> None:
+    def __init__(self, codec: Socks5ClientHandshake, relay: str) -> None:
         self._codec = codec
+        self._relay = relay
         self.secured = False   # the TLS handshake is done: the SOCKS one has begun
         self.replied: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._transport: asyncio.Transport | None = None
@@ -176,9 +193,17 @@ class _SocksHandshake(asyncio.Protocol):
         self._lost: list[Exception | None] = []   # one item once the connection is lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport   # type: ignore[assignment]   # a TLS transport
+        tls = self._transport = cast(asyncio.Transport, transport)
         self.secured = True
-        transport.write(self._codec.data_to_send())   # type: ignore[attr-defined]
+        name = transport_common_name(tls)
+        if name != RELAY_COMMON_NAME:   # not a word of the request to another role
+            self._fail(DialError(
+                f"the server at {self._relay} presented the certificate of {name!r}, not "
+                f"the relay's ({RELAY_COMMON_NAME!r}): check [dialer] relay",
+                Reason.UNREACHABLE))
+            tls.abort()
+            return
+        tls.write(self._codec.data_to_send())
 
     def data_received(self, data: bytes) -> None:
         transport = self._transport
@@ -309,32 +334,22 @@ class _EchoInStream(asyncio.Protocol):
         self._relay = relay
         self._stream: asyncio.Transport | None = None
         self._decoder = StreamDatagrams()
-        self._waiting: dict[int, asyncio.Future[tuple[bytes, float] | None]] = {}
+        self._requests = EchoRequests(self._send, timeout=ECHO_TIMEOUT)
 
     async def echo(self, sequence: int, data: bytes) -> tuple[bytes, float] | None:
         stream = self._stream
         if stream is None or stream.is_closing():
             raise DialError(f"the relay at {self._relay} closed the ICMP echo channel",
                             Reason.UNREACHABLE)
-        sequence &= 0xFFFF
-        if sequence in self._waiting or len(self._waiting) >= MAX_ECHOES_IN_FLIGHT:
-            return None   # dropped: a duplicate, or too many waiting
-        future: asyncio.Future[tuple[bytes, float] | None] = (
-            asyncio.get_running_loop().create_future())
-        self._waiting[sequence] = future
-        stream.write(frame_datagram(sequence.to_bytes(2, "big") + data))
-        try:
-            async with asyncio.timeout(ECHO_TIMEOUT):
-                return await future
-        except TimeoutError:
-            return None
-        finally:
-            if self._waiting.get(sequence) is future:
-                del self._waiting[sequence]
+        return await self._requests.echo(sequence, data)
 
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
+
+    def _send(self, request: bytes) -> None:
+        assert self._stream is not None
+        self._stream.write(frame_datagram(request))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._stream = transport   # type: ignore[assignment]   # a TLS transport
@@ -346,15 +361,7 @@ class _EchoInStream(asyncio.Protocol):
             self._stream.abort()
             return
         for reply in replies:
-            if len(reply) < _ECHO_REPLY_HEAD:
-                continue
-            future = self._waiting.pop(int.from_bytes(reply[:2], "big"), None)
-            if future is not None and not future.done():
-                rtt_us = int.from_bytes(reply[2:_ECHO_REPLY_HEAD], "big")
-                future.set_result((reply[_ECHO_REPLY_HEAD:], rtt_us / 1e6))
+            self._requests.replied(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_result(None)
-        self._waiting.clear()
+        self._requests.end()

@@ -46,7 +46,8 @@ Address = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
 Protocol = Literal["tcp", "udp", "icmp"]
 
-HOST_TOLD = "the gateway host is never a destination"
+GATEWAY_HOST = "the gateway host"
+HOST_TOLD = f"{GATEWAY_HOST} is never a destination"
 LOOPBACK: tuple[Network, ...] = (IPv4Network("127.0.0.0/8"), IPv6Network("::1/128"))
 LINK_LOCAL: tuple[Network, ...] = (IPv4Network("169.254.0.0/16"), IPv6Network("fe80::/10"))
 _THIS_NETWORK = IPv4Network("0.0.0.0/8")
@@ -108,7 +109,7 @@ def parse_address(host: str) -> Address | None:
         return None
 
 
-def never_reachable(address: Address, *, host: str = "the gateway host") -> str | None:
+def never_reachable(address: Address, *, host: str = GATEWAY_HOST) -> str | None:
     """Why no rule may open this address, or None. These are not peers: 0.0.0.0 and ::
     reach the host itself on Linux, multicast and broadcast reach many. `host` names the
     host deciding (the relay decides with the same rule)."""
@@ -125,10 +126,10 @@ def never_reachable(address: Address, *, host: str = "the gateway host") -> str 
 
 
 def guard_of(address: Address, host_addresses: Collection[Address], *,
-             host: str = "the gateway host") -> Guard | None:
+             host: str = GATEWAY_HOST) -> Guard | None:
     """The protected range `address` falls in, or None. `host_addresses` are the deciding
     host's own interface addresses, in `plain()` form; `host` names that host."""
-    told = HOST_TOLD if host == "the gateway host" else f"{host} is never a destination"
+    told = f"{host} is never a destination"
     address = plain(address)
     for network in LOOPBACK:
         if address in network:

@@ -21,30 +21,26 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import struct
 from typing import cast
 
 import structlog
 
 from portcullis.errors import DialError, ProtocolError
 from portcullis.net.dialer import EchoChannel
+from portcullis.net.echoes import MAX_ECHO_DATA, EchoResponder
 from portcullis.pki import transport_common_name
 from portcullis.pki.roles import ROLE_COMMON_NAMES
 from portcullis.policy.admission import Protocol
 from portcullis.proto.socks5 import Command, Reply, Request, Socks5Connection, reply_for
-from portcullis.proto.streamdatagrams import StreamDatagrams
+from portcullis.proto.streamdatagrams import StreamDatagrams, frame_datagram
 from portcullis.relay.core import RelayCore, RelayedStream
 from portcullis.web.edge import Acceptor, Edge, Lease
 
 log = structlog.get_logger("portcullis.relay")
 
 GATEWAY_COMMON_NAME = ROLE_COMMON_NAMES["gateway"]
-# ICMP echo in stream: the same bounds as the tunnel's ICMP flows.
-MAX_ECHO_DATA = 1024
-MAX_ECHOES_IN_FLIGHT = 16
-_SEQUENCE = struct.Struct("!H")
-_ECHO_REPLY = struct.Struct("!HI")
-_LENGTH = struct.Struct("!H")
+# Datagrams towards the edge are dropped, as UDP would, while this much is unsent to it.
+MAX_UNSENT_DATAGRAMS = 1024 * 1024
 _PROTOCOL_OF: dict[Command, Protocol] = {Command.CONNECT: "tcp", Command.UDP_IN_STREAM: "udp",
                                     Command.ICMP_ECHO_IN_STREAM: "icmp"}
 
@@ -52,7 +48,7 @@ _PROTOCOL_OF: dict[Command, Protocol] = {Command.CONNECT: "tcp", Command.UDP_IN_
 class ClassicServer:
     """The classic listener: the edge's acceptor (`web/edge.py`: connection limit, TLS
     handshake bounded by `relay.handshake_timeout`) hands each authenticated connection
-    to a `RelayConnection`; a failed handshake is audited with its reason."""
+    to an `EdgeConnection`; a failed handshake is audited with its reason."""
 
     def __init__(self, core: RelayCore, tls: ssl.SSLContext, edge: Edge) -> None:
         self.core = core
@@ -61,18 +57,13 @@ class ClassicServer:
         self.handshake_timeout = edge.limits.tls_handshake_timeout
         self._acceptor: Acceptor | None = None
         self._sock: socket.socket | None = None
-        self._connections: set[RelayConnection] = set()
-
-    @property
-    def open_connections(self) -> int:
-        """Accepted and not yet closed, handshakes included."""
-        return self.edge.admissions.total
+        self._connections: set[EdgeConnection] = set()
 
     def listen(self, sock: socket.socket) -> tuple[str, int]:
         """Accept on the bound, listening `sock`; return the address it listens on."""
         self._sock = sock
         self._acceptor = Acceptor(self.edge, sock, self.tls,
-                                  lambda lease: RelayConnection(self, lease),
+                                  lambda lease: EdgeConnection(self, lease),
                                   handshake_failed=self._handshake_failed)
         host, port = sock.getsockname()[:2]
         return str(host), int(port)
@@ -90,10 +81,10 @@ class ClassicServer:
         reason, why = describe_handshake_failure(exc, self.handshake_timeout)
         self.core.refuse_edge(peer, reason, why)
 
-    def connection_started(self, connection: RelayConnection) -> None:
+    def connection_started(self, connection: EdgeConnection) -> None:
         self._connections.add(connection)
 
-    def connection_ended(self, connection: RelayConnection) -> None:
+    def connection_ended(self, connection: EdgeConnection) -> None:
         self._connections.discard(connection)
 
 
@@ -111,7 +102,7 @@ def describe_handshake_failure(exc: BaseException, timeout: float) -> tuple[str,
     return "tls", f"TLS handshake failed: {exc}"
 
 
-class RelayConnection(asyncio.Protocol):
+class EdgeConnection(asyncio.Protocol):
     """One edge connection after its TLS handshake: the SOCKS5 exchange, then one relayed
     TCP connection, UDP flow or echo channel."""
 
@@ -200,17 +191,18 @@ class RelayConnection(asyncio.Protocol):
             self._transport.write(data)
 
     def write_datagram_to_edge(self, payload: bytes) -> None:
-        """One framed datagram (u16 length + bytes), without joining them into a copy."""
+        """One framed datagram (u16 length + bytes), in one write: a TLS transport makes
+        a record of each piece it is given, and a record costs more than the copy."""
         transport = self._transport
         if transport is None or transport.is_closing():
             return
         self.bytes_to_edge += len(payload)
-        transport.writelines((_LENGTH.pack(len(payload)), payload))
+        transport.write(frame_datagram(payload))
 
     def edge_write_buffer_full(self) -> bool:
         """True while the edge is not keeping up: datagrams towards it are dropped."""
         transport = self._transport
-        return transport is None or transport.get_write_buffer_size() > 1024 * 1024
+        return transport is None or transport.get_write_buffer_size() > MAX_UNSENT_DATAGRAMS
 
     def pause_edge(self) -> None:
         if self._transport is not None:
@@ -314,14 +306,14 @@ class _Relayed:
 class _TcpRelay(_Relayed, asyncio.Protocol):
     """CONNECT: bytes both ways, each side's back-pressure pausing the other side."""
 
-    def __init__(self, edge: RelayConnection, stream: RelayedStream) -> None:
+    def __init__(self, edge: EdgeConnection, stream: RelayedStream) -> None:
         self._edge = edge
         self.stream = stream
         self._transport: asyncio.Transport | None = None
         self.bound = ("0.0.0.0", 0)
 
     @classmethod
-    async def dial(cls, edge: RelayConnection, stream: RelayedStream) -> _TcpRelay:
+    async def dial(cls, edge: EdgeConnection, stream: RelayedStream) -> _TcpRelay:
         transport, relay = await edge.core.connect(stream, lambda: cls(edge, stream))
         relay.bound = _bound(transport)
         return relay
@@ -369,7 +361,7 @@ class _UdpRelay(_Relayed, asyncio.DatagramProtocol):
     """0x83: framed datagrams from the edge go to the destination, its answers back framed.
     UDP has no back-pressure: datagrams meet a full edge buffer are dropped."""
 
-    def __init__(self, edge: RelayConnection, stream: RelayedStream) -> None:
+    def __init__(self, edge: EdgeConnection, stream: RelayedStream) -> None:
         self._edge = edge
         self.stream = stream
         self._frames = StreamDatagrams()
@@ -377,7 +369,7 @@ class _UdpRelay(_Relayed, asyncio.DatagramProtocol):
         self.bound = ("0.0.0.0", 0)
 
     @classmethod
-    async def dial(cls, edge: RelayConnection, stream: RelayedStream) -> _UdpRelay:
+    async def dial(cls, edge: EdgeConnection, stream: RelayedStream) -> _UdpRelay:
         transport, relay = await edge.core.connect_udp(stream, lambda: cls(edge, stream))
         relay.bound = _bound(transport)
         return relay
@@ -407,15 +399,15 @@ class _UdpRelay(_Relayed, asyncio.DatagramProtocol):
 
 class _EchoRelay(_Relayed):
     """0x81: each framed `u16 sequence + data` is one echo request; each reply goes back
-    framed as `u16 sequence + u32 rtt_microseconds + data` (nothing when it times out)."""
+    framed as `u16 sequence + u32 rtt_microseconds + data` (nothing when it times out),
+    performed as for the tunnel's ICMP flows (`net/echoes.py`)."""
 
-    def __init__(self, edge: RelayConnection, stream: RelayedStream,
+    def __init__(self, edge: EdgeConnection, stream: RelayedStream,
                  channel: EchoChannel) -> None:
         self._edge = edge
         self.stream = stream
-        self._channel = channel
         self._frames = StreamDatagrams(2 + MAX_ECHO_DATA)
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._responder = EchoResponder(channel, edge.write_datagram_to_edge)
         self.bound = ("0.0.0.0", 0)
 
     def from_edge(self, data: bytes) -> None:
@@ -424,29 +416,10 @@ class _EchoRelay(_Relayed):
             self._edge.refuse("framing", self._frames.failure)
             return
         for request in requests:
-            if len(request) < 2 or len(self._in_flight) >= MAX_ECHOES_IN_FLIGHT:
-                continue   # dropped, as a router would: echoes are not queued
-            task = asyncio.ensure_future(self._echo(request))
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
-
-    async def _echo(self, request: bytes) -> None:
-        (sequence,) = _SEQUENCE.unpack_from(request)
-        try:
-            answer = await self._channel.echo(sequence, request[2:])
-        except DialError as exc:
-            log.warning("ICMP echo failed", error=str(exc))
-            return
-        if answer is None:
-            return
-        data, seconds = answer
-        rtt = min(int(seconds * 1e6), 0xFFFFFFFF)
-        self._edge.write_datagram_to_edge(_ECHO_REPLY.pack(sequence, rtt) + data)
+            self._responder.request(request)
 
     def edge_lost(self) -> None:
-        for task in list(self._in_flight):
-            task.cancel()
-        self._channel.close()
+        self._responder.close()
 
 
 def _bound(transport: asyncio.BaseTransport) -> tuple[str, int]:

@@ -69,11 +69,13 @@ class RelayCore:
     streams already open keep going, new ones are decided by the new list."""
 
     def __init__(self, allow: AllowList, audit: AuditTrail, status: RelayStatus, *,
-                 dialer: DirectDialer, host_addresses: HostAddresses | None = None) -> None:
+                 dialer: DirectDialer, host_addresses: HostAddresses | None = None,
+                 resolve_timeout: float = 10.0) -> None:
         self.allow = allow
         self.audit = audit
         self.status = status
         self.dialer = dialer
+        self._resolve_timeout = resolve_timeout
         self._host_addresses = host_addresses or HostAddresses()
 
     def reload(self, allow: AllowList) -> None:
@@ -89,7 +91,13 @@ class RelayCore:
         resolved = None
         if needs_lookup(allow, host, port, protocol):
             try:
-                resolved = await resolve(host, port)
+                async with asyncio.timeout(self._resolve_timeout):
+                    resolved = await resolve(host, port)
+            except TimeoutError:
+                self._refuse(edge, where, f"no answer for {host} within "
+                             f"{self._resolve_timeout:g} s", Reason.TIMED_OUT)
+                raise DialError(f"the relay cannot resolve {host} in time",
+                                Reason.TIMED_OUT) from None
             except DialError as exc:
                 self._refuse(edge, where, str(exc), exc.reason)
                 raise DialError(f"the relay cannot resolve {host}", exc.reason) from None

@@ -3,7 +3,8 @@ no inbound connection at all.
 
 For each URL in `relay.edges` the connector keeps `relay.connections` (K) WebSocket
 connections to `/api/v1/relay` (TLS: the relay's role certificate presented, the edge
-verified against the deployment CA). Each is one mux session in which the relay is the
+verified against the deployment CA and its role: only a `gateway` certificate may open
+streams here, as only one may in classic mode). Each is one mux session in which the relay is the
 "client": the edge opens the streams, and each OPEN is answered through `RelayCore`
 (decide with the allow-list, dial, audit), TCP as a bridged stream, UDP and ICMP echo
 as DATAGRAM flows exactly as the tunnel's gateway answers them.
@@ -21,7 +22,7 @@ import random
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import structlog
 
@@ -29,15 +30,16 @@ from portcullis.config.model import RelaySettings
 from portcullis.errors import ClientError, DialError
 from portcullis.net import websocket
 from portcullis.net.dialer import EchoChannel
-from portcullis.net.muxsession import DatagramFlow, MuxSession, StreamBridge
+from portcullis.net.muxsession import PROTOCOL_NAMES, DatagramFlow, MuxSession, StreamBridge
+from portcullis.pki import transport_common_name
+from portcullis.pki.roles import ROLE_COMMON_NAMES
 from portcullis.proto import mux
 from portcullis.proto.mux import MuxConnection, Reason
 from portcullis.relay.core import RelayCore, RelayedStream
 
 PATH = "/api/v1/relay"
+GATEWAY_COMMON_NAME = ROLE_COMMON_NAMES["gateway"]
 log = structlog.get_logger("portcullis.relay.dialout")
-PROTOCOL_NAMES: dict[mux.Protocol, Literal["tcp", "udp", "icmp"]] = {
-    mux.Protocol.TCP: "tcp", mux.Protocol.UDP: "udp", mux.Protocol.ICMP: "icmp"}
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 D = TypeVar("D", bound=asyncio.DatagramProtocol)
@@ -156,6 +158,17 @@ class DialOutConnector:
         except ClientError as exc:
             self._state(slot, f"cannot connect: {exc}")
             return None
+        # Every role's certificate may carry the edge's host names: only the gateway's
+        # may send this relay anywhere.
+        name = (transport_common_name(carrier.transport) if carrier.transport is not None
+                else None)
+        if name != GATEWAY_COMMON_NAME:
+            carrier.close(1008, "not an edge gateway")   # 1008: policy violation
+            why = (f"the server at {slot.edge} presented the certificate of {name!r}, not "
+                   f"an edge gateway's ({GATEWAY_COMMON_NAME!r})")
+            self._core.refuse_edge(slot.edge, "certificate", why)
+            self._state(slot, f"refused: {why}")
+            return None
 
         async def open_stream(session: MuxSession, event: mux.StreamOpened) -> None:
             await self._open(session, event, slot.edge)
@@ -181,7 +194,7 @@ class DialOutConnector:
             stream = await self._core.admit(edge, event.host, event.port,
                                             PROTOCOL_NAMES[event.protocol])
         except DialError as exc:
-            session.refuse(event.stream_id, exc.reason, str(exc))
+            session.refuse(event.stream_id, exc.reason, exc.told)
             return
         dialer = _AdmittedDialer(self._core, stream)
 

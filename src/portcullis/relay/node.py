@@ -57,7 +57,8 @@ class RelayNode:
         self.status = RelayStatus()
         self.audit = AuditTrail(settings.path(settings.log.audit_file))
         self.core = RelayCore(parse_allow_list(relay.allow), self.audit, self.status,
-                              dialer=DirectDialer(timeout=relay.dial_timeout))
+                              dialer=DirectDialer(timeout=relay.dial_timeout),
+                              resolve_timeout=relay.dial_timeout)
         self.certificates = LoadedCertificates(settings)
         cert, key = settings.role_cert("relay")
         self.tls = self.certificates.track("relay", server_context(

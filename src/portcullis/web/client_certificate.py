@@ -38,6 +38,8 @@ FORWARDED_HEADER = b"x-portcullis-client-certificate"
 
 
 def is_user_certificate(der: bytes, not_for_users: tuple[x509.Certificate, ...]) -> bool:
+    """Whether a certificate TLS verified may sign a user in: none that a CA in
+    `not_for_users` signed, and none with a role's common name."""
     if issued_by(der, not_for_users):
         return False
     try:
