@@ -14,6 +14,7 @@ FUZZ_SECONDS; ``make test`` runs a few seconds per target (``test_fuzz.py``).
 from __future__ import annotations
 
 import argparse
+import resource
 import subprocess
 import sys
 import time
@@ -22,15 +23,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus"
 ARTIFACTS = HERE.parent.parent / "test-artifacts" / "fuzz"
+# What one fuzzing process may use; more is a finding (an input that makes a parser
+# allocate without bound).
+MEMORY_LIMIT_MB = 2048
 
 
 def command(target: str, seconds: float, work: Path) -> list[str]:
     """The command that fuzzes ``target`` for ``seconds``, keeping its finds in ``work``."""
     (work / "corpus").mkdir(parents=True, exist_ok=True)
+    # A child starts with its parent's peak RSS (Linux keeps ru_maxrss across fork and
+    # exec), and libFuzzer holds that peak against -rss_limit_mb: after a long test run
+    # the limit would be spent before the first input. Count the limit from there; each
+    # allocation stays bounded by -malloc_limit_mb.
+    inherited_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     return [sys.executable, str(Path(__file__).resolve()), target,
             str(work / "corpus"), str(CORPUS / target),
             f"-max_total_time={max(1, round(seconds))}", f"-artifact_prefix={work}/",
-            "-timeout=10", "-rss_limit_mb=2048", "-max_len=4096", "-print_final_stats=1"]
+            "-timeout=10", f"-rss_limit_mb={inherited_mb + MEMORY_LIMIT_MB}",
+            f"-malloc_limit_mb={MEMORY_LIMIT_MB}", "-max_len=4096", "-print_final_stats=1"]
 
 
 def crashes(work: Path) -> list[Path]:
