@@ -29,7 +29,7 @@ from starlette.types import ASGIApp
 
 from portcullis.audit import AuditTrail
 from portcullis.config import config_path, load_settings
-from portcullis.config.model import Settings
+from portcullis.config.model import DialerSettings, Settings
 from portcullis.config.values import parse_host_port
 from portcullis.errors import ConfigError, PKIError, StoreError
 from portcullis.gateway.admin import admin_routes
@@ -173,9 +173,16 @@ class Node:
         if "gateway" in self.roles:
             self.relays = dial_out_endpoint(self.settings, self.ephemeral, self.audit,
                                             mux_timers(self.settings.vpn))
-        # The one Dialer of this node: every role's inward connections go through it.
+        # The one Dialer of this node: every role's inward connections go through it. The
+        # relay is the edge gateway's way in; a node without the gateway role (a portal
+        # alone) sits inside and dials directly, whatever [dialer] says.
+        dialer_settings = (self.settings.dialer if "gateway" in self.roles
+                           else DialerSettings(timeout=self.settings.dialer.timeout))
+        if dialer_settings != self.settings.dialer:
+            log.info("this node runs no gateway role: it dials directly",
+                     ignored="dialer.via = relay")
         dialer = dialer_from_settings(
-            self.settings.dialer, relays=self.relays.pool if self.relays else None,
+            dialer_settings, relays=self.relays.pool if self.relays else None,
             datagram_idle_timeout=self.settings.vpn.udp_idle_timeout,
             gateway_tls=lambda: self.role_tls_client("gateway"))
         sessions = SessionManager(self.ephemeral, accounts, hasher, self.settings.session,

@@ -54,3 +54,16 @@ async def test_a_portal_the_dialer_cannot_reach_is_a_bad_gateway(
         await client.aclose()
         await proxy.close()
     assert (page.status_code, page.text) == (502, "the portal is unavailable")
+
+
+def test_a_portal_alone_dials_directly_whatever_the_edges_dialer_says(
+        deployment: Deployment, start_process) -> None:  # type: ignore[no-untyped-def]
+    """A dial-out [dialer] belongs to the edge gateway (the relays connect to it); the
+    portal sits inside, starts, and reaches the STA directly."""
+    deployment.set("sta", "id", '"EDGE"')
+    with deployment.config.open("a") as handle:
+        handle.write('\n[dialer]\nvia = "relay"\nmode = "dial-out"\n')
+    portal = start_process("serve", "portal", "--dir", str(deployment.directory),
+                           name="portal")
+    portal.wait_for(r"portal listening on")
+    assert "it dials directly" in portal.output()
