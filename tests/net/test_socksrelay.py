@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from peers.dante import Danted, StunnelServer
 from peers.servers import DnsServer, EchoServer
 from portcullis.errors import DialError
 from portcullis.net.socksrelay import ClassicRelayDialer
-from portcullis.net.tls import ResumingClientContext, client_context
+from portcullis.net.tls import ResumingClientContext, client_context, server_context
 from portcullis.proto.mux import Reason
 
 
@@ -209,6 +210,61 @@ async def test_a_relay_that_accepts_tcp_and_never_answers_tls_times_out() -> Non
         listener.close()
     assert failed.value.reason is Reason.TIMED_OUT
     assert f"the relay at 127.0.0.1:{port} did not answer within 0.5 s" in str(failed.value)
+
+
+class Impostor:
+    """A TLS server that presents another role's certificate from the deployment's CA
+    (the same host names as the expected peer's) and records every byte a client sends
+    it after the handshake; with `answer`, it first answers the request (up to a blank
+    line) with what `answer` returns for it."""
+
+    def __init__(self, pki: Path, role: str,
+                 answer: Callable[[bytes], bytes] | None = None) -> None:
+        self._tls = server_context(pki / f"{role}.crt", pki / f"{role}.key",
+                                   client_ca_file=pki / "ca.crt")
+        self._answer = answer
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(20)
+        self.port = self._listener.getsockname()[1]
+        self.received = bytearray()
+        self._thread = threading.Thread(target=self._serve)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            connection, _ = self._listener.accept()
+            with self._tls.wrap_socket(connection, server_side=True) as peer:
+                if self._answer is not None:
+                    request = b""
+                    while b"\r\n\r\n" not in request:
+                        request += peer.recv(4096) or b"\r\n\r\n"
+                    peer.sendall(self._answer(request))
+                while chunk := peer.recv(65536):
+                    self.received += chunk
+        except (OSError, ssl.SSLError):   # the client went away: what it sent is recorded
+            pass
+
+    def close(self) -> None:
+        """Wait for the client to go away (its bytes recorded), then stop listening."""
+        self._thread.join(20)
+        self._listener.close()
+
+
+async def test_a_server_presenting_the_stas_certificate_is_refused_before_any_socks_byte(
+        deployment: Deployment) -> None:
+    # `portcullis init` gives every role's certificate the same host names: only the
+    # role tells the relay from the STA.
+    impostor = Impostor(deployment.directory / "pki", "sta")
+    try:
+        dialer = ClassicRelayDialer(f"127.0.0.1:{impostor.port}", gateway_tls(deployment),
+                                    timeout=5)
+        with pytest.raises(DialError) as refused:
+            await dialer.connect("127.0.0.1", 1, Collector)
+    finally:
+        impostor.close()
+    assert refused.value.reason is Reason.UNREACHABLE
+    assert "presented the certificate of 'portcullis-sta'" in str(refused.value)
+    assert impostor.received == b""
 
 
 async def test_dante_answering_icmp_echo_in_stream_as_unsupported_says_so(
