@@ -13,6 +13,7 @@ from portcullis.audit import AuditTrail
 from portcullis.errors import DialError
 from portcullis.net.destinations import HostAddresses
 from portcullis.net.dialer import DirectDialer
+from portcullis.policy.admission import Address
 from portcullis.policy.relay_allow import parse_allow_list
 from portcullis.proto.mux import Reason
 from portcullis.relay.core import RelayCore
@@ -85,6 +86,27 @@ async def test_a_name_that_does_not_resolve_at_the_relay_is_refused_as_not_found
         await core.admit("edge-1", "no-such-host.invalid", 443, "tcp")
     assert caught.value.reason == Reason.NAME_NOT_FOUND
     assert core.status.refusals["name_not_found"] == 1
+
+
+async def test_a_name_lookup_that_never_answers_is_given_up_audited_as_timed_out(
+        tmp_path: Path) -> None:
+    async def resolver_that_never_answers(host: str, port: int) -> list[Address]:
+        never: asyncio.Future[list[Address]] = asyncio.get_running_loop().create_future()
+        return await never
+
+    core = RelayCore(parse_allow_list(["slow.example:443"]), AuditTrail(tmp_path / "audit.log"),
+                     RelayStatus(), dialer=DirectDialer(timeout=5),
+                     host_addresses=HostAddresses(), resolve_timeout=0.2,
+                     resolver=resolver_that_never_answers)
+    async with asyncio.timeout(10):   # without the relay's own limit, the lookup never ends
+        with pytest.raises(DialError) as caught:
+            await core.admit("edge-1", "slow.example", 443, "tcp")
+    assert caught.value.reason == Reason.TIMED_OUT
+    assert str(caught.value) == "the relay cannot resolve slow.example in time"
+    (line,) = [e for e in audit_lines(tmp_path / "audit.log") if e["event"] == "relay.refused"]
+    assert (line["destination"], line["refusal"]) == ("slow.example:443/tcp", "timed_out")
+    assert line["reason"] == "no answer for slow.example within 0.2 s"
+    assert core.status.refusals["timed_out"] == 1
 
 
 async def test_a_refused_dial_is_audited_with_its_reason(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -24,7 +24,7 @@ from portcullis.audit import AuditTrail
 from portcullis.errors import DialError
 from portcullis.net.destinations import HostAddresses, resolve
 from portcullis.net.dialer import DirectDialer, EchoChannel
-from portcullis.policy.admission import Protocol
+from portcullis.policy.admission import Address, Protocol
 from portcullis.policy.relay_allow import AllowList, decide, needs_lookup
 from portcullis.proto.mux import Reason
 from portcullis.relay.status import RelayStatus
@@ -70,12 +70,14 @@ class RelayCore:
 
     def __init__(self, allow: AllowList, audit: AuditTrail, status: RelayStatus, *,
                  dialer: DirectDialer, host_addresses: HostAddresses | None = None,
-                 resolve_timeout: float = 10.0) -> None:
+                 resolve_timeout: float = 10.0,
+                 resolver: Callable[[str, int], Awaitable[list[Address]]] = resolve) -> None:
         self.allow = allow
         self.audit = audit
         self.status = status
         self.dialer = dialer
         self._resolve_timeout = resolve_timeout
+        self._resolve = resolver   # the system's; a test gives one that never answers
         self._host_addresses = host_addresses or HostAddresses()
 
     def reload(self, allow: AllowList) -> None:
@@ -92,7 +94,7 @@ class RelayCore:
         if needs_lookup(allow, host, port, protocol):
             try:
                 async with asyncio.timeout(self._resolve_timeout):
-                    resolved = await resolve(host, port)
+                    resolved = await self._resolve(host, port)
             except TimeoutError:
                 self._refuse(edge, where, f"no answer for {host} within "
                              f"{self._resolve_timeout:g} s", Reason.TIMED_OUT)
