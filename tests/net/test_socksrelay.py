@@ -15,11 +15,13 @@ import pytest
 import uvloop
 
 from conftest import Deployment, free_port, require_program, run_cli
+from net.test_muxsession import pair
 from peers.dante import Danted, StunnelServer
 from peers.servers import DnsServer, EchoServer
 from portcullis.errors import DialError
 from portcullis.net.socksrelay import ClassicRelayDialer
 from portcullis.net.tls import ResumingClientContext, client_context, server_context
+from portcullis.proto import mux
 from portcullis.proto.mux import Reason
 
 
@@ -353,3 +355,19 @@ async def test_our_relay_resumes_the_tls_session_and_relays_a_mebibyte(
         deployment: Deployment, our_relay: str, echo_server: EchoServer) -> None:
     dialer = ClassicRelayDialer(our_relay, gateway_tls(deployment))
     assert await sessions_reused(dialer, echo_server.port, [1, 1 << 20]) == [False, True]
+
+
+async def test_a_tunnel_client_refused_by_our_relay_hears_its_destination_not_the_relay(
+        deployment: Deployment, our_relay: str) -> None:
+    client, gateway, wire = pair()   # the edge's session, the client played by a codec
+    stream_id = client.open_stream(mux.Protocol.TCP, "127.0.0.1", 9)
+    gateway.receive_message(b"".join(client.data_to_send()))
+    failed = await gateway.connect_stream(
+        stream_id, ClassicRelayDialer(our_relay, gateway_tls(deployment)), "127.0.0.1", 9)
+    await asyncio.sleep(0)   # the REFUSE is written on the loop's next turn
+    (refused,) = [e for e in wire.events if isinstance(e, mux.StreamRefused)]
+    assert (refused.reason, refused.message) == (
+        Reason.DENIED, "127.0.0.1:9 cannot be reached through the relay (denied)")
+    # The edge's audit trail ("tunnel.stream_failed" records the returned error) keeps
+    # the administrator's words: which relay refused.
+    assert f"the relay at {our_relay} refused 127.0.0.1:9: not allowed" in str(failed)
