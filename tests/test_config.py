@@ -127,3 +127,9 @@ def test_an_address_pool_through_a_relay_is_refused_naming_the_pool() -> None:
                      '[dialer]\nvia = "relay"\nmode = "dial-out"\n')
     assert "vpn.address_pool: tunnels' pool addresses" in str(error)
     assert 'dialer.via = "direct"' in str(error)
+
+
+def test_a_relay_backoff_that_shrinks_names_reconnect_max() -> None:
+    error = error_of("[relay]\nreconnect_min = 5\nreconnect_max = 1\n")
+    assert (error.key, error.line) == ("relay.reconnect_max", 3)
+    assert "not be less than reconnect_min (5.0)" in str(error)

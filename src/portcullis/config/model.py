@@ -247,6 +247,14 @@ class RelaySettings(Section):
                 raise ValueError(f"an edge is its https://HOST[:PORT] URL, got {url!r}")
         return [url.rstrip("/") for url in value]
 
+    @field_validator("reconnect_max")
+    @classmethod
+    def _backoff_grows(cls, value: float, info: ValidationInfo) -> float:
+        least = info.data.get("reconnect_min")
+        if least is not None and value < least:
+            raise ValueError(f"must not be less than reconnect_min ({least})")
+        return value
+
 
 class DialerSettings(Section):
     """How the edge reaches the inside: directly, or through a relay (double hop). One
