@@ -7,7 +7,7 @@ only "denied" and the detail goes to the audit trail.
 
 from __future__ import annotations
 
-from portcullis.proto.reasons import Reason
+from portcullis.reasons import Reason
 
 
 class PortcullisError(Exception):
@@ -68,7 +68,7 @@ class AuthError(PortcullisError):
 
 class DialError(PortcullisError):
     """An outbound connection could not be made; `reason` says why in the terms a mux
-    REFUSE carries (`portcullis.proto.reasons.Reason`), so a refused stream can tell its
+    REFUSE carries (`portcullis.reasons.Reason`), so a refused stream can tell its
     client. The message is for the administrator (the audit trail); `told` is what the
     client of a refused stream hears: the message itself, unless that names what is no
     client's business (a relay's address, a certificate file)."""

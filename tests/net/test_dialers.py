@@ -17,7 +17,7 @@ from portcullis.net.dialers import TimeBoundDialer, dialer_from_settings
 from portcullis.net.muxdialer import MuxDialer
 from portcullis.net.socksrelay import ClassicRelayDialer
 from portcullis.net.tls import ResumingClientContext, client_context
-from portcullis.proto.reasons import Reason
+from portcullis.reasons import Reason
 
 
 class _Received(asyncio.Protocol):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from portcullis.errors import DialError
-from portcullis.proto.reasons import Reason
+from portcullis.reasons import Reason
 
 
 class _Forwarder(asyncio.Protocol):

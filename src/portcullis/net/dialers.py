@@ -17,7 +17,7 @@ from portcullis.net.dialer import Dialer, DirectDialer, EchoChannel
 from portcullis.net.muxdialer import MuxDialer, RelaySessions
 from portcullis.net.socksrelay import ClassicRelayDialer
 from portcullis.net.tls import ResumingClientContext
-from portcullis.proto.reasons import Reason
+from portcullis.reasons import Reason
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 D = TypeVar("D", bound=asyncio.DatagramProtocol)

@@ -49,7 +49,7 @@ from typing import Literal, TypeAlias
 
 from portcullis.errors import ProtocolError
 from portcullis.proto.credit import MAX_WINDOW, ReceiveCredit, SendCredit
-from portcullis.proto.reasons import Reason
+from portcullis.reasons import Reason
 
 __all__ = [
     "FLAG_FIN",
