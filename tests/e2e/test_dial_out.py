@@ -422,3 +422,59 @@ def test_a_role_certificate_cannot_sign_in_even_where_users_sign_in_with_certifi
         refused = sign_in((pki / f"{role}.crt", pki / f"{role}.key"))
         assert refused.get("status") != "authenticated", refused
     assert sign_in((out / "alice.crt", out / "alice.key"))["status"] == "authenticated"
+
+
+def start_haproxy(start_process: Callable[..., Process], tmp_path: Path, port: int,
+                  backend: int) -> Process:
+    """HAProxy in TCP mode on `port` in front of the edge: the TLS (and the relay's
+    certificate in it) passes through to the edge, as mutual TLS needs."""
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n"
+        f"  timeout server 60s\nfrontend edge\n  bind 127.0.0.1:{port}\n"
+        f"  default_backend edges\nbackend edges\n  server edge1 127.0.0.1:{backend}\n")
+    process = start_process("-db", "-f", str(config), name="haproxy",
+                            program=require_program("haproxy"))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return process
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"HAProxy did not listen:\n{process.output()}")
+
+
+def test_a_relay_behind_a_load_balancer_reconnects_after_the_balancer_restarts(
+        deployment: Deployment, http_server, client_home: Path,  # type: ignore[no-untyped-def]
+        start_process, tmp_path: Path) -> None:
+    """The relay knows only the balancer's address; its connections pass through
+    HAProxy to the edge, and come back when HAProxy is restarted (the reverse tunnels
+    Teleport and Boundary users report lost behind load balancers)."""
+    dial_out(deployment)
+    deployment.add_resource("web", http_server.address, ["staff"], "Team web")
+    deployment.add_user("alice", PASSWORD, ["staff"])
+    balancer_port = free_port()
+    _, start = start_relay(deployment, start_process, tmp_path,
+                           [f"https://127.0.0.1:{balancer_port}"],
+                           [f"127.0.0.1/32:{http_server.port}"])
+    edge = start_process("up", "--dir", str(deployment.directory), name="up")
+    edge.wait_for(r"Portal: https://")
+    balancer = start_haproxy(start_process, tmp_path, balancer_port, deployment.port)
+    start().wait_for(r"Relay: dialling out to")
+    wait_for_event(deployment.directory, "relay.connected", 2)
+    login(deployment.url, deployment.ca, client_home)
+
+    def fetch() -> str:
+        launch = start_process("launch", "web", "--listen", "127.0.0.1:0", name="launch")
+        match = launch.wait_for(r"listening on ([\d.]+):(\d+)")
+        page = curl(f"http://{match.group(1)}:{match.group(2)}/")
+        launch.stop()
+        return page.stdout + page.stderr
+
+    assert "intranet home" in fetch()
+    balancer.stop()   # every relay connection through it ends
+    wait_for_event(deployment.directory, "relay.disconnected", 2)
+    start_haproxy(start_process, tmp_path, balancer_port, deployment.port)
+    wait_for_event(deployment.directory, "relay.connected", 4)
+    assert "intranet home" in fetch()
