@@ -32,7 +32,11 @@ def make_core(tmp_path: Path, allow: list[str]) -> RelayCore:
 
 async def test_an_allowed_stream_is_dialled_and_audited_with_bytes_both_ways(
         tmp_path: Path) -> None:
+    seen_from: list[str] = []
+
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = writer.get_extra_info("peername")[:2]
+        seen_from.append(f"{host}:{port}")
         writer.write(b"hello " + await reader.readexactly(5))
         await writer.drain()
         writer.close()
@@ -63,6 +67,7 @@ async def test_an_allowed_stream_is_dialled_and_audited_with_bytes_both_ways(
     assert line["edge"] == "edge-1"
     assert line["address"] == "127.0.0.1"
     assert (line["bytes_to_edge"], line["bytes_from_edge"]) == (11, 5)
+    assert [line["source"]] == seen_from   # the address the destination saw
 
 
 async def test_a_destination_outside_the_allow_list_is_refused_and_audited(

@@ -33,7 +33,7 @@ from portcullis.pki.roles import ROLE_COMMON_NAMES
 from portcullis.policy.admission import Protocol
 from portcullis.proto.socks5 import Command, Reply, Request, Socks5Connection, reply_for
 from portcullis.proto.streamdatagrams import StreamDatagrams, frame_datagram
-from portcullis.relay.core import RelayCore, RelayedStream
+from portcullis.relay.core import RelayCore, RelayedStream, dialled_from
 from portcullis.web.edge import Acceptor, Edge, Lease
 
 log = structlog.get_logger("portcullis.relay")
@@ -315,7 +315,7 @@ class _TcpRelay(_Relayed, asyncio.Protocol):
     @classmethod
     async def dial(cls, edge: EdgeConnection, stream: RelayedStream) -> _TcpRelay:
         transport, relay = await edge.core.connect(stream, lambda: cls(edge, stream))
-        relay.bound = _bound(transport)
+        relay.bound = dialled_from(transport)
         return relay
 
     # destination side
@@ -371,7 +371,7 @@ class _UdpRelay(_Relayed, asyncio.DatagramProtocol):
     @classmethod
     async def dial(cls, edge: EdgeConnection, stream: RelayedStream) -> _UdpRelay:
         transport, relay = await edge.core.connect_udp(stream, lambda: cls(edge, stream))
-        relay.bound = _bound(transport)
+        relay.bound = dialled_from(transport)
         return relay
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -420,12 +420,3 @@ class _EchoRelay(_Relayed):
 
     def edge_lost(self) -> None:
         self._responder.close()
-
-
-def _bound(transport: asyncio.BaseTransport) -> tuple[str, int]:
-    """BND.ADDR and BND.PORT: the address the relay dialled from."""
-    sockname = transport.get_extra_info("sockname")
-    if not sockname:
-        return "0.0.0.0", 0
-    return str(sockname[0]).split("%", 1)[0], int(sockname[1])
-

@@ -45,6 +45,9 @@ class RelayedStream:
     address: str
     port: int
     entry: str | None          # the relay.allow entry that allowed it, as written
+    # The relay's own address:port the connection left from (the destination sees it);
+    # unknown for echoes.
+    source: tuple[str, int] | None = None
     started: float = field(default_factory=time.monotonic)
     opened: bool = False       # dialled: counted in RelayStatus.streams
     done: bool = False
@@ -58,7 +61,9 @@ class RelayedStream:
         self.core.status.stream_closed(bytes_to_edge, bytes_from_edge)
         self.core.audit.record(
             "relay.stream", edge=self.edge, destination=self.destination,
-            address=self.address, entry=self.entry, bytes_to_edge=bytes_to_edge,
+            address=self.address, entry=self.entry,
+            source=f"{self.source[0]}:{self.source[1]}" if self.source else None,
+            bytes_to_edge=bytes_to_edge,
             bytes_from_edge=bytes_from_edge,
             duration=round(time.monotonic() - self.started, 3))
 
@@ -118,7 +123,9 @@ class RelayCore:
         """A TCP connection to the admitted address; DialError (audited) when it fails."""
         async def dial() -> tuple[asyncio.Transport, P]:
             return await self.dialer.connect(stream.address, stream.port, protocol_factory)
-        return await self._dialled(stream, dial())
+        transport, protocol = await self._dialled(stream, dial())
+        stream.source = dialled_from(transport)
+        return transport, protocol
 
     async def connect_udp(self, stream: RelayedStream, protocol_factory: Callable[[], D]
                           ) -> tuple[asyncio.DatagramTransport, D]:
@@ -126,7 +133,9 @@ class RelayCore:
         async def dial() -> tuple[asyncio.DatagramTransport, D]:
             return await self.dialer.connect_udp(stream.address, stream.port,
                                                  protocol_factory)
-        return await self._dialled(stream, dial())
+        transport, protocol = await self._dialled(stream, dial())
+        stream.source = dialled_from(transport)
+        return transport, protocol
 
     async def open_echo(self, stream: RelayedStream) -> EchoChannel:
         """An ICMP echo channel to the admitted address (see `Dialer.open_echo`)."""
@@ -157,3 +166,12 @@ class RelayCore:
         self.status.refused(reason.name.lower())
         self.audit.record("relay.refused", edge=edge, destination=where,
                           refusal=reason.name.lower(), reason=why)
+
+
+def dialled_from(transport: asyncio.BaseTransport) -> tuple[str, int]:
+    """The relay's own address and port a dialled connection left from (SOCKS BND.ADDR
+    and BND.PORT, and the audit's `source`); ("0.0.0.0", 0) when the socket cannot say."""
+    sockname = transport.get_extra_info("sockname")
+    if not sockname:
+        return "0.0.0.0", 0
+    return str(sockname[0]).split("%", 1)[0], int(sockname[1])
