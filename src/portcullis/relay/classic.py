@@ -33,7 +33,7 @@ from portcullis.pki.roles import ROLE_COMMON_NAMES
 from portcullis.policy.admission import Protocol
 from portcullis.proto.socks5 import Command, Reply, Request, Socks5Connection, reply_for
 from portcullis.proto.streamdatagrams import StreamDatagrams, frame_datagram
-from portcullis.relay.core import RelayCore, RelayedStream, dialled_from
+from portcullis.relay.core import RelayCore, RelayedStream
 from portcullis.web.edge import Acceptor, Edge, Lease
 
 log = structlog.get_logger("portcullis.relay")
@@ -288,7 +288,11 @@ class _Relayed:
     """What one edge connection carries once its request succeeded."""
 
     stream: RelayedStream
-    bound: tuple[str, int]
+
+    @property
+    def bound(self) -> tuple[str, int]:
+        """BND.ADDR and BND.PORT: where the relay dialled from (none for an echo)."""
+        return self.stream.source or ("0.0.0.0", 0)
 
     def from_edge(self, data: bytes) -> None:
         raise NotImplementedError
@@ -310,12 +314,10 @@ class _TcpRelay(_Relayed, asyncio.Protocol):
         self._edge = edge
         self.stream = stream
         self._transport: asyncio.Transport | None = None
-        self.bound = ("0.0.0.0", 0)
 
     @classmethod
     async def dial(cls, edge: EdgeConnection, stream: RelayedStream) -> _TcpRelay:
-        transport, relay = await edge.core.connect(stream, lambda: cls(edge, stream))
-        relay.bound = dialled_from(transport)
+        _, relay = await edge.core.connect(stream, lambda: cls(edge, stream))
         return relay
 
     # destination side
@@ -366,12 +368,10 @@ class _UdpRelay(_Relayed, asyncio.DatagramProtocol):
         self.stream = stream
         self._frames = StreamDatagrams()
         self._transport: asyncio.DatagramTransport | None = None
-        self.bound = ("0.0.0.0", 0)
 
     @classmethod
     async def dial(cls, edge: EdgeConnection, stream: RelayedStream) -> _UdpRelay:
-        transport, relay = await edge.core.connect_udp(stream, lambda: cls(edge, stream))
-        relay.bound = dialled_from(transport)
+        _, relay = await edge.core.connect_udp(stream, lambda: cls(edge, stream))
         return relay
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -408,7 +408,6 @@ class _EchoRelay(_Relayed):
         self.stream = stream
         self._frames = StreamDatagrams(2 + MAX_ECHO_DATA)
         self._responder = EchoResponder(channel, edge.write_datagram_to_edge)
-        self.bound = ("0.0.0.0", 0)
 
     def from_edge(self, data: bytes) -> None:
         requests = self._frames.receive_data(data)

@@ -169,8 +169,8 @@ class RelayCore:
 
 
 def dialled_from(transport: asyncio.BaseTransport) -> tuple[str, int]:
-    """The relay's own address and port a dialled connection left from (SOCKS BND.ADDR
-    and BND.PORT, and the audit's `source`); ("0.0.0.0", 0) when the socket cannot say."""
+    """The relay's own address and port a dialled connection left from (the audit's
+    `source`, and SOCKS BND.ADDR/BND.PORT); ("0.0.0.0", 0) when the socket cannot say."""
     sockname = transport.get_extra_info("sockname")
     if not sockname:
         return "0.0.0.0", 0
