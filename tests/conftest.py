@@ -160,6 +160,21 @@ class Process:
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {pattern!r}:\n{self.output()}")
 
+    def wait_listening(self, port: int, timeout: float = 10) -> None:
+        """Until 127.0.0.1:`port` accepts a connection; fail with the output if the
+        process exits or the time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return
+            except OSError:
+                if self.popen.poll() is not None:
+                    raise AssertionError(f"process exited {self.popen.returncode}:\n"
+                                         f"{self.output()}") from None
+                time.sleep(0.05)
+        raise AssertionError(f"nothing listens on {port}:\n{self.output()}")
+
     def stop(self) -> int:
         if self._group:
             with contextlib.suppress(ProcessLookupError):

@@ -435,14 +435,8 @@ def start_haproxy(start_process: Callable[..., Process], tmp_path: Path, port: i
         f"  default_backend edges\nbackend edges\n  server edge1 127.0.0.1:{backend}\n")
     process = start_process("-db", "-f", str(config), name="haproxy",
                             program=require_program("haproxy"))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return process
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"HAProxy did not listen:\n{process.output()}")
+    process.wait_listening(port)
+    return process
 
 
 def test_a_relay_behind_a_load_balancer_reconnects_after_the_balancer_restarts(

@@ -173,16 +173,8 @@ def stunnel_client(tmp_path: Path, start_process, relay: Relay,  # type: ignore[
         f"accept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{relay.port}\n"
         f"cert = {cert}\nkey = {key}\nCAfile = {relay.pki / 'ca.crt'}\n"
         f"verifyChain = yes\ncheckIP = 127.0.0.1\n")
-    process = start_process(str(conf), name="stunnel", program=stunnel)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return port
-        except OSError:
-            assert process.popen.poll() is None, process.output()
-            time.sleep(0.05)
-    raise AssertionError(f"stunnel did not listen:\n{process.output()}")
+    start_process(str(conf), name="stunnel", program=stunnel).wait_listening(port)
+    return port
 
 
 def curl_through(socks_port: int, url: str) -> subprocess.CompletedProcess[str]:
