@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from portcullis.config.linking import check_links
 from portcullis.config.values import check_networks, parse_host_port
 from portcullis.errors import AuthError
 from portcullis.identity.names import canonical_username
@@ -287,6 +288,7 @@ class AuthSettings(_Section):
         if twice:
             raise ValueError(f"provider name {sorted(twice)[0]!r} is used twice")
         known = self.all_providers()
+        check_links(self.providers, known)
         flow_names = [flow.name for flow in self.flows]
         if self.flow not in flow_names:
             raise ValueError(f"auth.flow names {self.flow!r}, which auth.flows does not "

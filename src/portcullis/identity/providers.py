@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from portcullis.config.auth import (
     PRIMARY_TYPES,
     CertificateProvider,
@@ -15,6 +17,7 @@ from portcullis.config.auth import (
     RadiusProvider,
     TotpProvider,
 )
+from portcullis.config.linking import Linkable
 from portcullis.config.model import Settings
 from portcullis.errors import ConfigError
 from portcullis.identity.factors.certificate import CertificateFactor
@@ -23,6 +26,7 @@ from portcullis.identity.factors.local import LocalPasswordFactor
 from portcullis.identity.factors.radius import RadiusFactor, RadiusServers
 from portcullis.identity.factors.totp import TotpFactor
 from portcullis.identity.flow import Factor, LoginFlow
+from portcullis.identity.linking import DirectoryLinkedFactor
 from portcullis.identity.totp import TotpService
 from portcullis.net.dialer import Dialer
 from portcullis.store import DurableStore, EphemeralStore
@@ -92,6 +96,17 @@ class IdentityProviders:
         return directory
 
     def factor(self, provider: Provider, realm: str) -> Factor:
+        return self.linked(provider, self._factor(provider, realm))
+
+    def linked(self, provider: BaseModel, factor: Factor) -> Factor:
+        """`factor`, its identities linked to their directory accounts if `provider` has
+        a `link` (config/linking.py)."""
+        if isinstance(provider, Linkable) and provider.link is not None:
+            return DirectoryLinkedFactor(factor, provider.link,
+                                         self.directory(provider.link.directory))
+        return factor
+
+    def _factor(self, provider: Provider, realm: str) -> Factor:
         if isinstance(provider, LocalProvider):
             return LocalPasswordFactor(provider.name, self.durable)
         if isinstance(provider, LdapProvider):

@@ -1,4 +1,6 @@
-"""LDAP and Active Directory: find the user with a service account, bind as them.
+"""LDAP and Active Directory: find the user with a service account, bind as them; or,
+for a federated identity (identity/linking.py), look the account up by a claim without
+any bind of the user's.
 
 ldap3 is synchronous; each sign-in runs in a worker thread. Service-account connections
 are pooled (`pool_size`, bound once, rebuilt when a server drops them); the user's own
@@ -42,6 +44,7 @@ from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import parse_dn
 
 from portcullis.config.auth import LdapProvider
+from portcullis.config.linking import LinkClaim
 from portcullis.errors import AuthError
 from portcullis.identity.claims import Attributes
 from portcullis.identity.conditions import LoginContext
@@ -65,6 +68,9 @@ IN_CHAIN = "1.2.840.113556.1.4.1941"
 CLAIM_ATTRIBUTES = ("mail", "displayName", "cn", "sAMAccountName", "userPrincipalName",
                     "objectGUID", "objectSid", "memberOf")
 MAX_NESTING = 8
+# What a federated identity's claim is compared with (`username`: the username_attribute).
+LINK_ATTRIBUTES: dict[LinkClaim, str] = {"sid": "objectSid", "guid": "objectGUID",
+                                         "upn": "userPrincipalName", "email": "mail"}
 # How long a server that failed is tried after the others.
 RETRY_AFTER = 30.0
 # AD's sub-code of an invalidCredentials bind ("…AcceptSecurityContext error, data 533, …"),
@@ -188,18 +194,36 @@ class LdapDirectory:
 
     def find(self, typed: str) -> list[DirectoryUser]:
         """The entries whose login attributes match `typed` (at most 2 are fetched)."""
+        value = escape_filter_chars(typed)
+        return self._search("(|" + "".join(f"({name}={value})"
+                                           for name in self.settings.login_attributes) + ")")
+
+    def attribute_of(self, claim: LinkClaim) -> str:
+        """The attribute an account is looked up by for a federated identity's claim."""
+        return LINK_ATTRIBUTES.get(claim, self.settings.username_attribute)
+
+    def lookup(self, claim: LinkClaim, value: str | bytes) -> list[DirectoryUser]:
+        """The entries whose `attribute_of(claim)` equals `value` (bytes: objectSid and
+        objectGUID in their binary form), found with the service account alone: the
+        user's password is not known here. At most 2 are fetched; LDAPException: the
+        directory could not answer."""
+        if isinstance(value, bytes):
+            escaped = "".join(f"\\{byte:02x}" for byte in value)      # RFC 4515 \xx
+        else:
+            escaped = escape_filter_chars(value)
+        return self._search(f"({self.attribute_of(claim)}={escaped})")
+
+    def _search(self, condition: str) -> list[DirectoryUser]:
         try:
-            return self._find(typed)
+            return self._search_once(condition)
         except LDAPCommunicationError:
             # A pooled connection the server has closed (idle timeout, restart): once
             # more on a fresh one.
-            return self._find(typed)
+            return self._search_once(condition)
 
-    def _find(self, typed: str) -> list[DirectoryUser]:
+    def _search_once(self, condition: str) -> list[DirectoryUser]:
         settings = self.settings
-        value = escape_filter_chars(typed)
-        alternatives = "".join(f"({name}={value})" for name in settings.login_attributes)
-        search_filter = f"(&(objectClass={settings.user_object_class})(|{alternatives}))"
+        search_filter = f"(&(objectClass={settings.user_object_class}){condition})"
         wanted = sorted({*CLAIM_ATTRIBUTES, settings.username_attribute,
                          *settings.required_attributes})
         with self._service_connection() as connection:
@@ -349,6 +373,21 @@ def _rdn_value(dn: str) -> str:
         return str(parse_dn(dn)[0][1])
     except LDAPException:
         return dn
+
+
+def sid_bytes(sid: str) -> bytes | None:
+    """The binary form (MS-DTYP 2.4.2.2) of a SID such as S-1-5-21-…-1104, as objectSid
+    holds it; None if `sid` is not one."""
+    match = re.fullmatch(r"S-(\d{1,3})-(\d{1,15})((?:-\d{1,10}){0,15})", sid.strip(),
+                         re.IGNORECASE)
+    if match is None:
+        return None
+    revision, authority = int(match.group(1)), int(match.group(2))
+    subs = [int(part) for part in match.group(3).split("-")[1:]]
+    if revision > 0xFF or authority >= 1 << 48 or any(sub > 0xFFFFFFFF for sub in subs):
+        return None
+    return (bytes([revision, len(subs)]) + authority.to_bytes(6, "big")
+            + struct.pack(f"<{len(subs)}I", *subs))
 
 
 def _sid_string(raw: bytes) -> str | None:
