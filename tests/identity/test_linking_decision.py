@@ -19,8 +19,8 @@ from portcullis.identity.linking import (
     IdpAnswer,
     Linked,
     LinkKey,
+    LinkRefused,
     Lookup,
-    Refused,
     decide_link,
     link_key,
 )
@@ -85,7 +85,7 @@ def test_the_first_claim_the_answer_carries_finds_the_account(
 ])
 def test_a_malformed_claim_is_refused_not_skipped(by: list[str], answer: IdpAnswer,
                                                   reason: str) -> None:
-    assert link_key(link(by=by), answer) == Refused(reason)
+    assert link_key(link(by=by), answer) == LinkRefused(reason)
 
 
 def test_sid_bytes_is_the_objectsid_layout() -> None:
@@ -122,15 +122,15 @@ def test_username_from_idp_keeps_the_idps_name() -> None:
 
 
 @pytest.mark.parametrize(("settings", "lookup", "expected"), [
-    ({}, found(), Refused(f"no account in directory corp has objectSid {SID}")),
-    ({}, None, Refused("the answer from okta carries none of sid, which link it to "
+    ({}, found(), LinkRefused(f"no account in directory corp has objectSid {SID}")),
+    ({}, None, LinkRefused("the answer from okta carries none of sid, which link it to "
                        "directory corp")),
-    ({}, found(ACCOUNT, ACCOUNT), Refused(
+    ({}, found(ACCOUNT, ACCOUNT), LinkRefused(
         f"2 accounts in directory corp have objectSid {SID}; a link needs exactly one")),
     ({}, found(DirectoryUser("CN=x,DC=pc", "x", Attributes(), ("employeeID",))),
-     Refused("the account CN=x,DC=pc in directory corp lacks employeeID")),
+     LinkRefused("the account CN=x,DC=pc in directory corp lacks employeeID")),
     ({}, found(DirectoryUser("CN=x,DC=pc", "", Attributes(), ())),
-     Refused("the user name '' of CN=x,DC=pc in directory corp is not usable")),
+     LinkRefused("the user name '' of CN=x,DC=pc in directory corp is not usable")),
     # Not required: the IdP's answer alone, without groups if the directory owns them.
     ({"required": False}, found(), Linked("alice.okta", Attributes(), (
         f"not linked (no account in directory corp has objectSid {SID}; "
@@ -140,11 +140,11 @@ def test_username_from_idp_keeps_the_idps_name() -> None:
         "not linked (the answer from okta carries none of sid, which link it to directory "
         "corp; the link is not required)")),
     # Several accounts is never "not linked": that is a directory to fix.
-    ({"required": False}, found(ACCOUNT, ACCOUNT), Refused(
+    ({"required": False}, found(ACCOUNT, ACCOUNT), LinkRefused(
         f"2 accounts in directory corp have objectSid {SID}; a link needs exactly one")),
 ])
 def test_what_a_link_refuses_and_why(settings: dict[str, Any], lookup: Lookup | None,
-                                     expected: Linked | Refused) -> None:
+                                     expected: Linked | LinkRefused) -> None:
     answer = idp(groups=("okta-everyone",)) if lookup is None or not lookup.accounts else IDP
     assert decide_link(link(**settings), answer, lookup) == expected
 

@@ -31,13 +31,14 @@ from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.ldap import DirectoryUser, LdapDirectory, sid_bytes
 from portcullis.identity.flow import (
     Attempt,
-    Authenticated,
-    Denied,
     FactorOutcome,
     FlowState,
     LoginFlow,
+    Passed,
+    Refused,
     Step,
 )
+from portcullis.identity.login import Authenticated, Denied
 
 pytestmark = pytest.mark.peer
 
@@ -70,9 +71,8 @@ class FederatedFactorDouble:
     async def verify(self, state: FlowState, answers: Mapping[str, str],
                      attempt: Attempt) -> FactorOutcome:
         if not await attempt.admit(self.username):
-            return FactorOutcome(False, "account locked", username=self.username)
-        return FactorOutcome(True, "the IdP's answer verified", username=self.username,
-                             attributes=self.attributes)
+            return Refused("account locked", self.username)
+        return Passed("the IdP's answer verified", self.username, self.attributes)
 
 
 class RedirectingDouble(FederatedFactorDouble):

@@ -28,7 +28,17 @@ from portcullis.errors import AuthError
 from portcullis.identity.claims import Attributes
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.ldap import DirectoryUser, LdapDirectory, sid_bytes
-from portcullis.identity.flow import Attempt, Factor, FactorOutcome, FlowState, Step
+from portcullis.identity.flow import (
+    Attempt,
+    Factor,
+    FactorOutcome,
+    Failed,
+    FlowState,
+    Passed,
+    Refused,
+    Step,
+    Unavailable,
+)
 from portcullis.identity.names import canonical_username
 
 
@@ -65,14 +75,14 @@ class Linked:
 
 
 @dataclass(frozen=True)
-class Refused:
+class LinkRefused:
     reason: str
     unavailable: bool = False         # the directory could not answer: not the user's fault
 
 
-def link_key(link: DirectoryLink, idp: IdpAnswer) -> LinkKey | Refused | None:
+def link_key(link: DirectoryLink, idp: IdpAnswer) -> LinkKey | LinkRefused | None:
     """The first of `link.by` that the IdP's answer carries, in the form the directory
-    compares; Refused if that claim is malformed; None if the answer carries none."""
+    compares; LinkRefused if that claim is malformed; None if the answer carries none."""
     for claim in link.by:
         given = _claim(idp, claim)
         if not given:
@@ -80,7 +90,7 @@ def link_key(link: DirectoryLink, idp: IdpAnswer) -> LinkKey | Refused | None:
         if claim == "sid":
             sid = sid_bytes(given)
             if sid is None:
-                return Refused(f"the sid {given!r} from {idp.provider} is not a SID")
+                return LinkRefused(f"the sid {given!r} from {idp.provider} is not a SID")
             return LinkKey(claim, given, sid)
         if claim == "guid":
             return _guid_key(idp.provider, given)
@@ -88,7 +98,7 @@ def link_key(link: DirectoryLink, idp: IdpAnswer) -> LinkKey | Refused | None:
     return None
 
 
-def decide_link(link: DirectoryLink, idp: IdpAnswer, lookup: Lookup | None) -> Linked | Refused:
+def decide_link(link: DirectoryLink, idp: IdpAnswer, lookup: Lookup | None) -> Linked | LinkRefused:
     """The user name and claims of a linked sign-in, or why it is refused. `lookup` is
     None when the IdP's answer carried no claim to look the account up by."""
     directory = link.directory
@@ -101,18 +111,18 @@ def decide_link(link: DirectoryLink, idp: IdpAnswer, lookup: Lookup | None) -> L
         return _unlinked(link, idp, f"no account in directory {directory} has "
                                     f"{lookup.attribute} {key.shown}")
     if len(accounts) > 1:
-        return Refused(f"{len(accounts)} accounts in directory {directory} have "
+        return LinkRefused(f"{len(accounts)} accounts in directory {directory} have "
                        f"{lookup.attribute} {key.shown}; a link needs exactly one")
     account = accounts[0]
     if account.missing:
-        return Refused(f"the account {account.dn} in directory {directory} lacks "
+        return LinkRefused(f"the account {account.dn} in directory {directory} lacks "
                        f"{', '.join(account.missing)}")
     username = idp.username
     if link.username_from == "directory":
         try:
             username = canonical_username(account.username)
         except AuthError:
-            return Refused(f"the user name {account.username!r} of {account.dn} in "
+            return LinkRefused(f"the user name {account.username!r} of {account.dn} in "
                            f"directory {directory} is not usable")
     # The account's values first (its SID and GUID are the ones Windows resources know),
     # the IdP's where the directory has none; groups from the source of truth.
@@ -123,9 +133,9 @@ def decide_link(link: DirectoryLink, idp: IdpAnswer, lookup: Lookup | None) -> L
                   f"linked to {account.dn} in directory {directory} by {lookup.attribute}")
 
 
-def _unlinked(link: DirectoryLink, idp: IdpAnswer, why: str) -> Linked | Refused:
+def _unlinked(link: DirectoryLink, idp: IdpAnswer, why: str) -> Linked | LinkRefused:
     if link.required:
-        return Refused(why)
+        return LinkRefused(why)
     # The directory is the source of truth: without an account there, no groups.
     groups = () if link.groups == "directory" else idp.attributes.groups
     return Linked(idp.username, replace(idp.attributes, groups=groups),
@@ -139,7 +149,7 @@ def _claim(idp: IdpAnswer, claim: LinkClaim) -> str | None:
     return value.strip() if value else None
 
 
-def _guid_key(provider: str, given: str) -> LinkKey | Refused:
+def _guid_key(provider: str, given: str) -> LinkKey | LinkRefused:
     """objectGUID as a GUID string, or Azure AD's ImmutableID: base64 of its 16 bytes."""
     try:
         return LinkKey("guid", given, uuid.UUID(given).bytes_le)
@@ -150,7 +160,7 @@ def _guid_key(provider: str, given: str) -> LinkKey | Refused:
     except (binascii.Error, ValueError):
         raw = b""
     if len(raw) != 16:
-        return Refused(f"the guid {given!r} from {provider} is neither a GUID nor an "
+        return LinkRefused(f"the guid {given!r} from {provider} is neither a GUID nor an "
                        "ImmutableID (base64 of 16 bytes)")
     return LinkKey("guid", f"{uuid.UUID(bytes_le=raw)} (ImmutableID {given})", raw)
 
@@ -188,29 +198,30 @@ class DirectoryLinkedFactor:
         deferred = self._link.username_from == "directory"
         inner = Attempt(attempt.context, _admit_later) if deferred else attempt
         outcome = await self._factor.verify(state, answers, inner)
-        if not outcome.ok or outcome.again or outcome.defer:
+        if not isinstance(outcome, Passed):
             return outcome
         idp = IdpAnswer(self.name, outcome.username, outcome.attributes or Attributes())
         decision = await self._link_account(idp)
-        if isinstance(decision, Refused):
-            return FactorOutcome(False, decision.reason, username=outcome.username,
-                                 unavailable=decision.unavailable)
+        if isinstance(decision, LinkRefused):
+            if decision.unavailable:
+                return Unavailable(decision.reason, outcome.username)
+            return Failed(decision.reason, outcome.username)
         if deferred and decision.username is not None and not await attempt.admit(
                 decision.username):
-            return FactorOutcome(False, "account locked", username=decision.username)
-        return FactorOutcome(True, f"{outcome.reason}; {decision.reason}",
-                             username=decision.username, attributes=decision.attributes)
+            return Refused("account locked", decision.username)
+        return Passed(f"{outcome.reason}; {decision.reason}", decision.username,
+                      decision.attributes)
 
-    async def _link_account(self, idp: IdpAnswer) -> Linked | Refused:
+    async def _link_account(self, idp: IdpAnswer) -> Linked | LinkRefused:
         key = link_key(self._link, idp)
-        if isinstance(key, Refused):
+        if isinstance(key, LinkRefused):
             return key
         if key is None:
             return decide_link(self._link, idp, None)
         try:
             accounts = await asyncio.to_thread(self._directory.lookup, key.claim, key.value)
         except LDAPException as exc:
-            return Refused(f"directory {self._link.directory} unavailable: {exc}",
+            return LinkRefused(f"directory {self._link.directory} unavailable: {exc}",
                            unavailable=True)
         return decide_link(self._link, idp, Lookup(
             key, self._directory.attribute_of(key.claim), tuple(accounts)))
