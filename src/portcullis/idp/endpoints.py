@@ -214,6 +214,8 @@ class OidcEndpoints:
     async def token(self, request: Request) -> Response:
         form = await _form(request)
         if form is None:
+            self._audit.record("oidc.token_refused", reason="not a form, or a field "
+                               "given twice", client=_client_of(request))
             return _oauth_error("invalid_request", 400)
         client = await self._client(request, form, "token")
         if client is None:
@@ -226,7 +228,8 @@ class OidcEndpoints:
         elif grant_type == "refresh_token":
             result = await self._provider.refresh(client, form.get("refresh_token", ""))
         else:
-            return _oauth_error("unsupported_grant_type", 400)
+            result = TokenRefused("unsupported_grant_type",
+                                  f"grant_type {grant_type!r} is not supported")
         if isinstance(result, TokenRefused):
             self._audit.record("oidc.token_refused", client_id=client.id,
                                grant_type=grant_type, reason=result.reason,
@@ -251,6 +254,8 @@ class OidcEndpoints:
     async def revoke(self, request: Request) -> Response:
         form = await _form(request)
         if form is None:
+            self._audit.record("oidc.revoke_refused", reason="not a form, or a field "
+                               "given twice", client=_client_of(request))
             return _oauth_error("invalid_request", 400)
         client = await self._client(request, form, "revoke")
         if client is None:
