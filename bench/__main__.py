@@ -22,6 +22,7 @@ from bench import (
     idle_tls,
     launch_rate,
     login_rate,
+    op_tokens,
     revocation,
     throughput,
     tunnel_memory,
@@ -43,6 +44,7 @@ BENCHMARKS: dict[str, Callable[[], Report]] = {
     "tunnel_memory": tunnel_memory.run,
     "revocation": revocation.run,
     "double_hop": double_hop.run,
+    "op_tokens": op_tokens.run,
 }
 RESULTS = Path(__file__).parent / "results"
 OPEN_FILES = 16384  # idle_memory holds ~3 sockets per connection in client + gateway

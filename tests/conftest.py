@@ -121,15 +121,19 @@ class Deployment:
         assert result.returncode == 0, result.stderr
 
 
-@pytest.fixture
-def deployment(tmp_path: Path) -> Deployment:
+def init_deployment(directory: Path) -> Deployment:
+    """`portcullis init` in `directory`, on three free ports."""
     port = free_port_run(3)
-    directory = tmp_path / "deployment"
     result = run_cli("init", "--dir", str(directory), "--port", str(port))
     assert result.returncode == 0, result.stderr
     password = re.search(r"password: (\S+)", result.stdout)
     assert password, result.stdout
     return Deployment(directory, port, password.group(1))
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Deployment:
+    return init_deployment(tmp_path / "deployment")
 
 
 class Process:

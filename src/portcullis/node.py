@@ -50,6 +50,8 @@ from portcullis.identity.providers import IdentityProviders, client_ca_path
 from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import Throttle
 from portcullis.identity.totp import SelfEnrolment
+from portcullis.idp.endpoints import IdpDeps
+from portcullis.idp.endpoints import routes as idp_routes
 from portcullis.net.dialer import Dialer
 from portcullis.net.dialers import TimeBoundDialer, dialer_from_settings
 from portcullis.net.tls import ResumingClientContext, client_context, server_context
@@ -267,6 +269,12 @@ class Node:
                                          settings.session.login_step_timeout,
                                          audit=self.audit),
             forwarded_certificates="gateway" not in self.roles))
+        if settings.oidc.enabled:
+            # The OpenID provider answers beside the portal, whose session cookie it reads.
+            portal_app = Starlette(routes=[
+                *idp_routes(IdpDeps(settings, sessions, self.durable, self.ephemeral, hasher,
+                                    self.audit)),
+                Mount("/", app=portal_app)])
         if "gateway" not in self.roles:
             host, port = parse_host_port(settings.portal.listen)
             # Alone, the portal is reached only through gateways (mutual TLS), whose

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from portcullis.config.auth import AuthSettings
+from portcullis.config.idp import OidcSettings
 from portcullis.config.values import check_networks, parse_host_port
 from portcullis.errors import AuthError
 from portcullis.identity.names import canonical_username
@@ -332,6 +333,8 @@ class Settings(Section):
     relay: RelaySettings = Field(default_factory=RelaySettings)
     dialer: DialerSettings = Field(default_factory=DialerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    # The gateway as an OpenID Connect provider for other applications.
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
     # Members of these groups may use the administration API (sessions list/kill).
     admin_groups: list[str] = Field(default_factory=lambda: ["admins"])
     secrets_dir: str = "secrets"

@@ -152,3 +152,8 @@ def ended_by(account: AccountState, session: Session, remaining: float) -> Endin
     if remaining <= 0:
         return Ending.EXPIRED
     return None
+
+
+# The browser's session cookie, read by the portal and the OpenID provider alike:
+# `__Host-` keeps it to this origin, over HTTPS, for every path.
+SESSION_COOKIE = "__Host-portcullis-session"

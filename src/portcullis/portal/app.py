@@ -39,7 +39,7 @@ from portcullis.identity.login import (
     LoginService,
     NextStep,
 )
-from portcullis.identity.sessions import Session, SessionManager
+from portcullis.identity.sessions import SESSION_COOKIE, Session, SessionManager
 from portcullis.identity.totp import SelfEnrolment
 from portcullis.net.websocket import websocket_url
 from portcullis.portal.broker import authorize_launch, visible_resources
@@ -60,7 +60,6 @@ from portcullis.web.client_certificate import certificate_forwarded, certificate
 
 log = structlog.get_logger("portcullis.portal")
 
-SESSION_COOKIE = "__Host-portcullis-session"
 CSRF_COOKIE = "__Host-portcullis-csrf"
 HERE = Path(__file__).parent
 

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from portcullis.errors import DuplicateError, NotFoundError, StoreError
 from portcullis.store import migrations
 from portcullis.store.migrations import (
+    oidc_signing_keys,
     recovery_codes,
     totp_enrolment_codes,
     totp_secrets,
@@ -72,6 +73,16 @@ class TotpRecord:
     sealed_secret: bytes
     enrolled_at: datetime
     recovery_codes_left: int
+
+
+@dataclass(frozen=True)
+class SigningKeyRecord:
+    """One OpenID provider signing key as stored: its private JWK sealed (idp/keys.py)."""
+
+    generation: int
+    kid: str
+    sealed_jwk: bytes
+    signs_from: datetime
 
 
 def async_database_url(url: str) -> URL:
@@ -353,6 +364,31 @@ class DurableStore:
             spent = await conn.execute(delete(codes).where(
                 codes.c.identity == identity, codes.c.code_hash == code_hash))
         return "used" if spent.rowcount else "none"
+
+    async def signing_keys(self) -> list[SigningKeyRecord]:
+        """Every OpenID provider signing key, oldest generation first."""
+        keys = oidc_signing_keys
+        async with self._read() as conn:
+            rows = (await conn.execute(select(keys).order_by(keys.c.generation))).all()
+        return [SigningKeyRecord(row.generation, row.kid, bytes(row.sealed_jwk),
+                                 _as_utc(row.signs_from)) for row in rows]
+
+    async def add_signing_key(self, record: SigningKeyRecord) -> bool:
+        """Store a new key; False if its generation exists (another node made it first)."""
+        try:
+            async with self._write() as conn:
+                await conn.execute(insert(oidc_signing_keys).values(
+                    generation=record.generation, kid=record.kid,
+                    sealed_jwk=record.sealed_jwk, signs_from=record.signs_from))
+        except _Integrity:
+            return False
+        return True
+
+    async def drop_signing_keys(self, generations: Iterable[int]) -> None:
+        chosen = list(generations)
+        async with self._write() as conn:
+            await conn.execute(delete(oidc_signing_keys).where(
+                oidc_signing_keys.c.generation.in_(chosen)))
 
     async def _user_id(self, conn: AsyncConnection, name: str) -> int:
         user_id = (

@@ -109,6 +109,18 @@ totp_enrolment_codes = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
 )
 
+# The OpenID provider's ES256 signing keys (idp/keys.py): the private JWK sealed with
+# AES-GCM under a key derived from the token key, the kid as associated data. The
+# generation is the primary key, so two nodes making "the next key" at once cannot both.
+oidc_signing_keys = Table(
+    "oidc_signing_keys",
+    metadata,
+    Column("generation", Integer, primary_key=True, autoincrement=False),
+    Column("kid", String(64), nullable=False, unique=True),
+    Column("sealed_jwk", LargeBinary, nullable=False),
+    Column("signs_from", DateTime(timezone=True), nullable=False),
+)
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -138,6 +150,7 @@ MIGRATIONS: Sequence[Migration] = (
     Migration(4, "TOTP secrets and recovery codes",
               lambda conn: metadata.create_all(conn, tables=[totp_secrets, recovery_codes])),
     Migration(5, "TOTP enrolment codes", lambda conn: totp_enrolment_codes.create(conn)),
+    Migration(6, "OpenID provider signing keys", lambda conn: oidc_signing_keys.create(conn)),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
