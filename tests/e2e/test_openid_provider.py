@@ -277,3 +277,45 @@ def test_logout_with_an_id_token_hint_ends_the_gateway_session_and_returns_exact
     assert provider.browser().get("/api/v1/session", headers={
         "authorization": f"Bearer {token}"}).status_code == 401
     assert rp.run("refresh", refresh_token=result["refresh_token"])["error"] == "invalid_grant"
+
+
+def test_in_chromium_the_application_signs_in_through_the_portals_sign_in_page(
+        provider: Provider) -> None:
+    """A real browser: it arrives from the application's site with no gateway cookie,
+    signs in on the portal's page and is sent back to the application with a code."""
+    from playwright.sync_api import Route, sync_playwright
+
+    from conftest import require_program
+    from e2e.test_portal_browser import CHROMIUM_ARGS
+
+    chromium = require_program("chromium")
+    rp = provider.relying_party()
+    started = rp.run("start")
+    arrived: list[str] = []
+
+    def application(route: Route) -> None:
+        route.fulfill(status=200, body="the wiki", content_type="text/plain")
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True,
+                                             args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(ignore_https_errors=True).new_page()
+            page.route("https://wiki.test/**", application)
+            page.goto(started["url"])
+            page.wait_for_selector("input[name=username]")
+            assert urlsplit(page.url).path == "/login"
+            page.fill("input[name=username]", "alice")
+            page.fill("input[name=password]", PASSWORD)
+            with page.expect_request("https://wiki.test/**") as request:
+                page.click("button[type=submit]")
+            arrived.append(request.value.url)
+            # The application's page, served by the route above (no name is looked up).
+            page.wait_for_selector("text=the wiki")
+        finally:
+            browser.close()
+    assert len(arrived) == 1 and arrived[0].startswith(CALLBACK + "?")
+    result = rp.run("callback", callback_url=arrived[0], **{
+        key: started[key] for key in ("code_verifier", "state", "nonce")})
+    assert "error" not in result, result
+    assert result["id_token_claims"]["preferred_username"] == "alice"

@@ -335,7 +335,12 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
     def login_result(request: Request, result: LoginResult, target: str = "/",
                      error: str | None = None) -> Response:
         if isinstance(result, Authenticated):
-            response = RedirectResponse(target, 303)
+            # After a form post, a page that goes on: the target may redirect off the
+            # portal (an application's OpenID sign-in), which a redirect of the post
+            # itself could not do under the portal's `form-action 'self'`.
+            response = (render(request, "continue.html", target=target)
+                        if request.method == "POST" and target != "/"
+                        else RedirectResponse(target, 303))
             set_session_cookie(response, result.token)
             return forget_login(response)
         if isinstance(result, NextStep) and result.step.kind == "redirect":
