@@ -1,0 +1,112 @@
+"""A provider's signing keys (its JWKS), cached, refreshed when the provider rotates.
+
+Keys come only from the provider's `jwks_uri`, never from a token (`jwk`, `jku`, `x5u`,
+`x5c` headers are refused by `oidc.check_header` before a key is looked for). Only the
+public members of asymmetric keys are imported: a symmetric ("oct") key in a JWKS is
+dropped, so no token can be checked with HMAC over something public.
+
+An ID token naming a key id the cache does not hold makes one refetch (the provider has
+rotated), at most once per `refetch_interval` seconds: a stream of tokens with made-up key
+ids cannot make the gateway hammer the provider.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from joserfc import jwk
+from joserfc.errors import JoseError
+
+from portcullis.errors import FederationError
+
+# The members that make up each key type's public key (RFC 7518 section 6).
+PUBLIC_MEMBERS = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "OKP": ("crv", "x")}
+# Which key each signature algorithm needs (and, for EC, on which curve).
+ALGORITHM_KEYS: dict[str, tuple[str, str | None]] = {
+    **{f"{family}{bits}": ("RSA", None) for family in ("RS", "PS") for bits in (256, 384, 512)},
+    "ES256": ("EC", "P-256"), "ES384": ("EC", "P-384"), "ES512": ("EC", "P-521"),
+    "EdDSA": ("OKP", None), "Ed25519": ("OKP", "Ed25519"),
+}
+MAX_KEYS = 64
+
+
+def parse_jwks(document: Mapping[str, Any]) -> dict[str, jwk.Key]:
+    """The signing keys of a JWKS document by key id ("" for a key without one)."""
+    members = document.get("keys")
+    if not isinstance(members, list):
+        raise FederationError("the provider's JWKS has no 'keys' list", unavailable=True)
+    keys: dict[str, jwk.Key] = {}
+    for member in members[:MAX_KEYS]:
+        if not isinstance(member, dict) or member.get("use", "sig") != "sig":
+            continue
+        kty = member.get("kty")
+        if kty not in PUBLIC_MEMBERS:
+            continue       # "oct" among them: never a key to check signatures with here
+        public = {name: member[name] for name in ("kty", "kid", "alg", *PUBLIC_MEMBERS[kty])
+                  if name in member}
+        try:
+            key = jwk.import_key(public)
+        except (JoseError, ValueError, TypeError) as exc:
+            raise FederationError(f"the provider's JWKS holds a key that cannot be read "
+                                  f"(kid {member.get('kid')!r}): {exc}",
+                                  unavailable=True) from None
+        keys[str(member.get("kid", ""))] = key
+    return keys
+
+
+def select_key(keys: Mapping[str, jwk.Key], kid: str | None, alg: str) -> jwk.Key | None:
+    """The key a token with this `kid` and `alg` must verify with, or None. A token
+    without a key id matches only when exactly one key suits its algorithm."""
+    suited = {name: key for name, key in keys.items() if key_suits(key, alg)}
+    if kid is not None:
+        return suited.get(kid)
+    return next(iter(suited.values())) if len(suited) == 1 else None
+
+
+def key_suits(key: jwk.Key, alg: str) -> bool:
+    kty, curve = ALGORITHM_KEYS.get(alg, ("", None))
+    if key.key_type != kty:
+        return False
+    if curve is not None and key.get("crv") != curve:
+        return False
+    declared = key.get("alg")
+    return declared is None or declared == alg
+
+
+class SigningKeys:
+    """The cached key set of one provider; `fetch` returns its JWKS document."""
+
+    def __init__(self, fetch: Callable[[], Awaitable[Mapping[str, Any]]], *,
+                 refetch_interval: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._fetch = fetch
+        self._interval = refetch_interval
+        self._clock = clock
+        self._keys: dict[str, jwk.Key] | None = None
+        self._fetched_at = 0.0
+
+    async def key_for(self, kid: str | None, alg: str) -> jwk.Key:
+        if self._keys is None:
+            await self._refresh()
+        assert self._keys is not None
+        key = select_key(self._keys, kid, alg)
+        if key is not None:
+            return key
+        since = self._clock() - self._fetched_at
+        if since < self._interval:
+            raise FederationError(f"the ID token names key {kid!r} ({alg}), which the "
+                                  f"provider's JWKS does not hold (fetched {since:.0f} s "
+                                  f"ago; refetched at most every {self._interval:.0f} s)")
+        await self._refresh()
+        key = select_key(self._keys, kid, alg)
+        if key is None:
+            raise FederationError(f"the ID token names key {kid!r} ({alg}), which the "
+                                  "provider's JWKS does not hold, even refetched")
+        return key
+
+    async def _refresh(self) -> None:
+        # The time is taken before the fetch: a failed fetch also waits for the interval.
+        self._fetched_at = self._clock()
+        self._keys = parse_jwks(await self._fetch())
