@@ -85,28 +85,25 @@ class SigningKeys:
         self._interval = refetch_interval
         self._clock = clock
         self._keys: dict[str, jwk.Key] | None = None
-        self._fetched_at = 0.0
+        self._refetched_at: float | None = None
 
     async def key_for(self, kid: str | None, alg: str) -> jwk.Key:
         if self._keys is None:
-            await self._refresh()
-        assert self._keys is not None
+            self._keys = parse_jwks(await self._fetch())
         key = select_key(self._keys, kid, alg)
         if key is not None:
             return key
-        since = self._clock() - self._fetched_at
-        if since < self._interval:
+        now = self._clock()
+        if self._refetched_at is not None and now - self._refetched_at < self._interval:
             raise FederationError(f"the ID token names key {kid!r} ({alg}), which the "
-                                  f"provider's JWKS does not hold (fetched {since:.0f} s "
-                                  f"ago; refetched at most every {self._interval:.0f} s)")
-        await self._refresh()
+                                  "provider's JWKS does not hold (not refetched: the last "
+                                  f"refetch was {now - self._refetched_at:.0f} s ago, at most "
+                                  f"one every {self._interval:.0f} s)")
+        # Counted before the fetch: a refetch that fails also waits for the interval.
+        self._refetched_at = now
+        self._keys = parse_jwks(await self._fetch())
         key = select_key(self._keys, kid, alg)
         if key is None:
             raise FederationError(f"the ID token names key {kid!r} ({alg}), which the "
                                   "provider's JWKS does not hold, even refetched")
         return key
-
-    async def _refresh(self) -> None:
-        # The time is taken before the fetch: a failed fetch also waits for the interval.
-        self._fetched_at = self._clock()
-        self._keys = parse_jwks(await self._fetch())

@@ -191,6 +191,9 @@ class RelyingParty:
         self.keys = SigningKeys(self._fetch_jwks,
                                 refetch_interval=registration.jwks_refetch_interval)
 
+    async def close(self) -> None:
+        await self._http.aclose()
+
     async def metadata(self) -> ProviderMetadata:
         now = self._clock()
         if self._metadata is None or now - self._metadata_at > METADATA_TTL:
