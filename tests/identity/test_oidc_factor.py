@@ -136,7 +136,6 @@ async def test_okta_like_user_signs_in_with_groups_and_the_ad_claims(build: Buil
 async def test_the_redirect_asks_for_a_code_with_pkce_s256_state_and_nonce(
         build: Build, oidc_provider: OidcPeer) -> None:
     sign = SignIn(await build(prompt="login", extra_params={"login_hint": "alice"}))
-    await sign.factor.redirect(sign.state, CLIENT, CALLBACK, sign.relay)
     redirect = await sign.factor.redirect(sign.state, CLIENT, CALLBACK, sign.relay)
     query = {k: v[0] for k, v in parse_qs(urlsplit(redirect.url).query).items()}
     verifier = sign.state.data["oidc_verifier"]
