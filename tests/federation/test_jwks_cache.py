@@ -4,6 +4,7 @@ test's own clock; `fetch` hands out the JWKS documents a provider would serve.""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ class Provider:
         self.fetches = 0
 
     async def fetch(self) -> dict[str, Any]:
+        await asyncio.sleep(0)           # as a real fetch, it lets other sign-ins run
         document = self.documents[min(self.fetches, len(self.documents) - 1)]
         self.fetches += 1
         return document
@@ -96,10 +98,28 @@ async def test_an_unknown_key_id_refetches_once_and_finds_the_rotated_key() -> N
     assert provider.fetches == 2
 
 
+async def test_sign_ins_meeting_a_rotated_key_together_share_one_refetch() -> None:
+    provider = Provider(jwks(RSA), jwks(EC, RSA))
+    keys = SigningKeys(provider.fetch, refetch_interval=60, clock=Clock())
+    await keys.key_for("r1", "RS256")
+    found = await asyncio.gather(*(keys.key_for("e1", "ES256") for _ in range(5)))
+    assert all(key is found[0] for key in found)
+    assert provider.fetches == 2
+
+
+async def test_a_key_id_missing_from_the_first_fetch_is_not_fetched_again_at_once() -> None:
+    provider = Provider(jwks(RSA))
+    keys = SigningKeys(provider.fetch, refetch_interval=60, clock=Clock())
+    with pytest.raises(FederationError, match=r"does not hold$"):
+        await keys.key_for("made-up", "RS256")
+    assert provider.fetches == 1
+
+
 async def test_unknown_key_ids_refetch_at_most_once_per_interval() -> None:
     provider = Provider(jwks(RSA))
     clock = Clock()
     keys = SigningKeys(provider.fetch, refetch_interval=60, clock=clock)
+    await keys.key_for("r1", "RS256")
     with pytest.raises(FederationError, match="does not hold, even refetched"):
         await keys.key_for("made-up-1", "RS256")
     assert provider.fetches == 2            # the first fetch, one refetch

@@ -12,6 +12,7 @@ ids cannot make the gateway hammer the provider.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -86,24 +87,39 @@ class SigningKeys:
         self._clock = clock
         self._keys: dict[str, jwk.Key] | None = None
         self._refetched_at: float | None = None
+        # One fetch at a time: sign-ins that meet the same new key wait for one refetch.
+        self._lock = asyncio.Lock()
+
+    def _select(self, kid: str | None, alg: str) -> jwk.Key | None:
+        return None if self._keys is None else select_key(self._keys, kid, alg)
 
     async def key_for(self, kid: str | None, alg: str) -> jwk.Key:
-        if self._keys is None:
-            self._keys = parse_jwks(await self._fetch())
-        key = select_key(self._keys, kid, alg)
+        key = self._select(kid, alg)
         if key is not None:
             return key
-        now = self._clock()
-        if self._refetched_at is not None and now - self._refetched_at < self._interval:
-            raise FederationError(f"the ID token names key {kid!r} ({alg}), which the "
-                                  "provider's JWKS does not hold (not refetched: the last "
-                                  f"refetch was {now - self._refetched_at:.0f} s ago, at most "
-                                  f"one every {self._interval:.0f} s)")
-        # Counted before the fetch: a refetch that fails also waits for the interval.
-        self._refetched_at = now
-        self._keys = parse_jwks(await self._fetch())
-        key = select_key(self._keys, kid, alg)
-        if key is None:
-            raise FederationError(f"the ID token names key {kid!r} ({alg}), which the "
-                                  "provider's JWKS does not hold, even refetched")
-        return key
+        async with self._lock:
+            if self._keys is None:
+                self._keys = parse_jwks(await self._fetch())
+                key = self._select(kid, alg)
+                if key is None:
+                    raise FederationError(f"the ID token names key {kid!r} ({alg}), which "
+                                          "the provider's JWKS does not hold")
+                return key
+            # Another sign-in may have refetched while this one waited.
+            key = self._select(kid, alg)
+            if key is not None:
+                return key
+            now = self._clock()
+            if self._refetched_at is not None and now - self._refetched_at < self._interval:
+                raise FederationError(f"the ID token names key {kid!r} ({alg}), which the "
+                                      "provider's JWKS does not hold (not refetched: the last "
+                                      f"refetch was {now - self._refetched_at:.0f} s ago, at "
+                                      f"most one every {self._interval:.0f} s)")
+            # Counted before the fetch: a refetch that fails also waits for the interval.
+            self._refetched_at = now
+            self._keys = parse_jwks(await self._fetch())
+            key = self._select(kid, alg)
+            if key is None:
+                raise FederationError(f"the ID token names key {kid!r} ({alg}), which the "
+                                      "provider's JWKS does not hold, even refetched")
+            return key
