@@ -73,8 +73,7 @@ async def build(oidc_provider: OidcPeer, durable: DurableStore,
     yield make
     oidc_provider.proxy.tamper_token = oidc_provider.proxy.tamper_userinfo = None
     for providers in built:
-        for provider in providers.settings.auth.providers:
-            await providers.relying_party(provider.name).close()
+        await providers.close()
 
 
 class SignIn:

@@ -155,6 +155,12 @@ class IdentityProviders:
             self._clients[name] = party
         return party
 
+    async def close(self) -> None:
+        """Close the connections kept to OpenID providers."""
+        for client in self._clients.values():
+            if isinstance(client, RelyingParty):
+                await client.close()
+
     def flow(self, name: str | None = None) -> LoginFlow:
         auth = self.settings.auth
         definition = auth.flow_named(name or auth.flow)
