@@ -12,6 +12,7 @@ reason, which the login service writes to the audit trail.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -170,6 +171,20 @@ async def test_public_client_on_a_loopback_redirect_signs_in_with_pkce_only(
     callback = LOOPBACK_CALLBACK.replace("127.0.0.1", "127.0.0.1:53117")
     outcome = await SignIn(await build(client_id="portcullis-cli"), callback).run("alice")
     assert outcome.ok, outcome.reason
+
+
+async def test_token_signed_with_the_providers_ec_key_is_accepted(
+        build: Build, oidc_provider: OidcPeer) -> None:
+    seen: list[str] = []
+
+    def look(body: dict[str, Any]) -> dict[str, Any]:
+        seen.append(json.loads(base64.urlsafe_b64decode(body["id_token"].split(".")[0]
+                                                        + "==="))["alg"])
+        return body
+    oidc_provider.proxy.tamper_token = look
+    outcome = await SignIn(await build(client_id="portcullis-es")).run("alice")
+    assert outcome.ok, outcome.reason
+    assert seen == ["ES256"]
 
 
 async def test_username_claim_chooses_the_user_name(build: Build) -> None:

@@ -58,6 +58,9 @@ CLIENTS = [
      "redirect_uris": [CALLBACK], "token_endpoint_auth_method": "client_secret_post"},
     {"client_id": "portcullis-cli", "application_type": "native",
      "redirect_uris": [LOOPBACK_CALLBACK], "token_endpoint_auth_method": "none"},
+    # ID tokens signed with the provider's EC key (the provider needs one: default_keys).
+    {"client_id": "portcullis-es", "client_secret": CLIENT_SECRET,
+     "redirect_uris": [CALLBACK], "id_token_signed_response_alg": "ES256"},
 ]
 # Which claims each scope releases (oidc-provider sends only declared claims).
 CLAIMS = {
@@ -96,6 +99,11 @@ def signing_key(kid: str, alg: str = "RS256") -> Key:
     if alg.startswith("ES"):
         return ECKey.generate_key("P-256", parameters)
     return RSAKey.generate_key(2048, parameters)
+
+
+def default_keys() -> list[Key]:
+    """An RSA key (it signs RS256, the clients' default) and an EC key (ES256)."""
+    return [signing_key("k1"), signing_key("e1", "ES256")]
 
 
 def b64(data: bytes) -> str:
@@ -187,6 +195,7 @@ class OidcPeer:
         entry: dict[str, Any] = {"type": "oidc", "name": name, "issuer": self.issuer,
                                  "client_id": client_id, "scopes": SCOPES}
         if client_id != "portcullis-cli":
+            # The confidential clients share one secret.
             entry["client_secret_file"] = "secrets/oidc"
         if client_id == "portcullis-post":
             entry["client_auth"] = "client_secret_post"
@@ -239,7 +248,7 @@ def require_oidc_provider() -> None:
 def start_oidc_provider(directory: Path, keys: list[Key] | None = None) -> OidcPeer:
     require_oidc_provider()
     directory.mkdir(parents=True, exist_ok=True)
-    peer = OidcPeer(directory, TamperingProxy(), keys or [signing_key("k1")])
+    peer = OidcPeer(directory, TamperingProxy(), keys or default_keys())
     try:
         peer.start()
     except BaseException:

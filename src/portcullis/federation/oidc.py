@@ -139,8 +139,10 @@ def check_claims(claims: Mapping[str, Any], expect: ClaimExpectations,
                  now: float) -> str | None:
     """Why an ID token's claims are refused (OpenID Connect Core 3.1.3.7), or None."""
     iss = claims.get("iss")
+    if not isinstance(iss, str):
+        return "the ID token names no issuer (iss)"
     if iss != expect.issuer:
-        return f"the ID token was issued by {str(iss)[:200]!r}, not {expect.issuer!r}"
+        return f"the ID token was issued by {iss[:200]!r}, not {expect.issuer!r}"
     aud = claims.get("aud")
     audiences = [aud] if isinstance(aud, str) else aud
     if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
