@@ -82,28 +82,27 @@ def pkce_challenge(verifier: str) -> str:
 
 
 def check_callback(answers: Mapping[str, str], expected_state: str, issuer: str,
-                   issuer_required: bool) -> tuple[str | None, str | None]:
-    """(the code, None) for an authorization response that may be redeemed, else
-    (None, the reason)."""
+                   issuer_required: bool) -> str | None:
+    """Why an authorization response's code must not be redeemed, or None."""
     state = answers.get("state", "")
     if not hmac.compare_digest(state.encode(), expected_state.encode()):
-        return None, "the callback's state does not match the sign-in's"
+        return "the callback's state does not match the sign-in's"
     iss = answers.get("iss")
     if iss is not None and iss != issuer:
-        return None, f"the callback comes from issuer {iss[:200]!r}, not {issuer!r}"
+        return f"the callback comes from issuer {iss[:200]!r}, not {issuer!r}"
     if iss is None and issuer_required:
-        return None, "the callback lacks the iss parameter its provider promises (RFC 9207)"
+        return "the callback lacks the iss parameter its provider promises (RFC 9207)"
     error = answers.get("error")
     if error is not None:
         description = answers.get("error_description", "")
-        return None, (f"the provider answered error={error[:64]!r}"
-                      + (f": {description[:200]!r}" if description else ""))
+        return (f"the provider answered error={error[:64]!r}"
+                + (f": {description[:200]!r}" if description else ""))
     code = answers.get("code", "")
     if not code:
-        return None, "the callback carries no code"
+        return "the callback carries no code"
     if len(code) > MAX_CODE:
-        return None, f"the callback's code is longer than {MAX_CODE} characters"
-    return code, None
+        return f"the callback's code is longer than {MAX_CODE} characters"
+    return None
 
 
 def check_header(header: Mapping[str, Any], algorithms: tuple[str, ...]) -> str | None:
@@ -228,11 +227,10 @@ class RelyingParty:
         """The verified claims of the callback `answers` (the ID token's, with userinfo's
         added where the ID token has none); FederationError carries the reason."""
         metadata = await self.metadata()
-        code, problem = check_callback(answers, state, metadata.issuer,
-                                       metadata.issuer_in_response)
-        if code is None:
-            raise FederationError(problem or "refused")
-        tokens = await self._redeem(metadata, code, verifier, callback)
+        problem = check_callback(answers, state, metadata.issuer, metadata.issuer_in_response)
+        if problem:
+            raise FederationError(problem)
+        tokens = await self._redeem(metadata, answers["code"], verifier, callback)
         claims = await self.verify_id_token(tokens.get("id_token"), nonce)
         access_token = tokens.get("access_token")
         if (self.registration.userinfo and metadata.userinfo_endpoint
