@@ -45,7 +45,7 @@ from portcullis.gateway.tunnel import PATH as TUNNEL_PATH
 from portcullis.gateway.tunnel import TunnelEndpoint, mux_timers
 from portcullis.gateway.upgrade import websocket_protocol_class
 from portcullis.identity.accounts import AccountStatus
-from portcullis.identity.flow import LoginService
+from portcullis.identity.login import LoginService
 from portcullis.identity.providers import IdentityProviders, client_ca_path
 from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import Throttle
@@ -259,7 +259,8 @@ class Node:
         self._closers.append(providers.close)
         login = LoginService(providers.flow(), self.ephemeral, hasher, sessions,
                              settings.session, self.audit,
-                             Throttle(self.ephemeral, settings.auth.throttle))
+                             Throttle(self.ephemeral, settings.auth.throttle),
+                             public_url=settings.gateway.public_url)
         portal_app = create_portal_app(PortalDeps(
             settings=settings, sessions=sessions, login=login, authorities=authorities,
             hasher=hasher, durable=self.durable, ephemeral=self.ephemeral, audit=self.audit,

@@ -17,7 +17,7 @@ from peers.stores import REDIS_URL, answering_redis_url
 from portcullis.config import config_path, load_settings
 from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.conditions import LoginContext
-from portcullis.identity.flow import LoginService, NextStep
+from portcullis.identity.login import LoginService, NextStep
 from portcullis.identity.providers import IdentityProviders
 from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import Throttle

@@ -18,7 +18,7 @@ from peers.login import BuildLogin, Login, flow, settings_for
 from peers.samba import PASSWORDS, Samba
 from portcullis.config.loader import parse_settings
 from portcullis.errors import ConfigError
-from portcullis.identity.flow import Authenticated, Denied
+from portcullis.identity.login import Authenticated, Denied
 from portcullis.identity.providers import IdentityProviders
 from portcullis.store import DurableStore, MemoryStore
 from portcullis.tokens import TokenHasher

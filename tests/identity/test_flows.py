@@ -27,15 +27,8 @@ from peers.stores import FakeClock
 from peers.totp import oathtool_code
 from portcullis.config.auth import Condition, Flow, FlowStep
 from portcullis.identity.conditions import ClientCertificate, Facts, LoginContext, evaluate
-from portcullis.identity.flow import (
-    MAX_ANSWER,
-    Authenticated,
-    Denied,
-    FlowState,
-    NextStep,
-    Step,
-    next_step,
-)
+from portcullis.identity.flow import FlowState, Step, next_step
+from portcullis.identity.login import MAX_ANSWER, Authenticated, Denied, NextStep
 from portcullis.identity.passwords import hash_password
 from portcullis.identity.throttle import Throttle
 from portcullis.pki.ca import create_ca, issue_certificate

@@ -21,7 +21,7 @@ from peers.ldap import USERS, Slapd
 from peers.login import HASHER_KEY, BuildLogin, Login, flow, settings_for
 from portcullis.errors import ConfigError
 from portcullis.identity.claims import Claims
-from portcullis.identity.flow import Authenticated, Denied
+from portcullis.identity.login import Authenticated, Denied
 from portcullis.identity.providers import IdentityProviders
 from portcullis.store import DurableStore, MemoryStore
 from portcullis.tokens import TokenHasher

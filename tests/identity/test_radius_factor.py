@@ -39,7 +39,7 @@ from peers.radius import (
 )
 from portcullis.errors import ConfigError
 from portcullis.identity.conditions import LoginContext
-from portcullis.identity.flow import Authenticated, Denied, NextStep
+from portcullis.identity.login import Authenticated, Denied, NextStep
 from portcullis.identity.providers import IdentityProviders
 from portcullis.net.dialer import Dialer, DirectDialer
 from portcullis.net.socksrelay import ClassicRelayDialer

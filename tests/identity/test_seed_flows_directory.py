@@ -13,7 +13,7 @@ from peers.login import BuildLogin, Login, flow
 from peers.radius import ALICE_CLASS, ALICE_PASSWORD, FreeRadius
 from peers.totp import oathtool_code
 from portcullis.identity.conditions import LoginContext
-from portcullis.identity.flow import Authenticated, Denied, NextStep
+from portcullis.identity.login import Authenticated, Denied, NextStep
 
 pytestmark = pytest.mark.peer
 

@@ -15,7 +15,8 @@ from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.claims import Claims
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.local import LocalPasswordFactor
-from portcullis.identity.flow import Authenticated, Denied, LoginFlow, LoginService, NextStep
+from portcullis.identity.flow import LoginFlow
+from portcullis.identity.login import Authenticated, Denied, LoginService, NextStep
 from portcullis.identity.names import canonical_username
 from portcullis.identity.passwords import hash_password, verify_password
 from portcullis.identity.sessions import SessionManager

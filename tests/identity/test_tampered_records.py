@@ -19,14 +19,8 @@ from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.claims import Claims
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.local import LocalPasswordFactor
-from portcullis.identity.flow import (
-    Authenticated,
-    Denied,
-    FlowState,
-    LoginFlow,
-    LoginService,
-    NextStep,
-)
+from portcullis.identity.flow import FlowState, LoginFlow
+from portcullis.identity.login import Authenticated, Denied, LoginService, NextStep
 from portcullis.identity.passwords import hash_password
 from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import Throttle

@@ -18,7 +18,7 @@ from peers.stores import FakeClock
 from peers.totp import oathtool_code
 from portcullis.config.auth import TotpProvider
 from portcullis.errors import AuthError
-from portcullis.identity.flow import Authenticated, NextStep
+from portcullis.identity.login import Authenticated, NextStep
 from portcullis.identity.passwords import hash_password
 from portcullis.identity.totp import Enrolment, TotpService
 from portcullis.store import DurableStore, EphemeralStore, MemoryStore

@@ -11,7 +11,7 @@ import pytest
 from peers.login import HASHER_KEY, BuildLogin, Login, flow
 from peers.totp import oathtool_code
 from portcullis.config.auth import TotpProvider
-from portcullis.identity.flow import Authenticated, Denied, NextStep
+from portcullis.identity.login import Authenticated, Denied, NextStep
 from portcullis.identity.passwords import hash_password
 from portcullis.identity.totp import TotpService
 from portcullis.store import DurableStore, MemoryStore

@@ -27,7 +27,7 @@ from portcullis.config.model import Settings
 from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.claims import Claims
 from portcullis.identity.conditions import LoginContext
-from portcullis.identity.flow import Authenticated, LoginResult, LoginService
+from portcullis.identity.login import Authenticated, LoginResult, LoginService
 from portcullis.identity.providers import IdentityProviders
 from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import Throttle

@@ -495,13 +495,18 @@ def auth() -> None:
               help="The client address the flow's conditions see.")
 @click.option("--cert", "cert_file", type=click.Path(exists=True, dir_okay=False),
               help="A client certificate (PEM) the conditions see, as if TLS verified it.")
+@click.option("--callback-port", type=click.IntRange(0, 65535), default=0,
+              help="Loopback port for an identity provider's answer (0: any free port); "
+                   "register http://127.0.0.1:PORT/login/callback/NAME with the provider.")
 @dir_option
 def auth_test(flow_name: str | None, username: str, answers: tuple[str, ...],
-              client_address: str, cert_file: str | None, directory: Path) -> None:
+              client_address: str, cert_file: str | None, callback_port: int,
+              directory: Path) -> None:
     """Dry-run a flow: each step's outcome and why, and the claims a sign-in would carry.
 
     Directories and RADIUS servers are asked for real; lockout counters and the TOTP
-    replay cache are not touched, and an enrolment is not stored.
+    replay cache are not touched, and an enrolment is not stored. A step at an identity
+    provider prints the URL to open and waits for the provider's answer.
     """
     import ssl
 
@@ -522,7 +527,8 @@ def auth_test(flow_name: str | None, username: str, answers: tuple[str, ...],
         return str(click.prompt(prompt.label, hide_input=prompt.secret))
 
     result = asyncio.run(dry_run(settings, name, username, answer, click.echo,
-                                 LoginContext(client_address, certificate)))
+                                 LoginContext(client_address, certificate),
+                                 callback_port=callback_port))
     if result.claims is None:
         if result.outcome == "denied":
             fail("the flow would not sign this user in", 1)
@@ -555,14 +561,20 @@ def _client_tls(ca_file: str | None) -> Any:
               help="Your client certificate (PEM), for flows that read one.")
 @click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False),
               help="The private key of --cert (PEM).")
+@click.option("--no-browser", is_flag=True,
+              help="Only print the URL of an identity provider's sign-in page; do not open "
+                   "a browser.")
 def login(url: str, username: str | None, answers: tuple[str, ...], password_stdin: bool,
-          ca_file: str | None, cert_file: str | None, key_file: str | None) -> None:
+          ca_file: str | None, cert_file: str | None, key_file: str | None,
+          no_browser: bool) -> None:
     """Sign in to a Portcullis gateway and remember the session.
 
     Each step of the sign-in flow is asked in turn (password, verification code, a
     RADIUS challenge); a first sign-in that must set up an authenticator app shows its
-    QR code here.
+    QR code here. A step at an identity provider (OpenID Connect, SAML) opens a browser
+    on this machine (or prints the URL to open); the answer comes back to this command.
     """
+    from portcullis.client.browser import browse_to
     from portcullis.client.portal_api import PortalApi
     from portcullis.client.state import ClientState, client_home, keep_ca_file
     from portcullis.net.tls import client_context
@@ -592,7 +604,7 @@ def login(url: str, username: str | None, answers: tuple[str, ...], password_std
                          cert_file=Path(cert_file) if cert_file else None,
                          key_file=Path(key_file) if key_file else None)
     with PortalApi(url, tls) as api:
-        signed_in = api.login(answer)
+        signed_in = api.login(answer, lambda to: browse_to(to, open_browser=not no_browser))
     kept_ca = str(keep_ca_file(home, Path(ca_file))) if ca_file else None
     ClientState(url.rstrip("/"), signed_in.user, signed_in.token, kept_ca).save(home)
     click.echo(f"signed in as {signed_in.user}"

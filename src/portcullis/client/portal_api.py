@@ -10,12 +10,18 @@ from typing import Any
 import httpx
 
 from portcullis.errors import ClientError
+from portcullis.net.loopback import LoopbackReceiver
 from portcullis.net.tls import describe_tls_failure
 from portcullis.proto.launchfile import LaunchFile, parse_launch_file
 
 # Asked for every prompt the flow shows: (the step, one of its prompts) -> answer. The
 # step carries what to show first: a message, a challenge, a TOTP enrolment.
 Answerer = Callable[[dict[str, Any], dict[str, Any]], str]
+# Shows the user a URL to open in a browser (and opens one, if it can).
+Browse = Callable[[str], None]
+# The answer a redirect step takes: the one-time code the loopback received (the name is
+# the wire's; the client does not import the server's identity package).
+CALLBACK_CODE = "callback_code"
 
 
 @dataclass(frozen=True)
@@ -37,18 +43,30 @@ class PortalApi:
     def __exit__(self, *exc: object) -> None:
         self._http.close()
 
-    def login(self, answer: Answerer) -> SignedIn:
-        body = self._post_json("/api/v1/login", {})
-        for _ in range(20):  # a flow has a handful of steps; stop a runaway server
-            if body.get("status") == "authenticated":
-                return SignedIn(str(body["token"]), str(body["user"]), list(body["groups"]))
-            if body.get("status") != "continue":
-                raise ClientError("sign-in failed (a wrong answer, or the account is locked "
-                                  "or disabled; your administrator can see which)")
-            step = body["step"]
-            answers = {prompt["name"]: answer(step, prompt) for prompt in step["prompts"]}
-            body = self._post_json("/api/v1/login", {"handle": body["handle"],
-                                                     "answers": answers})
+    def login(self, answer: Answerer, browse: Browse, *,
+              browser_timeout: float = 300.0) -> SignedIn:
+        """Walk the flow. A redirect step (an identity provider) is shown in a browser:
+        `browse` gets a loopback URL to open, and the provider's answer comes back to this
+        process's loopback listener (RFC 8252), never to another machine."""
+        with LoopbackReceiver() as receiver:
+            body = self._post_json("/api/v1/login", {"return_to": receiver.callback_url})
+            for _ in range(20):  # a flow has a handful of steps; stop a runaway server
+                if body.get("status") == "authenticated":
+                    return SignedIn(str(body["token"]), str(body["user"]),
+                                    list(body["groups"]))
+                if body.get("status") != "continue":
+                    raise ClientError("sign-in failed (a wrong answer, or the account is "
+                                      "locked or disabled; your administrator can see which)")
+                step = body["step"]
+                if step["kind"] == "redirect":
+                    redirect = step["redirect"]
+                    browse(receiver.start_at(str(redirect["url"]), redirect.get("form")))
+                    back = receiver.wait(browser_timeout)
+                    answers = {CALLBACK_CODE: back.get(CALLBACK_CODE, "")}
+                else:
+                    answers = {prompt["name"]: answer(step, prompt) for prompt in step["prompts"]}
+                body = self._post_json("/api/v1/login", {"handle": body["handle"],
+                                                         "answers": answers})
         raise ClientError("the portal asked too many sign-in steps")
 
     def resources(self) -> list[dict[str, Any]]:

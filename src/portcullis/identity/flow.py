@@ -1,51 +1,42 @@
-"""Login as a sequence of steps: each answer yields the next step or a session.
+"""Login as a sequence of steps: the pure half, deciding what each factor's answer means.
 
 A flow (`[[auth.flows]]`) is a list of steps, each a factor with an optional condition.
-Which step comes next is a pure decision (`next_step`) over the flow, what the flow has
-learned so far and the client's context; `LoginService` is the shell that runs factors,
-keeps the flow's state in the ephemeral store between requests (so any gateway node can
-take the next step), counts failures and makes the session. The JSON API, the portal
-pages, the CLI and `auth test` are four drivers of this one flow. The state is sealed
-(`SealedRecords`): one edited in the store (groups or steps added) restarts the flow.
+Everything here is a decision without I/O: `start` picks the first step, `decide` takes
+the flow's state and one factor's `FactorOutcome` and returns the next state, what to do
+(ask a step, deny, finish) and the events that explain it. `identity/login.py` is the
+shell that runs factors, keeps the state in the ephemeral store between requests, counts
+failures, makes the session and records the events; `auth test` reports the same events.
 
 Rules that make a flow hard to game:
 - the user name is fixed by the first factor that names the user, in canonical form;
   later factors use it and never ask again, so a variant spelling cannot skip a factor;
-- failures are counted against realm:user and the client address before any verdict;
 - a factor that runs before anyone is authenticated (TOTP first) fails *late*: the flow
   goes on and denies at the end, so its answer tells nothing about the account;
 - a step that cannot run yet (TOTP enrolment before a password proved who it is) is
   deferred to the end;
-- a step that ends in "denied" is answered after the time `identity.pacing` sets, so
-  its duration does not tell an unknown name, a wrong password or a locked account apart;
 - the client is told "denied"; the reason goes to the audit trail.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import random
+import copy
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
-from portcullis.audit import AuditTrail
 from portcullis.config.auth import Flow
-from portcullis.config.model import SessionSettings
-from portcullis.identity.claims import Attributes, Claims
+from portcullis.identity.claims import Attributes
 from portcullis.identity.conditions import Facts, LoginContext, evaluate
-from portcullis.identity.pacing import FailurePacing
-from portcullis.identity.sessions import Session, SessionManager
-from portcullis.identity.throttle import Throttle
-from portcullis.store import EphemeralStore, SealedRecords
-from portcullis.tokens import TokenHasher, mask, new_token
 
-NAMESPACE = "login"
-MAX_ANSWER = 1024
 # A flow has a handful of steps; this bounds challenge rounds and enrolment retries too.
 MAX_ROUNDS = 16
+
+# The closed set of steps a driver (portal, JSON API, CLI) must know how to show:
+# prompts to answer, except "redirect" (send the browser to an identity provider and
+# resume on its callback) and "certificate" (nothing to ask: verified at once).
+StepKind = Literal["password", "totp", "totp-enrol", "totp-enrolment-code", "challenge",
+                   "certificate", "redirect"]
 
 
 @dataclass(frozen=True)
@@ -56,14 +47,24 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class Redirect:
+    """Where a redirect step sends the browser: GET `url`, or POST `form` to it (the SAML
+    HTTP-POST binding)."""
+
+    url: str
+    form: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
 class Step:
-    kind: str
+    kind: StepKind
     title: str
-    prompts: tuple[Prompt, ...]
+    prompts: tuple[Prompt, ...] = ()
     message: str | None = None
     # Only for TOTP enrolment: the otpauth URI, its QR code (SVG and terminal text)
     # and the recovery codes, shown this once.
     enrolment: Mapping[str, Any] | None = None
+    redirect: Redirect | None = None      # only for kind "redirect"
 
     def to_json(self) -> dict[str, object]:
         body: dict[str, object] = {"kind": self.kind, "title": self.title,
@@ -72,6 +73,10 @@ class Step:
             body["message"] = self.message
         if self.enrolment:
             body["enrolment"] = dict(self.enrolment)
+        if self.redirect:
+            body["redirect"] = {"url": self.redirect.url,
+                                **({"form": dict(self.redirect.form)}
+                                   if self.redirect.form is not None else {})}
         return body
 
 
@@ -92,22 +97,68 @@ class FlowState:
     data: dict[str, str] = field(default_factory=dict)   # the current factor's scratch
     rounds: int = 0
     started: float = field(default_factory=time.time)
+    # The CLI's loopback URL (RFC 8252) an identity provider's answer is handed on to;
+    # None: the browser that started the flow finishes it (the portal).
+    return_to: str | None = None
 
     @property
     def groups(self) -> tuple[str, ...]:
         return tuple(self.attributes.get("groups", ()))
 
 
+# --- a factor's outcome: one closed type -------------------------------------------------
+
 @dataclass(frozen=True)
-class FactorOutcome:
-    ok: bool
-    reason: str                       # for the audit trail only
+class Passed:
+    reason: str
     username: str | None = None
     attributes: Attributes | None = None
-    again: bool = False               # the same factor asks again (challenge, enrolment)
-    defer: bool = False               # not now: run this step after the others
-    late: bool = False                # on failure, go on and deny at the end
-    unavailable: bool = False         # the provider could not answer: not the user's fault
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A wrong answer, counted against the account. `late`: when nobody is authenticated
+    yet, go on and deny at the end (TOTP first must not tell whether a name exists)."""
+
+    reason: str
+    username: str | None = None
+    late: bool = False
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """The provider could not answer: not the user's fault, not counted."""
+
+    reason: str
+    username: str | None = None
+
+
+@dataclass(frozen=True)
+class Retry:
+    """The same factor asks again (a RADIUS challenge, another enrolment try)."""
+
+    reason: str
+    username: str | None = None
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """Not now: run this step after the others (TOTP enrolment before a password)."""
+
+    reason: str
+    username: str | None = None
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The account may not be tried now (locked, or another check of it is running);
+    nothing was verified, so nothing is counted."""
+
+    reason: str
+    username: str | None = None
+
+
+FactorOutcome = Passed | Failed | Unavailable | Retry | Deferred | Refused
 
 
 @dataclass(frozen=True)
@@ -132,36 +183,69 @@ class Factor(Protocol):
                      attempt: Attempt) -> FactorOutcome: ...
 
 
-@dataclass(frozen=True)
-class NextStep:
-    handle: str
-    step: Step
-    provider: str = ""                # whose step it is (for `auth test` and the audit)
+@runtime_checkable
+class RedirectFactor(Protocol):
+    """A factor whose step sends the browser to an identity provider (OIDC, SAML); its
+    `verify` gets the provider's callback parameters as the answers."""
+
+    name: str
+    kind: str
+    primary: bool
+
+    async def redirect(self, state: FlowState, context: LoginContext, callback: str,
+                       relay: str) -> Redirect:
+        """Where to send the browser. `callback`: the URL the provider must answer to;
+        `relay`: sent as OIDC `state` / SAML `RelayState`, it finds the flow again.
+        What verify() needs later (nonce, PKCE verifier, request id) goes in state.data."""
+        ...
+
+    async def verify(self, state: FlowState, answers: Mapping[str, str],
+                     attempt: Attempt) -> FactorOutcome: ...
+
+
+# --- the decisions --------------------------------------------------------------------
+
+EventKind = Literal["step_skipped", "factor_passed", "factor_retry", "factor_failed",
+                    "failed", "succeeded"]
 
 
 @dataclass(frozen=True)
-class Authenticated:
-    token: str
-    session: Session
+class FlowEvent:
+    """One thing that happened in a flow, audited as `login.<kind>` and shown by
+    `auth test`."""
+
+    kind: EventKind
+    factor: str | None = None
+    user: str | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
-class Denied:
-    """Deliberately carries no reason: that is in the audit trail."""
-
-
-LoginResult = NextStep | Authenticated | Denied
+class AskStep:
+    index: int
 
 
 @dataclass(frozen=True)
-class LoginFlow:
-    definition: Flow
-    realm: str
-    factors: Mapping[str, Factor]
+class Deny:
+    reason: str
+    user: str | None
+    factor: str | None = None
+    count: bool = True                # counted against the account and the address
 
-    @property
-    def name(self) -> str:
-        return self.definition.name
+
+@dataclass(frozen=True)
+class Finish:
+    username: str
+
+
+Action = AskStep | Deny | Finish
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: FlowState
+    action: Action
+    events: tuple[FlowEvent, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -189,278 +273,151 @@ def next_step(flow: Flow, start: int, state: FlowState, context: LoginContext) -
     return StepChoice(None, tuple(skipped))
 
 
-class LoginService:
-    def __init__(self, flow: LoginFlow, ephemeral: EphemeralStore, hasher: TokenHasher,
-                 sessions: SessionManager, settings: SessionSettings, audit: AuditTrail,
-                 throttle: Throttle) -> None:
-        self.flow = flow
-        self._records = SealedRecords(ephemeral, hasher, NAMESPACE, audit)
-        self._hasher = hasher
-        self._sessions = sessions
-        self._settings = settings
-        self._audit = audit
-        self._throttle = throttle
-        self._pacing = FailurePacing(throttle.settings.failure_floor)
+def _skipped(choice: StepChoice, user: str | None) -> list[FlowEvent]:
+    return [FlowEvent("step_skipped", provider, user, why) for provider, why in choice.skipped]
 
-    async def begin(self, context: LoginContext) -> LoginResult:
-        if await self._throttle.address_refused(context.client_address):
-            self._audit.record("login.throttled", client=context.client_address,
-                               reason="too many failures from this address")
-            return Denied()
-        state = FlowState(flow=self.flow.name)
-        if not await self._throttle.start_unfinished(context.client_address, state.started,
-                                                     time.time(),
-                                                     self._settings.login_step_timeout):
-            self._audit.record("login.throttled", client=context.client_address,
-                               reason="too many unfinished sign-ins from this address")
-            return Denied()
-        choice = next_step(self.flow.definition, 0, state, context)
-        self._record_skipped(choice, state, context)
-        if choice.index is None:
-            await self._throttle.finish_unfinished(context.client_address, state.started)
-            # Validation guarantees a primary step, but a condition may exclude them all.
-            self._audit.record("login.failed", reason="no step of the flow applies",
-                               flow=self.flow.name, client=context.client_address)
-            return Denied()
-        state.current = choice.index
-        state.resume = choice.index + 1
-        return await self._ask(new_token(), state, context)
 
-    async def submit(self, handle: str | None, answers: Mapping[str, str],
-                     context: LoginContext) -> LoginResult:
-        """Answer the current step. Without a handle, the answers are for the first step.
-        A denial is answered no earlier than the pacing says (the whole step is timed)."""
-        started = time.monotonic()
-        result = await self._submit(handle, answers, context)
-        elapsed = time.monotonic() - started
-        self._pacing.observe(elapsed)
-        if isinstance(result, Denied):
-            await asyncio.sleep(self._pacing.delay(elapsed, random.random()).wait)
-        return result
+def start(flow: Flow, state: FlowState, context: LoginContext) -> Decision:
+    """The first step of a new flow."""
+    state = copy.deepcopy(state)
+    choice = next_step(flow, 0, state, context)
+    events = _skipped(choice, None)
+    if choice.index is None:
+        # Validation guarantees a primary step, but a condition may exclude them all.
+        return Decision(state, Deny("no step of the flow applies", None), tuple(events))
+    state.current = choice.index
+    state.resume = choice.index + 1
+    return Decision(state, AskStep(choice.index), tuple(events))
 
-    async def _submit(self, handle: str | None, answers: Mapping[str, str],
-                      context: LoginContext) -> LoginResult:
-        client = context.client_address
-        if handle is None:
-            begun = await self.begin(context)
-            if not isinstance(begun, NextStep):
-                return begun
-            handle = begun.handle
-        elif await self._throttle.address_refused(client):
-            self._audit.record("login.throttled", client=client,
-                               reason="too many failures from this address")
-            return Denied()
-        # Taken, not read: of two requests with one handle, only one goes on.
-        state = await self._take(handle)
-        if state is None:
-            self._audit.record("login.failed", reason="unknown or expired login handle",
-                               handle=mask(handle), client=client)
-            return Denied()
-        return await self._answer(handle, state, answers, context)
 
-    async def _answer(self, handle: str, state: FlowState, answers: Mapping[str, str],
-                      context: LoginContext) -> LoginResult:
-        if any(len(value) > MAX_ANSWER for value in answers.values()):
-            return await self._deny(state, "oversized answer", context, None)
-        state.rounds += 1
-        if state.rounds > MAX_ROUNDS:
-            return await self._deny(state, "too many rounds", context, None)
-        factor = self._factor(state)
-        held: list[str] = []
-        refused: list[tuple[str, str]] = []
+def exhausted(state: FlowState) -> str | None:
+    """Why an answer is refused before its factor sees it, if it is."""
+    if state.rounds >= MAX_ROUNDS:
+        return "too many rounds"
+    return None
 
-        async def admit(username: str) -> bool:
-            identity = self._identity(username)
-            if (await self._throttle.account(identity)).locked:
-                refused.append((username, "account locked"))
-                return False
-            # One check at a time per account, so that parallel guesses cannot all be
-            # verified before the first failure is counted.
-            if not await self._throttle.hold(identity):
-                refused.append((username, "another sign-in of this account is being checked"))
-                return False
-            held.append(identity)
-            return True
 
-        outcome = await factor.verify(state, answers, Attempt(context, admit))
-        try:
-            verdict = await self._judge(state, factor, outcome, refused, context)
-        finally:
-            for identity in held:
-                await self._throttle.release(identity)
-        if verdict == "advance":
-            return await self._advance(handle, state, context)
-        if verdict == "ask":
-            return await self._ask(handle, state, context)
-        return verdict
-
-    async def _judge(self, state: FlowState, factor: Factor,
-                     outcome: FactorOutcome, refused: list[tuple[str, str]],
-                     context: LoginContext) -> Denied | Literal["advance", "ask"]:
-        """What an outcome means for the flow; failures are counted here, while the
-        account is still held."""
-        client = context.client_address
-        before_primary = not factor.primary and not self._primary_passed(state)
-        if state.username is None or (state.provisional and factor.primary):
-            named = outcome.username or (refused[0][0] if refused else None)
-        else:
-            named = state.username
-        if refused:
+def decide(flow: Flow, primaries: frozenset[str], state: FlowState, outcome: FactorOutcome,
+           context: LoginContext) -> Decision:
+    """What the current step's outcome means: the next state, the action, the events.
+    `primaries`: the flow's providers that can tell who the user is."""
+    state = copy.deepcopy(state)
+    state.rounds += 1
+    factor = flow.steps[state.current].provider
+    primary = factor in primaries
+    before_primary = not primary and not _primary_passed(state, primaries)
+    if state.username is None or (state.provisional and primary):
+        named = outcome.username
+    else:
+        named = state.username
+    match outcome:
+        case Refused(reason=reason):
             if before_primary:
                 # Looks like any other late failure: the answer must not tell a locked
                 # (or busy) account from a wrong code.
-                self._fail_late(state, factor, refused[0][1], named, client)
-                return "advance"
+                return _advance(flow, primaries, *_fail_late(state, factor, reason, named,
+                                                             primary), context)
             # Refused unverified: a locked account must not keep a directory busy, and
             # attempts while locked do not lengthen the lock.
-            return await self._deny(state, refused[0][1], context, factor,
-                                    username=named, count=False)
-        if outcome.again:
+            return Decision(state, Deny(reason, named, factor, count=False))
+        case Retry(reason=reason):
             # The factor asks again (a RADIUS challenge): the name it was given stays.
-            self._name(state, named, factor)
-            self._audit.record("login.factor_retry", user=named, factor=factor.name,
-                               reason=outcome.reason, client=client)
-            return "ask"
-        if not outcome.ok:
-            if outcome.late and before_primary:
-                self._fail_late(state, factor, outcome.reason, named, client)
-                return "advance"
-            return await self._deny(state, outcome.reason, context, factor,
-                                    username=named, count=not outcome.unavailable)
-        if outcome.defer:
+            _name(state, named, primary)
+            return Decision(state, AskStep(state.current),
+                            (FlowEvent("factor_retry", factor, named, reason),))
+        case Failed(reason=reason, late=True) if before_primary:
+            return _advance(flow, primaries, *_fail_late(state, factor, reason, named,
+                                                         primary), context)
+        case Failed(reason=reason):
+            return Decision(state, Deny(reason, named, factor))
+        case Unavailable(reason=reason):
+            return Decision(state, Deny(reason, named, factor, count=False))
+        case Deferred():
             state.deferred.append(state.current)
-            self._name(state, named, factor)
-            return "advance"
-        # Another name than the flow's: the end, unless the flow's name is provisional
-        # and nothing has passed for it yet (then this step's resolved name replaces it).
-        replaceable = state.provisional and factor.primary and not state.passed
-        if (state.username is not None and outcome.username not in (None, state.username)
-                and not replaceable):
-            return await self._deny(
-                state, f"{factor.name} named another user ({outcome.username})",
-                context, factor, username=state.username)
-        self._name(state, named, factor)
-        state.passed.append(factor.name)
-        if outcome.attributes is not None:
-            merged = Attributes.from_json(state.attributes).merge(outcome.attributes)
-            state.attributes = merged.to_json()
-        self._audit.record("login.factor_passed", user=state.username, factor=factor.name,
-                           client=client)
-        return "advance"
+            _name(state, named, primary)
+            return _advance(flow, primaries, state, [], context)
+        case Passed(username=username, attributes=attributes):
+            # Another name than the flow's: the end, unless the flow's name is provisional
+            # and nothing has passed for it yet (then this step's resolved name replaces it).
+            replaceable = state.provisional and primary and not state.passed
+            if (state.username is not None and username not in (None, state.username)
+                    and not replaceable):
+                return Decision(state, Deny(f"{factor} named another user ({username})",
+                                            state.username, factor))
+            _name(state, named, primary)
+            state.passed.append(factor)
+            if attributes is not None:
+                merged = Attributes.from_json(state.attributes).merge(attributes)
+                state.attributes = merged.to_json()
+            return _advance(flow, primaries, state,
+                            [FlowEvent("factor_passed", factor, state.username)], context)
 
-    def _name(self, state: FlowState, username: str | None, factor: Factor) -> None:
-        """Record who the flow is about. A name typed at a step that cannot vouch for it
-        (TOTP before any password) is provisional: the first primary step replaces it with
-        the name it resolves (an LDAP mail address becomes the account name)."""
-        if username is None:
-            return
-        if state.username is None or (state.provisional and factor.primary):
-            state.username = username
-            state.provisional = not factor.primary
-        elif factor.primary:
-            state.provisional = False
 
-    def _fail_late(self, state: FlowState, factor: Factor, reason: str, username: str | None,
-                   client: str) -> None:
-        """Go on as if nothing failed; the flow is denied (and counted, once) at its end."""
-        state.failure = state.failure or f"{factor.name}: {reason}"
-        self._name(state, username, factor)
-        self._audit.record("login.factor_failed", user=username, factor=factor.name,
-                           reason=reason, client=client)
+def _primary_passed(state: FlowState, primaries: frozenset[str]) -> bool:
+    return any(name in primaries for name in state.passed)
 
-    async def _advance(self, handle: str, state: FlowState, context: LoginContext) -> LoginResult:
-        state.data = {}
-        choice = next_step(self.flow.definition, max(state.current + 1, state.resume), state,
-                           context)
-        self._record_skipped(choice, state, context)
-        index = choice.index
-        state.resume = len(self.flow.definition.steps) if index is None else index + 1
-        while index is None and state.deferred:
-            if not self._primary_passed(state):
-                # Nothing said who this is: a deferred enrolment must not run.
-                break
-            deferred = state.deferred.pop(0)
-            verdict = evaluate(self.flow.definition.steps[deferred].when,
-                               facts_of(state, context))
-            if verdict.holds:
-                index = deferred
-            else:
-                self._record_skipped(StepChoice(None, (
-                    (self.flow.definition.steps[deferred].provider, verdict.reason),)),
-                    state, context)
-        if index is not None:
-            state.current = index
-            return await self._ask(handle, state, context)
-        if state.failure is not None:
-            # Counted here, once for the whole flow, whichever steps failed late.
-            return await self._deny(state, state.failure, context, None,
-                                    username=state.username)
-        if state.username is None or not self._primary_passed(state):
-            return await self._deny(state, "no factor established the user",
-                                    context, None, count=False)
-        # The state was taken when this answer arrived: nothing of the flow is left.
-        await self._throttle.succeeded(self._identity(state.username))
-        await self._throttle.finish_unfinished(context.client_address, state.started)
-        claims = Claims.build(self.flow.realm, state.username,
-                              Attributes.from_json(state.attributes), tuple(state.passed),
-                              time.time())
-        token, session = await self._sessions.create(claims, context.client_address)
-        self._audit.record("login.succeeded", user=claims.username, realm=claims.idp,
-                           flow=self.flow.name, factors=list(claims.amr),
-                           client=context.client_address, session=session.handle[:12])
-        return Authenticated(token, session)
 
-    def _record_skipped(self, choice: StepChoice, state: FlowState,
-                        context: LoginContext) -> None:
-        for provider, why in choice.skipped:
-            self._audit.record("login.step_skipped", user=state.username, factor=provider,
-                               reason=why, client=context.client_address)
+def _name(state: FlowState, username: str | None, primary: bool) -> None:
+    """Record who the flow is about. A name typed at a step that cannot vouch for it
+    (TOTP before any password) is provisional: the first primary step replaces it with
+    the name it resolves (an LDAP mail address becomes the account name)."""
+    if username is None:
+        return
+    if state.username is None or (state.provisional and primary):
+        state.username = username
+        state.provisional = not primary
+    elif primary:
+        state.provisional = False
 
-    async def _ask(self, handle: str, state: FlowState, context: LoginContext) -> LoginResult:
-        # The step first: a factor may note what it showed (a pending enrolment).
-        step = await self._factor(state).step(state, context)
-        if not step.prompts:
-            # Nothing to ask (a client certificate): verify now, no round trip.
-            return await self._answer(handle, state, {}, context)
-        await self._save(handle, state)
-        return NextStep(handle, step, self._factor(state).name)
 
-    async def _deny(self, state: FlowState, reason: str, context: LoginContext,
-                    factor: Factor | None, *, username: str | None = None,
-                    count: bool = True) -> Denied:
-        """The end of a flow: its state was taken when the answer arrived, so the handle is
-        already spent; count the failure and audit the reason."""
-        user = username or state.username
-        await self._throttle.finish_unfinished(context.client_address, state.started)
-        lock = (await self._throttle.failed(self._identity(user) if user else None,
-                                            context.client_address) if count else None)
-        self._audit.record("login.failed", user=user, flow=self.flow.name,
-                           factor=factor.name if factor else None, reason=reason,
-                           client=context.client_address,
-                           locked=lock.locked if lock else None)
-        return Denied()
+def _fail_late(state: FlowState, factor: str, reason: str, username: str | None,
+               primary: bool) -> tuple[FlowState, list[FlowEvent]]:
+    """Go on as if nothing failed; the flow is denied (and counted, once) at its end."""
+    state.failure = state.failure or f"{factor}: {reason}"
+    _name(state, username, primary)
+    return state, [FlowEvent("factor_failed", factor, username, reason)]
 
-    def _factor(self, state: FlowState) -> Factor:
-        return self.flow.factors[self.flow.definition.steps[state.current].provider]
 
-    def _primary_passed(self, state: FlowState) -> bool:
-        return any(self.flow.factors[name].primary for name in state.passed)
+def _advance(flow: Flow, primaries: frozenset[str], state: FlowState,
+             events: list[FlowEvent], context: LoginContext) -> Decision:
+    state.data = {}
+    choice = next_step(flow, max(state.current + 1, state.resume), state, context)
+    events += _skipped(choice, state.username)
+    index = choice.index
+    state.resume = len(flow.steps) if index is None else index + 1
+    while index is None and state.deferred:
+        if not _primary_passed(state, primaries):
+            # Nothing said who this is: a deferred enrolment must not run.
+            break
+        deferred = state.deferred.pop(0)
+        verdict = evaluate(flow.steps[deferred].when, facts_of(state, context))
+        if verdict.holds:
+            index = deferred
+        else:
+            events.append(FlowEvent("step_skipped", flow.steps[deferred].provider,
+                                    state.username, verdict.reason))
+    if index is not None:
+        state.current = index
+        return Decision(state, AskStep(index), tuple(events))
+    if state.failure is not None:
+        # Counted here, once for the whole flow, whichever steps failed late.
+        return Decision(state, Deny(state.failure, state.username), tuple(events))
+    if state.username is None or not _primary_passed(state, primaries):
+        return Decision(state, Deny("no factor established the user", state.username,
+                                    count=False), tuple(events))
+    return Decision(state, Finish(state.username), tuple(events))
 
-    def _identity(self, username: str) -> str:
-        return f"{self.flow.realm}:{username}"
 
-    def _key(self, handle: str) -> str:
-        return f"login:{self._hasher.digest(NAMESPACE, handle)}"
+@dataclass(frozen=True)
+class LoginFlow:
+    definition: Flow
+    realm: str
+    factors: Mapping[str, Factor]
 
-    async def _save(self, handle: str, state: FlowState) -> None:
-        await self._records.put(self._key(handle), json.dumps(asdict(state)).encode(),
-                                self._settings.login_step_timeout)
+    @property
+    def name(self) -> str:
+        return self.definition.name
 
-    async def _take(self, handle: str) -> FlowState | None:
-        if len(handle) > 256:
-            return None
-        raw = await self._records.take(self._key(handle))
-        if raw is None:
-            return None
-        state = FlowState(**json.loads(raw))
-        return state if state.flow == self.flow.name else None
+    @property
+    def primaries(self) -> frozenset[str]:
+        return frozenset(name for name, factor in self.factors.items() if factor.primary)

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from ldap3.core.exceptions import LDAPException
 
@@ -29,30 +29,21 @@ from portcullis.errors import AuthError, ConfigError, NotFoundError
 from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.claims import Claims
 from portcullis.identity.conditions import LoginContext
-from portcullis.identity.flow import Authenticated, LoginService, NextStep, Prompt, Step
+from portcullis.identity.flow import FlowEvent, Prompt, Step
+from portcullis.identity.login import CALLBACK_PATH, Authenticated, LoginService, NextStep, relay_of
 from portcullis.identity.names import canonical_username
 from portcullis.identity.providers import IdentityProviders
 from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import AccountLock, Throttle
 from portcullis.net.dialer import Dialer, DirectDialer
 from portcullis.net.dialers import dialer_from_settings
+from portcullis.net.loopback import LoopbackReceiver
 from portcullis.net.tls import ResumingClientContext, client_context
 from portcullis.store import DurableStore, EphemeralStore, MemoryStore, open_ephemeral
 from portcullis.tokens import TokenHasher
 
 Answer = Callable[[Step, Prompt], str]
 Report = Callable[[str], None]
-
-
-class RecordingAudit(AuditTrail):
-    """Keeps the events of a dry run to show them, and writes none to the real trail."""
-
-    def __init__(self) -> None:
-        super().__init__(None)
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def record(self, event: str, **fields: Any) -> None:
-        self.events.append((event, fields))
 
 
 @asynccontextmanager
@@ -68,20 +59,18 @@ async def opened_stores(settings: Settings, *, throwaway_ephemeral: bool
         await durable.close()
 
 
-def _describe(event: str, fields: dict[str, Any]) -> str | None:
-    factor = fields.get("factor")
-    reason = fields.get("reason")
-    if event == "login.step_skipped":
-        return f"  skipped {factor}: condition does not hold ({reason})"
-    if event == "login.factor_passed":
-        return f"  passed  {factor} as {fields.get('user')}"
-    if event == "login.factor_retry":
-        return f"  {factor} asks again: {reason}"
-    if event in ("login.factor_failed", "login.failed"):
-        return f"  FAILED  {factor or 'flow'}: {reason}"
-    if event == "login.succeeded":
-        return f"  signed in: factors {', '.join(fields.get('factors', []))}"
-    return None
+def _describe(event: FlowEvent) -> str:
+    match event.kind:
+        case "step_skipped":
+            return f"  skipped {event.factor}: condition does not hold ({event.reason})"
+        case "factor_passed":
+            return f"  passed  {event.factor} as {event.user}"
+        case "factor_retry":
+            return f"  {event.factor} asks again: {event.reason}"
+        case "factor_failed" | "failed":
+            return f"  FAILED  {event.factor or 'flow'}: {event.reason}"
+        case "succeeded":
+            return f"  signed in as {event.user}"
 
 
 def command_dialer(settings: Settings, flow_name: str, report: Report) -> Dialer | None:
@@ -118,42 +107,46 @@ class DryRun:
 
 
 async def dry_run(settings: Settings, flow_name: str, username: str, answer: Answer,
-                  report: Report, context: LoginContext) -> DryRun:
-    """Walk the flow as `username` would, reporting each step's outcome and why."""
+                  report: Report, context: LoginContext, *, browse: Report | None = None,
+                  callback_port: int = 0, browser_timeout: float = 300.0) -> DryRun:
+    """Walk the flow as `username` would, reporting each step's outcome and why, from the
+    same events the audit trail gets. A redirect step's provider answers to a loopback
+    listener of this process (`callback_port`; the provider must accept
+    http://127.0.0.1:PORT/login/callback/NAME as a redirect URI); `browse` shows its URL."""
     async with opened_stores(settings, throwaway_ephemeral=True) as (durable, ephemeral,
                                                                       hasher):
         providers = IdentityProviders(settings, durable, ephemeral, hasher, dry_run=True,
                                       dialer=command_dialer(settings, flow_name, report))
-        audit = RecordingAudit()
         sessions = SessionManager(ephemeral, AccountStatus(durable), hasher, settings.session)
-        service = LoginService(providers.flow(flow_name), ephemeral, hasher, sessions,
-                               settings.session, audit,
-                               Throttle(ephemeral, settings.auth.throttle))
-        report(f"flow {flow_name} (realm {service.flow.realm}) for {username}, "
-               f"client {context.client_address}, "
-               f"{'with' if context.certificate else 'without'} a client certificate")
-        shown = 0
-        result = await service.begin(context)
-        while True:
-            for event, fields in audit.events[shown:]:
-                line = _describe(event, fields)
-                if line:
-                    report(line)
-            shown = len(audit.events)
-            if not isinstance(result, NextStep):
-                break
-            step = result.step
-            report(f"step {result.provider}: {step.title} "
-                   f"({', '.join(p.name for p in step.prompts)})")
-            if step.kind in ("totp-enrol", "totp-enrolment-code"):
-                needs = (", with the enrolment code an administrator issued"
-                         if step.kind == "totp-enrolment-code" else "")
-                report(f"  the user has no TOTP secret: a real sign-in would enrol now{needs} "
-                       "(stopping here; nothing was stored)")
-                return DryRun("would enrol")
-            answers = {p.name: username if p.name == "username" else answer(step, p)
-                       for p in step.prompts}
-            result = await service.submit(result.handle, answers, context)
+        with LoopbackReceiver(CALLBACK_PATH, port=callback_port) as receiver:
+            service = LoginService(providers.flow(flow_name), ephemeral, hasher, sessions,
+                                   settings.session, AuditTrail(None),
+                                   Throttle(ephemeral, settings.auth.throttle),
+                                   public_url=receiver.base,
+                                   observe=lambda event: report(_describe(event)))
+            report(f"flow {flow_name} (realm {service.flow.realm}) for {username}, "
+                   f"client {context.client_address}, "
+                   f"{'with' if context.certificate else 'without'} a client certificate")
+            result = await service.begin(context)
+            while isinstance(result, NextStep):
+                step = result.step
+                report(f"step {result.provider}: {step.title} "
+                       f"({', '.join(p.name for p in step.prompts) or step.kind})")
+                if step.kind in ("totp-enrol", "totp-enrolment-code"):
+                    needs = (", with the enrolment code an administrator issued"
+                             if step.kind == "totp-enrolment-code" else "")
+                    report(f"  the user has no TOTP secret: a real sign-in would enrol now"
+                           f"{needs} (stopping here; nothing was stored)")
+                    return DryRun("would enrol")
+                if step.redirect is not None:
+                    (browse or report)(receiver.start_at(step.redirect.url, step.redirect.form))
+                    back = await asyncio.to_thread(receiver.wait, browser_timeout)
+                    result = await service.callback(relay_of(back), back, context,
+                                                    result.handle)
+                    continue
+                answers = {p.name: username if p.name == "username" else answer(step, p)
+                           for p in step.prompts}
+                result = await service.submit(result.handle, answers, context)
         if isinstance(result, Authenticated):
             return DryRun("signed in", result.session.claims)
         return DryRun("denied")

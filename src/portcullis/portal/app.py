@@ -31,11 +31,26 @@ from portcullis.config.model import Settings
 from portcullis.errors import PKIError, StoreError, TicketError
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.totp import enrolment_step
-from portcullis.identity.flow import Authenticated, Denied, LoginResult, LoginService, NextStep
+from portcullis.identity.login import (
+    Authenticated,
+    Denied,
+    HandOff,
+    LoginResult,
+    LoginService,
+    NextStep,
+)
 from portcullis.identity.sessions import Session, SessionManager
 from portcullis.identity.totp import SelfEnrolment
 from portcullis.net.websocket import websocket_url
 from portcullis.portal.broker import authorize_launch, visible_resources
+from portcullis.portal.redirects import (
+    LOGIN_COOKIE,
+    NEXT_COOKIE,
+    callback_answers,
+    forget_login,
+    loopback_return_to,
+    to_identity_provider,
+)
 from portcullis.proto.launchfile import MIME_TYPE, LaunchFile, format_launch_file
 from portcullis.sta.authority import TicketRequest
 from portcullis.sta.client import TicketIssuer
@@ -158,7 +173,11 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         handle = body.get("handle")
         answers = body.get("answers")
         if answers is None and handle is None:
-            result = await deps.login.begin(login_context(request))
+            return_to = body.get("return_to")
+            if return_to is not None and loopback_return_to(return_to) is None:
+                return JSONResponse({"error": "return_to must be a loopback http URL "
+                                              "(http://127.0.0.1:PORT/...)"}, 400)
+            result = await deps.login.begin(login_context(request), return_to=return_to)
         elif (not isinstance(answers, dict)
               or not all(isinstance(v, str) for v in answers.values())
               or not (handle is None or isinstance(handle, str))):
@@ -311,17 +330,30 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
     async def login_page(request: Request) -> Response:
         if await current_session(request) is not None:
             return RedirectResponse(safe_next(request.query_params.get("next")), 303)
-        return login_result(request, await deps.login.begin(login_context(request)))
+        return login_result(request, await deps.login.begin(login_context(request)),
+                            safe_next(request.query_params.get("next")))
 
     def login_result(request: Request, result: LoginResult, target: str = "/",
                      error: str | None = None) -> Response:
         if isinstance(result, Authenticated):
             response = RedirectResponse(target, 303)
             set_session_cookie(response, result.token)
-            return response
+            return forget_login(response)
+        if isinstance(result, NextStep) and result.step.kind == "redirect":
+            return to_identity_provider(templates, request, result, target,
+                                        settings.session.login_step_timeout)
         if isinstance(result, NextStep):
             return login_form(request, result, error=error)
-        return render(request, "denied.html", 401)
+        if isinstance(result, HandOff):
+            return RedirectResponse(result.url, 303)
+        return forget_login(render(request, "denied.html", 401))
+
+    async def login_callback(request: Request) -> Response:
+        """An identity provider's answer to a redirect step."""
+        relay, answers = await callback_answers(request)
+        result = await deps.login.callback(relay, answers, login_context(request),
+                                           request.cookies.get(LOGIN_COOKIE))
+        return login_result(request, result, safe_next(request.cookies.get(NEXT_COOKIE)))
 
     def login_form(request: Request, step: NextStep, error: str | None,
                    status: int = 200) -> Response:
@@ -350,7 +382,7 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         if isinstance(result, Denied):
             # Start over; the reason is in the audit trail only.
             begun = await deps.login.begin(context)
-            if isinstance(begun, NextStep):
+            if isinstance(begun, NextStep) and begun.step.kind != "redirect":
                 return login_form(request, begun, error="Sign-in failed.", status=401)
         return login_result(request, result, target)
 
@@ -399,6 +431,7 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         Route("/", home, methods=["GET"]),
         Route("/login", login_page, methods=["GET"]),
         Route("/login", login_submit, methods=["POST"]),
+        Route("/login/callback/{provider}", login_callback, methods=["GET", "POST"]),
         Route("/launch/{name}", launch_page, methods=["POST"]),
         Route("/logout", logout_page, methods=["POST"]),
         Route("/api/v1/account/authenticator", api_new_authenticator, methods=["POST"]),

@@ -8,7 +8,16 @@ from portcullis.config.auth import CertificateProvider
 from portcullis.errors import AuthError
 from portcullis.identity.claims import Attributes
 from portcullis.identity.conditions import LoginContext
-from portcullis.identity.flow import Attempt, FactorOutcome, FlowState, Step
+from portcullis.identity.flow import (
+    Attempt,
+    FactorOutcome,
+    Failed,
+    FlowState,
+    Passed,
+    Refused,
+    Step,
+    Unavailable,
+)
 from portcullis.identity.names import canonical_username
 
 
@@ -30,15 +39,14 @@ class CertificateFactor:
         if certificate is None:
             # Nothing was guessed: not counted against the address (a page view without a
             # certificate must not throttle colleagues behind the same NAT).
-            return FactorOutcome(False, "no client certificate", unavailable=True)
+            return Unavailable("no client certificate")
         named = (certificate.common_name if self._settings.username_from == "common_name"
                  else next(iter(certificate.emails), None))
         try:
             username = canonical_username(named or "")
         except AuthError:
-            return FactorOutcome(False, f"certificate {certificate.subject} names no usable user")
+            return Failed(f"certificate {certificate.subject} names no usable user")
         if not await attempt.admit(username):
-            return FactorOutcome(False, "account locked", username=username)
-        return FactorOutcome(True, f"certificate {certificate.fingerprint[:16]}",
-                             username=username,
-                             attributes=Attributes(certificate=certificate.subject))
+            return Refused("account locked", username)
+        return Passed(f"certificate {certificate.fingerprint[:16]}", username,
+                      Attributes(certificate=certificate.subject))

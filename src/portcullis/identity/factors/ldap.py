@@ -46,7 +46,16 @@ from portcullis.errors import AuthError
 from portcullis.identity.claims import Attributes
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.prompts import password_step, typed_username
-from portcullis.identity.flow import Attempt, FactorOutcome, FlowState, Step
+from portcullis.identity.flow import (
+    Attempt,
+    FactorOutcome,
+    Failed,
+    FlowState,
+    Passed,
+    Refused,
+    Step,
+    Unavailable,
+)
 from portcullis.identity.names import canonical_username
 
 log = structlog.get_logger("portcullis.identity.ldap")
@@ -308,31 +317,31 @@ class LdapFactor:
         typed = typed_username(state, answers)
         password = answers.get("password", "")
         if typed is None and answers.get("username", "").strip():
-            return FactorOutcome(False, "malformed user name")
+            return Failed("malformed user name")
         if not typed or not password:
-            return FactorOutcome(False, "empty user name or password")
+            return Failed("empty user name or password")
         try:
             found = await asyncio.to_thread(self._directory.find, typed)
         except LDAPException as exc:
             log.error("directory unavailable", provider=self.name, error=str(exc))
-            return FactorOutcome(False, f"directory unavailable: {exc}", unavailable=True)
+            return Unavailable(f"directory unavailable: {exc}")
         if len(found) == 1:
             try:
                 username = canonical_username(found[0].username)
             except AuthError:
                 username = None
             if username is not None and not await attempt.admit(username):
-                return FactorOutcome(False, "account locked", username=username)
+                return Refused("account locked", username)
         result = await asyncio.to_thread(self._directory.authenticate, found, typed, password)
         if result.user is None:
-            return FactorOutcome(result.ok, result.reason, unavailable=result.unavailable)
+            return (Unavailable(result.reason) if result.unavailable else Failed(result.reason))
         try:
             username = canonical_username(result.user.username)
         except AuthError:
-            return FactorOutcome(False, f"directory user name {result.user.username!r} "
-                                 "is not usable")
-        return FactorOutcome(result.ok, result.reason, username=username,
-                             attributes=result.user.attributes)
+            return Failed(f"directory user name {result.user.username!r} is not usable")
+        if not result.ok:
+            return Failed(result.reason, username)
+        return Passed(result.reason, username, result.user.attributes)
 
 
 def _rdn_value(dn: str) -> str:

@@ -8,7 +8,15 @@ from collections.abc import Mapping
 from portcullis.identity.claims import Attributes
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.prompts import password_step, typed_username
-from portcullis.identity.flow import Attempt, FactorOutcome, FlowState, Step
+from portcullis.identity.flow import (
+    Attempt,
+    FactorOutcome,
+    Failed,
+    FlowState,
+    Passed,
+    Refused,
+    Step,
+)
 from portcullis.identity.passwords import verify_password
 from portcullis.store import DurableStore
 
@@ -31,9 +39,9 @@ class LocalPasswordFactor:
         if username is None:
             # The same work as a real attempt, so a malformed name is not told apart by timing.
             await asyncio.to_thread(verify_password, None, password)
-            return FactorOutcome(False, "malformed user name")
+            return Failed("malformed user name")
         if not await attempt.admit(username):
-            return FactorOutcome(False, "account locked", username=username)
+            return Refused("account locked", username)
         user = await self._durable.get_user(username)
         usable = user is not None and not user.disabled
         # argon2 is deliberately slow; run it off the event loop (the C code drops the GIL).
@@ -41,7 +49,7 @@ class LocalPasswordFactor:
         if not await asyncio.to_thread(verify_password, stored, password):
             reason = ("unknown user" if user is None else
                       "account disabled" if user.disabled else "wrong password")
-            return FactorOutcome(False, reason, username=username)
+            return Failed(reason, username)
         assert user is not None
-        return FactorOutcome(True, "password verified", username=user.name,
-                             attributes=Attributes(groups=user.groups))
+        return Passed("password verified", user.name,
+                      Attributes(groups=user.groups))

@@ -29,7 +29,18 @@ from portcullis.errors import DialError
 from portcullis.identity.claims import Attributes
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.prompts import password_step, typed_username
-from portcullis.identity.flow import Attempt, FactorOutcome, FlowState, Prompt, Step
+from portcullis.identity.flow import (
+    Attempt,
+    FactorOutcome,
+    Failed,
+    FlowState,
+    Passed,
+    Prompt,
+    Refused,
+    Retry,
+    Step,
+    Unavailable,
+)
 from portcullis.net.dialer import Dialer
 
 log = structlog.get_logger("portcullis.identity.radius")
@@ -210,27 +221,25 @@ class RadiusFactor:
         challenged = "radius_state" in state.data
         secret = answers.get("response" if challenged else "password", "")
         if username is None or not secret:
-            return FactorOutcome(False, "empty or malformed user name or password")
+            return Failed("empty or malformed user name or password")
         if len(username.encode()) > MAX_USER_NAME or len(secret.encode()) > MAX_PASSWORD:
             # RFC 2865 limits; pyrad would raise rather than send them.
-            return FactorOutcome(False, "user name or password too long for RADIUS",
-                                 username=username)
+            return Failed("user name or password too long for RADIUS", username)
         if not await attempt.admit(username):
-            return FactorOutcome(False, "account locked", username=username)
+            return Refused("account locked", username)
         radius_state = bytes.fromhex(state.data["radius_state"]) if challenged else None
         try:
             reply = await self._servers.authenticate(username, secret, radius_state,
                                                      attempt.context.client_address)
         except RadiusUnavailable as exc:
             log.error("no RADIUS server answered", provider=self.name, error=str(exc))
-            return FactorOutcome(False, f"RADIUS unavailable: {exc}", username=username,
-                                 unavailable=True)
+            return Unavailable(f"RADIUS unavailable: {exc}", username)
         if reply.code == packet.AccessChallenge and reply.state and len(reply.state) <= MAX_STATE:
             state.data["radius_state"] = reply.state.hex()
             state.data["radius_prompt"] = (reply.message or "Response")[:200]
-            return FactorOutcome(False, "RADIUS challenge", username=username, again=True)
+            return Retry("RADIUS challenge", username)
         if reply.code == packet.AccessAccept:
-            return FactorOutcome(True, "RADIUS accepted", username=username,
-                                 attributes=Attributes(groups=reply.groups))
+            return Passed("RADIUS accepted", username,
+                          Attributes(groups=reply.groups))
         detail = f" ({reply.message})" if reply.message else ""
-        return FactorOutcome(False, f"RADIUS rejected{detail}", username=username)
+        return Failed(f"RADIUS rejected{detail}", username)

@@ -17,7 +17,18 @@ import structlog
 from portcullis.errors import AuthError
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.prompts import USERNAME, typed_username
-from portcullis.identity.flow import Attempt, FactorOutcome, FlowState, Prompt, Step
+from portcullis.identity.flow import (
+    Attempt,
+    Deferred,
+    FactorOutcome,
+    Failed,
+    FlowState,
+    Passed,
+    Prompt,
+    Refused,
+    Retry,
+    Step,
+)
 from portcullis.identity.totp import Enrolment, TotpService
 
 log = structlog.get_logger("portcullis.identity.totp")
@@ -81,38 +92,37 @@ class TotpFactor:
         code = answers.get("code", "")
         username = typed_username(state, answers)
         if username is None:
-            return FactorOutcome(False, "malformed user name", late=True)
+            return Failed("malformed user name", late=True)
         if not await attempt.admit(username):
-            return FactorOutcome(False, "account locked", username=username)
+            return Refused("account locked", username)
         identity = self._identity(username)
         if state.data.get("enrolment_code") == "asked":
             check = await self._service.redeem_enrolment_code(
                 identity, answers.get("enrolment_code", ""))
             if not check.ok:
-                return FactorOutcome(False, check.reason, username=username)
+                return Failed(check.reason, username)
             state.data["enrolment_code"] = "accepted"
             # Now the secret to enrol is shown.
-            return FactorOutcome(False, check.reason, username=username, again=True)
+            return Retry(check.reason, username)
         if "enrolment" in state.data:
             enrolment = self._service.open_enrolment(identity, state.data["enrolment"])
             check = await self._service.confirm(identity, enrolment, code)
             if not check.ok:
                 # The user already proved who they are; let them try the code again.
                 state.data["retry"] = "1"
-                return FactorOutcome(False, f"enrolment: {check.reason}", username=username,
-                                     again=True)
-            return FactorOutcome(True, "enrolled a new TOTP secret", username=username)
+                return Retry(f"enrolment: {check.reason}", username)
+            return Passed("enrolled a new TOTP secret", username)
         record = await self._service.record(identity)
         if record is None:
             # Enrol once a password has said who this is (or, for an unknown user, fail
             # there); nothing distinguishes this answer from a wrong code's.
-            return FactorOutcome(True, "no TOTP secret yet", username=username, defer=True)
+            return Deferred("no TOTP secret yet", username)
         try:
             check = await self._service.verify(identity, record, code)
         except AuthError as exc:
             # The secret does not open (the token key was replaced): fail closed, and
             # tell the administrator, who resets the user (they then enrol again).
             log.error("TOTP secret unreadable", identity=identity, error=str(exc))
-            return FactorOutcome(False, "TOTP secret unreadable: reset the user",
-                                 username=username, late=True)
-        return FactorOutcome(check.ok, check.reason, username=username, late=True)
+            return Failed("TOTP secret unreadable: reset the user", username, late=True)
+        return (Passed(check.reason, username) if check.ok
+                else Failed(check.reason, username, late=True))
