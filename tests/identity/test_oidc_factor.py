@@ -40,7 +40,14 @@ from peers.oidc import (
 )
 from portcullis.errors import FederationError
 from portcullis.identity.factors.oidc import OidcFactor
-from portcullis.identity.flow import Attempt, FactorOutcome, FlowState
+from portcullis.identity.flow import (
+    Attempt,
+    FactorOutcome,
+    Failed,
+    FlowState,
+    Passed,
+    Unavailable,
+)
 from portcullis.identity.providers import IdentityProviders
 from portcullis.net.dialer import DirectDialer
 from portcullis.store import DurableStore, MemoryStore
@@ -104,6 +111,12 @@ class SignIn:
         return await self.verify(await self.answers(account))
 
 
+def failed(outcome: FactorOutcome) -> Failed:
+    """A refusal of the user's answer (counted against them, audited with its reason)."""
+    assert isinstance(outcome, Failed), outcome
+    return outcome
+
+
 def crafted(peer: OidcPeer, make: Callable[[str], str]) -> None:
     """The proxy replaces the token endpoint's ID token with make(the real one)."""
     def tamper(body: dict[str, Any]) -> dict[str, Any]:
@@ -121,7 +134,7 @@ def unsigned(header: dict[str, Any], claims: dict[str, Any], signature: bytes = 
 async def test_okta_like_user_signs_in_with_groups_and_the_ad_claims(build: Build) -> None:
     sign = SignIn(await build(preset="okta", required_claims=["sid", "upn"]))
     outcome = await sign.run("alice")
-    assert outcome.ok, outcome.reason
+    assert isinstance(outcome, Passed), outcome.reason
     assert outcome.username == "alice" and sign.admitted == ["alice"]
     attributes = outcome.attributes
     assert attributes is not None
@@ -151,7 +164,7 @@ async def test_the_redirect_asks_for_a_code_with_pkce_s256_state_and_nonce(
 
 async def test_azure_preset_maps_upn_oid_and_onprem_sid(build: Build) -> None:
     outcome = await SignIn(await build(preset="azure")).run("carol")
-    assert outcome.ok, outcome.reason
+    assert isinstance(outcome, Passed), outcome.reason
     assert outcome.username == "carol@contoso.example"
     assert outcome.attributes is not None
     assert outcome.attributes.upn == "carol@contoso.example"
@@ -162,7 +175,7 @@ async def test_azure_preset_maps_upn_oid_and_onprem_sid(build: Build) -> None:
 
 async def test_client_secret_post_client_signs_in(build: Build) -> None:
     outcome = await SignIn(await build(client_id="portcullis-post")).run("alice")
-    assert outcome.ok, outcome.reason
+    assert isinstance(outcome, Passed), outcome.reason
 
 
 async def test_public_client_on_a_loopback_redirect_signs_in_with_pkce_only(
@@ -170,7 +183,7 @@ async def test_public_client_on_a_loopback_redirect_signs_in_with_pkce_only(
     # RFC 8252: the CLI listens on a port of its choosing; the provider lets it vary.
     callback = LOOPBACK_CALLBACK.replace("127.0.0.1", "127.0.0.1:53117")
     outcome = await SignIn(await build(client_id="portcullis-cli"), callback).run("alice")
-    assert outcome.ok, outcome.reason
+    assert isinstance(outcome, Passed), outcome.reason
 
 
 async def test_token_signed_with_the_providers_ec_key_is_accepted(
@@ -183,13 +196,13 @@ async def test_token_signed_with_the_providers_ec_key_is_accepted(
         return body
     oidc_provider.proxy.tamper_token = look
     outcome = await SignIn(await build(client_id="portcullis-es")).run("alice")
-    assert outcome.ok, outcome.reason
+    assert isinstance(outcome, Passed), outcome.reason
     assert seen == ["ES256"]
 
 
 async def test_username_claim_chooses_the_user_name(build: Build) -> None:
     outcome = await SignIn(await build(username_claim=["email"])).run("alice")
-    assert outcome.ok and outcome.username == "alice@example.test"
+    assert isinstance(outcome, Passed) and outcome.username == "alice@example.test"
 
 
 # -- refused, each with its reason ----------------------------------------------------------
@@ -198,8 +211,8 @@ async def test_wrong_state_is_refused(build: Build) -> None:
     sign = SignIn(await build())
     answers = await sign.answers("alice")
     outcome = await sign.verify({**answers, "state": secrets.token_urlsafe(32)})
-    assert not outcome.ok and not outcome.unavailable
-    assert outcome.reason == "the callback's state does not match the sign-in's"
+    assert isinstance(outcome, Failed)
+    assert failed(outcome).reason == "the callback's state does not match the sign-in's"
     assert sign.admitted == []
 
 
@@ -207,31 +220,32 @@ async def test_replayed_code_is_refused_by_the_provider(build: Build) -> None:
     sign = SignIn(await build())
     answers = await sign.answers("alice")
     kept = FlowState(flow="default", data=dict(sign.state.data))
-    assert (await sign.verify(answers)).ok
+    assert isinstance(await sign.verify(answers), Passed)
     outcome = await sign.verify(answers, state=kept)
-    assert not outcome.ok
-    assert outcome.reason.startswith("the token endpoint refused the code: invalid_grant")
+    assert isinstance(outcome, Failed)
+    assert failed(outcome).reason.startswith("the token endpoint refused the code: invalid_grant")
 
 
 async def test_a_second_callback_for_one_sign_in_finds_nothing_waiting(build: Build) -> None:
     sign = SignIn(await build())
     answers = await sign.answers("alice")
-    assert (await sign.verify(answers)).ok
+    assert isinstance(await sign.verify(answers), Passed)
     outcome = await sign.verify(answers)
-    assert not outcome.ok and "already answered, or never started" in outcome.reason
+    assert isinstance(outcome, Failed) and "already answered, or never started" in outcome.reason
 
 
 async def test_wrong_nonce_is_refused(build: Build, oidc_provider: OidcPeer) -> None:
     crafted(oidc_provider, lambda token: oidc_provider.resign(token, nonce="another"))
     outcome = await SignIn(await build()).run("alice")
-    assert outcome.reason == "the ID token's nonce is not this sign-in's"
+    assert failed(outcome).reason == "the ID token's nonce is not this sign-in's"
 
 
 async def test_wrong_audience_is_refused(build: Build, oidc_provider: OidcPeer) -> None:
     crafted(oidc_provider, lambda token: oidc_provider.resign(token, aud="another-app",
                                                               azp=None))
     outcome = await SignIn(await build()).run("alice")
-    assert outcome.reason == "the ID token is for ['another-app'], not for client 'portcullis'"
+    assert failed(outcome).reason == ("the ID token is for ['another-app'], not for client "
+                                      "'portcullis'")
 
 
 async def test_several_audiences_need_azp_naming_this_client(
@@ -239,7 +253,7 @@ async def test_several_audiences_need_azp_naming_this_client(
     crafted(oidc_provider, lambda token: oidc_provider.resign(
         token, aud=["portcullis", "another-app"], azp="another-app"))
     outcome = await SignIn(await build()).run("alice")
-    assert outcome.reason == ("the ID token was issued to 'another-app' (azp), "
+    assert failed(outcome).reason == ("the ID token was issued to 'another-app' (azp), "
                               "not 'portcullis'")
 
 
@@ -247,7 +261,7 @@ async def test_wrong_issuer_is_refused(build: Build, oidc_provider: OidcPeer) ->
     crafted(oidc_provider, lambda token: oidc_provider.resign(
         token, iss="https://attacker.example"))
     outcome = await SignIn(await build()).run("alice")
-    assert outcome.reason == (f"the ID token was issued by 'https://attacker.example', "
+    assert failed(outcome).reason == (f"the ID token was issued by 'https://attacker.example', "
                               f"not {oidc_provider.issuer!r}")
 
 
@@ -257,14 +271,14 @@ async def test_expired_token_is_refused(build: Build, oidc_provider: OidcPeer) -
         return oidc_provider.resign(token, iat=issued, exp=issued + 3600)
     crafted(oidc_provider, expired)
     outcome = await SignIn(await build(clock_skew=30)).run("alice")
-    assert outcome.reason.startswith("the ID token expired ")
+    assert failed(outcome).reason.startswith("the ID token expired ")
 
 
 async def test_unsigned_token_alg_none_is_refused(build: Build,
                                                   oidc_provider: OidcPeer) -> None:
     crafted(oidc_provider, lambda token: unsigned({"alg": "none"}, token_claims(token)))
     outcome = await SignIn(await build()).run("alice")
-    assert outcome.reason == "the ID token is not signed (alg none)"
+    assert failed(outcome).reason == "the ID token is not signed (alg none)"
 
 
 async def test_hmac_token_keyed_with_the_providers_public_key_is_refused(
@@ -278,7 +292,7 @@ async def test_hmac_token_keyed_with_the_providers_public_key_is_refused(
         return f"{head}.{b64(mac)}"
     crafted(oidc_provider, hs256)
     outcome = await SignIn(await build(algorithms=["RS256", "PS256", "ES256"])).run("alice")
-    assert outcome.reason.startswith("the ID token is signed with HMAC (HS256): refused")
+    assert failed(outcome).reason.startswith("the ID token is signed with HMAC (HS256): refused")
 
 
 async def test_token_signed_by_a_key_in_its_own_header_is_refused(
@@ -293,18 +307,19 @@ async def test_token_signed_by_a_key_in_its_own_header_is_refused(
                                      attacker)
     crafted(oidc_provider, self_signed)
     outcome = await SignIn(await build()).run("alice")
-    assert outcome.reason == "the ID token's header carries its own key (jwk): refused"
+    assert failed(outcome).reason == "the ID token's header carries its own key (jwk): refused"
 
 
 async def test_token_signed_by_an_unknown_key_is_refused_after_one_refetch(
         build: Build, oidc_provider: OidcPeer) -> None:
     stranger = signing_key("stranger")
     factor = await build()
-    assert (await SignIn(factor).run("alice")).ok      # the keys are fetched and kept
+    # A sign-in that passes: the keys are fetched and kept.
+    assert isinstance(await SignIn(factor).run("alice"), Passed)
     crafted(oidc_provider, lambda token: oidc_provider.resign(token, key=stranger))
     before = oidc_provider.proxy.count("/jwks")
     outcome = await SignIn(factor).run("alice")
-    assert outcome.reason == ("the ID token names key 'stranger' (RS256), which the "
+    assert failed(outcome).reason == ("the ID token names key 'stranger' (RS256), which the "
                               "provider's JWKS does not hold, even refetched")
     assert oidc_provider.proxy.count("/jwks") - before == 1
 
@@ -317,34 +332,34 @@ async def test_token_with_a_tampered_signature_is_refused(
         return f"{head}.{b64(json.dumps(altered).encode())}.{signature}"
     crafted(oidc_provider, flipped)
     outcome = await SignIn(await build()).run("alice")
-    assert outcome.reason.startswith("the ID token's signature does not verify (key 'k1'")
+    assert failed(outcome).reason.startswith("the ID token's signature does not verify (key 'k1'")
 
 
 async def test_algorithm_outside_the_providers_list_is_refused(build: Build) -> None:
     outcome = await SignIn(await build(algorithms=["ES256"])).run("alice")
-    assert outcome.reason == "the ID token's algorithm RS256 is not one of this provider's " \
-                             "['ES256']"
+    assert failed(outcome).reason == ("the ID token's algorithm RS256 is not one of this "
+                                      "provider's ['ES256']")
 
 
 async def test_userinfo_about_another_subject_is_refused(
         build: Build, oidc_provider: OidcPeer) -> None:
     oidc_provider.proxy.tamper_userinfo = lambda body: {**body, "sub": "mallory"}
     outcome = await SignIn(await build()).run("alice")
-    assert outcome.reason == "userinfo describes another subject than the ID token"
+    assert failed(outcome).reason == "userinfo describes another subject than the ID token"
 
 
 async def test_groups_overage_is_refused_with_what_to_change_at_the_provider(
         build: Build) -> None:
     outcome = await SignIn(await build(preset="azure")).run("crowded")
-    assert not outcome.ok
-    assert outcome.reason.startswith("the provider left the 'groups' claim out of the token")
+    assert failed(outcome).reason.startswith(
+        "the provider left the 'groups' claim out of the token")
     assert "groupMembershipClaims" in outcome.reason
 
 
 async def test_missing_required_claim_is_refused_naming_the_claims_looked_for(
         build: Build) -> None:
     outcome = await SignIn(await build(preset="okta", required_claims=["sid"])).run("carol")
-    assert outcome.reason == ("the provider's answer has no sid (looked for ad_sid), which "
+    assert failed(outcome).reason == ("the provider's answer has no sid (looked for ad_sid), which "
                               "required_claims demands: add it as a claim of the "
                               "authorization server (Security > API > Claims)")
 
@@ -367,7 +382,7 @@ async def test_unreachable_provider_is_unavailable_not_the_users_fault(
         outcome = await sign.verify(answers)
     finally:
         oidc_provider.proxy.upstream = upstream
-    assert not outcome.ok and outcome.unavailable
+    assert isinstance(outcome, Unavailable)
 
 
 # -- key rotation ----------------------------------------------------------------------------
@@ -377,11 +392,11 @@ async def test_rotated_key_is_accepted_after_one_jwks_refetch(
     peer = start_oidc_provider(tmp_path / "rotating", [signing_key("old")])
     try:
         factor = await build(peer)
-        assert (await SignIn(factor).run("alice")).ok
+        assert isinstance(await SignIn(factor).run("alice"), Passed)
         fetched = peer.proxy.count("/jwks")
         peer.restart([signing_key("new"), peer.keys[0]])
         outcome = await SignIn(factor).run("alice")
-        assert outcome.ok, outcome.reason
+        assert isinstance(outcome, Passed), outcome.reason
         assert peer.proxy.count("/jwks") == fetched + 1
     finally:
         peer.close()

@@ -47,13 +47,16 @@ SCRIPT = Path(__file__).parent / "oidc_provider.mjs"
 
 CALLBACK = "https://gateway.test/login/callback/idp"
 """Where the confidential clients' answers go (never fetched: `sign_in` stops there)."""
+SERVICE_CALLBACK = "https://localhost/login/callback/idp"
+"""The callback of a LoginService with its default public URL, for provider "idp"."""
 LOOPBACK_CALLBACK = "http://127.0.0.1/callback"
 """The native client's redirect URI; RFC 8252 lets the port vary."""
 
 CLIENT_SECRET = "portcullis-client-secret"
 CLIENTS = [
     {"client_id": "portcullis", "client_secret": CLIENT_SECRET,
-     "redirect_uris": [CALLBACK], "token_endpoint_auth_method": "client_secret_basic"},
+     "redirect_uris": [CALLBACK, SERVICE_CALLBACK],
+     "token_endpoint_auth_method": "client_secret_basic"},
     {"client_id": "portcullis-post", "client_secret": CLIENT_SECRET,
      "redirect_uris": [CALLBACK], "token_endpoint_auth_method": "client_secret_post"},
     {"client_id": "portcullis-cli", "application_type": "native",

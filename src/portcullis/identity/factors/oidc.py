@@ -14,26 +14,25 @@ the same sign-in finds none.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from portcullis.errors import AuthError, FederationError
 from portcullis.federation.oidc import RelyingParty
 from portcullis.identity.claim_mapping import ClaimMap, Refusal, map_claims
 from portcullis.identity.conditions import LoginContext
-from portcullis.identity.flow import Attempt, FactorOutcome, FlowState
+from portcullis.identity.flow import (
+    Attempt,
+    FactorOutcome,
+    Failed,
+    FlowState,
+    Passed,
+    Redirect,
+    Refused,
+    Unavailable,
+)
 from portcullis.identity.names import canonical_username
 
 # What `redirect` keeps in FlowState.data for `verify`.
 KEPT = ("oidc_nonce", "oidc_verifier", "oidc_callback", "oidc_relay")
-
-
-@dataclass(frozen=True)
-class Redirect:
-    """What a redirect factor asks the browser to do: GET `url`, or POST `form` to it.
-    (identity.flow takes this type over when its redirect step kind lands.)"""
-
-    url: str
-    form: Mapping[str, str] | None = None
 
 
 class OidcFactor:
@@ -60,23 +59,22 @@ class OidcFactor:
         kept = [state.data.pop(key, "") for key in KEPT]
         nonce, verifier, callback, relay = kept
         if not all(kept):
-            return FactorOutcome(False, "no sign-in at the provider is waiting for this "
-                                        "callback (already answered, or never started)")
+            return Failed("no sign-in at the provider is waiting for this callback "
+                          "(already answered, or never started)")
         try:
             claims = await self._party.complete(answers, state=relay, nonce=nonce,
                                                 verifier=verifier, callback=callback)
         except FederationError as exc:
-            return FactorOutcome(False, str(exc), unavailable=exc.unavailable)
+            return Unavailable(str(exc)) if exc.unavailable else Failed(str(exc))
         mapped = map_claims(claims, self._names, self._required, self._preset)
         if isinstance(mapped, Refusal):
-            return FactorOutcome(False, mapped.reason)
+            return Failed(mapped.reason)
         try:
             username = canonical_username(mapped.username)
         except AuthError:
-            return FactorOutcome(False, f"the user name {mapped.username!r} (claim "
-                                        f"{mapped.username_claim}) is not usable here")
+            return Failed(f"the user name {mapped.username!r} (claim "
+                          f"{mapped.username_claim}) is not usable here")
         if not await attempt.admit(username):
-            return FactorOutcome(False, "account locked", username=username)
-        return FactorOutcome(True, f"signed in at {self._party.registration.issuer} "
-                                   f"as subject {claims['sub']!r}",
-                             username=username, attributes=mapped.attributes)
+            return Refused("account locked", username)
+        return Passed(f"signed in at {self._party.registration.issuer} as subject "
+                      f"{claims['sub']!r}", username, mapped.attributes)
