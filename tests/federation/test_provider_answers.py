@@ -69,3 +69,25 @@ async def test_an_address_nobody_answers_is_unavailable(http: httpx.AsyncClient)
     with pytest.raises(FederationError, match="cannot reach the JWKS") as caught:
         await get_json(http, f"http://127.0.0.1:{port}/jwks", what="JWKS")
     assert caught.value.unavailable
+
+
+async def not_found(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    page = b"<html>no such tenant</html>"
+    writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(page), page))
+    await writer.drain()
+    writer.close()
+
+
+async def test_an_error_page_is_reported_by_its_status(http: httpx.AsyncClient) -> None:
+    server = await asyncio.start_server(not_found, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(FederationError) as caught:
+            await get_json(http, f"http://127.0.0.1:{port}/.well-known/openid-configuration",
+                           what="discovery document")
+    finally:
+        server.close()
+    assert str(caught.value) == (f"the discovery document at http://127.0.0.1:{port}/"
+                                 ".well-known/openid-configuration answered HTTP 404")

@@ -62,7 +62,14 @@ async def _exchange(http: httpx.AsyncClient, request: httpx.Request, what: str,
     if response.status_code >= 500:
         raise FederationError(f"the {what} at {request.url} failed with HTTP "
                               f"{response.status_code}", unavailable=True)
-    return JsonAnswer(response.status_code, parse_json(bytes(body), what))
+    try:
+        return JsonAnswer(response.status_code, parse_json(bytes(body), what))
+    except FederationError:
+        if response.status_code == 200:
+            raise
+        # An error page: its status says more than "not JSON".
+        raise FederationError(f"the {what} at {request.url} answered HTTP "
+                              f"{response.status_code}", unavailable=True) from None
 
 
 def parse_json(body: bytes, what: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
@@ -50,7 +50,7 @@ class Registration:
     issuer: str
     client_id: str
     client_secret: str | None          # None: a public client, PKCE only
-    client_auth: str = "client_secret_basic"   # or "client_secret_post"
+    client_auth: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
     scopes: tuple[str, ...] = ("openid", "profile", "email")
     algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256")
     clock_skew: float = 60.0
