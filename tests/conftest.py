@@ -25,7 +25,8 @@ from peers.servers import DnsServer, EchoServer, HttpServer
 
 # Real PostgreSQL / Redis backends for every store-backed test; slapd and FreeRADIUS;
 # the in-process login service (durable, build_login).
-pytest_plugins = ("peers.stores", "peers.ldap", "peers.samba", "peers.radius", "peers.login")
+pytest_plugins = ("peers.stores", "peers.ldap", "peers.samba", "peers.radius", "peers.login",
+                  "peers.oidc")
 
 PORTCULLIS = str(Path(sys.executable).parent / "portcullis")
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"

@@ -66,6 +66,16 @@ class AuthError(PortcullisError):
     """Authentication or authorisation failed. Clients are told only 'denied'."""
 
 
+class FederationError(AuthError):
+    """An identity provider's answer (OpenID Connect, SAML) was refused, or the provider
+    could not be asked (`unavailable`: not the user's fault). The message is the audit
+    trail's reason; the user is told "denied"."""
+
+    def __init__(self, message: str, *, unavailable: bool = False) -> None:
+        self.unavailable = unavailable
+        super().__init__(message)
+
+
 class DialError(PortcullisError):
     """An outbound connection could not be made; `reason` says why in the terms a mux
     REFUSE carries (`portcullis.reasons.Reason`), so a refused stream can tell its

@@ -255,9 +255,10 @@ class Node:
     def _portal_role(self, hasher: TokenHasher, sessions: SessionManager,
                      authorities: TicketIssuer, dialer: Dialer) -> Starlette:
         settings = self.settings
-        # Identity providers' servers (RADIUS) are inward connections too.
+        # Identity providers' servers (RADIUS, OpenID providers) are inward connections too.
         providers = IdentityProviders(settings, self.durable, self.ephemeral, hasher,
                                       dialer=dialer)
+        self._closers.append(providers.close)
         login = LoginService(providers.flow(), self.ephemeral, hasher, sessions,
                              settings.session, self.audit,
                              Throttle(self.ephemeral, settings.auth.throttle),

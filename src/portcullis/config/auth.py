@@ -20,25 +20,19 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from portcullis.config.federation import OidcProvider
 from portcullis.config.linking import check_links
+from portcullis.config.section import ProviderName
+from portcullis.config.section import Section as _Section
 from portcullis.config.values import check_networks, parse_host_port
 from portcullis.errors import AuthError
 from portcullis.identity.names import canonical_username
-
-NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-ProviderName = Annotated[str, Field(pattern=NAME_PATTERN)]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class Condition(_Section):
@@ -214,7 +208,8 @@ class CertificateProvider(_Section):
 
 
 Provider = Annotated[
-    LocalProvider | LdapProvider | RadiusProvider | TotpProvider | CertificateProvider,
+    LocalProvider | LdapProvider | RadiusProvider | TotpProvider | CertificateProvider
+    | OidcProvider,
     Field(discriminator="type")]
 
 # Present unless the configuration declares a provider of the same name.
@@ -225,7 +220,7 @@ BUILT_IN_PROVIDERS: tuple[Provider, ...] = (
 )
 
 # Providers that can tell who the user is (TOTP only confirms someone already named).
-PRIMARY_TYPES = frozenset({"local", "ldap", "radius", "certificate"})
+PRIMARY_TYPES = frozenset({"local", "ldap", "radius", "certificate", "oidc"})
 
 
 class FlowStep(_Section):
@@ -318,7 +313,7 @@ class AuthSettings(_Section):
                                  f"{flow.realm!r}")
             if not any(known[step.provider].type in PRIMARY_TYPES for step in flow.steps):
                 raise ValueError(f"flow {flow.name!r} has no step that can tell who the user "
-                                 "is (local, ldap, radius or certificate)")
+                                 "is (local, ldap, radius, certificate or oidc)")
         return self
 
     def all_providers(self) -> dict[str, Provider]:

@@ -203,6 +203,10 @@ class RedirectFactor(Protocol):
                      attempt: Attempt) -> FactorOutcome: ...
 
 
+# What a flow step runs: a factor that prompts (or needs nothing), or one that redirects.
+AnyFactor = Factor | RedirectFactor
+
+
 # --- the decisions --------------------------------------------------------------------
 
 EventKind = Literal["step_skipped", "factor_passed", "factor_retry", "factor_failed",
@@ -412,7 +416,7 @@ def _advance(flow: Flow, primaries: frozenset[str], state: FlowState,
 class LoginFlow:
     definition: Flow
     realm: str
-    factors: Mapping[str, Factor]
+    factors: Mapping[str, AnyFactor]
 
     @property
     def name(self) -> str:

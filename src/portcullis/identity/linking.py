@@ -29,12 +29,13 @@ from portcullis.identity.claims import Attributes
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.ldap import DirectoryUser, LdapDirectory, sid_bytes
 from portcullis.identity.flow import (
+    AnyFactor,
     Attempt,
-    Factor,
     FactorOutcome,
     Failed,
     FlowState,
     Passed,
+    RedirectFactor,
     Refused,
     Step,
     Unavailable,
@@ -175,7 +176,8 @@ class DirectoryLinkedFactor:
     Anything else the wrapped factor offers (a redirect factor's `redirect`) is passed
     through unchanged."""
 
-    def __init__(self, factor: Factor, link: DirectoryLink, directory: LdapDirectory) -> None:
+    def __init__(self, factor: AnyFactor, link: DirectoryLink,
+                 directory: LdapDirectory) -> None:
         self._factor = factor
         self._link = link
         self._directory = directory
@@ -189,6 +191,9 @@ class DirectoryLinkedFactor:
         return getattr(self._factor, name)
 
     async def step(self, state: FlowState, context: LoginContext) -> Step:
+        # Asked only of a prompting factor: the login service runs redirect factors by
+        # their `redirect`.
+        assert not isinstance(self._factor, RedirectFactor)
         return await self._factor.step(state, context)
 
     async def verify(self, state: FlowState, answers: Mapping[str, str],

@@ -31,14 +31,15 @@ from urllib.parse import urlencode
 
 from portcullis.audit import AuditTrail
 from portcullis.config.model import SessionSettings
+from portcullis.errors import FederationError
 from portcullis.identity.claims import Attributes, Claims
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.flow import (
+    AnyFactor,
     AskStep,
     Attempt,
     Decision,
     Deny,
-    Factor,
     FactorOutcome,
     Finish,
     FlowEvent,
@@ -288,8 +289,13 @@ class LoginService:
         factor = self._factor(state)
         if isinstance(factor, RedirectFactor):
             relay = new_token()
-            redirect = await factor.redirect(state, context, self.callback_url(factor.name),
-                                             relay)
+            try:
+                redirect = await factor.redirect(state, context,
+                                                 self.callback_url(factor.name), relay)
+            except FederationError as exc:
+                # The provider cannot be asked (discovery failed): not the user's fault.
+                return await self._act(handle, Decision(state, Deny(
+                    str(exc), state.username, factor.name, count=False)), context)
             await self._records.put(self._relay_key(relay), handle.encode(),
                                     self._settings.login_step_timeout)
             await self._save(handle, state)
@@ -343,7 +349,7 @@ class LoginService:
             self._audit.record(f"login.{event.kind}", user=event.user, factor=event.factor,
                                reason=event.reason, client=context.client_address)
 
-    def _factor(self, state: FlowState) -> Factor:
+    def _factor(self, state: FlowState) -> AnyFactor:
         return self.flow.factors[self.flow.definition.steps[state.current].provider]
 
     def _identity(self, username: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 from pydantic import BaseModel
 
 from portcullis.config.auth import (
@@ -17,18 +18,24 @@ from portcullis.config.auth import (
     RadiusProvider,
     TotpProvider,
 )
+from portcullis.config.federation import OidcProvider
 from portcullis.config.linking import Linkable
 from portcullis.config.model import Settings
 from portcullis.errors import ConfigError
+from portcullis.federation.oidc import Registration, RelyingParty
+from portcullis.identity.claim_mapping import claim_map
 from portcullis.identity.factors.certificate import CertificateFactor
 from portcullis.identity.factors.ldap import LdapDirectory, LdapFactor
 from portcullis.identity.factors.local import LocalPasswordFactor
+from portcullis.identity.factors.oidc import OidcFactor
 from portcullis.identity.factors.radius import RadiusFactor, RadiusServers
 from portcullis.identity.factors.totp import TotpFactor
-from portcullis.identity.flow import Factor, LoginFlow
+from portcullis.identity.flow import AnyFactor, LoginFlow
 from portcullis.identity.linking import DirectoryLinkedFactor
 from portcullis.identity.totp import TotpService
 from portcullis.net.dialer import Dialer
+from portcullis.net.httpdial import DialerTransport
+from portcullis.net.tls import client_context
 from portcullis.store import DurableStore, EphemeralStore
 from portcullis.tokens import TokenHasher
 
@@ -41,7 +48,8 @@ class IdentityProviders:
     hasher: TokenHasher
     # A dry run (`auth test`): recovery codes are checked, not used up.
     dry_run: bool = False
-    # The node's one Dialer: RADIUS servers are asked through it (None: no RADIUS here).
+    # The node's one Dialer: RADIUS servers and OpenID providers are asked through it
+    # (None: neither is used here).
     dialer: Dialer | None = None
     _clients: dict[str, object] = field(default_factory=dict)
 
@@ -95,10 +103,10 @@ class IdentityProviders:
             self._clients[name] = directory
         return directory
 
-    def factor(self, provider: Provider, realm: str) -> Factor:
+    def factor(self, provider: Provider, realm: str) -> AnyFactor:
         return self.linked(provider, self._factor(provider, realm))
 
-    def linked(self, provider: BaseModel, factor: Factor) -> Factor:
+    def linked(self, provider: BaseModel, factor: AnyFactor) -> AnyFactor:
         """`factor`, its identities linked to their directory accounts if `provider` has
         a `link` (config/linking.py)."""
         if isinstance(provider, Linkable) and provider.link is not None:
@@ -106,7 +114,7 @@ class IdentityProviders:
                                          self.directory(provider.link.directory))
         return factor
 
-    def _factor(self, provider: Provider, realm: str) -> Factor:
+    def _factor(self, provider: Provider, realm: str) -> AnyFactor:
         if isinstance(provider, LocalProvider):
             return LocalPasswordFactor(provider.name, self.durable)
         if isinstance(provider, LdapProvider):
@@ -124,8 +132,47 @@ class IdentityProviders:
                                   if p.type in PRIMARY_TYPES)
             return TotpFactor(provider.name, self.totp(provider.name), realm, primaries,
                               enrolment_code=self.settings.auth.totp.enrolment == "code")
+        if isinstance(provider, OidcProvider):
+            # A redirect factor: identity.flow's redirect step kind runs it.
+            return OidcFactor(provider.name, self.relying_party(provider.name),
+                              claim_map(provider), tuple(provider.required_claims),
+                              provider.preset)
         assert isinstance(provider, CertificateProvider)
         return CertificateFactor(provider)
+
+    def relying_party(self, name: str) -> RelyingParty:
+        """The gateway as a client of the OpenID provider `name` (one per provider,
+        shared: its discovery document and keys are cached)."""
+        provider = self.settings.auth.all_providers().get(name)
+        if not isinstance(provider, OidcProvider):
+            raise ConfigError(f"there is no oidc provider named {name!r}", key="auth.providers")
+        party = self._clients.get(name)
+        if not isinstance(party, RelyingParty):
+            assert self.dialer is not None, "whoever reads OIDC flows passes a Dialer"
+            secret = (self._secret_file(provider, "client_secret_file",
+                                        provider.client_secret_file)
+                      if provider.client_secret_file else None)
+            ca = self.settings.path(provider.ca_cert) if provider.ca_cert else None
+            http = httpx.AsyncClient(
+                transport=DialerTransport(self.dialer, client_context(ca)),
+                timeout=provider.timeout)
+            extra = dict(provider.extra_params)
+            if provider.prompt:
+                extra["prompt"] = provider.prompt
+            party = RelyingParty(Registration(
+                issuer=provider.issuer, client_id=provider.client_id, client_secret=secret,
+                client_auth=provider.client_auth, scopes=tuple(provider.scopes),
+                algorithms=tuple(provider.algorithms), clock_skew=provider.clock_skew,
+                userinfo=provider.userinfo, extra_params=extra,
+                jwks_refetch_interval=provider.jwks_refetch_interval), http)
+            self._clients[name] = party
+        return party
+
+    async def close(self) -> None:
+        """Close the connections kept to OpenID providers."""
+        for client in self._clients.values():
+            if isinstance(client, RelyingParty):
+                await client.close()
 
     def flow(self, name: str | None = None) -> LoginFlow:
         auth = self.settings.auth

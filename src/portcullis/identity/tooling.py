@@ -75,12 +75,12 @@ def _describe(event: FlowEvent) -> str:
 
 def command_dialer(settings: Settings, flow_name: str, report: Report) -> Dialer | None:
     """The Dialer a command that runs `flow_name` in its own process asks the RADIUS
-    servers through: the node's, from `[dialer]` (classic mode: with the gateway's
-    certificate), except in dial-out mode, where the relays' connections belong to the
-    gateway process: then directly from this host, and said so. None when the flow asks
-    no RADIUS server."""
+    servers and OpenID providers through: the node's, from `[dialer]` (classic mode: with
+    the gateway's certificate), except in dial-out mode, where the relays' connections
+    belong to the gateway process: then directly from this host, and said so. None when
+    the flow asks neither."""
     providers = settings.auth.all_providers()
-    if not any(providers[step.provider].type == "radius"
+    if not any(providers[step.provider].type in ("radius", "oidc")
                for step in settings.auth.flow_named(flow_name).steps):
         return None
     if settings.dialer.via == "relay" and settings.dialer.mode == "dial-out":
