@@ -182,6 +182,8 @@ class OidcPeer:
     keys: list[Key]
     process: Process | None = None
     restarts: int = field(default=0)
+    # The provider's registered clients (a gateway started by a test adds its own).
+    clients: list[dict[str, Any]] = field(default_factory=lambda: list(CLIENTS))
 
     @property
     def issuer(self) -> str:
@@ -207,7 +209,7 @@ class OidcPeer:
     def start(self) -> None:
         config = self.directory / f"provider-{self.restarts}.json"
         config.write_text(json.dumps({
-            "issuer": self.issuer, "clients": CLIENTS, "accounts": ACCOUNTS,
+            "issuer": self.issuer, "clients": self.clients, "accounts": ACCOUNTS,
             "claims": CLAIMS, "keys": [key.as_dict(private=True) for key in self.keys]}))
         self.process = Process([str(SCRIPT), str(config)],
                                self.directory / f"provider-{self.restarts}.log",
@@ -248,10 +250,13 @@ def require_oidc_provider() -> None:
         missing_peer("oidc-provider is not installed (cd tests/peers/node && npm ci)")
 
 
-def start_oidc_provider(directory: Path, keys: list[Key] | None = None) -> OidcPeer:
+def start_oidc_provider(directory: Path, keys: list[Key] | None = None,
+                        clients: list[dict[str, Any]] | None = None) -> OidcPeer:
+    """The provider, with CLIENTS and `clients` registered."""
     require_oidc_provider()
     directory.mkdir(parents=True, exist_ok=True)
-    peer = OidcPeer(directory, TamperingProxy(), keys or default_keys())
+    peer = OidcPeer(directory, TamperingProxy(), keys or default_keys(),
+                    clients=[*CLIENTS, *(clients or [])])
     try:
         peer.start()
     except BaseException:

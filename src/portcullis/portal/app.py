@@ -32,6 +32,7 @@ from portcullis.errors import PKIError, StoreError, TicketError
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.totp import enrolment_step
 from portcullis.identity.login import (
+    CALLBACK_PATH,
     Authenticated,
     Denied,
     HandOff,
@@ -335,11 +336,14 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
     def login_result(request: Request, result: LoginResult, target: str = "/",
                      error: str | None = None) -> Response:
         if isinstance(result, Authenticated):
-            # After a form post, a page that goes on: the target may redirect off the
-            # portal (an application's OpenID sign-in), which a redirect of the post
-            # itself could not do under the portal's `form-action 'self'`.
+            # A page that goes on, (1) after an identity provider's callback: the browser
+            # came from the provider's site, and a redirect would not carry the SameSite
+            # session cookie to the target; (2) after a form post whose target may leave
+            # the portal (an application's OpenID sign-in), which a redirect of the post
+            # could not do under the portal's `form-action 'self'`.
+            arrived_cross_site = request.url.path.startswith(CALLBACK_PATH)
             response = (render(request, "continue.html", target=target)
-                        if request.method == "POST" and target != "/"
+                        if arrived_cross_site or (request.method == "POST" and target != "/")
                         else RedirectResponse(target, 303))
             set_session_cookie(response, result.token)
             return forget_login(response)
@@ -435,7 +439,7 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         Route("/", home, methods=["GET"]),
         Route("/login", login_page, methods=["GET"]),
         Route("/login", login_submit, methods=["POST"]),
-        Route("/login/callback/{provider}", login_callback, methods=["GET", "POST"]),
+        Route(CALLBACK_PATH + "{provider}", login_callback, methods=["GET", "POST"]),
         Route("/launch/{name}", launch_page, methods=["POST"]),
         Route("/logout", logout_page, methods=["POST"]),
         Route("/api/v1/account/authenticator", api_new_authenticator, methods=["POST"]),

@@ -86,9 +86,11 @@ class MemoryEventBus(EventBus):
             on_ready()
             await asyncio.get_running_loop().create_future()   # until cancelled
         finally:
-            listeners.remove(deliver)
+            # close() may have cleared every channel before the listeners are cancelled.
+            if deliver in listeners:
+                listeners.remove(deliver)
             if not listeners:
-                del self._listeners[channel]
+                self._listeners.pop(channel, None)
 
     async def close(self) -> None:
         self._listeners.clear()

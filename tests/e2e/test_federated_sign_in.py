@@ -1,0 +1,148 @@
+"""Signing in through an OpenID provider with a real `portcullis up`: the portal in
+headless Chromium and the CLI's loopback redirect (RFC 8252), against the npm package
+oidc-provider (tests/peers/oidc.py). The provider's groups decide which resources the
+user sees; the provider's answer finishes only the sign-in of the browser that began it.
+
+oidc-provider's own development login page signs any account in (its password is not
+checked): the accounts and their claims are those of tests/peers/oidc.py."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Deployment, Process, init_deployment, require_program
+from e2e.test_portal_browser import CHROMIUM_ARGS
+from peers.oidc import CLIENT_SECRET, OidcPeer, start_oidc_provider
+
+pytestmark = pytest.mark.peer
+
+
+@dataclass
+class Federated:
+    deployment: Deployment
+    idp: OidcPeer
+    directory: Path
+
+    def audit(self, event: str) -> list[dict[str, Any]]:
+        lines = (self.deployment.directory / "audit.jsonl").read_text().splitlines()
+        return [e for e in map(json.loads, lines) if e["event"] == event]
+
+
+@pytest.fixture(scope="module")
+def federated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federated]:
+    directory = tmp_path_factory.mktemp("federated")
+    deployment = init_deployment(directory / "deployment")
+    deployment.set("gateway", "public_url", f'"{deployment.url}"')
+    callback = f"{deployment.url}/login/callback/okta"
+    idp = start_oidc_provider(directory / "idp", clients=[{
+        "client_id": "gateway", "client_secret": CLIENT_SECRET, "redirect_uris": [callback],
+        "token_endpoint_auth_method": "client_secret_basic"}])
+    (deployment.directory / "secrets" / "okta").write_text(CLIENT_SECRET + "\n")
+    with deployment.config.open("a") as config:
+        config.write(f"""
+[auth]
+flow = "okta"
+[[auth.providers]]
+type = "oidc"
+name = "okta"
+issuer = "{idp.issuer}"
+client_id = "gateway"
+client_secret_file = "secrets/okta"
+scopes = ["openid", "profile", "email", "groups", "ad"]
+preset = "okta"
+[[auth.flows]]
+name = "okta"
+[[auth.flows.steps]]
+provider = "okta"
+""")
+    gateway = Process(["up", "--dir", str(deployment.directory)], directory / "up.log")
+    try:
+        gateway.wait_for(r"Portal: https://")
+        yield Federated(deployment, idp, directory)
+    finally:
+        gateway.stop()
+        idp.close()
+
+
+@pytest.fixture
+def browser_context():  # type: ignore[no-untyped-def]
+    chromium = require_program("chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True,
+                                             args=CHROMIUM_ARGS)
+        # The deployment CA is private; the TLS checks themselves are tested elsewhere.
+        yield browser.new_context(ignore_https_errors=True)
+        browser.close()
+
+
+def sign_in_at_the_provider(page: Any, account: str) -> None:
+    """oidc-provider's development login page, then its consent page."""
+    page.wait_for_selector("input[name=login]")
+    page.fill("input[name=login]", account)
+    page.fill("input[name=password]", "not checked")
+    page.click("button[type=submit]")
+    page.wait_for_selector("button[autofocus], button[type=submit]")
+    if "consent" in page.content().lower() or "authorize" in page.content().lower():
+        page.click("button[type=submit]")
+
+
+def test_the_portal_signs_in_through_the_provider_and_its_groups_pick_the_resources(
+        federated: Federated, browser_context: Any) -> None:
+    page = browser_context.new_page()
+    page.goto(f"{federated.deployment.url}/")
+    # Straight to the provider: the flow's first step is a redirect step.
+    page.wait_for_url(f"{federated.idp.issuer}/**")
+    sign_in_at_the_provider(page, "alice")
+    page.wait_for_selector("text=Your resources")
+    # alice's token says staff (and Finance): the intranet (staff) is shown, ssh (admins) not.
+    titles = page.locator("ul.resources li").all_inner_texts()
+    assert any("Intranet" in title for title in titles)
+    assert not any("SSH" in title for title in titles)
+    succeeded = federated.audit("login.succeeded")[-1]
+    assert succeeded["user"] == "alice" and succeeded["factors"] == ["okta"]
+
+
+def test_the_providers_answer_in_another_browser_signs_nobody_in(
+        federated: Federated, browser_context: Any) -> None:
+    """A sign-in link passed to someone else: their browser has no login cookie."""
+    first = browser_context.new_page()
+    sent_to_idp: list[str] = []
+    first.on("request", lambda request: sent_to_idp.append(request.url))
+    first.goto(f"{federated.deployment.url}/login")
+    first.wait_for_url(f"{federated.idp.issuer}/**")
+    authorize = next(url for url in sent_to_idp if "/auth?" in url)
+    other = browser_context.browser.new_context(ignore_https_errors=True).new_page()
+    other.goto(authorize)
+    sign_in_at_the_provider(other, "alice")
+    other.wait_for_selector("text=Sign-in not possible")
+    assert "another browser" in federated.audit("login.failed")[-1]["reason"]
+
+
+def test_the_cli_signs_in_through_the_provider_on_a_loopback_redirect(
+        federated: Federated, browser_context: Any, tmp_path: Path) -> None:
+    home = tmp_path / "cli-home"
+    login = Process(["login", federated.deployment.url, "--no-browser",
+                     "--ca", str(federated.deployment.ca)], tmp_path / "login.log",
+                    env={"PORTCULLIS_HOME": str(home)})
+    try:
+        opened = login.wait_for(r"(http://127\.0\.0\.1:\d+/start)")
+        page = browser_context.new_page()
+        page.goto(opened.group(1))
+        sign_in_at_the_provider(page, "alice")
+        page.wait_for_selector("text=return to the terminal")
+        assert login.popen.wait(timeout=30) == 0, login.output()
+    finally:
+        login.stop()
+    assert re.search(r"signed in as alice \(groups: .*staff", login.output())
+    saved = json.loads((home / "client.json").read_text()) if (home / "client.json").exists() \
+        else None
+    assert saved is None or saved["user"] == "alice"
