@@ -89,6 +89,11 @@ ACCOUNTS: dict[str, dict[str, Any]] = {
               "groups": ["vpn-users"]},
     # Azure's groups overage: too many groups to carry, only a flag that there are some.
     "crowded": {"preferred_username": "crowded@contoso.example", "hasgroups": True},
+    # Okta with the AD agent, for a user of the slapd directory (tests/peers/ldap.py):
+    # the token's SID and UPN are the directory account's, its groups Okta's own.
+    "alice.okta": {"preferred_username": "alice.okta@example.okta", "name": "Alice (Okta)",
+                   "groups": ["Everyone"], "ad_sid": "S-1-5-21-1-2-3-1104",
+                   "ad_upn": "alice@corp.example"},
     # Nothing but the subject.
     "bare": {},
 }
