@@ -17,11 +17,13 @@ from typing import Any
 
 import pytest
 
-from conftest import Deployment, Process, init_deployment, require_program
+from conftest import Deployment, Process, free_port, init_deployment, require_program
 from e2e.test_portal_browser import CHROMIUM_ARGS
 from peers.oidc import CLIENT_SECRET, OidcPeer, start_oidc_provider
 
 pytestmark = pytest.mark.peer
+
+AUTH_TEST_PORT = free_port()
 
 
 @dataclass
@@ -41,8 +43,11 @@ def federated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federated]:
     deployment = init_deployment(directory / "deployment")
     deployment.set("gateway", "public_url", f'"{deployment.url}"')
     callback = f"{deployment.url}/login/callback/okta"
+    # `auth test` takes the provider's answer on a loopback port registered for it.
+    test_callback = f"http://127.0.0.1:{AUTH_TEST_PORT}/login/callback/okta"
     idp = start_oidc_provider(directory / "idp", clients=[{
-        "client_id": "gateway", "client_secret": CLIENT_SECRET, "redirect_uris": [callback],
+        "client_id": "gateway", "client_secret": CLIENT_SECRET,
+        "redirect_uris": [callback, test_callback],
         "token_endpoint_auth_method": "client_secret_basic"}])
     (deployment.directory / "secrets" / "okta").write_text(CLIENT_SECRET + "\n")
     with deployment.config.open("a") as config:
@@ -146,3 +151,22 @@ def test_the_cli_signs_in_through_the_provider_on_a_loopback_redirect(
     saved = json.loads((home / "client.json").read_text()) if (home / "client.json").exists() \
         else None
     assert saved is None or saved["user"] == "alice"
+
+
+def test_auth_test_prints_the_providers_url_waits_and_shows_the_claims(
+        federated: Federated, browser_context: Any, tmp_path: Path) -> None:
+    tried = Process(["auth", "test", "--user", "alice", "--callback-port", str(AUTH_TEST_PORT),
+                     "--dir", str(federated.deployment.directory)], tmp_path / "auth-test.log")
+    try:
+        opened = tried.wait_for(r"(http://127\.0\.0\.1:\d+/start)")
+        page = browser_context.new_page()
+        page.goto(opened.group(1))
+        sign_in_at_the_provider(page, "alice")
+        page.wait_for_selector("text=return to the terminal")
+        assert tried.popen.wait(timeout=30) == 0, tried.output()
+    finally:
+        tried.stop()
+    output = tried.output()
+    assert "step okta: Sign in with okta (redirect)" in output
+    assert "passed  okta as alice" in output
+    assert re.search(r"sid +S-1-5-21-", output) and re.search(r"groups +staff, Finance", output)
