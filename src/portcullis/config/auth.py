@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from portcullis.config.federation import SamlProvider
 from portcullis.config.values import check_networks, parse_host_port
 from portcullis.errors import AuthError
 from portcullis.identity.names import canonical_username
@@ -213,7 +214,8 @@ class CertificateProvider(_Section):
 
 
 Provider = Annotated[
-    LocalProvider | LdapProvider | RadiusProvider | TotpProvider | CertificateProvider,
+    LocalProvider | LdapProvider | RadiusProvider | TotpProvider | CertificateProvider
+    | SamlProvider,
     Field(discriminator="type")]
 
 # Present unless the configuration declares a provider of the same name.
@@ -224,7 +226,7 @@ BUILT_IN_PROVIDERS: tuple[Provider, ...] = (
 )
 
 # Providers that can tell who the user is (TOTP only confirms someone already named).
-PRIMARY_TYPES = frozenset({"local", "ldap", "radius", "certificate"})
+PRIMARY_TYPES = frozenset({"local", "ldap", "radius", "certificate", "saml"})
 
 
 class FlowStep(_Section):

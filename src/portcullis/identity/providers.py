@@ -15,12 +15,15 @@ from portcullis.config.auth import (
     RadiusProvider,
     TotpProvider,
 )
+from portcullis.config.federation import SamlProvider
 from portcullis.config.model import Settings
 from portcullis.errors import ConfigError
+from portcullis.federation.saml import ServiceProviderSource
 from portcullis.identity.factors.certificate import CertificateFactor
 from portcullis.identity.factors.ldap import LdapDirectory, LdapFactor
 from portcullis.identity.factors.local import LocalPasswordFactor
 from portcullis.identity.factors.radius import RadiusFactor, RadiusServers
+from portcullis.identity.factors.saml import SamlFactor
 from portcullis.identity.factors.totp import TotpFactor
 from portcullis.identity.flow import Factor, LoginFlow
 from portcullis.identity.totp import TotpService
@@ -109,8 +112,22 @@ class IdentityProviders:
                                   if p.type in PRIMARY_TYPES)
             return TotpFactor(provider.name, self.totp(provider.name), realm, primaries,
                               enrolment_code=self.settings.auth.totp.enrolment == "code")
+        if isinstance(provider, SamlProvider):
+            return SamlFactor(provider, self.saml(provider), self.ephemeral)
         assert isinstance(provider, CertificateProvider)
         return CertificateFactor(provider)
+
+    def saml(self, provider: SamlProvider) -> ServiceProviderSource:
+        """The SAML service provider of `provider` (one per provider, shared; also what
+        serves its metadata)."""
+        source = self._clients.get(provider.name)
+        if not isinstance(source, ServiceProviderSource):
+            source = ServiceProviderSource(
+                provider, public_url=self.settings.gateway.public_url,
+                pki_dir=self.settings.path(self.settings.tls.directory),
+                resolve=self.settings.path, dialer=self.dialer)
+            self._clients[provider.name] = source
+        return source
 
     def flow(self, name: str | None = None) -> LoginFlow:
         auth = self.settings.auth
