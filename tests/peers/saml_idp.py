@@ -15,6 +15,8 @@ http://127.0.0.1:PORT/idp and its metadata is served at /metadata.
   the Response goes back as an auto-submitting HTML form that POSTs SAMLResponse and
   RelayState to the request's AssertionConsumerServiceURL.
 - POST /unsolicited (username, password, sp, acs): an IdP-initiated Response.
+- GET /slo (HTTP-Redirect, signed): a LogoutRequest, answered by a signed LogoutResponse
+  in a redirect to the SP's single logout endpoint.
 
 How the answer is made, the form's fields a test sets: `sign` = response | assertion |
 both | none; `encrypt` = 1 to encrypt the assertion for the SP; `audience` = another SP's
@@ -99,7 +101,9 @@ def idp_server(config: dict[str, Any]) -> ShapingServer:
             "policy": {"default": {"lifetime": {"minutes": 5},
                                    "name_form": NAME_FORMAT}},
             "name_id_format": [NAMEID_FORMAT_UNSPECIFIED],
-            "want_authn_requests_signed": False,
+            # AuthnRequests and LogoutRequests alike: the XML signature (HTTP-POST) or
+            # the query string's (HTTP-Redirect).
+            "want_authn_requests_signed": True,
         }},
     })
     passthrough = AttributeConverter(NAME_FORMAT)
@@ -132,13 +136,18 @@ class IdentityProvider:
                 return _answer(start, "200 OK", self.sign_in(form).encode())
             if path == "/unsolicited":
                 return _answer(start, "200 OK", self.sign_in(form).encode())
+            if path == "/slo":
+                start("303 See Other", [("Location", self.logout(form)), ("Content-Length", "0")])
+                return [b""]
         except Exception as exc:   # a test reads the reason in the body
             traceback.print_exc()
             return _answer(start, "400 Bad Request", f"{type(exc).__name__}: {exc}".encode())
         return _answer(start, "404 Not Found", b"not found")
 
     def login_page(self, form: dict[str, str], binding: str) -> str:
-        request = self.server.parse_authn_request(form["SAMLRequest"], binding)
+        request = self.server.parse_authn_request(
+            form["SAMLRequest"], binding, relay_state=form.get("RelayState"),
+            sigalg=form.get("SigAlg"), signature=form.get("Signature"))
         message = request.message
         # As a real IdP: the ACS asked for must be one of the SP's metadata.
         answer_to = self.server.response_args(message, [BINDING_HTTP_POST])
@@ -179,6 +188,18 @@ class IdentityProvider:
                          for name, value in fields.items())
         return (f'<form method="post" action="{html.escape(form["acs"])}">{inputs}</form>'
                 '<script>document.forms[0].submit()</script>')
+
+
+    def logout(self, form: dict[str, str]) -> str:
+        request = self.server.parse_logout_request(
+            form["SAMLRequest"], BINDING_HTTP_REDIRECT, relay_state=form.get("RelayState"),
+            sigalg=form.get("SigAlg"), signature=form.get("Signature"))
+        response = self.server.create_logout_response(request.message, [BINDING_HTTP_REDIRECT],
+                                                      sign=False)
+        info = self.server.apply_binding(BINDING_HTTP_REDIRECT, str(response),
+                                         response.destination, form.get("RelayState", ""),
+                                         response=True, sign=True, sigalg=SIG_RSA_SHA256)
+        return str(dict(info["headers"])["Location"])
 
 
 def _answer(start: StartResponse, status: str, body: bytes,

@@ -403,7 +403,8 @@ class ServiceProvider:
     # -- shared --------------------------------------------------------------------------
 
     def _idp_location(self, service: str, binding: str) -> str:
-        locations = getattr(self._client.metadata, service)(self.idp_entity_id, binding)
+        locations = getattr(self._client.metadata, service)(self.idp_entity_id, binding,
+                                                            "idpsso")
         if not locations:
             raise ConfigError(f"the IdP metadata has no {service} for {binding}",
                               key=f"auth.providers.{self.settings.name}")
