@@ -479,13 +479,18 @@ class ServiceProviderSource:
 
     def _build(self, metadata: str) -> ServiceProvider:
         settings = self.settings
-        if settings.sp_cert_file and settings.sp_key_file:
-            cert, key = self._resolve(settings.sp_cert_file), self._resolve(settings.sp_key_file)
-            load_pair(cert, key)
-        else:
-            cert, key = ensure_key_pair(self._pki_dir / f"saml-{settings.name}.crt",
-                                        self._pki_dir / f"saml-{settings.name}.key",
-                                        f"portcullis-saml-{settings.name}"[:64])
+        try:
+            if settings.sp_cert_file and settings.sp_key_file:
+                cert = self._resolve(settings.sp_cert_file)
+                key = self._resolve(settings.sp_key_file)
+                load_pair(cert, key)
+            else:
+                cert, key = ensure_key_pair(self._pki_dir / f"saml-{settings.name}.crt",
+                                            self._pki_dir / f"saml-{settings.name}.key",
+                                            f"portcullis-saml-{settings.name}"[:64])
+        except PKIError as exc:
+            raise ConfigError(f"the SP key pair: {exc}",
+                              key=f"auth.providers.{settings.name}.sp_cert_file") from None
         return ServiceProvider(settings, entity_id=self.entity_id, acs_url=self.acs_url,
                                slo_url=self.slo_url, cert_file=cert, key_file=key,
                                idp_metadata=metadata)
