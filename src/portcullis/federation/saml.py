@@ -30,6 +30,7 @@ import base64
 import binascii
 import calendar
 import contextlib
+import logging
 import ssl
 import time
 import xml.etree.ElementTree as ElementTree
@@ -69,6 +70,9 @@ DS = "http://www.w3.org/2000/09/xmldsig#"
 WEAK_ALGORITHMS = frozenset({xmldsig.SIG_RSA_SHA1, xmldsig.SIG_DSA_SHA1, xmldsig.SIG_ECDSA_SHA1,
                              xmldsig.DIGEST_SHA1})
 log = structlog.get_logger("portcullis.federation.saml")
+# pysaml2 logs whole messages (names, attributes: personal data) with its errors; the
+# reason of every refusal reaches the audit trail through `Refused` instead.
+logging.getLogger("saml2").setLevel(logging.CRITICAL)
 # IdP metadata is a few kilobytes; a federation's aggregate is not what this reads.
 MAX_METADATA_BYTES = 1024 * 1024
 # A LogoutResponse is a status and an id or two.
@@ -316,6 +320,8 @@ class ServiceProvider:
                 conv_info={"callback": callback})
         except Exception as exc:   # pysaml2 raises bare Exceptions for several rules
             return Refused(_refusal(exc))
+        if response is None:
+            return Refused("not a SAML Response")
         return self._asserted(response, callback, request_id, encrypted, now or time.time())
 
     def _asserted(self, response: Any, callback: str, request_id: str | None,
