@@ -43,7 +43,6 @@ from typing import Any
 import defusedxml
 import defusedxml.ElementTree
 import httpx
-import saml2
 import structlog
 from saml2 import BINDING_HTTP_POST, BINDING_HTTP_REDIRECT, xmldsig
 from saml2.client import Saml2Client
@@ -128,8 +127,7 @@ class SamlMessage:
 def read_saml_message(encoded: str, max_bytes: int, roots: tuple[str, ...],
                       *, deflated: bool = False) -> SamlMessage | Refused:
     """A base64 SAML message (deflated too, for HTTP-Redirect), measured before it is
-    decoded and parsed once by defusedxml without DTDs; `roots` are the Clark names
-    ({ns}local) its root element may have. SHA-1 signatures and digests are refused."""
+    decoded, then parsed once (`parse_saml_xml`)."""
     # base64 is 4 characters per 3 bytes; the deflated form is no larger than max_bytes.
     if len(encoded) > (max_bytes + 2) // 3 * 4 + 4:
         return Refused(f"message of {len(encoded)} base64 characters is larger than "
@@ -146,6 +144,12 @@ def read_saml_message(encoded: str, max_bytes: int, roots: tuple[str, ...],
             return Refused("message is not deflated (HTTP-Redirect binding)")
     if len(raw) > max_bytes:
         return Refused(f"message is larger than {max_bytes} bytes: refused before parsing")
+    return parse_saml_xml(raw, roots)
+
+
+def parse_saml_xml(raw: bytes, roots: tuple[str, ...]) -> SamlMessage | Refused:
+    """The one parse before pysaml2's: defusedxml, no DTD, a root among `roots` (Clark
+    names), no SHA-1 signature or digest anywhere."""
     try:
         root = defusedxml.ElementTree.fromstring(raw, forbid_dtd=True, forbid_entities=True,
                                                  forbid_external=True)
@@ -182,8 +186,8 @@ def checked_metadata(data: bytes, source: str) -> str:
     if len(data) > MAX_METADATA_BYTES:
         raise ConfigError(f"IdP metadata from {source} is larger than {MAX_METADATA_BYTES} "
                           "bytes; give the one IdP's metadata, not a federation aggregate")
-    checked = read_saml_message(base64.b64encode(data).decode(), MAX_METADATA_BYTES,
-                                (f"{{{MD}}}EntityDescriptor", f"{{{MD}}}EntitiesDescriptor"))
+    checked = parse_saml_xml(data, (f"{{{MD}}}EntityDescriptor",
+                                    f"{{{MD}}}EntitiesDescriptor"))
     if isinstance(checked, Refused):
         raise ConfigError(f"IdP metadata from {source}: {checked.reason}")
     return checked.xml.decode("utf-8")
@@ -251,10 +255,9 @@ class ServiceProvider:
                     "only_use_keys_in_metadata": True,
                 }},
             })
-        except saml2.SAMLError as exc:
-            raise ConfigError(f"the SAML provider cannot be set up: {exc}", key=key) from None
-        except FileNotFoundError as exc:
-            raise ConfigError(f"xmlsec1 is not installed: {exc}", key=key) from None
+        except Exception as exc:   # xmlsec1 missing, metadata pysaml2 will not take, ...
+            raise ConfigError(f"the SAML provider cannot be set up: "
+                              f"{type(exc).__name__}: {exc}", key=key) from None
         # Attribute names stay as the IdP sends them: the mapping is the administrator's
         # (presets for ADFS and Azure AD), not pysaml2's built-in renaming tables.
         config.attribute_converters = []
@@ -287,8 +290,8 @@ class ServiceProvider:
             digest_alg=DIGEST_ALGORITHM)
         return self._outgoing(request_id, str(request), destination, binding, relay, sign)
 
-    def accept(self, saml_response: str, *, callback: str, request_id: str | None,
-               now: float | None = None) -> Asserted | Refused:
+    def accept(self, saml_response: str, *, callback: str,
+               request_id: str | None) -> Asserted | Refused:
         """Check an HTTP-POST Response: `callback` is where it must have been sent,
         `request_id` the AuthnRequest it must answer (None: an IdP-initiated one)."""
         settings = self.settings
@@ -322,7 +325,7 @@ class ServiceProvider:
             return Refused(_refusal(exc))
         if response is None:
             return Refused("not a SAML Response")
-        return self._asserted(response, callback, request_id, encrypted, now or time.time())
+        return self._asserted(response, callback, request_id, encrypted, time.time())
 
     def _asserted(self, response: Any, callback: str, request_id: str | None,
                   encrypted: bool, now: float) -> Asserted | Refused:
