@@ -318,7 +318,7 @@ class AuthSettings(_Section):
                                  f"{flow.realm!r}")
             if not any(known[step.provider].type in PRIMARY_TYPES for step in flow.steps):
                 raise ValueError(f"flow {flow.name!r} has no step that can tell who the user "
-                                 "is (local, ldap, radius or certificate)")
+                                 "is (local, ldap, radius, certificate or saml)")
         return self
 
     def all_providers(self) -> dict[str, Provider]:

@@ -312,7 +312,9 @@ class ServiceProvider:
             response = self._client._parse_response(
                 message.xml.decode("utf-8"), AuthnResponse, "assertion_consumer_service", None,
                 outstanding_queries=outstanding, return_addrs=[callback],
-                allow_unsolicited=settings.allow_idp_initiated,
+                # Only an IdP-initiated answer (allowed, or refused above) is unsolicited:
+                # an answer to our request is checked against it, whatever the setting.
+                allow_unsolicited=request_id is None,
                 want_assertions_signed=settings.want_assertions_signed,
                 want_response_signed=settings.want_response_signed,
                 want_assertions_or_response_signed=True,
@@ -355,7 +357,12 @@ class ServiceProvider:
         limits = [float(response.not_on_or_after)] if response.not_on_or_after else []
         for confirmation in assertion.subject.subject_confirmation:
             data = confirmation.subject_confirmation_data
-            if data is not None and data.not_on_or_after:
+            if data is None:
+                continue
+            if data.in_response_to != request_id:
+                return Refused(f"the subject confirmation's InResponseTo "
+                               f"{data.in_response_to!r} does not answer this sign-in's request")
+            if data.not_on_or_after:
                 limits.append(_epoch(data.not_on_or_after))
         valid_until = min(limits) if limits else now + DEFAULT_ASSERTION_LIFETIME
         attributes = {name: tuple(str(value) for value in values)
