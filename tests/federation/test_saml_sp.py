@@ -404,24 +404,66 @@ async def test_the_gateway_serves_its_sp_metadata(saml_idp: SamlPeer) -> None:
     assert missing.status_code == 404
 
 
-async def test_single_logout_is_confirmed_by_the_idp(saml_idp: SamlPeer) -> None:
-    factor = factor_for(saml_idp)
-    state, posted = await start(factor, saml_idp, "alice", "alice-pass")
+async def signed_in(peer: SamlPeer) -> FlowState:
+    factor = factor_for(peer)
+    state, posted = await start(factor, peer, "alice", "alice-pass")
     outcome = await factor.verify(state, posted, ATTEMPT)
     assert outcome.ok, outcome.reason
+    assert state.data["saml_name_id"] == "alice" and state.data["saml_session_index"]
+    return state
+
+
+async def redirected(url: str) -> urllib.parse.SplitResult:
+    """Where the IdP's answer to GET `url` redirects the browser."""
+    async with httpx.AsyncClient(timeout=20) as http:
+        answer = await http.get(url)
+    assert answer.status_code == 303, answer.text
+    return urllib.parse.urlsplit(answer.headers["location"])
+
+
+async def test_single_logout_is_confirmed_by_the_idp(saml_idp: SamlPeer) -> None:
+    state = await signed_in(saml_idp)
     provider = await saml_idp.source().get()
     request = provider.logout_request(state.data["saml_name_id"],
                                       state.data["saml_name_id_format"] or None,
                                       state.data["saml_session_index"] or None, "relay-2")
     assert request.url.startswith(f"{saml_idp.url}/slo?") and "Signature=" in request.url
-    async with httpx.AsyncClient(timeout=20) as http:
-        answer = await http.get(request.url)
-    assert answer.status_code == 303, answer.text
-    back = urllib.parse.urlsplit(answer.headers["location"])
+    back = await redirected(request.url)
     assert f"{back.scheme}://{back.netloc}{back.path}" == "https://gateway.test/saml/corp/slo"
-    query = dict(urllib.parse.parse_qsl(back.query))
-    assert query["RelayState"] == "relay-2"
-    assert provider.accept_logout_response(query["SAMLResponse"],
-                                           request_id=request.request_id) is None
-    other = provider.accept_logout_response(query["SAMLResponse"], request_id="id-other")
+    assert dict(urllib.parse.parse_qsl(back.query))["RelayState"] == "relay-2"
+    assert provider.accept_logout_response(back.query, request_id=request.request_id) is None
+    other = provider.accept_logout_response(back.query, request_id="id-other")
     assert isinstance(other, Refused) and "InResponseTo" in other.reason
+
+
+async def test_a_logout_response_with_a_broken_signature_is_refused(saml_idp: SamlPeer) -> None:
+    state = await signed_in(saml_idp)
+    provider = await saml_idp.source().get()
+    request = provider.logout_request(state.data["saml_name_id"], None, None, "relay-3")
+    back = await redirected(request.url)
+    forged = back.query.replace("RelayState=relay-3", "RelayState=relay-4")
+    refused = provider.accept_logout_response(forged, request_id=request.request_id)
+    assert isinstance(refused, Refused) and "does not verify" in refused.reason
+    unsigned = "&".join(part for part in back.query.split("&")
+                        if not part.startswith(("Signature=", "SigAlg=")))
+    refused = provider.accept_logout_response(unsigned, request_id=request.request_id)
+    assert isinstance(refused, Refused) and "no signed SAMLResponse" in refused.reason
+
+
+async def test_the_idp_ends_a_session_by_single_logout(saml_idp: SamlPeer) -> None:
+    state = await signed_in(saml_idp)
+    provider = await saml_idp.source().get()
+    query = urllib.parse.urlencode({
+        "sp": provider.entity_id, "name_id": state.data["saml_name_id"],
+        "session_index": state.data["saml_session_index"], "RelayState": "idp-relay"})
+    back = await redirected(f"{saml_idp.url}/logout-user?{query}")
+    order = provider.accept_logout_request(back.query)
+    assert not isinstance(order, Refused), order
+    assert order.name_id == "alice"
+    assert order.session_indexes == (state.data["saml_session_index"],)
+    assert order.relay_state == "idp-relay"
+    answer = provider.logout_response(order)
+    async with httpx.AsyncClient(timeout=20) as http:
+        confirmed = await http.get(answer.url)
+    assert confirmed.status_code == 200, confirmed.text
+    assert confirmed.text == f"logged out: {order.request_id}"

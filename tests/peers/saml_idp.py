@@ -16,7 +16,9 @@ http://127.0.0.1:PORT/idp and its metadata is served at /metadata.
   RelayState to the request's AssertionConsumerServiceURL.
 - POST /unsolicited (username, password, sp, acs): an IdP-initiated Response.
 - GET /slo (HTTP-Redirect, signed): a LogoutRequest, answered by a signed LogoutResponse
-  in a redirect to the SP's single logout endpoint.
+  in a redirect to the SP's single logout endpoint; or the SP's LogoutResponse to ours.
+- GET /logout-user?sp=&name_id=&session_index=: IdP-initiated single logout, a signed
+  LogoutRequest in a redirect to the SP's single logout endpoint.
 
 How the answer is made, the form's fields a test sets: `sign` = response | assertion |
 both | none; `encrypt` = 1 to encrypt the assertion for the SP; `audience` = another SP's
@@ -136,9 +138,12 @@ class IdentityProvider:
                 return _answer(start, "200 OK", self.sign_in(form).encode())
             if path == "/unsolicited":
                 return _answer(start, "200 OK", self.sign_in(form).encode())
+            if path == "/slo" and "SAMLResponse" in form:
+                return _answer(start, "200 OK", self.logged_out(form).encode())
             if path == "/slo":
-                start("303 See Other", [("Location", self.logout(form)), ("Content-Length", "0")])
-                return [b""]
+                return _redirect(start, self.logout(form))
+            if path == "/logout-user":
+                return _redirect(start, self.logout_user(form))
         except Exception as exc:   # a test reads the reason in the body
             traceback.print_exc()
             return _answer(start, "400 Bad Request", f"{type(exc).__name__}: {exc}".encode())
@@ -200,6 +205,31 @@ class IdentityProvider:
                                          response.destination, form.get("RelayState", ""),
                                          response=True, sign=True, sigalg=SIG_RSA_SHA256)
         return str(dict(info["headers"])["Location"])
+
+
+    def logged_out(self, form: dict[str, str]) -> str:
+        response = self.server.parse_logout_request_response(form["SAMLResponse"],
+                                                             BINDING_HTTP_REDIRECT)
+        response.status_ok()
+        return f"logged out: {response.response.in_response_to}"
+
+    def logout_user(self, form: dict[str, str]) -> str:
+        sp = form["sp"]
+        destination = self.server.metadata.single_logout_service(
+            sp, BINDING_HTTP_REDIRECT, "spsso")[0]["location"]
+        _, request = self.server.create_logout_request(
+            destination, sp, name_id=NameID(format=NAMEID_FORMAT_UNSPECIFIED,
+                                            text=form["name_id"]),
+            session_indexes=[form["session_index"]], sign=False)
+        info = self.server.apply_binding(BINDING_HTTP_REDIRECT, str(request), destination,
+                                         form.get("RelayState", ""), sign=True,
+                                         sigalg=SIG_RSA_SHA256)
+        return str(dict(info["headers"])["Location"])
+
+
+def _redirect(start: StartResponse, location: str) -> list[bytes]:
+    start("303 See Other", [("Location", location), ("Content-Length", "0")])
+    return [b""]
 
 
 def _answer(start: StartResponse, status: str, body: bytes,

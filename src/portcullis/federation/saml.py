@@ -39,12 +39,17 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
 
 import defusedxml
 import defusedxml.ElementTree
 import httpx
 import structlog
-from saml2 import BINDING_HTTP_POST, BINDING_HTTP_REDIRECT, xmldsig
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from saml2 import BINDING_HTTP_POST, BINDING_HTTP_REDIRECT, saml, samlp, xmldsig
 from saml2.client import Saml2Client
 from saml2.config import SPConfig
 from saml2.metadata import create_metadata_string
@@ -79,6 +84,10 @@ MAX_LOGOUT_BYTES = 16 * 1024
 METADATA_FETCH_TIMEOUT = 10.0
 SIGNATURE_ALGORITHM = xmldsig.SIG_RSA_SHA256
 DIGEST_ALGORITHM = xmldsig.DIGEST_SHA256
+# HTTP-Redirect signatures accepted (RSA, as xmlsec1 checks for the XML ones).
+REDIRECT_SIGNATURES: dict[str, hashes.HashAlgorithm] = {
+    xmldsig.SIG_RSA_SHA256: hashes.SHA256(), xmldsig.SIG_RSA_SHA384: hashes.SHA384(),
+    xmldsig.SIG_RSA_SHA512: hashes.SHA512()}
 # The replay cache keeps an assertion id at least this long when it says nothing sooner.
 DEFAULT_ASSERTION_LIFETIME = 300.0
 
@@ -122,6 +131,17 @@ class SamlMessage:
 
     xml: bytes
     root: ElementTree.Element
+
+
+@dataclass(frozen=True)
+class LogoutOrder:
+    """The IdP's LogoutRequest: end the sessions of `name_id` (those with one of
+    `session_indexes`, or all when there is none), then answer `logout_response`."""
+
+    request_id: str
+    name_id: str
+    session_indexes: tuple[str, ...]
+    relay_state: str
 
 
 def read_saml_message(encoded: str, max_bytes: int, roots: tuple[str, ...],
@@ -391,12 +411,14 @@ class ServiceProvider:
         return self._outgoing(request_id, str(request), destination, BINDING_HTTP_REDIRECT,
                               relay, True)
 
-    def accept_logout_response(self, saml_response: str, *, request_id: str,
-                               binding: str = "redirect") -> Refused | None:
-        """Check the IdP's LogoutResponse to our LogoutRequest `request_id`."""
-        checked = read_saml_message(saml_response, MAX_LOGOUT_BYTES,
-                                    (f"{{{SAMLP}}}LogoutResponse",),
-                                    deflated=binding == "redirect")
+    def accept_logout_response(self, query: str, *, request_id: str) -> Refused | None:
+        """Check the IdP's LogoutResponse to our LogoutRequest `request_id`, from the raw
+        query string of the HTTP-Redirect that brought it (its signature is required)."""
+        fields = self._signed_redirect(query, "SAMLResponse")
+        if isinstance(fields, Refused):
+            return fields
+        checked = read_saml_message(fields["SAMLResponse"], MAX_LOGOUT_BYTES,
+                                    (f"{{{SAMLP}}}LogoutResponse",), deflated=True)
         if isinstance(checked, Refused):
             return checked
         try:
@@ -409,14 +431,99 @@ class ServiceProvider:
         except Exception as exc:
             return Refused(_refusal(exc))
         message = response.response
-        issuer = (message.issuer.text or "").strip() if message.issuer is not None else ""
-        if issuer != self.idp_entity_id:
-            return Refused(f"Issuer {issuer!r} is not the IdP {self.idp_entity_id!r}")
+        refused = self._from_idp(message)
+        if refused is not None:
+            return refused
         if message.in_response_to != request_id:
             return Refused(f"InResponseTo {message.in_response_to!r} is not our LogoutRequest")
         return None
 
+    def accept_logout_request(self, query: str) -> LogoutOrder | Refused:
+        """Check a LogoutRequest the IdP sends (IdP-initiated single logout), from the raw
+        query string of its HTTP-Redirect (its signature is required)."""
+        fields = self._signed_redirect(query, "SAMLRequest")
+        if isinstance(fields, Refused):
+            return fields
+        checked = read_saml_message(fields["SAMLRequest"], MAX_LOGOUT_BYTES,
+                                    (f"{{{SAMLP}}}LogoutRequest",), deflated=True)
+        if isinstance(checked, Refused):
+            return checked
+        try:
+            request = self._client.parse_logout_request(checked.xml.decode("utf-8"), None)
+        except Exception as exc:
+            return Refused(_refusal(exc))
+        if request is None:
+            return Refused("not a LogoutRequest")
+        message = request.message
+        refused = self._from_idp(message)
+        if refused is not None:
+            return refused
+        if message.not_on_or_after and _epoch(message.not_on_or_after) \
+                + self.settings.clock_skew < time.time():
+            return Refused(f"the LogoutRequest expired at {message.not_on_or_after}")
+        if message.name_id is None or not (message.name_id.text or "").strip():
+            return Refused("the LogoutRequest names no subject (no NameID)")
+        return LogoutOrder(request_id=message.id, name_id=message.name_id.text.strip(),
+                           session_indexes=tuple((index.text or "").strip()
+                                                 for index in message.session_index),
+                           relay_state=unquote_plus(fields.get("RelayState", "")))
+
+    def logout_response(self, order: LogoutOrder) -> OutgoingMessage:
+        """The signed LogoutResponse (HTTP-Redirect) telling the IdP its order was done."""
+        asked = samlp.LogoutRequest(id=order.request_id,
+                                    issuer=saml.Issuer(text=self.idp_entity_id))
+        response = self._client.create_logout_response(asked, [BINDING_HTTP_REDIRECT],
+                                                       sign=False)
+        info = self._client.apply_binding(BINDING_HTTP_REDIRECT, str(response),
+                                          response.destination, order.relay_state,
+                                          response=True, sign=True, sigalg=SIGNATURE_ALGORITHM)
+        return OutgoingMessage(response.id, dict(info["headers"])["Location"])
+
     # -- shared --------------------------------------------------------------------------
+
+    def _from_idp(self, message: Any) -> Refused | None:
+        issuer = (message.issuer.text or "").strip() if message.issuer is not None else ""
+        if issuer != self.idp_entity_id:
+            return Refused(f"Issuer {issuer!r} is not the IdP {self.idp_entity_id!r}")
+        if message.destination != self.slo_url:
+            return Refused(f"Destination {message.destination!r} is not this SLO {self.slo_url!r}")
+        return None
+
+    def _signed_redirect(self, query: str, kind: str) -> dict[str, str] | Refused:
+        """The fields of an HTTP-Redirect message whose signature (SAML bindings 3.4.4.1:
+        over the query string as it came, `kind`, RelayState, SigAlg in that order) the
+        IdP metadata's signing certificate verifies; values are still URL-encoded."""
+        if len(query) > MAX_LOGOUT_BYTES * 2:
+            return Refused("the query string is too long: refused before decoding")
+        fields: dict[str, str] = {}
+        for part in query.split("&"):
+            name, _, value = part.partition("=")
+            if name in fields:
+                return Refused(f"{name} appears twice in the query string")
+            fields[name] = value
+        if kind not in fields or "Signature" not in fields or "SigAlg" not in fields:
+            return Refused(f"the redirect carries no signed {kind}")
+        algorithm = REDIRECT_SIGNATURES.get(unquote_plus(fields["SigAlg"]))
+        if algorithm is None:
+            return Refused(f"signature algorithm {unquote_plus(fields['SigAlg'])!r} is refused")
+        signed = "&".join(f"{name}={fields[name]}" for name in (kind, "RelayState", "SigAlg")
+                          if name in fields).encode("ascii", "replace")
+        try:
+            signature = base64.b64decode(unquote_plus(fields["Signature"]), validate=True)
+        except (binascii.Error, ValueError):
+            return Refused("the redirect's Signature is not base64")
+        for _, text in self._client.metadata.certs(self.idp_entity_id, "idpsso", "signing"):
+            key = x509.load_der_x509_certificate(base64.b64decode(text)).public_key()
+            if not isinstance(key, rsa.RSAPublicKey):
+                continue
+            try:
+                key.verify(signature, signed, padding.PKCS1v15(), algorithm)
+            except InvalidSignature:
+                continue
+            fields[kind] = unquote_plus(fields[kind])
+            return fields
+        return Refused("the redirect's signature does not verify with the IdP metadata's "
+                       "certificates")
 
     def _idp_location(self, service: str, binding: str) -> str:
         locations = getattr(self._client.metadata, service)(self.idp_entity_id, binding,
