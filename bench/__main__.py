@@ -23,6 +23,7 @@ from bench import (
     launch_rate,
     login_rate,
     revocation,
+    saml_signin,
     throughput,
     tunnel_memory,
     tunnel_stream_rate,
@@ -43,6 +44,7 @@ BENCHMARKS: dict[str, Callable[[], Report]] = {
     "tunnel_memory": tunnel_memory.run,
     "revocation": revocation.run,
     "double_hop": double_hop.run,
+    "saml_signin": saml_signin.run,
 }
 RESULTS = Path(__file__).parent / "results"
 OPEN_FILES = 16384  # idle_memory holds ~3 sockets per connection in client + gateway
