@@ -14,10 +14,12 @@ Claims are read only from the assertion pysaml2 took from the verified document:
 Response signature (checked by ID, one Reference, enveloped) covers the assertions in it;
 otherwise each assertion's own signature must verify. Exactly one assertion is accepted.
 
-Rules beyond pysaml2's checks, each refused with its reason: the Response must name this
-ACS as Destination and the configured IdP as Issuer; InResponseTo must be the request
-this flow sent (or absent, for an IdP-initiated sign-in when that is allowed); an
-encrypted assertion can be required.
+Rules beyond pysaml2's checks, each refused with its reason: no SHA-1 signature or
+digest; the Response must name this ACS as Destination and the configured IdP as Issuer;
+InResponseTo (of the Response and of its subject confirmation) must be the request this
+flow sent, or absent for an IdP-initiated sign-in when that is allowed; an encrypted
+assertion can be required. Logout messages from the IdP (HTTP-Redirect) must carry a
+query-string signature that a certificate of the IdP metadata verifies.
 
 Never imports portcullis.identity: the factor there turns `Asserted` into claims. Never
 logs a SAML message (it carries personal data); errors name the rule broken.
