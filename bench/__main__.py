@@ -24,6 +24,7 @@ from bench import (
     login_rate,
     op_tokens,
     revocation,
+    saml_signin,
     throughput,
     tunnel_memory,
     tunnel_stream_rate,
@@ -45,6 +46,7 @@ BENCHMARKS: dict[str, Callable[[], Report]] = {
     "revocation": revocation.run,
     "double_hop": double_hop.run,
     "op_tokens": op_tokens.run,
+    "saml_signin": saml_signin.run,
 }
 RESULTS = Path(__file__).parent / "results"
 OPEN_FILES = 16384  # idle_memory holds ~3 sockets per connection in client + gateway

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from portcullis.config.federation import OidcProvider
+from portcullis.config.federation import OidcProvider, SamlProvider
 from portcullis.config.linking import check_links
 from portcullis.config.section import ProviderName
 from portcullis.config.section import Section as _Section
@@ -209,7 +209,7 @@ class CertificateProvider(_Section):
 
 Provider = Annotated[
     LocalProvider | LdapProvider | RadiusProvider | TotpProvider | CertificateProvider
-    | OidcProvider,
+    | OidcProvider | SamlProvider,
     Field(discriminator="type")]
 
 # Present unless the configuration declares a provider of the same name.
@@ -220,7 +220,7 @@ BUILT_IN_PROVIDERS: tuple[Provider, ...] = (
 )
 
 # Providers that can tell who the user is (TOTP only confirms someone already named).
-PRIMARY_TYPES = frozenset({"local", "ldap", "radius", "certificate", "oidc"})
+PRIMARY_TYPES = frozenset({"local", "ldap", "radius", "certificate", "oidc", "saml"})
 
 
 class FlowStep(_Section):
@@ -313,7 +313,7 @@ class AuthSettings(_Section):
                                  f"{flow.realm!r}")
             if not any(known[step.provider].type in PRIMARY_TYPES for step in flow.steps):
                 raise ValueError(f"flow {flow.name!r} has no step that can tell who the user "
-                                 "is (local, ldap, radius, certificate or oidc)")
+                                 "is (local, ldap, radius, certificate, oidc or saml)")
         return self
 
     def all_providers(self) -> dict[str, Provider]:

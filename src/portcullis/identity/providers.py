@@ -18,17 +18,19 @@ from portcullis.config.auth import (
     RadiusProvider,
     TotpProvider,
 )
-from portcullis.config.federation import OidcProvider
+from portcullis.config.federation import OidcProvider, SamlProvider
 from portcullis.config.linking import Linkable
 from portcullis.config.model import Settings
 from portcullis.errors import ConfigError
 from portcullis.federation.oidc import Registration, RelyingParty
+from portcullis.federation.saml import ServiceProviderSource
 from portcullis.identity.claim_mapping import claim_map
 from portcullis.identity.factors.certificate import CertificateFactor
 from portcullis.identity.factors.ldap import LdapDirectory, LdapFactor
 from portcullis.identity.factors.local import LocalPasswordFactor
 from portcullis.identity.factors.oidc import OidcFactor
 from portcullis.identity.factors.radius import RadiusFactor, RadiusServers
+from portcullis.identity.factors.saml import SamlFactor
 from portcullis.identity.factors.totp import TotpFactor
 from portcullis.identity.flow import AnyFactor, LoginFlow
 from portcullis.identity.linking import DirectoryLinkedFactor
@@ -137,6 +139,8 @@ class IdentityProviders:
             return OidcFactor(provider.name, self.relying_party(provider.name),
                               claim_map(provider), tuple(provider.required_claims),
                               provider.preset)
+        if isinstance(provider, SamlProvider):
+            return SamlFactor(provider, self.saml(provider), self.ephemeral)
         assert isinstance(provider, CertificateProvider)
         return CertificateFactor(provider)
 
@@ -173,6 +177,18 @@ class IdentityProviders:
         for client in self._clients.values():
             if isinstance(client, RelyingParty):
                 await client.close()
+
+    def saml(self, provider: SamlProvider) -> ServiceProviderSource:
+        """The SAML service provider of `provider` (one per provider, shared; also what
+        serves its metadata)."""
+        source = self._clients.get(provider.name)
+        if not isinstance(source, ServiceProviderSource):
+            source = ServiceProviderSource(
+                provider, public_url=self.settings.gateway.public_url,
+                pki_dir=self.settings.path(self.settings.tls.directory),
+                resolve=self.settings.path, dialer=self.dialer)
+            self._clients[provider.name] = source
+        return source
 
     def flow(self, name: str | None = None) -> LoginFlow:
         auth = self.settings.auth
