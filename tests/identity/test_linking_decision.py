@@ -114,8 +114,8 @@ def test_groups_come_from_the_source_of_truth(groups: Groups,
 def test_a_linked_session_carries_the_accounts_name_and_identifiers() -> None:
     decision = decide_link(link(), IDP, found(ACCOUNT))
     assert decision == Linked("alice", Attributes(
-        groups=("staff", "finance"), groups_from=("directory corp",), email="alice@pc.test", upn="alice@pc.test", sid=SID,
-        guid=str(GUID), display_name="Alice (Okta)"),
+        groups=("staff", "finance"), groups_from=("directory corp",), email="alice@pc.test",
+        upn="alice@pc.test", sid=SID, guid=str(GUID), display_name="Alice (Okta)"),
         "linked to CN=alice,CN=Users,DC=pc,DC=test in directory corp by objectSid")
 
 
