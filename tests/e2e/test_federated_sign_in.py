@@ -136,7 +136,7 @@ def sign_in_from_the_terminal(command: Process, browser_context: Any) -> str:
     """Open the loopback URL `command` printed, sign in at the provider as alice, and
     wait for the command to finish; its output."""
     try:
-        opened = command.wait_for(r"(http://127\.0\.0\.1:\d+/start)")
+        opened = command.wait_for(r"(http://127\.0\.0\.1:\d+/start/\S+)")
         page = browser_context.new_page()
         page.goto(opened.group(1))
         sign_in_at_the_provider(page, "alice")

@@ -60,8 +60,10 @@ from portcullis.tokens import TokenHasher, mask, new_token
 
 NAMESPACE = "login"
 MAX_ANSWER = 1024
-# A SAML response is far larger than any typed answer; still bounded.
-MAX_CALLBACK_ANSWER = 256 * 1024
+# A SAML response is far larger than any typed answer; still bounded, above the largest
+# a SAML provider may accept (max_response_bytes, at most 4 MiB, in base64): the factor's
+# own limit is the one that decides.
+MAX_CALLBACK_ANSWER = 6 * 1024 * 1024
 # The code a CLI's loopback receives is redeemed at once; a minute is plenty.
 HANDOFF_LIFETIME = 60.0
 CALLBACK_CODE = "callback_code"
