@@ -111,10 +111,11 @@ class SamlPeer:
             return form_of(page.text)[1]
 
 
-@pytest.fixture(scope="module", name="saml_idp")
-def saml_idp_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SamlPeer]:
+def start_saml_idp(directory: Path) -> tuple[SamlPeer, Process]:
+    """The IdP on a free port, its files in `directory`, knowing the gateway of
+    PUBLIC_URL (whose SAML key pair is made in `pki_dir`); the caller stops the process.
+    The fixture saml_idp and the federation benchmark start it so."""
     require_program("xmlsec1")
-    directory = tmp_path_factory.mktemp("saml-idp")
     port = free_port()
     cert_file, key_file = write_pair(directory, "idp", create_signing_pair("test-idp"))
     config = {"port": port, "key_file": str(key_file), "cert_file": str(cert_file),
@@ -133,6 +134,16 @@ def saml_idp_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SamlP
                       directory / "idp.log", program=sys.executable)
     try:
         process.wait_listening(port)
+    except BaseException:
+        process.stop()
+        raise
+    return peer, process
+
+
+@pytest.fixture(scope="module", name="saml_idp")
+def saml_idp_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SamlPeer]:
+    peer, process = start_saml_idp(tmp_path_factory.mktemp("saml-idp"))
+    try:
         yield peer
     finally:
         process.stop()
