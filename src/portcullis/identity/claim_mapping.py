@@ -138,4 +138,6 @@ def map_claims(claims: Mapping[str, Any], names: ClaimMap, required: tuple[str, 
             return Refusal(f"the provider's answer has no {attribute} (looked for "
                            f"{', '.join(looked) or 'no claim: none is configured'}), which "
                            f"required_claims demands: {ADVICE[preset]}")
-    return MappedUser(user[1], user[0], Attributes(groups=groups, **found))
+    return MappedUser(user[1], user[0], Attributes(
+        groups=groups, email=found["email"], display_name=found["display_name"],
+        upn=found["upn"], sid=found["sid"], guid=found["guid"]))

@@ -8,6 +8,8 @@ one it is routed by.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,11 +26,21 @@ SECURITY_HEADERS = [
 ]
 
 
+@dataclass(frozen=True)
+class LargerBodies:
+    """POSTs to these exact `paths` may carry up to `max_body` bytes."""
+
+    paths: frozenset[str]
+    max_body: int
+
+
 class SecurityMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body: int, max_header_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body: int, max_header_bytes: int,
+                 larger: LargerBodies | None = None) -> None:
         self.app = app
         self.max_body = max_body
         self.max_header_bytes = max_header_bytes
+        self.larger = larger
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":   # lifespan; WebSocket upgrades never reach ASGI here
@@ -42,8 +54,12 @@ class SecurityMiddleware:
                 self.max_header_bytes:
             await _plain(send, 431, b"request headers too large")
             return
+        max_body = self.max_body
+        if (self.larger is not None and scope["method"] == "POST"
+                and scope["path"] in self.larger.paths):
+            max_body = max(max_body, self.larger.max_body)
         length = _content_length(scope)
-        if length is not None and length > self.max_body:
+        if length is not None and length > max_body:
             await _plain(send, 413, b"request body too large")
             return
 
@@ -55,7 +71,7 @@ class SecurityMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
+                if received > max_body:
                     # Raised inside the app, so Starlette answers it (as 413).
                     raise HTTPException(413, "request body too large")
             return message

@@ -18,13 +18,13 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from portcullis.config.federation import NAME_ID, SamlAttributeMap, SamlProvider
 from portcullis.errors import AuthError, ConfigError
 from portcullis.federation.saml import Asserted, ServiceProviderSource
 from portcullis.federation.saml import Refused as ResponseRefused
-from portcullis.identity.claims import Attributes
+from portcullis.identity.claims import Attributes, SamlSubject
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.flow import (
     Attempt,
@@ -43,10 +43,8 @@ REPLAY_NAMESPACE = "saml-assertion"
 # What verify() needs, kept in the flow's sealed state by redirect().
 REQUEST_ID = "saml_request_id"
 CALLBACK = "saml_callback"
-# For single logout: who the IdP said it was, and its session.
-NAME_ID_KEPT = "saml_name_id"
-NAME_ID_FORMAT_KEPT = "saml_name_id_format"
-SESSION_INDEX_KEPT = "saml_session_index"
+# NameID -> user name, for the IdP's LogoutRequests (which name only the NameID).
+SUBJECT_NAMESPACE = "saml-subject"
 
 
 @dataclass(frozen=True)
@@ -78,18 +76,37 @@ def map_assertion(asserted: Asserted, names: SamlAttributeMap,
     return MappedIdentity(first(names.username), attributes, missing)
 
 
+def subject_key(provider: str, name_id: str) -> str:
+    """Where the user name of the NameID `name_id` of `provider` is kept."""
+    digest = hashlib.sha256(f"{provider}\0{name_id}".encode()).hexdigest()
+    return f"{SUBJECT_NAMESPACE}:{digest}"
+
+
+async def subject_username(ephemeral: EphemeralStore, provider: str, name_id: str) -> str | None:
+    """The user a NameID of `provider` signed in as, while a session of theirs can last."""
+    raw = await ephemeral.get(subject_key(provider, name_id))
+    return raw.decode() if raw is not None else None
+
+
 class SamlFactor:
     kind = "saml"
     primary = True
 
     def __init__(self, settings: SamlProvider, source: ServiceProviderSource,
-                 ephemeral: EphemeralStore, *, clock: Callable[[], float] = time.time) -> None:
+                 ephemeral: EphemeralStore, *, subject_lifetime: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        """`subject_lifetime`: how long a session can last, so how long the IdP may still
+        name its user in a LogoutRequest."""
         self.name = settings.name
+        self._subject_lifetime = subject_lifetime
         self._settings = settings
         self._names = settings.attribute_map()
         self._source = source
         self._ephemeral = ephemeral
         self._clock = clock
+
+    def accepts_unsolicited(self) -> bool:
+        return self._settings.allow_idp_initiated
 
     async def redirect(self, state: FlowState, context: LoginContext, callback: str,
                        relay: str) -> Redirect:
@@ -128,11 +145,14 @@ class SamlFactor:
                           "(see the provider's attributes and required_attributes)", username)
         if not await attempt.admit(username):
             return Refused("account locked", username)
-        state.data[NAME_ID_KEPT] = asserted.name_id
-        state.data[NAME_ID_FORMAT_KEPT] = asserted.name_id_format or ""
-        state.data[SESSION_INDEX_KEPT] = asserted.session_index or ""
+        await self._ephemeral.put(subject_key(self.name, asserted.name_id), username.encode(),
+                                  self._subject_lifetime)
+        # Kept with the session (the flow's scratch data is not): signing out of the portal
+        # ends the IdP's session too.
+        subject = SamlSubject(self.name, asserted.name_id, asserted.name_id_format,
+                              asserted.session_index)
         return Passed(f"SAML assertion {asserted.assertion_id} from {asserted.issuer}",
-                      username, mapped.attributes)
+                      username, replace(mapped.attributes, saml=subject))
 
     async def _first_use(self, asserted: Asserted) -> bool:
         digest = hashlib.sha256(f"{asserted.issuer}\0{asserted.assertion_id}".encode())
