@@ -20,11 +20,13 @@ import httpx
 import pytest
 
 from conftest import Deployment, Process, init_deployment
-from e2e.test_federated_sign_in import browser_context  # noqa: F401  (the fixture)
+from e2e import test_federated_sign_in
 from peers.saml import IdpFiles, prepare_idp, start_idp
 
 pytestmark = pytest.mark.peer
 
+# Headless Chromium, as the OIDC sign-in tests start it.
+browser_context = test_federated_sign_in.browser_context
 PROVIDER = "corp"
 GATEWAY_BODY_LIMIT = 64 * 1024        # limits.max_request_body, as `portcullis init` sets it
 
@@ -254,8 +256,11 @@ def test_signing_out_of_the_portal_signs_out_at_the_idp(
         saml: SamlGateway, browser_context: Any) -> None:
     page = browser_context.new_page()
     at_idp: list[str] = []
+    back: list[str] = []
+    slo = f"{saml.deployment.url}/saml/{PROVIDER}/slo"
     page.on("request", lambda request: at_idp.append(request.url)
-            if request.url.startswith(f"{saml.idp.url}/slo") else None)
+            if request.url.startswith(f"{saml.idp.url}/slo") else
+            back.append(request.url) if request.url.startswith(slo) else None)
     signed_in(page, saml)
     page.click("text=Sign out")
     page.wait_for_selector("text=You are signed out here and at your identity provider")
@@ -266,3 +271,25 @@ def test_signing_out_of_the_portal_signs_out_at_the_idp(
     # Signed out here too.
     page.goto(f"{saml.deployment.url}/")
     page.wait_for_url(f"{saml.idp.url}/sso/**")
+    # The IdP's LogoutResponse answers its request once.
+    page.goto(back[0])
+    page.wait_for_selector("text=your identity provider did not confirm")
+    assert saml.audit("saml.logout_failed")[-1]["reason"] == \
+        "unknown, used or expired logout state"
+
+
+def test_a_logout_request_without_the_idps_signature_ends_nothing(
+        saml: SamlGateway, browser_context: Any) -> None:
+    page = browser_context.new_page()
+    signed_in(page, saml)
+    valid = httpx.get(f"{saml.idp.url}/logout-user", params={
+        "sp": saml.entity_id, "name_id": "alice"})
+    assert valid.status_code == 303
+    unsigned = "&".join(part for part in urllib.parse.urlsplit(
+        valid.headers["location"]).query.split("&")
+        if not part.startswith(("Signature=", "SigAlg=")))
+    answer = browser_context.request.get(f"{saml.deployment.url}/saml/{PROVIDER}/slo?{unsigned}")
+    assert answer.status == 400
+    assert "no signed SAMLRequest" in saml.audit("saml.logout_failed")[-1]["reason"]
+    page.goto(f"{saml.deployment.url}/")
+    page.wait_for_selector("text=Your resources")

@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
@@ -49,6 +50,7 @@ NAMESPACE = "saml-logout"
 LOGOUT_LIFETIME = 600.0
 MAX_RELAY = 256
 HERE = Path(__file__).parent
+log = structlog.get_logger("portcullis.portal.saml")
 
 
 @dataclass
@@ -63,7 +65,7 @@ class SamlEndpoints:
         self._templates = Jinja2Templates(directory=str(HERE / "templates"))
 
     def routes(self) -> list[Route]:
-        return [Route("/saml/{provider}/metadata", metadata_endpoint(self.provider)),
+        return [Route("/saml/{provider}/metadata", metadata_endpoint(self._published)),
                 Route("/saml/{provider}/slo", self.single_logout, methods=["GET"])]
 
     async def provider(self, name: str) -> ServiceProvider | None:
@@ -72,6 +74,16 @@ class SamlEndpoints:
         if not isinstance(settings, SamlProvider):
             return None
         return await self.providers.saml(settings).get()
+
+    async def _published(self, name: str) -> ServiceProvider | None:
+        """The provider whose metadata to serve; one that cannot be set up (its IdP's
+        metadata unreadable) is not served, and the log says why."""
+        try:
+            return await self.provider(name)
+        except ConfigError as exc:
+            log.warning("SAML metadata not served: the provider cannot be set up",
+                        provider=name, error=str(exc))
+            return None
 
     async def single_logout(self, request: Request) -> Response:
         name = str(request.path_params["provider"])
