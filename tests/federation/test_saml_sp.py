@@ -41,7 +41,7 @@ ATTEMPT = Attempt(CONTEXT, _admit)
 def factor_for(peer: SamlPeer, store: EphemeralStore | None = None,
                **settings: Any) -> SamlFactor:
     return SamlFactor(peer.provider(**settings), peer.source(**settings),
-                      store if store is not None else MemoryStore(), subject_lifetime=3600)
+                      store if store is not None else MemoryStore())
 
 
 async def start(factor: SamlFactor, peer: SamlPeer, username: str, password: str,

@@ -140,8 +140,7 @@ class IdentityProviders:
                               claim_map(provider), tuple(provider.required_claims),
                               provider.preset)
         if isinstance(provider, SamlProvider):
-            return SamlFactor(provider, self.saml(provider), self.ephemeral,
-                              subject_lifetime=self.settings.session.absolute_timeout)
+            return SamlFactor(provider, self.saml(provider), self.ephemeral)
         assert isinstance(provider, CertificateProvider)
         return CertificateFactor(provider)
 

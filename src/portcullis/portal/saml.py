@@ -34,7 +34,6 @@ from portcullis.config.model import Settings
 from portcullis.errors import ConfigError
 from portcullis.federation.saml import Refused, ServiceProvider, metadata_endpoint
 from portcullis.identity.endings import Ending
-from portcullis.identity.factors.saml import subject_username
 from portcullis.identity.flow import Redirect, Step
 from portcullis.identity.login import CALLBACK_PATH
 from portcullis.identity.providers import IdentityProviders
@@ -112,7 +111,7 @@ class SamlEndpoints:
             self.audit.record("saml.logout_failed", factor=name, client=client,
                               reason=f"LogoutRequest refused: {order.reason}")
             return Response("denied", 400, media_type="text/plain")
-        username = await subject_username(self.ephemeral, name, order.name_id)
+        username = await self.sessions.saml_subject_user(name, order.name_id)
         ended = (await self.sessions.revoke_user(username, Ending.IDP_SIGNED_OUT)
                  if username is not None else 0)
         self.audit.record("saml.logout", factor=name, user=username, initiated_by="idp",

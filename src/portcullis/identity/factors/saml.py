@@ -43,8 +43,6 @@ REPLAY_NAMESPACE = "saml-assertion"
 # What verify() needs, kept in the flow's sealed state by redirect().
 REQUEST_ID = "saml_request_id"
 CALLBACK = "saml_callback"
-# NameID -> user name, for the IdP's LogoutRequests (which name only the NameID).
-SUBJECT_NAMESPACE = "saml-subject"
 
 
 @dataclass(frozen=True)
@@ -76,29 +74,13 @@ def map_assertion(asserted: Asserted, names: SamlAttributeMap,
     return MappedIdentity(first(names.username), attributes, missing)
 
 
-def subject_key(provider: str, name_id: str) -> str:
-    """Where the user name of the NameID `name_id` of `provider` is kept."""
-    digest = hashlib.sha256(f"{provider}\0{name_id}".encode()).hexdigest()
-    return f"{SUBJECT_NAMESPACE}:{digest}"
-
-
-async def subject_username(ephemeral: EphemeralStore, provider: str, name_id: str) -> str | None:
-    """The user a NameID of `provider` signed in as, while a session of theirs can last."""
-    raw = await ephemeral.get(subject_key(provider, name_id))
-    return raw.decode() if raw is not None else None
-
-
 class SamlFactor:
     kind = "saml"
     primary = True
 
     def __init__(self, settings: SamlProvider, source: ServiceProviderSource,
-                 ephemeral: EphemeralStore, *, subject_lifetime: float,
-                 clock: Callable[[], float] = time.time) -> None:
-        """`subject_lifetime`: how long a session can last, so how long the IdP may still
-        name its user in a LogoutRequest."""
+                 ephemeral: EphemeralStore, *, clock: Callable[[], float] = time.time) -> None:
         self.name = settings.name
-        self._subject_lifetime = subject_lifetime
         self._settings = settings
         self._names = settings.attribute_map()
         self._source = source
@@ -145,8 +127,6 @@ class SamlFactor:
                           "(see the provider's attributes and required_attributes)", username)
         if not await attempt.admit(username):
             return Refused("account locked", username)
-        await self._ephemeral.put(subject_key(self.name, asserted.name_id), username.encode(),
-                                  self._subject_lifetime)
         # Kept with the session (the flow's scratch data is not): signing out of the portal
         # ends the IdP's session too.
         subject = SamlSubject(self.name, asserted.name_id, asserted.name_id_format,
