@@ -18,13 +18,12 @@ from pathlib import Path
 
 from bench import (
     double_hop,
+    federation,
     idle_memory,
     idle_tls,
     launch_rate,
     login_rate,
-    op_tokens,
     revocation,
-    saml_signin,
     throughput,
     tunnel_memory,
     tunnel_stream_rate,
@@ -45,8 +44,7 @@ BENCHMARKS: dict[str, Callable[[], Report]] = {
     "tunnel_memory": tunnel_memory.run,
     "revocation": revocation.run,
     "double_hop": double_hop.run,
-    "op_tokens": op_tokens.run,
-    "saml_signin": saml_signin.run,
+    "federation": federation.run,
 }
 RESULTS = Path(__file__).parent / "results"
 OPEN_FILES = 16384  # idle_memory holds ~3 sockets per connection in client + gateway

@@ -132,41 +132,40 @@ def test_the_providers_answer_in_another_browser_signs_nobody_in(
     assert "another browser" in federated.audit("login.failed")[-1]["reason"]
 
 
-def test_the_cli_signs_in_through_the_provider_on_a_loopback_redirect(
-        federated: Federated, browser_context: Any, tmp_path: Path) -> None:
-    home = tmp_path / "cli-home"
-    login = Process(["login", federated.deployment.url, "--no-browser",
-                     "--ca", str(federated.deployment.ca)], tmp_path / "login.log",
-                    env={"PORTCULLIS_HOME": str(home)})
+def sign_in_from_the_terminal(command: Process, browser_context: Any) -> str:
+    """Open the loopback URL `command` printed, sign in at the provider as alice, and
+    wait for the command to finish; its output."""
     try:
-        opened = login.wait_for(r"(http://127\.0\.0\.1:\d+/start)")
+        opened = command.wait_for(r"(http://127\.0\.0\.1:\d+/start/\S+)")
         page = browser_context.new_page()
         page.goto(opened.group(1))
         sign_in_at_the_provider(page, "alice")
         page.wait_for_selector("text=return to the terminal")
-        assert login.popen.wait(timeout=30) == 0, login.output()
+        assert command.popen.wait(timeout=30) == 0, command.output()
     finally:
-        login.stop()
-    assert re.search(r"signed in as alice \(groups: .*staff", login.output())
-    saved = json.loads((home / "client.json").read_text()) if (home / "client.json").exists() \
-        else None
-    assert saved is None or saved["user"] == "alice"
+        command.stop()
+    return command.output()
+
+
+def test_the_cli_signs_in_through_the_provider_on_a_loopback_redirect(
+        federated: Federated, browser_context: Any, tmp_path: Path) -> None:
+    home = {"PORTCULLIS_HOME": str(tmp_path / "cli-home")}
+    output = sign_in_from_the_terminal(Process(
+        ["login", federated.deployment.url, "--no-browser", "--ca",
+         str(federated.deployment.ca)], tmp_path / "login.log", env=home), browser_context)
+    assert re.search(r"signed in as alice \(groups: .*staff", output)
+    # The session the CLI kept works: the resources of alice's groups.
+    listed = Process(["resources"], tmp_path / "resources.log", env=home)
+    assert listed.popen.wait(timeout=30) == 0, listed.output()
+    assert "intranet" in listed.output() and "ssh" not in listed.output()
 
 
 def test_auth_test_prints_the_providers_url_waits_and_shows_the_claims(
         federated: Federated, browser_context: Any, tmp_path: Path) -> None:
-    tried = Process(["auth", "test", "--user", "alice", "--callback-port", str(AUTH_TEST_PORT),
-                     "--dir", str(federated.deployment.directory)], tmp_path / "auth-test.log")
-    try:
-        opened = tried.wait_for(r"(http://127\.0\.0\.1:\d+/start)")
-        page = browser_context.new_page()
-        page.goto(opened.group(1))
-        sign_in_at_the_provider(page, "alice")
-        page.wait_for_selector("text=return to the terminal")
-        assert tried.popen.wait(timeout=30) == 0, tried.output()
-    finally:
-        tried.stop()
-    output = tried.output()
+    output = sign_in_from_the_terminal(Process(
+        ["auth", "test", "--user", "alice", "--callback-port", str(AUTH_TEST_PORT),
+         "--dir", str(federated.deployment.directory)], tmp_path / "auth-test.log"),
+        browser_context)
     assert "step okta: Sign in with okta (redirect)" in output
     assert "passed  okta as alice" in output
     assert re.search(r"sid +S-1-5-21-", output) and re.search(r"groups +staff, Finance", output)

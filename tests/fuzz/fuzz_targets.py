@@ -15,11 +15,19 @@ bounded fuzzing session per target.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
-from portcullis.errors import ProtocolError
+from joserfc import jws
+from joserfc.errors import JoseError
+
+from portcullis.errors import FederationError, ProtocolError
+from portcullis.federation.http import parse_json
+from portcullis.federation.oidc import ClaimExpectations, check_claims, check_header
+from portcullis.federation.saml import SAMLP, Refused, SamlMessage, read_saml_message
 from portcullis.proto import mux
 from portcullis.proto.httpconnect import HttpConnectConnection
 from portcullis.proto.launchfile import format_launch_file, parse_launch_file
@@ -282,6 +290,47 @@ def launch_file(data: bytes) -> None:
     assert parse_launch_file(format_launch_file(parsed)) == parsed
 
 
+def saml_message(data: bytes) -> None:
+    """The SAML gate reading what a browser posted (or an IdP redirected): base64, for
+    the HTTP-Redirect binding deflated, then one defusedxml parse. Byte 0, bit 0: deflate
+    the rest first; bit 1: take the rest as the (unencoded) form field itself."""
+    options = data[0] if data else 0
+    body = data[1:]
+    deflated = bool(options & 1)
+    if options & 2:
+        encoded = body.decode("latin-1")
+    else:
+        if deflated:
+            packer = zlib.compressobj(wbits=-15)
+            body = packer.compress(body) + packer.flush()
+        encoded = base64.b64encode(body).decode()
+    outcome = read_saml_message(encoded, 64 * 1024, (f"{{{SAMLP}}}Response",),
+                                deflated=deflated)
+    assert isinstance(outcome, SamlMessage | Refused)
+    if isinstance(outcome, SamlMessage):
+        assert outcome.root.tag == f"{{{SAMLP}}}Response"
+
+
+FUZZ_EXPECTATIONS = ClaimExpectations("https://idp.example", "portcullis", "n-0S6_WzA2Mj", 60)
+
+
+def id_token(data: bytes) -> None:
+    """An ID token's header and claims, as the OIDC factor reads them before and after
+    the signature check; a refusal is a reason, never an exception."""
+    try:
+        unverified = jws.extract_compact(data)
+        header = unverified.headers()
+    except (JoseError, ValueError, TypeError):
+        return
+    reason = check_header(header, ("RS256", "ES256"))
+    assert reason is None or isinstance(reason, str)
+    try:
+        claims = parse_json(unverified.payload, "ID token")
+    except FederationError:
+        return
+    assert isinstance(check_claims(claims, FUZZ_EXPECTATIONS, 1_800_000_000.0), str | None)
+
+
 TARGETS: dict[str, Target] = {
     "mux_client": mux_client,
     "mux_gateway": mux_gateway,
@@ -291,4 +340,6 @@ TARGETS: dict[str, Target] = {
     "stream_datagrams": stream_datagrams,
     "http_connect": http_connect,
     "launch_file": launch_file,
+    "saml_message": saml_message,
+    "id_token": id_token,
 }

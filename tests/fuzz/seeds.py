@@ -10,6 +10,7 @@ as ``regression-*`` and replayed by ``test_fuzz.py``.
 from __future__ import annotations
 
 import base64
+import json
 import struct
 from pathlib import Path
 
@@ -169,6 +170,40 @@ def launch_file() -> dict[str, bytes]:
     }
 
 
+def saml_message() -> dict[str, bytes]:
+    response = (b'<samlp:Response xmlns:samlp="urn:oasis:names:tc:SAML:2.0:protocol" '
+                b'xmlns:saml="urn:oasis:names:tc:SAML:2.0:assertion" ID="_r1" Version="2.0">'
+                b'<saml:Issuer>https://idp.example</saml:Issuer><saml:Assertion ID="_a1">'
+                b'<saml:Subject><saml:NameID>admin<!---->.evil</saml:NameID></saml:Subject>'
+                b'</saml:Assertion></samlp:Response>')
+    return {
+        "response": b"\x00" + response,
+        "deflated": b"\x01" + response,
+        "entity": b"\x00<!DOCTYPE r [<!ENTITY a 'aaaa'>]><r>&a;</r>",
+        "sha1": b"\x00" + response.replace(b"</samlp:Response>", b'<ds:DigestMethod xmlns:ds='
+                                           b'"http://www.w3.org/2000/09/xmldsig#" Algorithm='
+                                           b'"http://www.w3.org/2000/09/xmldsig#sha1"/>'
+                                           b"</samlp:Response>"),
+        "not-base64": b"\x02PHNhbWxw%%%",
+    }
+
+
+def id_token() -> dict[str, bytes]:
+    def part(value: dict[str, object]) -> bytes:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=")
+
+    claims = {"iss": "https://idp.example", "aud": "portcullis", "exp": 1_800_000_600,
+              "iat": 1_800_000_000, "nonce": "n-0S6_WzA2Mj", "sub": "alice"}
+    return {
+        "rs256": part({"alg": "RS256", "kid": "k1"}) + b"." + part(claims) + b".c2ln",
+        "none": part({"alg": "none"}) + b"." + part(claims) + b".",
+        "jwk-header": part({"alg": "RS256", "jwk": {"kty": "oct", "k": "AA"}}) + b"."
+                      + part(claims) + b".c2ln",
+        "several-audiences": part({"alg": "ES256"}) + b"." + part(
+            {**claims, "aud": ["portcullis", "other"]}) + b".c2ln",
+    }
+
+
 SEEDS = {
     "mux_client": {name: b"\x00\x03" + wire for name, wire in gateway_says().items()},
     "mux_gateway": {name: b"\x00\x07" + wire for name, wire in client_says().items()},
@@ -178,6 +213,8 @@ SEEDS = {
     "stream_datagrams": stream_datagrams(),
     "http_connect": http_connect(),
     "launch_file": launch_file(),
+    "saml_message": saml_message(),
+    "id_token": id_token(),
 }
 
 

@@ -37,8 +37,8 @@ def mapped(token: dict[str, Any], **keys: Any) -> MappedUser | Refusal:
 def test_azure_preset() -> None:
     user = mapped(AZURE_TOKEN, preset="azure")
     assert isinstance(user, MappedUser)
-    assert (user.username, user.username_claim) == ("Carol@Contoso.example",
-                                                    "preferred_username")
+    # The pairwise subject, which Entra ID never reassigns (preferred_username can change).
+    assert (user.username, user.username_claim) == ("AAAA-pairwise", "sub")
     assert user.attributes.upn == "carol@contoso.example"
     assert user.attributes.sid == "S-1-5-21-1-2-3-1013"
     assert user.attributes.guid == "a1b2c3d4-0000-4000-8000-00000000beef"
@@ -61,10 +61,21 @@ def test_okta_preset_with_a_renamed_ad_attribute() -> None:
 
 
 def test_generic_maps_nothing_it_is_not_told() -> None:
-    user = mapped({"sub": "s", "email": "e@x.test", "upn": "u@x.test", "groups": "one"})
+    user = mapped({"sub": "s", "email": "e@x.test", "email_verified": True, "upn": "u@x.test",
+                   "groups": "one"})
     assert isinstance(user, MappedUser)
-    assert user.username == "e@x.test" and user.attributes.upn is None
-    assert user.attributes.groups == ("one",)
+    assert user.username == "s" and user.attributes.upn is None
+    assert user.attributes.email == "e@x.test" and user.attributes.groups == ("one",)
+
+
+@pytest.mark.parametrize("verified", [False, None, "true"])
+def test_an_unverified_email_names_no_one_and_is_not_kept(verified: object) -> None:
+    """An address anyone could have typed into their profile must not become the user
+    name (that would be someone else's account) nor a claim linking a directory account."""
+    claims = {"sub": "auth0|1", "email": "ceo@corp.example", "email_verified": verified}
+    user = mapped(claims, username_claim=["email", "sub"])
+    assert isinstance(user, MappedUser)
+    assert user.username == "auth0|1" and user.attributes.email is None
 
 
 def test_an_empty_list_turns_an_attribute_off() -> None:
@@ -72,11 +83,15 @@ def test_an_empty_list_turns_an_attribute_off() -> None:
     assert isinstance(user, MappedUser) and user.attributes.groups == ()
 
 
-@given(st.lists(st.sampled_from(["preferred_username", "email", "sub"]), unique=True))
-def test_the_user_name_is_the_first_present_default_claim(present: list[str]) -> None:
-    claims = {name: f"{name}-value" for name in present}
-    user = mapped(claims)
-    order = [name for name in ("preferred_username", "email", "sub") if name in present]
+NAMES = ["preferred_username", "email", "sub"]
+
+
+@given(st.lists(st.sampled_from(NAMES), unique=True))
+def test_the_user_name_is_the_first_present_configured_claim(present: list[str]) -> None:
+    claims: dict[str, Any] = {name: f"{name}-value" for name in present}
+    claims["email_verified"] = True
+    user = mapped(claims, username_claim=NAMES)
+    order = [name for name in NAMES if name in present]
     if order:
         assert isinstance(user, MappedUser) and user.username == f"{order[0]}-value"
     else:
@@ -84,10 +99,18 @@ def test_the_user_name_is_the_first_present_default_claim(present: list[str]) ->
                                "email, sub); set the provider's username_claim")
 
 
+def test_by_default_only_the_subject_names_the_user() -> None:
+    user = mapped({"preferred_username": "root", "sub": "00u1"})
+    assert isinstance(user, MappedUser) and user.username == "00u1"
+    assert mapped({"preferred_username": "root"}) == Refusal(
+        "no claim names the user (looked for sub); set the provider's username_claim")
+
+
 @given(st.one_of(st.integers(), st.booleans(), st.none(), st.just(""), st.just("  "),
                  st.just("x" * 257), st.lists(st.text(max_size=3), max_size=2)))
 def test_a_claim_that_is_no_usable_text_is_passed_over(value: Any) -> None:
-    user = mapped({"preferred_username": value, "email": "fallback@x.test"})
+    user = mapped({"preferred_username": value, "email": "fallback@x.test",
+                   "email_verified": True}, username_claim=["preferred_username", "email"])
     assert isinstance(user, MappedUser) and user.username == "fallback@x.test"
 
 

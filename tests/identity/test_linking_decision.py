@@ -106,13 +106,16 @@ def test_groups_come_from_the_source_of_truth(groups: Groups,
                                               expected: tuple[str, ...]) -> None:
     decision = decide_link(link(groups=groups), IDP, found(ACCOUNT))
     assert isinstance(decision, Linked) and decision.attributes.groups == expected
+    assert decision.attributes.groups_from == {
+        "idp": ("okta",), "directory": ("directory corp",),
+        "both": ("okta", "directory corp")}[groups]
 
 
 def test_a_linked_session_carries_the_accounts_name_and_identifiers() -> None:
     decision = decide_link(link(), IDP, found(ACCOUNT))
     assert decision == Linked("alice", Attributes(
-        groups=("staff", "finance"), email="alice@pc.test", upn="alice@pc.test", sid=SID,
-        guid=str(GUID), display_name="Alice (Okta)"),
+        groups=("staff", "finance"), groups_from=("directory corp",), email="alice@pc.test",
+        upn="alice@pc.test", sid=SID, guid=str(GUID), display_name="Alice (Okta)"),
         "linked to CN=alice,CN=Users,DC=pc,DC=test in directory corp by objectSid")
 
 
@@ -132,11 +135,12 @@ def test_username_from_idp_keeps_the_idps_name() -> None:
     ({}, found(DirectoryUser("CN=x,DC=pc", "", Attributes(), ())),
      LinkRefused("the user name '' of CN=x,DC=pc in directory corp is not usable")),
     # Not required: the IdP's answer alone, without groups if the directory owns them.
-    ({"required": False}, found(), Linked("alice.okta", Attributes(), (
+    ({"required": False}, found(), Linked("alice.okta", Attributes(
+        groups_from=("directory corp",)), (
         f"not linked (no account in directory corp has objectSid {SID}; "
         "the link is not required)"))),
     ({"required": False, "groups": "both"}, None, Linked(
-        "alice.okta", Attributes(groups=("okta-everyone",)),
+        "alice.okta", Attributes(groups=("okta-everyone",), groups_from=("okta",)),
         "not linked (the answer from okta carries none of sid, which link it to directory "
         "corp; the link is not required)")),
     # Several accounts is never "not linked": that is a directory to fix.

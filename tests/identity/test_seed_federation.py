@@ -61,6 +61,7 @@ async def test_okta_user_with_ads_sid_gets_the_directorys_account_and_groups(
     claims = done.session.claims
     assert claims.username == "alice" and claims.sid == "S-1-5-21-1-2-3-1104"
     assert {"staff", "finance"} <= set(claims.groups) and "Everyone" not in claims.groups
+    assert claims.groups_from == ("directory corp",)
     assert claims.amr == ("idp",)
 
 
@@ -82,6 +83,7 @@ async def test_oidc_then_totp_for_finance(build_login: BuildLogin, logins: list[
     done = await login.service.submit(totp.handle, {
         "code": oathtool_code(enrolment.secret, time.time() + 30)}, CLIENT)
     assert isinstance(done, Authenticated) and done.session.claims.amr == ("idp", "totp")
+    assert done.session.claims.groups_from == ("idp",)
 
     # carol is not: the provider's answer is enough.
     carol = await through_the_provider(login, "carol")

@@ -47,10 +47,12 @@ def flow(*steps: dict[str, Any], **auth: Any) -> dict[str, Any]:
     return {"flows": [{"name": "default", "steps": list(steps)}], **auth}
 
 
-def settings_for(auth: dict[str, Any], base_dir: Path) -> Settings:
-    """Settings with this `[auth]` section; its relative paths (secret files, CA
-    certificates) are relative to base_dir, as to a deployment directory."""
-    return Settings.model_validate({"auth": auth}).model_copy(update={"base_dir": base_dir})
+def settings_for(auth: dict[str, Any], base_dir: Path, **sections: Any) -> Settings:
+    """Settings with this `[auth]` section (and other `sections`: gateway, tls...); its
+    relative paths (secret files, CA certificates) are relative to base_dir, as to a
+    deployment directory."""
+    return Settings.model_validate({**sections, "auth": auth}).model_copy(
+        update={"base_dir": base_dir})
 
 
 @dataclass
@@ -113,6 +115,31 @@ async def durable(tmp_path: Path) -> AsyncIterator[DurableStore]:
     await store.close()
 
 
+def build_login_service(auth: dict[str, Any], durable: DurableStore, base_dir: Path,
+                        audit_path: Path, *, throttle: dict[str, Any] | None = None,
+                        client: LoginContext = CLIENT, ephemeral: EphemeralStore | None = None,
+                        dialer: Dialer | None = None,
+                        **sections: Any) -> tuple[Login, AuditTrail]:
+    """The LoginService the gateway would build from `auth` (see the fixture build_login
+    for the arguments; `sections` are other sections of the configuration), and its audit
+    trail, which the caller closes. Benchmarks build theirs with it too."""
+    throttling = {"failure_floor": 0, **auth.get("throttle", {}), **(throttle or {})}
+    settings = settings_for({**auth, "throttle": throttling}, base_dir, **sections)
+    store = ephemeral if ephemeral is not None else MemoryStore()
+    hasher = TokenHasher(HASHER_KEY)
+    providers = IdentityProviders(settings, durable, store, hasher,
+                                  dialer=dialer or DirectDialer())
+    sessions = SessionManager(store, AccountStatus(durable, ttl=0), hasher, settings.session)
+    throttler = Throttle(store, settings.auth.throttle)
+    trail = AuditTrail(audit_path)
+    # As the gateway does, where a [gateway] section says where it is; the tests that
+    # give none keep LoginService's default (their callbacks are https://localhost/...).
+    public_url = settings.gateway.public_url if "gateway" in sections else "https://localhost"
+    service = LoginService(providers.flow(), store, hasher, sessions, settings.session,
+                           trail, throttler, public_url=public_url)
+    return Login(service, providers, throttler, store, audit_path, client), trail
+
+
 @pytest.fixture
 def build_login(durable: DurableStore, tmp_path: Path) -> Iterator[BuildLogin]:
     """build_login(auth, *, throttle=None, client=CLIENT, ephemeral=None, dialer=None)
@@ -126,24 +153,11 @@ def build_login(durable: DurableStore, tmp_path: Path) -> Iterator[BuildLogin]:
     tmp_path. Each Login has its own audit trail file, closed when the test ends."""
     trails: list[AuditTrail] = []
 
-    def build(auth: dict[str, Any], *, throttle: dict[str, Any] | None = None,
-              client: LoginContext = CLIENT, ephemeral: EphemeralStore | None = None,
-              dialer: Dialer | None = None) -> Login:
-        throttling = {"failure_floor": 0, **auth.get("throttle", {}), **(throttle or {})}
-        settings = settings_for({**auth, "throttle": throttling}, tmp_path)
-        store = ephemeral if ephemeral is not None else MemoryStore()
-        hasher = TokenHasher(HASHER_KEY)
-        providers = IdentityProviders(settings, durable, store, hasher,
-                                      dialer=dialer or DirectDialer())
-        sessions = SessionManager(store, AccountStatus(durable, ttl=0), hasher,
-                                  settings.session)
-        throttler = Throttle(store, settings.auth.throttle)
-        audit_path = tmp_path / f"audit-{len(trails)}.jsonl"
-        trail = AuditTrail(audit_path)
+    def build(auth: dict[str, Any], **options: Any) -> Login:
+        login, trail = build_login_service(auth, durable, tmp_path,
+                                           tmp_path / f"audit-{len(trails)}.jsonl", **options)
         trails.append(trail)
-        service = LoginService(providers.flow(), store, hasher, sessions, settings.session,
-                               trail, throttler)
-        return Login(service, providers, throttler, store, audit_path, client)
+        return login
 
     yield build
     for trail in trails:

@@ -27,6 +27,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -133,6 +134,10 @@ class TamperingProxy(ThreadingHTTPServer):
         self.tamper_token: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self.tamper_userinfo: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self.requests: list[str] = []          # "METHOD /path", in order
+        # Seconds spent answering (the provider's time and the forwarding): what a
+        # benchmark counts as the provider's side of a sign-in.
+        self.answering = 0.0
+        self._answering_lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
         self._thread.start()
 
@@ -143,6 +148,10 @@ class TamperingProxy(ThreadingHTTPServer):
     def count(self, path: str) -> int:
         return sum(1 for line in self.requests if line.split(" ")[1].split("?")[0] == path)
 
+    def answered(self, seconds: float) -> None:
+        with self._answering_lock:
+            self.answering += seconds
+
     def close(self) -> None:
         self.shutdown()
         self.server_close()
@@ -152,6 +161,13 @@ class _Forward(BaseHTTPRequestHandler):
     server: TamperingProxy
 
     def _forward(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._pass_on()
+        finally:
+            self.server.answered(time.perf_counter() - started)
+
+    def _pass_on(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         self.server.requests.append(f"{self.command} {self.path}")

@@ -163,12 +163,19 @@ def start_idp(files: IdpFiles, sp_metadata: bytes) -> Process:
     return process
 
 
+def start_saml_idp(directory: Path) -> tuple[SamlPeer, Process]:
+    """The IdP on a free port, its files in `directory`, knowing the gateway of
+    PUBLIC_URL (whose SAML key pair is made in `pki_dir`, its metadata by the gateway's
+    own code); the caller stops the process. The fixture saml_idp and the federation
+    benchmark start it so."""
+    files = prepare_idp(directory)
+    peer = SamlPeer(files.url, files.directory, files.metadata_file, files.directory / "pki")
+    return peer, start_idp(files, asyncio.run(peer.source().get()).metadata())
+
+
 @pytest.fixture(scope="module", name="saml_idp")
 def saml_idp_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SamlPeer]:
-    files = prepare_idp(tmp_path_factory.mktemp("saml-idp"))
-    peer = SamlPeer(files.url, files.directory, files.metadata_file, files.directory / "pki")
-    # The SP's metadata from the gateway's own code.
-    process = start_idp(files, asyncio.run(peer.source().get()).metadata())
+    peer, process = start_saml_idp(tmp_path_factory.mktemp("saml-idp"))
     try:
         yield peer
     finally:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import structlog
 from joserfc import jwk
 from joserfc.errors import JoseError
 
@@ -31,6 +32,7 @@ ALGORITHM_KEYS: dict[str, tuple[str, str | None]] = {
     "EdDSA": ("OKP", None), "Ed25519": ("OKP", "Ed25519"),
 }
 MAX_KEYS = 64
+log = structlog.get_logger("portcullis.federation.jwks")
 
 
 def parse_jwks(document: Mapping[str, Any]) -> dict[str, jwk.Key]:
@@ -50,9 +52,10 @@ def parse_jwks(document: Mapping[str, Any]) -> dict[str, jwk.Key]:
         try:
             key = jwk.import_key(public)
         except (JoseError, ValueError, TypeError) as exc:
-            raise FederationError(f"the provider's JWKS holds a key that cannot be read "
-                                  f"(kid {member.get('kid')!r}): {exc}",
-                                  unavailable=True) from None
+            # One key this library cannot read (a new type, a typo) must not stop the
+            # sign-ins that the provider's other keys sign.
+            log.warning("JWKS key skipped", kid=member.get("kid"), error=str(exc))
+            continue
         keys[str(member.get("kid", ""))] = key
     return keys
 

@@ -23,7 +23,10 @@ MAX_GROUPS = 1000
 class ClaimMap:
     """For each attribute, the claims tried in order: the first present one fills it."""
 
-    username: tuple[str, ...] = ("preferred_username", "email", "sub")
+    # `sub` is the one claim every provider promises never to reassign: a name the
+    # user (or a self-service profile) can change would let one account become another.
+    # Readable names are a deliberate choice (`username_claim`), see docs/identity.md.
+    username: tuple[str, ...] = ("sub",)
     email: tuple[str, ...] = ("email",)
     display_name: tuple[str, ...] = ("name",)
     upn: tuple[str, ...] = ()
@@ -37,7 +40,8 @@ PRESETS: dict[str, ClaimMap] = {
     # Entra ID: `oid` is the user's object id in the tenant (not AD's objectGUID, which
     # reaches a token only through a claims-mapping policy: name that claim in
     # `claims.guid`); onprem_sid is the optional claim of synchronised users.
-    "azure": ClaimMap(upn=("upn", "preferred_username"),
+    # (Not preferred_username for the UPN: Microsoft documents it as mutable.)
+    "azure": ClaimMap(upn=("upn",),
                       sid=("onprem_sid", "onPremisesSecurityIdentifier"), guid=("oid",)),
     # Okta: AD attributes reach the token as custom claims of the authorization server;
     # these are the names Okta's AD agent documentation uses.
@@ -111,8 +115,17 @@ def groups_overage(claims: Mapping[str, Any], names: tuple[str, ...]) -> str | N
     return None
 
 
+def trusted(claims: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The claims without an email address the provider has not verified: it must not
+    name a user, link an account or reach an application (OpenID Connect Core 5.1)."""
+    if "email" in claims and claims.get("email_verified") is not True:
+        return {name: value for name, value in claims.items() if name != "email"}
+    return claims
+
+
 def map_claims(claims: Mapping[str, Any], names: ClaimMap, required: tuple[str, ...],
                preset: str = "generic") -> MappedUser | Refusal:
+    claims = trusted(claims)
     user = _first(claims, names.username)
     if user is None:
         return Refusal(f"no claim names the user (looked for {', '.join(names.username)}); "

@@ -33,6 +33,9 @@ class Attributes:
     """What one provider says about the user."""
 
     groups: tuple[str, ...] = ()
+    # Where the groups came from (the source of truth group decisions rest on): the
+    # providers, or "directory NAME" for a federated identity linked to its account.
+    groups_from: tuple[str, ...] = ()
     display_name: str | None = None
     email: str | None = None
     upn: str | None = None
@@ -43,16 +46,21 @@ class Attributes:
 
     def merge(self, later: Attributes) -> Attributes:
         filled = {f.name: getattr(self, f.name) or getattr(later, f.name)
-                  for f in fields(self) if f.name != "groups"}
-        return replace(self, groups=tuple(dict.fromkeys(self.groups + later.groups)), **filled)
+                  for f in fields(self) if f.name not in LISTS}
+        return replace(self, groups=tuple(dict.fromkeys(self.groups + later.groups)),
+                       groups_from=tuple(dict.fromkeys(self.groups_from + later.groups_from)),
+                       **filled)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Attributes:
-        return cls(**{**data, "groups": tuple(data.get("groups", ())),
+        return cls(**{**data, **{name: tuple(data.get(name, ())) for name in LISTS},
                       "saml": SamlSubject.from_json(data.get("saml"))})
+
+
+LISTS = ("groups", "groups_from")
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,7 @@ class Claims:
     sub: str                          # realm:username, unique across providers
     username: str
     groups: tuple[str, ...] = ()
+    groups_from: tuple[str, ...] = ()
     idp: str = "local"                # the realm: the provider whose namespace the name is in
     amr: tuple[str, ...] = ()         # the providers passed, in order
     auth_time: float = field(default_factory=time.time)
@@ -85,6 +94,5 @@ class Claims:
     def from_json(cls, data: dict[str, Any]) -> Claims:
         known = {f.name for f in fields(cls)}
         return cls(**{**{k: v for k, v in data.items() if k in known},
-                      "groups": tuple(data.get("groups", ())),
-                      "amr": tuple(data.get("amr", ())),
+                      **{name: tuple(data.get(name, ())) for name in (*LISTS, "amr")},
                       "saml": SamlSubject.from_json(data.get("saml"))})

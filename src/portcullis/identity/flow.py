@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from portcullis.config.auth import Flow
@@ -359,6 +359,8 @@ def decide(flow: Flow, primaries: frozenset[str], state: FlowState, outcome: Fac
             _name(state, named, primary)
             state.passed.append(factor)
             if attributes is not None:
+                if attributes.groups and not attributes.groups_from:
+                    attributes = replace(attributes, groups_from=(factor,))
                 merged = Attributes.from_json(state.attributes).merge(attributes)
                 state.attributes = merged.to_json()
             return _advance(flow, primaries, state,

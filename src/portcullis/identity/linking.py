@@ -130,7 +130,9 @@ def decide_link(link: DirectoryLink, idp: IdpAnswer, lookup: Lookup | None) -> L
     merged = account.attributes.merge(idp.attributes)
     groups = {"idp": idp.attributes.groups, "directory": account.attributes.groups,
               "both": merged.groups}[link.groups]
-    return Linked(username, replace(merged, groups=groups),
+    source = {"idp": (idp.provider,), "directory": (f"directory {directory}",),
+              "both": (idp.provider, f"directory {directory}")}[link.groups]
+    return Linked(username, replace(merged, groups=groups, groups_from=source),
                   f"linked to {account.dn} in directory {directory} by {lookup.attribute}")
 
 
@@ -139,7 +141,8 @@ def _unlinked(link: DirectoryLink, idp: IdpAnswer, why: str) -> Linked | LinkRef
         return LinkRefused(why)
     # The directory is the source of truth: without an account there, no groups.
     groups = () if link.groups == "directory" else idp.attributes.groups
-    return Linked(idp.username, replace(idp.attributes, groups=groups),
+    source = (f"directory {link.directory}",) if link.groups == "directory" else (idp.provider,)
+    return Linked(idp.username, replace(idp.attributes, groups=groups, groups_from=source),
                   f"not linked ({why}; the link is not required)")
 
 

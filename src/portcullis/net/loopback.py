@@ -2,15 +2,22 @@
 sign in through an identity provider: `portcullis login` and `portcullis auth test`.
 
 The receiver listens on 127.0.0.1 only, on a port the system picks (or one the
-administrator registered with the provider), serves `/start` — which sends the browser
-on to the provider, by a redirect or, for a SAML POST binding, a form — and takes the
-first answer that arrives at (or under) its callback path, by GET (a query) or POST (a form).
-Everything else is a 404; the wait is bounded.
+administrator registered with the provider), serves a start page — which sends the
+browser on to the provider, by a redirect or, for a SAML POST binding, a form — and takes
+the first answer that arrives at (or under) its callback path, by GET (a query) or POST
+(a form). Everything else is a 404; the wait is bounded.
+
+Any web page the user has open can make their browser request 127.0.0.1, so: a request
+whose Host is not this listener's own address is refused (a DNS-rebinding page reaches
+the port under its own name, and must not read the start page's SAMLRequest and
+RelayState), and the start page lives at an unguessable path, as does the callback when
+the caller lets it (`portcullis login`; `auth test` must use the path it registered).
 """
 
 from __future__ import annotations
 
 import html
+import secrets
 import threading
 import time
 from collections.abc import Mapping
@@ -26,17 +33,26 @@ DONE_PAGE = (b"<!doctype html><meta charset=utf-8><title>Portcullis</title>"
 
 
 class LoopbackReceiver:
-    def __init__(self, callback_path: str = "/callback", port: int = 0) -> None:
-        self._callback_path = callback_path
+    def __init__(self, callback_path: str | None = None, port: int = 0) -> None:
+        self._callback_path = callback_path or f"/callback/{secrets.token_urlsafe(16)}"
+        self._start_path = f"/start/{secrets.token_urlsafe(16)}"
         self._answer: dict[str, str] | None = None
         self._arrived = threading.Event()
         self._start: tuple[str, Mapping[str, str] | None] | None = None
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            def _ours(self) -> bool:
+                if self.headers.get("host") == receiver.host:
+                    return True
+                self.send_error(HTTPStatus.MISDIRECTED_REQUEST)
+                return False
+
             def do_GET(self) -> None:
+                if not self._ours():
+                    return
                 path, _, query = self.path.partition("?")
-                if path == "/start" and receiver._start is not None:
+                if path == receiver._start_path and receiver._start is not None:
                     self._send_start(*receiver._start)
                 elif path.startswith(receiver._callback_path):
                     self._take(dict(parse_qsl(query)))
@@ -44,6 +60,8 @@ class LoopbackReceiver:
                     self.send_error(HTTPStatus.NOT_FOUND)
 
             def do_POST(self) -> None:
+                if not self._ours():
+                    return
                 declared = self.headers.get("content-length") or "0"
                 length = int(declared) if declared.isdigit() else 0
                 if (not self.path.startswith(receiver._callback_path)
@@ -90,8 +108,12 @@ class LoopbackReceiver:
         self._thread.start()
 
     @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://{self.host}"
 
     @property
     def callback_url(self) -> str:
@@ -102,7 +124,7 @@ class LoopbackReceiver:
         if urlsplit(url).scheme not in ("https", "http"):
             raise ClientError(f"the identity provider's address {url!r} is not a web URL")
         self._start = (url, form)
-        return self.base + "/start"
+        return self.base + self._start_path
 
     def wait(self, timeout: float) -> dict[str, str]:
         """The answer that came back, or ClientError after `timeout` seconds."""

@@ -63,8 +63,11 @@ def parse_target(target: str) -> tuple[str, int, Protocol]:
 
 def _claims_line(source: str, claims: Claims) -> Who:
     groups = ", ".join(claims.groups) or "(none)"
+    # Group decisions name their source of truth: the provider, or a linked directory.
+    origin = f" (from {', '.join(claims.groups_from)})" if claims.groups_from else ""
     return Who(Subject(claims.username, frozenset(claims.groups)),
-               f"user {claims.username} ({source}, realm {claims.idp}): groups {groups}")
+               f"user {claims.username} ({source}, realm {claims.idp}): groups {groups}"
+               f"{origin}")
 
 
 async def local_user(settings: Settings, username: str) -> Who:

@@ -43,8 +43,10 @@ def to_identity_provider(templates: Jinja2Templates, request: Request, step: Nex
     age = int(lifetime)
     response.set_cookie(LOGIN_COOKIE, step.handle, max_age=age, path="/", secure=True,
                         httponly=True, samesite="none")
+    # SameSite=None too: a SAML answer arrives by a cross-site POST, which a Lax cookie
+    # would miss (the user would land on / instead of the page asked for).
     response.set_cookie(NEXT_COOKIE, target, max_age=age, path="/", secure=True,
-                        httponly=True, samesite="lax")
+                        httponly=True, samesite="none")
     return response
 
 
@@ -70,7 +72,8 @@ async def callback_answers(request: Request) -> tuple[str, dict[str, str]]:
 def forget_login(response: Response) -> Response:
     response.delete_cookie(LOGIN_COOKIE, path="/", secure=True, httponly=True,
                            samesite="none")
-    response.delete_cookie(NEXT_COOKIE, path="/", secure=True, httponly=True, samesite="lax")
+    response.delete_cookie(NEXT_COOKIE, path="/", secure=True, httponly=True,
+                           samesite="none")
     return response
 
 
