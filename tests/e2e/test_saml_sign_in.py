@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,6 +66,10 @@ class SamlGateway:
         self.start()
 
 
+def trusting(deployment: Deployment) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(deployment.ca))
+
+
 @pytest.fixture(scope="module")
 def saml(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SamlGateway]:
     directory = tmp_path_factory.mktemp("saml")
@@ -91,7 +96,7 @@ provider = "{PROVIDER}"
     try:
         # What the gateway publishes is what the IdP trusts.
         published = httpx.get(f"{deployment.url}/saml/{PROVIDER}/metadata",
-                              verify=str(deployment.ca), timeout=20)
+                              verify=trusting(deployment), timeout=20)
         assert published.status_code == 200, published.text
         assert published.headers["content-type"] == "application/samlmetadata+xml"
         idp_process = start_idp(idp, published.content)
@@ -155,7 +160,7 @@ def test_a_response_larger_than_any_other_request_body_is_accepted_at_the_acs(
 
 
 def test_a_body_larger_than_the_largest_response_is_still_refused(saml: SamlGateway) -> None:
-    with httpx.Client(verify=str(saml.deployment.ca), timeout=20) as http:
+    with httpx.Client(verify=trusting(saml.deployment), timeout=20) as http:
         # 256 KiB of response (max_response_bytes) is at most about 1 MiB as a form.
         huge = http.post(saml.acs, data={"SAMLResponse": "A" * (1100 * 1024)})
         # Elsewhere the usual limit holds.
