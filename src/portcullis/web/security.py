@@ -1,7 +1,8 @@
 """ASGI middleware applied to every HTTP answer and request of every role.
 
 Security headers on all responses; hard caps on request headers and bodies (a body
-is counted while reading, not trusted from Content-Length alone); requests whose path holds a dot
+is counted while reading, not trusted from Content-Length alone; POSTs to named paths,
+the SAML ACS, may have a larger cap of their own); requests whose path holds a dot
 segment are refused before routing, so no handler ever sees a path other than the
 one it is routed by.
 """
@@ -28,7 +29,9 @@ SECURITY_HEADERS = [
 
 @dataclass(frozen=True)
 class LargerBodies:
-    """POSTs to these exact `paths` may carry up to `max_body` bytes."""
+    """POSTs to these exact `paths` may carry up to `max_body` bytes: a SAML IdP's signed
+    Response arrives at the ACS as one form POST, and may be larger than anything else a
+    browser sends (portal/saml.py says how large)."""
 
     paths: frozenset[str]
     max_body: int
