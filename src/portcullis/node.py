@@ -59,6 +59,7 @@ from portcullis.net.websocket import MAX_WEBSOCKET_MESSAGE, Opened
 from portcullis.pki.maintenance import LoadedCertificates, maintain
 from portcullis.policy import AccessPolicy
 from portcullis.portal.app import PortalDeps, create_portal_app
+from portcullis.portal.saml import SamlEndpoints, saml_callback_bodies
 from portcullis.proto.mux import Reason
 from portcullis.sta.app import create_sta_app
 from portcullis.sta.authority import TicketAuthority
@@ -263,19 +264,19 @@ class Node:
                              settings.session, self.audit,
                              Throttle(self.ephemeral, settings.auth.throttle),
                              public_url=settings.gateway.public_url)
+        saml = SamlEndpoints(providers, sessions, self.ephemeral, hasher, self.audit)
         portal_app = create_portal_app(PortalDeps(
             settings=settings, sessions=sessions, login=login, authorities=authorities,
             hasher=hasher, durable=self.durable, ephemeral=self.ephemeral, audit=self.audit,
             self_enrolment=SelfEnrolment(providers.flow_totp(), self.ephemeral, hasher,
                                          settings.session.login_step_timeout,
                                          audit=self.audit),
-            forwarded_certificates="gateway" not in self.roles))
-        if settings.oidc.enabled:
-            # The OpenID provider answers beside the portal, whose session cookie it reads.
-            portal_app = Starlette(routes=[
-                *idp_routes(IdpDeps(settings, sessions, self.durable, self.ephemeral, hasher,
-                                    self.audit)),
-                Mount("/", app=portal_app)])
+            forwarded_certificates="gateway" not in self.roles,
+            sign_out_at_idp=saml.sign_out_at_idp))
+        # The OpenID provider answers beside the portal, whose session cookie it reads.
+        idp = (idp_routes(IdpDeps(settings, sessions, self.durable, self.ephemeral, hasher,
+                                  self.audit)) if settings.oidc.enabled else [])
+        portal_app = Starlette(routes=[*saml.routes(), *idp, Mount("/", app=portal_app)])
         if "gateway" not in self.roles:
             host, port = parse_host_port(settings.portal.listen)
             # Alone, the portal is reached only through gateways (mutual TLS), whose
@@ -346,7 +347,8 @@ class Node:
     def _secure(self, app: ASGIApp) -> ASGIApp:
         limits = self.settings.limits
         return SecurityMiddleware(app, max_body=limits.max_request_body,
-                                  max_header_bytes=limits.max_header_bytes)
+                                  max_header_bytes=limits.max_header_bytes,
+                                  larger=saml_callback_bodies(self.settings))
 
     def uvicorn_config(self, listener: Listener) -> uvicorn.Config:
         # Only the gateway's listener takes WebSocket upgrades, straight to its endpoints.

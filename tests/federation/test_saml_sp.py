@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from peers.saml import CALLBACK, SamlPeer, saml_idp_fixture  # noqa: F401  (the fixture)
 from portcullis.federation.saml import Refused, ServiceProvider, metadata_endpoint
+from portcullis.identity.claims import SamlSubject
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.saml import SamlFactor
 from portcullis.identity.flow import Attempt, FactorOutcome, FlowState, Passed
@@ -404,13 +405,16 @@ async def test_the_gateway_serves_its_sp_metadata(saml_idp: SamlPeer) -> None:
     assert missing.status_code == 404
 
 
-async def signed_in(peer: SamlPeer) -> FlowState:
+async def signed_in(peer: SamlPeer) -> SamlSubject:
+    """The subject the sign-in keeps with the session, for single logout."""
     factor = factor_for(peer)
     state, posted = await start(factor, peer, "alice", "alice-pass")
     outcome = await factor.verify(state, posted, ATTEMPT)
-    assert isinstance(outcome, Passed), outcome.reason
-    assert state.data["saml_name_id"] == "alice" and state.data["saml_session_index"]
-    return state
+    assert isinstance(outcome, Passed) and outcome.attributes is not None, outcome.reason
+    subject = outcome.attributes.saml
+    assert subject is not None and subject.provider == "corp"
+    assert subject.name_id == "alice" and subject.session_index
+    return subject
 
 
 async def redirected(url: str) -> urllib.parse.SplitResult:
@@ -422,11 +426,10 @@ async def redirected(url: str) -> urllib.parse.SplitResult:
 
 
 async def test_single_logout_is_confirmed_by_the_idp(saml_idp: SamlPeer) -> None:
-    state = await signed_in(saml_idp)
+    subject = await signed_in(saml_idp)
     provider = await saml_idp.source().get()
-    request = provider.logout_request(state.data["saml_name_id"],
-                                      state.data["saml_name_id_format"] or None,
-                                      state.data["saml_session_index"] or None, "relay-2")
+    request = provider.logout_request(subject.name_id, subject.name_id_format,
+                                      subject.session_index, "relay-2")
     assert request.url.startswith(f"{saml_idp.url}/slo?") and "Signature=" in request.url
     back = await redirected(request.url)
     assert f"{back.scheme}://{back.netloc}{back.path}" == "https://gateway.test/saml/corp/slo"
@@ -437,9 +440,9 @@ async def test_single_logout_is_confirmed_by_the_idp(saml_idp: SamlPeer) -> None
 
 
 async def test_a_logout_response_with_a_broken_signature_is_refused(saml_idp: SamlPeer) -> None:
-    state = await signed_in(saml_idp)
+    subject = await signed_in(saml_idp)
     provider = await saml_idp.source().get()
-    request = provider.logout_request(state.data["saml_name_id"], None, None, "relay-3")
+    request = provider.logout_request(subject.name_id, None, None, "relay-3")
     back = await redirected(request.url)
     forged = back.query.replace("RelayState=relay-3", "RelayState=relay-4")
     refused = provider.accept_logout_response(forged, request_id=request.request_id)
@@ -451,16 +454,16 @@ async def test_a_logout_response_with_a_broken_signature_is_refused(saml_idp: Sa
 
 
 async def test_the_idp_ends_a_session_by_single_logout(saml_idp: SamlPeer) -> None:
-    state = await signed_in(saml_idp)
+    subject = await signed_in(saml_idp)
     provider = await saml_idp.source().get()
     query = urllib.parse.urlencode({
-        "sp": provider.entity_id, "name_id": state.data["saml_name_id"],
-        "session_index": state.data["saml_session_index"], "RelayState": "idp-relay"})
+        "sp": provider.entity_id, "name_id": subject.name_id,
+        "session_index": subject.session_index, "RelayState": "idp-relay"})
     back = await redirected(f"{saml_idp.url}/logout-user?{query}")
     order = provider.accept_logout_request(back.query)
     assert not isinstance(order, Refused), order
     assert order.name_id == "alice"
-    assert order.session_indexes == (state.data["saml_session_index"],)
+    assert order.session_indexes == (subject.session_index,)
     assert order.relay_state == "idp-relay"
     answer = provider.logout_response(order)
     async with httpx.AsyncClient(timeout=20) as http:

@@ -12,7 +12,7 @@ from portcullis.config.auth import Flow, FlowStep, ThrottleSettings
 from portcullis.config.model import SessionSettings
 from portcullis.errors import AuthError
 from portcullis.identity.accounts import AccountStatus
-from portcullis.identity.claims import Claims
+from portcullis.identity.claims import Claims, SamlSubject
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.local import LocalPasswordFactor
 from portcullis.identity.flow import LoginFlow
@@ -207,3 +207,15 @@ async def test_changing_the_password_ends_existing_sessions(
     token, _ = await sessions.create(Claims(sub="local:alice", username="alice"), "c")
     await durable.set_password("alice", hash_password("new"))
     assert await sessions.validate(token) is None
+
+
+async def test_a_saml_idps_nameid_finds_the_user_it_signed_in_as(
+        sessions: SessionManager) -> None:
+    """A linked sign-in: the IdP's NameID is not the session's user name, and the IdP's
+    LogoutRequest names only the NameID."""
+    subject = SamlSubject("corp", "alice@idp.example", None, "session-7")
+    token, _ = await sessions.create(Claims(sub="local:alice", username="alice",
+                                            saml=subject), "c")
+    assert (await sessions.validate(token)).claims.saml == subject  # type: ignore[union-attr]
+    assert await sessions.saml_subject_user("corp", "alice@idp.example") == "alice"
+    assert await sessions.saml_subject_user("other", "alice@idp.example") is None

@@ -46,6 +46,10 @@ USERS: dict[str, dict[str, Any]] = {
     # The NameID the IdP signs is "admin.evil": a comment put into it must not make
     # the gateway read "admin".
     "mallory": {"password": "mallory-pass", "name_id": "admin.evil", "attributes": {}},
+    # So many groups that the signed Response (about 110 KB, more in base64) is larger
+    # than the gateway's limit for any other request body (limits.max_request_body).
+    "carol": {"password": "carol-pass", "attributes": {
+        "groups": ["staff", *(f"project-team-{number:04d}" for number in range(1500))]}},
 }
 
 
@@ -111,33 +115,62 @@ class SamlPeer:
             return form_of(page.text)[1]
 
 
-def start_saml_idp(directory: Path) -> tuple[SamlPeer, Process]:
-    """The IdP on a free port, its files in `directory`, knowing the gateway of
-    PUBLIC_URL (whose SAML key pair is made in `pki_dir`); the caller stops the process.
-    The fixture saml_idp and the federation benchmark start it so."""
+@dataclass
+class IdpFiles:
+    """The IdP's configuration, made before it runs: its metadata (for the SP) is ready,
+    and it will trust the SP metadata written to `sp_metadata_file`."""
+
+    port: int
+    directory: Path
+    config_file: Path
+    metadata_file: Path
+    sp_metadata_file: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def prepare_idp(directory: Path) -> IdpFiles:
+    """The IdP's key pair, configuration and metadata (as its own code writes it; it
+    serves the same at /metadata)."""
     require_program("xmlsec1")
     port = free_port()
     cert_file, key_file = write_pair(directory, "idp", create_signing_pair("test-idp"))
+    sp_metadata_file = directory / "sp.xml"
     config = {"port": port, "key_file": str(key_file), "cert_file": str(cert_file),
-              "sp_metadata_file": str(directory / "sp.xml"), "users": USERS}
-    # The IdP's metadata, as its own code writes it (it serves the same at /metadata).
+              "sp_metadata_file": str(sp_metadata_file), "users": USERS}
+    sp_metadata_file.write_text(_EMPTY_ENTITIES)
     from saml2.metadata import create_metadata_string
-    (directory / "sp.xml").write_text(_EMPTY_ENTITIES)
     metadata_file = directory / "idp.xml"
     metadata_file.write_bytes(create_metadata_string(None, idp_server(config).config,
                                                      sign=False))
-    peer = SamlPeer(f"http://127.0.0.1:{port}", directory, metadata_file, directory / "pki")
-    sp = asyncio.run(peer.source().get())
-    (directory / "sp.xml").write_bytes(sp.metadata())
-    (directory / "idp.json").write_text(json.dumps(config))
-    process = Process([str(Path(__file__).with_name("saml_idp.py")), str(directory / "idp.json")],
-                      directory / "idp.log", program=sys.executable)
+    config_file = directory / "idp.json"
+    config_file.write_text(json.dumps(config))
+    return IdpFiles(port, directory, config_file, metadata_file, sp_metadata_file)
+
+
+def start_idp(files: IdpFiles, sp_metadata: bytes) -> Process:
+    """The IdP, trusting the SP that `sp_metadata` describes; stop() it when done."""
+    files.sp_metadata_file.write_bytes(sp_metadata)
+    process = Process([str(Path(__file__).with_name("saml_idp.py")), str(files.config_file)],
+                      files.directory / "idp.log", program=sys.executable)
     try:
-        process.wait_listening(port)
+        process.wait_listening(files.port)
     except BaseException:
         process.stop()
         raise
-    return peer, process
+    return process
+
+
+def start_saml_idp(directory: Path) -> tuple[SamlPeer, Process]:
+    """The IdP on a free port, its files in `directory`, knowing the gateway of
+    PUBLIC_URL (whose SAML key pair is made in `pki_dir`, its metadata by the gateway's
+    own code); the caller stops the process. The fixture saml_idp and the federation
+    benchmark start it so."""
+    files = prepare_idp(directory)
+    peer = SamlPeer(files.url, files.directory, files.metadata_file, files.directory / "pki")
+    return peer, start_idp(files, asyncio.run(peer.source().get()).metadata())
 
 
 @pytest.fixture(scope="module", name="saml_idp")

@@ -14,11 +14,14 @@ http://127.0.0.1:PORT/idp and its metadata is served at /metadata.
 - POST /login (the form: username, password, and how to answer, as a test asks):
   the Response goes back as an auto-submitting HTML form that POSTs SAMLResponse and
   RelayState to the request's AssertionConsumerServiceURL.
+- GET /initiate?sp=&acs=: the IdP's own start page for an IdP-initiated sign-in, a
+  sign-in form that POSTs to /unsolicited.
 - POST /unsolicited (username, password, sp, acs): an IdP-initiated Response.
 - GET /slo (HTTP-Redirect, signed): a LogoutRequest, answered by a signed LogoutResponse
   in a redirect to the SP's single logout endpoint; or the SP's LogoutResponse to ours.
-- GET /logout-user?sp=&name_id=&session_index=: IdP-initiated single logout, a signed
-  LogoutRequest in a redirect to the SP's single logout endpoint.
+- GET /logout-user?sp=&name_id=[&session_index=]: IdP-initiated single logout, a signed
+  LogoutRequest in a redirect to the SP's single logout endpoint (without a session
+  index it ends every session of the NameID).
 
 How the answer is made, the form's fields a test sets: `sign` = response | assertion |
 both | none; `encrypt` = 1 to encrypt the assertion for the SP; `audience` = another SP's
@@ -136,6 +139,9 @@ class IdentityProvider:
                 return _answer(start, "200 OK", self.login_page(form, binding).encode())
             if path == "/login":
                 return _answer(start, "200 OK", self.sign_in(form).encode())
+            if path == "/initiate":
+                return _answer(start, "200 OK", _sign_in_form("/unsolicited", {
+                    "sp": form["sp"], "acs": form["acs"]}).encode())
             if path == "/unsolicited":
                 return _answer(start, "200 OK", self.sign_in(form).encode())
             if path == "/slo" and "SAMLResponse" in form:
@@ -156,15 +162,10 @@ class IdentityProvider:
         message = request.message
         # As a real IdP: the ACS asked for must be one of the SP's metadata.
         answer_to = self.server.response_args(message, [BINDING_HTTP_POST])
-        hidden = {"request_id": message.id, "sp": answer_to["sp_entity_id"],
-                  "acs": answer_to["destination"],
-                  "RelayState": form.get("RelayState", ""),
-                  "signed": "1" if message.signature is not None else "0"}
-        inputs = "".join(f'<input type="hidden" name="{name}" value="{html.escape(value)}">'
-                         for name, value in hidden.items())
-        return ('<form method="post" action="/login">' + inputs +
-                '<input name="username"><input name="password" type="password">'
-                '<button>Sign in</button></form>')
+        return _sign_in_form("/login", {
+            "request_id": message.id, "sp": answer_to["sp_entity_id"],
+            "acs": answer_to["destination"], "RelayState": form.get("RelayState", ""),
+            "signed": "1" if message.signature is not None else "0"})
 
     def sign_in(self, form: dict[str, str]) -> str:
         user = self.config["users"].get(form["username"])
@@ -220,11 +221,20 @@ class IdentityProvider:
         _, request = self.server.create_logout_request(
             destination, sp, name_id=NameID(format=NAMEID_FORMAT_UNSPECIFIED,
                                             text=form["name_id"]),
-            session_indexes=[form["session_index"]], sign=False)
+            session_indexes=[form["session_index"]] if form.get("session_index") else None,
+            sign=False)
         info = self.server.apply_binding(BINDING_HTTP_REDIRECT, str(request), destination,
                                          form.get("RelayState", ""), sign=True,
                                          sigalg=SIG_RSA_SHA256)
         return str(dict(info["headers"])["Location"])
+
+
+def _sign_in_form(action: str, hidden: dict[str, str]) -> str:
+    inputs = "".join(f'<input type="hidden" name="{name}" value="{html.escape(value)}">'
+                     for name, value in hidden.items())
+    return (f'<form method="post" action="{action}">' + inputs +
+            '<input name="username"><input name="password" type="password">'
+            '<button>Sign in</button></form>')
 
 
 def _redirect(start: StartResponse, location: str) -> list[bytes]:

@@ -137,6 +137,8 @@ ClaimName = Annotated[str, Field(min_length=1, max_length=512)]
 
 # The NameID of the assertion's Subject, where a claim name is expected.
 NAME_ID = "nameid"
+# The largest max_response_bytes: what the ACS route may ever have to take in.
+MAX_SAML_RESPONSE = 4 * 1024 * 1024
 
 
 
@@ -219,7 +221,7 @@ class SamlProvider(Section, Linkable):
     required_attributes: list[Literal["email", "display_name", "upn", "sid", "guid",
                                       "groups"]] = Field(default_factory=list)
     # Bytes of the decoded SAMLResponse accepted; anything larger is refused unparsed.
-    max_response_bytes: int = Field(default=256 * 1024, ge=4096, le=4 * 1024 * 1024)
+    max_response_bytes: int = Field(default=256 * 1024, ge=4096, le=MAX_SAML_RESPONSE)
 
     @model_validator(mode="after")
     def _consistent(self) -> SamlProvider:

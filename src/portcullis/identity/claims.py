@@ -14,6 +14,21 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class SamlSubject:
+    """Whom a SAML IdP signed in, as its single logout must name them: the NameID as sent
+    (with its format) and the IdP's session index."""
+
+    provider: str
+    name_id: str
+    name_id_format: str | None = None
+    session_index: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> SamlSubject | None:
+        return cls(**data) if data else None
+
+
+@dataclass(frozen=True)
 class Attributes:
     """What one provider says about the user."""
 
@@ -27,6 +42,7 @@ class Attributes:
     sid: str | None = None
     guid: str | None = None
     certificate: str | None = None       # the client certificate's subject
+    saml: SamlSubject | None = None      # a SAML provider's subject, for single logout
 
     def merge(self, later: Attributes) -> Attributes:
         filled = {f.name: getattr(self, f.name) or getattr(later, f.name)
@@ -40,7 +56,8 @@ class Attributes:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Attributes:
-        return cls(**{**data, **{name: tuple(data.get(name, ())) for name in LISTS}})
+        return cls(**{**data, **{name: tuple(data.get(name, ())) for name in LISTS},
+                      "saml": SamlSubject.from_json(data.get("saml"))})
 
 
 LISTS = ("groups", "groups_from")
@@ -61,12 +78,14 @@ class Claims:
     sid: str | None = None
     guid: str | None = None
     certificate: str | None = None
+    saml: SamlSubject | None = None
 
     @classmethod
     def build(cls, realm: str, username: str, attributes: Attributes,
               amr: tuple[str, ...], auth_time: float) -> Claims:
         return cls(sub=f"{realm}:{username}", username=username, idp=realm, amr=amr,
-                   auth_time=auth_time, **attributes.to_json())
+                   auth_time=auth_time, **{f.name: getattr(attributes, f.name)
+                                           for f in fields(attributes)})
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,4 +94,5 @@ class Claims:
     def from_json(cls, data: dict[str, Any]) -> Claims:
         known = {f.name for f in fields(cls)}
         return cls(**{**{k: v for k, v in data.items() if k in known},
-                      **{name: tuple(data.get(name, ())) for name in (*LISTS, "amr")}})
+                      **{name: tuple(data.get(name, ())) for name in (*LISTS, "amr")},
+                      "saml": SamlSubject.from_json(data.get("saml"))})

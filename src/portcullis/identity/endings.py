@@ -27,6 +27,7 @@ CHANNEL = "session-ended"
 
 class Ending(StrEnum):
     SIGNED_OUT = "signed out"
+    IDP_SIGNED_OUT = "signed out at the identity provider"
     PASSWORD_CHANGED = "password changed"
     ACCOUNT_DISABLED = "account disabled"
     ADMIN_REVOKED = "ended by an administrator"
@@ -48,6 +49,9 @@ NOTICES: dict[Ending, Notice] = {
     Ending.SIGNED_OUT: Notice(
         Reason.AUTH_FAILED, "your session ended: signed out (here or on another "
         "device); sign in again to reconnect", True),
+    Ending.IDP_SIGNED_OUT: Notice(
+        Reason.AUTH_FAILED, "your session ended: signed out at your identity provider; "
+        "sign in again to reconnect", True),
     Ending.PASSWORD_CHANGED: Notice(
         Reason.AUTH_FAILED, "your session ended: password changed; sign in again with "
         "the new password", True),

@@ -203,6 +203,14 @@ class RedirectFactor(Protocol):
                      attempt: Attempt) -> FactorOutcome: ...
 
 
+@runtime_checkable
+class AcceptsUnsolicited(Protocol):
+    """A redirect factor whose provider may answer though no step asked it (a SAML
+    IdP-initiated sign-in), if its settings allow that."""
+
+    def accepts_unsolicited(self) -> bool: ...
+
+
 # What a flow step runs: a factor that prompts (or needs nothing), or one that redirects.
 AnyFactor = Factor | RedirectFactor
 

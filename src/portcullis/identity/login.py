@@ -30,11 +30,13 @@ from dataclasses import asdict, dataclass
 from urllib.parse import urlencode
 
 from portcullis.audit import AuditTrail
+from portcullis.config.federation import MAX_SAML_RESPONSE
 from portcullis.config.model import SessionSettings
 from portcullis.errors import FederationError
 from portcullis.identity.claims import Attributes, Claims
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.flow import (
+    AcceptsUnsolicited,
     AnyFactor,
     AskStep,
     Attempt,
@@ -50,6 +52,7 @@ from portcullis.identity.flow import (
     Step,
     decide,
     exhausted,
+    next_step,
     start,
 )
 from portcullis.identity.pacing import FailurePacing
@@ -60,10 +63,9 @@ from portcullis.tokens import TokenHasher, mask, new_token
 
 NAMESPACE = "login"
 MAX_ANSWER = 1024
-# A SAML response is far larger than any typed answer; still bounded, above the largest
-# a SAML provider may accept (max_response_bytes, at most 4 MiB, in base64): the factor's
-# own limit is the one that decides.
-MAX_CALLBACK_ANSWER = 6 * 1024 * 1024
+# A SAML response is far larger than any typed answer: its factor bounds it by the
+# provider's max_response_bytes (at most 4 MiB, in base64 here); this is only a backstop.
+MAX_CALLBACK_ANSWER = (MAX_SAML_RESPONSE + 2) // 3 * 4 + 4096
 # The code a CLI's loopback receives is redeemed at once; a minute is plenty.
 HANDOFF_LIFETIME = 60.0
 CALLBACK_CODE = "callback_code"
@@ -129,19 +131,36 @@ class LoginService:
                     ) -> LoginResult:
         """A new flow. `return_to`: a CLI's loopback URL (checked by the caller with
         `loopback_return_to`) that redirect steps hand their answers on to."""
+        state = FlowState(flow=self.flow.name, return_to=return_to)
+        if not await self._may_begin(state, context):
+            return Denied()
+        return await self._act(new_token(), start(self.flow.definition, state, context),
+                               context)
+
+    async def _may_begin(self, state: FlowState, context: LoginContext) -> bool:
+        """Whether the client may begin the flow `state`: not throttled (audited if so)."""
         if await self._throttle.address_refused(context.client_address):
             self._audit.record("login.throttled", client=context.client_address,
                                reason="too many failures from this address")
-            return Denied()
-        state = FlowState(flow=self.flow.name, return_to=return_to)
+            return False
         if not await self._throttle.start_unfinished(context.client_address, state.started,
                                                      time.time(),
                                                      self._settings.login_step_timeout):
             self._audit.record("login.throttled", client=context.client_address,
                                reason="too many unfinished sign-ins from this address")
-            return Denied()
-        return await self._act(new_token(), start(self.flow.definition, state, context),
-                               context)
+            return False
+        return True
+
+    def _unsolicited_by(self, provider: str | None, context: LoginContext) -> bool:
+        """Whether `provider` may answer with no step of ours asking (a SAML IdP-initiated
+        sign-in): it allows that, and it is the flow's first step, so its answer begins a
+        flow as a step of ours would."""
+        factor = self.flow.factors.get(provider or "")
+        if not isinstance(factor, AcceptsUnsolicited) or not factor.accepts_unsolicited():
+            return False
+        first = next_step(self.flow.definition, 0, FlowState(flow=self.flow.name),
+                          context).index
+        return first is not None and self.flow.definition.steps[first].provider == provider
 
     async def submit(self, handle: str | None, answers: Mapping[str, str],
                      context: LoginContext) -> LoginResult:
@@ -150,10 +169,14 @@ class LoginService:
         return await self._paced(self._submit(handle, answers, context))
 
     async def callback(self, relay: str, answers: Mapping[str, str], context: LoginContext,
-                       browser_handle: str | None) -> LoginResult:
+                       browser_handle: str | None, *, provider: str | None = None
+                       ) -> LoginResult:
         """An identity provider's answer to a redirect step, found by its `relay` token.
-        `browser_handle`: the flow handle the browser's login cookie holds."""
-        return await self._paced(self._callback(relay, answers, context, browser_handle))
+        `browser_handle`: the flow handle the browser's login cookie holds; `provider`:
+        the one the callback's URL names (an answer no step asked for is taken only from
+        a provider that allows it, see `_unsolicited_by`)."""
+        return await self._paced(self._callback(relay, answers, context, browser_handle,
+                                                provider))
 
     async def _paced(self, work: Awaitable[LoginResult]) -> LoginResult:
         started = time.monotonic()
@@ -194,13 +217,19 @@ class LoginService:
         return await self._answer(handle, state, answers, context)
 
     async def _callback(self, relay: str, answers: Mapping[str, str], context: LoginContext,
-                        browser_handle: str | None) -> LoginResult:
+                        browser_handle: str | None, provider: str | None) -> LoginResult:
         client = context.client_address
         handle_bytes = (await self._records.take(self._relay_key(relay))
                         if 0 < len(relay) <= 256 else None)
+        if handle_bytes is None and self._unsolicited_by(provider, context):
+            return await self._begin_unsolicited(provider or "", answers, context)
         if handle_bytes is None:
-            self._audit.record("login.failed", reason="unknown, used or expired callback state",
-                               client=client)
+            unsolicited = isinstance(self.flow.factors.get(provider or ""), AcceptsUnsolicited)
+            self._audit.record("login.failed", reason="unknown, used or expired callback state"
+                               + (f", and {provider} may not begin a sign-in (IdP-initiated "
+                                  "sign-in is off, or it is not the flow's first step)"
+                                  if unsolicited else ""),
+                               factor=provider if unsolicited else None, client=client)
             return Denied()
         handle = handle_bytes.decode()
         state = await self._take(handle)
@@ -224,6 +253,21 @@ class LoginService:
                             "the one that started the sign-in", state.username,
                             count=False)), context)
         return await self._answer(handle, state, answers, context)
+
+    async def _begin_unsolicited(self, provider: str, answers: Mapping[str, str],
+                                 context: LoginContext) -> LoginResult:
+        """A new flow whose first step is answered by `answers` at once. Its handle is
+        new: a later step binds this browser as any flow's does."""
+        state = FlowState(flow=self.flow.name)
+        if not await self._may_begin(state, context):
+            return Denied()
+        self._audit.record("login.unsolicited", factor=provider, client=context.client_address,
+                           reason="IdP-initiated sign-in (allow_idp_initiated)")
+        decision = start(self.flow.definition, state, context)
+        self._record(decision.events, context)
+        if not isinstance(decision.action, AskStep):
+            return await self._act(new_token(), decision, context)
+        return await self._answer(new_token(), decision.state, answers, context)
 
     async def _redeem(self, handle: str, code: str) -> dict[str, str] | None:
         if not 0 < len(code) <= 256:

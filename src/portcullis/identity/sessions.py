@@ -28,6 +28,7 @@ from portcullis.tokens import TokenHasher, new_token
 NAMESPACE = "session"
 ENDED_PREFIX = "session-ended:"     # handle -> the Ending, while a token could still be tried
 USER_SESSIONS_PREFIX = "user-sessions:"
+SAML_SUBJECT_PREFIX = "saml-subject:"   # provider and NameID -> the user it signed in as
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,23 @@ class SessionManager:
         # Which sessions a user has, so an administrator can revoke them all.
         await self._ephemeral.add_to_set(f"{USER_SESSIONS_PREFIX}{claims.username}", handle,
                                          self._settings.absolute_timeout)
+        if claims.saml is not None:
+            # A SAML IdP's LogoutRequest names only its NameID, which the flow may have
+            # mapped or linked to another user name.
+            await self._ephemeral.put(self._saml_subject_key(claims.saml.provider,
+                                                             claims.saml.name_id),
+                                      claims.username.encode(), self._settings.absolute_timeout)
         return token, Session(handle, claims, client_address, now)
+
+    async def saml_subject_user(self, provider: str, name_id: str) -> str | None:
+        """The user the NameID `name_id` of the SAML provider `provider` last signed in
+        as, while a session of theirs can last."""
+        raw = await self._ephemeral.get(self._saml_subject_key(provider, name_id))
+        return raw.decode() if raw is not None else None
+
+    def _saml_subject_key(self, provider: str, name_id: str) -> str:
+        subject = self._hasher.digest(NAMESPACE, provider + "\0" + name_id)
+        return f"{SAML_SUBJECT_PREFIX}{subject}"
 
     async def validate(self, token: str) -> Session | None:
         standing = await self.standing_of(token)

@@ -13,6 +13,7 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,6 +80,8 @@ class PortalDeps:
     self_enrolment: SelfEnrolment
     # The portal runs apart and learns the user's certificate from the gateway's header.
     forwarded_certificates: bool = False
+    # After a sign-out: the page that signs out at the identity provider too, if any.
+    sign_out_at_idp: Callable[[Request, Session], Awaitable[Response | None]] | None = None
 
 
 def safe_next(target: str | None) -> str:
@@ -360,7 +363,8 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         """An identity provider's answer to a redirect step."""
         relay, answers = await callback_answers(request)
         result = await deps.login.callback(relay, answers, login_context(request),
-                                           request.cookies.get(LOGIN_COOKIE))
+                                           request.cookies.get(LOGIN_COOKIE),
+                                           provider=str(request.path_params["provider"]))
         return login_result(request, result, safe_next(request.cookies.get(NEXT_COOKIE)))
 
     def login_form(request: Request, step: NextStep, error: str | None,
@@ -419,9 +423,12 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         if token and not csrf_ok(request, form.get("csrf")):
             deps.audit.record("csrf.rejected", path="/logout", client=client_of(request))
             return Response("denied", 403, media_type="text/plain")
+        session = await deps.sessions.validate(token) if token else None
         if token:
             await deps.sessions.end(token)
-        response = RedirectResponse("/login", 303)
+        onward = (await deps.sign_out_at_idp(request, session)
+                  if session is not None and deps.sign_out_at_idp is not None else None)
+        response = onward or RedirectResponse("/login", 303)
         response.delete_cookie(SESSION_COOKIE, secure=True, httponly=True, samesite="strict")
         return response
 

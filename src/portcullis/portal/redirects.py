@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
+from portcullis.config.federation import MAX_SAML_RESPONSE
 from portcullis.identity.login import CALLBACK_CODE, NextStep, relay_of
 
 LOGIN_COOKIE = "__Host-portcullis-login"
@@ -49,10 +50,18 @@ def to_identity_provider(templates: Jinja2Templates, request: Request, step: Nex
     return response
 
 
+def callback_body_limit(max_response_bytes: int) -> int:
+    """The largest form a SAML Response of `max_response_bytes` can arrive in: base64 (4
+    characters for 3 bytes), each character percent-encoded at worst, and a RelayState."""
+    return (max_response_bytes + 2) // 3 * 4 * 3 + 4096
+
+
 async def callback_answers(request: Request) -> tuple[str, dict[str, str]]:
     """The relay token and the provider's parameters (query for GET, form for POST)."""
     if request.method == "POST":
-        form = await request.form()
+        # Starlette's own bound on a field is 1 MiB; the body as a whole was bounded
+        # before (web/security.py), by the largest SAML response a provider allows.
+        form = await request.form(max_part_size=callback_body_limit(MAX_SAML_RESPONSE))
         answers = {key: value for key, value in form.items() if isinstance(value, str)}
     else:
         answers = dict(request.query_params)

@@ -1,12 +1,15 @@
 """ASGI middleware applied to every HTTP answer and request of every role.
 
 Security headers on all responses; hard caps on request headers and bodies (a body
-is counted while reading, not trusted from Content-Length alone); requests whose path holds a dot
+is counted while reading, not trusted from Content-Length alone; POSTs to named paths,
+the SAML ACS, may have a larger cap of their own); requests whose path holds a dot
 segment are refused before routing, so no handler ever sees a path other than the
 one it is routed by.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,11 +27,23 @@ SECURITY_HEADERS = [
 ]
 
 
+@dataclass(frozen=True)
+class LargerBodies:
+    """POSTs to these exact `paths` may carry up to `max_body` bytes: a SAML IdP's signed
+    Response arrives at the ACS as one form POST, and may be larger than anything else a
+    browser sends (portal/saml.py says how large)."""
+
+    paths: frozenset[str]
+    max_body: int
+
+
 class SecurityMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body: int, max_header_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body: int, max_header_bytes: int,
+                 larger: LargerBodies | None = None) -> None:
         self.app = app
         self.max_body = max_body
         self.max_header_bytes = max_header_bytes
+        self.larger = larger
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":   # lifespan; WebSocket upgrades never reach ASGI here
@@ -42,8 +57,12 @@ class SecurityMiddleware:
                 self.max_header_bytes:
             await _plain(send, 431, b"request headers too large")
             return
+        max_body = self.max_body
+        if (self.larger is not None and scope["method"] == "POST"
+                and scope["path"] in self.larger.paths):
+            max_body = max(max_body, self.larger.max_body)
         length = _content_length(scope)
-        if length is not None and length > self.max_body:
+        if length is not None and length > max_body:
             await _plain(send, 413, b"request body too large")
             return
 
@@ -55,7 +74,7 @@ class SecurityMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
+                if received > max_body:
                     # Raised inside the app, so Starlette answers it (as 413).
                     raise HTTPException(413, "request body too large")
             return message

@@ -18,13 +18,13 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from portcullis.config.federation import NAME_ID, SamlAttributeMap, SamlProvider
 from portcullis.errors import AuthError, ConfigError
 from portcullis.federation.saml import Asserted, ServiceProviderSource
 from portcullis.federation.saml import Refused as ResponseRefused
-from portcullis.identity.claims import Attributes
+from portcullis.identity.claims import Attributes, SamlSubject
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.flow import (
     Attempt,
@@ -43,10 +43,6 @@ REPLAY_NAMESPACE = "saml-assertion"
 # What verify() needs, kept in the flow's sealed state by redirect().
 REQUEST_ID = "saml_request_id"
 CALLBACK = "saml_callback"
-# For single logout: who the IdP said it was, and its session.
-NAME_ID_KEPT = "saml_name_id"
-NAME_ID_FORMAT_KEPT = "saml_name_id_format"
-SESSION_INDEX_KEPT = "saml_session_index"
 
 
 @dataclass(frozen=True)
@@ -91,6 +87,9 @@ class SamlFactor:
         self._ephemeral = ephemeral
         self._clock = clock
 
+    def accepts_unsolicited(self) -> bool:
+        return self._settings.allow_idp_initiated
+
     async def redirect(self, state: FlowState, context: LoginContext, callback: str,
                        relay: str) -> Redirect:
         provider = await self._source.get()
@@ -128,11 +127,12 @@ class SamlFactor:
                           "(see the provider's attributes and required_attributes)", username)
         if not await attempt.admit(username):
             return Refused("account locked", username)
-        state.data[NAME_ID_KEPT] = asserted.name_id
-        state.data[NAME_ID_FORMAT_KEPT] = asserted.name_id_format or ""
-        state.data[SESSION_INDEX_KEPT] = asserted.session_index or ""
+        # Kept with the session (the flow's scratch data is not): signing out of the portal
+        # ends the IdP's session too.
+        subject = SamlSubject(self.name, asserted.name_id, asserted.name_id_format,
+                              asserted.session_index)
         return Passed(f"SAML assertion {asserted.assertion_id} from {asserted.issuer}",
-                      username, mapped.attributes)
+                      username, replace(mapped.attributes, saml=subject))
 
     async def _first_use(self, asserted: Asserted) -> bool:
         digest = hashlib.sha256(f"{asserted.issuer}\0{asserted.assertion_id}".encode())
