@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,15 @@ preset = "okta"
 name = "okta"
 [[auth.flows.steps]]
 provider = "okta"
+
+# VPN access for the provider's Finance group only (group names compare exactly).
+[[policies]]
+name = "finance-loopback"
+action = "allow"
+groups = ["Finance"]        # exactly as the provider spells it
+networks = ["127.0.0.0/8"]
+ports = ["1024-65535"]
+protocols = ["tcp"]
 """)
     gateway = Process(["up", "--dir", str(deployment.directory)], directory / "up.log")
     try:
@@ -148,7 +158,10 @@ def sign_in_from_the_terminal(command: Process, browser_context: Any) -> str:
 
 
 def test_the_cli_signs_in_through_the_provider_on_a_loopback_redirect(
-        federated: Federated, browser_context: Any, tmp_path: Path) -> None:
+        federated: Federated, browser_context: Any, tmp_path: Path,
+        http_server: Any) -> None:
+    """The CLI's sign-in, its session listing alice's resources, and a VPN stream the
+    provider's groups allow."""
     home = {"PORTCULLIS_HOME": str(tmp_path / "cli-home")}
     output = sign_in_from_the_terminal(Process(
         ["login", federated.deployment.url, "--no-browser", "--ca",
@@ -158,6 +171,20 @@ def test_the_cli_signs_in_through_the_provider_on_a_loopback_redirect(
     listed = Process(["resources"], tmp_path / "resources.log", env=home)
     assert listed.popen.wait(timeout=30) == 0, listed.output()
     assert "intranet" in listed.output() and "ssh" not in listed.output()
+    # And the VPN: the provider's Finance group is what the policy allows.
+    tunnel = Process(["connect", "--no-proxy-auth", "--socks", "127.0.0.1:0", "--http",
+                      "127.0.0.1:0"], tmp_path / "connect.log", env=home)
+    try:
+        socks = tunnel.wait_for(r"SOCKS5 proxy: listening on ([\d.]+:\d+)").group(1)
+        fetched = subprocess.run(
+            [require_program("curl"), "-sS", "--max-time", "20", "--socks5-hostname", socks,
+             f"http://127.0.0.1:{http_server.port}/"], capture_output=True, text=True,
+            timeout=30)
+    finally:
+        tunnel.stop()
+    assert "intranet home" in fetched.stdout, fetched.stderr
+    stream = federated.audit("tunnel.stream")[-1]
+    assert (stream["user"], stream["rule"]) == ("alice", "finance-loopback")
 
 
 def test_auth_test_prints_the_providers_url_waits_and_shows_the_claims(
