@@ -14,6 +14,7 @@ import pytest
 from conftest import Deployment, run_cli
 from peers.samba import PASSWORDS, Samba
 from peers.stores import REDIS_URL, answering_redis_url
+from portcullis.audit import AuditTrail
 from portcullis.config import config_path, load_settings
 from portcullis.identity.accounts import AccountStatus
 from portcullis.identity.conditions import LoginContext
@@ -21,7 +22,6 @@ from portcullis.identity.login import LoginService, NextStep
 from portcullis.identity.providers import IdentityProviders
 from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import Throttle
-from portcullis.identity.tooling import RecordingAudit
 from portcullis.store import DurableStore, MemoryStore, open_ephemeral
 from portcullis.tokens import TokenHasher
 
@@ -126,7 +126,7 @@ def test_totp_code_issues_a_code_the_enrolment_step_of_a_directory_user_accepts(
             service = LoginService(
                 providers.flow(), ephemeral, hasher,
                 SessionManager(ephemeral, AccountStatus(durable), hasher, settings.session),
-                settings.session, RecordingAudit(), Throttle(ephemeral, settings.auth.throttle))
+                settings.session, AuditTrail(None), Throttle(ephemeral, settings.auth.throttle))
             context = LoginContext("192.0.2.10")
             step = await service.submit(None, {"username": "ALICE",
                                                "password": PASSWORDS["alice"]}, context)
