@@ -332,6 +332,18 @@ async def test_a_sha1_signature_is_refused(saml_idp: SamlPeer) -> None:
     assert "SHA-1 is refused" in outcome.reason
 
 
+async def test_a_sha1_signature_inside_an_encrypted_assertion_is_refused(
+        saml_idp: SamlPeer) -> None:
+    """The gate sees only ciphertext there; the decrypted assertion is checked too."""
+    factor = factor_for(saml_idp)
+    state, posted = await start(factor, saml_idp, "alice", "alice-pass", sha1="1",
+                                encrypt="1", sign="assertion")
+    assert "sha1" not in decoded(posted)
+    outcome = await factor.verify(state, posted, ATTEMPT)
+    assert not isinstance(outcome, Passed)
+    assert "SHA-1 is refused" in outcome.reason, outcome.reason
+
+
 async def test_a_comment_inside_the_nameid_does_not_shorten_the_user_name(
         saml_idp: SamlPeer) -> None:
     factor = factor_for(saml_idp)

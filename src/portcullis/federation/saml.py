@@ -367,6 +367,12 @@ class ServiceProvider:
         if len(response.assertions) != 1 or response.assertion is None:
             return Refused(f"{len(response.assertions)} assertions; exactly one is accepted")
         assertion = response.assertion
+        weak = _weak_algorithm(assertion.signature)
+        if weak is not None:
+            # The gate read only the outer document; an encrypted assertion's own
+            # signature is seen here, decrypted.
+            return Refused(f"the assertion is signed with {weak}: SHA-1 is refused; have the "
+                           "IdP sign with SHA-256")
         assertion_issuer = (assertion.issuer.text or "").strip() if assertion.issuer else ""
         if assertion_issuer != self.idp_entity_id:
             return Refused(f"assertion Issuer {assertion_issuer!r} is not the IdP")
@@ -619,6 +625,17 @@ class ServiceProviderSource:
         return ServiceProvider(settings, entity_id=self.entity_id, acs_url=self.acs_url,
                                slo_url=self.slo_url, cert_file=cert, key_file=key,
                                idp_metadata=metadata)
+
+
+def _weak_algorithm(signature: Any) -> str | None:
+    """The SHA-1 algorithm a parsed ds:Signature uses, if any."""
+    info = signature.signed_info if signature is not None else None
+    if info is None:
+        return None
+    methods = [info.signature_method.algorithm if info.signature_method else None,
+               *(reference.digest_method.algorithm for reference in info.reference
+                 if reference.digest_method is not None)]
+    return next((method for method in methods if method in WEAK_ALGORITHMS), None)
 
 
 def _epoch(timestamp: str) -> float:
