@@ -127,6 +127,37 @@ async def test_prompt_none_without_a_session_returns_login_required(op: Op) -> N
     assert answer == {"error": "login_required", "iss": ISSUER, "state": "st"}
 
 
+async def test_prompt_login_sends_a_signed_in_user_to_sign_in_again_once(op: Op) -> None:
+    """prompt=login: the portal's sign-in even with a session, then the request goes on
+    with a max_age the new sign-in meets (no loop)."""
+    await op.sign_in()
+    again = await op.code(prompt="login consent")
+    location = urlsplit(again.headers["location"])
+    assert again.status_code == 303 and location.path == "/login"
+    query = dict(parse_qsl(location.query))
+    assert query["fresh"] == "1"
+    onward = dict(parse_qsl(urlsplit(query["next"]).query))
+    assert onward["prompt"] == "consent" and onward["max_age"] == "120"
+    assert op.events("oidc.sign_in_again")[-1]["reason"] == (
+        "the application asked for a fresh sign-in (prompt=login)")
+    # Signed in just now: the onward request gets its code.
+    await op.sign_in()
+    fresh = await op.client.get(query["next"])
+    assert fresh.headers["location"].startswith(CALLBACK + "?code=")
+
+
+async def test_a_session_older_than_max_age_signs_in_again(op: Op) -> None:
+    await op.sign_in()
+    # auth_time is now: a max_age of an hour is met, and 0 (or nonsense) is not.
+    assert (await op.code(max_age="3600")).headers["location"].startswith(CALLBACK + "?code=")
+    for max_age in ("0", "-1", "soon"):
+        stale = await op.code(max_age=max_age)
+        assert urlsplit(stale.headers["location"]).path == "/login", max_age
+    answer = dict(parse_qsl(urlsplit(
+        (await op.code(max_age="0", prompt="none")).headers["location"]).query))
+    assert answer["error"] == "login_required"
+
+
 async def test_a_revoked_access_token_reads_no_userinfo(op: Op) -> None:
     await op.sign_in()
     tokens = await op.tokens()

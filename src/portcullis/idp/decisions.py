@@ -24,7 +24,11 @@ _VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")
 _S256_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")
 # RFC 6749 §3.1: a parameter sent twice is an invalid request (which one would we obey?).
 _SINGLE = ("client_id", "redirect_uri", "response_type", "scope", "state", "nonce",
-           "code_challenge", "code_challenge_method", "prompt")
+           "code_challenge", "code_challenge_method", "prompt", "max_age")
+# After the fresh sign-in an application asked for (prompt=login, a max_age the session
+# is older than), the request goes on with max_age at least this: the new sign-in
+# satisfies it, and asking again does not loop.
+FRESH_WINDOW = 120
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class AuthorizeRequest:
     code_challenge: str | None
     code_challenge_method: str | None
     prompt: str | None
+    max_age: str | None = None           # seconds, as the application wrote it
     repeated: tuple[str, ...] = ()       # parameters given more than once
     request_object: bool = False         # `request` / `request_uri` (not supported)
 
@@ -57,6 +62,7 @@ class AuthorizeRequest:
             scopes=tuple((one("scope") or "").split()), state=one("state"),
             nonce=one("nonce"), code_challenge=one("code_challenge"),
             code_challenge_method=one("code_challenge_method"), prompt=one("prompt"),
+            max_age=one("max_age"),
             repeated=tuple(name for name in _SINGLE if len(values.get(name, ())) > 1),
             request_object="request" in values or "request_uri" in values)
 
@@ -174,3 +180,30 @@ def claims_for(claims: Claims, scopes: Sequence[str], sid: str) -> dict[str, Any
     if "groups" in scopes:
         out["groups"] = list(claims.groups)
     return {name: value for name, value in out.items() if value is not None}
+
+
+def stale_sign_in(asked: AuthorizeRequest, auth_time: float, now: float) -> str | None:
+    """Why the application wants the user to sign in again before it gets a code
+    (OpenID Connect Core 3.1.2.1: prompt=login, max_age), or None."""
+    if "login" in (asked.prompt or "").split():
+        return "the application asked for a fresh sign-in (prompt=login)"
+    if asked.max_age is not None:
+        if not asked.max_age.isdigit():
+            return f"max_age {asked.max_age[:20]!r} is not a number of seconds: sign in again"
+        if now - auth_time > int(asked.max_age):
+            return (f"the sign-in is {now - auth_time:.0f} s old, more than the "
+                    f"application's max_age {asked.max_age}")
+    return None
+
+
+def after_fresh_sign_in(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The authorization request to go on with once the user has signed in again: no
+    prompt=login, max_age at least FRESH_WINDOW."""
+    kept = [(name, value) for name, value in items if name not in ("prompt", "max_age")]
+    asked = dict(items)
+    prompts = [p for p in asked.get("prompt", "").split() if p != "login"]
+    if prompts:
+        kept.append(("prompt", " ".join(prompts)))
+    given = asked.get("max_age", "")
+    kept.append(("max_age", str(max(int(given) if given.isdigit() else 0, FRESH_WINDOW))))
+    return kept

@@ -46,7 +46,14 @@ from portcullis.config.idp import OidcClient
 from portcullis.config.model import Settings
 from portcullis.errors import ConfigError, StoreError
 from portcullis.identity.sessions import SESSION_COOKIE, Session, SessionManager
-from portcullis.idp.decisions import AuthorizeRequest, Refused, check_authorize, may_use
+from portcullis.idp.decisions import (
+    AuthorizeRequest,
+    Refused,
+    after_fresh_sign_in,
+    check_authorize,
+    may_use,
+    stale_sign_in,
+)
 from portcullis.idp.keys import ALGORITHM, KeyRing
 from portcullis.idp.provider import OpenIdProvider, TokenRefused
 from portcullis.store import DurableStore, EphemeralStore
@@ -188,6 +195,14 @@ class OidcEndpoints:
                 return self._back(asked, {"error": "login_required"})
             here = AUTHORIZE + "?" + urlencode(items)
             return RedirectResponse("/login?next=" + quote(here, safe=""), 303)
+        stale = stale_sign_in(asked, session.claims.auth_time, time.time())
+        if stale is not None:
+            self._audit.record("oidc.sign_in_again", client_id=decision.client.id,
+                               user=session.username, reason=stale, client=client_address)
+            if "none" in (asked.prompt or "").split():
+                return self._back(asked, {"error": "login_required"})
+            onward = AUTHORIZE + "?" + urlencode(after_fresh_sign_in(items))
+            return RedirectResponse("/login?fresh=1&next=" + quote(onward, safe=""), 303)
         verdict = may_use(decision.client, session.claims)
         if not verdict.allowed:
             self._audit.record("oidc.access_denied", client_id=decision.client.id,

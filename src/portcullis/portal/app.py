@@ -331,7 +331,9 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         return templates.TemplateResponse(request, template, context, status_code=status)
 
     async def login_page(request: Request) -> Response:
-        if await current_session(request) is not None:
+        # fresh=1: an application asked for the user to sign in again (prompt=login).
+        if (await current_session(request) is not None
+                and request.query_params.get("fresh") != "1"):
             return RedirectResponse(safe_next(request.query_params.get("next")), 303)
         return login_result(request, await deps.login.begin(login_context(request)),
                             safe_next(request.query_params.get("next")))
