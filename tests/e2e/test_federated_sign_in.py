@@ -1,13 +1,15 @@
 """Signing in through an OpenID provider with a real `portcullis up`: the portal in
-headless Chromium and the CLI's loopback redirect (RFC 8252), against the npm package
-oidc-provider (tests/peers/oidc.py). The provider's groups decide which resources the
-user sees; the provider's answer finishes only the sign-in of the browser that began it.
+headless Chromium, the CLI's loopback redirect (RFC 8252) and its device code (RFC 8628),
+against the npm package oidc-provider (tests/peers/oidc.py). The provider's groups decide
+which resources the user sees; the provider's answer finishes only the sign-in of the
+browser that began it.
 
 oidc-provider's own development login page signs any account in (its password is not
 checked): the accounts and their claims are those of tests/peers/oidc.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -20,7 +22,13 @@ import pytest
 
 from conftest import Deployment, Process, free_port, init_deployment, require_program
 from e2e.test_portal_browser import CHROMIUM_ARGS
-from peers.oidc import CLIENT_SECRET, OidcPeer, start_oidc_provider
+from peers.oidc import (
+    CLIENT_SECRET,
+    GRANT_TYPES,
+    OidcPeer,
+    device_sign_in,
+    start_oidc_provider,
+)
 
 pytestmark = pytest.mark.peer
 
@@ -49,7 +57,7 @@ def federated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federated]:
     idp = start_oidc_provider(directory / "idp", clients=[{
         "client_id": "gateway", "client_secret": CLIENT_SECRET,
         "redirect_uris": [callback, test_callback],
-        "token_endpoint_auth_method": "client_secret_basic"}])
+        "token_endpoint_auth_method": "client_secret_basic", "grant_types": GRANT_TYPES}])
     (deployment.directory / "secrets" / "okta").write_text(CLIENT_SECRET + "\n")
     with deployment.config.open("a") as config:
         config.write(f"""
@@ -196,3 +204,39 @@ def test_auth_test_prints_the_providers_url_waits_and_shows_the_claims(
     assert "step okta: Sign in with okta (redirect)" in output
     assert "passed  okta as alice" in output
     assert re.search(r"sid +S-1-5-21-", output) and re.search(r"groups +staff, Finance", output)
+
+
+def test_the_cli_in_an_ssh_session_signs_in_with_a_device_code(
+        federated: Federated, tmp_path: Path) -> None:
+    """`login --device`: the CLI prints the provider's URL and a code; the user signs in
+    with them on another device (here httpx, on the provider's device pages) while the
+    CLI polls; then its session works."""
+    home = {"PORTCULLIS_HOME": str(tmp_path / "cli-home")}
+    command = Process(["login", federated.deployment.url, "--device", "--ca",
+                       str(federated.deployment.ca)], tmp_path / "login.log", env=home)
+    try:
+        shown = command.wait_for(r"on any device:\s+(http://\S+)\s+and enter the code: (\S+)")
+        page = asyncio.run(device_sign_in(shown.group(1), shown.group(2), "alice"))
+        assert "Sign-in Success" in page
+        assert command.popen.wait(timeout=60) == 0, command.output()
+    finally:
+        command.stop()
+    assert re.search(r"signed in as alice \(groups: .*staff", command.output())
+    listed = Process(["resources"], tmp_path / "resources.log", env=home)
+    assert listed.popen.wait(timeout=30) == 0, listed.output()
+    assert "intranet" in listed.output() and "ssh" not in listed.output()
+    assert federated.audit("login.succeeded")[-1]["user"] == "alice"
+
+
+def test_auth_test_with_a_device_code_reports_it_and_polls_until_the_user_signs_in(
+        federated: Federated, tmp_path: Path) -> None:
+    command = Process(["auth", "test", "--user", "alice", "--device",
+                       "--dir", str(federated.deployment.directory)], tmp_path / "auth-test.log")
+    try:
+        shown = command.wait_for(r"open (http://\S+) on any device and enter the code (\S+)")
+        asyncio.run(device_sign_in(shown.group(1), shown.group(2), "alice"))
+        assert command.popen.wait(timeout=60) == 0, command.output()
+    finally:
+        command.stop()
+    assert "step okta: Sign in with okta on any device (device)" in command.output()
+    assert "passed  okta as alice" in command.output()

@@ -73,6 +73,19 @@ def test_several_audiences_with_azp_naming_this_client_pass() -> None:
     assert refusal(aud=["api", "portcullis"], azp="portcullis") is None
 
 
+def test_the_device_grant_needs_no_nonce_and_the_code_flow_still_does() -> None:
+    """RFC 8628 has no nonce: its expectations say None, and only then is a token without
+    one (or with any) taken; the code flow's expectations always name one."""
+    device = ClaimExpectations(ISSUER, "portcullis", None, clock_skew=60)
+    without = {k: v for k, v in GOOD.items() if k != "nonce"}
+    assert check_claims(without, device, NOW) is None
+    assert check_claims({**GOOD, "nonce": "whatever"}, device, NOW) is None
+    assert check_claims(without, EXPECT, NOW) == "the ID token's nonce is not this sign-in's"
+    # Everything else is checked for the device grant as for the code flow.
+    assert check_claims({**without, "aud": "other"}, device, NOW) == (
+        "the ID token is for ['other'], not for client 'portcullis'")
+
+
 def test_clock_skew_is_allowed_both_ways_and_no_further() -> None:
     assert refusal(exp=NOW - 59, iat=NOW + 60, nbf=NOW + 60) is None
     assert refusal(exp=NOW - 60) is not None

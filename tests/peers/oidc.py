@@ -5,10 +5,11 @@ OpenID Connect tests, behind a small tampering proxy.
 
 The provider's issuer is the proxy's URL, so every request of the factor (discovery,
 JWKS, token, userinfo) and of the simulated browser goes through the proxy, which
-passes them on unchanged, unless a test sets `tamper_token` / `tamper_userinfo`: then
-that function rewrites the JSON the provider answered at its token / userinfo endpoint
-on its way back. That is how crafted ID tokens (another audience, alg "none", HMAC, a
-key in the header...) reach the factor by the real token endpoint path. The signing keys
+passes them on unchanged, unless a test sets `tamper_token` / `tamper_userinfo` /
+`tamper_device`: then that function rewrites the JSON the provider answered at its token
+/ userinfo / device authorization endpoint on its way back. That is how crafted ID
+tokens (another audience, alg "none", HMAC, a key in the header...) reach the factor by
+the real token endpoint path. The signing keys
 are generated here and given to the provider, so a crafted token can also be signed
 with the provider's own key (`OidcPeer.resign`), and `restart(keys)` rotates them: the
 provider comes back on another port with the new key set, behind the same proxy (the
@@ -16,7 +17,10 @@ issuer does not change).
 
 `sign_in(url, account, callback)` is the browser: it follows the authorization request
 through oidc-provider's development login and consent pages (any account id signs in;
-the password is not checked) and returns the callback's query parameters.
+the password is not checked) and returns the callback's query parameters;
+`device_sign_in(uri, code, account)` is the user's other device for a device
+authorization (RFC 8628; the provider's `deviceFlow` is on unless a peer is started with
+`device_flow=False`).
 """
 
 from __future__ import annotations
@@ -54,10 +58,12 @@ LOOPBACK_CALLBACK = "http://127.0.0.1/callback"
 """The native client's redirect URI; RFC 8252 lets the port vary."""
 
 CLIENT_SECRET = "portcullis-client-secret"
+# The code flow and the device authorization grant (RFC 8628), for a gateway's client.
+GRANT_TYPES = ["authorization_code", "urn:ietf:params:oauth:grant-type:device_code"]
 CLIENTS = [
     {"client_id": "portcullis", "client_secret": CLIENT_SECRET,
      "redirect_uris": [CALLBACK, SERVICE_CALLBACK],
-     "token_endpoint_auth_method": "client_secret_basic"},
+     "token_endpoint_auth_method": "client_secret_basic", "grant_types": GRANT_TYPES},
     {"client_id": "portcullis-post", "client_secret": CLIENT_SECRET,
      "redirect_uris": [CALLBACK], "token_endpoint_auth_method": "client_secret_post"},
     {"client_id": "portcullis-cli", "application_type": "native",
@@ -133,6 +139,7 @@ class TamperingProxy(ThreadingHTTPServer):
         self.upstream = 0
         self.tamper_token: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self.tamper_userinfo: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        self.tamper_device: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self.requests: list[str] = []          # "METHOD /path", in order
         # Seconds spent answering (the provider's time and the forwarding): what a
         # benchmark counts as the provider's side of a sign-in.
@@ -178,7 +185,8 @@ class _Forward(BaseHTTPRequestHandler):
         content = answer.read()
         path = self.path.split("?")[0]
         tamper = {"/token": self.server.tamper_token,
-                  "/me": self.server.tamper_userinfo}.get(path)
+                  "/me": self.server.tamper_userinfo,
+                  "/device/auth": self.server.tamper_device}.get(path)
         if tamper is not None and answer.status == 200:
             content = json.dumps(tamper(json.loads(content))).encode()
         self.send_response(answer.status)
@@ -205,6 +213,7 @@ class OidcPeer:
     restarts: int = field(default=0)
     # The provider's registered clients (a gateway started by a test adds its own).
     clients: list[dict[str, Any]] = field(default_factory=lambda: list(CLIENTS))
+    device_flow: bool = True
 
     @property
     def issuer(self) -> str:
@@ -231,7 +240,8 @@ class OidcPeer:
         config = self.directory / f"provider-{self.restarts}.json"
         config.write_text(json.dumps({
             "issuer": self.issuer, "clients": self.clients, "accounts": ACCOUNTS,
-            "claims": CLAIMS, "keys": [key.as_dict(private=True) for key in self.keys]}))
+            "claims": CLAIMS, "keys": [key.as_dict(private=True) for key in self.keys],
+            "deviceFlow": self.device_flow}))
         self.process = Process([str(SCRIPT), str(config)],
                                self.directory / f"provider-{self.restarts}.log",
                                program=shutil.which("node") or "node")
@@ -272,12 +282,14 @@ def require_oidc_provider() -> None:
 
 
 def start_oidc_provider(directory: Path, keys: list[Key] | None = None,
-                        clients: list[dict[str, Any]] | None = None) -> OidcPeer:
-    """The provider, with CLIENTS and `clients` registered."""
+                        clients: list[dict[str, Any]] | None = None, *,
+                        device_flow: bool = True) -> OidcPeer:
+    """The provider, with CLIENTS and `clients` registered; `device_flow`: whether it
+    offers the device authorization grant."""
     require_oidc_provider()
     directory.mkdir(parents=True, exist_ok=True)
     peer = OidcPeer(directory, TamperingProxy(), keys or default_keys(),
-                    clients=[*CLIENTS, *(clients or [])])
+                    clients=[*CLIENTS, *(clients or [])], device_flow=device_flow)
     try:
         peer.start()
     except BaseException:
@@ -318,3 +330,34 @@ async def sign_in(url: str, account: str, callback: str) -> dict[str, str]:
             response = await browser.post(urljoin(str(response.url), action.group(1)),
                                           data=form)
     raise AssertionError("the provider never sent the browser to the callback")
+
+
+async def device_sign_in(verification_uri: str, user_code: str, account: str, *,
+                         abort: bool = False) -> str:
+    """What the user does on their other device for a device authorization (RFC 8628):
+    oidc-provider's /device page (type the code), its confirmation page (continue, or
+    "abort" with `abort`), then its login and consent pages. The last page's text."""
+    async with httpx.AsyncClient(timeout=10) as browser:
+        response = await browser.get(verification_uri)
+        for _ in range(12):
+            if response.is_redirect:
+                response = await browser.get(urljoin(str(response.url),
+                                                     response.headers["location"]))
+                continue
+            action = re.search(r'<form[^>]*action="([^"]+)"', response.text)
+            if action is None:
+                return response.text          # the success (or error) page
+            form = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"',
+                                   response.text))
+            if 'name="user_code"' in response.text:
+                form.setdefault("user_code", user_code)
+            aborting = abort and form.get("confirm") == "yes"
+            if aborting:
+                form["abort"] = "yes"
+            if form.get("prompt") == "login":
+                form |= {"login": account, "password": "not checked"}
+            response = await browser.post(urljoin(str(response.url), action.group(1)),
+                                          data=form)
+            if aborting:
+                return response.text          # the code page again, saying so
+    raise AssertionError("the provider's device pages never ended")

@@ -5,12 +5,14 @@
 //     "keys": [JWK with private members, ...],   // the first one of an algorithm signs
 //     "clients": [oidc-provider client metadata, ...],
 //     "accounts": { "alice": { "preferred_username": "alice", "groups": [...] }, ... },
-//     "claims": { "scope": ["claim", ...], ... } }
+//     "claims": { "scope": ["claim", ...], ... },
+//     "deviceFlow": true }   // the device authorization grant (RFC 8628); default on
 //
 // It listens on a free port of 127.0.0.1 and prints "listening PORT" once it does. The
 // login and consent pages are oidc-provider's own development interactions (any account
 // id signs in, as the tests drive them with plain HTTP). Claims of the granted scopes go
 // into the ID token as Azure AD and Okta put them there (conformIdTokenClaims: false).
+// The device flow's pages (/device: the user code, then login, consent) are its own too.
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { pathToFileURL } from 'node:url';
@@ -27,7 +29,8 @@ const provider = new Provider(config.issuer, {
   claims: config.claims,
   conformIdTokenClaims: false,
   cookies: { keys: ['portcullis-test-cookie-key'] },
-  features: { devInteractions: { enabled: true } },
+  features: { devInteractions: { enabled: true },
+              deviceFlow: { enabled: config.deviceFlow ?? true } },
   async findAccount(ctx, id) {
     const account = config.accounts[id];
     if (!account) return undefined;

@@ -498,10 +498,12 @@ def auth() -> None:
 @click.option("--callback-port", type=click.IntRange(0, 65535), default=0,
               help="Loopback port for an identity provider's answer (0: any free port); "
                    "register http://127.0.0.1:PORT/login/callback/NAME with the provider.")
+@click.option("--device", is_flag=True,
+              help="Sign in at an identity provider with a device code, as 'login --device'.")
 @dir_option
 def auth_test(flow_name: str | None, username: str, answers: tuple[str, ...],
               client_address: str, cert_file: str | None, callback_port: int,
-              directory: Path) -> None:
+              device: bool, directory: Path) -> None:
     """Dry-run a flow: each step's outcome and why, and the claims a sign-in would carry.
 
     Directories and RADIUS servers are asked for real; lockout counters and the TOTP
@@ -528,7 +530,7 @@ def auth_test(flow_name: str | None, username: str, answers: tuple[str, ...],
 
     result = asyncio.run(dry_run(settings, name, username, answer, click.echo,
                                  LoginContext(client_address, certificate),
-                                 callback_port=callback_port))
+                                 callback_port=callback_port, device=device))
     if result.claims is None:
         if result.outcome == "denied":
             fail("the flow would not sign this user in", 1)
@@ -564,17 +566,21 @@ def _client_tls(ca_file: str | None) -> Any:
 @click.option("--no-browser", is_flag=True,
               help="Only print the URL of an identity provider's sign-in page; do not open "
                    "a browser.")
+@click.option("--device", is_flag=True,
+              help="In an ssh session: sign in at the identity provider on any device with "
+                   "a code (RFC 8628), where the provider offers it.")
 def login(url: str, username: str | None, answers: tuple[str, ...], password_stdin: bool,
           ca_file: str | None, cert_file: str | None, key_file: str | None,
-          no_browser: bool) -> None:
+          no_browser: bool, device: bool) -> None:
     """Sign in to a Portcullis gateway and remember the session.
 
     Each step of the sign-in flow is asked in turn (password, verification code, a
     RADIUS challenge); a first sign-in that must set up an authenticator app shows its
     QR code here. A step at an identity provider (OpenID Connect, SAML) opens a browser
     on this machine (or prints the URL to open); the answer comes back to this command.
+    In an ssh session, --device prints a URL and a code to sign in with on any device.
     """
-    from portcullis.client.browser import browse_to
+    from portcullis.client.browser import browse_instead_of_device, browse_to, show_device
     from portcullis.client.portal_api import PortalApi
     from portcullis.client.state import ClientState, client_home, keep_ca_file
     from portcullis.net.tls import client_context
@@ -604,7 +610,9 @@ def login(url: str, username: str | None, answers: tuple[str, ...], password_std
                          cert_file=Path(cert_file) if cert_file else None,
                          key_file=Path(key_file) if key_file else None)
     with PortalApi(url, tls) as api:
-        signed_in = api.login(answer, lambda to: browse_to(to, open_browser=not no_browser))
+        browse = browse_instead_of_device if device else browse_to
+        signed_in = api.login(answer, lambda to: browse(to, open_browser=not no_browser),
+                              device=show_device if device else None)
     kept_ca = str(keep_ca_file(home, Path(ca_file))) if ca_file else None
     ClientState(url.rstrip("/"), signed_in.user, signed_in.token, kept_ca).save(home)
     click.echo(f"signed in as {signed_in.user}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,10 @@ Browse = Callable[[str], None]
 # The answer a redirect step takes: the one-time code the loopback received (the name is
 # the wire's; the client does not import the server's identity package).
 CALLBACK_CODE = "callback_code"
+# Shows a device step (RFC 8628): the URL to open on any device and the code to type.
+ShowDevice = Callable[[dict[str, Any]], None]
+# However long the provider's code lives, the CLI stops waiting for the user after this.
+MAX_DEVICE_WAIT = 900.0
 
 
 @dataclass(frozen=True)
@@ -43,13 +48,18 @@ class PortalApi:
     def __exit__(self, *exc: object) -> None:
         self._http.close()
 
-    def login(self, answer: Answerer, browse: Browse, *,
+    def login(self, answer: Answerer, browse: Browse, *, device: ShowDevice | None = None,
               browser_timeout: float = 300.0) -> SignedIn:
         """Walk the flow. A redirect step (an identity provider) is shown in a browser:
         `browse` gets a loopback URL to open, and the provider's answer comes back to this
-        process's loopback listener (RFC 8252), never to another machine."""
+        process's loopback listener (RFC 8252), never to another machine. With `device`,
+        the gateway is asked for the device authorization grant (RFC 8628) where the
+        provider offers it: `device` shows the URL and code, and the step is answered
+        with nothing every interval until the user has signed in (elsewhere, the
+        loopback redirect as before)."""
         with LoopbackReceiver() as receiver:
-            body = self._post_json("/api/v1/login", {"return_to": receiver.callback_url})
+            body = self._post_json("/api/v1/login", {"return_to": receiver.callback_url,
+                                                     **({"device": True} if device else {})})
             for _ in range(20):  # a flow has a handful of steps; stop a runaway server
                 if body.get("status") == "authenticated":
                     return SignedIn(str(body["token"]), str(body["user"]),
@@ -58,6 +68,10 @@ class PortalApi:
                     raise ClientError("sign-in failed (a wrong answer, or the account is "
                                       "locked or disabled; your administrator can see which)")
                 step = body["step"]
+                if step["kind"] == "device" and device is not None:
+                    device(step["device"])
+                    body = self._await_device(str(body["handle"]), step["device"])
+                    continue
                 if step["kind"] == "redirect":
                     redirect = step["redirect"]
                     browse(receiver.start_at(str(redirect["url"]), redirect.get("form")))
@@ -68,6 +82,23 @@ class PortalApi:
                 body = self._post_json("/api/v1/login", {"handle": body["handle"],
                                                          "answers": answers})
         raise ClientError("the portal asked too many sign-in steps")
+
+    def _await_device(self, handle: str, shown: dict[str, Any]) -> dict[str, Any]:
+        """Answer a device step with nothing every interval (the gateway asks the provider
+        once per answer) until the flow moves on: the gateway's next answer."""
+        deadline = time.monotonic() + min(float(shown["expires_in"]), MAX_DEVICE_WAIT)
+        interval = float(shown["interval"])
+        while time.monotonic() < deadline:
+            time.sleep(interval)
+            body = self._post_json("/api/v1/login", {"handle": handle, "answers": {}})
+            step = body.get("step") or {}
+            if body.get("status") != "continue" or step.get("kind") != "device":
+                return body
+            handle = str(body["handle"])
+            # slow_down (RFC 8628 3.5) makes the gateway's interval longer.
+            interval = max(interval, float(step["device"]["interval"]))
+        raise ClientError("the sign-in at the identity provider was not completed in time; "
+                          "sign in again")
 
     def resources(self) -> list[dict[str, Any]]:
         response = self._request("GET", "/api/v1/resources")

@@ -16,6 +16,7 @@ from portcullis.errors import FederationError
 
 WELL_KNOWN = "/.well-known/openid-configuration"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+OPTIONAL_ENDPOINTS = ("userinfo_endpoint", "device_authorization_endpoint")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class ProviderMetadata:
     token_endpoint: str
     jwks_uri: str
     userinfo_endpoint: str | None
+    # RFC 8628: where a device authorization begins; None if the provider offers none.
+    device_authorization_endpoint: str | None
     # RFC 9207: the provider puts `iss` into its authorization responses, so an answer
     # from another provider (a mix-up attack) is told apart.
     issuer_in_response: bool
@@ -56,9 +59,10 @@ def parse_metadata(document: dict[str, Any], issuer: str) -> ProviderMetadata:
                               f"{named!r}, not the configured {issuer!r}: they must be "
                               "equal, character for character", unavailable=True)
     endpoints: dict[str, str | None] = {}
-    for key in ("authorization_endpoint", "token_endpoint", "jwks_uri", "userinfo_endpoint"):
+    for key in ("authorization_endpoint", "token_endpoint", "jwks_uri", "userinfo_endpoint",
+                "device_authorization_endpoint"):
         value = document.get(key)
-        if value is None and key == "userinfo_endpoint":
+        if value is None and key in OPTIONAL_ENDPOINTS:
             endpoints[key] = None
             continue
         problem = (f"{key} is missing" if value is None
@@ -79,5 +83,6 @@ def parse_metadata(document: dict[str, Any], issuer: str) -> ProviderMetadata:
         token_endpoint=str(endpoints["token_endpoint"]),
         jwks_uri=str(endpoints["jwks_uri"]),
         userinfo_endpoint=endpoints["userinfo_endpoint"],
+        device_authorization_endpoint=endpoints["device_authorization_endpoint"],
         issuer_in_response=document.get("authorization_response_iss_parameter_supported")
         is True)

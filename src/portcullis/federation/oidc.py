@@ -8,6 +8,11 @@ pure functions that return the reason they refuse, or None:
   HMAC; no key or key URL taken from the token itself);
 - `check_claims`: iss, aud, azp, exp, iat, nbf, nonce, sub, with the clock skew allowed.
 
+It also does the device authorization grant (RFC 8628), for a CLI whose browser cannot
+reach its loopback: `device_authorization` begins one, `poll_device` asks the token
+endpoint once whether the user has signed in; its ID token is checked as the code flow's,
+except for the nonce (the grant has none).
+
 The ID token's signature is verified by joserfc with the key from the provider's JWKS
 only. Nothing here logs a code, a token or a client secret.
 """
@@ -29,8 +34,13 @@ from joserfc import jws
 from joserfc.errors import JoseError
 
 from portcullis.errors import FederationError
-from portcullis.federation.discovery import ProviderMetadata, discovery_url, parse_metadata
-from portcullis.federation.http import get_json, parse_json, post_form
+from portcullis.federation.discovery import (
+    ProviderMetadata,
+    discovery_url,
+    endpoint_problem,
+    parse_metadata,
+)
+from portcullis.federation.http import JsonAnswer, get_json, parse_json, post_form
 from portcullis.federation.jwks import ALGORITHM_KEYS, SigningKeys
 
 # Header parameters that carry a key or say where to get one: a token must never choose
@@ -41,6 +51,11 @@ MAX_ID_TOKEN = 64 * 1024
 MAX_SUBJECT = 255          # OpenID Connect Core 2: sub is at most 255 ASCII characters
 # How long a discovery document is trusted before it is read again.
 METADATA_TTL = 3600.0
+DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+# RFC 8628 3.2 and 3.5: the interval when the provider names none, and what slow_down adds.
+DEVICE_INTERVAL = 5
+SLOW_DOWN = 5
+MAX_DEVICE_FIELD = 2048
 
 
 @dataclass(frozen=True)
@@ -68,10 +83,32 @@ class AuthorizationRequest:
 
 
 @dataclass(frozen=True)
+class DeviceGrant:
+    """A device authorization response (RFC 8628 3.2), checked."""
+
+    device_code: str
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str | None
+    expires_in: int
+    interval: int
+
+
+@dataclass(frozen=True)
+class DevicePending:
+    """The user has not signed in yet; `slow_down`: the provider asks for a longer
+    interval."""
+
+    slow_down: bool
+
+
+@dataclass(frozen=True)
 class ClaimExpectations:
     issuer: str
     client_id: str
-    nonce: str
+    # None only for the device grant, which has no nonce (RFC 8628); the code flow always
+    # sends one and requires it back.
+    nonce: str | None
     clock_skew: float
 
 
@@ -169,13 +206,45 @@ def check_claims(claims: Mapping[str, Any], expect: ClaimExpectations,
         if not_before is None or not_before > now + expect.clock_skew:
             return "the ID token is not valid yet (nbf)"
     nonce = claims.get("nonce")
-    if not isinstance(nonce, str) or not hmac.compare_digest(nonce.encode(),
-                                                            expect.nonce.encode()):
+    if expect.nonce is not None and (
+            not isinstance(nonce, str)
+            or not hmac.compare_digest(nonce.encode(), expect.nonce.encode())):
         return "the ID token's nonce is not this sign-in's"
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub or len(sub) > MAX_SUBJECT:
         return "the ID token's subject (sub) is missing or malformed"
     return None
+
+
+def parse_device_grant(body: Mapping[str, Any], issuer: str) -> DeviceGrant:
+    """A device authorization response, checked (RFC 8628 3.2): the URLs shown to the user
+    must be web URLs of the provider's kind (https; http on loopback for a loopback
+    issuer), the times positive integers."""
+    texts: dict[str, str] = {}
+    for key in ("device_code", "user_code", "verification_uri"):
+        value = body.get(key)
+        if not isinstance(value, str) or not 0 < len(value) <= MAX_DEVICE_FIELD:
+            raise FederationError(f"the device authorization response's {key} is missing "
+                                  "or malformed", unavailable=True)
+        texts[key] = value
+    complete = body.get("verification_uri_complete")
+    if complete is not None and (not isinstance(complete, str)
+                                 or len(complete) > MAX_DEVICE_FIELD):
+        raise FederationError("the device authorization response's verification_uri_complete "
+                              "is malformed", unavailable=True)
+    for url in (texts["verification_uri"], complete):
+        problem = url and endpoint_problem(url, issuer)
+        if problem:
+            raise FederationError(f"the device authorization response: {problem}",
+                                  unavailable=True)
+    expires_in, interval = body.get("expires_in"), body.get("interval", DEVICE_INTERVAL)
+    for key, value in (("expires_in", expires_in), ("interval", interval)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise FederationError(f"the device authorization response's {key} is not a "
+                                  "positive number of seconds", unavailable=True)
+    assert isinstance(expires_in, int) and isinstance(interval, int)
+    return DeviceGrant(texts["device_code"], texts["user_code"], texts["verification_uri"],
+                       complete, expires_in, interval)
 
 
 class RelyingParty:
@@ -230,7 +299,42 @@ class RelyingParty:
         problem = check_callback(answers, state, metadata.issuer, metadata.issuer_in_response)
         if problem:
             raise FederationError(problem)
-        tokens = await self._redeem(metadata, answers["code"], verifier, callback)
+        tokens = await self._token(metadata, {
+            "grant_type": "authorization_code", "code": answers["code"],
+            "redirect_uri": callback, "code_verifier": verifier}, "the code")
+        return await self._claims(metadata, tokens, nonce)
+
+    async def device_authorization(self) -> DeviceGrant | None:
+        """A new device authorization at the provider, or None if it offers none."""
+        metadata = await self.metadata()
+        endpoint = metadata.device_authorization_endpoint
+        if endpoint is None:
+            return None
+        form = {"scope": " ".join(self.registration.scopes)}
+        answer = await post_form(self._http, endpoint, form, what="device authorization "
+                                 "endpoint", headers=self._authenticate(form))
+        if answer.status != 200:
+            error = str(answer.body.get("error", "?"))[:64]
+            raise FederationError(f"the device authorization endpoint refused: {error}",
+                                  unavailable=True)
+        return parse_device_grant(answer.body, metadata.issuer)
+
+    async def poll_device(self, device_code: str) -> dict[str, Any] | DevicePending:
+        """Ask the token endpoint once for the device authorization's tokens: the verified
+        claims, or DevicePending; FederationError says why it was refused (access_denied,
+        expired_token...)."""
+        metadata = await self.metadata()
+        form = {"grant_type": DEVICE_CODE_GRANT, "device_code": device_code}
+        answer = await post_form(self._http, metadata.token_endpoint, form,
+                                 what="token endpoint", headers=self._authenticate(form))
+        error = answer.body.get("error") if answer.status == 400 else None
+        if error in ("authorization_pending", "slow_down"):
+            return DevicePending(slow_down=error == "slow_down")
+        tokens = self._tokens_of(answer, "the device code")
+        return await self._claims(metadata, tokens, None)
+
+    async def _claims(self, metadata: ProviderMetadata, tokens: dict[str, Any],
+                      nonce: str | None) -> dict[str, Any]:
         claims = await self.verify_id_token(tokens.get("id_token"), nonce)
         access_token = tokens.get("access_token")
         if (self.registration.userinfo and metadata.userinfo_endpoint
@@ -241,7 +345,8 @@ class RelyingParty:
             claims = {**extra, **claims}
         return claims
 
-    async def verify_id_token(self, token: Any, nonce: str) -> dict[str, Any]:
+    async def verify_id_token(self, token: Any, nonce: str | None) -> dict[str, Any]:
+        """The ID token's verified claims; `nonce` None only for the device grant."""
         if not isinstance(token, str) or not token:
             raise FederationError("the token endpoint answered no ID token")
         if len(token) > MAX_ID_TOKEN:
@@ -272,12 +377,9 @@ class RelyingParty:
             raise FederationError(problem)
         return claims
 
-    async def _redeem(self, metadata: ProviderMetadata, code: str, verifier: str,
-                      callback: str) -> dict[str, Any]:
+    def _authenticate(self, form: dict[str, str]) -> dict[str, str]:
+        """Add this client's authentication to `form`; the headers that carry it."""
         reg = self.registration
-        form = {"grant_type": "authorization_code", "code": code,
-                "redirect_uri": callback, "code_verifier": verifier}
-        headers: dict[str, str] = {}
         if reg.client_secret is None:
             form["client_id"] = reg.client_id
         elif reg.client_auth == "client_secret_post":
@@ -285,13 +387,22 @@ class RelyingParty:
         else:
             # RFC 6749 2.3.1: both are form-encoded before they are joined and encoded.
             pair = f"{quote(reg.client_id, safe='')}:{quote(reg.client_secret, safe='')}"
-            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+            return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
+        return {}
+
+    async def _token(self, metadata: ProviderMetadata, form: dict[str, str],
+                     what: str) -> dict[str, Any]:
         answer = await post_form(self._http, metadata.token_endpoint, form,
-                                 what="token endpoint", headers=headers)
+                                 what="token endpoint", headers=self._authenticate(form))
+        return self._tokens_of(answer, what)
+
+    @staticmethod
+    def _tokens_of(answer: JsonAnswer, what: str) -> dict[str, Any]:
+        """The token endpoint's tokens, or FederationError saying why it refused `what`."""
         if answer.status != 200:
             error = str(answer.body.get("error", "?"))[:64]
             description = str(answer.body.get("error_description", ""))[:200]
-            raise FederationError(f"the token endpoint refused the code: {error}"
+            raise FederationError(f"the token endpoint refused {what}: {error}"
                                   + (f" ({description})" if description else ""),
                                   unavailable=error == "invalid_client")
         token_type = answer.body.get("token_type")

@@ -34,9 +34,11 @@ MAX_ROUNDS = 16
 
 # The closed set of steps a driver (portal, JSON API, CLI) must know how to show:
 # prompts to answer, except "redirect" (send the browser to an identity provider and
-# resume on its callback) and "certificate" (nothing to ask: verified at once).
+# resume on its callback), "device" (the user signs in at the provider on any device
+# with a code, RFC 8628, while the driver polls by answering the step with nothing) and
+# "certificate" (nothing to ask: verified at once).
 StepKind = Literal["password", "totp", "totp-enrol", "totp-enrolment-code", "challenge",
-                   "certificate", "redirect"]
+                   "certificate", "redirect", "device"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,26 @@ class Redirect:
 
 
 @dataclass(frozen=True)
+class DeviceAuthorization:
+    """What a device step shows (RFC 8628 3.2): where to sign in and the code to type
+    there. The device code itself stays in the flow's sealed state."""
+
+    verification_uri: str
+    user_code: str
+    expires_in: int                   # seconds left for the user to sign in
+    interval: int                     # seconds the driver waits between two answers
+    verification_uri_complete: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        body: dict[str, object] = {"verification_uri": self.verification_uri,
+                                   "user_code": self.user_code,
+                                   "expires_in": self.expires_in, "interval": self.interval}
+        if self.verification_uri_complete:
+            body["verification_uri_complete"] = self.verification_uri_complete
+        return body
+
+
+@dataclass(frozen=True)
 class Step:
     kind: StepKind
     title: str
@@ -65,6 +87,7 @@ class Step:
     # and the recovery codes, shown this once.
     enrolment: Mapping[str, Any] | None = None
     redirect: Redirect | None = None      # only for kind "redirect"
+    device: DeviceAuthorization | None = None   # only for kind "device"
 
     def to_json(self) -> dict[str, object]:
         body: dict[str, object] = {"kind": self.kind, "title": self.title,
@@ -77,6 +100,8 @@ class Step:
             body["redirect"] = {"url": self.redirect.url,
                                 **({"form": dict(self.redirect.form)}
                                    if self.redirect.form is not None else {})}
+        if self.device:
+            body["device"] = self.device.to_json()
         return body
 
 
@@ -100,6 +125,9 @@ class FlowState:
     # The CLI's loopback URL (RFC 8252) an identity provider's answer is handed on to;
     # None: the browser that started the flow finishes it (the portal).
     return_to: str | None = None
+    # The client asked for the device authorization grant (RFC 8628: a CLI whose
+    # browser cannot reach its loopback) where a redirect step's provider offers it.
+    device: bool = False
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -158,7 +186,17 @@ class Refused:
     username: str | None = None
 
 
-FactorOutcome = Passed | Failed | Unavailable | Retry | Deferred | Refused
+@dataclass(frozen=True)
+class Pending:
+    """The provider has no answer yet (the user is still signing in on another device):
+    the same step is asked again. Not a round: a five-minute wait is legitimate, and
+    the factor bounds it by its code's expiry."""
+
+    reason: str
+    username: str | None = None
+
+
+FactorOutcome = Passed | Failed | Unavailable | Retry | Deferred | Refused | Pending
 
 
 @dataclass(frozen=True)
@@ -201,6 +239,21 @@ class RedirectFactor(Protocol):
 
     async def verify(self, state: FlowState, answers: Mapping[str, str],
                      attempt: Attempt) -> FactorOutcome: ...
+
+
+@runtime_checkable
+class DeviceFactor(Protocol):
+    """A redirect factor whose provider may also be signed in to with a code on any device
+    (RFC 8628), for a flow that asked for that (`FlowState.device`). While its device step
+    is awaited (`polling`), `verify` polls the provider once per answer: `Pending` until
+    the user has signed in, never faster than the provider's interval."""
+
+    async def device(self, state: FlowState) -> DeviceAuthorization | None:
+        """The step to show: the one already begun, or a new one from the provider (kept
+        in state.data); None: the provider offers no device authorization."""
+        ...
+
+    def polling(self, state: FlowState) -> bool: ...
 
 
 @runtime_checkable
@@ -314,6 +367,10 @@ def decide(flow: Flow, primaries: frozenset[str], state: FlowState, outcome: Fac
     """What the current step's outcome means: the next state, the action, the events.
     `primaries`: the flow's providers that can tell who the user is."""
     state = copy.deepcopy(state)
+    if isinstance(outcome, Pending):
+        # Not counted in `rounds`: MAX_ROUNDS must not end a user's wait at the provider
+        # (every `interval` seconds for minutes); the factor ends it at its code's expiry.
+        return Decision(state, AskStep(state.current))
     state.rounds += 1
     factor = flow.steps[state.current].provider
     primary = factor in primaries

@@ -12,7 +12,10 @@ to `callback()`. The portal's browser finishes the flow there, proving it is the
 that started it (the login cookie holds the flow's handle). A CLI flow began with a
 loopback `return_to` (RFC 8252): the answer is kept under a one-time code that only the
 loopback receives, and the CLI submits that code — so an identity provider's answer can
-finish only the flow of whoever's browser received it.
+finish only the flow of whoever's browser received it. A flow begun with `device` (a CLI
+in an ssh session, whose browser is elsewhere) shows a "device" step instead where the
+provider offers the device authorization grant (RFC 8628): the user signs in at the
+provider with a code, and the client answers the step with nothing until that is done.
 
 Failures are counted against realm:user and the client address before any verdict; a
 step that ends in "denied" is answered after the time `identity.pacing` sets, so its
@@ -42,6 +45,7 @@ from portcullis.identity.flow import (
     Attempt,
     Decision,
     Deny,
+    DeviceFactor,
     FactorOutcome,
     Finish,
     FlowEvent,
@@ -127,11 +131,12 @@ class LoginService:
     def callback_url(self, provider: str) -> str:
         return f"{self._public_url}{CALLBACK_PATH}{provider}"
 
-    async def begin(self, context: LoginContext, *, return_to: str | None = None
-                    ) -> LoginResult:
+    async def begin(self, context: LoginContext, *, return_to: str | None = None,
+                    device: bool = False) -> LoginResult:
         """A new flow. `return_to`: a CLI's loopback URL (checked by the caller with
-        `loopback_return_to`) that redirect steps hand their answers on to."""
-        state = FlowState(flow=self.flow.name, return_to=return_to)
+        `loopback_return_to`) that redirect steps hand their answers on to; `device`: a
+        redirect step whose provider offers the device authorization grant uses it."""
+        state = FlowState(flow=self.flow.name, return_to=return_to, device=device)
         if not await self._may_begin(state, context):
             return Denied()
         return await self._act(new_token(), start(self.flow.definition, state, context),
@@ -205,7 +210,9 @@ class LoginService:
             self._audit.record("login.failed", reason="unknown or expired login handle",
                                handle=mask(handle), client=client)
             return Denied()
-        if isinstance(self._factor(state), RedirectFactor):
+        factor = self._factor(state)
+        if isinstance(factor, RedirectFactor) and not (isinstance(factor, DeviceFactor)
+                                                       and factor.polling(state)):
             # A redirect step is answered by the identity provider through the callback
             # route, or (a CLI flow) by the one-time code its loopback received.
             handed = await self._redeem(handle, answers.get(CALLBACK_CODE, ""))
@@ -334,19 +341,14 @@ class LoginService:
     async def _ask(self, handle: str, state: FlowState, context: LoginContext) -> LoginResult:
         factor = self._factor(state)
         if isinstance(factor, RedirectFactor):
-            relay = new_token()
             try:
-                redirect = await factor.redirect(state, context,
-                                                 self.callback_url(factor.name), relay)
+                step = await self._provider_step(handle, state, context, factor)
             except FederationError as exc:
                 # The provider cannot be asked (discovery failed): not the user's fault.
                 return await self._act(handle, Decision(state, Deny(
                     str(exc), state.username, factor.name, count=False)), context)
-            await self._records.put(self._relay_key(relay), handle.encode(),
-                                    self._settings.login_step_timeout)
             await self._save(handle, state)
-            return NextStep(handle, Step(kind="redirect", title=f"Sign in with {factor.name}",
-                                         redirect=redirect), factor.name)
+            return NextStep(handle, step, factor.name)
         # The step first: a factor may note what it showed (a pending enrolment).
         step = await factor.step(state, context)
         if not step.prompts:
@@ -354,6 +356,21 @@ class LoginService:
             return await self._answer(handle, state, {}, context)
         await self._save(handle, state)
         return NextStep(handle, step, factor.name)
+
+    async def _provider_step(self, handle: str, state: FlowState, context: LoginContext,
+                             factor: RedirectFactor) -> Step:
+        """A device step if the flow asked for one and the provider offers it (the same
+        one again while it is awaited), else a redirect to the provider."""
+        if state.device and isinstance(factor, DeviceFactor):
+            device = await factor.device(state)
+            if device is not None:
+                return Step(kind="device", title=f"Sign in with {factor.name} on any device",
+                            device=device)
+        relay = new_token()
+        redirect = await factor.redirect(state, context, self.callback_url(factor.name), relay)
+        await self._records.put(self._relay_key(relay), handle.encode(),
+                                self._settings.login_step_timeout)
+        return Step(kind="redirect", title=f"Sign in with {factor.name}", redirect=redirect)
 
     async def _finish(self, state: FlowState, username: str, context: LoginContext
                       ) -> Authenticated:

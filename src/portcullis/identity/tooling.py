@@ -108,11 +108,15 @@ class DryRun:
 
 async def dry_run(settings: Settings, flow_name: str, username: str, answer: Answer,
                   report: Report, context: LoginContext, *, browse: Report | None = None,
-                  callback_port: int = 0, browser_timeout: float = 300.0) -> DryRun:
+                  callback_port: int = 0, browser_timeout: float = 300.0,
+                  device: bool = False) -> DryRun:
     """Walk the flow as `username` would, reporting each step's outcome and why, from the
     same events the audit trail gets. A redirect step's provider answers to a loopback
     listener of this process (`callback_port`; the provider must accept
-    http://127.0.0.1:PORT/login/callback/NAME as a redirect URI); `browse` shows its URL."""
+    http://127.0.0.1:PORT/login/callback/NAME as a redirect URI); `browse` shows its URL.
+    With `device`, a provider that offers it is asked for a device code instead: its URL
+    and code are reported, and the step is polled until the provider answers (bounded
+    by the code's expiry)."""
     async with opened_stores(settings, throwaway_ephemeral=True) as (durable, ephemeral,
                                                                       hasher):
         providers = IdentityProviders(settings, durable, ephemeral, hasher, dry_run=True,
@@ -127,7 +131,7 @@ async def dry_run(settings: Settings, flow_name: str, username: str, answer: Ans
             report(f"flow {flow_name} (realm {service.flow.realm}) for {username}, "
                    f"client {context.client_address}, "
                    f"{'with' if context.certificate else 'without'} a client certificate")
-            result = await service.begin(context)
+            result = await service.begin(context, device=device)
             while isinstance(result, NextStep):
                 step = result.step
                 report(f"step {result.provider}: {step.title} "
@@ -138,6 +142,13 @@ async def dry_run(settings: Settings, flow_name: str, username: str, answer: Ans
                     report(f"  the user has no TOTP secret: a real sign-in would enrol now"
                            f"{needs} (stopping here; nothing was stored)")
                     return DryRun("would enrol")
+                if step.device is not None:
+                    report(f"  open {step.device.verification_uri} on any device and enter "
+                           f"the code {step.device.user_code}")
+                    while (isinstance(result, NextStep) and result.step.device is not None):
+                        await asyncio.sleep(result.step.device.interval)
+                        result = await service.submit(result.handle, {}, context)
+                    continue
                 if step.redirect is not None:
                     (browse or report)(receiver.start_at(step.redirect.url, step.redirect.form))
                     back = await asyncio.to_thread(receiver.wait, browser_timeout)

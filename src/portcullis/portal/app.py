@@ -180,7 +180,11 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
             if return_to is not None and loopback_return_to(return_to) is None:
                 return JSONResponse({"error": "return_to must be a loopback http URL "
                                               "(http://127.0.0.1:PORT/...)"}, 400)
-            result = await deps.login.begin(login_context(request), return_to=return_to)
+            device = body.get("device", False)
+            if not isinstance(device, bool):
+                return JSONResponse({"error": "device must be true or false"}, 400)
+            result = await deps.login.begin(login_context(request), return_to=return_to,
+                                            device=device)
         elif (not isinstance(answers, dict)
               or not all(isinstance(v, str) for v in answers.values())
               or not (handle is None or isinstance(handle, str))):
