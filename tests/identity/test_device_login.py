@@ -175,6 +175,20 @@ async def test_a_device_sign_ins_id_token_is_checked_as_the_code_flows(
 
 
 @pytest.mark.peer
+async def test_a_provider_with_device_grant_off_gets_the_redirect_step(
+        build_login: BuildLogin, oidc_provider: OidcPeer, tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "oidc").write_text(CLIENT_SECRET)
+    login = build_login(flow({"provider": "idp"},
+                             providers=[oidc_provider.provider(device_grant=False)]))
+    before = oidc_provider.proxy.count("/device/auth")
+    begun = await login.service.begin(CLIENT, device=True)
+    assert isinstance(begun, NextStep) and begun.step.kind == "redirect"
+    assert oidc_provider.proxy.count("/device/auth") == before
+    await login.providers.close()
+
+
+@pytest.mark.peer
 async def test_a_provider_without_device_authorization_gets_the_redirect_step(
         build_login: BuildLogin, tmp_path: Path) -> None:
     """The fallback: the CLI then uses its loopback, as without --device."""

@@ -74,6 +74,10 @@ class OidcProvider(Section, Linkable):
     # Attributes without which a sign-in is refused (the audit says which one is missing).
     required_claims: list[AttributeName] = Field(default_factory=list)
     userinfo: bool = True
+    # Whether `portcullis login --device` may use the provider's device authorization
+    # grant (RFC 8628) where it offers one. A device code can be phished (RFC 8628 5.4:
+    # someone persuades a user to type their code): false where no one signs in from ssh.
+    device_grant: bool = True
     prompt: Literal["login", "consent", "select_account", "none"] | None = None
     # More authorization request parameters (Azure: domain_hint; Okta: idp).
     extra_params: dict[str, str] = Field(default_factory=dict)

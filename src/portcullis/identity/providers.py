@@ -138,7 +138,7 @@ class IdentityProviders:
             # A redirect factor: identity.flow's redirect step kind runs it.
             return OidcFactor(provider.name, self.relying_party(provider.name),
                               claim_map(provider), tuple(provider.required_claims),
-                              provider.preset)
+                              provider.preset, device_grant=provider.device_grant)
         if isinstance(provider, SamlProvider):
             return SamlFactor(provider, self.saml(provider), self.ephemeral)
         assert isinstance(provider, CertificateProvider)

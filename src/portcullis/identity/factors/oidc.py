@@ -21,7 +21,7 @@ code's expiry (at most MAX_DEVICE_WAIT).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from portcullis.errors import AuthError, FederationError
@@ -55,10 +55,10 @@ class OidcFactor:
     primary = True
 
     def __init__(self, name: str, party: RelyingParty, names: ClaimMap,
-                 required: tuple[str, ...] = (), preset: str = "generic",
-                 clock: Callable[[], float] = time.time) -> None:
+                 required: tuple[str, ...] = (), preset: str = "generic", *,
+                 device_grant: bool = True) -> None:
         self.name = name
-        self._clock = clock
+        self._device_grant = device_grant
         self._party = party
         self._names = names
         self._required = required
@@ -76,9 +76,10 @@ class OidcFactor:
 
     async def device(self, state: FlowState) -> DeviceAuthorization | None:
         data = state.data
-        now = self._clock()
+        now = time.time()
         if not self.polling(state):
-            grant = await self._party.device_authorization()
+            grant = (await self._party.device_authorization() if self._device_grant
+                     else None)
             if grant is None:
                 return None
             data.update({DEVICE_CODE: grant.device_code, "oidc_user_code": grant.user_code,
@@ -114,7 +115,7 @@ class OidcFactor:
 
     async def _poll(self, state: FlowState, attempt: Attempt) -> FactorOutcome:
         data = state.data
-        now = self._clock()
+        now = time.time()
         if now >= float(data["oidc_device_expires"]):
             return Failed("the device code expired before the user signed in at the provider")
         if now < float(data["oidc_device_next"]):
