@@ -46,6 +46,15 @@ def test_userinfo_is_optional() -> None:
         is None
 
 
+def test_the_device_authorization_endpoint_is_optional_and_checked_as_the_others() -> None:
+    assert parse_metadata(DOCUMENT, ISSUER).device_authorization_endpoint is None
+    device = "https://login.example.test/tenant/oauth2/v2.0/devicecode"
+    assert parse_metadata({**DOCUMENT, "device_authorization_endpoint": device},
+                          ISSUER).device_authorization_endpoint == device
+    assert refusal(device_authorization_endpoint="http://login.example.test/devicecode") \
+        .endswith("'http://login.example.test/devicecode' is not an https URL")
+
+
 @pytest.mark.parametrize("issuer", [ISSUER + "/", ISSUER.upper(), ISSUER.replace("v2.0", "")])
 def test_the_issuer_must_be_equal_character_for_character(issuer: str) -> None:
     assert f"names the issuer {ISSUER!r}, not the configured {issuer!r}" in refusal(issuer)

@@ -10,11 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from portcullis.errors import FederationError
 from portcullis.federation.oidc import (
     ClaimExpectations,
     check_callback,
     check_claims,
     check_header,
+    parse_device_grant,
     pkce_challenge,
 )
 
@@ -187,3 +189,40 @@ def test_a_state_differing_in_one_character_is_refused(index: int, char: str) ->
 ])
 def test_each_callback_refusal(answers: dict[str, str], required: bool, reason: str) -> None:
     assert callback(answers, required) == reason
+
+
+DEVICE_GRANT: dict[str, Any] = {
+    "device_code": "GmRhmhcxhwAzkoEqiMEg_DnyEysNkuNhszIySk9eS", "user_code": "WDJB-MJHT",
+    "verification_uri": "https://login.example.test/device",
+    "verification_uri_complete": "https://login.example.test/device?user_code=WDJB-MJHT",
+    "expires_in": 1800}
+
+
+def test_a_device_authorization_response_interval_defaults_to_five_seconds() -> None:
+    grant = parse_device_grant(DEVICE_GRANT, ISSUER)
+    assert (grant.user_code, grant.expires_in, grant.interval) == ("WDJB-MJHT", 1800, 5)
+    assert parse_device_grant({**DEVICE_GRANT, "interval": 7}, ISSUER).interval == 7
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"device_code": None}, "the device authorization response's device_code is missing "
+                            "or malformed"),
+    ({"user_code": ""}, "the device authorization response's user_code is missing or "
+                        "malformed"),
+    ({"verification_uri": "javascript:alert(1)"},
+     "the device authorization response: 'javascript:alert(1)' is not an https URL"),
+    ({"verification_uri_complete": "http://evil.test/device"},
+     "the device authorization response: 'http://evil.test/device' is not an https URL"),
+    ({"verification_uri_complete": 7}, "the device authorization response's "
+                                       "verification_uri_complete is malformed"),
+    ({"expires_in": True}, "the device authorization response's expires_in is not a "
+                           "positive number of seconds"),
+    ({"interval": 0}, "the device authorization response's interval is not a positive "
+                      "number of seconds"),
+])
+def test_each_device_authorization_refusal_says_what(changes: dict[str, Any],
+                                                      reason: str) -> None:
+    body = {k: v for k, v in {**DEVICE_GRANT, **changes}.items() if v is not None}
+    with pytest.raises(FederationError) as refused:
+        parse_device_grant(body, ISSUER)
+    assert str(refused.value) == reason

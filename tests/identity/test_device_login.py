@@ -69,6 +69,7 @@ async def login(build_login: BuildLogin, oidc_provider: OidcPeer,
     yield built
     oidc_provider.proxy.tamper_device = None
     oidc_provider.proxy.tamper_token = None
+    oidc_provider.proxy.token_error = None
     await built.providers.close()
 
 
@@ -128,6 +129,22 @@ async def test_a_client_polling_too_fast_does_not_make_the_gateway_poll_faster(
     assert isinstance(await poll_after_interval(login, begun.handle), NextStep)
     for _ in range(5):
         assert isinstance(await login.submit(begun.handle, {}), NextStep)
+    assert oidc_provider.proxy.count("/token") == before + 1
+
+
+@pytest.mark.peer
+async def test_slow_down_lengthens_the_interval_the_gateway_keeps(
+        login: Login, oidc_provider: OidcPeer) -> None:
+    """RFC 8628 3.5: slow_down adds 5 s to the interval, for the client and the gateway."""
+    begun = await begin_device(login)
+    oidc_provider.proxy.token_error = {"error": "slow_down"}
+    before = oidc_provider.proxy.count("/token")
+    slowed = await poll_after_interval(login, begun.handle)
+    assert isinstance(slowed, NextStep) and slowed.step.device is not None
+    assert slowed.step.device.interval == INTERVAL + 5
+    assert oidc_provider.proxy.count("/token") == before + 1
+    # The old interval is no longer enough.
+    assert isinstance(await poll_after_interval(login, begun.handle), NextStep)
     assert oidc_provider.proxy.count("/token") == before + 1
 
 

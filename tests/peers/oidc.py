@@ -9,7 +9,8 @@ passes them on unchanged, unless a test sets `tamper_token` / `tamper_userinfo` 
 `tamper_device`: then that function rewrites the JSON the provider answered at its token
 / userinfo / device authorization endpoint on its way back. That is how crafted ID
 tokens (another audience, alg "none", HMAC, a key in the header...) reach the factor by
-the real token endpoint path. The signing keys
+the real token endpoint path; `token_error` makes the token endpoint answer an error
+the provider never sends (slow_down). The signing keys
 are generated here and given to the provider, so a crafted token can also be signed
 with the provider's own key (`OidcPeer.resign`), and `restart(keys)` rotates them: the
 provider comes back on another port with the new key set, behind the same proxy (the
@@ -140,6 +141,8 @@ class TamperingProxy(ThreadingHTTPServer):
         self.tamper_token: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self.tamper_userinfo: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self.tamper_device: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        # Set: /token answers HTTP 400 with this body, the provider not asked.
+        self.token_error: dict[str, Any] | None = None
         self.requests: list[str] = []          # "METHOD /path", in order
         # Seconds spent answering (the provider's time and the forwarding): what a
         # benchmark counts as the provider's side of a sign-in.
@@ -178,6 +181,10 @@ class _Forward(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         self.server.requests.append(f"{self.command} {self.path}")
+        if self.path.split("?")[0] == "/token" and self.server.token_error is not None:
+            self._answer(400, [("Content-Type", "application/json")],
+                         json.dumps(self.server.token_error).encode())
+            return
         upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream, timeout=10)
         headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
         upstream.request(self.command, self.path, body=body, headers=headers)
@@ -189,14 +196,17 @@ class _Forward(BaseHTTPRequestHandler):
                   "/device/auth": self.server.tamper_device}.get(path)
         if tamper is not None and answer.status == 200:
             content = json.dumps(tamper(json.loads(content))).encode()
-        self.send_response(answer.status)
-        for name, value in answer.getheaders():
+        self._answer(answer.status, answer.getheaders(), content)
+        upstream.close()
+
+    def _answer(self, status: int, headers: list[tuple[str, str]], content: bytes) -> None:
+        self.send_response(status)
+        for name, value in headers:
             if name.lower() not in ("content-length", "transfer-encoding", "connection"):
                 self.send_header(name, value)
         self.send_header("Content-Length", str(len(content)))
         self.end_headers()
         self.wfile.write(content)
-        upstream.close()
 
     do_GET = do_POST = _forward
 
