@@ -193,7 +193,6 @@ class Pending:
     the factor bounds it by its code's expiry."""
 
     reason: str
-    username: str | None = None
 
 
 FactorOutcome = Passed | Failed | Unavailable | Retry | Deferred | Refused | Pending

@@ -145,7 +145,7 @@ async def dry_run(settings: Settings, flow_name: str, username: str, answer: Ans
                 if step.device is not None:
                     report(f"  open {step.device.verification_uri} on any device and enter "
                            f"the code {step.device.user_code}")
-                    while (isinstance(result, NextStep) and result.step.device is not None):
+                    while isinstance(result, NextStep) and result.step.device is not None:
                         await asyncio.sleep(result.step.device.interval)
                         result = await service.submit(result.handle, {}, context)
                     continue
