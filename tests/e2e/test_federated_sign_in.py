@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import ssl
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from conftest import Deployment, Process, free_port, init_deployment, require_program
@@ -211,6 +213,11 @@ def test_the_cli_in_an_ssh_session_signs_in_with_a_device_code(
     """`login --device`: the CLI prints the provider's URL and a code; the user signs in
     with them on another device (here httpx, on the provider's device pages) while the
     CLI polls; then its session works."""
+    malformed = httpx.post(f"{federated.deployment.url}/api/v1/login", json={"device": "yes"},
+                           verify=ssl.create_default_context(cafile=federated.deployment.ca),
+                           timeout=10)
+    assert (malformed.status_code, malformed.json()) == (
+        400, {"error": "device must be true or false"})
     home = {"PORTCULLIS_HOME": str(tmp_path / "cli-home")}
     command = Process(["login", federated.deployment.url, "--device", "--ca",
                        str(federated.deployment.ca)], tmp_path / "login.log", env=home)
