@@ -57,8 +57,11 @@ def configure_logging(level: str = "info", fmt: Literal["text", "json"] = "text"
 class AuditTrail:
     """Appends security events as JSON lines and logs them."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, *, echo: bool = True) -> None:
+        """`echo`: also log each event (False: a dry run, whose command shows what
+        happened its own way and must not write to the trail or the log)."""
         self._path = path
+        self._echo = echo
         self._lock = threading.Lock()
         self._log = structlog.get_logger("portcullis.audit")
         self._file = None
@@ -70,7 +73,8 @@ class AuditTrail:
 
     def record(self, event: str, **fields: Any) -> None:
         entry = {"at": time.time(), "event": event, **fields}
-        self._log.info(event, **fields)
+        if self._echo:
+            self._log.info(event, **fields)
         if self._file is not None:
             line = json.dumps(entry, default=str, separators=(",", ":"))
             with self._lock:

@@ -124,7 +124,7 @@ async def dry_run(settings: Settings, flow_name: str, username: str, answer: Ans
         sessions = SessionManager(ephemeral, AccountStatus(durable), hasher, settings.session)
         with LoopbackReceiver(CALLBACK_PATH, port=callback_port) as receiver:
             service = LoginService(providers.flow(flow_name), ephemeral, hasher, sessions,
-                                   settings.session, AuditTrail(None),
+                                   settings.session, AuditTrail(None, echo=False),
                                    Throttle(ephemeral, settings.auth.throttle),
                                    public_url=receiver.base,
                                    observe=lambda event: report(_describe(event)))
