@@ -250,7 +250,7 @@ def free_udp_port() -> int:
 
 @pytest.fixture
 def dns_server() -> Iterator[DnsServer]:
-    server = DnsServer(require_program("dnsmasq"), free_udp_port())
+    server = DnsServer(require_program("dnsmasq"), free_udp_port)
     yield server
     server.close()
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -70,24 +71,32 @@ class DnsServer:
     NAME = "wiki.corp.example"
     ADDRESS = "10.1.2.3"
 
-    def __init__(self, dnsmasq: str, port: int) -> None:
-        self.port = port
-        self._process = subprocess.Popen(
-            [dnsmasq, *self.arguments("127.0.0.1", port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def __init__(self, dnsmasq: str, ports: Callable[[], int], attempts: int = 3) -> None:
+        """dnsmasq on a port `ports` gives; another one if it could not bind it (a free
+        UDP port can be taken by any process's outgoing socket before dnsmasq binds)."""
         query = (b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
                  b"\x04wiki\x04corp\x07example\x00\x00\x01\x00\x01")
-        deadline = time.monotonic() + 10
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.settimeout(0.2)
-            while time.monotonic() < deadline:
-                probe.sendto(query, ("127.0.0.1", port))
-                try:
-                    if probe.recv(512)[:2] == b"\x12\x34":
-                        return
-                except OSError:
-                    continue
-        raise RuntimeError("dnsmasq did not answer")
+        for _ in range(attempts):
+            self.port = ports()
+            self._process = subprocess.Popen(
+                [dnsmasq, *self.arguments("127.0.0.1", self.port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 10
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.settimeout(0.2)
+                while time.monotonic() < deadline and self._process.poll() is None:
+                    probe.sendto(query, ("127.0.0.1", self.port))
+                    try:
+                        if probe.recv(512)[:2] == b"\x12\x34":
+                            return
+                    except OSError:
+                        continue
+            self.close()
+        raise RuntimeError(f"dnsmasq did not answer: {self._errors()}")
+
+    def _errors(self) -> str:
+        assert self._process.stderr is not None
+        return self._process.stderr.read().decode(errors="replace").strip()[-300:]
 
     @classmethod
     def arguments(cls, address: str, port: int) -> list[str]:
