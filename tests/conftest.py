@@ -248,9 +248,24 @@ def free_udp_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_dns_port() -> int:
+    """A port free for UDP and for TCP too (dnsmasq listens on both): after a test that
+    opened thousands of TCP connections, many ports free for UDP are still TCP's."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no port free for both UDP and TCP on 127.0.0.1")
+
+
 @pytest.fixture
 def dns_server() -> Iterator[DnsServer]:
-    server = DnsServer(require_program("dnsmasq"), free_udp_port)
+    server = DnsServer(require_program("dnsmasq"), free_dns_port)
     yield server
     server.close()
 
