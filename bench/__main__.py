@@ -24,6 +24,7 @@ from bench import (
     launch_rate,
     login_rate,
     revocation,
+    shadow,
     throughput,
     tunnel_memory,
     tunnel_stream_rate,
@@ -45,6 +46,7 @@ BENCHMARKS: dict[str, Callable[[], Report]] = {
     "revocation": revocation.run,
     "double_hop": double_hop.run,
     "federation": federation.run,
+    "shadow": shadow.run,
 }
 RESULTS = Path(__file__).parent / "results"
 OPEN_FILES = 16384  # idle_memory holds ~3 sockets per connection in client + gateway
