@@ -5,9 +5,10 @@ a finding: another exception from the parser, or an ``AssertionError`` from a pr
 checked here (the same bytes split differently give the same outcome; what a parser
 accepts, the next layer can carry; a parsed launch file writes and reads back the same).
 
-Inputs of the mux, SOCKS5, SOCKS5 client, stream datagram and HTTP CONNECT targets start
-with a small header: byte 0, options (bit 0: the proxies require credentials
-``fuzz``/``secret``; for SOCKS5, bit 1: the relay's extension commands are accepted);
+Inputs of the mux, SOCKS5, SOCKS5 client, stream datagram, HTTP CONNECT, shadow channel
+and RFB refusal targets start with a small header: byte 0, options (bit 0: the proxies
+require credentials ``fuzz``/``secret``, the shadow device accepts a request that parses;
+for SOCKS5, bit 1: the relay's extension commands are accepted);
 byte 1, how to split the rest into chunks (0: one chunk, n: chunks of n bytes).
 ``fuzz_run.py`` drives these under atheris; ``test_fuzz.py`` replays the corpus and runs a
 bounded fuzzing session per target.
@@ -21,6 +22,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from joserfc import jws
 from joserfc.errors import JoseError
 
@@ -32,6 +34,19 @@ from portcullis.proto import mux
 from portcullis.proto.httpconnect import HttpConnectConnection
 from portcullis.proto.launchfile import format_launch_file, parse_launch_file
 from portcullis.proto.proxyauth import ProxyCredentials
+from portcullis.proto.rfb import RfbRefusal, classify_first_bytes
+from portcullis.proto.shadow import (
+    MAX_FRAME,
+    Accepted,
+    ChannelState,
+    RequestReceived,
+    ShadowChannel,
+    ShadowEvent,
+    ShadowProtocolError,
+    key_id_of,
+    parse_signed_request,
+    sign_request,
+)
 from portcullis.proto.socks5 import (
     Command,
     Reply,
@@ -311,6 +326,107 @@ def saml_message(data: bytes) -> None:
         assert outcome.root.tag == f"{{{SAMLP}}}Response"
 
 
+# --- secure shadowing --------------------------------------------------------------------
+
+#: The hub key the shadow seeds are signed with (seeds.py), so the signature check runs.
+SHADOW_HUB_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+SHADOW_KEY_ID = key_id_of(SHADOW_HUB_KEY.public_key())
+
+
+def shadow_request(data: bytes) -> None:
+    """The device proxy (and the hub) reading a signed shadow request: what parses is
+    exactly the bytes it was read from, its signature check answers a bool, and the
+    request it carries can be signed again."""
+    try:
+        parsed = parse_signed_request(data)
+    except ShadowProtocolError:
+        return
+    assert parsed.signed_part + b"\x01\x00\x40" + parsed.signature == data
+    valid = parsed.signature_valid(SHADOW_HUB_KEY.public_key())
+    assert isinstance(valid, bool)
+    if parsed.request.key_id == SHADOW_KEY_ID:
+        resigned = sign_request(parsed.request, SHADOW_HUB_KEY)
+        assert parse_signed_request(resigned).request == parsed.request
+        assert (resigned == data) is valid  # Ed25519 signatures are deterministic
+
+
+def _shadow_outcome(role: str, chunks: Iterator[bytes],
+                    accept: bool | None) -> tuple[object, ...]:
+    channel = ShadowChannel("device" if role == "device" else "console", now=0.0)
+    if role == "console":
+        channel.send_request(b"signed request")
+    events: list[ShadowEvent] = []
+    relayed = b""
+    for chunk in chunks:
+        if channel.state is ChannelState.ACCEPTED:
+            relayed += chunk  # the shell relays raw bytes once the channel is up
+            continue
+        channel.receive_data(chunk)
+        assert channel.buffered <= 3 + MAX_FRAME
+        while (event := channel.next_event()) is not None:
+            if isinstance(event, Accepted):
+                relayed += event.leftover
+                event = Accepted(event.session_id, b"")
+            events.append(event)
+            if isinstance(event, RequestReceived) and accept is not None:
+                # As the device proxy does: read the request, then answer.
+                try:
+                    parse_signed_request(event.signed)
+                except ShadowProtocolError as error:
+                    channel.refuse(str(error))
+                else:
+                    if accept:
+                        channel.accept("fuzz-session")
+                    else:
+                        channel.refuse("the hub says no")
+    timer = channel.get_timer()
+    if timer is not None:
+        channel.handle_timer(timer)
+        events.extend(iter(channel.next_event, None))
+    return tuple(events), channel.data_to_send(), relayed, channel.state
+
+
+def _shadow(role: str, data: bytes) -> None:
+    options, chunk, body = _header(data)
+    whole = _shadow_outcome(role, _chunks(body, 0), None)
+    split = _shadow_outcome(role, _chunks(body, chunk or 1), None)
+    assert whole == split, f"shadow {role} outcome depends on the split:\n{whole}\n{split}"
+    # Answering depends on when the answer comes (bytes after the request are an error
+    # only until it does), so that run is not compared with the others.
+    _shadow_outcome(role, _chunks(body, chunk), bool(options & 1))
+
+
+def shadow_device(data: bytes) -> None:
+    """The device proxy's channel reading what came through TLS from a console; option
+    bit 0: a request that parses is accepted (else refused)."""
+    _shadow("device", data)
+
+
+def shadow_console(data: bytes) -> None:
+    """The console proxy's channel reading the device's answer to its request."""
+    _shadow("console", data)
+
+
+def rfb_refusal(data: bytes) -> None:
+    """The device proxy answering a plain viewer with an RFB security failure: the same
+    bytes however the viewer's are split, always starting with the server's version."""
+    _, chunk, body = _header(data)
+    if body:
+        assert classify_first_bytes(body) in ("tls", "rfb-client", "garbage")
+
+    def outcome(chunks: Iterator[bytes]) -> tuple[bytes, bool]:
+        refusal = RfbRefusal("secure shadowing is required")
+        sent = refusal.data_to_send()
+        for piece in chunks:
+            refusal.receive_data(piece)
+            sent += refusal.data_to_send()
+        return sent, refusal.finished
+
+    whole, split = outcome(_chunks(body, 0)), outcome(_chunks(body, chunk or 1))
+    assert whole == split, f"RFB refusal depends on the split:\n{whole}\n{split}"
+    assert whole[0].startswith(b"RFB 003.008\n")
+
+
 FUZZ_EXPECTATIONS = ClaimExpectations("https://idp.example", "portcullis", "n-0S6_WzA2Mj", 60)
 
 
@@ -342,4 +458,8 @@ TARGETS: dict[str, Target] = {
     "launch_file": launch_file,
     "saml_message": saml_message,
     "id_token": id_token,
+    "shadow_request": shadow_request,
+    "shadow_device": shadow_device,
+    "shadow_console": shadow_console,
+    "rfb_refusal": rfb_refusal,
 }

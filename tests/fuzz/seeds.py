@@ -14,7 +14,10 @@ import json
 import struct
 from pathlib import Path
 
+from fuzz_targets import SHADOW_HUB_KEY, SHADOW_KEY_ID
+
 from portcullis.proto import mux
+from portcullis.proto.shadow import PREFACE, ShadowRequest, sign_request
 from portcullis.proto.streamdatagrams import frame_datagram
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -204,6 +207,70 @@ def id_token() -> dict[str, bytes]:
     }
 
 
+def _shadow_request(**changes: object) -> bytes:
+    fields: dict[str, object] = {
+        "request_id": "0123456789abcdef0123456789abcdef", "device": "pc-042",
+        "device_fingerprint": "sha256:" + "a" * 64, "operator": "alice",
+        "console_fingerprint": "sha256:" + "b" * 64,
+        "nonce": "fedcba9876543210fedcba9876543210", "issued_at": 1_800_000_000,
+        "expires_at": 1_800_000_060, "key_id": SHADOW_KEY_ID, **changes}
+    return sign_request(ShadowRequest(**fields), SHADOW_HUB_KEY)  # type: ignore[arg-type]
+
+
+def _shadow_frame(kind: int, payload: bytes) -> bytes:
+    return struct.pack("!BH", kind, len(payload)) + payload
+
+
+def shadow_request() -> dict[str, bytes]:
+    signed = _shadow_request()
+    body_end = len(signed) - 67
+    return {
+        "valid": signed,
+        "unicode-operator": _shadow_request(operator="jörg 😀"),
+        "tampered": signed.replace(b"pc-042", b"pc-043"),
+        "lifetime-61": signed.replace(b"1800000060", b"1800000061"),
+        "wrong-algorithm": signed[:body_end] + b"\x02" + signed[body_end + 1:],
+        "blank-in-body": signed[:4] + struct.pack("!H", body_end - 5) + signed[6:7] + b" "
+                         + signed[7:],
+    }
+
+
+def shadow_device() -> dict[str, bytes]:
+    request = PREFACE + _shadow_frame(1, _shadow_request())
+    return {
+        "request-accepted": b"\x01\x00" + request,
+        "request-refused": b"\x00\x07" + request,
+        "request-bytes": b"\x01\x01" + request,
+        "data-before-answer": b"\x00\x00" + request + b"RFB 003.008\n",
+        "garbage-request": b"\x01\x03" + PREFACE + _shadow_frame(1, b"PSR1\x00\x00"),
+        "oversized": b"\x00\x00" + PREFACE + b"\x01\xff\xff" + bytes(64),
+        "plain-rfb": b"\x00\x01RFB 003.008\n",
+        "accept-first": b"\x00\x00" + PREFACE + _shadow_frame(2, b'{"session":"s1"}'),
+    }
+
+
+def shadow_console() -> dict[str, bytes]:
+    return {
+        "accepted": b"\x00\x00" + _shadow_frame(2, b'{"session":"s-1"}') + b"RFB 003.008\n",
+        "accepted-bytes": b"\x00\x01" + _shadow_frame(2, b'{"session":"s-1"}') + b"RFB",
+        "refused": b"\x00\x03" + _shadow_frame(3, "request expired — ask again".encode()),
+        "bad-session": b"\x00\x00" + _shadow_frame(2, b'{"session":["x"]}'),
+        "request-back": b"\x00\x00" + _shadow_frame(1, b"PSR1"),
+        "long-refusal": b"\x00\x00" + b"\x03\x04\x01" + bytes(1025),
+    }
+
+
+def rfb_refusal() -> dict[str, bytes]:
+    return {
+        "3.8": b"\x00\x00RFB 003.008\n",
+        "3.7-bytes": b"\x00\x01RFB 003.007\n",
+        "3.3": b"\x00\x05RFB 003.003\n",
+        "3.889": b"\x00\x00RFB 003.889\n",
+        "tls": b"\x00\x00\x16\x03\x01\x00\xf8\x01\x00\x00\xf4\x03\x03",
+        "invalid": b"\x00\x02RFB 004.00x\n",
+    }
+
+
 SEEDS = {
     "mux_client": {name: b"\x00\x03" + wire for name, wire in gateway_says().items()},
     "mux_gateway": {name: b"\x00\x07" + wire for name, wire in client_says().items()},
@@ -215,6 +282,10 @@ SEEDS = {
     "launch_file": launch_file(),
     "saml_message": saml_message(),
     "id_token": id_token(),
+    "shadow_request": shadow_request(),
+    "shadow_device": shadow_device(),
+    "shadow_console": shadow_console(),
+    "rfb_refusal": rfb_refusal(),
 }
 
 
