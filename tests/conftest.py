@@ -123,8 +123,8 @@ class Deployment:
 
 
 def init_deployment(directory: Path) -> Deployment:
-    """`portcullis init` in `directory`, on three free ports."""
-    port = free_port_run(3)
+    """`portcullis init` in `directory`, on four free ports."""
+    port = free_port_run(4)
     result = run_cli("init", "--dir", str(directory), "--port", str(port))
     assert result.returncode == 0, result.stderr
     password = re.search(r"password: (\S+)", result.stdout)

@@ -103,6 +103,20 @@ dns_suffixes = []
 # handshake_timeout = 10         # seconds for the TLS handshake, then for the SOCKS request
 # dial_timeout = 10              # seconds to resolve, then to connect to, a destination
 
+# Secure shadowing (docs/shadow.md): device agents register here ('portcullis shadow-agent').
+[shadow]
+listen = "{shadow_listen_host}:{shadow_port}"   # the agents' port on the hub (mutual TLS)
+mandatory = false              # true: devices refuse plain VNC and tell the viewer why
+# [[shadow.device_groups]]
+# name = "kiosks"
+# devices = ["kiosk-*"]          # device names, shell-style patterns
+# consent = "ask"                # none | notify | ask (the device's user must say yes)
+# [[shadow.policies]]            # none written: administrators may shadow every device
+# name = "helpdesk-kiosks"
+# action = "allow"
+# groups = ["helpdesk"]
+# device_groups = ["kiosks"]
+
 # Access policies of the tunnel, in order; the first that matches decides; no match: deny.
 # [[policies]]
 # name = "staff-web"
@@ -142,16 +156,19 @@ def init_deployment(directory: Path, *, hostname: str = "localhost",
     if directory.exists() and any(directory.iterdir()):
         raise ConfigError(f"{directory} already exists and is not empty; "
                           "choose another --dir (init never overwrites a deployment)")
-    if not 0 < port < 65534:
-        raise ConfigError("port must be 1-65533 (the portal and STA use the next two)",
-                          key="--port")
+    if not 0 < port < 65533:
+        raise ConfigError("port must be 1-65532 (the portal, STA and shadow hub use the "
+                          "next three)", key="--port")
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     listen_host = "127.0.0.1" if hostname in ("localhost", "127.0.0.1") else "0.0.0.0"
     config_path(directory).write_text(CONFIG_TEMPLATE.format(
         hostname=f"[{hostname}]" if ":" in hostname else hostname, port=port,
         listen_host=listen_host, portal_port=port + 1,
-        sta_port=port + 2))
+        sta_port=port + 2, shadow_port=port + 3,
+        # Devices are elsewhere on the network: the hub listens beyond loopback unless
+        # the whole deployment is a local trial.
+        shadow_listen_host=listen_host))
 
     pki = directory / "pki"
     pki.mkdir(mode=0o700)

@@ -61,6 +61,7 @@ from portcullis.policy import AccessPolicy
 from portcullis.portal.app import PortalDeps, create_portal_app
 from portcullis.portal.saml import SamlEndpoints, saml_callback_bodies
 from portcullis.proto.mux import Reason
+from portcullis.shadow.role import ShadowRole
 from portcullis.sta.app import create_sta_app
 from portcullis.sta.authority import TicketAuthority
 from portcullis.sta.client import RemoteTicketAuthority, TicketAuthorities, TicketIssuer
@@ -78,7 +79,7 @@ from portcullis.web.edge import Edge, EdgeServer, raise_open_files_limit
 from portcullis.web.roles import role_checked_http
 from portcullis.web.security import SecurityMiddleware
 
-ROLES = ("gateway", "portal", "sta")
+ROLES = ("gateway", "portal", "sta", "shadow-hub")
 CERTIFICATE_CHECK_SECONDS = 86400.0
 log = structlog.get_logger("portcullis.node")
 
@@ -93,6 +94,8 @@ class Listener:
     trust_forwarded: bool = False
     # Roles whose certificates may connect (mutual TLS); empty: anyone may.
     client_roles: frozenset[str] = frozenset()
+    # The HTTP protocol class, when the listener needs its own (the shadow hub's).
+    http: type[Any] | None = None
 
 
 @dataclass
@@ -110,6 +113,7 @@ class Node:
     events: EventBus = field(default_factory=MemoryEventBus)
     session_watch: SessionWatch | None = None
     relays: RelayEndpoint | None = None   # dial-out: the relays connected to this edge
+    shadow_hub: ShadowRole | None = None
     edge: Edge = field(init=False)
     _closers: list[Callable[[], Any]] = field(default_factory=list)
     certificates: LoadedCertificates = field(init=False)
@@ -170,6 +174,16 @@ class Node:
         hasher = TokenHasher.from_directory(self.settings.path(self.settings.secrets_dir))
         accounts = AccountStatus(self.durable)
         local_sta = self._sta_role(hasher) if "sta" in self.roles else None
+        sessions = SessionManager(self.ephemeral, accounts, hasher, self.settings.session,
+                                  audit=self.audit, events=self.events)
+        if "shadow-hub" in self.roles:
+            self.shadow_hub = ShadowRole.build(
+                lambda: self.settings, self.durable, self.ephemeral, self.events, self.audit,
+                hasher, sessions, self.certificates, with_gateway="gateway" in self.roles)
+            hub = self.shadow_hub
+            self.listeners.append(Listener("shadow-hub", hub.host, hub.port,
+                                           self._secure(hub.agent_app), hub.tls,
+                                           http=hub.http))
         if not {"gateway", "portal"} & set(self.roles):
             return
         # Dial-out: the relays connect to this gateway, and the Dialer uses them.
@@ -188,8 +202,6 @@ class Node:
             dialer_settings, relays=self.relays.pool if self.relays else None,
             datagram_idle_timeout=self.settings.vpn.udp_idle_timeout,
             gateway_tls=lambda: self.role_tls_client("gateway"))
-        sessions = SessionManager(self.ephemeral, accounts, hasher, self.settings.session,
-                                  audit=self.audit, events=self.events)
         authorities = self._ticket_authorities(local_sta, dialer)
         portal_app = (self._portal_role(hasher, sessions, authorities, dialer)
                       if "portal" in self.roles else None)
@@ -213,10 +225,12 @@ class Node:
         held = {"vpn.address_pool": (first.vpn.address_pool, fresh.vpn.address_pool),
                 "vpn.dial_timeout": (first.vpn.dial_timeout, fresh.vpn.dial_timeout),
                 "admin_groups": (first.admin_groups, fresh.admin_groups),
-                "dialer": (first.dialer, fresh.dialer)}
+                "dialer": (first.dialer, fresh.dialer),
+                "shadow.listen": (first.shadow.listen, fresh.shadow.listen)}
         needs_restart = [key for key, (old, new) in held.items() if old != new]
         self.settings = self.settings.model_copy(update={"policies": fresh.policies,
-                                                         "vpn": fresh.vpn})
+                                                         "vpn": fresh.vpn,
+                                                         "shadow": fresh.shadow})
         log.info("configuration reloaded", policies=len(fresh.policies),
                  needs_restart=needs_restart or None)
 
@@ -318,6 +332,8 @@ class Node:
                                           self.audit, lambda: self.settings.vpn.session_check)
         routes: list[Any] = admin_routes(self.registry, sessions, settings.admin_groups,
                                          self.audit, self.events, self.ephemeral)
+        if self.shadow_hub is not None:
+            routes.extend(self.shadow_hub.operator_routes)
         if portal_app is not None:
             routes.append(Mount("/", app=portal_app))
         else:
@@ -354,7 +370,8 @@ class Node:
         # Only the gateway's listener takes WebSocket upgrades, straight to its endpoints.
         websocket: Any = (websocket_protocol_class(self.websocket_endpoints, self.edge.closed)
                           if listener.role == "gateway" else "none")
-        http = (role_checked_http(listener.client_roles, listener.role, self.audit)
+        http = (listener.http if listener.http is not None
+                else role_checked_http(listener.client_roles, listener.role, self.audit)
                 if listener.client_roles
                 else user_certificate_http(client_ca_path(self.settings),
                                            self._trusted_for_relays()))
@@ -381,8 +398,8 @@ class Node:
             except OSError as exc:
                 for bound in sockets:
                     bound.close()
-                key = {"sta": "sta.listen", "portal": "portal.listen"}.get(
-                    listener.role, "gateway.listen")
+                key = {"sta": "sta.listen", "portal": "portal.listen",
+                       "shadow-hub": "shadow.listen"}.get(listener.role, "gateway.listen")
                 raise ConfigError(f"cannot listen on {listener.host}:{listener.port} for the "
                                   f"{listener.role} role: {exc.strerror}", key=key) from None
         return sockets
@@ -403,6 +420,8 @@ class Node:
                     asyncio.ensure_future(self._check_certificates_daily())]
         if self.session_watch is not None:
             watchers.append(asyncio.ensure_future(self.session_watch.run()))
+        if self.shadow_hub is not None:
+            watchers.extend(asyncio.ensure_future(task) for task in self.shadow_hub.tasks())
         # _serve, not serve: serve() would install its own signal handlers per server,
         # and one process runs several servers that must stop together.
         tasks = [asyncio.ensure_future(server._serve([sock]))

@@ -146,6 +146,24 @@ class PortalApi:
     def logout(self) -> None:
         self._request("POST", "/api/v1/logout")
 
+    def shadow(self, method: str, path: str,
+               payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A call to the shadow hub's operator API (`/api/v1/shadow/…`); its refusals
+        say what to do, and become the ClientError's message."""
+        response = self._request(method, f"/api/v1/shadow/{path}", json=payload)
+        if response.status_code == 404 and "json" not in response.headers.get(
+                "content-type", ""):
+            raise ClientError(f"{self.url} runs no shadow hub")
+        if response.status_code >= 400:
+            try:
+                error = str(response.json()["error"])
+            except (ValueError, KeyError, TypeError):
+                self._check(response)
+                raise
+            raise ClientError(error)
+        result: dict[str, Any] = response.json()
+        return result
+
     def _post_json(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         response = self._request("POST", path, json=payload)
         if response.status_code not in (200, 401):

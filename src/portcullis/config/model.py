@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from portcullis.config.auth import AuthSettings
 from portcullis.config.idp import OidcSettings
+from portcullis.config.shadow import ShadowSettings
 from portcullis.config.values import check_networks, parse_host_port
 from portcullis.errors import AuthError
 from portcullis.identity.names import canonical_username
@@ -335,6 +336,8 @@ class Settings(Section):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     # The gateway as an OpenID Connect provider for other applications.
     oidc: OidcSettings = Field(default_factory=OidcSettings)
+    # The shadow hub: registered devices, who may shadow them, secure shadowing mandatory.
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
     # Members of these groups may use the administration API (sessions list/kill).
     admin_groups: list[str] = Field(default_factory=lambda: ["admins"])
     secrets_dir: str = "secrets"

@@ -7,6 +7,7 @@ Never writes a private key readable by others and never overwrites a certificate
 from portcullis.pki.ca import (
     IssuedCert,
     certificate_fingerprint,
+    certify_request,
     create_ca,
     create_signing_pair,
     issue_certificate,
@@ -21,6 +22,7 @@ from portcullis.pki.ca import (
 __all__ = [
     "IssuedCert",
     "certificate_fingerprint",
+    "certify_request",
     "create_ca",
     "create_signing_pair",
     "issue_certificate",

@@ -26,7 +26,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -138,11 +138,43 @@ def issue_certificate(
     not_before = (now or dt.datetime.now(dt.UTC)) - _BACKDATE
     # The whole period counts, backdating included: 366 days means 366 days.
     not_after = min(not_before + dt.timedelta(days=valid_days), ca_cert.not_valid_after_utc)
-    builder = (
+    builder = _leaf(ca_cert, common_name, key.public_key(), not_before, not_after, usages)
+    if alt_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    return IssuedCert(cert_pem=cert.public_bytes(serialization.Encoding.PEM), key_pem=_key_pem(key))
+
+
+def certify_request(ca: IssuedCert, csr_pem: bytes, common_name: str, *,
+                    valid_for: dt.timedelta, now: dt.datetime | None = None) -> bytes:
+    """A client certificate for the key of a PKCS#10 request (whose signature proves its
+    sender holds that key), named `common_name` whatever the request asked for; PEM."""
+    try:
+        request = x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        raise PKIError("the certificate request is not a PEM PKCS#10 request") from None
+    if not request.is_signature_valid:
+        raise PKIError("the certificate request's signature does not match its key")
+    public_key = request.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
+        raise PKIError("the certificate request's key must be an EC or Ed25519 key")
+    ca_cert, ca_key = _load_ca(ca)
+    not_before = (now or dt.datetime.now(dt.UTC)) - _BACKDATE
+    not_after = min(not_before + _BACKDATE + valid_for, ca_cert.not_valid_after_utc)
+    cert = _leaf(ca_cert, common_name, public_key, not_before, not_after,
+                 [ExtendedKeyUsageOID.CLIENT_AUTH]).sign(ca_key, hashes.SHA256())
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _leaf(ca_cert: x509.Certificate, common_name: str,
+          public_key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey,
+          not_before: dt.datetime, not_after: dt.datetime,
+          usages: list[x509.ObjectIdentifier]) -> x509.CertificateBuilder:
+    return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(_random_serial())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
@@ -162,13 +194,9 @@ def issue_certificate(
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(_authority_key_identifier(ca_cert), critical=False)
     )
-    if alt_names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())
-    return IssuedCert(cert_pem=cert.public_bytes(serialization.Encoding.PEM), key_pem=_key_pem(key))
 
 
 def create_signing_pair(common_name: str, *, valid_days: int = 3650,

@@ -1,4 +1,4 @@
 """The common name each role's certificate carries; listeners check callers by it."""
 
-ROLES = ("gateway", "portal", "sta", "relay")
+ROLES = ("gateway", "portal", "sta", "relay", "shadow-hub")
 ROLE_COMMON_NAMES = {role: f"portcullis-{role}" for role in ROLES}

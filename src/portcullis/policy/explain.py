@@ -33,6 +33,7 @@ from portcullis.policy.admission import (
     parse_address,
 )
 from portcullis.policy.engine import AccessPolicy, Subject
+from portcullis.policy.shadow import ShadowDecision, may_shadow
 
 Protocol = Literal["tcp", "udp", "icmp"]
 PROTOCOLS: tuple[Protocol, ...] = ("tcp", "udp", "icmp")
@@ -157,3 +158,16 @@ async def explain(settings: Settings, who: Who, target: str, *,
     if not admission.allowed:
         lines.append(f"the client is told: {admission.refusal}")
     return admission, lines
+
+
+def explain_shadow(settings: Settings, who: Who, device: str) -> tuple[ShadowDecision, list[str]]:
+    """The hub's decision for `who` shadowing `device`, and the lines to print."""
+    decision = may_shadow(settings.shadow, settings.admin_groups, who.subject, device)
+    groups = ", ".join(decision.device_groups) or "none"
+    lines = [who.told, f"device {device} (device groups: {groups})",
+             "ALLOWED" if decision.allowed else "DENIED", decision.reason]
+    if decision.allowed:
+        lines.append(f"consent: {decision.consent}" + (
+            f" (the device's user has {decision.consent_timeout:g} s to answer)"
+            if decision.consent == "ask" else ""))
+    return decision, lines

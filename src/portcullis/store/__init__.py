@@ -6,7 +6,13 @@ or Redis pub/sub) that the nodes share, from `open_event_bus(url)`. All raise on
 `StoreError` and its children; none ever holds a password or a token in clear.
 """
 
-from portcullis.store.durable import DurableStore, SigningKeyRecord, TotpRecord, UserRecord
+from portcullis.store.durable import (
+    DurableStore,
+    ShadowDeviceRecord,
+    SigningKeyRecord,
+    TotpRecord,
+    UserRecord,
+)
 from portcullis.store.ephemeral import EphemeralStore, MemoryStore, RedisStore, open_ephemeral
 from portcullis.store.events import EventBus, MemoryEventBus, RedisEventBus, open_event_bus
 from portcullis.store.migrations import LATEST_VERSION, MIGRATIONS
@@ -24,6 +30,7 @@ __all__ = [
     "RedisEventBus",
     "RedisStore",
     "SealedRecords",
+    "ShadowDeviceRecord",
     "SigningKeyRecord",
     "TotpRecord",
     "UserRecord",

@@ -29,6 +29,7 @@ from portcullis.store import migrations
 from portcullis.store.migrations import (
     oidc_signing_keys,
     recovery_codes,
+    shadow_devices,
     totp_enrolment_codes,
     totp_secrets,
     user_groups,
@@ -83,6 +84,25 @@ class SigningKeyRecord:
     kid: str
     sealed_jwk: bytes
     signs_from: datetime
+
+
+@dataclass(frozen=True)
+class ShadowDeviceRecord:
+    """A device registered with the shadow hub. `status` is "enrolling" (added by an
+    administrator, waiting for its agent and code), "pending" (its agent registered
+    without a code: waiting for approval of `fingerprint`) or "approved"."""
+
+    name: str
+    status: Literal["enrolling", "pending", "approved"]
+    certificate: str | None
+    fingerprint: str | None
+    advertise: str | None
+    first_seen: datetime | None
+    last_seen: datetime | None
+    approved_by: str | None
+    created_at: datetime
+    code_hash: str | None = None
+    code_expires_at: datetime | None = None
 
 
 def async_database_url(url: str) -> URL:
@@ -390,6 +410,114 @@ class DurableStore:
             await conn.execute(delete(oidc_signing_keys).where(
                 oidc_signing_keys.c.generation.in_(chosen)))
 
+    # -- shadow devices -------------------------------------------------------------
+    async def add_shadow_device(self, name: str, code_hash: str,
+                                code_expires_at: datetime) -> None:
+        """An administrator adds a device: it waits for its agent with a one-time code."""
+        try:
+            async with self._write() as conn:
+                await conn.execute(insert(shadow_devices).values(
+                    name=name, status="enrolling", enrolment_code_hash=code_hash,
+                    code_expires_at=code_expires_at, created_at=datetime.now(UTC)))
+        except _Integrity:
+            raise DuplicateError(f"a device named {name!r} exists already") from None
+
+    async def add_pending_shadow_device(self, name: str, certificate: str, fingerprint: str,
+                                        advertise: str | None, now: datetime) -> None:
+        """An agent registered without a code: it waits for approval of its fingerprint."""
+        try:
+            async with self._write() as conn:
+                await conn.execute(insert(shadow_devices).values(
+                    name=name, status="pending", certificate=certificate,
+                    fingerprint=fingerprint, advertise=advertise, first_seen=now,
+                    last_seen=now, created_at=now))
+        except _Integrity:
+            raise DuplicateError(f"a device named {name!r}, or with this certificate, "
+                                 "exists already") from None
+
+    async def enrol_shadow_device(self, name: str, code_hash: str, certificate: str,
+                                  fingerprint: str, advertise: str | None,
+                                  now: datetime) -> bool:
+        """Spend the device's enrolment code on this certificate; False unless the code
+        is the device's, unexpired and unused (the update names the code: two agents
+        racing with one code cannot both win)."""
+        devices = shadow_devices
+        record = await self.shadow_device(name)
+        if (record is None or record.status != "enrolling" or record.code_hash is None
+                or record.code_expires_at is None or record.code_expires_at <= now
+                or not hmac.compare_digest(record.code_hash, code_hash)):
+            return False
+        try:
+            async with self._write() as conn:
+                result = await conn.execute(update(devices).where(
+                    devices.c.name == name, devices.c.status == "enrolling",
+                    devices.c.enrolment_code_hash == code_hash,
+                ).values(status="approved", certificate=certificate, fingerprint=fingerprint,
+                         advertise=advertise, first_seen=now, last_seen=now,
+                         approved_by="enrolment code", enrolment_code_hash=None,
+                         code_expires_at=None))
+        except _Integrity:
+            return False   # the certificate is another device's
+        return bool(result.rowcount)
+
+    async def approve_shadow_device(self, name: str, fingerprint: str, by: str) -> bool:
+        """Approve a pending device if it waits with exactly this fingerprint."""
+        devices = shadow_devices
+        async with self._write() as conn:
+            result = await conn.execute(update(devices).where(
+                devices.c.name == name, devices.c.status == "pending",
+                devices.c.fingerprint == fingerprint).values(status="approved",
+                                                             approved_by=by))
+        return bool(result.rowcount)
+
+    async def replace_shadow_certificate(self, name: str, old_fingerprint: str,
+                                         certificate: str, fingerprint: str) -> bool:
+        """A renewal: the new certificate replaces the one the agent signed in with."""
+        devices = shadow_devices
+        try:
+            async with self._write() as conn:
+                result = await conn.execute(update(devices).where(
+                    devices.c.name == name, devices.c.status == "approved",
+                    devices.c.fingerprint == old_fingerprint,
+                ).values(certificate=certificate, fingerprint=fingerprint))
+        except _Integrity:
+            return False
+        return bool(result.rowcount)
+
+    async def seen_shadow_device(self, name: str, now: datetime,
+                                 advertise: str | None = None) -> None:
+        values: dict[str, Any] = {"last_seen": now}
+        if advertise is not None:
+            values["advertise"] = advertise
+        async with self._write() as conn:
+            await conn.execute(update(shadow_devices).where(
+                shadow_devices.c.name == name).values(**values))
+
+    async def remove_shadow_device(self, name: str) -> bool:
+        async with self._write() as conn:
+            result = await conn.execute(delete(shadow_devices).where(
+                shadow_devices.c.name == name))
+        return bool(result.rowcount)
+
+    async def shadow_device(self, name: str) -> ShadowDeviceRecord | None:
+        async with self._read() as conn:
+            row = (await conn.execute(select(shadow_devices).where(
+                shadow_devices.c.name == name))).first()
+        return None if row is None else _device(row)
+
+    async def shadow_device_with(self, fingerprint: str) -> ShadowDeviceRecord | None:
+        """The device whose registered certificate has this fingerprint."""
+        async with self._read() as conn:
+            row = (await conn.execute(select(shadow_devices).where(
+                shadow_devices.c.fingerprint == fingerprint))).first()
+        return None if row is None else _device(row)
+
+    async def shadow_devices(self) -> list[ShadowDeviceRecord]:
+        async with self._read() as conn:
+            rows = (await conn.execute(select(shadow_devices).order_by(
+                shadow_devices.c.name))).all()
+        return [_device(row) for row in rows]
+
     async def _user_id(self, conn: AsyncConnection, name: str) -> int:
         user_id = (
             await conn.execute(select(users.c.id).where(users.c.name == name))
@@ -446,3 +574,15 @@ def _record(row: Row[Any], groups: tuple[str, ...]) -> UserRecord:
         sessions_valid_after=(_as_utc(row.sessions_valid_after)
                               if row.sessions_valid_after is not None else None),
     )
+
+
+def _device(row: Row[Any]) -> ShadowDeviceRecord:
+    def moment(value: datetime | None) -> datetime | None:
+        return None if value is None else _as_utc(value)
+
+    return ShadowDeviceRecord(
+        name=row.name, status=row.status, certificate=row.certificate,
+        fingerprint=row.fingerprint, advertise=row.advertise,
+        first_seen=moment(row.first_seen), last_seen=moment(row.last_seen),
+        approved_by=row.approved_by, created_at=_as_utc(row.created_at),
+        code_hash=row.enrolment_code_hash, code_expires_at=moment(row.code_expires_at))

@@ -32,6 +32,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
     func,
     insert,
@@ -121,6 +122,26 @@ oidc_signing_keys = Table(
     Column("signs_from", DateTime(timezone=True), nullable=False),
 )
 
+# Devices registered with the shadow hub (shadow/hub.py). A device added by an
+# administrator waits with an enrolment code (a keyed hash, single use, expiring) and no
+# certificate; a device that registered without a code waits "pending" with its
+# certificate until an administrator approves that certificate's fingerprint.
+shadow_devices = Table(
+    "shadow_devices",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("certificate", Text, nullable=True),
+    Column("fingerprint", String(80), nullable=True, unique=True),
+    Column("enrolment_code_hash", String(128), nullable=True),
+    Column("code_expires_at", DateTime(timezone=True), nullable=True),
+    Column("advertise", String(300), nullable=True),
+    Column("first_seen", DateTime(timezone=True), nullable=True),
+    Column("last_seen", DateTime(timezone=True), nullable=True),
+    Column("approved_by", String(255), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -151,6 +172,7 @@ MIGRATIONS: Sequence[Migration] = (
               lambda conn: metadata.create_all(conn, tables=[totp_secrets, recovery_codes])),
     Migration(5, "TOTP enrolment codes", lambda conn: totp_enrolment_codes.create(conn)),
     Migration(6, "OpenID provider signing keys", lambda conn: oidc_signing_keys.create(conn)),
+    Migration(7, "shadow devices", lambda conn: shadow_devices.create(conn)),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

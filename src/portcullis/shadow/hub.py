@@ -1,0 +1,503 @@
+"""The shadow hub (role `shadow-hub`): registered devices, signed shadow requests, the
+shadow sessions they open, and ending them.
+
+Devices register their own self-signed certificates, authorised by a one-time enrolment
+code or by an administrator approving the fingerprint; the hub's agent listener then
+trusts exactly those certificates (`DeviceTrust`). An operator asks for a request; the
+hub decides (`decisions.may_shadow`), issues a certificate for the console's key and a
+request signed with its key that names the device, its certificate, the operator and
+that console certificate, for at most 60 s. The device forwards the request; the hub
+checks it (`decisions.check_request`) and spends it (`take` in the ephemeral store:
+single use across every hub node) before it says yes.
+
+A shadow session ends when the device or console closes it, an administrator ends it,
+the operator's sign-in session ends (any of the hardening issue's endings), or the
+device is removed. The device's agent holds a watch on its session; the hub answers it
+within half a second of any of those, on whichever node it is asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import datetime as dt
+import json
+import re
+import secrets
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from portcullis.audit import AuditTrail
+from portcullis.config.model import Settings
+from portcullis.config.shadow import DEVICE_NAME_PATTERN
+from portcullis.errors import DuplicateError, PKIError
+from portcullis.identity.endings import Ending
+from portcullis.identity.sessions import Session, SessionManager
+from portcullis.pki import certificate_fingerprint
+from portcullis.policy.engine import Subject
+from portcullis.policy.shadow import may_shadow
+from portcullis.proto.shadow import (
+    ShadowProtocolError,
+    ShadowRequest,
+    parse_signed_request,
+    sign_request,
+)
+from portcullis.shadow.decisions import CLOCK_SKEW, check_request
+from portcullis.shadow.keys import HubKeys
+from portcullis.store import DurableStore, EphemeralStore, EventBus, ShadowDeviceRecord
+from portcullis.tokens import TokenHasher
+
+log = structlog.get_logger("portcullis.shadow.hub")
+
+ISSUED_PREFIX = "shadow-issued:"      # request id -> who asked, until used or expired
+SESSION_PREFIX = "shadow-session:"    # session id -> the running session
+SESSIONS_SET = "shadow-sessions"
+ENDED_PREFIX = "shadow-ended:"        # session id -> why it ended (read by every node)
+ENDED_CHANNEL = "shadow-ended"
+SESSION_TTL = 86400.0                 # a session record outlives any shadow session
+WATCH_SECONDS = 20.0                  # the longest a watch is held before "not yet"
+WATCH_STEP = 0.5                      # how often a held watch looks at the stores
+CODE_NAMESPACE = "shadow-enrolment"
+MAX_CERTIFICATE_PEM = 8192
+_DEVICE_NAME = re.compile(DEVICE_NAME_PATTERN)
+
+
+class HubRefusal(Exception):
+    """A request the hub refuses; `status` is the HTTP status, the message is shown."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class DeviceTrust:
+    """The agent listener's TLS context: it trusts every registered device certificate
+    (self-signed, each its own trust anchor); which device it is, and whether it is still
+    registered, the hub checks by fingerprint on every call. Certificates registered on
+    another hub node arrive with `refresh`, which the hub runs every few seconds."""
+
+    context: ssl.SSLContext
+    loaded: set[str] = field(default_factory=set)
+
+    def add(self, record: ShadowDeviceRecord) -> None:
+        if record.certificate and record.fingerprint not in self.loaded:
+            self.context.load_verify_locations(cadata=record.certificate)
+            self.loaded.add(str(record.fingerprint))
+
+
+@dataclass(frozen=True)
+class ShadowSessionRecord:
+    id: str
+    device: str
+    operator: str
+    handle: str | None        # the operator's sign-in session
+    console: str              # the console certificate's fingerprint
+    started: float
+    up: bool = False
+
+    def encode(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ShadowSessionRecord:
+        return cls(**json.loads(raw))
+
+
+class ShadowHub:
+    def __init__(self, settings: Callable[[], Settings], durable: DurableStore,
+                 ephemeral: EphemeralStore, events: EventBus, audit: AuditTrail,
+                 keys: HubKeys, hasher: TokenHasher, sessions: SessionManager,
+                 trust: DeviceTrust, *, clock: Callable[[], float] = time.time) -> None:
+        self._settings = settings
+        self.durable = durable
+        self._ephemeral = ephemeral
+        self._events = events
+        self.audit = audit
+        self.keys = keys
+        self._hasher = hasher
+        self._sessions = sessions
+        self.trust = trust
+        self._clock = clock
+        self._ended_here: dict[str, asyncio.Event] = {}
+
+    # -- devices ------------------------------------------------------------------------
+    async def register(self, body: dict[str, Any], peer_address: str) -> dict[str, Any]:
+        name = _text(body, "name")
+        if not _DEVICE_NAME.fullmatch(name):
+            raise HubRefusal(400, f"{name!r} is not a device name: 1-63 lowercase letters, "
+                                  "digits, '.', '-' or '_'")
+        certificate = _device_certificate(_text(body, "certificate"), self._clock())
+        fingerprint = certificate_fingerprint(certificate.encode())
+        advertise = _advertise(body, peer_address)
+        code = body.get("code")
+        now = self._now()
+        record = await self.durable.shadow_device(name)
+
+        def refused(why: str) -> HubRefusal:
+            self.audit.record("shadow.registration_refused", device=name,
+                              fingerprint=fingerprint, client=peer_address, reason=why)
+            return HubRefusal(403, why)
+
+        if record is None:
+            if code:
+                raise refused(f"no device named {name!r} was added; an administrator adds "
+                              f"it with 'portcullis shadow device add {name}'")
+            try:
+                await self.durable.add_pending_shadow_device(name, certificate, fingerprint,
+                                                             advertise, now)
+            except DuplicateError:
+                raise refused("this certificate is registered for another device") from None
+            self.audit.record("shadow.device_pending", device=name, fingerprint=fingerprint,
+                              client=peer_address)
+            return self._registered("pending", fingerprint)
+        if record.status == "enrolling":
+            if not isinstance(code, str) or not code:
+                raise refused(f"device {name!r} waits for its enrolment code: start the "
+                              "agent with --code CODE")
+            if not await self.durable.enrol_shadow_device(
+                    name, self._code_hash(code), certificate, fingerprint, advertise, now):
+                raise refused("the enrolment code is wrong, used or expired; ask for a new "
+                              f"one ('portcullis shadow device add {name}')")
+            self.audit.record("shadow.device_enrolled", device=name, fingerprint=fingerprint,
+                              client=peer_address)
+            enrolled = await self.durable.shadow_device(name)
+            if enrolled is not None:
+                self.trust.add(enrolled)
+            return self._registered("approved", fingerprint)
+        if record.fingerprint != fingerprint:
+            raise refused(f"device {name!r} is registered with another certificate; an "
+                          f"administrator must remove it first ('portcullis shadow device "
+                          f"remove {name}')")
+        if record.status == "approved":
+            await self.durable.seen_shadow_device(name, now, advertise)
+            self.trust.add(record)
+        return self._registered(record.status, fingerprint)
+
+    def _registered(self, status: str, fingerprint: str) -> dict[str, Any]:
+        return {"status": status, "fingerprint": fingerprint,
+                "hub_key": self.keys.public_key_pem,
+                "console_ca": self.keys.console_ca.cert_pem.decode(),
+                "mandatory": self._settings().shadow.mandatory}
+
+    async def device_of(self, peer_der: bytes | None) -> ShadowDeviceRecord:
+        """The approved device whose certificate the agent presented."""
+        if not peer_der:
+            raise HubRefusal(401, "present the device certificate (mutual TLS)")
+        fingerprint = certificate_fingerprint(ssl.DER_cert_to_PEM_cert(peer_der).encode())
+        record = await self.durable.shadow_device_with(fingerprint)
+        if record is None:
+            raise HubRefusal(403, "this device is not registered (it may have been removed)")
+        if record.status != "approved":
+            raise HubRefusal(403, "this device waits for approval")
+        return record
+
+    async def state(self, device: ShadowDeviceRecord) -> dict[str, Any]:
+        await self.durable.seen_shadow_device(device.name, self._now())
+        settings = self._settings().shadow
+        return {"status": device.status, "mandatory": settings.mandatory,
+                "heartbeat": settings.heartbeat}
+
+    async def renew(self, device: ShadowDeviceRecord, body: dict[str, Any]) -> dict[str, Any]:
+        certificate = _device_certificate(_text(body, "certificate"), self._clock())
+        fingerprint = certificate_fingerprint(certificate.encode())
+        if not await self.durable.replace_shadow_certificate(
+                device.name, str(device.fingerprint), certificate, fingerprint):
+            raise HubRefusal(409, "the certificate could not be replaced (another device "
+                                  "has it, or this one was just renewed or removed)")
+        renewed = await self.durable.shadow_device(device.name)
+        if renewed is not None:
+            self.trust.add(renewed)
+        self.audit.record("shadow.certificate_renewed", device=device.name,
+                          old=device.fingerprint, new=fingerprint)
+        return {"fingerprint": fingerprint}
+
+    async def refresh_trust(self) -> None:
+        for record in await self.durable.shadow_devices():
+            if record.status == "approved":
+                self.trust.add(record)
+
+    async def keep_trust_fresh(self, interval: float = 5.0) -> None:
+        while True:
+            try:
+                await self.refresh_trust()
+            except Exception as exc:   # a store outage must not end the loop
+                log.warning("device certificates not refreshed", error=str(exc))
+            await asyncio.sleep(interval)
+
+    # -- requests -----------------------------------------------------------------------
+    async def issue(self, session: Session, body: dict[str, Any],
+                    client: str) -> dict[str, Any]:
+        settings = self._settings()
+        name = _text(body, "device")
+        operator = Subject(session.username, frozenset(session.claims.groups))
+        record = await self.durable.shadow_device(name)
+        if record is None or record.status != "approved" or not record.fingerprint:
+            self.audit.record("shadow.request_refused", device=name,
+                              operator=operator.username, client=client,
+                              reason="no such device" if record is None else "not approved")
+            if record is None:
+                raise HubRefusal(404, f"no device named {name!r} is registered")
+            raise HubRefusal(409, f"device {name!r} is not approved yet")
+        decision = may_shadow(settings.shadow, settings.admin_groups, operator, name)
+        if not decision.allowed:
+            self.audit.record("shadow.request_denied", device=name,
+                              operator=operator.username, client=client, rule=decision.rule,
+                              reason=decision.reason)
+            raise HubRefusal(403, f"you may not shadow {name}: {decision.reason}")
+        lifetime = settings.shadow.request_lifetime
+        try:
+            console = self.keys.console_certificate(_text(body, "csr").encode(),
+                                                    settings.shadow.console_certificate_lifetime)
+        except PKIError as exc:
+            raise HubRefusal(400, str(exc)) from None
+        console_fingerprint = certificate_fingerprint(console)
+        now = int(self._clock())
+        request = ShadowRequest(
+            request_id=secrets.token_hex(16), device=name,
+            device_fingerprint=record.fingerprint, operator=operator.username,
+            console_fingerprint=console_fingerprint, nonce=secrets.token_hex(16),
+            issued_at=now, expires_at=now + lifetime, key_id=self.keys.key_id)
+        asked = {"operator": operator.username, "handle": session.handle,
+                 "console": console_fingerprint}
+        await self._ephemeral.put(ISSUED_PREFIX + request.request_id,
+                                  json.dumps(asked).encode(), lifetime + CLOCK_SKEW)
+        self.audit.record("shadow.request_issued", request=request.request_id, device=name,
+                          operator=operator.username, client=client, rule=decision.rule,
+                          console=console_fingerprint, expires_at=request.expires_at)
+        return {"request": base64.b64encode(sign_request(request, self.keys.signing_key))
+                .decode(), "request_id": request.request_id,
+                "certificate": console.decode(),
+                "console_ca": self.keys.console_ca.cert_pem.decode(),
+                "device": {"name": name, "fingerprint": record.fingerprint,
+                           "address": record.advertise},
+                "expires_at": request.expires_at}
+
+    async def verify(self, device: ShadowDeviceRecord,
+                     body: dict[str, Any]) -> dict[str, Any]:
+        """Yes (a new shadow session) or no with the reason, for the device to pass on."""
+        settings = self._settings()
+        presented = _text(body, "console_fingerprint")
+
+        def no(code: str, reason: str, **fields: Any) -> dict[str, Any]:
+            self.audit.record("shadow.request_refused", device=device.name, code=code,
+                              reason=reason, console=presented, **fields)
+            return {"verdict": "no", "reason": reason}
+
+        try:
+            signed = parse_signed_request(base64.b64decode(_text(body, "request"),
+                                                           validate=True))
+        except (ShadowProtocolError, binascii.Error, ValueError) as exc:
+            return no("malformed", f"the shadow request is malformed: {exc}")
+        request = signed.request
+        verdict = check_request(signed, {self.keys.key_id: self.keys.public_key},
+                                device=device.name,
+                                device_fingerprint=str(device.fingerprint),
+                                console_fingerprint=presented, now=int(self._clock()))
+        fields = {"request": request.request_id, "operator": request.operator}
+        if not verdict.ok:
+            return no(verdict.code, verdict.reason, **fields)
+        issued = await self._ephemeral.take(ISSUED_PREFIX + request.request_id)
+        if issued is None:
+            return no("replayed", "the shadow request was used already; ask for a new one",
+                      **fields)
+        asked = json.loads(issued)
+        standing = await self._sessions.standing(asked["handle"])
+        if isinstance(standing, Ending):
+            return no("signed-out", f"the operator's session ended: {standing.value}",
+                      **fields)
+        decision = may_shadow(settings.shadow, settings.admin_groups,
+                              Subject(request.operator, frozenset(standing.claims.groups)),
+                              device.name)
+        if not decision.allowed:
+            return no("policy", decision.reason, **fields)
+        session = ShadowSessionRecord(secrets.token_hex(8), device.name, request.operator,
+                                      asked["handle"], presented, self._clock())
+        await self._ephemeral.put(SESSION_PREFIX + session.id, session.encode(), SESSION_TTL)
+        await self._ephemeral.add_to_set(SESSIONS_SET, session.id, SESSION_TTL)
+        self.audit.record("shadow.request_verified", session=session.id, device=device.name,
+                          consent=decision.consent, **fields)
+        return {"verdict": "yes", "session": session.id, "operator": request.operator,
+                "consent": decision.consent, "consent_timeout": decision.consent_timeout}
+
+    async def report(self, session: Session, request_id: str, body: dict[str, Any],
+                     client: str) -> None:
+        """The console's account of a failure the hub cannot see (a device presenting
+        another certificate, a device unreachable): audited."""
+        problem = str(body.get("problem", ""))[:40]
+        detail = str(body.get("detail", ""))[:500]
+        self.audit.record("shadow.console_problem", request=request_id[:64],
+                          operator=session.username, client=client, problem=problem,
+                          detail=detail)
+
+    # -- sessions -----------------------------------------------------------------------
+    async def session(self, session_id: str) -> ShadowSessionRecord | None:
+        raw = await self._ephemeral.get(SESSION_PREFIX + session_id)
+        return None if raw is None else ShadowSessionRecord.decode(raw)
+
+    async def own_session(self, device: ShadowDeviceRecord,
+                          session_id: str) -> ShadowSessionRecord:
+        record = await self.session(session_id)
+        if record is None or record.device != device.name:
+            raise HubRefusal(404, "no such shadow session of this device")
+        return record
+
+    async def channel_up(self, record: ShadowSessionRecord) -> None:
+        up = ShadowSessionRecord(**{**record.__dict__, "up": True})
+        await self._ephemeral.put(SESSION_PREFIX + record.id, up.encode(), SESSION_TTL)
+        self.audit.record("shadow.channel_up", session=record.id, device=record.device,
+                          operator=record.operator)
+
+    async def channel_ended(self, record: ShadowSessionRecord, body: dict[str, Any]) -> None:
+        def count(key: str) -> int:
+            value = body.get(key, 0)
+            return value if isinstance(value, int) and value >= 0 else 0
+
+        await self._forget(record.id)
+        self.audit.record("shadow.channel_ended", session=record.id, device=record.device,
+                          operator=record.operator,
+                          bytes_to_device=count("bytes_to_device"),
+                          bytes_to_console=count("bytes_to_console"),
+                          seconds=round(self._clock() - record.started, 3),
+                          reason=str(body.get("reason", ""))[:200])
+
+    async def insecure(self, device: ShadowDeviceRecord, body: dict[str, Any]) -> None:
+        self.audit.record("shadow.insecure_session", device=device.name,
+                          client=str(body.get("client", ""))[:100],
+                          phase=str(body.get("event", "open"))[:20])
+
+    async def running(self) -> list[ShadowSessionRecord]:
+        records = []
+        for session_id in sorted(await self._ephemeral.set_members(SESSIONS_SET)):
+            record = await self.session(session_id)
+            if record is None:
+                await self._ephemeral.remove_from_set(SESSIONS_SET, session_id)
+            else:
+                records.append(record)
+        return records
+
+    async def end(self, session_id: str, reason: str, by: str) -> bool:
+        record = await self.session(session_id)
+        if record is None:
+            return False
+        await self._ephemeral.put(ENDED_PREFIX + session_id, reason.encode(), 120.0)
+        self._wake(session_id)
+        try:
+            await self._events.publish(ENDED_CHANNEL, session_id.encode())
+        except Exception as exc:   # the other nodes still see the marker within 0.5 s
+            log.warning("shadow session end not published", error=str(exc))
+        self.audit.record("shadow.session_ended", session=session_id, device=record.device,
+                          operator=record.operator, by=by, reason=reason)
+        return True
+
+    async def watch(self, record: ShadowSessionRecord, *,
+                    hold: float = WATCH_SECONDS) -> dict[str, Any]:
+        """Held until the session must end (then why) or `hold` seconds pass."""
+        woken = self._ended_here.setdefault(record.id, asyncio.Event())
+        deadline = self._clock() + hold
+        try:
+            while True:
+                why = await self._why_ended(record)
+                if why is not None:
+                    return {"end": True, "reason": why}
+                if self._clock() >= deadline:
+                    return {"end": False}
+                woken.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), WATCH_STEP)
+        finally:
+            self._ended_here.pop(record.id, None)
+
+    async def listen_for_ends(self) -> None:
+        """Other nodes' ends wake this node's watches at once (the stores are read every
+        half second anyway, so a lost message only costs that)."""
+        def deliver(message: bytes) -> None:
+            self._wake(message.decode(errors="replace"))
+
+        await self._events.listen(ENDED_CHANNEL, deliver)
+
+    async def _why_ended(self, record: ShadowSessionRecord) -> str | None:
+        marker = await self._ephemeral.get(ENDED_PREFIX + record.id)
+        if marker is not None:
+            return marker.decode(errors="replace")
+        device = await self.durable.shadow_device(record.device)
+        if device is None or device.status != "approved":
+            return "the device was removed"
+        if record.handle is not None:
+            standing = await self._sessions.standing(record.handle)
+            if isinstance(standing, Ending):
+                return f"the operator's session ended: {standing.value}"
+        return None
+
+    def _wake(self, session_id: str) -> None:
+        event = self._ended_here.get(session_id)
+        if event is not None:
+            event.set()
+
+    async def _forget(self, session_id: str) -> None:
+        await self._ephemeral.delete(SESSION_PREFIX + session_id)
+        await self._ephemeral.remove_from_set(SESSIONS_SET, session_id)
+
+    def _code_hash(self, code: str) -> str:
+        return enrolment_code_hash(self._hasher, code)
+
+    def _now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self._clock(), dt.UTC)
+
+
+def enrolment_code_hash(hasher: TokenHasher, code: str) -> str:
+    """How an enrolment code is kept: a keyed hash, never the code."""
+    return hasher.digest(CODE_NAMESPACE, code)
+
+
+def _text(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise HubRefusal(400, f"the request needs {key!r} (a non-empty string)")
+    return value
+
+
+def _advertise(body: dict[str, Any], peer_address: str) -> str:
+    advertise = body.get("advertise")
+    if isinstance(advertise, str) and advertise:
+        return advertise[:300]
+    port = body.get("listen_port")
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise HubRefusal(400, "give 'advertise' (HOST:PORT) or 'listen_port'")
+    host = f"[{peer_address}]" if ":" in peer_address else peer_address
+    return f"{host}:{port}"
+
+
+def _device_certificate(pem: str, now: float) -> str:
+    """The PEM, if it is one self-signed certificate of an EC P-256 or Ed25519 key valid
+    now: what an agent makes (a device's certificate is its own trust anchor)."""
+    if len(pem) > MAX_CERTIFICATE_PEM:
+        raise HubRefusal(400, "the certificate is too large")
+    try:
+        certificate = x509.load_pem_x509_certificate(pem.encode())
+    except ValueError:
+        raise HubRefusal(400, "'certificate' is not a PEM certificate") from None
+    key = certificate.public_key()
+    if not (isinstance(key, ed25519.Ed25519PublicKey)
+            or (isinstance(key, ec.EllipticCurvePublicKey)
+                and isinstance(key.curve, ec.SECP256R1))):
+        raise HubRefusal(400, "the device key must be EC P-256 or Ed25519")
+    try:
+        certificate.verify_directly_issued_by(certificate)
+    except (ValueError, TypeError, InvalidSignature):
+        raise HubRefusal(400, "the certificate is not self-signed by its own key") from None
+    moment = dt.datetime.fromtimestamp(now, dt.UTC)
+    if not certificate.not_valid_before_utc <= moment < certificate.not_valid_after_utc:
+        raise HubRefusal(400, "the certificate is not valid now (check the device's clock)")
+    return certificate.public_bytes(serialization.Encoding.PEM).decode()
