@@ -313,9 +313,13 @@ class _ConsoleChannel(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         if not self.answer.done():
+            # With TLS 1.3 a device that refuses the console certificate does so after
+            # the client's handshake is over: this is where the operator learns of it.
             self.answer.set_result(ChannelFailed(
                 "the device closed the connection without answering"
-                + (f" ({exc})" if exc else "")))
+                + (f" ({exc})" if exc else "")
+                + ": it refused this console's certificate (not issued by its hub's "
+                  "console CA?), or its agent stopped; the agent's audit log says which"))
         if not self.lost.done():
             self.lost.set_result(None)
 
