@@ -18,6 +18,7 @@ import json
 import secrets
 import ssl
 import struct
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -322,6 +323,11 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         running.result()   # raises the agent's error
     assert agent.serving.is_set(), said
     yield World(hub, vnc, agent, tmp_path, said)
+    for _ in range(200):   # every connection the test made is over: no slot leaked
+        if agent.open_connections == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert agent.open_connections == 0
     agent.stop()
     await asyncio.wait_for(running, 30)
     assert vnc.server is not None
@@ -573,3 +579,59 @@ async def test_agent_printed_its_fingerprint_and_keeps_its_key_private(world: Wo
     assert key_mode == 0o600
     record = json.loads((world.directory / "agent" / "agent.json").read_text())
     assert record["fingerprint"] == world.agent.identity.fingerprint
+
+
+IDLE_CONNECTIONS = 10_000
+_IDLE_CLIENT = r"""
+import selectors, socket, sys, time
+port, count = int(sys.argv[1]), int(sys.argv[2])
+selector = selectors.DefaultSelector()
+opened = 0
+for _ in range(count):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.setblocking(False)
+    selector.register(sock, selectors.EVENT_READ)
+    opened += 1
+print("opened", opened, flush=True)
+closed = 0
+deadline = time.monotonic() + 120
+while closed < opened and time.monotonic() < deadline:
+    for key, _ in selector.select(timeout=1):
+        try:
+            data = key.fileobj.recv(65536)
+        except ConnectionError:
+            data = b""
+        if not data:
+            selector.unregister(key.fileobj)
+            key.fileobj.close()
+            closed += 1
+print("closed", closed, flush=True)
+"""
+
+
+async def test_ten_thousand_idle_connections_are_closed_and_the_agent_serves_on(
+        world: World) -> None:
+    world.hub.mandatory = True   # idle = plain viewer: the RFB failure, then closed
+    for _ in range(200):
+        assert world.agent.record is not None
+        if world.agent.record.mandatory:
+            break
+        await asyncio.sleep(0.05)
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _IDLE_CLIENT, str(world.port), str(IDLE_CONNECTIONS),
+        stdout=asyncio.subprocess.PIPE)
+    assert client.stdout is not None
+    opened = await asyncio.wait_for(client.stdout.readline(), 120)
+    assert opened.split() == [b"opened", str(IDLE_CONNECTIONS).encode()]
+    # While they are open (or being closed), the secure channel works.
+    status, received = await shadow_once(world)
+    assert status == 0 and received.endswith(b"hello device")
+    closed = await asyncio.wait_for(client.stdout.readline(), 150)
+    await client.wait()
+    assert closed.split() == [b"closed", str(IDLE_CONNECTIONS).encode()]
+    await shadow_once(world)
+    for _ in range(200):   # every slot was given back
+        if world.agent.open_connections == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert world.agent.open_connections == 0

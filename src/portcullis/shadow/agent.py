@@ -160,6 +160,11 @@ class DeviceAgent:
         self._stop = asyncio.Event()
         self.serving = asyncio.Event()
 
+    @property
+    def open_connections(self) -> int:
+        """Connections the proxy holds now (sniffing, handshaking, refused, relayed)."""
+        return self._open
+
     # -- life cycle -----------------------------------------------------------------------
     async def run(self) -> None:
         """Enrol, then serve until `stop()` (or the hub removes this device)."""
