@@ -83,6 +83,7 @@ class FakeHub:
     key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     mandatory: bool = False
     refuse_with: str | None = None       # verify answers "no" with this reason
+    consent: str = "none"
     issue_from_rogue_ca: bool = False    # console certificates from another CA
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
     used: set[str] = field(default_factory=set)
@@ -110,6 +111,7 @@ class FakeHub:
             Route("/api/v1/shadow/agent/sessions/{id}/{what}", self.session,
                   methods=["GET", "POST"]),
             Route("/api/v1/shadow/agent/insecure", self.insecure, methods=["POST"]),
+            Route("/api/v1/shadow/agent/renew", self.renew, methods=["POST"]),
             Route("/api/v1/shadow/requests", self.request, methods=["POST"]),
             Route("/api/v1/shadow/requests/{id}/report", self.report, methods=["POST"]),
         ])
@@ -198,7 +200,7 @@ class FakeHub:
             return JSONResponse({"verdict": "no", "reason": reason})
         self.used.add(shadow.request_id)
         return JSONResponse({"verdict": "yes", "session": secrets.token_hex(8),
-                             "operator": shadow.operator, "consent": "none",
+                             "operator": shadow.operator, "consent": self.consent,
                              "consent_timeout": 5})
 
     async def session(self, request: Request) -> JSONResponse:
@@ -217,6 +219,16 @@ class FakeHub:
             return JSONResponse({"error": "unknown device"}, 403)
         self.events.append(("insecure", await request.json()))
         return JSONResponse({})
+
+    async def renew(self, request: Request) -> JSONResponse:
+        device = self._device_of(request)   # identified by the OLD certificate
+        if device is None:
+            return JSONResponse({"error": "unknown device"}, 403)
+        pem = (await request.json())["certificate"].encode()
+        device["certificate"], device["fingerprint"] = pem, certificate_fingerprint(pem)
+        self._ssl.load_verify_locations(cadata=pem.decode())
+        self.events.append(("renew", {"fingerprint": device["fingerprint"]}))
+        return JSONResponse({"fingerprint": device["fingerprint"]})
 
     # -- operator side ---------------------------------------------------------------------
     async def request(self, request: Request) -> JSONResponse:
@@ -635,3 +647,74 @@ async def test_ten_thousand_idle_connections_are_closed_and_the_agent_serves_on(
             break
         await asyncio.sleep(0.05)
     assert world.agent.open_connections == 0
+
+
+async def test_consent_refused_by_the_devices_user_reaches_the_operator(world: World) -> None:
+    world.hub.consent = "ask"
+    world.agent.settings.consent_command = "false"
+    with pytest.raises(ClientError, match="the device's user refused the shadowing"):
+        await shadow_once(world)
+    assert world.vnc.connections == 0
+    world.agent.settings.consent_command = "true"
+    status, _ = await shadow_once(world)
+    assert status == 0
+
+
+async def test_renewal_makes_a_new_certificate_that_consoles_then_pin(world: World) -> None:
+    assert world.agent.identity is not None
+    old = world.agent.identity.fingerprint
+    await world.agent.renew_if_due(dt.datetime.now(dt.UTC) + dt.timedelta(days=364))
+    new = world.agent.identity.fingerprint
+    assert new != old
+    assert world.hub.names("renew") == [{"fingerprint": new}]
+    record = json.loads((world.directory / "agent" / "agent.json").read_text())
+    assert record["fingerprint"] == new
+    # The hub now hands consoles the new fingerprint, and the device presents it.
+    status, _ = await shadow_once(world)
+    assert status == 0
+    state = await world.agent.hub.state()   # the hub knows the device by its new certificate
+    assert state.heartbeat == 1
+
+
+async def test_removed_device_stops_serving_and_says_so(world: World) -> None:
+    world.hub.devices[DEVICE]["status"] = "removed"
+    for _ in range(200):
+        if world.agent.stopped_because is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert world.agent.stopped_because is not None
+    assert "unknown device" in world.agent.stopped_because
+    assert any("no longer serves shadowing" in line for line in world.said)
+
+
+async def test_pending_device_waits_for_approval_before_serving(tmp_path: Path) -> None:
+    hub = FakeHub(tmp_path / "hub")
+    await hub.start()
+    said: list[str] = []
+    agent = DeviceAgent(AgentSettings(
+        hub_url=hub.url, ca_file=hub.ca_file, directory=tmp_path / "agent", name=DEVICE,
+        vnc=("127.0.0.1", 9), listen=("127.0.0.1", 0), register_interval=0.05),
+        say=said.append)
+    running = asyncio.ensure_future(agent.run())
+    try:
+        for _ in range(200):
+            if len(hub.names("register")) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        assert len(hub.names("register")) >= 3   # it keeps asking
+        assert agent.identity is not None
+        assert f"waiting for approval: portcullis shadow device approve {DEVICE} " \
+               f"{agent.identity.fingerprint}" in said
+        assert not agent.serving.is_set()
+        # Nothing listens for shadowing yet: a connection is never answered.
+        reader, writer = await asyncio.open_connection(*agent.listen_address or ("", 0))
+        writer.write(b"RFB 003.008\n")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.read(1), 0.5)
+        writer.close()
+        hub.devices[DEVICE]["status"] = "approved"
+        await asyncio.wait_for(agent.serving.wait(), 30)
+    finally:
+        agent.stop()
+        await asyncio.wait_for(running, 30)
+        await hub.stop()

@@ -327,10 +327,12 @@ class DeviceAgent:
                     self.record.save(self.directory)
                     self._say("secure shadowing is now "
                               f"{'mandatory' if state.mandatory else 'optional'}")
-                await self._renew_if_due()
+                await self.renew_if_due()
             await asyncio.sleep(interval)
 
-    async def _renew_if_due(self, now: dt.datetime | None = None) -> None:
+    async def renew_if_due(self, now: dt.datetime | None = None) -> None:
+        """Renew the device certificate if it is due at `now`: a new key and certificate,
+        sent to the hub over a connection that presents the old one."""
         assert self.identity is not None and self.record is not None
         if not renewal_due(self.identity.certificate, now or dt.datetime.now(dt.UTC),
                            self.settings.renew_before_days):
