@@ -1,0 +1,348 @@
+"""The console proxy: `portcullis shadow DEVICE` on the operator's machine.
+
+It asks the hub (through the gateway, as the signed-in operator) for a signed request
+bound to a fresh ephemeral key, connects to the device proxy over mutual TLS (the
+device's registered certificate pinned by fingerprint, the console certificate the hub
+just issued presented), sends the request, and on ACCEPT relays one local viewer's
+connection over the channel. The viewer knows no TLS: it connects to a loopback port.
+
+Nothing is sent to a device whose certificate is not the registered one; every failure
+is reported to the hub (for its audit trail) and becomes a ClientError for the operator.
+The ephemeral key never leaves this process except as a 0600 file that exists only
+while the TLS context loads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import shlex
+import ssl
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+
+from portcullis.client.state import ClientState
+from portcullis.errors import ClientError
+from portcullis.net.tls import client_context, describe_tls_failure
+from portcullis.proto.shadow import Accepted, ChannelFailed, Refused, ShadowChannel
+from portcullis.shadow.bridge import Bridge
+from portcullis.shadow.certificates import console_csr, private_key_pem
+
+CONNECT_TIMEOUT = 15.0
+ANSWER_TIMEOUT = 90.0     # the device may ask its user for consent first
+VIEWER_WAIT = 300.0       # how long the channel waits for the viewer to connect
+_API = "/api/v1/shadow"
+
+
+@dataclass(frozen=True)
+class ShadowGrant:
+    """The hub's answer to a shadow request."""
+
+    request: bytes
+    request_id: str
+    certificate: bytes
+    device: str
+    device_fingerprint: str
+    address: tuple[str, int]
+
+
+class ConsoleProxy:
+    """One shadowing of `device` by the operator signed in as `state`."""
+
+    def __init__(self, state: ClientState, device: str, *,
+                 say: Callable[[str], None] = print,
+                 connect_timeout: float = CONNECT_TIMEOUT,
+                 answer_timeout: float = ANSWER_TIMEOUT) -> None:
+        self.state = state
+        self.device = device
+        self._say = say
+        self._connect_timeout = connect_timeout
+        self._answer_timeout = answer_timeout
+        self._http = httpx.AsyncClient(
+            base_url=state.url.rstrip("/"), timeout=30.0,
+            verify=client_context(Path(state.ca_file) if state.ca_file else None),
+            headers={"authorization": f"Bearer {state.token}"})
+        self.session_id: str | None = None
+
+    async def run(self, *, host: str = "127.0.0.1", port: int = 0, command: str | None = None,
+                  on_listening: Callable[[str, int], None] | None = None) -> int:
+        """Open the channel, serve one viewer; the viewer command's exit status (or 0)."""
+        try:
+            argv = shlex.split(command) if command is not None else None
+        except ValueError as exc:
+            raise ClientError(f"--exec: {exc}") from None
+        try:
+            key_pem, grant = await self.ask_hub()
+            transport, channel = await self.open_channel(grant, key_pem)
+            return await self._serve_viewer(grant, transport, channel, host, port, argv,
+                                            on_listening)
+        finally:
+            await self._http.aclose()
+
+    # -- the hub ------------------------------------------------------------------------------
+    async def ask_hub(self) -> tuple[bytes, ShadowGrant]:
+        key, csr = console_csr()
+        body = await self._post(f"{_API}/requests", {"device": self.device,
+                                                     "csr": csr.decode("ascii")})
+        try:
+            device = body["device"]
+            host, _, port = str(device["address"]).rpartition(":")
+            grant = ShadowGrant(base64.b64decode(body["request"], validate=True),
+                                str(body["request_id"]), str(body["certificate"]).encode(),
+                                str(device["name"]), str(device["fingerprint"]),
+                                (host.strip("[]"), int(port)))
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            raise ClientError("the gateway's answer to the shadow request is incomplete; is "
+                              "its shadow hub of this version?") from None
+        return private_key_pem(key), grant
+
+    async def report(self, grant: ShadowGrant, problem: str, detail: str) -> None:
+        """Tell the hub why this shadowing failed (its audit trail); never raises."""
+        with contextlib.suppress(ClientError):
+            await self._post(f"{_API}/requests/{grant.request_id}/report",
+                             {"problem": problem, "detail": detail})
+
+    async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = await self._http.post(path, json=payload)
+        except httpx.HTTPError as exc:
+            explained = describe_tls_failure(exc, self.state.url)
+            raise ClientError(explained or f"cannot reach {self.state.url}: {exc}") from None
+        if response.status_code == 401:
+            raise ClientError("your session has ended: sign in again with 'portcullis login'")
+        if response.status_code >= 400:
+            try:
+                error = str(response.json().get("error"))
+            except (ValueError, AttributeError):
+                error = response.text[:200]
+            raise ClientError(f"cannot shadow {self.device}: {error}")
+        body = response.json() if response.content else {}
+        return body if isinstance(body, dict) else {}
+
+    # -- the channel --------------------------------------------------------------------------
+    async def open_channel(self, grant: ShadowGrant, key_pem: bytes
+                           ) -> tuple[asyncio.Transport, _ConsoleChannel]:
+        """Connect, check the device's certificate, send the request, wait for ACCEPT."""
+        loop = asyncio.get_running_loop()
+        tls = _console_tls(grant.certificate, key_pem)
+        channel = _ConsoleChannel(self._answer_timeout)
+        host, port = grant.address
+        where = f"{host}:{port}"
+        try:
+            transport, _ = await asyncio.wait_for(loop.create_connection(
+                lambda: channel, host, port, ssl=tls, server_hostname=grant.device),
+                self._connect_timeout)
+        except ssl.SSLError as exc:
+            detail = f"the TLS handshake with {where} failed: {exc.reason or exc}"
+            await self.report(grant, "protocol", detail)
+            raise ClientError(f"cannot shadow {grant.device}: {detail} (the device refused "
+                              "this console's certificate, or it is no Portcullis device "
+                              "proxy)") from None
+        except (OSError, TimeoutError) as exc:
+            why = getattr(exc, "strerror", None) or str(exc) or "timed out"
+            detail = f"cannot connect to {where}: {why}"
+            await self.report(grant, "unreachable", detail)
+            raise ClientError(f"cannot shadow {grant.device}: {detail}; is its agent "
+                              "running and port reachable from here?") from None
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        presented = "sha256:" + hashlib.sha256(der or b"").hexdigest()
+        if der is None or presented != grant.device_fingerprint:
+            transport.abort()
+            detail = f"{where} presented {presented}, not the registered {grant.device_fingerprint}"
+            await self.report(grant, "device-certificate", detail)
+            raise ClientError(f"cannot shadow {grant.device}: the device at {where} presented "
+                              f"a certificate with fingerprint {presented}, not the "
+                              f"registered {grant.device_fingerprint}; nothing was sent. "
+                              "It is another machine, or the device was re-keyed: ask an "
+                              "administrator")
+        channel.send(grant.request)
+        outcome = await channel.answer
+        if isinstance(outcome, Refused):
+            await self.report(grant, "refused", outcome.reason)
+            raise ClientError(f"{grant.device} refused the shadowing: {outcome.reason}")
+        if isinstance(outcome, ChannelFailed):
+            await self.report(grant, "protocol", outcome.reason)
+            raise ClientError(f"the shadow channel to {grant.device} failed: {outcome.reason}")
+        self.session_id = outcome.session_id
+        return transport, channel
+
+    async def _serve_viewer(self, grant: ShadowGrant, device: asyncio.Transport,
+                            channel: _ConsoleChannel, host: str, port: int,
+                            argv: list[str] | None,
+                            on_listening: Callable[[str, int], None] | None) -> int:
+        loop = asyncio.get_running_loop()
+        viewer = _ViewerListener()
+        try:
+            server = await loop.create_server(lambda: viewer.protocol(), host, port)
+        except OSError as exc:
+            device.close()
+            raise ClientError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        bound_host, bound_port = server.sockets[0].getsockname()[:2]
+        (on_listening or (lambda h, p: self._say(f"{grant.device}: listening on {h}:{p}")))(
+            bound_host, bound_port)
+        process: asyncio.subprocess.Process | None = None
+        if argv is not None:
+            argv = [part.replace("{host}", bound_host).replace("{port}", str(bound_port))
+                    for part in argv]
+            try:
+                process = await asyncio.create_subprocess_exec(*argv)
+            except OSError as exc:
+                server.close()
+                device.close()
+                raise ClientError(f"--exec: cannot start {argv[0]}: {exc.strerror}") from None
+        waits: set[asyncio.Future[Any]] = {viewer.connected, channel.lost}
+        if process is not None:
+            waits.add(asyncio.ensure_future(process.wait()))
+        try:
+            await asyncio.wait(waits, timeout=VIEWER_WAIT, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            server.close()   # one viewer only
+        if not viewer.connected.done():
+            device.close()
+            if process is not None:
+                return await _stopped(process)
+            raise ClientError(f"the channel to {grant.device} ended before a viewer connected"
+                              if channel.lost.done() else
+                              f"no viewer connected within {VIEWER_WAIT:g} s")
+        viewer_transport, viewer_pending = viewer.connected.result()
+        bridge = Bridge(viewer_transport, device, first_pending=viewer_pending,
+                        second_pending=channel.take_pending())
+        waits = {bridge.closed}
+        if process is not None:
+            waits.add(asyncio.ensure_future(process.wait()))
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if process is None:
+            return 0
+        if process.returncode is None:
+            # The channel ended: a viewer normally exits on its own; give it a moment.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 5.0)
+        if not bridge.closed.done():
+            bridge.close("the viewer exited")
+            await bridge.closed
+        return await _stopped(process)
+
+
+async def _stopped(process: asyncio.subprocess.Process) -> int:
+    if process.returncode is None:
+        process.terminate()
+    return await process.wait()
+
+
+def _console_tls(certificate: bytes, key_pem: bytes) -> ssl.SSLContext:
+    """Client context presenting the console certificate. The device's certificate is
+    self-signed, so no chain is checked: it is pinned by fingerprint after the handshake
+    (before a byte is sent) instead."""
+    with tempfile.TemporaryDirectory(prefix="portcullis-console-") as directory:
+        cert_file, key_file = Path(directory) / "console.crt", Path(directory) / "console.key"
+        key_file.touch(mode=0o600)
+        key_file.write_bytes(key_pem)
+        cert_file.write_bytes(certificate)
+        context = client_context(None, cert_file=cert_file, key_file=key_file,
+                                 check_hostname=False)
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class _ConsoleChannel(asyncio.Protocol):
+    """The TLS connection to the device until the viewer is bridged to it."""
+
+    def __init__(self, answer_timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._codec = ShadowChannel("console", now=loop.time(), answer_timeout=answer_timeout)
+        self.answer: asyncio.Future[Accepted | Refused | ChannelFailed] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self._transport: asyncio.Transport | None = None
+        self._pending: list[bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def send(self, signed: bytes) -> None:
+        assert self._transport is not None
+        self._codec.send_request(signed, now=asyncio.get_running_loop().time())
+        self._transport.write(self._codec.data_to_send())
+        deadline = self._codec.get_timer()
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._codec.handle_timer(asyncio.get_running_loop().time())
+        self._events()
+
+    def data_received(self, data: bytes) -> None:
+        if self.answer.done():
+            self._pending.append(data)   # before the viewer is there (reading is paused)
+            return
+        self._codec.receive_data(data)
+        self._events()
+
+    def _events(self) -> None:
+        assert self._transport is not None
+        while (event := self._codec.next_event()) is not None:
+            if self.answer.done():
+                continue
+            if isinstance(event, Accepted):
+                # Whatever the device sends next waits for the viewer (back-pressure).
+                self._transport.pause_reading()
+                if event.leftover:
+                    self._pending.append(event.leftover)
+                self.answer.set_result(event)
+            elif isinstance(event, Refused | ChannelFailed):
+                self.answer.set_result(event)
+                self._transport.close()
+        if self.answer.done() and self._timer is not None:
+            self._timer.cancel()
+
+    def take_pending(self) -> bytes:
+        data = b"".join(self._pending)
+        self._pending.clear()
+        return data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self.answer.done():
+            # With TLS 1.3 a device that refuses the console certificate does so after
+            # the client's handshake is over: this is where the operator learns of it.
+            self.answer.set_result(ChannelFailed(
+                "the device closed the connection without answering"
+                + (f" ({exc})" if exc else "")
+                + ": it refused this console's certificate (not issued by its hub's "
+                  "console CA?), or its agent stopped; the agent's audit log says which"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+class _ViewerListener:
+    """The local listener's one viewer; later connections are closed at once."""
+
+    def __init__(self) -> None:
+        self.connected: asyncio.Future[tuple[asyncio.Transport, bytes]] = \
+            asyncio.get_running_loop().create_future()
+
+    def protocol(self) -> asyncio.Protocol:
+        return _Viewer(self)
+
+
+class _Viewer(asyncio.Protocol):
+    def __init__(self, listener: _ViewerListener) -> None:
+        self._listener = listener
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        if self._listener.connected.done():
+            transport.close()
+            return
+        transport.pause_reading()   # the bridge resumes it
+        self._listener.connected.set_result((transport, b""))
