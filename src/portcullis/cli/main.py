@@ -12,6 +12,8 @@ from typing import Any, Literal, TypeVar
 
 import click
 
+from portcullis.cli.shadow import shadow
+from portcullis.cli.shadow_agent import shadow_agent
 from portcullis.errors import ConfigError, PortcullisError
 from portcullis.pki.roles import ROLES
 
@@ -115,8 +117,8 @@ def _serve(directory: Path, roles: tuple[str, ...]) -> None:
 @main.command()
 @dir_option
 def up(directory: Path) -> None:
-    """Run the gateway, portal and STA in one process."""
-    _serve(directory, ("gateway", "portal", "sta"))
+    """Run the gateway, portal, STA and shadow hub in one process."""
+    _serve(directory, ("gateway", "portal", "sta", "shadow-hub"))
 
 
 @main.command()
@@ -907,19 +909,24 @@ def policy() -> None:
 @click.option("--flow", "flow_name", help="The flow for --sign-in (default: auth.flow).")
 @click.option("--answer", "answers", multiple=True, metavar="PROMPT=VALUE",
               help="Answer a sign-in prompt without being asked (repeatable; implies --sign-in).")
-@click.option("--to", "target", required=True, metavar="HOST:PORT/PROTO",
+@click.option("--to", "target", metavar="HOST:PORT/PROTO",
               help="The destination, e.g. db.corp.example:5432/tcp or 10.1.2.3:53/udp.")
+@click.option("--shadow", "device", metavar="DEVICE",
+              help="Instead of --to: may the user shadow this device (shadow hub)?")
 @dir_option
 def policy_explain(username: str | None, token: str | None, sign_in: bool,
-                   flow_name: str | None, answers: tuple[str, ...], target: str,
-                   directory: Path) -> None:
-    """Say whether the gateway admits a user to a destination, which rule or protected
-    range decides, and why. Run it on a gateway host."""
+                   flow_name: str | None, answers: tuple[str, ...], target: str | None,
+                   device: str | None, directory: Path) -> None:
+    """Say whether the gateway admits a user to a destination (or the hub lets them
+    shadow a device), which rule or protected range decides, and why. Run it on a
+    gateway host."""
     from portcullis.identity.conditions import LoginContext
     from portcullis.policy import explain as explaining
 
     if (username is None) == (token is None):
         fail("give --user NAME or --session TOKEN (one of them)", 2)
+    if (target is None) == (device is None):
+        fail("give --to HOST:PORT/PROTO or --shadow DEVICE (one of them)", 2)
     settings = _load(directory)
     given = _answer_options(answers)
 
@@ -937,11 +944,16 @@ def policy_explain(username: str | None, token: str | None, sign_in: bool,
                 lambda line: click.echo(line, err=True), LoginContext("127.0.0.1", None))
         else:
             who = await explaining.local_user(settings, str(username))
-        return (await explaining.explain(settings, who, target))[1]
+        if device is not None:
+            return explaining.explain_shadow(settings, who, device)[1]
+        return (await explaining.explain(settings, who, str(target)))[1]
 
     for line in asyncio.run(run()):
         click.echo(line)
 
+
+main.add_command(shadow)
+main.add_command(shadow_agent, "shadow-agent")
 
 if __name__ == "__main__":
     main(prog_name=os.path.basename(sys.argv[0]))

@@ -734,6 +734,11 @@ class _DeviceChannel(asyncio.Protocol):
             self._agent._released(self._transport)
 
 
+# An ending the hub orders (administrator, sign-out, removal) is over within this long,
+# whether or not the console reads what is still queued for it.
+ENDING_LINGER = 0.5
+
+
 class _Session:
     """A channel that is up: the bridge, the hub's watch, and the end report."""
 
@@ -758,7 +763,7 @@ class _Session:
     def end(self, reason: str) -> None:
         if self._end_reason is None:
             self._end_reason = reason
-        self._bridge.close(reason)
+        self._bridge.close(reason, linger=ENDING_LINGER)
 
     async def _up_and_watch(self) -> None:
         hub, session = self._agent.hub, self.verdict.session

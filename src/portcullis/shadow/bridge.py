@@ -119,17 +119,20 @@ class Bridge:
     def second_to_first(self) -> int:
         return self._second.received
 
-    def close(self, reason: str | None = None) -> None:
-        """End both sides (what is queued is still written)."""
-        self.side_ended(self._first, None, reason=reason or "closed")
+    def close(self, reason: str | None = None, *, linger: float | None = None) -> None:
+        """End both sides: what is queued is still written, for at most `linger` s
+        (default: the bridge's). An ending the hub orders uses a short one: a peer that
+        does not read (or answer TLS's close_notify) must not keep the channel open."""
+        self.side_ended(self._first, None, reason=reason or "closed", linger=linger)
 
-    def side_ended(self, side: _Side, exc: Exception | None, *, reason: str | None = None
-                   ) -> None:
+    def side_ended(self, side: _Side, exc: Exception | None, *, reason: str | None = None,
+                   linger: float | None = None) -> None:
         if self._ended_by is None:
             self._ended_by = side.name
             self._error = reason or (str(exc) or type(exc).__name__ if exc else None)
             loop = asyncio.get_running_loop()
-            self._linger_timer = loop.call_later(self._linger, self._abort)
+            self._linger_timer = loop.call_later(
+                self._linger if linger is None else linger, self._abort)
         for each in (self._first, self._second):
             if not each.transport.is_closing():
                 each.transport.close()

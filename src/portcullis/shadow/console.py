@@ -39,6 +39,7 @@ from portcullis.shadow.certificates import console_csr, private_key_pem
 CONNECT_TIMEOUT = 15.0
 ANSWER_TIMEOUT = 90.0     # the device may ask its user for consent first
 VIEWER_WAIT = 300.0       # how long the channel waits for the viewer to connect
+MAX_EARLY_BYTES = 1 << 20   # what the device may send before the viewer connects
 _API = "/api/v1/shadow"
 
 
@@ -263,6 +264,7 @@ class _ConsoleChannel(asyncio.Protocol):
         self.lost: asyncio.Future[None] = loop.create_future()
         self._transport: asyncio.Transport | None = None
         self._pending: list[bytes] = []
+        self._pending_size = 0
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -282,7 +284,13 @@ class _ConsoleChannel(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.answer.done():
-            self._pending.append(data)   # before the viewer is there (reading is paused)
+            # Before the viewer is there. Reading goes on (so that the device ending the
+            # channel is noticed now, not when a viewer arrives) up to a bound: a VNC
+            # server says 12 bytes and waits for its viewer.
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size > MAX_EARLY_BYTES and self._transport is not None:
+                self._transport.pause_reading()
             return
         self._codec.receive_data(data)
         self._events()
@@ -293,8 +301,7 @@ class _ConsoleChannel(asyncio.Protocol):
             if self.answer.done():
                 continue
             if isinstance(event, Accepted):
-                # Whatever the device sends next waits for the viewer (back-pressure).
-                self._transport.pause_reading()
+                # Whatever the device sends next waits for the viewer.
                 if event.leftover:
                     self._pending.append(event.leftover)
                 self.answer.set_result(event)
@@ -307,6 +314,7 @@ class _ConsoleChannel(asyncio.Protocol):
     def take_pending(self) -> bytes:
         data = b"".join(self._pending)
         self._pending.clear()
+        self._pending_size = 0
         return data
 
     def connection_lost(self, exc: Exception | None) -> None:

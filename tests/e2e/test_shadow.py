@@ -1,0 +1,219 @@
+"""Secure shadowing end to end with real programs: `portcullis up` (the hub), the device
+agent `portcullis shadow-agent` in front of Xvfb + x11vnc (painted a known colour, an
+xterm logging keys), and `portcullis shadow DEVICE --exec 'vncdo …'` as the operator's
+console with vncdotool as the viewer. Nothing here is a stand-in."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shlex
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Deployment, Process, free_port, require_program, run_cli
+from peers.vnc import VncDesktop, vncdo, vncdo_program, wait_for_file_text
+
+BLUE = (0x33, 0x66, 0xCC)
+PASSWORD = "correct horse battery"
+Start = Callable[..., Process]
+
+
+@dataclass
+class Shadowing:
+    deployment: Deployment
+    gateway: Process
+    desktop: VncDesktop
+    agent: Process
+    agent_port: int
+    agent_dir: Path
+    tmp_path: Path
+
+    @property
+    def hub_url(self) -> str:
+        return f"https://127.0.0.1:{self.deployment.port + 3}"
+
+    def audited(self, event: str) -> list[dict[str, Any]]:
+        path = self.deployment.directory / "audit.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        return [record for record in records if record["event"] == event]
+
+    def wait_audited(self, event: str, count: int = 1, timeout: float = 15.0
+                     ) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.audited(event)
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"no {count} x {event} in the audit trail")
+
+    def shadow(self, *viewer: str, device: str = "kiosk-1",
+               timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """`portcullis shadow DEVICE --exec 'vncdo -s {host}::{port} VIEWER…'`."""
+        command = " ".join([shlex.quote(vncdo_program()), "-s", "{host}::{port}",
+                            "--nocursor", "-t", "20", *map(shlex.quote, viewer)])
+        return run_cli("shadow", device, "--exec", command, timeout=timeout)
+
+
+def login(deployment: Deployment, user: str = "admin",
+          password: str | None = None) -> None:
+    result = run_cli("login", deployment.url, "--user", user, "--password-stdin",
+                     "--ca", str(deployment.ca),
+                     input=(password or deployment.admin_password) + "\n")
+    assert result.returncode == 0, result.stderr
+
+
+def add_device(deployment: Deployment, name: str) -> str:
+    result = run_cli("shadow", "device", "add", name, "--dir", str(deployment.directory))
+    assert result.returncode == 0, result.stderr
+    code = re.search(r"code \(shown once\):\s*(\S+)", result.stdout)
+    assert code, result.stdout
+    return code.group(1)
+
+
+def start_agent(start_process: Start, shadowing_dir: Path, deployment: Deployment,
+                vnc_address: str, name: str, *args: str) -> tuple[Process, int]:
+    port = free_port()
+    agent = start_process(
+        "shadow-agent", "--hub", f"https://127.0.0.1:{deployment.port + 3}",
+        "--ca", str(deployment.ca), "--name", name, "--vnc", vnc_address,
+        "--listen", f"127.0.0.1:{port}", "--dir", str(shadowing_dir), *args,
+        name=f"agent-{name}")
+    return agent, port
+
+
+@pytest.fixture
+def shadowing(deployment: Deployment, start_process: Start, client_home: Path,
+              tmp_path: Path) -> Iterator[Shadowing]:
+    for program in ("Xvfb", "x11vnc", "xterm", "xsetroot"):
+        require_program(program)
+    gateway = start_process("up", "--dir", str(deployment.directory), name="up")
+    gateway.wait_for(r"Portal: https://")
+    code = add_device(deployment, "kiosk-1")
+    with VncDesktop(tmp_path / "desktop", colour="#3366cc",
+                    xterm_log=tmp_path / "keys.log") as desktop:
+        agent_dir = tmp_path / "agent"
+        agent, port = start_agent(start_process, agent_dir, deployment, f"127.0.0.1:{desktop.port}",
+                                  "kiosk-1", "--code", code)
+        agent.wait_for(r"device proxy listening on")
+        login(deployment)
+        yield Shadowing(deployment, gateway, desktop, agent, port, agent_dir, tmp_path)
+
+
+def test_the_viewer_sees_the_device_and_types_on_it(shadowing: Shadowing) -> None:
+    shot = shadowing.tmp_path / "shot.png"
+    result = shadowing.shadow("capture", str(shot))
+    assert result.returncode == 0, result.stdout + result.stderr
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        point = shadowing.desktop.root_point
+        assert image.convert("RGB").getpixel(point) == BLUE
+    x, y = shadowing.desktop.xterm_point
+    typed = shadowing.shadow("move", str(x), str(y), "type", "shadowed", "key", "enter")
+    assert typed.returncode == 0, typed.stdout + typed.stderr
+    assert "shadowed" in wait_for_file_text(shadowing.tmp_path / "keys.log", "shadowed")
+    verified = shadowing.wait_audited("shadow.request_verified", 2)
+    assert {record["operator"] for record in verified} == {"admin"}
+    ended = shadowing.wait_audited("shadow.channel_ended", 2)
+    assert all(record["bytes_to_console"] > 0 for record in ended)
+
+
+def test_the_certificate_is_a_real_x509_file(shadowing: Shadowing) -> None:
+    cert = next(shadowing.agent_dir.glob("*.crt"))
+    text = subprocess.run(["openssl", "x509", "-noout", "-text", "-in", str(cert)],
+                          capture_output=True, text=True, check=True).stdout
+    assert "prime256v1" in text and "CN=kiosk-1" in text.replace(" = ", "=")
+    info = subprocess.run(["x11vnc", "-sslCertInfo", str(cert)], capture_output=True,
+                          text=True, timeout=30)
+    assert "kiosk-1" in info.stdout + info.stderr
+    ours = run_cli("shadow-agent", "cert-info", "--dir", str(shadowing.agent_dir))
+    assert ours.returncode == 0 and "kiosk-1" in ours.stdout
+
+
+def test_an_operator_outside_the_policy_is_refused(shadowing: Shadowing) -> None:
+    shadowing.deployment.add_user("eve", PASSWORD, ["staff"])
+    login(shadowing.deployment, "eve", PASSWORD)
+    result = shadowing.shadow("capture", str(shadowing.tmp_path / "x.png"))
+    assert result.returncode == 1
+    assert "you may not shadow kiosk-1" in result.stderr
+    assert shadowing.wait_audited("shadow.request_denied")[0]["operator"] == "eve"
+
+
+def test_plain_vnc_is_passed_and_audited_as_insecure(shadowing: Shadowing) -> None:
+    plain = vncdo(f"127.0.0.1::{shadowing.agent_port}", "capture",
+                  str(shadowing.tmp_path / "plain.png"))
+    assert plain.returncode == 0, plain.stderr
+    assert shadowing.wait_audited("shadow.insecure_session")[0]["device"] == "kiosk-1"
+
+
+def test_mandatory_refuses_plain_vnc_with_the_reason(shadowing: Shadowing) -> None:
+    shadowing.deployment.set("shadow", "mandatory", "true")
+    shadowing.gateway.popen.send_signal(__import__("signal").SIGHUP)
+    shadowing.agent.wait_for(r"secure shadowing is now", timeout=60)
+    refused = vncdo(f"127.0.0.1::{shadowing.agent_port}", "capture",
+                    str(shadowing.tmp_path / "plain.png"))
+    assert refused.returncode != 0
+    assert refused.refusal_reason is not None
+    assert "secure shadowing is required" in refused.refusal_reason
+    # The secure channel still works.
+    result = shadowing.shadow("capture", str(shadowing.tmp_path / "secure.png"))
+    assert result.returncode == 0, result.stderr
+
+
+def test_an_administrator_ends_a_running_session(shadowing: Shadowing) -> None:
+    viewer = subprocess.Popen(
+        [sys.executable, "-m", "portcullis.cli.main", "shadow", "kiosk-1", "--listen",
+         "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        up = shadowing.wait_audited("shadow.channel_up")[0]
+        listed = run_cli("shadow", "sessions")
+        assert up["session"] in listed.stdout, listed.stdout + listed.stderr
+        ended = run_cli("shadow", "sessions", "end", up["session"])
+        assert ended.returncode == 0, ended.stderr
+        viewer.wait(10)
+        channel = shadowing.wait_audited("shadow.channel_ended")[0]
+        assert channel["session"] == up["session"]
+    finally:
+        viewer.kill()
+        viewer.wait()
+
+
+def test_a_removed_device_is_refused(shadowing: Shadowing) -> None:
+    removed = run_cli("shadow", "device", "remove", "kiosk-1", "--dir",
+                      str(shadowing.deployment.directory))
+    assert removed.returncode == 0, removed.stderr
+    result = shadowing.shadow("capture", str(shadowing.tmp_path / "x.png"))
+    assert result.returncode == 1 and "no device named 'kiosk-1'" in result.stderr
+
+
+def test_garbage_and_a_huge_request_leave_the_agent_serving(shadowing: Shadowing) -> None:
+    port = shadowing.agent_port
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as garbage:
+        garbage.sendall(b"\x00GARBAGE" * 100)
+        # Closed with nothing said (or reset: unread garbage was left).
+        with contextlib.suppress(ConnectionResetError):
+            assert garbage.recv(100) == b""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        try:
+            with context.wrap_socket(raw) as tls:   # no console certificate: refused
+                tls.sendall(b"PSH1" + b"\x01\xff\xff" + b"x" * (1 << 20))
+                tls.recv(100)
+        except (ssl.SSLError, OSError):
+            pass
+    result = shadowing.shadow("capture", str(shadowing.tmp_path / "after.png"))
+    assert result.returncode == 0, result.stderr
