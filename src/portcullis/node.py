@@ -96,6 +96,7 @@ class Listener:
     client_roles: frozenset[str] = frozenset()
     # The HTTP protocol class, when the listener needs its own (the shadow hub's).
     http: type[Any] | None = None
+    websockets: dict[str, Opened] | None = None   # its own WebSocket endpoints (the hub's)
 
 
 @dataclass
@@ -183,7 +184,7 @@ class Node:
             hub = self.shadow_hub
             self.listeners.append(Listener("shadow-hub", hub.host, hub.port,
                                            self._secure(hub.agent_app), hub.tls,
-                                           http=hub.http))
+                                           http=hub.http, websockets=hub.agent_websockets))
         if not {"gateway", "portal"} & set(self.roles):
             return
         # Dial-out: the relays connect to this gateway, and the Dialer uses them.
@@ -334,6 +335,7 @@ class Node:
                                          self.audit, self.events, self.ephemeral)
         if self.shadow_hub is not None:
             routes.extend(self.shadow_hub.operator_routes)
+            self.websocket_endpoints.update(self.shadow_hub.operator_websockets)
         if portal_app is not None:
             routes.append(Mount("/", app=portal_app))
         else:
@@ -367,9 +369,11 @@ class Node:
                                   larger=saml_callback_bodies(self.settings))
 
     def uvicorn_config(self, listener: Listener) -> uvicorn.Config:
-        # Only the gateway's listener takes WebSocket upgrades, straight to its endpoints.
-        websocket: Any = (websocket_protocol_class(self.websocket_endpoints, self.edge.closed)
-                          if listener.role == "gateway" else "none")
+        # The gateway's listener (and the hub's) take WebSocket upgrades, straight to
+        # their endpoints.
+        endpoints = self.websocket_endpoints if listener.role == "gateway" else listener.websockets
+        websocket: Any = (websocket_protocol_class(endpoints, self.edge.closed)
+                          if endpoints is not None else "none")
         http = (listener.http if listener.http is not None
                 else role_checked_http(listener.client_roles, listener.role, self.audit)
                 if listener.client_roles
@@ -443,6 +447,8 @@ class Node:
                 watcher.cancel()
             if self.relays is not None:   # they reconnect to another edge node
                 self.relays.pool.drain("this edge node is stopping")
+            if self.shadow_hub is not None:   # dial-out agents reconnect likewise
+                self.shadow_hub.dial_out.connections.drain("this hub node is stopping")
             self.registry.end_all(Reason.SHUTDOWN, "the gateway is shutting down")
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)

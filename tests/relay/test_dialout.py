@@ -11,8 +11,9 @@ from pathlib import Path
 
 from conftest import Deployment
 from net.test_socksrelay import Impostor
+from portcullis.net.backoff import backoff_delay
 from portcullis.net.tls import client_context
-from portcullis.relay.dialout import DialOutConnector, DialOutSettings, backoff_delay
+from portcullis.relay.dialout import DialOutConnector, DialOutSettings
 from relay.test_core import audit_lines, make_core
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"

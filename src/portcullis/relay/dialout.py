@@ -18,7 +18,6 @@ given up. Each slot logs its state once per change, not once per attempt.
 from __future__ import annotations
 
 import asyncio
-import random
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import structlog
 from portcullis.config.model import RelaySettings
 from portcullis.errors import ClientError, DialError
 from portcullis.net import websocket
+from portcullis.net.backoff import backoff_delay
 from portcullis.net.dialer import EchoChannel
 from portcullis.net.muxsession import PROTOCOL_NAMES, DatagramFlow, MuxSession, StreamBridge
 from portcullis.pki import transport_common_name
@@ -78,12 +78,6 @@ class Slot:
         """How `relay status` names the edge: URL, and the node behind it (several
         nodes may share a URL behind a load balancer)."""
         return f"{self.edge} ({self.node})" if self.node else self.edge
-
-
-def backoff_delay(attempt: int, low: float, high: float,
-                  draw: Callable[[float, float], float] = random.uniform) -> float:
-    """Full jitter: uniform over [0, min(high, low * 2^attempt)]."""
-    return draw(0.0, min(high, low * 2 ** min(attempt, 32)))
 
 
 class _AdmittedDialer:

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from portcullis.audit import AuditTrail
 from portcullis.errors import ClientError, PKIError, PortcullisError
-from portcullis.net.tls import server_context
+from portcullis.net.tls import client_context, server_context
 from portcullis.pki import certificate_fingerprint
 from portcullis.proto import rfb
 from portcullis.proto.shadow import (
@@ -55,6 +55,7 @@ from portcullis.shadow.certificates import (
     replace_device_files,
 )
 from portcullis.shadow.hubclient import HubClient, HubRefused, Registration, Verdict
+from portcullis.shadow.hublink import DIAL_OUT, HubLink
 
 AGENT_FILE = "agent.json"
 AUDIT_FILE = "audit.log"
@@ -81,6 +82,9 @@ class AgentSettings:
     code: str | None = None
     advertise: str | None = None
     consent_command: str | None = None
+    # Behind NAT: keep connections to the hub and take consoles' channels over them; the
+    # proxy then listens on loopback only (the CLI refuses anything else).
+    dial_out: bool = False
     max_connections: int = MAX_CONNECTIONS
     sniff_timeout: float = SNIFF_TIMEOUT
     handshake_timeout: float = HANDSHAKE_TIMEOUT
@@ -159,6 +163,7 @@ class DeviceAgent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
         self.serving = asyncio.Event()
+        self.hub_link: HubLink | None = None
 
     @property
     def open_connections(self) -> int:
@@ -174,9 +179,17 @@ class DeviceAgent:
             if self._stop.is_set():
                 return
             self._start_serving()
+            if self.settings.dial_out:
+                assert self.listen_address is not None
+                self.hub_link = HubLink(self.settings.hub_url, self._hub_link_tls,
+                                        self.listen_address, self.settings.name,
+                                        say=self._say)
+                link = self._spawn(self.hub_link.run())
             heartbeat = self._spawn(self._heartbeat())
             await self._stop.wait()
             heartbeat.cancel()
+            if self.hub_link is not None:
+                link.cancel()   # GOAWAY to the hub now, not after the shutdown's wait
         finally:
             await self._shutdown()
 
@@ -203,7 +216,8 @@ class DeviceAgent:
             try:
                 registration = await self.hub.register(
                     settings.name, self.identity.pair.cert_pem, code=settings.code,
-                    advertise=settings.advertise, listen_port=self.listen_address[1])
+                    advertise=DIAL_OUT if settings.dial_out else settings.advertise,
+                    listen_port=self.listen_address[1])
             except HubRefused:
                 raise
             except ClientError as exc:
@@ -241,6 +255,12 @@ class DeviceAgent:
         self._tls = self._server_tls()
         self._say(f"approved by the hub; secure shadowing is "
                   f"{'mandatory' if registration.mandatory else 'optional'}")
+
+    def _hub_link_tls(self) -> ssl.SSLContext:
+        """The TLS client of a dial-out connection: the current device certificate."""
+        assert self.identity is not None
+        return client_context(self.settings.ca_file, cert_file=self.identity.cert_path,
+                              key_file=self.identity.key_path)
 
     def _server_tls(self) -> ssl.SSLContext:
         assert self.identity is not None and self.record is not None
@@ -353,6 +373,8 @@ class DeviceAgent:
         self.record.save(self.directory)
         self.hub.use_identity(self.identity)
         self._tls = self._server_tls()   # new handshakes present the new certificate
+        if self.hub_link is not None:
+            self.hub_link.renewed()
         self.audit.record("shadow.device.renewed", fingerprint=fingerprint)
         self._say(f"renewed the device certificate: fingerprint {fingerprint}")
 

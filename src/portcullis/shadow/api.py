@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from portcullis.identity.sessions import Session, SessionManager
 from portcullis.shadow.hub import HubRefusal, ShadowHub
+from portcullis.shadow.hublink import DIAL_OUT
 from portcullis.store import ShadowDeviceRecord
 
 Handler = Callable[[Request], Awaitable[JSONResponse]]
@@ -131,6 +132,9 @@ def operator_routes(hub: ShadowHub, sessions: SessionManager,
             "name": record.name, "status": record.status, "fingerprint": record.fingerprint,
             "address": record.advertise,
             "last_seen": record.last_seen.isoformat() if record.last_seen else None,
+            # A device behind NAT: which hub node its agent is connected to (None: none).
+            **({"node": await hub.dial_out_node(record.name)}
+               if record.advertise == DIAL_OUT else {}),
         } for record in await hub.durable.shadow_devices()]})
 
     async def issue(request: Request) -> JSONResponse:

@@ -20,21 +20,27 @@ import binascii
 import contextlib
 import hashlib
 import shlex
+import socket
 import ssl
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import httpx
 
 from portcullis.client.state import ClientState
 from portcullis.errors import ClientError
+from portcullis.net import websocket
+from portcullis.net.muxsession import MuxSession
 from portcullis.net.tls import client_context, describe_tls_failure
+from portcullis.proto import mux
+from portcullis.proto.mux import MuxConnection, Reason
 from portcullis.proto.shadow import Accepted, ChannelFailed, Refused, ShadowChannel
 from portcullis.shadow.bridge import Bridge
 from portcullis.shadow.certificates import console_csr, private_key_pem
+from portcullis.shadow.hublink import DIAL_OUT
 
 CONNECT_TIMEOUT = 15.0
 ANSWER_TIMEOUT = 90.0     # the device may ask its user for consent first
@@ -52,7 +58,7 @@ class ShadowGrant:
     certificate: bytes
     device: str
     device_fingerprint: str
-    address: tuple[str, int]
+    address: tuple[str, int] | None   # None: the device dials out, reached via the gateway
 
 
 class ConsoleProxy:
@@ -72,6 +78,7 @@ class ConsoleProxy:
             verify=client_context(Path(state.ca_file) if state.ca_file else None),
             headers={"authorization": f"Bearer {state.token}"})
         self.session_id: str | None = None
+        self._carried: CarriedChannel | None = None
 
     async def run(self, *, host: str = "127.0.0.1", port: int = 0, command: str | None = None,
                   on_listening: Callable[[str, int], None] | None = None) -> int:
@@ -86,6 +93,8 @@ class ConsoleProxy:
             return await self._serve_viewer(grant, transport, channel, host, port, argv,
                                             on_listening)
         finally:
+            if self._carried is not None:
+                self._carried.close()
             await self._http.aclose()
 
     # -- the hub ------------------------------------------------------------------------------
@@ -95,11 +104,13 @@ class ConsoleProxy:
                                                      "csr": csr.decode("ascii")})
         try:
             device = body["device"]
-            host, _, port = str(device["address"]).rpartition(":")
+            address: tuple[str, int] | None = None
+            if device["address"] != DIAL_OUT:
+                host, _, port = str(device["address"]).rpartition(":")
+                address = (host.strip("[]"), int(port))
             grant = ShadowGrant(base64.b64decode(body["request"], validate=True),
                                 str(body["request_id"]), str(body["certificate"]).encode(),
-                                str(device["name"]), str(device["fingerprint"]),
-                                (host.strip("[]"), int(port)))
+                                str(device["name"]), str(device["fingerprint"]), address)
         except (KeyError, TypeError, ValueError, binascii.Error):
             raise ClientError("the gateway's answer to the shadow request is incomplete; is "
                               "its shadow hub of this version?") from None
@@ -135,24 +146,20 @@ class ConsoleProxy:
         loop = asyncio.get_running_loop()
         tls = _console_tls(grant.certificate, key_pem)
         channel = _ConsoleChannel(self._answer_timeout)
-        host, port = grant.address
-        where = f"{host}:{port}"
+        if grant.address is None:
+            where = "the device (through the hub)"
+            sock = await self._through_hub(grant)
+            connecting = loop.create_connection(lambda: channel, sock=sock, ssl=tls,
+                                                server_hostname=grant.device)
+        else:
+            host, port = grant.address
+            where = f"{host}:{port}"
+            connecting = loop.create_connection(lambda: channel, host, port, ssl=tls,
+                                                server_hostname=grant.device)
         try:
-            transport, _ = await asyncio.wait_for(loop.create_connection(
-                lambda: channel, host, port, ssl=tls, server_hostname=grant.device),
-                self._connect_timeout)
-        except ssl.SSLError as exc:
-            detail = f"the TLS handshake with {where} failed: {exc.reason or exc}"
-            await self.report(grant, "protocol", detail)
-            raise ClientError(f"cannot shadow {grant.device}: {detail} (the device refused "
-                              "this console's certificate, or it is no Portcullis device "
-                              "proxy)") from None
+            transport, _ = await asyncio.wait_for(connecting, self._connect_timeout)
         except (OSError, TimeoutError) as exc:
-            why = getattr(exc, "strerror", None) or str(exc) or "timed out"
-            detail = f"cannot connect to {where}: {why}"
-            await self.report(grant, "unreachable", detail)
-            raise ClientError(f"cannot shadow {grant.device}: {detail}; is its agent "
-                              "running and port reachable from here?") from None
+            await self._connect_failed(grant, where, exc)
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         presented = "sha256:" + hashlib.sha256(der or b"").hexdigest()
@@ -175,6 +182,36 @@ class ConsoleProxy:
             raise ClientError(f"the shadow channel to {grant.device} failed: {outcome.reason}")
         self.session_id = outcome.session_id
         return transport, channel
+
+    async def _connect_failed(self, grant: ShadowGrant, where: str,
+                              exc: OSError | TimeoutError) -> NoReturn:
+        """Report why the connection to the device failed, and raise ClientError."""
+        why = self._carried.why_not() if self._carried is not None else None
+        if why is not None:   # the hub or the agent refused the carried stream
+            await self.report(grant, "unreachable", why)
+            raise ClientError(f"cannot shadow {grant.device}: {why}")
+        if isinstance(exc, ssl.SSLError):
+            detail = f"the TLS handshake with {where} failed: {exc.reason or exc}"
+            await self.report(grant, "protocol", detail)
+            raise ClientError(f"cannot shadow {grant.device}: {detail} (the device refused "
+                              "this console's certificate, or it is no Portcullis device "
+                              "proxy)")
+        why = getattr(exc, "strerror", None) or str(exc) or "timed out"
+        detail = f"cannot connect to {where}: {why}"
+        await self.report(grant, "unreachable", detail)
+        raise ClientError(f"cannot shadow {grant.device}: {detail}; is its agent "
+                          "running and port reachable from here?")
+
+    async def _through_hub(self, grant: ShadowGrant) -> socket.socket:
+        """A socket whose bytes the gateway carries to the device's agent (which dials
+        out to the hub): the TLS and the channel run over it as over a direct one."""
+        try:
+            self._carried = await carry_to_device(self.state, grant.request_id, grant.device,
+                                                  timeout=self._connect_timeout)
+        except ClientError as exc:
+            await self.report(grant, "unreachable", str(exc))
+            raise
+        return self._carried.socket
 
     async def _serve_viewer(self, grant: ShadowGrant, device: asyncio.Transport,
                             channel: _ConsoleChannel, host: str, port: int,
@@ -354,3 +391,56 @@ class _Viewer(asyncio.Protocol):
             return
         transport.pause_reading()   # the bridge resumes it
         self._listener.connected.set_result((transport, b""))
+
+
+# -- devices behind NAT ----------------------------------------------------------------------
+CHANNEL_PATH = "/api/v1/shadow/channel"   # served by shadow.dialout on the gateway's port
+
+
+@dataclass
+class CarriedChannel:
+    """The console's end of a channel the gateway carries: `socket` is one end of a
+    socket pair whose other end is a mux stream on the WebSocket to the gateway."""
+
+    socket: socket.socket
+    session: MuxSession
+    refused: list[str]   # what the hub or the agent said, refusing the stream
+
+    def why_not(self) -> str | None:
+        """Why the carried stream is gone, when the far side said so."""
+        if self.refused:
+            return self.refused[0]
+        if self.session.goaway is not None:
+            return self.session.goaway[1] or self.session.end_reason()
+        return None
+
+    def close(self) -> None:
+        self.session.close(Reason.CANCELLED, "the console ended the channel")
+
+
+async def carry_to_device(state: ClientState, request_id: str, device: str, *,
+                          timeout: float = CONNECT_TIMEOUT) -> CarriedChannel:
+    """Open the gateway's channel to a dial-out device for the request `request_id`.
+
+    A socket pair joins the channel code to the mux stream (the stream's `StreamBridge`
+    takes one end as its socket, with the mux's credit as back-pressure), so the TLS
+    client, the pinning and the shadow channel stay the one code path of a direct
+    connection. The sign-in token goes in the mux HELLO, never in the URL."""
+    tls = client_context(Path(state.ca_file) if state.ca_file else None)
+    carrier = await websocket.connect(websocket.websocket_url(state.url, CHANNEL_PATH), tls,
+                                      timeout=timeout)
+    codec = MuxConnection("client")
+    codec.send_hello({"session": state.token, "request": request_id})
+    session = MuxSession(codec)
+    carrier.attach(session)
+    hello = await session.hello_within(timeout)
+    if hello is None:
+        why = session.goaway[1] if session.goaway else "it did not answer in time"
+        session.close(Reason.CANCELLED, "no channel")
+        raise ClientError(f"the gateway cannot carry the channel to {device}: {why}")
+    ours, theirs = socket.socketpair()
+    carried = CarriedChannel(ours, session, [])
+    session.on_refused = lambda reason, message: carried.refused.append(message)
+    bridge = session.open_local(mux.Protocol.TCP, device, 0)
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: bridge, theirs)
+    return carried

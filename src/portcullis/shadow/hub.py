@@ -65,6 +65,7 @@ SESSION_PREFIX = "shadow-session:"    # session id -> the running session
 SESSIONS_SET = "shadow-sessions"
 ENDED_PREFIX = "shadow-ended:"        # session id -> why it ended (read by every node)
 ENDED_CHANNEL = "shadow-ended"
+DIAL_OUT_PREFIX = "shadow-dialout:"   # device -> the hub node holding its connections
 SESSION_TTL = 86400.0                 # a session record outlives any shadow session
 WATCH_SECONDS = 20.0                  # the longest a watch is held before "not yet"
 WATCH_STEP = 0.5                      # how often a held watch looks at the stores
@@ -270,7 +271,7 @@ class ShadowHub:
             console_fingerprint=console_fingerprint, nonce=secrets.token_hex(16),
             issued_at=now, expires_at=now + lifetime, key_id=self.keys.key_id)
         asked = {"operator": operator.username, "handle": session.handle,
-                 "console": console_fingerprint}
+                 "console": console_fingerprint, "device": name}
         await self._ephemeral.put(ISSUED_PREFIX + request.request_id,
                                   json.dumps(asked).encode(), lifetime + CLOCK_SKEW)
         self.audit.record("shadow.request_issued", request=request.request_id, device=name,
@@ -283,6 +284,17 @@ class ShadowHub:
                 "device": {"name": name, "fingerprint": record.fingerprint,
                            "address": record.advertise},
                 "expires_at": request.expires_at}
+
+    async def issued(self, request_id: str) -> dict[str, Any] | None:
+        """Who a request still unused was issued to (read, not spent: the device spends
+        it at `verify`), or None once used or expired."""
+        raw = await self._ephemeral.get(ISSUED_PREFIX + request_id[:64])
+        return None if raw is None else dict(json.loads(raw))
+
+    async def dial_out_node(self, device: str) -> str | None:
+        """The hub node that holds the dial-out connections of `device`, if any does."""
+        raw = await self._ephemeral.get(DIAL_OUT_PREFIX + device)
+        return None if raw is None else str(json.loads(raw).get("node", "")) or None
 
     async def verify(self, device: ShadowDeviceRecord,
                      body: dict[str, Any]) -> dict[str, Any]:

@@ -15,10 +15,13 @@ from starlette.routing import Route
 from portcullis.audit import AuditTrail
 from portcullis.config.model import Settings
 from portcullis.config.values import parse_host_port
+from portcullis.gateway.relays import node_id
 from portcullis.identity.sessions import SessionManager
 from portcullis.net.tls import server_context
+from portcullis.net.websocket import Opened
 from portcullis.pki.maintenance import LoadedCertificates
 from portcullis.shadow.api import agent_routes, operator_routes
+from portcullis.shadow.dialout import DialOut
 from portcullis.shadow.hub import DeviceTrust, ShadowHub
 from portcullis.shadow.keys import HubKeys
 from portcullis.store import DurableStore, EphemeralStore, EventBus
@@ -39,6 +42,11 @@ class ShadowRole:
     host: str
     port: int
     tls: ssl.SSLContext
+    dial_out: DialOut
+    # WebSocket endpoints: the agents' dial-out connections on the hub's listener; the
+    # consoles' channels to those devices on the gateway's port (or here, without one).
+    agent_websockets: dict[str, Opened]
+    operator_websockets: dict[str, Opened]
 
     http = DeviceCertificateHttp
 
@@ -58,7 +66,10 @@ class ShadowRole:
         operators = operator_routes(hub, sessions, lambda: current().admin_groups)
         routes = agent_routes(hub) + ([] if with_gateway else operators)
         host, port = parse_host_port(settings.shadow.listen)
-        return cls(hub, operators, Starlette(routes=routes), host, port, context)
+        dial_out = DialOut.build(hub, sessions, ephemeral, audit, node_id())
+        agent_websockets = {**dial_out.agents, **({} if with_gateway else dial_out.consoles)}
+        return cls(hub, operators, Starlette(routes=routes), host, port, context, dial_out,
+                   agent_websockets, dial_out.consoles)
 
     def tasks(self) -> list[Coroutine[Any, Any, None]]:
         return [self.hub.keep_trust_fresh(), self.hub.listen_for_ends()]
