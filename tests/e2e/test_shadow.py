@@ -93,9 +93,21 @@ def start_agent(start_process: Start, shadowing_dir: Path, deployment: Deploymen
     return agent, port
 
 
-@pytest.fixture
-def shadowing(deployment: Deployment, start_process: Start, client_home: Path,
-              tmp_path: Path) -> Iterator[Shadowing]:
+def start_dial_out_agent(start_process: Start, shadowing_dir: Path, deployment: Deployment,
+                         vnc_address: str, name: str, *args: str) -> tuple[Process, int]:
+    """The agent behind NAT: no --listen (its default is loopback with --dial-out); the
+    port its proxy took is read from its output."""
+    agent = start_process(
+        "shadow-agent", "--hub", f"https://127.0.0.1:{deployment.port + 3}",
+        "--ca", str(deployment.ca), "--name", name, "--vnc", vnc_address, "--dial-out",
+        "--dir", str(shadowing_dir), *args, name=f"agent-{name}")
+    listening = agent.wait_for(r"device proxy listening on 127\.0\.0\.1:(\d+)")
+    return agent, int(listening.group(1))
+
+
+@contextlib.contextmanager
+def shadowing_of(deployment: Deployment, start_process: Start, tmp_path: Path, *,
+                 dial_out: bool) -> Iterator[Shadowing]:
     for program in ("Xvfb", "x11vnc", "xterm", "xsetroot"):
         require_program(program)
     gateway = start_process("up", "--dir", str(deployment.directory), name="up")
@@ -104,14 +116,43 @@ def shadowing(deployment: Deployment, start_process: Start, client_home: Path,
     with VncDesktop(tmp_path / "desktop", colour="#3366cc",
                     xterm_log=tmp_path / "keys.log") as desktop:
         agent_dir = tmp_path / "agent"
-        agent, port = start_agent(start_process, agent_dir, deployment, f"127.0.0.1:{desktop.port}",
-                                  "kiosk-1", "--code", code)
+        starting = start_dial_out_agent if dial_out else start_agent
+        agent, port = starting(start_process, agent_dir, deployment,
+                               f"127.0.0.1:{desktop.port}", "kiosk-1", "--code", code)
         agent.wait_for(r"device proxy listening on")
+        if dial_out:
+            agent.wait_for(r"hub connection \d: connected")
         login(deployment)
         yield Shadowing(deployment, gateway, desktop, agent, port, agent_dir, tmp_path)
 
 
-def test_the_viewer_sees_the_device_and_types_on_it(shadowing: Shadowing) -> None:
+@pytest.fixture
+def shadowing(deployment: Deployment, start_process: Start, client_home: Path,
+              tmp_path: Path) -> Iterator[Shadowing]:
+    with shadowing_of(deployment, start_process, tmp_path, dial_out=False) as shadowing:
+        yield shadowing
+
+
+@pytest.fixture(params=["direct", "dial-out"])
+def any_shadowing(request: pytest.FixtureRequest, deployment: Deployment,
+                  start_process: Start, client_home: Path,
+                  tmp_path: Path) -> Iterator[Shadowing]:
+    """The device reachable (its proxy listens for consoles) or behind NAT (its agent
+    dials out to the hub, which carries the channel)."""
+    with shadowing_of(deployment, start_process, tmp_path,
+                      dial_out=request.param == "dial-out") as shadowing:
+        yield shadowing
+
+
+@pytest.fixture
+def dialling_out(deployment: Deployment, start_process: Start, client_home: Path,
+                 tmp_path: Path) -> Iterator[Shadowing]:
+    with shadowing_of(deployment, start_process, tmp_path, dial_out=True) as shadowing:
+        yield shadowing
+
+
+def test_the_viewer_sees_the_device_and_types_on_it(any_shadowing: Shadowing) -> None:
+    shadowing = any_shadowing
     shot = shadowing.tmp_path / "shot.png"
     result = shadowing.shadow("capture", str(shot))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -172,7 +213,8 @@ def test_mandatory_refuses_plain_vnc_with_the_reason(shadowing: Shadowing) -> No
     assert result.returncode == 0, result.stderr
 
 
-def test_an_administrator_ends_a_running_session(shadowing: Shadowing) -> None:
+def test_an_administrator_ends_a_running_session(any_shadowing: Shadowing) -> None:
+    shadowing = any_shadowing
     viewer = subprocess.Popen(
         [sys.executable, "-m", "portcullis.cli.main", "shadow", "kiosk-1", "--listen",
          "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -217,3 +259,44 @@ def test_garbage_and_a_huge_request_leave_the_agent_serving(shadowing: Shadowing
             pass
     result = shadowing.shadow("capture", str(shadowing.tmp_path / "after.png"))
     assert result.returncode == 0, result.stderr
+
+
+# -- devices behind NAT (the agent dials out) -------------------------------------------------
+def test_a_dial_out_device_is_reachable_only_through_the_hub(dialling_out: Shadowing) -> None:
+    import psutil
+
+    listening = [connection.laddr for connection in
+                 psutil.Process(dialling_out.agent.popen.pid).net_connections("inet")
+                 if connection.status == psutil.CONN_LISTEN]
+    assert listening and all(address.ip in ("127.0.0.1", "::1") for address in listening)
+    listed = run_cli("shadow", "device", "list", "--dir",
+                     str(dialling_out.deployment.directory))
+    assert "dial-out" in listed.stdout, listed.stdout + listed.stderr
+    connected = dialling_out.wait_audited("shadow.dialout_connected", 2)
+    assert {record["device"] for record in connected} == {"kiosk-1"}
+    result = dialling_out.shadow("capture", str(dialling_out.tmp_path / "shot.png"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    carried = dialling_out.wait_audited("shadow.dialout_channel")[0]
+    assert carried["device"] == "kiosk-1" and carried["operator"] == "admin"
+
+
+def test_after_a_hub_restart_the_agent_reconnects_and_shadowing_works(
+        dialling_out: Shadowing, start_process: Start) -> None:
+    deployment = dialling_out.deployment
+    dialling_out.gateway.stop()
+    dialling_out.agent.wait_for(r"hub connection \d: lost")
+    restarted = start_process("up", "--dir", str(deployment.directory), name="up-again")
+    restarted.wait_for(r"Portal: https://")
+    # The agent comes back by itself (backoff with jitter); the sign-in was in memory.
+    deadline = time.monotonic() + 60
+    while len(dialling_out.audited("shadow.dialout_connected")) < 3:
+        assert time.monotonic() < deadline, dialling_out.agent.output()
+        time.sleep(0.1)
+    login(deployment)
+    shot = dialling_out.tmp_path / "again.png"
+    result = dialling_out.shadow("capture", str(shot))
+    assert result.returncode == 0, result.stdout + result.stderr
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        assert image.convert("RGB").getpixel(dialling_out.desktop.root_point) == BLUE
