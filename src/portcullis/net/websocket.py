@@ -183,9 +183,12 @@ def _frame_header(size: int, mask: bytes) -> bytes:
 
 # -- client side ---------------------------------------------------------------------
 def websocket_url(url: str, path: str = "") -> str:
-    """wss:// for an https:// gateway URL (launch files and sign-ins may give either)."""
+    """wss:// for an https:// gateway URL (launch files and sign-ins may give either),
+    ws:// for a plain http:// one."""
     if url.startswith("https://"):
         url = "wss://" + url[len("https://"):]
+    elif url.startswith("http://"):
+        url = "ws://" + url[len("http://"):]
     return url.rstrip("/") + path if path else url
 
 

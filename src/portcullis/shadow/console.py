@@ -426,7 +426,9 @@ async def carry_to_device(state: ClientState, request_id: str, device: str, *,
     takes one end as its socket, with the mux's credit as back-pressure), so the TLS
     client, the pinning and the shadow channel stay the one code path of a direct
     connection. The sign-in token goes in the mux HELLO, never in the URL."""
-    tls = client_context(Path(state.ca_file) if state.ca_file else None)
+    # Plain ws:// only for a gateway URL that is plain itself (as the HTTP calls are).
+    tls = (None if state.url.startswith(("http://", "ws://"))
+           else client_context(Path(state.ca_file) if state.ca_file else None))
     carrier = await websocket.connect(websocket.websocket_url(state.url, CHANNEL_PATH), tls,
                                       timeout=timeout)
     codec = MuxConnection("client")

@@ -143,7 +143,7 @@ class DialOutRegistry:
             await self._store.delete(DIAL_OUT_PREFIX + device)
 
 
-class _DeviceSessions:
+class DeviceSessions:
     """The `RelaySessions` of one device, for the dial-out Dialer."""
 
     def __init__(self, connections: AgentConnections, device: str) -> None:
@@ -342,7 +342,7 @@ class ChannelEndpoint:
 
     async def _carry(self, session: MuxSession, event: mux.StreamOpened, channel: _Channel,
                      client: str) -> None:
-        dialer = MuxDialer(_DeviceSessions(self._connections, channel.device),
+        dialer = MuxDialer(DeviceSessions(self._connections, channel.device),
                            timeout=self._stream_timeout)
         node = self._registry.node
         fields = {"request": channel.request, "device": channel.device,

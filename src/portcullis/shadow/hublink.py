@@ -56,7 +56,7 @@ class HubLink:
     """Keeps the agent's connections to `hub_url` up until cancelled; each stream the hub
     opens is joined to a connection to `proxy` (the device proxy, on loopback)."""
 
-    def __init__(self, hub_url: str, tls: Callable[[], ssl.SSLContext],
+    def __init__(self, hub_url: str, tls: Callable[[], ssl.SSLContext | None],
                  proxy: tuple[str, int], device: str, *,
                  settings: HubLinkSettings = HubLinkSettings(),
                  say: Callable[[str], None] = print,
