@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from conftest import Deployment, Process, free_port, require_program, run_cli
@@ -217,3 +218,23 @@ def test_garbage_and_a_huge_request_leave_the_agent_serving(shadowing: Shadowing
             pass
     result = shadowing.shadow("capture", str(shadowing.tmp_path / "after.png"))
     assert result.returncode == 0, result.stderr
+
+
+def test_the_portal_lists_the_devices_with_their_command(shadowing: Shadowing,
+                                                         client_home: Path) -> None:
+    token = json.loads((client_home / "session.json").read_text())["token"]
+    deployment = shadowing.deployment
+    with httpx.Client(base_url=deployment.url, verify=ssl.create_default_context(
+            cafile=str(deployment.ca))) as client:
+        anonymous = client.get("/devices")
+        assert anonymous.status_code == 303 and "/login" in anonymous.headers["location"]
+        client.cookies.set("__Host-portcullis-session", token)
+        resources = client.get("/")
+        assert 'href="/devices"' in resources.text
+        page = client.get("/devices")
+    assert page.status_code == 200
+    assert "portcullis shadow kiosk-1 --exec" in page.text
+    explained = run_cli("policy", "explain", "--user", "admin", "--shadow", "kiosk-1",
+                        "--dir", str(deployment.directory))
+    assert explained.returncode == 0, explained.stderr
+    assert "ALLOWED" in explained.stdout and "administrators" in explained.stdout

@@ -270,3 +270,13 @@ async def test_an_administrator_ends_a_session(world: World) -> None:
     assert await world.hub.running() == []
     ended = world.audited("shadow.channel_ended")[0]
     assert (ended["bytes_to_device"], ended["bytes_to_console"]) == (10, 20)
+
+
+async def test_operators_see_only_the_devices_they_may_shadow(world: World) -> None:
+    await world.device("kiosk-1")
+    await world.hub.register({"name": "pos-7", "certificate": self_signed("pos-7"),
+                              "listen_port": 5900}, "10.0.0.5")
+    _, admin = await world.operator()
+    assert [r.name for r in await world.hub.devices_for(admin)] == ["kiosk-1", "pos-7"]
+    _, staff = await world.operator("eve", ("staff",))
+    assert await world.hub.devices_for(staff) == []

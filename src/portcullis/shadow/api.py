@@ -126,12 +126,12 @@ def operator_routes(hub: ShadowHub, sessions: SessionManager,
         return session
 
     async def devices(request: Request) -> JSONResponse:
-        await signed_in(request)
+        session = await signed_in(request)
         return JSONResponse({"devices": [{
             "name": record.name, "status": record.status, "fingerprint": record.fingerprint,
             "address": record.advertise,
             "last_seen": record.last_seen.isoformat() if record.last_seen else None,
-        } for record in await hub.durable.shadow_devices()]})
+        } for record in await hub.devices_for(session)]})
 
     async def issue(request: Request) -> JSONResponse:
         session = await signed_in(request)

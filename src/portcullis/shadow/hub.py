@@ -223,6 +223,18 @@ class ShadowHub:
                           old=device.fingerprint, new=fingerprint)
         return {"fingerprint": fingerprint}
 
+    async def devices_for(self, session: Session) -> list[ShadowDeviceRecord]:
+        """Every device for an administrator; for anyone else the approved devices they
+        may shadow (a device list tells where devices are: no more than needed)."""
+        settings = self._settings()
+        records = await self.durable.shadow_devices()
+        if set(settings.admin_groups) & set(session.claims.groups):
+            return records
+        operator = Subject(session.username, frozenset(session.claims.groups))
+        return [record for record in records if record.status == "approved"
+                and may_shadow(settings.shadow, settings.admin_groups, operator,
+                               record.name).allowed]
+
     async def refresh_trust(self) -> None:
         for record in await self.durable.shadow_devices():
             if record.status == "approved":
