@@ -9,6 +9,7 @@ import contextlib
 import json
 import re
 import shlex
+import signal
 import socket
 import ssl
 import subprocess
@@ -161,7 +162,7 @@ def test_plain_vnc_is_passed_and_audited_as_insecure(shadowing: Shadowing) -> No
 
 def test_mandatory_refuses_plain_vnc_with_the_reason(shadowing: Shadowing) -> None:
     shadowing.deployment.set("shadow", "mandatory", "true")
-    shadowing.gateway.popen.send_signal(__import__("signal").SIGHUP)
+    shadowing.gateway.popen.send_signal(signal.SIGHUP)
     shadowing.agent.wait_for(r"secure shadowing is now", timeout=60)
     refused = vncdo(f"127.0.0.1::{shadowing.agent_port}", "capture",
                     str(shadowing.tmp_path / "plain.png"))
@@ -238,3 +239,28 @@ def test_the_portal_lists_the_devices_with_their_command(shadowing: Shadowing,
                         "--dir", str(deployment.directory))
     assert explained.returncode == 0, explained.stderr
     assert "ALLOWED" in explained.stdout and "administrators" in explained.stdout
+
+
+def test_consent_is_asked_of_the_devices_user(shadowing: Shadowing,
+                                              start_process: Start) -> None:
+    deployment = shadowing.deployment
+    with deployment.config.open("a") as config:
+        config.write('\n[[shadow.device_groups]]\nname = "kiosks"\ndevices = ["kiosk-*"]\n'
+                     'consent = "ask"\nconsent_timeout = 20\n')
+    shadowing.gateway.popen.send_signal(signal.SIGHUP)
+    shadowing.gateway.wait_for(r"configuration reloaded")
+    # kiosk-1's agent has no way to ask its user: refused, and the operator told why.
+    refused = shadowing.shadow("capture", str(shadowing.tmp_path / "x.png"))
+    assert refused.returncode == 1
+    assert "no --consent-command" in refused.stderr
+    # kiosk-2 asks with a command that records who asks and says yes.
+    asked = shadowing.tmp_path / "asked.txt"
+    code = add_device(deployment, "kiosk-2")
+    agent, _ = start_agent(
+        start_process, shadowing.tmp_path / "agent-2", deployment,
+        f"127.0.0.1:{shadowing.desktop.port}", "kiosk-2", "--code", code,
+        "--consent-command", f"sh -c 'echo $PORTCULLIS_OPERATOR $PORTCULLIS_CONSENT > {asked}'")
+    agent.wait_for(r"device proxy listening on")
+    allowed = shadowing.shadow("capture", str(shadowing.tmp_path / "y.png"), device="kiosk-2")
+    assert allowed.returncode == 0, allowed.stderr
+    assert asked.read_text().split() == ["admin", "ask"]
