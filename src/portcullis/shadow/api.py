@@ -57,13 +57,18 @@ def _peer_certificate(request: Request) -> bytes | None:
 def agent_routes(hub: ShadowHub) -> list[Route]:
     """On the hub's listener (`shadow.listen`)."""
     async def device(request: Request) -> ShadowDeviceRecord:
-        return await hub.device_of(_peer_certificate(request))
+        return await hub.device_of(_peer_certificate(request), _client(request))
 
     async def register(request: Request) -> JSONResponse:
         return JSONResponse(await hub.register(await _body(request), _client(request)))
 
     async def state(request: Request) -> JSONResponse:
-        return JSONResponse(await hub.state(await device(request)))
+        return JSONResponse(await hub.state(await device(request),
+                                            dict(request.query_params), _client(request)))
+
+    async def refused(request: Request) -> JSONResponse:
+        await hub.refused_by_device(await device(request), await _body(request))
+        return JSONResponse({})
 
     async def verify(request: Request) -> JSONResponse:
         return JSONResponse(await hub.verify(await device(request), await _body(request)))
@@ -102,6 +107,7 @@ def agent_routes(hub: ShadowHub) -> list[Route]:
         Route(f"{base}/verify", _answered(verify), methods=["POST"]),
         Route(f"{base}/renew", _answered(renew), methods=["POST"]),
         Route(f"{base}/insecure", _answered(insecure), methods=["POST"]),
+        Route(f"{base}/refused", _answered(refused), methods=["POST"]),
         Route(f"{base}/sessions/{{id}}/up", _answered(up), methods=["POST"]),
         Route(f"{base}/sessions/{{id}}/end", _answered(end), methods=["POST"]),
         Route(f"{base}/sessions/{{id}}/watch", _answered(watch), methods=["GET"]),
