@@ -6,7 +6,9 @@ console with vncdotool as the viewer. Nothing here is a stand-in."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import re
 import shlex
 import signal
@@ -14,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -264,3 +267,37 @@ def test_consent_is_asked_of_the_devices_user(shadowing: Shadowing,
     allowed = shadowing.shadow("capture", str(shadowing.tmp_path / "y.png"), device="kiosk-2")
     assert allowed.returncode == 0, allowed.stderr
     assert asked.read_text().split() == ["admin", "ask"]
+
+
+def test_random_bytes_from_the_server_arrive_exactly_and_the_agent_serves_on(
+        shadowing: Shadowing, start_process: Start, tmp_path: Path) -> None:
+    """A 'VNC server' that sends 4 MiB of random bytes after its greeting: the viewer
+    gets every byte, in order, through both proxies; then the agent still serves."""
+    payload = os.urandom(4 << 20)
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.sendall(b"RFB 003.008\n" + payload)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    code = add_device(shadowing.deployment, "noisy-1")
+    agent, _ = start_agent(start_process, tmp_path / "agent-noisy", shadowing.deployment,
+                           f"127.0.0.1:{port}", "noisy-1", "--code", code)
+    agent.wait_for(r"device proxy listening on")
+    digest = tmp_path / "digest.txt"
+    reader = (f"{sys.executable} -c \"import hashlib,socket;"
+              f"s=socket.create_connection(('{{host}}',{{port}}));h=hashlib.sha256();n=0\n"
+              f"while n<{len(payload) + 12}:\n d=s.recv(65536)\n if not d: break\n"
+              f" h.update(d);n+=len(d)\n"
+              f"open('{digest}','w').write(h.hexdigest())\"")
+    result = run_cli("shadow", "noisy-1", "--exec", reader, timeout=60)
+    assert result.returncode == 0, result.stderr
+    thread.join(10)
+    server.close()
+    assert digest.read_text() == hashlib.sha256(b"RFB 003.008\n" + payload).hexdigest()
+    after = shadowing.shadow("capture", str(tmp_path / "after.png"))
+    assert after.returncode == 0, after.stderr
