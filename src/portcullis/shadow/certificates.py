@@ -28,6 +28,9 @@ from portcullis.pki.renewal import renewal_lock
 from portcullis.proto.shadow import valid_device_name
 
 DEVICE_FILE_STEM = "device"          # device.crt and device.key in the state directory
+# A renewal's new pair, written before the hub is told of it (device.new.crt/.key): if
+# the hub switches and the swap then fails, the next start can still adopt it.
+STAGED_FILE_STEM = "device.new"
 DEVICE_DAYS = 365
 RENEW_BEFORE_DAYS = 30
 # Peers' clocks drift; a certificate valid "from now" fails at a peer a minute behind.
@@ -128,6 +131,29 @@ def replace_device_files(directory: Path, issued: IssuedCert) -> DeviceIdentity:
         _replace(key_path, issued.key_pem, 0o600)
         _replace(cert_path, issued.cert_pem, 0o644)
     return DeviceIdentity(issued, cert_path, key_path)
+
+
+def stage_device_files(directory: Path, issued: IssuedCert) -> DeviceIdentity:
+    """Write a renewal's pair as device.new.key (0600) / device.new.crt, replacing an
+    earlier staged pair (one the hub never took)."""
+    discard_staged_device_files(directory)
+    cert_path, key_path = write_pair(directory, STAGED_FILE_STEM, issued)
+    return DeviceIdentity(issued, cert_path, key_path)
+
+
+def load_staged_device_files(directory: Path) -> DeviceIdentity | None:
+    """The staged renewal pair, or None when there is none (or it is incomplete: the key
+    is written first, so a key alone is a renewal that stopped before the hub heard)."""
+    cert_path = directory / f"{STAGED_FILE_STEM}.crt"
+    key_path = directory / f"{STAGED_FILE_STEM}.key"
+    if not (cert_path.exists() and key_path.exists()):
+        return None
+    return DeviceIdentity(load_pair(cert_path, key_path), cert_path, key_path)
+
+
+def discard_staged_device_files(directory: Path) -> None:
+    for suffix in (".crt", ".key"):
+        (directory / f"{STAGED_FILE_STEM}{suffix}").unlink(missing_ok=True)
 
 
 def renewal_due(cert: x509.Certificate, now: dt.datetime, before_days: int = RENEW_BEFORE_DAYS
