@@ -301,3 +301,29 @@ def test_random_bytes_from_the_server_arrive_exactly_and_the_agent_serves_on(
     assert digest.read_text() == hashlib.sha256(b"RFB 003.008\n" + payload).hexdigest()
     after = shadowing.shadow("capture", str(tmp_path / "after.png"))
     assert after.returncode == 0, after.stderr
+
+
+def test_the_agent_renews_its_certificate_signed_in_with_the_old(
+        shadowing: Shadowing, start_process: Start, tmp_path: Path) -> None:
+    from portcullis.shadow.certificates import create_device_files
+
+    deployment = shadowing.deployment
+    deployment.set("shadow", "heartbeat", "1")
+    shadowing.gateway.popen.send_signal(signal.SIGHUP)
+    shadowing.gateway.wait_for(r"configuration reloaded")
+    agent_dir = tmp_path / "agent-old"
+    old = create_device_files(agent_dir, "kiosk-2", days=10)   # due: 30 days before
+    code = add_device(deployment, "kiosk-2")
+    agent, _ = start_agent(start_process, agent_dir, deployment,
+                           f"127.0.0.1:{shadowing.desktop.port}", "kiosk-2", "--code", code)
+    renewed = agent.wait_for(r"renewed (?:the )?device certificate: fingerprint (\S+)", 60)
+    new_fingerprint = renewed.group(1)
+    renewal = shadowing.wait_audited("shadow.certificate_renewed")[0]
+    assert renewal["new"] == new_fingerprint and renewal["old"] != new_fingerprint
+    assert old.cert_path.read_bytes() != old.pair.cert_pem   # replaced on disk
+    result = shadowing.shadow("capture", str(tmp_path / "renewed.png"), device="kiosk-2")
+    assert result.returncode == 0, result.stderr
+    issued = shadowing.wait_audited("shadow.request_issued")[-1]
+    assert issued["device"] == "kiosk-2"
+    listed = run_cli("shadow", "device", "list", "--dir", str(deployment.directory))
+    assert new_fingerprint in listed.stdout

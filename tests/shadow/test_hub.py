@@ -99,6 +99,10 @@ class World:
         return cert, await self.hub.device_of(der(cert))
 
 
+def server_context() -> ssl.SSLContext:
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+
 @pytest.fixture
 async def world(durable: DurableStore, ephemeral_store: EphemeralStore,
                 tmp_path: Path) -> World:
@@ -107,10 +111,10 @@ async def world(durable: DurableStore, ephemeral_store: EphemeralStore,
     audit_path = tmp_path / "audit.jsonl"
     sessions = SessionManager(ephemeral_store, AccountStatus(durable, ttl=0), HASHER,
                               settings.session)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     hub = ShadowHub(lambda: settings, durable, ephemeral_store, MemoryEventBus(),
                     AuditTrail(audit_path, echo=False), HubKeys.load_or_create(tmp_path),
-                    HASHER, sessions, DeviceTrust(context), clock=clock)
+                    HASHER, sessions, DeviceTrust(server_context(), server_context),
+                    clock=clock)
     return World(hub, durable, sessions, clock, audit_path)
 
 

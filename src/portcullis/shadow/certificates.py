@@ -91,6 +91,10 @@ def device_certificate(key: ec.EllipticCurvePrivateKey, name: str, *,
                                               ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        # Names its own key as issuer: of several anchors with one name (a renewal, a
+        # re-registration) a verifier picks this one by key, not the first by name.
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key),
+                       critical=False)
         .sign(key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM)
@@ -123,13 +127,13 @@ def load_device_files(directory: Path) -> DeviceIdentity:
 def replace_device_files(directory: Path, issued: IssuedCert) -> DeviceIdentity:
     """Put a renewed key and certificate in place of the old ones (key first, each file
     renamed over the old one, under the directory's renewal lock)."""
-    from portcullis.pki.renewal import _replace  # the one "replace a PEM file" in pki
+    from portcullis.pki.renewal import replace_file
 
     cert_path = directory / f"{DEVICE_FILE_STEM}.crt"
     key_path = directory / f"{DEVICE_FILE_STEM}.key"
     with renewal_lock(directory):
-        _replace(key_path, issued.key_pem, 0o600)
-        _replace(cert_path, issued.cert_pem, 0o644)
+        replace_file(key_path, issued.key_pem, 0o600)
+        replace_file(cert_path, issued.cert_pem, 0o644)
     return DeviceIdentity(issued, cert_path, key_path)
 
 

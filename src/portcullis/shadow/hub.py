@@ -29,7 +29,7 @@ import secrets
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -87,20 +87,39 @@ class HubRefusal(Exception):
         self.status = status
 
 
-@dataclass
 class DeviceTrust:
-    """The agent listener's TLS context: it trusts every registered device certificate
-    (self-signed, each its own trust anchor); which device it is, and whether it is still
-    registered, the hub checks by fingerprint on every call. Certificates registered on
-    another hub node arrive with `refresh`, which the hub runs every few seconds."""
+    """What the agent listener trusts: exactly the approved devices' current
+    certificates (self-signed, each its own trust anchor). OpenSSL cannot take an anchor
+    back out of a context, so each change builds a fresh context from `make_context` and
+    the listener's context hands every new handshake to it (its SNI callback runs for
+    every ClientHello, SNI or not): a removed device's or a replaced certificate stops
+    verifying at once, and two certificates of one name (a renewal, a re-registration)
+    never shadow each other. Which device a certificate is, the hub checks by fingerprint
+    on every call; certificates approved on another hub node arrive with `refresh`,
+    which the hub runs every few seconds."""
 
-    context: ssl.SSLContext
-    loaded: set[str] = field(default_factory=set)
+    def __init__(self, listener: ssl.SSLContext,
+                 make_context: Callable[[], ssl.SSLContext]) -> None:
+        self._make = make_context
+        self._anchors: dict[str, str] = {}
+        self.current = make_context()
+        listener.sni_callback = self._hand_over
 
-    def add(self, record: ShadowDeviceRecord) -> None:
-        if record.certificate and record.fingerprint not in self.loaded:
-            self.context.load_verify_locations(cadata=record.certificate)
-            self.loaded.add(str(record.fingerprint))
+    def _hand_over(self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                   context: ssl.SSLContext) -> None:
+        connection.context = self.current
+
+    def __contains__(self, fingerprint: str) -> bool:
+        return fingerprint in self._anchors
+
+    def set(self, anchors: dict[str, str]) -> None:
+        """Trust exactly these certificates (fingerprint -> PEM) from now on."""
+        if anchors == self._anchors:
+            return
+        context = self._make()
+        for pem in anchors.values():
+            context.load_verify_locations(cadata=pem)
+        self._anchors, self.current = dict(anchors), context
 
 
 @dataclass(frozen=True)
@@ -186,18 +205,17 @@ class ShadowHub:
                               f"one ('portcullis shadow device add {name}')")
             self.audit.record("shadow.device_enrolled", device=name, fingerprint=fingerprint,
                               client=peer_address)
-            enrolled = await self.durable.shadow_device(name)
-            if enrolled is not None:
-                self.trust.add(enrolled)
+            await self.refresh_trust()
             return self._registered("approved", fingerprint)
         if record.fingerprint != fingerprint:
             raise refused(f"device {name!r} is registered with another certificate; an "
                           f"administrator must remove it first ('portcullis shadow device "
                           f"remove {name}')")
-        if record.status == "approved":
-            # Unauthenticated (anyone can read a device's certificate off its port 5900):
-            # the answer only. Where the device is reached changes on its heartbeat.
-            self.trust.add(record)
+        if record.status == "approved" and fingerprint not in self.trust:
+            # Approved meanwhile (perhaps on another node, or by the CLI).
+            await self.refresh_trust()
+        # Unauthenticated (anyone can read a device's certificate off its port 5900): the
+        # answer only. Where the device is reached changes on its authenticated heartbeat.
         return self._registered(record.status, fingerprint)
 
     def _registered(self, status: str, fingerprint: str) -> dict[str, Any]:
@@ -258,9 +276,9 @@ class ShadowHub:
                 device.name, str(device.fingerprint), certificate, fingerprint):
             raise HubRefusal(409, "the certificate could not be replaced (another device "
                                   "has it, or this one was just renewed or removed)")
-        renewed = await self.durable.shadow_device(device.name)
-        if renewed is not None:
-            self.trust.add(renewed)
+        # Exactly the current certificates: the old one goes now (two anchors of one name
+        # would make OpenSSL pick by name).
+        await self.refresh_trust()
         self.audit.record("shadow.certificate_renewed", device=device.name,
                           old=device.fingerprint, new=fingerprint)
         return {"fingerprint": fingerprint}
@@ -278,9 +296,9 @@ class ShadowHub:
                                record.name).allowed]
 
     async def refresh_trust(self) -> None:
-        for record in await self.durable.shadow_devices():
-            if record.status == "approved":
-                self.trust.add(record)
+        self.trust.set({str(record.fingerprint): str(record.certificate)
+                        for record in await self.durable.shadow_devices()
+                        if record.status == "approved" and record.certificate})
 
     async def keep_trust_fresh(self, interval: float = 5.0) -> None:
         while True:
