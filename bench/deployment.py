@@ -166,7 +166,7 @@ class Deployment:
     @classmethod
     def create(cls, root: Path, name: str = "deployment") -> Deployment:
         """`portcullis init` in root/NAME on three free ports, plus our user."""
-        port = free_port_run(3)
+        port = free_port_run(4)
         directory = root / name
         run_cli("init", "--dir", str(directory), "--port", str(port))
         deployment = cls(directory, port)

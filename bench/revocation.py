@@ -114,7 +114,7 @@ def second_node(deployment: Deployment, root: Path) -> Deployment:
     """A copy of the deployment (same CA, keys and stores) on three other ports."""
     directory = root / "node-b"
     shutil.copytree(deployment.directory, directory)
-    port = free_port_run(3)
+    port = free_port_run(4)
     config = directory / "portcullis.toml"
     text = config.read_text()
     for offset in range(3):

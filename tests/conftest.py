@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -41,33 +42,44 @@ def require_program(name: str) -> str:
     return path
 
 
-def free_port() -> int:
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+# Ports the tests pick for servers lie below the kernel's ephemeral range: a port from
+# that range, free when picked, may be taken as the source port of any outgoing
+# connection (this run's or another's) before the server binds it.
+_PICK_LOW = 10000
+_PICK_HIGH = _ephemeral_range()[0] - 1
+_picked = random.Random()
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        # As the servers bind: a port whose old connections linger in TIME_WAIT is free
+        # for a listener.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    return free_port_run(1)
 
 
 def free_port_run(count: int) -> int:
-    """A port P with P..P+count-1 all free (init uses three consecutive ports)."""
-    for _ in range(200):
-        base = free_port()
-        if base + count >= 65535:
-            continue
-        sockets = []
-        try:
-            for offset in range(count):
-                sock = socket.socket()
-                # As the servers bind: a port whose old connections linger in TIME_WAIT
-                # is free for a listener.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(("127.0.0.1", base + offset))
-                sockets.append(sock)
+    """A port P with P..P+count-1 all free (init uses four consecutive ports)."""
+    for _ in range(500):
+        base = _picked.randrange(_PICK_LOW, _PICK_HIGH - count)
+        if all(_bindable(base + offset) for offset in range(count)):
             return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
     raise RuntimeError("no run of free ports")
 
 

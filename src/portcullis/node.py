@@ -61,6 +61,7 @@ from portcullis.policy import AccessPolicy
 from portcullis.portal.app import PortalDeps, create_portal_app
 from portcullis.portal.saml import SamlEndpoints, saml_callback_bodies
 from portcullis.proto.mux import Reason
+from portcullis.shadow.pages import device_pages
 from portcullis.shadow.role import ShadowRole
 from portcullis.sta.app import create_sta_app
 from portcullis.sta.authority import TicketAuthority
@@ -287,11 +288,14 @@ class Node:
                                          settings.session.login_step_timeout,
                                          audit=self.audit),
             forwarded_certificates="gateway" not in self.roles,
-            sign_out_at_idp=saml.sign_out_at_idp))
+            sign_out_at_idp=saml.sign_out_at_idp, shadowing=self.shadow_hub is not None))
         # The OpenID provider answers beside the portal, whose session cookie it reads.
         idp = (idp_routes(IdpDeps(settings, sessions, self.durable, self.ephemeral, hasher,
                                   self.audit)) if settings.oidc.enabled else [])
-        portal_app = Starlette(routes=[*saml.routes(), *idp, Mount("/", app=portal_app)])
+        devices = (device_pages(self.shadow_hub.hub, sessions, settings.gateway.public_url)
+                   if self.shadow_hub is not None else [])
+        portal_app = Starlette(routes=[*saml.routes(), *idp, *devices,
+                                       Mount("/", app=portal_app)])
         if "gateway" not in self.roles:
             host, port = parse_host_port(settings.portal.listen)
             # Alone, the portal is reached only through gateways (mutual TLS), whose

@@ -88,7 +88,7 @@ def test_a_running_node_serves_a_certificate_renewed_by_the_cli_after_sighup(
     before = served_certificate(deployment)
     renewed = run_cli("cert", "renew", "--all", "--dir", str(deployment.directory))
     assert renewed.returncode == 0, renewed.stderr
-    assert renewed.stdout.count("renewed ") == 4   # gateway, portal, sta and relay
+    assert renewed.stdout.count("renewed ") == 5   # gateway, portal, sta, relay, shadow-hub
     assert served_certificate(deployment) == before     # loaded at the next check only
     node.popen.send_signal(signal.SIGHUP)
     node.wait_for(r"certificate reloaded .*certificate=gateway")

@@ -60,10 +60,10 @@ def start_two_nodes(deployment: Deployment, start_process, tmp_path: Path) -> in
     stores) on other ports; the copy's gateway port."""
     node_b = tmp_path / "node-b"
     shutil.copytree(deployment.directory, node_b)
-    port_b = free_port_run(3)
+    port_b = free_port_run(4)
     config = (node_b / "portcullis.toml").read_text()
     for old, new in ((deployment.port, port_b), (deployment.port + 1, port_b + 1),
-                     (deployment.port + 2, port_b + 2)):
+                     (deployment.port + 2, port_b + 2), (deployment.port + 3, port_b + 3)):
         config = re.sub(rf"(?<=[:]){old}\b", str(new), config)
     (node_b / "portcullis.toml").write_text(config)
     first = start_process("up", "--dir", str(deployment.directory), name="node-a")

@@ -6,19 +6,24 @@ console with vncdotool as the viewer. Nothing here is a stand-in."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import re
 import shlex
+import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from conftest import Deployment, Process, free_port, require_program, run_cli
@@ -201,7 +206,7 @@ def test_plain_vnc_is_passed_and_audited_as_insecure(shadowing: Shadowing) -> No
 
 def test_mandatory_refuses_plain_vnc_with_the_reason(shadowing: Shadowing) -> None:
     shadowing.deployment.set("shadow", "mandatory", "true")
-    shadowing.gateway.popen.send_signal(__import__("signal").SIGHUP)
+    shadowing.gateway.popen.send_signal(signal.SIGHUP)
     shadowing.agent.wait_for(r"secure shadowing is now", timeout=60)
     refused = vncdo(f"127.0.0.1::{shadowing.agent_port}", "capture",
                     str(shadowing.tmp_path / "plain.png"))
@@ -259,6 +264,111 @@ def test_garbage_and_a_huge_request_leave_the_agent_serving(shadowing: Shadowing
             pass
     result = shadowing.shadow("capture", str(shadowing.tmp_path / "after.png"))
     assert result.returncode == 0, result.stderr
+
+
+def test_the_portal_lists_the_devices_with_their_command(shadowing: Shadowing,
+                                                         client_home: Path) -> None:
+    token = json.loads((client_home / "session.json").read_text())["token"]
+    deployment = shadowing.deployment
+    with httpx.Client(base_url=deployment.url, verify=ssl.create_default_context(
+            cafile=str(deployment.ca))) as client:
+        anonymous = client.get("/devices")
+        assert anonymous.status_code == 303 and "/login" in anonymous.headers["location"]
+        client.cookies.set("__Host-portcullis-session", token)
+        resources = client.get("/")
+        assert 'href="/devices"' in resources.text
+        page = client.get("/devices")
+    assert page.status_code == 200
+    assert "portcullis shadow kiosk-1 --exec" in page.text
+    explained = run_cli("policy", "explain", "--user", "admin", "--shadow", "kiosk-1",
+                        "--dir", str(deployment.directory))
+    assert explained.returncode == 0, explained.stderr
+    assert "ALLOWED" in explained.stdout and "administrators" in explained.stdout
+
+
+def test_consent_is_asked_of_the_devices_user(shadowing: Shadowing,
+                                              start_process: Start) -> None:
+    deployment = shadowing.deployment
+    with deployment.config.open("a") as config:
+        config.write('\n[[shadow.device_groups]]\nname = "kiosks"\ndevices = ["kiosk-*"]\n'
+                     'consent = "ask"\nconsent_timeout = 20\n')
+    shadowing.gateway.popen.send_signal(signal.SIGHUP)
+    shadowing.gateway.wait_for(r"configuration reloaded")
+    # kiosk-1's agent has no way to ask its user: refused, and the operator told why.
+    refused = shadowing.shadow("capture", str(shadowing.tmp_path / "x.png"))
+    assert refused.returncode == 1
+    assert "no --consent-command" in refused.stderr
+    # kiosk-2 asks with a command that records who asks and says yes.
+    asked = shadowing.tmp_path / "asked.txt"
+    code = add_device(deployment, "kiosk-2")
+    agent, _ = start_agent(
+        start_process, shadowing.tmp_path / "agent-2", deployment,
+        f"127.0.0.1:{shadowing.desktop.port}", "kiosk-2", "--code", code,
+        "--consent-command", f"sh -c 'echo $PORTCULLIS_OPERATOR $PORTCULLIS_CONSENT > {asked}'")
+    agent.wait_for(r"device proxy listening on")
+    allowed = shadowing.shadow("capture", str(shadowing.tmp_path / "y.png"), device="kiosk-2")
+    assert allowed.returncode == 0, allowed.stderr
+    assert asked.read_text().split() == ["admin", "ask"]
+
+
+def test_random_bytes_from_the_server_arrive_exactly_and_the_agent_serves_on(
+        shadowing: Shadowing, start_process: Start, tmp_path: Path) -> None:
+    """A 'VNC server' that sends 4 MiB of random bytes after its greeting: the viewer
+    gets every byte, in order, through both proxies; then the agent still serves."""
+    payload = os.urandom(4 << 20)
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.sendall(b"RFB 003.008\n" + payload)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    code = add_device(shadowing.deployment, "noisy-1")
+    agent, _ = start_agent(start_process, tmp_path / "agent-noisy", shadowing.deployment,
+                           f"127.0.0.1:{port}", "noisy-1", "--code", code)
+    agent.wait_for(r"device proxy listening on")
+    digest = tmp_path / "digest.txt"
+    reader = (f"{sys.executable} -c \"import hashlib,socket;"
+              f"s=socket.create_connection(('{{host}}',{{port}}));h=hashlib.sha256();n=0\n"
+              f"while n<{len(payload) + 12}:\n d=s.recv(65536)\n if not d: break\n"
+              f" h.update(d);n+=len(d)\n"
+              f"open('{digest}','w').write(h.hexdigest())\"")
+    result = run_cli("shadow", "noisy-1", "--exec", reader, timeout=60)
+    assert result.returncode == 0, result.stderr
+    thread.join(10)
+    server.close()
+    assert digest.read_text() == hashlib.sha256(b"RFB 003.008\n" + payload).hexdigest()
+    after = shadowing.shadow("capture", str(tmp_path / "after.png"))
+    assert after.returncode == 0, after.stderr
+
+
+def test_the_agent_renews_its_certificate_signed_in_with_the_old(
+        shadowing: Shadowing, start_process: Start, tmp_path: Path) -> None:
+    from portcullis.shadow.certificates import create_device_files
+
+    deployment = shadowing.deployment
+    deployment.set("shadow", "heartbeat", "1")
+    shadowing.gateway.popen.send_signal(signal.SIGHUP)
+    shadowing.gateway.wait_for(r"configuration reloaded")
+    agent_dir = tmp_path / "agent-old"
+    old = create_device_files(agent_dir, "kiosk-2", days=10)   # due: 30 days before
+    code = add_device(deployment, "kiosk-2")
+    agent, _ = start_agent(start_process, agent_dir, deployment,
+                           f"127.0.0.1:{shadowing.desktop.port}", "kiosk-2", "--code", code)
+    renewed = agent.wait_for(r"renewed (?:the )?device certificate: fingerprint (\S+)", 60)
+    new_fingerprint = renewed.group(1)
+    renewal = shadowing.wait_audited("shadow.certificate_renewed")[0]
+    assert renewal["new"] == new_fingerprint and renewal["old"] != new_fingerprint
+    assert old.cert_path.read_bytes() != old.pair.cert_pem   # replaced on disk
+    result = shadowing.shadow("capture", str(tmp_path / "renewed.png"), device="kiosk-2")
+    assert result.returncode == 0, result.stderr
+    issued = shadowing.wait_audited("shadow.request_issued")[-1]
+    assert issued["device"] == "kiosk-2"
+    listed = run_cli("shadow", "device", "list", "--dir", str(deployment.directory))
+    assert new_fingerprint in listed.stdout
 
 
 # -- devices behind NAT (the agent dials out) -------------------------------------------------

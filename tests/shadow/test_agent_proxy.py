@@ -14,8 +14,12 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
+import errno
 import json
+import os
+import resource
 import secrets
+import socket
 import ssl
 import struct
 import sys
@@ -47,9 +51,16 @@ from portcullis.proto.shadow import (
     parse_signed_request,
     sign_request,
 )
+from portcullis.shadow import agent as agent_module
 from portcullis.shadow.agent import AgentSettings, DeviceAgent
-from portcullis.shadow.certificates import console_csr, private_key_pem
-from portcullis.shadow.console import ConsoleProxy
+from portcullis.shadow.certificates import (
+    console_csr,
+    private_key_pem,
+    renewed_certificate,
+    stage_device_files,
+)
+from portcullis.shadow.console import ConsoleProxy, _ViewerListener
+from portcullis.shadow.refusals import RefusalBudget
 
 DEVICE = "kiosk-7"
 CODE = "enrol-7f3a"
@@ -85,6 +96,7 @@ class FakeHub:
     refuse_with: str | None = None       # verify answers "no" with this reason
     consent: str = "none"
     issue_from_rogue_ca: bool = False    # console certificates from another CA
+    watch_fails: bool = False            # the session watch answers 503
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
     used: set[str] = field(default_factory=set)
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -112,6 +124,7 @@ class FakeHub:
                   methods=["GET", "POST"]),
             Route("/api/v1/shadow/agent/insecure", self.insecure, methods=["POST"]),
             Route("/api/v1/shadow/agent/renew", self.renew, methods=["POST"]),
+            Route("/api/v1/shadow/agent/refused", self.refused, methods=["POST"]),
             Route("/api/v1/shadow/requests", self.request, methods=["POST"]),
             Route("/api/v1/shadow/requests/{id}/report", self.report, methods=["POST"]),
         ])
@@ -175,8 +188,17 @@ class FakeHub:
             "console_ca": self.console_ca.cert_pem.decode(), "mandatory": self.mandatory})
 
     async def state(self, request: Request) -> JSONResponse:
-        if self._device_of(request) is None:
+        device = self._device_of(request)
+        if device is None:
             return JSONResponse({"error": "unknown device"}, 403)
+        asked = dict(request.query_params)
+        self.events.append(("state", asked))
+        # As the hub: only this authenticated call moves a device.
+        if "advertise" in asked:
+            device["address"] = asked["advertise"]
+        elif "listen_port" in asked:
+            device["address"] = (f"{request.client.host if request.client else ''}:"
+                                 f"{asked['listen_port']}")
         return JSONResponse({"status": "approved", "mandatory": self.mandatory,
                              "heartbeat": 1})
 
@@ -199,7 +221,9 @@ class FakeHub:
         if reason is not None:
             return JSONResponse({"verdict": "no", "reason": reason})
         self.used.add(shadow.request_id)
-        return JSONResponse({"verdict": "yes", "session": secrets.token_hex(8),
+        session = secrets.token_hex(8)
+        self.events.append(("verified", {"session": session}))
+        return JSONResponse({"verdict": "yes", "session": session,
                              "operator": shadow.operator, "consent": self.consent,
                              "consent_timeout": 5})
 
@@ -208,6 +232,8 @@ class FakeHub:
             return JSONResponse({"error": "unknown device"}, 403)
         what = request.path_params["what"]
         if what == "watch":
+            if self.watch_fails:
+                return JSONResponse({"error": "the hub is away"}, 503)
             await asyncio.sleep(0.5)   # a short long-poll: tests stop quickly
             return JSONResponse({"end": False})
         self.events.append((what, {"session": request.path_params["id"],
@@ -218,6 +244,12 @@ class FakeHub:
         if self._device_of(request) is None:
             return JSONResponse({"error": "unknown device"}, 403)
         self.events.append(("insecure", await request.json()))
+        return JSONResponse({})
+
+    async def refused(self, request: Request) -> JSONResponse:
+        if self._device_of(request) is None:
+            return JSONResponse({"error": "unknown device"}, 403)
+        self.events.append(("refused", await request.json()))
         return JSONResponse({})
 
     async def renew(self, request: Request) -> JSONResponse:
@@ -390,6 +422,16 @@ async def read_all(reader: asyncio.StreamReader) -> bytes:
     return data
 
 
+async def reported(world: World, code: str, count: int = 1) -> list[dict[str, Any]]:
+    """The refusal reports with `code` the hub received, once `count` arrived."""
+    for _ in range(200):
+        found = [body for body in world.hub.names("refused") if body["code"] == code]
+        if len(found) >= count:
+            return found
+        await asyncio.sleep(0.05)
+    return [body for body in world.hub.names("refused") if body["code"] == code]
+
+
 async def assert_still_serving(world: World) -> None:
     """A plain viewer (speaking first) still reaches the VNC server through the proxy."""
     before = world.vnc.connections
@@ -471,6 +513,10 @@ async def test_request_for_another_console_is_refused_before_the_hub_is_asked(
     answer = await send_request(world, context, signed_for(world, other_fingerprint))
     assert answer[:1] == b"\x03" and b"another console certificate" in answer
     assert not world.hub.names("verify")
+    (report,) = await reported(world, "console-certificate")
+    assert report["operator"] == "alice" and len(report["request_id"]) == 32
+    assert report["console_fingerprint"] != other_fingerprint
+    assert report["client"].startswith("127.0.0.1:")
 
 
 async def test_request_for_another_device_is_refused(world: World) -> None:
@@ -479,6 +525,8 @@ async def test_request_for_another_device_is_refused(world: World) -> None:
                                 signed_for(world, fingerprint, "sha256:" + "ab" * 32))
     assert answer[:1] == b"\x03" and b"not for this one" in answer
     assert not world.hub.names("verify")
+    (report,) = await reported(world, "device")
+    assert report["console_fingerprint"] == fingerprint and "not for this one" in report["reason"]
 
 
 async def test_request_signed_by_another_key_is_refused(world: World) -> None:
@@ -489,6 +537,8 @@ async def test_request_signed_by_another_key_is_refused(world: World) -> None:
     world.hub.key = real_key
     answer = await send_request(world, context, signed)
     assert answer[:1] == b"\x03" and b"not signed by this device's hub" in answer
+    (report,) = await reported(world, "signature")
+    assert report["request_id"] == parse_signed_request(signed).request.request_id
 
 
 async def test_console_certificate_of_another_ca_is_refused_at_tls(world: World) -> None:
@@ -502,6 +552,8 @@ async def test_console_certificate_of_another_ca_is_refused_at_tls(world: World)
             break
         await asyncio.sleep(0.05)
     assert "shadow.tls.failed" in [entry["event"] for entry in world.audit()]
+    (report,) = await reported(world, "console-ca")
+    assert report["request_id"] is None and report["client"].startswith("127.0.0.1:")
     world.hub.issue_from_rogue_ca = False
     await assert_still_serving(world)
 
@@ -561,6 +613,8 @@ async def test_tls_then_garbage_is_refused_and_closed(world: World) -> None:
     assert answer[:1] == b"\x03"   # REFUSE
     assert b"preface" in answer
     assert world.vnc.connections == 0
+    (report,) = await reported(world, "malformed")
+    assert "preface" in report["reason"]
     await assert_still_serving(world)
 
 
@@ -599,8 +653,11 @@ import selectors, socket, sys, time
 port, count = int(sys.argv[1]), int(sys.argv[2])
 selector = selectors.DefaultSelector()
 opened = 0
-for _ in range(count):
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+for index in range(count):
+    # From many loopback addresses: one address may hold only 64 connections.
+    source = f"127.1.{index // 50 // 250}.{index // 50 % 250 + 1}"
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30,
+                                    source_address=(source, 0))
     sock.setblocking(False)
     selector.register(sock, selectors.EVENT_READ)
     opened += 1
@@ -655,6 +712,8 @@ async def test_consent_refused_by_the_devices_user_reaches_the_operator(world: W
     with pytest.raises(ClientError, match="the device's user refused the shadowing"):
         await shadow_once(world)
     assert world.vnc.connections == 0
+    (report,) = await reported(world, "consent")
+    assert report["operator"] == "alice"
     world.agent.settings.consent_command = "true"
     status, _ = await shadow_once(world)
     assert status == 0
@@ -718,3 +777,275 @@ async def test_pending_device_waits_for_approval_before_serving(tmp_path: Path) 
         agent.stop()
         await asyncio.wait_for(running, 30)
         await hub.stop()
+
+
+# -- review fixes ---------------------------------------------------------------------------
+async def test_heartbeat_tells_the_hub_where_the_device_is_reached(world: World) -> None:
+    for _ in range(200):
+        if world.hub.names("state"):
+            break
+        await asyncio.sleep(0.05)
+    assert world.hub.names("state")[-1] == {"listen_port": str(world.port)}
+    world.agent.settings.advertise = "kiosk-7.example:5901"
+    for _ in range(200):   # the next heartbeat (every second) says it
+        if world.hub.names("state")[-1] == {"advertise": "kiosk-7.example:5901"}:
+            break
+        await asyncio.sleep(0.05)
+    assert world.hub.names("state")[-1] == {"advertise": "kiosk-7.example:5901"}
+    assert world.hub.devices[DEVICE]["address"] == "kiosk-7.example:5901"
+
+
+async def plain_viewer(world: World, source: str = "127.0.0.1"
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain viewer relayed to the VNC server (it spoke first: no sniff wait)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", world.port,
+                                                   local_addr=(source, 0))
+    writer.write(b"RFB 003.008\n")
+    assert await asyncio.wait_for(reader.readexactly(24), 10) == RFB_GREETING + b"RFB 003.008\n"
+    return reader, writer
+
+
+async def test_one_address_holds_at_most_64_connections(world: World) -> None:
+    from portcullis.shadow.agent import MAX_CONNECTIONS_PER_ADDRESS
+    viewers = [await plain_viewer(world) for _ in range(MAX_CONNECTIONS_PER_ADDRESS)]
+    reader, writer = await asyncio.open_connection("127.0.0.1", world.port)
+    writer.write(b"RFB 003.008\n")
+    assert await read_all(reader) == b""   # closed at once, nothing relayed
+    writer.close()
+    assert world.vnc.connections == MAX_CONNECTIONS_PER_ADDRESS
+    # Another address is served meanwhile.
+    _, other = await plain_viewer(world, "127.0.0.2")
+    other.close()
+    for _, each in viewers:
+        each.close()
+    for _ in range(200):
+        if world.agent.open_connections == 0:
+            break
+        await asyncio.sleep(0.05)
+    await assert_still_serving(world)
+
+
+def test_the_connection_cap_stays_below_the_open_files_limit() -> None:
+    from portcullis.shadow.agent import connection_limit
+    from portcullis.web.edge import SPARE_FILES
+    assert connection_limit(20_000, 1024) == 1024 - SPARE_FILES
+    assert connection_limit(20_000, 1_048_576) == 20_000
+    assert connection_limit(20_000, resource.RLIM_INFINITY) == 20_000
+
+
+async def test_the_agent_raised_its_open_files_limit_and_keeps_its_cap_below(
+        world: World) -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert world.agent.connection_limit < soft
+
+
+class _OutOfFiles:
+    """A listening socket whose accept fails as a process out of descriptors does."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.accepts = 0
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        self.accepts += 1
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    def close(self) -> None:
+        self.real.close()
+
+
+async def test_out_of_files_pauses_accepting_instead_of_spinning(world: World) -> None:
+    real = world.agent._listener
+    assert real is not None
+    out_of_files = _OutOfFiles(real)
+    world.agent._listener = out_of_files  # type: ignore[assignment]
+    reader, writer = await asyncio.open_connection("127.0.0.1", world.port)   # in the backlog
+    writer.write(b"RFB 003.008\n")
+    for _ in range(200):   # the listening socket stays readable all along
+        await asyncio.sleep(0)
+    assert out_of_files.accepts == 1
+    world.agent._listener = real
+    # A second later accepting resumes, and the waiting viewer is served.
+    assert await asyncio.wait_for(reader.readexactly(24), 10) == RFB_GREETING + b"RFB 003.008\n"
+    writer.close()
+
+
+async def test_a_silent_plain_relay_is_ended_after_the_idle_timeout(world: World) -> None:
+    world.agent.settings.plain_idle_timeout = 0.5
+    reader, writer = await plain_viewer(world)
+    assert await asyncio.wait_for(read_all(reader), 10) == b""
+    writer.close()
+    for _ in range(100):
+        if "shadow.insecure.end" in [entry["event"] for entry in world.audit()]:
+            break
+        await asyncio.sleep(0.05)
+    (end,) = [entry for entry in world.audit() if entry["event"] == "shadow.insecure.end"]
+    assert end["reason"] == "no data for 0.5 s"
+
+
+async def test_mandatory_turning_on_closes_the_running_plain_sessions(world: World) -> None:
+    reader, writer = await plain_viewer(world)
+    world.hub.mandatory = True
+    assert await asyncio.wait_for(read_all(reader), 20) == b""
+    writer.close()
+    for _ in range(100):
+        if "shadow.insecure.end" in [entry["event"] for entry in world.audit()]:
+            break
+        await asyncio.sleep(0.05)
+    (end,) = [entry for entry in world.audit() if entry["event"] == "shadow.insecure.end"]
+    assert end["reason"] == "secure shadowing is now mandatory"
+
+
+async def test_a_flood_of_bad_tls_is_reported_ten_at_a_time_then_summed_up(
+        world: World) -> None:
+    world.agent.refusal_budget = RefusalBudget(window=2.0)
+    world.hub.issue_from_rogue_ca = True
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    key, csr = console_csr()
+    directory = world.directory / "rogue"
+    directory.mkdir()
+    (directory / "c.crt").write_bytes(world.hub.console_certificate(csr))
+    (directory / "c.key").write_bytes(private_key_pem(key))
+    context.load_cert_chain(directory / "c.crt", directory / "c.key")
+    for _ in range(25):
+        reader, writer = await asyncio.open_connection("127.0.0.1", world.port, ssl=context,
+                                                       server_hostname=DEVICE)
+        await read_all(reader)
+        writer.close()
+    (summary,) = [body for body in await reported(world, "console-ca", 11)
+                  if body.get("count")]
+    assert summary["count"] == 15 and "15 more refusals" in summary["reason"]
+    assert len(world.hub.names("refused")) == 11
+    world.hub.issue_from_rogue_ca = False
+
+
+async def test_an_unreachable_vnc_server_is_refused_reported_and_ended(world: World) -> None:
+    unused = socket.socket()
+    unused.bind(("127.0.0.1", 0))
+    world.agent.settings.vnc = unused.getsockname()   # bound, not listening: refused
+    try:
+        with pytest.raises(ClientError, match=r"does not answer"):
+            await shadow_once(world)
+    finally:
+        unused.close()
+    (report,) = await reported(world, "vnc-unreachable")
+    (verified,) = world.hub.names("verified")
+    for _ in range(100):
+        if world.hub.names("end"):
+            break
+        await asyncio.sleep(0.05)
+    (end,) = world.hub.names("end")
+    assert end["session"] == verified["session"] and report["operator"] == "alice"
+
+
+async def test_data_after_the_request_ends_the_session_the_hub_listed(world: World) -> None:
+    context, fingerprint = console_tls(world)
+    signed = signed_for(world, fingerprint)
+    reader, writer = await asyncio.open_connection("127.0.0.1", world.port, ssl=context,
+                                                   server_hostname=DEVICE)
+    writer.write(PREFACE + struct.pack("!BH", 1, len(signed)) + signed + b"RFB 003.008\n")
+    answer = await read_all(reader)
+    writer.close()
+    assert answer[:1] == b"\x03"
+    for _ in range(200):
+        if world.hub.names("end"):
+            break
+        await asyncio.sleep(0.05)
+    (verified,) = world.hub.names("verified")
+    (end,) = world.hub.names("end")
+    assert end["session"] == verified["session"]
+    assert world.vnc.connections == 0
+
+
+async def test_a_hub_that_cannot_be_reached_ends_the_channel(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_module, "WATCH_RETRY_INTERVAL", 0.05)
+    listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    proxy = ConsoleProxy(world.operator(), DEVICE, say=lambda line: None)
+    run = asyncio.ensure_future(proxy.run(
+        on_listening=lambda host, port: listening.set_result(port)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", await listening)
+    assert await reader.readexactly(len(RFB_GREETING)) == RFB_GREETING
+    world.hub.watch_fails = True
+    assert await asyncio.wait_for(read_all(reader), 20) == b""
+    writer.close()
+    await asyncio.wait_for(run, 30)
+    for _ in range(100):
+        if world.hub.names("end"):
+            break
+        await asyncio.sleep(0.05)
+    (end,) = world.hub.names("end")
+    assert end["reason"] == "the hub cannot be reached"
+    (audited,) = [entry for entry in world.audit() if entry["event"] == "shadow.channel.end"]
+    assert audited["reason"] == "the hub cannot be reached"
+
+
+async def test_a_renewal_the_hub_took_survives_a_failed_swap_and_a_restart(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert world.agent.identity is not None
+    old = world.agent.identity.fingerprint
+
+    def disk_full(directory: Path, issued: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(agent_module, "replace_device_files", disk_full)
+    await world.agent.renew_if_due(dt.datetime.now(dt.UTC) + dt.timedelta(days=364))
+    new = world.agent.identity.fingerprint
+    assert new != old and world.hub.names("renew") == [{"fingerprint": new}]
+    state = await world.agent.hub.state()   # the running agent presents the new pair
+    assert state.heartbeat == 1
+    monkeypatch.undo()
+    # A restart adopts the staged pair the hub knows (the old one would be refused).
+    said: list[str] = []
+    again = DeviceAgent(AgentSettings(
+        hub_url=world.hub.url, ca_file=world.hub.ca_file, directory=world.directory / "agent",
+        name=DEVICE, vnc=world.agent.settings.vnc, listen=("127.0.0.1", 0)), say=said.append)
+    try:
+        again._bind()
+        await asyncio.wait_for(again.enrol(), 30)
+        assert again.identity is not None and again.identity.fingerprint == new
+        assert not (world.directory / "agent" / "device.new.crt").exists()
+    finally:
+        assert again._listener is not None
+        again._listener.close()
+        await again.hub.aclose()
+        again.audit.close()
+
+
+async def test_a_staged_renewal_the_hub_does_not_know_is_discarded(world: World) -> None:
+    assert world.agent.identity is not None
+    old = world.agent.identity.fingerprint
+    stage_device_files(world.directory / "agent", renewed_certificate(DEVICE))
+    assert not await world.agent.adopt_staged_identity()
+    assert world.agent.identity.fingerprint == old
+    state = await world.agent.hub.state()
+    assert state.heartbeat == 1
+
+
+async def test_viewer_of_another_user_is_closed_and_the_listener_waits_on() -> None:
+    warned: list[str] = []
+    listener = _ViewerListener(warn=warned.append, uid=os.getuid() + 1)
+    server = await asyncio.get_running_loop().create_server(listener.protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await read_all(reader) == b""
+    writer.close()
+    assert not listener.connected.done()
+    assert warned and f"not by you (uid {os.getuid() + 1})" in warned[0]
+    server.close()
+
+
+async def test_viewer_of_this_user_is_taken() -> None:
+    listener = _ViewerListener(warn=pytest.fail)
+    server = await asyncio.get_running_loop().create_server(listener.protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    transport, _ = await asyncio.wait_for(listener.connected, 10)
+    transport.close()
+    writer.close()
+    server.close()

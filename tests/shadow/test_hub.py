@@ -99,6 +99,10 @@ class World:
         return cert, await self.hub.device_of(der(cert))
 
 
+def server_context() -> ssl.SSLContext:
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+
 @pytest.fixture
 async def world(durable: DurableStore, ephemeral_store: EphemeralStore,
                 tmp_path: Path) -> World:
@@ -107,10 +111,10 @@ async def world(durable: DurableStore, ephemeral_store: EphemeralStore,
     audit_path = tmp_path / "audit.jsonl"
     sessions = SessionManager(ephemeral_store, AccountStatus(durable, ttl=0), HASHER,
                               settings.session)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     hub = ShadowHub(lambda: settings, durable, ephemeral_store, MemoryEventBus(),
                     AuditTrail(audit_path, echo=False), HubKeys.load_or_create(tmp_path),
-                    HASHER, sessions, DeviceTrust(context), clock=clock)
+                    HASHER, sessions, DeviceTrust(server_context(), server_context),
+                    clock=clock)
     return World(hub, durable, sessions, clock, audit_path)
 
 
@@ -270,3 +274,89 @@ async def test_an_administrator_ends_a_session(world: World) -> None:
     assert await world.hub.running() == []
     ended = world.audited("shadow.channel_ended")[0]
     assert (ended["bytes_to_device"], ended["bytes_to_console"]) == (10, 20)
+
+
+async def test_operators_see_only_the_devices_they_may_shadow(world: World) -> None:
+    await world.device("kiosk-1")
+    await world.hub.register({"name": "pos-7", "certificate": self_signed("pos-7"),
+                              "listen_port": 5900}, "10.0.0.5")
+    _, admin = await world.operator()
+    assert [r.name for r in await world.hub.devices_for(admin)] == ["kiosk-1", "pos-7"]
+    _, staff = await world.operator("eve", ("staff",))
+    assert await world.hub.devices_for(staff) == []
+
+
+async def test_an_unauthenticated_registration_does_not_move_a_device(world: World) -> None:
+    cert, device = await world.device()
+    again = await world.hub.register({"name": "kiosk-1", "certificate": cert,
+                                      "advertise": "evil.example:5900"}, "10.6.6.6")
+    assert again["status"] == "approved"
+    assert (await world.durable.shadow_device("kiosk-1")).advertise == "10.9.8.7:5900"  # type: ignore[union-attr]
+    # The device itself, proven by its certificate, says where it is now.
+    await world.hub.state(device, {"listen_port": "5901"}, "10.9.8.8")
+    assert (await world.durable.shadow_device("kiosk-1")).advertise == "10.9.8.8:5901"  # type: ignore[union-attr]
+    assert world.audited("shadow.device_moved")[0]["new"] == "10.9.8.8:5901"
+    with pytest.raises(HubRefusal, match="HOST:PORT"):
+        await world.hub.state(device, {"advertise": "\x1b[2Jx:1"}, "10.9.8.8")
+
+
+async def test_a_ca_certificate_is_no_device_certificate(world: World) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rogue")])
+    now = dt.datetime.now(dt.UTC)
+    ca = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+          .public_key(key.public_key()).serial_number(1)
+          .not_valid_before(now - dt.timedelta(minutes=1))
+          .not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(key, hashes.SHA256()))
+    with pytest.raises(HubRefusal, match="must not be a CA"):
+        await world.hub.register({"name": "rogue", "listen_port": 5900, "certificate":
+                                  ca.public_bytes(serialization.Encoding.PEM).decode()}, "x")
+
+
+async def test_whoever_may_not_shadow_learns_nothing_of_names(world: World) -> None:
+    _, session = await world.operator("eve", ("staff",))
+    for name in ("kiosk-1", "no-such-device"):
+        if name == "kiosk-1":
+            await world.device()
+        with pytest.raises(HubRefusal) as refused:
+            await world.hub.issue(session, {"device": name, "csr": csr()}, "x")
+        assert refused.value.status == 403
+
+
+async def test_only_the_issuing_session_reports_once(world: World) -> None:
+    await world.device()
+    _, session = await world.operator()
+    answer = await world.hub.issue(session, {"device": "kiosk-1", "csr": csr()}, "x")
+    _, other = await world.operator()
+    problem = {"problem": "device-certificate", "detail": "pinned \x1b[31m"}
+    with pytest.raises(HubRefusal):
+        await world.hub.report(other, answer["request_id"], problem, "x")
+    await world.hub.report(session, answer["request_id"], problem, "x")
+    with pytest.raises(HubRefusal):
+        await world.hub.report(session, answer["request_id"], problem, "x")
+    reported = world.audited("shadow.console_problem")
+    assert len(reported) == 1 and reported[0]["detail"] == "pinned ?[31m"
+
+
+async def test_registrations_without_a_code_are_rate_limited(world: World) -> None:
+    for index in range(10):
+        await world.hub.register({"name": f"pos-{index}", "listen_port": 5900,
+                                  "certificate": self_signed(f"pos-{index}")}, "10.0.0.9")
+    with pytest.raises(HubRefusal, match="too many registrations"):
+        await world.hub.register({"name": "pos-x", "listen_port": 5900,
+                                  "certificate": self_signed("pos-x")}, "10.0.0.9")
+
+
+async def test_what_a_device_refused_and_unknown_devices_are_audited(world: World) -> None:
+    _, device = await world.device()
+    await world.hub.refused_by_device(device, {
+        "code": "console-ca", "reason": "certificate of another CA", "client": "10.1.1.1:4",
+        "request_id": None})
+    refused = world.audited("shadow.request_refused")[0]
+    assert (refused["by"], refused["code"], refused["device"]) == ("device", "console-ca",
+                                                                   "kiosk-1")
+    with pytest.raises(HubRefusal):
+        await world.hub.device_of(der(self_signed("stranger")), "10.2.2.2")
+    assert world.audited("shadow.device_refused")[0]["client"] == "10.2.2.2"

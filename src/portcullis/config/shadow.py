@@ -40,7 +40,8 @@ class DeviceGroup(Section):
     devices: list[str] = Field(min_length=1)
     consent: Consent = "none"
     # How long the device's user has to answer a consent question; silence is a no.
-    consent_timeout: float = Field(default=30.0, gt=0, le=600)
+    # Bounded below the console's wait for the device's answer (90 s).
+    consent_timeout: float = Field(default=30.0, gt=0, le=60)
 
     @field_validator("devices")
     @classmethod

@@ -115,8 +115,8 @@ def _reissue(directory: Path, role: str, ca: IssuedCert, now: dt.datetime) -> Ce
         server=ExtendedKeyUsageOID.SERVER_AUTH in usages,
         client=ExtendedKeyUsageOID.CLIENT_AUTH in usages, valid_days=LEAF_DAYS, now=now)
     # Key first: a reader that sees the new certificate also finds its key.
-    _replace(key_path, issued.key_pem, 0o600)
-    _replace(cert_path, issued.cert_pem, 0o644)
+    replace_file(key_path, issued.key_pem, 0o600)
+    replace_file(cert_path, issued.cert_pem, 0o644)
     return check_certificate(role, cert_path, x509.load_pem_x509_certificate(issued.cert_pem),
                              now=now)
 
@@ -220,7 +220,7 @@ def _check_issued_by(cert: x509.Certificate, ca: IssuedCert, path: Path) -> None
                        "came from") from None
 
 
-def _replace(path: Path, data: bytes, mode: int) -> None:
+def replace_file(path: Path, data: bytes, mode: int) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)

@@ -82,6 +82,8 @@ class PortalDeps:
     forwarded_certificates: bool = False
     # After a sign-out: the page that signs out at the identity provider too, if any.
     sign_out_at_idp: Callable[[Request, Session], Awaitable[Response | None]] | None = None
+    # The shadow hub runs here: the resource page links to its device list.
+    shadowing: bool = False
 
 
 def safe_next(target: str | None) -> str:
@@ -410,7 +412,8 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
             return RedirectResponse("/login", 303)
         token = request.cookies.get(SESSION_COOKIE) or ""
         return render(request, "resources.html", session=session, csrf=csrf_for(token),
-                      resources=visible_resources(settings.resources, session.claims))
+                      resources=visible_resources(settings.resources, session.claims),
+                      shadowing=deps.shadowing)
 
     async def launch_page(request: Request) -> Response:
         session = await current_session(request)

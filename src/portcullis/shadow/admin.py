@@ -39,10 +39,16 @@ class DeviceAdministration:
         code = secrets.token_urlsafe(18)
         hasher = TokenHasher.from_directory(self._settings.path(self._settings.secrets_dir))
         lifetime = self._settings.shadow.enrolment_code_lifetime
-        await self._durable.add_shadow_device(
-            name, enrolment_code_hash(hasher, code),
-            dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lifetime))
-        self._audit.record("shadow.device_added", device=name, by=self._administrator)
+        expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lifetime)
+        # A name taken by a device merely waiting for approval (anyone may register one)
+        # is the administrator's to give: the pending registration goes.
+        replaced = await self._durable.shadow_device(name)
+        if replaced is not None and replaced.status == "pending":
+            await self._durable.remove_shadow_device(name)
+        await self._durable.add_shadow_device(name, enrolment_code_hash(hasher, code), expires)
+        self._audit.record("shadow.device_added", device=name, by=self._administrator,
+                           replaced_pending=replaced.fingerprint
+                           if replaced is not None and replaced.status == "pending" else None)
         return code
 
     async def approve(self, name: str, fingerprint: str) -> None:

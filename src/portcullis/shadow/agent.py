@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import json
 import os
+import resource
 import secrets
 import shlex
 import socket
@@ -41,6 +43,7 @@ from portcullis.proto.shadow import (
     RequestReceived,
     ShadowChannel,
     ShadowProtocolError,
+    SignedRequest,
     parse_signed_request,
 )
 from portcullis.shadow.bridge import Bridge, BridgeResult
@@ -49,19 +52,36 @@ from portcullis.shadow.certificates import (
     RENEW_BEFORE_DAYS,
     DeviceIdentity,
     create_device_files,
+    discard_staged_device_files,
     load_device_files,
+    load_staged_device_files,
     renewal_due,
     renewed_certificate,
     replace_device_files,
+    stage_device_files,
 )
 from portcullis.shadow.hubclient import HubClient, HubRefused, Registration, Verdict
 from portcullis.shadow.hublink import DIAL_OUT, HubLink
+from portcullis.shadow.refusals import RefusalBudget
+from portcullis.web.edge import SPARE_FILES, Admissions, raise_open_files_limit
 
 AGENT_FILE = "agent.json"
 AUDIT_FILE = "audit.log"
 # Sockets and transports this process holds open at once; beyond it a new connection
 # is closed at once (10,000 idle ones must be fine: each costs a socket and a timer).
 MAX_CONNECTIONS = 20_000
+# Of which from one address: a viewer and a console need one or two each; 64 leaves room
+# for a NAT in front of several, while one client cannot take every slot.
+MAX_CONNECTIONS_PER_ADDRESS = 64
+# Out of file descriptors (EMFILE/ENFILE): accepting pauses this long, rather than
+# spinning on a listening socket that stays readable.
+ACCEPT_RETRY_DELAY = 1.0
+# A plain (insecure) relay with no byte either way for this long is ended.
+PLAIN_IDLE_TIMEOUT = 300.0
+# The session watch: a failed long poll is retried after this long; this many failures
+# in a row end the channel (fail closed: the hub could not end it otherwise).
+WATCH_RETRY_INTERVAL = 2.0
+WATCH_FAILURES_MAX = 3
 SNIFF_TIMEOUT = 1.0         # a viewer never speaks first: silence means a plain viewer
 HANDSHAKE_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 10.0      # PREFACE + REQUEST after the handshake (the codec's timer)
@@ -86,6 +106,8 @@ class AgentSettings:
     # proxy then listens on loopback only (the CLI refuses anything else).
     dial_out: bool = False
     max_connections: int = MAX_CONNECTIONS
+    max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS
+    plain_idle_timeout: float = PLAIN_IDLE_TIMEOUT
     sniff_timeout: float = SNIFF_TIMEOUT
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     request_timeout: float = REQUEST_TIMEOUT
@@ -131,6 +153,8 @@ class _Counters:
 
     accepted: int = 0
     refused_full: int = 0
+    refused_address: int = 0
+    accept_paused: int = 0
     channels: int = 0
     plain_refused: int = 0
     plain_passed: int = 0
@@ -156,10 +180,16 @@ class DeviceAgent:
         self._listener: socket.socket | None = None
         self._tls: ssl.SSLContext | None = None
         self._hub_key: Ed25519PublicKey | None = None
-        self._open = 0
-        self._sniffing: dict[int, tuple[socket.socket, asyncio.TimerHandle]] = {}
-        self._transports: set[asyncio.BaseTransport] = set()
+        # Every connection holds a place from accept to close: in all and per address.
+        self._admissions = Admissions(settings.max_connections,
+                                      settings.max_connections_per_address)
+        self._sniffing: dict[int, tuple[socket.socket, asyncio.TimerHandle, str]] = {}
+        self._transports: dict[asyncio.BaseTransport, str] = {}   # -> the peer's address
         self._sessions: set[_Session] = set()
+        self._plain: set[Bridge] = set()    # insecure relays, closed if mandatory turns on
+        self._accept_paused = False
+        self.refusal_budget = RefusalBudget()   # replaceable (tests: a shorter window)
+        self._refusal_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
         self.serving = asyncio.Event()
@@ -168,13 +198,20 @@ class DeviceAgent:
     @property
     def open_connections(self) -> int:
         """Connections the proxy holds now (sniffing, handshaking, refused, relayed)."""
-        return self._open
+        return self._admissions.total
+
+    @property
+    def connection_limit(self) -> int:
+        """How many connections the proxy holds at most (below the open-files limit)."""
+        return self._admissions.max_total
 
     # -- life cycle -----------------------------------------------------------------------
     async def run(self) -> None:
         """Enrol, then serve until `stop()` (or the hub removes this device)."""
         try:
             self._bind()
+            self._admissions.max_total = self._files_for_connections(
+                self.settings.max_connections)
             await self.enrol()
             if self._stop.is_set():
                 return
@@ -193,6 +230,17 @@ class DeviceAgent:
         finally:
             await self._shutdown()
 
+    def _files_for_connections(self, wanted: int) -> int:
+        """Raise the open-files limit for `wanted` connections; how many fit in what was
+        obtained (each holds a socket; the process keeps SPARE_FILES for the rest)."""
+        raise_open_files_limit(wanted)
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limit = connection_limit(wanted, soft)
+        if limit < wanted:
+            self._say(f"the open files limit ({soft}) allows {limit} connections, not "
+                      f"{wanted}; raise it (ulimit -n) for more")
+        return limit
+
     def stop(self, reason: str = "the device agent stopped") -> None:
         if self.stopped_because is None:
             self.stopped_because = reason
@@ -204,6 +252,7 @@ class DeviceAgent:
         settings = self.settings
         if (self.directory / "device.crt").exists():
             self.identity = load_device_files(self.directory)
+            await self.adopt_staged_identity()
         else:
             self.identity = create_device_files(self.directory, settings.name,
                                                 days=settings.days)
@@ -219,6 +268,9 @@ class DeviceAgent:
                     advertise=DIAL_OUT if settings.dial_out else settings.advertise,
                     listen_port=self.listen_address[1])
             except HubRefused:
+                # The hub may know this device by a renewal whose swap did not finish.
+                if await self.adopt_staged_identity():
+                    continue
                 raise
             except ClientError as exc:
                 self._say(f"{exc}; trying again in {interval:g} s")
@@ -297,18 +349,21 @@ class DeviceAgent:
 
     async def _shutdown(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._refusal_timer is not None:
+            self._refusal_timer.cancel()
         if self._listener is not None:
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(self._listener.fileno())
             self._listener.close()
-        for fd, (sock, timer) in list(self._sniffing.items()):
+        for fd, (sock, timer, address) in list(self._sniffing.items()):
             timer.cancel()
             loop.remove_reader(fd)
-            sock.close()
+            self._release_socket(sock, address)
         self._sniffing.clear()
         reason = self.stopped_because or "the device agent stopped"
         for session in list(self._sessions):
             session.end(reason)
+        self._end_plain(reason)
         for transport in list(self._transports):
             transport.close()
         # Let the sessions tell the hub `end` (bounded: a hub that is gone must not hang us).
@@ -330,9 +385,15 @@ class DeviceAgent:
     async def _heartbeat(self) -> None:
         interval = 30.0
         while True:
+            assert self.listen_address is not None
             try:
-                state = await self.hub.state()
+                # Every heartbeat says where consoles reach this device (the hub records
+                # and audits a change): the authenticated call, never `register`.
+                state = await self.hub.state(advertise=self.settings.advertise,
+                                             listen_port=self.listen_address[1])
             except HubRefused as exc:
+                if await self.adopt_staged_identity():
+                    continue
                 self._say(f"{exc}: this device no longer serves shadowing")
                 self.audit.record("shadow.device.refused", reason=str(exc))
                 self.stop(f"the hub refused this device ({exc})")
@@ -347,6 +408,8 @@ class DeviceAgent:
                     self.record.save(self.directory)
                     self._say("secure shadowing is now "
                               f"{'mandatory' if state.mandatory else 'optional'}")
+                    if state.mandatory:
+                        self._end_plain("secure shadowing is now mandatory")
                 await self.renew_if_due()
             await asyncio.sleep(interval)
 
@@ -359,24 +422,76 @@ class DeviceAgent:
             return
         renewed = renewed_certificate(self.settings.name, days=self.settings.days)
         try:
+            # On disk before the hub hears of it: once the hub switched, the old pair is
+            # refused, so the new one must survive whatever happens next.
+            staged = stage_device_files(self.directory, renewed)
+        except (OSError, PKIError) as exc:
+            self._say(f"renewal: cannot write the new certificate ({exc}); trying again at "
+                      "the next heartbeat")
+            return
+        try:
             # Sent over the connection that presents the OLD certificate: it vouches.
             fingerprint = await self.hub.renew(renewed.cert_pem)
         except ClientError as exc:
+            # The staged pair stays: the hub may have switched before its answer was lost
+            # (the next refused heartbeat, or the next start, adopts it then).
             self._say(f"renewal: {exc}; trying again at the next heartbeat")
             return
         if fingerprint != certificate_fingerprint(renewed.cert_pem):
+            discard_staged_device_files(self.directory)
             self._say("renewal: the hub registered another fingerprint; keeping the old "
                       "certificate")
             return
-        self.identity = replace_device_files(self.directory, renewed)
-        self.record.fingerprint = fingerprint
-        self.record.save(self.directory)
-        self.hub.use_identity(self.identity)
-        self._tls = self._server_tls()   # new handshakes present the new certificate
-        if self.hub_link is not None:
+        self._adopt(staged, "renewed")
+
+    async def adopt_staged_identity(self) -> bool:
+        """A renewal's staged pair that the hub already took (a heartbeat presenting it
+        succeeds) becomes this device's identity; one the hub refuses is discarded, and
+        the old pair kept. True when adopted."""
+        try:
+            staged = load_staged_device_files(self.directory)
+        except PKIError as exc:
+            self._say(f"discarding the unreadable staged renewal: {exc}")
+            discard_staged_device_files(self.directory)
+            return False
+        if staged is None:
+            return False
+        probe = HubClient(self.settings.hub_url, self.settings.ca_file, staged)
+        try:
+            await probe.state()
+        except HubRefused:
+            discard_staged_device_files(self.directory)
+            self._say("the hub does not know the staged renewal; keeping the current "
+                      "certificate")
+            return False
+        except ClientError as exc:
+            self._say(f"cannot ask the hub about the staged renewal ({exc}); keeping the "
+                      "current certificate for now")
+            return False
+        finally:
+            await probe.aclose()
+        self._adopt(staged, "adopted the renewed")
+        return True
+
+    def _adopt(self, staged: DeviceIdentity, what: str) -> None:
+        """Swap the staged pair in; if the swap fails, serve from the staged files."""
+        try:
+            self.identity = replace_device_files(self.directory, staged.pair)
+            discard_staged_device_files(self.directory)
+        except (OSError, PKIError) as exc:
+            self.identity = staged
+            self._say(f"cannot put the renewed certificate in place ({exc}); using "
+                      f"{staged.cert_path} until the next start adopts it")
+        fingerprint = self.identity.fingerprint
+        if self.record is not None:
+            self.record.fingerprint = fingerprint
+            self.record.save(self.directory)
+            self.hub.use_identity(self.identity)
+            self._tls = self._server_tls()   # new handshakes present the new certificate
+        if self.hub_link is not None:   # reconnect with the new certificate
             self.hub_link.renewed()
         self.audit.record("shadow.device.renewed", fingerprint=fingerprint)
-        self._say(f"renewed the device certificate: fingerprint {fingerprint}")
+        self._say(f"{what} device certificate: fingerprint {fingerprint}")
 
     # -- accepting and sniffing -----------------------------------------------------------
     def _accept_ready(self) -> None:
@@ -384,22 +499,45 @@ class DeviceAgent:
         loop = asyncio.get_running_loop()
         for _ in range(64):   # a burst at a time, then back to the loop
             try:
-                sock, _peer = self._listener.accept()
+                sock, peer = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                return   # EMFILE and the like: the connection waits in the backlog
-            if self._open >= self.settings.max_connections:
-                self.counters.refused_full += 1
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return   # the one connection failed (ECONNABORTED and the like)
+                # Out of descriptors: the connection waits in the backlog. The listening
+                # socket stays readable, so stop watching it for a while, not spin.
+                self._pause_accepting(ACCEPT_RETRY_DELAY)
+                return
+            address = str(peer[0])
+            admission = self._admissions.admit(address)
+            if not admission.admitted:
+                if self._admissions.total >= self._admissions.max_total:
+                    self.counters.refused_full += 1
+                else:
+                    self.counters.refused_address += 1
                 sock.close()
                 continue
-            self._open += 1
             self.counters.accepted += 1
             sock.setblocking(False)
             fd = sock.fileno()
             timer = loop.call_later(self.settings.sniff_timeout, self._sniffed, fd, True)
-            self._sniffing[fd] = (sock, timer)
+            self._sniffing[fd] = (sock, timer, address)
             loop.add_reader(fd, self._sniffed, fd, False)
+
+    def _pause_accepting(self, delay: float) -> None:
+        assert self._listener is not None
+        loop = asyncio.get_running_loop()
+        self.counters.accept_paused += 1
+        self._accept_paused = True
+        loop.remove_reader(self._listener.fileno())
+        loop.call_later(delay, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused = False
+        if self._listener is not None and self._listener.fileno() != -1 \
+                and not self._stop.is_set():
+            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept_ready)
 
     # Why MSG_PEEK: the first bytes decide between TLS and plain RFB, and both paths want
     # them still unread (the TLS handshake must read the ClientHello itself; start_tls
@@ -410,7 +548,7 @@ class DeviceAgent:
         entry = self._sniffing.pop(fd, None)
         if entry is None:
             return
-        sock, timer = entry
+        sock, timer, address = entry
         timer.cancel()
         asyncio.get_running_loop().remove_reader(fd)
         kind = "rfb-client"
@@ -420,36 +558,36 @@ class DeviceAgent:
             except (BlockingIOError, InterruptedError):
                 loop = asyncio.get_running_loop()   # spurious wake-up: keep waiting
                 self._sniffing[fd] = (sock, loop.call_later(self.settings.sniff_timeout,
-                                                            self._sniffed, fd, True))
+                                                            self._sniffed, fd, True), address)
                 loop.add_reader(fd, self._sniffed, fd, False)
                 return
             except OSError:
                 head = b""
             if not head:
-                self._release_socket(sock)
+                self._release_socket(sock, address)
                 return
             kind = rfb.classify_first_bytes(head)
         peer = _address(sock)
         if kind == "garbage":
             self.counters.closed_garbage += 1
             self.audit.record("shadow.connection.garbage", client=peer)
-            self._release_socket(sock)
+            self._release_socket(sock, address)
         elif kind == "tls":
-            self._spawn(self._open_tls(sock, peer))
+            self._spawn(self._open_tls(sock, peer, address))
         else:
-            self._spawn(self._open_plain(sock, peer))
+            self._spawn(self._open_plain(sock, peer, address))
 
-    def _release_socket(self, sock: socket.socket) -> None:
+    def _release_socket(self, sock: socket.socket, address: str) -> None:
         sock.close()
-        self._open -= 1
+        self._admissions.release(address)
 
     def _released(self, transport: asyncio.BaseTransport) -> None:
-        if transport in self._transports:
-            self._transports.discard(transport)
-            self._open -= 1
+        address = self._transports.pop(transport, None)
+        if address is not None:
+            self._admissions.release(address)
 
     # -- plain viewers ----------------------------------------------------------------------
-    async def _open_plain(self, sock: socket.socket, peer: str) -> None:
+    async def _open_plain(self, sock: socket.socket, peer: str, address: str) -> None:
         loop = asyncio.get_running_loop()
         assert self.record is not None
         mandatory = self.record.mandatory
@@ -459,9 +597,9 @@ class DeviceAgent:
         try:
             transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
         except OSError:
-            self._release_socket(sock)
+            self._release_socket(sock, address)
             return
-        self._transports.add(transport)
+        self._transports[transport] = address
         if refusal is not None:
             self.counters.plain_refused += 1
             self.audit.record("shadow.plain.refused", client=peer,
@@ -472,15 +610,51 @@ class DeviceAgent:
             vnc = await self._connect_vnc()
         except ClientError as exc:
             self.audit.record("shadow.plain.failed", client=peer, reason=str(exc))
+            self.report_refusal("vnc-unreachable", str(exc), peer)
+            transport.close()
+            return
+        vnc_transport, vnc_holder = vnc
+        if transport.is_closing() or self.record.mandatory:
+            # Gone while the VNC server was dialled, or mandatory came in the meantime.
+            vnc_transport.close()
             transport.close()
             return
         self.counters.plain_passed += 1
         self.audit.record("shadow.insecure", client=peer)
         self._spawn(self._tell_hub_insecure(peer))
-        vnc_transport, vnc_holder = vnc
-        Bridge(transport, vnc_transport, first_pending=holder.take(),
-               second_pending=vnc_holder.take(),
-               on_closed=lambda result: self._plain_ended(peer, transport, result))
+        # Filled once the bridge exists (it may end within its constructor).
+        bridged: list[Bridge] = []
+        idle: list[asyncio.TimerHandle] = []
+        reasons: list[str] = []
+        bridge = Bridge(transport, vnc_transport, first_pending=holder.take(),
+                        second_pending=vnc_holder.take(),
+                        on_closed=lambda result: self._plain_ended(
+                            peer, transport, result, bridged, idle, reasons))
+        if not bridge.closed.done():
+            bridged.append(bridge)
+            self._plain.add(bridge)
+            self._watch_idle(bridge, idle, reasons, -1, loop.time())
+
+    def _watch_idle(self, bridge: Bridge, idle: list[asyncio.TimerHandle], reasons: list[str],
+                    seen: int, since: float) -> None:
+        """End a plain relay once no byte crossed it either way for plain_idle_timeout:
+        a check every tenth of it (one timer per relay, not one per chunk)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        crossed = bridge.first_to_second + bridge.second_to_first
+        if crossed != seen:
+            seen, since = crossed, now
+        elif now - since >= self.settings.plain_idle_timeout:
+            reasons.append(f"no data for {self.settings.plain_idle_timeout:g} s")
+            bridge.close(reasons[0])
+            return
+        idle[:] = [loop.call_later(self.settings.plain_idle_timeout / 10, self._watch_idle,
+                                   bridge, idle, reasons, seen, since)]
+
+    def _end_plain(self, reason: str) -> None:
+        """Close every plain relay running now (mandatory turned on, or stopping)."""
+        for bridge in list(self._plain):
+            bridge.close(reason, linger=ENDING_LINGER)
 
     async def _tell_hub_insecure(self, peer: str) -> None:
         try:
@@ -488,12 +662,19 @@ class DeviceAgent:
         except ClientError as exc:
             self._say(f"insecure session from {peer}: {exc}")
 
-    def _plain_ended(self, peer: str, transport: asyncio.BaseTransport,
-                     result: BridgeResult) -> None:
+    def _plain_ended(self, peer: str, transport: asyncio.BaseTransport, result: BridgeResult,
+                     bridged: list[Bridge], idle: list[asyncio.TimerHandle], reasons: list[str]
+                     ) -> None:
+        for bridge in bridged:
+            self._plain.discard(bridge)
+        for timer in idle:
+            timer.cancel()
         self._released(transport)
+        reason = result.error if result.error and result.ended_by == "first" else None
         self.audit.record("shadow.insecure.end", client=peer,
                           bytes_to_device=result.first_to_second,
-                          bytes_to_viewer=result.second_to_first)
+                          bytes_to_viewer=result.second_to_first,
+                          reason=reasons[0] if reasons else reason or "closed")
 
     async def _connect_vnc(self) -> tuple[asyncio.Transport, _Holding]:
         host, port = self.settings.vnc
@@ -509,7 +690,7 @@ class DeviceAgent:
         return transport, holder
 
     # -- the secure channel -----------------------------------------------------------------
-    async def _open_tls(self, sock: socket.socket, peer: str) -> None:
+    async def _open_tls(self, sock: socket.socket, peer: str, address: str) -> None:
         loop = asyncio.get_running_loop()
         channel = _DeviceChannel(self, peer)
         try:
@@ -518,34 +699,86 @@ class DeviceAgent:
                 ssl_handshake_timeout=self.settings.handshake_timeout)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             # A console certificate of another CA, no certificate, a stalled handshake.
+            reason = str(exc) or type(exc).__name__
             self.counters.failed["tls"] = self.counters.failed.get("tls", 0) + 1
-            self.audit.record("shadow.tls.failed", client=peer,
-                              reason=str(exc) or type(exc).__name__)
+            self.audit.record("shadow.tls.failed", client=peer, reason=reason)
+            if isinstance(exc, ssl.SSLError):
+                self.report_refusal("console-ca", f"the TLS handshake failed: {reason}", peer)
+            else:
+                self.report_refusal("malformed", f"the TLS handshake did not complete: "
+                                                 f"{reason}", peer)
             with contextlib.suppress(OSError):
                 sock.close()
-            self._open -= 1
+            self._admissions.release(address)
             return
-        self._transports.add(transport)
+        self._transports[transport] = address
 
-    def check_request(self, signed: bytes, console_fingerprint: str) -> str | None:
-        """Why this device refuses `signed` before asking the hub (defence in depth), or
-        None. The hub checks it all again, and single use."""
+    def check_request(self, signed: bytes, console_fingerprint: str) -> tuple[str, str] | None:
+        """Why this device refuses `signed` before asking the hub (defence in depth), as
+        (code, reason) with the code of the refusal report, or None. The hub checks it all
+        again, and single use."""
         assert self.identity is not None and self._hub_key is not None
         try:
             parsed = parse_signed_request(signed)
         except ShadowProtocolError as exc:
-            return f"the shadow request is malformed: {exc}"
+            return "malformed", f"the shadow request is malformed: {exc}"
         request = parsed.request
         if not parsed.signature_valid(self._hub_key):
-            return "the shadow request is not signed by this device's hub"
+            return "signature", "the shadow request is not signed by this device's hub"
         if request.device != self.settings.name or \
                 request.device_fingerprint != self.identity.fingerprint:
-            return (f"the shadow request is for device {request.device} "
-                    f"({request.device_fingerprint}), not for this one")
+            return "device", (f"the shadow request is for device {request.device} "
+                              f"({request.device_fingerprint}), not for this one")
         if request.console_fingerprint != console_fingerprint:
-            return ("the shadow request names another console certificate than the one "
-                    "this console presented")
+            return "console-certificate", ("the shadow request names another console "
+                                           "certificate than the one this console presented")
         return None
+
+    # -- refusals told to the hub -----------------------------------------------------------
+    def report_refusal(self, code: str, reason: str, client: str, *,
+                       request: SignedRequest | None = None,
+                       console_fingerprint: str | None = None) -> None:
+        """Tell the hub (best effort, in the background) of a refusal this agent decided
+        itself, so that the hub's audit trail has it; budgeted per peer address, the
+        rest summed up once per window (`RefusalBudget`)."""
+        if self.record is None or self._stop.is_set():
+            return
+        loop = asyncio.get_running_loop()
+        address = client.rpartition(":")[0] or client
+        if not self.refusal_budget.admit(address, code, loop.time()):
+            self._arm_refusal_timer()
+            return
+        shadow = request.request if request is not None else None
+        self._spawn(self._tell_hub_refused(
+            code, reason, client, request_id=shadow.request_id if shadow else None,
+            operator=shadow.operator if shadow else None,
+            console_fingerprint=console_fingerprint))
+
+    def _arm_refusal_timer(self) -> None:
+        deadline = self.refusal_budget.get_timer()
+        if deadline is None or self._refusal_timer is not None:
+            return
+        self._refusal_timer = asyncio.get_running_loop().call_at(deadline,
+                                                                 self._refusals_summed)
+
+    def _refusals_summed(self) -> None:
+        self._refusal_timer = None
+        summary = self.refusal_budget.summary(asyncio.get_running_loop().time())
+        if summary is not None and not self._stop.is_set():
+            self._spawn(self._tell_hub_refused(summary.code, summary.reason,
+                                               summary.example_address, count=summary.count))
+        self._arm_refusal_timer()
+
+    async def _tell_hub_refused(self, code: str, reason: str, client: str, *,
+                                request_id: str | None = None, operator: str | None = None,
+                                console_fingerprint: str | None = None,
+                                count: int | None = None) -> None:
+        try:
+            await self.hub.refused(code, reason, client=client, request_id=request_id,
+                                   operator=operator, console_fingerprint=console_fingerprint,
+                                   count=count)
+        except ClientError as exc:
+            self._say(f"cannot tell the hub of a refusal ({code}): {exc}")
 
     async def consent(self, verdict: Verdict) -> str | None:
         """Why the device's user said no, or None when they agreed (or need not)."""
@@ -695,42 +928,63 @@ class _DeviceChannel(asyncio.Protocol):
         agent = self._agent
         agent.counters.failed[kind] = agent.counters.failed.get(kind, 0) + 1
         agent.audit.record("shadow.channel.failed", client=self._peer, reason=reason)
+        # The codec refused it (bad preface or frame, no request in time, data before
+        # the answer): a request that does not parse, as far as the hub is concerned.
+        agent.report_refusal("malformed", reason, self._peer,
+                             console_fingerprint=self._console_fingerprint)
         self._transport.close()
 
-    def refuse(self, reason: str) -> None:
+    def refuse(self, reason: str, code: str | None = None,
+               request: SignedRequest | None = None) -> None:
+        """Answer REFUSE and close; `code`: the agent decided it (not the hub), so the
+        hub is told too."""
         assert self._codec is not None and self._transport is not None
         self._codec.refuse(reason)
         self._transport.write(self._codec.data_to_send())
         self._agent.audit.record("shadow.request.refused", client=self._peer, reason=reason)
         self._agent.counters.failed["refused"] = self._agent.counters.failed.get("refused", 0) + 1
         self._transport.close()
+        if code is not None:
+            self._agent.report_refusal(code, reason, self._peer, request=request,
+                                       console_fingerprint=self._console_fingerprint)
 
     async def _decide(self, signed: bytes) -> None:
         agent = self._agent
         assert self._transport is not None and self._codec is not None
         problem = agent.check_request(signed, self._console_fingerprint)
         if problem is not None:
-            self.refuse(problem)
+            code, reason = problem
+            # Any other code means the request parsed: its id and operator go to the hub.
+            parsed = None if code == "malformed" else parse_signed_request(signed)
+            self.refuse(reason, code, parsed)
             return
+        request = parse_signed_request(signed)
         try:
             verdict = await agent.hub.verify(signed, self._console_fingerprint)
         except ClientError as exc:
             self.refuse(f"the device cannot check the request with its hub: {exc}")
             return
         if self._transport.is_closing():
+            if verdict.allowed:   # the hub listed the session: it must hear it is over
+                await _ended_at_hub(agent, verdict.session, 0, 0,
+                                    "the channel failed before it was up")
             return
         if not verdict.allowed:
             self.refuse(verdict.reason)
             return
         refusal = await agent.consent(verdict)
+        code = "consent"
         if refusal is None:
             try:
                 vnc_transport, vnc_holder = await agent._connect_vnc()
             except ClientError as exc:
-                refusal = str(exc)
+                refusal, code = str(exc), "vnc-unreachable"
         if refusal is not None:
             if not self._transport.is_closing():
-                self.refuse(refusal)
+                self.refuse(refusal, code, request)
+            else:
+                agent.report_refusal(code, refusal, self._peer, request=request,
+                                     console_fingerprint=self._console_fingerprint)
             await _ended_at_hub(agent, verdict.session, 0, 0, refusal)
             return
         if self._transport.is_closing():
@@ -793,15 +1047,24 @@ class _Session:
             await hub.session_up(session)
         except ClientError as exc:
             self._agent._say(f"session {session}: {exc}")
+        failures = 0
         while not self._bridge.closed.done():
             try:
                 answer = await hub.watch(session)
             except HubRefused as exc:
                 self.end(str(exc))
                 return
-            except ClientError:
-                await asyncio.sleep(2.0)   # the hub is away: the session goes on
+            except ClientError as exc:
+                # Fail closed: a hub that cannot be reached cannot end the session either
+                # (administrator, sign-out, removal), so it ends after a few tries.
+                failures += 1
+                if failures >= WATCH_FAILURES_MAX:
+                    self._agent._say(f"session {session}: {exc}")
+                    self.end("the hub cannot be reached")
+                    return
+                await asyncio.sleep(WATCH_RETRY_INTERVAL)
                 continue
+            failures = 0
             if answer.end:
                 self.end(answer.reason or "ended at the hub")
                 return
@@ -829,6 +1092,14 @@ async def _ended_at_hub(agent: DeviceAgent, session: str, to_device: int, to_con
                                     bytes_to_console=to_console, reason=reason)
     except PortcullisError as exc:
         agent._say(f"session {session}: {exc}")
+
+
+def connection_limit(wanted: int, open_files: int) -> int:
+    """How many of `wanted` connections fit in `open_files` descriptors, SPARE_FILES kept
+    for the rest of the process (the VNC side of a relay, the hub's client, logs)."""
+    if open_files == resource.RLIM_INFINITY or open_files < 0:
+        return wanted
+    return max(1, min(wanted, open_files - SPARE_FILES))
 
 
 def _address(sock: socket.socket) -> str:

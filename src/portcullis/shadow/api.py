@@ -58,13 +58,18 @@ def _peer_certificate(request: Request) -> bytes | None:
 def agent_routes(hub: ShadowHub) -> list[Route]:
     """On the hub's listener (`shadow.listen`)."""
     async def device(request: Request) -> ShadowDeviceRecord:
-        return await hub.device_of(_peer_certificate(request))
+        return await hub.device_of(_peer_certificate(request), _client(request))
 
     async def register(request: Request) -> JSONResponse:
         return JSONResponse(await hub.register(await _body(request), _client(request)))
 
     async def state(request: Request) -> JSONResponse:
-        return JSONResponse(await hub.state(await device(request)))
+        return JSONResponse(await hub.state(await device(request),
+                                            dict(request.query_params), _client(request)))
+
+    async def refused(request: Request) -> JSONResponse:
+        await hub.refused_by_device(await device(request), await _body(request))
+        return JSONResponse({})
 
     async def verify(request: Request) -> JSONResponse:
         return JSONResponse(await hub.verify(await device(request), await _body(request)))
@@ -103,6 +108,7 @@ def agent_routes(hub: ShadowHub) -> list[Route]:
         Route(f"{base}/verify", _answered(verify), methods=["POST"]),
         Route(f"{base}/renew", _answered(renew), methods=["POST"]),
         Route(f"{base}/insecure", _answered(insecure), methods=["POST"]),
+        Route(f"{base}/refused", _answered(refused), methods=["POST"]),
         Route(f"{base}/sessions/{{id}}/up", _answered(up), methods=["POST"]),
         Route(f"{base}/sessions/{{id}}/end", _answered(end), methods=["POST"]),
         Route(f"{base}/sessions/{{id}}/watch", _answered(watch), methods=["GET"]),
@@ -127,7 +133,7 @@ def operator_routes(hub: ShadowHub, sessions: SessionManager,
         return session
 
     async def devices(request: Request) -> JSONResponse:
-        await signed_in(request)
+        session = await signed_in(request)
         return JSONResponse({"devices": [{
             "name": record.name, "status": record.status, "fingerprint": record.fingerprint,
             "address": record.advertise,
@@ -135,7 +141,7 @@ def operator_routes(hub: ShadowHub, sessions: SessionManager,
             # A device behind NAT: which hub node its agent is connected to (None: none).
             **({"node": await hub.dial_out_node(record.name)}
                if record.advertise == DIAL_OUT else {}),
-        } for record in await hub.durable.shadow_devices()]})
+        } for record in await hub.devices_for(session)]})
 
     async def issue(request: Request) -> JSONResponse:
         session = await signed_in(request)

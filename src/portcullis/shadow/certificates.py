@@ -28,6 +28,9 @@ from portcullis.pki.renewal import renewal_lock
 from portcullis.proto.shadow import valid_device_name
 
 DEVICE_FILE_STEM = "device"          # device.crt and device.key in the state directory
+# A renewal's new pair, written before the hub is told of it (device.new.crt/.key): if
+# the hub switches and the swap then fails, the next start can still adopt it.
+STAGED_FILE_STEM = "device.new"
 DEVICE_DAYS = 365
 RENEW_BEFORE_DAYS = 30
 # Peers' clocks drift; a certificate valid "from now" fails at a peer a minute behind.
@@ -88,6 +91,10 @@ def device_certificate(key: ec.EllipticCurvePrivateKey, name: str, *,
                                               ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        # Names its own key as issuer: of several anchors with one name (a renewal, a
+        # re-registration) a verifier picks this one by key, not the first by name.
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key),
+                       critical=False)
         .sign(key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM)
@@ -120,14 +127,37 @@ def load_device_files(directory: Path) -> DeviceIdentity:
 def replace_device_files(directory: Path, issued: IssuedCert) -> DeviceIdentity:
     """Put a renewed key and certificate in place of the old ones (key first, each file
     renamed over the old one, under the directory's renewal lock)."""
-    from portcullis.pki.renewal import _replace  # the one "replace a PEM file" in pki
+    from portcullis.pki.renewal import replace_file
 
     cert_path = directory / f"{DEVICE_FILE_STEM}.crt"
     key_path = directory / f"{DEVICE_FILE_STEM}.key"
     with renewal_lock(directory):
-        _replace(key_path, issued.key_pem, 0o600)
-        _replace(cert_path, issued.cert_pem, 0o644)
+        replace_file(key_path, issued.key_pem, 0o600)
+        replace_file(cert_path, issued.cert_pem, 0o644)
     return DeviceIdentity(issued, cert_path, key_path)
+
+
+def stage_device_files(directory: Path, issued: IssuedCert) -> DeviceIdentity:
+    """Write a renewal's pair as device.new.key (0600) / device.new.crt, replacing an
+    earlier staged pair (one the hub never took)."""
+    discard_staged_device_files(directory)
+    cert_path, key_path = write_pair(directory, STAGED_FILE_STEM, issued)
+    return DeviceIdentity(issued, cert_path, key_path)
+
+
+def load_staged_device_files(directory: Path) -> DeviceIdentity | None:
+    """The staged renewal pair, or None when there is none (or it is incomplete: the key
+    is written first, so a key alone is a renewal that stopped before the hub heard)."""
+    cert_path = directory / f"{STAGED_FILE_STEM}.crt"
+    key_path = directory / f"{STAGED_FILE_STEM}.key"
+    if not (cert_path.exists() and key_path.exists()):
+        return None
+    return DeviceIdentity(load_pair(cert_path, key_path), cert_path, key_path)
+
+
+def discard_staged_device_files(directory: Path) -> None:
+    for suffix in (".crt", ".key"):
+        (directory / f"{STAGED_FILE_STEM}{suffix}").unlink(missing_ok=True)
 
 
 def renewal_due(cert: x509.Certificate, now: dt.datetime, before_days: int = RENEW_BEFORE_DAYS

@@ -19,9 +19,11 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import os
 import shlex
 import socket
 import ssl
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from portcullis.client.state import ClientState
 from portcullis.errors import ClientError
 from portcullis.net import websocket
 from portcullis.net.muxsession import MuxSession
+from portcullis.net.peeruid import proc_net_tcp_available, socket_owner_uid
 from portcullis.net.tls import client_context, describe_tls_failure
 from portcullis.proto import mux
 from portcullis.proto.mux import MuxConnection, Reason
@@ -369,15 +372,43 @@ class _ConsoleChannel(asyncio.Protocol):
             self.lost.set_result(None)
 
 
-class _ViewerListener:
-    """The local listener's one viewer; later connections are closed at once."""
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
-    def __init__(self) -> None:
+
+class _ViewerListener:
+    """The local listener's one viewer; later connections are closed at once.
+
+    The loopback port is open to every user of this machine, and the channel behind it
+    shows the device's screen: only a viewer run by this OS user is taken (the owner of
+    the peer's socket, from /proc/net/tcp); another user's connection is closed and the
+    listener waits on. Where the kernel does not list socket owners, any is taken."""
+
+    def __init__(self, warn: Callable[[str], None] = _warn, uid: int | None = None) -> None:
         self.connected: asyncio.Future[tuple[asyncio.Transport, bytes]] = \
             asyncio.get_running_loop().create_future()
+        self._warn = warn
+        self._uid = os.getuid() if uid is None else uid
+        self._check_owner = proc_net_tcp_available()
 
     def protocol(self) -> asyncio.Protocol:
         return _Viewer(self)
+
+    def owner_refused(self, transport: asyncio.BaseTransport) -> bool:
+        """Whether `transport` comes from another user's program (then closed, and said)."""
+        if not self._check_owner:
+            return False
+        peer, ours = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+        if not peer or not ours:
+            return True
+        owner = socket_owner_uid((str(peer[0]), int(peer[1])), (str(ours[0]), int(ours[1])))
+        if owner == self._uid:
+            return False
+        self._warn(f"closed a viewer connection from {peer[0]}:{peer[1]}: it is "
+                   + (f"run by uid {owner}, not by you (uid {self._uid})" if owner is not None
+                      else "not a socket this system lists (gone already?)")
+                   + "; waiting for your viewer")
+        return True
 
 
 class _Viewer(asyncio.Protocol):
@@ -386,7 +417,7 @@ class _Viewer(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
-        if self._listener.connected.done():
+        if self._listener.connected.done() or self._listener.owner_refused(transport):
             transport.close()
             return
         transport.pause_reading()   # the bridge resumes it

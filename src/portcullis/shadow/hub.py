@@ -29,7 +29,7 @@ import secrets
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from portcullis.audit import AuditTrail
 from portcullis.config.model import Settings
 from portcullis.config.shadow import DEVICE_NAME_PATTERN
+from portcullis.config.values import parse_host_port
 from portcullis.errors import DuplicateError, PKIError
 from portcullis.identity.endings import Ending
 from portcullis.identity.sessions import Session, SessionManager
@@ -61,6 +62,11 @@ from portcullis.tokens import TokenHasher
 log = structlog.get_logger("portcullis.shadow.hub")
 
 ISSUED_PREFIX = "shadow-issued:"      # request id -> who asked, until used or expired
+ISSUED_TO_PREFIX = "shadow-issued-to:"   # request id -> the session it was issued to
+REPORT_WINDOW = 600.0                 # a console may report on its request this long
+PENDING_PREFIX = "shadow-pending-from:"   # address -> registrations without a code
+PENDING_PER_ADDRESS = 10              # ... per address and hour: no squatting of names
+MAX_PENDING = 1000                    # devices waiting for approval, at most
 SESSION_PREFIX = "shadow-session:"    # session id -> the running session
 SESSIONS_SET = "shadow-sessions"
 ENDED_PREFIX = "shadow-ended:"        # session id -> why it ended (read by every node)
@@ -82,20 +88,39 @@ class HubRefusal(Exception):
         self.status = status
 
 
-@dataclass
 class DeviceTrust:
-    """The agent listener's TLS context: it trusts every registered device certificate
-    (self-signed, each its own trust anchor); which device it is, and whether it is still
-    registered, the hub checks by fingerprint on every call. Certificates registered on
-    another hub node arrive with `refresh`, which the hub runs every few seconds."""
+    """What the agent listener trusts: exactly the approved devices' current
+    certificates (self-signed, each its own trust anchor). OpenSSL cannot take an anchor
+    back out of a context, so each change builds a fresh context from `make_context` and
+    the listener's context hands every new handshake to it (its SNI callback runs for
+    every ClientHello, SNI or not): a removed device's or a replaced certificate stops
+    verifying at once, and two certificates of one name (a renewal, a re-registration)
+    never shadow each other. Which device a certificate is, the hub checks by fingerprint
+    on every call; certificates approved on another hub node arrive with `refresh`,
+    which the hub runs every few seconds."""
 
-    context: ssl.SSLContext
-    loaded: set[str] = field(default_factory=set)
+    def __init__(self, listener: ssl.SSLContext,
+                 make_context: Callable[[], ssl.SSLContext]) -> None:
+        self._make = make_context
+        self._anchors: dict[str, str] = {}
+        self.current = make_context()
+        listener.sni_callback = self._hand_over
 
-    def add(self, record: ShadowDeviceRecord) -> None:
-        if record.certificate and record.fingerprint not in self.loaded:
-            self.context.load_verify_locations(cadata=record.certificate)
-            self.loaded.add(str(record.fingerprint))
+    def _hand_over(self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                   context: ssl.SSLContext) -> None:
+        connection.context = self.current
+
+    def __contains__(self, fingerprint: str) -> bool:
+        return fingerprint in self._anchors
+
+    def set(self, anchors: dict[str, str]) -> None:
+        """Trust exactly these certificates (fingerprint -> PEM) from now on."""
+        if anchors == self._anchors:
+            return
+        context = self._make()
+        for pem in anchors.values():
+            context.load_verify_locations(cadata=pem)
+        self._anchors, self.current = dict(anchors), context
 
 
 @dataclass(frozen=True)
@@ -155,6 +180,14 @@ class ShadowHub:
             if code:
                 raise refused(f"no device named {name!r} was added; an administrator adds "
                               f"it with 'portcullis shadow device add {name}'")
+            if await self._ephemeral.incr(PENDING_PREFIX + peer_address,
+                                          3600.0) > PENDING_PER_ADDRESS:
+                raise refused("too many registrations without a code from this address; "
+                              "ask an administrator for an enrolment code")
+            if sum(r.status == "pending"
+                   for r in await self.durable.shadow_devices()) >= MAX_PENDING:
+                raise refused("too many devices wait for approval; ask an administrator "
+                              "for an enrolment code")
             try:
                 await self.durable.add_pending_shadow_device(name, certificate, fingerprint,
                                                              advertise, now)
@@ -173,17 +206,17 @@ class ShadowHub:
                               f"one ('portcullis shadow device add {name}')")
             self.audit.record("shadow.device_enrolled", device=name, fingerprint=fingerprint,
                               client=peer_address)
-            enrolled = await self.durable.shadow_device(name)
-            if enrolled is not None:
-                self.trust.add(enrolled)
+            await self.refresh_trust()
             return self._registered("approved", fingerprint)
         if record.fingerprint != fingerprint:
             raise refused(f"device {name!r} is registered with another certificate; an "
                           f"administrator must remove it first ('portcullis shadow device "
                           f"remove {name}')")
-        if record.status == "approved":
-            await self.durable.seen_shadow_device(name, now, advertise)
-            self.trust.add(record)
+        if record.status == "approved" and fingerprint not in self.trust:
+            # Approved meanwhile (perhaps on another node, or by the CLI).
+            await self.refresh_trust()
+        # Unauthenticated (anyone can read a device's certificate off its port 5900): the
+        # answer only. Where the device is reached changes on its authenticated heartbeat.
         return self._registered(record.status, fingerprint)
 
     def _registered(self, status: str, fingerprint: str) -> dict[str, Any]:
@@ -192,20 +225,47 @@ class ShadowHub:
                 "console_ca": self.keys.console_ca.cert_pem.decode(),
                 "mandatory": self._settings().shadow.mandatory}
 
-    async def device_of(self, peer_der: bytes | None) -> ShadowDeviceRecord:
+    async def device_of(self, peer_der: bytes | None,
+                        peer_address: str = "unknown") -> ShadowDeviceRecord:
         """The approved device whose certificate the agent presented."""
         if not peer_der:
             raise HubRefusal(401, "present the device certificate (mutual TLS)")
         fingerprint = certificate_fingerprint(ssl.DER_cert_to_PEM_cert(peer_der).encode())
         record = await self.durable.shadow_device_with(fingerprint)
-        if record is None:
-            raise HubRefusal(403, "this device is not registered (it may have been removed)")
-        if record.status != "approved":
-            raise HubRefusal(403, "this device waits for approval")
+        if record is None or record.status != "approved":
+            why = ("not registered (removed?)" if record is None else "waits for approval")
+            self.audit.record("shadow.device_refused", fingerprint=fingerprint,
+                              device=record.name if record else None, client=peer_address,
+                              reason=why)
+            raise HubRefusal(403, f"this device is {why}")
         return record
 
-    async def state(self, device: ShadowDeviceRecord) -> dict[str, Any]:
-        await self.durable.seen_shadow_device(device.name, self._now())
+    async def refused_by_device(self, device: ShadowDeviceRecord,
+                                body: dict[str, Any]) -> None:
+        """What the device refused by itself (its own check of a request, a console
+        certificate of another CA at TLS, consent): audited here like the hub's own
+        refusals. The agent limits how often it tells."""
+        def field(key: str, limit: int = 200) -> str | None:
+            value = body.get(key)
+            return _printable(value, limit) if isinstance(value, str) else None
+
+        self.audit.record("shadow.request_refused", device=device.name, by="device",
+                          code=field("code", 40) or "unknown", reason=field("reason", 500),
+                          request=field("request_id", 64), operator=field("operator", 256),
+                          console=field("console_fingerprint", 80),
+                          client=field("client", 100), count=body.get("count")
+                          if isinstance(body.get("count"), int) else None)
+
+    async def state(self, device: ShadowDeviceRecord, asked: dict[str, Any],
+                    peer_address: str) -> dict[str, Any]:
+        """The heartbeat: last seen, where the device is reached (as the agent, proven by
+        its certificate, says), and the settings pushed to it."""
+        told = "advertise" in asked or "listen_port" in asked
+        advertise = _advertise(asked, peer_address) if told else device.advertise
+        if advertise != device.advertise:
+            self.audit.record("shadow.device_moved", device=device.name,
+                              old=device.advertise, new=advertise)
+        await self.durable.seen_shadow_device(device.name, self._now(), advertise)
         settings = self._settings().shadow
         return {"status": device.status, "mandatory": settings.mandatory,
                 "heartbeat": settings.heartbeat}
@@ -217,17 +277,29 @@ class ShadowHub:
                 device.name, str(device.fingerprint), certificate, fingerprint):
             raise HubRefusal(409, "the certificate could not be replaced (another device "
                                   "has it, or this one was just renewed or removed)")
-        renewed = await self.durable.shadow_device(device.name)
-        if renewed is not None:
-            self.trust.add(renewed)
+        # Exactly the current certificates: the old one goes now (two anchors of one name
+        # would make OpenSSL pick by name).
+        await self.refresh_trust()
         self.audit.record("shadow.certificate_renewed", device=device.name,
                           old=device.fingerprint, new=fingerprint)
         return {"fingerprint": fingerprint}
 
+    async def devices_for(self, session: Session) -> list[ShadowDeviceRecord]:
+        """Every device for an administrator; for anyone else the approved devices they
+        may shadow (a device list tells where devices are: no more than needed)."""
+        settings = self._settings()
+        records = await self.durable.shadow_devices()
+        if set(settings.admin_groups) & set(session.claims.groups):
+            return records
+        operator = Subject(session.username, frozenset(session.claims.groups))
+        return [record for record in records if record.status == "approved"
+                and may_shadow(settings.shadow, settings.admin_groups, operator,
+                               record.name).allowed]
+
     async def refresh_trust(self) -> None:
-        for record in await self.durable.shadow_devices():
-            if record.status == "approved":
-                self.trust.add(record)
+        self.trust.set({str(record.fingerprint): str(record.certificate)
+                        for record in await self.durable.shadow_devices()
+                        if record.status == "approved" and record.certificate})
 
     async def keep_trust_fresh(self, interval: float = 5.0) -> None:
         while True:
@@ -243,6 +315,13 @@ class ShadowHub:
         settings = self._settings()
         name = _text(body, "device")
         operator = Subject(session.username, frozenset(session.claims.groups))
+        # The policy first: whoever may not shadow a name learns nothing about it.
+        decision = may_shadow(settings.shadow, settings.admin_groups, operator, name)
+        if not decision.allowed:
+            self.audit.record("shadow.request_denied", device=name,
+                              operator=operator.username, client=client, rule=decision.rule,
+                              reason=decision.reason)
+            raise HubRefusal(403, f"you may not shadow {name}: {decision.reason}")
         record = await self.durable.shadow_device(name)
         if record is None or record.status != "approved" or not record.fingerprint:
             self.audit.record("shadow.request_refused", device=name,
@@ -251,12 +330,6 @@ class ShadowHub:
             if record is None:
                 raise HubRefusal(404, f"no device named {name!r} is registered")
             raise HubRefusal(409, f"device {name!r} is not approved yet")
-        decision = may_shadow(settings.shadow, settings.admin_groups, operator, name)
-        if not decision.allowed:
-            self.audit.record("shadow.request_denied", device=name,
-                              operator=operator.username, client=client, rule=decision.rule,
-                              reason=decision.reason)
-            raise HubRefusal(403, f"you may not shadow {name}: {decision.reason}")
         lifetime = settings.shadow.request_lifetime
         try:
             console = self.keys.console_certificate(_text(body, "csr").encode(),
@@ -274,6 +347,9 @@ class ShadowHub:
                  "console": console_fingerprint, "device": name}
         await self._ephemeral.put(ISSUED_PREFIX + request.request_id,
                                   json.dumps(asked).encode(), lifetime + CLOCK_SKEW)
+        # Who may report on this request afterwards (the console's account of failures).
+        await self._ephemeral.put(ISSUED_TO_PREFIX + request.request_id,
+                                  session.handle.encode(), REPORT_WINDOW)
         self.audit.record("shadow.request_issued", request=request.request_id, device=name,
                           operator=operator.username, client=client, rule=decision.rule,
                           console=console_fingerprint, expires_at=request.expires_at)
@@ -347,11 +423,15 @@ class ShadowHub:
                      client: str) -> None:
         """The console's account of a failure the hub cannot see (a device presenting
         another certificate, a device unreachable): audited."""
-        problem = str(body.get("problem", ""))[:40]
-        detail = str(body.get("detail", ""))[:500]
+        issued_to = await self._ephemeral.get(ISSUED_TO_PREFIX + request_id[:64])
+        if issued_to is None or issued_to.decode() != session.handle:
+            raise HubRefusal(404, "no such request of this session")
+        # Once per request: a console has one account to give.
+        await self._ephemeral.delete(ISSUED_TO_PREFIX + request_id[:64])
         self.audit.record("shadow.console_problem", request=request_id[:64],
-                          operator=session.username, client=client, problem=problem,
-                          detail=detail)
+                          operator=session.username, client=client,
+                          problem=_printable(str(body.get("problem", "")), 40),
+                          detail=_printable(str(body.get("detail", "")), 500))
 
     # -- sessions -----------------------------------------------------------------------
     async def session(self, session_id: str) -> ShadowSessionRecord | None:
@@ -386,8 +466,8 @@ class ShadowHub:
 
     async def insecure(self, device: ShadowDeviceRecord, body: dict[str, Any]) -> None:
         self.audit.record("shadow.insecure_session", device=device.name,
-                          client=str(body.get("client", ""))[:100],
-                          phase=str(body.get("event", "open"))[:20])
+                          client=_printable(str(body.get("client", "")), 100),
+                          phase=_printable(str(body.get("event", "open")), 20))
 
     async def running(self) -> list[ShadowSessionRecord]:
         records = []
@@ -403,7 +483,9 @@ class ShadowHub:
         record = await self.session(session_id)
         if record is None:
             return False
-        await self._ephemeral.put(ENDED_PREFIX + session_id, reason.encode(), 120.0)
+        # As long as the session record: an agent cut off from the hub for a while
+        # still hears of the end when it is back (and ends by itself meanwhile).
+        await self._ephemeral.put(ENDED_PREFIX + session_id, reason.encode(), SESSION_TTL)
         self._wake(session_id)
         try:
             await self._events.publish(ENDED_CHANNEL, session_id.encode())
@@ -480,11 +562,24 @@ def _text(body: dict[str, Any], key: str) -> str:
     return value
 
 
+def _printable(value: str, limit: int) -> str:
+    """For the audit trail and the terminal: no control characters, bounded."""
+    return "".join(char if char.isprintable() else "?" for char in value[:limit])
+
+
 def _advertise(body: dict[str, Any], peer_address: str) -> str:
     advertise = body.get("advertise")
     if isinstance(advertise, str) and advertise:
-        return advertise[:300]
+        try:
+            parse_host_port(advertise, what="advertise")
+        except ValueError as exc:
+            raise HubRefusal(400, str(exc)) from None
+        if len(advertise) > 300 or not advertise.isprintable():
+            raise HubRefusal(400, "'advertise' must be a printable HOST:PORT")
+        return advertise
     port = body.get("listen_port")
+    if isinstance(port, str) and port.isdigit():
+        port = int(port)
     if not isinstance(port, int) or not 0 < port < 65536:
         raise HubRefusal(400, "give 'advertise' (HOST:PORT) or 'listen_port'")
     host = f"[{peer_address}]" if ":" in peer_address else peer_address
@@ -509,6 +604,22 @@ def _device_certificate(pem: str, now: float) -> str:
         certificate.verify_directly_issued_by(certificate)
     except (ValueError, TypeError, InvalidSignature):
         raise HubRefusal(400, "the certificate is not self-signed by its own key") from None
+    # It becomes a trust anchor of the agents' listener: one that may sign certificates
+    # would let its holder mint others (the hub looks devices up by exact fingerprint,
+    # but a device has no business being a CA).
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+        if constraints.value.ca:
+            raise HubRefusal(400, "a device certificate must not be a CA (CA:TRUE)")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+        if usage.key_cert_sign:
+            raise HubRefusal(400, "a device certificate must not sign certificates "
+                                  "(keyCertSign)")
+    except x509.ExtensionNotFound:
+        pass
     moment = dt.datetime.fromtimestamp(now, dt.UTC)
     if not certificate.not_valid_before_utc <= moment < certificate.not_valid_after_utc:
         raise HubRefusal(400, "the certificate is not valid now (check the device's clock)")

@@ -110,8 +110,18 @@ class HubClient:
                             _text(body, "hub_key").encode(), _text(body, "console_ca").encode(),
                             bool(body.get("mandatory", False)))
 
-    async def state(self) -> AgentState:
-        body = await self._call(self._identified(), "GET", f"{_AGENT}/state", "heartbeat")
+    async def state(self, *, advertise: str | None = None,
+                    listen_port: int | None = None) -> AgentState:
+        """The heartbeat. It also says where consoles reach this device: `advertise`
+        (HOST:PORT) when given, else `listen_port` at the address the hub sees. Only this
+        authenticated call may move a registered device (not `register`)."""
+        params: dict[str, str | int] = {}
+        if advertise is not None:
+            params["advertise"] = advertise
+        elif listen_port is not None:
+            params["listen_port"] = listen_port
+        body = await self._call(self._identified(), "GET", f"{_AGENT}/state", "heartbeat",
+                                params=params)
         return AgentState(bool(body.get("mandatory", False)),
                           float(body.get("heartbeat", 30.0)))
 
@@ -144,6 +154,21 @@ class HubClient:
     async def insecure(self, client: str) -> None:
         await self._call(self._identified(), "POST", f"{_AGENT}/insecure", "insecure session",
                          json={"client": client})
+
+    async def refused(self, code: str, reason: str, *, client: str,
+                      request_id: str | None = None, operator: str | None = None,
+                      console_fingerprint: str | None = None, count: int | None = None
+                      ) -> None:
+        """Tell the hub of a refusal the agent decided itself (the hub audits it);
+        `count` when it stands for several (a summary)."""
+        body: dict[str, Any] = {"code": code, "reason": reason, "request_id": request_id,
+                                "operator": operator,
+                                "console_fingerprint": console_fingerprint or None,
+                                "client": client}
+        if count is not None:
+            body["count"] = count
+        await self._call(self._identified(), "POST", f"{_AGENT}/refused", "refusal report",
+                         json=body)
 
     async def renew(self, certificate: bytes) -> str:
         """Send the new certificate over a connection presenting the old one."""

@@ -10,6 +10,7 @@ Several hub nodes must share these files (like the deployment CA and the token k
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 from dataclasses import dataclass
@@ -65,14 +66,22 @@ def _signing_key(path: Path) -> Ed25519PrivateKey:
         pem = Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption())
+        # Written whole under a private name, then linked into place: of two hub nodes
+        # starting at once on a shared directory one wins, and nobody (nor a crash)
+        # ever leaves a half-written key behind.
+        staged = path.with_name(f".{path.name}.{os.getpid()}")
+        descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            # O_EXCL: of two hub nodes starting at once on a shared directory, one writes.
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
             with os.fdopen(descriptor, "wb") as handle:
                 handle.write(pem)
+                handle.flush()
+                os.fsync(handle.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(staged, path)
+        finally:
+            staged.unlink()
+    if path.stat().st_mode & 0o077:
+        raise PKIError(f"{path} is readable by others: chmod 600 {path}")
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError) as exc:

@@ -57,12 +57,18 @@ class ShadowRole:
               with_gateway: bool) -> ShadowRole:
         settings = current()
         cert, key = settings.role_cert("shadow-hub")
-        context = certificates.track("shadow-hub", server_context(cert, key))
-        # Optional: an agent registering has no registered certificate yet.
-        context.verify_mode = ssl.CERT_OPTIONAL
+
+        def device_context() -> ssl.SSLContext:
+            # Read each time: a renewed hub certificate goes into the next context too.
+            context = server_context(cert, key)
+            # Optional: an agent registering has no registered certificate yet.
+            context.verify_mode = ssl.CERT_OPTIONAL
+            return context
+
+        context = certificates.track("shadow-hub", device_context())
         hub = ShadowHub(current, durable, ephemeral, events, audit,
                         HubKeys.load_or_create(settings.path(settings.tls.directory)),
-                        hasher, sessions, DeviceTrust(context))
+                        hasher, sessions, DeviceTrust(context, device_context))
         operators = operator_routes(hub, sessions, lambda: current().admin_groups)
         routes = agent_routes(hub) + ([] if with_gateway else operators)
         host, port = parse_host_port(settings.shadow.listen)
