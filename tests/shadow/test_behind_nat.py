@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +35,10 @@ from portcullis.shadow.dialout import (
     DeviceSessions,
     DialOutRegistry,
 )
+from portcullis.shadow.hub import enrolment_code_hash
 from portcullis.shadow.hublink import CONNECT_PATH, HubLink, HubLinkSettings
 from portcullis.store import EphemeralStore
-from shadow.test_hub import World, csr, world  # noqa: F401  (world: the hub fixture)
+from shadow.test_hub import HASHER, World, csr, self_signed, world  # noqa: F401  (world: fixture)
 
 FAST = HubLinkSettings(connections=1, handshake_timeout=5.0, reconnect_min=0.01,
                        reconnect_max=0.05)
@@ -312,3 +314,18 @@ def test_dial_out_refuses_a_proxy_listening_beyond_loopback(listen: str, tmp_pat
         "--dir", str(tmp_path / "agent"), "--dial-out", "--listen", listen])
     assert result.exit_code == 2
     assert "loopback only" in result.output
+
+
+async def test_a_device_registers_as_dial_out_and_consoles_are_told_so(hub: Hub) -> None:
+
+
+    await hub.world.durable.add_shadow_device(
+        "nat-1", enrolment_code_hash(HASHER, "code-1"),
+        dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
+    answer = await hub.world.hub.register({"name": "nat-1", "certificate": self_signed("nat-1"),
+                                           "code": "code-1", "advertise": "dial-out",
+                                           "listen_port": 0}, "10.9.8.7")
+    assert answer["status"] == "approved"
+    _, session = await hub.world.operator()
+    issued = await hub.world.hub.issue(session, {"device": "nat-1", "csr": csr()}, "x")
+    assert issued["device"]["address"] == "dial-out"

@@ -55,6 +55,7 @@ from portcullis.proto.shadow import (
     sign_request,
 )
 from portcullis.shadow.decisions import CLOCK_SKEW, check_request
+from portcullis.shadow.hublink import DIAL_OUT
 from portcullis.shadow.keys import HubKeys
 from portcullis.store import DurableStore, EphemeralStore, EventBus, ShadowDeviceRecord
 from portcullis.tokens import TokenHasher
@@ -569,6 +570,8 @@ def _printable(value: str, limit: int) -> str:
 
 def _advertise(body: dict[str, Any], peer_address: str) -> str:
     advertise = body.get("advertise")
+    if advertise == DIAL_OUT:   # behind NAT: consoles reach it through the hub
+        return DIAL_OUT
     if isinstance(advertise, str) and advertise:
         try:
             parse_host_port(advertise, what="advertise")
