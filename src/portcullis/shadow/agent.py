@@ -201,6 +201,12 @@ class DeviceAgent:
         return self._admissions.total
 
     @property
+    def advertise(self) -> str | None:
+        """Where consoles reach this device, as told to the hub (None: the address the
+        hub sees, and the listen port)."""
+        return DIAL_OUT if self.settings.dial_out else self.settings.advertise
+
+    @property
     def connection_limit(self) -> int:
         """How many connections the proxy holds at most (below the open-files limit)."""
         return self._admissions.max_total
@@ -265,7 +271,7 @@ class DeviceAgent:
             try:
                 registration = await self.hub.register(
                     settings.name, self.identity.pair.cert_pem, code=settings.code,
-                    advertise=DIAL_OUT if settings.dial_out else settings.advertise,
+                    advertise=self.advertise,
                     listen_port=self.listen_address[1])
             except HubRefused:
                 # The hub may know this device by a renewal whose swap did not finish.
@@ -389,7 +395,7 @@ class DeviceAgent:
             try:
                 # Every heartbeat says where consoles reach this device (the hub records
                 # and audits a change): the authenticated call, never `register`.
-                state = await self.hub.state(advertise=self.settings.advertise,
+                state = await self.hub.state(advertise=self.advertise,
                                              listen_port=self.listen_address[1])
             except HubRefused as exc:
                 if await self.adopt_staged_identity():
