@@ -2,7 +2,7 @@
 connections to the hub (reconnecting with backoff, answering the hub's streams from its
 own proxy), the registry of which node holds a device, and the gateway's channel that
 admits a console only for its own unused request and carries its bytes. The real
-programs over mutual TLS are in tests/e2e/test_shadow.py."""
+programs over mutual TLS are in tests/e2e/test_secure_shadowing.py."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The shadow hub's decisions end to end inside one process: registration, issuing,
 verifying and every refusal the issue lists, with the real stores (SQLite or PostgreSQL,
 memory or Redis) and a clock the test moves. The agent and console that call it over
-mutual TLS are tested in tests/e2e/test_shadow.py."""
+mutual TLS are tested in tests/e2e/test_secure_shadowing.py."""
 
 from __future__ import annotations
 

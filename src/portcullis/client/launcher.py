@@ -68,12 +68,7 @@ async def run_launch(launch: LaunchFile, tls: ssl.SSLContext, *, host: str, port
         bound_host, bound_port = server.sockets[0].getsockname()[:2]
         on_listening(bound_host, bound_port)
         if argv is not None:
-            argv = [part.replace("{host}", bound_host).replace("{port}", str(bound_port))
-                    for part in argv]
-            try:
-                process = await asyncio.create_subprocess_exec(*argv)
-            except OSError as exc:
-                raise ClientError(f"--exec: cannot start {argv[0]}: {exc.strerror}") from None
+            process = await start_viewer(argv, bound_host, bound_port)
             ended = asyncio.ensure_future(session.closed.wait())
             waited = asyncio.ensure_future(process.wait())
             await asyncio.wait({ended, waited}, return_when=asyncio.FIRST_COMPLETED)
@@ -96,3 +91,13 @@ async def run_launch(launch: LaunchFile, tls: ssl.SSLContext, *, host: str, port
         raise ClientError(f"the gateway stopped answering ({session.ended_here[1]}); "
                           "launch the resource again")
     return status
+
+
+async def start_viewer(argv: list[str], host: str, port: int) -> asyncio.subprocess.Process:
+    """`--exec`: the program started with `{host}` and `{port}` replaced by where it
+    connects (our local listener)."""
+    argv = [part.replace("{host}", host).replace("{port}", str(port)) for part in argv]
+    try:
+        return await asyncio.create_subprocess_exec(*argv)
+    except OSError as exc:
+        raise ClientError(f"--exec: cannot start {argv[0]}: {exc.strerror}") from None

@@ -4,11 +4,40 @@ their connections together do not all come back at the same moment."""
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, TypeVar
+
+from portcullis.net.muxsession import MuxSession
+from portcullis.proto.mux import Reason
 
 
 def backoff_delay(attempt: int, low: float, high: float,
                   draw: Callable[[float, float], float] = random.uniform) -> float:
     """Full jitter: uniform over [0, min(high, low * 2^attempt)]."""
     return draw(0.0, min(high, low * 2 ** min(attempt, 32)))
+
+
+class Slot(Protocol):
+    """One of the K connections a dialling side keeps (its live session, if any)."""
+
+    session: MuxSession | None
+
+
+S = TypeVar("S", bound=Slot)
+
+
+async def keep_slots(slots: Sequence[S], keep: Callable[[S], Awaitable[None]],
+                     stopping: str) -> None:
+    """Run `keep(slot)` for every slot until cancelled; then close the live sessions,
+    telling the far side why (`stopping`), so that it need not wait for a timeout."""
+    tasks = [asyncio.ensure_future(keep(slot)) for slot in slots]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for slot in slots:
+            if slot.session is not None:
+                slot.session.close(Reason.SHUTDOWN, stopping)

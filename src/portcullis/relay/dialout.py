@@ -28,7 +28,7 @@ import structlog
 from portcullis.config.model import RelaySettings
 from portcullis.errors import ClientError, DialError
 from portcullis.net import websocket
-from portcullis.net.backoff import backoff_delay
+from portcullis.net.backoff import backoff_delay, keep_slots
 from portcullis.net.dialer import EchoChannel
 from portcullis.net.muxsession import PROTOCOL_NAMES, DatagramFlow, MuxSession, StreamBridge
 from portcullis.pki import transport_common_name
@@ -111,15 +111,7 @@ class DialOutConnector:
 
     async def run(self) -> None:
         """Keep every slot connected until cancelled."""
-        tasks = [asyncio.ensure_future(self._keep(slot)) for slot in self.slots]
-        try:
-            await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
-            for slot in self.slots:
-                if slot.session is not None:
-                    slot.session.close(Reason.SHUTDOWN, "the relay is stopping")
+        await keep_slots(self.slots, self._keep, "the relay is stopping")
 
     async def _keep(self, slot: Slot) -> None:
         settings = self._settings

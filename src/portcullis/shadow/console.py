@@ -32,6 +32,7 @@ from typing import Any, NoReturn, cast
 
 import httpx
 
+from portcullis.client.launcher import start_viewer
 from portcullis.client.state import ClientState
 from portcullis.errors import ClientError
 from portcullis.net import websocket
@@ -232,14 +233,12 @@ class ConsoleProxy:
             bound_host, bound_port)
         process: asyncio.subprocess.Process | None = None
         if argv is not None:
-            argv = [part.replace("{host}", bound_host).replace("{port}", str(bound_port))
-                    for part in argv]
             try:
-                process = await asyncio.create_subprocess_exec(*argv)
-            except OSError as exc:
+                process = await start_viewer(argv, bound_host, bound_port)
+            except ClientError:
                 server.close()
                 device.close()
-                raise ClientError(f"--exec: cannot start {argv[0]}: {exc.strerror}") from None
+                raise
         waits: set[asyncio.Future[Any]] = {viewer.connected, channel.lost}
         if process is not None:
             waits.add(asyncio.ensure_future(process.wait()))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from portcullis.errors import ClientError
 from portcullis.net import websocket
-from portcullis.net.backoff import backoff_delay
+from portcullis.net.backoff import backoff_delay, keep_slots
 from portcullis.net.dialer import DirectDialer
 from portcullis.net.muxsession import MuxSession
 from portcullis.proto import mux
@@ -74,15 +74,7 @@ class HubLink:
         self.attempts = 0                  # connection attempts so far (tests, status)
 
     async def run(self) -> None:
-        tasks = [asyncio.ensure_future(self._keep(slot)) for slot in self.slots]
-        try:
-            await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
-            for slot in self.slots:
-                if slot.session is not None:
-                    slot.session.close(Reason.SHUTDOWN, "the device agent is stopping")
+        await keep_slots(self.slots, self._keep, "the device agent is stopping")
 
     def renewed(self) -> None:
         """The device certificate changed: replace the idle connections now (the next
