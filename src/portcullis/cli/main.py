@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 
 import click
 
+from portcullis.cli.common import fail, run_async
 from portcullis.cli.shadow import shadow
 from portcullis.cli.shadow_agent import shadow_agent
 from portcullis.errors import ConfigError, PortcullisError
@@ -19,21 +20,6 @@ from portcullis.pki.roles import ROLES
 
 T = TypeVar("T")
 DEFAULT_DIR = "./.portcullis"
-
-
-def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run a long-lived command (servers, launches) on uvloop with the data-path tuning."""
-    import uvloop
-
-    from portcullis.net.allocator import tune_allocator
-
-    tune_allocator()
-    return uvloop.run(coroutine)
-
-
-def fail(message: str, status: int = 1) -> None:
-    click.echo(f"portcullis: {message}", err=True)
-    sys.exit(status)
 
 
 class PortcullisGroup(click.Group):

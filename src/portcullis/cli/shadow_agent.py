@@ -55,7 +55,7 @@ def shadow_agent(ctx: click.Context, hub_url: str | None, code: str | None,
     """Run the device agent: register at the hub and serve secure shadowing."""
     if ctx.invoked_subcommand is not None:
         return
-    from portcullis.cli.main import fail, run_async
+    from portcullis.cli.common import fail, run_async
     from portcullis.config import parse_host_port
     from portcullis.shadow.agent import AgentSettings, DeviceAgent
 

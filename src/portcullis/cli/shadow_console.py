@@ -18,7 +18,7 @@ import click
               help="Local HOST:PORT the viewer connects to (port 0: any free port).")
 def open_shadow(device: str, command: str | None, listen: str) -> None:
     """Shadow DEVICE: open the secure channel and relay one VNC viewer over it."""
-    from portcullis.cli.main import fail, run_async
+    from portcullis.cli.common import fail, run_async
     from portcullis.client.state import ClientState, client_home
     from portcullis.config import parse_host_port
     from portcullis.shadow.console import ConsoleProxy
