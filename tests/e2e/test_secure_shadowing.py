@@ -410,3 +410,29 @@ def test_after_a_hub_restart_the_agent_reconnects_and_shadowing_works(
 
     with Image.open(shot) as image:
         assert image.convert("RGB").getpixel(dialling_out.desktop.root_point) == BLUE
+
+
+def test_a_device_presenting_another_certificate_is_refused(
+        shadowing: Shadowing, start_process: Start, tmp_path: Path) -> None:
+    """The address the hub knows answers with another certificate (openssl s_server
+    stands in the device's place): the console says so and the hub audits it."""
+    openssl = require_program("openssl")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=kiosk-2",
+                    "-days", "2", "-keyout", str(tmp_path / "i.key"),
+                    "-out", str(tmp_path / "i.crt")], check=True, capture_output=True)
+    impostor_port = free_port()
+    impostor = start_process("s_server", "-accept", f"127.0.0.1:{impostor_port}",
+                             "-cert", str(tmp_path / "i.crt"), "-key", str(tmp_path / "i.key"),
+                             "-quiet", "-naccept", "5", program=openssl, name="impostor")
+    impostor.wait_listening(impostor_port)
+    code = add_device(shadowing.deployment, "kiosk-2")
+    agent, _ = start_agent(start_process, tmp_path / "agent-2", shadowing.deployment,
+                           f"127.0.0.1:{shadowing.desktop.port}", "kiosk-2", "--code", code,
+                           "--advertise", f"127.0.0.1:{impostor_port}")
+    agent.wait_for(r"device proxy listening on")
+    result = shadowing.shadow("capture", str(tmp_path / "x.png"), device="kiosk-2")
+    assert result.returncode == 1
+    assert "certificate" in result.stderr and "kiosk-2" in result.stderr
+    problem = shadowing.wait_audited("shadow.console_problem")[0]
+    assert problem["problem"] == "device-certificate" and problem["operator"] == "admin"
