@@ -34,7 +34,11 @@ async def keep_slots(slots: Sequence[S], keep: Callable[[S], Awaitable[None]],
     telling the far side why (`stopping`), so that it need not wait for a timeout."""
     tasks = [asyncio.ensure_future(keep(slot)) for slot in slots]
     try:
-        await asyncio.gather(*tasks)
+        # wait, not gather: a cancelled gather waits for its children, and on Python 3.11
+        # a child inside asyncio.wait_for can lose its cancellation (the timed call
+        # finishing at that moment) and go on for ever. Each child is cancelled here,
+        # again, and the caller is not kept waiting.
+        await asyncio.wait(tasks)
     finally:
         for task in tasks:
             task.cancel()
