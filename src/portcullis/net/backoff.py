@@ -9,8 +9,9 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, TypeVar
 
-from portcullis.net.muxsession import MuxSession
-from portcullis.proto.mux import Reason
+from portcullis.net.muxsession import MuxSession, StreamOpenHandler
+from portcullis.net.websocket import WebSocketMux
+from portcullis.proto.mux import MuxConnection, Reason
 
 
 def backoff_delay(attempt: int, low: float, high: float,
@@ -45,3 +46,20 @@ async def keep_slots(slots: Sequence[S], keep: Callable[[S], Awaitable[None]],
         for slot in slots:
             if slot.session is not None:
                 slot.session.close(Reason.SHUTDOWN, stopping)
+
+
+async def greeted_session(carrier: WebSocketMux, hello: dict[str, object],
+                          on_open: StreamOpenHandler,
+                          timeout: float) -> tuple[MuxSession, dict[str, object] | None]:
+    """The dialling side's mux session on a fresh carrier (it is the "client": the far
+    side opens the streams): our HELLO sent, the far side's awaited. None for the HELLO
+    when the far side refused (its GOAWAY says why: `session.end_reason()`) or said
+    nothing in time; the session is then closed."""
+    codec = MuxConnection("client")
+    codec.send_hello(hello)
+    session = MuxSession(codec, on_open=on_open)
+    carrier.attach(session)
+    answer = await session.hello_within(timeout)
+    if answer is None:
+        session.close(Reason.TIMED_OUT, "no HELLO in time")
+    return session, answer

@@ -28,13 +28,13 @@ import structlog
 from portcullis.config.model import RelaySettings
 from portcullis.errors import ClientError, DialError
 from portcullis.net import websocket
-from portcullis.net.backoff import backoff_delay, keep_slots
+from portcullis.net.backoff import backoff_delay, greeted_session, keep_slots
 from portcullis.net.dialer import EchoChannel
 from portcullis.net.muxsession import PROTOCOL_NAMES, DatagramFlow, MuxSession, StreamBridge
 from portcullis.pki import transport_common_name
 from portcullis.pki.roles import ROLE_COMMON_NAMES
 from portcullis.proto import mux
-from portcullis.proto.mux import MuxConnection, Reason
+from portcullis.proto.mux import Reason
 from portcullis.relay.core import RelayCore, RelayedStream
 
 PATH = "/api/v1/relay"
@@ -159,14 +159,9 @@ class DialOutConnector:
         async def open_stream(session: MuxSession, event: mux.StreamOpened) -> None:
             await self._open(session, event, slot.edge)
 
-        codec = MuxConnection("client")
-        codec.send_hello({"role": "relay"})
-        session = MuxSession(codec, on_open=open_stream)
-        carrier.attach(session)
-        hello = await session.hello_within(settings.handshake_timeout)
+        session, hello = await greeted_session(carrier, {"role": "relay"}, open_stream,
+                                               settings.handshake_timeout)
         if hello is None:
-            # An edge that refuses says why in a GOAWAY instead of its HELLO.
-            session.close(Reason.TIMED_OUT, "no HELLO in time")
             self._state(slot, f"refused by the edge: {session.end_reason()}")
             return None
         slot.node = str(hello.get("node", ""))

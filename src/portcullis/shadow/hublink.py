@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 from portcullis.errors import ClientError
 from portcullis.net import websocket
-from portcullis.net.backoff import backoff_delay, keep_slots
+from portcullis.net.backoff import backoff_delay, greeted_session, keep_slots
 from portcullis.net.dialer import DirectDialer
 from portcullis.net.muxsession import MuxSession
 from portcullis.proto import mux
-from portcullis.proto.mux import MuxConnection, Reason
+from portcullis.proto.mux import Reason
 
 CONNECT_PATH = "/api/v1/shadow/agent/connect"   # served by shadow.dialout at the hub
 DIAL_OUT = "dial-out"   # the address such a device registers (consoles go through the hub)
@@ -109,14 +109,10 @@ class HubLink:
         except (ClientError, ssl.SSLError, OSError) as exc:
             self._state(slot, f"cannot connect: {exc}")
             return None
-        codec = MuxConnection("client")
-        codec.send_hello({"role": "shadow-agent", "device": self._device})
-        session = MuxSession(codec, on_open=self._open)
-        carrier.attach(session)
-        hello = await session.hello_within(settings.handshake_timeout)
+        session, hello = await greeted_session(
+            carrier, {"role": "shadow-agent", "device": self._device}, self._open,
+            settings.handshake_timeout)
         if hello is None:
-            # A hub that refuses says why in a GOAWAY instead of its HELLO.
-            session.close(Reason.TIMED_OUT, "no HELLO in time")
             self._state(slot, f"refused by the hub: {session.end_reason()}")
             return None
         slot.node = str(hello.get("node", ""))
