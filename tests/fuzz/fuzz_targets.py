@@ -368,8 +368,11 @@ def _shadow_outcome(role: str, chunks: Iterator[bytes],
                 relayed += event.leftover
                 event = Accepted(event.session_id, b"")
             events.append(event)
-            if isinstance(event, RequestReceived) and accept is not None:
-                # As the device proxy does: read the request, then answer.
+            if (isinstance(event, RequestReceived) and accept is not None
+                    and channel.state is ChannelState.DECIDING):
+                # As the device proxy does: read the request, then answer, unless the
+                # console's early bytes failed the channel meanwhile (the proxy has
+                # closed it then, and answers nothing).
                 try:
                     parse_signed_request(event.signed)
                 except ShadowProtocolError as error:
