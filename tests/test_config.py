@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,49 @@ def test_a_relay_backoff_that_shrinks_names_reconnect_max() -> None:
     error = error_of("[relay]\nreconnect_min = 5\nreconnect_max = 1\n")
     assert (error.key, error.line) == ("relay.reconnect_max", 3)
     assert "not be less than reconnect_min (5.0)" in str(error)
+
+
+
+def resource_toml(**fields: object) -> str:
+    return "[[resources]]\n" + "".join(
+        f"{key} = {str(value).lower() if isinstance(value, bool) else json.dumps(value)}\n"
+        for key, value in fields.items())
+
+
+@pytest.mark.parametrize(("fields", "key", "expected"), [
+    ({"name": "a", "title": "A"}, "resources[0]", 'a tcp resource needs address = "HOST:PORT"'),
+    ({"name": "w", "title": "W", "kind": "web", "host": "wiki.localhost"}, "resources[0]",
+     "a web resource needs upstream"),
+    ({"name": "w", "title": "W", "kind": "web", "upstream": "ftp://x", "host": "w.localhost"},
+     "resources[0].upstream", "expected http(s)://HOST[:PORT][/PREFIX]"),
+    ({"name": "w", "title": "W", "kind": "web", "upstream": "http://h:99999",
+      "host": "w.localhost"}, "resources[0].upstream", "the port is not a number"),
+    ({"name": "w", "title": "W", "kind": "web", "upstream": "http://h", "host": "w:8443"},
+     "resources[0].host", "is not a host name"),
+    ({"name": "v", "title": "V", "address": "h:5900", "password_file": "p"}, "resources[0]",
+     'password_file: only for vnc resources, this one is kind = "tcp"'),
+    ({"name": "v", "title": "V", "kind": "vnc", "address": "h:5900", "host": "v.localhost"},
+     "resources[0]", 'host: only for web resources, this one is kind = "vnc"'),
+])
+def test_a_resource_of_each_kind_needs_its_own_fields(fields: dict[str, object], key: str,
+                                                       expected: str) -> None:
+    error = error_of(resource_toml(**fields))
+    assert error.key == key and expected in str(error)
+
+
+def test_a_web_resource_gets_a_host_name_of_its_own_under_the_gateways() -> None:
+    settings = parse_settings(
+        resource_toml(name="wiki", title="Wiki", kind="web", upstream="http://127.0.0.1:8080/",
+                      host="Wiki.LOCALHOST.")
+        + resource_toml(name="desk", title="Desk", kind="vnc", address="127.0.0.1:5900"),
+        path=Path("/etc/portcullis.toml"))
+    wiki, desk = settings.resources
+    assert (wiki.kind, wiki.host, wiki.upstream) == ("web", "wiki.localhost",
+                                                     "http://127.0.0.1:8080")
+    assert (desk.kind, settings.resources[0].address) == ("vnc", "")
+    elsewhere = error_of(resource_toml(name="w", title="W", kind="web", upstream="http://h",
+                                       host="w.example.org"))
+    assert "must be a name under the gateway's ('NAME.localhost')" in str(elsewhere)
+    twice = error_of("".join(resource_toml(name=name, title=name, kind="web", upstream="http://h",
+                                           host="wiki.localhost") for name in ("a", "b")))
+    assert "host 'wiki.localhost' is used twice" in str(twice)

@@ -11,6 +11,7 @@ import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -285,13 +286,34 @@ class DialerSettings(Section):
         return self
 
 
+# One DNS label: what a web resource's host name is made of.
+_HOST_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
 class Resource(Section):
+    """A published application. `tcp`: launched with a ticket by the rich client (launch
+    files); `web`: reverse-proxied in the browser at its own host name; `vnc`: a desktop
+    shown in the portal by noVNC. Visibility, policy and audit are the same for all."""
+
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     title: str = Field(min_length=1, max_length=200)
-    address: str
+    kind: Literal["tcp", "web", "vnc"] = "tcp"
+    # tcp and vnc: the server's HOST:PORT (never shown to users).
+    address: str = ""
     groups: list[str] = Field(default_factory=list)
     users: list[str] = Field(default_factory=list)
     description: str = ""
+    # web: where the application is (http(s)://HOST[:PORT][/PREFIX]) and the public host
+    # name it gets under the gateway's (its own origin, its own cookies).
+    upstream: str | None = None
+    host: str | None = None
+    # web: also send plain X-Forwarded-User/-Email/-Groups (always stripped from clients).
+    identity_headers: bool = False
+    # web, https upstream: the CA bundle that verifies it (default: the system's).
+    upstream_ca_file: str | None = None
+    # vnc: a file holding the server's VNC password; the gateway answers it, users never
+    # see it.
+    password_file: str | None = None
 
     @field_validator("title", "description", mode="before")
     @classmethod
@@ -316,8 +338,63 @@ class Resource(Section):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
-        parse_host_port(value, what="address")
+        if value:
+            parse_host_port(value, what="address")
         return value
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        name = value.strip().lower().rstrip(".")
+        labels = name.split(".")
+        if not all(_HOST_LABEL.fullmatch(label) for label in labels):
+            raise ValueError(f"{value!r} is not a host name (letters, digits and '-', "
+                             "dot-separated; no port, no scheme)")
+        return name
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"{value!r}: expected http(s)://HOST[:PORT][/PREFIX]")
+        if parsed.query or parsed.fragment or parsed.username or parsed.password:
+            raise ValueError(f"{value!r}: no query, fragment or credentials in an upstream")
+        try:
+            _ = parsed.port   # raises on a port that is not a number from 1 to 65535
+        except ValueError:
+            raise ValueError(f"{value!r}: the port is not a number from 1 to 65535") from None
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> Resource:
+        if self.kind == "web":
+            missing = [key for key in ("upstream", "host") if getattr(self, key) is None]
+            if missing:
+                raise ValueError(f"a web resource needs {' and '.join(missing)} "
+                                 "(upstream = \"http://HOST:PORT\", host = \"NAME.under.the."
+                                 "gateway\")")
+            if self.address or self.password_file:
+                raise ValueError("a web resource has upstream and host, not address or "
+                                 "password_file")
+        else:
+            if not self.address:
+                raise ValueError(f"a {self.kind} resource needs address = \"HOST:PORT\"")
+            extra = [key for key in ("upstream", "host", "upstream_ca_file")
+                     if getattr(self, key) is not None]
+            if self.identity_headers:
+                extra.append("identity_headers")
+            if self.kind == "tcp" and self.password_file is not None:
+                extra.append("password_file")
+            if extra:
+                raise ValueError(f"{', '.join(extra)}: only for "
+                                 f"{'web' if 'password_file' not in extra else 'vnc'} "
+                                 f"resources, this one is kind = \"{self.kind}\"")
+        return self
 
 
 
@@ -351,10 +428,21 @@ class Settings(Section):
     def _unique_resources(self) -> Settings:
         check_unique_names(self.policies)
         seen: set[str] = set()
+        hosts: set[str] = set()
         for resource in self.resources:
             if resource.name in seen:
                 raise ValueError(f"resource name {resource.name!r} is used twice")
             seen.add(resource.name)
+            if resource.host is not None:
+                gateway_host = (urlsplit(self.gateway.public_url).hostname or "").lower()
+                if not resource.host.endswith("." + gateway_host):
+                    raise ValueError(
+                        f"resources: {resource.name}: host {resource.host!r} must be a name "
+                        f"under the gateway's ({'NAME.' + gateway_host!r}), so that one "
+                        "wildcard certificate and the gateway's sign-in serve it")
+                if resource.host in hosts:
+                    raise ValueError(f"resources: host {resource.host!r} is used twice")
+                hosts.add(resource.host)
         return self
 
     @model_validator(mode="after")
