@@ -44,7 +44,9 @@ from portcullis.identity.login import (
 from portcullis.identity.sessions import SESSION_COOKIE, Session, SessionManager
 from portcullis.identity.totp import SelfEnrolment
 from portcullis.net.websocket import websocket_url
+from portcullis.portal import guard
 from portcullis.portal.broker import authorize_launch, visible_resources
+from portcullis.portal.guard import client_of, signed_in, token_of
 from portcullis.portal.redirects import (
     LOGIN_COOKIE,
     NEXT_COOKIE,
@@ -99,9 +101,6 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
     settings = deps.settings
     gateway_ws = websocket_url(settings.gateway.public_url, "/api/v1/launch")
 
-    def client_of(request: Request) -> str:
-        return request.client.host if request.client else "unknown"
-
     def login_context(request: Request) -> LoginContext:
         try:
             certificate = (certificate_forwarded(request.headers.raw)
@@ -111,15 +110,8 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
             certificate = None
         return LoginContext(client_of(request), certificate)
 
-    def token_of(request: Request) -> str | None:
-        header = request.headers.get("authorization", "")
-        if header.lower().startswith("bearer "):
-            return header[7:].strip()
-        return request.cookies.get(SESSION_COOKIE)
-
     async def current_session(request: Request) -> Session | None:
-        token = token_of(request)
-        return await deps.sessions.validate(token) if token else None
+        return await signed_in(deps.sessions, request)
 
     def api_post_allowed(request: Request) -> bool:
         """A state-changing API call carries a Bearer token, or, signed in by cookie, a
@@ -134,13 +126,10 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         return False
 
     def csrf_for(token: str) -> str:
-        return deps.hasher.digest("csrf", token)[:32]
+        return guard.csrf_for(deps.hasher, token)
 
     def csrf_ok(request: Request, form_value: object) -> bool:
-        token = request.cookies.get(SESSION_COOKIE)
-        if not token or not isinstance(form_value, str):
-            return False
-        return hmac.compare_digest(csrf_for(token), form_value)
+        return guard.csrf_ok(deps.hasher, request, form_value)
 
     def set_session_cookie(response: Response, token: str) -> None:
         response.set_cookie(SESSION_COOKIE, token, secure=True, httponly=True,

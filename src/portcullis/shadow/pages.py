@@ -11,7 +11,8 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from portcullis.identity.sessions import SESSION_COOKIE, SessionManager
+from portcullis.identity.sessions import SessionManager
+from portcullis.portal.guard import signed_in
 from portcullis.shadow.hub import ShadowHub
 
 PORTAL_TEMPLATES = Path(__file__).resolve().parent.parent / "portal" / "templates"
@@ -21,8 +22,7 @@ def device_pages(hub: ShadowHub, sessions: SessionManager, public_url: str) -> l
     templates = Jinja2Templates(directory=str(PORTAL_TEMPLATES))
 
     async def devices(request: Request) -> Response:
-        token = request.cookies.get(SESSION_COOKIE)
-        session = await sessions.validate(token) if token else None
+        session = await signed_in(sessions, request)
         if session is None:
             return RedirectResponse("/login?next=/devices", 303)
         response = templates.TemplateResponse(request, "devices.html", {
