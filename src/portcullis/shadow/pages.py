@@ -4,31 +4,22 @@ runs in the same process; it reads the portal's session cookie."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
-from starlette.templating import Jinja2Templates
 
 from portcullis.identity.sessions import SessionManager
 from portcullis.portal.guard import signed_in
+from portcullis.portal.pages import page
 from portcullis.shadow.hub import ShadowHub
-
-PORTAL_TEMPLATES = Path(__file__).resolve().parent.parent / "portal" / "templates"
 
 
 def device_pages(hub: ShadowHub, sessions: SessionManager, public_url: str) -> list[Route]:
-    templates = Jinja2Templates(directory=str(PORTAL_TEMPLATES))
-
     async def devices(request: Request) -> Response:
         session = await signed_in(sessions, request)
         if session is None:
             return RedirectResponse("/login?next=/devices", 303)
-        response = templates.TemplateResponse(request, "devices.html", {
-            "session": session, "devices": await hub.devices_for(session),
-            "gateway": public_url})
-        response.headers["cache-control"] = "no-store"
-        return response
+        return page(request, "devices.html", session=session,
+                    devices=await hub.devices_for(session), gateway=public_url)
 
     return [Route("/devices", devices, methods=["GET"])]
