@@ -59,6 +59,7 @@ from portcullis.net.websocket import MAX_WEBSOCKET_MESSAGE, Opened
 from portcullis.pki.maintenance import LoadedCertificates, maintain
 from portcullis.policy import AccessPolicy
 from portcullis.portal.app import PortalDeps, create_portal_app
+from portcullis.portal.error_pages import error_handlers
 from portcullis.portal.saml import SamlEndpoints, saml_callback_bodies
 from portcullis.proto.mux import Reason
 from portcullis.shadow.pages import device_pages
@@ -294,7 +295,8 @@ class Node:
                                   self.audit)) if settings.oidc.enabled else [])
         devices = (device_pages(self.shadow_hub.hub, sessions, settings.gateway.public_url)
                    if self.shadow_hub is not None else [])
-        portal_app = Starlette(routes=[*saml.routes(), *idp, *devices,
+        portal_app = Starlette(exception_handlers=error_handlers(),
+                               routes=[*saml.routes(), *idp, *devices,
                                        Mount("/", app=portal_app)])
         if "gateway" not in self.roles:
             host, port = parse_host_port(settings.portal.listen)

@@ -106,7 +106,11 @@ class HandOff:
 
 @dataclass(frozen=True)
 class Denied:
-    """Deliberately carries no reason: that is in the audit trail."""
+    """Deliberately carries no reason: that is in the audit trail. `restart`: the answer
+    was for a flow that is gone (expired, finished, never begun): no failure of the user,
+    who should simply begin again (a stale sign-in page)."""
+
+    restart: bool = False
 
 
 LoginResult = NextStep | Authenticated | HandOff | Denied
@@ -210,9 +214,10 @@ class LoginService:
         # Taken, not read: of two requests with one handle, only one goes on.
         state = await self._take(handle)
         if state is None:
-            self._audit.record("login.failed", reason="unknown or expired login handle",
+            # Not counted as a failure: nothing was checked (a stale page, a second tab).
+            self._audit.record("login.expired", reason="unknown or expired login handle",
                                handle=mask(handle), client=client)
-            return Denied()
+            return Denied(restart=True)
         factor = self._factor(state)
         if isinstance(factor, RedirectFactor) and not (isinstance(factor, DeviceFactor)
                                                        and factor.polling(state)):

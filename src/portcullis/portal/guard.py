@@ -24,6 +24,7 @@ from starlette.responses import RedirectResponse, Response
 from portcullis.audit import AuditTrail
 from portcullis.identity.sessions import SESSION_COOKIE, Session, SessionManager
 from portcullis.portal.api import api_error, is_json
+from portcullis.portal.pages import error_page
 from portcullis.tokens import TokenHasher
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -103,10 +104,13 @@ class Guard:
         carries the session's CSRF token."""
         async def guarded(request: Request) -> Response:
             session = await self.session(request)
-            if session is None:
+            if session is None and request.method == "GET":
                 return RedirectResponse(sign_in_first(request), 303)
+            if session is None:
+                # A form of a session that has ended since the page was drawn.
+                return session_ended(request)
             if csrf and request.method == "POST" and await self.form_refused(request, session):
-                return Response("denied", 403, media_type="text/plain")
+                return form_refused(request)
             return await endpoint(request, session)
         return guarded
 
@@ -124,9 +128,23 @@ class Guard:
 
 
 def sign_in_first(request: Request) -> str:
-    """Where a signed-out browser goes: the sign-in page, then back to a page it asked for
-    (a form post's URL cannot be gone back to)."""
+    """Where a signed-out browser goes: the sign-in page, then back to the page it asked
+    for."""
     path = request.url.path
-    if request.method != "GET" or path == "/":
-        return "/login"
-    return "/login?next=" + quote(path, safe="/")
+    return "/login" if path == "/" else "/login?next=" + quote(path, safe="/")
+
+
+def session_ended(request: Request) -> Response:
+    return error_page(request, 401, "Your session has ended",
+                      "You were signed out (the session expired or was ended) before this "
+                      "was sent, so nothing was done.",
+                      "Sign in again, then do it once more.", action=("Sign in again", "/login"))
+
+
+def form_refused(request: Request) -> Response:
+    """A form without its CSRF token: a stale page, or another site's forgery. Either way
+    nothing was done, and the page says no more than that."""
+    return error_page(request, 403, "This page was out of date",
+                      "What you sent was not accepted, and nothing was done.",
+                      "Go back, reload the page and try again.",
+                      action=("Go to your resources", "/"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from urllib.parse import urlencode
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -28,7 +29,7 @@ from portcullis.identity.login import (
 from portcullis.identity.sessions import SESSION_COOKIE, Session
 from portcullis.portal.api import api_error, json_object
 from portcullis.portal.deps import PortalDeps
-from portcullis.portal.guard import Guard, client_of, token_of
+from portcullis.portal.guard import Guard, client_of, form_refused, token_of
 from portcullis.portal.pages import page
 from portcullis.portal.redirects import (
     LOGIN_COOKIE,
@@ -42,6 +43,8 @@ from portcullis.portal.redirects import (
 from portcullis.web.client_certificate import certificate_forwarded, certificate_in_scope
 
 CSRF_COOKIE = "__Host-portcullis-csrf"
+# `/login?expired=1`: the sign-in began again because the page's own had gone.
+RESTARTED = "expired"
 
 
 def sign_in_routes(deps: PortalDeps, guard: Guard) -> list[BaseRoute]:
@@ -135,7 +138,7 @@ def sign_in_routes(deps: PortalDeps, guard: Guard) -> list[BaseRoute]:
             return to_identity_provider(request, result, target,
                                         settings.session.login_step_timeout)
         if isinstance(result, NextStep):
-            return login_form(request, result, error=error)
+            return login_form(request, result, target, error=error)
         if isinstance(result, HandOff):
             return RedirectResponse(result.url, 303)
         return forget_login(page(request, "denied.html", 401))
@@ -148,41 +151,53 @@ def sign_in_routes(deps: PortalDeps, guard: Guard) -> list[BaseRoute]:
                                            provider=str(request.path_params["provider"]))
         return login_result(request, result, safe_next(request.cookies.get(NEXT_COOKIE)))
 
-    def login_form(request: Request, step: NextStep, error: str | None,
+    def login_form(request: Request, step: NextStep, target: str, error: str | None,
                    status: int = 200) -> Response:
         csrf = request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(24)
+        restarted = request.method == "GET" and request.query_params.get(RESTARTED) == "1"
         response = page(request, "login.html", status, step=step.step, handle=step.handle,
-                        csrf=csrf, error=error,
-                        next=safe_next(request.query_params.get("next")))
+                        csrf=csrf, error=error, restarted=restarted, next=target)
         response.set_cookie(CSRF_COOKIE, csrf, secure=True, httponly=True, samesite="strict",
                             path="/")
         return response
 
+    def restart(target: str) -> Response:
+        """A fresh sign-in page, saying why the user is back at the start."""
+        query = {RESTARTED: "1", **({"next": target} if target != "/" else {})}
+        return RedirectResponse("/login?" + urlencode(query), 303)
+
     async def login_submit(request: Request) -> Response:
         form = await request.form()
+        target = safe_next(str(form.get("next") or "/"))
         cookie = request.cookies.get(CSRF_COOKIE)
         posted = form.get("csrf")
         if not cookie or not isinstance(posted, str) or not hmac.compare_digest(cookie, posted):
+            # A page whose cookie is gone (a restarted browser) or another site's post:
+            # nothing is checked either way, and a fresh page is all the answer.
             guard.refused(request)
-            return Response("denied", 403, media_type="text/plain")
+            return restart(target)
         handle = form.get("handle")
         answers = {key: value for key, value in form.items()
                    if key not in ("csrf", "handle", "next") and isinstance(value, str)}
         context = login_context(request)
         result = await deps.login.submit(handle if isinstance(handle, str) else None, answers,
                                          context)
-        target = safe_next(str(form.get("next") or "/"))
+        if isinstance(result, Denied) and result.restart:
+            # The page's sign-in is gone (expired, or finished in another tab): a correct
+            # password must not meet "Sign-in failed".
+            return restart(target)
         if isinstance(result, Denied):
             # Start over; the reason is in the audit trail only.
             begun = await deps.login.begin(context)
             if isinstance(begun, NextStep) and begun.step.kind != "redirect":
-                return login_form(request, begun, error="Sign-in failed.", status=401)
+                return login_form(request, begun, target, error="Sign-in failed.",
+                                  status=401)
         return login_result(request, result, target)
 
     async def logout_page(request: Request) -> Response:
         token = request.cookies.get(SESSION_COOKIE)
         if token and await guard.form_refused(request):
-            return Response("denied", 403, media_type="text/plain")
+            return form_refused(request)
         session = await deps.sessions.validate(token) if token else None
         if token:
             await deps.sessions.end(token)

@@ -9,10 +9,13 @@ one it is routed by.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from portcullis.web.answers import answer_for, edge_page, explained
 
 SECURITY_HEADERS = [
     (b"strict-transport-security", b"max-age=63072000; includeSubDomains"),
@@ -50,12 +53,12 @@ class SecurityMiddleware:
             await self.app(scope, receive, send)
             return
         if _has_dot_segment(scope):
-            await _plain(send, 400, b"bad request path")
+            await _refuse(scope, send, 400, "bad request path")
             return
         # The HTTP parser bounds only headers that arrive in pieces; bound them all.
         if sum(len(name) + len(value) + 4 for name, value in scope["headers"]) > \
                 self.max_header_bytes:
-            await _plain(send, 431, b"request headers too large")
+            await _refuse(scope, send, 431, "request headers too large")
             return
         max_body = self.max_body
         if (self.larger is not None and scope["method"] == "POST"
@@ -63,7 +66,7 @@ class SecurityMiddleware:
             max_body = max(max_body, self.larger.max_body)
         length = _content_length(scope)
         if length is not None and length > max_body:
-            await _plain(send, 413, b"request body too large")
+            await _refuse(scope, send, 413, "request body too large")
             return
 
         received = 0
@@ -113,8 +116,19 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _plain(send: Send, status: int, body: bytes) -> None:
+async def _refuse(scope: Scope, send: Send, status: int, message: str) -> None:
+    """Refuse before any role sees the request: a page for a browser, JSON for the API,
+    plain text for anything else (web/answers.py)."""
+    accept = next((value.decode("latin-1") for name, value in scope["headers"]
+                   if name == b"accept"), "")
+    kind = answer_for(scope["path"], accept)
+    if kind == "page":
+        body, media_type = edge_page(*explained(status)), b"text/html; charset=utf-8"
+    elif kind == "json":
+        body, media_type = json.dumps({"error": message}).encode(), b"application/json"
+    else:
+        body, media_type = message.encode(), b"text/plain; charset=utf-8"
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                "headers": [(b"content-type", media_type),
                             (b"content-length", str(len(body)).encode()), *SECURITY_HEADERS]})
     await send({"type": "http.response.body", "body": body})
