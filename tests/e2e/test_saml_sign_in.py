@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import Deployment, Process, init_deployment
+from conftest import Deployment, Process, init_deployment, require_program
 from e2e import test_federated_sign_in
 from peers.saml import IdpFiles, prepare_idp, start_idp
 
@@ -148,6 +148,31 @@ def test_a_user_signs_in_through_the_idp_and_its_groups_pick_the_resources(
     assert not any("SSH" in title for title in titles)
     succeeded = saml.audit("login.succeeded")[-1]
     assert succeeded["user"] == "alice" and succeeded["factors"] == [PROVIDER]
+
+
+def test_without_javascript_signing_in_through_the_idp_works(saml: SamlGateway) -> None:
+    """The portal's part of a redirect step needs no script: the way to the IdP is a plain
+    redirect, and the page after its answer has a Continue link."""
+    chromium = require_program("chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True,
+                                             args=test_federated_sign_in.CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(ignore_https_errors=True, java_script_enabled=False)
+            page = context.new_page()
+            page.goto(f"{saml.deployment.url}/")
+            page.wait_for_url(f"{saml.idp.url}/sso/**")
+            page.fill("input[name=username]", "alice")
+            page.fill("input[name=password]", "alice-pass")
+            page.click("button")
+            page.click("text=Continue to the service")   # the IdP's, without scripts
+            page.wait_for_selector("[data-step=continue]")
+            page.click("#continue")
+            page.wait_for_selector("text=Your resources")
+        finally:
+            browser.close()
 
 
 def test_a_response_larger_than_any_other_request_body_is_accepted_at_the_acs(

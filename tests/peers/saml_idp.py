@@ -192,7 +192,9 @@ class IdentityProvider:
                   "RelayState": form.get("RelayState", "")}
         inputs = "".join(f'<input type="hidden" name="{name}" value="{html.escape(value)}">'
                          for name, value in fields.items())
-        return (f'<form method="post" action="{html.escape(form["acs"])}">{inputs}</form>'
+        # Without scripts, a button does what the script does (as real IdPs offer).
+        return (f'<form method="post" action="{html.escape(form["acs"])}">{inputs}'
+                '<button>Continue to the service</button></form>'
                 '<script>document.forms[0].submit()</script>')
 
 
