@@ -50,10 +50,14 @@ async def test_a_portal_the_dialer_cannot_reach_is_a_bad_gateway(
                                      DirectDialer())
     try:
         page = await client.get("/login")
+        browser = await client.get("/login", headers={"accept": "text/html"})
     finally:
         await client.aclose()
         await proxy.close()
     assert (page.status_code, page.text) == (502, "the portal is unavailable")
+    # A browser gets a page saying what happened and what to do.
+    assert browser.status_code == 502 and "Temporarily unavailable" in browser.text
+    assert browser.headers["content-type"].startswith("text/html")
 
 
 def test_a_portal_alone_dials_directly_whatever_the_edges_dialer_says(

@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from portcullis.net.dialer import Dialer
 from portcullis.net.httpdial import DialerTransport
+from portcullis.web.answers import error_body
 from portcullis.web.client_certificate import FORWARDED_HEADER, forwarded_value
 
 # Never passed on: hop-by-hop headers, what httpx has already decoded, and every
@@ -53,7 +54,7 @@ class PortalProxy:
         target, status = forwardable_target(scope.get("raw_path") or scope["path"].encode(),
                                             scope.get("query_string", b""), scope["path"])
         if target is None:
-            return Response("bad request target", status, media_type="text/plain")
+            return refusal(request, status, "bad request target")
         headers = [(name, value) for name, value in request.headers.raw
                    if name.lower() not in HOP_BY_HOP]
         client = request.client.host if request.client else "unknown"
@@ -66,9 +67,9 @@ class PortalProxy:
                 request.method, httpx.URL(raw_path=target), headers=headers,
                 content=await request.body())
         except httpx.InvalidURL:   # what the check above let through and httpx refuses
-            return Response("bad request target", 400, media_type="text/plain")
+            return refusal(request, 400, "bad request target")
         except httpx.HTTPError:
-            return Response("the portal is unavailable", 502, media_type="text/plain")
+            return refusal(request, 502, "the portal is unavailable")
         kept = [(name, value) for name, value in upstream.headers.raw
                 if name.lower() not in HOP_BY_HOP]
         response = Response(upstream.content, upstream.status_code)
@@ -77,3 +78,10 @@ class PortalProxy:
 
     async def close(self) -> None:
         await self._http.aclose()
+
+
+def refusal(request: Request, status: int, message: str) -> Response:
+    """A page for a browser, JSON for the API, plain text otherwise (web/answers.py)."""
+    body, media_type = error_body(request.url.path, request.headers.get("accept", ""),
+                                  status, message)
+    return Response(body, status, media_type=media_type)

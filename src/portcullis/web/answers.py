@@ -9,6 +9,7 @@ pages itself (`edge_page`), with the portal's style sheet and the portal's marku
 
 from __future__ import annotations
 
+import json
 from html import escape
 from typing import Literal
 
@@ -35,6 +36,8 @@ EXPLAINED: dict[int, tuple[str, str, str]] = {
     500: ("Something went wrong", "The gateway could not answer this request.",
           "Try again in a moment. If it keeps happening, tell your administrator the time "
           "it happened."),
+    502: ("Temporarily unavailable", "The gateway could not reach the service behind it.",
+          "Try again in a minute."),
     503: ("Temporarily unavailable", "The gateway cannot answer right now.",
           "Try again in a minute."),
 }
@@ -52,6 +55,18 @@ def answer_for(path: str, accept: str) -> Answer:
     # alone (curl, scripts) gets plain text.
     media_types = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
     return "page" if "text/html" in media_types else "text"
+
+
+def error_body(path: str, accept: str, status: int, message: str) -> tuple[bytes, str]:
+    """The body and media type of an error answered outside the portal (the edge, the
+    gateway's forwarding to a portal elsewhere): `message` as JSON or plain text, or the
+    page that explains `status`."""
+    kind = answer_for(path, accept)
+    if kind == "page":
+        return edge_page(*explained(status)), "text/html; charset=utf-8"
+    if kind == "json":
+        return json.dumps({"error": message}).encode(), "application/json"
+    return message.encode(), "text/plain; charset=utf-8"
 
 
 def edge_page(title: str, what: str, todo: str) -> bytes:

@@ -9,13 +9,12 @@ one it is routed by.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from portcullis.web.answers import answer_for, edge_page, explained
+from portcullis.web.answers import error_body
 
 SECURITY_HEADERS = [
     (b"strict-transport-security", b"max-age=63072000; includeSubDomains"),
@@ -121,14 +120,8 @@ async def _refuse(scope: Scope, send: Send, status: int, message: str) -> None:
     plain text for anything else (web/answers.py)."""
     accept = next((value.decode("latin-1") for name, value in scope["headers"]
                    if name == b"accept"), "")
-    kind = answer_for(scope["path"], accept)
-    if kind == "page":
-        body, media_type = edge_page(*explained(status)), b"text/html; charset=utf-8"
-    elif kind == "json":
-        body, media_type = json.dumps({"error": message}).encode(), b"application/json"
-    else:
-        body, media_type = message.encode(), b"text/plain; charset=utf-8"
+    body, media_type = error_body(scope["path"], accept, status, message)
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", media_type),
+                "headers": [(b"content-type", media_type.encode()),
                             (b"content-length", str(len(body)).encode()), *SECURITY_HEADERS]})
     await send({"type": "http.response.body", "body": body})
