@@ -85,14 +85,14 @@ class Guard:
         self.refused(request, session)
         return True
 
-    def api_refused(self, request: Request, session: Session | None = None) -> bool:
+    def api_refused(self, request: Request) -> bool:
         """Whether a state-changing API call could have come from another site: it has no
         Bearer token and, signed in by cookie, no JSON content type (which no cross-site
         form can send). Without any session the endpoint answers 401 instead."""
         if (request.headers.get("authorization", "").lower().startswith("bearer ")
                 or SESSION_COOKIE not in request.cookies or is_json(request)):
             return False
-        self.refused(request, session)
+        self.refused(request)
         return True
 
     def refused(self, request: Request, session: Session | None = None) -> None:
