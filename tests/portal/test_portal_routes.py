@@ -162,7 +162,9 @@ async def test_a_correct_password_on_an_expired_sign_in_page_starts_again(
     assert "Your sign-in page had expired; please sign in again." in again.text
     assert "Sign-in failed" not in again.text
     assert form_field(again.text, "next") == "/account/authenticator"
-    assert portal.events("login.expired") and not portal.events("login.failed")
+    # Audited as what it is, not as a wrong password.
+    assert [e["reason"] for e in portal.events("login.failed")] == [
+        "unknown or expired login handle"]
 
 
 async def test_a_sign_in_page_whose_csrf_cookie_is_gone_starts_again(portal: Portal) -> None:

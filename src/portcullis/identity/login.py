@@ -29,7 +29,7 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from urllib.parse import urlencode
 
 from portcullis.audit import AuditTrail
@@ -106,11 +106,12 @@ class HandOff:
 
 @dataclass(frozen=True)
 class Denied:
-    """Deliberately carries no reason: that is in the audit trail. `restart`: the answer
-    was for a flow that is gone (expired, finished, never begun): no failure of the user,
-    who should simply begin again (a stale sign-in page)."""
+    """Deliberately carries no reason: that is in the audit trail. `restart` is no reason
+    either: the answer was for a flow that is gone (expired, finished in another tab, never
+    begun), so nothing was checked and a browser's page should simply begin again. Every
+    denial compares equal, and the JSON API answers them all alike."""
 
-    restart: bool = False
+    restart: bool = field(default=False, compare=False)
 
 
 LoginResult = NextStep | Authenticated | HandOff | Denied
@@ -214,8 +215,8 @@ class LoginService:
         # Taken, not read: of two requests with one handle, only one goes on.
         state = await self._take(handle)
         if state is None:
-            # Not counted as a failure: nothing was checked (a stale page, a second tab).
-            self._audit.record("login.expired", reason="unknown or expired login handle",
+            # Not counted by the throttle: nothing was checked (a stale page, a second tab).
+            self._audit.record("login.failed", reason="unknown or expired login handle",
                                handle=mask(handle), client=client)
             return Denied(restart=True)
         factor = self._factor(state)
