@@ -137,8 +137,10 @@ def forward_target(method: bytes, target: bytes) -> ForwardTarget | Refusal:
     if "@" in parts.netloc:
         return Refusal(400, "user information in a proxied URL is not forwarded")
     try:
-        port = parts.port or 80
+        port = 80 if parts.port is None else parts.port
     except ValueError:
+        port = 0
+    if not 0 < port < 65536:
         return Refusal(400, "the URL's port is not 1-65535")
     host = parse_host(parts.hostname or "")
     if host is None:
