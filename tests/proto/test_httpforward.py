@@ -84,6 +84,8 @@ def test_an_absolute_url_names_the_destination_and_the_origin_form(
     (b"GET", b"http://wi;ki/", 400, "host"),
     (b"GET", b"http:///path", 400, "host"),
     (b"GET", b"http://[fe80::1%25eth0]/", 400, "host"),
+    (b"GET", b"http://cc]cc.example/", 400, "host"),   # found by the fuzzer
+    (b"GET", b"http://[::1/", 400, "host"),
     (b"CONNECT", b"wiki:443", 405, "first request"),
 ])
 def test_what_cannot_be_forwarded_is_refused_with_what_to_do(

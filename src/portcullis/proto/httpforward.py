@@ -131,7 +131,10 @@ def forward_target(method: bytes, target: bytes) -> ForwardTarget | Refusal:
     if not text.lower().startswith(("http://", "https://")):
         return Refusal(400, "this is a proxy: send the absolute URL "
                             "(GET http://host:port/path)")
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError:   # an unbalanced "[" or "]"
+        return Refusal(400, "the URL's host is not a name or an IP address")
     if parts.scheme.lower() == "https":
         return Refusal(400, USE_CONNECT)
     if "@" in parts.netloc:
