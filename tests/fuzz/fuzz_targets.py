@@ -6,9 +6,9 @@ checked here (the same bytes split differently give the same outcome; what a par
 accepts, the next layer can carry; a parsed launch file writes and reads back the same).
 
 Inputs of the mux, SOCKS5, SOCKS5 client, stream datagram, HTTP CONNECT, HTTP forward,
-shadow channel and RFB refusal targets start with a small header: byte 0, options (bit 0: the proxies
-require credentials ``fuzz``/``secret``, the shadow device accepts a request that parses;
-for SOCKS5, bit 1: the relay's extension commands are accepted);
+shadow channel and RFB refusal targets start with a small header: byte 0, options (bit 0:
+the proxies require credentials ``fuzz``/``secret``, the shadow device accepts a request
+that parses; for SOCKS5, bit 1: the relay's extension commands are accepted);
 byte 1, how to split the rest into chunks (0: one chunk, n: chunks of n bytes).
 ``fuzz_run.py`` drives these under atheris; ``test_fuzz.py`` replays the corpus and runs a
 bounded fuzzing session per target.
