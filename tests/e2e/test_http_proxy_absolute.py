@@ -168,17 +168,14 @@ def test_a_destination_the_policy_denies_gets_403_with_the_gateways_reason(
     assert denied[-1]["rule"] == "no-ssh"
 
 
-def test_https_urls_and_origin_form_are_refused_with_what_to_do(proxied) -> None:  # type: ignore[no-untyped-def]
+def test_what_is_not_a_forwardable_request_gets_400_or_431_and_the_connection_closes(
+        proxied, echo_app: EchoServer) -> None:  # type: ignore[no-untyped-def]
     https = raw_exchange(proxied.http, b"GET https://127.0.0.1:1/ HTTP/1.1\r\n"
                                        b"Host: 127.0.0.1:1\r\n\r\n")
     assert https.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert b"CONNECT" in https.split(b"\r\n\r\n", 1)[1]
     origin = raw_exchange(proxied.http, b"GET / HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n")
     assert origin.startswith(b"HTTP/1.1 400 Bad Request\r\n")
-
-
-def test_a_malformed_request_gets_400_and_an_overlong_head_431_and_both_close(
-        proxied, echo_app: EchoServer) -> None:  # type: ignore[no-untyped-def]
     good = (b"GET http://127.0.0.1:%d/ok HTTP/1.1\r\nHost: x\r\n\r\n" % echo_app.port)
     malformed = raw_exchange(proxied.http, good + b"GET http://127.0.0.1:1/ HTTP/1.1\r\n"
                              b"Host: x\r\nContent-Length: nope\r\n\r\n")
