@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -145,9 +146,14 @@ def test_curl_gets_posts_and_uploads_chunked_through_the_proxy_on_one_connection
     assert "keep-alive: timeout" not in result.stderr.lower()
 
 
-def test_a_large_download_streams_through_whole(
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def test_a_large_download_streams_through_whole_and_a_slow_reader_holds_the_server_back(
         proxied, echo_app: EchoServer) -> None:  # type: ignore[no-untyped-def]
-    size = 64 * 1024 * 1024
+    size = 32 * 1024 * 1024
     result = subprocess.run(
         ["curl", "-sS", "--max-time", "60", "-x", f"http://{proxied.http}",
          f"http://127.0.0.1:{echo_app.port}/big/{size}"], capture_output=True, timeout=90)
@@ -155,6 +161,21 @@ def test_a_large_download_streams_through_whole(
     assert len(result.stdout) == size
     assert hashlib.sha256(result.stdout).hexdigest() == hashlib.sha256(
         bytes(range(256)) * (size // 256)).hexdigest()
+
+    # A client that stops reading: what is in flight stays bounded by the tunnel's
+    # window and the sockets' buffers, not by the 512 MiB the server would send.
+    pid = proxied.process.popen.pid
+    before = rss_mib(pid)
+    host, port = proxied.http.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        client.sendall(b"GET http://127.0.0.1:%d/big/%d HTTP/1.1\r\nHost: x\r\n\r\n"
+                       % (echo_app.port, 512 * 1024 * 1024))
+        assert client.recv(65536).startswith(b"HTTP/1.1 200 ")
+        time.sleep(3)   # the server would have sent hundreds of MiB by now
+        grown = rss_mib(pid) - before
+    print(f"connect grew by {grown:.1f} MiB while its client did not read")
+    assert grown < 48
 
 
 def test_a_destination_the_policy_denies_gets_403_with_the_gateways_reason(
