@@ -182,19 +182,16 @@ def test_a_large_download_streams_through_whole_and_a_slow_reader_holds_the_serv
     assert grown < 48
 
 
-def test_a_destination_the_policy_denies_gets_403_with_the_gateways_reason(
-        vpn: Deployment, proxied) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_what_is_not_carried_gets_403_400_or_431_with_a_reason_and_the_connection_closes(
+        vpn: Deployment, proxied, echo_app: EchoServer) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    # The gateway's policy denies the destination: 403 with its reason, printed by connect.
     result = curl("-i", "-x", f"http://{proxied.http}", "http://127.0.0.1:22/")
     assert result.stdout.startswith("HTTP/1.1 403 Forbidden\n"), result.stdout
     assert result.stdout.splitlines()[-1] == 'denied: denied by rule "no-ssh"'
-
     proxied.process.wait_for(r"refused 127\.0\.0\.1:22: ")
     denied = [e for e in audit(vpn) if e["event"] == "tunnel.denied"]
     assert denied[-1]["rule"] == "no-ssh"
-
-
-def test_what_is_not_a_forwardable_request_gets_400_or_431_and_the_connection_closes(
-        proxied, echo_app: EchoServer) -> None:  # type: ignore[no-untyped-def]
+    # Not for this proxy to forward: https:// in absolute form, a bare path.
     https = raw_exchange(proxied.http, b"GET https://127.0.0.1:1/ HTTP/1.1\r\n"
                                        b"Host: 127.0.0.1:1\r\n\r\n")
     assert https.startswith(b"HTTP/1.1 400 Bad Request\r\n")
