@@ -232,7 +232,7 @@ def wheel(name: str, version: str) -> tuple[str, bytes]:
 
 
 def test_pip_downloads_a_package_from_an_index_through_the_proxy(
-        proxied, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        vpn: Deployment, proxied, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     root = tmp_path / "index"
     filename, data = wheel("portcullis_probe", "1.0")
     (root / "files").mkdir(parents=True)
@@ -257,5 +257,12 @@ def test_pip_downloads_a_package_from_an_index_through_the_proxy(
         index.close()
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "got" / filename).read_bytes() == data
-    # Through the tunnel: the gateway audited the streams to the index.
-    proxied.process.stop()
+    # Through the tunnel: the gateway audited the streams to the index (each is audited
+    # when it ends; http.server closes after every answer).
+    index_streams: list[dict[str, object]] = []
+    deadline = time.monotonic() + 10
+    while not index_streams and time.monotonic() < deadline:
+        index_streams = [e for e in audit(vpn) if e["event"] == "tunnel.stream"
+                         and e["destination"] == f"127.0.0.1:{index.port}/tcp"]
+        time.sleep(0.05)
+    assert index_streams and index_streams[-1]["user"] == "alice"
