@@ -159,6 +159,36 @@ def test_an_upstream_that_closes_after_its_answer_is_replaced_for_the_next_reque
                                           SendUpstream(GET_UPSTREAM)]
 
 
+def test_a_get_on_a_kept_connection_the_server_closed_unheard_is_sent_once_more() -> None:
+    forwarder = HttpForwarder()
+    run(forwarder, client=GET, upstream=OK)
+    assert run(forwarder, client=GET) == [SendUpstream(GET_UPSTREAM)]
+    forwarder.receive_upstream(b"")   # the server had closed it meanwhile
+    assert run(forwarder) == [DropUpstream(), OpenUpstream("wiki.corp.example", 80),
+                              SendUpstream(GET_UPSTREAM)]
+    assert run(forwarder, upstream=OK) == [SendClient(OK_CLIENT)]
+    # Once only: the new connection closing unheard is a 502.
+    run(forwarder, client=GET)
+    forwarder.receive_upstream(b"")
+    run(forwarder)
+    forwarder.receive_upstream(b"")
+    assert status_of(forwarder.commands()) == b"HTTP/1.1 502 Bad Gateway"
+
+
+@pytest.mark.parametrize("second", [
+    b"POST http://wiki.corp.example/ HTTP/1.1\r\nHost: w\r\nContent-Length: 1\r\n\r\nx",
+    GET.replace(b"wiki.corp.example/", b"other.example/")])   # a new connection
+def test_a_request_with_a_body_or_on_a_new_connection_is_never_sent_twice(
+        second: bytes) -> None:
+    forwarder = HttpForwarder()
+    run(forwarder, client=GET, upstream=OK)
+    run(forwarder, client=second)
+    forwarder.receive_upstream(b"")
+    commands = forwarder.commands()
+    assert not any(isinstance(c, OpenUpstream) for c in commands)
+    assert status_of(commands) == b"HTTP/1.1 502 Bad Gateway"
+
+
 def test_bodies_keep_their_framing_both_ways() -> None:
     forwarder = HttpForwarder()
     post = (b"POST http://h/up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"

@@ -67,6 +67,9 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te"
 # How a body is framed: kept as they are, so that h11 frames the body the same way on
 # the other side; never dropped, even when a Connection header names them.
 FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+# Methods sent again, without a body, when a kept connection turns out closed.
+_REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+_NO_ANSWER = "the server closed the connection without an answer"
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,11 @@ class HttpForwarder:
         self._upstream_at: tuple[str, int] | None = None
         self._commands: list[Command] = []
         self._closed = False
+        # A bodiless GET/HEAD/OPTIONS sent on a kept connection: sent once more on a new
+        # one if the server turns out to have closed the kept one before it heard it (the
+        # race every keep-alive client has; RFC 9110 section 9.2.2 allows the retry).
+        self._replay: h11.Request | None = None
+        self._heard = False   # bytes came from the upstream since the request went out
 
     @classmethod
     def taking_over(cls, client: h11.Connection, request: h11.Request, *,
@@ -235,6 +243,7 @@ class HttpForwarder:
         upstream = self._upstream
         if self._closed or upstream is None or upstream.their_state is h11.CLOSED:
             return
+        self._heard = self._heard or bool(data)
         upstream.receive_data(data)
         self._pump_upstream(upstream)
 
@@ -243,8 +252,10 @@ class HttpForwarder:
         dropped it. A client still waiting for its response is told ``status``."""
         if self._closed or self._upstream is None:
             return
-        self._upstream = self._upstream_at = None
-        self._upstream_gone(status, reason)
+        self._upstream = None
+        if not self._retried():   # a kept connection lost before it answered: once more
+            self._upstream_at = None
+            self._upstream_gone(status, reason)
 
     def idle_expired(self) -> None:
         """Nothing moved either way for the shell's idle time."""
@@ -277,6 +288,7 @@ class HttpForwarder:
             if isinstance(event, h11.Request):
                 self._on_request(event)
             elif isinstance(event, h11.Data):
+                self._replay = None
                 self._send_upstream(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
                 # Trailers are hop-by-hop here: TE is not forwarded, so none are asked for.
@@ -297,17 +309,23 @@ class HttpForwarder:
             return
         at = (where.host, where.port)
         upstream = self._upstream
-        if (upstream is None or self._upstream_at != at or upstream.our_state is not h11.IDLE
-                or upstream.their_state is not h11.IDLE):
-            if upstream is not None:
-                self._commands.append(DropUpstream())
-            self._upstream = h11.Connection(h11.CLIENT,
-                                            max_incomplete_event_size=self._max_head)
-            self._upstream_at = at
-            self._commands.append(OpenUpstream(*at))
-        self._send_upstream(h11.Request(method=request.method, target=where.target,
-                                        headers=upstream_headers(request.headers,
-                                                                 where.authority)))
+        kept = (upstream is not None and self._upstream_at == at
+                and upstream.our_state is h11.IDLE and upstream.their_state is h11.IDLE)
+        if not kept:
+            self._open_upstream(at)
+        outgoing = h11.Request(method=request.method, target=where.target,
+                               headers=upstream_headers(request.headers, where.authority))
+        self._replay = outgoing if kept and request.method in _REPLAYABLE else None
+        # Bytes a kept connection sent after its last answer count as heard.
+        self._heard = self._upstream is not None and bool(self._upstream.trailing_data[0])
+        self._send_upstream(outgoing)
+
+    def _open_upstream(self, at: tuple[str, int]) -> None:
+        if self._upstream is not None:
+            self._commands.append(DropUpstream())
+        self._upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=self._max_head)
+        self._upstream_at = at
+        self._commands.append(OpenUpstream(*at))
 
     def _send_upstream(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> None:
         upstream = self._upstream
@@ -329,8 +347,10 @@ class HttpForwarder:
             try:
                 event = upstream.next_event()
             except h11.RemoteProtocolError:
-                self._drop_upstream()
-                self._upstream_gone(502, "the server's answer is not valid HTTP/1.1")
+                if not self._retried():
+                    self._drop_upstream()
+                    self._upstream_gone(502, "the server's answer is not valid HTTP/1.1"
+                                        if self._heard else _NO_ANSWER)
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
@@ -350,12 +370,24 @@ class HttpForwarder:
             elif isinstance(event, h11.EndOfMessage):
                 self._send_client(h11.EndOfMessage())
                 self._exchange_done(upstream)
-            elif isinstance(event, h11.ConnectionClosed):
+            elif isinstance(event, h11.ConnectionClosed) and not self._retried():
                 self._drop_upstream()
-                self._upstream_gone(502, "the server closed the connection without an answer")
+                self._upstream_gone(502, _NO_ANSWER)
+
+    def _retried(self) -> bool:
+        """Send the request again on a new connection if the kept one closed unheard."""
+        replay, self._replay = self._replay, None
+        if replay is None or self._heard or self._upstream_at is None:
+            return False
+        self._open_upstream(self._upstream_at)
+        self._send_upstream(replay)
+        if self._client.their_state is not h11.SEND_BODY:   # its end went out already
+            self._send_upstream(h11.EndOfMessage())
+        return True
 
     def _exchange_done(self, upstream: h11.Connection) -> None:
         """A response went out whole: keep what keep-alive allows, close the rest."""
+        self._replay = None
         if upstream.our_state is h11.DONE and upstream.their_state is h11.DONE:
             upstream.start_next_cycle()
         else:
