@@ -5,10 +5,10 @@ a finding: another exception from the parser, or an ``AssertionError`` from a pr
 checked here (the same bytes split differently give the same outcome; what a parser
 accepts, the next layer can carry; a parsed launch file writes and reads back the same).
 
-Inputs of the mux, SOCKS5, SOCKS5 client, stream datagram, HTTP CONNECT, shadow channel
-and RFB refusal targets start with a small header: byte 0, options (bit 0: the proxies
-require credentials ``fuzz``/``secret``, the shadow device accepts a request that parses;
-for SOCKS5, bit 1: the relay's extension commands are accepted);
+Inputs of the mux, SOCKS5, SOCKS5 client, stream datagram, HTTP CONNECT, HTTP forward,
+shadow channel and RFB refusal targets start with a small header: byte 0, options (bit 0:
+the proxies require credentials ``fuzz``/``secret``, the shadow device accepts a request
+that parses; for SOCKS5, bit 1: the relay's extension commands are accepted);
 byte 1, how to split the rest into chunks (0: one chunk, n: chunks of n bytes).
 ``fuzz_run.py`` drives these under atheris; ``test_fuzz.py`` replays the corpus and runs a
 bounded fuzzing session per target.
@@ -32,6 +32,13 @@ from portcullis.federation.oidc import ClaimExpectations, check_claims, check_he
 from portcullis.federation.saml import SAMLP, Refused, SamlMessage, read_saml_message
 from portcullis.proto import mux
 from portcullis.proto.httpconnect import HttpConnectConnection
+from portcullis.proto.httpforward import (
+    CloseClient,
+    HttpForwarder,
+    OpenUpstream,
+    SendClient,
+    SendUpstream,
+)
 from portcullis.proto.launchfile import format_launch_file, parse_launch_file
 from portcullis.proto.proxyauth import ProxyCredentials
 from portcullis.proto.rfb import RfbRefusal, classify_first_bytes
@@ -293,6 +300,50 @@ def http_connect(data: bytes) -> None:
         conn.data_to_send()
 
 
+# What separates the client's bytes from the upstream's in an http_forward input.
+UPSTREAM_SAYS = b"\n--upstream--\n"
+
+
+def http_forward(data: bytes) -> None:
+    """The local HTTP proxy forwarding requests in absolute form: the client's bytes,
+    then the upstream's (after UPSTREAM_SAYS), then the shell's timers."""
+    options, chunk, body = _header(data)
+    credentials = CREDENTIALS if options & 1 else None
+    client, _, upstream = body.partition(UPSTREAM_SAYS)
+
+    def outcome(size: int) -> tuple[object, ...]:
+        forwarder = HttpForwarder(credentials=credentials)
+        for piece in _chunks(client, size):
+            if piece:   # b"" says the peer closed
+                forwarder.receive_client(piece)
+        for piece in _chunks(upstream, size):
+            if piece:
+                forwarder.receive_upstream(piece)
+        if options & 2:
+            forwarder.receive_upstream(b"")
+        if options & 4:
+            forwarder.upstream_failed(403 if options & 8 else 502, "refused")
+        forwarder.idle_expired()
+        commands = forwarder.commands()
+        assert commands[-1] == CloseClient() and forwarder.closed
+        assert CloseClient() not in commands[:-1]
+        opened = [c for c in commands if isinstance(c, OpenUpstream)]
+        for command in opened:
+            _openable(command.host, command.port)
+        to_client = b"".join(c.data for c in commands if isinstance(c, SendClient))
+        assert not to_client or to_client.startswith(b"HTTP/1.1 ")
+        # Never bytes for an upstream before one was opened.
+        first_send = next((i for i, c in enumerate(commands) if isinstance(c, SendUpstream)),
+                          None)
+        assert first_send is None or any(isinstance(c, OpenUpstream)
+                                         for c in commands[:first_send])
+        # Chunked bodies are re-chunked as the bytes arrived: compare what does not move.
+        return tuple(opened), to_client.split(b"\r\n", 1)[0]
+
+    whole, split = outcome(0), outcome(chunk or 1)
+    assert whole == split, f"HTTP forward outcome depends on the split:\n{whole}\n{split}"
+
+
 # --- launch file -----------------------------------------------------------------------
 
 
@@ -458,6 +509,7 @@ TARGETS: dict[str, Target] = {
     "socks5_client": socks5_client,
     "stream_datagrams": stream_datagrams,
     "http_connect": http_connect,
+    "http_forward": http_forward,
     "launch_file": launch_file,
     "saml_message": saml_message,
     "id_token": id_token,

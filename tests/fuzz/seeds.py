@@ -158,6 +158,35 @@ def http_connect() -> dict[str, bytes]:
     }
 
 
+def http_forward() -> dict[str, bytes]:
+    token = base64.b64encode(b"fuzz:secret")
+    get = b"GET http://intranet.example/a?b=c HTTP/1.1\r\nHost: x\r\n"
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    says = b"\n--upstream--\n"
+    chunked = (b"POST http://10.0.0.1:8080/up HTTP/1.1\r\nHost: x\r\n"
+               b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+               b"3\r\nabc\r\n0\r\n\r\n")
+    return {
+        "get": b"\x00\x00" + get + b"\r\n" + says + ok,
+        "get-split": b"\x00\x03" + get + b"\r\n" + says + ok,
+        "keep-alive": b"\x00\x05" + (get + b"\r\n") * 2 + b"GET http://other/ HTTP/1.1\r\n"
+                      b"Host: o\r\n\r\n" + says + ok * 2,
+        "authorised": b"\x01\x00" + get + b"Proxy-Authorization: Basic " + token +
+                      b"\r\n\r\n" + says + ok,
+        "unauthorised": b"\x01\x00" + get + b"\r\n",
+        "chunked": b"\x02\x01" + chunked + says + b"HTTP/1.1 100 Continue\r\n\r\n"
+                   b"HTTP/1.0 200 OK\r\n\r\nclose-delimited",
+        "refused": b"\x0c\x00" + get + b"\r\n",
+        "https": b"\x00\x00GET https://intranet.example/ HTTP/1.1\r\nHost: x\r\n\r\n",
+        "ipv6": b"\x00\x01GET http://[::1]:81/ HTTP/1.1\r\nHost: x\r\n\r\n" + says +
+                b"HTTP/1.1 204 No Content\r\n\r\n",
+        "bad-upstream": b"\x02\x00" + get + b"\r\n" + says + b"SSH-2.0-OpenSSH\r\n",
+        "pipelined-head": b"\x00\x07" + get + b"\r\nHEAD http://intranet.example/ HTTP/1.1"
+                          b"\r\nHost: x\r\n\r\n" + says + ok + b"HTTP/1.1 200 OK\r\n"
+                          b"Content-Length: 9\r\n\r\n",
+    }
+
+
 def launch_file() -> dict[str, bytes]:
     text = ("[Portcullis Launch]\nVersion=1\nResource=wiki\nTitle=Team wiki\n"
             "Gateway=wss://gw.example.com:8443/api/v1/launch\nTicket=STA01;Q2hhbmdlTWU\n"
@@ -279,6 +308,7 @@ SEEDS = {
     "socks5_client": socks5_client(),
     "stream_datagrams": stream_datagrams(),
     "http_connect": http_connect(),
+    "http_forward": http_forward(),
     "launch_file": launch_file(),
     "saml_message": saml_message(),
     "id_token": id_token(),
