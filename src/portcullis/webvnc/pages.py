@@ -1,0 +1,127 @@
+"""The portal's VNC viewer: `GET /vnc/{name}` draws noVNC in the portal's page, and
+`POST /vnc/{name}/ticket` hands the page a single-use ticket for the gateway's WebSocket.
+
+Both ask the same question a launch asks (`portal.broker.authorize_launch`), of the
+signed-in session (`portal.guard`). The ticket is fetched by the page's script, not
+written into the HTML: a page kept in the history or a cache holds nothing usable, and
+each connection (a reconnect too) gets a fresh ticket. The POST carries the session's
+CSRF token in `X-CSRF-Token`. The page names neither the server nor its address; the
+ticket travels to the gateway in the WebSocket's first message, never in a URL or a
+header, so no access log can hold it. Never logs a ticket.
+
+noVNC itself is the npm package `@novnc/novnc`, installed by the build into
+`vendor/node_modules` (gitignored) and served as static files; without it the page says
+how to install it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from portcullis.audit import AuditTrail
+from portcullis.config.model import Resource
+from portcullis.errors import TicketError
+from portcullis.identity.sessions import SESSION_COOKIE, Session, SessionManager
+from portcullis.portal.broker import authorize_launch
+from portcullis.portal.guard import client_of, csrf_for, csrf_ok, signed_in
+from portcullis.portal.pages import error_page, page
+from portcullis.sta.authority import TicketRequest
+from portcullis.sta.client import TicketIssuer
+from portcullis.tokens import TokenHasher
+from portcullis.webvnc.relay import PATH as WEBSOCKET_PATH
+
+HERE = Path(__file__).resolve().parent
+NOVNC = HERE / "vendor" / "node_modules" / "@novnc" / "novnc"
+# Resource names never start with "-", so these paths cannot shadow a resource's page.
+ASSETS = "/vnc/-"
+INSTALL_COMMAND = "make novnc"
+CSRF_HEADER = "x-csrf-token"
+
+
+@dataclass(frozen=True)
+class VncPageDeps:
+    resources: list[Resource]
+    sessions: SessionManager
+    authorities: TicketIssuer
+    hasher: TokenHasher
+    audit: AuditTrail
+
+
+def novnc_installed() -> bool:
+    return (NOVNC / "core" / "rfb.js").is_file()
+
+
+def vnc_pages(deps: VncPageDeps) -> list[BaseRoute]:
+    def not_allowed(request: Request) -> Response:
+        # Unknown, forbidden and not-a-desktop look the same: users cannot map what exists.
+        return error_page(request, 403, "Not allowed",
+                          "You may not open this desktop, or it does not exist.",
+                          "Pick one from your resources, or ask your administrator for "
+                          "access.", action=("Your resources", "/"))
+
+    def allowed(session: Session, name: str, client: str) -> Resource | None:
+        decision = authorize_launch(deps.resources, session.claims, name)
+        resource = decision.resource
+        if decision.allowed and resource is not None and resource.kind == "vnc":
+            return resource
+        reason = decision.reason if not decision.allowed else "not a vnc resource"
+        deps.audit.record("vnc.denied", user=session.username, resource=name,
+                          reason=reason, client=client)
+        return None
+
+    async def viewer(request: Request) -> Response:
+        name = request.path_params["name"]
+        session = await signed_in(deps.sessions, request)
+        if session is None:
+            return RedirectResponse(f"/login?next=/vnc/{name}", 303)
+        resource = allowed(session, name, client_of(request))
+        if resource is None:
+            return not_allowed(request)
+        if not novnc_installed():
+            return error_page(request, 503, "Viewer not installed",
+                              "The in-browser VNC viewer (noVNC) is not installed on this "
+                              "gateway.",
+                              f"An administrator installs it with `{INSTALL_COMMAND}` in the "
+                              "Portcullis source directory (it runs npm ci), then reloads "
+                              "this page.", action=("Your resources", "/"))
+        token = request.cookies.get(SESSION_COOKIE) or ""
+        return page(request, "vnc.html", session=session, resource=resource,
+                    csrf=csrf_for(deps.hasher, token), assets=ASSETS,
+                    websocket=WEBSOCKET_PATH)
+
+    async def ticket(request: Request) -> Response:
+        name = request.path_params["name"]
+        session = await signed_in(deps.sessions, request)
+        if session is None:
+            return JSONResponse({"error": "not signed in"}, 401)
+        client = client_of(request)
+        if not csrf_ok(deps.hasher, request, request.headers.get(CSRF_HEADER)):
+            deps.audit.record("csrf.rejected", path=f"/vnc/{name}/ticket",
+                              user=session.username, client=client)
+            return JSONResponse({"error": "denied"}, 403)
+        resource = allowed(session, name, client)
+        if resource is None:
+            return JSONResponse({"error": "denied"}, 403)
+        try:
+            issued = await deps.authorities.issue(TicketRequest(
+                user=session.username, resource=resource.name, address=resource.address,
+                client_address=client, session=session.handle))
+        except TicketError as exc:
+            deps.audit.record("vnc.failed", user=session.username, resource=name,
+                              reason=str(exc))
+            return JSONResponse({"error": "the ticket authority is unavailable"}, 503)
+        return JSONResponse({"ticket": issued.ticket, "websocket": WEBSOCKET_PATH},
+                            headers={"cache-control": "no-store"})
+
+    return [
+        Mount(f"{ASSETS}/novnc", app=StaticFiles(directory=NOVNC, check_dir=False)),
+        Mount(ASSETS, app=StaticFiles(directory=HERE / "static")),
+        Route("/vnc/{name}", viewer, methods=["GET"]),
+        Route("/vnc/{name}/ticket", ticket, methods=["POST"]),
+    ]
