@@ -248,6 +248,12 @@ class RfbPasswordBridge:
         self.relaying = False
         self._server = _Side(self._server_steps())
 
+    @property
+    def viewer_greeted(self) -> bool:
+        """The server's side is over (accepted or refused) and the viewer's has begun:
+        the server is no longer needed to finish the handshake with the viewer."""
+        return self._viewer is not None
+
     def data_to_server(self) -> bytes:
         output = bytes(self._to_server)
         self._to_server.clear()

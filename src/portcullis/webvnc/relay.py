@@ -190,9 +190,9 @@ class ViewerRelay:
 
     def _flush_bridge(self) -> None:
         bridge = self._bridge
-        assert bridge is not None and self._server is not None
+        assert bridge is not None
         to_server = bridge.data_to_server()
-        if to_server:
+        if to_server and self._server is not None:
             self._server.write(to_server)
         self._send(bridge.data_to_viewer())
         if bridge.failure is not None:
@@ -211,6 +211,17 @@ class ViewerRelay:
             self._send(data)
 
     def server_closed(self) -> None:
+        if self.closed.is_set():
+            return
+        bridge = self._bridge
+        if bridge is not None:
+            # A server refusing the password closes at once: the viewer, greeted or not
+            # yet, is still to be told why.
+            self._server = None
+            if not bridge.viewer_greeted:
+                self._bridge = None
+                self.refuse("the VNC server closed the connection during its handshake")
+            return
         self.end(CloseCode.SERVER_ENDED, "the VNC server ended the session",
                  "the VNC server closed the connection")
 

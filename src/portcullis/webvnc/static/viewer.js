@@ -29,8 +29,9 @@ function explain(closed, refusal, connected) {
   if (refusal !== null) {
     stop("The desktop refused the connection", refusal);
   } else if (closed && closed.code === 4001) {
-    stop("Your session ended", (closed.reason || "You were signed out") +
-         ". Sign in again to reconnect.");
+    // The gateway's own words: "your session ended: signed out ...; sign in again ...".
+    const told = closed.reason || "your session ended";
+    stop("Disconnected", told.charAt(0).toUpperCase() + told.slice(1) + ".");
   } else if (closed && closed.code === 1008) {
     stop("The gateway refused the connection",
          "The link to this desktop was already used or has expired. Reconnect to get a new one.");
