@@ -20,6 +20,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from conftest import ARTIFACTS, Deployment, Process, init_deployment, require_program
 from peers.vnc import VncDesktop, parse_colour, wait_for_file_text
+from portcullis.proto.launchfile import parse_launch_file
 
 pytestmark = pytest.mark.peer
 
@@ -111,9 +112,7 @@ def browser(setup: Setup) -> Iterator[Browser]:
 
 def sign_in(page: Any, deployment: Deployment) -> None:
     page.goto(f"https://localhost:{deployment.port}/")
-    page.fill("input[name=username]", "admin")
-    page.fill("input[name=password]", deployment.admin_password)
-    page.click("button[type=submit]")
+    sign_in_form(page, deployment)
     page.wait_for_selector("text=Your resources")
 
 
@@ -262,3 +261,45 @@ def test_signing_out_ends_the_viewer_and_the_server_connection_within_a_second(
     assert setup.plain.x11vnc_output().count("Client 127.0.0.1 gone") > gone_before
     audit = (setup.deployment.directory / "audit.jsonl").read_text()
     assert "ended: your session ended: signed out" in audit
+
+
+def test_the_ticket_needs_the_sessions_csrf_token(setup: Setup, browser: Browser) -> None:
+    url = f"https://localhost:{setup.deployment.port}/vnc/desk/ticket"
+    assert browser.context.request.post(url).status == 403
+    assert browser.context.request.post(url, headers={"X-CSRF-Token": "x" * 32}).status == 403
+    assert '"csrf.rejected"' in (setup.deployment.directory / "audit.jsonl").read_text()
+
+
+def test_the_viewer_page_asks_for_sign_in_and_comes_back(setup: Setup, browser: Browser) -> None:
+    context = browser.page.context.browser.new_context(ignore_https_errors=True)
+    try:
+        page = context.new_page()
+        page.goto(f"https://localhost:{setup.deployment.port}/vnc/desk")
+        assert page.url.endswith("/login?next=/vnc/desk")
+        sign_in_form(page, setup.deployment)
+        page.wait_for_selector("#vnc[data-state=connected]", timeout=20_000)
+    finally:
+        context.close()
+
+
+def sign_in_form(page: Any, deployment: Deployment) -> None:
+    page.fill("input[name=username]", "admin")
+    page.fill("input[name=password]", deployment.admin_password)
+    page.click("button[type=submit]")
+
+
+def test_a_launch_ticket_does_not_open_the_vnc_endpoint(setup: Setup, browser: Browser) -> None:
+    """A tcp resource (the template's ssh) has no viewer page, and its launch ticket
+    carries no RFB."""
+    base = f"https://localhost:{setup.deployment.port}"
+    page = browser.page
+    assert page.goto(f"{base}/vnc/ssh").status == 403
+    answer = browser.context.request.post(f"{base}/api/v1/resources/ssh/launch",
+                                          headers={"content-type": "application/json"},
+                                          data="{}")
+    assert answer.status == 200
+    ticket = parse_launch_file(answer.body()).ticket
+    with gateway_socket(setup) as socket:
+        assert redeem(socket, ticket) is None
+        assert socket.close_code == 1008
+    assert '"not a vnc resource"' in (setup.deployment.directory / "audit.jsonl").read_text()

@@ -333,8 +333,11 @@ class VncEndpoint:
             relay.refuse("the gateway cannot answer this desktop's password; "
                          "tell your administrator")
             return
+        if isinstance(admission, DialError):
+            self._audit.record("vnc.failed", user=grant.user, resource=grant.resource,
+                               reason=str(admission))
         if isinstance(admission, DialError) or admission.address is None:
-            relay.refuse(NOT_AVAILABLE)
+            relay.refuse(NOT_AVAILABLE)   # a refused address is audited by the gate
             return
         try:
             transport, _ = await self._dialer.connect(
