@@ -235,7 +235,9 @@ class ViewerRelay:
                 transport.resume_reading()
 
 
-class _ServerConnection(asyncio.Protocol):
+class ServerConnection(asyncio.Protocol):
+    """The VNC server's side of a relay: its bytes, its end, its full buffer."""
+
     def __init__(self, relay: ViewerRelay) -> None:
         self._relay = relay
 
@@ -341,7 +343,7 @@ class VncEndpoint:
             return
         try:
             transport, _ = await self._dialer.connect(
-                str(admission.address), port, lambda: _ServerConnection(relay))
+                str(admission.address), port, lambda: ServerConnection(relay))
         except DialError as exc:
             self._audit.record("vnc.failed", user=grant.user, resource=grant.resource,
                                reason=str(exc))
