@@ -298,7 +298,8 @@ class Node:
         devices = (device_pages(self.shadow_hub.hub, sessions, settings.gateway.public_url)
                    if self.shadow_hub is not None else [])
         vnc = vnc_pages(VncPageDeps(settings.resources, sessions, authorities, hasher,
-                                    self.audit))
+                                    self.audit,
+                                    self.shadow_hub.hub if self.shadow_hub else None))
         portal_app = Starlette(routes=[*saml.routes(), *idp, *devices, *vnc,
                                        Mount("/", app=portal_app)])
         if "gateway" not in self.roles:
@@ -332,7 +333,8 @@ class Node:
             sessions if sessions_here else None)
         self.websocket_endpoints[LAUNCH_PATH] = launch.opened
         self.websocket_endpoints[VNC_PATH] = VncEndpoint(
-            launch.gate, dialer, self.registry, self.audit, settings).opened
+            launch.gate, dialer, self.registry, self.audit, settings,
+            self.shadow_hub.hub if self.shadow_hub else None).opened
         pool = (AddressPool(ipaddress.ip_network(settings.vpn.address_pool), self.ephemeral)
                 if settings.vpn.address_pool else None)
         # vpn.dial_timeout bounds a tunnel's TCP streams within what the Dialer allows.

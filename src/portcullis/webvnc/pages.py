@@ -12,6 +12,11 @@ header, so no access log can hold it. Never logs a ticket.
 noVNC itself is the npm package `@novnc/novnc`, installed by the build into
 `vendor/node_modules` (gitignored) and served as static files; without it the page says
 how to install it.
+
+Where the shadow hub runs in this process, `GET /vnc/device/{device}` is the same viewer
+for a device the user may shadow (the hub's own decision, `ShadowHub.devices_for`); its
+ticket names the resource `device:NAME`, and the gateway opens the device's secure
+shadowing channel as its console proxy (`webvnc.device`).
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from portcullis.identity.sessions import SESSION_COOKIE, Session, SessionManager
 from portcullis.portal.broker import authorize_launch
 from portcullis.portal.guard import client_of, csrf_for, csrf_ok, signed_in
 from portcullis.portal.pages import error_page, page
+from portcullis.shadow.hub import ShadowHub
 from portcullis.sta.authority import TicketRequest
 from portcullis.sta.client import TicketIssuer
 from portcullis.tokens import TokenHasher
+from portcullis.webvnc.device import DEVICE_PREFIX
 from portcullis.webvnc.relay import PATH as WEBSOCKET_PATH
 
 HERE = Path(__file__).resolve().parent
@@ -51,6 +58,7 @@ class VncPageDeps:
     authorities: TicketIssuer
     hasher: TokenHasher
     audit: AuditTrail
+    shadow_hub: ShadowHub | None = None   # devices in the browser, when it runs here
 
 
 def novnc_installed() -> bool:
@@ -83,6 +91,29 @@ def vnc_pages(deps: VncPageDeps) -> list[BaseRoute]:
         resource = allowed(session, name, client_of(request))
         if resource is None:
             return not_allowed(request)
+        return viewer_page(request, session, resource.title, f"/vnc/{name}/ticket")
+
+    async def may_shadow(session: Session, device: str, client: str) -> bool:
+        hub = deps.shadow_hub
+        if hub is not None and any(record.name == device and record.status == "approved"
+                                   for record in await hub.devices_for(session)):
+            return True
+        deps.audit.record("vnc.denied", user=session.username,
+                          resource=DEVICE_PREFIX + device, client=client,
+                          reason="not a device this user may shadow")
+        return False
+
+    async def device_viewer(request: Request) -> Response:
+        device = request.path_params["device"]
+        session = await signed_in(deps.sessions, request)
+        if session is None:
+            return RedirectResponse(f"/login?next=/vnc/device/{device}", 303)
+        if not await may_shadow(session, device, client_of(request)):
+            return not_allowed(request)
+        return viewer_page(request, session, device, f"/vnc/device/{device}/ticket")
+
+    def viewer_page(request: Request, session: Session, title: str,
+                    ticket_url: str) -> Response:
         if not novnc_installed():
             return error_page(request, 503, "Viewer not installed",
                               "The in-browser VNC viewer (noVNC) is not installed on this "
@@ -91,29 +122,44 @@ def vnc_pages(deps: VncPageDeps) -> list[BaseRoute]:
                               "Portcullis source directory (it runs npm ci), then reloads "
                               "this page.", action=("Your resources", "/"))
         token = request.cookies.get(SESSION_COOKIE) or ""
-        return page(request, "vnc.html", session=session, resource=resource,
-                    csrf=csrf_for(deps.hasher, token), assets=ASSETS,
-                    websocket=WEBSOCKET_PATH)
+        return page(request, "vnc.html", session=session, title=title,
+                    ticket_url=ticket_url, csrf=csrf_for(deps.hasher, token), assets=ASSETS)
 
     async def ticket(request: Request) -> Response:
         name = request.path_params["name"]
+        return await issue_ticket(request, f"/vnc/{name}/ticket", name, None)
+
+    async def device_ticket(request: Request) -> Response:
+        device = request.path_params["device"]
+        return await issue_ticket(request, f"/vnc/device/{device}/ticket", None, device)
+
+    async def issue_ticket(request: Request, path: str, name: str | None,
+                           device: str | None) -> Response:
+        """A ticket for resource `name` or for shadowing `device`: signed in, the CSRF
+        token in the header, and the same decision as the page."""
         session = await signed_in(deps.sessions, request)
         if session is None:
             return JSONResponse({"error": "not signed in"}, 401)
         client = client_of(request)
         if not csrf_ok(deps.hasher, request, request.headers.get(CSRF_HEADER)):
-            deps.audit.record("csrf.rejected", path=f"/vnc/{name}/ticket",
-                              user=session.username, client=client)
+            deps.audit.record("csrf.rejected", path=path, user=session.username,
+                              client=client)
             return JSONResponse({"error": "denied"}, 403)
-        resource = allowed(session, name, client)
-        if resource is None:
-            return JSONResponse({"error": "denied"}, 403)
+        if device is not None:
+            target = (DEVICE_PREFIX + device, "")   # the hub knows where devices are
+            if not await may_shadow(session, device, client):
+                return JSONResponse({"error": "denied"}, 403)
+        else:
+            resource = allowed(session, str(name), client)
+            if resource is None:
+                return JSONResponse({"error": "denied"}, 403)
+            target = (resource.name, resource.address)
         try:
             issued = await deps.authorities.issue(TicketRequest(
-                user=session.username, resource=resource.name, address=resource.address,
+                user=session.username, resource=target[0], address=target[1],
                 client_address=client, session=session.handle))
         except TicketError as exc:
-            deps.audit.record("vnc.failed", user=session.username, resource=name,
+            deps.audit.record("vnc.failed", user=session.username, resource=target[0],
                               reason=str(exc))
             return JSONResponse({"error": "the ticket authority is unavailable"}, 503)
         return JSONResponse({"ticket": issued.ticket, "websocket": WEBSOCKET_PATH},
@@ -124,4 +170,6 @@ def vnc_pages(deps: VncPageDeps) -> list[BaseRoute]:
         Mount(ASSETS, app=StaticFiles(directory=HERE / "static")),
         Route("/vnc/{name}", viewer, methods=["GET"]),
         Route("/vnc/{name}/ticket", ticket, methods=["POST"]),
+        Route("/vnc/device/{device}", device_viewer, methods=["GET"]),
+        Route("/vnc/device/{device}/ticket", device_ticket, methods=["POST"]),
     ]

@@ -15,6 +15,10 @@ WebSocket close codes the viewer page explains (see static/viewer.js): 1000 the 
 server ended; 1008 ("denied") the ticket was refused; 4001 the sign-in session ended
 (sign-out, an administrator, expiry), with why; 1011 the gateway failed.
 
+A ticket for a shadowed device (resource `device:NAME`, issued by the device page)
+opens the device's secure shadowing channel instead, the gateway acting as its console
+proxy (`webvnc.device`); the relay is the same.
+
 Never logs a ticket or a password; nothing sent to the browser names the server's
 address.
 """
@@ -31,15 +35,18 @@ from websockets.http11 import Request
 
 from portcullis.audit import AuditTrail
 from portcullis.config.model import Resource, Settings
-from portcullis.errors import DialError
+from portcullis.errors import ClientError, DialError
 from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.gateway.launch import TicketGate
+from portcullis.identity.sessions import Session
 from portcullis.net.dialer import Dialer
 from portcullis.net.muxsession import MessageCarrier
 from portcullis.net.websocket import Message, WebSocketMux
 from portcullis.proto.mux import Reason
 from portcullis.proto.rfb import RfbPasswordBridge, RfbRefusal
+from portcullis.shadow.hub import ShadowHub
 from portcullis.sta.authority import TicketGrant
+from portcullis.webvnc.device import DEVICE_PREFIX, open_device
 
 log = structlog.get_logger("portcullis.webvnc")
 
@@ -262,8 +269,10 @@ class VncEndpoint:
     """The WebSocket endpoint at `PATH` (registered in the gateway's endpoints)."""
 
     def __init__(self, gate: TicketGate, dialer: Dialer, registry: ConnectionRegistry,
-                 audit: AuditTrail, settings: Settings) -> None:
+                 audit: AuditTrail, settings: Settings,
+                 shadow_hub: ShadowHub | None = None) -> None:
         self._gate = gate
+        self._hub = shadow_hub   # None: no hub in this process, no devices in the browser
         self._dialer = dialer
         self._registry = registry
         self._audit = audit
@@ -284,7 +293,10 @@ class VncEndpoint:
             grant = await self._authorise(relay, client)
             if grant is None:
                 return
-            await self._relay(relay, grant, client)
+            if grant.resource.startswith(DEVICE_PREFIX):
+                await self._shadow(relay, grant, client)
+            else:
+                await self._relay(relay, grant, client)
         except Exception as exc:   # a store or STA failure: end it, never hang
             log.exception("VNC connection failed")
             self._audit.record("vnc.refused", client=client, reason=f"internal: {exc!r}")
@@ -300,7 +312,13 @@ class VncEndpoint:
             relay.end(CloseCode.REFUSED, "denied", "no ticket presented")
             return None
         grant = await self._gate.redeem(ticket, client, "vnc")
-        if grant is not None and self._resource(grant.resource) is None:
+        device = grant is not None and grant.resource.startswith(DEVICE_PREFIX)
+        if grant is not None and device and (self._hub is None
+                                             or self._gate.sessions is None):
+            self._audit.record("vnc.refused", client=client, user=grant.user,
+                               resource=grant.resource, reason="no shadow hub here")
+            grant = None
+        elif grant is not None and not device and self._resource(grant.resource) is None:
             # A launch's ticket carries no RFB: only a vnc resource's opens here.
             self._audit.record("vnc.refused", client=client, user=grant.user,
                                resource=grant.resource, reason="not a vnc resource")
@@ -349,10 +367,39 @@ class VncEndpoint:
                                reason=str(exc))
             relay.refuse(NOT_AVAILABLE)
             return
+        await self._carry(relay, grant, client, transport, password)
+
+    async def _shadow(self, relay: ViewerRelay, grant: TicketGrant, client: str) -> None:
+        """Open the device's shadowing channel as its console, then relay it."""
+        assert self._hub is not None and self._gate.sessions is not None
+        device = grant.resource.removeprefix(DEVICE_PREFIX)
+        session = await self._gate.sessions.standing(grant.session or "")
+        if not isinstance(session, Session):
+            relay.end(CloseCode.SESSION_ENDED, "your session ended; sign in again",
+                      "the session ended")
+            return
+        try:
+            transport, said = await open_device(self._hub, session, device, self._dialer,
+                                                client)
+        except ClientError as exc:
+            self._audit.record("vnc.failed", user=grant.user, resource=grant.resource,
+                               reason=str(exc))
+            relay.refuse(str(exc))
+            return
+        transport.set_protocol(ServerConnection(relay))
+        transport.resume_reading()   # the console paused it if the device said much
+        await self._carry(relay, grant, client, transport, None, said)
+
+    async def _carry(self, relay: ViewerRelay, grant: TicketGrant, client: str,
+                     transport: asyncio.Transport, password: bytes | None,
+                     said: bytes = b"") -> None:
+        """Relay until either side ends, as a connection the session's end closes."""
         if relay.closed.is_set():   # the viewer left while we dialled
             transport.abort()
             return
         relay.connected(transport, password)
+        if said:
+            relay.from_server(said)
         started = time.monotonic()
         connection = Connection("vnc", grant.user, client, relay, grant.resource,
                                 session_handle=grant.session if self._gate.sessions else None)
