@@ -197,12 +197,10 @@ def test_a_user_outside_the_resource_gets_the_not_allowed_page(
 
 
 def fresh_ticket(browser: Browser, setup: Setup, name: str = "desk") -> str:
-    page = browser.page
-    page.goto(f"https://localhost:{setup.deployment.port}/vnc/{name}")
-    csrf = page.locator("#vnc").get_attribute("data-csrf")
+    """A ticket as the page's script asks for it (the browser's cookie, a JSON POST)."""
     answer = browser.context.request.post(
         f"https://localhost:{setup.deployment.port}/vnc/{name}/ticket",
-        headers={"X-CSRF-Token": csrf})
+        headers={"content-type": "application/json"}, data="{}")
     assert answer.status == 200
     ticket = answer.json()["ticket"]
     assert isinstance(ticket, str)
@@ -263,10 +261,14 @@ def test_signing_out_ends_the_viewer_and_the_server_connection_within_a_second(
     assert "ended: your session ended: signed out" in audit
 
 
-def test_the_ticket_needs_the_sessions_csrf_token(setup: Setup, browser: Browser) -> None:
+def test_a_cross_site_form_cannot_get_a_ticket(setup: Setup, browser: Browser) -> None:
+    """What a form on another site could send with the user's cookie is refused."""
     url = f"https://localhost:{setup.deployment.port}/vnc/desk/ticket"
-    assert browser.context.request.post(url).status == 403
-    assert browser.context.request.post(url, headers={"X-CSRF-Token": "x" * 32}).status == 403
+    for content_type in ("application/x-www-form-urlencoded", "text/plain"):
+        answer = browser.context.request.post(url, headers={"content-type": content_type},
+                                              data="{}")
+        assert answer.status == 403
+        assert "ticket" not in answer.text()
     assert '"csrf.rejected"' in (setup.deployment.directory / "audit.jsonl").read_text()
 
 

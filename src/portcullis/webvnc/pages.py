@@ -2,12 +2,13 @@
 `POST /vnc/{name}/ticket` hands the page a single-use ticket for the gateway's WebSocket.
 
 Both ask the same question a launch asks (`portal.broker.authorize_launch`), of the
-signed-in session (`portal.guard`). The ticket is fetched by the page's script, not
-written into the HTML: a page kept in the history or a cache holds nothing usable, and
-each connection (a reconnect too) gets a fresh ticket. The POST carries the session's
-CSRF token in `X-CSRF-Token`. The page names neither the server nor its address; the
-ticket travels to the gateway in the WebSocket's first message, never in a URL or a
-header, so no access log can hold it. Never logs a ticket.
+signed-in session, through the portal's guard (`portal.guard.Guard`: a page sends a
+signed-out browser to sign in and back; the ticket is a state-changing API call, so its
+POST is JSON, which no cross-site form can send). The ticket is fetched by the page's
+script, not written into the HTML: a page kept in the history or a cache holds nothing
+usable, and each connection (a reconnect too) gets a fresh ticket. The page names neither
+the server nor its address; the ticket travels to the gateway in the WebSocket's first
+message, never in a URL or a header, so no access log can hold it. Never logs a ticket.
 
 noVNC itself is the npm package `@novnc/novnc`, installed by the build into
 `vendor/node_modules` (gitignored) and served as static files; without it the page says
@@ -25,16 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from portcullis.audit import AuditTrail
 from portcullis.config.model import Resource
 from portcullis.errors import TicketError
-from portcullis.identity.sessions import SESSION_COOKIE, Session, SessionManager
+from portcullis.identity.sessions import Session, SessionManager
+from portcullis.portal.api import api_error
 from portcullis.portal.broker import authorize_launch
-from portcullis.portal.guard import client_of, csrf_for, csrf_ok, signed_in
+from portcullis.portal.guard import Guard, client_of
 from portcullis.portal.pages import error_page, page
 from portcullis.shadow.hub import ShadowHub
 from portcullis.sta.authority import TicketRequest
@@ -48,7 +50,6 @@ NOVNC = HERE / "vendor" / "node_modules" / "@novnc" / "novnc"
 # Resource names never start with "-", so these paths cannot shadow a resource's page.
 ASSETS = "/vnc/-"
 INSTALL_COMMAND = "make novnc"
-CSRF_HEADER = "x-csrf-token"
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ def novnc_installed() -> bool:
 
 
 def vnc_pages(deps: VncPageDeps) -> list[BaseRoute]:
+    guard = Guard(deps.sessions, deps.hasher, deps.audit)
+
     def not_allowed(request: Request) -> Response:
         # Unknown, forbidden and not-a-desktop look the same: users cannot map what exists.
         return error_page(request, 403, "Not allowed",
@@ -83,11 +86,8 @@ def vnc_pages(deps: VncPageDeps) -> list[BaseRoute]:
                           reason=reason, client=client)
         return None
 
-    async def viewer(request: Request) -> Response:
+    async def viewer(request: Request, session: Session) -> Response:
         name = request.path_params["name"]
-        session = await signed_in(deps.sessions, request)
-        if session is None:
-            return RedirectResponse(f"/login?next=/vnc/{name}", 303)
         resource = allowed(session, name, client_of(request))
         if resource is None:
             return not_allowed(request)
@@ -103,11 +103,8 @@ def vnc_pages(deps: VncPageDeps) -> list[BaseRoute]:
                           reason="not a device this user may shadow")
         return False
 
-    async def device_viewer(request: Request) -> Response:
+    async def device_viewer(request: Request, session: Session) -> Response:
         device = request.path_params["device"]
-        session = await signed_in(deps.sessions, request)
-        if session is None:
-            return RedirectResponse(f"/login?next=/vnc/device/{device}", 303)
         if not await may_shadow(session, device, client_of(request)):
             return not_allowed(request)
         return viewer_page(request, session, device, f"/vnc/device/{device}/ticket")
@@ -121,38 +118,28 @@ def vnc_pages(deps: VncPageDeps) -> list[BaseRoute]:
                               f"An administrator installs it with `{INSTALL_COMMAND}` in the "
                               "Portcullis source directory (it runs npm ci), then reloads "
                               "this page.", action=("Your resources", "/"))
-        token = request.cookies.get(SESSION_COOKIE) or ""
         return page(request, "vnc.html", session=session, title=title,
-                    ticket_url=ticket_url, csrf=csrf_for(deps.hasher, token), assets=ASSETS)
+                    ticket_url=ticket_url, assets=ASSETS)
 
-    async def ticket(request: Request) -> Response:
-        name = request.path_params["name"]
-        return await issue_ticket(request, f"/vnc/{name}/ticket", name, None)
+    async def ticket(request: Request, session: Session) -> Response:
+        return await issue_ticket(request, session, request.path_params["name"], None)
 
-    async def device_ticket(request: Request) -> Response:
-        device = request.path_params["device"]
-        return await issue_ticket(request, f"/vnc/device/{device}/ticket", None, device)
+    async def device_ticket(request: Request, session: Session) -> Response:
+        return await issue_ticket(request, session, None, request.path_params["device"])
 
-    async def issue_ticket(request: Request, path: str, name: str | None,
+    async def issue_ticket(request: Request, session: Session, name: str | None,
                            device: str | None) -> Response:
-        """A ticket for resource `name` or for shadowing `device`: signed in, the CSRF
-        token in the header, and the same decision as the page."""
-        session = await signed_in(deps.sessions, request)
-        if session is None:
-            return JSONResponse({"error": "not signed in"}, 401)
+        """A ticket for resource `name` or for shadowing `device`, on the same decision
+        as the page."""
         client = client_of(request)
-        if not csrf_ok(deps.hasher, request, request.headers.get(CSRF_HEADER)):
-            deps.audit.record("csrf.rejected", path=path, user=session.username,
-                              client=client)
-            return JSONResponse({"error": "denied"}, 403)
         if device is not None:
             target = (DEVICE_PREFIX + device, "")   # the hub knows where devices are
             if not await may_shadow(session, device, client):
-                return JSONResponse({"error": "denied"}, 403)
+                return api_error(403, "denied")
         else:
             resource = allowed(session, str(name), client)
             if resource is None:
-                return JSONResponse({"error": "denied"}, 403)
+                return api_error(403, "denied")
             target = (resource.name, resource.address)
         try:
             issued = await deps.authorities.issue(TicketRequest(
@@ -161,15 +148,16 @@ def vnc_pages(deps: VncPageDeps) -> list[BaseRoute]:
         except TicketError as exc:
             deps.audit.record("vnc.failed", user=session.username, resource=target[0],
                               reason=str(exc))
-            return JSONResponse({"error": "the ticket authority is unavailable"}, 503)
+            return api_error(503, "the ticket authority is unavailable")
         return JSONResponse({"ticket": issued.ticket, "websocket": WEBSOCKET_PATH},
                             headers={"cache-control": "no-store"})
 
     return [
         Mount(f"{ASSETS}/novnc", app=StaticFiles(directory=NOVNC, check_dir=False)),
         Mount(ASSETS, app=StaticFiles(directory=HERE / "static")),
-        Route("/vnc/{name}", viewer, methods=["GET"]),
-        Route("/vnc/{name}/ticket", ticket, methods=["POST"]),
-        Route("/vnc/device/{device}", device_viewer, methods=["GET"]),
-        Route("/vnc/device/{device}/ticket", device_ticket, methods=["POST"]),
+        Route("/vnc/{name}", guard.page(viewer), methods=["GET"]),
+        Route("/vnc/{name}/ticket", guard.api(ticket, csrf=True), methods=["POST"]),
+        Route("/vnc/device/{device}", guard.page(device_viewer), methods=["GET"]),
+        Route("/vnc/device/{device}/ticket", guard.api(device_ticket, csrf=True),
+              methods=["POST"]),
     ]

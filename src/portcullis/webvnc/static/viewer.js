@@ -1,5 +1,5 @@
 // The portal's VNC viewer (docs/webvnc.md). It fetches a single-use ticket for this
-// desktop (POST, with the session's CSRF token), opens the gateway's WebSocket, sends the
+// desktop (a JSON POST), opens the gateway's WebSocket, sends the
 // ticket as the first message and then hands the open socket to noVNC, which speaks RFB
 // over it. The page never learns where the desktop's server is. Why a connection ended
 // comes from the WebSocket's close code (see webvnc/relay.py) or noVNC's security failure.
@@ -47,8 +47,9 @@ function explain(closed, refusal, connected) {
 
 async function ticket() {
   const answer = await fetch(root.dataset.ticketUrl, {
+    // JSON: the portal's rule for state-changing calls (no cross-site form sends it).
     method: "POST", credentials: "same-origin", cache: "no-store",
-    headers: { "X-CSRF-Token": root.dataset.csrf },
+    headers: { "Content-Type": "application/json" }, body: "{}",
   });
   if (answer.status === 401) {
     window.location.assign("/login?next=" + encodeURIComponent(window.location.pathname));
