@@ -75,6 +75,7 @@ class Browser:
     context: Any
     frames: list[bytes] = field(default_factory=list)   # every WebSocket message, both ways
     bodies: list[bytes] = field(default_factory=list)   # every HTTP response body
+    console: list[str] = field(default_factory=list)    # the page's console messages
 
     def seen(self) -> bytes:
         return b"\n".join([self.page.content().encode(), *self.bodies, *self.frames])
@@ -104,6 +105,7 @@ def browser(setup: Setup) -> Iterator[Browser]:
                 seen.bodies.append(response.body())
 
         page.on("websocket", record_socket)
+        page.on("console", lambda message: seen.console.append(message.text))
         page.on("response", record_body)
         sign_in(page, setup.deployment)
         yield seen
@@ -158,6 +160,8 @@ def test_the_portal_shows_the_desktop_and_typed_keys_reach_it(
     page.keyboard.press("Enter")
     assert wait_for_file_text(setup.keys, "webvnc 14\n").endswith("webvnc 14\n")
 
+    # The portal's Content Security Policy (no inline script) held: nothing was blocked.
+    assert not [line for line in browser.console if "Content Security Policy" in line]
     address = f"127.0.0.1:{desktop.port}".encode()
     assert browser.frames, "the page's WebSocket traffic was not recorded"
     assert address not in browser.seen()

@@ -11,12 +11,14 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.http11 import Request
 
 from portcullis.gateway.upgrade import websocket_protocol_class
 from portcullis.net.websocket import WebSocketMux
 from portcullis.proto.rfb import vnc_authentication_response
+from portcullis.webvnc import relay as relay_module
 from portcullis.webvnc.relay import ServerConnection, ViewerRelay
 
 TOTAL = 48 * 1024 * 1024   # what the server offers when it floods
@@ -179,3 +181,16 @@ async def test_a_server_that_closes_ends_the_websocket() -> None:
         await asyncio.wait_for(websocket.wait_closed(), 5)
         assert websocket.close_code == 1000
     assert relays[0].ended == "the VNC server closed the connection"
+
+
+async def test_a_server_stalling_in_the_password_handshake_is_given_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay_module, "HANDSHAKE_SECONDS", 0.3)
+
+    async def stalling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"RFB 003.008\n")   # then nothing: no security types ever
+        await reader.read()
+
+    async with viewer(stalling, b"pw") as (websocket, relays):
+        await asyncio.wait_for(websocket.wait_closed(), 5)
+    assert relays[0].ended == "the RFB handshake did not finish"

@@ -56,6 +56,9 @@ MAX_TICKET_MESSAGE = 1024
 # has read the server's version; this only bounds a hostile one).
 MAX_EARLY_BYTES = 64 * 1024
 NOT_AVAILABLE = "the desktop's server is not available now; try again later"
+# How long the gateway's own part of an RFB handshake (a refusal, the password bridge)
+# may take: a viewer or server that stops answering in it holds nothing longer.
+HANDSHAKE_SECONDS = 30.0
 
 
 class CloseCode(IntEnum):
@@ -164,6 +167,7 @@ class ViewerRelay:
         """Answer the viewer as a VNC server refusing it with `reason` (noVNC shows it);
         close once it is told."""
         self._refusal = RfbRefusal(reason)
+        self._bound_handshake()
         self._flush_refusal()
         early, self._early = self._early, []
         for message in early:
@@ -178,10 +182,18 @@ class ViewerRelay:
             transport.pause_reading()
         if password is not None:
             self._bridge = RfbPasswordBridge(password)
+            self._bound_handshake()
         early, self._early = self._early, []
         for message in early:
             self.receive_message(message)
             self.received -= len(message)   # counted when it arrived
+
+    def _bound_handshake(self) -> None:
+        def overdue() -> None:
+            if self._refusal is not None or self._bridge is not None:
+                self.end(CloseCode.SERVER_ENDED, "", "the RFB handshake did not finish")
+
+        asyncio.get_running_loop().call_later(HANDSHAKE_SECONDS, overdue)
 
     def _send(self, data: bytes) -> None:
         if data:
