@@ -41,7 +41,7 @@ from portcullis.proto.httpforward import (
 )
 from portcullis.proto.launchfile import format_launch_file, parse_launch_file
 from portcullis.proto.proxyauth import ProxyCredentials
-from portcullis.proto.rfb import RfbRefusal, classify_first_bytes
+from portcullis.proto.rfb import RfbPasswordBridge, RfbRefusal, classify_first_bytes
 from portcullis.proto.shadow import (
     MAX_FRAME,
     Accepted,
@@ -481,6 +481,36 @@ def rfb_refusal(data: bytes) -> None:
     assert whole[0].startswith(b"RFB 003.008\n")
 
 
+FUZZ_PASSWORD = b"fuzzpass"
+
+
+def rfb_password_bridge(data: bytes) -> None:
+    """The gateway between noVNC and a VNC server with a password: byte 0 of the header
+    says how many bytes of the body the server sends (all of them first), the rest is
+    the viewer's. The same bytes come out however both are split; the password never
+    reaches the viewer; a bridge never both relays and fails."""
+    server_length, chunk, body = _header(data)
+    server, viewer = body[:server_length], body[server_length:]
+
+    def outcome(size: int) -> tuple[bytes, bytes, bool, str | None]:
+        bridge = RfbPasswordBridge(FUZZ_PASSWORD)
+        to_server, to_viewer = b"", b""
+        for piece in _chunks(server, size):
+            bridge.receive_from_server(piece)
+            to_server += bridge.data_to_server()
+            to_viewer += bridge.data_to_viewer()
+        for piece in _chunks(viewer, size):
+            bridge.receive_from_viewer(piece)
+            to_server += bridge.data_to_server()
+            to_viewer += bridge.data_to_viewer()
+        assert not (bridge.relaying and bridge.failure is not None)
+        return to_server, to_viewer, bridge.relaying, bridge.failure
+
+    whole, split = outcome(0), outcome(chunk or 1)
+    assert whole == split, f"the RFB bridge depends on the split:\n{whole}\n{split}"
+    assert FUZZ_PASSWORD not in whole[1]
+
+
 FUZZ_EXPECTATIONS = ClaimExpectations("https://idp.example", "portcullis", "n-0S6_WzA2Mj", 60)
 
 
@@ -517,4 +547,5 @@ TARGETS: dict[str, Target] = {
     "shadow_device": shadow_device,
     "shadow_console": shadow_console,
     "rfb_refusal": rfb_refusal,
+    "rfb_password_bridge": rfb_password_bridge,
 }

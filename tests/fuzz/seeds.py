@@ -300,6 +300,23 @@ def rfb_refusal() -> dict[str, bytes]:
     }
 
 
+def rfb_password_bridge() -> dict[str, bytes]:
+    """Byte 0: how many body bytes the server sends; byte 1: the split."""
+    version = b"RFB 003.008\n"
+    challenge = bytes(range(16))
+    accepted = version + b"\x01\x02" + challenge + b"\x00\x00\x00\x00"
+    refused = version + b"\x01\x02" + challenge + b"\x00\x00\x00\x01\x00\x00\x00\x04nope"
+    return {
+        "accepted": bytes([len(accepted), 0]) + accepted + version + b"\x01\x01",
+        "accepted-bytes": bytes([len(accepted), 1]) + accepted + version + b"\x01\x01",
+        "refused-3.3-viewer": bytes([len(refused), 3]) + refused + b"RFB 003.003\n",
+        "server-3.3": b"\x24\x00RFB 003.003\n\x00\x00\x00\x02" + challenge
+        + b"\x00\x00\x00\x00" + version + b"\x01",
+        "none-only": b"\x12\x02" + version + b"\x01\x01\x00\x00\x00\x00" + version + b"\x01",
+        "no-types": b"\x13\x00" + version + b"\x00\x00\x00\x00\x02no" + version,
+    }
+
+
 SEEDS = {
     "mux_client": {name: b"\x00\x03" + wire for name, wire in gateway_says().items()},
     "mux_gateway": {name: b"\x00\x07" + wire for name, wire in client_says().items()},
@@ -316,6 +333,7 @@ SEEDS = {
     "shadow_device": shadow_device(),
     "shadow_console": shadow_console(),
     "rfb_refusal": rfb_refusal(),
+    "rfb_password_bridge": rfb_password_bridge(),
 }
 
 
