@@ -15,7 +15,6 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from starlette.templating import Jinja2Templates
 
 from portcullis.audit import AuditTrail
 from portcullis.config.model import Settings
-from portcullis.errors import PKIError, StoreError, TicketError
+from portcullis.errors import PKIError, StoreError
 from portcullis.identity.conditions import LoginContext
 from portcullis.identity.factors.totp import enrolment_step
 from portcullis.identity.login import (
@@ -43,10 +42,10 @@ from portcullis.identity.login import (
 )
 from portcullis.identity.sessions import SESSION_COOKIE, Session, SessionManager
 from portcullis.identity.totp import SelfEnrolment
-from portcullis.net.websocket import websocket_url
 from portcullis.portal import guard
-from portcullis.portal.broker import authorize_launch, visible_resources
+from portcullis.portal.broker import visible_resources
 from portcullis.portal.guard import client_of, signed_in, token_of
+from portcullis.portal.launching import issue_launch, launch_file_response, launch_routes
 from portcullis.portal.redirects import (
     LOGIN_COOKIE,
     NEXT_COOKIE,
@@ -55,8 +54,6 @@ from portcullis.portal.redirects import (
     loopback_return_to,
     to_identity_provider,
 )
-from portcullis.proto.launchfile import MIME_TYPE, LaunchFile, format_launch_file
-from portcullis.sta.authority import TicketRequest
 from portcullis.sta.client import TicketIssuer
 from portcullis.store import DurableStore, EphemeralStore
 from portcullis.tokens import TokenHasher
@@ -99,7 +96,6 @@ def safe_next(target: str | None) -> str:
 def create_portal_app(deps: PortalDeps) -> Starlette:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     settings = deps.settings
-    gateway_ws = websocket_url(settings.gateway.public_url, "/api/v1/launch")
 
     def login_context(request: Request) -> LoginContext:
         try:
@@ -137,27 +133,7 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
                             max_age=int(settings.session.absolute_timeout))
 
     async def launch_file_for(session: Session, name: str, client: str) -> Response:
-        decision = authorize_launch(settings.resources, session.claims, name)
-        # Unknown and forbidden look the same, so users cannot map what exists.
-        resource = decision.resource
-        if not decision.allowed or resource is None:
-            deps.audit.record("launch.denied", user=session.username, resource=name,
-                              reason=decision.reason, client=client)
-            return JSONResponse({"error": "denied"}, 403)
-        try:
-            issued = await deps.authorities.issue(TicketRequest(
-                user=session.username, resource=resource.name, address=resource.address,
-                client_address=client, session=session.handle))
-        except TicketError as exc:
-            deps.audit.record("launch.failed", user=session.username, resource=name,
-                              reason=str(exc))
-            return JSONResponse({"error": "the ticket authority is unavailable"}, 503)
-        text = format_launch_file(LaunchFile(
-            resource=resource.name, title=resource.title, gateway_url=gateway_ws,
-            ticket=issued.ticket, expires=datetime.fromtimestamp(issued.expires_at, UTC)))
-        return Response(text, media_type=MIME_TYPE, headers={
-            "content-disposition": f'attachment; filename="{resource.name}.portcullis"',
-            "cache-control": "no-store"})
+        return launch_file_response(await issue_launch(deps, session, name, client))
 
     # -- JSON API ------------------------------------------------------------------
     async def api_login(request: Request) -> JSONResponse:
@@ -404,17 +380,6 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
                       resources=visible_resources(settings.resources, session.claims),
                       shadowing=deps.shadowing)
 
-    async def launch_page(request: Request) -> Response:
-        session = await current_session(request)
-        if session is None:
-            return RedirectResponse("/login", 303)
-        form = await request.form()
-        if not csrf_ok(request, form.get("csrf")):
-            deps.audit.record("csrf.rejected", path="/launch", user=session.username,
-                              client=client_of(request))
-            return Response("denied", 403, media_type="text/plain")
-        return await launch_file_for(session, request.path_params["name"], client_of(request))
-
     async def logout_page(request: Request) -> Response:
         form = await request.form()
         token = request.cookies.get(SESSION_COOKIE)
@@ -445,7 +410,7 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         Route("/login", login_page, methods=["GET"]),
         Route("/login", login_submit, methods=["POST"]),
         Route(CALLBACK_PATH + "{provider}", login_callback, methods=["GET", "POST"]),
-        Route("/launch/{name}", launch_page, methods=["POST"]),
+        *launch_routes(deps),
         Route("/logout", logout_page, methods=["POST"]),
         Route("/api/v1/account/authenticator", api_new_authenticator, methods=["POST"]),
         Route("/account/authenticator", authenticator_page, methods=["GET", "POST"]),
