@@ -48,6 +48,7 @@ def test_any_title_survives_the_url(title: str) -> None:
     URL.replace("v=1", "v=2"),                                           # another version
     URL.replace("&expires=2026-11-23T13%3A30%3A00Z", ""),                # missing key
     URL.replace("Team%20wiki", "Team%0Awiki"),                           # a line break
+    URL.replace("gw.example.com", "gw.examp]le.com"),                    # not a URL
     URL + "#x",
     URL.replace("portcullis://launch/", "portcullis://evil.example/"),
     URL.replace("resource=wiki", "resource=" + "w" * 3000),

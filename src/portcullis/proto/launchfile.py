@@ -285,9 +285,8 @@ def parse_launch_url(url: str) -> LaunchFile:
     if missing:
         raise LaunchFileError(f"launch URL: missing {', '.join(missing)}")
     gateway = values["gateway"][1]
-    parts = urlsplit(gateway)
-    if (not gateway.startswith("https://") or parts.query or parts.fragment
-            or _gateway_problem(gateway) is not None):
+    if (not gateway.startswith("https://") or _gateway_problem(gateway) is not None
+            or urlsplit(gateway).query or urlsplit(gateway).fragment):
         raise LaunchFileError("launch URL: the gateway must be an https:// URL with a host, "
                               "no user name, query or fragment")
     if not _URL_TICKET.match(values["ticket"][1]):
