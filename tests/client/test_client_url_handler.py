@@ -115,3 +115,10 @@ def test_xdg_open_of_the_portals_link_launches_the_client_through_the_gateway(
             os.killpg(opener.pid, signal.SIGTERM)
         opener.wait(10)
     assert list(home.rglob("*.portcullis")) == []   # nothing went to Downloads
+
+    # The link's ticket was used: opening it again is refused, and says so.
+    again = subprocess.run([str(client), "open", url], env=session, capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 1
+    assert "ticket is expired, already used" in again.stderr
+    assert url.split("ticket=")[1].split("&")[0] not in again.stderr + again.stdout
