@@ -43,8 +43,8 @@ def build(dist: Path) -> Path:
         target = dist / "portcullis-client.pyz"
         zipapp.create_archive(tree, target, interpreter="/usr/bin/env python3",
                               compressed=True)
-    # -I: nothing from this environment (site-packages, PYTHONPATH) helps it start.
-    subprocess.run([sys.executable, "-I", str(target), "--help"], check=True,
+    # -I -S: nothing from this environment (site-packages, PYTHONPATH) helps it start.
+    subprocess.run([sys.executable, "-I", "-S", str(target), "--help"], check=True,
                    stdout=subprocess.DEVNULL)
     for name in dropped:
         print(f"left out (compiled; its pure-Python fallback is used): {name}")

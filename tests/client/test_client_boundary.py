@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from peers.client_install import ROOT, installed_client
+from peers.client_install import ROOT, installed_client, single_file_client
 
 SRC = ROOT / "src"
 # What the light client starts from: its commands, and all of portcullis.client.
@@ -116,3 +116,14 @@ def test_pip_installs_the_client_wheel_without_the_server_stack(
     for command in ("login", "resources", "launch", "open", "register", "connect"):
         assert f"  {command} " in helped.stdout
     assert "serve" not in helped.stdout and "user " not in helped.stdout
+
+
+def test_the_single_file_client_starts_with_nothing_installed(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    python, pyz = single_file_client(tmp_path_factory)
+    bare = subprocess.run([str(python), "-c", "import click"], capture_output=True, timeout=60)
+    assert bare.returncode != 0   # every module comes from the archive or the stdlib
+    helped = subprocess.run([str(python), str(pyz), "open", "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert helped.returncode == 0, helped.stderr
+    assert "portcullis://" in helped.stdout

@@ -1,8 +1,8 @@
 """The portal's "Open in Portcullis client" link end to end under a test desktop session:
-the light client installed from its wheel in a fresh venv, `portcullis-client register`
-(the real xdg-utils record the handler), then the real `xdg-open` with the portcullis://
-URL of the portal's launch page starts the client in a terminal (xterm on Xvfb), and the
-client carries bytes through the real gateway to a loopback echo server."""
+the single-file client run by a Python with nothing installed, `register` (the real
+xdg-utils record the handler), then the real `xdg-open` with the portcullis:// URL of the
+portal's launch page starts the client in a terminal (xterm on Xvfb), and the client
+carries bytes through the real gateway to a loopback echo server."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from conftest import Deployment, Process, require_program
-from peers.client_install import installed_client
+from peers.client_install import single_file_client
 from peers.servers import EchoServer, echo_round_trip
 from peers.vnc import VncDesktop
 
@@ -74,7 +74,7 @@ def test_xdg_open_of_the_portals_link_launches_the_client_through_the_gateway(
         tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:  # type: ignore[no-untyped-def]
     require_program("xdg-open")
     terminal = require_program("xterm")
-    client = installed_client(tmp_path_factory) / "bin" / "portcullis-client"
+    client = [str(path) for path in single_file_client(tmp_path_factory)]
     deployment.add_resource("echo", echo_server.address, ["staff"], "Echo")
     deployment.add_user("alice", PASSWORD, ["staff"])
     gateway: Process = start_process("up", "--dir", str(deployment.directory), name="up")
@@ -88,14 +88,15 @@ def test_xdg_open_of_the_portals_link_launches_the_client_through_the_gateway(
         "PORTCULLIS_HOME": str(home / "portcullis")}
     home.mkdir()
     signed_in = subprocess.run(
-        [str(client), "login", deployment.url, "--user", "alice", "--password-stdin",
+        [*client, "login", deployment.url, "--user", "alice", "--password-stdin",
          "--ca", str(deployment.ca)], input=PASSWORD + "\n", env=session,
         capture_output=True, text=True, timeout=60)
     assert signed_in.returncode == 0, signed_in.stderr
-    registered = subprocess.run([str(client), "register"], env=session, capture_output=True,
+    registered = subprocess.run([*client, "register"], env=session, capture_output=True,
                                 text=True, timeout=60)
     assert registered.returncode == 0, registered.stderr
-    assert (home / "data/applications/portcullis-client.desktop").is_file()
+    entry = (home / "data/applications/portcullis-client.desktop").read_text()
+    assert f"Exec={client[0]} {client[1]} open --hold %u\n" in entry   # the same .pyz
     default = subprocess.run(["xdg-mime", "query", "default", "x-scheme-handler/portcullis"],
                              env=session, capture_output=True, text=True, timeout=30)
     assert default.stdout.strip() == "portcullis-client.desktop"
@@ -117,7 +118,7 @@ def test_xdg_open_of_the_portals_link_launches_the_client_through_the_gateway(
     assert list(home.rglob("*.portcullis")) == []   # nothing went to Downloads
 
     # The link's ticket was used: opening it again is refused, and says so.
-    again = subprocess.run([str(client), "open", url], env=session, capture_output=True,
+    again = subprocess.run([*client, "open", url], env=session, capture_output=True,
                            text=True, timeout=60)
     assert again.returncode == 1
     assert "ticket is expired, already used" in again.stderr
