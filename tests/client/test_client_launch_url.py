@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from portcullis.client.desktop import SCHEME_MIME_TYPE, desktop_entry, exec_argument
+from portcullis.client.launcher import foreign_gateway
 from portcullis.errors import LaunchFileError
 from portcullis.proto.launchfile import LaunchFile, format_launch_url, parse_launch_url
 
@@ -77,3 +78,16 @@ def test_the_desktop_entry_handles_the_scheme_and_passes_the_url_as_one_argument
 def test_exec_arguments_are_quoted_as_the_desktop_entry_specification_says(
         argument: str, written: str) -> None:
     assert exec_argument(argument) == written
+
+
+@pytest.mark.parametrize(("signed_in", "noted"), [
+    ("https://gw.example.com:8443", False),
+    ("https://GW.example.com:8443/", False),
+    ("https://gw.example.com", True),
+    ("https://other.example.com:8443", True),
+])
+def test_a_launch_to_another_gateway_than_the_signed_in_one_is_pointed_out(
+        signed_in: str, noted: bool) -> None:
+    note = foreign_gateway(parse_launch_url(URL), signed_in)
+    assert (note is not None) == noted
+    assert note is None or "gw.example.com:8443" in note

@@ -323,6 +323,7 @@ def open_url(url: str, listen: str, ca_file: str | None, hold: bool) -> None:
 
     This is what the URL handler ('register') runs; the link carries the gateway and a
     single-use ticket, and nothing is written to disk."""
+    from portcullis.client.launcher import foreign_gateway
     from portcullis.client.state import STATE_FILE, ClientState, client_home
     from portcullis.errors import PortcullisError
     from portcullis.net.addresses import parse_host_port
@@ -332,8 +333,12 @@ def open_url(url: str, listen: str, ca_file: str | None, hold: bool) -> None:
         host, port = parse_host_port(listen, what="--listen", any_port=True)
         launch_data = parse_launch_url(url)
         home = client_home()
-        if ca_file is None and (home / STATE_FILE).exists():
-            ca_file = ClientState.load(home).ca_file
+        if (home / STATE_FILE).exists():
+            state = ClientState.load(home)
+            ca_file = ca_file or state.ca_file
+            note = foreign_gateway(launch_data, state.url)
+            if note is not None:
+                click.echo(f"portcullis: note: {note}", err=True)
         _serve_launch(launch_data, ca_file, host, port, None)
     except (PortcullisError, ValueError) as exc:
         click.echo(f"portcullis: {exc}", err=True)
