@@ -4,13 +4,12 @@ downloads served from the built dist/ (`make dist`), and nothing else from disk.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from starlette.applications import Starlette
 
-from portcullis.portal.launching import client_files, launch_routes, platform_of
+from portcullis.portal.launching import client_files, download_routes, platform_of
 
 WHEEL = "portcullis_client-0.1.0-py3-none-any.whl"
 
@@ -27,8 +26,7 @@ def test_the_launch_page_puts_the_visitors_platform_first(user_agent: str,
 
 
 def portal(dist: Path) -> httpx.AsyncClient:
-    deps: Any = None   # the downloads read no session and issue nothing
-    app = Starlette(routes=launch_routes(deps, dist))
+    app = Starlette(routes=download_routes(dist))
     return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="https://portal")
 
 

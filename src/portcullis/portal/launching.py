@@ -16,17 +16,19 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from portcullis.errors import TicketError
 from portcullis.identity.sessions import Session
 from portcullis.net.websocket import websocket_url
+from portcullis.portal.api import api_error
 from portcullis.portal.broker import authorize_launch
-from portcullis.portal.guard import client_of, csrf_ok, signed_in
+from portcullis.portal.deps import PortalDeps
+from portcullis.portal.guard import SessionEndpoint, client_of
 from portcullis.portal.pages import error_page, page
 from portcullis.proto.launchfile import (
     FILE_EXTENSION,
@@ -36,9 +38,6 @@ from portcullis.proto.launchfile import (
     format_launch_url,
 )
 from portcullis.sta.authority import TicketRequest
-
-if TYPE_CHECKING:
-    from portcullis.portal.app import PortalDeps
 
 LAUNCH_PATH = "/api/v1/launch"
 # The source checkout's dist/, where `make dist` writes the client.
@@ -84,7 +83,7 @@ async def issue_launch(deps: PortalDeps, session: Session, name: str,
 def launch_file_response(launch: LaunchFile | Refused) -> Response:
     """The JSON API's answer: the launch file, or the refusal as JSON."""
     if isinstance(launch, Refused):
-        return JSONResponse({"error": launch.error}, launch.status)
+        return api_error(launch.status, launch.error)
     return Response(format_launch_file(launch), media_type=MIME_TYPE, headers={
         "content-disposition": f'attachment; filename="{launch.resource}{FILE_EXTENSION}"',
         "cache-control": "no-store"})
@@ -107,22 +106,11 @@ def client_files(dist: Path) -> list[str]:
     return ([PYZ] if (dist / PYZ).is_file() else []) + wheels
 
 
-def launch_routes(deps: PortalDeps, dist: Path = DIST) -> list[BaseRoute]:
-    """`POST /launch/{name}` (the resource list's Launch button) and the client's
-    downloads, `GET /download/{file}`."""
+def launch_page(deps: PortalDeps, dist: Path = DIST) -> SessionEndpoint:
+    """`POST /launch/{name}` (the resource list's Launch button), for the portal's guard
+    to wrap (signed in, CSRF): the launch page, or a page saying why there is none."""
 
-    async def launch_page(request: Request) -> Response:
-        session = await signed_in(deps.sessions, request)
-        if session is None:
-            return RedirectResponse("/login", 303)
-        form = await request.form()
-        if not csrf_ok(deps.hasher, request, form.get("csrf")):
-            deps.audit.record("csrf.rejected", path="/launch", user=session.username,
-                              client=client_of(request))
-            return error_page(request, 403, "Launch refused",
-                              "This page was out of date, so the launch was not started.",
-                              "Go back to your resources and launch it again.",
-                              action=("Your resources", "/"))
+    async def launched(request: Request, session: Session) -> Response:
         launch = await issue_launch(deps, session, request.path_params["name"],
                                     client_of(request))
         if isinstance(launch, Refused):
@@ -143,6 +131,13 @@ def launch_routes(deps: PortalDeps, dist: Path = DIST) -> list[BaseRoute]:
                     platforms=sorted(PLATFORMS.items(), key=lambda item: item[0] != platform),
                     downloads=client_files(dist), public_url=deps.settings.gateway.public_url)
 
+    return launched
+
+
+def download_routes(dist: Path = DIST) -> list[BaseRoute]:
+    """`GET /download/{file}`: the client `make dist` built, for anyone (it holds nothing
+    secret)."""
+
     async def download(request: Request) -> Response:
         name = request.path_params["file"]
         if name != PYZ and not _WHEEL.match(name):
@@ -158,5 +153,4 @@ def launch_routes(deps: PortalDeps, dist: Path = DIST) -> list[BaseRoute]:
         media_type = "application/zip" if name.endswith(".whl") else "application/x-python-zip"
         return FileResponse(dist / name, media_type=media_type, filename=name)
 
-    return [Route("/launch/{name}", launch_page, methods=["POST"]),
-            Route("/download/{file}", download, methods=["GET"])]
+    return [Route("/download/{file}", download, methods=["GET"])]
