@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
 import portcullis
 from portcullis.cli.common import PortcullisGroup, answer_options, client_tls, fail, run_async
+
+if TYPE_CHECKING:
+    from portcullis.proto.launchfile import LaunchFile
 
 
 @click.command()
@@ -181,7 +184,7 @@ def launch(name: str | None, launch_file: Path | None, listen: str, command: str
     _serve_launch(launch_data, ca_file, host, port, command)
 
 
-def _serve_launch(launch_data: Any, ca_file: str | None, host: str, port: int,
+def _serve_launch(launch_data: LaunchFile, ca_file: str | None, host: str, port: int,
                   command: str | None) -> None:
     from portcullis.client.launcher import run_launch
 
