@@ -5,7 +5,7 @@ DIR    ?= ./.portcullis
 PORT   ?= 8443
 BIN     = $(VENV)/bin
 
-.PHONY: run test lint peers novnc bench fuzz clean
+.PHONY: run test lint peers novnc bench fuzz dist clean
 
 # noVNC, the in-browser VNC viewer the portal serves, at the version its lock file pins
 # (npm; not committed). Without npm the portal runs and its viewer page says what to do.
@@ -48,5 +48,13 @@ fuzz: $(BIN)/.installed
 bench: $(BIN)/.installed peers
 	$(BIN)/python -m bench
 
+## The full `portcullis` wheel, the light client's wheel (client-dist/) and the
+## single-file client dist/portcullis-client.pyz, which the portal offers for download.
+dist: $(BIN)/.installed
+	rm -rf dist && mkdir dist
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir dist .
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir dist ./client-dist
+	$(BIN)/python scripts/build_client_pyz.py dist
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts $(NOVNC)/node_modules
+	rm -rf dist $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts $(NOVNC)/node_modules

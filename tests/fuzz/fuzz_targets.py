@@ -39,7 +39,12 @@ from portcullis.proto.httpforward import (
     SendClient,
     SendUpstream,
 )
-from portcullis.proto.launchfile import format_launch_file, parse_launch_file
+from portcullis.proto.launchfile import (
+    format_launch_file,
+    format_launch_url,
+    parse_launch_file,
+    parse_launch_url,
+)
 from portcullis.proto.proxyauth import ProxyCredentials
 from portcullis.proto.rfb import RfbPasswordBridge, RfbRefusal, classify_first_bytes
 from portcullis.proto.shadow import (
@@ -356,6 +361,17 @@ def launch_file(data: bytes) -> None:
     assert parse_launch_file(format_launch_file(parsed)) == parsed
 
 
+def launch_url(data: bytes) -> None:
+    """The client opening a portcullis:// link from any web page; what it accepts, it
+    writes back the same. The URL arrives as a command-line argument, which Python
+    decodes with surrogateescape."""
+    try:
+        parsed = parse_launch_url(data.decode("utf-8", "surrogateescape"))
+    except ProtocolError:
+        return
+    assert parse_launch_url(format_launch_url(parsed)) == parsed
+
+
 def saml_message(data: bytes) -> None:
     """The SAML gate reading what a browser posted (or an IdP redirected): base64, for
     the HTTP-Redirect binding deflated, then one defusedxml parse. Byte 0, bit 0: deflate
@@ -541,6 +557,7 @@ TARGETS: dict[str, Target] = {
     "http_connect": http_connect,
     "http_forward": http_forward,
     "launch_file": launch_file,
+    "launch_url": launch_url,
     "saml_message": saml_message,
     "id_token": id_token,
     "shadow_request": shadow_request,

@@ -202,6 +202,18 @@ def launch_file() -> dict[str, bytes]:
     }
 
 
+def launch_url() -> dict[str, bytes]:
+    url = ("portcullis://launch/?v=1&resource=wiki&title=Team%20wiki&gateway=https%3A%2F%2F"
+           "gw.example.com%3A8443%2Fapi%2Fv1%2Flaunch&ticket=STA01%3BQ2hhbmdlTWUQ2hhbmdlTWU"
+           "&expires=2026-11-23T13%3A30%3A00Z")
+    return {
+        "valid": url.encode(),
+        "unicode-title": url.replace("Team%20wiki", "%C3%89quipe%20%E2%80%94%20wiki").encode(),
+        "plain-http": url.replace("https%3A", "http%3A").encode(),
+        "extra-key": (url + "&exec=xterm").encode(),
+    }
+
+
 def saml_message() -> dict[str, bytes]:
     response = (b'<samlp:Response xmlns:samlp="urn:oasis:names:tc:SAML:2.0:protocol" '
                 b'xmlns:saml="urn:oasis:names:tc:SAML:2.0:assertion" ID="_r1" Version="2.0">'
@@ -327,6 +339,7 @@ SEEDS = {
     "http_connect": http_connect(),
     "http_forward": http_forward(),
     "launch_file": launch_file(),
+    "launch_url": launch_url(),
     "saml_message": saml_message(),
     "id_token": id_token(),
     "shadow_request": shadow_request(),
