@@ -1,8 +1,8 @@
 """The portal for people who use a keyboard, a screen reader, or no JavaScript, in headless
 Chromium (Debian's /usr/bin/chromium, driven by Playwright):
 - axe-core (pinned in tests/peers/node) finds no violation of the WCAG 2 A and AA rules on
-  the sign-in page, a failed sign-in, a TOTP step, the resource list, the authenticator
-  set-up and an error page;
+  the sign-in page, a failed sign-in, a TOTP step, the resource list, a launch page, the
+  authenticator set-up and an error page;
 - the keyboard alone signs in and reaches every control of the resource list, and the
   control it is on is outlined;
 - with JavaScript off, sign-in (password, then a TOTP code) and the resource list work;
@@ -163,6 +163,9 @@ def test_axe_finds_no_wcag_a_or_aa_violation_on_the_portal_pages(
     page.wait_for_selector("text=Your resources")
     found["resource list"] = axe_violations(page)
     page.screenshot(path=str(ARTIFACTS / "portal-resources-by-kind.png"), full_page=True)
+    page.click("button[data-resource=intranet]")
+    page.wait_for_selector("text=Open in Portcullis client")
+    found["launch page"] = axe_violations(page)
     page.goto(f"{portal.url}/account/authenticator")
     page.wait_for_selector("form#authenticator[data-step=totp-enrol]")
     found["authenticator set-up"] = axe_violations(page)
@@ -229,8 +232,10 @@ def test_without_javascript_sign_in_and_the_resource_list_work(
     wiki = page.locator("a[data-resource=wiki]")
     assert wiki.get_attribute("href") == "/web/wiki" and wiki.get_attribute("target") == "_blank"
     assert page.locator("a[data-resource=desk]").get_attribute("href") == "/vnc/desk"
-    with page.expect_download() as download:
-        page.click("button[data-resource=intranet]")
+    page.click("button[data-resource=intranet]")
+    page.wait_for_selector("text=Open in Portcullis client")
+    with page.expect_download() as download:   # the launch page's fallback file
+        page.click("a#launch-file")
     assert download.value.suggested_filename == "intranet.portcullis"
     page.click("text=Sign out")
     page.wait_for_url("**/login")

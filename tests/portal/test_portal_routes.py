@@ -147,7 +147,7 @@ async def test_a_forbidden_launch_from_the_page_is_a_page_like_an_unknown_one(
     unknown = await portal.client.post("/launch/nothing", headers=PAGE, data={"csrf": csrf})
     assert forbidden.status_code == unknown.status_code == 403
     assert forbidden.text.replace("vault", "") == unknown.text.replace("nothing", "")
-    assert "Not available to you" in forbidden.text
+    assert "Launch refused" in forbidden.text
 
 
 async def test_a_correct_password_on_an_expired_sign_in_page_starts_again(

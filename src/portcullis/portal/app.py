@@ -19,6 +19,7 @@ from portcullis.portal.deps import PortalDeps
 from portcullis.portal.error_pages import error_handlers
 from portcullis.portal.guard import Guard
 from portcullis.portal.health import health_routes
+from portcullis.portal.launching import download_routes
 from portcullis.portal.resources import resource_routes
 from portcullis.portal.signin import sign_in_routes
 
@@ -34,5 +35,6 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         *resource_routes(deps, guard),
         *account_routes(deps, guard),
         *health_routes(deps),
+        *download_routes(),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ])
