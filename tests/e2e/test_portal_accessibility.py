@@ -237,6 +237,7 @@ def test_without_javascript_sign_in_and_the_resource_list_work(
     with page.expect_download() as download:   # the launch page's fallback file
         page.click("a#launch-file")
     assert download.value.suggested_filename == "intranet.portcullis"
+    page.click("text=Back to your resources")
     page.click("text=Sign out")
     page.wait_for_url("**/login")
 
