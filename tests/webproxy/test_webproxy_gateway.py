@@ -286,6 +286,10 @@ def test_another_resources_host_or_an_absolute_form_on_a_resources_connection_is
     unknown = raw_request(published, "localhost",
                           b"GET / HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n")
     assert unknown.startswith(b"HTTP/1.1 421")
+    two_hosts = raw_request(published, "wiki.localhost",
+                            b"GET /whoami HTTP/1.1\r\nHost: wiki.localhost\r\n"
+                            b"Host: other.localhost\r\nCookie: " + cookie + b"\r\n\r\n")
+    assert two_hosts.startswith(b"HTTP/1.1 4")
     gateway_on_resource = raw_request(published, "wiki.localhost",
                                       b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert gateway_on_resource.startswith(b"HTTP/1.1 421")
@@ -313,6 +317,29 @@ async def test_a_websocket_echoes_through_the_resource_and_ends_within_a_second_
         with pytest.raises(websockets.ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 1.0)
         assert time.monotonic() - ended < 1.0
+    # The app cookie died with the session too.
+    after = await asyncio.to_thread(published.client.get,
+                                    published.origin("wiki.localhost") + "/whoami",
+                                    headers={"cookie": cookie})
+    assert after.status_code == 303
+
+
+async def test_a_websocket_without_a_session_or_for_another_host_is_refused(
+        published: Published) -> None:
+    cookie = await asyncio.to_thread(published.enter,
+                                     await asyncio.to_thread(published.sign_in, "alice"))
+    context = ssl.create_default_context(cafile=str(published.deployment.ca))
+    before = len(published.wiki.requests) + len(published.other.requests)
+    # No app cookie; then a connection opened for wiki (SNI) asking for other (Host).
+    for host, headers, status in (("wiki", {}, 401), ("other", {"cookie": cookie}, 421)):
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(f"wss://{host}.localhost:{published.port}/ws",
+                                          host="127.0.0.1", ssl=context,
+                                          server_hostname="wiki.localhost",
+                                          additional_headers=headers):
+                pass
+        assert refused.value.response.status_code == status
+    assert len(published.wiki.requests) + len(published.other.requests) == before
 
 
 def test_a_gibibyte_from_the_application_streams_with_flat_memory(

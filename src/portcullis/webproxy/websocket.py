@@ -58,7 +58,11 @@ class WebSocketRelays:
         if transport is None:
             return True
         sites = self._proxy.sites
-        destination, site = sites.destination(request.headers.get("Host"))
+        hosts = request.headers.get_all("Host")
+        if len(hosts) > 1:
+            reject(carrier, 400, "bad request\n")
+            return True
+        destination, site = sites.destination(hosts[0] if hosts else None)
         opened_for = sites.by_host(server_name_of(transport.get_extra_info("ssl_object")))
         if destination is Destination.GATEWAY and opened_for is None:
             return False   # the gateway's own endpoints
