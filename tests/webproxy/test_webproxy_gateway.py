@@ -211,7 +211,12 @@ def test_a_code_redeems_once_and_the_app_cookie_is_worth_nothing_on_another_host
     for attribute in ("secure", "httponly", "samesite=lax", "path=/"):
         assert attribute in set_cookie
     assert "domain" not in set_cookie
+    assert first.headers["cache-control"] == "no-store"
     assert published.client.get(code_url).status_code == 403   # used
+    wiki_before = len(published.wiki.requests)
+    own = published.client.post(published.origin("wiki.localhost") + "/.portcullis/enter",
+                                headers={"cookie": first.headers["set-cookie"].split(";")[0]})
+    assert own.status_code == 404 and len(published.wiki.requests) == wiki_before
     before = len(published.other.requests)
     cookie = first.headers["set-cookie"].split(";", 1)[0]
     elsewhere = published.client.get(published.origin("other.localhost") + "/whoami",

@@ -27,7 +27,9 @@ from portcullis.webproxy.assertion import JWKS_PATH, Asserter
 from portcullis.webproxy.handoff import Binding, Handoff
 from portcullis.webproxy.sites import Sites
 
-ENTER_PATH = "/.portcullis/enter"
+# On an application's host, paths under /.portcullis/ are the gateway's.
+OWN_PATHS = "/.portcullis/"
+ENTER_PATH = OWN_PATHS + "enter"
 
 
 def entry_url(name: str, target: str) -> str:

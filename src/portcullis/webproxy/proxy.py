@@ -41,7 +41,7 @@ from portcullis.portal.app import safe_next
 from portcullis.portal.pages import error_page
 from portcullis.webproxy.assertion import Asserter
 from portcullis.webproxy.decisions import WebDecision, admit_request, is_navigation
-from portcullis.webproxy.entry import ENTER_PATH, entry_url
+from portcullis.webproxy.entry import ENTER_PATH, OWN_PATHS, entry_url
 from portcullis.webproxy.handoff import Binding, Handoff
 from portcullis.webproxy.rewrite import (
     APP_COOKIE,
@@ -120,14 +120,20 @@ class WebProxy:
             return
         request = Request(scope, receive)
         client = request.client.host if request.client else "unknown"
-        if scope["path"] == ENTER_PATH and scope["method"] == "GET":
-            await (await self._enter(site, request, client))(scope, receive, send)
-            return
-        decision = await self.admit(site, scope["headers"], scope["method"], client)
-        if not decision.allowed or decision.session is None:
-            await self._refused(site, request)(scope, receive, send)
-            return
-        await self._forward(site, decision.session, scope, receive, send, client)
+        if scope["path"].startswith(OWN_PATHS):   # the gateway's, never the application's
+            response = (await self._enter(site, request, client)
+                        if scope["path"] == ENTER_PATH and scope["method"] == "GET" else
+                        error_page(request, 404, "Not found", "There is no such page.",
+                                   "Check the address."))
+        else:
+            decision = await self.admit(site, scope["headers"], scope["method"], client)
+            if decision.allowed and decision.session is not None:
+                await self._forward(site, decision.session, scope, receive, send, client)
+                return
+            response = self._refused(site, request)
+        # The application's answers keep their own caching; the gateway's are never kept.
+        response.headers["cache-control"] = "no-store"
+        await response(scope, receive, send)
 
     async def _enter(self, site: Site, request: Request, client: str) -> Response:
         query = parse_qs(request.url.query)
@@ -153,7 +159,10 @@ class WebProxy:
         return response
 
     def _refused(self, site: Site, request: Request) -> Response:
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        # As the browser sent it: the decoded path could differ (%2F).
+        raw_path = request.scope.get("raw_path") or request.scope["path"].encode()
+        query = request.scope.get("query_string", b"")
+        target = (raw_path + (b"?" + query if query else b"")).decode("latin-1")
         again = self.sites.gateway_url + entry_url(site.name, target)
         if is_navigation(request.method):
             return RedirectResponse(again, 303)
