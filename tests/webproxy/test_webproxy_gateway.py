@@ -111,7 +111,9 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
                       deployment.directory.parent / "up.log")
     try:
         process.wait_for(r"Portal: https://")
-        yield Published(deployment, wiki, other)
+        published = Published(deployment, wiki, other)
+        yield published
+        published.client.close()   # no keep-alive connection for the gateway to wait on
     finally:
         process.stop()
         for serving in (wiki_serving, other_serving):
