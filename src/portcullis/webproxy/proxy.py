@@ -32,6 +32,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from portcullis.audit import AuditTrail
+from portcullis.errors import StoreError
 from portcullis.identity.endings import Ending
 from portcullis.identity.sessions import Session, SessionManager
 from portcullis.net.dialer import Dialer
@@ -119,6 +120,18 @@ class WebProxy:
                 scope, receive, send)
             return
         request = Request(scope, receive)
+        try:
+            await self._answer(site, request, scope, receive, send)
+        except StoreError as exc:   # sessions or keys cannot be read: nothing is let through
+            log.error("store unavailable", resource=site.name, error=str(exc))
+            response = error_page(request, 503, "Temporarily unavailable",
+                                  "The gateway cannot check your session at the moment.",
+                                  "Try again in a moment.")
+            response.headers["cache-control"] = "no-store"
+            await response(scope, receive, send)
+
+    async def _answer(self, site: Site, request: Request, scope: Scope, receive: Receive,
+                      send: Send) -> None:
         client = request.client.host if request.client else "unknown"
         if scope["path"].startswith(OWN_PATHS):   # the gateway's, never the application's
             response = (await self._enter(site, request, client)
