@@ -100,11 +100,14 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
                                  deployment.ca)
     wiki, other = next(wiki_serving), next(other_serving)
     with deployment.config.open("a") as config:
-        for name, host, app, groups in (("wiki", "wiki.localhost", wiki, ["staff"]),
-                                        ("other", "other.localhost", other, ["staff"])):
+        # "loop" names its upstream: a name that resolves to the gateway host's loopback
+        # is no destination (only an address literal there is the administrator's choice).
+        for name, host, url in (("wiki", "wiki.localhost", wiki.url),
+                                ("other", "other.localhost", other.url),
+                                ("loop", "loop.localhost", f"http://localhost:{wiki.port}")):
             config.write(f'\n[[resources]]\nname = "{name}"\ntitle = "{name}"\n'
-                         f'kind = "web"\nupstream = "{app.url}"\nhost = "{host}"\n'
-                         f'groups = {json.dumps(groups)}\n')
+                         f'kind = "web"\nupstream = "{url}"\nhost = "{host}"\n'
+                         'groups = ["staff"]\n')
     deployment.add_user("alice", PASSWORD, ["staff"])
     deployment.add_user("bob", PASSWORD, ["finance"])
     process = Process(["up", "--dir", str(deployment.directory)],
@@ -155,6 +158,18 @@ def test_a_post_body_goes_through_and_the_answer_keeps_the_applications_headers(
     assert answer.json()["method"] == "POST" and answer.json()["body"] == 50_000
     # The portal's policy headers are not forced on the application.
     assert "content-security-policy" not in answer.headers
+
+
+def test_an_upstream_named_to_resolve_to_the_gateway_host_is_refused(
+        published: Published) -> None:
+    cookie = published.enter(published.sign_in("alice"), "loop")
+    before = len(published.wiki.requests)
+    answer = published.client.get(published.origin("loop.localhost") + "/whoami",
+                                  headers={"cookie": cookie})
+    assert answer.status_code == 502
+    assert "localhost:" not in answer.text and str(published.wiki.port) not in answer.text
+    assert len(published.wiki.requests) == before
+    assert any(event["event"] == "web.upstream_refused" for event in published.audit())
 
 
 def test_a_body_over_the_edges_limit_is_refused_also_when_chunked(

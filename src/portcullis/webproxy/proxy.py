@@ -6,7 +6,8 @@ Per request: the app cookie names a record (`handoff`) bound to this resource an
 gateway session; the session must still stand and the broker still allow the resource
 (`decisions.admit_request`). Then the request goes on through the node's Dialer
 (`net.httpdial.DialerTransport`, one keep-alive pool per upstream), with the headers of
-`rewrite.upstream_request_headers` and a fresh assertion, and the answer comes back
+`rewrite.upstream_request_headers` and a fresh assertion (each upstream connection
+admitted like a launch's: `upstreams.AdmittedDialer`), and the answer comes back
 with `rewrite.browser_response_headers`. Bodies are never held whole: chunks go on as
 they come, under the transports' flow control.
 
@@ -35,6 +36,7 @@ from portcullis.audit import AuditTrail
 from portcullis.errors import StoreError
 from portcullis.identity.endings import Ending
 from portcullis.identity.sessions import Session, SessionManager
+from portcullis.net.destinations import HostAddresses
 from portcullis.net.dialer import Dialer
 from portcullis.net.httpdial import DialerTransport
 from portcullis.net.tls import client_context
@@ -52,6 +54,7 @@ from portcullis.webproxy.rewrite import (
     upstream_request_headers,
 )
 from portcullis.webproxy.sites import Site, Sites, host_name
+from portcullis.webproxy.upstreams import AdmittedDialer
 
 log = structlog.get_logger("portcullis.webproxy")
 # httpx tells of every request at INFO: a proxy's every request is not news.
@@ -84,8 +87,10 @@ class WebProxy:
         self.handoff = handoff
         self.asserter = asserter
         self.audit = audit
+        host_addresses = HostAddresses()
         self._clients = {site.name: httpx.AsyncClient(
-            transport=DialerTransport(dialer, _upstream_tls(site, base_dir)),
+            transport=DialerTransport(AdmittedDialer(dialer, site.name, audit, host_addresses),
+                                      _upstream_tls(site, base_dir)),
             timeout=UPSTREAM_TIMEOUT, follow_redirects=False) for site in sites.all}
 
     def client_for(self, site: Site) -> httpx.AsyncClient:
