@@ -40,8 +40,8 @@ from portcullis.net.destinations import HostAddresses
 from portcullis.net.dialer import Dialer
 from portcullis.net.httpdial import DialerTransport
 from portcullis.net.tls import client_context
-from portcullis.portal.app import safe_next
 from portcullis.portal.pages import error_page
+from portcullis.portal.redirects import safe_next
 from portcullis.webproxy.assertion import Asserter
 from portcullis.webproxy.decisions import WebDecision, admit_request, is_navigation
 from portcullis.webproxy.entry import ENTER_PATH, OWN_PATHS, entry_url
