@@ -364,6 +364,18 @@ async def test_a_websocket_without_a_session_or_for_another_host_is_refused(
     assert len(published.wiki.requests) + len(published.other.requests) == before
 
 
+def test_what_a_slow_application_sends_reaches_the_browser_at_once(
+        published: Published) -> None:
+    cookie = published.enter(published.sign_in("alice"))
+    published.wiki.drip.clear()
+    with published.client.stream("GET", published.origin("wiki.localhost") + "/drip",
+                                 headers={"cookie": cookie}) as got:
+        lines = got.iter_lines()
+        assert next(lines) == "first"   # while the application still holds the second
+        published.wiki.drip.set()
+        assert next(lines) == "second"
+
+
 def test_a_gibibyte_from_the_application_streams_with_flat_memory(
         published: Published) -> None:
     cookie = published.enter(published.sign_in("alice"))
