@@ -4,8 +4,8 @@ gateway's `X-Portcullis-Assertion` with PyJWT against the published JWKS, and ec
 what it received. It counts every request, so a test can tell that nothing arrived.
 
 Routes: `/whoami` (any method: the verified claims, the headers, the body's length),
-`/big?size=N` (N bytes, streamed), `/drip` (a line now, one more when told), `/redirect?to=URL` (302 there), `/cookie?set=VALUE`
-(a raw Set-Cookie), `/ws` (a WebSocket echo; `/ws?assertion=1` first sends the user).
+`/big?size=N` (N bytes, streamed), `/drip` (a line now, one more when told),
+`/redirect?to=URL` (302 there), `/cookie?set=VALUE` (a raw Set-Cookie), `/ws` (a WebSocket echo; `/ws?assertion=1` first sends the user).
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ class WebApp:
 
         app = Starlette(routes=[
             Route("/whoami", whoami, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]),
-            Route("/big", big), Route("/drip", drip), Route("/redirect", redirect), Route("/cookie", cookie),
+            Route("/big", big), Route("/drip", drip), Route("/redirect", redirect),
+            Route("/cookie", cookie),
             WebSocketRoute("/ws", echo)])
 
         async def counting(scope: Any, receive: Any, send: Any) -> None:
