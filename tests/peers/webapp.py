@@ -5,7 +5,8 @@ what it received. It counts every request, so a test can tell that nothing arriv
 
 Routes: `/whoami` (any method: the verified claims, the headers, the body's length),
 `/big?size=N` (N bytes, streamed), `/drip` (a line now, one more when told),
-`/redirect?to=URL` (302 there), `/cookie?set=VALUE` (a raw Set-Cookie), `/ws` (a WebSocket echo; `/ws?assertion=1` first sends the user).
+`/redirect?to=URL` (302 there), `/cookie?set=VALUE` (a raw Set-Cookie), `/ws` (a
+WebSocket echo; `/ws?assertion=1` first sends the user).
 """
 
 from __future__ import annotations
