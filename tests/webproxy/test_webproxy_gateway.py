@@ -99,15 +99,12 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
     other_serving = serve_webapp(jwks, f"https://other.localhost:{deployment.port}",
                                  deployment.ca)
     wiki, other = next(wiki_serving), next(other_serving)
-    with deployment.config.open("a") as config:
-        # "loop" names its upstream: a name that resolves to the gateway host's loopback
-        # is no destination (only an address literal there is the administrator's choice).
-        for name, host, url in (("wiki", "wiki.localhost", wiki.url),
-                                ("other", "other.localhost", other.url),
-                                ("loop", "loop.localhost", f"http://localhost:{wiki.port}")):
-            config.write(f'\n[[resources]]\nname = "{name}"\ntitle = "{name}"\n'
-                         f'kind = "web"\nupstream = "{url}"\nhost = "{host}"\n'
-                         'groups = ["staff"]\n')
+    deployment.add_web_resource("wiki", wiki.url, "wiki.localhost", ["staff"])
+    deployment.add_web_resource("other", other.url, "other.localhost", ["staff"])
+    # "loop" names its upstream: a name that resolves to the gateway host's loopback is
+    # no destination (only an address literal there is the administrator's choice).
+    deployment.add_web_resource("loop", f"http://localhost:{wiki.port}", "loop.localhost",
+                                ["staff"])
     deployment.add_user("alice", PASSWORD, ["staff"])
     deployment.add_user("bob", PASSWORD, ["finance"])
     process = Process(["up", "--dir", str(deployment.directory)],
