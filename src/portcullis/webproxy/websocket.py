@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import cast
@@ -199,6 +200,7 @@ class WebSocketRelay(asyncio.Protocol):
                                  user=session.username, client=self._client,
                                  connection=connection.id)
         self._transport.resume_reading()
+        started = time.monotonic()
         try:
             await self._relay(stream)
         finally:
@@ -206,6 +208,11 @@ class WebSocketRelay(asyncio.Protocol):
             with contextlib.suppress(Exception):
                 await stream.aclose()
             self._transport.close()
+            self._proxy.audit.record("web.websocket_ended", resource=site.name,
+                                     user=session.username, connection=connection.id,
+                                     bytes_to_client=self._sent,
+                                     bytes_from_client=self._received,
+                                     duration=round(time.monotonic() - started, 3))
 
     async def _relay(self, stream: httpcore.AsyncNetworkStream) -> None:
         downstream = asyncio.ensure_future(self._from_upstream(stream))
