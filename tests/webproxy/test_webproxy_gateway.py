@@ -101,6 +101,9 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
     wiki, other = next(wiki_serving), next(other_serving)
     deployment.add_web_resource("wiki", wiki.url, "wiki.localhost", ["staff"])
     deployment.add_web_resource("other", other.url, "other.localhost", ["staff"])
+    # "plain" is "other"'s application again, with identity headers.
+    deployment.add_web_resource("plain", other.url, "plain.localhost", ["staff"],
+                                identity_headers=True)
     # "loop" names its upstream: a name that resolves to the gateway host's loopback is
     # no destination (only an address literal there is the administrator's choice).
     deployment.add_web_resource("loop", f"http://localhost:{wiki.port}", "loop.localhost",
@@ -145,6 +148,21 @@ def test_a_signed_in_user_reaches_the_application_which_verifies_who_they_are(
     assert "x-forwarded-user" not in headers and "forwarded" not in headers
     assert "x-portcullis-anything" not in headers
     assert seen["query"] == "x=1"
+
+
+def test_identity_headers_when_asked_for_are_the_gateways_never_the_clients(
+        published: Published) -> None:
+    cookie = published.enter(published.sign_in("alice"), "plain")
+    seen = published.client.get(published.origin("plain.localhost") + "/whoami",
+                                headers={"cookie": cookie, "x-forwarded-user": "root",
+                                         "x-forwarded-groups": "admins"}).json()
+    headers = [[name, value] for name, value in seen["headers"]
+               if name.startswith("x-forwarded-") and name not in (
+                   "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")]
+    assert headers == [["x-forwarded-user", "alice"], ["x-forwarded-groups", "staff"]]
+    # The same application behind another host name: an assertion for that one is not
+    # one for this (its audience says so).
+    assert seen["claims"] is None and "audience" in seen["error"].lower()
 
 
 def test_a_post_body_goes_through_and_the_answer_keeps_the_applications_headers(
