@@ -66,8 +66,11 @@ class WebSocketRelays:
             return True
         destination, site = sites.destination(hosts[0] if hosts else None)
         opened_for = sites.by_host(server_name_of(transport.get_extra_info("ssl_object")))
-        if destination is Destination.GATEWAY and opened_for is None:
-            return False   # the gateway's own endpoints
+        if destination is not Destination.WEB and opened_for is None:
+            # The gateway's own endpoints, as before web resources, whatever the Host: a
+            # relay dialling out may name the edge by an inside name, and each endpoint
+            # authenticates its peer itself (certificate, ticket, session).
+            return False
         if destination is not Destination.WEB or site is not opened_for or site is None \
                 or not request.path.startswith("/"):
             reject(carrier, 421, "misdirected request\n")
