@@ -379,6 +379,23 @@ async def test_a_websocket_without_a_session_or_for_another_host_is_refused(
     assert len(published.wiki.requests) + len(published.other.requests) == before
 
 
+def test_a_websocket_path_with_a_dot_segment_or_two_hosts_is_refused(
+        published: Published) -> None:
+    cookie = published.enter(published.sign_in("alice")).encode()
+    before = len(published.wiki.requests)
+    upgrade = (b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nCookie: " + cookie + b"\r\n")
+    for target in (b"/x/../ws", b"/x/%2e%2E/ws", b"/x\\..\\ws"):
+        answer = raw_request(published, "wiki.localhost", b"GET " + target +
+                             b" HTTP/1.1\r\nHost: wiki.localhost\r\n" + upgrade + b"\r\n")
+        assert answer.startswith(b"HTTP/1.1 400"), (target, answer)
+    two_hosts = raw_request(published, "wiki.localhost",
+                            b"GET /ws HTTP/1.1\r\nHost: wiki.localhost\r\n"
+                            b"Host: wiki.localhost\r\n" + upgrade + b"\r\n")
+    assert two_hosts.startswith(b"HTTP/1.1 400")
+    assert len(published.wiki.requests) == before
+
+
 def test_what_a_slow_application_sends_reaches_the_browser_at_once(
         published: Published) -> None:
     cookie = published.enter(published.sign_in("alice"))

@@ -89,18 +89,20 @@ def test_a_wildcard_covers_exactly_one_label() -> None:
 # -- the request ------------------------------------------------------------------------
 def test_the_upstream_gets_no_identity_forwarding_hop_by_hop_or_gateway_cookie_from_the_client(
         ) -> None:
-    sent = [(b"Host", b"wiki.gw.example.org:8443"), (b"Accept", b"text/html"),
+    # The Host as sent (another port, another case) is not what X-Forwarded-Host says.
+    sent = [(b"Host", b"WIKI.gw.example.org:1"), (b"Accept", b"text/html"),
             (b"X-Portcullis-Assertion", b"forged"), (b"X-Forwarded-User", b"root"),
             (b"X-Forwarded-For", b"203.0.113.9"), (b"Forwarded", b"for=x"),
             (b"Connection", b"keep-alive, X-Secret"), (b"X-Secret", b"hop"),
             (b"Keep-Alive", b"timeout=5"), (b"TE", b"trailers"), (b"Upgrade", b"h2c"),
             (b"Proxy-Authorization", b"Basic x"), (b"Expect", b"100-continue"),
             (b"Cookie", b"a=1; __Host-portcullis-app=secret; b=2"),
-            (b"Cookie", b"__Host-portcullis-app=again")]
+            (b"Cookie", b"__Host-portcullis-app=again"),
+            # What a CGI or FastCGI server reads as X-Forwarded-User and the assertion.
+            (b"X_Forwarded_User", b"root"), (b"x_portcullis_assertion", b"forged"),
+            (b"X-Forwarded_Email", b"root@example.org")]
     identity = [(b"x-portcullis-assertion", b"signed")]
-    assert upstream_request_headers(sent, WIKI, Forwarding("192.0.2.1",
-                                                           b"wiki.gw.example.org:8443",
-                                                           identity)) == [
+    assert upstream_request_headers(sent, WIKI, Forwarding("192.0.2.1", identity)) == [
         (b"host", b"10.0.0.5:8080"), (b"accept", b"text/html"), (b"cookie", b"a=1; b=2"),
         (b"x-forwarded-for", b"192.0.2.1"), (b"x-forwarded-proto", b"https"),
         (b"x-forwarded-host", b"wiki.gw.example.org:8443"),
@@ -111,7 +113,7 @@ def test_a_websocket_upgrade_keeps_its_handshake_headers() -> None:
     sent = [(b"host", b"wiki.gw.example.org"), (b"connection", b"Upgrade"),
             (b"upgrade", b"websocket"), (b"sec-websocket-key", b"k"),
             (b"sec-websocket-version", b"13")]
-    headers = upstream_request_headers(sent, WIKI, Forwarding("192.0.2.1", b"w"),
+    headers = upstream_request_headers(sent, WIKI, Forwarding("192.0.2.1"),
                                        websocket=True)
     assert headers[:5] == [(b"host", b"10.0.0.5:8080"), (b"sec-websocket-key", b"k"),
                            (b"sec-websocket-version", b"13"), (b"connection", b"Upgrade"),
@@ -144,10 +146,25 @@ def test_cookies_are_read_and_removed_by_exact_name() -> None:
     (b"/elsewhere", None),                  # outside the prefix /wiki
     (b"http://10.0.0.5:8080/other", None),
     (b"http://[bad", None),
+    # Browsers read "\\" as "/" and "http:name" as a host: neither may hide an address.
+    (b"/\\10.0.0.5:8080/wiki/x", b"https://wiki.gw.example.org:8443/x"),
+    (b"/\\db.internal/x", None),
+    (b"\\\\db.internal/x", None),
+    (b"http:db.internal/x", None),
+    (b"https:/10.1.2.3/", None),
+    (b"/\t/db.internal/x", None),
 ])
 def test_redirects_are_rewritten_passed_or_refused(location: bytes,
                                                    expected: bytes | None) -> None:
     assert rewrite_location(location, WIKI, SITES.all, public).value == expected
+
+
+def test_a_path_with_a_dot_segment_or_not_absolute_has_no_upstream_target() -> None:
+    assert WIKI.upstream_target(b"/a/b", b"x=1") == b"/wiki/a/b?x=1"
+    for path in (b"/../admin", b"/a/%2e%2E/admin", b"/a/.%2e", b"/a/%2E/b", b"/a\\..\\b",
+                 b"/a%2f..%2fb", b"/a%5c..", b"admin", b"*", b""):
+        assert WIKI.upstream_target(path, b"") is None, path
+    assert WIKI.upstream_target(b"/a/..b/.c/%2e%2ex", b"") == b"/wiki/a/..b/.c/%2e%2ex"
 
 
 # -- cookies ----------------------------------------------------------------------------

@@ -52,7 +52,7 @@ class SecurityMiddleware:
         if scope["type"] != "http":   # lifespan; WebSocket upgrades never reach ASGI here
             await self.app(scope, receive, send)
             return
-        if _has_dot_segment(scope):
+        if has_dot_segment(scope.get("raw_path") or scope["path"].encode()):
             await _plain(send, 400, b"bad request path")
             return
         # The HTTP parser bounds only headers that arrive in pieces; bound them all.
@@ -99,9 +99,11 @@ class SecurityMiddleware:
         await self.app(scope, limited_receive, secured_send)
 
 
-def _has_dot_segment(scope: Scope) -> bool:
-    raw = scope.get("raw_path") or scope["path"].encode()
-    path = raw.split(b"?", 1)[0].lower().replace(b"%2e", b".").replace(b"%2f", b"/")
+def has_dot_segment(raw_path: bytes) -> bool:
+    """Whether a request target's path holds a "." or ".." segment, also percent-encoded
+    or after a backslash: some hop (httpx, an upstream) would resolve it, so the path a
+    check saw would not be the one served."""
+    path = raw_path.split(b"?", 1)[0].lower().replace(b"%2e", b".").replace(b"%2f", b"/")
     path = path.replace(b"%5c", b"/").replace(b"\\", b"/")
     return any(segment in (b".", b"..") for segment in path.split(b"/"))
 

@@ -193,10 +193,15 @@ class WebProxy:
 
     async def _forward(self, site: Site, session: Session, scope: Scope, receive: Receive,
                        send: Send, client: str) -> None:
-        public_host = header(scope, b"host") or site.public_host.encode()
+        target = site.upstream_target(scope.get("raw_path") or scope["path"].encode(),
+                                      scope.get("query_string", b""))
+        if target is None:   # the edge refuses these before: never sent on regardless
+            await Response("bad request path", 400, media_type="text/plain")(
+                scope, receive, send)
+            return
         identity = await self.asserter.headers(session.claims, site)
-        headers = upstream_request_headers(
-            scope["headers"], site, Forwarding(client, public_host, identity))
+        headers = upstream_request_headers(scope["headers"], site,
+                                           Forwarding(client, identity))
         body_done = asyncio.Event()
         if not has_body(scope):
             body_done.set()
@@ -214,8 +219,7 @@ class WebProxy:
                     return
 
         url = httpx.URL(scheme=site.scheme, host=site.host, port=site.port).copy_with(
-            raw_path=site.upstream_target(scope.get("raw_path") or scope["path"].encode(),
-                                          scope.get("query_string", b"")))
+            raw_path=target)
         client_http = self._clients[site.name]
         upstream_request = client_http.build_request(
             scope["method"], url, headers=headers,

@@ -23,6 +23,8 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate",
                         b"proxy-authorization", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade"})
 # Never from a client: the gateway says who the user is and where the request came from.
+# Nor any name with "_": CGI and FastCGI servers read X_Forwarded_User as
+# X-Forwarded-User (both become HTTP_X_FORWARDED_USER), as nginx drops them by default.
 CLIENT_FORBIDDEN_PREFIXES = (b"x-portcullis-", b"x-forwarded-")
 CLIENT_FORBIDDEN = frozenset({b"forwarded", b"x-real-ip", b"host", b"expect"})
 # The app-session cookie on resource hosts (host-only by its prefix); never sent upstream,
@@ -73,7 +75,6 @@ class Forwarding:
     """What the gateway tells the upstream about the request it forwards."""
 
     client: str            # the client's address
-    public_host: bytes     # the Host the client asked for (name[:port])
     identity: Headers = field(default_factory=list)   # the assertion (and identity headers)
 
 
@@ -87,7 +88,7 @@ def upstream_request_headers(headers: Headers, site: Site, forwarding: Forwardin
     for name, value in headers:
         lower = name.lower()
         if (lower in HOP_BY_HOP or lower in named or lower in CLIENT_FORBIDDEN
-                or lower.startswith(CLIENT_FORBIDDEN_PREFIXES)):
+                or lower.startswith(CLIENT_FORBIDDEN_PREFIXES) or b"_" in lower):
             continue
         if lower == b"cookie":
             value = without_cookie(value, APP_COOKIE)
@@ -97,7 +98,9 @@ def upstream_request_headers(headers: Headers, site: Site, forwarding: Forwardin
     if websocket:
         kept += [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
     return [*kept, (b"x-forwarded-for", forwarding.client.encode()),
-            (b"x-forwarded-proto", b"https"), (b"x-forwarded-host", forwarding.public_host),
+            (b"x-forwarded-proto", b"https"),
+            # The resource's public authority, not the Host as sent (any case or port).
+            (b"x-forwarded-host", site.public_origin.split("://", 1)[1].encode()),
             *forwarding.identity]
 
 
@@ -120,12 +123,17 @@ def rewrite_location(location: bytes, site: Site, sites: Sequence[Site],
     internal address (an address that is not global, a single-label name, a reserved
     internal suffix): refused, so that it never leaks."""
     try:
-        text = location.decode("ascii")
+        # Browsers read a backslash in a web address as a slash ("/\\internal/x" is
+        # "//internal/x"): so is it read here.
+        text = location.decode("ascii").replace("\\", "/").replace("\t", "")
         parts = urlsplit(text)
         port = parts.port
     except (UnicodeDecodeError, ValueError):
         return Verdict(None, "not a valid URL")
     if not parts.netloc:
+        if parts.scheme.lower() in ("http", "https"):
+            # "http:internal/x": a browser takes what follows for the host.
+            return Verdict(None, "a web address without a host")
         if parts.scheme:
             return Verdict(location, "not a web address: the browser decides")
         if not parts.path.startswith("/"):

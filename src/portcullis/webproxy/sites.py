@@ -13,6 +13,7 @@ from enum import Enum
 from urllib.parse import urlsplit
 
 from portcullis.config.model import Resource
+from portcullis.web.security import has_dot_segment
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -41,8 +42,12 @@ class Site:
             host = f"{host}:{self.port}"
         return host.encode("ascii")
 
-    def upstream_target(self, raw_path: bytes, query: bytes) -> bytes:
-        """The upstream request target for a public path: the prefix, then the path."""
+    def upstream_target(self, raw_path: bytes, query: bytes) -> bytes | None:
+        """The upstream request target for a public path: the prefix, then the path.
+        None for a path that is not absolute or holds a dot segment (plain or
+        percent-encoded): httpx or the upstream would resolve it outside the prefix."""
+        if not raw_path.startswith(b"/") or has_dot_segment(raw_path):
+            return None
         return self.prefix.encode() + raw_path + (b"?" + query if query else b"")
 
     def public_path(self, path: str) -> str | None:

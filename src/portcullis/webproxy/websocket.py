@@ -71,9 +71,11 @@ class WebSocketRelays:
             # relay dialling out may name the edge by an inside name, and each endpoint
             # authenticates its peer itself (certificate, ticket, session).
             return False
-        if destination is not Destination.WEB or site is not opened_for or site is None \
-                or not request.path.startswith("/"):
+        if destination is not Destination.WEB or site is not opened_for or site is None:
             reject(carrier, 421, "misdirected request\n")
+            return True
+        if site.upstream_target(request.path.encode("latin-1"), b"") is None:
+            reject(carrier, 400, "bad request path\n")   # as the edge answers over HTTP
             return True
         relay = WebSocketRelay(self._proxy, self._registry, site, transport, self._closed)
         transport.set_protocol(relay)
@@ -164,15 +166,18 @@ class WebSocketRelay(asyncio.Protocol):
                          b"connection: close\r\n\r\n")
             return
         session = decision.session
-        host = next((value for name, value in headers if name == b"host"),
-                    site.public_host.encode())
+        target = site.upstream_target(request.path.encode("latin-1"), b"")
+        if target is None:   # refused in `take` already
+            self._answer(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n"
+                         b"connection: close\r\n\r\n")
+            return
         identity = await self._proxy.asserter.headers(session.claims, site)
         upstream_headers = upstream_request_headers(headers, site,
-                                                    Forwarding(self._client, host, identity),
+                                                    Forwarding(self._client, identity),
                                                     websocket=True)
         client = self._proxy.client_for(site)
         url = httpx.URL(scheme=site.scheme, host=site.host, port=site.port).copy_with(
-            raw_path=site.upstream_target(request.path.encode(), b""))
+            raw_path=target)
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 response = await client.send(client.build_request("GET", url,
