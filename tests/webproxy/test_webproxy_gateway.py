@@ -396,6 +396,55 @@ def test_a_websocket_path_with_a_dot_segment_or_two_hosts_is_refused(
     assert len(published.wiki.requests) == before
 
 
+async def test_another_sites_page_can_neither_post_nor_open_a_websocket(
+        published: Published) -> None:
+    cookie = await asyncio.to_thread(published.enter,
+                                     await asyncio.to_thread(published.sign_in, "alice"))
+    wiki = published.origin("wiki.localhost")
+    sibling = published.origin("other.localhost")
+    before = len(published.wiki.requests)
+
+    def post(headers: dict[str, str]) -> httpx.Response:
+        return published.client.post(wiki + "/whoami", content=b"x",
+                                     headers={"cookie": cookie, **headers})
+
+    for foreign in ({"origin": sibling}, {"origin": "null"},
+                    {"origin": wiki, "sec-fetch-site": "same-site"}):
+        refused = await asyncio.to_thread(post, foreign)
+        assert refused.status_code == 403, foreign
+    assert len(published.wiki.requests) == before
+    assert (await asyncio.to_thread(post, {"origin": wiki,
+                                           "sec-fetch-site": "same-origin"})).status_code == 200
+    context = ssl.create_default_context(cafile=str(published.deployment.ca))
+    with pytest.raises(websockets.InvalidStatus) as refused_ws:
+        async with websockets.connect(f"wss://wiki.localhost:{published.port}/ws",
+                                      host="127.0.0.1", ssl=context, origin=sibling,
+                                      additional_headers={"cookie": cookie}):
+            pass
+    assert refused_ws.value.response.status_code == 403
+    async with websockets.connect(f"wss://wiki.localhost:{published.port}/ws",
+                                  host="127.0.0.1", ssl=context, origin=wiki,
+                                  additional_headers={"cookie": cookie}) as ws:
+        await ws.send("own")
+        assert await asyncio.wait_for(ws.recv(), 10) == "own"
+    refusals = [event for event in published.audit()
+                if event["event"] == "web.cross_site_refused"]
+    assert len(refusals) == 1   # once a minute per client, however many
+
+
+def test_a_denied_request_is_audited_once_however_often_it_is_repeated(
+        published: Published) -> None:
+    cookie = published.enter(published.sign_in("alice"), name="other")
+    for _ in range(3):   # the app cookie of "other" on wiki's host
+        answer = published.client.get(published.origin("wiki.localhost") + "/whoami",
+                                      headers={"cookie": cookie})
+        assert answer.status_code == 303
+    handle_lines = [event for event in published.audit()
+                    if event["event"] == "web.denied" and event.get("resource") == "wiki"
+                    and event.get("method") == "GET"]
+    assert len(handle_lines) == 1
+
+
 def test_what_a_slow_application_sends_reaches_the_browser_at_once(
         published: Published) -> None:
     cookie = published.enter(published.sign_in("alice"))

@@ -10,7 +10,12 @@ from portcullis.identity.claims import Claims
 from portcullis.identity.endings import Ending
 from portcullis.identity.sessions import Session
 from portcullis.webproxy.assertion import assertion_claims, identity_headers
-from portcullis.webproxy.decisions import admit_request, is_navigation
+from portcullis.webproxy.decisions import (
+    OncePer,
+    admit_request,
+    cross_site_refusal,
+    is_navigation,
+)
 from portcullis.webproxy.rewrite import (
     Forwarding,
     browser_response_headers,
@@ -218,6 +223,32 @@ def test_a_request_is_admitted_only_with_a_live_session_allowed_for_this_resourc
     denied = admit_request(WIKI, "wiki", session(("finance",)))
     assert not denied.allowed and denied.audited and "none of the groups" in denied.reason
     assert is_navigation("GET") and is_navigation("HEAD") and not is_navigation("POST")
+
+
+def test_a_request_another_sites_page_made_is_refused_unless_it_is_safe() -> None:
+    own = (b"origin", b"https://wiki.gw.example.org:8443")
+    sibling = (b"Origin", b"https://chat.gw.example.org:8443")
+    assert cross_site_refusal(WIKI, "POST", [own, (b"sec-fetch-site", b"same-origin")]) is None
+    assert cross_site_refusal(WIKI, "POST", []) is None          # no browser's page
+    assert cross_site_refusal(WIKI, "POST", [(b"Sec-Fetch-Site", b"none")]) is None
+    assert cross_site_refusal(WIKI, "GET", [sibling]) is None
+    assert cross_site_refusal(WIKI, "OPTIONS", [sibling]) is None
+    for refused in ([sibling], [(b"origin", b"null")], [own, sibling],
+                    [own, (b"sec-fetch-site", b"same-site")],
+                    [(b"sec-fetch-site", b"Cross-Site")],
+                    [(b"origin", b"https://wiki.gw.example.org")]):   # another port
+        assert cross_site_refusal(WIKI, "DELETE", refused) is not None, refused
+    assert cross_site_refusal(WIKI, "GET", [own], websocket=True) is None
+    assert cross_site_refusal(WIKI, "GET", [], websocket=True) is None
+    assert cross_site_refusal(WIKI, "GET", [sibling], websocket=True) == (
+        "WebSocket from origin https://chat.gw.example.org:8443")
+
+
+def test_a_denial_is_audited_once_a_minute_per_key_and_the_keys_are_bounded() -> None:
+    once = OncePer(60.0, limit=2)
+    assert once.due("a", 0.0) and not once.due("a", 59.0) and once.due("a", 60.0)
+    assert once.due("b", 61.0) and once.due("c", 62.0)    # "a" goes: the limit is 2
+    assert once.due("a", 63.0) and not once.due("c", 64.0)
 
 
 # -- the assertion ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -43,7 +44,13 @@ from portcullis.net.tls import client_context
 from portcullis.portal.pages import error_page
 from portcullis.portal.redirects import safe_next
 from portcullis.webproxy.assertion import Asserter
-from portcullis.webproxy.decisions import WebDecision, admit_request, is_navigation
+from portcullis.webproxy.decisions import (
+    OncePer,
+    WebDecision,
+    admit_request,
+    cross_site_refusal,
+    is_navigation,
+)
 from portcullis.webproxy.entry import ENTER_PATH, OWN_PATHS, entry_url
 from portcullis.webproxy.handoff import Binding, Handoff
 from portcullis.webproxy.rewrite import (
@@ -89,6 +96,7 @@ class WebProxy:
         self.handoff = handoff
         self.asserter = asserter
         self.audit = audit
+        self._audit_once = OncePer()
         host_addresses = HostAddresses()
         self._clients = {site.name: httpx.AsyncClient(
             transport=DialerTransport(AdmittedDialer(dialer, site.name, audit, host_addresses),
@@ -114,10 +122,27 @@ class WebProxy:
             standing = await self.sessions.standing(binding.session_handle)
         decision = admit_request(site, binding.resource if binding else None, standing)
         if not decision.allowed and decision.audited:
-            self.audit.record("web.denied", resource=site.name, method=method, client=client,
-                              user=decision.session.username if decision.session else None,
-                              reason=decision.reason)
+            self.audit_once("web.denied", site, binding.session_handle if binding else client,
+                            method=method, client=client, reason=decision.reason,
+                            user=decision.session.username if decision.session else None)
         return decision
+
+    def refuse_cross_site(self, site: Site, headers: list[tuple[bytes, bytes]], method: str,
+                          client: str, *, websocket: bool = False) -> bool:
+        """Whether another site's page made this request (`cross_site_refusal`); if so,
+        it is audited (once a while per client)."""
+        reason = cross_site_refusal(site, method, headers, websocket=websocket)
+        if reason is not None:
+            self.audit_once("web.cross_site_refused", site, client, method=method,
+                            client=client, reason=reason)
+        return reason is not None
+
+    def audit_once(self, event: str, site: Site, who: str, **fields: object) -> None:
+        """An audit line for a denial, unless the same one (event, resource, session or
+        client) was written in the last minute: a page retrying in a loop, or a flood,
+        must not fill the trail."""
+        if self._audit_once.due((event, site.name, who), time.monotonic()):
+            self.audit.record(event, resource=site.name, **fields)
 
     # -- ASGI ------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -145,6 +170,11 @@ class WebProxy:
                         if scope["path"] == ENTER_PATH and scope["method"] == "GET" else
                         error_page(request, 404, "Not found", "There is no such page.",
                                    "Check the address."))
+        elif self.refuse_cross_site(site, scope["headers"], scope["method"], client):
+            response = error_page(request, 403, "Request refused",
+                                  "Another site's page asked your browser to change something "
+                                  "in this application.",
+                                  "Open the application directly and do it there.")
         else:
             decision = await self.admit(site, scope["headers"], scope["method"], client)
             if decision.allowed and decision.session is not None:

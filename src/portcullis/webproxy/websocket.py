@@ -160,6 +160,10 @@ class WebSocketRelay(asyncio.Protocol):
         site = self._site
         headers = [(name.lower().encode("latin-1"), value.encode("latin-1"))
                    for name, value in request.headers.raw_items()]
+        if self._proxy.refuse_cross_site(site, headers, "GET", self._client, websocket=True):
+            self._answer(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n"
+                         b"connection: close\r\n\r\n")
+            return
         decision = await self._proxy.admit(site, headers, "GET", self._client)
         if not decision.allowed or decision.session is None:
             self._answer(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n"
