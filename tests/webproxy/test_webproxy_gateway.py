@@ -73,12 +73,30 @@ class Published:
         assert answer.json()["status"] == "authenticated", answer.text
         return str(answer.json()["token"])
 
+    def code_url(self, token: str, name: str = "wiki", target: str = "/whoami"
+                 ) -> tuple[str, str]:
+        """Start at the portal's entry as the resource list links it: the application's
+        host gives the browser its state cookie and sends it back to the portal, which
+        answers with the sign-in link. (The state cookie, the sign-in link.)"""
+        auth = {"authorization": f"Bearer {token}"}
+        entry = self.client.get(f"{self.gateway}/web/{name}", params={"next": target},
+                                headers=auth)
+        assert entry.status_code == 303, entry.text
+        assert entry.headers["location"].startswith(
+            self.origin(f"{name}.localhost") + "/.portcullis/start?")
+        start = self.client.get(entry.headers["location"])
+        assert start.status_code == 303, start.text
+        state = start.headers["set-cookie"].split(";", 1)[0]
+        assert state.startswith("__Host-portcullis-state=")
+        assert start.headers["location"].startswith(f"{self.gateway}/web/{name}?")
+        portal = self.client.get(start.headers["location"], headers=auth)
+        assert portal.status_code == 303, portal.text
+        return state, portal.headers["location"]
+
     def enter(self, token: str, name: str = "wiki", target: str = "/whoami") -> str:
         """Follow the portal's handoff to the application's host; its app cookie."""
-        entry = self.client.get(f"{self.gateway}/web/{name}", params={"next": target},
-                                headers={"authorization": f"Bearer {token}"})
-        assert entry.status_code == 303, entry.text
-        enter = self.client.get(entry.headers["location"])
+        state, code_url = self.code_url(token, name, target)
+        enter = self.client.get(code_url, headers={"cookie": state})
         assert enter.status_code == 303, enter.text
         assert enter.headers["location"] == target
         cookie = enter.headers["set-cookie"]
@@ -209,8 +227,9 @@ def test_without_a_session_a_navigation_is_sent_to_sign_in_and_a_post_is_refused
     origin = published.origin("wiki.localhost")
     navigation = published.client.get(origin + "/whoami?a=b")
     assert navigation.status_code == 303
-    assert navigation.headers["location"] == (published.gateway +
-                                              "/web/wiki?next=%2Fwhoami%3Fa%3Db")
+    assert navigation.headers["location"].startswith(published.gateway +
+                                                     "/web/wiki?next=%2Fwhoami%3Fa%3Db&state=")
+    assert navigation.headers["set-cookie"].startswith("__Host-portcullis-state=")
     post = published.client.post(origin + "/whoami", content=b"x",
                                   headers={"cookie": "__Host-portcullis-app=made-up"})
     assert post.status_code == 401
@@ -233,18 +252,15 @@ def test_a_user_outside_the_groups_gets_the_not_allowed_page_and_nothing_reaches
 
 def test_a_code_redeems_once_and_the_app_cookie_is_worth_nothing_on_another_host(
         published: Published) -> None:
-    token = published.sign_in("alice")
-    entry = published.client.get(f"{published.gateway}/web/wiki", params={"next": "/"},
-                                 headers={"authorization": f"Bearer {token}"})
-    code_url = entry.headers["location"]
-    first = published.client.get(code_url)
+    state, code_url = published.code_url(published.sign_in("alice"), target="/")
+    first = published.client.get(code_url, headers={"cookie": state})
     assert first.status_code == 303
     set_cookie = first.headers["set-cookie"].lower()
     for attribute in ("secure", "httponly", "samesite=lax", "path=/"):
         assert attribute in set_cookie
     assert "domain" not in set_cookie
     assert first.headers["cache-control"] == "no-store"
-    assert published.client.get(code_url).status_code == 403   # used
+    assert published.client.get(code_url, headers={"cookie": state}).status_code == 403
     wiki_before = len(published.wiki.requests)
     own = published.client.post(published.origin("wiki.localhost") + "/.portcullis/enter",
                                 headers={"cookie": first.headers["set-cookie"].split(";")[0]})
@@ -255,6 +271,27 @@ def test_a_code_redeems_once_and_the_app_cookie_is_worth_nothing_on_another_host
                                      headers={"cookie": cookie})
     assert elsewhere.status_code == 303   # to sign in for "other"
     assert len(published.other.requests) == before
+
+
+def test_a_sign_in_link_is_worth_nothing_in_another_browser(published: Published) -> None:
+    """Login CSRF: an attacker's own sign-in link, sent to a victim, must not sign the
+    victim's browser in as the attacker."""
+    state, code_url = published.code_url(published.sign_in("alice"))
+    victims_state = published.client.get(published.origin("wiki.localhost") +
+                                         "/.portcullis/start", params={"next": "/"})
+    victim = victims_state.headers["set-cookie"].split(";", 1)[0]
+    assert victim != state
+    for cookie in ({}, {"cookie": victim}):
+        refused = published.client.get(code_url, headers=cookie)
+        assert refused.status_code == 403 and "set-cookie" not in refused.headers
+    assert any(event["event"] == "web.enter_refused" and
+               event["reason"] == "the sign-in link is another browser's"
+               for event in published.audit())
+    # And the application never sees the state cookie.
+    cookie = published.enter(published.sign_in("alice"))
+    seen = published.client.get(published.origin("wiki.localhost") + "/whoami",
+                                headers={"cookie": f"{cookie}; {state}; theirs=1"}).json()
+    assert ["cookie", "theirs=1"] in seen["headers"]
 
 
 def test_redirects_to_upstreams_are_rewritten_and_to_internal_addresses_refused(

@@ -16,6 +16,7 @@ from portcullis.webproxy.decisions import (
     cross_site_refusal,
     is_navigation,
 )
+from portcullis.webproxy.handoff import state_digest, state_matches
 from portcullis.webproxy.rewrite import (
     Forwarding,
     browser_response_headers,
@@ -101,7 +102,7 @@ def test_the_upstream_gets_no_identity_forwarding_hop_by_hop_or_gateway_cookie_f
             (b"Connection", b"keep-alive, X-Secret"), (b"X-Secret", b"hop"),
             (b"Keep-Alive", b"timeout=5"), (b"TE", b"trailers"), (b"Upgrade", b"h2c"),
             (b"Proxy-Authorization", b"Basic x"), (b"Expect", b"100-continue"),
-            (b"Cookie", b"a=1; __Host-portcullis-app=secret; b=2"),
+            (b"Cookie", b"a=1; __Host-portcullis-app=secret; b=2; __Host-portcullis-state=s"),
             (b"Cookie", b"__Host-portcullis-app=again"),
             # What a CGI or FastCGI server reads as X-Forwarded-User and the assertion.
             (b"X_Forwarded_User", b"root"), (b"x_portcullis_assertion", b"forged"),
@@ -249,6 +250,14 @@ def test_a_denial_is_audited_once_a_minute_per_key_and_the_keys_are_bounded() ->
     assert once.due("a", 0.0) and not once.due("a", 59.0) and once.due("a", 60.0)
     assert once.due("b", 61.0) and once.due("c", 62.0)    # "a" goes: the limit is 2
     assert once.due("a", 63.0) and not once.due("c", 64.0)
+
+
+def test_a_sign_in_code_goes_only_with_the_state_cookie_it_was_bound_to() -> None:
+    bound = state_digest("browser-a")
+    assert len(bound) == 64 and state_matches(bound, "browser-a")
+    for state in ("browser-b", None, "", "x" * 1000):
+        assert not state_matches(bound, state)
+    assert not state_matches("", "browser-a")   # a code bound to no browser
 
 
 # -- the assertion ----------------------------------------------------------------------

@@ -3,10 +3,12 @@ to the application's host, and `GET /.well-known/jwks.json` publishes the keys t
 verify the assertions applications receive.
 
 Entry: not signed in, the portal's sign-in and back; signed in but not allowed (the
-broker's `decide`, as for launches), the portal's "not allowed" page and an audit line;
-otherwise a one-time code bound to the resource and session, and a redirect to the
-application's host, which redeems it (`webproxy.proxy`). The portal's cookie never
-leaves the gateway's host.
+broker's `decide`, as for launches), the portal's "not allowed" page and an audit line.
+Without the digest of the browser's state cookie (`state`), first to the application's
+host (`START_PATH`), which sets that cookie and sends the browser back here with it;
+with it, a one-time code bound to the resource, the session and that digest, and a
+redirect to the application's host, which redeems it (`webproxy.proxy`). The portal's
+cookie never leaves the gateway's host.
 """
 
 from __future__ import annotations
@@ -24,17 +26,20 @@ from portcullis.portal.guard import client_of, signed_in
 from portcullis.portal.pages import error_page
 from portcullis.portal.redirects import safe_next
 from portcullis.webproxy.assertion import JWKS_PATH, Asserter
-from portcullis.webproxy.handoff import Binding, Handoff
+from portcullis.webproxy.handoff import STATE_DIGEST, Binding, Handoff
 from portcullis.webproxy.sites import Sites
 
 # On an application's host, paths under /.portcullis/ are the gateway's.
 OWN_PATHS = "/.portcullis/"
 ENTER_PATH = OWN_PATHS + "enter"
+START_PATH = OWN_PATHS + "start"
 
 
-def entry_url(name: str, target: str) -> str:
-    """The portal URL that (re)opens the web resource `name` at `target`."""
-    return f"/web/{quote(name, safe='')}?{urlencode({'next': target})}"
+def entry_url(name: str, target: str, state: str | None = None) -> str:
+    """The portal URL that (re)opens the web resource `name` at `target`, for the
+    browser whose state cookie has the digest `state` (None: not known yet)."""
+    query = {"next": target} if state is None else {"next": target, "state": state}
+    return f"/web/{quote(name, safe='')}?{urlencode(query)}"
 
 
 def web_routes(sites: Sites, sessions: SessionManager, handoff: Handoff, asserter: Asserter,
@@ -56,7 +61,11 @@ def web_routes(sites: Sites, sessions: SessionManager, handoff: Handoff, asserte
                               "This application is not published for you.",
                               "Ask your administrator for access, or pick another "
                               "application.", action=("Your applications", "/"))
-        code = await handoff.issue_code(Binding(site.name, session.handle))
+        state = request.query_params.get("state", "")
+        if not STATE_DIGEST.fullmatch(state):
+            return RedirectResponse(
+                f"{site.public_origin}{START_PATH}?{urlencode({'next': target})}", 303)
+        code = await handoff.issue_code(Binding(site.name, session.handle, state))
         audit.record("web.entered", resource=site.name, user=session.username,
                      client=client_of(request))
         return RedirectResponse(

@@ -6,12 +6,22 @@ once (`take`) and sets a cookie of its own holding an opaque app-session token. 
 token names a record bound to the same resource and session: it is worth nothing on
 another host, and nothing once the gateway session ends (every request checks it).
 
+A code is also bound to the browser that asked for it: the application's host first
+gives the browser a random state cookie (`rewrite.STATE_COOKIE`, host-only by its
+prefix: no sibling host under the gateway's domain can set it) and sends its digest along to
+the portal, which binds the code to it; the host redeems a code only beside a cookie
+of that digest. Someone else's code (a link an attacker got for their own session) is
+worth nothing in a victim's browser, so no one can sign a victim in as themselves.
+
 Both live in the ephemeral store under keyed hashes, sealed; never logs a code or token.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import re
 from dataclasses import dataclass
 
 from portcullis.audit import AuditTrail
@@ -23,6 +33,21 @@ CODE_LIFETIME = 60.0
 # portal (at once, while the gateway session lasts). Each request restarts it.
 APP_SESSION_IDLE = 900.0
 MAX_TOKEN = 256
+STATE_LIFETIME = 3600
+STATE_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def state_digest(state: str) -> str:
+    """What the portal is told of a browser's state cookie (the cookie stays on the
+    application's host)."""
+    return hashlib.sha256(state.encode()).hexdigest()
+
+
+def state_matches(bound: str, state: str | None) -> bool:
+    """Whether a code bound to the digest `bound` was brought by the browser holding
+    the state cookie `state`."""
+    return bool(bound) and state is not None and 0 < len(state) <= MAX_TOKEN and \
+        hmac.compare_digest(bound, state_digest(state))
 
 
 @dataclass(frozen=True)
@@ -31,6 +56,7 @@ class Binding:
 
     resource: str
     session_handle: str
+    state: str = ""   # a code's: the digest of the state cookie of the browser it is for
 
 
 class Handoff:
@@ -77,12 +103,12 @@ class Handoff:
 
 
 def _encode(binding: Binding) -> bytes:
-    return json.dumps({"resource": binding.resource,
-                       "session": binding.session_handle}).encode()
+    return json.dumps({"resource": binding.resource, "session": binding.session_handle,
+                       "state": binding.state}).encode()
 
 
 def _decode(raw: bytes | None) -> Binding | None:
     if raw is None:
         return None
     record = json.loads(raw)
-    return Binding(record["resource"], record["session"])
+    return Binding(record["resource"], record["session"], record.get("state", ""))

@@ -11,8 +11,10 @@ admitted like a launch's: `upstreams.AdmittedDialer`), and the answer comes back
 with `rewrite.browser_response_headers`. Bodies are never held whole: chunks go on as
 they come, under the transports' flow control.
 
-`/.portcullis/enter` on the application's host redeems the portal's one-time code and
-sets the app cookie. Never logs a cookie, a code or an assertion.
+`/.portcullis/start` on the application's host gives the browser its state cookie and
+sends it to the portal's entry; `/.portcullis/enter` redeems the portal's one-time code
+(only beside the state cookie it was bound to: `handoff`) and sets the app cookie.
+Never logs a cookie, a code or an assertion.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from portcullis.net.httpdial import DialerTransport
 from portcullis.net.tls import client_context
 from portcullis.portal.pages import error_page
 from portcullis.portal.redirects import safe_next
+from portcullis.tokens import new_token
 from portcullis.webproxy.assertion import Asserter
 from portcullis.webproxy.decisions import (
     OncePer,
@@ -51,10 +54,18 @@ from portcullis.webproxy.decisions import (
     cross_site_refusal,
     is_navigation,
 )
-from portcullis.webproxy.entry import ENTER_PATH, OWN_PATHS, entry_url
-from portcullis.webproxy.handoff import Binding, Handoff
+from portcullis.webproxy.entry import ENTER_PATH, OWN_PATHS, START_PATH, entry_url
+from portcullis.webproxy.handoff import (
+    MAX_TOKEN,
+    STATE_LIFETIME,
+    Binding,
+    Handoff,
+    state_digest,
+    state_matches,
+)
 from portcullis.webproxy.rewrite import (
     APP_COOKIE,
+    STATE_COOKIE,
     Forwarding,
     browser_response_headers,
     cookie_value,
@@ -166,10 +177,14 @@ class WebProxy:
                       send: Send) -> None:
         client = request.client.host if request.client else "unknown"
         if scope["path"].startswith(OWN_PATHS):   # the gateway's, never the application's
-            response = (await self._enter(site, request, client)
-                        if scope["path"] == ENTER_PATH and scope["method"] == "GET" else
-                        error_page(request, 404, "Not found", "There is no such page.",
-                                   "Check the address."))
+            if scope["path"] == ENTER_PATH and scope["method"] == "GET":
+                response = await self._enter(site, request, client)
+            elif scope["path"] == START_PATH and scope["method"] == "GET":
+                target = safe_next(request.query_params.get("next"))
+                response = self._to_entry(site, request, target)
+            else:
+                response = error_page(request, 404, "Not found", "There is no such page.",
+                                      "Check the address.")
         elif self.refuse_cross_site(site, scope["headers"], scope["method"], client):
             response = error_page(request, 403, "Request refused",
                                   "Another site's page asked your browser to change something "
@@ -192,6 +207,11 @@ class WebProxy:
         standing = (await self.sessions.standing(binding.session_handle)
                     if binding is not None else None)
         decision = admit_request(site, binding.resource if binding else None, standing)
+        if binding is not None and not state_matches(
+                binding.state, cookie_value(request.scope["headers"], STATE_COOKIE)):
+            # Issued to another browser: whoever sent this one here wants it signed in
+            # as them.
+            decision = WebDecision(False, "the sign-in link is another browser's")
         if not decision.allowed or binding is None:
             self.audit.record("web.enter_refused", resource=site.name, client=client,
                               reason=decision.reason)
@@ -208,14 +228,26 @@ class WebProxy:
                             samesite="lax")
         return response
 
+    def _to_entry(self, site: Site, request: Request, target: str) -> Response:
+        """To the portal's entry for `target`, with the digest of this browser's state
+        cookie (set here when it has none)."""
+        state = cookie_value(request.scope["headers"], STATE_COOKIE)
+        if state is None or not 0 < len(state) <= MAX_TOKEN:
+            state = new_token()
+        response = RedirectResponse(
+            self.sites.gateway_url + entry_url(site.name, target, state_digest(state)), 303)
+        response.set_cookie(STATE_COOKIE, state, max_age=STATE_LIFETIME, path="/",
+                            secure=True, httponly=True, samesite="lax")
+        return response
+
     def _refused(self, site: Site, request: Request) -> Response:
         # As the browser sent it: the decoded path could differ (%2F).
         raw_path = request.scope.get("raw_path") or request.scope["path"].encode()
         query = request.scope.get("query_string", b"")
         target = (raw_path + (b"?" + query if query else b"")).decode("latin-1")
-        again = self.sites.gateway_url + entry_url(site.name, target)
         if is_navigation(request.method):
-            return RedirectResponse(again, 303)
+            return self._to_entry(site, request, target)
+        again = self.sites.gateway_url + entry_url(site.name, target)
         return error_page(request, 401, "Sign in again",
                           "Your session for this application has ended.",
                           "Sign in again, then repeat what you were doing.",

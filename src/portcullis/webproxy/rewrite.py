@@ -30,6 +30,7 @@ CLIENT_FORBIDDEN = frozenset({b"forwarded", b"x-real-ip", b"host", b"expect"})
 # The app-session cookie on resource hosts (host-only by its prefix); never sent upstream,
 # never set by an upstream.
 APP_COOKIE = "__Host-portcullis-app"
+STATE_COOKIE = "__Host-portcullis-state"   # the sign-in's (webproxy.handoff)
 OWN_COOKIE_PREFIX = "__host-portcullis"
 ASSERTION_HEADER = b"x-portcullis-assertion"
 # Names no web application has a claim to, however it spells them.
@@ -46,11 +47,11 @@ def connection_named(headers: Headers) -> set[bytes]:
     return named
 
 
-def without_cookie(value: bytes, cookie: str) -> bytes:
-    """A Cookie header without the cookie named `cookie`."""
-    wanted = cookie.encode()
+def without_cookie(value: bytes, *cookies: str) -> bytes:
+    """A Cookie header without the cookies named `cookies`."""
+    wanted = {cookie.encode() for cookie in cookies}
     kept = [pair.strip() for pair in value.split(b";")
-            if pair.strip() and pair.strip().split(b"=", 1)[0].strip() != wanted]
+            if pair.strip() and pair.strip().split(b"=", 1)[0].strip() not in wanted]
     return b"; ".join(kept)
 
 
@@ -91,7 +92,7 @@ def upstream_request_headers(headers: Headers, site: Site, forwarding: Forwardin
                 or lower.startswith(CLIENT_FORBIDDEN_PREFIXES) or b"_" in lower):
             continue
         if lower == b"cookie":
-            value = without_cookie(value, APP_COOKIE)
+            value = without_cookie(value, APP_COOKIE, STATE_COOKIE)
             if not value:
                 continue
         kept.append((lower, value))
