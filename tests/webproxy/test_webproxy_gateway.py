@@ -494,6 +494,24 @@ def test_what_a_slow_application_sends_reaches_the_browser_at_once(
         assert next(lines) == "second"
 
 
+def test_a_streamed_answer_ends_within_a_second_of_sign_out(published: Published) -> None:
+    token = published.sign_in("alice")
+    cookie = published.enter(token)
+    published.wiki.drip.clear()   # the application holds its second line (for 10 s)
+    with published.client.stream("GET", published.origin("wiki.localhost") + "/drip",
+                                 headers={"cookie": cookie}) as got:
+        lines = got.iter_lines()
+        assert next(lines) == "first"
+        time.sleep(0.6)   # a request that lasts: registered with the session
+        signed_out = published.client.post(published.gateway + "/api/v1/logout",
+                                           headers={"authorization": f"Bearer {token}"})
+        assert signed_out.status_code == 200
+        ended = time.monotonic()
+        with pytest.raises(httpx.HTTPError):
+            next(lines)
+        assert time.monotonic() - ended < 1.0
+
+
 def test_a_gibibyte_from_the_application_streams_with_flat_memory(
         published: Published) -> None:
     cookie = published.enter(published.sign_in("alice"))

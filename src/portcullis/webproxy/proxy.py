@@ -37,6 +37,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from portcullis.audit import AuditTrail
 from portcullis.errors import StoreError
+from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.identity.endings import Ending
 from portcullis.identity.sessions import Session, SessionManager
 from portcullis.net.destinations import HostAddresses
@@ -45,6 +46,7 @@ from portcullis.net.httpdial import DialerTransport
 from portcullis.net.tls import client_context
 from portcullis.portal.pages import error_page
 from portcullis.portal.redirects import safe_next
+from portcullis.proto.mux import Reason
 from portcullis.tokens import new_token
 from portcullis.webproxy.assertion import Asserter
 from portcullis.webproxy.decisions import (
@@ -83,6 +85,9 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=15.0, read=300.0, write=60.0, pool=15.0)
 # The most of an answer held between the upstream and the browser (see _stream_back).
 COALESCE_LIMIT = 1024 * 1024
+# A request still under way after this is one the session's ending must end (_forward):
+# well under a second, so that an ending just before is acted on within one.
+REGISTER_AFTER = 0.5
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:
@@ -101,12 +106,13 @@ def has_body(scope: Scope) -> bool:
 class WebProxy:
     def __init__(self, sites: Sites, sessions: SessionManager, handoff: Handoff,
                  asserter: Asserter, dialer: Dialer, audit: AuditTrail,
-                 base_dir: Path) -> None:
+                 base_dir: Path, registry: ConnectionRegistry) -> None:
         self.sites = sites
         self.sessions = sessions
         self.handoff = handoff
         self.asserter = asserter
         self.audit = audit
+        self._registry = registry
         self._audit_once = OncePer()
         host_addresses = HostAddresses()
         self._clients = {site.name: httpx.AsyncClient(
@@ -255,6 +261,41 @@ class WebProxy:
 
     async def _forward(self, site: Site, session: Session, scope: Scope, receive: Receive,
                        send: Send, client: str) -> None:
+        """`_exchange`, ended with the gateway session (sign-out, kill, expiry).
+
+        A request that lasts (a long poll, an event stream, a download) is registered
+        with the gateway's connections under its session after REGISTER_AFTER, so the
+        session's ending ends it at once, as it ends WebSockets; registering then
+        re-checks the session, so an ending in between is not missed. Most requests are
+        over before and cost the registry nothing."""
+        exchange_send = InFlight(send)
+        exchange = asyncio.ensure_future(
+            self._exchange(site, session, scope, receive, exchange_send, client))
+        exchange_send.task = exchange
+        connection = Connection("web", session.username, client, exchange_send,
+                                detail=site.name, session_handle=session.handle)
+        timer = asyncio.get_running_loop().call_later(REGISTER_AFTER, self._registry.add,
+                                                      connection)
+        try:
+            await asyncio.wait([exchange])
+        finally:
+            timer.cancel()
+            self._registry.remove(connection)
+            if not exchange.done():   # this request's own task was cancelled
+                exchange.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await exchange
+        if not exchange.cancelled():
+            exchange.result()   # its failure, if any, as before
+        elif not exchange_send.started:
+            response = self._refused(site, Request(scope))
+            response.headers["cache-control"] = "no-store"
+            await response(scope, receive, send)
+        # Otherwise the answer is left incomplete: the server closes the connection, and
+        # the browser cannot take the cut-off body for a whole one.
+
+    async def _exchange(self, site: Site, session: Session, scope: Scope, receive: Receive,
+                        send: Send, client: str) -> None:
         target = site.upstream_target(scope.get("raw_path") or scope["path"].encode(),
                                       scope.get("query_string", b""))
         if target is None:   # the edge refuses these before: never sent on regardless
@@ -384,6 +425,35 @@ class WebProxy:
                          f"{site.resource.title} does not answer at the moment.",
                          "Try again in a moment; if it persists, tell your "
                          "administrator.")(scope, receive, send)
+
+
+class InFlight:
+    """A forwarded request as the connection registry sees it: its ASGI `send`, counted,
+    and ended by cancelling the `task` that forwards it."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.task: asyncio.Future[None] | None = None
+        self.started = False
+        self._sent = 0
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        else:
+            self._sent += len(message.get("body", b""))
+        await self._send(message)
+
+    def close(self, reason: Reason, message: str) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    def byte_counts(self) -> tuple[int, int]:
+        return self._sent, 0
+
+    @property
+    def open_streams(self) -> int:
+        return 0 if self.task is None or self.task.done() else 1
 
 
 def _upstream_tls(site: Site, base_dir: Path) -> ssl.SSLContext:

@@ -60,7 +60,7 @@ class WebApplications:
         """The gateway listener's app: `gateway` for its own names, the web proxy
         (through `secure`, the edge's checks) for the resources' hosts."""
         self.proxy = WebProxy(self.sites, self.sessions, self.handoff, self.asserter, dialer,
-                              self.audit, self.settings.base_dir)
+                              self.audit, self.settings.base_dir, registry)
         self.relays = WebSocketRelays(self.proxy, registry, closed)
         return HostDispatch(gateway, secure(self.proxy), self.sites)
 
