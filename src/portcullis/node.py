@@ -378,8 +378,7 @@ class Node:
             also_trust=self._trusted_for_relays()))
         app = self._secure(Starlette(routes=routes))
         if self.web is not None:
-            app = self.web.gateway_app(app, lambda proxy: self._secure(proxy, own_headers=False),
-                                       dialer, self.registry, self.edge.closed)
+            app = self.web.gateway_app(app, self._secure, dialer, self.registry, self.edge.closed)
             self.web.serve_names(tls, self.certificates, lambda cert, key, name: server_context(
                 cert, key, client_ca_file=client_ca_path(settings),
                 also_trust=self._trusted_for_relays(), server_name=name))
@@ -389,12 +388,11 @@ class Node:
         """CAs the gateway's listener trusts for relays dialling out, not for users."""
         return [self.settings.ca_cert_path] if self.relays is not None else []
 
-    def _secure(self, app: ASGIApp, *, own_headers: bool = True) -> ASGIApp:
+    def _secure(self, app: ASGIApp) -> ASGIApp:
         limits = self.settings.limits
         return SecurityMiddleware(app, max_body=limits.max_request_body,
                                   max_header_bytes=limits.max_header_bytes,
-                                  larger=saml_callback_bodies(self.settings),
-                                  own_headers=own_headers)
+                                  larger=saml_callback_bodies(self.settings))
 
     def uvicorn_config(self, listener: Listener) -> uvicorn.Config:
         # The gateway's listener (and the hub's) take WebSocket upgrades, straight to

@@ -237,6 +237,20 @@ def test_without_a_session_a_navigation_is_sent_to_sign_in_and_a_post_is_refused
     assert len(published.wiki.requests) == before
 
 
+def test_the_gateways_own_pages_on_an_application_host_keep_its_security_headers(
+        published: Published) -> None:
+    cookie = published.enter(published.sign_in("alice"))
+    origin = published.origin("wiki.localhost")
+    for own in (published.client.get(origin + "/.portcullis/nothing"),
+                published.client.post(origin + "/whoami", content=b"x")):   # 401
+        assert own.headers["x-frame-options"] == "DENY", own.status_code
+        assert "frame-ancestors 'none'" in own.headers["content-security-policy"]
+    theirs = published.client.get(origin + "/whoami", headers={"cookie": cookie})
+    assert theirs.status_code == 200
+    assert "x-frame-options" not in theirs.headers
+    assert "content-security-policy" not in theirs.headers
+
+
 def test_a_user_outside_the_groups_gets_the_not_allowed_page_and_nothing_reaches_the_app(
         published: Published) -> None:
     before = len(published.wiki.requests)

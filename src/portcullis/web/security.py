@@ -27,6 +27,10 @@ SECURITY_HEADERS = [
 ]
 
 
+# Set in an `http.response.start` message by the web proxy for an upstream's answer.
+APPLICATION_ANSWER = "portcullis.application_answer"
+
+
 @dataclass(frozen=True)
 class LargerBodies:
     """POSTs to these exact `paths` may carry up to `max_body` bytes: a SAML IdP's signed
@@ -39,11 +43,8 @@ class LargerBodies:
 
 class SecurityMiddleware:
     def __init__(self, app: ASGIApp, *, max_body: int, max_header_bytes: int,
-                 larger: LargerBodies | None = None, own_headers: bool = True) -> None:
-        """`own_headers` False: answers go out with their own headers only (a web
-        application behind the gateway sets its own policy and caching)."""
+                 larger: LargerBodies | None = None) -> None:
         self.app = app
-        self.own_headers = own_headers
         self.max_body = max_body
         self.max_header_bytes = max_header_bytes
         self.larger = larger
@@ -70,7 +71,6 @@ class SecurityMiddleware:
             return
 
         received = 0
-        started = False
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -83,9 +83,12 @@ class SecurityMiddleware:
             return message
 
         async def secured_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start" and self.own_headers:
-                started = True
+            if message["type"] == "http.response.start" and message.get(APPLICATION_ANSWER):
+                # A web application's answer, through the gateway: its own policy and
+                # caching, as it sent them. The gateway's own pages on its host get ours.
+                message = {key: value for key, value in message.items()
+                           if key != APPLICATION_ANSWER}
+            elif message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 names = {name.lower() for name, _ in headers}
                 headers += [item for item in SECURITY_HEADERS if item[0] not in names]

@@ -48,6 +48,7 @@ from portcullis.portal.pages import error_page
 from portcullis.portal.redirects import safe_next
 from portcullis.proto.mux import Reason
 from portcullis.tokens import new_token
+from portcullis.web.security import APPLICATION_ANSWER
 from portcullis.webproxy.assertion import Asserter
 from portcullis.webproxy.decisions import (
     OncePer,
@@ -352,7 +353,7 @@ class WebProxy:
                                  "Tell the application's administrator.")(scope, receive, send)
                 return
             await send({"type": "http.response.start", "status": upstream.status_code,
-                        "headers": answer.headers})
+                        "headers": answer.headers, APPLICATION_ANSWER: True})
             await self._stream_back(upstream, receive, send, body_done)
         finally:
             await upstream.aclose()
