@@ -402,9 +402,10 @@ async def test_a_websocket_echoes_through_the_resource_and_ends_within_a_second_
             headers={"authorization": f"Bearer {token}"})
         assert signed_out.status_code == 200
         ended = time.monotonic()
-        with pytest.raises(websockets.ConnectionClosed):
+        with pytest.raises(websockets.ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 1.0)
         assert time.monotonic() - ended < 1.0
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
     # The app cookie died with the session too.
     after = await asyncio.to_thread(published.client.get,
                                     published.origin("wiki.localhost") + "/whoami",

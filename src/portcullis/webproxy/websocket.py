@@ -6,8 +6,9 @@ upstream's 101), and from then on bytes are relayed both ways as they are, witho
 parsing frames: whatever the application and the browser agreed (subprotocol,
 extensions) goes through. Each relay is registered with the gateway's connections
 under its gateway session, so that the session's ending (sign-out, kill, expiry: see
-`gateway.revocation`) closes it at once; an administrator sees and ends it like a
-launch.
+`gateway.revocation`) closes it at once, with a close frame when the bytes relayed to
+the browser end at a frame's end (`proto.wsframes`); an administrator sees and ends it
+like a launch.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.net.tls import server_name_of
 from portcullis.net.websocket import WebSocketMux, reject
 from portcullis.proto.mux import Reason
+from portcullis.proto.wsframes import FrameBoundaries, close_frame
 from portcullis.webproxy.proxy import WebProxy
 from portcullis.webproxy.rewrite import (
     Forwarding,
@@ -43,6 +45,10 @@ READ_SIZE = 64 * 1024
 # Bytes from the browser held for the upstream before the browser is paused.
 HIGH_WATER = 256 * 1024
 HANDSHAKE_TIMEOUT = 15.0
+# RFC 6455 §7.4.1: the endpoint ends the connection because of its policy.
+POLICY_VIOLATION = 1008
+# How long a browser has to take the close frame before its connection is cut.
+CLOSE_GRACE = 1.0
 
 
 class WebSocketRelays:
@@ -103,6 +109,7 @@ class WebSocketRelay(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._gone = False
+        self._frames = FrameBoundaries()   # of what went to the browser
         self._sent = 0
         self._received = 0
         peer = transport.get_extra_info("peername")
@@ -134,10 +141,16 @@ class WebSocketRelay(asyncio.Protocol):
 
     # -- Carrier (the gateway's connection registry) -----------------------------------
     def close(self, reason: Reason, message: str) -> None:
-        """The gateway session ended (or an administrator, or shutdown): close now.
-        Frames are not parsed here, so no close frame can be slipped in between them:
-        the browser sees the connection end (1006)."""
-        self._transport.abort()
+        """The gateway session ended (or an administrator, or shutdown): close now. When
+        what went to the browser ends at a frame's end, with a close frame (1008 and
+        why) it has CLOSE_GRACE to take; in the middle of a frame, at once (the browser
+        sees 1006)."""
+        if not self._gone and self._frames.at_boundary and not self._transport.is_closing():
+            self._transport.write(close_frame(POLICY_VIOLATION, message or "session ended"))
+            self._transport.close()
+            asyncio.get_running_loop().call_later(CLOSE_GRACE, self._transport.abort)
+        else:
+            self._transport.abort()
         self._end()
 
     def byte_counts(self) -> tuple[int, int]:
@@ -244,6 +257,7 @@ class WebSocketRelay(asyncio.Protocol):
             if not data:
                 return
             self._sent += len(data)
+            self._frames.feed(data)
             self._transport.write(data)
             await self._writable.wait()
 
