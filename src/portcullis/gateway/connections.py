@@ -28,7 +28,8 @@ log = structlog.get_logger("portcullis.gateway")
 
 
 class Endable(Protocol):
-    """What a connection carries (a mux session, a VNC viewer's relay): it can be ended,
+    """What a connection carries (a mux session, a VNC viewer's relay, a web
+    application's WebSocket relay): it can be ended,
     telling the client why, and counted."""
 
     def close(self, reason: Reason, message: str) -> None: ...
@@ -43,7 +44,7 @@ class Endable(Protocol):
 
 @dataclass(eq=False)
 class Connection:
-    kind: Literal["launch", "tunnel", "vnc"]
+    kind: Literal["launch", "tunnel", "vnc", "web"]
     user: str
     client: str
     session: Endable

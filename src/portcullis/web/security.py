@@ -29,6 +29,10 @@ SECURITY_HEADERS = [
 ]
 
 
+# Set in an `http.response.start` message by the web proxy for an upstream's answer.
+APPLICATION_ANSWER = "portcullis.application_answer"
+
+
 @dataclass(frozen=True)
 class LargerBodies:
     """POSTs to these exact `paths` may carry up to `max_body` bytes: a SAML IdP's signed
@@ -51,7 +55,7 @@ class SecurityMiddleware:
         if scope["type"] != "http":   # lifespan; WebSocket upgrades never reach ASGI here
             await self.app(scope, receive, send)
             return
-        if _has_dot_segment(scope):
+        if has_dot_segment(scope.get("raw_path") or scope["path"].encode()):
             await _refuse(scope, send, 400, "bad request path")
             return
         # The HTTP parser bounds only headers that arrive in pieces; bound them all.
@@ -69,7 +73,6 @@ class SecurityMiddleware:
             return
 
         received = 0
-        started = False
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -82,9 +85,12 @@ class SecurityMiddleware:
             return message
 
         async def secured_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
+            if message["type"] == "http.response.start" and message.get(APPLICATION_ANSWER):
+                # A web application's answer, through the gateway: its own policy and
+                # caching, as it sent them. The gateway's own pages on its host get ours.
+                message = {key: value for key, value in message.items()
+                           if key != APPLICATION_ANSWER}
+            elif message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 names = {name.lower() for name, _ in headers}
                 headers += [item for item in SECURITY_HEADERS if item[0] not in names]
@@ -98,9 +104,11 @@ class SecurityMiddleware:
         await self.app(scope, limited_receive, secured_send)
 
 
-def _has_dot_segment(scope: Scope) -> bool:
-    raw = scope.get("raw_path") or scope["path"].encode()
-    path = raw.split(b"?", 1)[0].lower().replace(b"%2e", b".").replace(b"%2f", b"/")
+def has_dot_segment(raw_path: bytes) -> bool:
+    """Whether a request target's path holds a "." or ".." segment, also percent-encoded
+    or after a backslash: some hop (httpx, an upstream) would resolve it, so the path a
+    check saw would not be the one served."""
+    path = raw_path.split(b"?", 1)[0].lower().replace(b"%2e", b".").replace(b"%2f", b"/")
     path = path.replace(b"%5c", b"/").replace(b"\\", b"/")
     return any(segment in (b".", b"..") for segment in path.split(b"/"))
 
