@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from portcullis.web.answers import answer_for
+from portcullis.web.answers import STYLESHEET, answer_for
 from portcullis.web.security import SecurityMiddleware
 
 BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
@@ -44,7 +44,7 @@ async def test_a_browser_refused_at_the_edge_gets_a_styled_page(
         plain = await client.post("/login", content=b"x" * 99, headers=headers)
     assert page.status_code == api.status_code == plain.status_code == status
     assert page.headers["content-type"].startswith("text/html")
-    assert '<link rel="stylesheet" href="/static/portal.css">' in page.text
+    assert f'<link rel="stylesheet" href="{STYLESHEET}">' in page.text
     assert 'role="alert"' in page.text and "<h1>" in page.text
     assert "error" in api.json()
     assert plain.headers["content-type"].startswith("text/plain")

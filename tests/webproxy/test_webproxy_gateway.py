@@ -26,6 +26,8 @@ import websockets
 
 from conftest import Deployment, Process, init_deployment
 from peers.webapp import WebApp, serve_webapp
+from portcullis.portal import pages as portal_pages
+from portcullis.web.answers import STYLESHEET
 
 PASSWORD = "correct horse battery staple"
 GIB = 1024 ** 3
@@ -249,6 +251,20 @@ def test_the_gateways_own_pages_on_an_application_host_keep_its_security_headers
     assert theirs.status_code == 200
     assert "x-frame-options" not in theirs.headers
     assert "content-security-policy" not in theirs.headers
+
+
+def test_the_gateways_pages_on_an_application_host_are_styled_from_that_host(
+        published: Published) -> None:
+    before = len(published.wiki.requests)
+    origin = published.origin("wiki.localhost")
+    missing = published.client.get(origin + "/.portcullis/nothing",
+                                   headers={"accept": "text/html"})
+    assert f'href="{STYLESHEET}"' in missing.text
+    sheet = published.client.get(origin + STYLESHEET)
+    assert sheet.status_code == 200 and sheet.headers["content-type"].startswith("text/css")
+    assert sheet.content == (Path(portal_pages.__file__).parent / "static" / "portal.css"
+                             ).read_bytes()
+    assert len(published.wiki.requests) == before   # the gateway's own, not the app's
 
 
 def test_a_user_outside_the_groups_gets_the_not_allowed_page_and_nothing_reaches_the_app(

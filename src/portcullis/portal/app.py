@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from starlette.applications import Starlette
-from starlette.routing import Mount
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from portcullis.portal.account import account_routes
@@ -20,8 +20,10 @@ from portcullis.portal.error_pages import error_handlers
 from portcullis.portal.guard import Guard
 from portcullis.portal.health import health_routes
 from portcullis.portal.launching import download_routes
+from portcullis.portal.pages import stylesheet
 from portcullis.portal.resources import resource_routes
 from portcullis.portal.signin import sign_in_routes
+from portcullis.web.answers import STYLESHEET
 
 __all__ = ["PortalDeps", "create_portal_app"]
 
@@ -36,5 +38,6 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         *account_routes(deps, guard),
         *health_routes(deps),
         *download_routes(),
+        Route(STYLESHEET, stylesheet, methods=["GET"]),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ])

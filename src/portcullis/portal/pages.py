@@ -9,10 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 from starlette.templating import Jinja2Templates
 
-TEMPLATES = Jinja2Templates(directory=str(Path(__file__).resolve().parent / "templates"))
+HERE = Path(__file__).resolve().parent
+TEMPLATES = Jinja2Templates(directory=str(HERE / "templates"))
+
+
+async def stylesheet(request: Request) -> Response:
+    """The portal's style sheet, served at `web.answers.STYLESHEET` on the portal's host
+    and on every web application's, where the gateway's pages link it."""
+    return FileResponse(HERE / "static" / "portal.css", media_type="text/css",
+                        headers={"cache-control": "max-age=3600"})
 
 
 def page(request: Request, template: str, status: int = 200, **context: Any) -> Response:

@@ -14,6 +14,9 @@ from html import escape
 from typing import Literal
 
 Answer = Literal["json", "page", "text"]
+# The portal's style sheet, at a path that is the gateway's on every host it answers for
+# (the portal's and each web application's), so an error page is styled on all of them.
+STYLESHEET = "/.portcullis/portal.css"
 
 # status: (title, what happened, what to do), for a person.
 EXPLAINED: dict[int, tuple[str, str, str]] = {
@@ -75,7 +78,7 @@ def edge_page(title: str, what: str, todo: str) -> bytes:
         '<!doctype html>\n<html lang="en">\n<head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{escape(title)} · Portcullis</title>"
-        '<link rel="stylesheet" href="/static/portal.css"></head>\n'
+        f'<link rel="stylesheet" href="{STYLESHEET}"></head>\n'
         '<body><header><span class="brand">Portcullis</span></header>\n'
         f'<main id="main"><div class="card"><h1>{escape(title)}</h1>'
         f'<p class="error" role="alert">{escape(what)}</p><p>{escape(todo)}</p>'

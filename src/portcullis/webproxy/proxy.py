@@ -44,10 +44,11 @@ from portcullis.net.destinations import HostAddresses
 from portcullis.net.dialer import Dialer
 from portcullis.net.httpdial import DialerTransport
 from portcullis.net.tls import client_context
-from portcullis.portal.pages import error_page
+from portcullis.portal.pages import error_page, stylesheet
 from portcullis.portal.redirects import safe_next
 from portcullis.proto.mux import Reason
 from portcullis.tokens import new_token
+from portcullis.web.answers import STYLESHEET
 from portcullis.web.security import APPLICATION_ANSWER
 from portcullis.webproxy.assertion import Asserter
 from portcullis.webproxy.decisions import (
@@ -189,6 +190,8 @@ class WebProxy:
             elif scope["path"] == START_PATH and scope["method"] == "GET":
                 target = safe_next(request.query_params.get("next"))
                 response = self._to_entry(site, request, target)
+            elif scope["path"] == STYLESHEET and scope["method"] in ("GET", "HEAD"):
+                response = await stylesheet(request)
             else:
                 response = error_page(request, 404, "Not found", "There is no such page.",
                                       "Check the address.")
