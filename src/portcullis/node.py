@@ -79,6 +79,7 @@ from portcullis.web.client_certificate import user_certificate_http
 from portcullis.web.edge import Edge, EdgeServer, raise_open_files_limit
 from portcullis.web.roles import role_checked_http
 from portcullis.web.security import SecurityMiddleware
+from portcullis.webproxy.role import WebApplications
 
 ROLES = ("gateway", "portal", "sta", "shadow-hub")
 CERTIFICATE_CHECK_SECONDS = 86400.0
@@ -116,6 +117,7 @@ class Node:
     session_watch: SessionWatch | None = None
     relays: RelayEndpoint | None = None   # dial-out: the relays connected to this edge
     shadow_hub: ShadowRole | None = None
+    web: WebApplications | None = None   # web resources, each at its own host name
     edge: Edge = field(init=False)
     _closers: list[Callable[[], Any]] = field(default_factory=list)
     certificates: LoadedCertificates = field(init=False)
@@ -167,6 +169,8 @@ class Node:
         load renewed files into the listeners; return the roles reloaded."""
         try:
             maintain(self.settings, self.roles, now=now)
+            if self.web is not None:
+                self.web.renew()
         except PKIError as exc:
             log.error("certificates not checked", error=str(exc))
         return self.certificates.reload_changed()
@@ -205,6 +209,9 @@ class Node:
             datagram_idle_timeout=self.settings.vpn.udp_idle_timeout,
             gateway_tls=lambda: self.role_tls_client("gateway"))
         authorities = self._ticket_authorities(local_sta, dialer)
+        self.web = WebApplications(self.settings, sessions, self.durable, self.ephemeral,
+                                   hasher, self.audit)
+        self._closers.append(self.web.close)
         portal_app = (self._portal_role(hasher, sessions, authorities, dialer)
                       if "portal" in self.roles else None)
         if "gateway" in self.roles:
@@ -294,7 +301,8 @@ class Node:
                                   self.audit)) if settings.oidc.enabled else [])
         devices = (device_pages(self.shadow_hub.hub, sessions, settings.gateway.public_url)
                    if self.shadow_hub is not None else [])
-        portal_app = Starlette(routes=[*saml.routes(), *idp, *devices,
+        web = self.web.portal_routes() if self.web is not None else []
+        portal_app = Starlette(routes=[*saml.routes(), *idp, *devices, *web,
                                        Mount("/", app=portal_app)])
         if "gateway" not in self.roles:
             host, port = parse_host_port(settings.portal.listen)
@@ -359,24 +367,33 @@ class Node:
         tls = self.certificates.track("gateway", server_context(
             cert, key, client_ca_file=client_ca_path(settings),
             also_trust=self._trusted_for_relays()))
-        self.listeners.append(Listener(
-            "gateway", host, port, self._secure(Starlette(routes=routes)), tls))
+        app = self._secure(Starlette(routes=routes))
+        if self.web is not None:
+            app = self.web.gateway_app(app, lambda proxy: self._secure(proxy, own_headers=False),
+                                       dialer, self.registry, self.edge.closed)
+            self.web.serve_names(tls, self.certificates, lambda cert, key, name: server_context(
+                cert, key, client_ca_file=client_ca_path(settings),
+                also_trust=self._trusted_for_relays(), server_name=name))
+        self.listeners.append(Listener("gateway", host, port, app, tls))
 
     def _trusted_for_relays(self) -> list[Path]:
         """CAs the gateway's listener trusts for relays dialling out, not for users."""
         return [self.settings.ca_cert_path] if self.relays is not None else []
 
-    def _secure(self, app: ASGIApp) -> ASGIApp:
+    def _secure(self, app: ASGIApp, *, own_headers: bool = True) -> ASGIApp:
         limits = self.settings.limits
         return SecurityMiddleware(app, max_body=limits.max_request_body,
                                   max_header_bytes=limits.max_header_bytes,
-                                  larger=saml_callback_bodies(self.settings))
+                                  larger=saml_callback_bodies(self.settings),
+                                  own_headers=own_headers)
 
     def uvicorn_config(self, listener: Listener) -> uvicorn.Config:
         # The gateway's listener (and the hub's) take WebSocket upgrades, straight to
         # their endpoints.
         endpoints = self.websocket_endpoints if listener.role == "gateway" else listener.websockets
-        websocket: Any = (websocket_protocol_class(endpoints, self.edge.closed)
+        by_host = (self.web.relays.take if listener.role == "gateway" and self.web is not None
+                   and self.web.relays is not None else None)
+        websocket: Any = (websocket_protocol_class(endpoints, self.edge.closed, by_host)
                           if endpoints is not None else "none")
         http = (listener.http if listener.http is not None
                 else role_checked_http(listener.client_roles, listener.role, self.audit)

@@ -14,26 +14,34 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import structlog
 
 from portcullis.audit import AuditTrail
 from portcullis.errors import StoreError
 from portcullis.identity.endings import Ending, notice
-from portcullis.net.muxsession import MuxSession
 from portcullis.proto.mux import Reason
 from portcullis.store import DurableStore
 
 log = structlog.get_logger("portcullis.gateway")
 
 
+class Carrier(Protocol):
+    """What the registry needs of a connection's carrier: end it, and count it."""
+
+    def close(self, reason: Reason, message: str) -> None: ...
+    def byte_counts(self) -> tuple[int, int]: ...
+    @property
+    def open_streams(self) -> int: ...
+
+
 @dataclass(eq=False)
 class Connection:
-    kind: Literal["launch", "tunnel"]
+    kind: Literal["launch", "tunnel", "web"]
     user: str
     client: str
-    session: MuxSession
+    session: Carrier    # a MuxSession; a web application's WebSocket relay
     detail: str = ""                       # the resource, or the tunnel's intranet IP
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     since: float = field(default_factory=time.time)

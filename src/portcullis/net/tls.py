@@ -15,7 +15,7 @@ loading files are mapped here to `PKIError` naming the file.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from portcullis.errors import PKIError
@@ -45,6 +45,12 @@ _X509_V_ERR_HOSTNAME_MISMATCH = 62
 _X509_V_ERR_IP_ADDRESS_MISMATCH = 64
 
 
+class ServerContext(ssl.SSLContext):
+    """A server context, and the name (SNI) it is presented for, if only one."""
+
+    server_name: str | None = None
+
+
 def server_context(
     cert_file: Path,
     key_file: Path,
@@ -52,8 +58,10 @@ def server_context(
     client_ca_file: Path | None = None,
     require_client_cert: bool = False,
     also_trust: Sequence[Path] = (),
+    server_name: str | None = None,
 ) -> ssl.SSLContext:
-    """A server context presenting `cert_file`.
+    """A server context presenting `cert_file`; with `server_name`, the context that
+    `choose_by_server_name` swaps in for connections opened for that name.
 
     With `client_ca_file`, client certificates signed by that CA are verified: required
     (mutual TLS) when `require_client_cert`, otherwise optional. `also_trust` adds CAs
@@ -62,7 +70,8 @@ def server_context(
     """
     if require_client_cert and client_ca_file is None:
         raise PKIError("requiring client certificates needs a client CA file to verify them")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = ServerContext(ssl.PROTOCOL_TLS_SERVER)
+    context.server_name = server_name
     _apply_profile(context)
     # CPython turns server cipher preference on by default; Mozilla intermediate turns it
     # off so that clients without AES hardware can pick ChaCha20.
@@ -76,6 +85,26 @@ def server_context(
         if context.verify_mode == ssl.CERT_NONE:
             context.verify_mode = ssl.CERT_OPTIONAL
     return context
+
+
+def choose_by_server_name(context: ssl.SSLContext, by_name: Mapping[str, ssl.SSLContext]
+                          ) -> None:
+    """Make `context` hand connections opened for a name of `by_name` (SNI) to that
+    name's context: its certificate, and `server_name_of` names it afterwards."""
+
+    def choose(ssl_object: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        chosen = by_name.get((name or "").lower().rstrip("."))
+        if chosen is not None:
+            ssl_object.context = chosen
+
+    context.sni_callback = choose
+
+
+def server_name_of(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """The name a connection was opened for, when a context of `choose_by_server_name`
+    took it; else None."""
+    context = ssl_object.context if ssl_object is not None else None
+    return context.server_name if isinstance(context, ServerContext) else None
 
 
 class ResumingClientContext(ssl.SSLContext):

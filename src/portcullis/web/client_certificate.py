@@ -30,6 +30,7 @@ from cryptography import x509
 
 from portcullis.errors import PKIError
 from portcullis.identity.conditions import ClientCertificate
+from portcullis.net.tls import server_name_of
 from portcullis.pki import issued_by, load_ca_certificates, peer_common_name
 from portcullis.pki.roles import ROLE_COMMON_NAMES
 from portcullis.web.edge import HeadTimedHttp
@@ -54,6 +55,7 @@ class ClientCertificateHttp(HeadTimedHttp):
     # CAs the listener trusts for other purposes than users' sign-ins.
     not_for_users: tuple[x509.Certificate, ...] = ()
     _chain: list[str]
+    _server_name: str | None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -61,10 +63,13 @@ class ClientCertificateHttp(HeadTimedHttp):
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         self._chain = ([ssl.DER_cert_to_PEM_cert(der)]
                        if der and is_user_certificate(der, self.not_for_users) else [])
+        # The host name the connection was opened for, when it is a web resource's.
+        self._server_name = server_name_of(ssl_object)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {"tls": {"client_cert_chain": self._chain}}
+        self.scope["extensions"] = {"tls": {"client_cert_chain": self._chain,
+                                            "server_name": self._server_name}}
 
 
 def user_certificate_http(client_ca_file: Path | None,

@@ -50,6 +50,9 @@ SPARE_FILES = 256
 # out of file descriptors (as asyncio's own accept loop does).
 ACCEPT_BATCH = 64
 ACCEPT_RETRY_DELAY = 1.0
+# Set in a request's ASGI extensions when its target is in absolute form
+# (`GET http://host/ HTTP/1.1`), which uvicorn hides: the path alone goes to the app.
+ABSOLUTE_FORM = "portcullis.absolute_form"
 REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\n"
                    b"content-length: 16\r\nconnection: close\r\n\r\nrequest timeout\n")
 
@@ -273,6 +276,9 @@ class HeadTimedHttp(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._awaiting_head = False
         self._cancel_head_deadline()
+        if not self.url.startswith(b"/"):
+            # An ASGI extension is a dict: this one holds the target as sent.
+            self.scope.setdefault("extensions", {})[ABSOLUTE_FORM] = {"target": bytes(self.url)}
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:

@@ -39,8 +39,11 @@ class LargerBodies:
 
 class SecurityMiddleware:
     def __init__(self, app: ASGIApp, *, max_body: int, max_header_bytes: int,
-                 larger: LargerBodies | None = None) -> None:
+                 larger: LargerBodies | None = None, own_headers: bool = True) -> None:
+        """`own_headers` False: answers go out with their own headers only (a web
+        application behind the gateway sets its own policy and caching)."""
         self.app = app
+        self.own_headers = own_headers
         self.max_body = max_body
         self.max_header_bytes = max_header_bytes
         self.larger = larger
@@ -81,7 +84,7 @@ class SecurityMiddleware:
 
         async def secured_send(message: Message) -> None:
             nonlocal started
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and self.own_headers:
                 started = True
                 headers = list(message.get("headers", []))
                 names = {name.lower() for name, _ in headers}

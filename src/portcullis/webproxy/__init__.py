@@ -1,0 +1,1 @@
+"""Web applications through the gateway, each at a host name of its own (docs/webproxy.md)."""

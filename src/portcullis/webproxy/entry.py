@@ -1,0 +1,69 @@
+"""The portal's side of a web application: `GET /web/{name}?next=PATH` signs the user in
+to the application's host, and `GET /.well-known/jwks.json` publishes the keys that
+verify the assertions applications receive.
+
+Entry: not signed in, the portal's sign-in and back; signed in but not allowed (the
+broker's `decide`, as for launches), the portal's "not allowed" page and an audit line;
+otherwise a one-time code bound to the resource and session, and a redirect to the
+application's host, which redeems it (`webproxy.proxy`). The portal's cookie never
+leaves the gateway's host.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote, urlencode
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from portcullis.audit import AuditTrail
+from portcullis.identity.sessions import SessionManager
+from portcullis.portal.app import safe_next
+from portcullis.portal.broker import decide
+from portcullis.portal.guard import client_of, signed_in
+from portcullis.portal.pages import error_page
+from portcullis.webproxy.assertion import JWKS_PATH, Asserter
+from portcullis.webproxy.handoff import Binding, Handoff
+from portcullis.webproxy.sites import Sites
+
+ENTER_PATH = "/.portcullis/enter"
+
+
+def entry_url(name: str, target: str) -> str:
+    """The portal URL that (re)opens the web resource `name` at `target`."""
+    return f"/web/{quote(name, safe='')}?{urlencode({'next': target})}"
+
+
+def web_routes(sites: Sites, sessions: SessionManager, handoff: Handoff, asserter: Asserter,
+               audit: AuditTrail) -> list[BaseRoute]:
+    async def enter(request: Request) -> Response:
+        name = request.path_params["name"]
+        target = safe_next(request.query_params.get("next"))
+        session = await signed_in(sessions, request)
+        if session is None:
+            return RedirectResponse("/login?" + urlencode({"next": entry_url(name, target)}),
+                                    303)
+        site = sites.by_name(name)
+        decision = decide(site.resource, session.claims) if site is not None else None
+        if site is None or decision is None or not decision.allowed:
+            audit.record("web.denied", resource=name, user=session.username,
+                         client=client_of(request),
+                         reason=decision.reason if decision else "no such web resource")
+            return error_page(request, 403, "Not allowed",
+                              "This application is not published for you.",
+                              "Ask your administrator for access, or pick another "
+                              "application.", action=("Your applications", "/"))
+        code = await handoff.issue_code(Binding(site.name, session.handle))
+        audit.record("web.entered", resource=site.name, user=session.username,
+                     client=client_of(request))
+        return RedirectResponse(
+            f"{site.public_origin}{ENTER_PATH}?{urlencode({'code': code, 'next': target})}",
+            303)
+
+    async def jwks(request: Request) -> Response:
+        return JSONResponse(await asserter.jwks(),
+                            headers={"cache-control": "public, max-age=300"})
+
+    return [Route("/web/{name}", enter, methods=["GET"]),
+            Route(JWKS_PATH, jwks, methods=["GET"])]
