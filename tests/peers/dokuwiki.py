@@ -22,11 +22,9 @@ import os
 import pwd
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from conftest import Process, free_port, require_program
 from peers.missing import missing_peer
@@ -52,10 +50,11 @@ def php_fpm_program() -> str:
 class DokuWiki:
     """A running DokuWiki at `url` (http://127.0.0.1:PORT/doku.php)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, baseurl: str = "") -> None:
         if not (DOKUWIKI / "doku.php").exists():
             missing_peer("dokuwiki is not installed (run 'make peers' as root)")
         self.directory = directory
+        self.baseurl = baseurl
         self.port = free_port()
         self.data = directory / "data"
         self.access_log = directory / "access.log"
@@ -112,7 +111,10 @@ class DokuWiki:
             "$conf['lang'] = 'en';\n"
             "$conf['updatecheck'] = 0;\n"
             "$conf['dnslookups'] = 0;\n"
-            "$conf['userewrite'] = 0;\n")
+            "$conf['userewrite'] = 0;\n"
+            # Behind a reverse proxy: the public address, for the absolute URLs DokuWiki
+            # writes (redirects); empty, it builds them from the request's Host.
+            f"$conf['baseurl'] = '{self.baseurl}';\n")
         for name in DATA_DIRECTORIES:
             (self.data / name).mkdir(parents=True, exist_ok=True)
         (self.directory / "prepend.php").write_text(
@@ -196,9 +198,3 @@ class DokuWiki:
                 last = repr(exc)
             time.sleep(0.05)
         raise RuntimeError(f"DokuWiki did not answer within {START_TIMEOUT} s: {last}")
-
-
-@pytest.fixture
-def dokuwiki(tmp_path: Path) -> Iterator[DokuWiki]:
-    with DokuWiki(tmp_path / "dokuwiki") as wiki:
-        yield wiki
