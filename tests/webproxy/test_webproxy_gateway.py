@@ -13,6 +13,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
+from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,7 +47,9 @@ def browser(ca: Path) -> httpx.Client:
     context = ssl.create_default_context(cafile=str(ca))
     transport._pool = httpcore.ConnectionPool(ssl_context=context,
                                               network_backend=LoopbackBackend())
-    return httpx.Client(transport=transport, timeout=60, follow_redirects=False)
+    client = httpx.Client(transport=transport, timeout=60, follow_redirects=False)
+    client.cookies.jar.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+    return client
 
 
 class Published:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -51,6 +52,8 @@ from portcullis.webproxy.rewrite import (
 from portcullis.webproxy.sites import Site, Sites, host_name
 
 log = structlog.get_logger("portcullis.webproxy")
+# httpx tells of every request at INFO: a proxy's every request is not news.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 # An upstream may think for a while (a report, a long poll); a connection it never
 # answers on is given up after this.
@@ -217,11 +220,19 @@ class WebProxy:
                            body_done: asyncio.Event) -> None:
         """The upstream's body, chunk by chunk as it comes, until it ends or the client
         goes away (then the upstream connection is closed, not read to its end)."""
-        gone: asyncio.Future[Message] | None = None
+        gone: asyncio.Future[None] | None = None
+
+        async def disconnected() -> None:
+            # Once the request body is read, receive() returns only at the disconnect
+            # (an unread body's last, empty message may come first).
+            message: Message = {}
+            while message.get("type") != "http.disconnect":
+                message = await receive()
+
         try:
             async for chunk in upstream.aiter_raw():
                 if gone is None and body_done.is_set():
-                    gone = asyncio.ensure_future(receive())
+                    gone = asyncio.ensure_future(disconnected())
                 if gone is not None and gone.done():
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
