@@ -1,8 +1,10 @@
 """Found with DokuWiki (tests/e2e/test_web_applications.py): an application that honours
 the `X-Forwarded-Proto: https` the gateway sends, but builds its absolute URLs from the
 Host it was sent (the upstream's), redirects to https://UPSTREAM-HOST:UPSTREAM-PORT/...
-DokuWiki without `baseurl` does so after every save, as do Django (SECURE_PROXY_SSL_HEADER
-without USE_X_FORWARDED_HOST) and Flask's ProxyFix(x_proto=1). The gateway refuses that
+DokuWiki without `baseurl` does so after every save (under Apache; Debian's nginx passes
+PHP the Host without its port, which no proxy can map back), as do Django
+(SECURE_PROXY_SSL_HEADER without USE_X_FORWARDED_HOST) and Flask's ProxyFix(x_proto=1).
+The gateway refuses that
 redirect as "an internal address" (502) where it could give the resource's public origin:
 that scheme is the one it told the application to use.
 
