@@ -14,13 +14,15 @@ process). Setups, each reaching the same upstream:
               application cookie got once through the portal's sign-in hand-off
               (GET /web/NAME → one-time code → the app's host), so every request is
               checked against the session and policy and gets a signed assertion.
-Clients (Debian programs, none of them Python, so the client's cost is not ours):
+Clients (Debian programs written in C, so that the client is not the bottleneck):
   small page  `wrk` (one thread, BENCH_CONNECTIONS keep-alive connections, BENCH_SECONDS):
               requests/s and p99 latency (wrk's own histogram). SNI and Host name the
               resource; a wrk script resolves every name to 127.0.0.1.
+              "proxy CPU µs/req": CPU (user + system, the process and its children:
+              nginx's worker) the proxy spent during the run, per request answered; on a
+              shared machine it varies less than requests/s.
   download    `curl` of the large file, one connection: MiB/s as curl received it.
-  CPU s/GiB   CPU seconds (user + system, the process and its children: nginx's worker)
-              the proxy spent during the download, per GiB carried.
+              "proxy CPU s/GiB": the proxy's CPU during the download, per GiB carried.
 Rounds: every round runs every setup (direct, nginx, portcullis) for the page, then for
 the download, so that a slow moment of the shared machine lands on each alike. A ratio
 is taken within a round, then summarised as "median (min–max)" over the rounds.
@@ -110,6 +112,7 @@ class PageRun:
     requests_per_s: float
     p99_ms: float
     errors: int
+    cpu_us_per_request: float  # the proxy's CPU over the run, per request answered
 
 
 @dataclass
@@ -139,6 +142,7 @@ def tree_rss_kib(process: Process) -> int:
 
 
 def run_wrk(setup: Setup, script: Path, seconds: int) -> PageRun:
+    before = tree_cpu_seconds(setup.proxy) if setup.proxy else 0.0
     result = subprocess.run(
         [require("wrk"), "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--timeout", "10s",
          "-s", str(script), *(arg for header in setup.headers(setup.cookie)
@@ -150,8 +154,10 @@ def run_wrk(setup: Setup, script: Path, seconds: int) -> PageRun:
     if result.returncode != 0 or match is None:
         raise RuntimeError(f"wrk via {setup.name} failed ({result.returncode}): "
                            f"{result.stdout[-500:]} {result.stderr[-500:]}")
+    cpu = (tree_cpu_seconds(setup.proxy) - before) if setup.proxy else 0.0
     requests, duration_us, *errors, p99_us = map(int, match.groups())
-    return PageRun(requests / (duration_us / 1e6), p99_us / 1000, sum(errors))
+    return PageRun(requests / (duration_us / 1e6), p99_us / 1000, sum(errors),
+                   cpu * 1e6 / requests if requests else float("nan"))
 
 
 def curl_args(setup: Setup, ca: Path) -> list[str]:
@@ -365,6 +371,7 @@ def run() -> Report:
             check_page(setup, deployment.ca)
             run_wrk(setup, script, 1)   # warm-up: connections, caches, lazy imports
             run_download(setup, deployment.ca)
+        load_before = os.getloadavg()[0]
         for number in range(ROUNDS):
             pages.append({name: run_wrk(setup, script, SECONDS)
                           for name, setup in setups.items()})
@@ -379,11 +386,13 @@ def run() -> Report:
             memory[name] = uvloop.run(websocket_memory(setups[name], tls))
             print(f"  {name}: {memory[name].opened} WebSockets, "
                   f"{memory[name].per_websocket_kib:.1f} KiB each", flush=True)
-    return report(pages, downloads, memory)
+        load_after = os.getloadavg()[0]
+    return report(pages, downloads, memory, (load_before, load_after))
 
 
 def report(pages: list[dict[str, PageRun]], downloads: list[dict[str, DownloadRun]],
-           memory: dict[str, WebSocketMemory]) -> Report:
+           memory: dict[str, WebSocketMemory], load: tuple[float, float]) -> Report:
+    """`load`: the 1-minute load average when the rounds started and when they ended."""
     def spread(rounds: list[dict[str, Any]], name: str, figure: str) -> Spread:
         return Spread.of([getattr(round_[name], figure) for round_ in rounds])
 
@@ -391,7 +400,7 @@ def report(pages: list[dict[str, PageRun]], downloads: list[dict[str, DownloadRu
         return Spread.of([getattr(round_[name], figure) / getattr(round_[base], figure)
                           for round_ in rounds])
 
-    data: dict[str, Any] = {"rounds": len(pages), "seconds": SECONDS,
+    data: dict[str, Any] = {"rounds": len(pages), "seconds": SECONDS, "load_average": load,
                             "connections": CONNECTIONS, "download_mib": DOWNLOAD_MIB,
                             "websockets": WEBSOCKETS}
     page_rows, download_rows = [], []
@@ -400,7 +409,9 @@ def report(pages: list[dict[str, PageRun]], downloads: list[dict[str, DownloadRu
         x_direct = ratio(pages, name, "direct", "requests_per_s")
         x_nginx = ratio(pages, name, "nginx", "requests_per_s")
         errors = sum(round_[name].errors for round_ in pages)
-        page_rows.append([name, str(rps), str(p99), str(x_direct), str(x_nginx), errors])
+        page_cpu = spread(pages, name, "cpu_us_per_request")
+        page_rows.append([name, str(rps), str(p99), str(x_direct), str(x_nginx),
+                          "-" if name == "direct" else str(page_cpu), errors])
         speed = spread(downloads, name, "mib_per_s")
         cpu = spread(downloads, name, "cpu_s_per_gib")
         download_rows.append([name, str(speed), str(ratio(downloads, name, "direct",
@@ -409,7 +420,8 @@ def report(pages: list[dict[str, PageRun]], downloads: list[dict[str, DownloadRu
                               "-" if name == "direct" else str(cpu)])
         data[name] = {"requests_per_s": rps.as_json(), "p99_ms": p99.as_json(),
                       "page_x_direct": x_direct.as_json(), "page_x_nginx": x_nginx.as_json(),
-                      "page_errors": errors, "download_mib_per_s": speed.as_json(),
+                      "page_errors": errors, "cpu_us_per_request": page_cpu.as_json(),
+                      "download_mib_per_s": speed.as_json(),
                       "cpu_s_per_gib": cpu.as_json()}
     memory_rows = []
     for name, reading in memory.items():
@@ -434,7 +446,8 @@ def report(pages: list[dict[str, PageRun]], downloads: list[dict[str, DownloadRu
         tables=[
             Table(f"Small page ({SMALL_PAGE} B), wrk -t1 -c{CONNECTIONS} -d{SECONDS}s; "
                   f"{spread_note}",
-                  ["setup", "req/s", "p99 ms", "x direct", "x nginx", "errors"], page_rows),
+                  ["setup", "req/s", "p99 ms", "x direct", "x nginx", "proxy CPU µs/req",
+                   "errors"], page_rows),
             Table(f"Download of {DOWNLOAD_MIB} MiB, curl, one connection; {spread_note}",
                   ["setup", "MiB/s", "x direct", "x nginx", "proxy CPU s/GiB"],
                   download_rows),
@@ -443,7 +456,9 @@ def report(pages: list[dict[str, PageRun]], downloads: list[dict[str, DownloadRu
                   ["proxy", "open", "RSS before KiB", "RSS open KiB", "KiB each"],
                   memory_rows)],
         verdicts=verdicts,
-        notes=["all processes share the machine's cores: wrk/curl, the proxy, the upstream",
+        notes=["all processes share the machine's cores: wrk/curl, the proxy, the upstream "
+               f"(and whatever else runs: load average {load[0]:.1f} at the start, "
+               f"{load[1]:.1f} at the end)",
                "x = ratio within the same round; proxy CPU = the proxy process and its "
                "children (nginx: master + its one worker)"],
         data=data)
