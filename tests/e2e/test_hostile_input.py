@@ -42,7 +42,7 @@ def client(deployment: Deployment, gateway: Process) -> httpx.Client:
 
 
 def test_oversized_headers_are_refused(deployment: Deployment, gateway: Process) -> None:
-    response = raw_request(deployment, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: "
+    response = raw_request(deployment, b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: "
                            + b"a" * 64 * 1024 + b"\r\n\r\n")
     assert 400 <= status_of(response) < 500
     assert b"Traceback" not in response
@@ -52,7 +52,7 @@ def test_oversized_headers_are_refused(deployment: Deployment, gateway: Process)
                                   b"/api/v1/../v1/resources", b"/static/..%2fsecrets"])
 def test_dot_segments_in_paths_are_refused(deployment: Deployment, gateway: Process,
                                            path: bytes) -> None:
-    response = raw_request(deployment, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n"
+    response = raw_request(deployment, b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n"
                            b"Connection: close\r\n\r\n")
     assert status_of(response) == 400
     assert b"token.key" not in response and b"[gateway]" not in response
@@ -226,8 +226,9 @@ def test_an_unreachable_redis_stops_startup_with_the_address(deployment: Deploym
 
 def test_an_oversized_chunked_body_is_a_413(deployment: Deployment, gateway: Process) -> None:
     chunk = b"a" * 100_000
-    request = (b"POST /api/v1/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-               b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    request = (b"POST /api/v1/login HTTP/1.1\r\nHost: localhost\r\n"
+               b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+               b"Connection: close\r\n\r\n"
                + b"%x\r\n" % len(chunk) + chunk + b"\r\n0\r\n\r\n")
     response = raw_request(deployment, request)
     assert status_of(response) == 413

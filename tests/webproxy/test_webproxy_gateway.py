@@ -155,6 +155,22 @@ def test_a_post_body_goes_through_and_the_answer_keeps_the_applications_headers(
     assert "content-security-policy" not in answer.headers
 
 
+def test_a_body_over_the_edges_limit_is_refused_also_when_chunked(
+        published: Published) -> None:
+    cookie = published.enter(published.sign_in("alice")).encode()
+    before = len(published.wiki.requests)
+    chunk = b"a" * 100_000
+    answer = raw_request(published, "wiki.localhost",
+                         b"POST /whoami HTTP/1.1\r\nHost: wiki.localhost\r\nCookie: " + cookie +
+                         b"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" +
+                         b"%x\r\n" % len(chunk) + chunk + b"\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413")
+    sized = published.client.post(published.origin("wiki.localhost") + "/whoami",
+                                   content=chunk, headers={"cookie": cookie.decode()})
+    assert sized.status_code == 413
+    assert len(published.wiki.requests) <= before + 1   # the chunked one may have begun
+
+
 def test_without_a_session_a_navigation_is_sent_to_sign_in_and_a_post_is_refused(
         published: Published) -> None:
     before = len(published.wiki.requests)

@@ -26,6 +26,7 @@ from urllib.parse import parse_qs
 
 import httpx
 import structlog
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.types import Message, Receive, Scope, Send
@@ -192,6 +193,10 @@ class WebProxy:
             content=body() if has_body(scope) else None)
         try:
             upstream = await client_http.send(upstream_request, stream=True)
+        except HTTPException as exc:   # the edge's body cap, counted while streaming
+            await Response(exc.detail, exc.status_code, media_type="text/plain")(
+                scope, receive, send)
+            return
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             log.warning("web upstream failed", resource=site.name, error=str(exc))
             await self._unavailable(site, scope, receive, send)
