@@ -6,7 +6,8 @@ verified with PyJWT against the gateway's published JWKS (tests/peers/webapp.py,
 
 A user signs in once, in the portal, and uses both; a user outside the wiki's groups gets
 the portal's "not allowed" page and the wiki never hears of it; the wiki's cookie stays
-on the wiki's host. Chromium resolves every *.localhost name to loopback by itself.
+on the wiki's host; a page's WebSocket echoes and ends within a second of signing out.
+Chromium resolves every *.localhost name to loopback by itself.
 """
 
 from __future__ import annotations
@@ -152,3 +153,36 @@ def test_a_user_outside_the_groups_is_not_allowed_and_nothing_reaches_the_wiki(
     assert page.url.startswith(published.origin() + "/")
 
     assert published.wiki.requests_received() == before
+
+
+# The page's WebSocket to its own host: echoes once, then records when it is closed.
+OPEN_WEBSOCKET = """() => new Promise((resolve, reject) => {
+  const socket = new WebSocket(`wss://${location.host}/ws`);
+  window.closedAt = null;
+  socket.onopen = () => socket.send("hello through the gateway");
+  socket.onmessage = (event) => resolve(event.data);
+  socket.onclose = () => { window.closedAt = Date.now(); };
+  socket.onerror = () => reject(new Error("the WebSocket failed"));
+  window.openSocket = socket;
+})"""
+
+
+def test_a_websocket_in_the_page_echoes_and_ends_within_a_second_of_sign_out(
+        published: Published, browser_page) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    page = browser_page
+    sign_in(page, published, EDITOR)
+    open_from_list(page, published, "whoami", "Who am I")
+    page.wait_for_url(f"{published.origin(WHOAMI_HOST)}/**")
+    assert page.evaluate(OPEN_WEBSOCKET) == "hello through the gateway"
+    assert page.evaluate("window.closedAt") is None
+
+    # Sign out in another tab of the same browser: the open WebSocket ends with it.
+    portal = page.context.new_page()
+    portal.goto(published.origin() + "/")
+    portal.click("text=Sign out")
+    portal.wait_for_url("**/login")
+    page.wait_for_function("() => window.closedAt !== null", timeout=1000)
+
+    # And the application's host sends the browser to sign in again.
+    page.goto(f"{published.origin(WHOAMI_HOST)}/whoami")
+    page.wait_for_url(f"{published.origin()}/login**")
