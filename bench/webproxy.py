@@ -429,6 +429,9 @@ def report(pages: list[dict[str, PageRun]], downloads: list[dict[str, DownloadRu
                             reading.per_websocket_kib])
         data[name]["websocket_kib"] = reading.per_websocket_kib
         data[name]["websocket_errors"] = reading.errors[:5]
+    short = [f"{name}: {reading.opened} of {WEBSOCKETS} WebSockets opened; first error: "
+             f"{reading.errors[0]}" for name, reading in memory.items()
+             if reading.opened < WEBSOCKETS and reading.errors]
     spread_note = f"median over {len(pages)} interleaved rounds (min–max)"
     verdicts = [
         f"small page: portcullis/nginx {ratio(pages, 'portcullis', 'nginx', 'requests_per_s')}"
@@ -460,5 +463,5 @@ def report(pages: list[dict[str, PageRun]], downloads: list[dict[str, DownloadRu
                f"(and whatever else runs: load average {load[0]:.1f} at the start, "
                f"{load[1]:.1f} at the end)",
                "x = ratio within the same round; proxy CPU = the proxy process and its "
-               "children (nginx: master + its one worker)"],
+               "children (nginx: master + its one worker)", *short],
         data=data)
