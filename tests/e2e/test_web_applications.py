@@ -81,17 +81,23 @@ def sign_in(page, published: Published, user: tuple[str, str, list[str]]) -> Non
     page.wait_for_selector("text=Your resources")
 
 
-def open_from_list(page, published: Published, name: str, title: str) -> None:  # type: ignore[no-untyped-def]
-    """Open a web resource from the portal's resource list, as a user clicks it."""
+def open_from_list(page, published: Published, name: str, title: str):  # type: ignore[no-untyped-def]
+    """Open a web resource from the portal's resource list, as a user clicks it; the
+    page (tab) the application opened in."""
     entry = page.locator("ul.resources li", has_text=title)
     assert entry.count() == 1, page.content()
     link = entry.locator(f"a[href^='/web/{name}']")
-    if link.count():
-        link.click()
-    else:
+    if not link.count():
         # The list drew every resource as a launch until web resources had links (the
         # portal's part of issue 14); then the portal's entry for it is where it leads.
         page.goto(f"{published.origin()}/web/{name}?next=/")
+        return page
+    if link.get_attribute("target") == "_blank":
+        with page.expect_popup() as opened:
+            link.click()
+        return opened.value
+    link.click()
+    return page
 
 
 def test_a_user_signs_in_once_edits_the_wiki_and_is_known_to_another_application(
@@ -101,7 +107,7 @@ def test_a_user_signs_in_once_edits_the_wiki_and_is_known_to_another_application
     sign_in(page, published, EDITOR)
 
     # The wiki from the resource list: no second sign-in.
-    open_from_list(page, published, "wiki", "Team wiki")
+    page = open_from_list(page, published, "wiki", "Team wiki")
     page.wait_for_url(f"{published.origin(WIKI_HOST)}/**")
     page.wait_for_selector("text=Portcullis test wiki")
 
@@ -120,7 +126,7 @@ def test_a_user_signs_in_once_edits_the_wiki_and_is_known_to_another_application
 
     # The second application knows who this is from the assertion it verified.
     page.goto(published.origin() + "/")
-    open_from_list(page, published, "whoami", "Who am I")
+    page = open_from_list(page, published, "whoami", "Who am I")
     page.wait_for_url(f"{published.origin(WHOAMI_HOST)}/**")
     page.goto(f"{published.origin(WHOAMI_HOST)}/whoami")
     seen = json.loads(page.locator("body").inner_text())
@@ -171,7 +177,7 @@ def test_a_websocket_in_the_page_echoes_and_ends_within_a_second_of_sign_out(
         published: Published, browser_page) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     page = browser_page
     sign_in(page, published, EDITOR)
-    open_from_list(page, published, "whoami", "Who am I")
+    page = open_from_list(page, published, "whoami", "Who am I")
     page.wait_for_url(f"{published.origin(WHOAMI_HOST)}/**")
     assert page.evaluate(OPEN_WEBSOCKET) == "hello through the gateway"
     assert page.evaluate("window.closedAt") is None
