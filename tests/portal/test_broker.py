@@ -6,8 +6,8 @@ import pytest
 
 from portcullis.config.model import Resource
 from portcullis.identity.claims import Claims
-from portcullis.portal.app import safe_next
 from portcullis.portal.broker import authorize_launch, visible_resources
+from portcullis.portal.redirects import safe_next
 
 RESOURCES = [
     Resource(name="wiki", title="Wiki", address="wiki:80", groups=["staff"]),

@@ -100,18 +100,23 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
                                  deployment.ca)
     wiki, other = next(wiki_serving), next(other_serving)
     with deployment.config.open("a") as config:
-        for name, host, app, groups in (("wiki", "wiki.localhost", wiki, ["staff"]),
-                                        ("other", "other.localhost", other, ["staff"])):
+        # "loop" names its upstream: a name that resolves to the gateway host's loopback
+        # is no destination (only an address literal there is the administrator's choice).
+        for name, host, url in (("wiki", "wiki.localhost", wiki.url),
+                                ("other", "other.localhost", other.url),
+                                ("loop", "loop.localhost", f"http://localhost:{wiki.port}")):
             config.write(f'\n[[resources]]\nname = "{name}"\ntitle = "{name}"\n'
-                         f'kind = "web"\nupstream = "{app.url}"\nhost = "{host}"\n'
-                         f'groups = {json.dumps(groups)}\n')
+                         f'kind = "web"\nupstream = "{url}"\nhost = "{host}"\n'
+                         'groups = ["staff"]\n')
     deployment.add_user("alice", PASSWORD, ["staff"])
     deployment.add_user("bob", PASSWORD, ["finance"])
     process = Process(["up", "--dir", str(deployment.directory)],
                       deployment.directory.parent / "up.log")
     try:
         process.wait_for(r"Portal: https://")
-        yield Published(deployment, wiki, other)
+        published = Published(deployment, wiki, other)
+        yield published
+        published.client.close()   # no keep-alive connection for the gateway to wait on
     finally:
         process.stop()
         for serving in (wiki_serving, other_serving):
@@ -153,6 +158,18 @@ def test_a_post_body_goes_through_and_the_answer_keeps_the_applications_headers(
     assert answer.json()["method"] == "POST" and answer.json()["body"] == 50_000
     # The portal's policy headers are not forced on the application.
     assert "content-security-policy" not in answer.headers
+
+
+def test_an_upstream_named_to_resolve_to_the_gateway_host_is_refused(
+        published: Published) -> None:
+    cookie = published.enter(published.sign_in("alice"), "loop")
+    before = len(published.wiki.requests)
+    answer = published.client.get(published.origin("loop.localhost") + "/whoami",
+                                  headers={"cookie": cookie})
+    assert answer.status_code == 502
+    assert "localhost:" not in answer.text and str(published.wiki.port) not in answer.text
+    assert len(published.wiki.requests) == before
+    assert any(event["event"] == "web.upstream_refused" for event in published.audit())
 
 
 def test_a_body_over_the_edges_limit_is_refused_also_when_chunked(
@@ -211,7 +228,12 @@ def test_a_code_redeems_once_and_the_app_cookie_is_worth_nothing_on_another_host
     for attribute in ("secure", "httponly", "samesite=lax", "path=/"):
         assert attribute in set_cookie
     assert "domain" not in set_cookie
+    assert first.headers["cache-control"] == "no-store"
     assert published.client.get(code_url).status_code == 403   # used
+    wiki_before = len(published.wiki.requests)
+    own = published.client.post(published.origin("wiki.localhost") + "/.portcullis/enter",
+                                headers={"cookie": first.headers["set-cookie"].split(";")[0]})
+    assert own.status_code == 404 and len(published.wiki.requests) == wiki_before
     before = len(published.other.requests)
     cookie = first.headers["set-cookie"].split(";", 1)[0]
     elsewhere = published.client.get(published.origin("other.localhost") + "/whoami",
@@ -286,6 +308,10 @@ def test_another_resources_host_or_an_absolute_form_on_a_resources_connection_is
     unknown = raw_request(published, "localhost",
                           b"GET / HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n")
     assert unknown.startswith(b"HTTP/1.1 421")
+    two_hosts = raw_request(published, "wiki.localhost",
+                            b"GET /whoami HTTP/1.1\r\nHost: wiki.localhost\r\n"
+                            b"Host: other.localhost\r\nCookie: " + cookie + b"\r\n\r\n")
+    assert two_hosts.startswith(b"HTTP/1.1 4")
     gateway_on_resource = raw_request(published, "wiki.localhost",
                                       b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert gateway_on_resource.startswith(b"HTTP/1.1 421")
@@ -313,6 +339,29 @@ async def test_a_websocket_echoes_through_the_resource_and_ends_within_a_second_
         with pytest.raises(websockets.ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 1.0)
         assert time.monotonic() - ended < 1.0
+    # The app cookie died with the session too.
+    after = await asyncio.to_thread(published.client.get,
+                                    published.origin("wiki.localhost") + "/whoami",
+                                    headers={"cookie": cookie})
+    assert after.status_code == 303
+
+
+async def test_a_websocket_without_a_session_or_for_another_host_is_refused(
+        published: Published) -> None:
+    cookie = await asyncio.to_thread(published.enter,
+                                     await asyncio.to_thread(published.sign_in, "alice"))
+    context = ssl.create_default_context(cafile=str(published.deployment.ca))
+    before = len(published.wiki.requests) + len(published.other.requests)
+    # No app cookie; then a connection opened for wiki (SNI) asking for other (Host).
+    for host, headers, status in (("wiki", {}, 401), ("other", {"cookie": cookie}, 421)):
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(f"wss://{host}.localhost:{published.port}/ws",
+                                          host="127.0.0.1", ssl=context,
+                                          server_hostname="wiki.localhost",
+                                          additional_headers=headers):
+                pass
+        assert refused.value.response.status_code == status
+    assert len(published.wiki.requests) + len(published.other.requests) == before
 
 
 def test_a_gibibyte_from_the_application_streams_with_flat_memory(

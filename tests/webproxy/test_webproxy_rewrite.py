@@ -9,6 +9,7 @@ from portcullis.config.model import Resource
 from portcullis.identity.claims import Claims
 from portcullis.identity.endings import Ending
 from portcullis.identity.sessions import Session
+from portcullis.webproxy.assertion import assertion_claims, identity_headers
 from portcullis.webproxy.decisions import admit_request, is_navigation
 from portcullis.webproxy.rewrite import (
     Forwarding,
@@ -200,3 +201,16 @@ def test_a_request_is_admitted_only_with_a_live_session_allowed_for_this_resourc
     denied = admit_request(WIKI, "wiki", session(("finance",)))
     assert not denied.allowed and denied.audited and "none of the groups" in denied.reason
     assert is_navigation("GET") and is_navigation("HEAD") and not is_navigation("POST")
+
+
+# -- the assertion ----------------------------------------------------------------------
+def test_the_assertion_says_who_for_which_application_for_at_most_a_minute() -> None:
+    claims = Claims(sub="ldap:alice", username="alice", groups=("staff", "ops"),
+                    email="alice@example.org")
+    assert assertion_claims(claims, WIKI, GATEWAY, 1000) == {
+        "iss": GATEWAY, "aud": "https://wiki.gw.example.org:8443", "sub": "ldap:alice",
+        "username": "alice", "email": "alice@example.org", "groups": ["staff", "ops"],
+        "iat": 1000, "exp": 1060}
+    assert identity_headers(claims) == [(b"x-forwarded-user", b"alice"),
+                                        (b"x-forwarded-email", b"alice@example.org"),
+                                        (b"x-forwarded-groups", b"staff,ops")]

@@ -18,13 +18,13 @@ import contextlib
 import functools
 import ssl
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import httpcore
 import httpx
 
 from portcullis.errors import DialError
-from portcullis.net.dialer import Dialer
+from portcullis.net.dialer import P
 
 T = TypeVar("T")
 # Received bytes held unread before the transport is paused: httpcore reads as it parses.
@@ -35,11 +35,18 @@ TLS_READ_SIZE = 64 * 1024
 LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
 
 
+class StreamDialer(Protocol):
+    """What an HTTP client needs of a Dialer: TCP connections (every `Dialer` is one)."""
+
+    async def connect(self, host: str, port: int, protocol_factory: Callable[[], P], *,
+                      source: str | None = None) -> tuple[asyncio.Transport, P]: ...
+
+
 class DialerTransport(httpx.AsyncHTTPTransport):
     """An httpx transport whose connections `dialer` makes; `tls` verifies https peers
     (and carries the client certificate)."""
 
-    def __init__(self, dialer: Dialer, tls: ssl.SSLContext) -> None:
+    def __init__(self, dialer: StreamDialer, tls: ssl.SSLContext) -> None:
         super().__init__(verify=tls, limits=LIMITS)
         # httpx takes no network backend argument (encode/httpx#3749 is still open): its
         # pool is the seam, and everything else of its transport is kept as it is. An
@@ -55,7 +62,7 @@ class DialerTransport(httpx.AsyncHTTPTransport):
 
 
 class DialerBackend(httpcore.AsyncNetworkBackend):
-    def __init__(self, dialer: Dialer) -> None:
+    def __init__(self, dialer: StreamDialer) -> None:
         self._dialer = dialer
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,

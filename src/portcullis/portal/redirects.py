@@ -15,17 +15,25 @@ from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
-from starlette.templating import Jinja2Templates
 
 from portcullis.config.federation import MAX_SAML_RESPONSE
 from portcullis.identity.login import CALLBACK_CODE, NextStep, relay_of
+from portcullis.portal.pages import page
 
 LOGIN_COOKIE = "__Host-portcullis-login"
 NEXT_COOKIE = "__Host-portcullis-next"
 
 
-def to_identity_provider(templates: Jinja2Templates, request: Request, step: NextStep,
-                         target: str, lifetime: float) -> Response:
+def safe_next(target: str | None) -> str:
+    """Only same-origin relative paths: '/x' yes; '//evil', '/\\evil', 'https://…' no."""
+    if (not target or not target.startswith("/") or target.startswith("//")
+            or "\\" in target or any(ord(c) < 0x20 for c in target)):
+        return "/"
+    return target
+
+
+def to_identity_provider(request: Request, step: NextStep, target: str,
+                         lifetime: float) -> Response:
     """Send the browser on; from a GET a plain redirect, otherwise a page (a redirect that
     answers a form post would fall under the portal's `form-action 'self'`)."""
     redirect = step.step.redirect
@@ -34,7 +42,7 @@ def to_identity_provider(templates: Jinja2Templates, request: Request, step: Nex
     if redirect.form is None and request.method == "GET":
         response = RedirectResponse(redirect.url, 303)
     else:
-        response = templates.TemplateResponse(request, "redirect.html", {"step": step.step})
+        response = page(request, "redirect.html", step=step.step)
         if redirect.form is not None:
             parts = urlsplit(redirect.url)
             response.headers["content-security-policy"] = (

@@ -23,11 +23,8 @@ def server_name_in(scope: Scope) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def host_of(scope: Scope) -> bytes | None:
-    for name, value in scope["headers"]:
-        if name == b"host":
-            return bytes(value)
-    return None
+def hosts_of(scope: Scope) -> list[bytes]:
+    return [bytes(value) for name, value in scope["headers"] if name == b"host"]
 
 
 class HostDispatch:
@@ -40,7 +37,11 @@ class HostDispatch:
         if scope["type"] != "http":
             await self._gateway(scope, receive, send)
             return
-        destination, site = self._sites.destination(host_of(scope))
+        hosts = hosts_of(scope)
+        if len(hosts) > 1:   # which one would each hop believe? (RFC 9112 §3.2: 400)
+            await _misdirected(send)
+            return
+        destination, site = self._sites.destination(hosts[0] if hosts else None)
         opened_for = self._sites.by_host(server_name_in(scope))
         if destination is Destination.WEB and site is opened_for and \
                 not scope.get("extensions", {}).get(ABSOLUTE_FORM):

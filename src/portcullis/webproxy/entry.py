@@ -19,15 +19,17 @@ from starlette.routing import BaseRoute, Route
 
 from portcullis.audit import AuditTrail
 from portcullis.identity.sessions import SessionManager
-from portcullis.portal.app import safe_next
 from portcullis.portal.broker import decide
 from portcullis.portal.guard import client_of, signed_in
 from portcullis.portal.pages import error_page
+from portcullis.portal.redirects import safe_next
 from portcullis.webproxy.assertion import JWKS_PATH, Asserter
 from portcullis.webproxy.handoff import Binding, Handoff
 from portcullis.webproxy.sites import Sites
 
-ENTER_PATH = "/.portcullis/enter"
+# On an application's host, paths under /.portcullis/ are the gateway's.
+OWN_PATHS = "/.portcullis/"
+ENTER_PATH = OWN_PATHS + "enter"
 
 
 def entry_url(name: str, target: str) -> str:

@@ -6,7 +6,8 @@ Per request: the app cookie names a record (`handoff`) bound to this resource an
 gateway session; the session must still stand and the broker still allow the resource
 (`decisions.admit_request`). Then the request goes on through the node's Dialer
 (`net.httpdial.DialerTransport`, one keep-alive pool per upstream), with the headers of
-`rewrite.upstream_request_headers` and a fresh assertion, and the answer comes back
+`rewrite.upstream_request_headers` and a fresh assertion (each upstream connection
+admitted like a launch's: `upstreams.AdmittedDialer`), and the answer comes back
 with `rewrite.browser_response_headers`. Bodies are never held whole: chunks go on as
 they come, under the transports' flow control.
 
@@ -32,16 +33,18 @@ from starlette.responses import RedirectResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from portcullis.audit import AuditTrail
+from portcullis.errors import StoreError
 from portcullis.identity.endings import Ending
 from portcullis.identity.sessions import Session, SessionManager
+from portcullis.net.destinations import HostAddresses
 from portcullis.net.dialer import Dialer
 from portcullis.net.httpdial import DialerTransport
 from portcullis.net.tls import client_context
-from portcullis.portal.app import safe_next
 from portcullis.portal.pages import error_page
+from portcullis.portal.redirects import safe_next
 from portcullis.webproxy.assertion import Asserter
 from portcullis.webproxy.decisions import WebDecision, admit_request, is_navigation
-from portcullis.webproxy.entry import ENTER_PATH, entry_url
+from portcullis.webproxy.entry import ENTER_PATH, OWN_PATHS, entry_url
 from portcullis.webproxy.handoff import Binding, Handoff
 from portcullis.webproxy.rewrite import (
     APP_COOKIE,
@@ -51,6 +54,7 @@ from portcullis.webproxy.rewrite import (
     upstream_request_headers,
 )
 from portcullis.webproxy.sites import Site, Sites, host_name
+from portcullis.webproxy.upstreams import AdmittedDialer
 
 log = structlog.get_logger("portcullis.webproxy")
 # httpx tells of every request at INFO: a proxy's every request is not news.
@@ -83,8 +87,10 @@ class WebProxy:
         self.handoff = handoff
         self.asserter = asserter
         self.audit = audit
+        host_addresses = HostAddresses()
         self._clients = {site.name: httpx.AsyncClient(
-            transport=DialerTransport(dialer, _upstream_tls(site, base_dir)),
+            transport=DialerTransport(AdmittedDialer(dialer, site.name, audit, host_addresses),
+                                      _upstream_tls(site, base_dir)),
             timeout=UPSTREAM_TIMEOUT, follow_redirects=False) for site in sites.all}
 
     def client_for(self, site: Site) -> httpx.AsyncClient:
@@ -119,15 +125,33 @@ class WebProxy:
                 scope, receive, send)
             return
         request = Request(scope, receive)
+        try:
+            await self._answer(site, request, scope, receive, send)
+        except StoreError as exc:   # sessions or keys cannot be read: nothing is let through
+            log.error("store unavailable", resource=site.name, error=str(exc))
+            response = error_page(request, 503, "Temporarily unavailable",
+                                  "The gateway cannot check your session at the moment.",
+                                  "Try again in a moment.")
+            response.headers["cache-control"] = "no-store"
+            await response(scope, receive, send)
+
+    async def _answer(self, site: Site, request: Request, scope: Scope, receive: Receive,
+                      send: Send) -> None:
         client = request.client.host if request.client else "unknown"
-        if scope["path"] == ENTER_PATH and scope["method"] == "GET":
-            await (await self._enter(site, request, client))(scope, receive, send)
-            return
-        decision = await self.admit(site, scope["headers"], scope["method"], client)
-        if not decision.allowed or decision.session is None:
-            await self._refused(site, request)(scope, receive, send)
-            return
-        await self._forward(site, decision.session, scope, receive, send, client)
+        if scope["path"].startswith(OWN_PATHS):   # the gateway's, never the application's
+            response = (await self._enter(site, request, client)
+                        if scope["path"] == ENTER_PATH and scope["method"] == "GET" else
+                        error_page(request, 404, "Not found", "There is no such page.",
+                                   "Check the address."))
+        else:
+            decision = await self.admit(site, scope["headers"], scope["method"], client)
+            if decision.allowed and decision.session is not None:
+                await self._forward(site, decision.session, scope, receive, send, client)
+                return
+            response = self._refused(site, request)
+        # The application's answers keep their own caching; the gateway's are never kept.
+        response.headers["cache-control"] = "no-store"
+        await response(scope, receive, send)
 
     async def _enter(self, site: Site, request: Request, client: str) -> Response:
         query = parse_qs(request.url.query)
@@ -153,7 +177,10 @@ class WebProxy:
         return response
 
     def _refused(self, site: Site, request: Request) -> Response:
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        # As the browser sent it: the decoded path could differ (%2F).
+        raw_path = request.scope.get("raw_path") or request.scope["path"].encode()
+        query = request.scope.get("query_string", b"")
+        target = (raw_path + (b"?" + query if query else b"")).decode("latin-1")
         again = self.sites.gateway_url + entry_url(site.name, target)
         if is_navigation(request.method):
             return RedirectResponse(again, 303)

@@ -23,6 +23,7 @@ import httpx
 import structlog
 from websockets.http11 import Request
 
+from portcullis.errors import StoreError
 from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.net.tls import server_name_of
 from portcullis.net.websocket import WebSocketMux, reject
@@ -58,7 +59,11 @@ class WebSocketRelays:
         if transport is None:
             return True
         sites = self._proxy.sites
-        destination, site = sites.destination(request.headers.get("Host"))
+        hosts = request.headers.get_all("Host")
+        if len(hosts) > 1:
+            reject(carrier, 400, "bad request\n")
+            return True
+        destination, site = sites.destination(hosts[0] if hosts else None)
         opened_for = sites.by_host(server_name_of(transport.get_extra_info("ssl_object")))
         if destination is Destination.GATEWAY and opened_for is None:
             return False   # the gateway's own endpoints
@@ -94,7 +99,6 @@ class WebSocketRelay(asyncio.Protocol):
         self._gone = False
         self._sent = 0
         self._received = 0
-        self._run: asyncio.Task[None] | None = None
         peer = transport.get_extra_info("peername")
         self._client = str(peer[0]) if peer else "unknown"
         transport.pause_reading()   # until the application has answered
@@ -139,7 +143,14 @@ class WebSocketRelay(asyncio.Protocol):
 
     # -- the relay -------------------------------------------------------------------
     async def run(self, request: Request) -> None:
-        self._run = asyncio.current_task()
+        try:
+            await self._serve(request)
+        except StoreError as exc:   # sessions or keys cannot be read: nothing is let through
+            log.error("store unavailable", resource=self._site.name, error=str(exc))
+            self._answer(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n"
+                         b"connection: close\r\n\r\n")
+
+    async def _serve(self, request: Request) -> None:
         site = self._site
         headers = [(name.lower().encode("latin-1"), value.encode("latin-1"))
                    for name, value in request.headers.raw_items()]
