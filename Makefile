@@ -5,7 +5,11 @@ DIR    ?= ./.portcullis
 PORT   ?= 8443
 BIN     = $(VENV)/bin
 
-.PHONY: run test lint peers bench fuzz clean
+.PHONY: run test lint peers novnc bench fuzz dist clean
+
+# noVNC, the in-browser VNC viewer the portal serves, at the version its lock file pins
+# (npm; not committed). Without npm the portal runs and its viewer page says what to do.
+NOVNC   = src/portcullis/webvnc/vendor
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +18,12 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 ## Create ./.portcullis on first use and run every role in one process.
-run: $(BIN)/.installed
+run: $(BIN)/.installed novnc
 	@test -f $(DIR)/portcullis.toml || $(BIN)/portcullis init --dir $(DIR) --port $(PORT)
 	$(BIN)/portcullis up --dir $(DIR)
 
 ## Install the real peers the tests use (Debian packages, as root), lint, type-check, test.
-test: $(BIN)/.installed peers lint
+test: $(BIN)/.installed peers novnc lint
 	$(BIN)/pytest
 
 lint: $(BIN)/.installed
@@ -28,6 +32,12 @@ lint: $(BIN)/.installed
 
 peers:
 	@scripts/install-peers
+
+novnc: $(NOVNC)/node_modules/.package-lock.json
+
+$(NOVNC)/node_modules/.package-lock.json: $(NOVNC)/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm not found: the in-browser VNC viewer is not installed (apt-get install npm, then make novnc)"; exit 0; }
+	cd $(NOVNC) && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
 
 ## Coverage-guided fuzzing of the parsers (atheris), FUZZ_SECONDS per target; `make test`
 ## runs the same targets for a few seconds each (tests/fuzz/test_fuzz.py).
@@ -38,5 +48,13 @@ fuzz: $(BIN)/.installed
 bench: $(BIN)/.installed peers
 	$(BIN)/python -m bench
 
+## The full `portcullis` wheel, the light client's wheel (client-dist/) and the
+## single-file client dist/portcullis-client.pyz, which the portal offers for download.
+dist: $(BIN)/.installed
+	rm -rf dist && mkdir dist
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir dist .
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir dist ./client-dist
+	$(BIN)/python scripts/build_client_pyz.py dist
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts
+	rm -rf dist $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts $(NOVNC)/node_modules

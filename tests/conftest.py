@@ -4,6 +4,7 @@ real subprocess, and real peers (HTTP server, echo server) on free ports."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
@@ -111,6 +112,15 @@ class Deployment:
         with self.config.open("a") as handle:
             handle.write(f'\n[[resources]]\nname = "{name}"\ntitle = "{title or name}"\n'
                          f'address = "{address}"\ngroups = {groups!r}\n'.replace("'", '"'))
+
+    def add_web_resource(self, name: str, upstream: str, host: str, groups: list[str],
+                         title: str = "", identity_headers: bool = False) -> None:
+        """A web application at `host` (a name under the gateway's, e.g. wiki.localhost)."""
+        with self.config.open("a") as handle:
+            handle.write(f'\n[[resources]]\nname = "{name}"\ntitle = "{title or name}"\n'
+                         f'kind = "web"\nupstream = "{upstream}"\nhost = "{host}"\n'
+                         f'identity_headers = {str(identity_headers).lower()}\n'
+                         f'groups = {json.dumps(groups)}\n')
 
     def set(self, section: str, key: str, value: str) -> None:
         """Set `key = value` (a TOML literal) in [section], replacing an existing line."""

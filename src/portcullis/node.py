@@ -80,6 +80,9 @@ from portcullis.web.edge import Edge, EdgeServer, raise_open_files_limit
 from portcullis.web.roles import role_checked_http
 from portcullis.web.security import SecurityMiddleware
 from portcullis.webproxy.role import WebApplications
+from portcullis.webvnc.pages import VncPageDeps, vnc_pages
+from portcullis.webvnc.relay import PATH as VNC_PATH
+from portcullis.webvnc.relay import VncEndpoint
 
 ROLES = ("gateway", "portal", "sta", "shadow-hub")
 CERTIFICATE_CHECK_SECONDS = 86400.0
@@ -301,8 +304,11 @@ class Node:
                                   self.audit)) if settings.oidc.enabled else [])
         devices = (device_pages(self.shadow_hub.hub, sessions, settings.gateway.public_url)
                    if self.shadow_hub is not None else [])
+        vnc = vnc_pages(VncPageDeps(settings.resources, sessions, authorities, hasher,
+                                    self.audit,
+                                    self.shadow_hub.hub if self.shadow_hub else None))
         web = self.web.portal_routes() if self.web is not None else []
-        portal_app = Starlette(routes=[*saml.routes(), *idp, *devices, *web,
+        portal_app = Starlette(routes=[*saml.routes(), *idp, *devices, *vnc, *web,
                                        Mount("/", app=portal_app)])
         if "gateway" not in self.roles:
             host, port = parse_host_port(settings.portal.listen)
@@ -334,6 +340,9 @@ class Node:
                            timers=mux_timers(settings.vpn)),
             sessions if sessions_here else None)
         self.websocket_endpoints[LAUNCH_PATH] = launch.opened
+        self.websocket_endpoints[VNC_PATH] = VncEndpoint(
+            launch.gate, dialer, self.registry, self.audit, settings,
+            self.shadow_hub.hub if self.shadow_hub else None).opened
         pool = (AddressPool(ipaddress.ip_network(settings.vpn.address_pool), self.ephemeral)
                 if settings.vpn.address_pool else None)
         # vpn.dial_timeout bounds a tunnel's TCP streams within what the Dialer allows.

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from portcullis.client.httpproxy import HttpProxyInbound
 from portcullis.client.proxies import (
-    HttpConnectInbound,
     Inbound,
     ProxySettings,
     SocksInbound,
@@ -68,7 +68,7 @@ async def test_a_socks5_client_that_stalls_mid_handshake_is_closed(
                          ids=["nothing", "half-head"])
 async def test_an_http_client_that_stalls_mid_head_gets_408_and_is_closed(
         listen: Listen, sent: bytes) -> None:
-    reader, writer = await asyncio.open_connection(*await listen(HttpConnectInbound))
+    reader, writer = await asyncio.open_connection(*await listen(HttpProxyInbound))
     writer.write(sent)
     data, elapsed = await closed_after(reader)
     print(f"HTTP {sent!r}: closed after {elapsed:.2f} s (timeout {TIMEOUT} s)")

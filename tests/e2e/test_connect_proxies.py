@@ -43,13 +43,15 @@ def test_the_socks5_and_http_proxies_admit_only_the_printed_secret(
     # The printed URLs, pasted as they are.
     via_socks = curl("-x", urls["socks"], target)
     via_http = curl("--proxytunnel", "-x", urls["http"], target)
+    forwarded = curl("-x", urls["http"], target)   # a plain GET in absolute form
     assert "intranet home" in via_socks.stdout, via_socks.stderr
     assert "intranet home" in via_http.stdout, via_http.stderr
+    assert "intranet home" in forwarded.stdout, forwarded.stderr
 
     # No secret, or a wrong one: refused before any stream is opened. (A stream is
-    # audited when it ends: wait for the two above, so that none is counted late.)
+    # audited when it ends: wait for the three above, so that none is counted late.)
     deadline = time.monotonic() + 10
-    while streams() < 2 and time.monotonic() < deadline:
+    while streams() < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     streams_before = streams()
     for socks in (f"socks5h://{tunnel.socks}", f"socks5h://portcullis:wrong@{tunnel.socks}",
@@ -61,6 +63,9 @@ def test_the_socks5_and_http_proxies_admit_only_the_printed_secret(
         refused = curl("--proxytunnel", "-x", http, target)
         assert refused.returncode == CURL_PROXY_ERROR, (http, refused.stderr)
         assert "407" in refused.stderr
+        forwarded = curl("-i", "-x", http, target)
+        assert forwarded.stdout.startswith("HTTP/1.1 407 "), forwarded.stdout
+        assert "intranet home" not in forwarded.stdout
     assert streams() == streams_before
 
     # Scripts read the same secret from a file only the user can read; it ends with the run.

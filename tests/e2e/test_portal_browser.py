@@ -1,5 +1,5 @@
 """The portal in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright):
-sign in, see the resources, download a launch file. Screenshots are kept in
+sign in, see the resources, launch one and download its launch file. Screenshots are kept in
 test-artifacts/ for people to look at."""
 
 from __future__ import annotations
@@ -43,8 +43,11 @@ def test_portal_signs_in_lists_resources_and_downloads_a_launch_file(
     assert page.locator("ul.resources li").count() == 2
     page.screenshot(path=str(ARTIFACTS / "portal-resources.png"))
 
-    with page.expect_download() as download_info:
-        page.click("button[data-resource=intranet]")
+    page.click("button[data-resource=intranet]")
+    page.wait_for_selector("text=Open in Portcullis client")
+    page.screenshot(path=str(ARTIFACTS / "portal-launch.png"), full_page=True)
+    with page.expect_download() as download_info:   # the fallback: the launch file
+        page.click("a#launch-file")
     download = download_info.value
     assert download.suggested_filename == "intranet.portcullis"
     saved = tmp_path / download.suggested_filename
@@ -53,6 +56,7 @@ def test_portal_signs_in_lists_resources_and_downloads_a_launch_file(
     assert launch.resource == "intranet"
     assert "127.0.0.1:8080" not in saved.read_text()  # never the server's address
 
+    page.click("text=Back to your resources")
     page.click("text=Sign out")
     page.wait_for_url("**/login")
     page.goto(f"https://localhost:{deployment.port}/")

@@ -5,10 +5,10 @@ a finding: another exception from the parser, or an ``AssertionError`` from a pr
 checked here (the same bytes split differently give the same outcome; what a parser
 accepts, the next layer can carry; a parsed launch file writes and reads back the same).
 
-Inputs of the mux, SOCKS5, SOCKS5 client, stream datagram, HTTP CONNECT, shadow channel
-and RFB refusal targets start with a small header: byte 0, options (bit 0: the proxies
-require credentials ``fuzz``/``secret``, the shadow device accepts a request that parses;
-for SOCKS5, bit 1: the relay's extension commands are accepted);
+Inputs of the mux, SOCKS5, SOCKS5 client, stream datagram, HTTP CONNECT, HTTP forward,
+shadow channel and RFB refusal targets start with a small header: byte 0, options (bit 0:
+the proxies require credentials ``fuzz``/``secret``, the shadow device accepts a request
+that parses; for SOCKS5, bit 1: the relay's extension commands are accepted);
 byte 1, how to split the rest into chunks (0: one chunk, n: chunks of n bytes).
 ``fuzz_run.py`` drives these under atheris; ``test_fuzz.py`` replays the corpus and runs a
 bounded fuzzing session per target.
@@ -32,9 +32,21 @@ from portcullis.federation.oidc import ClaimExpectations, check_claims, check_he
 from portcullis.federation.saml import SAMLP, Refused, SamlMessage, read_saml_message
 from portcullis.proto import mux
 from portcullis.proto.httpconnect import HttpConnectConnection
-from portcullis.proto.launchfile import format_launch_file, parse_launch_file
+from portcullis.proto.httpforward import (
+    CloseClient,
+    HttpForwarder,
+    OpenUpstream,
+    SendClient,
+    SendUpstream,
+)
+from portcullis.proto.launchfile import (
+    format_launch_file,
+    format_launch_url,
+    parse_launch_file,
+    parse_launch_url,
+)
 from portcullis.proto.proxyauth import ProxyCredentials
-from portcullis.proto.rfb import RfbRefusal, classify_first_bytes
+from portcullis.proto.rfb import RfbPasswordBridge, RfbRefusal, classify_first_bytes
 from portcullis.proto.shadow import (
     MAX_FRAME,
     Accepted,
@@ -293,6 +305,50 @@ def http_connect(data: bytes) -> None:
         conn.data_to_send()
 
 
+# What separates the client's bytes from the upstream's in an http_forward input.
+UPSTREAM_SAYS = b"\n--upstream--\n"
+
+
+def http_forward(data: bytes) -> None:
+    """The local HTTP proxy forwarding requests in absolute form: the client's bytes,
+    then the upstream's (after UPSTREAM_SAYS), then the shell's timers."""
+    options, chunk, body = _header(data)
+    credentials = CREDENTIALS if options & 1 else None
+    client, _, upstream = body.partition(UPSTREAM_SAYS)
+
+    def outcome(size: int) -> tuple[object, ...]:
+        forwarder = HttpForwarder(credentials=credentials)
+        for piece in _chunks(client, size):
+            if piece:   # b"" says the peer closed
+                forwarder.receive_client(piece)
+        for piece in _chunks(upstream, size):
+            if piece:
+                forwarder.receive_upstream(piece)
+        if options & 2:
+            forwarder.receive_upstream(b"")
+        if options & 4:
+            forwarder.upstream_failed(403 if options & 8 else 502, "refused")
+        forwarder.idle_expired()
+        commands = forwarder.commands()
+        assert commands[-1] == CloseClient() and forwarder.closed
+        assert CloseClient() not in commands[:-1]
+        opened = [c for c in commands if isinstance(c, OpenUpstream)]
+        for command in opened:
+            _openable(command.host, command.port)
+        to_client = b"".join(c.data for c in commands if isinstance(c, SendClient))
+        assert not to_client or to_client.startswith(b"HTTP/1.1 ")
+        # Never bytes for an upstream before one was opened.
+        first_send = next((i for i, c in enumerate(commands) if isinstance(c, SendUpstream)),
+                          None)
+        assert first_send is None or any(isinstance(c, OpenUpstream)
+                                         for c in commands[:first_send])
+        # Chunked bodies are re-chunked as the bytes arrived: compare what does not move.
+        return tuple(opened), to_client.split(b"\r\n", 1)[0]
+
+    whole, split = outcome(0), outcome(chunk or 1)
+    assert whole == split, f"HTTP forward outcome depends on the split:\n{whole}\n{split}"
+
+
 # --- launch file -----------------------------------------------------------------------
 
 
@@ -303,6 +359,17 @@ def launch_file(data: bytes) -> None:
     except ProtocolError:
         return
     assert parse_launch_file(format_launch_file(parsed)) == parsed
+
+
+def launch_url(data: bytes) -> None:
+    """The client opening a portcullis:// link from any web page; what it accepts, it
+    writes back the same. The URL arrives as a command-line argument, which Python
+    decodes with surrogateescape."""
+    try:
+        parsed = parse_launch_url(data.decode("utf-8", "surrogateescape"))
+    except ProtocolError:
+        return
+    assert parse_launch_url(format_launch_url(parsed)) == parsed
 
 
 def saml_message(data: bytes) -> None:
@@ -430,6 +497,36 @@ def rfb_refusal(data: bytes) -> None:
     assert whole[0].startswith(b"RFB 003.008\n")
 
 
+FUZZ_PASSWORD = b"fuzzpass"
+
+
+def rfb_password_bridge(data: bytes) -> None:
+    """The gateway between noVNC and a VNC server with a password: byte 0 of the header
+    says how many bytes of the body the server sends (all of them first), the rest is
+    the viewer's. The same bytes come out however both are split; the password never
+    reaches the viewer; a bridge never both relays and fails."""
+    server_length, chunk, body = _header(data)
+    server, viewer = body[:server_length], body[server_length:]
+
+    def outcome(size: int) -> tuple[bytes, bytes, bool, str | None]:
+        bridge = RfbPasswordBridge(FUZZ_PASSWORD)
+        to_server, to_viewer = b"", b""
+        for piece in _chunks(server, size):
+            bridge.receive_from_server(piece)
+            to_server += bridge.data_to_server()
+            to_viewer += bridge.data_to_viewer()
+        for piece in _chunks(viewer, size):
+            bridge.receive_from_viewer(piece)
+            to_server += bridge.data_to_server()
+            to_viewer += bridge.data_to_viewer()
+        assert not (bridge.relaying and bridge.failure is not None)
+        return to_server, to_viewer, bridge.relaying, bridge.failure
+
+    whole, split = outcome(0), outcome(chunk or 1)
+    assert whole == split, f"the RFB bridge depends on the split:\n{whole}\n{split}"
+    assert FUZZ_PASSWORD not in whole[1]
+
+
 FUZZ_EXPECTATIONS = ClaimExpectations("https://idp.example", "portcullis", "n-0S6_WzA2Mj", 60)
 
 
@@ -458,11 +555,14 @@ TARGETS: dict[str, Target] = {
     "socks5_client": socks5_client,
     "stream_datagrams": stream_datagrams,
     "http_connect": http_connect,
+    "http_forward": http_forward,
     "launch_file": launch_file,
+    "launch_url": launch_url,
     "saml_message": saml_message,
     "id_token": id_token,
     "shadow_request": shadow_request,
     "shadow_device": shadow_device,
     "shadow_console": shadow_console,
     "rfb_refusal": rfb_refusal,
+    "rfb_password_bridge": rfb_password_bridge,
 }

@@ -158,6 +158,35 @@ def http_connect() -> dict[str, bytes]:
     }
 
 
+def http_forward() -> dict[str, bytes]:
+    token = base64.b64encode(b"fuzz:secret")
+    get = b"GET http://intranet.example/a?b=c HTTP/1.1\r\nHost: x\r\n"
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    says = b"\n--upstream--\n"
+    chunked = (b"POST http://10.0.0.1:8080/up HTTP/1.1\r\nHost: x\r\n"
+               b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+               b"3\r\nabc\r\n0\r\n\r\n")
+    return {
+        "get": b"\x00\x00" + get + b"\r\n" + says + ok,
+        "get-split": b"\x00\x03" + get + b"\r\n" + says + ok,
+        "keep-alive": b"\x00\x05" + (get + b"\r\n") * 2 + b"GET http://other/ HTTP/1.1\r\n"
+                      b"Host: o\r\n\r\n" + says + ok * 2,
+        "authorised": b"\x01\x00" + get + b"Proxy-Authorization: Basic " + token +
+                      b"\r\n\r\n" + says + ok,
+        "unauthorised": b"\x01\x00" + get + b"\r\n",
+        "chunked": b"\x02\x01" + chunked + says + b"HTTP/1.1 100 Continue\r\n\r\n"
+                   b"HTTP/1.0 200 OK\r\n\r\nclose-delimited",
+        "refused": b"\x0c\x00" + get + b"\r\n",
+        "https": b"\x00\x00GET https://intranet.example/ HTTP/1.1\r\nHost: x\r\n\r\n",
+        "ipv6": b"\x00\x01GET http://[::1]:81/ HTTP/1.1\r\nHost: x\r\n\r\n" + says +
+                b"HTTP/1.1 204 No Content\r\n\r\n",
+        "bad-upstream": b"\x02\x00" + get + b"\r\n" + says + b"SSH-2.0-OpenSSH\r\n",
+        "pipelined-head": b"\x00\x07" + get + b"\r\nHEAD http://intranet.example/ HTTP/1.1"
+                          b"\r\nHost: x\r\n\r\n" + says + ok + b"HTTP/1.1 200 OK\r\n"
+                          b"Content-Length: 9\r\n\r\n",
+    }
+
+
 def launch_file() -> dict[str, bytes]:
     text = ("[Portcullis Launch]\nVersion=1\nResource=wiki\nTitle=Team wiki\n"
             "Gateway=wss://gw.example.com:8443/api/v1/launch\nTicket=STA01;Q2hhbmdlTWU\n"
@@ -170,6 +199,18 @@ def launch_file() -> dict[str, bytes]:
         "offset-expiry": text.replace("13:30:00Z", "13:30:00.5+02:00").encode(),
         "version-2": text.replace("Version=1", "Version=2").encode(),
         "line-separator": text.replace("Team wiki", "Team\u2028Ticket=evil").encode(),
+    }
+
+
+def launch_url() -> dict[str, bytes]:
+    url = ("portcullis://launch/?v=1&resource=wiki&title=Team%20wiki&gateway=https%3A%2F%2F"
+           "gw.example.com%3A8443%2Fapi%2Fv1%2Flaunch&ticket=STA01%3BQ2hhbmdlTWUQ2hhbmdlTWU"
+           "&expires=2026-11-23T13%3A30%3A00Z")
+    return {
+        "valid": url.encode(),
+        "unicode-title": url.replace("Team%20wiki", "%C3%89quipe%20%E2%80%94%20wiki").encode(),
+        "plain-http": url.replace("https%3A", "http%3A").encode(),
+        "extra-key": (url + "&exec=xterm").encode(),
     }
 
 
@@ -271,6 +312,23 @@ def rfb_refusal() -> dict[str, bytes]:
     }
 
 
+def rfb_password_bridge() -> dict[str, bytes]:
+    """Byte 0: how many body bytes the server sends; byte 1: the split."""
+    version = b"RFB 003.008\n"
+    challenge = bytes(range(16))
+    accepted = version + b"\x01\x02" + challenge + b"\x00\x00\x00\x00"
+    refused = version + b"\x01\x02" + challenge + b"\x00\x00\x00\x01\x00\x00\x00\x04nope"
+    return {
+        "accepted": bytes([len(accepted), 0]) + accepted + version + b"\x01\x01",
+        "accepted-bytes": bytes([len(accepted), 1]) + accepted + version + b"\x01\x01",
+        "refused-3.3-viewer": bytes([len(refused), 3]) + refused + b"RFB 003.003\n",
+        "server-3.3": b"\x24\x00RFB 003.003\n\x00\x00\x00\x02" + challenge
+        + b"\x00\x00\x00\x00" + version + b"\x01",
+        "none-only": b"\x12\x02" + version + b"\x01\x01\x00\x00\x00\x00" + version + b"\x01",
+        "no-types": b"\x13\x00" + version + b"\x00\x00\x00\x00\x02no" + version,
+    }
+
+
 SEEDS = {
     "mux_client": {name: b"\x00\x03" + wire for name, wire in gateway_says().items()},
     "mux_gateway": {name: b"\x00\x07" + wire for name, wire in client_says().items()},
@@ -279,13 +337,16 @@ SEEDS = {
     "socks5_client": socks5_client(),
     "stream_datagrams": stream_datagrams(),
     "http_connect": http_connect(),
+    "http_forward": http_forward(),
     "launch_file": launch_file(),
+    "launch_url": launch_url(),
     "saml_message": saml_message(),
     "id_token": id_token(),
     "shadow_request": shadow_request(),
     "shadow_device": shadow_device(),
     "shadow_console": shadow_console(),
     "rfb_refusal": rfb_refusal(),
+    "rfb_password_bridge": rfb_password_bridge(),
 }
 
 

@@ -115,15 +115,17 @@ def _wait(condition_name: str, check: object, program: _Program,
 
 class VncDesktop:
     """Xvfb on a display number it picks itself (-displayfd), its root window painted
-    `colour`, x11vnc serving it without a password on 127.0.0.1:`port`, and with
-    `xterm_log` an xterm whose keystrokes (raw tty, no echo) are appended to that file.
+    `colour`, x11vnc serving it on 127.0.0.1:`port` (asking for `password`, if given,
+    with VNC authentication; else none), and with `xterm_log` an xterm whose keystrokes
+    (raw tty, no echo) are appended to that file.
 
     Use as a context manager, or call start() and close()."""
 
     def __init__(self, directory: Path, *, width: int = 640, height: int = 480,
                  depth: int = 24, colour: str = "#1e90ff",
-                 xterm_log: Path | None = None) -> None:
+                 xterm_log: Path | None = None, password: str | None = None) -> None:
         self.directory = directory
+        self.password = password
         self.width, self.height, self.depth = width, height, depth
         self.colour = colour
         self.xterm_log = xterm_log
@@ -246,7 +248,9 @@ class VncDesktop:
             port = free_port()
             self.x11vnc = _Program(
                 [program, "-display", self.display, "-localhost", "-noipv6",
-                 "-rfbport", str(port), "-nopw", "-forever", "-shared", "-norc",
+                 "-rfbport", str(port),
+                 *(["-passwd", self.password] if self.password else ["-nopw"]),
+                 "-forever", "-shared", "-norc",
                  "-auth", "/dev/null"],
                 self.directory / f"x11vnc-{attempt}.log")
             try:

@@ -4,8 +4,9 @@ gateway's `X-Portcullis-Assertion` with PyJWT against the published JWKS, and ec
 what it received. It counts every request, so a test can tell that nothing arrived.
 
 Routes: `/whoami` (any method: the verified claims, the headers, the body's length),
-`/big?size=N` (N bytes, streamed), `/redirect?to=URL` (302 there), `/cookie?set=VALUE`
-(a raw Set-Cookie), `/ws` (a WebSocket echo; `/ws?assertion=1` first sends the user).
+`/big?size=N` (N bytes, streamed), `/drip` (a line now, one more when told),
+`/redirect?to=URL` (302 there), `/cookie?set=VALUE` (a raw Set-Cookie), `/ws` (a
+WebSocket echo; `/ws?assertion=1` first sends the user).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class WebApp:
     audience: str
     ca: Path
     requests: list[str] = field(default_factory=list)
+    # `/drip` sends its first line, then "second" once this is set (or, 10 s later,
+    # "never told": a proxy that held the first line back never let the client see it).
+    drip: threading.Event = field(default_factory=threading.Event)
 
     @property
     def url(self) -> str:
@@ -79,6 +83,14 @@ class WebApp:
             return StreamingResponse(chunks(), media_type="application/octet-stream",
                                      headers={"content-length": str(size)})
 
+        async def drip(request: Request) -> Response:
+            async def lines() -> AsyncIterator[bytes]:
+                yield b"first\n"
+                told = await asyncio.to_thread(self.drip.wait, 10)
+                yield b"second\n" if told else b"never told\n"
+
+            return StreamingResponse(lines(), media_type="text/plain")
+
         async def redirect(request: Request) -> Response:
             return Response(status_code=302, headers={"location": request.query_params["to"]})
 
@@ -104,7 +116,8 @@ class WebApp:
 
         app = Starlette(routes=[
             Route("/whoami", whoami, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]),
-            Route("/big", big), Route("/redirect", redirect), Route("/cookie", cookie),
+            Route("/big", big), Route("/drip", drip), Route("/redirect", redirect),
+            Route("/cookie", cookie),
             WebSocketRoute("/ws", echo)])
 
         async def counting(scope: Any, receive: Any, send: Any) -> None:

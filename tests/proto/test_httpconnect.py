@@ -6,6 +6,7 @@ import base64
 import itertools
 from dataclasses import dataclass
 
+import h11
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -114,8 +115,7 @@ def test_a_refusal_carries_its_status_and_the_gateways_words(reason: str, status
 
 @pytest.mark.parametrize(
     ("data", "status"),
-    [(b"GET http://wiki/ HTTP/1.1\r\nHost: wiki\r\n\r\n", b"405"),
-     (b"CONNECT wiki HTTP/1.1\r\nHost: wiki\r\n\r\n", b"400"),
+    [(b"CONNECT wiki HTTP/1.1\r\nHost: wiki\r\n\r\n", b"400"),
      (b"CONNECT wiki:0 HTTP/1.1\r\nHost: wiki\r\n\r\n", b"400"),
      (b"CONNECT wiki:65536 HTTP/1.1\r\nHost: wiki\r\n\r\n", b"400"),
      (b"CONNECT wiki:+80 HTTP/1.1\r\nHost: wiki\r\n\r\n", b"400"),
@@ -125,7 +125,7 @@ def test_a_refusal_carries_its_status_and_the_gateways_words(reason: str, status
      (b"CONNECT :22 HTTP/1.1\r\nHost: wiki\r\n\r\n", b"400"),
      (b"CONNECT wiki:22 HTTP/1.1\r\n\r\n", b"400"),   # HTTP/1.1 needs Host
      (b"\x00CONNECT wiki:22 HTTP/1.1\r\n\r\n", b"400")],
-    ids=["get", "no-port", "port-0", "port-too-big", "signed-port", "open-bracket",
+    ids=["no-port", "port-0", "port-too-big", "signed-port", "open-bracket",
          "ipv6-scope", "bad-name", "no-host", "no-host-header", "nul"])
 def test_a_request_that_cannot_be_carried_is_answered_and_fails(data: bytes,
                                                                  status: bytes) -> None:
@@ -136,9 +136,30 @@ def test_a_request_that_cannot_be_carried_is_answered_and_fails(data: bytes,
     assert feed(one_byte_at_a_time(data)) == whole
 
 
-def test_a_head_larger_than_the_limit_fails_with_400() -> None:
+def test_a_head_larger_than_the_limit_fails_with_431() -> None:
     outcome = feed([b"CONNECT a:1 HTTP/1.1\r\nX: " + b"a" * (20 * 1024)])
-    assert status_line(outcome.sent) == b"HTTP/1.1 400 Bad Request"
+    assert status_line(outcome.sent) == b"HTTP/1.1 431 Request Header Fields Too Large"
+
+
+@pytest.mark.parametrize("chunks", [[b"POST http://wiki/form HTTP/1.1\r\nHost: wiki\r\n"
+                                     b"Content-Length: 4\r\n\r\nbody"],
+                                    one_byte_at_a_time(b"POST http://wiki/form HTTP/1.1\r\n"
+                                                       b"Host: wiki\r\nContent-Length: 4"
+                                                       b"\r\n\r\nbody")],
+                         ids=["whole", "byte-by-byte"])
+def test_a_first_request_other_than_connect_is_handed_over_with_its_body(
+        chunks: list[bytes]) -> None:
+    conn = HttpConnectConnection(credentials=SECRET)   # the forwarder checks it, per request
+    for chunk in chunks:
+        conn.receive_data(chunk)
+    assert conn.state is State.FORWARD
+    assert conn.next_request() is None and conn.data_to_send() == b""
+    http, request = conn.take_forward()
+    assert (request.method, request.target) == (b"POST", b"http://wiki/form")
+    assert http.next_event() == h11.Data(data=b"body")
+    assert conn.state is State.CLOSED
+    with pytest.raises(ProtocolError):
+        conn.take_forward()
 
 
 def test_early_data_beyond_the_limit_fails() -> None:
@@ -151,7 +172,7 @@ def test_early_data_beyond_the_limit_fails() -> None:
 def test_anything_after_a_failure_raises_again() -> None:
     conn = HttpConnectConnection()
     with pytest.raises(ProtocolError):
-        conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        conn.receive_data(b"CONNECT x HTTP/1.1\r\nHost: x\r\n\r\n")
     conn.data_to_send()
     with pytest.raises(ProtocolError, match="already failed"):
         conn.receive_data(REQUEST)

@@ -99,15 +99,15 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
     other_serving = serve_webapp(jwks, f"https://other.localhost:{deployment.port}",
                                  deployment.ca)
     wiki, other = next(wiki_serving), next(other_serving)
-    with deployment.config.open("a") as config:
-        # "loop" names its upstream: a name that resolves to the gateway host's loopback
-        # is no destination (only an address literal there is the administrator's choice).
-        for name, host, url in (("wiki", "wiki.localhost", wiki.url),
-                                ("other", "other.localhost", other.url),
-                                ("loop", "loop.localhost", f"http://localhost:{wiki.port}")):
-            config.write(f'\n[[resources]]\nname = "{name}"\ntitle = "{name}"\n'
-                         f'kind = "web"\nupstream = "{url}"\nhost = "{host}"\n'
-                         'groups = ["staff"]\n')
+    deployment.add_web_resource("wiki", wiki.url, "wiki.localhost", ["staff"])
+    deployment.add_web_resource("other", other.url, "other.localhost", ["staff"])
+    # "plain" is "other"'s application again, with identity headers.
+    deployment.add_web_resource("plain", other.url, "plain.localhost", ["staff"],
+                                identity_headers=True)
+    # "loop" names its upstream: a name that resolves to the gateway host's loopback is
+    # no destination (only an address literal there is the administrator's choice).
+    deployment.add_web_resource("loop", f"http://localhost:{wiki.port}", "loop.localhost",
+                                ["staff"])
     deployment.add_user("alice", PASSWORD, ["staff"])
     deployment.add_user("bob", PASSWORD, ["finance"])
     process = Process(["up", "--dir", str(deployment.directory)],
@@ -148,6 +148,21 @@ def test_a_signed_in_user_reaches_the_application_which_verifies_who_they_are(
     assert "x-forwarded-user" not in headers and "forwarded" not in headers
     assert "x-portcullis-anything" not in headers
     assert seen["query"] == "x=1"
+
+
+def test_identity_headers_when_asked_for_are_the_gateways_never_the_clients(
+        published: Published) -> None:
+    cookie = published.enter(published.sign_in("alice"), "plain")
+    seen = published.client.get(published.origin("plain.localhost") + "/whoami",
+                                headers={"cookie": cookie, "x-forwarded-user": "root",
+                                         "x-forwarded-groups": "admins"}).json()
+    headers = [[name, value] for name, value in seen["headers"]
+               if name.startswith("x-forwarded-") and name not in (
+                   "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")]
+    assert headers == [["x-forwarded-user", "alice"], ["x-forwarded-groups", "staff"]]
+    # The same application behind another host name: an assertion for that one is not
+    # one for this (its audience says so).
+    assert seen["claims"] is None and "audience" in seen["error"].lower()
 
 
 def test_a_post_body_goes_through_and_the_answer_keeps_the_applications_headers(
@@ -362,6 +377,18 @@ async def test_a_websocket_without_a_session_or_for_another_host_is_refused(
                 pass
         assert refused.value.response.status_code == status
     assert len(published.wiki.requests) + len(published.other.requests) == before
+
+
+def test_what_a_slow_application_sends_reaches_the_browser_at_once(
+        published: Published) -> None:
+    cookie = published.enter(published.sign_in("alice"))
+    published.wiki.drip.clear()
+    with published.client.stream("GET", published.origin("wiki.localhost") + "/drip",
+                                 headers={"cookie": cookie}) as got:
+        lines = got.iter_lines()
+        assert next(lines) == "first"   # while the application still holds the second
+        published.wiki.drip.set()
+        assert next(lines) == "second"
 
 
 def test_a_gibibyte_from_the_application_streams_with_flat_memory(

@@ -16,10 +16,10 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from portcullis.client import proxyauth
+from portcullis.client.httpproxy import HttpProxyInbound
 from portcullis.client.proxies import (
     HANDSHAKE_TIMEOUT,
     ForwardInbound,
-    HttpConnectInbound,
     ProxySettings,
     SocksInbound,
     UdpForward,
@@ -93,7 +93,7 @@ async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Lis
         if listen.kind == "socks":
             return lambda: SocksInbound(tunnel, settings)
         if listen.kind == "http":
-            return lambda: HttpConnectInbound(tunnel, settings)
+            return lambda: HttpProxyInbound(tunnel, settings)
         return lambda: ForwardInbound(tunnel, listen.to_host, listen.to_port, settings)
 
     def udp_factory(listen: Listen) -> Callable[[], UdpForward]:

@@ -11,6 +11,7 @@ import asyncio
 import shlex
 import ssl
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from portcullis.errors import ClientError
 from portcullis.net import websocket
@@ -20,6 +21,21 @@ from portcullis.proto.launchfile import LaunchFile
 from portcullis.proto.mux import MuxConnection
 
 HELLO_TIMEOUT = 15.0
+
+
+def foreign_gateway(launch: LaunchFile, signed_in_url: str) -> str | None:
+    """A note when the launch goes to another gateway than the one signed in to (a
+    `portcullis://` link may come from any web page), else None."""
+    def where(url: str) -> tuple[str, int]:
+        parts = urlsplit(url)
+        return (parts.hostname or "").lower(), parts.port or 443
+
+    there, here = where(launch.gateway_url), where(signed_in_url)
+    if there == here:
+        return None
+    return (f"this launch goes to the gateway {there[0]}:{there[1]}, not to "
+            f"{here[0]}:{here[1]} where you signed in; stop it (Ctrl-C) if you did not "
+            "expect that")
 
 
 async def connect_launch(launch: LaunchFile, tls: ssl.SSLContext) -> MuxSession:

@@ -1,6 +1,7 @@
-"""The local ends of the tunnel: a SOCKS5 server, an HTTP CONNECT proxy and fixed
-port forwards. Each accepted connection learns where it wants to go (from the proxy
-protocol, or the forward's fixed destination), then becomes one stream of the tunnel.
+"""The local ends of the tunnel: a SOCKS5 server and fixed port forwards, and what the
+HTTP proxy (`client.httpproxy`) builds on. Each accepted connection learns where it
+wants to go (from the proxy protocol, or the forward's fixed destination), then becomes
+one stream of the tunnel.
 
 The proxy protocols are sans-I/O (`proto.socks5`, `proto.httpconnect`); these classes
 only move bytes, time the handshake out, and hand the socket over to the stream once its
@@ -18,7 +19,6 @@ from portcullis.client.tunnel import TunnelClient
 from portcullis.errors import ProtocolError
 from portcullis.net.muxsession import DatagramFlow, MuxSession, StreamBridge
 from portcullis.proto import mux
-from portcullis.proto.httpconnect import HttpConnectConnection, status_for
 from portcullis.proto.mux import Reason
 from portcullis.proto.proxyauth import ProxyCredentials
 from portcullis.proto.socks5 import (
@@ -37,6 +37,10 @@ Answer = Callable[[Reason | None, str], bytes]
 RefusalReport = Callable[[str, int, Reason, str], None]
 #: Seconds a local client has to finish its SOCKS5 or HTTP CONNECT handshake.
 HANDSHAKE_TIMEOUT = 10.0
+#: Seconds the HTTP proxy waits for the gateway to open a forwarded request's connection.
+UPSTREAM_TIMEOUT = 30.0
+#: Seconds a forwarding HTTP proxy connection may see nothing move either way.
+IDLE_TIMEOUT = 120.0
 # A local UDP sender silent for this long gets a new flow next time (the gateway also
 # ends flows idle for its own, configured time).
 UDP_IDLE_TIMEOUT = 60.0
@@ -50,6 +54,8 @@ class ProxySettings:
     # Required of SOCKS5 (RFC 1929) and HTTP (Proxy-Authorization) clients when set.
     credentials: ProxyCredentials | None = None
     on_refused: RefusalReport | None = None
+    upstream_timeout: float = UPSTREAM_TIMEOUT
+    idle_timeout: float = IDLE_TIMEOUT
 
 
 class ProxiedStream(StreamBridge):
@@ -245,43 +251,6 @@ class SocksUdpRelay(asyncio.DatagramProtocol):
             transport.sendto(build_udp_datagram(UdpDatagram(host, port, reply)), addr)
 
         self._flows.send((host, port), host, port, datagram.payload, deliver)
-
-
-class HttpConnectInbound(Inbound):
-    """An HTTP proxy for CONNECT (what browsers and curl use for HTTPS and tunnels)."""
-
-    negotiates = True
-
-    def __init__(self, tunnel: TunnelClient, settings: ProxySettings = ProxySettings()) -> None:
-        super().__init__(tunnel, settings)
-        self._http = HttpConnectConnection(credentials=settings.credentials)
-
-    def negotiate(self, data: bytes) -> None:
-        assert self.transport is not None
-        http = self._http
-        try:
-            http.receive_data(data)
-        except ProtocolError:
-            self.transport.write(http.data_to_send())
-            self.transport.close()
-            return
-        request = http.next_request()
-        if request is None:
-            return
-
-        def answer(reason: Reason | None, message: str) -> bytes:
-            if reason is None:
-                http.accept()
-            else:
-                name = reason.name.lower()
-                http.refuse(status_for(name), f"{name}: {message}")
-            return http.data_to_send()
-
-        self.carry(request.host, request.port, answer, http.take_payload())
-
-    def handshake_timeout_answer(self) -> bytes:
-        self._http.time_out()
-        return self._http.data_to_send()
 
 
 class FlowTable:

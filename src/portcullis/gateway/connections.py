@@ -27,21 +27,27 @@ from portcullis.store import DurableStore
 log = structlog.get_logger("portcullis.gateway")
 
 
-class Carrier(Protocol):
-    """What the registry needs of a connection's carrier: end it, and count it."""
+class Endable(Protocol):
+    """What a connection carries (a mux session, a VNC viewer's relay, a web
+    application's WebSocket relay): it can be ended,
+    telling the client why, and counted."""
 
     def close(self, reason: Reason, message: str) -> None: ...
-    def byte_counts(self) -> tuple[int, int]: ...
+
+    def byte_counts(self) -> tuple[int, int]:
+        """(sent to the client, received from it)."""
+        ...
+
     @property
     def open_streams(self) -> int: ...
 
 
 @dataclass(eq=False)
 class Connection:
-    kind: Literal["launch", "tunnel", "web"]
+    kind: Literal["launch", "tunnel", "vnc", "web"]
     user: str
     client: str
-    session: Carrier    # a MuxSession; a web application's WebSocket relay
+    session: Endable
     detail: str = ""                       # the resource, or the tunnel's intranet IP
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     since: float = field(default_factory=time.time)

@@ -46,6 +46,83 @@ PATH = "/api/v1/launch"
 Pinned = tuple[Admission | DialError, int]
 
 
+class TicketGate:
+    """The one check every ticketed connection passes (a launch, a VNC viewer in the
+    browser): the ticket redeemed once at its STA, the account still enabled, the sign-in
+    session still alive, and the ticket's address admitted. Refusals are audited as
+    `{kind}.refused`, a success as `{kind}.started`; never logs a full ticket."""
+
+    def __init__(self, authorities: TicketIssuer, accounts: AccountStatus, audit: AuditTrail,
+                 sessions: SessionManager | None,
+                 host_addresses: HostAddresses | None = None) -> None:
+        self._authorities = authorities
+        self._accounts = accounts
+        self._audit = audit
+        # None: this gateway cannot see the sign-in sessions (a portal in another process
+        # with a memory:// store), so tickets are not tied to them.
+        self.sessions = sessions
+        self._host_addresses = host_addresses or HostAddresses()
+
+    async def redeem(self, ticket: str, client: str, kind: str) -> TicketGrant | None:
+        """The ticket's grant, or None (audited) when it does not open a connection."""
+        try:
+            grant = await self._authorities.redeem(ticket, client)
+        except TicketError as exc:
+            self._audit.record(f"{kind}.refused", client=client, ticket=mask(ticket),
+                               reason=str(exc))
+            return None
+        # The ticket was issued to a valid session moments ago; only a local account
+        # disabled since then stops it here.
+        if await self._accounts.is_disabled(grant.user):
+            self._audit.record(f"{kind}.refused", client=client, user=grant.user,
+                               reason="account disabled")
+            return None
+        # Tickets issued before their session ended are refused, as its connections end.
+        refusal = await self._session_refusal(grant)
+        if refusal is not None:
+            self._audit.record(f"{kind}.refused", client=client, user=grant.user,
+                               ticket=mask(ticket), reason=refusal)
+            return None
+        self._audit.record(f"{kind}.started", client=client, user=grant.user,
+                           resource=grant.resource, ticket=mask(ticket))
+        return grant
+
+    async def pin(self, grant: TicketGrant, client: str, kind: str) -> Pinned:
+        """Where the grant's connections go: its address, admitted, or why not."""
+        return await self._admit(grant, client, kind, *parse_host_port(grant.address))
+
+    async def _admit(self, grant: TicketGrant, client: str, kind: str, host: str,
+                     port: int) -> Pinned:
+        """Resolve the resource's address once and admit it: a literal IP written in the
+        resource is the administrator's choice; a name resolving to the gateway host,
+        link-local or the gateway's own addresses is refused (the access rules, which
+        the ticket already answered, do not apply)."""
+        policy = resource_policy(host)
+        subject = Subject(grant.user, frozenset())
+        try:
+            resolved = (await resolve(host, port)
+                        if needs_lookup(policy, subject, host, port, "tcp") else None)
+        except DialError as exc:
+            return exc, port
+        admission = admit(policy, subject, host, port, "tcp", resolved,
+                          host_addresses=self._host_addresses.current())
+        if not admission.allowed:
+            self._audit.record(f"{kind}.refused", client=client, user=grant.user,
+                               resource=grant.resource, reason=admission.reason)
+        return admission, port
+
+    async def _session_refusal(self, grant: TicketGrant) -> str | None:
+        """Why the ticket's sign-in session does not allow the connection (None: it does)."""
+        if self.sessions is None:
+            return None
+        if grant.session is None:
+            return "the ticket names no sign-in session"
+        standing = await self.sessions.standing(grant.session)
+        if isinstance(standing, Session):
+            return None
+        return f"the sign-in session it was issued under has ended ({standing})"
+
+
 @dataclass(frozen=True)
 class LaunchSettings:
     ticket_wait: float
@@ -57,13 +134,8 @@ class LaunchEndpoint:
                  registry: ConnectionRegistry, audit: AuditTrail,
                  settings: LaunchSettings, sessions: SessionManager | None,
                  host_addresses: HostAddresses | None = None) -> None:
-        self._host_addresses = host_addresses or HostAddresses()
-        # None: this gateway cannot see the sign-in sessions (a portal in another process
-        # with a memory:// store), so launches are not tied to them.
-        self._sessions = sessions
-        self._authorities = authorities
+        self.gate = TicketGate(authorities, accounts, audit, sessions, host_addresses)
         self._dialer = dialer
-        self._accounts = accounts
         self._registry = registry
         self._audit = audit
         self._settings = settings
@@ -91,9 +163,7 @@ class LaunchEndpoint:
                      grant_ready: asyncio.Future[tuple[TicketGrant, Pinned]]) -> None:
         try:
             grant = await self._redeem(session, client)
-            written = parse_host_port(grant.address) if grant is not None else None
-            pinned = (await self._admit(grant, client, *written)
-                      if grant is not None and written is not None else None)
+            pinned = await self.gate.pin(grant, client, "launch") if grant else None
         except Exception as exc:   # a store or STA failure: refuse, never hang
             log.exception("launch failed")
             self._audit.record("launch.refused", client=client, reason=f"internal: {exc!r}")
@@ -110,7 +180,7 @@ class LaunchEndpoint:
         session.flush_soon()
         started = time.monotonic()
         connection = Connection("launch", grant.user, client, session, grant.resource,
-                                session_handle=grant.session if self._sessions else None)
+                                session_handle=grant.session if self.gate.sessions else None)
         self._registry.add(connection)
         try:
             await session.closed.wait()
@@ -131,57 +201,7 @@ class LaunchEndpoint:
         if not isinstance(ticket, str):
             self._audit.record("launch.refused", client=client, reason="hello without a ticket")
             return None
-        try:
-            grant = await self._authorities.redeem(ticket, client)
-        except TicketError as exc:
-            self._audit.record("launch.refused", client=client, ticket=mask(ticket),
-                               reason=str(exc))
-            return None
-        # The ticket was issued to a valid session moments ago; only a local account
-        # disabled since then stops it here.
-        if await self._accounts.is_disabled(grant.user):
-            self._audit.record("launch.refused", client=client, user=grant.user,
-                               reason="account disabled")
-            return None
-        # Tickets issued before their session ended are refused, as its connections end.
-        refusal = await self._session_refusal(grant)
-        if refusal is not None:
-            self._audit.record("launch.refused", client=client, user=grant.user,
-                               ticket=mask(ticket), reason=refusal)
-            return None
-        self._audit.record("launch.started", client=client, user=grant.user,
-                           resource=grant.resource, ticket=mask(ticket))
-        return grant
-
-    async def _admit(self, grant: TicketGrant, client: str, host: str, port: int) -> Pinned:
-        """Resolve the resource's address once and admit it: a literal IP written in the
-        resource is the administrator's choice; a name resolving to the gateway host,
-        link-local or the gateway's own addresses is refused (the access rules, which
-        the ticket already answered, do not apply)."""
-        policy = resource_policy(host)
-        subject = Subject(grant.user, frozenset())
-        try:
-            resolved = (await resolve(host, port)
-                        if needs_lookup(policy, subject, host, port, "tcp") else None)
-        except DialError as exc:
-            return exc, port
-        admission = admit(policy, subject, host, port, "tcp", resolved,
-                          host_addresses=self._host_addresses.current())
-        if not admission.allowed:
-            self._audit.record("launch.refused", client=client, user=grant.user,
-                               resource=grant.resource, reason=admission.reason)
-        return admission, port
-
-    async def _session_refusal(self, grant: TicketGrant) -> str | None:
-        """Why the ticket's sign-in session does not allow the launch (None: it does)."""
-        if self._sessions is None:
-            return None
-        if grant.session is None:
-            return "the ticket names no sign-in session"
-        standing = await self._sessions.standing(grant.session)
-        if isinstance(standing, Session):
-            return None
-        return f"the sign-in session it was issued under has ended ({standing})"
+        return await self.gate.redeem(ticket, client, "launch")
 
     async def _open_pinned(self, session: MuxSession, event: mux.StreamOpened,
                            grant: TicketGrant, pinned: Pinned) -> None:

@@ -33,14 +33,13 @@ import structlog
 from portcullis.errors import DialError, ProtocolError
 from portcullis.net.dialer import Dialer
 from portcullis.net.echoes import EchoResponder
-from portcullis.policy import admission
 from portcullis.proto import mux
 from portcullis.proto.mux import MuxConnection, Reason, Timers
 
 log = structlog.get_logger("portcullis.mux")
 
 # How the access policy and the relay's allow-list name the protocol of an OPEN.
-PROTOCOL_NAMES: dict[mux.Protocol, admission.Protocol] = {
+PROTOCOL_NAMES: dict[mux.Protocol, mux.ProtocolName] = {
     mux.Protocol.TCP: "tcp", mux.Protocol.UDP: "udp", mux.Protocol.ICMP: "icmp"}
 # The largest message we send (several frames coalesced); both ends accept this much
 # plus one frame (the WebSocket max_size on either side is set from it).

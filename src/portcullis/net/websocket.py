@@ -1,4 +1,5 @@
-"""WebSocket connections that carry one mux session, as asyncio Protocols.
+"""WebSocket connections that carry one mux session (or, for VNC in the browser, one
+relayed byte stream), as asyncio Protocols.
 
 The framing and handshakes are the `websockets` library's sans-I/O protocol; this
 module only moves bytes between it, the transport and the `MuxSession`: no ASGI
@@ -14,7 +15,7 @@ import os
 import ssl
 import struct
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 from websockets.client import ClientProtocol
@@ -32,7 +33,7 @@ except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
 from portcullis.errors import ClientError
-from portcullis.net.muxsession import DEFAULT_MAX_MESSAGE, MuxSession
+from portcullis.net.muxsession import DEFAULT_MAX_MESSAGE, MessageCarrier
 from portcullis.net.tls import describe_tls_failure
 from portcullis.proto.mux import Limits
 
@@ -43,15 +44,35 @@ CLOSE_TIMEOUT = 2.0
 Message = bytes | bytearray | memoryview
 
 
+class MessageSession(Protocol):
+    """What a WebSocket's binary messages are for: a mux session (`MuxSession`), or the
+    byte relay of a VNC viewer (`webvnc.relay`)."""
+
+    def attach(self, carrier: MessageCarrier) -> None: ...
+
+    def receive_message(self, message: Message) -> None: ...
+
+    def carrier_closed(self) -> None:
+        """The WebSocket is gone."""
+        ...
+
+    def pause_sources(self) -> None:
+        """The WebSocket's send buffer is full: stop reading what feeds it."""
+        ...
+
+    def resume_sources(self) -> None: ...
+
+
 class WebSocketMux(asyncio.Protocol):
-    """One WebSocket connection carrying one mux session (client or server side)."""
+    """One WebSocket connection carrying one session of binary messages (client or
+    server side)."""
 
     def __init__(self, websocket: WebSocketProtocol, *,
                  on_request: Callable[[WebSocketMux, Request], None] | None = None) -> None:
         self.websocket = websocket
         self._on_request = on_request
         self.transport: asyncio.Transport | None = None
-        self.session: MuxSession | None = None
+        self.session: MessageSession | None = None
         self.handshake: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         self._early: list[Message] = []
         self._fragments: list[Message] = []
@@ -90,7 +111,7 @@ class WebSocketMux(asyncio.Protocol):
             # its unsent buffer) forever, as close() waits for the buffer to drain.
             asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.transport.abort)
 
-    def attach(self, session: MuxSession) -> None:
+    def attach(self, session: MessageSession) -> None:
         self.session = session
         session.attach(self)
         early, self._early = self._early, []

@@ -31,7 +31,6 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
-from typing import Literal
 
 from portcullis.policy.engine import (
     DEFAULT_DENY,
@@ -41,10 +40,11 @@ from portcullis.policy.engine import (
     Subject,
 )
 from portcullis.policy.model import PolicyRule, is_host_name
+from portcullis.proto.mux import ProtocolName
 
 Address = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
-Protocol = Literal["tcp", "udp", "icmp"]
+Protocol = ProtocolName
 
 GATEWAY_HOST = "the gateway host"
 HOST_TOLD = f"{GATEWAY_HOST} is never a destination"

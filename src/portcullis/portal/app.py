@@ -22,6 +22,7 @@ from portcullis.portal.account import account_routes
 from portcullis.portal.deps import PortalDeps
 from portcullis.portal.guard import Guard
 from portcullis.portal.health import health_routes
+from portcullis.portal.launching import download_routes
 from portcullis.portal.resources import resource_routes
 from portcullis.portal.signin import sign_in_routes
 
@@ -44,5 +45,6 @@ def create_portal_app(deps: PortalDeps) -> Starlette:
         *resource_routes(deps, guard),
         *account_routes(deps, guard),
         *health_routes(deps),
+        *download_routes(),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ])

@@ -1,6 +1,8 @@
 """The server side of an HTTP ``CONNECT`` proxy, sans I/O, for the client's local HTTP port.
 
-Browsers and curl open tunnels with ``CONNECT host:port HTTP/1.1``. One
+Browsers and curl open tunnels with ``CONNECT host:port HTTP/1.1``. A first request with
+any other method is handed over (state FORWARD, ``take_forward``) to
+``proto.httpforward``, which forwards requests in absolute form. One
 ``HttpConnectConnection`` per accepted connection turns the application's bytes into one
 ``ConnectRequest`` and the shell's answer into bytes, like ``proto.socks5``::
 
@@ -14,6 +16,8 @@ Browsers and curl open tunnels with ``CONNECT host:port HTTP/1.1``. One
     conn.time_out()                     # the shell's handshake timer: 408 if unfinished
     transport.write(conn.data_to_send())
     early = conn.take_payload()         # bytes the application sent after the head
+    if conn.state is State.FORWARD:     # not a CONNECT: proto.httpforward takes over
+        connection, request = conn.take_forward()
 
 HTTP/1.1 framing and header syntax are h11's (itself sans-I/O); this module adds what a
 CONNECT-only proxy needs: the method, the authority-form target (``host:port``,
@@ -31,16 +35,16 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from http import HTTPStatus
 
 import h11
 
 from portcullis.errors import ProtocolError
 from portcullis.proto.handshake import ProxyHandshake
 from portcullis.proto.mux import Reason
-from portcullis.proto.proxyauth import ProxyCredentials, basic_credentials
+from portcullis.proto.proxyauth import ProxyCredentials, request_admitted
 
 __all__ = [
     "MAX_EARLY_DATA",
@@ -49,6 +53,8 @@ __all__ = [
     "ConnectRequest",
     "HttpConnectConnection",
     "State",
+    "parse_host",
+    "plain_response",
     "status_for",
 ]
 
@@ -68,7 +74,10 @@ _STATUS_TEXT = {
     405: "Method Not Allowed",
     407: "Proxy Authentication Required",
     408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
     502: "Bad Gateway",
+    504: "Gateway Timeout",
 }
 
 
@@ -78,6 +87,7 @@ class State(IntEnum):
     RELAY = 2  # answered 200: a plain byte stream
     CLOSED = 3  # answered with an error: the shell closes after sending it
     FAILED = 4  # the client broke the protocol or did not authenticate
+    FORWARD = 5  # not a CONNECT: the connection is handed to proto.httpforward
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,7 @@ class HttpConnectConnection(ProxyHandshake[ConnectRequest]):
         self._max_early_data = max_early_data
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
         self._state = State.REQUEST
+        self._forward: h11.Request | None = None
 
     @property
     def state(self) -> State:
@@ -123,14 +134,20 @@ class HttpConnectConnection(ProxyHandshake[ConnectRequest]):
             raise ProtocolError(f"the HTTP proxy connection already failed: {self._failure}")
         if self._state is State.CLOSED or not data:
             return
+        if self._state is State.FORWARD:   # not taken over yet: h11 keeps it for the forwarder
+            self._http.receive_data(bytes(data))
+            return
         if self._state is not State.REQUEST:
             self._receive_payload(bytes(data))
             return
         self._http.receive_data(bytes(data))
         try:
             event = self._http.next_event()
-        except h11.RemoteProtocolError:
+        except h11.RemoteProtocolError as exc:
             # Not h11's words: they quote the client's bytes, and differ with the split.
+            if exc.error_status_hint == 431:
+                raise self._fail(431, "request head too large",
+                                 "request header fields too large") from None
             raise self._fail(400, "malformed request head", "bad request") from None
         if event is h11.NEED_DATA:
             return
@@ -138,9 +155,12 @@ class HttpConnectConnection(ProxyHandshake[ConnectRequest]):
             # A request head always comes first; anything else would be a bug in h11.
             raise self._fail(400, "no request head", "bad request")
         if event.method != b"CONNECT":
-            raise self._fail(405, f"method {event.method.decode('ascii', 'replace')}",
-                             "only CONNECT is supported; use the SOCKS5 proxy for the rest")
-        if self._credentials is not None and not self._authenticated(event.headers):
+            # Authentication and the target are the forwarder's to check, per request.
+            self._forward = event
+            self._state = State.FORWARD
+            return
+        if self._credentials is not None and not request_admitted(event.headers,
+                                                                  self._credentials):
             raise self._fail(407, "no or wrong Proxy-Authorization",
                              "proxy authentication required")
         target = _parse_target(event.target)
@@ -153,6 +173,15 @@ class HttpConnectConnection(ProxyHandshake[ConnectRequest]):
         self._receive_payload(early)
 
     # --- output ----------------------------------------------------------------------
+
+    def take_forward(self) -> tuple[h11.Connection, h11.Request]:
+        """Hand over a connection whose first request is not a CONNECT: the h11
+        connection (holding whatever the client sent after that head) and the request."""
+        if self._forward is None:
+            raise ProtocolError(f"no request to forward in state {self._state.name}")
+        request, self._forward = self._forward, None
+        self._state = State.CLOSED
+        return self._http, request
 
     def accept(self) -> None:
         """Answer 200: from now on the connection is the stream's bytes."""
@@ -167,23 +196,15 @@ class HttpConnectConnection(ProxyHandshake[ConnectRequest]):
         self._require_pending()
         self._state = State.CLOSED
         self._payload.clear()
-        self._output += _response(status, message)
+        self._output += plain_response(status, message)
 
     def time_out(self) -> None:
         """The shell's handshake timer fired: answer 408 if the head is still unfinished."""
         if self._state is State.REQUEST:
             self._state = State.CLOSED
-            self._output += _response(408, "the request head took too long")
+            self._output += plain_response(408, "the request head took too long")
 
     # --- internals -------------------------------------------------------------------
-
-    def _authenticated(self, headers: Sequence[tuple[bytes, bytes]]) -> bool:
-        assert self._credentials is not None
-        values = [value for name, value in headers if name == b"proxy-authorization"]
-        if len(values) != 1:
-            return False
-        pair = basic_credentials(values[0])
-        return pair is not None and self._credentials.admits(*pair)
 
     def _receive_payload(self, data: bytes) -> None:
         if self._state is State.REPLY_PENDING and (
@@ -197,7 +218,7 @@ class HttpConnectConnection(ProxyHandshake[ConnectRequest]):
             raise ProtocolError(f"cannot answer a CONNECT in state {self._state.name}")
 
     def _fail(self, status: int, message: str, answer: str) -> ProtocolError:
-        self._output += _response(status, answer)
+        self._output += plain_response(status, answer)
         self._payload.clear()
         self._state = State.FAILED
         self._failure = message
@@ -210,31 +231,40 @@ def _parse_target(raw: bytes) -> ConnectRequest | None:
     host, colon, port_text = target.rpartition(":")
     if not colon or not _PORT.match(port_text) or not 0 < int(port_text) < 65536:
         return None
-    if host.startswith("["):
-        if not host.endswith("]"):
-            return None
+    bracketed = host.startswith("[") and host.endswith("]")
+    address = parse_host(host[1:-1] if bracketed else host)
+    # Brackets around an IPv6 address, and only around one.
+    if address is None or (":" in address) != bracketed:
+        return None
+    return ConnectRequest(address, int(port_text))
+
+
+def parse_host(host: str) -> str | None:
+    """``host`` if the tunnel can carry it as a destination: dotted IPv4, IPv6 text
+    (without brackets and without a zone), or an ASCII name; never resolved."""
+    if ":" in host:
         try:
-            address = ipaddress.IPv6Address(host[1:-1])
+            address = ipaddress.IPv6Address(host)
         except ValueError:
             return None
-        if address.scope_id is not None:
-            return None  # names an interface of this host
-        return ConnectRequest(host[1:-1], int(port_text))
+        return None if address.scope_id is not None else host  # a zone: an interface here
     try:
         ipaddress.IPv4Address(host)
     except ValueError:
         if len(host) > 253 or not _ASCII_NAME.match(host):
             return None
-    return ConnectRequest(host, int(port_text))
+    return host
 
 
-def _response(status: int, text: str) -> bytes:
+def plain_response(status: int, text: str) -> bytes:
+    """A whole error response with ``text`` as its body, closing the connection."""
     body = (text + "\n").encode("utf-8", "replace")
     extra = (b'Proxy-Authenticate: Basic realm="%s"\r\n' % REALM.encode()
              if status == 407 else b"")
     return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n%s"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (status, _STATUS_TEXT[status].encode(), extra, len(body), body))
+            % (status, (_STATUS_TEXT.get(status) or HTTPStatus(status).phrase).encode(),
+               extra, len(body), body))
 
 
 def status_for(reason_name: str) -> int:

@@ -15,6 +15,12 @@ docs/launch-file.md::
 last); `parse_launch_file` also accepts CRLF and a leading byte order mark, since Windows
 tools add both.
 
+The same launch also travels as a `portcullis://` URL (`format_launch_url`,
+`parse_launch_url`), which the portal links to and the client's URL handler opens, so
+nothing is written to the Downloads folder. A URL may come from any web page, so it is
+read more strictly than a file: an https:// gateway only, a ticket of the STA's shape,
+no key unknown or given twice.
+
 This codec is pure: no I/O, no clock (expiry is the STA's business, not the parser's).
 It must never emit a file in which a value could start a new line, so a title cannot
 inject a Ticket or Gateway line, and it has no field for the resource server's address:
@@ -26,7 +32,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from portcullis.errors import LaunchFileError
 
@@ -49,6 +55,15 @@ _KEY = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 _VERSION = re.compile(r"[0-9]{1,9}\Z")
 # Characters that some reader, somewhere, takes as the end of a line.
 _LINE_BREAKERS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+
+URL_SCHEME = "portcullis"
+_URL_PREFIX = f"{URL_SCHEME}://launch/?"
+MAX_URL_LENGTH = 2048   # a real one is about 250 characters
+# The URL's keys (all required) and the launch file keys they stand for.
+_URL_KEYS = {"v": "Version", "resource": "Resource", "title": "Title", "gateway": "Gateway",
+             "ticket": "Ticket", "expires": "Expires"}
+# The STA's tickets: its id, ";", then a URL-safe random part (sta/authority.py).
+_URL_TICKET = re.compile(r"[A-Za-z0-9]{1,16};[A-Za-z0-9_-]{16,64}\Z")
 _BLANK = " \t"
 
 
@@ -220,6 +235,66 @@ def _build(values: dict[str, tuple[int, str]]) -> LaunchFile:
         expires=expires,
         version=version,
     )
+
+
+def format_launch_url(lf: LaunchFile) -> str:
+    """The `portcullis://` URL of a launch; ValueError as `format_launch_file`, or if the
+    gateway is not https:// (a wss:// one is given as its https:// twin)."""
+    format_launch_file(lf)   # the same checks of every value
+    gateway = lf.gateway_url
+    if gateway.lower().startswith("wss://"):
+        gateway = "https://" + gateway[len("wss://"):]
+    if not gateway.lower().startswith("https://"):
+        raise ValueError("Gateway: a launch URL needs an https:// or wss:// gateway")
+    if not _URL_TICKET.match(lf.ticket):
+        raise ValueError("Ticket: not shaped like a ticket of the STA")
+    query = urlencode({"v": str(lf.version), "resource": lf.resource, "title": lf.title,
+                       "gateway": gateway, "ticket": lf.ticket,
+                       "expires": _format_timestamp(lf.expires)}, quote_via=quote)
+    url = _URL_PREFIX + query
+    if len(url) > MAX_URL_LENGTH:
+        raise ValueError(f"the launch URL would exceed {MAX_URL_LENGTH} characters")
+    return url
+
+
+def parse_launch_url(url: str) -> LaunchFile:
+    """Read a `portcullis://launch/?…` URL; LaunchFileError saying what is wrong (never
+    repeating the ticket). The gateway is https:// only."""
+    if len(url) > MAX_URL_LENGTH:
+        raise LaunchFileError(f"launch URL is longer than {MAX_URL_LENGTH} characters")
+    if not url.startswith(_URL_PREFIX) or "#" in url:
+        raise LaunchFileError(f"not a launch URL: expected {_URL_PREFIX}… without a fragment")
+    try:
+        pairs = parse_qsl(url[len(_URL_PREFIX):], keep_blank_values=True,
+                          strict_parsing=True, errors="strict",
+                          max_num_fields=len(_URL_KEYS))
+    except (ValueError, UnicodeDecodeError):
+        raise LaunchFileError("launch URL: the query is not KEY=VALUE&… of UTF-8 "
+                              f"(keys: {', '.join(_URL_KEYS)})") from None
+    values: dict[str, tuple[int, str]] = {}
+    for key, value in pairs:
+        if key not in _URL_KEYS:
+            raise LaunchFileError(f"launch URL: unknown key {key[:20]!r}")
+        if _URL_KEYS[key].lower() in values:
+            raise LaunchFileError(f"launch URL: key {key!r} given twice")
+        problem = _value_problem(value)
+        if problem is not None:
+            raise LaunchFileError(f"launch URL: {key} {problem}")
+        values[_URL_KEYS[key].lower()] = (0, value)
+    missing = [key for key, name in _URL_KEYS.items() if name.lower() not in values]
+    if missing:
+        raise LaunchFileError(f"launch URL: missing {', '.join(missing)}")
+    gateway = values["gateway"][1]
+    if (not gateway.startswith("https://") or _gateway_problem(gateway) is not None
+            or urlsplit(gateway).query or urlsplit(gateway).fragment):
+        raise LaunchFileError("launch URL: the gateway must be an https:// URL with a host, "
+                              "no user name, query or fragment")
+    if not _URL_TICKET.match(values["ticket"][1]):
+        raise LaunchFileError("launch URL: the ticket is not shaped like one")
+    try:
+        return _build(values)
+    except LaunchFileError as exc:   # its words name line 0 of a file that is not there
+        raise LaunchFileError("launch URL: " + str(exc).removeprefix("line 0: ")) from None
 
 
 def _first_control_character(text: str) -> str | None:

@@ -125,6 +125,10 @@ class Protocol(IntEnum):
     UDP = 17
 
 
+# How the access policy and the relay's allow-list name a Protocol.
+ProtocolName = Literal["tcp", "udp", "icmp"]
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Resource bounds of one connection. Both ends should use the same values."""

@@ -14,9 +14,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["ProxyCredentials", "basic_credentials"]
+__all__ = ["ProxyCredentials", "basic_credentials", "request_admitted"]
 
 
 @dataclass(frozen=True)
@@ -54,3 +55,14 @@ def basic_credentials(value: bytes) -> tuple[bytes, bytes] | None:
     if not colon:
         return None
     return user, password
+
+
+def request_admitted(headers: Iterable[tuple[bytes, bytes]],
+                     credentials: ProxyCredentials) -> bool:
+    """True if an HTTP request's headers (names in lower case, as h11 gives them) carry
+    exactly one ``Proxy-Authorization: Basic`` with these credentials."""
+    values = [value for name, value in headers if name == b"proxy-authorization"]
+    if len(values) != 1:
+        return False
+    pair = basic_credentials(values[0])
+    return pair is not None and credentials.admits(*pair)

@@ -104,8 +104,7 @@ class ConsoleProxy:
     # -- the hub ------------------------------------------------------------------------------
     async def ask_hub(self) -> tuple[bytes, ShadowGrant]:
         key, csr = console_csr()
-        body = await self._post(f"{_API}/requests", {"device": self.device,
-                                                     "csr": csr.decode("ascii")})
+        body = await self._ask({"device": self.device, "csr": csr.decode("ascii")})
         try:
             device = body["device"]
             address: tuple[str, int] | None = None
@@ -119,6 +118,10 @@ class ConsoleProxy:
             raise ClientError("the gateway's answer to the shadow request is incomplete; is "
                               "its shadow hub of this version?") from None
         return private_key_pem(key), grant
+
+    async def _ask(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The hub's signed request for this console's key (its JSON answer)."""
+        return await self._post(f"{_API}/requests", payload)
 
     async def report(self, grant: ShadowGrant, problem: str, detail: str) -> None:
         """Tell the hub why this shadowing failed (its audit trail); never raises."""
@@ -145,11 +148,11 @@ class ConsoleProxy:
 
     # -- the channel --------------------------------------------------------------------------
     async def open_channel(self, grant: ShadowGrant, key_pem: bytes
-                           ) -> tuple[asyncio.Transport, _ConsoleChannel]:
+                           ) -> tuple[asyncio.Transport, ConsoleChannel]:
         """Connect, check the device's certificate, send the request, wait for ACCEPT."""
         loop = asyncio.get_running_loop()
         tls = _console_tls(grant.certificate, key_pem)
-        channel = _ConsoleChannel(self._answer_timeout)
+        channel = ConsoleChannel(self._answer_timeout)
         if grant.address is None:
             where = "the device (through the hub)"
             sock = await self._through_hub(grant)
@@ -158,8 +161,7 @@ class ConsoleProxy:
         else:
             host, port = grant.address
             where = f"{host}:{port}"
-            connecting = loop.create_connection(lambda: channel, host, port, ssl=tls,
-                                                server_hostname=grant.device)
+            connecting = self._connect_direct(channel, host, port, tls, grant.device)
         try:
             transport, _ = await asyncio.wait_for(connecting, self._connect_timeout)
         except (OSError, TimeoutError) as exc:
@@ -186,6 +188,14 @@ class ConsoleProxy:
             raise ClientError(f"the shadow channel to {grant.device} failed: {outcome.reason}")
         self.session_id = outcome.session_id
         return transport, channel
+
+    async def _connect_direct(self, channel: ConsoleChannel, host: str, port: int,
+                              tls: ssl.SSLContext, server_name: str
+                              ) -> tuple[asyncio.Transport, ConsoleChannel]:
+        """The TLS connection to a device this console reaches itself (OSError or
+        ssl.SSLError if it cannot be made)."""
+        return await asyncio.get_running_loop().create_connection(
+            lambda: channel, host, port, ssl=tls, server_hostname=server_name)
 
     async def _connect_failed(self, grant: ShadowGrant, where: str,
                               exc: OSError | TimeoutError) -> NoReturn:
@@ -218,7 +228,7 @@ class ConsoleProxy:
         return self._carried.socket
 
     async def _serve_viewer(self, grant: ShadowGrant, device: asyncio.Transport,
-                            channel: _ConsoleChannel, host: str, port: int,
+                            channel: ConsoleChannel, host: str, port: int,
                             argv: list[str] | None,
                             on_listening: Callable[[str, int], None] | None) -> int:
         loop = asyncio.get_running_loop()
@@ -293,7 +303,7 @@ def _console_tls(certificate: bytes, key_pem: bytes) -> ssl.SSLContext:
     return context
 
 
-class _ConsoleChannel(asyncio.Protocol):
+class ConsoleChannel(asyncio.Protocol):
     """The TLS connection to the device until the viewer is bridged to it."""
 
     def __init__(self, answer_timeout: float) -> None:

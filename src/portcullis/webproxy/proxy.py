@@ -63,6 +63,8 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 # An upstream may think for a while (a report, a long poll); a connection it never
 # answers on is given up after this.
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=15.0, read=300.0, write=60.0, pool=15.0)
+# The most of an answer held between the upstream and the browser (see _stream_back).
+COALESCE_LIMIT = 1024 * 1024
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:
@@ -250,9 +252,31 @@ class WebProxy:
 
     async def _stream_back(self, upstream: httpx.Response, receive: Receive, send: Send,
                            body_done: asyncio.Event) -> None:
-        """The upstream's body, chunk by chunk as it comes, until it ends or the client
-        goes away (then the upstream connection is closed, not read to its end)."""
-        gone: asyncio.Future[None] | None = None
+        """The upstream's body as it comes, until it ends or the client goes away (then
+        the upstream connection is closed, not read to its end).
+
+        What arrives while a write to the browser is under way goes out with the next
+        one, up to COALESCE_LIMIT: a write costs uvicorn's TLS about as much for 64 KiB as
+        for 1 MiB (measured: 158 against 479 MB/s), so a fast upstream is passed on in
+        large writes and a slow one at once, and no more than the limit is held."""
+        pending = bytearray()
+        readable = asyncio.Event()    # something to send, or the body has ended
+        has_room = asyncio.Event()
+        has_room.set()
+        ended = False
+
+        async def pull() -> None:
+            nonlocal ended
+            try:
+                async for chunk in upstream.aiter_raw():
+                    await has_room.wait()
+                    pending.extend(chunk)
+                    if len(pending) >= COALESCE_LIMIT:
+                        has_room.clear()
+                    readable.set()
+            finally:
+                ended = True
+                readable.set()
 
         async def disconnected() -> None:
             # Once the request body is read, receive() returns only at the disconnect
@@ -261,21 +285,32 @@ class WebProxy:
             while message.get("type") != "http.disconnect":
                 message = await receive()
 
+        reader = asyncio.ensure_future(pull())
+        gone: asyncio.Future[None] | None = None
         try:
-            async for chunk in upstream.aiter_raw():
+            while not (ended and not pending):
+                await readable.wait()
+                readable.clear()
+                if not pending:
+                    continue
                 if gone is None and body_done.is_set():
                     gone = asyncio.ensure_future(disconnected())
                 if gone is not None and gone.done():
                     return
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                data = bytes(pending)
+                pending.clear()
+                has_room.set()
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            reader.result()   # the upstream's failure, if it broke off
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except httpx.HTTPError as exc:
             log.warning("web upstream broke off", error=str(exc))
         finally:
-            if gone is not None:
-                gone.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await gone
+            for task in (reader, gone):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
 
     async def _unavailable(self, site: Site, scope: Scope, receive: Receive,
                            send: Send) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import cast
@@ -65,8 +66,11 @@ class WebSocketRelays:
             return True
         destination, site = sites.destination(hosts[0] if hosts else None)
         opened_for = sites.by_host(server_name_of(transport.get_extra_info("ssl_object")))
-        if destination is Destination.GATEWAY and opened_for is None:
-            return False   # the gateway's own endpoints
+        if destination is not Destination.WEB and opened_for is None:
+            # The gateway's own endpoints, as before web resources, whatever the Host: a
+            # relay dialling out may name the edge by an inside name, and each endpoint
+            # authenticates its peer itself (certificate, ticket, session).
+            return False
         if destination is not Destination.WEB or site is not opened_for or site is None \
                 or not request.path.startswith("/"):
             reject(carrier, 421, "misdirected request\n")
@@ -199,6 +203,7 @@ class WebSocketRelay(asyncio.Protocol):
                                  user=session.username, client=self._client,
                                  connection=connection.id)
         self._transport.resume_reading()
+        started = time.monotonic()
         try:
             await self._relay(stream)
         finally:
@@ -206,6 +211,11 @@ class WebSocketRelay(asyncio.Protocol):
             with contextlib.suppress(Exception):
                 await stream.aclose()
             self._transport.close()
+            self._proxy.audit.record("web.websocket_ended", resource=site.name,
+                                     user=session.username, connection=connection.id,
+                                     bytes_to_client=self._sent,
+                                     bytes_from_client=self._received,
+                                     duration=round(time.monotonic() - started, 3))
 
     async def _relay(self, stream: httpcore.AsyncNetworkStream) -> None:
         downstream = asyncio.ensure_future(self._from_upstream(stream))
