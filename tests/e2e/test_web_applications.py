@@ -57,14 +57,10 @@ def published(tmp_path: Path, start_process) -> Iterator[Published]:  # type: ig
             f"{gateway}/.well-known/jwks.json", f"https://{WHOAMI_HOST}:{deployment.port}",
             deployment.ca)
         with serving as whoami:
-            with deployment.config.open("a") as handle:
-                handle.write(
-                    '\n[[resources]]\nname = "wiki"\ntitle = "Team wiki"\nkind = "web"\n'
-                    f'upstream = "{wiki.origin}"\nhost = "{WIKI_HOST}"\n'
-                    'groups = ["wiki-editors"]\n'
-                    '\n[[resources]]\nname = "whoami"\ntitle = "Who am I"\nkind = "web"\n'
-                    f'upstream = "{whoami.url}"\nhost = "{WHOAMI_HOST}"\n'
-                    'groups = ["staff"]\n')
+            deployment.add_web_resource("wiki", wiki.origin, WIKI_HOST, ["wiki-editors"],
+                                        title="Team wiki")
+            deployment.add_web_resource("whoami", whoami.url, WHOAMI_HOST, ["staff"],
+                                        title="Who am I")
             for name, password, groups in (EDITOR, OUTSIDER):
                 deployment.add_user(name, password, groups)
             up: Process = start_process("up", "--dir", str(deployment.directory), name="up")
