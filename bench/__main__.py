@@ -30,6 +30,7 @@ from bench import (
     tunnel_stream_rate,
     tunnel_throughput,
     tunnel_udp,
+    webproxy,
 )
 from bench.report import Report
 
@@ -47,6 +48,7 @@ BENCHMARKS: dict[str, Callable[[], Report]] = {
     "double_hop": double_hop.run,
     "federation": federation.run,
     "shadow": shadow.run,
+    "webproxy": webproxy.run,
 }
 RESULTS = Path(__file__).parent / "results"
 OPEN_FILES = 16384  # idle_memory holds ~3 sockets per connection in client + gateway

@@ -1,9 +1,12 @@
 """The real programs the benchmarks measure against: an iperf3 server, the echo server
-process, and an stunnel client/server pair (the baseline the product must match).
+process, an stunnel client/server pair (the baseline the product must match), and nginx
+(a web upstream, or the plain reverse proxy the web proxy is compared with).
 Each is started on a free port and stopped by the caller's ExitStack."""
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import sys
 from contextlib import ExitStack
@@ -90,3 +93,31 @@ def start_stunnel_chain(stack: ExitStack, logs: Path, *, target_port: int, hops:
 
 def _file_name(name: str) -> str:
     return name.replace(" ", "-")
+
+
+def start_nginx(stack: ExitStack, logs: Path, *, name: str, servers: str,
+                ports: list[int]) -> Process:
+    """A private nginx (one worker, its own prefix, pid and temporary files under
+    logs/NAME) serving `servers`, the http{} blocks it is given; returned once it
+    listens on every port in `ports`."""
+    here = logs / _file_name(name)
+    here.mkdir()
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    config = here / "nginx.conf"
+    config.write_text(
+        # `user` counts only when started as root; then it keeps the worker in our user,
+        # who owns the temporary directory.
+        f"daemon off;\nworker_processes 1;\nuser {user};\npid {here}/nginx.pid;\n"
+        f"error_log {here}/error.log warn;\n"
+        "events { worker_connections 4096; }\n"
+        "http {\n  access_log off;\n"
+        f"  client_body_temp_path {here}/body;\n  proxy_temp_path {here}/proxy;\n"
+        f"  fastcgi_temp_path {here}/fastcgi;\n  uwsgi_temp_path {here}/uwsgi;\n"
+        f"  scgi_temp_path {here}/scgi;\n"
+        f"{servers}}}\n")
+    process = start_process(
+        stack, [require("nginx"), "-p", str(here), "-e", "stderr", "-c", str(config)],
+        logs / f"{_file_name(name)}.log", name=name)
+    for port in ports:
+        wait_for_listen(port, process=process)
+    return process
