@@ -46,8 +46,9 @@ class DialerTransport(httpx.AsyncHTTPTransport):
     """An httpx transport whose connections `dialer` makes; `tls` verifies https peers
     (and carries the client certificate)."""
 
-    def __init__(self, dialer: StreamDialer, tls: ssl.SSLContext) -> None:
-        super().__init__(verify=tls, limits=LIMITS)
+    def __init__(self, dialer: StreamDialer, tls: ssl.SSLContext,
+                 limits: httpx.Limits = LIMITS) -> None:
+        super().__init__(verify=tls, limits=limits)
         # httpx takes no network backend argument (encode/httpx#3749 is still open): its
         # pool is the seam, and everything else of its transport is kept as it is. An
         # httpx that keeps its pool elsewhere would dial around the Dialer: refuse it.
@@ -56,9 +57,9 @@ class DialerTransport(httpx.AsyncHTTPTransport):
                             "DialerTransport must be brought up to date")
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=tls, network_backend=DialerBackend(dialer),
-            max_connections=LIMITS.max_connections,
-            max_keepalive_connections=LIMITS.max_keepalive_connections,
-            keepalive_expiry=LIMITS.keepalive_expiry)
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry)
 
 
 class DialerBackend(httpcore.AsyncNetworkBackend):

@@ -42,7 +42,7 @@ from portcullis.identity.endings import Ending
 from portcullis.identity.sessions import Session, SessionManager
 from portcullis.net.destinations import HostAddresses
 from portcullis.net.dialer import Dialer
-from portcullis.net.httpdial import DialerTransport
+from portcullis.net.httpdial import LIMITS, DialerTransport
 from portcullis.net.tls import client_context
 from portcullis.portal.pages import error_page, stylesheet
 from portcullis.portal.redirects import safe_next
@@ -85,6 +85,8 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 # An upstream may think for a while (a report, a long poll); a connection it never
 # answers on is given up after this.
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=15.0, read=300.0, write=60.0, pool=15.0)
+# One upstream connection per WebSocket, made when it opens and closed with it.
+WEBSOCKET_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=0)
 # The most of an answer held between the upstream and the browser (see _stream_back).
 COALESCE_LIMIT = 1024 * 1024
 # A request still under way after this is one the session's ending must end (_forward):
@@ -117,17 +119,27 @@ class WebProxy:
         self._registry = registry
         self._audit_once = OncePer()
         host_addresses = HostAddresses()
-        self._clients = {site.name: httpx.AsyncClient(
-            transport=DialerTransport(AdmittedDialer(dialer, site.name, audit, host_addresses),
-                                      _upstream_tls(site, base_dir)),
-            timeout=UPSTREAM_TIMEOUT, follow_redirects=False) for site in sites.all}
+        def client(site: Site, limits: httpx.Limits) -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                transport=DialerTransport(
+                    AdmittedDialer(dialer, site.name, audit, host_addresses),
+                    _upstream_tls(site, base_dir), limits),
+                timeout=UPSTREAM_TIMEOUT, follow_redirects=False)
 
-    def client_for(self, site: Site) -> httpx.AsyncClient:
-        """The keep-alive pool of `site`'s upstream."""
-        return self._clients[site.name]
+        self._clients = {site.name: client(site, LIMITS) for site in sites.all}
+        # A WebSocket holds its upstream connection for as long as it is open: from a pool
+        # of their own, one connection each, never kept, so that open WebSockets never
+        # make the application's requests wait. Their number is bounded by the edge's
+        # connection limits (each is a browser's connection too).
+        self._websocket_clients = {site.name: client(site, WEBSOCKET_LIMITS)
+                                   for site in sites.all}
+
+    def websocket_client_for(self, site: Site) -> httpx.AsyncClient:
+        """The connections of `site`'s upstream that carry WebSockets."""
+        return self._websocket_clients[site.name]
 
     async def close(self) -> None:
-        for client in self._clients.values():
+        for client in (*self._clients.values(), *self._websocket_clients.values()):
             await client.aclose()
 
     # -- who may ---------------------------------------------------------------------

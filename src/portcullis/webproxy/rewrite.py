@@ -147,7 +147,7 @@ def rewrite_location(location: bytes, site: Site, sites: Sequence[Site],
     scheme = (parts.scheme or site.scheme).lower()
     host = (parts.hostname or "").lower()
     for candidate in (site, *sites):
-        if candidate.same_origin(scheme, host, port):
+        if candidate.serves(scheme, host, port):
             public = candidate.public_path(parts.path or "/")
             if public is None:
                 return Verdict(None, f"outside {candidate.name}'s prefix")

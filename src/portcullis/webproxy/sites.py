@@ -61,8 +61,11 @@ class Site:
             return path[len(self.prefix):]
         return None
 
-    def same_origin(self, scheme: str, host: str, port: int | None) -> bool:
-        return (scheme == self.scheme and host == self.host
+    def serves(self, scheme: str, host: str, port: int | None) -> bool:
+        """A URL at this upstream: at its own origin, or at its host and port with the
+        https that the gateway told the application (X-Forwarded-Proto) its users see —
+        what an application that builds URLs from its Host and that header writes."""
+        return (scheme in (self.scheme, "https") and host == self.host
                 and (port or DEFAULT_PORTS.get(scheme)) == self.port)
 
 

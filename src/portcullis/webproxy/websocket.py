@@ -192,7 +192,7 @@ class WebSocketRelay(asyncio.Protocol):
         upstream_headers = upstream_request_headers(headers, site,
                                                     Forwarding(self._client, identity),
                                                     websocket=True)
-        client = self._proxy.client_for(site)
+        client = self._proxy.websocket_client_for(site)
         url = httpx.URL(scheme=site.scheme, host=site.host, port=site.port).copy_with(
             raw_path=target)
         try:
@@ -232,6 +232,10 @@ class WebSocketRelay(asyncio.Protocol):
             self._registry.remove(connection)
             with contextlib.suppress(Exception):
                 await stream.aclose()
+            # Its connection leaves the pool only with the response (httpcore counts an
+            # upgraded connection as taken until then).
+            with contextlib.suppress(Exception):
+                await response.aclose()
             self._transport.close()
             self._proxy.audit.record("web.websocket_ended", resource=site.name,
                                      user=session.username, connection=connection.id,
