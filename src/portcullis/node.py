@@ -239,7 +239,10 @@ class Node:
                 "vpn.dial_timeout": (first.vpn.dial_timeout, fresh.vpn.dial_timeout),
                 "admin_groups": (first.admin_groups, fresh.admin_groups),
                 "dialer": (first.dialer, fresh.dialer),
-                "shadow.listen": (first.shadow.listen, fresh.shadow.listen)}
+                "shadow.listen": (first.shadow.listen, fresh.shadow.listen),
+                # The portal, the web proxy's host names and certificates, the VNC
+                # endpoint: all built from the resources at start.
+                "resources": (first.resources, fresh.resources)}
         needs_restart = [key for key, (old, new) in held.items() if old != new]
         self.settings = self.settings.model_copy(update={"policies": fresh.policies,
                                                          "vpn": fresh.vpn,

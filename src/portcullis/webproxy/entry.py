@@ -60,7 +60,7 @@ def web_routes(sites: Sites, sessions: SessionManager, handoff: Handoff, asserte
             return error_page(request, 403, "Not allowed",
                               "This application is not published for you.",
                               "Ask your administrator for access, or pick another "
-                              "application.", action=("Your applications", "/"))
+                              "application.", action=("Your resources", "/"))
         state = request.query_params.get("state", "")
         if not STATE_DIGEST.fullmatch(state):
             return RedirectResponse(
