@@ -3,13 +3,16 @@ downloads served from the built dist/ (`make dist`), and nothing else from disk.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 from starlette.applications import Starlette
 
 from portcullis.portal.launching import client_files, download_routes, platform_of
+from portcullis.portal.pages import TEMPLATES
 
 WHEEL = "portcullis_client-0.1.0-py3-none-any.whl"
 
@@ -59,3 +62,17 @@ async def test_no_other_file_is_read_from_disk(tmp_path: Path, name: str) -> Non
     async with portal(tmp_path) as client:
         answer = await client.get(f"/download/{name}")
     assert answer.status_code == 404 and "secret" not in answer.text
+
+
+@pytest.mark.parametrize(("downloads", "linked"), [([], False),
+                                                   (["portcullis-client.pyz"], True)])
+def test_the_launch_page_links_the_client_only_once_it_is_built(downloads: list[str],
+                                                                  linked: bool) -> None:
+    launch = SimpleNamespace(title="Wiki", expires=datetime(2026, 1, 1, 12, 0, tzinfo=UTC))
+    html = TEMPLATES.get_template("launch.html").render(
+        launch=launch, url="portcullis://launch/?x", file_href="data:,",
+        file_name="wiki.portcullis",
+        platforms=[("linux", "Linux"), ("macos", "macOS"), ("windows", "Windows")],
+        platform="linux", public_url="https://gw.example", downloads=downloads)
+    assert ('href="/download/portcullis-client.pyz"' in html) is linked
+    assert ("ask your administrator for <code>portcullis-client.pyz</code>" in html) is not linked
