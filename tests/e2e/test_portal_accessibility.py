@@ -239,7 +239,7 @@ def test_without_javascript_sign_in_and_the_resource_list_work(
     assert download.value.suggested_filename == "intranet.portcullis"
     page.click("text=Back to your resources")
     page.click("text=Sign out")
-    page.wait_for_url("**/login")
+    page.wait_for_url("**/login?signed_out=1")
 
 
 def test_a_stale_sign_in_page_starts_again_and_never_says_sign_in_failed(

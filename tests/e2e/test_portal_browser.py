@@ -58,7 +58,8 @@ def test_portal_signs_in_lists_resources_and_downloads_a_launch_file(
 
     page.click("text=Back to your resources")
     page.click("text=Sign out")
-    page.wait_for_url("**/login")
+    page.wait_for_url("**/login?signed_out=1")
+    assert page.locator("[role=status]").inner_text() == "You are signed out."
     page.goto(f"https://localhost:{deployment.port}/")
     assert page.url.endswith("/login")
 
@@ -108,7 +109,7 @@ def test_portal_multi_step_sign_in_with_totp_enrolment(
     page.click("button[type=submit]")
     page.wait_for_selector("text=Your resources")
     page.click("text=Sign out")
-    page.wait_for_url("**/login")
+    page.wait_for_url("**/login?signed_out=1")
 
     # Enrolled: the second step asks for a code; a recovery code works as well (once).
     page.fill("input[name=username]", "Admin")

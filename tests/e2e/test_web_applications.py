@@ -182,7 +182,7 @@ def test_a_websocket_in_the_page_echoes_and_ends_within_a_second_of_sign_out(
     portal = page.context.new_page()
     portal.goto(published.origin() + "/")
     portal.click("text=Sign out")
-    portal.wait_for_url("**/login")
+    portal.wait_for_url("**/login?signed_out=1")
     page.wait_for_function("() => window.closedAt !== null", timeout=1000)
 
     # And the application's host sends the browser to sign in again.

@@ -121,6 +121,7 @@ def sign_in(page: Any, deployment: Deployment) -> None:
 def open_desktop(browser: Browser, setup: Setup, name: str) -> None:
     browser.page.goto(f"https://localhost:{setup.deployment.port}/vnc/{name}")
     browser.page.wait_for_selector("#vnc[data-state=connected]", timeout=20_000)
+    assert browser.page.locator("#vnc-ctrl-alt-del").is_enabled()
 
 
 def canvas_pixel(page: Any, x: int, y: int) -> tuple[int, int, int]:
@@ -252,10 +253,12 @@ def test_signing_out_ends_the_viewer_and_the_server_connection_within_a_second(
     other = browser.context.new_page()   # the same browser, another tab
     other.goto(f"https://localhost:{setup.deployment.port}/")
     other.click("text=Sign out")
-    other.wait_for_url("**/login")
+    other.wait_for_url("**/login?signed_out=1")
     signed_out = time.monotonic()
     viewer.wait_for_selector("#vnc[data-state=ended]", timeout=1000)
     assert "signed out" in viewer.locator("#vnc-problem").inner_text()
+    for control in ("#vnc-fullscreen", "#vnc-ctrl-alt-del", "#vnc-clipboard-send"):
+        assert viewer.locator(control).is_disabled(), control   # nothing left to act on
     viewer.screenshot(path=str(ARTIFACTS / "webvnc-signed-out.png"))
     while (setup.plain.x11vnc_output().count("Client 127.0.0.1 gone") == gone_before
            and time.monotonic() - signed_out < 1.0):

@@ -45,6 +45,8 @@ from portcullis.web.client_certificate import certificate_forwarded, certificate
 CSRF_COOKIE = "__Host-portcullis-csrf"
 # `/login?expired=1`: the sign-in began again because the page's own had gone.
 RESTARTED = "expired"
+# `/login?signed_out=1`: where a sign-out lands, saying so.
+SIGNED_OUT = "signed_out"
 
 
 def sign_in_routes(deps: PortalDeps, guard: Guard) -> list[BaseRoute]:
@@ -155,8 +157,10 @@ def sign_in_routes(deps: PortalDeps, guard: Guard) -> list[BaseRoute]:
                    status: int = 200) -> Response:
         csrf = request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(24)
         restarted = request.method == "GET" and request.query_params.get(RESTARTED) == "1"
+        signed_out = request.method == "GET" and request.query_params.get(SIGNED_OUT) == "1"
         response = page(request, "login.html", status, step=step.step, handle=step.handle,
-                        csrf=csrf, error=error, restarted=restarted, next=target)
+                        csrf=csrf, error=error, restarted=restarted, signed_out=signed_out,
+                        next=target)
         response.set_cookie(CSRF_COOKIE, csrf, secure=True, httponly=True, samesite="strict",
                             path="/")
         return response
@@ -203,7 +207,7 @@ def sign_in_routes(deps: PortalDeps, guard: Guard) -> list[BaseRoute]:
             await deps.sessions.end(token)
         onward = (await deps.sign_out_at_idp(request, session)
                   if session is not None and deps.sign_out_at_idp is not None else None)
-        response = onward or RedirectResponse("/login", 303)
+        response = onward or RedirectResponse(f"/login?{SIGNED_OUT}=1", 303)
         response.delete_cookie(SESSION_COOKIE, secure=True, httponly=True, samesite="strict")
         return response
 

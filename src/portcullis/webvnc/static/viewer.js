@@ -10,7 +10,16 @@ const screen = document.getElementById("vnc-screen");
 const statusLine = document.getElementById("vnc-status");
 const problem = document.getElementById("vnc-problem");
 const clipboard = document.getElementById("vnc-clipboard-text");
+// What acts on the desktop: usable only while it is connected.
+const desktopControls = ["vnc-fullscreen", "vnc-ctrl-alt-del", "vnc-clipboard-send"]
+  .map((id) => document.getElementById(id));
 let rfb = null;
+
+function controls(enabled) {
+  for (const control of desktopControls) {
+    control.disabled = !enabled;
+  }
+}
 
 function say(text) {
   statusLine.textContent = text;
@@ -18,6 +27,7 @@ function say(text) {
 
 function stop(title, text) {
   root.dataset.state = "ended";
+  controls(false);
   problem.querySelector("h2").textContent = title;
   problem.querySelector("p.error").textContent = text;
   problem.hidden = false;
@@ -65,6 +75,7 @@ async function ticket() {
 
 async function connect() {
   problem.hidden = true;
+  controls(false);
   root.dataset.state = "connecting";
   say("Connecting…");
   let issued;
@@ -97,6 +108,7 @@ async function connect() {
     rfb.scaleViewport = true;
     rfb.addEventListener("connect", () => {
       connected = true;
+      controls(true);
       root.dataset.state = "connected";
       say("Connected to " + root.dataset.title + ".");
       rfb.focus();
