@@ -67,6 +67,9 @@ def staffed(deployment: Deployment, echo_server, http_server) -> Deployment:  # 
     deployment.add_resource("web", http_server.address, ["staff"], "Team web")
     deployment.add_resource("echo", echo_server.address, ["staff"], "Echo")
     deployment.add_resource("finance", echo_server.address, ["finance"], "Ledger")
+    # A web application: listed for the client too, but opened in a browser.
+    deployment.add_web_resource("docs", "http://127.0.0.1:9", "docs.localhost", ["staff"],
+                                "Docs")
     deployment.add_user("alice", PASSWORD, ["staff"])
     deployment.add_user("bob", PASSWORD, ["finance"])
     return deployment
@@ -85,8 +88,14 @@ def test_cli_signs_in_lists_resources_and_curl_fetches_a_page_through_the_launch
         assert kept.stat().st_mode & 0o777 == 0o600, kept
     listed = run_cli("resources")
     assert listed.returncode == 0, listed.stderr
-    names = [line.split()[0] for line in listed.stdout.splitlines()]
-    assert names == ["intranet", "web", "echo"]
+    lines = {line.split()[0]: line for line in listed.stdout.splitlines()}
+    assert list(lines) == ["intranet", "web", "echo", "docs"]
+    assert lines["web"].split()[1] == "tcp"
+    opened_at = f"in a browser: {running.url}/web/docs"
+    assert lines["docs"].split()[1] == "web" and opened_at in lines["docs"]
+    refused = run_cli("launch", "docs")
+    assert refused.returncode != 0 and f"'docs' opens in a browser, not in the client: " \
+        f"{running.url}/web/docs" in refused.stderr
     _, host, port = start_launch(start_process, "web")
     fetched = subprocess.run([curl, "-sS", "--max-time", "20", f"http://{host}:{port}/"],
                              capture_output=True, text=True, timeout=30)
@@ -120,7 +129,8 @@ def test_json_api_signs_in_lists_and_downloads_a_launch_file(running: Deployment
         token = api_login(client, "alice", PASSWORD)
         headers = {"authorization": f"Bearer {token}"}
         listed = client.get("/api/v1/resources", headers=headers)
-        assert [r["name"] for r in listed.json()["resources"]] == ["intranet", "web", "echo"]
+        assert [r["name"] for r in listed.json()["resources"]] == ["intranet", "web", "echo",
+                                                                   "docs"]
         launched = client.post("/api/v1/resources/echo/launch", headers=headers)
         cookie = client.post("/api/v1/login", json={
             "answers": {"username": "alice", "password": PASSWORD}}).headers["set-cookie"]

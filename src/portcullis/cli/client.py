@@ -128,17 +128,19 @@ def logout() -> None:
 
 @click.command()
 def resources() -> None:
-    """List the resources you may launch."""
+    """List the resources you may use: launch the tcp ones, open the others in a browser."""
     from portcullis.client.portal_api import PortalApi
     from portcullis.client.state import ClientState, client_home
 
     state = ClientState.load(client_home())
     with PortalApi(state.url, client_tls(state.ca_file), state.token) as api:
         items = api.resources()
-    if not items:
-        click.echo("no resources are published for you")
-    for item in items:
-        click.echo(f"{item['name']:<20} {item['title']}")
+        if not items:
+            click.echo("no resources are published for you")
+        for item in items:
+            kind = str(item.get("kind", "tcp"))
+            where = "" if kind == "tcp" else f"  (in a browser: {api.browser_url(item)})"
+            click.echo(f"{item['name']:<20} {kind:<4} {item['title']}{where}")
 
 
 @click.command()

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urljoin
 
 import httpx
 
@@ -106,11 +107,20 @@ class PortalApi:
         resources: list[dict[str, Any]] = response.json()["resources"]
         return resources
 
+    def browser_url(self, resource: dict[str, Any]) -> str:
+        """Where a web or VNC resource of `resources()` opens (the portal's page for it)."""
+        return urljoin(self.url + "/", str(resource.get("open", "/")))
+
     def launch(self, name: str) -> LaunchFile:
         response = self._request("POST", f"/api/v1/resources/{name}/launch")
         if response.status_code == 403:
+            # A web application or a desktop is yours to open, in a browser: say where.
+            listed = next((item for item in self.resources() if item.get("name") == name), None)
+            if listed is not None and listed.get("kind") != "tcp":
+                raise ClientError(f"{name!r} opens in a browser, not in the client: "
+                                  f"{self.browser_url(listed)}")
             raise ClientError(f"you may not launch {name!r} (or there is no such resource); "
-                              "'portcullis resources' lists yours")
+                              "the 'resources' command lists yours")
         self._check(response)
         return parse_launch_file(response.content)
 
