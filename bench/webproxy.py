@@ -255,18 +255,31 @@ def publish(deployment: Deployment, upstream: int, echo: int) -> None:
 async def app_cookie(deployment: Deployment, api: httpx.AsyncClient, resource: str,
                      host: str) -> str:
     """The application cookie for `resource`, as a browser gets it: the portal's entry
-    (signed in: a redirect carrying a one-time code) then the code redeemed at the
-    application's host, which sets the cookie."""
-    entry = await api.get(f"/web/{resource}", params={"next": "/"})
-    if entry.status_code != 303:
-        raise RuntimeError(f"/web/{resource}: {entry.status_code} {entry.text[:200]}")
-    location = urlsplit(entry.headers["location"])
-    if location.hostname != host:
-        raise RuntimeError(f"/web/{resource} sent us to {location.geturl()}")
+    sends the browser to the application's host for its state cookie
+    (`/.portcullis/start`), back to the portal's entry, which answers with a one-time code
+    bound to that state; the code is redeemed at the application's host beside the state
+    cookie, which sets the application cookie."""
     async with httpx.AsyncClient(verify=deployment.client_tls(), timeout=30) as app:
-        answer = await app.get(
-            f"https://127.0.0.1:{location.port}{location.path}?{location.query}",
-            headers={"host": f"{host}:{location.port}"}, extensions={"sni_hostname": host})
+        async def on_app_host(url: str, cookie: str | None = None) -> httpx.Response:
+            location = urlsplit(url)
+            if location.hostname != host:
+                raise RuntimeError(f"/web/{resource} sent us to {url}")
+            return await app.get(
+                f"https://127.0.0.1:{location.port}{location.path}?{location.query}",
+                headers={"host": f"{host}:{location.port}",
+                         **({"cookie": cookie} if cookie else {})},
+                extensions={"sni_hostname": host})
+
+        entry = await api.get(f"/web/{resource}", params={"next": "/"})
+        if entry.status_code != 303:
+            raise RuntimeError(f"/web/{resource}: {entry.status_code} {entry.text[:200]}")
+        start = await on_app_host(entry.headers["location"])
+        state = start.headers.get("set-cookie", "").split(";", 1)[0]
+        portal = await api.get(start.headers.get("location", ""))
+        if start.status_code != 303 or portal.status_code != 303:
+            raise RuntimeError(f"{host}: the sign-in hand-off stopped "
+                               f"({start.status_code}, {portal.status_code})")
+        answer = await on_app_host(portal.headers["location"], state)
     token = answer.cookies.get(APP_COOKIE)
     if token is None:
         raise RuntimeError(f"{host}: no {APP_COOKIE} cookie ({answer.status_code})")
