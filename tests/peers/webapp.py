@@ -27,6 +27,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp
 from starlette.websockets import WebSocket
 
 CHUNK = b"x" * (256 * 1024)
@@ -132,7 +133,12 @@ def serve_webapp(jwks_url: str, audience: str, ca: Path) -> Iterator[WebApp]:
     """Run the application until the generator is closed."""
     sock = socket.create_server(("127.0.0.1", 0))
     webapp = WebApp(sock.getsockname()[1], jwks_url, audience, ca)
-    server = uvicorn.Server(uvicorn.Config(webapp.app(), log_config=None, access_log=False,
+    yield from serve_asgi(webapp.app(), sock)
+
+
+def serve_asgi(app: ASGIApp, sock: socket.socket) -> Iterator[None]:
+    """Serve `app` under uvicorn, in a thread, on `sock` until the generator is closed."""
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False,
                                            lifespan="off", ws="websockets-sansio"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -141,7 +147,7 @@ def serve_webapp(jwks_url: str, audience: str, ca: Path) -> Iterator[WebApp]:
         time.sleep(0.02)
     assert server.started, "the test web application did not start"
     try:
-        yield webapp
+        yield
     finally:
         server.should_exit = True
         thread.join(10)
