@@ -82,17 +82,13 @@ groups = ["staff"]
     party = RelyingParty(f"https://localhost:{deployment.port}", deployment.ca, "notes",
                          f"{origin}/callback", secret)
     sock = socket.create_server(("127.0.0.1", 0))
-    serving = serve_asgi(relying_party_app(party), sock)
-    next(serving)
-    try:
+    with serve_asgi(relying_party_app(party), sock):
         deployment.add_web_resource("notes", f"http://127.0.0.1:{sock.getsockname()[1]}",
                                     HOST, ["staff"], title="Team notes")
         deployment.add_user("alice", PASSWORD, ["staff"])
         up: Process = start_process("up", "--dir", str(deployment.directory), name="up")
         up.wait_for(r"Portal: https://")
         yield deployment
-    finally:
-        serving.close()
 
 
 def test_an_oidc_application_behind_the_gateway_signs_in_without_a_second_password(

@@ -12,6 +12,7 @@ WebSocket echo; `/ws?assertion=1` first sends the user).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import threading
@@ -133,9 +134,11 @@ def serve_webapp(jwks_url: str, audience: str, ca: Path) -> Iterator[WebApp]:
     """Run the application until the generator is closed."""
     sock = socket.create_server(("127.0.0.1", 0))
     webapp = WebApp(sock.getsockname()[1], jwks_url, audience, ca)
-    yield from serve_asgi(webapp.app(), sock)
+    with serve_asgi(webapp.app(), sock):
+        yield webapp
 
 
+@contextlib.contextmanager
 def serve_asgi(app: ASGIApp, sock: socket.socket) -> Iterator[None]:
     """Serve `app` under uvicorn, in a thread, on `sock` until the generator is closed."""
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False,
