@@ -143,8 +143,7 @@ class LaunchEndpoint:
 
     def opened(self, carrier: WebSocketMux, request: Request) -> None:
         """A WebSocket to the launch path is open: serve it as one launch."""
-        peer = carrier.transport.get_extra_info("peername") if carrier.transport else None
-        client = str(peer[0]) if peer else "unknown"
+        client = carrier.peer_host()
         grant_ready: asyncio.Future[tuple[TicketGrant, Pinned]] = (
             asyncio.get_running_loop().create_future())
 

@@ -83,8 +83,7 @@ class TunnelEndpoint:
         self._host_addresses = host_addresses or HostAddresses()
 
     def opened(self, carrier: WebSocketMux, request: Request) -> None:
-        peer = carrier.transport.get_extra_info("peername") if carrier.transport else None
-        client = str(peer[0]) if peer else "unknown"
+        client = carrier.peer_host()
         claims_ready: asyncio.Future[Admitted] = asyncio.get_running_loop().create_future()
 
         async def open_stream(session: MuxSession, event: mux.StreamOpened) -> None:

@@ -77,6 +77,12 @@ class WebSocketMux(asyncio.Protocol):
         self._early: list[Message] = []
         self._fragments: list[Message] = []
 
+    def peer_host(self) -> str:
+        """The address of the other end, as audit lines name a client ("unknown" before
+        the connection is made)."""
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return str(peer[0]) if peer else "unknown"
+
     # -- MessageCarrier ----------------------------------------------------------------
     def send_message(self, chunks: Sequence[Message]) -> None:
         """Send the chunks as one binary message, without joining them.

@@ -292,8 +292,7 @@ class VncEndpoint:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def opened(self, carrier: WebSocketMux, request: Request) -> None:
-        peer = carrier.transport.get_extra_info("peername") if carrier.transport else None
-        client = str(peer[0]) if peer else "unknown"
+        client = carrier.peer_host()
         relay = ViewerRelay(carrier)
         carrier.attach(relay)
         task = asyncio.ensure_future(self._serve(relay, client))
