@@ -165,6 +165,9 @@ def _provision(directory: Path, address: str, tls: dict[str, Path]) -> None:
         "interfaces": f"{address}/8", "bind interfaces only": "yes",
         "server services": "ldap", "dcerpc endpoint servers": "",
         "log file": str(directory / "samba.log"), "panic action": "",
+        # Its own pid file (the default is /run/samba's): a Samba left running by another
+        # run must not stop this one from starting.
+        "pid directory": str(directory / "run"),
         "tls enabled": "yes", "tls certfile": str(tls["cert"]),
         "tls keyfile": str(tls["key"]), "tls cafile": str(tls["ca"]),
     }
