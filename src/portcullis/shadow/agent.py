@@ -392,12 +392,17 @@ class DeviceAgent:
         interval = 30.0
         while True:
             assert self.listen_address is not None
+            sent_with = self.identity
             try:
                 # Every heartbeat says where consoles reach this device (the hub records
                 # and audits a change): the authenticated call, never `register`.
                 state = await self.hub.state(advertise=self.advertise,
                                              listen_port=self.listen_address[1])
             except HubRefused as exc:
+                if self.identity is not sent_with:
+                    # Renewed while this heartbeat was out: it presented the old
+                    # certificate, which the hub no longer knows. Not a removal.
+                    continue
                 if await self.adopt_staged_identity():
                     continue
                 self._say(f"{exc}: this device no longer serves shadowing")
