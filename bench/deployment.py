@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import socket
 import ssl
@@ -27,6 +28,7 @@ import psutil
 PORTCULLIS = str(Path(sys.executable).parent / "portcullis")
 USER = "alice"
 PASSWORD = "bench horse battery staple"
+_picker = random.Random()
 
 
 def free_port() -> int:
@@ -36,11 +38,14 @@ def free_port() -> int:
 
 
 def free_port_run(count: int) -> int:
-    """A port P with P..P+count-1 all free (`portcullis init` uses three in a row)."""
+    """A port P with P..P+count-1 all free (`portcullis init` uses three in a row).
+
+    Picked below the kernel's ephemeral range: a port from that range, free when
+    picked, may become the source port of any outgoing connection (this machine makes
+    thousands a second under load) before `portcullis up` binds it."""
+    low = _ephemeral_low()
     for _ in range(200):
-        base = free_port()
-        if base + count >= 65535:
-            continue
+        base = _picker.randrange(10000, low - count)
         sockets: list[socket.socket] = []
         try:
             for offset in range(count):
@@ -54,6 +59,13 @@ def free_port_run(count: int) -> int:
             for sock in sockets:
                 sock.close()
     raise RuntimeError("found no run of free ports in 200 tries")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _listening_ports() -> set[int]:

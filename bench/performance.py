@@ -525,7 +525,7 @@ def _detail(result: Measured, setup: str) -> str:
     if "loss_percent" in samples[0].detail:
         parts.append(f"loss {result.detail(setup, 'loss_percent')} %")
     if "gib" in samples[0].detail:
-        parts.append(f"{number(result.detail(setup, 'gib').median)} GiB/run")
+        parts.append(f"{number(result.detail(setup, 'gib').median)} GiB received")
     errors = sum(sample.detail.get("errors", 0) for sample in samples)
     if errors:
         parts.append(f"{errors:.0f} errors")
