@@ -15,13 +15,20 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO, cast
 
 import structlog
 
 
 def configure_logging(level: str = "info", fmt: Literal["text", "json"] = "text") -> None:
-    """Route structlog and the standard library (uvicorn) through one formatter on stderr."""
+    """Route structlog and the standard library (uvicorn) through one renderer on stderr.
+
+    Our own events (every audit event is one) are rendered by structlog and written
+    straight to stderr: a gateway logs a line per tunnel stream, and the standard
+    library's path (a LogRecord, the caller's frame looked up, handler locks, a second
+    formatter) cost more than the line itself. Its level is checked before any of that.
+    Library loggers (uvicorn) still go through `logging`, rendered the same way.
+    """
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
@@ -32,10 +39,13 @@ def configure_logging(level: str = "info", fmt: Literal["text", "json"] = "text"
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    # The JSON renderer does not format tracebacks itself; the console renderer does.
+    tracebacks: list[Any] = [structlog.processors.format_exc_info] if fmt == "json" else []
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, *tracebacks, renderer],
+        logger_factory=structlog.WriteLoggerFactory(file=cast(TextIO, _Stderr())),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
@@ -52,6 +62,17 @@ def configure_logging(level: str = "info", fmt: Literal["text", "json"] = "text"
         logging.getLogger(name).propagate = True
     # The websockets library logs every connection at INFO; our audit trail says more.
     logging.getLogger("websockets").setLevel(max(logging.WARNING, root.level))
+
+
+class _Stderr:
+    """Whatever sys.stderr is when a line is written (loggers are cached on first use,
+    and sys.stderr may be replaced after that, as pytest's capture does)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 class AuditTrail:

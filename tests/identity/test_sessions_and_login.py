@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from portcullis.identity.passwords import hash_password, verify_password
 from portcullis.identity.sessions import SessionManager
 from portcullis.identity.throttle import Throttle
 from portcullis.store import DurableStore, EphemeralStore
+from portcullis.store.durable import UserRecord
 from portcullis.tokens import TokenHasher
 
 SETTINGS = SessionSettings(idle_timeout=60, absolute_timeout=600, login_step_timeout=30)
@@ -183,6 +185,57 @@ async def test_account_status_is_remembered_for_its_ttl_then_asked_again(
     nobody = await accounts.state("nobody")
     # No local account: a local session is void, a directory user's is not blocked.
     assert not nobody.admits("local") and nobody.admits("corp")
+
+
+class CountingDurable:
+    """The durable store, counting the account lookups that reach it."""
+
+    def __init__(self, durable: DurableStore) -> None:
+        self.durable = durable
+        self.lookups = 0
+
+    async def get_user(self, name: str) -> UserRecord | None:
+        self.lookups += 1
+        await asyncio.sleep(0)   # the query takes a moment: others ask meanwhile
+        return await self.durable.get_user(name)
+
+
+async def test_callers_asking_while_the_answer_is_looked_up_share_one_query(
+        durable: DurableStore) -> None:
+    clock = FakeClock()
+    counting = CountingDurable(durable)
+    accounts = AccountStatus(counting, ttl=1.0, clock=clock)  # type: ignore[arg-type]
+    states = await asyncio.gather(*(accounts.state("alice") for _ in range(20)))
+    assert all(state.active for state in states) and counting.lookups == 1
+    await durable.set_disabled("alice", True)
+    clock.now += 1.1
+    states = await asyncio.gather(*(accounts.state("alice") for _ in range(20)))
+    assert not any(state.active for state in states) and counting.lookups == 2
+
+
+async def test_an_account_forgotten_during_its_lookup_is_asked_again(
+        durable: DurableStore) -> None:
+    counting = CountingDurable(durable)
+    accounts = AccountStatus(counting, ttl=60.0)  # type: ignore[arg-type]
+    under_way = asyncio.ensure_future(accounts.state("alice"))
+    await asyncio.sleep(0)                    # the lookup has started
+    await durable.set_disabled("alice", True)
+    accounts.forget("alice")                  # what the disabling process says
+    assert not (await accounts.state("alice")).active
+    await under_way                           # its answer predates the change...
+    assert not (await accounts.state("alice")).active   # ...and is not remembered
+    assert counting.lookups == 2
+
+
+async def test_a_caller_that_gives_up_does_not_cancel_the_shared_lookup(
+        durable: DurableStore) -> None:
+    counting = CountingDurable(durable)
+    accounts = AccountStatus(counting, ttl=60.0)  # type: ignore[arg-type]
+    impatient = asyncio.ensure_future(accounts.state("alice"))
+    patient = asyncio.ensure_future(accounts.state("alice"))
+    await asyncio.sleep(0)
+    impatient.cancel()
+    assert (await patient).active and counting.lookups == 1
 
 
 async def test_re_enabling_a_user_does_not_revive_sessions_from_before_the_disable(

@@ -25,6 +25,7 @@ from portcullis.policy.admission import (
     admit,
     guard_of,
     needs_lookup,
+    parse_address,
     resource_policy,
 )
 from portcullis.policy.explain import Who, explain
@@ -292,3 +293,11 @@ def test_explain_prints_what_the_client_is_told_when_refused() -> None:
     assert lines[0] == "user alice" and "DENIED" in lines
     assert "the client is told: the gateway host is never a destination" in lines
     assert not admission.allowed and admission.address is None
+
+
+def test_a_destination_is_parsed_once_and_the_parsed_ones_are_bounded() -> None:
+    first = parse_address("::ffff:10.0.0.7")
+    assert first == IPv4Address("10.0.0.7")
+    assert parse_address("::ffff:10.0.0.7") is first   # remembered, not parsed again
+    assert parse_address("intranet.example") is None
+    assert parse_address.cache_info().maxsize is not None   # clients choose the strings

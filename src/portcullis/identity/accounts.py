@@ -4,10 +4,14 @@ remembered for a moment.
 Every authenticated request and every launch asks; without the cache each would be a
 database round trip. An account disabled from any process stops working here within
 `ttl` seconds, which is also how often the gateway looks for connections to end.
+When the remembered answer expires, the callers that ask meanwhile share one query
+instead of each sending their own (at a few hundred launches a second, a herd of them
+every `ttl`, each taking a database connection).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,12 +52,28 @@ class AccountStatus:
         self._ttl = ttl
         self._clock = clock
         self._known: dict[str, tuple[AccountState, float]] = {}
+        self._lookups: dict[str, asyncio.Future[AccountState]] = {}
 
     async def state(self, username: str) -> AccountState:
-        now = self._clock()
         known = self._known.get(username)
-        if known is not None and known[1] > now:
+        if known is not None and known[1] > self._clock():
             return known[0]
+        lookup = self._lookups.get(username)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self._look_up(username))
+            self._lookups[username] = lookup
+            lookup.add_done_callback(lambda done: self._lookup_done(username, done))
+        # Shielded: a caller that gives up must not cancel the others' answer.
+        return await asyncio.shield(lookup)
+
+    def forget(self, username: str) -> None:
+        """Ask the durable store next time: the account has just changed (a query
+        already under way may predate the change, so its answer is not kept either)."""
+        self._known.pop(username, None)
+        self._lookups.pop(username, None)
+
+    async def _look_up(self, username: str) -> AccountState:
+        asked_at = self._clock()
         user = await self._durable.get_user(username)
         if user is None:
             state = UNKNOWN
@@ -61,14 +81,16 @@ class AccountStatus:
             after = user.sessions_valid_after
             state = AccountState(True, user.disabled,
                                  after.timestamp() if after is not None else 0.0)
-        if len(self._known) >= MAX_CACHED:
-            self._known.clear()
-        self._known[username] = (state, now + self._ttl)
+        if self._lookups.get(username) is asyncio.current_task():   # not forgotten since
+            if len(self._known) >= MAX_CACHED:
+                self._known.clear()
+            # From when it was asked: an answer is never remembered for longer than ttl.
+            self._known[username] = (state, asked_at + self._ttl)
         return state
 
-    def forget(self, username: str) -> None:
-        """Ask the durable store next time: the account has just changed."""
-        self._known.pop(username, None)
+    def _lookup_done(self, username: str, lookup: asyncio.Future[AccountState]) -> None:
+        if self._lookups.get(username) is lookup:
+            del self._lookups[username]
 
     async def is_disabled(self, username: str) -> bool:
         return (await self.state(username)).disabled

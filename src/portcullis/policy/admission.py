@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 from portcullis.policy.engine import (
@@ -101,6 +102,10 @@ def unmapped(address: Address) -> Address:
     return address
 
 
+# Every stream open parses its destination two or three times, and a tunnel opens
+# thousands to the same few: parsing costs more than the rest of the decision. Bounded,
+# as the strings come from clients; the answers are immutable.
+@lru_cache(maxsize=4096)
 def parse_address(host: str) -> Address | None:
     """The address `host` is written as, unmapped; None when it is a name."""
     try:
