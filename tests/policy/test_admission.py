@@ -301,3 +301,10 @@ def test_a_destination_is_parsed_once_and_the_parsed_ones_are_bounded() -> None:
     assert parse_address("::ffff:10.0.0.7") is first   # remembered, not parsed again
     assert parse_address("intranet.example") is None
     assert parse_address.cache_info().maxsize is not None   # clients choose the strings
+
+
+def test_a_resource_policy_is_built_once_per_address() -> None:
+    policy = resource_policy("10.0.0.7")
+    assert resource_policy("10.0.0.7") is policy
+    assert resource_policy("intranet.example") is not policy
+    assert resource_policy.cache_info().maxsize is not None

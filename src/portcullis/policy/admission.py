@@ -237,6 +237,9 @@ def admit(policy: AccessPolicy, subject: Subject, asked: str, port: int, protoco
     return refused
 
 
+# Built once per resource address (the administrator's list), not once per launch:
+# validating and compiling the rule cost more than admitting the address with it.
+@lru_cache(maxsize=1024)
 def resource_policy(address: str) -> AccessPolicy:
     """The policy a launch is admitted under. The ticket already says who may go where, so
     the access rules do not apply; what remains is the never-reachable set. A resource
