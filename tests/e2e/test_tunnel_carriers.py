@@ -15,15 +15,27 @@ import time
 from pathlib import Path
 
 import httpx
-from test_tunnel import audit, carriers_up, connect, login, vpn  # noqa: F401  (vpn: a fixture)
+from test_tunnel import Tunnel, audit, carriers_up, connect, login, vpn  # noqa: F401  (vpn: a fixture)
 
-from conftest import Deployment
+from conftest import Deployment, run_cli
 from portcullis.gateway.carriers import JOIN_CHECK
 from portcullis.net import websocket
 from portcullis.net.muxsession import MuxSession
 from portcullis.proto.mux import MuxConnection, Reason
 
 BOUND = 1.0   # seconds from a sign-out to every carrier's end (as in test_revocation)
+
+
+def alice_forward(deployment: Deployment, start_process, home: Path, echo_port: int,  # type: ignore[no-untyped-def]
+                  carriers: int = 2) -> tuple[Tunnel, str, str]:
+    """Alice's `connect --carriers N -L` to the echo server, once every carrier is up;
+    the tunnel and the forward's local host and port."""
+    login(deployment, "alice", home)
+    tunnel = connect(deployment, start_process, home, f"127.0.0.1:0:127.0.0.1:{echo_port}",
+                     carriers=carriers)
+    carriers_up(home, carriers)
+    host, port = tunnel.forwards[0]
+    return tunnel, host, port
 
 
 def echo_stream(host: str, port: str) -> socket.socket:
@@ -59,15 +71,10 @@ def streams_per_carrier(home: Path, total: int) -> list[int]:
 def test_parallel_streams_spread_over_two_carriers_of_one_tunnel(
         vpn: Deployment, echo_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     home = tmp_path / "alice"
-    login(vpn, "alice", home)
-    tunnel = connect(vpn, start_process, home, f"127.0.0.1:0:127.0.0.1:{echo_server.port}")
-    carriers_up(home, 2)
-    host, port = tunnel.forwards[0]
+    tunnel, host, port = alice_forward(vpn, start_process, home, echo_server.port)
     held = [echo_stream(host, port) for _ in range(6)]
     assert streams_per_carrier(home, 6) == [3, 3]
-    status = subprocess.run([".venv/bin/portcullis", "status"], capture_output=True, text=True,
-                            env={"PORTCULLIS_HOME": str(home), "PATH": "/usr/bin:/bin"},
-                            timeout=30)
+    status = run_cli("status", env={"PORTCULLIS_HOME": str(home)})
     assert "carriers        2 up of 2" in status.stdout, status.stdout + status.stderr
     assert "carrier 1: up from 127.0.0.1:" in status.stdout
     # Both carriers are one tunnel at the gateway: one id, one source, carriers 0 and 1.
@@ -90,10 +97,8 @@ def test_parallel_streams_spread_over_two_carriers_of_one_tunnel(
 def test_a_dead_carrier_is_reopened_and_new_streams_go_to_the_others(
         vpn: Deployment, echo_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     home = tmp_path / "alice"
-    login(vpn, "alice", home)
-    tunnel = connect(vpn, start_process, home, f"127.0.0.1:0:127.0.0.1:{echo_server.port}")
+    tunnel, host, port = alice_forward(vpn, start_process, home, echo_server.port)
     carriers = carriers_up(home, 2)
-    host, port = tunnel.forwards[0]
     first, second = echo_stream(host, port), echo_stream(host, port)
     assert streams_per_carrier(home, 2) == [1, 1]
     # Cut carrier 1's TCP connection under it (as a middlebox or a network change would).
@@ -190,10 +195,7 @@ def test_only_the_tunnels_own_session_with_its_live_join_secret_adds_a_carrier(
 def test_signing_out_ends_every_carrier_within_a_second(
         vpn: Deployment, echo_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     home = tmp_path / "alice"
-    login(vpn, "alice", home)
-    tunnel = connect(vpn, start_process, home, f"127.0.0.1:0:127.0.0.1:{echo_server.port}")
-    carriers_up(home, 2)
-    host, port = tunnel.forwards[0]
+    tunnel, host, port = alice_forward(vpn, start_process, home, echo_server.port)
     held = [echo_stream(host, port), echo_stream(host, port)]
     assert streams_per_carrier(home, 2) == [1, 1]
     httpx.post(f"{vpn.url}/api/v1/logout", headers={"authorization": f"Bearer {token_of(home)}"},
@@ -212,14 +214,28 @@ def test_signing_out_ends_every_carrier_within_a_second(
 def test_one_carrier_is_a_tunnel_as_before(
         vpn: Deployment, echo_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     home = tmp_path / "alice"
-    login(vpn, "alice", home)
-    tunnel = connect(vpn, start_process, home, f"127.0.0.1:0:127.0.0.1:{echo_server.port}",
-                     carriers=1)
-    carriers_up(home, 1)
-    host, port = tunnel.forwards[0]
+    _, host, port = alice_forward(vpn, start_process, home, echo_server.port, carriers=1)
     held = [echo_stream(host, port) for _ in range(3)]
     status = json.loads((home / "tunnel-status.json").read_text())
     assert len(status["carriers"]) == 1
     assert [e["carrier"] for e in started(vpn, "alice")] == [0]
     for sock in held:
         sock.close()
+
+
+def test_an_administrator_ending_one_carrier_ends_the_tunnel(
+        vpn: Deployment, echo_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    home, admin = tmp_path / "alice", tmp_path / "admin"
+    tunnel, _, _ = alice_forward(vpn, start_process, home, echo_server.port)
+    result = run_cli("login", vpn.url, "--user", "admin", "--password-stdin", "--ca",
+                     str(vpn.ca), input=vpn.admin_password + "\n",
+                     env={"PORTCULLIS_HOME": str(admin)})
+    assert result.returncode == 0, result.stderr
+    extra = next(e for e in started(vpn, "alice") if e["carrier"] == 1)
+    killed = run_cli("sessions", "kill", str(extra["connection"]), "--connections-only",
+                     env={"PORTCULLIS_HOME": str(admin)})
+    assert killed.returncode == 0 and f"ended 1 connection(s) here: {extra['connection']}" \
+        in killed.stdout, killed.stdout + killed.stderr
+    assert tunnel.process.popen.wait(15) == 1
+    assert "ended by an administrator" in tunnel.process.output()
+    assert "reopening" not in tunnel.process.output()

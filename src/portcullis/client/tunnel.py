@@ -144,10 +144,8 @@ class TunnelClient:
                     if self.ended is not None or (attempt == 0 and
                                                   self.connected_since is None):
                         raise
-                    delay = BACKOFF[min(attempt, len(BACKOFF) - 1)]
-                    self._say(f"tunnel down ({exc}); retrying in {delay:.0f} s")
+                    await self._wait_to_retry("tunnel", exc, attempt)
                     attempt += 1
-                    await asyncio.sleep(delay)
                     continue
                 attempt = 0
                 if on_connected is not None:
@@ -158,6 +156,11 @@ class TunnelClient:
             self._ready.set()   # release waiting connections: they close
             self._write_status()
         return self.ended or "stopped"
+
+    async def _wait_to_retry(self, what: str, error: ClientError, attempt: int) -> None:
+        delay = BACKOFF[min(attempt, len(BACKOFF) - 1)]
+        self._say(f"{what} down ({error}); retrying in {delay:.0f} s")
+        await asyncio.sleep(delay)
 
     def stop(self, message: str = "stopped") -> None:
         self.ended = message
@@ -223,10 +226,8 @@ class TunnelClient:
                 if isinstance(exc, CarrierRefused) and exc.final is not None:
                     self.stop(exc.final)
                     return
-                delay = BACKOFF[min(attempt, len(BACKOFF) - 1)]
-                self._say(f"carrier {index} down ({exc}); retrying in {delay:.0f} s")
+                await self._wait_to_retry(f"carrier {index}", exc, attempt)
                 attempt += 1
-                await asyncio.sleep(delay)
                 continue
             attempt = 0
             self._extras[index - 1] = session
