@@ -237,9 +237,9 @@ def _forward_spec(value: str) -> tuple[str, int, str, int]:
               help="Seconds a local client has to finish its SOCKS5 or HTTP handshake.")
 @click.option("--carriers", default=2, show_default=True, type=click.IntRange(1, 16),
               envvar="PORTCULLIS_CARRIERS",
-              help="WebSockets the tunnel's TCP streams spread over, so that parallel "
-                   "streams use several cores at both ends (1: one, as before; also "
-                   "PORTCULLIS_CARRIERS).")
+              help="WebSockets the tunnel's TCP streams spread over, so that gateway "
+                   "worker processes can carry them on several cores (1: one, as "
+                   "before; also PORTCULLIS_CARRIERS).")
 def connect(socks: str, http_proxy: str, forwards: tuple[str, ...],
             udp_forwards: tuple[str, ...], transparent: bool, ca_file: str | None,
             proxy_auth: bool | None, handshake_timeout: float, carriers: int) -> None:
