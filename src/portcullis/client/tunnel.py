@@ -4,9 +4,9 @@ A few WebSockets to the gateway, the tunnel's carriers, carry every connection t
 listeners capture: carrier 0 is the tunnel (its loss is the tunnel's), and with the join
 secret the gateway gives it, `carriers - 1` more join the same tunnel, so that parallel
 streams spread over the gateway's worker processes (each carrier is one WebSocket, served
-by one process on one core; this process stays one event loop). A new TCP stream goes to the live carrier with the fewest open
-streams; an extra carrier that drops is reopened in the background while new streams go
-to the others. When carrier 0 drops, or the gateway stops answering the codec's
+by one process on one core; this process stays one event loop). A new TCP stream goes
+to the live carrier with the fewest open streams; an extra carrier that drops is
+reopened in the background while new streams go to the others. When carrier 0 drops, or the gateway stops answering the codec's
 keep-alive PINGs for the dead-peer time the gateway pushed, every carrier closes, streams
 in flight fail and new ones wait while it reconnects with backoff; when an administrator
 ends it, or the session is no longer valid, it stops and says why. A status file lets
