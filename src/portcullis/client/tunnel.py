@@ -6,12 +6,13 @@ secret the gateway gives it, `carriers - 1` more join the same tunnel, so that p
 streams spread over the gateway's worker processes (each carrier is one WebSocket, served
 by one process on one core; this process stays one event loop). A new TCP stream goes
 to the live carrier with the fewest open streams; an extra carrier that drops is
-reopened in the background while new streams go to the others. When carrier 0 drops, or the gateway stops answering the codec's
-keep-alive PINGs for the dead-peer time the gateway pushed, every carrier closes, streams
-in flight fail and new ones wait while it reconnects with backoff; when an administrator
-ends it, or the session is no longer valid, it stops and says why. A status file lets
-`portcullis status` show bytes, streams (per carrier too), round trip and the pushed
-configuration.
+reopened in the background while new streams go to the others.
+
+When carrier 0 drops, or the gateway stops answering the codec's keep-alive PINGs for
+the dead-peer time the gateway pushed, every carrier closes, streams in flight fail and
+new ones wait while it reconnects with backoff; when an administrator ends it, or the
+session is no longer valid, it stops and says why. A status file lets `portcullis
+status` show bytes, streams (per carrier too), round trip and the pushed configuration.
 """
 
 from __future__ import annotations
