@@ -158,7 +158,10 @@ class TunnelEndpoint:
             await session.closed.wait()
         finally:
             if join is not None:
-                await self._joins.end(join)
+                try:
+                    await self._joins.end(join)
+                except StoreError as exc:   # it expires on its own, after JOIN_TTL
+                    log.warning("cannot end a tunnel's carrier join", error=str(exc))
             if self._pool is not None and intranet_ip is not None:
                 if join is None:
                     await self._pool.release(intranet_ip, connection.id)
