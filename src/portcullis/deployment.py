@@ -60,7 +60,7 @@ absolute_timeout = 43200       # seconds after sign-in a session ends regardless
 
 [store]
 durable = "sqlite:///portcullis.db"   # or postgresql://user@host/db
-ephemeral = "memory://"               # or redis://host:6379/0 for several nodes
+ephemeral = "sqlite:///ephemeral.db"  # or redis://host:6379/0 for several nodes
 
 [tls]
 ca_cert = "pki/ca.crt"

@@ -74,6 +74,7 @@ from portcullis.store import (
     MemoryEventBus,
     open_ephemeral,
     open_event_bus,
+    shared_between_processes,
 )
 from portcullis.tokens import TokenHasher
 from portcullis.web.client_certificate import user_certificate_http
@@ -142,7 +143,7 @@ class Node:
             raise ConfigError(f"roles must be among {', '.join(ROLES)}; got {list(roles)}")
         maintain(settings, roles)   # renew due certificates before the listeners load them
         durable = await DurableStore.open(settings.durable_url())
-        ephemeral = open_ephemeral(settings.store.ephemeral)
+        ephemeral = open_ephemeral(settings.ephemeral_url())
         try:
             await ephemeral.ping()   # a wrong Redis URL fails now, not at the first login
         except StoreError:
@@ -151,7 +152,7 @@ class Node:
         audit = AuditTrail(settings.path(settings.log.audit_file))
         node = cls(settings, tuple(dict.fromkeys(roles)), durable, ephemeral, audit,
                    ConnectionRegistry(audit), AccessPolicy(settings.policies),
-                   events=open_event_bus(settings.store.ephemeral))
+                   events=open_event_bus(settings.ephemeral_url()))
         node._wire()
         return node
 
@@ -332,11 +333,12 @@ class Node:
         # A portal in another process with a memory:// store keeps sessions this gateway
         # cannot see: launches are then not tied to them (and tunnels cannot sign in).
         sessions_here = ("portal" in self.roles
-                         or not settings.store.ephemeral.startswith("memory:"))
+                         or shared_between_processes(settings.store.ephemeral))
         if not sessions_here:
             log.warning("the portal runs in another process and store.ephemeral is "
                         "memory://: ending a sign-in session will not end its launched "
-                        "connections; share a redis:// store")
+                        "connections; use a store the processes share (the default "
+                        "sqlite:///ephemeral.db, or redis://)")
         if self.relays is not None:
             self.websocket_endpoints[RELAY_PATH] = self.relays.opened
         launch = LaunchEndpoint(

@@ -227,7 +227,7 @@ def _announce_ending(directory: Path, user: str, ending: str) -> None:
     from portcullis.identity.endings import Ending, SessionEnded, announce_from_elsewhere
 
     try:
-        asyncio.run(announce_from_elsewhere(_load(directory).store.ephemeral,
+        asyncio.run(announce_from_elsewhere(_load(directory).ephemeral_url(),
                                             SessionEnded(Ending(ending), user=user)))
     except StoreError as exc:
         click.echo(f"portcullis: warning: the gateways could not be told at once ({exc}); "
@@ -350,11 +350,12 @@ def user_totp_code(name: str, realm: str | None, directory: Path) -> None:
 @_realm_option("The realm whose lockout to clear.")
 @dir_option
 def user_unlock(name: str, realm: str | None, directory: Path) -> None:
-    """Clear a user's failed sign-in count and lockout (needs a shared Redis store)."""
+    """Clear a user's failed sign-in count and lockout (in the store the gateway uses)."""
     from portcullis.identity.tooling import resolve_identity, unlock
+    from portcullis.store import shared_between_processes
 
     settings = _load(directory)
-    if settings.store.ephemeral.startswith("memory"):
+    if not shared_between_processes(settings.store.ephemeral):
         fail("store.ephemeral is memory://: lockouts live in the running gateway and end "
              f"by themselves after auth.throttle.lockout_seconds "
              f"({settings.auth.throttle.lockout_seconds:g} s)", 2)

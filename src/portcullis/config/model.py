@@ -91,7 +91,9 @@ class SessionSettings(Section):
 
 class StoreSettings(Section):
     durable: str = "sqlite:///portcullis.db"
-    ephemeral: str = "memory://"
+    # The embedded store, one file that a node's processes share and a restart keeps;
+    # redis:// for several nodes; memory:// for tests only.
+    ephemeral: str = "sqlite:///ephemeral.db"
 
     @field_validator("durable")
     @classmethod
@@ -103,8 +105,9 @@ class StoreSettings(Section):
     @field_validator("ephemeral")
     @classmethod
     def _ephemeral(cls, value: str) -> str:
-        if not re.match(r"(memory|redis|rediss)://", value):
-            raise ValueError(f"must be memory:// or a redis:// URL, got {value!r}")
+        if not re.match(r"(memory://|redis://|rediss://|sqlite:///.)", value):
+            raise ValueError("must be sqlite:///file.db, a redis:// or rediss:// URL, or "
+                             f"memory:// (tests), got {value!r}")
         return value
 
 
@@ -470,7 +473,14 @@ class Settings(Section):
 
     def durable_url(self) -> str:
         """The durable store URL with a relative SQLite path made absolute."""
-        url = self.store.durable
+        return self._absolute_sqlite(self.store.durable)
+
+    def ephemeral_url(self) -> str:
+        """The ephemeral store URL with a relative SQLite path made absolute: every
+        process of the deployment (workers, the CLI) opens the same file."""
+        return self._absolute_sqlite(self.store.ephemeral)
+
+    def _absolute_sqlite(self, url: str) -> str:
         match = re.match(r"(sqlite(?:\+\w+)?:///)(.*)", url)
         if match and match.group(2) and not match.group(2).startswith("/"):
             return match.group(1) + str(self.path(match.group(2)))

@@ -1,0 +1,319 @@
+"""The embedded ephemeral store: one SQLite file that every process of a node shares.
+
+`SqliteStore` keeps what `MemoryStore` keeps (tickets, sessions, counters, sets), but in a
+file in WAL mode: every worker process of a node and the CLI see the same state, and a
+restart keeps it. Expiry is wall-clock time (`time.time()`), stored per row, because it
+must mean the same in every process and after a reboot; expired rows are invisible at
+once, and each write sweeps a few of them away, so garbage stays proportional to writes.
+
+Why plain synchronous calls, not a thread: every statement here is a few microseconds on
+a local file (WAL, synchronous=NORMAL: a commit appends to the log without an fsync), and
+handing each to a thread costs more than running it (bench/store_ops.py measured ~3x on
+this machine, see docs/performance.md). The price is that a write waiting for another
+process's write lock blocks the event loop; write transactions here are single short
+statements, so that wait is rare and short, and `busy_timeout` bounds it.
+
+Each method runs without awaiting, so it is atomic within the process as MemoryStore's
+are; across processes atomicity comes from SQLite: `take` is one DELETE … RETURNING,
+`put_new` and `incr` one UPSERT each, set changes one IMMEDIATE transaction.
+
+Never lets a sqlite3 exception escape: failures leave as `StoreError` naming the file,
+never the keys or values.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from portcullis.errors import StoreError
+from portcullis.store.ephemeral import Clock, EphemeralStore, checked_ttl
+
+SCHEMA_VERSION = 1
+# How long a write may wait for another process's write lock before it fails.
+BUSY_TIMEOUT_MS = 5000
+# Every SWEEP_EVERY writes, up to SWEEP_ROWS expired rows are deleted: on average one
+# write removes SWEEP_ROWS / SWEEP_EVERY rows, more than it can add, at bounded cost.
+SWEEP_EVERY = 16
+SWEEP_ROWS = 64
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT PRIMARY KEY,
+    value BLOB,                     -- NULL: the key holds a set (its members below)
+    expires_at REAL NOT NULL        -- time.time() seconds
+);
+CREATE INDEX IF NOT EXISTS entries_expiry ON entries (expires_at);
+CREATE TABLE IF NOT EXISTS members (
+    key TEXT NOT NULL,
+    member TEXT NOT NULL,
+    PRIMARY KEY (key, member)
+) WITHOUT ROWID;
+-- A set's members go with its row: deleted, or replaced by a value.
+CREATE TRIGGER IF NOT EXISTS entries_deleted AFTER DELETE ON entries
+    WHEN OLD.value IS NULL
+    BEGIN DELETE FROM members WHERE key = OLD.key; END;
+CREATE TRIGGER IF NOT EXISTS entries_replaced AFTER UPDATE OF value ON entries
+    WHEN OLD.value IS NULL AND NEW.value IS NOT NULL
+    BEGIN DELETE FROM members WHERE key = OLD.key; END;
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused: listeners read id > last seen
+    channel TEXT NOT NULL,
+    message BLOB NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+# Digits only: what `incr` counts on (it refuses any other value, as MemoryStore does).
+_IS_COUNTER = ("(entries.value IS NOT NULL AND CAST(entries.value AS TEXT) GLOB '[0-9]*' "
+               "AND CAST(entries.value AS TEXT) NOT GLOB '*[^0-9]*')")
+
+
+def sqlite_path(url: str) -> Path:
+    """The file of a "sqlite:///path" URL (absolute with four slashes)."""
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite" or parts.netloc or not parts.path.strip("/"):
+        raise StoreError(f"an embedded store URL is sqlite:///path/to/file.db, not {url!r}")
+    # "sqlite:///x.db" is the relative x.db, "sqlite:////var/x.db" the absolute /var/x.db.
+    return Path(unquote(parts.path[1:]))
+
+
+class EmbeddedFile:
+    """One connection to the node's SQLite file, opened at first use with the schema."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._connection: sqlite3.Connection | None = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._connection is None:
+            with self.mapped_errors("open"):
+                self._connection = _connect(self.path)
+        return self._connection
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with self.mapped_errors("close"):
+                connection.close()
+
+    @contextmanager
+    def mapped_errors(self, doing: str) -> Iterator[None]:
+        """The one place where sqlite3 exceptions become ours (keys are not named)."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StoreError(f"the embedded store {self.path} failed to {doing}: {exc}; "
+                             "check that the file and its directory are writable by this "
+                             "user and the disk is not full") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot open the embedded store {self.path}: "
+                             f"{exc.strerror or exc}") from exc
+
+    @contextmanager
+    def immediate(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """A write transaction that holds the file's write lock from its first statement."""
+        db = self.db
+        with self.mapped_errors(doing):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # Created 0600 before SQLite opens it: the -wal and -shm files take its mode.
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    # Autocommit (isolation_level None): each statement is its own transaction unless we
+    # BEGIN one; check_same_thread off so that close() may come from any thread.
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                         timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+        # In WAL mode NORMAL loses at most the last commits on a power cut, never the
+        # file's consistency: right for state that expires within hours anyway.
+        db.execute("PRAGMA synchronous = NORMAL")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise StoreError(f"the embedded store {path} was made by another version of "
+                             f"Portcullis (schema {version}); stop the node and delete it "
+                             "(it holds only sessions, tickets and counters)")
+        if version == 0:
+            # Processes starting together may all get here: the write lock orders them,
+            # and IF NOT EXISTS makes the later ones do nothing.
+            db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} "
+                             f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+class SqliteStore(EphemeralStore):
+    """The ephemeral store in one SQLite file, shared by the processes that open it."""
+
+    def __init__(self, path: Path, *, clock: Clock = time.time) -> None:
+        self._file = EmbeddedFile(path)
+        self._clock = clock
+        self._writes = 0
+
+    @property
+    def path(self) -> Path:
+        return self._file.path
+
+    def __len__(self) -> int:
+        """Rows held, including expired ones not swept yet (for tests and metrics)."""
+        with self._file.mapped_errors("count"):
+            return int(self._file.db.execute("SELECT count(*) FROM entries").fetchone()[0])
+
+    async def put(self, key: str, value: bytes, ttl: float) -> None:
+        now = self._clock()
+        expires = now + checked_ttl(ttl)
+        with self._file.mapped_errors("store a value"):
+            self._file.db.execute(
+                "INSERT INTO entries (key, value, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+                "expires_at = excluded.expires_at", (key, bytes(value), expires))
+        self._written(now)
+
+    async def put_new(self, key: str, value: bytes, ttl: float) -> bool:
+        now = self._clock()
+        expires = now + checked_ttl(ttl)
+        with self._file.mapped_errors("store a value"):
+            # Stores when the key is absent, or present but expired: one statement.
+            stored = self._file.db.execute(
+                "INSERT INTO entries (key, value, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+                "expires_at = excluded.expires_at WHERE entries.expires_at <= ? "
+                "RETURNING 1", (key, bytes(value), expires, now)).fetchone()
+        self._written(now)
+        return stored is not None
+
+    async def get(self, key: str) -> bytes | None:
+        with self._file.mapped_errors("read a value"):
+            row = self._file.db.execute(
+                "SELECT value, value IS NULL FROM entries WHERE key = ? AND expires_at > ?",
+                (key, self._clock())).fetchone()
+        if row is None:
+            return None
+        if row[1]:
+            raise StoreError("the key holds a set, not a value")
+        return bytes(row[0])
+
+    async def take(self, key: str) -> bytes | None:
+        now = self._clock()
+        with self._file.mapped_errors("take a value"):
+            row = self._file.db.execute(
+                "DELETE FROM entries WHERE key = ? AND expires_at > ? AND value IS NOT NULL "
+                "RETURNING value", (key, now)).fetchone()
+        if row is None:
+            if self._holds_set(key, now):
+                raise StoreError("the key holds a set, not a value")
+            return None
+        return bytes(row[0])
+
+    async def delete(self, key: str) -> None:
+        with self._file.mapped_errors("delete a key"):
+            self._file.db.execute("DELETE FROM entries WHERE key = ?", (key,))
+
+    async def touch(self, key: str, ttl: float) -> bool:
+        now = self._clock()
+        expires = now + checked_ttl(ttl)
+        with self._file.mapped_errors("refresh a key"):
+            touched = self._file.db.execute(
+                "UPDATE entries SET expires_at = ? WHERE key = ? AND expires_at > ? "
+                "RETURNING 1", (expires, key, now)).fetchone()
+        return touched is not None
+
+    async def incr(self, key: str, ttl: float) -> int:
+        now = self._clock()
+        expires = now + checked_ttl(ttl)
+        with self._file.mapped_errors("count"):
+            # A new or expired counter starts at 1 with this TTL; a live one keeps its TTL.
+            # A live value that is no counter (or a set) fails the WHERE: no row back.
+            row = self._file.db.execute(
+                "INSERT INTO entries (key, value, expires_at) VALUES (?, CAST('1' AS BLOB), ?) "
+                "ON CONFLICT (key) DO UPDATE SET "
+                "value = CASE WHEN entries.expires_at <= ? THEN excluded.value "
+                "ELSE CAST(CAST(CAST(CAST(entries.value AS TEXT) AS INTEGER) + 1 AS TEXT) AS BLOB) "
+                "END, "
+                "expires_at = CASE WHEN entries.expires_at <= ? THEN excluded.expires_at "
+                "ELSE entries.expires_at END "
+                f"WHERE entries.expires_at <= ? OR {_IS_COUNTER} "
+                "RETURNING CAST(value AS TEXT)", (key, expires, now, now, now)).fetchone()
+        self._written(now)
+        if row is None:
+            raise StoreError("incr on a value that is not an integer counter")
+        return int(row[0])
+
+    async def add_to_set(self, key: str, member: str, ttl: float) -> None:
+        now = self._clock()
+        expires = now + checked_ttl(ttl)
+        with self._file.immediate("add to a set") as db:
+            row = db.execute("SELECT value IS NULL, expires_at > ? FROM entries WHERE key = ?",
+                             (now, key)).fetchone()
+            if row is not None and row[1] and not row[0]:
+                raise StoreError("the key holds a value, not a set")
+            if row is not None and not row[1]:
+                db.execute("DELETE FROM entries WHERE key = ?", (key,))   # and its members
+            db.execute("INSERT INTO entries (key, value, expires_at) VALUES (?, NULL, ?) "
+                       "ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
+                       (key, expires))
+            db.execute("INSERT OR IGNORE INTO members (key, member) VALUES (?, ?)",
+                       (key, member))
+        self._written(now)
+
+    async def set_members(self, key: str) -> set[str]:
+        with self._file.mapped_errors("read a set"):
+            rows = self._file.db.execute(
+                "SELECT entries.value IS NULL, members.member FROM entries "
+                "LEFT JOIN members ON members.key = entries.key "
+                "WHERE entries.key = ? AND entries.expires_at > ?",
+                (key, self._clock())).fetchall()
+        if rows and not rows[0][0]:
+            raise StoreError("the key holds a value, not a set")
+        return {member for _, member in rows if member is not None}
+
+    async def remove_from_set(self, key: str, member: str) -> None:
+        now = self._clock()
+        with self._file.immediate("remove from a set") as db:
+            row = db.execute("SELECT value IS NULL FROM entries WHERE key = ? AND "
+                             "expires_at > ?", (key, now)).fetchone()
+            if row is None:
+                return
+            if not row[0]:
+                raise StoreError("the key holds a value, not a set")
+            db.execute("DELETE FROM members WHERE key = ? AND member = ?", (key, member))
+            db.execute("DELETE FROM entries WHERE key = ? AND NOT EXISTS "
+                       "(SELECT 1 FROM members WHERE key = ?)", (key, key))
+
+    async def ping(self) -> None:
+        with self._file.mapped_errors("answer"):
+            self._file.db.execute("SELECT 1 FROM entries LIMIT 1").fetchall()
+
+    async def close(self) -> None:
+        self._file.close()
+
+    def _holds_set(self, key: str, now: float) -> bool:
+        with self._file.mapped_errors("read a value"):
+            return self._file.db.execute(
+                "SELECT 1 FROM entries WHERE key = ? AND expires_at > ? AND value IS NULL",
+                (key, now)).fetchone() is not None
+
+    def _written(self, now: float) -> None:
+        self._writes += 1
+        if self._writes % SWEEP_EVERY:
+            return
+        with self._file.mapped_errors("sweep expired keys"):
+            self._file.db.execute(
+                "DELETE FROM entries WHERE rowid IN (SELECT rowid FROM entries "
+                "WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)", (now, SWEEP_ROWS))
