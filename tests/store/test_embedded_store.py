@@ -124,6 +124,50 @@ async def test_another_store_on_the_file_sees_the_same_state(tmp_path: Path) -> 
     await second.close()
 
 
+# Another process reading a key and exiting (as the CLI does).
+READER = """
+import asyncio, sys
+from pathlib import Path
+from portcullis.store import SqliteStore
+
+async def main(path, key):
+    store = SqliteStore(Path(path))
+    value = await store.get(key)
+    await store.close()
+    print(value.decode() if value else "")
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def read_elsewhere(path: Path, key: str) -> str:
+    reader = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", READER, str(path), key,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(30):
+        out, err = await reader.communicate()
+    assert reader.returncode == 0, err.decode()
+    return out.decode().strip()
+
+
+async def test_writes_stay_visible_to_other_processes_after_one_of_them_exits(
+        tmp_path: Path) -> None:
+    # A node opens the file more than once (the store, the event bus): opening the second
+    # must not drop the first's locks, or the CLI's exit deletes the write-ahead log
+    # under the node, and what the node writes after that nobody else sees.
+    path = tmp_path / "ephemeral.db"
+    store = SqliteStore(path)
+    await store.put("before", b"1", LONG_TTL)
+    also = SqliteStore(path)
+    await also.ping()
+    assert await read_elsewhere(path, "before") == "1"
+    await store.put("after", b"2", LONG_TTL)
+    assert await read_elsewhere(path, "after") == "2"
+    assert (tmp_path / "ephemeral.db-wal").exists()
+    await also.close()
+    await store.close()
+
+
 async def test_state_survives_closing_and_opening_the_file_again(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "ephemeral.db")
     await store.put("session:a", b"sealed", LONG_TTL)

@@ -23,6 +23,7 @@ never the keys or values.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -131,8 +132,12 @@ class EmbeddedFile:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    # Created 0600 before SQLite opens it: the -wal and -shm files take its mode.
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    # Created 0600 before SQLite opens it (the -wal and -shm files take its mode). Only
+    # if it does not exist yet: closing a descriptor of a file drops every POSIX lock
+    # this process holds on it, the locks of its open connections too, and another
+    # process would then take itself for the last user and delete the write-ahead log.
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
     # Autocommit (isolation_level None): each statement is its own transaction unless we
     # BEGIN one; check_same_thread off so that close() may come from any thread.
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
