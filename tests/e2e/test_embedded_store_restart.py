@@ -8,18 +8,22 @@ import contextlib
 import json
 import socket
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 from conftest import Deployment, Process, run_cli
 from e2e.test_launch import PASSWORD, api, api_login, launch_via_api, login, start_launch
+from peers.servers import EchoServer
 from portcullis.config.loader import config_path, load_settings
+
+StartProcess = Callable[..., Process]   # the conftest fixture: start_process("up", ...)
 
 LOCK_AFTER = 2
 
 
-def start_up(deployment: Deployment, start_process) -> Process:  # type: ignore[no-untyped-def]
+def start_up(deployment: Deployment, start_process: StartProcess) -> Process:
     process = start_process("up", "--dir", str(deployment.directory), name="up")
     process.wait_for(r"Portal: https://")
     return process
@@ -37,8 +41,8 @@ def failure_reasons(deployment: Deployment) -> list[str]:
 
 
 def test_a_session_a_lockout_and_a_ticket_survive_a_restart_and_the_cli_unlocks(
-        deployment: Deployment, echo_server, client_home: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
-        start_process) -> None:
+        deployment: Deployment, echo_server: EchoServer, client_home: Path, tmp_path: Path,
+        start_process: StartProcess) -> None:
     settings = load_settings(config_path(deployment.directory))
     assert settings.store.ephemeral == "sqlite:///ephemeral.db"   # what `init` writes
     deployment.add_resource("echo", echo_server.address, ["staff"], "Echo")
@@ -84,8 +88,8 @@ def test_a_session_a_lockout_and_a_ticket_survive_a_restart_and_the_cli_unlocks(
 
 
 def test_the_cli_disabling_a_user_publishes_the_ending_beside_the_running_gateway(
-        deployment: Deployment, echo_server, client_home: Path,  # type: ignore[no-untyped-def]
-        start_process) -> None:
+        deployment: Deployment, echo_server: EchoServer, client_home: Path,
+        start_process: StartProcess) -> None:
     deployment.add_resource("echo", echo_server.address, ["staff"], "Echo")
     deployment.add_user("alice", PASSWORD, ["staff"])
     start_up(deployment, start_process)
