@@ -248,3 +248,23 @@ async def test_embedded_events_older_than_a_minute_are_swept(tmp_path: Path) -> 
     db.close()
     assert kept == [b"new"] * 3
     await bus.close()
+
+
+async def test_an_embedded_listener_waits_for_its_file_and_then_says_it_is_ready(
+        tmp_path: Path) -> None:
+    directory = tmp_path / "not-yet"
+    bus = SqliteEventBus(directory / "ephemeral.db")
+    heard = Heard()
+    task = asyncio.create_task(bus.listen("session-ended", heard.deliver, heard.on_ready))
+    try:
+        await asyncio.sleep(0.2)
+        assert heard.ready == 0   # it cannot read the file: not listening yet
+        directory.mkdir()
+        await heard.until(lambda: heard.ready == 1)
+        await bus.publish("session-ended", b"now")
+        await heard.until(lambda: bool(heard.messages))
+        assert heard.messages == [b"now"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await bus.close()

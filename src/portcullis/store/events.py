@@ -230,22 +230,27 @@ class SqliteEventBus(EventBus):
         # A connection of its own: a poll never waits behind this process's publishes.
         embedded = EmbeddedFile(self._publisher.path)
         self._listeners.add(embedded)
+        last: int | None = None   # the newest event seen; None until listening
+        ready = False              # on_ready said so, and no read failed since
+        failing = False
         try:
-            last = self._newest(embedded)
-            on_ready()
-            failing = False
             while True:
-                await asyncio.sleep(POLL_SECONDS)
                 try:
-                    rows = self._since(embedded, channel, last)
+                    if last is None:
+                        last, rows = self._newest(embedded), []
+                    else:
+                        rows = self._since(embedded, channel, last)
                 except StoreError as exc:
                     if not failing:
                         log.warning("cannot read events; retrying", error=str(exc))
-                    failing = True
+                    failing, ready = True, False
+                    await asyncio.sleep(RECONNECT_BACKOFF[-1])
                     continue
-                if failing:   # events of a long outage may have been swept meanwhile
-                    failing = False
-                    log.info("reading events again", file=str(embedded.path))
+                failing = False
+                if not ready:
+                    # Listening, or again after failed reads, during which events of a
+                    # long outage may have been swept: whoever relies on them re-checks.
+                    ready = True
                     on_ready()
                 for event_id, message in rows:
                     last = event_id
@@ -253,6 +258,7 @@ class SqliteEventBus(EventBus):
                         deliver(message)
                     except Exception:   # one bad handler must not stop the others' events
                         log.exception("an event handler failed")
+                await asyncio.sleep(POLL_SECONDS)
         finally:
             self._listeners.discard(embedded)
             embedded.close()
