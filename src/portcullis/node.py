@@ -330,8 +330,9 @@ class Node:
                       authorities: TicketIssuer, portal_app: Starlette | None,
                       dialer: Dialer) -> None:
         settings = self.settings
-        # A portal in another process with a memory:// store keeps sessions this gateway
-        # cannot see: launches are then not tied to them (and tunnels cannot sign in).
+        # A portal in another process with a memory:// store (tests) keeps sessions this
+        # gateway cannot see: launches are then not tied to them (and tunnels cannot sign
+        # in). The embedded store is one file that both processes open.
         sessions_here = ("portal" in self.roles
                          or shared_between_processes(settings.store.ephemeral))
         if not sessions_here:

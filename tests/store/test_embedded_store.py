@@ -34,6 +34,7 @@ from portcullis.store import SqliteStore
 async def main(path, start, mode, me, keys):
     store = SqliteStore(Path(path))
     await store.ping()
+    print("ready", flush=True)
     order = list(range(keys))
     random.shuffle(order)
     deadline = time.monotonic() + 20
@@ -61,9 +62,11 @@ async def race(tmp_path: Path, mode: str) -> list[list[int]]:
         sys.executable, "-c", RACER, str(path), str(start), mode, f"w{n}", str(KEYS),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         for n in range(WORKERS)]
-    await asyncio.sleep(0.5)   # let them start and open the file
-    start.touch()
     async with asyncio.timeout(60):
+        for racer in racers:   # each has opened the file
+            assert racer.stdout is not None
+            assert await racer.stdout.readline() == b"ready\n"
+        start.touch()
         outputs = [await racer.communicate() for racer in racers]
     for racer, (_, err) in zip(racers, outputs, strict=True):
         assert racer.returncode == 0, err.decode()
