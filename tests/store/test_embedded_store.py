@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import sqlite3
 import stat
 import sys
 from collections import Counter
@@ -246,3 +248,28 @@ def test_sqlite_urls_name_relative_and_absolute_files() -> None:
     assert sqlite_path("sqlite:////var/lib/portcullis/e.db") == Path("/var/lib/portcullis/e.db")
     with pytest.raises(StoreError, match="sqlite:///path"):
         sqlite_path("sqlite://host/e.db")
+
+
+def _put_in_a_forked_child(store: SqliteStore, inherited: sqlite3.Connection) -> None:
+    async def put() -> None:
+        await store.put("from-child", b"child", LONG_TTL)
+        # SQLite forbids using a connection in a process forked after it was opened.
+        assert store.connection is not inherited
+        await store.close()
+    asyncio.run(put())
+
+
+async def test_a_store_opened_before_a_fork_works_in_the_child_and_the_parent(
+        tmp_path: Path) -> None:
+    # Worker processes may be forked from a node that has used its store already.
+    store = SqliteStore(tmp_path / "ephemeral.db")
+    await store.put("from-parent", b"parent", LONG_TTL)
+    child = multiprocessing.get_context("fork").Process(target=_put_in_a_forked_child,
+                                                        args=(store, store.connection))
+    child.start()
+    await asyncio.to_thread(child.join, 30)
+    assert child.exitcode == 0
+    assert await store.get("from-child") == b"child"
+    await store.put("after", b"parent", LONG_TTL)
+    assert await read_elsewhere(tmp_path / "ephemeral.db", "after") == "parent"
+    await store.close()

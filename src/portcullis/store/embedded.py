@@ -84,25 +84,41 @@ def sqlite_path(url: str) -> Path:
     return Path(unquote(parts.path[1:]))
 
 
+# Connections a forked process inherited: never used nor closed there (SQLite forbids
+# both), and kept referenced so that garbage collection does not close them either.
+_INHERITED: list[sqlite3.Connection] = []
+
+
 class EmbeddedFile:
-    """One connection to the node's SQLite file, opened at first use with the schema."""
+    """One connection to the node's SQLite file, opened at first use with the schema.
+
+    A process forked after the first use (workers started from a built node) opens a
+    connection of its own at its first use.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._connection: sqlite3.Connection | None = None
+        self._pid = 0
 
     @property
     def db(self) -> sqlite3.Connection:
+        if self._connection is not None and self._pid != os.getpid():
+            _INHERITED.append(self._connection)
+            self._connection = None
         if self._connection is None:
             with self.mapped_errors("open"):
                 self._connection = _connect(self.path)
+            self._pid = os.getpid()
         return self._connection
 
     def close(self) -> None:
         connection, self._connection = self._connection, None
-        if connection is not None:
+        if connection is not None and self._pid == os.getpid():
             with self.mapped_errors("close"):
                 connection.close()
+        elif connection is not None:
+            _INHERITED.append(connection)
 
     @contextmanager
     def mapped_errors(self, doing: str) -> Iterator[None]:
@@ -174,6 +190,11 @@ class SqliteStore(EphemeralStore):
     @property
     def path(self) -> Path:
         return self._file.path
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """This process's connection to the file (for tests and diagnostics)."""
+        return self._file.db
 
     def __len__(self) -> int:
         """Rows held, including expired ones not swept yet (for tests and metrics)."""
