@@ -8,10 +8,11 @@ once, and each write sweeps a few of them away, so garbage stays proportional to
 
 Why plain synchronous calls, not a thread: every statement here is a few microseconds on
 a local file (WAL, synchronous=NORMAL: a commit appends to the log without an fsync), and
-handing each to a thread costs more than running it (bench/store_ops.py measured ~3x on
-this machine, see docs/performance.md). The price is that a write waiting for another
-process's write lock blocks the event loop; write transactions here are single short
-statements, so that wait is rare and short, and `busy_timeout` bounds it.
+handing each to a thread costs more than running it (bench/store_ops.py: direct calls
+about twice the operations per second of one thread; see docs/performance.md). The price
+is that a write waiting for another process's write lock blocks the event loop; write
+transactions here are single short statements, so that wait is rare and short, and
+`busy_timeout` bounds it.
 
 Each method runs without awaiting, so it is atomic within the process as MemoryStore's
 are; across processes atomicity comes from SQLite: `take` is one DELETE … RETURNING,
