@@ -20,7 +20,7 @@ import pytest
 
 from peers.stores import FakeClock
 from portcullis.errors import StoreError
-from portcullis.store import SqliteStore, open_ephemeral
+from portcullis.store import SqliteStore, embedded, open_ephemeral
 from portcullis.store.embedded import SWEEP_EVERY, sqlite_path
 
 LONG_TTL = 600.0
@@ -272,4 +272,40 @@ async def test_a_store_opened_before_a_fork_works_in_the_child_and_the_parent(
     assert await store.get("from-child") == b"child"
     await store.put("after", b"parent", LONG_TTL)
     assert await read_elsewhere(tmp_path / "ephemeral.db", "after") == "parent"
+    await store.close()
+
+
+async def test_a_write_waits_for_another_process_lock_without_holding_up_the_loop(
+        tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "ephemeral.db")
+    await store.ping()
+    holder = sqlite3.connect(tmp_path / "ephemeral.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")   # the write lock, as another process's write holds it
+    try:
+        writing = asyncio.create_task(store.put("k", b"v", LONG_TTL))
+        await asyncio.sleep(0.1)   # runs: the waiting write does not block the loop
+        assert not writing.done()
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    async with asyncio.timeout(10):
+        await writing
+    assert await store.get("k") == b"v"
+    await store.close()
+
+
+async def test_a_write_that_never_gets_the_lock_is_a_store_error_naming_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(embedded, "BUSY_SECONDS", 0.1)
+    store = SqliteStore(tmp_path / "ephemeral.db")
+    await store.ping()
+    holder = sqlite3.connect(tmp_path / "ephemeral.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreError, match=r"ephemeral\.db.*locked"):
+            await store.incr("k", LONG_TTL)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert await store.incr("k", LONG_TTL) == 1   # nothing was half done
     await store.close()

@@ -6,17 +6,18 @@ restart keeps it. Expiry is wall-clock time (`time.time()`), stored per row, bec
 must mean the same in every process and after a reboot; expired rows are invisible at
 once, and each write sweeps a few of them away, so garbage stays proportional to writes.
 
-Why plain synchronous calls, not a thread: every statement here is a few microseconds on
-a local file (WAL, synchronous=NORMAL: a commit appends to the log without an fsync), and
-handing each to a thread costs more than running it (bench/store_ops.py: direct calls
-about twice the operations per second of one thread; see docs/performance.md). The price
-is that a write waiting for another process's write lock blocks the event loop; write
-transactions here are single short statements, so that wait is rare and short, and
-`busy_timeout` bounds it.
+Why statements run on the event loop, not in a thread: each is a few microseconds on a
+local file (WAL, synchronous=NORMAL: a commit appends to the log without an fsync), and
+handing it to a thread costs more than running it (bench/store_ops.py: direct calls do
+about twice the operations per second of one thread; see docs/performance.md). What must
+not block the loop is waiting for another process's write lock: SQLite's own busy wait
+sleeps inside the call (measured: loop stalls of over a second with four processes
+writing flat out), so SQLite is told not to wait, and `EmbeddedFile.run` retries a busy
+statement after an asyncio sleep instead.
 
-Each method runs without awaiting, so it is atomic within the process as MemoryStore's
-are; across processes atomicity comes from SQLite: `take` is one DELETE … RETURNING,
-`put_new` and `incr` one UPSERT each, set changes one IMMEDIATE transaction.
+Atomicity comes from SQLite, against every caller in this process or another: `take` is
+one DELETE … RETURNING, `put_new` and `incr` one UPSERT each, set changes one IMMEDIATE
+transaction.
 
 Never lets a sqlite3 exception escape: failures leave as `StoreError` naming the file,
 never the keys or values.
@@ -24,21 +25,28 @@ never the keys or values.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 from portcullis.errors import StoreError
 from portcullis.store.ephemeral import Clock, EphemeralStore, checked_ttl
 
+T = TypeVar("T")
+
 SCHEMA_VERSION = 1
-# How long a write may wait for another process's write lock before it fails.
-BUSY_TIMEOUT_MS = 5000
+# How long a write may wait for another process's write lock before it fails, and the
+# pauses between its tries (doubling): short, as the lock is held for microseconds.
+BUSY_SECONDS = 5.0
+BUSY_FIRST_PAUSE = 0.0005
+BUSY_LONGEST_PAUSE = 0.02
 # Every SWEEP_EVERY writes, up to SWEEP_ROWS expired rows are deleted: on average one
 # write removes SWEEP_ROWS / SWEEP_EVERY rows, more than it can add, at bounded cost.
 SWEEP_EVERY = 16
@@ -134,18 +142,41 @@ class EmbeddedFile:
             raise StoreError(f"cannot open the embedded store {self.path}: "
                              f"{exc.strerror or exc}") from exc
 
-    @contextmanager
-    def immediate(self, doing: str) -> Iterator[sqlite3.Connection]:
-        """A write transaction that holds the file's write lock from its first statement."""
-        db = self.db
-        with self.mapped_errors(doing):
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+    async def run(self, doing: str, operation: Callable[[sqlite3.Connection], T]) -> T:
+        """`operation` on this process's connection. While another process holds the
+        write lock, wait without holding up the event loop and try again, up to
+        BUSY_SECONDS; `operation` must leave nothing done when it fails (one statement,
+        or one `transaction`)."""
+        pause, waited = BUSY_FIRST_PAUSE, 0.0
+        while True:
+            with self.mapped_errors(doing):
+                try:
+                    return operation(self.db)
+                except sqlite3.OperationalError as exc:
+                    if not _busy(exc) or waited >= BUSY_SECONDS:
+                        raise
+            await asyncio.sleep(pause)
+            waited += pause
+            pause = min(2 * pause, BUSY_LONGEST_PAUSE)
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction that holds the file's write lock from its first statement (a
+    busy file fails the BEGIN, before anything is done)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    # The primary code, whatever the extended one (BUSY_SNAPSHOT, BUSY_RECOVERY, ...).
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -156,9 +187,10 @@ def _connect(path: Path) -> sqlite3.Connection:
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
     # Autocommit (isolation_level None): each statement is its own transaction unless we
-    # BEGIN one; check_same_thread off so that close() may come from any thread.
+    # BEGIN one; check_same_thread off so that close() may come from any thread. Opening
+    # may wait for the lock (once per process); afterwards `run` waits, not SQLite.
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                         timeout=BUSY_TIMEOUT_MS / 1000)
+                         timeout=BUSY_SECONDS)
     try:
         db.execute("PRAGMA journal_mode = WAL")
         # In WAL mode NORMAL loses at most the last commits on a power cut, never the
@@ -174,6 +206,7 @@ def _connect(path: Path) -> sqlite3.Connection:
             # and IF NOT EXISTS makes the later ones do nothing.
             db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} "
                              f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        db.execute("PRAGMA busy_timeout = 0")
     except BaseException:
         db.close()
         raise
@@ -205,31 +238,29 @@ class SqliteStore(EphemeralStore):
     async def put(self, key: str, value: bytes, ttl: float) -> None:
         now = self._clock()
         expires = now + checked_ttl(ttl)
-        with self._file.mapped_errors("store a value"):
-            self._file.db.execute(
-                "INSERT INTO entries (key, value, expires_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
-                "expires_at = excluded.expires_at", (key, bytes(value), expires))
-        self._written(now)
+        await self._file.run("store a value", lambda db: db.execute(
+            "INSERT INTO entries (key, value, expires_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+            "expires_at = excluded.expires_at", (key, bytes(value), expires)))
+        await self._written(now)
 
     async def put_new(self, key: str, value: bytes, ttl: float) -> bool:
         now = self._clock()
         expires = now + checked_ttl(ttl)
-        with self._file.mapped_errors("store a value"):
-            # Stores when the key is absent, or present but expired: one statement.
-            stored = self._file.db.execute(
-                "INSERT INTO entries (key, value, expires_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
-                "expires_at = excluded.expires_at WHERE entries.expires_at <= ? "
-                "RETURNING 1", (key, bytes(value), expires, now)).fetchone()
-        self._written(now)
+        # Stores when the key is absent, or present but expired: one statement.
+        stored = await self._file.run("store a value", lambda db: db.execute(
+            "INSERT INTO entries (key, value, expires_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+            "expires_at = excluded.expires_at WHERE entries.expires_at <= ? "
+            "RETURNING 1", (key, bytes(value), expires, now)).fetchone())
+        await self._written(now)
         return stored is not None
 
     async def get(self, key: str) -> bytes | None:
-        with self._file.mapped_errors("read a value"):
-            row = self._file.db.execute(
-                "SELECT value, value IS NULL FROM entries WHERE key = ? AND expires_at > ?",
-                (key, self._clock())).fetchone()
+        now = self._clock()
+        row = await self._file.run("read a value", lambda db: db.execute(
+            "SELECT value, value IS NULL FROM entries WHERE key = ? AND expires_at > ?",
+            (key, now)).fetchone())
         if row is None:
             return None
         if row[1]:
@@ -238,46 +269,43 @@ class SqliteStore(EphemeralStore):
 
     async def take(self, key: str) -> bytes | None:
         now = self._clock()
-        with self._file.mapped_errors("take a value"):
-            row = self._file.db.execute(
-                "DELETE FROM entries WHERE key = ? AND expires_at > ? AND value IS NOT NULL "
-                "RETURNING value", (key, now)).fetchone()
-        if row is None:
-            if self._holds_set(key, now):
-                raise StoreError("the key holds a set, not a value")
-            return None
-        return bytes(row[0])
+        row = await self._file.run("take a value", lambda db: db.execute(
+            "DELETE FROM entries WHERE key = ? AND expires_at > ? AND value IS NOT NULL "
+            "RETURNING value", (key, now)).fetchone())
+        if row is not None:
+            return bytes(row[0])
+        if await self._holds_set(key, now):
+            raise StoreError("the key holds a set, not a value")
+        return None
 
     async def delete(self, key: str) -> None:
-        with self._file.mapped_errors("delete a key"):
-            self._file.db.execute("DELETE FROM entries WHERE key = ?", (key,))
+        await self._file.run("delete a key", lambda db: db.execute(
+            "DELETE FROM entries WHERE key = ?", (key,)))
 
     async def touch(self, key: str, ttl: float) -> bool:
         now = self._clock()
         expires = now + checked_ttl(ttl)
-        with self._file.mapped_errors("refresh a key"):
-            touched = self._file.db.execute(
-                "UPDATE entries SET expires_at = ? WHERE key = ? AND expires_at > ? "
-                "RETURNING 1", (expires, key, now)).fetchone()
+        touched = await self._file.run("refresh a key", lambda db: db.execute(
+            "UPDATE entries SET expires_at = ? WHERE key = ? AND expires_at > ? "
+            "RETURNING 1", (expires, key, now)).fetchone())
         return touched is not None
 
     async def incr(self, key: str, ttl: float) -> int:
         now = self._clock()
         expires = now + checked_ttl(ttl)
-        with self._file.mapped_errors("count"):
-            # A new or expired counter starts at 1 with this TTL; a live one keeps its TTL.
-            # A live value that is no counter (or a set) fails the WHERE: no row back.
-            row = self._file.db.execute(
-                "INSERT INTO entries (key, value, expires_at) VALUES (?, CAST('1' AS BLOB), ?) "
-                "ON CONFLICT (key) DO UPDATE SET "
-                "value = CASE WHEN entries.expires_at <= ? THEN excluded.value "
-                "ELSE CAST(CAST(CAST(CAST(entries.value AS TEXT) AS INTEGER) + 1 AS TEXT) AS BLOB) "
-                "END, "
-                "expires_at = CASE WHEN entries.expires_at <= ? THEN excluded.expires_at "
-                "ELSE entries.expires_at END "
-                f"WHERE entries.expires_at <= ? OR {_IS_COUNTER} "
-                "RETURNING CAST(value AS TEXT)", (key, expires, now, now, now)).fetchone()
-        self._written(now)
+        # A new or expired counter starts at 1 with this TTL; a live one keeps its TTL.
+        # A live value that is no counter (or a set) fails the WHERE: no row back.
+        row = await self._file.run("count", lambda db: db.execute(
+            "INSERT INTO entries (key, value, expires_at) VALUES (?, CAST('1' AS BLOB), ?) "
+            "ON CONFLICT (key) DO UPDATE SET "
+            "value = CASE WHEN entries.expires_at <= ? THEN excluded.value "
+            "ELSE CAST(CAST(CAST(CAST(entries.value AS TEXT) AS INTEGER) + 1 AS TEXT) AS BLOB) "
+            "END, "
+            "expires_at = CASE WHEN entries.expires_at <= ? THEN excluded.expires_at "
+            "ELSE entries.expires_at END "
+            f"WHERE entries.expires_at <= ? OR {_IS_COUNTER} "
+            "RETURNING CAST(value AS TEXT)", (key, expires, now, now, now)).fetchone())
+        await self._written(now)
         if row is None:
             raise StoreError("incr on a value that is not an integer counter")
         return int(row[0])
@@ -285,62 +313,68 @@ class SqliteStore(EphemeralStore):
     async def add_to_set(self, key: str, member: str, ttl: float) -> None:
         now = self._clock()
         expires = now + checked_ttl(ttl)
-        with self._file.immediate("add to a set") as db:
-            row = db.execute("SELECT value IS NULL, expires_at > ? FROM entries WHERE key = ?",
-                             (now, key)).fetchone()
-            if row is not None and row[1] and not row[0]:
-                raise StoreError("the key holds a value, not a set")
-            if row is not None and not row[1]:
-                db.execute("DELETE FROM entries WHERE key = ?", (key,))   # and its members
-            db.execute("INSERT INTO entries (key, value, expires_at) VALUES (?, NULL, ?) "
-                       "ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
-                       (key, expires))
-            db.execute("INSERT OR IGNORE INTO members (key, member) VALUES (?, ?)",
-                       (key, member))
-        self._written(now)
+
+        def add(db: sqlite3.Connection) -> None:
+            with transaction(db):
+                row = db.execute("SELECT value IS NULL, expires_at > ? FROM entries "
+                                 "WHERE key = ?", (now, key)).fetchone()
+                if row is not None and row[1] and not row[0]:
+                    raise StoreError("the key holds a value, not a set")
+                if row is not None and not row[1]:
+                    db.execute("DELETE FROM entries WHERE key = ?", (key,))  # and members
+                db.execute("INSERT INTO entries (key, value, expires_at) VALUES (?, NULL, ?) "
+                           "ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
+                           (key, expires))
+                db.execute("INSERT OR IGNORE INTO members (key, member) VALUES (?, ?)",
+                           (key, member))
+
+        await self._file.run("add to a set", add)
+        await self._written(now)
 
     async def set_members(self, key: str) -> set[str]:
-        with self._file.mapped_errors("read a set"):
-            rows = self._file.db.execute(
-                "SELECT entries.value IS NULL, members.member FROM entries "
-                "LEFT JOIN members ON members.key = entries.key "
-                "WHERE entries.key = ? AND entries.expires_at > ?",
-                (key, self._clock())).fetchall()
+        now = self._clock()
+        rows = await self._file.run("read a set", lambda db: db.execute(
+            "SELECT entries.value IS NULL, members.member FROM entries "
+            "LEFT JOIN members ON members.key = entries.key "
+            "WHERE entries.key = ? AND entries.expires_at > ?", (key, now)).fetchall())
         if rows and not rows[0][0]:
             raise StoreError("the key holds a value, not a set")
         return {member for _, member in rows if member is not None}
 
     async def remove_from_set(self, key: str, member: str) -> None:
         now = self._clock()
-        with self._file.immediate("remove from a set") as db:
-            row = db.execute("SELECT value IS NULL FROM entries WHERE key = ? AND "
-                             "expires_at > ?", (key, now)).fetchone()
-            if row is None:
-                return
-            if not row[0]:
-                raise StoreError("the key holds a value, not a set")
-            db.execute("DELETE FROM members WHERE key = ? AND member = ?", (key, member))
-            db.execute("DELETE FROM entries WHERE key = ? AND NOT EXISTS "
-                       "(SELECT 1 FROM members WHERE key = ?)", (key, key))
+
+        def remove(db: sqlite3.Connection) -> None:
+            with transaction(db):
+                row = db.execute("SELECT value IS NULL FROM entries WHERE key = ? AND "
+                                 "expires_at > ?", (key, now)).fetchone()
+                if row is None:
+                    return
+                if not row[0]:
+                    raise StoreError("the key holds a value, not a set")
+                db.execute("DELETE FROM members WHERE key = ? AND member = ?", (key, member))
+                db.execute("DELETE FROM entries WHERE key = ? AND NOT EXISTS "
+                           "(SELECT 1 FROM members WHERE key = ?)", (key, key))
+
+        await self._file.run("remove from a set", remove)
 
     async def ping(self) -> None:
-        with self._file.mapped_errors("answer"):
-            self._file.db.execute("SELECT 1 FROM entries LIMIT 1").fetchall()
+        await self._file.run("answer", lambda db: db.execute(
+            "SELECT 1 FROM entries LIMIT 1").fetchall())
 
     async def close(self) -> None:
         self._file.close()
 
-    def _holds_set(self, key: str, now: float) -> bool:
-        with self._file.mapped_errors("read a value"):
-            return self._file.db.execute(
-                "SELECT 1 FROM entries WHERE key = ? AND expires_at > ? AND value IS NULL",
-                (key, now)).fetchone() is not None
+    async def _holds_set(self, key: str, now: float) -> bool:
+        row = await self._file.run("read a value", lambda db: db.execute(
+            "SELECT 1 FROM entries WHERE key = ? AND expires_at > ? AND value IS NULL",
+            (key, now)).fetchone())
+        return row is not None
 
-    def _written(self, now: float) -> None:
+    async def _written(self, now: float) -> None:
         self._writes += 1
         if self._writes % SWEEP_EVERY:
             return
-        with self._file.mapped_errors("sweep expired keys"):
-            self._file.db.execute(
-                "DELETE FROM entries WHERE rowid IN (SELECT rowid FROM entries "
-                "WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)", (now, SWEEP_ROWS))
+        await self._file.run("sweep expired keys", lambda db: db.execute(
+            "DELETE FROM entries WHERE rowid IN (SELECT rowid FROM entries "
+            "WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)", (now, SWEEP_ROWS)))

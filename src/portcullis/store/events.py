@@ -218,12 +218,12 @@ class SqliteEventBus(EventBus):
     async def publish(self, channel: str, message: bytes) -> None:
         _checked(message)
         now = self._clock()
-        with self._publisher.mapped_errors("publish an event"):
-            db = self._publisher.db
-            db.execute("INSERT INTO events (channel, message, created) VALUES (?, ?, ?)",
-                       (channel, bytes(message), now))
-            db.execute("DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id "
-                       "LIMIT ?) AND created < ?", (SWEEP_EVENTS, now - KEEP_SECONDS))
+        await self._publisher.run("publish an event", lambda db: db.execute(
+            "INSERT INTO events (channel, message, created) VALUES (?, ?, ?)",
+            (channel, bytes(message), now)))
+        await self._publisher.run("sweep old events", lambda db: db.execute(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?) "
+            "AND created < ?", (SWEEP_EVENTS, now - KEEP_SECONDS)))
 
     async def listen(self, channel: str, deliver: Deliver,
                      on_ready: Callable[[], None] = _nothing) -> None:
@@ -237,9 +237,9 @@ class SqliteEventBus(EventBus):
             while True:
                 try:
                     if last is None:
-                        last, rows = self._newest(embedded), []
+                        last, rows = await self._newest(embedded), []
                     else:
-                        rows = self._since(embedded, channel, last)
+                        rows = await self._since(embedded, channel, last)
                 except StoreError as exc:
                     if not failing:
                         log.warning("cannot read events; retrying", error=str(exc))
@@ -264,17 +264,17 @@ class SqliteEventBus(EventBus):
             embedded.close()
 
     @staticmethod
-    def _newest(embedded: EmbeddedFile) -> int:
-        with embedded.mapped_errors("read events"):
-            return int(embedded.db.execute(
-                "SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
+    async def _newest(embedded: EmbeddedFile) -> int:
+        row = await embedded.run("read events", lambda db: db.execute(
+            "SELECT coalesce(max(id), 0) FROM events").fetchone())
+        return int(row[0])
 
     @staticmethod
-    def _since(embedded: EmbeddedFile, channel: str, last: int) -> list[tuple[int, bytes]]:
-        with embedded.mapped_errors("read events"):
-            rows = embedded.db.execute(
-                "SELECT id, message FROM events WHERE id > ? AND channel = ? ORDER BY id",
-                (last, channel)).fetchall()
+    async def _since(embedded: EmbeddedFile, channel: str,
+                     last: int) -> list[tuple[int, bytes]]:
+        rows = await embedded.run("read events", lambda db: db.execute(
+            "SELECT id, message FROM events WHERE id > ? AND channel = ? ORDER BY id",
+            (last, channel)).fetchall())
         return [(int(id_), bytes(message)) for id_, message in rows]
 
     async def close(self) -> None:
