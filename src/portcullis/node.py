@@ -86,8 +86,54 @@ from portcullis.webvnc.relay import PATH as VNC_PATH
 from portcullis.webvnc.relay import VncEndpoint
 
 ROLES = ("gateway", "portal", "sta", "shadow-hub")
+# The key that sets each role's listening address.
+LISTEN_KEYS = {"gateway": "gateway.listen", "portal": "portal.listen", "sta": "sta.listen",
+               "shadow-hub": "shadow.listen"}
 CERTIFICATE_CHECK_SECONDS = 86400.0
 log = structlog.get_logger("portcullis.node")
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where one of a node's listeners takes its connections."""
+
+    role: str
+    host: str
+    port: int
+
+
+def listen_addresses(settings: Settings, roles: Sequence[str]) -> list[ListenAddress]:
+    """The listeners a node of `roles` serves, in the order `Node.build` makes them,
+    known without building it (a supervisor binds them before its workers exist)."""
+    # The portal listens on its own only without the gateway, which otherwise serves it.
+    listening = [role for role in ("sta", "shadow-hub", "portal", "gateway") if role in roles
+                 and not (role == "portal" and "gateway" in roles)]
+    return [ListenAddress(role, *parse_host_port(_listen_setting(settings, role)))
+            for role in listening]
+
+
+def _listen_setting(settings: Settings, role: str) -> str:
+    section, _, key = LISTEN_KEYS[role].partition(".")
+    return str(getattr(getattr(settings, section), key))
+
+
+def bind_listeners(addresses: Sequence[ListenAddress]) -> list[socket.socket]:
+    """Bind a listening socket for each address, so a taken port is one clear error
+    naming its key (and nothing stays bound when one fails)."""
+    sockets: list[socket.socket] = []
+    for address in addresses:
+        try:
+            family = socket.getaddrinfo(address.host, address.port,
+                                        type=socket.SOCK_STREAM)[0][0]
+            sockets.append(socket.create_server((address.host, address.port),
+                                                family=family, backlog=1024))
+        except OSError as exc:
+            for bound in sockets:
+                bound.close()
+            raise ConfigError(f"cannot listen on {address.host}:{address.port} for the "
+                              f"{address.role} role: {exc.strerror}",
+                              key=LISTEN_KEYS[address.role]) from None
+    return sockets
 
 
 @dataclass
@@ -423,27 +469,21 @@ class Node:
             forwarded_allow_ips="*" if listener.trust_forwarded else None,
             timeout_graceful_shutdown=3)
 
+    @property
+    def addresses(self) -> list[ListenAddress]:
+        return [ListenAddress(listener.role, listener.host, listener.port)
+                for listener in self.listeners]
+
     def bind(self) -> list[socket.socket]:
         """Bind every listener's socket now, so a taken port is one clear error."""
-        sockets: list[socket.socket] = []
-        for listener in self.listeners:
-            try:
-                family = socket.getaddrinfo(listener.host, listener.port,
-                                            type=socket.SOCK_STREAM)[0][0]
-                sockets.append(socket.create_server((listener.host, listener.port),
-                                                    family=family, backlog=1024))
-            except OSError as exc:
-                for bound in sockets:
-                    bound.close()
-                key = {"sta": "sta.listen", "portal": "portal.listen",
-                       "shadow-hub": "shadow.listen"}.get(listener.role, "gateway.listen")
-                raise ConfigError(f"cannot listen on {listener.host}:{listener.port} for the "
-                                  f"{listener.role} role: {exc.strerror}", key=key) from None
-        return sockets
+        return bind_listeners(self.addresses)
 
-    async def serve(self, on_ready: Callable[[Node], None] | None = None) -> None:
-        """Serve every listener until SIGINT/SIGTERM; then close the stores."""
-        sockets = self.bind()
+    async def serve(self, on_ready: Callable[[Node], None] | None = None,
+                    sockets: Sequence[socket.socket] | None = None) -> None:
+        """Serve every listener until SIGINT/SIGTERM; then close the stores. `sockets`:
+        listening sockets bound already, one per listener in order (a worker's, from
+        its supervisor); without them the listeners are bound here."""
+        sockets = self.bind() if sockets is None else list(sockets)
         raise_open_files_limit(self.settings.limits.max_connections)
         servers = [EdgeServer(self.uvicorn_config(listener), self.edge, listener.tls)
                    for listener in self.listeners]
