@@ -36,6 +36,7 @@ from portcullis.gateway.admin import admin_routes
 from portcullis.gateway.connections import ConnectionRegistry
 from portcullis.gateway.launch import PATH as LAUNCH_PATH
 from portcullis.gateway.launch import LaunchEndpoint, LaunchSettings
+from portcullis.gateway.node_connections import NodeConnections, node_name
 from portcullis.gateway.pool import AddressPool
 from portcullis.gateway.proxy import PortalProxy
 from portcullis.gateway.relays import PATH as RELAY_PATH
@@ -165,6 +166,7 @@ class Node:
     # Session endings, shared with the other nodes through the ephemeral store.
     events: EventBus = field(default_factory=MemoryEventBus)
     session_watch: SessionWatch | None = None
+    node_connections: NodeConnections | None = None   # the gateway's, across workers
     relays: RelayEndpoint | None = None   # dial-out: the relays connected to this edge
     shadow_hub: ShadowRole | None = None
     web: WebApplications | None = None   # web resources, each at its own host name
@@ -403,8 +405,11 @@ class Node:
         self.websocket_endpoints[TUNNEL_PATH] = tunnel.opened
         self.session_watch = SessionWatch(self.registry, sessions, accounts, self.events,
                                           self.audit, lambda: self.settings.vpn.session_check)
+        self.node_connections = NodeConnections(self.registry, self.ephemeral, self.events,
+                                                node_name(settings.gateway.listen))
         routes: list[Any] = admin_routes(self.registry, sessions, settings.admin_groups,
-                                         self.audit, self.events, self.ephemeral)
+                                         self.audit, self.events, self.ephemeral,
+                                         self.node_connections)
         if self.shadow_hub is not None:
             routes.extend(self.shadow_hub.operator_routes)
             self.websocket_endpoints.update(self.shadow_hub.operator_websockets)
@@ -497,6 +502,8 @@ class Node:
                     asyncio.ensure_future(self._check_certificates_daily())]
         if self.session_watch is not None:
             watchers.append(asyncio.ensure_future(self.session_watch.run()))
+        if self.node_connections is not None:
+            watchers.append(asyncio.ensure_future(self.node_connections.run()))
         if self.shadow_hub is not None:
             watchers.extend(asyncio.ensure_future(task) for task in self.shadow_hub.tasks())
         # _serve, not serve: serve() would install its own signal handlers per server,

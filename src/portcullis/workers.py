@@ -443,6 +443,8 @@ class Supervisor:
         # The file as it is now: a rolling restart applies what changed.
         settings = load_settings(config_path(self._settings.base_dir))
         node = await Node.build(settings, self._roles)
+        if node.node_connections is not None:
+            node.node_connections.siblings = self._plan.count - 1
         bound = {address.role: address for address in self._addresses}
         changed = [LISTEN_KEYS[now.role] for now in node.addresses if now != bound[now.role]]
         if changed:
