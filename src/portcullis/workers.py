@@ -237,8 +237,9 @@ class Supervisor:
         timeout = max(0.0, min([most, *(at - now for at in self._restart_at.values())]))
         for key, _ in self._selector.select(timeout):
             if key.fileobj is self._wakeup:
-                for signum in self._wakeup.recv(256):
-                    self._signalled(signum)
+                with contextlib.suppress(BlockingIOError):
+                    for signum in self._wakeup.recv(256):
+                        self._signalled(signum)
             else:
                 self._read_report(key.data)
         self._reap()
@@ -362,6 +363,10 @@ class Supervisor:
             self._rolling = []
             self._replacing = None
             return
+        if self._replacing is not None and self._replacing[0] == worker.pid:
+            # The rolling restart's new worker takes its place.
+            log.error("worker died", worker=worker.index, pid=worker.pid, exit=exit_status)
+            return
         quick = not worker.ready or time.monotonic() - worker.started < STEADY
         deaths = self._deaths.get(worker.index, 0) + 1 if quick else 0
         self._deaths[worker.index] = deaths
@@ -417,6 +422,8 @@ class Supervisor:
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)   # the supervisor's signal only
+        # A reload asked for before the node serves must not end it (serving, it reloads).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self._selector.close()
         for worker in self._workers.values():
             os.close(worker.status)

@@ -25,7 +25,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import Deployment, Process, init_deployment
+from conftest import Deployment, Process, init_deployment, run_cli
 from peers.servers import EchoServer
 from peers.stores import REDIS_URL, answering_redis_url
 from portcullis.proto.launchfile import parse_launch_file
@@ -163,6 +163,8 @@ def test_two_workers_serve_one_port_and_take_its_connections_between_them(node: 
         connection.close()
     output = node.process.output()
     assert "workers serving" in output and "worker=0" in output and "worker=1" in output
+    # Each worker built the listeners the supervisor bound for it.
+    assert "listening addresses changed" not in output
 
 
 def test_a_session_made_on_one_worker_is_accepted_by_both(node: Node) -> None:
@@ -319,3 +321,31 @@ def test_sigterm_stops_the_supervisor_and_every_worker_within_the_bound(
     assert not alive, own_node.process.output()
     assert time.monotonic() - started < 15
     assert own_node.process.output().count("worker stopped") == 2
+
+
+def test_several_workers_on_a_memory_store_are_refused_naming_the_key(
+        deployment: Deployment) -> None:
+    deployment.set("gateway", "workers", "2")
+    result = run_cli("up", "--dir", str(deployment.directory), timeout=60)
+    assert result.returncode == 2
+    assert "gateway.workers: 2 workers cannot share this node" in result.stderr
+    assert "memory://" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_taken_port_is_one_error_naming_its_key_with_workers(
+        tmp_path: Path, echo: EchoServer) -> None:
+    deployment = two_worker_deployment(tmp_path / "deployment", echo)
+    with socket.create_server(("127.0.0.1", deployment.port + 2)):
+        result = run_cli("up", "--dir", str(deployment.directory), timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("sta.listen: cannot listen on") == 1, result.stderr
+
+
+def test_a_worker_that_cannot_start_stops_the_node_with_its_error(
+        tmp_path: Path, echo: EchoServer) -> None:
+    deployment = two_worker_deployment(tmp_path / "deployment", echo)
+    deployment.set("sta", "id", '"STA09"')   # an STA that sta.authorities does not list
+    result = run_cli("up", "--dir", str(deployment.directory), timeout=90)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("sta.id: this node runs the STA STA09") == 1, result.stderr
+    assert "Traceback" not in result.stderr
