@@ -13,30 +13,52 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import secrets
 import shutil
+import socket
 import statistics
 import subprocess
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.deployment import Deployment
+from bench.deployment import Deployment, run_cli
 
 REDIS_URL = os.environ.get("PORTCULLIS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 SHAPES = {"keep-alive": [], "connection: close": ["-H", "Connection: close"]}
 
 
-def configured(root: Path, workers: int) -> Deployment:
-    deployment = Deployment.create(root, f"workers-{workers}")
+def port_run(count: int) -> int:
+    """P..P+count-1 free, below the ephemeral range (a busy machine may have used it up)."""
+    for _ in range(500):
+        base = random.randrange(10000, 32000)
+        try:
+            for offset in range(count):
+                with socket.socket() as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no run of free ports")
+
+
+def on_shared_store(root: Path) -> Deployment:
+    deployment = Deployment(root / "deployment", port_run(4))
+    run_cli("init", "--dir", str(deployment.directory), "--port", str(deployment.port))
     config = deployment.directory / "portcullis.toml"
-    text = config.read_text()
-    text = re.sub(r'(?m)^ephemeral = .*$',
-                  f'ephemeral = "{REDIS_URL}?prefix=bench-{secrets.token_hex(4)}:"', text)
-    text = re.sub(r"(?m)^(\[gateway\]\n)", rf"\1workers = {workers}\n", text)
-    config.write_text(text)
+    config.write_text(re.sub(r"(?m)^ephemeral = .*$",
+                             f'ephemeral = "{REDIS_URL}?prefix=bench-{secrets.token_hex(4)}:"',
+                             config.read_text()))
     return deployment
+
+
+def set_workers(deployment: Deployment, workers: int) -> None:
+    config = deployment.directory / "portcullis.toml"
+    text = re.sub(r"(?m)^workers = \d+\n", "", config.read_text())
+    config.write_text(re.sub(r"(?m)^(\[gateway\]\n)", rf"\1workers = {workers}\n", text))
 
 
 def requests_per_second(url: str, shape: list[str], seconds: int) -> float:
@@ -58,9 +80,10 @@ def main() -> None:
     figures: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary)
-        nodes = {workers: configured(root, workers) for workers in (1, 2)}
+        deployment = on_shared_store(root)
         for round_number in range(options.rounds):
-            for workers, deployment in nodes.items():
+            for workers in (1, 2):
+                set_workers(deployment, workers)
                 with ExitStack() as stack:
                     deployment.start(stack, root)
                     for shape, arguments in SHAPES.items():

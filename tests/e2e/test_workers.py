@@ -15,7 +15,6 @@ import secrets
 import signal
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import psutil
 import pytest
 
 from conftest import Deployment, Process, init_deployment, run_cli
+from e2e.test_revocation import Traffic
 from peers.servers import EchoServer
 from peers.stores import REDIS_URL, answering_redis_url
 from portcullis.proto.launchfile import parse_launch_file
@@ -201,34 +201,6 @@ def test_a_ticket_redeems_once_across_workers_under_100_concurrent_attempts(
     assert all(status in (200, 403) for status in statuses), statuses
 
 
-class Echoing(threading.Thread):
-    """Ping-pong through a local socket until the far side closes it; when it did."""
-
-    def __init__(self, host: str, port: int) -> None:
-        super().__init__(daemon=True)
-        self.sock = socket.create_connection((host, port), timeout=10)
-        self.flowing = threading.Event()
-        self.closed_at: float | None = None
-
-    def run(self) -> None:
-        deadline = time.monotonic() + 60
-        try:
-            while time.monotonic() < deadline:
-                self.sock.sendall(b"x" * 512)
-                got = 0
-                while got < 512:
-                    chunk = self.sock.recv(65536)
-                    if not chunk:
-                        raise EOFError
-                    got += len(chunk)
-                self.flowing.set()
-                time.sleep(0.005)
-        except (OSError, EOFError):
-            pass
-        self.closed_at = time.monotonic()
-        self.sock.close()
-
-
 def test_an_admin_ends_a_launch_that_the_other_worker_carries_within_a_second(
         node: Node, tmp_path: Path) -> None:
     token = node.sign_in("alice")
@@ -237,7 +209,7 @@ def test_an_admin_ends_a_launch_that_the_other_worker_carries_within_a_second(
                      tmp_path / "launch.log", {"PORTCULLIS_HOME": str(tmp_path / "alice")})
     try:
         listening = launch.wait_for(r"listening on ([\d.]+):(\d+)")
-        flow = Echoing(listening.group(1), int(listening.group(2)))
+        flow = Traffic(listening.group(1), int(listening.group(2)))
         flow.start()
         assert flow.flowing.wait(10), launch.output()
         carriers = [c for c in psutil.Process(launch.popen.pid).net_connections("tcp")
