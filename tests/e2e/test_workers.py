@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from conftest import Deployment, Process, init_deployment, run_cli
-from e2e.test_revocation import Traffic
+from e2e.test_revocation import Cluster, Traffic, launch_file, sign_in
 from peers.servers import EchoServer
 from peers.stores import REDIS_URL, answering_redis_url
 from portcullis.proto.launchfile import parse_launch_file
@@ -64,20 +64,16 @@ class Node:
             connection.close()
         raise AssertionError(f"no connection landed on worker {worker} in 200 tries")
 
+    def as_cluster(self) -> Cluster:
+        """This node in the shape test_revocation's helpers take (one node, both roles)."""
+        url = self.deployment.url
+        return Cluster(self.deployment, url, url, self.tls, "")
+
     def sign_in(self, user: str) -> str:
-        with httpx.Client(verify=self.tls, timeout=30) as client:
-            body = client.post(f"{self.deployment.url}/api/v1/login", json={
-                "answers": {"username": user, "password": PASSWORD}}).json()
-        assert body["status"] == "authenticated", body
-        return str(body["token"])
+        return sign_in(self.as_cluster(), self.deployment.url, user)
 
     def launch_file(self, token: str, path: Path) -> Path:
-        with httpx.Client(verify=self.tls, timeout=30) as client:
-            response = client.post(f"{self.deployment.url}/api/v1/resources/echo/launch",
-                                   headers={"authorization": f"Bearer {token}"})
-        assert response.status_code == 200, response.text
-        path.write_text(response.text)
-        return path
+        return launch_file(self.as_cluster(), token, path)
 
 
 def get(connection: http.client.HTTPSConnection, path: str,
@@ -201,8 +197,18 @@ def test_a_ticket_redeems_once_across_workers_under_100_concurrent_attempts(
     assert all(status in (200, 403) for status in statuses), statuses
 
 
-def test_an_admin_ends_a_launch_that_the_other_worker_carries_within_a_second(
-        node: Node, tmp_path: Path) -> None:
+@dataclass
+class HeldLaunch:
+    process: Process
+    flow: Traffic
+    token: str     # the session it was launched from
+    holder: int    # the worker carrying it
+    other: int
+
+
+@pytest.fixture
+def held_launch(node: Node, tmp_path: Path) -> Iterator[HeldLaunch]:
+    """Alice's launch, carrying traffic, and which worker holds it."""
     token = node.sign_in("alice")
     launch = Process(["launch", "--file", str(node.launch_file(token, tmp_path / "e.portcullis")),
                       "--ca", str(node.deployment.ca), "--listen", "127.0.0.1:0"],
@@ -216,26 +222,45 @@ def test_an_admin_ends_a_launch_that_the_other_worker_carries_within_a_second(
                     if c.raddr and c.raddr.port == node.deployment.port]
         assert len(carriers) == 1
         holder = node.holder(carriers[0].laddr.port)
-        other = next(worker for worker in node.workers() if worker != holder)
-
-        admin = node.sign_in("root")
-        asking = node.connection_on(other)
-        status, body = get(asking, "/api/v1/admin/sessions", admin)
-        assert status == 200
-        listed = [s for s in json.loads(body)["sessions"] if s["user"] == "alice"]
-        # The other worker lists the launch it does not carry, and says who does.
-        assert [(s["kind"], s["worker"]) for s in listed] == [("launch", str(holder))]
-        ended_at = time.monotonic()
-        status, body = get(asking, f"/api/v1/admin/sessions/{listed[0]['id']}"
-                           "?scope=connections", admin, method="DELETE")
-        assert status == 200 and json.loads(body)["ended"] == [listed[0]["id"]], body
-        asking.close()
-        flow.join(15)
-        assert flow.closed_at is not None and flow.closed_at - ended_at < BOUND
-        assert launch.popen.wait(15) == 1
-        assert "ended by an administrator" in launch.output()
+        assert holder is not None
+        yield HeldLaunch(launch, flow, token, holder,
+                         next(worker for worker in node.workers() if worker != holder))
     finally:
         launch.stop()
+
+
+def ended_within_the_bound(launch: HeldLaunch, ended_at: float, why: str) -> None:
+    launch.flow.join(15)
+    assert launch.flow.closed_at is not None and launch.flow.closed_at - ended_at < BOUND
+    assert launch.process.popen.wait(15) == 1
+    assert why in launch.process.output()
+
+
+def test_an_admin_ends_a_launch_that_the_other_worker_carries_within_a_second(
+        node: Node, held_launch: HeldLaunch) -> None:
+    admin = node.sign_in("root")
+    asking = node.connection_on(held_launch.other)
+    status, body = get(asking, "/api/v1/admin/sessions", admin)
+    assert status == 200
+    listed = [s for s in json.loads(body)["sessions"] if s["user"] == "alice"]
+    # The other worker lists the launch it does not carry, and says who does.
+    assert [(s["kind"], s["worker"]) for s in listed] == [("launch", str(held_launch.holder))]
+    ended_at = time.monotonic()
+    status, body = get(asking, f"/api/v1/admin/sessions/{listed[0]['id']}"
+                       "?scope=connections", admin, method="DELETE")
+    assert status == 200 and json.loads(body)["ended"] == [listed[0]["id"]], body
+    asking.close()
+    ended_within_the_bound(held_launch, ended_at, "ended by an administrator")
+
+
+def test_signing_out_on_one_worker_ends_the_launch_the_other_carries_within_a_second(
+        node: Node, held_launch: HeldLaunch) -> None:
+    asking = node.connection_on(held_launch.other)
+    ended_at = time.monotonic()
+    status, _ = get(asking, "/api/v1/logout", held_launch.token, method="POST")
+    assert status == 200
+    asking.close()
+    ended_within_the_bound(held_launch, ended_at, "signed out")
 
 
 def test_sighup_reloads_every_worker(node: Node) -> None:
