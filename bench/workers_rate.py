@@ -13,41 +13,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import re
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.deployment import Deployment, run_cli
+from bench.deployment import Deployment
 
 REDIS_URL = os.environ.get("PORTCULLIS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 SHAPES = {"keep-alive": [], "connection: close": ["-H", "Connection: close"]}
 
 
-def port_run(count: int) -> int:
-    """P..P+count-1 free, below the ephemeral range (a busy machine may have used it up)."""
-    for _ in range(500):
-        base = random.randrange(10000, 32000)
-        try:
-            for offset in range(count):
-                with socket.socket() as sock:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    sock.bind(("127.0.0.1", base + offset))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no run of free ports")
-
-
 def on_shared_store(root: Path) -> Deployment:
-    deployment = Deployment(root / "deployment", port_run(4))
-    run_cli("init", "--dir", str(deployment.directory), "--port", str(deployment.port))
+    deployment = Deployment.create(root)
     config = deployment.directory / "portcullis.toml"
     config.write_text(re.sub(r"(?m)^ephemeral = .*$",
                              f'ephemeral = "{REDIS_URL}?prefix=bench-{secrets.token_hex(4)}:"',
