@@ -45,8 +45,10 @@ FUZZ_SECONDS ?= 300
 fuzz: $(BIN)/.installed
 	$(BIN)/python tests/fuzz/fuzz_run.py --all --seconds $(FUZZ_SECONDS)
 
+## The headline benchmark (bench/performance.py, docs/performance.md): every shape against
+## stunnel, BENCH_ROUNDS interleaved rounds (default 5); updates bench/RESULTS.md.
 bench: $(BIN)/.installed peers
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench performance
 
 ## The full `portcullis` wheel, the light client's wheel (client-dist/) and the
 ## single-file client dist/portcullis-client.pyz, which the portal offers for download.

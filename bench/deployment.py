@@ -9,7 +9,9 @@ would. Every process started here is stopped when the caller's ExitStack closes.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import re
 import socket
 import ssl
@@ -21,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 PORTCULLIS = str(Path(sys.executable).parent / "portcullis")
 USER = "alice"
 PASSWORD = "bench horse battery staple"
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_picker = random.Random()
 
 
 def free_port() -> int:
@@ -35,11 +38,14 @@ def free_port() -> int:
 
 
 def free_port_run(count: int) -> int:
-    """A port P with P..P+count-1 all free (`portcullis init` uses three in a row)."""
+    """A port P with P..P+count-1 all free (`portcullis init` uses three in a row).
+
+    Picked below the kernel's ephemeral range: a port from that range, free when
+    picked, may become the source port of any outgoing connection (this machine makes
+    thousands a second under load) before `portcullis up` binds it."""
+    low = _ephemeral_low()
     for _ in range(200):
-        base = free_port()
-        if base + count >= 65535:
-            continue
+        base = _picker.randrange(10000, low - count)
         sockets: list[socket.socket] = []
         try:
             for offset in range(count):
@@ -53,6 +59,13 @@ def free_port_run(count: int) -> int:
             for sock in sockets:
                 sock.close()
     raise RuntimeError("found no run of free ports in 200 tries")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _listening_ports() -> set[int]:
@@ -114,10 +127,19 @@ class Process:
                            f"{self.output()[-2000:]}")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the process so far (its threads included)."""
-        with open(f"/proc/{self.pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        """User + system CPU time so far of the process and of every process under it
+        (threads included): a gateway with worker processes, or a program that forks,
+        counts whole. Children that already exited and were waited for count too."""
+        root = psutil.Process(self.pid)
+        total = _cpu(root, reaped=True)
+        for child in root.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += _cpu(child, reaped=False)
+        return total
+
+    def processes(self) -> int:
+        """How many processes this one is, with its descendants (a gateway's workers)."""
+        return 1 + len(psutil.Process(self.pid).children(recursive=True))
 
     def rss_kib(self) -> int:
         with open(f"/proc/{self.pid}/status") as handle:
@@ -138,6 +160,14 @@ class Process:
                 self.popen.kill()
                 self.popen.wait(10)
         self._handle.close()
+
+
+def _cpu(process: psutil.Process, *, reaped: bool) -> float:
+    times = process.cpu_times()
+    own = float(times.user + times.system)
+    # The root's children_* fields hold the children it already waited for; a live
+    # descendant counts its own time only (its exited children are rare here).
+    return own + (float(times.children_user + times.children_system) if reaped else 0.0)
 
 
 def start_process(stack: ExitStack, argv: list[str], log: Path, *,

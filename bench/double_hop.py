@@ -67,12 +67,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import platform
-import re
 import socket
-import ssl
-import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -88,9 +83,11 @@ from bench.deployment import Deployment, Process, free_port
 from bench.idle_memory import SETTLE, Sample, sample
 from bench.launch_rate import Run
 from bench.launch_rate import measure as launch_measure
-from bench.peers import require, start_echo_server, start_iperf3_server, start_stunnel_chain
-from bench.report import Report, Table
-from bench.throughput import DIRECTIONS, iperf3
+from bench.peers import start_echo_server, start_iperf3_server, start_stunnel_chain
+from bench.report import Report, Table, machine
+from bench.rounds import Spread, ratio
+from bench.throughput import DIRECTIONS, Carried
+from bench.throughput import carry as iperf3_through
 from bench.tunnel_memory import bounded
 from bench.tunnel_setup import wait_time_wait_drained
 from bench.tunnel_stream_rate import close_with_reset, direct_once, echoed_connection
@@ -134,15 +131,6 @@ class Shape:
         response = httpx.get(f"http://127.0.0.1:{self.relay_health}/status", timeout=10)
         response.raise_for_status()
         return dict(response.json())
-
-
-@dataclass
-class Carried:
-    """One iperf3 run through a shape."""
-
-    gbits: float
-    gib: float
-    cpu_per_gib: dict[str, float]  # role -> CPU seconds per GiB carried
 
 
 @dataclass
@@ -274,12 +262,8 @@ def wait_until(ready: Callable[[], bool], what: str, processes: list[Process]) -
 
 def carry(shape: Shape, direction: str, iperf_server: int) -> Carried:
     wait_server_idle(iperf_server)
-    before = {role: process.cpu_seconds() for role, process in shape.iperf_path.items()}
-    gbits, gib, _ = iperf3(shape.iperf_port, DIRECTIONS[direction], size=BYTES,
-                           timeout=RUN_TIMEOUT)
-    cpu = {role: (process.cpu_seconds() - before[role]) / gib if gib else math.nan
-           for role, process in shape.iperf_path.items()}
-    return Carried(gbits, gib, cpu)
+    return iperf3_through([shape.iperf_port], DIRECTIONS[direction], shape.iperf_path,
+                          size=BYTES, timeout=RUN_TIMEOUT)
 
 
 async def open_runs(shape: Shape) -> tuple[Run, Run]:
@@ -376,31 +360,6 @@ def run() -> Report:
 
 # -- summaries ---------------------------------------------------------------------------
 
-@dataclass
-class Spread:
-    median: float
-    low: float
-    high: float
-
-    @classmethod
-    def of(cls, values: list[float]) -> Spread:
-        values = [value for value in values if not math.isnan(value)]
-        if not values:
-            return cls(math.nan, math.nan, math.nan)
-        return cls(statistics.median(values), min(values), max(values))
-
-    def __str__(self) -> str:
-        median, low, high = map(_number, (self.median, self.low, self.high))
-        return median if low == high else f"{median} ({low}–{high})"
-
-    def as_json(self) -> dict[str, float]:
-        return {"median": self.median, "min": self.low, "max": self.high}
-
-
-def _number(value: float) -> str:
-    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}"
-
-
 def over_rounds(rounds: list[dict[str, Round]], shape: str,
                 figure: Callable[[Round], float]) -> Spread:
     return Spread.of([figure(round_[shape]) for round_ in rounds])
@@ -411,7 +370,7 @@ def ratio_over_rounds(rounds: list[dict[str, Round]], shape: str, base: str,
     """figure(shape) / figure(base), round by round; None if base was not measured."""
     if base not in rounds[0] or base == shape:
         return None
-    return Spread.of([_ratio(figure(round_[shape]), figure(round_[base]))
+    return Spread.of([ratio(figure(round_[shape]), figure(round_[base]))
                       for round_ in rounds])
 
 
@@ -420,10 +379,6 @@ def difference_over_rounds(rounds: list[dict[str, Round]], shape: str, base: str
     if base not in rounds[0] or base == shape:
         return None
     return Spread.of([figure(round_[shape]) - figure(round_[base]) for round_ in rounds])
-
-
-def _ratio(value: float, base: float) -> float:
-    return value / base if base else math.nan
 
 
 def _cell(spread: Spread | None) -> str:
@@ -470,9 +425,9 @@ def report(rounds: list[dict[str, Round]], idle: dict[str, Idle],
             gbits = over_rounds(rounds, shape, _gbits(direction))
             ratios = {base: ratio_over_rounds(rounds, shape, base, _gbits(direction))
                       for base in BASELINES}
-            cpu = {role: Spread.of([round_[shape].carried[direction].cpu_per_gib[role]
+            cpu = {role: Spread.of([round_[shape].carried[direction].cpu_per_gib()[role]
                                     for round_ in rounds])
-                   for role in rounds[0][shape].carried[direction].cpu_per_gib}
+                   for role in rounds[0][shape].carried[direction].cpu}
             throughput_rows.append([shape, direction, str(gbits),
                                     *map(_cell, ratios.values())])
             for role, spread in cpu.items():
@@ -568,16 +523,3 @@ def report(rounds: list[dict[str, Round]], idle: dict[str, Idle],
         "processes, iperf3 and the echo server share the machine's cores",
         f"afterwards waited {waited:.0f} s for TIME_WAIT sockets to expire"]
     return Report(name="double_hop", tables=tables, verdicts=verdicts, notes=notes, data=data)
-
-
-def machine() -> dict[str, object]:
-    """Cores, CPU model, kernel, OpenSSL (Python's and stunnel's), Python."""
-    with open("/proc/cpuinfo") as handle:
-        model = re.search(r"(?m)^model name\s*:\s*(.+)$", handle.read())
-    version = subprocess.run([require("stunnel4", "stunnel"), "-version"],
-                             capture_output=True, text=True, timeout=30)
-    stunnel = re.search(r"Running\s+with (OpenSSL \S+)", version.stdout + version.stderr)
-    return {"cores": os.cpu_count(), "cpu": model.group(1) if model else "unknown",
-            "kernel": platform.release(), "openssl": ssl.OPENSSL_VERSION,
-            "stunnel_openssl": stunnel.group(1) if stunnel else "unknown",
-            "python": platform.python_version()}

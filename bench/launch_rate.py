@@ -25,6 +25,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import uvloop
 
 from bench.deployment import Deployment, Process, api_client, sign_in
@@ -128,19 +129,24 @@ async def tls_echo_once(port: int, tls: ssl.SSLContext) -> float:
     return seconds
 
 
+async def launch_once(api: httpx.AsyncClient, resource: str, tls: ssl.SSLContext) -> float:
+    """One launch of `resource`, closed again; returns its seconds to the echoed byte."""
+    wire = await WireLaunch.open(api, resource, tls)
+    wire.close()
+    return wire.seconds
+
+
 async def _measure_both(deployment: Deployment, gateway: Process, echo: Process,
                         stunnel: Process, stunnel_port: int) -> tuple[Run, Run]:
     tls = deployment.client_tls()
     async with api_client(deployment, CONCURRENCY) as api:
         await sign_in(api)
 
-        async def launch_once() -> float:
-            wire = await WireLaunch.open(api, "echo", tls)
-            wire.close()
-            return wire.seconds
+        def once() -> Awaitable[float]:
+            return launch_once(api, "echo", tls)
 
-        await measure("warm-up", launch_once, WARMUP, {})
-        portcullis = await measure("portcullis launch", launch_once, LAUNCHES,
+        await measure("warm-up", once, WARMUP, {})
+        portcullis = await measure("portcullis launch", once, LAUNCHES,
                                    {"up": gateway, "echo": echo})
     baseline = await measure("stunnel TLS connect", lambda: tls_echo_once(stunnel_port, tls),
                              LAUNCHES, {"stunnel": stunnel, "echo": echo})

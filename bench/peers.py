@@ -10,6 +10,7 @@ import pwd
 import shutil
 import sys
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.deployment import Process, free_port, start_process, wait_for_listen
@@ -70,6 +71,33 @@ def start_stunnel_client(stack: ExitStack, logs: Path, *, server_port: int,
                             logs / f"{_file_name(name)}.log", name=name)
     wait_for_listen(port, process=process)
     return process, port
+
+
+@dataclass
+class StunnelPair:
+    """An stunnel client -> stunnel server pair: plain TCP in at `port`, TLS between the
+    two (the server listening on `tls_port`), plain TCP out to the target."""
+
+    client: Process
+    server: Process
+    port: int
+    tls_port: int
+
+    @property
+    def path(self) -> dict[str, Process]:
+        """Role -> process, as the throughput measurements name a tunnel's ends."""
+        return {"stunnel client": self.client, "stunnel server": self.server}
+
+
+def start_stunnel_pair(stack: ExitStack, logs: Path, *, target_port: int, cert: Path,
+                       key: Path, ca: Path, suffix: str = "") -> StunnelPair:
+    """The baseline in front of 127.0.0.1:target_port; `suffix` tells the processes (and
+    their configs and logs) apart when several pairs run: "stunnel server SUFFIX"."""
+    server, tls_port = start_stunnel_server(stack, logs, target_port=target_port, cert=cert,
+                                            key=key, name=f"stunnel server{suffix}")
+    client, port = start_stunnel_client(stack, logs, server_port=tls_port, ca=ca,
+                                        name=f"stunnel client{suffix}")
+    return StunnelPair(client, server, port, tls_port)
 
 
 def start_stunnel_chain(stack: ExitStack, logs: Path, *, target_port: int, hops: int,

@@ -3,7 +3,13 @@ go to bench/results/ as JSON."""
 
 from __future__ import annotations
 
+import os
+import platform
+import re
+import ssl
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -55,3 +61,32 @@ def verdict(label: str, value: float, target: float, unit: str, *,
     sign = "≥" if higher_is_better else "≤"
     return f"{label}: {value:.2f} {unit}   target {sign} {target:g} {unit}   " \
            f"{'MET' if met else 'NOT MET'}"
+
+
+def machine() -> dict[str, object]:
+    """Where the numbers come from: cores, CPU model, kernel, OpenSSL (Python's and
+    stunnel's), Python, and which portcullis source was measured (PYTHONPATH may point at
+    a snapshot instead of the working tree), at which commit."""
+    import portcullis
+    from bench.peers import require
+
+    repo = Path(__file__).parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=repo).stdout.strip()
+
+    with open("/proc/cpuinfo") as handle:
+        model = re.search(r"(?m)^model name\s*:\s*(.+)$", handle.read())
+    version = subprocess.run([require("stunnel4", "stunnel"), "-version"],
+                             capture_output=True, text=True, timeout=30)
+    stunnel = re.search(r"Running\s+with (OpenSSL \S+)", version.stdout + version.stderr)
+    source = Path(portcullis.__file__).parent
+    in_tree = source.is_relative_to(repo / "src")
+    return {"cores": os.cpu_count(), "cpu": model.group(1).strip() if model else "unknown",
+            "kernel": platform.release(), "openssl": ssl.OPENSSL_VERSION,
+            "stunnel_openssl": stunnel.group(1) if stunnel else "unknown",
+            "python": platform.python_version(), "platform": platform.platform(),
+            "git": git("rev-parse", "--short", "HEAD"),
+            "portcullis_source": str(source),
+            "src_modified": bool(git("status", "--porcelain", "src")) if in_tree else None}

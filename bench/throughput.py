@@ -11,6 +11,8 @@ import json
 import math
 import subprocess
 import tempfile
+import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +21,7 @@ from bench.deployment import Deployment, Process
 from bench.peers import (
     require,
     start_iperf3_server,
-    start_stunnel_client,
-    start_stunnel_server,
+    start_stunnel_pair,
 )
 from bench.report import Report, Table, verdict
 
@@ -44,28 +45,63 @@ class Measurement:
                 "tunnel_cpu_s": self.tunnel_cpu}
 
 
-def iperf3(port: int, extra: list[str], *, size: str = BYTES,
+@dataclass
+class Carried:
+    """One iperf3 run (of one client, or of several side by side) through a path."""
+
+    gbits: float  # as received, all clients together
+    gib: float
+    seconds: float
+    cpu: dict[str, float]  # role -> CPU seconds of that process (tree) during the run
+
+    def cpu_per_gib(self) -> dict[str, float]:
+        return {role: seconds / self.gib if self.gib else math.nan
+                for role, seconds in self.cpu.items()}
+
+
+def iperf3(ports: Sequence[int], extra: list[str], *, size: str = BYTES,
            timeout: float = RUN_TIMEOUT) -> tuple[float, float, float]:
-    """One iperf3 client run of `size` bytes (iperf3 -n); returns (Gbit/s, GiB,
-    seconds) as received."""
-    result = subprocess.run(
+    """One iperf3 client run of `size` bytes (iperf3 -n) to each port in `ports`, all at
+    once; returns (Gbit/s, GiB, seconds) as received, summed over the clients: the bytes
+    of all of them over the longest one's time."""
+    clients = [subprocess.Popen(
         [require("iperf3"), "-c", "127.0.0.1", "-p", str(port), "-n", size, "-J", *extra],
-        capture_output=True, text=True, timeout=timeout)
-    report = json.loads(result.stdout or "{}")
-    if result.returncode != 0 or "error" in report:
-        raise RuntimeError(f"iperf3 {' '.join(extra)} on port {port} failed: "
-                           f"{report.get('error') or result.stderr.strip()}")
-    received = report["end"]["sum_received"]
-    return (received["bits_per_second"] / 1e9, received["bytes"] / 2**30,
-            received["seconds"])
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for port in ports]
+    deadline = time.monotonic() + timeout
+    received: list[dict[str, float]] = []
+    try:
+        for port, client in zip(ports, clients, strict=True):
+            out, err = client.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            report = json.loads(out or "{}")
+            if client.returncode != 0 or "error" in report:
+                raise RuntimeError(f"iperf3 {' '.join(extra)} on port {port} failed: "
+                                   f"{report.get('error') or err.strip()}")
+            received.append(report["end"]["sum_received"])
+    finally:
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+                client.wait(10)
+    total = sum(one["bytes"] for one in received)
+    seconds = max(one["seconds"] for one in received)
+    return total * 8 / seconds / 1e9, total / 2**30, seconds
+
+
+def carry(ports: Sequence[int], extra: list[str], path: dict[str, Process], *,
+          size: str = BYTES, timeout: float = RUN_TIMEOUT) -> Carried:
+    """iperf3 through `ports` (see iperf3), with the CPU seconds each process of `path`
+    (role -> process, the tunnel's ends) spent meanwhile. iperf3's own CPU is not in it."""
+    before = {role: process.cpu_seconds() for role, process in path.items()}
+    gbits, gib, seconds = iperf3(ports, extra, size=size, timeout=timeout)
+    cpu = {role: process.cpu_seconds() - before[role] for role, process in path.items()}
+    return Carried(gbits, gib, seconds, cpu)
 
 
 def measure(setup: str, direction: str, port: int, tunnel: list[Process]) -> Measurement:
-    before = {process.name: process.cpu_seconds() for process in tunnel}
-    gbits, gib, seconds = iperf3(port, DIRECTIONS[direction])
-    cpu = {process.name: process.cpu_seconds() - before[process.name] for process in tunnel}
-    print(f"  {setup:<12} {direction:<8} {gbits:6.2f} Gbit/s", flush=True)
-    return Measurement(setup, direction, gbits, gib, seconds, cpu)
+    carried = carry([port], DIRECTIONS[direction], {process.name: process for process in tunnel})
+    print(f"  {setup:<12} {direction:<8} {carried.gbits:6.2f} Gbit/s", flush=True)
+    return Measurement(setup, direction, carried.gbits, carried.gib, carried.seconds,
+                       carried.cpu)
 
 
 def run() -> Report:
@@ -81,13 +117,11 @@ def run() -> Report:
         launch, launch_port = deployment.start_launch(stack, logs, env, "iperf")
 
         cert, key = deployment.server_cert
-        stunnel_server, server_port = start_stunnel_server(
-            stack, logs, target_port=iperf_port, cert=cert, key=key)
-        stunnel_client, client_port = start_stunnel_client(
-            stack, logs, server_port=server_port, ca=deployment.ca)
+        pair = start_stunnel_pair(stack, logs, target_port=iperf_port, cert=cert, key=key,
+                                  ca=deployment.ca)
 
         setups = {"direct": (iperf_port, []),
-                  "stunnel": (client_port, [stunnel_client, stunnel_server]),
+                  "stunnel": (pair.port, [pair.client, pair.server]),
                   "portcullis": (launch_port, [launch, gateway])}
         for direction in DIRECTIONS:
             for setup, (port, tunnel) in setups.items():

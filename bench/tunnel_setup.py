@@ -107,11 +107,12 @@ def wait_time_wait_drained(limit: int = 2000, timeout: float = 75) -> float:
 
 def start_connect(stack: ExitStack, logs: Path, env: dict[str, str], *,
                   forwards: Iterable[str] = (), fixed_forwards: Iterable[tuple[int, str]] = (),
-                  udp_forwards: Iterable[tuple[int, str]] = ()) -> tuple[Process, dict[str, int]]:
+                  udp_forwards: Iterable[tuple[int, str]] = (),
+                  name: str = "portcullis connect") -> tuple[Process, dict[str, int]]:
     """`portcullis connect` (no proxies) with a -L forward on a free port for each target
     in `forwards` ("HOST:PORT"), plus -L / -U forwards on given local ports. Returns the
     process once the tunnel is up and every forward listens, and target -> local port of
-    `forwards`."""
+    `forwards`. `name` names the process and its log (several may run side by side)."""
     forwards, fixed_forwards = list(forwards), list(fixed_forwards)
     udp_forwards = list(udp_forwards)
     argv = [PORTCULLIS, "connect", "--socks", "off", "--http", "off"]
@@ -121,8 +122,8 @@ def start_connect(stack: ExitStack, logs: Path, env: dict[str, str], *,
         argv += ["-L", f"127.0.0.1:{port}:{target}"]
     for port, target in udp_forwards:
         argv += ["-U", f"127.0.0.1:{port}:{target}"]
-    process = start_process(stack, argv, logs / "portcullis-connect.log",
-                            env={**env, "PYTHONUNBUFFERED": "1"}, name="portcullis connect")
+    process = start_process(stack, argv, logs / f"{name.replace(' ', '-')}.log",
+                            env={**env, "PYTHONUNBUFFERED": "1"}, name=name)
     process.wait_for(r"tunnel up as ")
     ports = {target: int(process.wait_for(
         rf"(?m)^forward to {re.escape(target)}: listening on [\d.]+:(\d+)").group(1))

@@ -94,26 +94,32 @@ async def close_with_reset(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
+async def stream_once(tunnel: WireTunnel, echo_port: int) -> float:
+    """One stream on `tunnel`: OPEN, one byte echoed (the seconds until then are
+    returned), then the gateway's FIN."""
+    started = time.perf_counter()
+    stream_id = await tunnel.echo_stream(echo_port, fin=True)
+    seconds = time.perf_counter() - started
+    try:
+        await tunnel.expect(stream_id, mux.StreamEnded)
+    except BaseException:
+        tunnel.abandon(stream_id)
+        raise
+    tunnel.streams.pop(stream_id, None)
+    return seconds
+
+
 async def _measure_both(deployment: Deployment, gateway: Process, echo: Process,
                         echo_port: int) -> tuple[Run, Run]:
     async with api_client(deployment, 1) as api:
         token = await sign_in(api)
     tunnel = await WireTunnel.connect(tunnel_url(deployment), token, deployment.client_tls())
     try:
-        async def stream_once() -> float:
-            started = time.perf_counter()
-            stream_id = await tunnel.echo_stream(echo_port, fin=True)
-            seconds = time.perf_counter() - started
-            try:
-                await tunnel.expect(stream_id, mux.StreamEnded)
-            except BaseException:
-                tunnel.abandon(stream_id)
-                raise
-            tunnel.streams.pop(stream_id, None)
-            return seconds
+        def once() -> Awaitable[float]:
+            return stream_once(tunnel, echo_port)
 
-        await measure("warm-up", stream_once, WARMUP, {})
-        portcullis = await measure("portcullis tunnel", stream_once, STREAMS,
+        await measure("warm-up", once, WARMUP, {})
+        portcullis = await measure("portcullis tunnel", once, STREAMS,
                                    {"up": gateway, "echo": echo})
     finally:
         tunnel.close()

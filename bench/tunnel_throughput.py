@@ -17,9 +17,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.deployment import Process
-from bench.peers import start_iperf3_server, start_stunnel_client, start_stunnel_server
+from bench.peers import start_iperf3_server, start_stunnel_pair
 from bench.report import Report, Table, verdict
-from bench.throughput import BYTES, DIRECTIONS, TARGET, Measurement, iperf3
+from bench.throughput import BYTES, DIRECTIONS, TARGET, Measurement, carry
 from bench.tunnel_setup import start_connect, start_tunnel_gateway
 
 PARALLEL = 8
@@ -50,11 +50,10 @@ def wait_server_idle(port: int, timeout: float = 15) -> None:
 def measure(setup: str, label: str, port: int, tunnel: list[Process],
             server_port: int) -> Measurement:
     wait_server_idle(server_port)
-    before = {process.name: process.cpu_seconds() for process in tunnel}
-    gbits, gib, seconds = iperf3(port, RUNS[label])
-    cpu = {process.name: process.cpu_seconds() - before[process.name] for process in tunnel}
-    print(f"  {setup:<12} {label:<14} {gbits:6.2f} Gbit/s", flush=True)
-    return Measurement(setup, label, gbits, gib, seconds, cpu)
+    carried = carry([port], RUNS[label], {process.name: process for process in tunnel})
+    print(f"  {setup:<12} {label:<14} {carried.gbits:6.2f} Gbit/s", flush=True)
+    return Measurement(setup, label, carried.gbits, carried.gib, carried.seconds,
+                       carried.cpu)
 
 
 def run() -> Report:
@@ -69,13 +68,11 @@ def run() -> Report:
         connect, ports = start_connect(stack, logs, env, forwards=[target])
 
         cert, key = deployment.server_cert
-        stunnel_server, server_port = start_stunnel_server(
-            stack, logs, target_port=iperf_port, cert=cert, key=key)
-        stunnel_client, client_port = start_stunnel_client(
-            stack, logs, server_port=server_port, ca=deployment.ca)
+        pair = start_stunnel_pair(stack, logs, target_port=iperf_port, cert=cert, key=key,
+                                  ca=deployment.ca)
 
         setups = {"direct": (iperf_port, []),
-                  "stunnel": (client_port, [stunnel_client, stunnel_server]),
+                  "stunnel": (pair.port, [pair.client, pair.server]),
                   "portcullis": (ports[target], [connect, gateway])}
         for label in RUNS:
             for setup in SETUPS:

@@ -60,10 +60,10 @@ import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 
 from bench.deployment import Deployment, Process, api_client, free_port, sign_in, start_process
-from bench.double_hop import Spread
 from bench.idle_memory import SETTLE
 from bench.peers import require, start_nginx
 from bench.report import Report, Table
+from bench.rounds import Spread
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))

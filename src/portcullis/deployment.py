@@ -36,6 +36,8 @@ admin_groups = ["admins"]
 public_url = "https://{hostname}:{port}"
 # Where the gateway listens (the one TLS port at the edge).
 listen = "{listen_host}:{port}"
+# Worker processes behind these ports; absent: one per core (one with memory://).
+# workers = 2
 # When the portal role runs in another process: its URL (mutual TLS).
 # portal_url = "https://portal.internal:{portal_port}"
 

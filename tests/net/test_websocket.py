@@ -67,6 +67,8 @@ async def pair() -> tuple[WebSocketMux, WebSocketMux, Recorder, Recorder, asynci
                                    [3, 70_000, 1, 200_000, 7], [1 << 20]])
 async def test_chunked_messages_arrive_whole_both_ways(sizes: Sequence[int]) -> None:
     client, server, client_rec, server_rec, listener = await pair()
+    # Both ends read data frames with the FrameReader once open (the data path).
+    assert client._reader is not None and server._reader is not None
     rng = random.Random(len(sizes))
     chunks = [rng.randbytes(size) for size in sizes]
     client.send_message(chunks)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,22 +63,19 @@ def _settings(directory: Path) -> Any:
 
 
 def _serve(directory: Path, roles: tuple[str, ...]) -> None:
-    from portcullis.node import Node
+    from portcullis.node import ListenAddress
+    from portcullis.workers import serve_node
 
     settings = _settings(directory)
 
-    def ready(node: Node) -> None:
-        for listener in node.listeners:
-            click.echo(f"{listener.role} listening on https://{listener.host}:{listener.port}")
-        if "gateway" in node.roles and "portal" in node.roles:
+    def ready(addresses: Sequence[ListenAddress]) -> None:
+        for address in addresses:
+            click.echo(f"{address.role} listening on https://{address.host}:{address.port}")
+        if "gateway" in roles and "portal" in roles:
             click.echo(f"Portal: {settings.gateway.public_url}/")
         sys.stdout.flush()
 
-    async def serve() -> None:
-        node = await Node.build(settings, roles)
-        await node.serve(ready)
-
-    run_async(serve())
+    serve_node(settings, roles, ready, run_async)
 
 
 @click.command()

@@ -44,6 +44,9 @@ class GatewaySettings(Section):
     # How long a launched connection may stay idle is the application's business; the
     # gateway only bounds how long a client may take to present its ticket.
     ticket_wait_seconds: float = Field(default=10.0, gt=0, le=120)
+    # Worker processes serving this node's listening ports (`portcullis up` and `serve`);
+    # absent: one per core. See docs/deployment.md, "Workers".
+    workers: int | None = Field(default=None, ge=1, le=256)
 
     _check_listen = field_validator("listen")(_listen)
 

@@ -1,10 +1,13 @@
 """WebSocket connections that carry one mux session (or, for VNC in the browser, one
 relayed byte stream), as asyncio Protocols.
 
-The framing and handshakes are the `websockets` library's sans-I/O protocol; this
-module only moves bytes between it, the transport and the `MuxSession`: no ASGI
-queue, no task per message, no per-message pause/resume. That is where a launched
-connection's throughput is won (see bench/throughput.py).
+The handshakes, control frames and closing are the `websockets` library's sans-I/O
+protocol; this module moves bytes between it, the transport and the `MuxSession`: no
+ASGI queue, no task per message, no per-message pause/resume. Data frames, nearly every
+byte, take a shorter way both ways: written with a header of ours (`send_message`), and
+read by `proto.wsframes.FrameReader` out of a buffer the transport decrypts into (a
+`BufferedProtocol`), one copy per message where the library's parser makes three. That is
+where a tunnel's throughput is won (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -36,10 +39,12 @@ from portcullis.errors import ClientError
 from portcullis.net.muxsession import DEFAULT_MAX_MESSAGE, MessageCarrier
 from portcullis.net.tls import describe_tls_failure
 from portcullis.proto.mux import Limits
+from portcullis.proto.wsframes import ControlFrame, FrameReader
 
 # What either side accepts in one WebSocket message: our coalesced messages plus a frame.
 MAX_WEBSOCKET_MESSAGE = DEFAULT_MAX_MESSAGE + Limits().max_frame_payload + 64
 CLOSE_TIMEOUT = 2.0
+HANDSHAKE_READ = 16 * 1024   # reads before the data path takes over: the HTTP handshake
 
 Message = bytes | bytearray | memoryview
 
@@ -63,9 +68,16 @@ class MessageSession(Protocol):
     def resume_sources(self) -> None: ...
 
 
-class WebSocketMux(asyncio.Protocol):
+class WebSocketMux(asyncio.BufferedProtocol):
     """One WebSocket connection carrying one session of binary messages (client or
-    server side)."""
+    server side).
+
+    Until the handshake is done every byte goes to the library; from then on the
+    transport reads into the `FrameReader`'s buffer, which hands control frames back to
+    the library (which answers PINGs and runs the closing handshake) and binary messages
+    to the session. After a close or a failure the library has the bytes again (it
+    discards them).
+    """
 
     def __init__(self, websocket: WebSocketProtocol, *,
                  on_request: Callable[[WebSocketMux, Request], None] | None = None) -> None:
@@ -76,6 +88,8 @@ class WebSocketMux(asyncio.Protocol):
         self.handshake: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         self._early: list[Message] = []
         self._fragments: list[Message] = []
+        self._reader: FrameReader | None = None   # the data path, once open
+        self._scratch: bytearray | None = None    # where reads land before that
 
     def peer_host(self) -> str:
         """The address of the other end, as audit lines name a client ("unknown" before
@@ -128,7 +142,27 @@ class WebSocketMux(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._reader is not None:
+            return self._reader.get_buffer()
+        if self._scratch is None:
+            self._scratch = bytearray(HANDSHAKE_READ)
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        reader = self._reader
+        if reader is None:
+            assert self._scratch is not None
+            self.data_received(bytes(memoryview(self._scratch)[:nbytes]))
+            return
+        self._take(reader, reader.buffer_updated(nbytes))
+
     def data_received(self, data: bytes) -> None:
+        """Bytes not read into our buffer: the handshake (uvicorn hands over the request
+        it parsed), and whatever follows a close."""
+        if self._reader is not None:
+            self._take(self._reader, self._reader.feed(data))
+            return
         websocket = self.websocket
         websocket.receive_data(data)
         for event in websocket.events_received():
@@ -139,9 +173,13 @@ class WebSocketMux(asyncio.Protocol):
             elif isinstance(event, Response) and not self.handshake.done():
                 self.handshake.set_result(event)   # client: the handshake's answer
         self.write_pending()
-        if websocket.state is State.CLOSED or (websocket.close_expected() and
-                                               websocket.state is not State.CONNECTING):
+        if self._closing():
             self._closed()
+        elif websocket.state is State.OPEN and _at_frame_boundary(websocket):
+            self._reader = FrameReader(
+                masked=websocket.side is Side.SERVER, unmask=apply_mask,
+                max_message=websocket.max_message_size or MAX_WEBSOCKET_MESSAGE)
+            self._scratch = None
 
     def eof_received(self) -> bool | None:
         self.websocket.receive_eof()
@@ -166,6 +204,40 @@ class WebSocketMux(asyncio.Protocol):
             self.session.resume_sources()
 
     # -- internals -------------------------------------------------------------------
+    def _take(self, reader: FrameReader, found: list[bytes | ControlFrame]) -> None:
+        """What the FrameReader found: messages to the session, control frames to the
+        library, until a close; then the frame it could not take, if any, fails the
+        connection as the library would."""
+        websocket = self.websocket
+        for item in found:
+            if isinstance(item, ControlFrame):
+                websocket.receive_data(item.raw)
+                websocket.events_received()   # PINGs are answered by the library itself
+                self.write_pending()
+                if websocket.close_rcvd is not None or websocket.state is not State.OPEN:
+                    self._reader = None   # the library discards what follows
+                    if self._closing():
+                        self._closed()
+                    return
+            elif self.session is None:
+                self._early.append(item)
+            else:
+                self.session.receive_message(item)
+        if reader.failure is not None:
+            self._fail(reader.failure.code, reader.failure.reason)
+
+    def _fail(self, code: int, reason: str) -> None:
+        self._reader = None
+        self.websocket.fail(code, reason)
+        self.write_pending()
+        if self._closing():
+            self._closed()
+
+    def _closing(self) -> bool:
+        websocket = self.websocket
+        return websocket.state is State.CLOSED or (websocket.close_expected() and
+                                                   websocket.state is not State.CONNECTING)
+
     def _on_frame(self, frame: Frame) -> None:
         if frame.opcode is Opcode.BINARY or frame.opcode is Opcode.CONT:
             if not frame.fin:   # a peer may fragment; websockets enforces max_size
@@ -196,6 +268,19 @@ class WebSocketMux(asyncio.Protocol):
     def _closed(self) -> None:
         if self.session is not None:
             self.session.carrier_closed()
+
+
+def _at_frame_boundary(websocket: WebSocketProtocol) -> bool:
+    """Whether the library's parser waits for the start of a frame with nothing buffered,
+    so that the FrameReader can take the byte stream over from here. (Its generator
+    waits in `StreamReader.at_eof` only there; if a library version differs, the answer
+    is False and the library keeps parsing: slower, still right.)"""
+    innermost: object = websocket.parser
+    while (inner := getattr(innermost, "gi_yieldfrom", None)) is not None:
+        innermost = inner   # the handshake's parser delegates to the frame parser
+    code = getattr(innermost, "gi_code", None)
+    return (not websocket.reader.buffer and code is not None
+            and code.co_name == "at_eof")
 
 
 def _frame_header(size: int, mask: bytes) -> bytes:
