@@ -1,6 +1,7 @@
-"""A node of two worker processes (`[gateway] workers = 2`) behind one port, on the real
-shared store (Redis): both serve the port, share sessions, redeem a ticket once, end each
-other's connections, reload on SIGHUP, are replaced when killed, and stop on SIGTERM.
+"""A node of two worker processes (`[gateway] workers = 2`) behind one port, on the
+default embedded store (one SQLite file): both serve the port, share sessions, redeem a
+ticket once, end each other's connections, reload on SIGHUP, are replaced when killed,
+and stop on SIGTERM.
 
 Which worker carries a connection is read from /proc (psutil), as an administrator would
 see it: the worker holding the accepted socket whose peer is the client's port."""
@@ -11,7 +12,6 @@ import asyncio
 import http.client
 import json
 import os
-import secrets
 import signal
 import socket
 import ssl
@@ -27,7 +27,6 @@ import pytest
 from conftest import Deployment, Process, init_deployment, run_cli
 from e2e.test_revocation import Cluster, Traffic, launch_file, sign_in
 from peers.servers import EchoServer
-from peers.stores import REDIS_URL, answering_redis_url
 from portcullis.proto.launchfile import parse_launch_file
 
 PASSWORD = "correct horse battery staple"
@@ -85,11 +84,9 @@ def get(connection: http.client.HTTPSConnection, path: str,
 
 
 def two_worker_deployment(directory: Path, echo: EchoServer) -> Deployment:
-    asyncio.run(answering_redis_url())
+    # The workers share the default store: the embedded file beside the configuration.
     deployment = init_deployment(directory)
     deployment.set("gateway", "workers", "2")
-    prefix = f"pc-workers-{secrets.token_hex(4)}:"
-    deployment.set("store", "ephemeral", f'"{REDIS_URL}?prefix={prefix}"')
     deployment.add_resource("echo", echo.address, ["staff"], "Echo")
     deployment.add_user("alice", PASSWORD, ["staff"])
     deployment.add_user("root", PASSWORD, ["admins"])
