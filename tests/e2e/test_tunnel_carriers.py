@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 import httpx
-from test_tunnel import Tunnel, audit, carriers_up, connect, login, vpn  # noqa: F401  (vpn: a fixture)
+from test_tunnel import POLICIES, Tunnel, audit, carriers_up, connect, login, vpn  # noqa: F401  (vpn: a fixture)
 
 from conftest import Deployment, run_cli
+from e2e.test_workers import start_node, two_worker_deployment
 from portcullis.gateway.carriers import JOIN_CHECK
 from portcullis.net import websocket
 from portcullis.net.muxsession import MuxSession
@@ -239,3 +240,45 @@ def test_an_administrator_ending_one_carrier_ends_the_tunnel(
     assert tunnel.process.popen.wait(15) == 1
     assert "ended by an administrator" in tunnel.process.output()
     assert "reopening" not in tunnel.process.output()
+
+
+def test_carriers_on_two_workers_carry_one_tunnel_and_end_with_its_session(
+        tmp_path: Path, echo_server, start_process) -> None:  # type: ignore[no-untyped-def]
+    """Two worker processes behind one port: carrier 1 is served by the worker that did not
+    serve carrier 0, which knows the tunnel only from the shared store."""
+    deployment = two_worker_deployment(tmp_path / "deployment", echo_server)
+    with deployment.config.open("a") as handle:
+        handle.write(POLICIES)
+    node = start_node(deployment, tmp_path / "up.log")
+    try:
+        home = tmp_path / "alice"
+        tunnel, host, port = alice_forward(deployment, start_process, home, echo_server.port)
+        for _ in range(20):   # until the two carriers are on different workers (bounded)
+            carriers = carriers_up(home, 2)
+            workers = [node.holder(int(str(carrier["local"]).rsplit(":", 1)[1]))
+                       for carrier in carriers]
+            if None not in workers and workers[0] != workers[1]:
+                break
+            subprocess.run(["ss", "-K", "-tn", "sport", "=",
+                            f":{str(carriers[1]['local']).rsplit(':', 1)[1]}"],
+                           capture_output=True, timeout=10)
+            deadline = time.monotonic() + 20
+            while carriers_up(home, 2)[1]["local"] == carriers[1]["local"]:
+                assert time.monotonic() < deadline, "carrier 1 was not reopened"
+                time.sleep(0.1)
+        else:
+            raise AssertionError(f"carrier 1 never landed on the other worker: {workers}")
+        held = [echo_stream(host, port), echo_stream(host, port)]
+        assert streams_per_carrier(home, 2) == [1, 1]
+        assert all(echoes(sock) for sock in held)
+        httpx.post(f"{deployment.url}/api/v1/logout",
+                   headers={"authorization": f"Bearer {token_of(home)}"},
+                   verify=ssl.create_default_context(cafile=str(deployment.ca)), timeout=10)
+        signed_out = time.monotonic()
+        for sock in held:
+            sock.settimeout(10)
+            assert sock.recv(100) == b""
+            assert time.monotonic() - signed_out < BOUND
+        assert tunnel.process.popen.wait(15) == 1
+    finally:
+        node.process.stop()
