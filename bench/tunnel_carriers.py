@@ -41,6 +41,7 @@ def run() -> Report:
                 stack, logs / f"carriers-{carriers}",
                 {**env, "PORTCULLIS_CARRIERS": str(carriers)}, forwards=[target])
             tunnels[carriers] = connect, ports[target]
+        gateway_processes = gateway.processes()
         for direction, extra in DIRECTIONS.items():
             for _, setup in interleaved([str(carriers) for carriers in CARRIERS], ROUNDS):
                 carriers = int(setup)
@@ -75,5 +76,6 @@ def run() -> Report:
                   ["setup", "Gbit/s", "connect CPU s/GiB", "gateway CPU s/GiB",
                    "x 1 carrier (same round)"], rows)
     return Report(name="tunnel_carriers", tables=[table], verdicts=[], data=data,
-                  notes=["the gateway is one process here unless [gateway] workers says "
-                         "otherwise; `connect` is always one process"])
+                  notes=[f"the gateway ran as {gateway_processes} process(es) (with "
+                         "[gateway] workers: a supervisor and its workers); `connect` is "
+                         "one process"])
