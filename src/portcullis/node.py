@@ -404,7 +404,8 @@ class Node:
         # vpn.dial_timeout bounds a tunnel's TCP streams within what the Dialer allows.
         tunnel = TunnelEndpoint(sessions, lambda: self.policy, lambda: self.settings.vpn,
                                 TimeBoundDialer(dialer, settings.vpn.dial_timeout),
-                                self.registry, self.audit, pool=pool)
+                                self.registry, self.audit, pool=pool,
+                                processes=self._processes)
         self.websocket_endpoints[TUNNEL_PATH] = tunnel.opened
         self.session_watch = SessionWatch(self.registry, sessions, accounts, self.events,
                                           self.audit, lambda: self.settings.vpn.session_check)
@@ -442,6 +443,10 @@ class Node:
                 cert, key, client_ca_file=client_ca_path(settings),
                 also_trust=self._trusted_for_relays(), server_name=name))
         self.listeners.append(Listener("gateway", host, port, app, tls))
+
+    def _processes(self) -> int:
+        """How many worker processes serve this node (known once they all run)."""
+        return self.node_connections.siblings + 1 if self.node_connections else 1
 
     def _trusted_for_relays(self) -> list[Path]:
         """CAs the gateway's listener trusts for relays dialling out, not for users."""

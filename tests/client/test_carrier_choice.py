@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from portcullis.client.tunnel import choose_carrier
+from portcullis.client.tunnel import SPREAD_TRIES, choose_carrier, land_elsewhere
 
 
 def test_the_carrier_with_the_fewest_open_streams_is_chosen() -> None:
@@ -36,3 +36,14 @@ def test_no_live_carrier_means_no_choice(loads: list[int | None]) -> None:
 
 def test_one_carrier_takes_every_stream() -> None:
     assert choose_carrier([1000]) == 0
+
+
+def test_a_carrier_on_a_process_another_carrier_uses_is_opened_again_while_others_are_free(
+) -> None:
+    assert land_elsewhere("b", ["b"], 2, tries=0)
+    assert not land_elsewhere("a", ["b"], 2, tries=0)          # landed elsewhere: kept
+    assert not land_elsewhere("b", ["b"], 1, tries=0)          # one process: nowhere else
+    assert not land_elsewhere("b", ["a", "b"], 2, tries=0)     # every process is used
+    assert land_elsewhere("b", ["a", "b"], 3, tries=0)
+    assert not land_elsewhere("b", ["b"], 2, tries=SPREAD_TRIES)   # tries are bounded
+    assert not land_elsewhere("b", ["b"], None, tries=0)       # a gateway that says nothing

@@ -38,6 +38,7 @@ BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 STATUS_FILE = "tunnel-status.json"
 DEFAULT_CARRIERS = 2
 MAX_CARRIERS = 16   # the gateway takes no more per tunnel
+SPREAD_TRIES = 8    # new carriers opened to land on a gateway process not yet used
 # Reasons after which reconnecting cannot help. The gateway's message says why, and
 # whether signing in again can; these are for a gateway that sends none.
 FINAL = {Reason.ADMIN_ENDED: "ended by an administrator", Reason.AUTH_FAILED:
@@ -54,6 +55,17 @@ def choose_carrier(loads: Sequence[int | None]) -> int | None:
     streams opened together alternate; None when none is live."""
     live = [(load, index) for index, load in enumerate(loads) if load is not None]
     return min(live)[1] if live else None
+
+
+def land_elsewhere(process: object, others: Sequence[object], processes: object,
+                   tries: int) -> bool:
+    """Whether a new carrier that landed on gateway process `process` should be opened
+    again: the node has more processes (`processes`, as the gateway says) than the
+    tunnel's other carriers use (`others`), this one shares a process with one of them,
+    and tries are left. Which process takes a connection is the kernel's choice, so a
+    few tries are what spreading a tunnel over the gateway's cores costs."""
+    return (tries < SPREAD_TRIES and isinstance(processes, int)
+            and processes > len(set(others)) and process in others)
 
 
 class CarrierRefused(ClientError):
@@ -220,6 +232,7 @@ class TunnelClient:
         for a reason that reconnecting cannot help (an administrator, the session), it
         ends the tunnel as carrier 0 would."""
         attempt = 0
+        spread_tries = 0
         while True:
             try:
                 session = await self._open_carrier({"join": join, "carrier": index})
@@ -231,6 +244,13 @@ class TunnelClient:
                 attempt += 1
                 continue
             attempt = 0
+            served = session.hello.result()
+            if land_elsewhere(served.get("process"), self._processes_used(),
+                              served.get("processes"), spread_tries):
+                spread_tries += 1
+                session.close(Reason.CANCELLED, "opened again on another gateway process")
+                continue
+            spread_tries = 0
             self._extras[index - 1] = session
             try:
                 await session.closed.wait()
@@ -244,6 +264,13 @@ class TunnelClient:
                 self.stop(final_message(*session.goaway))
                 return
             self._say(f"carrier {index} lost ({session.end_reason()}); reopening")
+
+    def _processes_used(self) -> list[object]:
+        """The gateway processes the tunnel's live carriers are on."""
+        return [carrier.hello.result().get("process")
+                for carrier in (self._session, *self._extras)
+                if carrier is not None and carrier.hello.done()
+                and not carrier.hello.cancelled() and carrier.hello.exception() is None]
 
     async def _hold(self, session: MuxSession) -> None:
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -73,8 +74,13 @@ class TunnelEndpoint:
                  registry: ConnectionRegistry, audit: AuditTrail,
                  settings: TunnelSettings = TunnelSettings(),
                  pool: AddressPool | None = None,
-                 host_addresses: HostAddresses | None = None) -> None:
+                 host_addresses: HostAddresses | None = None,
+                 processes: Callable[[], int] = lambda: 1) -> None:
         self._pool = pool
+        # Which of the node's worker processes serves a carrier, as the client is told
+        # (an opaque tag, not the pid): a client spreads a tunnel's carriers over them.
+        self._process_tag = secrets.token_hex(4)
+        self._processes = processes
         self._sessions = sessions
         self._policy = policy
         self._vpn = vpn
@@ -85,6 +91,11 @@ class TunnelEndpoint:
         self._tasks: set[asyncio.Task[None]] = set()
         self._host_addresses = host_addresses or HostAddresses()
         self._joins = CarrierJoins(sessions.bound_records(KIND))
+
+    def _serving(self) -> dict[str, object]:
+        """HELLO's fields naming the process that serves this carrier, and how many the
+        node has."""
+        return {"process": self._process_tag, "processes": self._processes()}
 
     def opened(self, carrier: WebSocketMux, request: Request) -> None:
         client = carrier.peer_host()
@@ -139,7 +150,7 @@ class TunnelEndpoint:
                 return
             source = str(intranet_ip) if intranet_ip is not None else None
             answer: dict[str, object] = {"version": 1, "user": claims.username,
-                                         "id": connection.id}
+                                         "id": connection.id, **self._serving()}
             wanted = hello.get("carriers")
             if isinstance(wanted, int) and wanted > 1:
                 record = JoinRecord(signed_in.handle, connection.id, source)
@@ -195,7 +206,8 @@ class TunnelEndpoint:
                 return
             claims_ready.set_result(Admitted(claims, record.source, record.tunnel))
             session.mux.send_hello({"version": 1, "user": claims.username,
-                                    "id": record.tunnel, "carrier": index})
+                                    "id": record.tunnel, "carrier": index,
+                                    **self._serving()})
             session.mux.send_config(self.client_config(claims, record.source))
             session.flush_soon()
             self._registry.add(connection)
