@@ -19,7 +19,6 @@ from portcullis.store.ephemeral import (
     EphemeralStore,
     MemoryStore,
     RedisStore,
-    open_ephemeral,
     shared_between_processes,
 )
 from portcullis.store.events import (
@@ -30,6 +29,7 @@ from portcullis.store.events import (
     open_event_bus,
 )
 from portcullis.store.migrations import LATEST_VERSION, MIGRATIONS
+from portcullis.store.opening import open_ephemeral
 from portcullis.store.sealed import RecordSeal, SealedRecords
 
 __all__ = [

@@ -364,28 +364,6 @@ class RedisStore(EphemeralStore):
             raise StoreError(f"Redis at {self._address} refused {command}: {exc}") from exc
 
 
-def open_ephemeral(
-    url: str, *, clock: Clock | None = None, prefix: str | None = None
-) -> EphemeralStore:
-    """The store for `url`: "sqlite:///file.db", "memory://", or "redis://…" /
-    "rediss://…" (optional ?prefix=).
-
-    `clock` drives expiry in SqliteStore (default `time.time`: every process and a
-    restart agree on it) and MemoryStore (default `time.monotonic`); Redis keeps its own
-    time. Nothing connects yet: call `ping()` to check that the store answers.
-    """
-    parts = urlsplit(url)
-    if parts.scheme == "memory":
-        return MemoryStore(clock=clock or time.monotonic)
-    if parts.scheme == "sqlite":
-        # Here, not at the top: store/embedded.py builds on this module's EphemeralStore.
-        from portcullis.store.embedded import SqliteStore, sqlite_path
-
-        return SqliteStore(sqlite_path(url), clock=clock or time.time)
-    redis_url, chosen = redis_url_and_prefix(url, prefix)
-    return RedisStore(redis_url, prefix=chosen)
-
-
 def shared_between_processes(url: str) -> bool:
     """Whether another process (a worker, the CLI) opening `url` sees the same state:
     true of every store but memory://."""
