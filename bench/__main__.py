@@ -25,6 +25,7 @@ from bench import (
     login_rate,
     revocation,
     shadow,
+    soak,
     throughput,
     tunnel_memory,
     tunnel_stream_rate,
@@ -49,7 +50,11 @@ BENCHMARKS: dict[str, Callable[[], Report]] = {
     "federation": federation.run,
     "shadow": shadow.run,
     "webproxy": webproxy.run,
+    "soak": soak.run,
+    "tunnel_scale": soak.run_scale,
 }
+# Long (minutes at full size): run when named (`make soak`), not by a plain `python -m bench`.
+ON_REQUEST = {"soak", "tunnel_scale"}
 RESULTS = Path(__file__).parent / "results"
 OPEN_FILES = 16384  # idle_memory holds ~3 sockets per connection in client + gateway
 
@@ -85,7 +90,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
-    names = parser.parse_args().names or list(BENCHMARKS)
+    names = parser.parse_args().names or [name for name in BENCHMARKS
+                                              if name not in ON_REQUEST]
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)}; choose from "
