@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,7 +52,7 @@ from bench.tunnel_setup import (
     tunnel_url,
     wait_time_wait_drained,
 )
-from bench.wire_launch import LaunchFailed
+from portcullis.net.websocket import WebSocketMux
 from portcullis.proto import mux
 
 
@@ -96,50 +96,84 @@ def warmup_seconds(duration: float) -> float:
 # -- processes and their memory ---------------------------------------------------------
 
 
-def tree_rss_kib(pid: int) -> tuple[int, int]:
-    """RSS (KiB) of a process plus its children (workers), and how many processes."""
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and its children (the gateway's workers, if it has any)."""
     try:
         root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0, 0
-    total = 0
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += process.memory_info().rss
-    return total // 1024, len(processes)
+        return []
 
 
-def tree_fds(pid: int) -> int:
-    root = psutil.Process(pid)
-    return sum(process.num_fds() for process in [root, *root.children(recursive=True)])
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    root = psutil.Process(pid)
+def _sum_over(processes: list[psutil.Process],
+              measure: Callable[[psutil.Process], float]) -> float:
     total = 0.0
-    for process in [root, *root.children(recursive=True)]:
-        times = process.cpu_times()
-        total += times.user + times.system
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess, FileNotFoundError):
+            total += measure(process)
     return total
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _run_queue_wait(process: psutil.Process) -> float:
+    """Seconds the process's main thread spent runnable but waiting for a CPU
+    (/proc/PID/schedstat, second field, in ns): how starved the machine left it."""
+    with open(f"/proc/{process.pid}/schedstat") as handle:
+        return int(handle.read().split()[1]) / 1e9
+
+
+@dataclass
+class Usage:
+    """One process tree at one moment: cumulative CPU and run-queue wait."""
+
+    kib: int
+    cpu: float
+    wait: float
+
+    @classmethod
+    def of(cls, processes: list[psutil.Process]) -> Usage:
+        kib = _sum_over(processes, lambda process: process.memory_info().rss) // 1024
+        return cls(int(kib), _sum_over(processes, _cpu_seconds),
+                   _sum_over(processes, _run_queue_wait))
 
 
 @dataclass
 class MemorySample:
     at: float           # seconds since the soak's streams started
-    gateway_kib: int
+    gateway: Usage
     gateway_processes: int
     gateway_fds: int
-    generator_kib: int
+    generator: Usage    # this process alone (the gateway and echo server are children)
     echo_kib: int
     load: float         # 1-minute load average of the machine
+    generator_lag: float = 0.0  # this process's loop: the latest wake-up since the last
+
+    @property
+    def gateway_kib(self) -> int:
+        return self.gateway.kib
+
+    @property
+    def generator_kib(self) -> int:
+        return self.generator.kib
 
 
 def take_sample(at: float, gateway: Process, echo: Process) -> MemorySample:
-    gateway_kib, processes = tree_rss_kib(gateway.pid)
-    generator_kib = psutil.Process().memory_info().rss // 1024  # not its children
-    return MemorySample(at, gateway_kib, processes, tree_fds(gateway.pid), generator_kib,
-                        echo.rss_kib(), os.getloadavg()[0])
+    processes = process_tree(gateway.pid)
+    fds = int(_sum_over(processes, lambda process: process.num_fds()))
+    return MemorySample(at, Usage.of(processes), len(processes), fds,
+                        Usage.of([psutil.Process()]), echo.rss_kib(), os.getloadavg()[0])
+
+
+def share(before: Usage, after: Usage, seconds: float) -> tuple[float, float]:
+    """CPU and run-queue wait between two readings, each as % of one core's time."""
+    if seconds <= 0:
+        return 0.0, 0.0
+    return (100 * (after.cpu - before.cpu) / seconds,
+            100 * (after.wait - before.wait) / seconds)
 
 
 def slope_per_minute(points: list[tuple[float, float]]) -> float:
@@ -187,81 +221,128 @@ class Histogram:
 # -- the soak ----------------------------------------------------------------------------
 
 
-@dataclass
+class EchoTunnel(WireTunnel):
+    """A wire-level tunnel whose soak streams take their events as callbacks: no task
+    and no future per echo, so that the load generator, which shares the machine with
+    the gateway it measures, costs as little as it can."""
+
+    def __init__(self, carrier: WebSocketMux) -> None:
+        super().__init__(carrier)
+        self.echoes: dict[int, EchoStream] = {}
+
+    def _deliver(self, stream_id: int, event: mux.Event) -> None:
+        echo = self.echoes.get(stream_id)
+        if echo is None:
+            super()._deliver(stream_id, event)
+        else:
+            echo.on_event(event)
+
+    def _gone(self, why: str) -> None:
+        super()._gone(why)
+        for echo in self.echoes.values():
+            echo.fail(why)
+
+
 class EchoStream:
-    tunnel: WireTunnel
-    stream_id: int
-    last_progress: float
-    stalled: bool = False
-    requests: int = 0
+    """One stream's request/response loop: REQUEST_BYTES out, wait until the same bytes
+    came back, pause about SOAK_INTERVAL, again; until the soak ends."""
+
+    def __init__(self, soak: Soak, tunnel: EchoTunnel, stream_id: int) -> None:
+        self.soak = soak
+        self.tunnel = tunnel
+        self.stream_id = stream_id
+        self.loop = asyncio.get_running_loop()
+        self.last_progress = time.monotonic()
+        self.stalled = False
+        self.failed: str | None = None
+        self.counter = 0
+        self.request = b""
+        self.received = 0
+        self.sent_at = 0.0
+        tunnel.echoes[stream_id] = self
+
+    def start(self, now: float) -> None:
+        self.last_progress = now
+        self.loop.call_later(random.uniform(0, SOAK_INTERVAL), self.send_request)
+
+    def send_request(self) -> None:
+        now = time.monotonic()
+        if self.failed is not None or now >= self.soak.stop_at:
+            return
+        self.counter += 1
+        self.request = self.counter.to_bytes(8, "big") * (REQUEST_BYTES // 8)
+        self.received = 0
+        self.sent_at = now
+        self.tunnel.send(self.stream_id, self.request)
+
+    def on_event(self, event: mux.Event) -> None:
+        if not isinstance(event, mux.DataReceived):
+            self.fail(f"{type(event).__name__}: {event}")
+            return
+        data = event.data
+        end = self.received + len(data)
+        if end > len(self.request) or data != self.request[self.received:end]:
+            self.fail(f"the echo answered other bytes than request {self.counter}")
+            return
+        self.received = end
+        if end == len(self.request):
+            now = time.monotonic()
+            self.soak.echoed(self, now - self.sent_at, now)
+            self.loop.call_later(SOAK_INTERVAL * random.uniform(0.5, 1.5), self.send_request)
+
+    def fail(self, why: str) -> None:
+        """The stream stops; the stall watcher counts it as stalled from then on. (After
+        the soak, the tunnels closing are no failure.)"""
+        if self.failed is None and time.monotonic() < self.soak.stop_at:
+            self.failed = why
+            self.soak.failures.append(f"stream {self.stream_id}: {why}")
 
 
 @dataclass
 class Soak:
-    """What the streams share: their progress, the stall count and the round trips."""
+    """What the streams share: their progress, the stalls, the round trips, and how
+    late this process's own event loop ran (a stall it caused is not the gateway's)."""
 
     stop_at: float
     streams: list[EchoStream] = field(default_factory=list)
     round_trips: Histogram = field(default_factory=Histogram)
     stalls: int = 0              # episodes of > STALL_SECONDS without progress
     stalled_streams: set[int] = field(default_factory=set)  # indexes into `streams`
+    stall_times: list[tuple[float, int]] = field(default_factory=list)  # (when, how many)
     longest_gap: float = 0.0     # the longest time any stream went without progress
     failures: list[str] = field(default_factory=list)
+    loop_lag: float = 0.0        # this process's loop: the latest wake-up so far (s)
+    window_lag: float = 0.0      # the same since the last memory sample
 
-    def progressed(self, stream: EchoStream, now: float) -> None:
+    def echoed(self, stream: EchoStream, round_trip: float, now: float) -> None:
+        self.round_trips.add(round_trip)
         self.longest_gap = max(self.longest_gap, now - stream.last_progress)
         stream.last_progress = now
         stream.stalled = False
-        stream.requests += 1
 
     def check_stalls(self, now: float) -> None:
+        new = 0
         for index, stream in enumerate(self.streams):
             if not stream.stalled and now - stream.last_progress > STALL_SECONDS:
                 stream.stalled = True
-                self.stalls += 1
+                new += 1
                 self.stalled_streams.add(index)
+        if new:
+            self.stalls += new
+            self.stall_times.append((now, new))
 
-    async def watch_stalls(self) -> None:
-        while time.monotonic() < self.stop_at:
-            await asyncio.sleep(1.0)
-            self.check_stalls(time.monotonic())
-
-    async def echo_loop(self, stream: EchoStream) -> None:
-        """Request, wait for the whole echo, pause; until the soak ends. A stream that
-        fails stops here (and is then counted as stalled by the watcher)."""
-        tunnel, stream_id = stream.tunnel, stream.stream_id
-        await asyncio.sleep(random.uniform(0, SOAK_INTERVAL))
-        counter = 0
-        try:
-            while time.monotonic() < self.stop_at:
-                counter += 1
-                request = counter.to_bytes(8, "big") * (REQUEST_BYTES // 8)
-                sent_at = time.monotonic()
-                tunnel.send(stream_id, request)
-                await self.receive_echo(tunnel, stream_id, request)
-                now = time.monotonic()
-                self.round_trips.add(now - sent_at)
-                self.progressed(stream, now)
-                await asyncio.sleep(SOAK_INTERVAL * random.uniform(0.5, 1.5))
-        except (LaunchFailed, TimeoutError) as exc:
-            if len(self.failures) < MAX_ERRORS:
-                self.failures.append(f"stream {stream_id}: {type(exc).__name__}: {exc}")
-
-    async def receive_echo(self, tunnel: WireTunnel, stream_id: int, request: bytes) -> None:
-        received = bytearray()
-        while len(received) < len(request):
-            try:
-                event = await tunnel.expect(stream_id, mux.DataReceived)
-            except TimeoutError:
-                # No data for a while: the watcher counts the stall; keep waiting
-                # until the soak is over, so that a stream that recovers goes on.
-                if time.monotonic() >= self.stop_at:
-                    raise
-                continue
-            assert isinstance(event, mux.DataReceived)
-            received += event.data
-        if received != request:
-            raise LaunchFailed(f"the echo answered {len(received)} other bytes")
+    async def watch(self) -> None:
+        """Stalls once a second; the loop's lateness four times a second."""
+        tick = 0.25
+        checked = time.monotonic()
+        while (now := time.monotonic()) < self.stop_at:
+            await asyncio.sleep(tick)
+            late = time.monotonic() - now - tick
+            self.loop_lag = max(self.loop_lag, late)
+            self.window_lag = max(self.window_lag, late)
+            if time.monotonic() - checked >= 1.0:
+                checked = time.monotonic()
+                self.check_stalls(checked)
 
 
 async def bounded(count: int, once: Callable[[int], Awaitable[T]], done: list[T],
@@ -303,7 +384,6 @@ class SoakResult:
     samples: list[MemorySample]
     warmup_end: float
     soak: Soak
-    cpu_seconds: float
     errors: list[str]
 
 
@@ -316,11 +396,12 @@ async def run_soak(deployment: Deployment, gateway: Process, echo: Process,
     soak = Soak(stop_at=math.inf)
 
     async def open_tunnel(_: int) -> WireTunnel:
-        tunnel = await WireTunnel.connect(url, token, tls)
+        tunnel = await EchoTunnel.connect(url, token, tls)
+        assert isinstance(tunnel, EchoTunnel)   # connect() builds a `cls`
         try:
             for _ in range(SOAK_STREAMS):
                 stream_id = await tunnel.echo_stream(echo_port, fin=False)
-                soak.streams.append(EchoStream(tunnel, stream_id, time.monotonic()))
+                soak.streams.append(EchoStream(soak, tunnel, stream_id))
         except BaseException:
             tunnel.close()
             raise
@@ -336,33 +417,37 @@ async def run_soak(deployment: Deployment, gateway: Process, echo: Process,
               f"{open_seconds:.0f} s; soaking for {SOAK_SECONDS} s", flush=True)
         started = time.monotonic()
         soak.stop_at = started + SOAK_SECONDS
-        now = time.monotonic()
         for stream in soak.streams:
-            stream.last_progress = now
-        cpu_before = tree_cpu_seconds(gateway.pid)
-        loops = [asyncio.ensure_future(soak.echo_loop(stream)) for stream in soak.streams]
-        watcher = asyncio.ensure_future(soak.watch_stalls())
+            stream.start(started)
+        watcher = asyncio.ensure_future(soak.watch())
         samples: list[MemorySample] = []
         while (now := time.monotonic()) < soak.stop_at:
-            sample = take_sample(now - started, gateway, echo)
-            samples.append(sample)
-            print(f"  t={sample.at:4.0f}s gateway {sample.gateway_kib} KiB, generator "
-                  f"{sample.generator_kib} KiB, echo {sample.echo_kib} KiB, "
-                  f"{soak.round_trips.total} echoes, {soak.stalls} stalls, "
-                  f"load {sample.load:.1f}", flush=True)
+            samples.append(sample := take_sample(now - started, gateway, echo))
+            sample.generator_lag, soak.window_lag = soak.window_lag, 0.0
+            if len(samples) > 1:
+                print_progress(samples[-2], sample, soak)
             await asyncio.sleep(min(SAMPLE_EVERY, max(0.0, soak.stop_at - now)))
         samples.append(take_sample(time.monotonic() - started, gateway, echo))
-        cpu_seconds = tree_cpu_seconds(gateway.pid) - cpu_before
-        # The loops end at their next request; one that waits for an echo ends when its
-        # wait times out (bounded by the tunnel client's step timeout).
-        async with asyncio.timeout(60):
-            await asyncio.gather(*loops, watcher)
+        samples[-1].generator_lag = soak.window_lag
+        async with asyncio.timeout(10):
+            await watcher
         soak.check_stalls(soak.stop_at)
     finally:
         with contextlib.suppress(Exception):
             await close_tunnels(tunnels)
     return SoakResult(opened, len(soak.streams), open_seconds, samples,
-                      warmup_seconds(SOAK_SECONDS), soak, cpu_seconds, errors)
+                      warmup_seconds(SOAK_SECONDS), soak, errors)
+
+
+def print_progress(previous: MemorySample, sample: MemorySample, soak: Soak) -> None:
+    seconds = sample.at - previous.at
+    gateway_cpu, gateway_wait = share(previous.gateway, sample.gateway, seconds)
+    generator_cpu, generator_wait = share(previous.generator, sample.generator, seconds)
+    print(f"  t={sample.at:4.0f}s RSS KiB: gateway {sample.gateway_kib}, generator "
+          f"{sample.generator_kib}, echo {sample.echo_kib}; {soak.round_trips.total} echoes, "
+          f"{soak.stalls} stalls; CPU/wait %: gateway {gateway_cpu:.0f}/{gateway_wait:.0f}, "
+          f"generator {generator_cpu:.0f}/{generator_wait:.0f}, its loop late "
+          f"{sample.generator_lag:.2f} s; load {sample.load:.1f}", flush=True)
 
 
 # -- idle scale ----------------------------------------------------------------------------
@@ -429,9 +514,8 @@ async def run_idle(deployment: Deployment, gateway: Process, echo: Process,
         await asyncio.sleep(SETTLE)
         tunnels_open = sample()
         # What holding them costs: keep-alive PINGs and their PONGs, nothing else.
-        cpu_before = tree_cpu_seconds(gateway.pid)
         await asyncio.sleep(IDLE_CPU_WINDOW)
-        idle_cpu = 100 * (tree_cpu_seconds(gateway.pid) - cpu_before) / IDLE_CPU_WINDOW
+        idle_cpu, _ = share(tunnels_open.gateway, sample().gateway, IDLE_CPU_WINDOW)
         still_open = sum(1 for tunnel in tunnels if not tunnel.gone)
         if still_open < opened:
             errors.append(f"{opened - still_open} idle tunnels closed by the gateway")
@@ -490,6 +574,7 @@ def soak_tables(result: SoakResult) -> tuple[list[Table], dict[str, object], flo
     after_warmup = [s for s in samples if s.at >= result.warmup_end] or samples[-1:]
     first, last = after_warmup[0], samples[-1]
 
+    second_half = [s for s in samples if s.at >= last.at / 2]
     rows = []
     slopes: dict[str, float] = {}
     for name, attribute in (("gateway", "gateway_kib"), ("load generator", "generator_kib"),
@@ -499,10 +584,12 @@ def soak_tables(result: SoakResult) -> tuple[list[Table], dict[str, object], flo
 
         slopes[name] = slope_per_minute([(s.at, float(kib(s))) for s in after_warmup])
         rows.append([name, kib(samples[0]), kib(first), kib(last), kib(last) - kib(first),
-                     slopes[name]])
+                     slopes[name],
+                     slope_per_minute([(s.at, float(kib(s))) for s in second_half])])
     soak = result.soak
     histogram = soak.round_trips
-    seconds = max(1.0, samples[-1].at)
+    seconds = max(1.0, last.at - samples[0].at)
+    start = soak.stop_at - SOAK_SECONDS
     stream_rows: list[list[Any]] = [
         ["tunnels / streams", f"{result.tunnels} / {result.streams}"],
         ["opened in (s)", result.open_seconds],
@@ -515,14 +602,21 @@ def soak_tables(result: SoakResult) -> tuple[list[Table], dict[str, object], flo
         ["streams that stalled", len(soak.stalled_streams)],
         ["longest gap between echoes (s)", soak.longest_gap],
         ["streams failed", len(soak.failures)],
-        ["gateway CPU (% of a core)", 100 * result.cpu_seconds / seconds],
+        ["stall episodes (t s: streams)", ", ".join(
+            f"{at - start:.0f}: {count}" for at, count in soak.stall_times[:8]) or "-"],
+        ["gateway CPU / run-queue wait (% of a core)",
+         "{:.0f} / {:.0f}".format(*share(samples[0].gateway, last.gateway, seconds))],
+        ["generator CPU / run-queue wait (% of a core)",
+         "{:.0f} / {:.0f}".format(*share(samples[0].generator, last.generator, seconds))],
+        ["generator's own loop: latest wake-up (s)", soak.loop_lag],
         ["load average (1 min) min / max",
          f"{min(s.load for s in samples):.1f} / {max(s.load for s in samples):.1f}"],
     ]
     tables = [
         Table(f"Soak: RSS KiB per process ({result.warmup_end:.0f} s warm-up, sampled every "
               f"{SAMPLE_EVERY:.0f} s)",
-              ["process", "start", "warm-up end", "end", "growth", "KiB/min after warm-up"],
+              ["process", "start", "warm-up end", "end", "growth", "KiB/min after warm-up",
+               "KiB/min 2nd half"],
               rows),
         Table("Soak: streams", ["", "value"], stream_rows),
     ]
@@ -534,10 +628,11 @@ def soak_tables(result: SoakResult) -> tuple[list[Table], dict[str, object], flo
         "rtt_p99": histogram.quantile(0.99), "rtt_max": histogram.largest,
         "stalls": soak.stalls, "stalled_streams": len(soak.stalled_streams),
         "longest_gap": soak.longest_gap, "stream_failures": soak.failures[:10],
-        "open_errors": result.errors[:10], "gateway_cpu_seconds": result.cpu_seconds,
-        "slopes_kib_per_min": slopes,
+        "open_errors": result.errors[:10], "stall_times": [
+            (round(at - start, 1), count) for at, count in soak.stall_times],
+        "generator_loop_lag": soak.loop_lag, "slopes_kib_per_min": slopes,
         "gateway_processes": samples[-1].gateway_processes,
-        "samples": [vars(s) for s in samples],
+        "samples": [asdict(s) for s in samples],
     }
     return tables, data, slopes["gateway"]
 
@@ -556,8 +651,8 @@ def idle_table(result: IdleResult) -> tuple[Table, dict[str, object]]:
         "open_seconds": result.open_seconds, "kib_per_tunnel": result.kib_per_tunnel,
         "kib_per_stream": result.kib_per_stream, "idle_cpu_percent": result.idle_cpu_percent,
         "errors": result.errors[:10], "streams_scaled": result.streams_scaled,
-        "samples": [vars(s) for s in (result.before, result.tunnels_open,
-                                      result.streams_open)]}
+        "samples": [asdict(s) for s in (result.before, result.tunnels_open,
+                                        result.streams_open)]}
     return Table("Idle scale: RSS of the gateway", [
         "state", "gateway KiB", "gateway fds", "KiB each", "generator KiB"], rows), data
 
