@@ -31,8 +31,11 @@ import math
 import os
 import random
 import resource
+import signal
+import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -42,7 +45,7 @@ from typing import Any, TypeVar
 import psutil
 import uvloop
 
-from bench.deployment import Deployment, Process, api_client, sign_in
+from bench.deployment import Deployment, Process, api_client, sign_in, start_process
 from bench.peers import start_echo_server
 from bench.report import Report, Table, verdict
 from bench.tunnel_setup import (
@@ -70,6 +73,9 @@ SOAK_STREAMS = _env_int("SOAK_STREAMS", 10)
 SOAK_INTERVAL = _env_float("SOAK_INTERVAL", 2.0)  # seconds between a stream's requests
 IDLE_TUNNELS = _env_int("IDLE_TUNNELS", 10_000)
 IDLE_STREAMS = _env_int("IDLE_STREAMS", 10_000)
+# Frames per traceback for tracemalloc in the gateway (0: off); on, the soak compares a
+# snapshot at the end of the warm-up with one at the end and reports what grew.
+SOAK_TRACEMALLOC = _env_int("SOAK_TRACEMALLOC", 0)
 REQUEST_BYTES = 256
 STALL_SECONDS = 10.0
 SAMPLE_EVERY = 10.0
@@ -388,7 +394,7 @@ class SoakResult:
 
 
 async def run_soak(deployment: Deployment, gateway: Process, echo: Process,
-                   echo_port: int) -> SoakResult:
+                   echo_port: int, snapshots: Snapshots | None = None) -> SoakResult:
     url, tls = tunnel_url(deployment), deployment.client_tls()
     token = await _sign_in(deployment)
     tunnels: list[WireTunnel] = []
@@ -421,14 +427,19 @@ async def run_soak(deployment: Deployment, gateway: Process, echo: Process,
             stream.start(started)
         watcher = asyncio.ensure_future(soak.watch())
         samples: list[MemorySample] = []
+        warmup_end = started + warmup_seconds(SOAK_SECONDS)
         while (now := time.monotonic()) < soak.stop_at:
             samples.append(sample := take_sample(now - started, gateway, echo))
             sample.generator_lag, soak.window_lag = soak.window_lag, 0.0
             if len(samples) > 1:
                 print_progress(samples[-2], sample, soak)
+            if snapshots is not None and not snapshots.taken and now >= warmup_end:
+                await snapshots.take()
             await asyncio.sleep(min(SAMPLE_EVERY, max(0.0, soak.stop_at - now)))
         samples.append(take_sample(time.monotonic() - started, gateway, echo))
         samples[-1].generator_lag = soak.window_lag
+        if snapshots is not None:
+            await snapshots.take()
         async with asyncio.timeout(10):
             await watcher
         soak.check_stalls(soak.stop_at)
@@ -546,7 +557,10 @@ def deployment_limits(connections: int) -> str:
             f"max_connections_per_address = {connections}\n")
 
 
-def start_gateway(stack: ExitStack, logs: Path, connections: int) -> tuple[Deployment, Process]:
+def start_gateway(stack: ExitStack, logs: Path, connections: int, *,
+                  traced: Path | None = None) -> tuple[Deployment, Process]:
+    """`portcullis up` on a fresh deployment with raised limits; under tracemalloc
+    (bench.traced_up, snapshots into `traced`) if given."""
     deployment = Deployment.create(logs)
     config = deployment.directory / "portcullis.toml"
     text = config.read_text()
@@ -554,7 +568,43 @@ def start_gateway(stack: ExitStack, logs: Path, connections: int) -> tuple[Deplo
         raise RuntimeError("portcullis init wrote no [limits] section to raise")
     config.write_text(text.replace("\n[limits]\n", "\n[limits]\n" + deployment_limits(
         connections), 1) + POLICY)
-    return deployment, deployment.start(stack, logs)
+    if traced is None:
+        return deployment, deployment.start(stack, logs)
+    traced.mkdir()
+    gateway = start_process(
+        stack, [sys.executable, "-m", "bench.traced_up", str(deployment.directory),
+                str(traced)], logs / "portcullis-up-traced.log", name="portcullis up (traced)",
+        env={"TRACEMALLOC_FRAMES": str(SOAK_TRACEMALLOC)})
+    gateway.wait_for(r"Portal: https://", timeout=120)
+    return deployment, gateway
+
+
+class Snapshots:
+    """tracemalloc snapshots of the traced gateway, taken by signal (bench.traced_up)."""
+
+    def __init__(self, gateway: Process, directory: Path) -> None:
+        self.gateway = gateway
+        self.directory = directory
+        self.taken: list[Path] = []
+
+    async def take(self) -> None:
+        number = len(self.taken) + 1
+        done = self.directory / f"snapshot-{number}.done"
+        os.kill(self.gateway.pid, signal.SIGUSR2)
+        async with asyncio.timeout(120):   # a big heap takes a while to write
+            while not done.exists():
+                await asyncio.sleep(0.2)
+        self.taken.append(self.directory / f"snapshot-{number}.pickle")
+
+    def growth(self, top: int = 15) -> list[str]:
+        """The source lines whose live memory grew most from the first to the last."""
+        if len(self.taken) < 2:
+            return []
+        first = tracemalloc.Snapshot.load(str(self.taken[0]))
+        last = tracemalloc.Snapshot.load(str(self.taken[-1]))
+        return [f"{stat.size_diff / 1024:+.0f} KiB ({stat.count_diff:+d} blocks) "
+                f"{stat.traceback.format()[-1].strip()}"
+                for stat in last.compare_to(first, "lineno")[:top]]
 
 
 def raise_open_files_to_hard() -> int:
@@ -664,12 +714,18 @@ def run() -> Report:
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
         logs = Path(tmp)
         echo, echo_port = start_echo_server(stack, logs)
-        deployment, gateway = start_gateway(stack, logs, connections)
-        result = uvloop.run(run_soak(deployment, gateway, echo, echo_port))
+        traced = logs / "snapshots" if SOAK_TRACEMALLOC else None
+        deployment, gateway = start_gateway(stack, logs, connections, traced=traced)
+        snapshots = Snapshots(gateway, traced) if traced is not None else None
+        result = uvloop.run(run_soak(deployment, gateway, echo, echo_port, snapshots))
+        grew = snapshots.growth() if snapshots is not None else []
     print("  waiting for the closed streams' TIME_WAIT sockets to expire", flush=True)
     wait_time_wait_drained()
 
     tables, data, gateway_slope = soak_tables(result)
+    if grew:
+        tables.append(Table("Gateway (tracemalloc): what grew from the warm-up's end to the "
+                            "end", ["growth and where"], [[line] for line in grew]))
     notes = [
         f"each stream: {REQUEST_BYTES} bytes echoed, then a pause of {SOAK_INTERVAL:g} s "
         f"± 50 %; a stall is > {STALL_SECONDS:g} s without a complete echo",
