@@ -45,6 +45,7 @@ from typing import Any, TypeVar
 import psutil
 import uvloop
 
+from bench import tunnel_memory
 from bench.deployment import Deployment, Process, api_client, sign_in, start_process
 from bench.peers import start_echo_server
 from bench.report import Report, Table, verdict
@@ -352,29 +353,11 @@ class Soak:
 
 
 async def bounded(count: int, once: Callable[[int], Awaitable[T]], done: list[T],
-                  errors: list[str], *, concurrency: int = OPEN_CONCURRENCY,
-                  progress: str = "") -> float:
-    """once(0) … once(count-1), `concurrency` at a time, results appended to `done`;
-    stops at OPEN_TIME_LIMIT or MAX_ERRORS. Returns the seconds it took."""
-    started_at = time.monotonic()
-    deadline = started_at + OPEN_TIME_LIMIT
-    started = 0
-    report_every = max(1, count // 10)
-
-    async def worker() -> None:
-        nonlocal started
-        while started < count and time.monotonic() < deadline and len(errors) < MAX_ERRORS:
-            index = started
-            started += 1
-            try:
-                done.append(await once(index))
-            except Exception as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
-            if progress and len(done) % report_every == 0:
-                print(f"  {len(done)}/{count} {progress}", flush=True)
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return time.monotonic() - started_at
+                  errors: list[str], *, progress: str = "") -> float:
+    """tunnel_memory's bounded opener with this benchmark's concurrency and limits."""
+    return await tunnel_memory.bounded(count, OPEN_CONCURRENCY, once, done, errors,
+                                       time_limit=OPEN_TIME_LIMIT, max_errors=MAX_ERRORS,
+                                       progress=progress)
 
 
 async def _sign_in(deployment: Deployment) -> str:
