@@ -5,7 +5,7 @@ DIR    ?= ./.portcullis
 PORT   ?= 8443
 BIN     = $(VENV)/bin
 
-.PHONY: run test lint peers novnc bench fuzz dist clean
+.PHONY: run test lint peers novnc bench soak fuzz dist clean
 
 # noVNC, the in-browser VNC viewer the portal serves, at the version its lock file pins
 # (npm; not committed). Without npm the portal runs and its viewer page says what to do.
@@ -49,6 +49,11 @@ fuzz: $(BIN)/.installed
 ## stunnel, BENCH_ROUNDS interleaved rounds (default 5); updates bench/RESULTS.md.
 bench: $(BIN)/.installed peers
 	$(BIN)/python -m bench performance
+
+## Scale and soak (docs/performance.md): 1,000 tunnels x 10 echoing streams for 10 minutes,
+## then 10,000 idle tunnels. Smaller: make soak SOAK_SECONDS=60 SOAK_TUNNELS=100 IDLE_TUNNELS=1000
+soak: $(BIN)/.installed
+	$(BIN)/python -m bench soak tunnel_scale
 
 ## The full `portcullis` wheel, the light client's wheel (client-dist/) and the
 ## single-file client dist/portcullis-client.pyz, which the portal offers for download.

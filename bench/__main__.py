@@ -25,7 +25,9 @@ from bench import (
     performance,
     revocation,
     shadow,
+    soak,
     throughput,
+    tunnel_carriers,
     tunnel_memory,
     tunnel_stream_rate,
     tunnel_throughput,
@@ -41,6 +43,7 @@ BENCHMARKS: dict[str, Callable[[], Report]] = {
     "idle_memory": idle_memory.run,
     "idle_tls": idle_tls.run,
     "tunnel_throughput": tunnel_throughput.run,
+    "tunnel_carriers": tunnel_carriers.run,
     "tunnel_udp": tunnel_udp.run,
     "tunnel_stream_rate": tunnel_stream_rate.run,
     "tunnel_memory": tunnel_memory.run,
@@ -50,8 +53,12 @@ BENCHMARKS: dict[str, Callable[[], Report]] = {
     "shadow": shadow.run,
     "webproxy": webproxy.run,
     "performance": performance.run,
+    "soak": soak.run,
+    "tunnel_scale": soak.run_scale,
 }
-HEADLINE = "performance"  # runs the others' shapes again: only when named
+# Run only when named: the headline (`make bench`) runs the others' shapes again, and the
+# soak and scale runs take minutes at full size (`make soak`).
+ON_REQUEST = {"performance", "soak", "tunnel_scale"}
 RESULTS = Path(__file__).parent / "results"
 OPEN_FILES = 16384  # idle_memory holds ~3 sockets per connection in client + gateway
 
@@ -67,9 +74,10 @@ def raise_open_file_limit() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"benchmarks to run (default: all but {HEADLINE}): "
-                             f"{', '.join(BENCHMARKS)}")
-    names = parser.parse_args().names or [name for name in BENCHMARKS if name != HEADLINE]
+                        help="benchmarks to run (default: all but "
+                             f"{', '.join(sorted(ON_REQUEST))}): {', '.join(BENCHMARKS)}")
+    names = parser.parse_args().names or [name for name in BENCHMARKS
+                                          if name not in ON_REQUEST]
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)}; choose from "

@@ -251,7 +251,7 @@ def gateway_settings(deployment: Deployment, gateway: Process) -> dict[str, obje
     workers = config.get("gateway", {}).get("workers")
     help_text = subprocess.run([PORTCULLIS, "connect", "--help"], capture_output=True,
                                text=True, timeout=60).stdout
-    carriers = re.search(r"--carriers\b[^\[]*\[default:\s*([^\]]+)\]", help_text, re.DOTALL)
+    carriers = re.search(r"--carriers\b[^\[]*\[default:\s*([^\];]+)", help_text, re.DOTALL)
     return {"workers_configured": workers, "gateway_processes": gateway.processes(),
             "connect_carriers": (carriers.group(1).strip() if carriers
                                  else "no --carriers option (one WebSocket)"

@@ -70,23 +70,30 @@ class Part:
 
 
 async def bounded(count: int, concurrency: int, once: Callable[[int], Awaitable[T]],
-                  done: list[T], errors: list[str]) -> None:
+                  done: list[T], errors: list[str], *, time_limit: float = OPEN_TIME_LIMIT,
+                  max_errors: int = MAX_ERRORS, progress: str = "") -> float:
     """once(0), once(1), … once(count-1), `concurrency` at a time, each result appended to
-    `done`; stops at OPEN_TIME_LIMIT or MAX_ERRORS."""
+    `done`; stops at `time_limit` seconds or `max_errors`. With `progress`, prints
+    "N/COUNT PROGRESS" every tenth of the way. Returns the seconds it took."""
+    started_at = time.monotonic()
+    deadline = started_at + time_limit
     started = 0
-    deadline = time.monotonic() + OPEN_TIME_LIMIT
+    report_every = max(1, count // 10)
 
     async def worker() -> None:
         nonlocal started
-        while started < count and time.monotonic() < deadline and len(errors) < MAX_ERRORS:
+        while started < count and time.monotonic() < deadline and len(errors) < max_errors:
             index = started
             started += 1
             try:
                 done.append(await once(index))
             except Exception as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
+            if progress and len(done) % report_every == 0:
+                print(f"  {len(done)}/{count} {progress}", flush=True)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.monotonic() - started_at
 
 
 async def open_streams(tunnels: list[WireTunnel], count: int, echo_port: int,

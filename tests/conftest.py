@@ -151,7 +151,10 @@ def init_deployment(directory: Path) -> Deployment:
     assert result.returncode == 0, result.stderr
     password = re.search(r"password: (\S+)", result.stdout)
     assert password, result.stdout
-    return Deployment(directory, port, password.group(1))
+    deployment = Deployment(directory, port, password.group(1))
+    # One process, as the suites expect (tests/e2e/test_workers.py runs several).
+    deployment.set("gateway", "workers", "1")
+    return deployment
 
 
 @pytest.fixture

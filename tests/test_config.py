@@ -180,3 +180,27 @@ def test_a_web_resource_gets_a_host_name_of_its_own_under_the_gateways() -> None
     twice = error_of("".join(resource_toml(name=name, title=name, kind="web", upstream="http://h",
                                            host="wiki.localhost") for name in ("a", "b")))
     assert "host 'wiki.localhost' is used twice" in str(twice)
+
+
+def test_the_ephemeral_store_defaults_to_the_embedded_file_beside_the_configuration() -> None:
+    settings = parse_settings("", path=Path("/etc/portcullis.toml")).model_copy(
+        update={"base_dir": Path("/srv/deployment")})
+    assert settings.store.ephemeral == "sqlite:///ephemeral.db"
+    assert settings.ephemeral_url() == "sqlite:////srv/deployment/ephemeral.db"
+    absolute = parse_settings('[store]\nephemeral = "sqlite:////var/lib/pc/e.db"\n',
+                              path=Path("/etc/portcullis.toml"))
+    assert absolute.ephemeral_url() == "sqlite:////var/lib/pc/e.db"
+
+
+@pytest.mark.parametrize("url", ["memory://", "redis://127.0.0.1:6379/0",
+                                 "rediss://redis.internal/0", "sqlite:///e.db"])
+def test_every_ephemeral_store_url_kind_is_accepted(url: str) -> None:
+    settings = parse_settings(f'[store]\nephemeral = "{url}"\n', path=Path("/p.toml"))
+    assert settings.store.ephemeral == url
+
+
+@pytest.mark.parametrize("url", ["sqlite:///", "memcached://x", "sqlite://host/e.db"])
+def test_an_ephemeral_store_url_of_no_known_kind_names_its_key(url: str) -> None:
+    error = error_of(f'[store]\nephemeral = "{url}"\n')
+    assert error.key == "store.ephemeral"
+    assert "sqlite:///file.db" in str(error)

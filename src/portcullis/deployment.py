@@ -36,6 +36,8 @@ admin_groups = ["admins"]
 public_url = "https://{hostname}:{port}"
 # Where the gateway listens (the one TLS port at the edge).
 listen = "{listen_host}:{port}"
+# Worker processes behind these ports; absent: one per core (one with memory://).
+# workers = 2
 # When the portal role runs in another process: its URL (mutual TLS).
 # portal_url = "https://portal.internal:{portal_port}"
 
@@ -60,7 +62,7 @@ absolute_timeout = 43200       # seconds after sign-in a session ends regardless
 
 [store]
 durable = "sqlite:///portcullis.db"   # or postgresql://user@host/db
-ephemeral = "memory://"               # or redis://host:6379/0 for several nodes
+ephemeral = "sqlite:///ephemeral.db"  # or redis://host:6379/0 for several nodes
 
 [tls]
 ca_cert = "pki/ca.crt"

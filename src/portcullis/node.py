@@ -36,6 +36,7 @@ from portcullis.gateway.admin import admin_routes
 from portcullis.gateway.connections import ConnectionRegistry
 from portcullis.gateway.launch import PATH as LAUNCH_PATH
 from portcullis.gateway.launch import LaunchEndpoint, LaunchSettings
+from portcullis.gateway.node_connections import NodeConnections, node_name
 from portcullis.gateway.pool import AddressPool
 from portcullis.gateway.proxy import PortalProxy
 from portcullis.gateway.relays import PATH as RELAY_PATH
@@ -74,6 +75,7 @@ from portcullis.store import (
     MemoryEventBus,
     open_ephemeral,
     open_event_bus,
+    shared_between_processes,
 )
 from portcullis.tokens import TokenHasher
 from portcullis.web.client_certificate import user_certificate_http
@@ -86,8 +88,54 @@ from portcullis.webvnc.relay import PATH as VNC_PATH
 from portcullis.webvnc.relay import VncEndpoint
 
 ROLES = ("gateway", "portal", "sta", "shadow-hub")
+# The key that sets each role's listening address.
+LISTEN_KEYS = {"gateway": "gateway.listen", "portal": "portal.listen", "sta": "sta.listen",
+               "shadow-hub": "shadow.listen"}
 CERTIFICATE_CHECK_SECONDS = 86400.0
 log = structlog.get_logger("portcullis.node")
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where one of a node's listeners takes its connections."""
+
+    role: str
+    host: str
+    port: int
+
+
+def listen_addresses(settings: Settings, roles: Sequence[str]) -> list[ListenAddress]:
+    """The listeners a node of `roles` serves, in the order `Node.build` makes them,
+    known without building it (a supervisor binds them before its workers exist)."""
+    # The portal listens on its own only without the gateway, which otherwise serves it.
+    listening = [role for role in ("sta", "shadow-hub", "portal", "gateway") if role in roles
+                 and not (role == "portal" and "gateway" in roles)]
+    return [ListenAddress(role, *parse_host_port(_listen_setting(settings, role)))
+            for role in listening]
+
+
+def _listen_setting(settings: Settings, role: str) -> str:
+    section, _, key = LISTEN_KEYS[role].partition(".")
+    return str(getattr(getattr(settings, section), key))
+
+
+def bind_listeners(addresses: Sequence[ListenAddress]) -> list[socket.socket]:
+    """Bind a listening socket for each address, so a taken port is one clear error
+    naming its key (and nothing stays bound when one fails)."""
+    sockets: list[socket.socket] = []
+    for address in addresses:
+        try:
+            family = socket.getaddrinfo(address.host, address.port,
+                                        type=socket.SOCK_STREAM)[0][0]
+            sockets.append(socket.create_server((address.host, address.port),
+                                                family=family, backlog=1024))
+        except OSError as exc:
+            for bound in sockets:
+                bound.close()
+            raise ConfigError(f"cannot listen on {address.host}:{address.port} for the "
+                              f"{address.role} role: {exc.strerror}",
+                              key=LISTEN_KEYS[address.role]) from None
+    return sockets
 
 
 @dataclass
@@ -119,6 +167,7 @@ class Node:
     # Session endings, shared with the other nodes through the ephemeral store.
     events: EventBus = field(default_factory=MemoryEventBus)
     session_watch: SessionWatch | None = None
+    node_connections: NodeConnections | None = None   # the gateway's, across workers
     relays: RelayEndpoint | None = None   # dial-out: the relays connected to this edge
     shadow_hub: ShadowRole | None = None
     web: WebApplications | None = None   # web resources, each at its own host name
@@ -142,7 +191,7 @@ class Node:
             raise ConfigError(f"roles must be among {', '.join(ROLES)}; got {list(roles)}")
         maintain(settings, roles)   # renew due certificates before the listeners load them
         durable = await DurableStore.open(settings.durable_url())
-        ephemeral = open_ephemeral(settings.store.ephemeral)
+        ephemeral = open_ephemeral(settings.ephemeral_url())
         try:
             await ephemeral.ping()   # a wrong Redis URL fails now, not at the first login
         except StoreError:
@@ -151,7 +200,7 @@ class Node:
         audit = AuditTrail(settings.path(settings.log.audit_file))
         node = cls(settings, tuple(dict.fromkeys(roles)), durable, ephemeral, audit,
                    ConnectionRegistry(audit), AccessPolicy(settings.policies),
-                   events=open_event_bus(settings.store.ephemeral))
+                   events=open_event_bus(settings.ephemeral_url()))
         node._wire()
         return node
 
@@ -329,14 +378,16 @@ class Node:
                       authorities: TicketIssuer, portal_app: Starlette | None,
                       dialer: Dialer) -> None:
         settings = self.settings
-        # A portal in another process with a memory:// store keeps sessions this gateway
-        # cannot see: launches are then not tied to them (and tunnels cannot sign in).
+        # A portal in another process with a memory:// store (tests) keeps sessions this
+        # gateway cannot see: launches are then not tied to them (and tunnels cannot sign
+        # in). The embedded store is one file that both processes open.
         sessions_here = ("portal" in self.roles
-                         or not settings.store.ephemeral.startswith("memory:"))
+                         or shared_between_processes(settings.store.ephemeral))
         if not sessions_here:
             log.warning("the portal runs in another process and store.ephemeral is "
                         "memory://: ending a sign-in session will not end its launched "
-                        "connections; share a redis:// store")
+                        "connections; use a store the processes share (the default "
+                        "sqlite:///ephemeral.db, or redis://)")
         if self.relays is not None:
             self.websocket_endpoints[RELAY_PATH] = self.relays.opened
         launch = LaunchEndpoint(
@@ -353,12 +404,16 @@ class Node:
         # vpn.dial_timeout bounds a tunnel's TCP streams within what the Dialer allows.
         tunnel = TunnelEndpoint(sessions, lambda: self.policy, lambda: self.settings.vpn,
                                 TimeBoundDialer(dialer, settings.vpn.dial_timeout),
-                                self.registry, self.audit, pool=pool)
+                                self.registry, self.audit, pool=pool,
+                                processes=self._processes)
         self.websocket_endpoints[TUNNEL_PATH] = tunnel.opened
         self.session_watch = SessionWatch(self.registry, sessions, accounts, self.events,
                                           self.audit, lambda: self.settings.vpn.session_check)
+        self.node_connections = NodeConnections(self.registry, self.ephemeral, self.events,
+                                                node_name(settings.gateway.listen))
         routes: list[Any] = admin_routes(self.registry, sessions, settings.admin_groups,
-                                         self.audit, self.events, self.ephemeral)
+                                         self.audit, self.events, self.ephemeral,
+                                         self.node_connections)
         if self.shadow_hub is not None:
             routes.extend(self.shadow_hub.operator_routes)
             self.websocket_endpoints.update(self.shadow_hub.operator_websockets)
@@ -388,6 +443,10 @@ class Node:
                 cert, key, client_ca_file=client_ca_path(settings),
                 also_trust=self._trusted_for_relays(), server_name=name))
         self.listeners.append(Listener("gateway", host, port, app, tls))
+
+    def _processes(self) -> int:
+        """How many worker processes serve this node (known once they all run)."""
+        return self.node_connections.siblings + 1 if self.node_connections else 1
 
     def _trusted_for_relays(self) -> list[Path]:
         """CAs the gateway's listener trusts for relays dialling out, not for users."""
@@ -423,27 +482,21 @@ class Node:
             forwarded_allow_ips="*" if listener.trust_forwarded else None,
             timeout_graceful_shutdown=3)
 
+    @property
+    def addresses(self) -> list[ListenAddress]:
+        return [ListenAddress(listener.role, listener.host, listener.port)
+                for listener in self.listeners]
+
     def bind(self) -> list[socket.socket]:
         """Bind every listener's socket now, so a taken port is one clear error."""
-        sockets: list[socket.socket] = []
-        for listener in self.listeners:
-            try:
-                family = socket.getaddrinfo(listener.host, listener.port,
-                                            type=socket.SOCK_STREAM)[0][0]
-                sockets.append(socket.create_server((listener.host, listener.port),
-                                                    family=family, backlog=1024))
-            except OSError as exc:
-                for bound in sockets:
-                    bound.close()
-                key = {"sta": "sta.listen", "portal": "portal.listen",
-                       "shadow-hub": "shadow.listen"}.get(listener.role, "gateway.listen")
-                raise ConfigError(f"cannot listen on {listener.host}:{listener.port} for the "
-                                  f"{listener.role} role: {exc.strerror}", key=key) from None
-        return sockets
+        return bind_listeners(self.addresses)
 
-    async def serve(self, on_ready: Callable[[Node], None] | None = None) -> None:
-        """Serve every listener until SIGINT/SIGTERM; then close the stores."""
-        sockets = self.bind()
+    async def serve(self, on_ready: Callable[[Node], None] | None = None,
+                    sockets: Sequence[socket.socket] | None = None) -> None:
+        """Serve every listener until SIGINT/SIGTERM; then close the stores. `sockets`:
+        listening sockets bound already, one per listener in order (a worker's, from
+        its supervisor); without them the listeners are bound here."""
+        sockets = self.bind() if sockets is None else list(sockets)
         raise_open_files_limit(self.settings.limits.max_connections)
         servers = [EdgeServer(self.uvicorn_config(listener), self.edge, listener.tls)
                    for listener in self.listeners]
@@ -457,6 +510,8 @@ class Node:
                     asyncio.ensure_future(self._check_certificates_daily())]
         if self.session_watch is not None:
             watchers.append(asyncio.ensure_future(self.session_watch.run()))
+        if self.node_connections is not None:
+            watchers.append(asyncio.ensure_future(self.node_connections.run()))
         if self.shadow_hub is not None:
             watchers.extend(asyncio.ensure_future(task) for task in self.shadow_hub.tasks())
         # _serve, not serve: serve() would install its own signal handlers per server,

@@ -1,8 +1,8 @@
 """Fixtures that give each store test a real, private backend.
 
 PostgreSQL tests get their own schema (dropped afterwards), Redis tests their own key
-prefix (keys deleted afterwards). When CI is set, an unreachable server fails the test;
-otherwise the test is skipped with the reason.
+prefix (keys deleted afterwards), embedded-store tests their own SQLite file. When CI is
+set, an unreachable server fails the test; otherwise the test is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ import pytest
 import redis.asyncio as redis
 
 from peers.missing import missing_peer
-from portcullis.store import DurableStore, EphemeralStore, MemoryStore, open_ephemeral
+from portcullis.store import (
+    DurableStore,
+    EphemeralStore,
+    MemoryStore,
+    SqliteStore,
+    open_ephemeral,
+)
 
 POSTGRES_URL = os.environ.get(
     "PORTCULLIS_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -74,7 +80,7 @@ async def durable_store(durable_target: DurableTarget) -> AsyncIterator[DurableS
 
 
 class FakeClock:
-    """Time for MemoryStore that moves only when a test says so."""
+    """Time for MemoryStore and SqliteStore that moves only when a test says so."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -108,14 +114,15 @@ async def redis_url() -> str:
     return await answering_redis_url()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def ephemeral_store(
-    request: pytest.FixtureRequest, clock: FakeClock
+    request: pytest.FixtureRequest, clock: FakeClock, tmp_path: Path
 ) -> AsyncIterator[EphemeralStore]:
-    if request.param == "memory":
-        memory = MemoryStore(clock=clock)
-        yield memory
-        await memory.close()
+    if request.param in ("memory", "sqlite"):
+        local = (MemoryStore(clock=clock) if request.param == "memory"
+                 else SqliteStore(tmp_path / "ephemeral.db", clock=clock))
+        yield local
+        await local.close()
         return
     url = await answering_redis_url()
     prefix = f"pc-test-{secrets.token_hex(6)}:"
@@ -136,7 +143,8 @@ Tick = Callable[[], Awaitable[None]]
 
 @pytest.fixture
 def tick(ephemeral_store: EphemeralStore, clock: FakeClock) -> Tick:
-    """Let a little time pass: the fake clock for memory, real time (briefly) for Redis."""
+    """Let a little time pass: the fake clock for memory and SQLite, real time (briefly)
+    for Redis."""
     step = 0.05
 
     async def memory_tick() -> None:
@@ -145,4 +153,4 @@ def tick(ephemeral_store: EphemeralStore, clock: FakeClock) -> Tick:
     async def real_tick() -> None:
         await asyncio.sleep(step)
 
-    return memory_tick if isinstance(ephemeral_store, MemoryStore) else real_tick
+    return memory_tick if isinstance(ephemeral_store, MemoryStore | SqliteStore) else real_tick

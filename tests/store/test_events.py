@@ -1,8 +1,9 @@
-"""The EventBus contract: every test runs on MemoryEventBus and on RedisEventBus.
+"""The EventBus contract: every test runs on MemoryEventBus, SqliteEventBus and
+RedisEventBus.
 
-`two_buses` gives two handles on one bus: the same object in memory (one node), two
-RedisEventBus instances with one prefix on Redis (two nodes). Waits are on conditions,
-bounded in time.
+`two_buses` gives two handles on one bus: the same object in memory (one process), two
+SqliteEventBus instances on one file (two processes of a node), two RedisEventBus
+instances with one prefix on Redis (two nodes). Waits are on conditions, bounded in time.
 """
 
 from __future__ import annotations
@@ -10,14 +11,24 @@ from __future__ import annotations
 import asyncio
 import secrets
 import socket
+import sqlite3
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 import redis.asyncio as redis
 
 from peers.stores import answering_redis_url
 from portcullis.errors import StoreError
-from portcullis.store import EventBus, MemoryEventBus, RedisEventBus, open_event_bus
+from portcullis.store import (
+    EventBus,
+    MemoryEventBus,
+    RedisEventBus,
+    SqliteEventBus,
+    open_event_bus,
+)
+from portcullis.store.events import KEEP_SECONDS
 
 WAIT = 5.0
 
@@ -69,12 +80,20 @@ async def listening() -> AsyncIterator[Listening]:
     await tasks.stop()
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def two_buses(request: pytest.FixtureRequest) -> AsyncIterator[tuple[EventBus, EventBus]]:
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def two_buses(request: pytest.FixtureRequest,
+                    tmp_path: Path) -> AsyncIterator[tuple[EventBus, EventBus]]:
     if request.param == "memory":
         bus = MemoryEventBus()
         yield bus, bus
         await bus.close()
+        return
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ephemeral.db'}"
+        near, far = open_event_bus(url), open_event_bus(url)
+        yield near, far
+        await near.close()
+        await far.close()
         return
     url = await answering_redis_url()
     prefix = f"pc-test-{secrets.token_hex(6)}:"
@@ -184,3 +203,68 @@ async def test_publishing_to_an_unreachable_redis_is_a_store_error_naming_it() -
 
 def test_memory_url_gives_an_in_process_bus() -> None:
     assert isinstance(open_event_bus("memory://"), MemoryEventBus)
+
+
+# A process of its own (the CLI, another worker) publishing on the embedded bus.
+PUBLISHER = """
+import asyncio, sys
+from portcullis.store import open_event_bus
+
+async def main(url):
+    bus = open_event_bus(url)
+    await bus.publish("session-ended", b"from another process")
+    await bus.close()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_an_embedded_event_published_by_another_process_is_heard(
+        tmp_path: Path, listening: Listening) -> None:
+    url = f"sqlite:///{tmp_path / 'ephemeral.db'}"
+    bus = open_event_bus(url)
+    assert isinstance(bus, SqliteEventBus)
+    heard = await listening.start(bus, "session-ended")
+    publisher = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PUBLISHER, url, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(30):
+        _, err = await publisher.communicate()
+    assert publisher.returncode == 0, err.decode()
+    await heard.until(lambda: bool(heard.messages))
+    assert heard.messages == [b"from another process"]
+    await bus.close()
+
+
+async def test_embedded_events_older_than_a_minute_are_swept(tmp_path: Path) -> None:
+    now = [1000.0]
+    bus = SqliteEventBus(tmp_path / "ephemeral.db", clock=lambda: now[0])
+    for _ in range(100):
+        await bus.publish("session-ended", b"old")
+    now[0] += KEEP_SECONDS + 1
+    for _ in range(3):
+        await bus.publish("session-ended", b"new")
+    db = sqlite3.connect(tmp_path / "ephemeral.db")
+    kept = [row[0] for row in db.execute("SELECT message FROM events")]
+    db.close()
+    assert kept == [b"new"] * 3
+    await bus.close()
+
+
+async def test_an_embedded_listener_waits_for_its_file_and_then_says_it_is_ready(
+        tmp_path: Path) -> None:
+    directory = tmp_path / "not-yet"
+    bus = SqliteEventBus(directory / "ephemeral.db")
+    heard = Heard()
+    task = asyncio.create_task(bus.listen("session-ended", heard.deliver, heard.on_ready))
+    try:
+        await asyncio.sleep(0.2)
+        assert heard.ready == 0   # it cannot read the file: not listening yet
+        directory.mkdir()
+        await heard.until(lambda: heard.ready == 1)
+        await bus.publish("session-ended", b"now")
+        await heard.until(lambda: bool(heard.messages))
+        assert heard.messages == [b"now"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await bus.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,22 +63,19 @@ def _settings(directory: Path) -> Any:
 
 
 def _serve(directory: Path, roles: tuple[str, ...]) -> None:
-    from portcullis.node import Node
+    from portcullis.node import ListenAddress
+    from portcullis.workers import serve_node
 
     settings = _settings(directory)
 
-    def ready(node: Node) -> None:
-        for listener in node.listeners:
-            click.echo(f"{listener.role} listening on https://{listener.host}:{listener.port}")
-        if "gateway" in node.roles and "portal" in node.roles:
+    def ready(addresses: Sequence[ListenAddress]) -> None:
+        for address in addresses:
+            click.echo(f"{address.role} listening on https://{address.host}:{address.port}")
+        if "gateway" in roles and "portal" in roles:
             click.echo(f"Portal: {settings.gateway.public_url}/")
         sys.stdout.flush()
 
-    async def serve() -> None:
-        node = await Node.build(settings, roles)
-        await node.serve(ready)
-
-    run_async(serve())
+    serve_node(settings, roles, ready, run_async)
 
 
 @click.command()
@@ -227,7 +224,7 @@ def _announce_ending(directory: Path, user: str, ending: str) -> None:
     from portcullis.identity.endings import Ending, SessionEnded, announce_from_elsewhere
 
     try:
-        asyncio.run(announce_from_elsewhere(_load(directory).store.ephemeral,
+        asyncio.run(announce_from_elsewhere(_load(directory).ephemeral_url(),
                                             SessionEnded(Ending(ending), user=user)))
     except StoreError as exc:
         click.echo(f"portcullis: warning: the gateways could not be told at once ({exc}); "
@@ -350,11 +347,12 @@ def user_totp_code(name: str, realm: str | None, directory: Path) -> None:
 @_realm_option("The realm whose lockout to clear.")
 @dir_option
 def user_unlock(name: str, realm: str | None, directory: Path) -> None:
-    """Clear a user's failed sign-in count and lockout (needs a shared Redis store)."""
+    """Clear a user's failed sign-in count and lockout (in the store the gateway uses)."""
     from portcullis.identity.tooling import resolve_identity, unlock
+    from portcullis.store import shared_between_processes
 
     settings = _load(directory)
-    if settings.store.ephemeral.startswith("memory"):
+    if not shared_between_processes(settings.store.ephemeral):
         fail("store.ephemeral is memory://: lockouts live in the running gateway and end "
              f"by themselves after auth.throttle.lockout_seconds "
              f"({settings.auth.throttle.lockout_seconds:g} s)", 2)

@@ -235,9 +235,14 @@ def _forward_spec(value: str) -> tuple[str, int, str, int]:
 @click.option("--handshake-timeout", default=10.0, show_default=True,
               type=click.FloatRange(0.1, 3600),
               help="Seconds a local client has to finish its SOCKS5 or HTTP handshake.")
+@click.option("--carriers", default=2, show_default=True, type=click.IntRange(1, 16),
+              envvar="PORTCULLIS_CARRIERS",
+              help="WebSockets the tunnel's TCP streams spread over, so that gateway "
+                   "worker processes can carry them on several cores (1: one, as "
+                   "before; also PORTCULLIS_CARRIERS).")
 def connect(socks: str, http_proxy: str, forwards: tuple[str, ...],
             udp_forwards: tuple[str, ...], transparent: bool, ca_file: str | None,
-            proxy_auth: bool | None, handshake_timeout: float) -> None:
+            proxy_auth: bool | None, handshake_timeout: float, carriers: int) -> None:
     """Open the VPN tunnel: local proxies and forwards into the protected networks."""
     from portcullis.client.connect import Listen, run_connect
     from portcullis.client.state import ClientState, client_home
@@ -276,7 +281,8 @@ def connect(socks: str, http_proxy: str, forwards: tuple[str, ...],
     reason = run_async(run_connect(state, client_tls(ca_file or state.ca_file), listens,
                                    home=home, say=say, on_listening=listening,
                                    transparent=transparent, proxy_auth=proxy_auth,
-                                   handshake_timeout=handshake_timeout))
+                                   handshake_timeout=handshake_timeout,
+                                   carriers=carriers))
     if reason != "stopped":
         fail(f"the tunnel ended: {reason}", 1)
 
@@ -312,6 +318,14 @@ def status() -> None:
     for key in ("gateway", "user", "tunnel", "connected", "intranet_ip", "networks",
                 "streams", "bytes_sent", "bytes_received", "rtt_ms", "ended"):
         click.echo(f"{key:<15} {current.get(key)}")
+    carriers = current.get("carriers") or []
+    up = sum(1 for carrier in carriers if carrier.get("connected"))
+    click.echo(f"{'carriers':<15} {up} up of {len(carriers)}")
+    for carrier in carriers:
+        state = f"up from {carrier.get('local')}" if carrier.get("connected") else "down"
+        click.echo(f"  carrier {carrier.get('index')}: {state}, streams "
+                   f"{carrier.get('streams')}, bytes_sent {carrier.get('bytes_sent')}, "
+                   f"bytes_received {carrier.get('bytes_received')}")
 
 
 @click.command("open")

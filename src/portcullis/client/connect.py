@@ -33,7 +33,7 @@ from portcullis.client.transparent import (
     TransparentUdp,
     system_resolver,
 )
-from portcullis.client.tunnel import STATUS_FILE, TunnelClient
+from portcullis.client.tunnel import DEFAULT_CARRIERS, STATUS_FILE, TunnelClient
 from portcullis.errors import ClientError
 from portcullis.proto.mux import Reason
 
@@ -66,14 +66,15 @@ async def run_connect(state: ClientState, tls: ssl.SSLContext, listens: list[Lis
                       home: Path, say: Callable[[str], None],
                       on_listening: Callable[[Listen, str, int, str | None], None],
                       transparent: bool = False, proxy_auth: bool | None = None,
-                      handshake_timeout: float = HANDSHAKE_TIMEOUT) -> str:
+                      handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                      carriers: int = DEFAULT_CARRIERS) -> str:
     """Serve until Ctrl-C/SIGTERM ("stopped") or the tunnel ends for good (its reason).
 
     ``proxy_auth`` None applies ``proxyauth.proxy_auth_default`` to this machine;
     ``on_listening`` gets, for a proxy that requires it, the URL with the secret.
     """
     tunnel = TunnelClient(state.url, state.token, tls, say=say,
-                          status_file=home / STATUS_FILE)
+                          status_file=home / STATUS_FILE, carriers=carriers)
     if proxy_auth is None and any(listen.kind in ("socks", "http") for listen in listens):
         decision = proxyauth.this_machine_default()
         proxy_auth = decision.required

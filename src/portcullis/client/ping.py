@@ -18,7 +18,7 @@ REPLY_WAIT = 5.0
 async def run_ping(state: ClientState, tls: ssl.SSLContext, host: str, *, count: int,
                    interval: float, say: Callable[[str], None]) -> int:
     """Send `count` echoes; return how many were answered."""
-    tunnel = TunnelClient(state.url, state.token, tls, say=say)
+    tunnel = TunnelClient(state.url, state.token, tls, say=say, carriers=1)   # echoes only
     runner = asyncio.ensure_future(tunnel.run())
     try:
         while tunnel.current is None and not runner.done():

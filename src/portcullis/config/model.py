@@ -44,6 +44,9 @@ class GatewaySettings(Section):
     # How long a launched connection may stay idle is the application's business; the
     # gateway only bounds how long a client may take to present its ticket.
     ticket_wait_seconds: float = Field(default=10.0, gt=0, le=120)
+    # Worker processes serving this node's listening ports (`portcullis up` and `serve`);
+    # absent: one per core. See docs/deployment.md, "Workers".
+    workers: int | None = Field(default=None, ge=1, le=256)
 
     _check_listen = field_validator("listen")(_listen)
 
@@ -91,7 +94,9 @@ class SessionSettings(Section):
 
 class StoreSettings(Section):
     durable: str = "sqlite:///portcullis.db"
-    ephemeral: str = "memory://"
+    # The embedded store, one file that a node's processes share and a restart keeps;
+    # redis:// for several nodes; memory:// for tests only.
+    ephemeral: str = "sqlite:///ephemeral.db"
 
     @field_validator("durable")
     @classmethod
@@ -103,8 +108,9 @@ class StoreSettings(Section):
     @field_validator("ephemeral")
     @classmethod
     def _ephemeral(cls, value: str) -> str:
-        if not re.match(r"(memory|redis|rediss)://", value):
-            raise ValueError(f"must be memory:// or a redis:// URL, got {value!r}")
+        if not re.match(r"(memory://|redis://|rediss://|sqlite:///.)", value):
+            raise ValueError("must be sqlite:///file.db, a redis:// or rediss:// URL, or "
+                             f"memory:// (tests), got {value!r}")
         return value
 
 
@@ -470,7 +476,14 @@ class Settings(Section):
 
     def durable_url(self) -> str:
         """The durable store URL with a relative SQLite path made absolute."""
-        url = self.store.durable
+        return self._absolute_sqlite(self.store.durable)
+
+    def ephemeral_url(self) -> str:
+        """The ephemeral store URL with a relative SQLite path made absolute: every
+        process of the deployment (workers, the CLI) opens the same file."""
+        return self._absolute_sqlite(self.store.ephemeral)
+
+    def _absolute_sqlite(self, url: str) -> str:
         match = re.match(r"(sqlite(?:\+\w+)?:///)(.*)", url)
         if match and match.group(2) and not match.group(2).startswith("/"):
             return match.group(1) + str(self.path(match.group(2)))

@@ -1,6 +1,7 @@
 """The administration API of a gateway: the launches and tunnels it carries, and ending
 them. Only sessions of the configured admin groups may use it; it lives on the gateway
-because that is where the connections are (each node lists its own).
+because that is where the connections are (each node lists its own: those of all its
+workers, `NodeConnections`).
 
 Ending takes a scope: `session` (the default) revokes the sign-in session(s) the
 connections came from, so their tokens and tickets stop working and every node ends
@@ -21,6 +22,7 @@ from starlette.routing import Route
 from portcullis.audit import AuditTrail
 from portcullis.errors import AuthError
 from portcullis.gateway.connections import ConnectionRegistry
+from portcullis.gateway.node_connections import WORKER, NodeConnections
 from portcullis.gateway.relays import relay_connections
 from portcullis.identity.endings import Ending, SessionEnded, announce, notice
 from portcullis.identity.names import canonical_username
@@ -32,7 +34,8 @@ SCOPES = ("session", "connections")
 
 def admin_routes(registry: ConnectionRegistry, sessions: SessionManager,
                  admin_groups: Sequence[str], audit: AuditTrail,
-                 events: EventBus, store: EphemeralStore) -> list[Route]:
+                 events: EventBus, store: EphemeralStore,
+                 node: NodeConnections) -> list[Route]:
     async def administrator(request: Request) -> Session | None:
         header = request.headers.get("authorization", "")
         if not header.lower().startswith("bearer "):
@@ -49,7 +52,10 @@ def admin_routes(registry: ConnectionRegistry, sessions: SessionManager,
     async def list_sessions(request: Request) -> JSONResponse:
         if await administrator(request) is None:
             return JSONResponse({"error": "denied"}, 403)
-        return JSONResponse({"sessions": [c.describe() for c in registry.list()]})
+        described = await node.described()
+        for connection in described:
+            del connection["session_handle"]
+        return JSONResponse({"sessions": described})
 
     async def end_session(request: Request) -> JSONResponse:
         admin = await administrator(request)
@@ -61,7 +67,7 @@ def admin_routes(registry: ConnectionRegistry, sessions: SessionManager,
         connection = next((c for c in registry.list() if c.id == request.path_params["id"]),
                           None)
         if connection is None:
-            return JSONResponse({"error": "no such session on this gateway"}, 404)
+            return await end_elsewhere(request.path_params["id"], scope, admin)
         handle = connection.session_handle
         if scope == "connections" or handle is None:
             ended = [connection]
@@ -78,6 +84,26 @@ def admin_routes(registry: ConnectionRegistry, sessions: SessionManager,
                      session=connection.id, kind=connection.kind, scope=scope,
                      revoked=handle if revoked else None)
         return JSONResponse({"ended": [c.id for c in ended], "revoked": int(revoked)})
+
+    async def end_elsewhere(connection_id: str, scope: str, admin: Session) -> JSONResponse:
+        """End a connection another worker of this node holds."""
+        described = await node.described()
+        held = next((c for c in described if c["id"] == connection_id), None)
+        if held is None:
+            return JSONResponse({"error": "no such session on this gateway"}, 404)
+        handle = held["session_handle"]
+        revoked = scope == "session" and isinstance(handle, str)
+        if revoked and isinstance(handle, str):
+            # Every worker (and node) ends the session's connections when it hears of it.
+            await sessions.revoke(handle, Ending.ADMIN_REVOKED)
+            ended = [str(c["id"]) for c in described if c["session_handle"] == handle]
+        else:
+            await node.end_elsewhere(connection_id)
+            ended = [connection_id]
+        audit.record("admin.session_ended", admin=admin.username, user=held["user"],
+                     session=connection_id, kind=held["kind"], scope=scope,
+                     revoked=handle if revoked else None, worker=held[WORKER])
+        return JSONResponse({"ended": ended, "revoked": int(revoked)})
 
     async def end_user_sessions(request: Request) -> JSONResponse:
         admin = await administrator(request)

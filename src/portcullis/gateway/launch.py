@@ -59,7 +59,7 @@ class TicketGate:
         self._accounts = accounts
         self._audit = audit
         # None: this gateway cannot see the sign-in sessions (a portal in another process
-        # with a memory:// store), so tickets are not tied to them.
+        # with a memory:// store, as tests run), so tickets are not tied to them.
         self.sessions = sessions
         self._host_addresses = host_addresses or HostAddresses()
 

@@ -1,5 +1,6 @@
-"""The tunnel endpoint: the SSL VPN. A signed-in client opens one WebSocket; every
-connection it captures becomes a stream naming its destination; the gateway resolves
+"""The tunnel endpoint: the SSL VPN. A signed-in client opens one WebSocket (and may
+join more to the same tunnel, its carriers: `gateway.carriers`); every connection it
+captures becomes a stream naming its destination; the gateway resolves
 the name on the inside, asks the admission decision (`policy.admission.admit`: the access
 policy and the never-reachable set), dials the one address it admitted through the Dialer
 and relays (reverse NAT: servers see the gateway, or the relay when the Dialer goes
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 import structlog
@@ -24,6 +26,7 @@ from websockets.http11 import Request
 from portcullis.audit import AuditTrail
 from portcullis.config.model import VpnSettings
 from portcullis.errors import DialError, StoreError
+from portcullis.gateway.carriers import JOIN_CHECK, KIND, CarrierJoins, JoinRecord, joined
 from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.gateway.pool import AddressPool
 from portcullis.identity.claims import Claims
@@ -45,6 +48,7 @@ from portcullis.proto import mux
 from portcullis.proto.mux import Limits, MuxConnection, Reason, Timers
 
 PATH = "/api/v1/tunnel"
+MAX_CARRIERS = 16   # per tunnel, carrier 0 included
 log = structlog.get_logger("portcullis.tunnel")
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -70,8 +74,13 @@ class TunnelEndpoint:
                  registry: ConnectionRegistry, audit: AuditTrail,
                  settings: TunnelSettings = TunnelSettings(),
                  pool: AddressPool | None = None,
-                 host_addresses: HostAddresses | None = None) -> None:
+                 host_addresses: HostAddresses | None = None,
+                 processes: Callable[[], int] = lambda: 1) -> None:
         self._pool = pool
+        # Which of the node's worker processes serves a carrier, as the client is told
+        # (an opaque tag, not the pid): a client spreads a tunnel's carriers over them.
+        self._process_tag = secrets.token_hex(4)
+        self._processes = processes
         self._sessions = sessions
         self._policy = policy
         self._vpn = vpn
@@ -81,6 +90,12 @@ class TunnelEndpoint:
         self._settings = settings
         self._tasks: set[asyncio.Task[None]] = set()
         self._host_addresses = host_addresses or HostAddresses()
+        self._joins = CarrierJoins(sessions.bound_records(KIND))
+
+    def _serving(self) -> dict[str, object]:
+        """HELLO's fields naming the process that serves this carrier, and how many the
+        node has."""
+        return {"process": self._process_tag, "processes": self._processes()}
 
     def opened(self, carrier: WebSocketMux, request: Request) -> None:
         client = carrier.peer_host()
@@ -92,9 +107,7 @@ class TunnelEndpoint:
         session = MuxSession(MuxConnection("gateway", timers=mux_timers(self._vpn())),
                              on_open=open_stream)
         carrier.attach(session)
-        task = asyncio.ensure_future(self._serve(session, client, claims_ready))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._later(self._serve(session, client, claims_ready))
 
     async def _serve(self, session: MuxSession, client: str,
                      claims_ready: asyncio.Future[Admitted]) -> None:
@@ -110,10 +123,13 @@ class TunnelEndpoint:
 
     async def _run(self, session: MuxSession, client: str,
                    claims_ready: asyncio.Future[Admitted]) -> None:
-        signed_in = await self._authenticate(session, client)
+        hello, signed_in = await self._authenticate(session, client)
         if not isinstance(signed_in, Session):
             told = notice(signed_in) if signed_in is not None else None
             session.close(Reason.AUTH_FAILED, told.message if told else "sign in again")
+            return
+        if "join" in hello:
+            await self._carry(session, client, signed_in, hello, claims_ready)
             return
         claims = signed_in.claims
         connection = Connection("tunnel", claims.username, client, session,
@@ -128,51 +144,142 @@ class TunnelEndpoint:
                               "no intranet address is free; try again later")
                 return
         started = time.monotonic()
+        join: str | None = None
         try:
             if session.closed.is_set():   # gone while we looked it up
                 return
             source = str(intranet_ip) if intranet_ip is not None else None
+            answer: dict[str, object] = {"version": 1, "user": claims.username,
+                                         "id": connection.id, **self._serving()}
+            wanted = hello.get("carriers")
+            if isinstance(wanted, int) and wanted > 1:
+                record = JoinRecord(signed_in.handle, connection.id, source)
+                join = answer["join"] = await self._joins.issue(record)
+                session.spawn(self._keep_join(join, record))
             claims_ready.set_result(Admitted(claims, source, connection.id))
             connection.detail = source or ""
-            session.mux.send_hello({"version": 1, "user": claims.username,
-                                    "id": connection.id})
+            session.mux.send_hello(answer)
             session.mux.send_config(self.client_config(claims, source))
             session.flush_soon()
             self._registry.add(connection)
             self._audit.record("tunnel.started", user=claims.username, client=client,
-                               tunnel=connection.id, intranet_ip=source)
+                               tunnel=connection.id, carrier=0, intranet_ip=source)
             if intranet_ip is not None:
                 session.spawn(self._renew(session, connection.id, intranet_ip))
             await session.closed.wait()
         finally:
+            if join is not None:
+                try:
+                    await self._joins.end(join)
+                except StoreError as exc:   # it expires on its own, after JOIN_TTL
+                    log.warning("cannot end a tunnel's carrier join", error=str(exc))
             if self._pool is not None and intranet_ip is not None:
-                await self._pool.release(intranet_ip, connection.id)
+                if join is None:
+                    await self._pool.release(intranet_ip, connection.id)
+                else:   # extra carriers may source from it until they see the join gone
+                    self._later(self._release_after(intranet_ip, connection.id, JOIN_CHECK))
             self._registry.remove(connection)
-            sent, received = session.byte_counts()
-            self._audit.record("tunnel.ended", user=claims.username, client=client,
-                               tunnel=connection.id, bytes_to_client=sent,
-                               bytes_from_client=received,
-                               duration=round(time.monotonic() - started, 3),
-                               reason=session.end_reason())
+            self._record_ended(session, claims.username, client, connection.id, 0, started)
 
-    async def _authenticate(self, session: MuxSession,
-                            client: str) -> Session | Ending | None:
-        """The session the client presents, or why it ended (None: it presented none).
-        Its ending ends the tunnel (the gateway's `SessionWatch` hears of it, and
-        re-checks every tunnel's session)."""
-        hello = await session.hello_within(self._settings.hello_wait)
-        if hello is None:
-            self._audit.record("tunnel.refused", client=client, reason="no session presented")
-            return None
+    async def _carry(self, session: MuxSession, client: str, signed_in: Session,
+                     hello: dict[str, object], claims_ready: asyncio.Future[Admitted]) -> None:
+        """Serve an extra carrier of a tunnel that carrier 0 opened (`gateway.carriers`):
+        the same claims, tunnel id and intranet address, nothing allocated."""
+        claims = signed_in.claims
+        secret, index = hello["join"], hello.get("carrier")
+        record = joined(await self._joins.find(secret), signed_in.handle)
+        if record is None or not isinstance(index, int) or not 0 < index < MAX_CARRIERS:
+            self._audit.record("tunnel.refused", user=claims.username, client=client,
+                               reason="unknown or expired carrier join secret"
+                               if record is None else "no valid carrier index")
+            # Not AUTH_FAILED: the session is fine, the client may open the tunnel anew.
+            session.close(Reason.REFUSED, "this tunnel takes no more carriers")
+            return
+        assert isinstance(secret, str)   # find() found a record under it
+        connection = Connection("tunnel", claims.username, client, session,
+                                session_handle=signed_in.handle,
+                                detail=f"{record.source or ''} carrier {index} of "
+                                       f"{record.tunnel}".lstrip())
+        started = time.monotonic()
+        try:
+            if session.closed.is_set():
+                return
+            claims_ready.set_result(Admitted(claims, record.source, record.tunnel))
+            session.mux.send_hello({"version": 1, "user": claims.username,
+                                    "id": record.tunnel, "carrier": index,
+                                    **self._serving()})
+            session.mux.send_config(self.client_config(claims, record.source))
+            session.flush_soon()
+            self._registry.add(connection)
+            self._audit.record("tunnel.started", user=claims.username, client=client,
+                               tunnel=record.tunnel, carrier=index,
+                               connection=connection.id, intranet_ip=record.source)
+            session.spawn(self._watch_join(session, secret, record))
+            await session.closed.wait()
+        finally:
+            self._registry.remove(connection)
+            self._record_ended(session, claims.username, client, record.tunnel, index,
+                               started)
+
+    def _record_ended(self, session: MuxSession, user: str, client: str, tunnel: str,
+                      carrier: int, started: float) -> None:
+        sent, received = session.byte_counts()
+        self._audit.record("tunnel.ended", user=user, client=client, tunnel=tunnel,
+                           carrier=carrier, bytes_to_client=sent, bytes_from_client=received,
+                           duration=round(time.monotonic() - started, 3),
+                           reason=session.end_reason())
+
+    async def _authenticate(self, session: MuxSession, client: str
+                            ) -> tuple[dict[str, object], Session | Ending | None]:
+        """The client's HELLO, and the session it presents or why that ended (None: it
+        presented none). Its ending ends the tunnel (the gateway's `SessionWatch` hears
+        of it, and re-checks every tunnel's session)."""
+        hello = await session.hello_within(self._settings.hello_wait) or {}
         token = hello.get("session")
         if not isinstance(token, str):
             self._audit.record("tunnel.refused", client=client, reason="no session presented")
-            return None
+            return hello, None
         signed_in = await self._sessions.standing_of(token)
         if not isinstance(signed_in, Session):
             self._audit.record("tunnel.refused", client=client,
                                reason=f"no valid session presented ({signed_in})")
-        return signed_in
+        return hello, signed_in
+
+    async def _keep_join(self, secret: str, record: JoinRecord) -> None:
+        """Renew carrier 0's join record while it lives (extra carriers end without it)."""
+        while True:
+            await asyncio.sleep(self._joins.ttl / 3)
+            try:
+                await self._joins.renew(secret, record)
+            except StoreError as exc:
+                log.warning("cannot renew a tunnel's carrier join", error=str(exc))
+
+    async def _watch_join(self, session: MuxSession, secret: str, record: JoinRecord) -> None:
+        """End an extra carrier soon after its tunnel's carrier 0 ended, wherever that
+        ran: its join record is then gone."""
+        while True:
+            await asyncio.sleep(JOIN_CHECK)
+            try:
+                current = await self._joins.find(secret)
+            except StoreError as exc:
+                log.warning("cannot check a carrier's tunnel", error=str(exc))
+                continue
+            if current != record:
+                session.close(Reason.CANCELLED, "the tunnel this carrier joined has ended")
+                return
+
+    async def _release_after(self, address: Address, holder: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        assert self._pool is not None
+        try:
+            await self._pool.release(address, holder)
+        except StoreError as exc:   # the lease then expires on its own
+            log.warning("cannot release an intranet address", error=str(exc))
+
+    def _later(self, coroutine: Coroutine[object, object, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _renew(self, session: MuxSession, holder: str, address: Address) -> None:
         """Keep the tunnel's pool lease while it lives; a tunnel that lost its address

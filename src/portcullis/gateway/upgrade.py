@@ -28,7 +28,7 @@ def websocket_protocol_class(
         endpoints: Mapping[str, Opened],
         closed: Callable[[asyncio.BaseTransport | None], None] = lambda transport: None,
         by_host: ByHost | None = None,
-) -> type[asyncio.Protocol]:
+) -> type[asyncio.BaseProtocol]:
     """`closed(transport)` is told when each connection ends (the edge's count)."""
 
     def route(carrier: WebSocketMux, request: Request) -> None:

@@ -52,10 +52,16 @@ class SessionManager:
         # Sealed: a record edited in the store (groups added, a later creation time) or
         # copied from another session's key reads as no session, and is audited.
         self._records = SealedRecords(ephemeral, hasher, NAMESPACE, audit)
+        self._audit = audit
         self._accounts = accounts
         self._hasher = hasher
         self._settings = settings
         self._clock = clock
+
+    def bound_records(self, kind: str) -> SealedRecords:
+        """Sealed records of another kind that live beside the sessions (in their store,
+        under their deployment's key): a tunnel's carrier joins, bound to a session."""
+        return SealedRecords(self._ephemeral, self._hasher, kind, self._audit)
 
     async def create(self, claims: Claims, client_address: str) -> tuple[str, Session]:
         token = new_token()

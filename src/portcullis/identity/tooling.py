@@ -39,7 +39,13 @@ from portcullis.net.dialer import Dialer, DirectDialer
 from portcullis.net.dialers import dialer_from_settings
 from portcullis.net.loopback import LoopbackReceiver
 from portcullis.net.tls import ResumingClientContext, client_context
-from portcullis.store import DurableStore, EphemeralStore, MemoryStore, open_ephemeral
+from portcullis.store import (
+    DurableStore,
+    EphemeralStore,
+    MemoryStore,
+    open_ephemeral,
+    shared_between_processes,
+)
 from portcullis.tokens import TokenHasher
 
 Answer = Callable[[Step, Prompt], str]
@@ -51,7 +57,7 @@ async def opened_stores(settings: Settings, *, throwaway_ephemeral: bool
                         ) -> AsyncIterator[tuple[DurableStore, EphemeralStore, TokenHasher]]:
     durable = await DurableStore.open(settings.durable_url())
     ephemeral = MemoryStore() if throwaway_ephemeral else open_ephemeral(
-        settings.store.ephemeral)
+        settings.ephemeral_url())
     try:
         yield durable, ephemeral, TokenHasher.from_directory(settings.path(settings.secrets_dir))
     finally:
@@ -219,7 +225,7 @@ def _unknown(typed: str, where: list[str]) -> NotFoundError:
 async def account_report(settings: Settings, typed: str) -> tuple[str, list[RealmReport]]:
     """The local account line and, per realm, who `typed` is there, TOTP and lockout.
     NotFoundError when it names no one in any realm."""
-    shared_counters = not settings.store.ephemeral.startswith("memory")
+    shared_counters = shared_between_processes(settings.store.ephemeral)
     async with opened_stores(settings, throwaway_ephemeral=not shared_counters) as stores:
         durable, ephemeral, _hasher = stores
         user = await durable.get_user(canonical_username(typed))
@@ -253,7 +259,7 @@ async def resolve_identity(settings: Settings, realm: str | None, typed: str, *,
     if realm not in realms(settings):
         raise NotFoundError(f"no flow signs users into realm {realm!r} (realms: "
                             f"{', '.join(realms(settings))})")
-    shared_counters = not settings.store.ephemeral.startswith("memory")
+    shared_counters = shared_between_processes(settings.store.ephemeral)
     async with opened_stores(settings, throwaway_ephemeral=not shared_counters) as stores:
         username = await _resolve(settings, stores, realm, typed, counters=shared_counters,
                                   accept_unsearchable=accept_unsearchable)
@@ -275,7 +281,7 @@ async def local_account(settings: Settings, typed: str) -> str:
     """The local account `typed` names: its own, or that of the account name a realm
     resolves it to (`user disable alice@corp.example` disables the local `alice` that
     governs the directory's alice). NotFoundError when there is none."""
-    shared_counters = not settings.store.ephemeral.startswith("memory")
+    shared_counters = shared_between_processes(settings.store.ephemeral)
     async with opened_stores(settings, throwaway_ephemeral=not shared_counters) as stores:
         durable = stores[0]
         canonical = canonical_username(typed)

@@ -34,6 +34,7 @@ from portcullis.policy.admission import (
 )
 from portcullis.policy.engine import AccessPolicy, Subject
 from portcullis.policy.shadow import ShadowDecision, may_shadow
+from portcullis.store import shared_between_processes
 
 Protocol = Literal["tcp", "udp", "icmp"]
 PROTOCOLS: tuple[Protocol, ...] = ("tcp", "udp", "icmp")
@@ -92,10 +93,10 @@ async def local_user(settings: Settings, username: str) -> Who:
 async def session_user(settings: Settings, token: str) -> Who:
     """The claims of a live session, checked as the gateway checks a tunnel's session
     (which counts as a use of it, like any request with the token)."""
-    if settings.store.ephemeral.startswith("memory"):
+    if not shared_between_processes(settings.store.ephemeral):
         raise ConfigError("sessions live inside the gateway process with a memory store; "
-                          "--session needs a shared one (store.ephemeral = \"redis://...\")",
-                          key="--session")
+                          "--session needs one the gateway shares (the default, "
+                          "sqlite:///ephemeral.db, or redis://...)", key="--session")
     async with opened_stores(settings, throwaway_ephemeral=False) as (durable, ephemeral,
                                                                        hasher):
         sessions = SessionManager(ephemeral, AccountStatus(durable), hasher, settings.session)

@@ -1,13 +1,15 @@
 """The ephemeral store: short-lived shared state with a TTL on everything.
 
 Tickets, login attempts, rate-limit counters and the set of live sessions live here. One
-interface, `EphemeralStore`, and two backends chosen by URL with `open_ephemeral()`:
-`MemoryStore` for one process (time from an injected clock, so tests never sleep) and
-`RedisStore` for several gateways sharing state.
+interface, `EphemeralStore`, and three backends chosen by URL with `open_ephemeral()`:
+`SqliteStore` (store/embedded.py, the default: one file that every process of a node
+shares and a restart keeps), `RedisStore` for several nodes sharing state, and
+`MemoryStore` for tests (one process; time from an injected clock, so tests never sleep).
 
 It never stores a token or a ticket in clear: callers pass keyed hashes as keys. It never
-keeps anything forever (every write has a TTL) and never lets a redis-py exception escape:
-failures leave as `StoreError` naming the Redis address, never the keys or values.
+keeps anything forever (every write has a TTL) and never lets a backend's exception
+escape: failures leave as `StoreError` naming the Redis address or the file, never the
+keys or values.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ DEFAULT_PREFIX = "portcullis:"
 _SWEEP_PER_WRITE = 8
 
 
-def _checked_ttl(ttl: float) -> float:
+def checked_ttl(ttl: float) -> float:
     # A zero or negative TTL is a programming error, not a store failure.
     if not (ttl > 0 and math.isfinite(ttl)):
         raise ValueError(f"TTL must be a positive number of seconds, not {ttl!r}")
@@ -128,12 +130,12 @@ class MemoryStore(EphemeralStore):
 
     async def put(self, key: str, value: bytes, ttl: float) -> None:
         now = self._clock()
-        self._entries[key] = _Entry(bytes(value), now + _checked_ttl(ttl))
+        self._entries[key] = _Entry(bytes(value), now + checked_ttl(ttl))
         self._sweep_some(now)
 
     async def put_new(self, key: str, value: bytes, ttl: float) -> bool:
         now = self._clock()
-        _checked_ttl(ttl)
+        checked_ttl(ttl)
         if self._live(key, now) is not None:
             return False
         self._entries[key] = _Entry(bytes(value), now + ttl)
@@ -157,7 +159,7 @@ class MemoryStore(EphemeralStore):
 
     async def touch(self, key: str, ttl: float) -> bool:
         now = self._clock()
-        _checked_ttl(ttl)
+        checked_ttl(ttl)
         entry = self._live(key, now)
         if entry is None:
             return False
@@ -166,7 +168,7 @@ class MemoryStore(EphemeralStore):
 
     async def incr(self, key: str, ttl: float) -> int:
         now = self._clock()
-        _checked_ttl(ttl)
+        checked_ttl(ttl)
         entry = self._live(key, now)
         if entry is None:
             entry = self._entries[key] = _Entry(b"0", now + ttl)
@@ -180,7 +182,7 @@ class MemoryStore(EphemeralStore):
 
     async def add_to_set(self, key: str, member: str, ttl: float) -> None:
         now = self._clock()
-        _checked_ttl(ttl)
+        checked_ttl(ttl)
         entry = self._live(key, now)
         if entry is None:
             self._entries[key] = _Entry({member}, now + ttl)
@@ -247,7 +249,7 @@ def _reply_bytes(reply: bytes | str | None) -> bytes | None:
 
 
 def _ttl_ms(ttl: float) -> int:
-    return max(1, math.ceil(_checked_ttl(ttl) * 1000))
+    return max(1, math.ceil(checked_ttl(ttl) * 1000))
 
 
 class RedisStore(EphemeralStore):
@@ -362,19 +364,10 @@ class RedisStore(EphemeralStore):
             raise StoreError(f"Redis at {self._address} refused {command}: {exc}") from exc
 
 
-def open_ephemeral(
-    url: str, *, clock: Clock = time.monotonic, prefix: str | None = None
-) -> EphemeralStore:
-    """The store for `url`: "memory://", or "redis://…" / "rediss://…" (optional ?prefix=).
-
-    `clock` drives MemoryStore expiry; Redis keeps its own time. Nothing connects yet:
-    call `ping()` to check that the store answers.
-    """
-    parts = urlsplit(url)
-    if parts.scheme == "memory":
-        return MemoryStore(clock=clock)
-    redis_url, chosen = redis_url_and_prefix(url, prefix)
-    return RedisStore(redis_url, prefix=chosen)
+def shared_between_processes(url: str) -> bool:
+    """Whether another process (a worker, the CLI) opening `url` sees the same state:
+    true of every store but memory://."""
+    return urlsplit(url).scheme != "memory"
 
 
 def redis_url_and_prefix(url: str, prefix: str | None = None) -> tuple[str, str]:
@@ -382,8 +375,8 @@ def redis_url_and_prefix(url: str, prefix: str | None = None) -> tuple[str, str]
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
         raise StoreError(
-            f"unsupported ephemeral store URL scheme {parts.scheme!r}: use memory:// or "
-            "redis://host:port/db"
+            f"unsupported ephemeral store URL scheme {parts.scheme!r}: use "
+            "sqlite:///file.db, redis://host:port/db or (tests) memory://"
         )
     query = parse_qsl(parts.query, keep_blank_values=True)
     # "prefix" is ours, not redis-py's: take it out of the URL before redis-py parses it.

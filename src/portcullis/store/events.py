@@ -1,9 +1,10 @@
 """Events the nodes of a deployment share: short messages published on a named channel.
 
-One interface, `EventBus`, and two backends chosen by the ephemeral store's URL with
-`open_event_bus()`: `MemoryEventBus` delivers within the process (one node, as
-`memory://` is), `RedisEventBus` is Redis pub/sub on a channel under the store's key
-prefix, so every node sharing the store hears every event.
+One interface, `EventBus`, and three backends chosen by the ephemeral store's URL with
+`open_event_bus()`: `SqliteEventBus` is a table in the embedded store's file that every
+process of the node polls (its workers, and the CLI publishing), `RedisEventBus` is Redis
+pub/sub on a channel under the store's key prefix, so every node sharing the store hears
+every event, and `MemoryEventBus` delivers within the process (tests, as `memory://` is).
 
 Delivery is at most once and only to listeners subscribed at the time, as pub/sub is: a
 listener is told each time it is (re)subscribed (`on_ready`), and whoever relies on the
@@ -20,6 +21,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import redis.asyncio as redis
@@ -29,6 +31,7 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import RedisError
 
 from portcullis.errors import StoreError
+from portcullis.store.embedded import EmbeddedFile, sqlite_path
 from portcullis.store.ephemeral import redis_url_and_prefix
 
 Deliver = Callable[[bytes], None]
@@ -38,6 +41,12 @@ log = structlog.get_logger("portcullis.store")
 LIVENESS_SECONDS = 5.0
 RECONNECT_BACKOFF = (0.05, 0.2, 0.5, 1.0, 2.0)
 MAX_MESSAGE = 4096
+# The embedded bus: how often a listener looks for new events, and how long they are
+# kept for it (a listener that fell further behind says so with on_ready).
+POLL_SECONDS = 0.05
+KEEP_SECONDS = 60.0
+# Events swept per publish, oldest first: bounded work, and more than one publish adds.
+SWEEP_EVENTS = 64
 
 
 def _nothing() -> None:
@@ -196,6 +205,84 @@ class RedisEventBus(EventBus):
                              "right") from exc
 
 
+class SqliteEventBus(EventBus):
+    """Events in the embedded store's file: a publish is a row, listeners poll for rows
+    newer than the last they saw (every POLL_SECONDS), so every process opening the file
+    hears them. Rows older than KEEP_SECONDS are swept as others are published."""
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self._publisher = EmbeddedFile(path)
+        self._listeners: set[EmbeddedFile] = set()
+        self._clock = clock
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        _checked(message)
+        now = self._clock()
+        await self._publisher.run("publish an event", lambda db: db.execute(
+            "INSERT INTO events (channel, message, created) VALUES (?, ?, ?)",
+            (channel, bytes(message), now)))
+        await self._publisher.run("sweep old events", lambda db: db.execute(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?) "
+            "AND created < ?", (SWEEP_EVENTS, now - KEEP_SECONDS)))
+
+    async def listen(self, channel: str, deliver: Deliver,
+                     on_ready: Callable[[], None] = _nothing) -> None:
+        # A connection of its own: a poll never waits behind this process's publishes.
+        embedded = EmbeddedFile(self._publisher.path)
+        self._listeners.add(embedded)
+        last: int | None = None   # the newest event seen; None until listening
+        ready = False              # on_ready said so, and no read failed since
+        failing = False
+        try:
+            while True:
+                try:
+                    if last is None:
+                        last, rows = await self._newest(embedded), []
+                    else:
+                        rows = await self._since(embedded, channel, last)
+                except StoreError as exc:
+                    if not failing:
+                        log.warning("cannot read events; retrying", error=str(exc))
+                    failing, ready = True, False
+                    await asyncio.sleep(RECONNECT_BACKOFF[-1])
+                    continue
+                failing = False
+                if not ready:
+                    # Listening, or again after failed reads, during which events of a
+                    # long outage may have been swept: whoever relies on them re-checks.
+                    ready = True
+                    on_ready()
+                for event_id, message in rows:
+                    last = event_id
+                    try:
+                        deliver(message)
+                    except Exception:   # one bad handler must not stop the others' events
+                        log.exception("an event handler failed")
+                await asyncio.sleep(POLL_SECONDS)
+        finally:
+            self._listeners.discard(embedded)
+            embedded.close()
+
+    @staticmethod
+    async def _newest(embedded: EmbeddedFile) -> int:
+        row = await embedded.run("read events", lambda db: db.execute(
+            "SELECT coalesce(max(id), 0) FROM events").fetchone())
+        return int(row[0])
+
+    @staticmethod
+    async def _since(embedded: EmbeddedFile, channel: str,
+                     last: int) -> list[tuple[int, bytes]]:
+        rows = await embedded.run("read events", lambda db: db.execute(
+            "SELECT id, message FROM events WHERE id > ? AND channel = ? ORDER BY id",
+            (last, channel)).fetchall())
+        return [(int(id_), bytes(message)) for id_, message in rows]
+
+    async def close(self) -> None:
+        self._publisher.close()
+        for embedded in list(self._listeners):
+            embedded.close()
+
+
 class _Silent(Exception):
     """The subscription's connection is open but Redis does not answer on it."""
 
@@ -206,12 +293,16 @@ def _checked(message: bytes) -> None:
 
 
 def open_event_bus(url: str, *, prefix: str | None = None) -> EventBus:
-    """The bus beside the ephemeral store at `url` (same Redis, same key prefix).
+    """The bus beside the ephemeral store at `url` (the same file; or the same Redis,
+    same key prefix).
 
     "memory://" gives a bus of this process only: another process (the CLI) publishing
     on it reaches nobody.
     """
-    if urlsplit(url).scheme == "memory":
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
         return MemoryEventBus()
+    if scheme == "sqlite":
+        return SqliteEventBus(sqlite_path(url))
     redis_url, chosen = redis_url_and_prefix(url, prefix)
     return RedisEventBus(redis_url, prefix=chosen)
