@@ -237,3 +237,30 @@ def test_reader_grows_for_a_large_frame_and_gives_the_room_back() -> None:
     assert len(reader.get_buffer()) <= 65536   # small frames again: back to the first size
     assert reader.feed(frame(2, b"x")) == []   # masked, towards a client
     assert reader.failure is not None and reader.failure.code == 1002
+
+
+def test_a_header_announcing_a_large_frame_holds_only_what_arrived() -> None:
+    """A peer that announces a 1 MiB frame and sends nothing more must not make the
+    reader set aside 1 MiB (that would be memory for nothing, per connection)."""
+    from websockets.speedups import apply_mask
+
+    reader = FrameReader(masked=True, max_message=1 << 21, unmask=apply_mask, initial=65536)
+    announced = frame(2, b"\x00" * (1 << 20))
+    assert reader.feed(announced[:14]) == []
+    assert reader.buffered == 14
+    assert len(reader._buffer) == 65536   # what is held is the point
+    assert reader.feed(announced[14:]) == [b"\x00" * (1 << 20)]   # and it still arrives
+
+
+def test_a_flood_of_empty_fragments_ends() -> None:
+    from websockets.speedups import apply_mask
+
+    from portcullis.proto.wsframes import MAX_FRAGMENTS
+
+    reader = FrameReader(masked=True, max_message=1 << 20, unmask=apply_mask)
+    found = reader.feed(frame(2, b"start", fin=False))
+    for _ in range(MAX_FRAGMENTS - 2):
+        found += reader.feed(frame(0, b"", fin=False))
+    assert found == [] and reader.failure is None
+    found += reader.feed(frame(0, b"", fin=False) + frame(0, b"end"))
+    assert found == [] and reader.failure is not None and reader.failure.code == 1009

@@ -74,6 +74,8 @@ OPCODES = CONTROL_OPCODES | {CONTINUATION, TEXT, BINARY}
 MAX_CONTROL_PAYLOAD = 125
 # Space kept free for the next read; below it the buffer is compacted (or grown).
 MIN_FREE = 64 * 1024
+# Frames one message may come in: our peers send one frame per message (browsers too).
+MAX_FRAGMENTS = 1024
 
 Unmask = Callable[[memoryview, bytes], bytes]
 
@@ -117,8 +119,8 @@ class FrameReader:
         self._buffer = bytearray(initial)
         self._start = 0   # the first byte not parsed yet
         self._end = 0     # the end of what was read
-        self._fragments: list[bytes] | None = None
-        self._fragmented_size = 0
+        self._fragments: bytearray | None = None
+        self._fragment_count = 0
         self.failure: FrameError | None = None
 
     @property
@@ -179,9 +181,10 @@ class FrameReader:
                     header += 4
                 stop = pos + header + length
                 if stop > end:
-                    # Wait for the rest; make sure the whole frame will fit.
+                    # Wait for the rest. The buffer grows as bytes arrive (get_buffer),
+                    # never ahead of them: a header announcing a large frame that never
+                    # comes must not make us hold its size.
                     self._start = pos
-                    self._need(header + length)
                     return
                 payload = view[pos + header:stop]
                 self._check_frame(first, opcode, length)
@@ -234,22 +237,25 @@ class FrameReader:
                 raise FrameError(1002, "expected a continuation frame")
             if fin:
                 return data
-            self._fragments = [data]
-            self._fragmented_size = len(data)
+            self._fragments = bytearray(data)
+            self._fragment_count = 1
             return None
         if fragments is None:
             raise FrameError(1002, "unexpected continuation frame")
-        fragments.append(data)
-        self._fragmented_size += len(data)
+        # Joined as they come, so that a flood of empty fragments holds nothing; and
+        # counted, so that it ends.
+        self._fragment_count += 1
+        if self._fragment_count > MAX_FRAGMENTS:
+            raise FrameError(1009, f"message in over {MAX_FRAGMENTS} fragments")
+        fragments += data
         if not fin:
             return None
         self._fragments = None
-        self._fragmented_size = 0
-        return b"".join(fragments)
+        return bytes(fragments)
 
-    def _need(self, frame: int) -> None:
-        if len(self._buffer) - self._start < frame:
-            self._make_room(frame - (self._end - self._start))
+    @property
+    def _fragmented_size(self) -> int:
+        return 0 if self._fragments is None else len(self._fragments)
 
     def _make_room(self, free: int) -> None:
         """At least `free` bytes after what is buffered: move it to the front, or into a
