@@ -460,6 +460,10 @@ class Supervisor:
             log.warning("listening addresses changed: they apply when portcullis is "
                         "started again", keys=changed)
         devices = await dial_out_devices(node)
+        if devices and node.node_connections is not None:
+            # Such a node runs this one worker (the supervisor's _count_with): no
+            # siblings to ask, nor to tell clients of (tunnels spread over processes).
+            node.node_connections.siblings = 0
         loop = asyncio.get_running_loop()
 
         def supervisor_gone() -> None:

@@ -100,3 +100,21 @@ async def test_a_record_planted_or_copied_in_the_store_is_refused() -> None:
     # Nor does one sealed by another deployment.
     other = joins_on(store, TokenHasher(b"o" * 32))
     assert await other.find(secret) is None
+
+
+async def test_each_carrier_index_of_a_tunnel_is_taken_once_until_freed_or_expired() -> None:
+    """However many WebSockets a session opens with the secret, one carrier per index:
+    a tunnel has at most MAX_CARRIERS."""
+    clock = Clock()
+    joins = joins_on(MemoryStore(clock=clock))
+    assert await joins.claim_slot(RECORD.tunnel, 1)
+    assert not await joins.claim_slot(RECORD.tunnel, 1)
+    assert await joins.claim_slot(RECORD.tunnel, 2)
+    assert await joins.claim_slot("another-tunnel", 1)
+    await joins.free_slot(RECORD.tunnel, 1)
+    assert await joins.claim_slot(RECORD.tunnel, 1)
+    clock.now += 29
+    await joins.keep_slot(RECORD.tunnel, 1)       # a live carrier keeps its slot
+    clock.now += 29
+    assert not await joins.claim_slot(RECORD.tunnel, 1)
+    assert await joins.claim_slot(RECORD.tunnel, 2)   # not kept: expired with its carrier

@@ -309,3 +309,19 @@ async def test_a_write_that_never_gets_the_lock_is_a_store_error_naming_the_file
         holder.close()
     assert await store.incr("k", LONG_TTL) == 1   # nothing was half done
     await store.close()
+
+
+def test_a_store_file_others_may_read_or_a_link_is_refused(tmp_path: Path) -> None:
+    from portcullis.errors import StoreError
+    from portcullis.store.embedded import _check_private
+
+    private = tmp_path / "ephemeral.db"
+    private.touch(mode=0o600)
+    _check_private(private)
+    private.chmod(0o644)
+    with pytest.raises(StoreError, match="chmod 600"):
+        _check_private(private)
+    link = tmp_path / "link.db"
+    link.symlink_to(tmp_path / "elsewhere.db")
+    with pytest.raises(StoreError, match="not a regular file"):
+        _check_private(link)

@@ -29,7 +29,7 @@ from portcullis.store.sealed import SealedRecords
 
 KIND = "carrier-join"
 JOIN_TTL = 30.0     # seconds a join record outlives a carrier 0 that stopped renewing it
-JOIN_CHECK = 2.0    # how often an extra carrier makes sure its tunnel still lives
+JOIN_CHECK = 1.0    # how often an extra carrier makes sure its tunnel still lives
 MAX_SECRET = 128    # characters: longer is no secret of ours, and is not looked up
 
 
@@ -91,6 +91,22 @@ class CarrierJoins:
 
     async def end(self, secret: str) -> None:
         await self._records.take(self._key(secret))
+
+    async def claim_slot(self, tunnel: str, index: int) -> bool:
+        """Take carrier slot `index` of `tunnel` (atomic across workers and nodes): one
+        carrier per index, so a tunnel has at most MAX_CARRIERS, however many WebSockets
+        its session opens with the secret."""
+        return await self._records.put_new(self._slot(tunnel, index), b"", self.ttl)
+
+    async def keep_slot(self, tunnel: str, index: int) -> None:
+        await self._records.put(self._slot(tunnel, index), b"", self.ttl)
+
+    async def free_slot(self, tunnel: str, index: int) -> None:
+        await self._records.take(self._slot(tunnel, index))
+
+    @staticmethod
+    def _slot(tunnel: str, index: int) -> str:
+        return f"{KIND}-slot:{tunnel}:{index}"
 
     @staticmethod
     def _key(secret: str) -> str:

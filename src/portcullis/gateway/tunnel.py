@@ -14,6 +14,7 @@ applies to new streams without dropping tunnels. Never logs a session token.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import secrets
 import time
@@ -77,9 +78,11 @@ class TunnelEndpoint:
                  host_addresses: HostAddresses | None = None,
                  processes: Callable[[], int] = lambda: 1) -> None:
         self._pool = pool
-        # Which of the node's worker processes serves a carrier, as the client is told
-        # (an opaque tag, not the pid): a client spreads a tunnel's carriers over them.
-        self._process_tag = secrets.token_hex(4)
+        # Which of the node's worker processes serves a carrier, as the client is told:
+        # a tag per tunnel (this process's secret over the tunnel id), not the pid, so a
+        # client can spread one tunnel's carriers over the processes and learn nothing
+        # that would steer other connections to one of them.
+        self._process_secret = secrets.token_bytes(16)
         self._processes = processes
         self._sessions = sessions
         self._policy = policy
@@ -92,10 +95,11 @@ class TunnelEndpoint:
         self._host_addresses = host_addresses or HostAddresses()
         self._joins = CarrierJoins(sessions.bound_records(KIND))
 
-    def _serving(self) -> dict[str, object]:
-        """HELLO's fields naming the process that serves this carrier, and how many the
-        node has."""
-        return {"process": self._process_tag, "processes": self._processes()}
+    def _serving(self, tunnel: str) -> dict[str, object]:
+        """HELLO's fields naming the process that serves this carrier of `tunnel`, and
+        how many the node has (only for tunnels of several carriers)."""
+        tag = hmac.new(self._process_secret, tunnel.encode(), "sha256").hexdigest()[:16]
+        return {"process": tag, "processes": self._processes()}
 
     def opened(self, carrier: WebSocketMux, request: Request) -> None:
         client = carrier.peer_host()
@@ -150,9 +154,10 @@ class TunnelEndpoint:
                 return
             source = str(intranet_ip) if intranet_ip is not None else None
             answer: dict[str, object] = {"version": 1, "user": claims.username,
-                                         "id": connection.id, **self._serving()}
+                                         "id": connection.id}
             wanted = hello.get("carriers")
             if isinstance(wanted, int) and wanted > 1:
+                answer.update(self._serving(connection.id))
                 record = JoinRecord(signed_in.handle, connection.id, source)
                 join = answer["join"] = await self._joins.issue(record)
                 session.spawn(self._keep_join(join, record))
@@ -168,16 +173,21 @@ class TunnelEndpoint:
                 session.spawn(self._renew(session, connection.id, intranet_ip))
             await session.closed.wait()
         finally:
+            join_ended = True
             if join is not None:
                 try:
                     await self._joins.end(join)
                 except StoreError as exc:   # it expires on its own, after JOIN_TTL
+                    join_ended = False
                     log.warning("cannot end a tunnel's carrier join", error=str(exc))
             if self._pool is not None and intranet_ip is not None:
                 if join is None:
                     await self._pool.release(intranet_ip, connection.id)
-                else:   # extra carriers may source from it until they see the join gone
-                    self._later(self._release_after(intranet_ip, connection.id, JOIN_CHECK))
+                elif join_ended:   # extra carriers source from it until they see it gone
+                    self._later(self._release_after(intranet_ip, connection.id,
+                                                    2 * JOIN_CHECK))
+                # else: extra carriers may live until the join expires; so does the lease,
+                # which is not renewed any more: nobody else gets the address meanwhile.
             self._registry.remove(connection)
             self._record_ended(session, claims.username, client, connection.id, 0, started)
 
@@ -196,6 +206,11 @@ class TunnelEndpoint:
             session.close(Reason.REFUSED, "this tunnel takes no more carriers")
             return
         assert isinstance(secret, str)   # find() found a record under it
+        if not await self._joins.claim_slot(record.tunnel, index):
+            self._audit.record("tunnel.refused", user=claims.username, client=client,
+                               tunnel=record.tunnel, reason=f"carrier {index} is taken")
+            session.close(Reason.REFUSED, "this tunnel takes no more carriers")
+            return
         connection = Connection("tunnel", claims.username, client, session,
                                 session_handle=signed_in.handle,
                                 detail=f"{record.source or ''} carrier {index} of "
@@ -207,17 +222,21 @@ class TunnelEndpoint:
             claims_ready.set_result(Admitted(claims, record.source, record.tunnel))
             session.mux.send_hello({"version": 1, "user": claims.username,
                                     "id": record.tunnel, "carrier": index,
-                                    **self._serving()})
+                                    **self._serving(record.tunnel)})
             session.mux.send_config(self.client_config(claims, record.source))
             session.flush_soon()
             self._registry.add(connection)
             self._audit.record("tunnel.started", user=claims.username, client=client,
                                tunnel=record.tunnel, carrier=index,
                                connection=connection.id, intranet_ip=record.source)
-            session.spawn(self._watch_join(session, secret, record))
+            session.spawn(self._watch_join(session, secret, record, index))
             await session.closed.wait()
         finally:
             self._registry.remove(connection)
+            try:
+                await self._joins.free_slot(record.tunnel, index)
+            except StoreError as exc:   # it expires on its own, after JOIN_TTL
+                log.warning("cannot free a carrier's slot", error=str(exc))
             self._record_ended(session, claims.username, client, record.tunnel, index,
                                started)
 
@@ -254,19 +273,29 @@ class TunnelEndpoint:
             except StoreError as exc:
                 log.warning("cannot renew a tunnel's carrier join", error=str(exc))
 
-    async def _watch_join(self, session: MuxSession, secret: str, record: JoinRecord) -> None:
+    async def _watch_join(self, session: MuxSession, secret: str, record: JoinRecord,
+                          index: int) -> None:
         """End an extra carrier soon after its tunnel's carrier 0 ended, wherever that
-        ran: its join record is then gone."""
+        ran: its join record is then gone. Fails closed: a carrier whose tunnel could
+        not be confirmed for as long as a join record lives ends too. Keeps its slot."""
+        confirmed = time.monotonic()
         while True:
             await asyncio.sleep(JOIN_CHECK)
             try:
                 current = await self._joins.find(secret)
+                if current == record:
+                    await self._joins.keep_slot(record.tunnel, index)
             except StoreError as exc:
-                log.warning("cannot check a carrier's tunnel", error=str(exc))
-                continue
+                if time.monotonic() - confirmed < self._joins.ttl:
+                    log.warning("cannot check a carrier's tunnel", error=str(exc))
+                    continue
+                session.close(Reason.INTERNAL_ERROR, "cannot confirm that this carrier's "
+                                                     "tunnel still lives")
+                return
             if current != record:
                 session.close(Reason.CANCELLED, "the tunnel this carrier joined has ended")
                 return
+            confirmed = time.monotonic()
 
     async def _release_after(self, address: Address, holder: str, delay: float) -> None:
         await asyncio.sleep(delay)

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -179,6 +180,24 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
+def _check_private(path: Path) -> None:
+    """The file is ours alone: not a link planted to redirect it, not another user's, not
+    readable by others (it holds sessions and tickets, hashed, but still). lstat, not
+    open: opening and closing it here would drop this process's locks (see _connect)."""
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        raise StoreError(f"cannot open the embedded store {path}: {exc.strerror}") from None
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
+        raise StoreError(f"the embedded store {path} is not a regular file: remove it")
+    if info.st_uid != os.geteuid():
+        raise StoreError(f"the embedded store {path} belongs to another user: run "
+                         "portcullis as its owner, or remove the file")
+    if info.st_mode & 0o077:
+        raise StoreError(f"the embedded store {path} is open to other users: "
+                         f"chmod 600 {path}")
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     # Created 0600 before SQLite opens it (the -wal and -shm files take its mode). Only
     # if it does not exist yet: closing a descriptor of a file drops every POSIX lock
@@ -186,6 +205,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     # process would then take itself for the last user and delete the write-ahead log.
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    _check_private(path)
     # Autocommit (isolation_level None): each statement is its own transaction unless we
     # BEGIN one; check_same_thread off so that close() may come from any thread. Opening
     # may wait for the lock (once per process); afterwards `run` waits, not SQLite.

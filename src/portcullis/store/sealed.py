@@ -104,6 +104,10 @@ class SealedRecords:
     async def put(self, key: str, value: bytes, ttl: float) -> None:
         await self._store.put(key, self._seal.seal(key, value), ttl)
 
+    async def put_new(self, key: str, value: bytes, ttl: float) -> bool:
+        """Store only if `key` is absent (atomic across every client of the store)."""
+        return await self._store.put_new(key, self._seal.seal(key, value), ttl)
+
     async def get(self, key: str) -> bytes | None:
         raw = await self._store.get(key)
         if raw is None:
