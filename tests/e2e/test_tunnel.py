@@ -21,7 +21,7 @@ import pytest
 
 from conftest import Deployment, Process, require_program, run_cli
 from peers.servers import echo_round_trip
-from portcullis.gateway.carriers import JOIN_CHECK
+from portcullis.gateway.carriers import RELEASE_AFTER
 
 PASSWORD = "correct horse battery staple"
 
@@ -483,7 +483,7 @@ def test_servers_see_each_tunnels_own_address_from_the_pool(
                 if e["event"] == "tunnel.ended" and e["carrier"] == 0]:
             time.sleep(0.1)
     # Her extra carriers may use the address until they see the tunnel gone.
-    time.sleep(JOIN_CHECK + 0.5)
+    time.sleep(RELEASE_AFTER + 0.5)
     third = connect(deployment, start_process, dave, forward)
     assert whoami(third) == seen["alice"]
     assert whoami(tunnels["carol"]) == seen["carol"]

@@ -30,6 +30,9 @@ from portcullis.store.sealed import SealedRecords
 KIND = "carrier-join"
 JOIN_TTL = 30.0     # seconds a join record outlives a carrier 0 that stopped renewing it
 JOIN_CHECK = 1.0    # how often an extra carrier makes sure its tunnel still lives
+# How long a tunnel's intranet address stays held after carrier 0 ended: its extra
+# carriers may still source from it until their next check sees the tunnel gone.
+RELEASE_AFTER = 2 * JOIN_CHECK
 MAX_SECRET = 128    # characters: longer is no secret of ours, and is not looked up
 
 

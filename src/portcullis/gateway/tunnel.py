@@ -27,7 +27,14 @@ from websockets.http11 import Request
 from portcullis.audit import AuditTrail
 from portcullis.config.model import VpnSettings
 from portcullis.errors import DialError, StoreError
-from portcullis.gateway.carriers import JOIN_CHECK, KIND, CarrierJoins, JoinRecord, joined
+from portcullis.gateway.carriers import (
+    JOIN_CHECK,
+    KIND,
+    RELEASE_AFTER,
+    CarrierJoins,
+    JoinRecord,
+    joined,
+)
 from portcullis.gateway.connections import Connection, ConnectionRegistry
 from portcullis.gateway.pool import AddressPool
 from portcullis.identity.claims import Claims
@@ -185,7 +192,7 @@ class TunnelEndpoint:
                     await self._pool.release(intranet_ip, connection.id)
                 elif join_ended:   # extra carriers source from it until they see it gone
                     self._later(self._release_after(intranet_ip, connection.id,
-                                                    2 * JOIN_CHECK))
+                                                    RELEASE_AFTER))
                 # else: extra carriers may live until the join expires; so does the lease,
                 # which is not renewed any more: nobody else gets the address meanwhile.
             self._registry.remove(connection)
