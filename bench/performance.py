@@ -53,7 +53,7 @@ import uvloop
 
 from bench.deployment import PORTCULLIS, Deployment, Process, api_client, sign_in
 from bench.double_hop import start_chain, start_portcullis
-from bench.launch_rate import launch_once, tls_echo_once
+from bench.launch_rate import Launchers, tls_echo_once
 from bench.launch_rate import measure as rate_measure
 from bench.peers import (
     start_echo_server,
@@ -227,10 +227,8 @@ def wire_opens(deployment: Deployment, echo_port: int) -> Callable[
 def launches(deployment: Deployment) -> Callable[
         [], Awaitable[tuple[Callable[[], Awaitable[float]], Callable[[], Awaitable[None]]]]]:
     async def session() -> tuple[Callable[[], Awaitable[float]], Callable[[], Awaitable[None]]]:
-        api = api_client(deployment, LAUNCH_CONCURRENCY)
-        await sign_in(api)
-        tls = deployment.client_tls()
-        return (lambda: launch_once(api, "echo", tls)), api.aclose
+        launchers = await Launchers.signed_in(deployment, LAUNCH_CONCURRENCY)
+        return (lambda: launchers.once("echo")), launchers.aclose
     return session
 
 
