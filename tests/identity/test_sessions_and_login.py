@@ -135,6 +135,31 @@ async def test_session_ends_after_idle_timeout(durable: DurableStore, wall: Fake
     assert await sessions.validate(token) is None
 
 
+async def test_uses_within_a_second_restart_the_idle_time_once(
+        durable: DurableStore, wall: FakeClock) -> None:
+    # A launch checks its session three times: one store write, not three.
+    from portcullis.store import MemoryStore
+
+    idle_clock = FakeClock()
+    store = MemoryStore(clock=idle_clock)
+    sessions = SessionManager(store, AccountStatus(durable, ttl=0), TokenHasher(b"s" * 32),
+                              SETTINGS, clock=wall)
+    token, _ = await sessions.create(Claims(sub="local:alice", username="alice"), "c")
+    idle_clock.now += 30
+    assert await sessions.validate(token) is not None   # idle time restarts: ends at 90
+    idle_clock.now += 30
+    wall.now += 0.9
+    assert await sessions.validate(token) is not None   # within the second: not again
+    idle_clock.now += 31
+    assert await sessions.validate(token) is None        # so it ended at 90
+
+    token, _ = await sessions.create(Claims(sub="local:alice", username="alice"), "c")
+    for _ in range(3):   # a use each second keeps it alive past its idle timeout
+        idle_clock.now += 59
+        wall.now += 1
+        assert await sessions.validate(token) is not None
+
+
 async def test_session_ends_at_absolute_timeout_despite_use(
         sessions: SessionManager, login: LoginService, wall: FakeClock) -> None:
     result = await login.submit(None, {"username": "alice", "password": "secret"}, CLIENT)

@@ -1,12 +1,13 @@
 """Sessions: a bearer token for the client, a record keyed by the token's keyed hash.
 
-Idle expiry is the ephemeral store's TTL, refreshed on use; the absolute limit is
-checked against the creation time. A session is valid only while its user exists and
-is enabled in the durable store, and only if it was created after the account was last
-disabled or its password changed: disabling a user from any process ends their sessions
-within a second (`AccountStatus`), for good, whichever ephemeral backend is in use.
-Every ending is announced on the event bus (`identity.endings`), so the gateways end the
-session's connections at once, and a revoked session leaves a marker saying why.
+Idle expiry is the ephemeral store's TTL, refreshed on use (by each process at most once
+a second: `TOUCH_EVERY`); the absolute limit is checked against the creation time. A
+session is valid only while its user exists and is enabled in the durable store, and
+only if it was created after the account was last disabled or its password changed:
+disabling a user from any process ends their sessions within a second (`AccountStatus`),
+for good, whichever ephemeral backend is in use. Every ending is announced on the event
+bus (`identity.endings`), so the gateways end the session's connections at once, and a
+revoked session leaves a marker saying why.
 Never logs a token.
 """
 
@@ -29,6 +30,11 @@ NAMESPACE = "session"
 ENDED_PREFIX = "session-ended:"     # handle -> the Ending, while a token could still be tried
 USER_SESSIONS_PREFIX = "user-sessions:"
 SAML_SUBJECT_PREFIX = "saml-subject:"   # provider and NameID -> the user it signed in as
+# How often one process restarts a session's idle time. Every use doing it would be a
+# store write each time (three in a launch, one per connection and check); an idle
+# timeout is minutes, so ending up to a second sooner changes nothing a user notices.
+TOUCH_EVERY = 1.0
+TOUCHES_REMEMBERED = 65_536
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class SessionManager:
         self._accounts = accounts
         self._hasher = hasher
         self._settings = settings
+        self._touched: dict[str, float] = {}   # handle -> when this process last did it
         self._clock = clock
 
     def bound_records(self, kind: str) -> SealedRecords:
@@ -120,9 +127,26 @@ class SessionManager:
         if ending is not None:
             await self._ephemeral.delete(f"session:{handle}")
             return ending
-        await self._ephemeral.touch(f"session:{handle}",
-                                    min(self._settings.idle_timeout, remaining))
+        if self._touch_due(handle):
+            await self._ephemeral.touch(f"session:{handle}",
+                                        min(self._settings.idle_timeout, remaining))
         return session
+
+    def _touch_due(self, handle: str) -> bool:
+        """Whether to restart `handle`'s idle time now (at most every TOUCH_EVERY seconds;
+        callers meanwhile share the one under way). Bounded: past TOUCHES_REMEMBERED
+        sessions it forgets the ones not touched within the second."""
+        now = self._clock()
+        last = self._touched.get(handle)
+        if last is not None and 0 <= now - last < TOUCH_EVERY:
+            return False
+        if len(self._touched) >= TOUCHES_REMEMBERED:
+            self._touched = {known: when for known, when in self._touched.items()
+                             if 0 <= now - when < TOUCH_EVERY}
+            if len(self._touched) >= TOUCHES_REMEMBERED:
+                self._touched.clear()
+        self._touched[handle] = now
+        return True
 
     def absolute_end(self, session: Session) -> float:
         """When `session` ends whatever its use (seconds since the epoch)."""
