@@ -18,6 +18,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,17 +140,27 @@ class Process:
 
     def processes(self) -> int:
         """How many processes this one is, with its descendants (a gateway's workers)."""
-        return 1 + len(psutil.Process(self.pid).children(recursive=True))
+        return len(self._tree())
 
     def rss_kib(self) -> int:
-        with open(f"/proc/{self.pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise RuntimeError(f"no VmRSS for {self.name} (pid {self.pid})")
+        """The resident memory of this process and every process under it: a gateway's
+        workers hold its connections, not the supervisor."""
+        return sum(self._each(lambda process: process.memory_info().rss)) // 1024
 
     def open_fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+        """Open file descriptors of this process and of every process under it."""
+        return sum(self._each(lambda process: process.num_fds()))
+
+    def _tree(self) -> list[psutil.Process]:
+        root = psutil.Process(self.pid)
+        return [root, *root.children(recursive=True)]
+
+    def _each(self, value: Callable[[psutil.Process], int]) -> list[int]:
+        values = []
+        for process in self._tree():
+            with contextlib.suppress(psutil.NoSuchProcess):   # a worker being replaced
+                values.append(value(process))
+        return values
 
     def stop(self) -> None:
         if self.popen.poll() is None:

@@ -331,6 +331,50 @@ def test_udp_to_a_denied_destination_is_refused_and_audited(
     assert denied and str(denied[-1]["destination"]).endswith("/udp")
 
 
+def test_an_idle_tunnel_costs_the_gateway_little_memory(vpn: Deployment, tmp_path: Path) -> None:
+    """10,000 idle tunnels must fit: each may hold a small read buffer, not the room its
+    largest frame needed (issue 15 measured 290 KiB a tunnel when every WebSocket started
+    with 256 KiB)."""
+    import asyncio
+    import ssl
+
+    from portcullis.net import websocket
+    from portcullis.net.muxsession import MuxSession
+    from portcullis.proto.mux import MuxConnection, Reason
+
+    home = tmp_path / "alice"
+    login(vpn, "alice", home)
+    token = json.loads((home / "session.json").read_text())["token"]
+    tls = ssl.create_default_context(cafile=str(vpn.ca))
+
+    async def open_idle(count: int) -> list[MuxSession]:
+        opened: list[MuxSession] = []
+        for _ in range(count):
+            carrier = await websocket.connect(f"wss://localhost:{vpn.port}/api/v1/tunnel", tls)
+            codec = MuxConnection("client")
+            codec.send_hello({"version": 1, "session": token})
+            session = MuxSession(codec)
+            carrier.attach(session)
+            await asyncio.wait_for(session.hello, 10)
+            opened.append(session)
+        return opened
+
+    async def measure() -> float:
+        warm = await open_idle(20)   # the allocator's first arenas are not a tunnel's
+        await asyncio.sleep(0.5)
+        before = rss_kib(vpn.gateway)  # type: ignore[attr-defined]
+        idle = await open_idle(TUNNELS)
+        await asyncio.sleep(0.5)
+        grown = rss_kib(vpn.gateway) - before  # type: ignore[attr-defined]
+        for session in warm + idle:
+            session.close(Reason.CANCELLED, "test done")
+        return grown / TUNNELS
+
+    TUNNELS = 150
+    per_tunnel = asyncio.run(measure())
+    assert per_tunnel < 100, f"{per_tunnel:.0f} KiB per idle tunnel"
+
+
 def rss_kib(process: Process) -> int:
     status = Path(f"/proc/{process.popen.pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]

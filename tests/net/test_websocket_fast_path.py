@@ -19,7 +19,7 @@ from websockets.uri import parse_uri
 
 from portcullis.net import websocket as websocket_module
 from portcullis.net.websocket import WebSocketMux
-from portcullis.proto.wsframes import FrameReader
+from portcullis.proto.wsframes import ControlFrame, FrameReader
 
 MAX_MESSAGE = 4096
 
@@ -237,6 +237,22 @@ def test_reader_grows_for_a_large_frame_and_gives_the_room_back() -> None:
     assert len(reader.get_buffer()) <= 65536   # small frames again: back to the first size
     assert reader.feed(frame(2, b"x")) == []   # masked, towards a client
     assert reader.failure is not None and reader.failure.code == 1002
+
+
+def test_the_reader_offers_what_the_transport_says_it_has() -> None:
+    """uvloop's TLS asks for what it has decrypted or can (plus 256): an idle WebSocket's
+    PINGs fit the small first buffer; a bulk read gets its room in one piece."""
+    from websockets.speedups import apply_mask
+
+    from portcullis.proto.wsframes import INITIAL_BUFFER, MAX_READ, MIN_FREE
+
+    reader = FrameReader(masked=True, max_message=1 << 21, unmask=apply_mask)
+    for _ in range(3):
+        assert len(reader.get_buffer(6 + 256)) == INITIAL_BUFFER
+        assert reader.feed(frame(9, b"ping")) == [ControlFrame(frame(9, b"ping"))]
+    assert len(reader.get_buffer(300_000)) >= 300_000
+    assert len(reader.get_buffer(50 * MAX_READ)) < 2 * MAX_READ   # bounded, whatever it says
+    assert len(reader.get_buffer()) >= MIN_FREE   # no hint (plain TCP): MIN_FREE
 
 
 def test_a_header_announcing_a_large_frame_holds_only_what_arrived() -> None:

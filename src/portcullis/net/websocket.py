@@ -144,7 +144,7 @@ class WebSocketMux(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._reader is not None:
-            return self._reader.get_buffer()
+            return self._reader.get_buffer(sizehint)
         if self._scratch is None:
             self._scratch = bytearray(HANDSHAKE_READ)
         return memoryview(self._scratch)

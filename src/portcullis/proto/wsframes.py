@@ -72,8 +72,15 @@ CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 CONTROL_OPCODES = frozenset({CLOSE, PING, PONG})
 OPCODES = CONTROL_OPCODES | {CONTINUATION, TEXT, BINARY}
 MAX_CONTROL_PAYLOAD = 125
-# Space kept free for the next read; below it the buffer is compacted (or grown).
+# Space offered for the next read when the transport gives no size (plain TCP); below it
+# the buffer is compacted (or grown). Over TLS, uvloop says how much it has decrypted or
+# can decrypt, and that is what is offered (at least MIN_READ, at most MAX_READ).
 MIN_FREE = 64 * 1024
+MIN_READ = 1024
+MAX_READ = 1024 * 1024
+# The buffer a WebSocket starts with, and returns to once large frames are over: one TLS
+# record. An idle tunnel holds this much, not what its busiest moment needed.
+INITIAL_BUFFER = 16 * 1024 + 256
 # Frames one message may come in: our peers send one frame per message (browsers too).
 MAX_FRAGMENTS = 1024
 
@@ -111,7 +118,7 @@ class FrameReader:
     """
 
     def __init__(self, *, masked: bool, max_message: int, unmask: Unmask,
-                 initial: int = 4 * MIN_FREE) -> None:
+                 initial: int = INITIAL_BUFFER) -> None:
         self._masked = masked
         self._max_message = max_message
         self._unmask = unmask
@@ -128,10 +135,12 @@ class FrameReader:
         """Bytes read but not yet parsed (the start of a frame)."""
         return self._end - self._start
 
-    def get_buffer(self) -> memoryview:
-        """Where the transport may write what it reads next (never empty)."""
-        if len(self._buffer) - self._end < MIN_FREE:
-            self._make_room(MIN_FREE)
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the transport may write what it reads next (never empty): room for
+        `sizehint` bytes, what the transport says it has (MIN_FREE if it does not say)."""
+        wanted = min(max(sizehint, MIN_READ), MAX_READ) if sizehint >= 0 else MIN_FREE
+        if len(self._buffer) - self._end < wanted:
+            self._make_room(wanted)
         return memoryview(self._buffer)[self._end:]
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes | ControlFrame]:
