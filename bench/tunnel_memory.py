@@ -1,5 +1,5 @@
 """Memory per idle VPN tunnel and per idle tunnel stream: the RSS (VmRSS) of the
-`portcullis up` process before and after
+`portcullis up` process and its workers before and after
 
   1. 1,000 tunnels are held open, each a WebSocket (TLS) with HELLO {"session": TOKEN}
      answered by the gateway's HELLO and CONFIG (all with the same session token), no
