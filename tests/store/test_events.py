@@ -250,6 +250,29 @@ async def test_embedded_events_older_than_a_minute_are_swept(tmp_path: Path) -> 
     await bus.close()
 
 
+async def test_an_embedded_listener_that_fell_behind_says_it_is_ready_again(
+        tmp_path: Path) -> None:
+    """Rows are swept after KEEP_SECONDS: a process that did not read for half of that
+    (suspended, its loop blocked) may have missed some, so its listeners re-check."""
+    now = [1000.0]
+    bus = SqliteEventBus(tmp_path / "ephemeral.db", clock=lambda: now[0])
+    heard = Heard()
+    task = asyncio.create_task(bus.listen("session-ended", heard.deliver, heard.on_ready))
+    try:
+        await heard.until(lambda: heard.ready == 1)
+        await asyncio.sleep(0.2)   # reads while the clock stands still: nothing to say
+        assert heard.ready == 1
+        now[0] += KEEP_SECONDS / 2 + 1
+        await heard.until(lambda: heard.ready == 2)
+        await bus.publish("session-ended", b"after")
+        await heard.until(lambda: bool(heard.messages))
+        assert heard.messages == [b"after"] and heard.ready == 2
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await bus.close()
+
+
 async def test_an_embedded_listener_waits_for_its_file_and_then_says_it_is_ready(
         tmp_path: Path) -> None:
     directory = tmp_path / "not-yet"

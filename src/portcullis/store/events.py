@@ -208,7 +208,9 @@ class RedisEventBus(EventBus):
 class SqliteEventBus(EventBus):
     """Events in the embedded store's file: a publish is a row, listeners poll for rows
     newer than the last they saw (every POLL_SECONDS), so every process opening the file
-    hears them. Rows older than KEEP_SECONDS are swept as others are published."""
+    hears them. Rows older than KEEP_SECONDS are swept as others are published; a
+    listener that could not read for half that long says it is ready again (`on_ready`),
+    as after an outage, so that whoever relies on the events re-checks what they say."""
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         self._publisher = EmbeddedFile(path)
@@ -233,6 +235,7 @@ class SqliteEventBus(EventBus):
         last: int | None = None   # the newest event seen; None until listening
         ready = False              # on_ready said so, and no read failed since
         failing = False
+        read_at = self._clock()    # when the last read succeeded
         try:
             while True:
                 try:
@@ -247,9 +250,17 @@ class SqliteEventBus(EventBus):
                     await asyncio.sleep(RECONNECT_BACKOFF[-1])
                     continue
                 failing = False
+                now = self._clock()
+                if ready and now - read_at > KEEP_SECONDS / 2:
+                    # This process did not read for so long (stopped, its loop blocked)
+                    # that events published meanwhile may have been swept unheard.
+                    log.warning("events not read for a while; whoever relies on them "
+                                "re-checks", seconds=round(now - read_at, 1))
+                    ready = False
+                read_at = now
                 if not ready:
-                    # Listening, or again after failed reads, during which events of a
-                    # long outage may have been swept: whoever relies on them re-checks.
+                    # Listening, or again after failed reads or a long pause, during which
+                    # events may have been swept: whoever relies on them re-checks.
                     ready = True
                     on_ready()
                 for event_id, message in rows:
