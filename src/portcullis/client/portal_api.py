@@ -140,6 +140,8 @@ class PortalApi:
                                      params={"scope": scope})
             if response.status_code == 404:
                 return [], 0
+            if response.status_code == 504:   # another worker did not confirm the end
+                raise ClientError(str(response.json().get("error", response.text[:200])))
         else:
             response = self._request("DELETE", "/api/v1/admin/sessions",
                                      params={"user": user or "", "scope": scope})

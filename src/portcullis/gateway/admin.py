@@ -22,7 +22,7 @@ from starlette.routing import Route
 from portcullis.audit import AuditTrail
 from portcullis.errors import AuthError
 from portcullis.gateway.connections import ConnectionRegistry
-from portcullis.gateway.node_connections import WORKER, NodeConnections
+from portcullis.gateway.node_connections import END_WAIT, WORKER, NodeConnections
 from portcullis.gateway.relays import relay_connections
 from portcullis.identity.endings import Ending, SessionEnded, announce, notice
 from portcullis.identity.names import canonical_username
@@ -98,7 +98,14 @@ def admin_routes(registry: ConnectionRegistry, sessions: SessionManager,
             await sessions.revoke(handle, Ending.ADMIN_REVOKED)
             ended = [str(c["id"]) for c in described if c["session_handle"] == handle]
         else:
-            await node.end_elsewhere(connection_id)
+            if not await node.end_elsewhere(connection_id):
+                audit.record("admin.session_end_unconfirmed", admin=admin.username,
+                             user=held["user"], session=connection_id, kind=held["kind"],
+                             worker=held[WORKER])
+                return JSONResponse({"error": (
+                    f"worker {held[WORKER]}, which carries this connection, did not confirm "
+                    f"ending it within {END_WAIT:g} s; list the sessions to see whether it "
+                    "is still open")}, 504)
             ended = [connection_id]
         audit.record("admin.session_ended", admin=admin.username, user=held["user"],
                      session=connection_id, kind=held["kind"], scope=scope,

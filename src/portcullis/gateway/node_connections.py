@@ -6,7 +6,8 @@ worker asks the others through the event bus (channel `node-connections`), as se
 endings travel: each worker of the node writes what it carries to the ephemeral store
 under the question's id (a short TTL), and the asking worker reads the answers that came
 within `ANSWER_WAIT`. Ending a connection another worker holds is one more message on
-the bus; the holder ends it as if the request had reached it.
+the bus; the holder ends it as if the request had reached it, and says so in the store,
+where the asking worker looks for that within `END_WAIT` before it answers.
 
 A node is its host and its gateway's listening address: the workers behind one port.
 A node of one process answers itself, with no question asked.
@@ -20,6 +21,8 @@ import json
 import os
 import secrets
 import socket
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
 
@@ -35,6 +38,9 @@ CHANNEL = "node-connections"
 ANSWER_WAIT = 0.5
 ANSWER_TTL = 10.0
 ANSWER_POLL = 0.02
+# How long the asking worker waits for the holder to say it ended a connection: the
+# bus's poll (0.05 s) and a loaded holder's turn, within the second an ending may take.
+END_WAIT = 1.0
 # Every listed connection says which worker carries it under this key.
 WORKER = "worker"
 
@@ -78,10 +84,16 @@ class NodeConnections:
                 found.extend(json.loads(answer))
         return sorted(found, key=lambda connection: float(str(connection["since"])))
 
-    async def end_elsewhere(self, connection_id: str) -> None:
-        """Ask the worker holding `connection_id` to end it (its session stays)."""
+    async def end_elsewhere(self, connection_id: str) -> bool:
+        """Ask the worker holding `connection_id` to end it (its session stays); whether
+        it said it did within `END_WAIT`."""
         await self._events.publish(CHANNEL, json.dumps(
             {"node": self.node, "end": connection_id}).encode())
+        for _ in range(int(END_WAIT / ANSWER_POLL)):
+            await asyncio.sleep(ANSWER_POLL)
+            if await self._store.get(self._ended(connection_id)) is not None:
+                return True
+        return False
 
     def _describe(self) -> list[dict[str, object]]:
         return [{**connection.describe(), WORKER: self.worker,
@@ -90,6 +102,9 @@ class NodeConnections:
 
     def _answers(self, question: str) -> str:
         return f"node-connections:{self.node}:{question}"
+
+    def _ended(self, connection_id: str) -> str:
+        return f"node-connections:{self.node}:ended:{connection_id}"
 
     def _deliver(self, raw: bytes) -> None:
         try:
@@ -104,10 +119,20 @@ class NodeConnections:
             for connection in self._registry.list():
                 if connection.id == message["end"]:
                     connection.session.close(told.reason, told.message)
+                    self._spawn(self._confirm_ended(connection.id))
         elif "ask" in message and message.get("from") != self.worker:
-            task = asyncio.ensure_future(self._answer(str(message["ask"])))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._answer(str(message["ask"])))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _confirm_ended(self, connection_id: str) -> None:
+        try:
+            await self._store.put(self._ended(connection_id), self.worker.encode(), ANSWER_TTL)
+        except StoreError as exc:
+            log.warning("a connection's end not confirmed to another worker", error=str(exc))
 
     async def _answer(self, question: str) -> None:
         key = f"{self._answers(question)}:{self.worker}"

@@ -1,0 +1,89 @@
+"""Ending a connection another worker of the node carries: the holder ends it and says
+so, and the asking worker answers only once it has (or says it could not confirm).
+
+Two `NodeConnections` stand for two workers of one node: each with its own registry,
+both on one store and one bus (in-process here; the e2e test in tests/e2e/test_workers.py
+runs two real workers on the embedded store)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from portcullis.audit import AuditTrail
+from portcullis.gateway.connections import Connection, ConnectionRegistry
+from portcullis.gateway.node_connections import NodeConnections
+from portcullis.proto.mux import Reason
+from portcullis.store import MemoryEventBus, MemoryStore
+
+
+@dataclass
+class Carried:
+    """What a connection carries, as far as ending it goes."""
+
+    ended: list[tuple[Reason, str]] = field(default_factory=list)
+    open_streams: int = 0
+
+    def close(self, reason: Reason, message: str) -> None:
+        self.ended.append((reason, message))
+
+    def byte_counts(self) -> tuple[int, int]:
+        return 0, 0
+
+
+@dataclass
+class Worker:
+    registry: ConnectionRegistry
+    node: NodeConnections
+
+
+@pytest.fixture
+async def workers() -> AsyncIterator[tuple[Worker, Worker, Worker]]:
+    """Two workers of node A, and one worker of another node B, on one store and bus."""
+    store, bus = MemoryStore(), MemoryEventBus()
+    made = []
+    for node, pid in (("a:443", "101"), ("a:443", "102"), ("b:443", "201")):
+        registry = ConnectionRegistry(AuditTrail(None, echo=False))
+        connections = NodeConnections(registry, store, bus, node)
+        connections.worker, connections.siblings = pid, 1
+        made.append(Worker(registry, connections))
+    listening = [asyncio.create_task(worker.node.run()) for worker in made]
+    await asyncio.sleep(0)   # each has subscribed
+    try:
+        yield made[0], made[1], made[2]
+    finally:
+        for task in listening:
+            task.cancel()
+        await asyncio.gather(*listening, return_exceptions=True)
+
+
+def carried_by(worker: Worker) -> tuple[Connection, Carried]:
+    carried = Carried()
+    connection = Connection("tunnel", "alice", "127.0.0.1", carried)
+    worker.registry.add(connection)
+    return connection, carried
+
+
+async def test_the_holder_ends_it_and_the_asker_hears_that_it_did(
+        workers: tuple[Worker, Worker, Worker]) -> None:
+    holder, asker, _ = workers
+    connection, carried = carried_by(holder)
+    assert await asker.node.end_elsewhere(connection.id)
+    assert [reason for reason, _ in carried.ended] == [Reason.ADMIN_ENDED]
+
+
+async def test_nobody_holding_it_is_not_confirmed(
+        workers: tuple[Worker, Worker, Worker]) -> None:
+    _, asker, _ = workers
+    assert not await asker.node.end_elsewhere("0123456789abcdef")
+
+
+async def test_another_nodes_worker_neither_ends_it_nor_confirms(
+        workers: tuple[Worker, Worker, Worker]) -> None:
+    _, asker, elsewhere = workers
+    connection, carried = carried_by(elsewhere)
+    assert not await asker.node.end_elsewhere(connection.id)
+    assert carried.ended == []
