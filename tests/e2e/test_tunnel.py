@@ -220,9 +220,6 @@ def test_an_administrator_ends_a_tunnel_and_the_client_says_so(
 def test_garbage_on_one_tunnel_ends_only_that_tunnel(
         vpn: Deployment, http_server, tmp_path: Path, start_process) -> None:  # type: ignore[no-untyped-def]
     import asyncio
-    import ssl
-
-    from portcullis.net import websocket
 
     home = tmp_path / "alice"
     login(vpn, "alice", home)
@@ -230,16 +227,7 @@ def test_garbage_on_one_tunnel_ends_only_that_tunnel(
     token = json.loads((home / "session.json").read_text())["token"]
 
     async def hostile(payload: bytes) -> str:
-        from portcullis.net.muxsession import MuxSession
-        from portcullis.proto.mux import MuxConnection
-
-        tls = ssl.create_default_context(cafile=str(vpn.ca))
-        carrier = await websocket.connect(f"wss://localhost:{vpn.port}/api/v1/tunnel", tls)
-        codec = MuxConnection("client")
-        codec.send_hello({"version": 1, "session": token})
-        session = MuxSession(codec)
-        carrier.attach(session)
-        await asyncio.wait_for(session.hello, 10)
+        carrier, session = await wire_tunnel(vpn, token)
         carrier.send_message([payload])
         await asyncio.wait_for(session.closed.wait(), 10)
         return session.end_reason()
@@ -260,16 +248,9 @@ def test_garbage_on_one_tunnel_ends_only_that_tunnel(
 
     async def overrun() -> str:
         """Open a stream the gateway accepts, then send more than its window allows."""
-        from portcullis.net.muxsession import MuxSession
         from portcullis.proto import mux
 
-        tls = ssl.create_default_context(cafile=str(vpn.ca))
-        carrier = await websocket.connect(f"wss://localhost:{vpn.port}/api/v1/tunnel", tls)
-        codec = mux.MuxConnection("client")
-        codec.send_hello({"version": 1, "session": token})
-        session = MuxSession(codec)
-        carrier.attach(session)
-        await asyncio.wait_for(session.hello, 10)
+        carrier, session = await wire_tunnel(vpn, token)
         stream = session.open_local(mux.Protocol.TCP, "127.0.0.1", sink_port)
         for _ in range(200):
             if stream.accepted:
@@ -336,28 +317,15 @@ def test_an_idle_tunnel_costs_the_gateway_little_memory(vpn: Deployment, tmp_pat
     largest frame needed (issue 15 measured 290 KiB a tunnel when every WebSocket started
     with 256 KiB)."""
     import asyncio
-    import ssl
 
-    from portcullis.net import websocket
-    from portcullis.net.muxsession import MuxSession
-    from portcullis.proto.mux import MuxConnection, Reason
+    from portcullis.proto.mux import Reason
 
     home = tmp_path / "alice"
     login(vpn, "alice", home)
     token = json.loads((home / "session.json").read_text())["token"]
-    tls = ssl.create_default_context(cafile=str(vpn.ca))
 
-    async def open_idle(count: int) -> list[MuxSession]:
-        opened: list[MuxSession] = []
-        for _ in range(count):
-            carrier = await websocket.connect(f"wss://localhost:{vpn.port}/api/v1/tunnel", tls)
-            codec = MuxConnection("client")
-            codec.send_hello({"version": 1, "session": token})
-            session = MuxSession(codec)
-            carrier.attach(session)
-            await asyncio.wait_for(session.hello, 10)
-            opened.append(session)
-        return opened
+    async def open_idle(count: int) -> list[Any]:
+        return [(await wire_tunnel(vpn, token))[1] for _ in range(count)]
 
     async def measure() -> float:
         warm = await open_idle(20)   # the allocator's first arenas are not a tunnel's
@@ -378,6 +346,26 @@ def test_an_idle_tunnel_costs_the_gateway_little_memory(vpn: Deployment, tmp_pat
 def rss_kib(process: Process) -> int:
     status = Path(f"/proc/{process.popen.pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+
+
+async def wire_tunnel(deployment: Deployment, token: str) -> tuple[Any, Any]:
+    """A tunnel opened at the wire with a session token, HELLO answered: (its WebSocket
+    carrier, its MuxSession), for tests that must send what `connect` never would."""
+    import asyncio
+    import ssl
+
+    from portcullis.net import websocket
+    from portcullis.net.muxsession import MuxSession
+    from portcullis.proto.mux import MuxConnection
+
+    tls = ssl.create_default_context(cafile=str(deployment.ca))
+    carrier = await websocket.connect(f"wss://localhost:{deployment.port}/api/v1/tunnel", tls)
+    codec = MuxConnection("client")
+    codec.send_hello({"version": 1, "session": token})
+    session = MuxSession(codec)
+    carrier.attach(session)
+    await asyncio.wait_for(session.hello, 10)
+    return carrier, session
 
 
 def test_a_stream_whose_reader_never_reads_does_not_slow_63_others(

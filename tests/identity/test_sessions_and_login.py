@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -117,15 +118,29 @@ async def test_disabled_user_cannot_sign_in(login: LoginService,
     assert isinstance(result, Denied)
 
 
-async def test_session_ends_after_idle_timeout(durable: DurableStore, wall: FakeClock) -> None:
+@dataclass
+class IdleClocked:
+    """Sessions whose store expires records by `idle_clock` (the store's time), while
+    the manager reads `wall`."""
+
+    sessions: SessionManager
+    idle_clock: FakeClock
+
+
+@pytest.fixture
+def idle_clocked(durable: DurableStore, wall: FakeClock) -> IdleClocked:
     # Idle expiry is the ephemeral store's TTL; the memory store's clock makes it testable
     # without sleeping (Redis TTLs are covered by the store contract tests).
     from portcullis.store import MemoryStore
 
     idle_clock = FakeClock()
-    store = MemoryStore(clock=idle_clock)
-    sessions = SessionManager(store, AccountStatus(durable, ttl=0), TokenHasher(b"s" * 32),
-                              SETTINGS, clock=wall)
+    sessions = SessionManager(MemoryStore(clock=idle_clock), AccountStatus(durable, ttl=0),
+                              TokenHasher(b"s" * 32), SETTINGS, clock=wall)
+    return IdleClocked(sessions, idle_clock)
+
+
+async def test_session_ends_after_idle_timeout(idle_clocked: IdleClocked) -> None:
+    sessions, idle_clock = idle_clocked.sessions, idle_clocked.idle_clock
     token, _ = await sessions.create(Claims(sub="local:alice", username="alice"), "c")
     idle_clock.now += 59
     assert await sessions.validate(token) is not None   # use refreshes the idle TTL
@@ -136,14 +151,9 @@ async def test_session_ends_after_idle_timeout(durable: DurableStore, wall: Fake
 
 
 async def test_uses_within_a_second_restart_the_idle_time_once(
-        durable: DurableStore, wall: FakeClock) -> None:
+        idle_clocked: IdleClocked, wall: FakeClock) -> None:
     # A launch checks its session three times: one store write, not three.
-    from portcullis.store import MemoryStore
-
-    idle_clock = FakeClock()
-    store = MemoryStore(clock=idle_clock)
-    sessions = SessionManager(store, AccountStatus(durable, ttl=0), TokenHasher(b"s" * 32),
-                              SETTINGS, clock=wall)
+    sessions, idle_clock = idle_clocked.sessions, idle_clocked.idle_clock
     token, _ = await sessions.create(Claims(sub="local:alice", username="alice"), "c")
     idle_clock.now += 30
     assert await sessions.validate(token) is not None   # idle time restarts: ends at 90
