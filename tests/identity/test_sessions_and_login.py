@@ -170,6 +170,32 @@ async def test_uses_within_a_second_restart_the_idle_time_once(
         assert await sessions.validate(token) is not None
 
 
+async def test_a_failed_idle_time_write_is_tried_again_at_the_next_use(
+        durable: DurableStore, wall: FakeClock) -> None:
+    from portcullis.errors import StoreError
+    from portcullis.store import MemoryStore
+
+    class FailsOnce(MemoryStore):
+        failed = False
+
+        async def touch(self, key: str, ttl: float) -> bool:
+            if not self.failed:
+                self.failed = True
+                raise StoreError("the store is unreachable")
+            return await super().touch(key, ttl)
+
+    idle_clock = FakeClock()
+    sessions = SessionManager(FailsOnce(clock=idle_clock), AccountStatus(durable, ttl=0),
+                              TokenHasher(b"s" * 32), SETTINGS, clock=wall)
+    token, _ = await sessions.create(Claims(sub="local:alice", username="alice"), "c")
+    idle_clock.now += 30
+    with pytest.raises(StoreError):
+        await sessions.validate(token)
+    assert await sessions.validate(token) is not None   # the same second: written now
+    idle_clock.now += 59
+    assert await sessions.validate(token) is not None   # so it did not end at 60
+
+
 async def test_session_ends_at_absolute_timeout_despite_use(
         sessions: SessionManager, login: LoginService, wall: FakeClock) -> None:
     result = await login.submit(None, {"username": "alice", "password": "secret"}, CLIENT)

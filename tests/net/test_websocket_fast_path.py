@@ -250,9 +250,26 @@ def test_the_reader_offers_what_the_transport_says_it_has() -> None:
     for _ in range(3):
         assert len(reader.get_buffer(6 + 256)) == INITIAL_BUFFER
         assert reader.feed(frame(9, b"ping")) == [ControlFrame(frame(9, b"ping"))]
+    assert len(reader.get_buffer(16_384 + 29 + 256)) == INITIAL_BUFFER   # a full record fits
     assert len(reader.get_buffer(300_000)) >= 300_000
     assert len(reader.get_buffer(50 * MAX_READ)) < 2 * MAX_READ   # bounded, whatever it says
-    assert len(reader.get_buffer()) >= MIN_FREE   # no hint (plain TCP): MIN_FREE
+    assert len(reader.get_buffer()) >= MIN_FREE   # no hint (asyncio's transports): MIN_FREE
+
+
+def test_the_reader_keeps_the_room_its_reads_ask_for() -> None:
+    """uvloop's plain TCP always asks for 64 KiB: small frames must not shrink the buffer
+    below that, or every read would allocate it afresh."""
+    from websockets.speedups import apply_mask
+
+    reader = FrameReader(masked=False, max_message=1 << 20, unmask=apply_mask)
+    buffers = set()
+    for _ in range(3):
+        room = reader.get_buffer(65_536)
+        buffers.add(id(room.obj))
+        ping = frame(9, b"ping", mask=None)
+        room[:len(ping)] = ping
+        assert reader.buffer_updated(len(ping)) == [ControlFrame(ping)]
+    assert len(buffers) == 1
 
 
 def test_a_header_announcing_a_large_frame_holds_only_what_arrived() -> None:

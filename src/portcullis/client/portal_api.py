@@ -141,7 +141,7 @@ class PortalApi:
             if response.status_code == 404:
                 return [], 0
             if response.status_code == 504:   # another worker did not confirm the end
-                raise ClientError(str(response.json().get("error", response.text[:200])))
+                raise ClientError(_error_of(response))
         else:
             response = self._request("DELETE", "/api/v1/admin/sessions",
                                      params={"user": user or "", "scope": scope})
@@ -197,3 +197,11 @@ class PortalApi:
         if response.status_code >= 400:
             raise ClientError(f"the portal answered {response.status_code}: "
                               f"{response.text[:200]}")
+
+
+def _error_of(response: httpx.Response) -> str:
+    """The `error` of a JSON answer, else the start of its text."""
+    try:
+        return str(response.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return f"the portal answered {response.status_code}: {response.text[:200]}"

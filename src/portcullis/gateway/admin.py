@@ -98,7 +98,7 @@ def admin_routes(registry: ConnectionRegistry, sessions: SessionManager,
             await sessions.revoke(handle, Ending.ADMIN_REVOKED)
             ended = [str(c["id"]) for c in described if c["session_handle"] == handle]
         else:
-            if not await node.end_elsewhere(connection_id):
+            if not await node.end_elsewhere(connection_id, str(held[WORKER])):
                 audit.record("admin.session_end_unconfirmed", admin=admin.username,
                              user=held["user"], session=connection_id, kind=held["kind"],
                              worker=held[WORKER])

@@ -66,9 +66,13 @@ class NodeConnections:
     async def described(self) -> list[dict[str, object]]:
         """Every connection the node's workers carry (this one's now, the others' as they
         answered within `ANSWER_WAIT`), each with the session handle it came from."""
-        found = self._describe()
+        return (await self._gathered())[0]
+
+    async def _gathered(self) -> tuple[list[dict[str, object]], set[str]]:
+        """`described`, and which workers answered (this one included)."""
+        found, answered = self._describe(), {self.worker}
         if not self.siblings:
-            return found
+            return found, answered
         question = secrets.token_hex(8)
         await self._events.publish(CHANNEL, json.dumps(
             {"node": self.node, "ask": question, "from": self.worker}).encode())
@@ -82,18 +86,26 @@ class NodeConnections:
             answer = await self._store.get(key)
             if answer is not None:
                 found.extend(json.loads(answer))
-        return sorted(found, key=lambda connection: float(str(connection["since"])))
+                answered.add(key.rsplit(":", 1)[1])
+        return sorted(found, key=lambda connection: float(str(connection["since"]))), answered
 
-    async def end_elsewhere(self, connection_id: str) -> bool:
-        """Ask the worker holding `connection_id` to end it (its session stays); whether
-        it said it did within `END_WAIT`."""
+    async def end_elsewhere(self, connection_id: str, holder: str) -> bool:
+        """Ask the worker `holder`, which listed `connection_id`, to end it (its session
+        stays); whether it said it did within `END_WAIT`, or answers that it no longer
+        carries it (its client left meanwhile)."""
         await self._events.publish(CHANNEL, json.dumps(
             {"node": self.node, "end": connection_id}).encode())
-        for _ in range(int(END_WAIT / ANSWER_POLL)):
-            await asyncio.sleep(ANSWER_POLL)
-            if await self._store.get(self._ended(connection_id)) is not None:
-                return True
-        return False
+        try:
+            for _ in range(int(END_WAIT / ANSWER_POLL)):
+                await asyncio.sleep(ANSWER_POLL)
+                if await self._store.get(self._ended(connection_id)) is not None:
+                    return True
+            connections, answered = await self._gathered()
+            return holder in answered and all(connection["id"] != connection_id
+                                              for connection in connections)
+        except StoreError as exc:
+            log.warning("a connection's end not confirmed by another worker", error=str(exc))
+            return False
 
     def _describe(self) -> list[dict[str, object]]:
         return [{**connection.describe(), WORKER: self.worker,

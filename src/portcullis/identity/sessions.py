@@ -128,14 +128,19 @@ class SessionManager:
             await self._ephemeral.delete(f"session:{handle}")
             return ending
         if self._touch_due(handle):
-            await self._ephemeral.touch(f"session:{handle}",
-                                        min(self._settings.idle_timeout, remaining))
+            try:
+                await self._ephemeral.touch(f"session:{handle}",
+                                            min(self._settings.idle_timeout, remaining))
+            except BaseException:
+                self._touched.pop(handle, None)   # not done: the next use tries again
+                raise
         return session
 
     def _touch_due(self, handle: str) -> bool:
-        """Whether to restart `handle`'s idle time now (at most every TOUCH_EVERY seconds;
-        callers meanwhile share the one under way). Bounded: past TOUCHES_REMEMBERED
-        sessions it forgets the ones not touched within the second."""
+        """Whether to restart `handle`'s idle time now: at most every TOUCH_EVERY seconds
+        (callers meanwhile skip it, also while a write is under way; a failed one is
+        forgotten). Bounded: past TOUCHES_REMEMBERED sessions it forgets the ones not
+        touched within the second."""
         now = self._clock()
         last = self._touched.get(handle)
         if last is not None and 0 <= now - last < TOUCH_EVERY:

@@ -72,15 +72,17 @@ CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 CONTROL_OPCODES = frozenset({CLOSE, PING, PONG})
 OPCODES = CONTROL_OPCODES | {CONTINUATION, TEXT, BINARY}
 MAX_CONTROL_PAYLOAD = 125
-# Space offered for the next read when the transport gives no size (plain TCP); below it
-# the buffer is compacted (or grown). Over TLS, uvloop says how much it has decrypted or
-# can decrypt, and that is what is offered (at least MIN_READ, at most MAX_READ).
+# Room offered for the next read: what the transport says it has (uvloop's TLS: the TLS
+# bytes it holds + 256; uvloop's plain TCP: libuv's 64 KiB), at least MIN_READ, at most
+# MAX_READ; MIN_FREE when it gives no size (-1: asyncio's own transports). Below it the
+# buffer is compacted (or grown).
 MIN_FREE = 64 * 1024
 MIN_READ = 1024
 MAX_READ = 1024 * 1024
-# The buffer a WebSocket starts with, and returns to once large frames are over: one TLS
-# record. An idle tunnel holds this much, not what its busiest moment needed.
-INITIAL_BUFFER = 16 * 1024 + 256
+# The buffer a WebSocket starts with, and returns to once large frames are over: room for
+# what uvloop asks for a full TLS record (16 KiB of data, up to 29 bytes of record
+# overhead, + 256). An idle tunnel holds this much, not what its busiest moment needed.
+INITIAL_BUFFER = 17 * 1024
 # Frames one message may come in: our peers send one frame per message (browsers too).
 MAX_FRAGMENTS = 1024
 
@@ -123,6 +125,7 @@ class FrameReader:
         self._max_message = max_message
         self._unmask = unmask
         self._initial = initial
+        self._wanted = 0   # the room the last read asked for
         self._buffer = bytearray(initial)
         self._start = 0   # the first byte not parsed yet
         self._end = 0     # the end of what was read
@@ -139,6 +142,7 @@ class FrameReader:
         """Where the transport may write what it reads next (never empty): room for
         `sizehint` bytes, what the transport says it has (MIN_FREE if it does not say)."""
         wanted = min(max(sizehint, MIN_READ), MAX_READ) if sizehint >= 0 else MIN_FREE
+        self._wanted = wanted
         if len(self._buffer) - self._end < wanted:
             self._make_room(wanted)
         return memoryview(self._buffer)[self._end:]
@@ -209,10 +213,12 @@ class FrameReader:
                 last_frame = header + length
         if pos == end:
             self._start = self._end = 0
-            if len(self._buffer) > self._initial and last_frame < self._initial // 2:
-                # Small frames again: the large ones are over, give their room back. (Not
-                # after every large frame: a bulk transfer would allocate afresh each time.)
-                self._buffer = bytearray(self._initial)
+            kept = max(self._initial, self._wanted)
+            if len(self._buffer) > kept and last_frame < self._initial // 2:
+                # Small frames again: the large ones are over, give their room back, down
+                # to what reads ask for (not after every large frame, nor below the reads:
+                # a bulk transfer would allocate afresh each time).
+                self._buffer = bytearray(kept)
         else:
             self._start = pos
 
