@@ -213,12 +213,12 @@ class FrameReader:
                 last_frame = header + length
         if pos == end:
             self._start = self._end = 0
-            kept = max(self._initial, self._wanted)
-            if len(self._buffer) > kept and last_frame < self._initial // 2:
-                # Small frames again: the large ones are over, give their room back, down
-                # to what reads ask for (not after every large frame, nor below the reads:
-                # a bulk transfer would allocate afresh each time).
-                self._buffer = bytearray(kept)
+            if (len(self._buffer) > max(self._initial, 4 * self._wanted)
+                    and last_frame < self._initial // 2):
+                # Small frames again: the large ones are over, give their room back. (Not
+                # after every large frame, nor while reads ask for a good part of it, as
+                # libuv's fixed 64 KiB on plain TCP does: each read would allocate afresh.)
+                self._buffer = bytearray(self._initial)
         else:
             self._start = pos
 
